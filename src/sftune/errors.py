@@ -1,0 +1,10 @@
+"""The one exception type for user mistakes.
+
+Anything a user can fix (a bad flag, a missing file, an unreachable Hub) raises
+`SftuneError` with a message that names the problem, the value and the fix.
+The CLI prints it without a traceback and exits with status 2.
+"""
+
+
+class SftuneError(Exception):
+    """A problem the user can fix; the message says how."""

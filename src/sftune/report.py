@@ -1,0 +1,81 @@
+"""What `sftune data` reports: per split, what was kept and dropped and why, and what
+batching will cost (optimizer steps, padding efficiency)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+from sftune.batching import IGNORE_INDEX, collate, epoch_batches, length_sorted_batches, padding_efficiency, steps_per_epoch
+from sftune.data import PreparedData
+
+
+def data_report(
+    data: PreparedData,
+    dataset: str,
+    max_length: int,
+    batch_size: int,
+    grad_accum: int,
+    eval_batch_size: int,
+    seed: int,
+    show: int = 0,
+) -> dict:
+    """A JSON-ready summary of a prepared dataset, with the first `show` training examples
+    as they are batched (`labels` is IGNORE_INDEX where a token is not trained on)."""
+    splits = {}
+    for name, examples in (("train", data.train), ("validation", data.validation)):
+        splits[name] = asdict(data.stats[name])
+    # padding efficiency of the batching in use: shuffled batches for training, length-sorted for validation
+    splits["train"]["padding_efficiency"] = padding_efficiency(
+        data.train.lengths, epoch_batches(len(data.train), batch_size, seed, epoch=0))
+    splits["train"]["micro_batches_per_epoch"] = -(-len(data.train) // batch_size)
+    splits["train"]["optimizer_steps_per_epoch"] = steps_per_epoch(len(data.train), batch_size, grad_accum)
+    splits["validation"]["padding_efficiency"] = padding_efficiency(
+        data.validation.lengths, length_sorted_batches(data.validation.lengths, eval_batch_size))
+    examples = []
+    for i in range(min(show, len(data.train))):
+        batch = collate(data.train, [i], pad_id=0)  # a single row: no padding
+        examples.append({"index": i, "input_ids": batch["input_ids"][0].tolist(), "labels": batch["labels"][0].tolist()})
+    return {
+        "dataset": dataset,
+        "text_column": data.text_column,
+        "max_length": max_length,
+        "batch_size": batch_size,
+        "grad_accum": grad_accum,
+        "cache": {"path": str(data.cache_path), "hit": data.from_cache},
+        "seconds": round(data.seconds, 3),
+        "splits": splits,
+        "examples": examples,
+    }
+
+
+def format_data_report(report: dict, tokenizer) -> str:
+    s = report["splits"]
+    lines = [
+        f"dataset {report['dataset']} (text column '{report['text_column']}', max_length {report['max_length']}); "
+        f"{'read from cache' if report['cache']['hit'] else 'tokenized'} in {report['seconds']:.2f}s",
+        "",
+        f"{'split':<11}{'rows':>9}{'kept':>9}{'too_short':>11}{'overlong':>10}{'empty':>7}{'truncated':>11}"
+        f"{'tokens':>11}{'mean':>7}{'p50':>6}{'p95':>6}{'max':>6}{'targets':>11}",
+    ]
+    for name, st in s.items():
+        d, ln = st["dropped"], st["length"]
+        lines.append(
+            f"{name:<11}{st['rows']:>9,}{st['kept']:>9,}{d['too_short']:>11,}{d['overlong']:>10,}{d['empty']:>7,}"
+            f"{st['truncated']:>11,}{st['tokens']:>11,}{ln.get('mean', 0):>7.1f}{ln.get('p50', 0):>6.0f}"
+            f"{ln.get('p95', 0):>6.0f}{ln.get('max', 0):>6}{st['supervised_tokens']:>11,}"
+        )
+    t = s["train"]
+    lines += [
+        "",
+        f"train: {t['micro_batches_per_epoch']:,} batches of {report['batch_size']} per epoch = "
+        f"{t['optimizer_steps_per_epoch']:,} optimizer steps (grad_accum {report['grad_accum']}); "
+        f"padding efficiency {100 * t['padding_efficiency']:.1f}% (real / computed tokens, shuffled batches)",
+        f"validation: padding efficiency {100 * s['validation']['padding_efficiency']:.1f}% (length-sorted batches)",
+    ]
+    for ex in report["examples"]:
+        lines.append(f"\nexample {ex['index']}: {tokenizer.decode(ex['input_ids'])!r}")
+        lines.append(f"  {'pos':>4} {'id':>7} {'label':>7}  token")
+        for pos, (i, lab) in enumerate(zip(ex["input_ids"], ex["labels"])):
+            mark = "" if lab != IGNORE_INDEX else "  (not trained)"
+            lines.append(f"  {pos:>4} {i:>7} {lab:>7}  {tokenizer.convert_ids_to_tokens(i)!r}{mark}")
+    return "\n".join(lines)

@@ -1,0 +1,188 @@
+"""The training loop, top to bottom in one function.
+
+    sftune train --config configs/quickstart.yaml
+    sftune train --model ../shared/models/gpt2 --init random --dataset ../shared/data/sst2 --max-steps 20
+    python -c "import sftune; sftune.train(sftune.load_config('configs/quickstart.yaml'))"
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from sftune.batching import collate, epoch_batches, steps_per_epoch
+from sftune.config import SFTConfig, dump_yaml
+from sftune.console import MetricsWriter, is_main, log
+from sftune.data import PreparedData, prepare_data
+from sftune.errors import SftuneError
+from sftune.evaluate import evaluate
+from sftune.generate import complete
+from sftune.loss import count_targets, sum_token_loss
+from sftune.modeling import context_length, load_model, load_tokenizer, save_model
+from sftune.runtime import autocast, resolve_device, resolve_precision, seed_everything
+
+SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    tokens: int  # non-pad tokens trained on
+    seconds: float
+    evals: list[dict] = field(default_factory=list)  # {"step", "val_loss", "val_ppl"} in order
+    samples: dict[str, str] = field(default_factory=dict)  # prompt -> completion
+
+    @property
+    def first_val_loss(self) -> float:
+        return self.evals[0]["val_loss"]
+
+    @property
+    def last_val_loss(self) -> float:
+        return self.evals[-1]["val_loss"]
+
+
+def choose_output_dir(requested: str | None) -> Path:
+    """`requested`, or runs/<timestamp>; refuses a non-empty directory so no earlier run is overwritten."""
+    out = Path(requested) if requested else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise SftuneError(f"output directory {out} already exists and is not empty; choose another --output-dir")
+    return out
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """Decay matrices only: biases and norm gains (1-D) are not decayed (as in HF/TRL, nanoGPT)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+
+
+def prepare_data_for(cfg: SFTConfig, tokenizer, model_config) -> tuple[PreparedData, int]:
+    """Run the data pipeline with the config's settings; max_length defaults to the model's context."""
+    context = context_length(model_config, tokenizer)
+    max_length = cfg.max_length or context
+    if max_length > context:
+        raise SftuneError(f"max_length {max_length} exceeds the model's context of {context} tokens; lower --max-length")
+    if cfg.max_length is None:
+        log(f"max_length: {max_length} (the model's context)")
+    data = prepare_data(cfg.dataset, tokenizer, max_length, cfg.text_column, cfg.min_tokens, cfg.overlong,
+                        cfg.val_fraction, cfg.seed, cfg.cache_dir)
+    log(f"data: {len(data.train):,} train / {len(data.validation):,} validation examples, text column "
+        f"'{data.text_column}' ({'from cache' if data.from_cache else 'tokenized'} in {data.seconds:.1f}s)")
+    return data, max_length
+
+
+def train(cfg: SFTConfig) -> TrainResult:
+    """Fine-tune `cfg.model` on `cfg.dataset` and write the model, config and metrics to the output dir."""
+    # --- setup: resolve what the config leaves open, and say what was inferred ---
+    out = choose_output_dir(cfg.output_dir)
+    seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(cfg.precision, device)
+    log(f"device: {device}, precision: {precision}" + (" (auto)" if cfg.precision == "auto" else ""))
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code,
+                               flag="--tokenizer" if cfg.tokenizer else "--model")
+    model = load_model(cfg.model, cfg.init, cfg.trust_remote_code, cfg.seed).to(device)
+    data, max_length = prepare_data_for(cfg, tokenizer, model.config)
+    train_set, val_set = data.train, data.validation
+    eval_batch_size = cfg.eval_batch_size or cfg.batch_size
+    per_epoch = steps_per_epoch(len(train_set), cfg.batch_size, cfg.grad_accum)
+    total_steps = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
+    resolved = replace(cfg, output_dir=str(out), tokenizer=cfg.tokenizer or cfg.model, max_length=max_length,
+                       eval_batch_size=eval_batch_size, precision=precision, device=device.type)
+    out.mkdir(parents=True, exist_ok=True)
+    if is_main():
+        (out / "config.yaml").write_text(dump_yaml(resolved))
+    log(f"training: {total_steps:,} optimizer steps ({per_epoch:,} per epoch) of {cfg.batch_size} x {cfg.grad_accum} rows, "
+        f"lr {cfg.lr:g} ({cfg.lr_schedule}, {cfg.warmup_steps} warm-up), output {out}")
+
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    scheduler = get_scheduler(SCHEDULES[cfg.lr_schedule], optimizer, num_warmup_steps=cfg.warmup_steps,
+                              num_training_steps=total_steps)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # loss scaling only for fp16
+    metrics = MetricsWriter(out / "metrics.jsonl")
+    pad_id = tokenizer.pad_token_id
+    evals: list[dict] = []
+
+    def run_eval(step: int) -> None:
+        result = evaluate(model, val_set, eval_batch_size, pad_id, device, precision)
+        record = {"step": step, "val_loss": result.loss, "val_ppl": result.perplexity}
+        evals.append(record)
+        metrics.write({"type": "eval", **record})
+        log(f"eval  step {step:>6,} | val_loss {result.loss:.4f} | val_ppl {result.perplexity:,.2f} "
+            f"| {result.targets:,} target tokens")
+
+    # --- the loop -------------------------------------------------------------
+    model.train()
+    run_eval(0)
+    step, tokens = 0, 0
+    window_loss = torch.zeros((), device=device)  # sum of token losses since the last log line
+    window_targets, window_tokens, window_start = 0, 0, time.perf_counter()
+    start = time.perf_counter()
+    bar = tqdm(total=total_steps, desc="train", unit="step", disable=None if is_main() else True, dynamic_ncols=True)
+    for epoch in range(cfg.epochs):
+        batches = epoch_batches(len(train_set), cfg.batch_size, cfg.seed, epoch)
+        for first in range(0, len(batches), cfg.grad_accum):
+            micro_batches = [collate(train_set, idx, pad_id) for idx in batches[first : first + cfg.grad_accum]]
+            # The step's loss is sum(token losses) / (targets of ALL its micro-batches): each micro-batch's
+            # sum is divided by the step total before backward, so gradients add up to the step mean.
+            step_targets = sum(int(count_targets(b["labels"])) for b in micro_batches)
+            for batch in micro_batches:
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                with autocast(device, precision):
+                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss_sum = sum_token_loss(logits, batch["labels"])
+                scaler.scale(loss_sum / step_targets).backward()
+                window_loss += loss_sum.detach()
+            window_targets += step_targets
+            window_tokens += sum(int(b["attention_mask"].sum()) for b in micro_batches)  # host tensors: no sync
+            scaler.unscale_(optimizer)
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            step += 1
+            bar.update(1)
+
+            if step % cfg.log_every == 0 or step == total_steps:
+                now = time.perf_counter()
+                loss = window_loss.item() / max(window_targets, 1)  # note: .item() syncs; once per log step
+                tokens += window_tokens
+                rate = window_tokens / (now - window_start)
+                lr = scheduler.get_last_lr()[0]
+                metrics.write({"type": "train", "step": step, "epoch": round(step / per_epoch, 4), "loss": loss,
+                               "lr": lr, "tokens": tokens, "elapsed_s": round(now - start, 3), "tokens_per_s": rate})
+                log(f"step {step:>6,}/{total_steps:,} | epoch {step / per_epoch:.2f} | loss {loss:.4f} | lr {lr:.2e} "
+                    f"| {rate:,.0f} tok/s | {1000 * (now - window_start) / cfg.log_every:.0f} ms/step")
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
+                window_loss.zero_()
+                window_targets, window_tokens, window_start = 0, 0, time.perf_counter()
+            if cfg.eval_every and step % cfg.eval_every == 0:
+                run_eval(step)
+            if step >= total_steps:
+                break
+        if evals[-1]["step"] != step:
+            run_eval(step)  # end of epoch (or of max_steps)
+        if step >= total_steps:
+            break
+    bar.close()
+    seconds = time.perf_counter() - start
+
+    # --- outputs ----------------------------------------------------------------
+    save_model(model, tokenizer, out)
+    metrics.close()
+    samples = {}
+    for prompt in cfg.sample_prompts:
+        samples[prompt] = complete(model, tokenizer, prompt, cfg.sample_max_new_tokens, seed=cfg.seed)[0]
+    return TrainResult(out, step, tokens, seconds, evals, samples)
+
