@@ -259,7 +259,7 @@ def tokenize_split(rows, tokenizer, text_column: str, min_tokens: int, max_lengt
     keep = np.flatnonzero((status == "kept") | (status == "truncated"))
     kept_ids = table.select(["input_ids"]).take(keep).column("input_ids").combine_chunks()
     offsets = kept_ids.offsets.to_numpy().astype(np.int64)
-    flat = kept_ids.values.to_numpy()[offsets[0] : offsets[-1]].astype(np.int32)
+    flat = kept_ids.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]].astype(np.int32)
     offsets = offsets - offsets[0]
     examples = Examples(flat, np.ones(len(flat), dtype=bool), offsets)
     stats.kept = len(examples)

@@ -80,6 +80,25 @@ def prepare_data_for(cfg: SFTConfig, tokenizer, model_config) -> tuple[PreparedD
     return data, max_length
 
 
+def forward_backward(model, micro_batches: list[dict], device, precision: str, scaler) -> tuple[torch.Tensor, int]:
+    """Accumulate one optimizer step's gradients; returns (sum of token losses, number of targets).
+
+    The step's loss is sum(token losses) / (targets of ALL its micro-batches): each micro-batch's
+    sum is divided by the step total before backward, so the gradients add up to those of the
+    step's token mean, however the rows are split into micro-batches.
+    """
+    step_targets = sum(int(count_targets(b["labels"])) for b in micro_batches)  # host tensors: no sync
+    total = torch.zeros((), device=device)
+    for batch in micro_batches:
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with autocast(device, precision):
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss_sum = sum_token_loss(logits, batch["labels"])
+        scaler.scale(loss_sum / max(step_targets, 1)).backward()
+        total += loss_sum.detach()
+    return total, step_targets
+
+
 def train(cfg: SFTConfig) -> TrainResult:
     """Fine-tune `cfg.model` on `cfg.dataset` and write the model, config and metrics to the output dir."""
     # --- setup: resolve what the config leaves open, and say what was inferred ---
@@ -132,16 +151,8 @@ def train(cfg: SFTConfig) -> TrainResult:
         batches = epoch_batches(len(train_set), cfg.batch_size, cfg.seed, epoch)
         for first in range(0, len(batches), cfg.grad_accum):
             micro_batches = [collate(train_set, idx, pad_id) for idx in batches[first : first + cfg.grad_accum]]
-            # The step's loss is sum(token losses) / (targets of ALL its micro-batches): each micro-batch's
-            # sum is divided by the step total before backward, so gradients add up to the step mean.
-            step_targets = sum(int(count_targets(b["labels"])) for b in micro_batches)
-            for batch in micro_batches:
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-                with autocast(device, precision):
-                    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-                loss_sum = sum_token_loss(logits, batch["labels"])
-                scaler.scale(loss_sum / step_targets).backward()
-                window_loss += loss_sum.detach()
+            loss_sum, step_targets = forward_backward(model, micro_batches, device, precision, scaler)
+            window_loss += loss_sum
             window_targets += step_targets
             window_tokens += sum(int(b["attention_mask"].sum()) for b in micro_batches)  # host tensors: no sync
             scaler.unscale_(optimizer)

@@ -1,0 +1,82 @@
+"""Shared fixtures: a tiny random GPT-2 with the real GPT-2 tokenizer, small datasets, an isolated cache.
+
+Everything is offline: the tokenizer comes from ../shared/models/gpt2 and the
+Hub endpoint is pointed at a closed local port so no test can reach a network.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+GPT2_DIR = SHARED / "models" / "gpt2"
+SST2_DIR = SHARED / "data" / "sst2"
+QUICKSTART_DATA = ROOT / "examples" / "quickstart" / "data"
+
+needs_shared = pytest.mark.skipif(not GPT2_DIR.is_dir(), reason="../shared (GPT-2 tokenizer, SST-2) not present")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_env(tmp_path_factory):
+    """A private data cache, and a Hub endpoint that refuses connections at once."""
+    os.environ["SFTUNE_CACHE"] = str(tmp_path_factory.mktemp("sftune-cache"))
+    os.environ["HF_ENDPOINT"] = "http://127.0.0.1:9"  # discard port: connection refused, instantly
+    os.environ["HF_HOME"] = str(tmp_path_factory.mktemp("hf-home"))  # an empty Hub cache
+    os.environ.pop("HF_HUB_OFFLINE", None)
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    yield
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    from sftune.modeling import load_tokenizer
+
+    return load_tokenizer(str(GPT2_DIR))
+
+
+def make_tiny_gpt2(seed: int = 0):
+    """2 layers, 64 wide, no dropout: cheap, and deterministic in train mode."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=2, n_embd=64, n_head=2, n_positions=128, resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0, vocab_size=50257, bos_token_id=50256, eos_token_id=50256)
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, gpt2_tokenizer):
+    """A saved tiny random GPT-2 with the real tokenizer: a --model PATH for the CLI."""
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    make_tiny_gpt2().save_pretrained(path)
+    gpt2_tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    """A jsonl file of 120 short sentences with a 'text' column (no validation split)."""
+    path = tmp_path / "reviews.jsonl"
+    lines = QUICKSTART_DATA.joinpath("train.jsonl").read_text().splitlines()[:120]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the real `sftune` CLI in a subprocess."""
+    return subprocess.run(
+        [sys.executable, "-m", "sftune", *args],
+        capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})},
+    )
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,129 @@
+"""Tier 1: collate (labels per position), token-weighted loss, accumulation equivalence, eval weighting."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_gpt2
+from sftune.batching import IGNORE_INDEX, collate, epoch_batches, length_sorted_batches, padding_efficiency, steps_per_epoch
+from sftune.data import Examples
+from sftune.evaluate import evaluate
+from sftune.loss import count_targets, sum_token_loss
+from sftune.train import forward_backward
+
+EOS = 50256
+
+
+def test_collate_labels_follow_the_attention_mask_not_the_token_id():
+    ex = Examples.from_lists([[11, 12, EOS], [21, EOS], [31, 32, 33, 34, EOS]])
+    b = collate(ex, [0, 1, 2], pad_id=EOS)
+    assert b["input_ids"].tolist() == [[11, 12, EOS, EOS, EOS], [21, EOS, EOS, EOS, EOS], [31, 32, 33, 34, EOS]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    # every real EOS is a label; every pad position (same id!) is ignored
+    assert b["labels"].tolist() == [[11, 12, EOS, -100, -100], [21, EOS, -100, -100, -100], [31, 32, 33, 34, EOS]]
+    assert ((b["labels"] == IGNORE_INDEX) == (b["attention_mask"] == 0)).all()
+    assert b["input_ids"].dtype == torch.int64
+
+
+def test_unsupervised_tokens_are_ignored():
+    ex = Examples.from_lists([[1, 2, 3, EOS]], [[False, False, True, True]])
+    assert collate(ex, [0], pad_id=EOS)["labels"].tolist() == [[-100, -100, 3, EOS]]
+
+
+def test_the_seed_collator_masks_eos_and_ours_does_not(gpt2_tokenizer):
+    """DataCollatorForLanguageModeling(mlm=False) with pad = EOS ignores every EOS: the model never learns to stop."""
+    from transformers import DataCollatorForLanguageModeling
+
+    ex = Examples.from_lists([[11, 12, EOS], [21, EOS]])
+    seed_labels = DataCollatorForLanguageModeling(gpt2_tokenizer, mlm=False)(
+        [{"input_ids": ex.example(i)[0].tolist()} for i in range(2)])["labels"]
+    ours = collate(ex, [0, 1], pad_id=EOS)["labels"]
+    assert seed_labels.tolist() == [[11, 12, -100], [21, -100, -100]]
+    assert ours.tolist() == [[11, 12, EOS], [21, EOS, -100]]
+
+
+def test_epoch_batches_cover_every_row_once_and_depend_on_seed_and_epoch():
+    batches = epoch_batches(10, 4, seed=1, epoch=0)
+    assert [len(b) for b in batches] == [4, 4, 2]
+    assert sorted(np.concatenate(batches).tolist()) == list(range(10))
+    assert np.array_equal(np.concatenate(batches), np.concatenate(epoch_batches(10, 4, 1, 0)))
+    assert not np.array_equal(np.concatenate(batches), np.concatenate(epoch_batches(10, 4, 1, 1)))
+    # the order does not depend on the batch size, so 32 rows = 4 micro-batches of 8
+    assert np.array_equal(np.concatenate(epoch_batches(50, 32, 1, 0)), np.concatenate(epoch_batches(50, 8, 1, 0)))
+
+
+def test_steps_and_padding_efficiency():
+    assert steps_per_epoch(49_401, 32, 1) == 1_544
+    assert steps_per_epoch(49_401, 8, 4) == 1_544  # 6,176 micro-batches; the last step has 4 of them too
+    assert steps_per_epoch(10, 3, 2) == 2
+    assert padding_efficiency(np.array([2, 4, 4]), [np.array([0, 1]), np.array([2])]) == pytest.approx(10 / 12)
+    assert [b.tolist() for b in length_sorted_batches(np.array([1, 5, 3]), 2)] == [[1, 2], [0]]
+
+
+def test_sum_token_loss_is_the_shifted_cross_entropy_sum():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 4, 7)
+    labels = torch.tensor([[1, 2, 3, -100], [4, 5, -100, -100]])
+    expected = 0.0
+    for b, t in [(0, 0), (0, 1), (1, 0)]:  # position t predicts label t+1
+        expected -= torch.log_softmax(logits[b, t], -1)[labels[b, t + 1]].item()
+    assert sum_token_loss(logits, labels).item() == pytest.approx(expected, rel=1e-6)
+    # one target per row fewer than supervised tokens (no over-count of the first token)
+    assert count_targets(labels).item() == 3
+
+
+def _random_examples(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return Examples.from_lists([rng.integers(0, 50_000, rng.integers(3, 30)).tolist() + [EOS] for _ in range(n)])
+
+
+def _grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+def test_grad_accumulation_equals_one_big_batch():
+    """--batch-size 32 equals --batch-size 8 --grad-accum 4: same gradients, same loss."""
+    ex = _random_examples(32)
+    model = make_tiny_gpt2()
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    cpu = torch.device("cpu")
+    order = epoch_batches(32, 32, seed=0, epoch=0)[0]
+
+    loss_big, n_big = forward_backward(model, [collate(ex, order, EOS)], cpu, "fp32", scaler)
+    big = _grads(model).clone()
+    model.zero_grad()
+    micro = [collate(ex, order[i : i + 8], EOS) for i in range(0, 32, 8)]
+    loss_acc, n_acc = forward_backward(model, micro, cpu, "fp32", scaler)
+    acc = _grads(model).clone()
+
+    assert n_big == n_acc == int(ex.lengths.sum()) - 32
+    assert loss_acc.item() == pytest.approx(loss_big.item(), rel=1e-5)
+    torch.testing.assert_close(acc, big, rtol=1e-4, atol=1e-6)
+
+    # the 2024 bug, for contrast: averaging micro-batch means gives a different gradient
+    model.zero_grad()
+    for b in micro:
+        (sum_token_loss(model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits, b["labels"])
+         / count_targets(b["labels"]) / len(micro)).backward()
+    assert not torch.allclose(_grads(model), big, rtol=1e-3, atol=1e-6)
+
+
+def test_eval_loss_is_token_weighted_over_the_split():
+    ex = Examples.from_lists([[5, 6, 7, 8, 9, 10, 11, 12, EOS], [13, EOS], [14, 15, EOS]])
+    model = make_tiny_gpt2()
+    cpu = torch.device("cpu")
+    result = evaluate(model, ex, batch_size=2, pad_id=EOS, device=cpu, precision="fp32")
+    sums, counts = [], []
+    with torch.no_grad():
+        for i in range(3):
+            b = collate(ex, [i], EOS)
+            sums.append(sum_token_loss(model(input_ids=b["input_ids"]).logits, b["labels"]).item())
+            counts.append(count_targets(b["labels"]).item())
+    assert result.targets == sum(counts) == 11
+    assert result.loss == pytest.approx(sum(sums) / sum(counts), rel=1e-5)
+    assert result.perplexity == pytest.approx(math.exp(result.loss))
+    # differs from the mean of per-example means, so weighting matters here
+    assert abs(result.loss - np.mean([s / c for s, c in zip(sums, counts)])) > 1e-3
+    assert model.training  # evaluate restores the mode it found

@@ -1,0 +1,187 @@
+"""Tier 2: the real CLI in a subprocess, on a tiny random GPT-2 with the real GPT-2 tokenizer."""
+
+import hashlib
+import json
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import GPT2_DIR, QUICKSTART_DATA, ROOT, needs_shared, read_jsonl, run_cli
+
+pytestmark = needs_shared
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """One real training run shared by the checks below."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    proc = run_cli("train", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA), "--max-steps", "30",
+                   "--batch-size", "8", "--lr", "3e-3", "--eval-every", "10", "--log-every", "5", "--precision", "fp32",
+                   "--output-dir", str(out), "--sample-prompts", "the film is")
+    assert proc.returncode == 0, proc.stderr
+    return out, proc
+
+
+def test_train_writes_a_loadable_model_config_and_metrics(trained, tiny_model_dir):
+    out, proc = trained
+    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json",
+                 "tokenizer_config.json", "config.yaml", "metrics.jsonl"):
+        assert (out / name).is_file(), name
+    assert not list(out.glob("*.bin"))  # safetensors only
+
+    before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # weights changed
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.pad_token_id == tok.eos_token_id == model.generation_config.eos_token_id == 50256
+    for k, v in model.state_dict().items():
+        if k in after:
+            assert torch.equal(v, after[k])
+
+
+def test_metrics_lines_and_falling_val_loss(trained):
+    out, proc = trained
+    rows = read_jsonl(out / "metrics.jsonl")
+    train_rows = [r for r in rows if r["type"] == "train"]
+    evals = [r for r in rows if r["type"] == "eval"]
+    assert [r["step"] for r in train_rows] == [5, 10, 15, 20, 25, 30]
+    for r in train_rows:
+        assert set(r) >= {"step", "epoch", "loss", "lr", "tokens", "elapsed_s"}
+    tokens = [r["tokens"] for r in train_rows]
+    assert tokens == sorted(tokens) and len(set(tokens)) == len(tokens)
+    assert [r["step"] for r in evals] == [0, 10, 20, 30]  # before training, every 10, none twice at the end
+    for r in evals:
+        assert r["val_ppl"] == pytest.approx(2.718281828 ** r["val_loss"], rel=1e-6)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
+    assert "val loss" in proc.stdout and f"model saved to {out}" in proc.stdout
+    assert "sample: 'the film is' ->" in proc.stdout
+
+
+def test_resolved_config_is_written_and_reloads(trained):
+    from sftune.config import load_config
+
+    out, _ = trained
+    cfg = load_config(out / "config.yaml")
+    assert (cfg.max_steps, cfg.batch_size, cfg.max_length, cfg.precision, cfg.output_dir) == (30, 8, 128, "fp32", str(out))
+
+
+def test_eval_reproduces_the_final_val_loss(trained):
+    out, _ = trained
+    proc = run_cli("eval", "--model", str(out), "--dataset", str(QUICKSTART_DATA), "--precision", "fp32", "--json")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    last = [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "eval"][-1]
+    assert report["val_loss"] == pytest.approx(last["val_loss"], rel=1e-5)
+    assert report["examples"] == 60
+
+
+def test_generate_from_the_run(trained):
+    out, _ = trained
+    proc = run_cli("generate", "--model", str(out), "--prompt", "the film is", "--num-samples", "2",
+                   "--max-new-tokens", "8", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["prompt"] == "the film is" and len(result["completions"]) == 2
+    assert all(isinstance(c, str) for c in result["completions"])
+
+
+def test_existing_output_is_never_overwritten(trained, tiny_model_dir):
+    out, _ = trained
+    digest = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    proc = run_cli("train", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA), "--max-steps", "1",
+                   "--output-dir", str(out))
+    assert proc.returncode == 2
+    assert "already exists and is not empty; choose another --output-dir" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest() == digest
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "eight"], "`batch_size` must be an integer, got 'eight'"),
+    (["--lr", "-1"], "lr = -1.0: must be positive"),
+    (["--dataset", "./nope.jsonl"], "dataset path not found: './nope.jsonl' (check --dataset)"),
+    (["--text-column", "body"], "text column 'body' not in the dataset"),
+    (["--max-length", "4096"], "max_length 4096 exceeds the model's context of 128 tokens"),
+])
+def test_user_mistakes_get_a_clear_error(args, message, tiny_model_dir, tmp_path):
+    proc = run_cli("train", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA),
+                   "--output-dir", str(tmp_path / "o"), *args)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_yaml_key(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lerning_rate: 1e-4\n")
+    proc = run_cli("train", "--config", str(cfg))
+    assert proc.returncode == 2
+    assert "unknown key `lerning_rate`" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("env", [{}, {"HF_HUB_OFFLINE": "1"}], ids=["no-network", "HF_HUB_OFFLINE"])
+def test_hub_model_offline_fails_fast_naming_model_path(env, tmp_path):
+    start = time.perf_counter()
+    proc = run_cli("train", "--model", "gpt2", "--dataset", str(QUICKSTART_DATA), "--output-dir", str(tmp_path / "o"),
+                   env=env)
+    elapsed = time.perf_counter() - start
+    assert proc.returncode == 2
+    assert "'gpt2' is not a local path" in proc.stderr and "--model PATH" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert elapsed < 30  # interpreter start-up included; the Hub client alone would retry for ~50 s
+
+
+def test_data_report_json_with_examples(tiny_model_dir):
+    proc = run_cli("data", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA), "--batch-size", "16",
+                   "--grad-accum", "2", "--json", "--show", "2")
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    train = report["splits"]["train"]
+    assert (train["rows"], train["kept"], report["splits"]["validation"]["kept"]) == (400, 400, 60)
+    assert train["micro_batches_per_epoch"] == 25 and train["optimizer_steps_per_epoch"] == 13
+    assert 0 < train["padding_efficiency"] <= 1
+    assert set(train["length"]) == {"mean", "p50", "p90", "p95", "p99", "max"}
+    assert len(report["examples"]) == 2
+    for ex in report["examples"]:
+        assert ex["input_ids"][-1] == 50256 and ex["labels"] == ex["input_ids"]  # EOS trained, nothing masked
+
+
+def test_data_report_table(tiny_model_dir):
+    proc = run_cli("data", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA), "--show", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "padding efficiency" in proc.stdout and "optimizer steps" in proc.stdout
+    assert "<|endoftext|>" in proc.stdout
+
+
+def test_tokenize(tmp_path):
+    text = "Hello, this is the first step of RLHF training."
+    proc = run_cli("tokenize", "--model", str(GPT2_DIR), "--json", text)
+    assert proc.returncode == 0, proc.stderr
+    row = json.loads(proc.stdout)
+    assert row["input_ids"] == [15496, 11, 428, 318, 262, 717, 2239, 286, 45715, 29567, 3047, 13]
+    assert row["tokens"][:3] == ["Hello", ",", "Ġthis"] and row["decoded"] == text
+    lines = tmp_path / "t.txt"
+    lines.write_text("I have a dog\nI also have a cat\n")
+    proc = run_cli("tokenize", "--tokenizer", "bundled:gpt2", "--file", str(lines))
+    assert proc.returncode == 0, proc.stderr
+    assert "[40, 423, 257, 3290]" in proc.stdout and "round trip exact" in proc.stdout
+
+
+def test_quickstart_config_runs(tmp_path):
+    out = tmp_path / "qs"
+    proc = run_cli("train", "--config", "configs/quickstart.yaml", "--max-steps", "20", "--eval-every", "10",
+                   "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr
+    evals = [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "eval"]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    assert proc.stdout.count("sample: ") == 3
+
+
+def test_python_dash_m_help():
+    proc = run_cli("--help")
+    assert proc.returncode == 0 and "train" in proc.stdout and "tokenize" in proc.stdout

@@ -1,0 +1,110 @@
+"""Tier 1 and 3: config parsing and validation, and every shipped config."""
+
+from pathlib import Path
+
+import pytest
+
+from sftune.cli import build_parser, config_from_args
+from sftune.config import FIELDS, SFTConfig, dump_yaml, load_config, resolve_config
+from sftune.errors import SftuneError
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_defaults_are_the_seed_job():
+    cfg = SFTConfig()
+    assert (cfg.model, cfg.dataset) == ("gpt2", "stanfordnlp/sst2")
+    assert (cfg.batch_size, cfg.lr, cfg.weight_decay, cfg.min_tokens, cfg.epochs) == (32, 5e-5, 0.0, 5, 1)
+
+
+def test_yaml_scientific_notation_and_null_are_accepted(tmp_path):
+    # PyYAML reads `5e-5` (no dot) as a string; it must still be a float
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 5e-5\nmax_steps: null\nbatch_size: 8\nsample_prompts: [a, b]\n")
+    cfg = load_config(path)
+    assert cfg.lr == 5e-5 and isinstance(cfg.lr, float)
+    assert cfg.max_steps is None and cfg.batch_size == 8 and cfg.sample_prompts == ["a", "b"]
+
+
+def test_unknown_key_is_an_error_with_a_suggestion():
+    with pytest.raises(SftuneError) as e:
+        resolve_config({"learning_rate": 1e-4, "batch_szie": 4})
+    msg = str(e.value)
+    assert "unknown key `learning_rate`" in msg
+    assert "unknown key `batch_szie`; did you mean `batch_size`?" in msg
+
+
+def test_wrong_types_are_all_reported_at_once():
+    with pytest.raises(SftuneError) as e:
+        resolve_config({"batch_size": "eight", "lr": [1], "precision": "fp8", "trust_remote_code": "maybe"})
+    msg = str(e.value)
+    assert "`batch_size` must be an integer, got 'eight'" in msg
+    assert "`lr` must be a number, got [1]" in msg
+    assert "`precision` must be one of 'auto' | 'fp32' | 'bf16' | 'fp16', got 'fp8'" in msg
+    assert "`trust_remote_code` must be true or false" in msg
+
+
+def test_bool_is_not_an_int():
+    with pytest.raises(SftuneError, match="`batch_size` must be an integer, got True"):
+        resolve_config({"batch_size": True})
+
+
+def test_range_checks_name_the_flag():
+    with pytest.raises(SftuneError) as e:
+        resolve_config({"batch_size": 0, "val_fraction": 1.5, "max_length": 1})
+    msg = str(e.value)
+    assert "batch_size = 0: must be at least 1 (set `batch_size` in YAML or --batch-size)" in msg
+    assert "val_fraction = 1.5" in msg and "max_length = 1" in msg
+
+
+def test_flags_override_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("batch_size: 8\nlr: 1.0e-3\nlog_every: 3\n")
+    args = build_parser().parse_args(["train", "--config", str(path), "--batch-size", "4", "--max-steps", "none",
+                                      "--no-trust-remote-code", "--sample-prompts", "x", "y"])
+    cfg = config_from_args(args)
+    assert (cfg.batch_size, cfg.lr, cfg.log_every, cfg.max_steps) == (4, 1e-3, 3, None)
+    assert cfg.trust_remote_code is False and cfg.sample_prompts == ["x", "y"]
+
+
+def test_every_field_has_a_flag_and_help():
+    parser = build_parser()
+    train = parser._subparsers._group_actions[0].choices["train"]
+    flags = {s for a in train._actions for s in a.option_strings}
+    for name, f in FIELDS.items():
+        assert "--" + name.replace("_", "-") in flags
+        assert f.metadata["help"]
+
+
+def test_yaml_dump_round_trips(tmp_path):
+    cfg = resolve_config({"lr": 1e-3, "sample_prompts": ["hi"], "max_length": 64})
+    path = tmp_path / "c.yaml"
+    path.write_text(dump_yaml(cfg))
+    assert load_config(path) == cfg
+
+
+def test_missing_and_malformed_files(tmp_path):
+    with pytest.raises(SftuneError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(SftuneError, match="must be a mapping"):
+        load_config(bad)
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_shipped_config_loads_and_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, SFTConfig)
+
+
+def test_shipped_configs_exist():
+    assert {p.name for p in SHIPPED} >= {"gpt2-sst2.yaml", "quickstart.yaml"}
+
+
+def test_quickstart_points_at_files_in_the_repo():
+    cfg = load_config(ROOT / "configs" / "quickstart.yaml")
+    assert (ROOT / cfg.model / "config.json").is_file()
+    assert (ROOT / cfg.dataset / "train.jsonl").is_file() and (ROOT / cfg.dataset / "validation.jsonl").is_file()
+    assert cfg.tokenizer == "bundled:gpt2" and cfg.init == "random"

@@ -1,0 +1,198 @@
+"""Tier 1: the data pipeline, step by step, with exact expected values."""
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import SST2_DIR, needs_shared
+from sftune.batching import steps_per_epoch
+from sftune.data import Examples, count_targets, encode_text, find_text_column, load_rows, prepare_data
+from sftune.errors import SftuneError
+
+EOS = 50256
+
+
+# --- encode_text: one example's fate ---
+
+def test_encode_appends_eos():
+    assert encode_text([1, 2, 3, 4, 5, 6], EOS, min_tokens=5, max_length=10, overlong="drop") == ([1, 2, 3, 4, 5, 6, EOS], "kept")
+
+
+def test_min_tokens_counts_the_texts_own_tokens():
+    # the seed keeps len(input_ids) > 5: five tokens are dropped even though EOS would make six
+    assert encode_text([1, 2, 3, 4, 5], EOS, 5, 10, "drop") == ([], "too_short")
+    assert encode_text([], EOS, 0, 10, "drop") == ([], "empty")
+    assert encode_text([7], EOS, 0, 10, "drop") == ([7, EOS], "kept")
+
+
+def test_overlong_policies():
+    ids = list(range(1, 9))  # 8 tokens + EOS = 9 > max_length 6
+    assert encode_text(ids, EOS, 0, 6, "drop") == ([], "overlong")
+    assert encode_text(ids, EOS, 0, 6, "error") == ([], "overlong")
+    # truncated: first max_length tokens, and no fake EOS
+    assert encode_text(ids, EOS, 0, 6, "truncate") == ([1, 2, 3, 4, 5, 6], "truncated")
+    # exactly fitting with EOS is kept
+    assert encode_text(ids[:5], EOS, 0, 6, "drop") == ([1, 2, 3, 4, 5, EOS], "kept")
+
+
+def test_existing_trailing_eos_is_not_doubled():
+    assert encode_text([1, 2, EOS], EOS, 0, 10, "drop") == ([1, 2, EOS], "kept")
+
+
+# --- finding the text column ---
+
+def test_text_column_detection():
+    from datasets import Value
+
+    s, i = Value("string"), Value("int64")
+    assert find_text_column({"idx": i, "sentence": s, "label": i}, None) == "sentence"
+    assert find_text_column({"text": s, "sentence": s}, None) == "text"
+    assert find_text_column({"review": s, "stars": i}, None) == "review"
+    assert find_text_column({"a": s, "b": s}, "b") == "b"
+    with pytest.raises(SftuneError, match="set --text-column"):
+        find_text_column({"a": s, "b": s}, None)
+    with pytest.raises(SftuneError, match="text column 'c' not in the dataset .* fix --text-column"):
+        find_text_column({"a": s, "b": s}, "c")
+
+
+# --- loading every file format ---
+
+ROWS = [{"review": f"row number {i} is a sentence of several words", "stars": i % 5} for i in range(40)]
+
+
+def write_format(path, suffix):
+    if suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    elif suffix == ".json":
+        path.write_text(json.dumps(ROWS))
+    elif suffix in (".csv", ".tsv"):
+        sep = "," if suffix == ".csv" else "\t"
+        path.write_text("review" + sep + "stars\n" + "".join(f"{r['review']}{sep}{r['stars']}\n" for r in ROWS))
+    elif suffix == ".parquet":
+        pq.write_table(pa.Table.from_pylist(ROWS), path)
+    elif suffix == ".txt":
+        path.write_text("".join(r["review"] + "\n" for r in ROWS))
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".tsv", ".parquet", ".txt"])
+def test_every_file_format_loads_with_a_held_out_validation_split(tmp_path, suffix):
+    path = tmp_path / f"data{suffix}"
+    write_format(path, suffix)
+    rows = load_rows(str(path), seed=1, val_fraction=0.25)
+    assert (len(rows["train"]), len(rows["validation"])) == (30, 10)
+    expected_column = "text" if suffix == ".txt" else "review"
+    assert find_text_column(rows["train"].features, None) == expected_column
+    texts = set(rows["train"][expected_column]) | set(rows["validation"][expected_column])
+    assert texts == {r["review"] for r in ROWS}  # nothing lost or duplicated by the hold-out
+
+
+def test_hold_out_is_deterministic(tmp_path):
+    path = tmp_path / "d.jsonl"
+    write_format(path, ".jsonl")
+    a = load_rows(str(path), seed=3, val_fraction=0.2)["validation"]["review"]
+    b = load_rows(str(path), seed=3, val_fraction=0.2)["validation"]["review"]
+    c = load_rows(str(path), seed=4, val_fraction=0.2)["validation"]["review"]
+    assert list(a) == list(b) and list(a) != list(c)
+
+
+def test_bad_inputs_are_clear_errors(tmp_path):
+    bad = tmp_path / "data.xml"
+    bad.write_text("<x/>")
+    with pytest.raises(SftuneError, match="unsupported data file type '.xml'"):
+        load_rows(str(bad), 0, 0.1)
+    with pytest.raises(SftuneError, match=r"dataset path not found: './missing.jsonl' \(check --dataset\)"):
+        load_rows("./missing.jsonl", 0, 0.1)
+
+
+def test_hub_dataset_offline_fails_fast_and_names_the_flag():
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(SftuneError) as e:
+        load_rows("stanfordnlp/sst2", 0, 0.1)
+    assert time.perf_counter() - start < 10
+    assert "cannot be reached" in str(e.value) and "--dataset PATH" in str(e.value)
+
+
+# --- the whole pipeline ---
+
+def test_prepare_data_keeps_and_counts(tmp_path, gpt2_tokenizer):
+    path = tmp_path / "d.jsonl"
+    texts = ["one two", "", "a sentence that is long enough to keep", "x " * 40, "another sentence that is long enough here"]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts * 4))
+    data = prepare_data(str(path), gpt2_tokenizer, max_length=20, val_fraction=0.25, seed=0, cache_dir=tmp_path / "c")
+    stats = data.stats.values()
+    total = {k: sum(getattr(s, k) for s in stats) for k in ("rows", "kept", "truncated")}
+    dropped = {r: sum(s.dropped[r] for s in stats) for r in ("empty", "too_short", "overlong")}
+    assert total == {"rows": 20, "kept": 8, "truncated": 0}
+    assert dropped == {"empty": 4, "too_short": 4, "overlong": 4}
+    ids, supervised = data.train.example(0)
+    assert ids[-1] == EOS and supervised.all()
+    assert data.stats["train"].tokens == int(data.train.lengths.sum())
+    assert data.stats["train"].supervised_tokens == int(data.train.lengths.sum()) - len(data.train)
+
+
+def test_overlong_error_names_the_fix(tmp_path, gpt2_tokenizer):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": "word " * n}) + "\n" for n in (8, 30, 9, 10)))
+    with pytest.raises(SftuneError, match=r"1 example\(s\) are longer than max_length 16 .*--overlong truncate"):
+        prepare_data(str(path), gpt2_tokenizer, max_length=16, overlong="error", val_fraction=0.25, cache_dir=tmp_path)
+
+
+def test_truncate_keeps_max_length_tokens_without_eos(tmp_path, gpt2_tokenizer):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": "word " * 30}) + "\n" for _ in range(4)))
+    data = prepare_data(str(path), gpt2_tokenizer, max_length=16, overlong="truncate", val_fraction=0.25, cache_dir=tmp_path)
+    assert data.train.lengths.tolist() == [16, 16, 16]
+    assert EOS not in data.train.input_ids
+    assert data.stats["train"].truncated == 3
+
+
+def test_nothing_left_is_a_clear_error(tmp_path, gpt2_tokenizer):
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": "short"}) + "\n" for _ in range(10)))
+    with pytest.raises(SftuneError, match="no train example is left after filtering .* Lower --min-tokens"):
+        prepare_data(str(path), gpt2_tokenizer, max_length=64, cache_dir=tmp_path)
+
+
+def test_cache_hit_and_invalidation(tmp_path, gpt2_tokenizer, text_file):
+    cache = tmp_path / "cache"
+    first = prepare_data(str(text_file), gpt2_tokenizer, 64, cache_dir=cache)
+    second = prepare_data(str(text_file), gpt2_tokenizer, 64, cache_dir=cache)
+    assert (first.from_cache, second.from_cache) == (False, True)
+    assert np.array_equal(first.train.input_ids, second.train.input_ids)
+    assert np.array_equal(first.validation.offsets, second.validation.offsets)
+    assert first.stats == second.stats
+    # a setting, the tokenizer's output, or the file changing gives a new entry
+    assert not prepare_data(str(text_file), gpt2_tokenizer, 64, min_tokens=3, cache_dir=cache).from_cache
+    text_file.write_text(text_file.read_text() + json.dumps({"text": "one more line to change the file"}) + "\n")
+    changed = prepare_data(str(text_file), gpt2_tokenizer, 64, cache_dir=cache)
+    assert not changed.from_cache and len(changed.train) + len(changed.validation) == 121
+
+
+def test_examples_round_trip(tmp_path):
+    ex = Examples.from_lists([[1, 2, 3], [4]], [[False, True, True], [True]])
+    ex.save(tmp_path / "x")
+    back = Examples.load(tmp_path / "x")
+    assert back.lengths.tolist() == [3, 1]
+    assert back.example(0)[1].tolist() == [False, True, True]
+    assert count_targets(back) == 2  # targets need a previous token: positions 1 and 2 of example 0
+
+
+@needs_shared
+def test_seed_fidelity_on_sst2(tmp_path, gpt2_tokenizer):
+    """The seed notebook's numbers: 49,401 train and 867 validation rows, 1,544 batches of 32."""
+    data = prepare_data(str(SST2_DIR), gpt2_tokenizer, max_length=1024, cache_dir=tmp_path)
+    assert (len(data.train), len(data.validation)) == (49_401, 867)
+    assert (data.stats["train"].rows, data.stats["validation"].rows) == (67_349, 872)
+    assert data.stats["train"].dropped["too_short"] == 67_349 - 49_401
+    assert steps_per_epoch(len(data.train), 32, 1) == 1_544
+    assert data.text_column == "sentence"
+    # 759,966 text tokens (REFERENCE.md) plus one EOS per kept row
+    assert data.stats["train"].tokens == 759_966 + 49_401
+    # the tokenizer check from REFERENCE.md
+    assert gpt2_tokenizer("Hello, this is the first step of RLHF training.")["input_ids"] == [
+        15496, 11, 428, 318, 262, 717, 2239, 286, 45715, 29567, 3047, 13]
