@@ -142,7 +142,7 @@ def train(cfg: SFTConfig) -> TrainResult:
     # --- the loop -------------------------------------------------------------
     model.train()
     run_eval(0)
-    step, tokens = 0, 0
+    step, tokens, padded_tokens = 0, 0, 0  # non-pad tokens trained on; tokens computed, padding included
     window_loss = torch.zeros((), device=device)  # sum of token losses since the last log line
     window_targets, window_tokens, window_start = 0, 0, time.perf_counter()
     start = time.perf_counter()
@@ -155,6 +155,7 @@ def train(cfg: SFTConfig) -> TrainResult:
             window_loss += loss_sum
             window_targets += step_targets
             window_tokens += sum(int(b["attention_mask"].sum()) for b in micro_batches)  # host tensors: no sync
+            padded_tokens += sum(b["input_ids"].numel() for b in micro_batches)
             scaler.unscale_(optimizer)
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
@@ -172,7 +173,7 @@ def train(cfg: SFTConfig) -> TrainResult:
                 rate = window_tokens / (now - window_start)
                 lr = scheduler.get_last_lr()[0]
                 metrics.write({"type": "train", "step": step, "epoch": round(step / per_epoch, 4), "loss": loss,
-                               "lr": lr, "tokens": tokens, "elapsed_s": round(now - start, 3), "tokens_per_s": rate})
+                               "lr": lr, "tokens": tokens, "padded_tokens": padded_tokens, "elapsed_s": round(now - start, 3), "tokens_per_s": rate})
                 log(f"step {step:>6,}/{total_steps:,} | epoch {step / per_epoch:.2f} | loss {loss:.4f} | lr {lr:.2e} "
                     f"| {rate:,.0f} tok/s | {1000 * (now - window_start) / cfg.log_every:.0f} ms/step")
                 bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")

@@ -1,0 +1,272 @@
+"""Throughput of sftune's training path against the seed's loop, measured side by side in one run.
+
+    python benchmarks/throughput.py --quick            # a few minutes
+    python benchmarks/throughput.py                    # longer windows, steadier figures
+    python benchmarks/throughput.py --quality          # also: val loss after the same tokens (small GPT-2)
+    python benchmarks/throughput.py --json out.json    # also write the figures
+
+Both runs train GPT-2 small (the config in ../shared/models/gpt2, random weights from a fixed seed:
+throughput does not depend on weight values) on SST-2 from ../shared/data/sst2 with the seed's filter.
+Each runs in its own subprocess, so peak memory (RSS) is its own. Throughput counts real (non-pad)
+tokens per second over the steps after a warm-up.
+
+  seed:   the seed's loop as written: DataCollatorForLanguageModeling(mlm=False) with pad = EOS,
+          batch 32, AdamW 5e-5, fp32.
+  sftune: `sftune.train` with its default settings (validation cut to 64 rows so the benchmark
+          spends its time training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+GPT2 = SHARED / "models" / "gpt2"
+SST2 = SHARED / "data" / "sst2"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def gpt2_small(layers: int | None = None, width: int | None = None):
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(GPT2)
+    if layers:
+        config.n_layer, config.n_embd, config.n_head = layers, width, max(1, width // 64)
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def seed_data(train_files: str, val_files: str | None = None):
+    """The seed's pipeline: batched map (512, columns removed), keep > 5 tokens, torch format."""
+    from datasets import load_dataset
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(GPT2)
+    files = {"train": train_files} if val_files is None else {"train": train_files, "validation": val_files}
+    ds = load_dataset("parquet" if train_files.endswith(".parquet") else "json", data_files=files)
+    out = {}
+    for split in ds:
+        tokenized = ds[split].map(lambda b: tokenizer(list(b["sentence"])), batched=True, batch_size=512,
+                                  remove_columns=ds[split].column_names)
+        tokenized = tokenized.filter(lambda x: len(x["input_ids"]) > 5)
+        tokenized.set_format(type="torch")
+        out[split] = tokenized
+    tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, out
+
+
+def seed_loop(model, tokenizer, train, lr: float, warmup: int, steps: int, seconds: float, epochs: int = 1):
+    """The seed's training loop, as written. Returns measured (real tokens, padded tokens, seconds, steps)."""
+    import torch
+    from torch.utils.data import DataLoader
+    from transformers import DataCollatorForLanguageModeling
+
+    torch.manual_seed(0)
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    loader = DataLoader(train, batch_size=32, shuffle=True, collate_fn=collator)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    model.train()
+    real = padded = done = 0
+    start = None
+    for _ in range(epochs):
+        for i, batch in enumerate(loader):
+            if done == warmup:
+                start, real, padded = time.perf_counter(), 0, 0
+            loss = model(**batch).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            done += 1
+            real += int(batch["attention_mask"].sum())
+            padded += batch["input_ids"].numel()
+            if start is not None and (done - warmup >= steps or time.perf_counter() - start > seconds):
+                return real, padded, time.perf_counter() - start, done - warmup
+    return real, padded, time.perf_counter() - (start or time.perf_counter()), max(done - warmup, 0)
+
+
+def worker_seed(args) -> dict:
+    t0 = time.perf_counter()
+    tokenizer, data = seed_data(str(SST2 / "data" / "train-00000-of-00001.parquet"))
+    prep_first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    seed_data(str(SST2 / "data" / "train-00000-of-00001.parquet"))  # datasets' own cache now
+    prep_cached = time.perf_counter() - t0
+    model = gpt2_small()
+    real, padded, secs, steps = seed_loop(model, tokenizer, data["train"], 5e-5, args.warmup, args.steps, args.seconds)
+    return {"real_tok_s": real / secs, "padded_tok_s": padded / secs, "steps": steps, "seconds": secs,
+            "prep_first_s": prep_first, "prep_cached_s": prep_cached, "peak_rss_mb": peak_rss_mb()}
+
+
+def small_val_dir(tmp: Path, val_rows: int) -> Path:
+    """SST-2 train as is, validation cut to `val_rows` rows."""
+    import pyarrow.parquet as pq
+
+    d = tmp / "sst2-bench" / "data"
+    d.mkdir(parents=True)
+    os.symlink(SST2 / "data" / "train-00000-of-00001.parquet", d / "train-00000-of-00001.parquet")
+    val = pq.read_table(SST2 / "data" / "validation-00000-of-00001.parquet").slice(0, val_rows)
+    pq.write_table(val, d / "validation-00000-of-00001.parquet")
+    return d.parent
+
+
+def worker_sftune(args) -> dict:
+    import sftune
+    from sftune.data import prepare_data
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        dataset = small_val_dir(tmp, 64)
+        tokenizer = sftune.load_tokenizer(str(GPT2))
+        t0 = time.perf_counter()
+        prepare_data(str(SST2), tokenizer, 1024, cache_dir=tmp / "cache")
+        prep_first = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        prepare_data(str(SST2), tokenizer, 1024, cache_dir=tmp / "cache")
+        prep_cached = time.perf_counter() - t0
+
+        model_dir = tmp / "gpt2-small"
+        gpt2_small().save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        cfg = sftune.resolve_config({"model": str(model_dir), "dataset": str(dataset), "max_steps": args.warmup + args.steps,
+                                     "log_every": 1, "output_dir": str(tmp / "run"), "cache_dir": str(tmp / "cache")})
+        result = sftune.train(cfg)
+        rows = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in rows if r["type"] == "train"]
+        first, last = steps[args.warmup - 1], steps[-1]  # measure from the end of warm-up to the last step
+        secs = last["elapsed_s"] - first["elapsed_s"]
+        real = last["tokens"] - first["tokens"]
+        padded = last["padded_tokens"] - first["padded_tokens"]
+        return {"real_tok_s": real / secs, "padded_tok_s": padded / secs, "steps": len(steps) - args.warmup,
+                "seconds": secs, "prep_first_s": prep_first, "prep_cached_s": prep_cached, "peak_rss_mb": peak_rss_mb(),
+                "train_steps": result.steps}
+
+
+# --- quality: the same tokens, the same lr, a smaller GPT-2 ------------------------
+
+QUALITY = {"rows": 10_000, "lr": 5e-4, "layers": 4, "width": 256}
+
+
+def quality_files(tmp: Path) -> tuple[Path, Path]:
+    """A 10,000-row subset of SST-2 train (fixed seed) and the whole validation split, as jsonl."""
+    import pyarrow.parquet as pq
+    import numpy as np
+
+    train = pq.read_table(SST2 / "data" / "train-00000-of-00001.parquet")
+    pick = np.random.default_rng(0).permutation(train.num_rows)[: QUALITY["rows"]]
+    d = tmp / "quality"
+    d.mkdir(exist_ok=True)
+    for name, table in (("train", train.take(pick)), ("validation", pq.read_table(SST2 / "data" / "validation-00000-of-00001.parquet"))):
+        with open(d / f"{name}.jsonl", "w") as f:
+            for row in table.to_pylist():
+                f.write(json.dumps({"sentence": row["sentence"]}) + "\n")
+    return d / "train.jsonl", d / "validation.jsonl"
+
+
+def text_only_val_loss(model, val_ids) -> float:
+    """Token-weighted loss on the validation sentences without EOS: the same yardstick for both models."""
+    import torch
+
+    from sftune.data import Examples
+    from sftune.evaluate import evaluate
+
+    examples = Examples.from_lists([list(map(int, x)) for x in val_ids])
+    return evaluate(model, examples, 64, 50256, torch.device("cpu"), "fp32").loss
+
+
+def worker_quality(args) -> dict:
+    import sftune
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        train_file, val_file = quality_files(tmp)
+        tokenizer, data = seed_data(str(train_file), str(val_file))
+        model = gpt2_small(QUALITY["layers"], QUALITY["width"])
+        if args.worker == "quality-seed":
+            t0 = time.perf_counter()
+            real, _, _, steps = seed_loop(model, tokenizer, data["train"], QUALITY["lr"], 0, 10**9, 10**9)
+            secs = time.perf_counter() - t0
+        else:
+            model_dir = tmp / "model"
+            model.save_pretrained(model_dir)
+            tokenizer.save_pretrained(model_dir)
+            cfg = sftune.resolve_config({"model": str(model_dir), "dataset": str(train_file.parent), "lr": QUALITY["lr"],
+                                         "output_dir": str(tmp / "run"), "cache_dir": str(tmp / "cache"), "log_every": 50})
+            t0 = time.perf_counter()
+            result = sftune.train(cfg)
+            secs = time.perf_counter() - t0
+            real, steps = result.tokens, result.steps
+            model = sftune.load_model(str(tmp / "run"))
+        val = text_only_val_loss(model, data["validation"]["input_ids"])
+        return {"val_loss": val, "tokens": real, "steps": steps, "seconds": secs}
+
+
+# --- the parent: run workers, print the table -------------------------------------------
+
+
+def run_worker(name: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", name, "--warmup", str(args.warmup), "--steps", str(args.steps),
+           "--seconds", str(args.seconds)]
+    env = {**os.environ, "HF_DATASETS_CACHE": tempfile.mkdtemp(prefix="bench-hf-"), "TOKENIZERS_PARALLELISM": "false"}
+    print(f"running {name} ...", file=sys.stderr, flush=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        sys.exit(f"{name} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--quick", action="store_true", help="short measurement windows (a few minutes in all)")
+    p.add_argument("--quality", action="store_true", help="also compare val loss after the same training tokens")
+    p.add_argument("--json", metavar="FILE", help="write the figures to FILE")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--warmup", type=int, default=None, help="steps not measured")
+    p.add_argument("--steps", type=int, default=None, help="steps measured (at most)")
+    p.add_argument("--seconds", type=float, default=None, help="seconds measured (at most)")
+    args = p.parse_args()
+    if args.worker:
+        fn = {"seed": worker_seed, "sftune": worker_sftune}.get(args.worker, worker_quality)
+        print(json.dumps(fn(args)))
+        return
+    args.warmup = args.warmup if args.warmup is not None else 2
+    args.steps = args.steps if args.steps is not None else (8 if args.quick else 40)
+    args.seconds = args.seconds if args.seconds is not None else (60 if args.quick else 300)
+
+    results = {"seed": run_worker("seed", args), "sftune": run_worker("sftune", args)}
+    ratio = results["sftune"]["real_tok_s"] / results["seed"]["real_tok_s"]
+    print(f"\nGPT-2 small on SST-2, {os.cpu_count()} CPU cores, torch {__import__('torch').__version__}")
+    print(f"{'run':<8}{'real tok/s':>12}{'padded tok/s':>14}{'steps':>7}{'peak RSS MB':>13}{'prep s':>9}{'prep cached s':>15}")
+    for name, r in results.items():
+        print(f"{name:<8}{r['real_tok_s']:>12,.0f}{r['padded_tok_s']:>14,.0f}{r['steps']:>7}{r['peak_rss_mb']:>13,.0f}"
+              f"{r['prep_first_s']:>9.2f}{r['prep_cached_s']:>15.3f}")
+    if args.quality:
+        q = {"seed": run_worker("quality-seed", args), "sftune": run_worker("quality-sftune", args)}
+        results["quality"] = q
+        diff = (q["sftune"]["val_loss"] - q["seed"]["val_loss"]) / q["seed"]["val_loss"]
+        print(f"\nquality: {QUALITY['rows']:,} SST-2 rows, one epoch, lr {QUALITY['lr']}, GPT-2 "
+              f"{QUALITY['layers']} layers x {QUALITY['width']}; val loss on the sentences (no EOS), token-weighted")
+        for name, r in q.items():
+            print(f"{name:<8} val loss {r['val_loss']:.4f} after {r['tokens']:,} tokens, {r['steps']} steps, {r['seconds']:.0f}s")
+        print(f"sftune vs seed: {100 * diff:+.2f}% val loss")
+        results["quality_diff"] = diff
+    results["ratio"] = ratio
+    print(f"\nratio sftune/seed (real tokens/s): {ratio:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
