@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import make_tiny_gpt2
-from sftune.batching import IGNORE_INDEX, collate, epoch_batches, length_sorted_batches, padding_efficiency, steps_per_epoch
+from sftune.batching import IGNORE_INDEX, collate, epoch_steps, length_sorted_batches, padding_efficiency
 from sftune.data import Examples
 from sftune.evaluate import evaluate
 from sftune.loss import count_targets, sum_token_loss
@@ -44,20 +44,52 @@ def test_the_seed_collator_masks_eos_and_ours_does_not(gpt2_tokenizer):
     assert ours.tolist() == [[11, 12, EOS], [21, EOS, -100]]
 
 
-def test_epoch_batches_cover_every_row_once_and_depend_on_seed_and_epoch():
-    batches = epoch_batches(10, 4, seed=1, epoch=0)
-    assert [len(b) for b in batches] == [4, 4, 2]
-    assert sorted(np.concatenate(batches).tolist()) == list(range(10))
-    assert np.array_equal(np.concatenate(batches), np.concatenate(epoch_batches(10, 4, 1, 0)))
-    assert not np.array_equal(np.concatenate(batches), np.concatenate(epoch_batches(10, 4, 1, 1)))
-    # the order does not depend on the batch size, so 32 rows = 4 micro-batches of 8
-    assert np.array_equal(np.concatenate(epoch_batches(50, 32, 1, 0)), np.concatenate(epoch_batches(50, 8, 1, 0)))
+def _rows(steps):
+    return [np.concatenate(step) for step in steps]
+
+
+@pytest.mark.parametrize("group", [True, False])
+@pytest.mark.parametrize("batch_tokens", [None, 40])
+def test_epoch_steps_use_every_row_once_deterministically(group, batch_tokens):
+    lengths = np.random.default_rng(0).integers(2, 20, 500)
+    steps = epoch_steps(lengths, 8, 2, seed=1, epoch=0, batch_tokens=batch_tokens, group_by_length=group)
+    flat = np.concatenate(_rows(steps))
+    assert sorted(flat.tolist()) == list(range(500))
+    again = epoch_steps(lengths, 8, 2, seed=1, epoch=0, batch_tokens=batch_tokens, group_by_length=group)
+    assert np.array_equal(flat, np.concatenate(_rows(again)))
+    other_epoch = epoch_steps(lengths, 8, 2, seed=1, epoch=1, batch_tokens=batch_tokens, group_by_length=group)
+    assert not np.array_equal(flat, np.concatenate(_rows(other_epoch)))
+    for step in steps:
+        assert 1 <= len(step) <= 2
+        for b in step:
+            assert len(b) <= 8
+            if batch_tokens:
+                assert len(b) * lengths[b].max() <= batch_tokens
+
+
+def test_length_grouping_removes_padding():
+    lengths = np.random.default_rng(0).integers(6, 67, 5000)  # SST-2-like spread
+    grouped = [b for s in epoch_steps(lengths, 32, 1, 0, 0) for b in s]
+    shuffled = [b for s in epoch_steps(lengths, 32, 1, 0, 0, group_by_length=False) for b in s]
+    assert padding_efficiency(lengths, grouped) > 0.97
+    assert padding_efficiency(lengths, shuffled) < 0.75
+
+
+def test_a_step_holds_the_same_rows_whatever_the_micro_batch_split():
+    """(batch 32, accum 1) and (batch 8, accum 4) train on the same rows in each optimizer step."""
+    lengths = np.random.default_rng(0).integers(6, 67, 3000)
+    for group in (True, False):
+        big = _rows(epoch_steps(lengths, 32, 1, 7, 0, group_by_length=group))
+        small = _rows(epoch_steps(lengths, 8, 4, 7, 0, group_by_length=group))
+        assert len(big) == len(small) == 94
+        for a, b in zip(big, small):
+            assert np.array_equal(a, b)
 
 
 def test_steps_and_padding_efficiency():
-    assert steps_per_epoch(49_401, 32, 1) == 1_544
-    assert steps_per_epoch(49_401, 8, 4) == 1_544  # 6,176 micro-batches; the last step has 4 of them too
-    assert steps_per_epoch(10, 3, 2) == 2
+    lengths = np.full(49_401, 10)
+    assert len(epoch_steps(lengths, 32, 1, 0, 0)) == 1_544  # the seed notebook's count
+    assert len(epoch_steps(lengths, 8, 4, 0, 0)) == 1_544
     assert padding_efficiency(np.array([2, 4, 4]), [np.array([0, 1]), np.array([2])]) == pytest.approx(10 / 12)
     assert [b.tolist() for b in length_sorted_batches(np.array([1, 5, 3]), 2)] == [[1, 2], [0]]
 
@@ -89,7 +121,7 @@ def test_grad_accumulation_equals_one_big_batch():
     model = make_tiny_gpt2()
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     cpu = torch.device("cpu")
-    order = epoch_batches(32, 32, seed=0, epoch=0)[0]
+    order = epoch_steps(ex.lengths, 32, 1, seed=0, epoch=0)[0][0]
 
     loss_big, n_big = forward_backward(model, [collate(ex, order, EOS)], cpu, "fp32", scaler)
     big = _grads(model).clone()

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import SST2_DIR, needs_shared
-from sftune.batching import steps_per_epoch
+from sftune.batching import epoch_steps
 from sftune.data import Examples, count_targets, encode_text, find_text_column, load_rows, prepare_data
 from sftune.errors import SftuneError
 
@@ -189,7 +189,7 @@ def test_seed_fidelity_on_sst2(tmp_path, gpt2_tokenizer):
     assert (len(data.train), len(data.validation)) == (49_401, 867)
     assert (data.stats["train"].rows, data.stats["validation"].rows) == (67_349, 872)
     assert data.stats["train"].dropped["too_short"] == 67_349 - 49_401
-    assert steps_per_epoch(len(data.train), 32, 1) == 1_544
+    assert len(epoch_steps(data.train.lengths, 32, 1, seed=42, epoch=0)) == 1_544
     assert data.text_column == "sentence"
     # 759,966 text tokens (REFERENCE.md) plus one EOS per kept row
     assert data.stats["train"].tokens == 759_966 + 49_401

@@ -42,16 +42,63 @@ def collate(examples: Examples, indices: Sequence[int], pad_id: int) -> dict[str
     }
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[np.ndarray]:
-    """Index batches for one epoch: a permutation seeded by (seed, epoch), cut into
-    `batch_size` rows; the last batch keeps the remainder (ceil(n / batch_size) batches,
-    as the seed's DataLoader). Deterministic, so a run can be resumed mid-epoch.
+GROUP_CHUNK_STEPS = 64  # length grouping sorts chunks of this many optimizer steps' rows
 
-    >>> [b.tolist() for b in epoch_batches(5, 2, seed=0, epoch=0, shuffle=False)]
-    [[0, 1], [2, 3], [4]]
+
+def epoch_steps(
+    lengths: np.ndarray,
+    batch_size: int,
+    grad_accum: int,
+    seed: int,
+    epoch: int,
+    batch_tokens: int | None = None,
+    group_by_length: bool = True,
+) -> list[list[np.ndarray]]:
+    """The optimizer steps of one epoch: each a list of `grad_accum` micro-batches of row indices.
+
+    Rows are shuffled by (seed, epoch). With `group_by_length`, each chunk of
+    `batch_size * grad_accum * 64` shuffled rows is sorted by length before it is cut,
+    so a micro-batch holds rows of nearly equal length (almost no padding), and the
+    steps are then shuffled. A micro-batch holds at most `batch_size` rows and, with
+    `batch_tokens`, at most that many tokens padded (rows x longest row). Every row is
+    used exactly once; the result is deterministic, so a run can resume mid-epoch, and
+    a step holds the same rows for (batch 32, accum 1) and (batch 8, accum 4).
+
+    >>> [[b.tolist() for b in s] for s in epoch_steps(np.array([3, 1, 2]), 2, 1, 0, 0, group_by_length=False)]
+    [[[2, 0]], [[1]]]
     """
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    lengths = np.asarray(lengths)
+    rng = np.random.default_rng([seed, epoch])
+    order = rng.permutation(len(lengths))
+    if group_by_length:
+        chunk = batch_size * grad_accum * GROUP_CHUNK_STEPS
+        parts = [order[i : i + chunk] for i in range(0, len(order), chunk)]
+        # longest first within each chunk (stable, so ties keep the shuffled order)
+        parts = [p[np.argsort(-lengths[p], kind="stable")] for p in parts]
+    else:
+        parts = [order]
+    micro = [b for p in parts for b in _cut(p, lengths, batch_size, batch_tokens)]
+    steps = [micro[i : i + grad_accum] for i in range(0, len(micro), grad_accum)]
+    if group_by_length:
+        steps = [steps[i] for i in rng.permutation(len(steps))]
+    return steps
+
+
+def _cut(rows: np.ndarray, lengths: np.ndarray, batch_size: int, batch_tokens: int | None) -> list[np.ndarray]:
+    """Cut `rows` in order into micro-batches of at most batch_size rows and batch_tokens padded tokens."""
+    if batch_tokens is None:
+        return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+    batches, start, width = [], 0, 0
+    for i, row in enumerate(rows):
+        n = i - start
+        new_width = max(width, int(lengths[row]))
+        if n and (n >= batch_size or (n + 1) * new_width > batch_tokens):
+            batches.append(rows[start:i])
+            start, new_width = i, int(lengths[row])
+        width = new_width
+    if start < len(rows):
+        batches.append(rows[start:])
+    return batches
 
 
 def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -66,9 +113,3 @@ def padding_efficiency(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
     real = sum(int(lengths[b].sum()) for b in batches)
     padded = sum(int(lengths[b].max()) * len(b) for b in batches)
     return real / padded if padded else 1.0
-
-
-def steps_per_epoch(n_examples: int, batch_size: int, grad_accum: int) -> int:
-    """Optimizer steps in one epoch; a last, shorter group of micro-batches is still a step."""
-    micro_batches = -(-n_examples // batch_size)
-    return -(-micro_batches // grad_accum)

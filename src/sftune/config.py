@@ -89,6 +89,12 @@ class SFTConfig:
     max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides epochs when reached first).", "train")
     batch_size: int = _f(32, "Rows per micro-batch (one forward/backward).", "train")
     grad_accum: int = _f(1, "Micro-batches per optimizer step; rows per step = batch_size * grad_accum.", "train")
+    batch_tokens: int | None = _f(
+        None, "Cap on tokens per micro-batch, padding included (rows x longest row): bounds peak memory.", "train"
+    )
+    group_by_length: bool = _f(
+        True, "Batch rows of similar length together (shuffled in chunks), so almost no compute goes to padding.", "train"
+    )
     lr: float = _f(5e-5, "Peak learning rate of AdamW.", "train")
     weight_decay: float = _f(0.0, "AdamW weight decay (the seed uses 0).", "train")
     lr_schedule: Schedule = _f("constant", "Learning-rate schedule after warm-up.", "train")
@@ -196,6 +202,7 @@ def _checks(cfg: SFTConfig) -> list[str]:
     need(cfg.max_steps is None or cfg.max_steps >= 1, "max_steps", "must be at least 1, or null for no limit")
     need(cfg.batch_size >= 1, "batch_size", "must be at least 1")
     need(cfg.grad_accum >= 1, "grad_accum", "must be at least 1")
+    need(cfg.batch_tokens is None or cfg.batch_tokens >= 2, "batch_tokens", "must be at least 2, or null for no cap")
     need(cfg.lr > 0, "lr", "must be positive")
     need(cfg.weight_decay >= 0, "weight_decay", "must be 0 or more")
     need(cfg.warmup_steps >= 0, "warmup_steps", "must be 0 or more")

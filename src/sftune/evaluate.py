@@ -16,7 +16,7 @@ import torch
 
 from sftune.batching import collate, length_sorted_batches
 from sftune.data import Examples
-from sftune.loss import count_targets, sum_token_loss
+from sftune.loss import batch_loss_sum, count_targets
 from sftune.runtime import autocast
 
 
@@ -29,7 +29,8 @@ class EvalResult:
 
 
 @torch.no_grad()
-def evaluate(model, examples: Examples, batch_size: int, pad_id: int, device: torch.device, precision: str) -> EvalResult:
+def evaluate(model, examples: Examples, batch_size: int, pad_id: int, device: torch.device, precision: str,
+             fused_ce: bool = False) -> EvalResult:
     """Token-weighted loss of `model` over all `examples` (batched by length: less padding, same result)."""
     was_training = model.training
     model.eval()
@@ -38,8 +39,7 @@ def evaluate(model, examples: Examples, batch_size: int, pad_id: int, device: to
     for indices in length_sorted_batches(examples.lengths, batch_size):
         batch = {k: v.to(device) for k, v in collate(examples, indices, pad_id).items()}
         with autocast(device, precision):
-            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss_sum += sum_token_loss(logits, batch["labels"]).double()
+            loss_sum += batch_loss_sum(model, batch, fused_ce).double()
         n_targets += int(count_targets(batch["labels"]))
     model.train(was_training)
     loss = loss_sum.item() / max(n_targets, 1)  # note: .item() syncs once per evaluation, not per batch

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from sftune.batching import IGNORE_INDEX, collate, epoch_batches, length_sorted_batches, padding_efficiency, steps_per_epoch
+from sftune.batching import IGNORE_INDEX, collate, epoch_steps, length_sorted_batches, padding_efficiency
 from sftune.data import PreparedData
 
 
@@ -17,6 +17,8 @@ def data_report(
     grad_accum: int,
     eval_batch_size: int,
     seed: int,
+    batch_tokens: int | None = None,
+    group_by_length: bool = True,
     show: int = 0,
 ) -> dict:
     """A JSON-ready summary of a prepared dataset, with the first `show` training examples
@@ -24,11 +26,12 @@ def data_report(
     splits = {}
     for name, examples in (("train", data.train), ("validation", data.validation)):
         splits[name] = asdict(data.stats[name])
-    # padding efficiency of the batching in use: shuffled batches for training, length-sorted for validation
-    splits["train"]["padding_efficiency"] = padding_efficiency(
-        data.train.lengths, epoch_batches(len(data.train), batch_size, seed, epoch=0))
-    splits["train"]["micro_batches_per_epoch"] = -(-len(data.train) // batch_size)
-    splits["train"]["optimizer_steps_per_epoch"] = steps_per_epoch(len(data.train), batch_size, grad_accum)
+    # padding efficiency of the batching in use: the first epoch's training batches, length-sorted for validation
+    steps = epoch_steps(data.train.lengths, batch_size, grad_accum, seed, 0, batch_tokens, group_by_length)
+    micro = [b for step in steps for b in step]
+    splits["train"]["padding_efficiency"] = padding_efficiency(data.train.lengths, micro)
+    splits["train"]["micro_batches_per_epoch"] = len(micro)
+    splits["train"]["optimizer_steps_per_epoch"] = len(steps)
     splits["validation"]["padding_efficiency"] = padding_efficiency(
         data.validation.lengths, length_sorted_batches(data.validation.lengths, eval_batch_size))
     examples = []
@@ -41,6 +44,8 @@ def data_report(
         "max_length": max_length,
         "batch_size": batch_size,
         "grad_accum": grad_accum,
+        "batch_tokens": batch_tokens,
+        "group_by_length": group_by_length,
         "cache": {"path": str(data.cache_path), "hit": data.from_cache},
         "seconds": round(data.seconds, 3),
         "splits": splits,
@@ -67,9 +72,10 @@ def format_data_report(report: dict, tokenizer) -> str:
     t = s["train"]
     lines += [
         "",
-        f"train: {t['micro_batches_per_epoch']:,} batches of {report['batch_size']} per epoch = "
+        f"train: {t['micro_batches_per_epoch']:,} batches of up to {report['batch_size']} rows per epoch = "
         f"{t['optimizer_steps_per_epoch']:,} optimizer steps (grad_accum {report['grad_accum']}); "
-        f"padding efficiency {100 * t['padding_efficiency']:.1f}% (real / computed tokens, shuffled batches)",
+        f"padding efficiency {100 * t['padding_efficiency']:.1f}% (real / computed tokens, "
+        f"{'length-grouped' if report['group_by_length'] else 'shuffled'} batches)",
         f"validation: padding efficiency {100 * s['validation']['padding_efficiency']:.1f}% (length-sorted batches)",
     ]
     for ex in report["examples"]:
