@@ -113,3 +113,95 @@ def padding_efficiency(lengths: np.ndarray, batches: list[np.ndarray]) -> float:
     real = sum(int(lengths[b].sum()) for b in batches)
     padded = sum(int(lengths[b].max()) * len(b) for b in batches)
     return real / padded if padded else 1.0
+
+
+# --- packing: several examples per row, kept apart ----------------------------------------
+
+
+def best_fit_decreasing(lengths: np.ndarray, width: int) -> list[np.ndarray]:
+    """Pack items into rows of at most `width` tokens: longest first, each into the fullest row
+    it still fits (best fit), so rows end up nearly full. Returns the item indices of each row.
+
+    >>> [r.tolist() for r in best_fit_decreasing(np.array([4, 3, 2, 1, 5]), 6)]
+    [[4, 3], [0, 2], [1]]
+    """
+    import bisect
+
+    lengths = np.asarray(lengths)
+    if len(lengths) and int(lengths.max()) > width:
+        raise ValueError(f"an item of {int(lengths.max())} tokens does not fit a row of {width}")
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (space left, row id), sorted: the best fit is the first with space >= item
+    for item in np.argsort(-lengths, kind="stable"):
+        n = int(lengths[item])
+        at = bisect.bisect_left(free, (n, -1))
+        if at < len(free):
+            space, row = free.pop(at)
+        else:
+            space, row = width, len(rows)
+            rows.append([])
+        rows[row].append(int(item))
+        if space - n > 0:
+            bisect.insort(free, (space - n, row))
+    return [np.asarray(r, dtype=np.int64) for r in rows]
+
+
+def packed_epoch_steps(
+    lengths: np.ndarray,
+    width: int,
+    batch_size: int,
+    grad_accum: int,
+    seed: int,
+    epoch: int,
+    batch_tokens: int | None = None,
+) -> list[list[list[np.ndarray]]]:
+    """Like `epoch_steps`, but a micro-batch is a list of packed rows (each an array of example
+    indices, at most `width` tokens): examples are shuffled by (seed, epoch), packed best-fit-decreasing,
+    and the rows cut into steps in a shuffled order."""
+    lengths = np.asarray(lengths)
+    order = np.random.default_rng([seed, epoch, 1]).permutation(len(lengths))
+    rows = [order[r] for r in best_fit_decreasing(lengths[order], width)]
+    row_lengths = np.array([int(lengths[r].sum()) for r in rows])
+    steps = epoch_steps(row_lengths, batch_size, grad_accum, seed, epoch, batch_tokens, group_by_length=False)
+    return [[[rows[i] for i in micro] for micro in step] for step in steps]
+
+
+def collate_packed(examples: Examples, rows: Sequence[np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
+    """Concatenate each row's examples; right-pad rows to the longest. Returns int64 (R, W) tensors
+    `input_ids`, `position_ids`, `labels` and `attention_mask` (1 on real tokens, for counting).
+
+    Position ids restart at 0 for every example: the model is then called WITHOUT an attention
+    mask, so transformers builds a block-diagonal causal mask from them (no token sees another
+    example). The first token of each example has no label: it would be predicted from the
+    previous example's last token. Padding forms its own block and has no labels.
+
+    >>> ex = Examples.from_lists([[5, 6, 9], [7, 9]])
+    >>> b = collate_packed(ex, [np.array([0, 1])], pad_id=9)
+    >>> b["input_ids"].tolist(), b["position_ids"].tolist(), b["labels"].tolist()
+    ([[5, 6, 9, 7, 9]], [[0, 1, 2, 0, 1]], [[-100, 6, 9, -100, 9]])
+    """
+    totals = [int(examples.lengths[r].sum()) for r in rows]
+    width = max(totals)
+    shape = (len(rows), width)
+    input_ids = np.full(shape, pad_id, dtype=np.int64)
+    labels = np.full(shape, IGNORE_INDEX, dtype=np.int64)
+    attention_mask = np.zeros(shape, dtype=np.int64)
+    position_ids = np.zeros(shape, dtype=np.int64)
+    for row, (items, total) in enumerate(zip(rows, totals)):
+        at = 0
+        for i in items:
+            ids, supervised = examples.example(int(i))
+            n = len(ids)
+            input_ids[row, at : at + n] = ids
+            labels[row, at : at + n] = np.where(supervised, ids, IGNORE_INDEX)
+            labels[row, at] = IGNORE_INDEX
+            position_ids[row, at : at + n] = np.arange(n)
+            at += n
+        attention_mask[row, :total] = 1
+        position_ids[row, total:] = np.arange(width - total)  # padding: a block of its own
+    return {
+        "input_ids": torch.from_numpy(input_ids),
+        "position_ids": torch.from_numpy(position_ids),
+        "labels": torch.from_numpy(labels),
+        "attention_mask": torch.from_numpy(attention_mask),
+    }

@@ -138,7 +138,7 @@ def cmd_data(args) -> None:
     data, max_length = prepare_data_for(cfg, tokenizer, load_model_config(cfg.model, cfg.trust_remote_code))
     report = data_report(data, cfg.dataset, max_length, cfg.batch_size, cfg.grad_accum,
                          cfg.eval_batch_size or cfg.batch_size, cfg.seed, cfg.batch_tokens, cfg.group_by_length,
-                         show=args.show)
+                         cfg.packing, show=args.show)
     print(json.dumps(report, indent=2) if args.json else format_data_report(report, tokenizer))
 
 

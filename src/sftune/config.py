@@ -92,6 +92,12 @@ class SFTConfig:
     batch_tokens: int | None = _f(
         None, "Cap on tokens per micro-batch, padding included (rows x longest row): bounds peak memory.", "train"
     )
+    packing: bool = _f(
+        False,
+        "Pack several examples into each row of max_length tokens (best-fit-decreasing); positions restart "
+        "and attention stays inside each example. batch_size then counts packed rows.",
+        "train",
+    )
     group_by_length: bool = _f(
         True, "Batch rows of similar length together (shuffled in chunks), so almost no compute goes to padding.", "train"
     )

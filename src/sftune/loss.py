@@ -83,16 +83,28 @@ class LinearCrossEntropySum(torch.autograd.Function):
         return grad_hidden * grad_total, (grad_weight * grad_total).to(ctx.weight_dtype), None, None
 
 
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
+    """The model's keyword arguments for a batch.
+
+    Packed rows (they carry `position_ids`) get no attention mask: transformers then builds a
+    block-diagonal causal mask from the positions restarting at 0. That detection needs
+    `use_cache=False` (with a cache it silently attends across examples), so it is always set.
+    """
+    if "position_ids" in batch:
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+
+
 def batch_loss_sum(model, batch: dict[str, torch.Tensor], fused: bool) -> torch.Tensor:
     """Sum of next-token losses over the batch's targets. Call under the autocast context.
 
     fused=True skips the model's (B, T, V) logits: the final hidden states of the target
     positions only (no padding, no last position) go through LinearCrossEntropySum.
     """
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if batch.get(k) is not None}
+    inputs = model_inputs(batch)
     if not fused:
-        return sum_token_loss(model(**inputs, use_cache=False).logits, batch["labels"])
-    hidden = model.base_model(**inputs, use_cache=False).last_hidden_state  # (B, T, D)
+        return sum_token_loss(model(**inputs).logits, batch["labels"])
+    hidden = model.base_model(**inputs).last_hidden_state  # (B, T, D)
     targets = batch["labels"][:, 1:]
     keep = targets != IGNORE_INDEX
     device_type = hidden.device.type

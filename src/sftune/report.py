@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from sftune.batching import IGNORE_INDEX, collate, epoch_steps, length_sorted_batches, padding_efficiency
+from sftune.batching import IGNORE_INDEX, collate, epoch_steps, length_sorted_batches, packed_epoch_steps, padding_efficiency
 from sftune.data import PreparedData
 
 
@@ -19,6 +19,7 @@ def data_report(
     seed: int,
     batch_tokens: int | None = None,
     group_by_length: bool = True,
+    packing: bool = False,
     show: int = 0,
 ) -> dict:
     """A JSON-ready summary of a prepared dataset, with the first `show` training examples
@@ -27,9 +28,21 @@ def data_report(
     for name, examples in (("train", data.train), ("validation", data.validation)):
         splits[name] = asdict(data.stats[name])
     # padding efficiency of the batching in use: the first epoch's training batches, length-sorted for validation
-    steps = epoch_steps(data.train.lengths, batch_size, grad_accum, seed, 0, batch_tokens, group_by_length)
-    micro = [b for step in steps for b in step]
-    splits["train"]["padding_efficiency"] = padding_efficiency(data.train.lengths, micro)
+    lengths = data.train.lengths
+    if packing:
+        steps = packed_epoch_steps(lengths, max_length, batch_size, grad_accum, seed, 0, batch_tokens)
+        micro = [b for step in steps for b in step]
+        rows = [r for b in micro for r in b]
+        splits["train"]["packed_rows"] = len(rows)
+        splits["train"]["pack_fill_rate"] = int(lengths.sum()) / (len(rows) * max_length)
+        # a micro-batch of packed rows is padded to its fullest row
+        real = sum(int(lengths[r].sum()) for b in micro for r in b)
+        padded = sum(len(b) * max(int(lengths[r].sum()) for r in b) for b in micro)
+        splits["train"]["padding_efficiency"] = real / padded
+    else:
+        steps = epoch_steps(lengths, batch_size, grad_accum, seed, 0, batch_tokens, group_by_length)
+        micro = [b for step in steps for b in step]
+        splits["train"]["padding_efficiency"] = padding_efficiency(lengths, micro)
     splits["train"]["micro_batches_per_epoch"] = len(micro)
     splits["train"]["optimizer_steps_per_epoch"] = len(steps)
     splits["validation"]["padding_efficiency"] = padding_efficiency(
@@ -46,6 +59,7 @@ def data_report(
         "grad_accum": grad_accum,
         "batch_tokens": batch_tokens,
         "group_by_length": group_by_length,
+        "packing": packing,
         "cache": {"path": str(data.cache_path), "hit": data.from_cache},
         "seconds": round(data.seconds, 3),
         "splits": splits,
@@ -72,10 +86,13 @@ def format_data_report(report: dict, tokenizer) -> str:
     t = s["train"]
     lines += [
         "",
-        f"train: {t['micro_batches_per_epoch']:,} batches of up to {report['batch_size']} rows per epoch = "
+        f"train: {t['micro_batches_per_epoch']:,} batches of up to {report['batch_size']} "
+        f"{'packed rows' if report['packing'] else 'rows'} per epoch = "
         f"{t['optimizer_steps_per_epoch']:,} optimizer steps (grad_accum {report['grad_accum']}); "
         f"padding efficiency {100 * t['padding_efficiency']:.1f}% (real / computed tokens, "
-        f"{'length-grouped' if report['group_by_length'] else 'shuffled'} batches)",
+        f"{'packed' if report['packing'] else 'length-grouped' if report['group_by_length'] else 'shuffled'} batches)"
+        + (f"; {t['packed_rows']:,} packed rows of {report['max_length']}, {100 * t['pack_fill_rate']:.1f}% full"
+           if report["packing"] else ""),
         f"validation: padding efficiency {100 * s['validation']['padding_efficiency']:.1f}% (length-sorted batches)",
     ]
     for ex in report["examples"]:

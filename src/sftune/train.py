@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from sftune.batching import collate, epoch_steps
+from sftune.batching import collate, collate_packed, epoch_steps, packed_epoch_steps
 from sftune.config import SFTConfig, dump_yaml
 from sftune.console import MetricsWriter, is_main, log
 from sftune.data import PreparedData, prepare_data
@@ -119,11 +119,16 @@ def train(cfg: SFTConfig) -> TrainResult:
                           f"raise --batch-tokens or lower --max-length")
 
     def steps_of(epoch: int) -> list[list]:
+        """The epoch's optimizer steps, each a list of micro-batches (rows of example indices)."""
+        if cfg.packing:
+            return packed_epoch_steps(train_set.lengths, max_length, cfg.batch_size, cfg.grad_accum, cfg.seed, epoch,
+                                      cfg.batch_tokens)
         return epoch_steps(train_set.lengths, cfg.batch_size, cfg.grad_accum, cfg.seed, epoch, cfg.batch_tokens,
                            cfg.group_by_length)
 
-    per_epoch = len(steps_of(0))  # the same every epoch unless batch_tokens makes it vary a little
-    all_steps = per_epoch * cfg.epochs if cfg.batch_tokens is None else sum(len(steps_of(e)) for e in range(cfg.epochs))
+    make_batch = collate_packed if cfg.packing else collate
+    per_epoch = len(steps_of(0))
+    all_steps = sum(len(steps_of(e)) for e in range(cfg.epochs))  # may vary a little by epoch with packing or a cap
     total_steps = all_steps if cfg.max_steps is None else min(cfg.max_steps, all_steps)
     resolved = replace(cfg, output_dir=str(out), tokenizer=cfg.tokenizer or cfg.model, max_length=max_length,
                        eval_batch_size=eval_batch_size, precision=precision, device=device.type)
@@ -132,7 +137,8 @@ def train(cfg: SFTConfig) -> TrainResult:
         (out / "config.yaml").write_text(dump_yaml(resolved))
     log(f"training: {total_steps:,} optimizer steps ({per_epoch:,} per epoch) of {cfg.grad_accum} x {cfg.batch_size} rows"
         + (f" (at most {cfg.batch_tokens:,} tokens each)" if cfg.batch_tokens else "")
-        + (", grouped by length" if cfg.group_by_length else "") + ", "
+        + (f", packed into rows of {max_length}" if cfg.packing else ", grouped by length" if cfg.group_by_length else "")
+        + ", "
         f"lr {cfg.lr:g} ({cfg.lr_schedule}, {cfg.warmup_steps} warm-up), output {out}")
 
     # fused AdamW: one kernel over all parameters (measured 6x faster than foreach on CPU, benchmarks/NOTES.md)
@@ -164,7 +170,7 @@ def train(cfg: SFTConfig) -> TrainResult:
     bar = tqdm(total=total_steps, desc="train", unit="step", disable=None if is_main() else True, dynamic_ncols=True)
     for epoch in range(cfg.epochs):
         for step_rows in steps_of(epoch):
-            micro_batches = [collate(train_set, rows, pad_id) for rows in step_rows]
+            micro_batches = [make_batch(train_set, rows, pad_id) for rows in step_rows]
             loss_sum, step_targets = forward_backward(model, micro_batches, device, precision, scaler, fused_ce)
             window_loss += loss_sum
             window_targets += step_targets
