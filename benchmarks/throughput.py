@@ -156,7 +156,7 @@ def worker_sftune(args) -> dict:
 
 # --- quality: the same tokens, the same lr, a smaller GPT-2 ------------------------
 
-QUALITY = {"rows": 10_000, "lr": 5e-4, "layers": 4, "width": 256}
+QUALITY = {"rows": 10_000, "lr": 5e-4, "layers": 2, "width": 128}
 
 
 def quality_files(tmp: Path) -> tuple[Path, Path]:

@@ -185,3 +185,31 @@ def test_quickstart_config_runs(tmp_path):
 def test_python_dash_m_help():
     proc = run_cli("--help")
     assert proc.returncode == 0 and "train" in proc.stdout and "tokenize" in proc.stdout
+
+
+def test_packed_training_runs_and_learns(tiny_model_dir, tmp_path):
+    out = tmp_path / "packed"
+    proc = run_cli("train", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA), "--packing",
+                   "--max-length", "64", "--batch-size", "2", "--max-steps", "12", "--lr", "3e-3",
+                   "--precision", "fp32", "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "packed into rows of 64" in proc.stderr
+    evals = [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "eval"]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
+
+
+def test_data_report_packing_fill_rate(tiny_model_dir):
+    proc = run_cli("data", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA), "--packing",
+                   "--max-length", "64", "--json")
+    assert proc.returncode == 0, proc.stderr
+    train = json.loads(proc.stdout)["splits"]["train"]
+    assert train["pack_fill_rate"] == pytest.approx(train["tokens"] / (train["packed_rows"] * 64))
+    assert train["pack_fill_rate"] > 0.9
+
+
+def test_batch_tokens_smaller_than_an_example_is_refused(tiny_model_dir, tmp_path):
+    proc = run_cli("train", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA), "--batch-tokens", "8",
+                   "--output-dir", str(tmp_path / "o"))
+    assert proc.returncode == 2
+    assert "batch_tokens 8 is smaller than the longest training example" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "o").exists()
