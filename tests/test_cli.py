@@ -193,7 +193,7 @@ def test_packed_training_runs_and_learns(tiny_model_dir, tmp_path):
                    "--max-length", "64", "--batch-size", "2", "--max-steps", "12", "--lr", "3e-3",
                    "--precision", "fp32", "--output-dir", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert "packed into rows of 64" in proc.stderr
+    assert "1 x 2 packed rows of 64" in proc.stderr
     evals = [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "eval"]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
 

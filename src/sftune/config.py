@@ -175,20 +175,15 @@ def coerce(name: str, value: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
         raise ValueError(f"must be true or false, got {value!r}")
-    if base is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)):
-            raise ValueError(f"must be an integer, got {value!r}")
+    numbers = {int: ("an integer", (int, str)), float: ("a number", (int, float, str))}
+    if base in numbers:
+        what, accepted = numbers[base]
+        if isinstance(value, bool) or not isinstance(value, accepted):
+            raise ValueError(f"must be {what}, got {value!r}")
         try:
-            return int(value)
+            return base(value)
         except ValueError:
-            raise ValueError(f"must be an integer, got {value!r}") from None
-    if base is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(f"must be a number, got {value!r}")
-        try:
-            return float(value)
-        except ValueError:
-            raise ValueError(f"must be a number, got {value!r}") from None
+            raise ValueError(f"must be {what}, got {value!r}") from None
     if base is str:
         if not isinstance(value, str):
             raise ValueError(f"must be a string, got {value!r}")

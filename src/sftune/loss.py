@@ -59,7 +59,7 @@ class LinearCrossEntropySum(torch.autograd.Function):
         w = weight.to(compute_dtype)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if need_grad else None
+        grad_weight = None  # (V, D) fp32, created by the first chunk: no 150 MB zero-fill for GPT-2
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for i in range(0, hidden.shape[0], CE_CHUNK_ROWS):
             h = hidden[i : i + CE_CHUNK_ROWS].to(compute_dtype)
@@ -72,7 +72,13 @@ class LinearCrossEntropySum(torch.autograd.Function):
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0
                 probs = probs.to(compute_dtype)
                 grad_hidden[i : i + CE_CHUNK_ROWS] = probs @ w
-                grad_weight += (probs.T @ h).float()
+                chunk_grad = probs.T @ h
+                if grad_weight is None:
+                    grad_weight = chunk_grad.float()
+                else:
+                    grad_weight += chunk_grad
+        if need_grad and grad_weight is None:  # no targets at all
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total
@@ -80,7 +86,8 @@ class LinearCrossEntropySum(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_total, (grad_weight * grad_total).to(ctx.weight_dtype), None, None
+        # in place: the saved gradients are used once (scaled by 1 / the step's target count)
+        return grad_hidden.mul_(grad_total), grad_weight.mul_(grad_total).to(ctx.weight_dtype), None, None
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
