@@ -23,8 +23,10 @@ from typing import Any, Literal
 
 from sftune.config import FIELDS, describe_type, field_type, read_yaml, resolve_config
 from sftune.errors import SftuneError
+from sftune.signals import Preempted
 
-GROUPS = {"model": "model", "data": "data", "train": "optimisation", "log": "evaluation, logging, output"}
+GROUPS = {"model": "model", "data": "data", "train": "optimisation", "log": "evaluation, logging, output",
+          "ckpt": "checkpoints and resume"}
 
 
 # --- building the parser from the config --------------------------------------
@@ -240,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     except SftuneError as e:
         print(f"sftune {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"sftune {args.command}: {e}; continue with --resume auto (exit status {e.code})", file=sys.stderr)
+        return e.code
     except KeyboardInterrupt:
         print(f"sftune {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -122,6 +122,25 @@ class SFTConfig:
     sample_prompts: list[str] = _f([], "Prompts to complete with the fine-tuned model at the end of the run.", "log")
     sample_max_new_tokens: int = _f(24, "Tokens generated for each sample prompt.", "log")
 
+    # --- checkpoints and resume ---------------------------------------------
+    save_every: int | None = _f(
+        None, "Write a resumable checkpoint every N optimizer steps (also at each epoch's end when set).", "ckpt"
+    )
+    keep_last: int = _f(2, "Checkpoints kept in <output_dir>/checkpoints (older ones are removed).", "ckpt")
+    resume: str | None = _f(
+        None, "'auto': continue from the newest good checkpoint in output_dir (start fresh if none); or a checkpoint path.",
+        "ckpt",
+    )
+    resume_force: bool = _f(False, "Resume even if training settings differ from the checkpoint's.", "ckpt")
+    overwrite: bool = _f(False, "Allow writing into a non-empty output_dir (files there may be replaced).", "ckpt")
+
+
+# Keys that do not change what is computed: they may differ between a checkpoint and its resume.
+RUN_CONTROL_KEYS = {
+    "eval_every", "eval_batch_size", "log_every", "output_dir", "sample_prompts", "sample_max_new_tokens",
+    "save_every", "keep_last", "resume", "resume_force", "overwrite", "cache_dir", "trust_remote_code", "device",
+}
+
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(SFTConfig)}
 _HINTS = typing.get_type_hints(SFTConfig)
@@ -214,6 +233,8 @@ def _checks(cfg: SFTConfig) -> list[str]:
     need(cfg.eval_every is None or cfg.eval_every >= 1, "eval_every", "must be at least 1, or null")
     need(cfg.eval_batch_size is None or cfg.eval_batch_size >= 1, "eval_batch_size", "must be at least 1, or null")
     need(cfg.log_every >= 1, "log_every", "must be at least 1")
+    need(cfg.save_every is None or cfg.save_every >= 1, "save_every", "must be at least 1, or null for no checkpoints")
+    need(cfg.keep_last >= 1, "keep_last", "must be at least 1")
     need(cfg.sample_max_new_tokens >= 1, "sample_max_new_tokens", "must be at least 1")
     need(bool(cfg.model), "model", "must name a Hub id or a local directory")
     need(bool(cfg.dataset), "dataset", "must name a Hub id, a directory or a file")

@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime
@@ -16,8 +18,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
+from sftune.checkpoint import (TrainState, check_resume_compatible, find_resume_checkpoint, load_training_state,
+                              save_checkpoint)
 from sftune.batching import collate, collate_packed, epoch_steps, packed_epoch_steps
-from sftune.config import SFTConfig, dump_yaml
+from sftune.config import SFTConfig, dump_yaml, to_dict
 from sftune.console import MetricsWriter, is_main, log
 from sftune.data import PreparedData, prepare_data
 from sftune.errors import SftuneError
@@ -26,6 +30,7 @@ from sftune.generate import complete
 from sftune.loss import batch_loss_sum, count_targets, supports_fused_ce
 from sftune.modeling import context_length, load_model, load_tokenizer, save_model
 from sftune.runtime import autocast, resolve_device, resolve_precision, seed_everything
+from sftune.signals import Preempted, stop_on_signals
 
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
@@ -48,12 +53,27 @@ class TrainResult:
         return self.evals[-1]["val_loss"]
 
 
-def choose_output_dir(requested: str | None) -> Path:
-    """`requested`, or runs/<timestamp>; refuses a non-empty directory so no earlier run is overwritten."""
+def choose_output_dir(requested: str | None, reuse: bool) -> Path:
+    """`requested`, or runs/<timestamp>. A non-empty directory is refused unless `reuse`
+    (--resume or --overwrite), so no earlier run is overwritten by mistake."""
     out = Path(requested) if requested else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise SftuneError(f"output directory {out} already exists and is not empty; choose another --output-dir")
+    if out.exists() and not out.is_dir():
+        raise SftuneError(f"output path {out} is a file, not a directory; choose another --output-dir")
+    if out.exists() and any(out.iterdir()) and not reuse:
+        raise SftuneError(f"output directory {out} already exists and is not empty; choose another --output-dir, "
+                          f"continue it with --resume auto, or pass --overwrite")
     return out
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Drop metrics lines of steps after `step` (they are redone after a resume), atomically."""
+    if not path.is_file() or not is_main():
+        return
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
@@ -102,14 +122,18 @@ def forward_backward(model, micro_batches: list[dict], device, precision: str, s
 def train(cfg: SFTConfig) -> TrainResult:
     """Fine-tune `cfg.model` on `cfg.dataset` and write the model, config and metrics to the output dir."""
     # --- setup: resolve what the config leaves open, and say what was inferred ---
-    out = choose_output_dir(cfg.output_dir)
+    out = choose_output_dir(cfg.output_dir, reuse=bool(cfg.resume) or cfg.overwrite)
+    checkpoint = find_resume_checkpoint(out, cfg.resume) if cfg.resume else None
     seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     log(f"device: {device}, precision: {precision}" + (" (auto)" if cfg.precision == "auto" else ""))
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code,
                                flag="--tokenizer" if cfg.tokenizer else "--model")
-    model = load_model(cfg.model, cfg.init, cfg.trust_remote_code, cfg.seed).to(device)
+    model = load_model(cfg.model, cfg.init, cfg.trust_remote_code, cfg.seed)
+    if checkpoint is not None:  # same architecture, the checkpoint's weights
+        model = load_model(str(checkpoint), "pretrained", cfg.trust_remote_code)
+    model = model.to(device)
     data, max_length = prepare_data_for(cfg, tokenizer, model.config)
     train_set, val_set = data.train, data.validation
     eval_batch_size = cfg.eval_batch_size or cfg.batch_size
@@ -133,9 +157,12 @@ def train(cfg: SFTConfig) -> TrainResult:
     total_steps = all_steps if cfg.max_steps is None else min(cfg.max_steps, all_steps)
     resolved = replace(cfg, output_dir=str(out), tokenizer=cfg.tokenizer or cfg.model, max_length=max_length,
                        eval_batch_size=eval_batch_size, precision=precision, device=device.type)
+    if checkpoint is not None:
+        check_resume_compatible(checkpoint, to_dict(resolved), cfg.resume_force)
     out.mkdir(parents=True, exist_ok=True)
+    config_yaml = dump_yaml(resolved)
     if is_main():
-        (out / "config.yaml").write_text(dump_yaml(resolved))
+        (out / "config.yaml").write_text(config_yaml)
     batching = f"{cfg.grad_accum} x {cfg.batch_size} {'packed rows of ' + str(max_length) if cfg.packing else 'rows'}"
     batching += f" of at most {cfg.batch_tokens:,} tokens" if cfg.batch_tokens else ""
     batching += ", grouped by length" if cfg.group_by_length and not cfg.packing else ""
@@ -147,11 +174,21 @@ def train(cfg: SFTConfig) -> TrainResult:
     scheduler = get_scheduler(SCHEDULES[cfg.lr_schedule], optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=total_steps)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")  # loss scaling only for fp16
+    state = TrainState()
+    if checkpoint is not None:
+        state = load_training_state(checkpoint, optimizer, scheduler, scaler)
+        keep_metrics_until(out / "metrics.jsonl", state.step)
+        log(f"resumed from {checkpoint}: step {state.step:,}, epoch {state.epoch}, "
+            f"{state.step_in_epoch:,} steps into it")
+    elif cfg.resume:
+        log(f"--resume {cfg.resume}: no checkpoint in {out / 'checkpoints'}, starting fresh")
     metrics = MetricsWriter(out / "metrics.jsonl")
+    if checkpoint is not None:
+        metrics.write({"type": "resume", "step": state.step, "checkpoint": str(checkpoint)})
     pad_id = tokenizer.pad_token_id
     fused_ce = supports_fused_ce(model)  # never build the (B, T, vocab) logits (benchmarks/NOTES.md)
     log(f"loss: {'output projection fused with cross-entropy, ' if fused_ce else ''}token-weighted over each step")
-    evals: list[dict] = []
+    evals: list[dict] = state.evals
 
     def run_eval(step: int) -> None:
         result = evaluate(model, val_set, eval_batch_size, pad_id, device, precision, fused_ce)
@@ -161,57 +198,83 @@ def train(cfg: SFTConfig) -> TrainResult:
         log(f"eval  step {step:>6,} | val_loss {result.loss:.4f} | val_ppl {result.perplexity:,.2f} "
             f"| {result.targets:,} target tokens")
 
+    def checkpoint_now() -> Path | None:
+        state.evals = evals
+        state.window = {"loss": window_loss.item(), "steps": window_steps, "targets": window_targets,
+                        "tokens": window_tokens}
+        state.elapsed_s = time.perf_counter() - start
+        path = save_checkpoint(out / "checkpoints", model, tokenizer, optimizer, scheduler, scaler, state,
+                               config_yaml, cfg.keep_last)
+        log(f"checkpoint: {path}")
+        return path
+
     # --- the loop -------------------------------------------------------------
     model.train()
-    run_eval(0)
-    step, tokens, padded_tokens = 0, 0, 0  # non-pad tokens trained on; tokens computed, padding included
-    window_loss = torch.zeros((), device=device)  # sum of token losses since the last log line
-    window_steps, window_targets, window_tokens, window_start = 0, 0, 0, time.perf_counter()
-    start = time.perf_counter()
-    bar = tqdm(total=total_steps, desc="train", unit="step", disable=None if is_main() else True, dynamic_ncols=True)
-    for epoch in range(cfg.epochs):
-        for step_rows in plan[epoch]:
-            micro_batches = [make_batch(train_set, rows, pad_id) for rows in step_rows]
-            loss_sum, step_targets = forward_backward(model, micro_batches, device, precision, scaler, fused_ce)
-            window_loss += loss_sum
-            window_targets += step_targets
-            window_tokens += sum(int(b["attention_mask"].sum()) for b in micro_batches)  # host tensors: no sync
-            padded_tokens += sum(b["input_ids"].numel() for b in micro_batches)
-            scaler.unscale_(optimizer)
-            if cfg.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            step += 1
-            window_steps += 1
-            bar.update(1)
+    if checkpoint is None:
+        run_eval(0)
+    w = state.window  # a resumed run continues the log window where it stopped
+    window_loss = torch.full((), w.get("loss", 0.0), device=device)  # sum of token losses since the last log line
+    window_steps, window_targets, window_tokens = w.get("steps", 0), w.get("targets", 0), w.get("tokens", 0)
+    window_start = time.perf_counter()
+    start = time.perf_counter() - state.elapsed_s
+    bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=None if is_main() else True,
+               dynamic_ncols=True)
+    with stop_on_signals() as stop:
+        for epoch in range(state.epoch, cfg.epochs):
+            for step_rows in plan[epoch][state.step_in_epoch :] if state.step < total_steps else []:
+                micro_batches = [make_batch(train_set, rows, pad_id) for rows in step_rows]
+                loss_sum, step_targets = forward_backward(model, micro_batches, device, precision, scaler, fused_ce)
+                step_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)  # host tensors: no sync
+                scaler.unscale_(optimizer)
+                if cfg.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+                state.step += 1
+                state.step_in_epoch += 1
+                state.tokens += step_tokens
+                state.padded_tokens += sum(b["input_ids"].numel() for b in micro_batches)
+                window_loss += loss_sum
+                window_steps += 1
+                window_targets += step_targets
+                window_tokens += step_tokens
+                step = state.step
+                bar.update(1)
 
-            if step % cfg.log_every == 0 or step == total_steps:
-                now = time.perf_counter()
-                loss = window_loss.item() / max(window_targets, 1)  # note: .item() syncs; once per log step
-                tokens += window_tokens
-                rate = window_tokens / (now - window_start)
-                lr = scheduler.get_last_lr()[0]
-                metrics.write({"type": "train", "step": step, "epoch": round(step / per_epoch, 4), "loss": loss, "lr": lr,
-                               "tokens": tokens, "padded_tokens": padded_tokens, "elapsed_s": round(now - start, 3),
-                               "tokens_per_s": rate})
-                log(f"step {step:>6,}/{total_steps:,} | epoch {step / per_epoch:.2f} | loss {loss:.4f} | lr {lr:.2e} "
-                    f"| {rate:,.0f} tok/s | {1000 * (now - window_start) / window_steps:.0f} ms/step")
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
-                window_loss.zero_()
-                window_steps, window_targets, window_tokens, window_start = 0, 0, 0, time.perf_counter()
-            if cfg.eval_every and step % cfg.eval_every == 0:
-                run_eval(step)
-            if step >= total_steps:
+                if step % cfg.log_every == 0 or step == total_steps:
+                    now = time.perf_counter()
+                    loss = window_loss.item() / max(window_targets, 1)  # note: .item() syncs; once per log step
+                    rate = window_tokens / max(now - window_start, 1e-9)
+                    lr = scheduler.get_last_lr()[0]
+                    metrics.write({"type": "train", "step": step, "epoch": round(step / per_epoch, 4), "loss": loss,
+                                   "lr": lr, "tokens": state.tokens, "padded_tokens": state.padded_tokens,
+                                   "elapsed_s": round(now - start, 3), "tokens_per_s": rate})
+                    log(f"step {step:>6,}/{total_steps:,} | epoch {step / per_epoch:.2f} | loss {loss:.4f} | lr {lr:.2e} "
+                        f"| {rate:,.0f} tok/s | {1000 * (now - window_start) / window_steps:.0f} ms/step")
+                    bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
+                    window_loss.zero_()
+                    window_steps, window_targets, window_tokens, window_start = 0, 0, 0, time.perf_counter()
+                if cfg.eval_every and step % cfg.eval_every == 0:
+                    run_eval(step)
+                if stop.signum is not None:
+                    raise Preempted(stop.signum, checkpoint_now())
+                if cfg.save_every and step % cfg.save_every == 0:
+                    checkpoint_now()
+                if step >= total_steps:
+                    break
+            if evals[-1]["step"] != state.step:
+                run_eval(state.step)  # end of epoch (or of max_steps)
+            if state.step_in_epoch == len(plan[epoch]):  # the epoch is complete: the next one starts at its beginning
+                state.epoch, state.step_in_epoch = epoch + 1, 0
+                if cfg.save_every:
+                    checkpoint_now()
+            if state.step >= total_steps:
                 break
-        if evals[-1]["step"] != step:
-            run_eval(step)  # end of epoch (or of max_steps)
-        if step >= total_steps:
-            break
     bar.close()
     seconds = time.perf_counter() - start
+    step, tokens = state.step, state.tokens
 
     # --- outputs ----------------------------------------------------------------
     save_model(model, tokenizer, out)

@@ -1,0 +1,204 @@
+"""Crash-safe, self-describing checkpoints, and finding the one to resume from.
+
+A checkpoint is a directory `<output_dir>/checkpoints/step-<N>/` holding
+  - the model (safetensors) and tokenizer, loadable with `from_pretrained`;
+  - `training_state.pt`: optimizer, LR scheduler, grad scaler and RNG states
+    (read back with `torch.load(weights_only=True)`: tensors and plain values only);
+  - `state.json`: epoch, step, position in the epoch's data order, counters, evals;
+  - `config.yaml`: the resolved config of the run.
+It is built under a `.staging-*` name, every file is fsynced, then it is published by an
+atomic rename and the parent directory is fsynced. A reader therefore sees a complete
+checkpoint or none; `state.json` is also checked on load, and a bad one is skipped.
+
+    sftune train --config configs/quickstart.yaml --output-dir runs/qs --save-every 50
+    sftune train --config configs/quickstart.yaml --output-dir runs/qs --save-every 50 --resume auto
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sftune.console import is_main, log
+from sftune.errors import SftuneError
+
+STATE_FILE = "state.json"
+TRAINING_STATE = "training_state.pt"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class TrainState:
+    """Where a run stands after an optimizer step; enough to continue it exactly."""
+
+    epoch: int = 0  # epoch in progress
+    step_in_epoch: int = 0  # optimizer steps of this epoch already done
+    step: int = 0  # optimizer steps done in all
+    micro_step: int = 0  # micro-batches done inside the current step: always 0, saves happen between steps
+    tokens: int = 0  # non-pad tokens trained on
+    padded_tokens: int = 0  # tokens computed, padding included
+    elapsed_s: float = 0.0  # training time before this process
+    window: dict = field(default_factory=dict)  # the log window's accumulators, so logged values continue exactly
+    evals: list = field(default_factory=list)
+
+
+def rng_state() -> dict:
+    state = {
+        "python": list(random.getstate()[1]) + [random.getstate()[2] if random.getstate()[2] is not None else -1],
+        "numpy": np.random.get_state()[1].tolist() + [int(np.random.get_state()[2])],
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((3, tuple(int(x) for x in py[:-1]), None if py[-1] == -1 else float(py[-1])))
+    np_state = state["numpy"]
+    np.random.set_state(("MT19937", np.asarray(np_state[:-1], dtype=np.uint32), int(np_state[-1]), 0, 0.0))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(path)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_checkpoint(root: Path, model, tokenizer, optimizer, scheduler, scaler, state: TrainState,
+                    config_yaml: str, keep_last: int) -> Path | None:
+    """Write `root/step-<N>` atomically, then remove all but the newest `keep_last` complete ones."""
+    if not is_main():
+        return None
+    from sftune.modeling import save_model
+
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{state.step}"
+    staging = root / f".staging-step-{state.step}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        staging.mkdir()
+        save_model(model, tokenizer, staging)
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(), "rng": rng_state()}, staging / TRAINING_STATE)
+        (staging / "config.yaml").write_text(config_yaml)
+        files = {str(f.relative_to(staging)): [f.stat().st_size, _sha256(f)] for f in sorted(staging.rglob("*")) if f.is_file()}
+        # state.json last: it lists every other file with its size and hash, so damage anywhere is detected
+        (staging / STATE_FILE).write_text(json.dumps({"format": FORMAT_VERSION, "files": files, **asdict(state)}, indent=1))
+        _fsync_tree(staging)
+        if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it
+            shutil.rmtree(final)
+        os.rename(staging, final)
+        _fsync_dir(root)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise SftuneError(f"could not write checkpoint {final}: {e}. Earlier checkpoints are intact; "
+                          f"free disk space and resume with --resume auto") from None
+    for old in complete_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _step_of(path: Path) -> int:
+    return int(path.name.split("-", 1)[1])
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checkpoint_ok(path: Path) -> bool:
+    """A checkpoint is usable when state.json is readable and every file it lists has its size and hash."""
+    try:
+        state = json.loads((path / STATE_FILE).read_text())
+        files = state["files"]
+        if state.get("format") != FORMAT_VERSION or TRAINING_STATE not in files or "model.safetensors" not in files:
+            return False
+        return all((path / name).stat().st_size == size and _sha256(path / name) == digest
+                   for name, (size, digest) in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Published checkpoints, oldest first (staging directories are never listed)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and p.name[5:].isdigit()]
+    return sorted(found, key=_step_of)
+
+
+def find_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
+    """`resume` = 'auto' (newest good checkpoint under output_dir, or None to start fresh) or a path."""
+    if resume != "auto":
+        path = Path(resume)
+        if not checkpoint_ok(path):
+            raise SftuneError(f"--resume {resume}: not a complete sftune checkpoint (needs {STATE_FILE}, "
+                              f"{TRAINING_STATE} and model.safetensors); use --resume auto")
+        return path
+    for path in reversed(complete_checkpoints(output_dir / "checkpoints")):
+        if checkpoint_ok(path):
+            return path
+        log(f"warning: checkpoint {path} is incomplete or corrupted; skipping it")
+    return None
+
+
+def load_training_state(path: Path, optimizer, scheduler, scaler) -> TrainState:
+    """Restore optimizer, scheduler, scaler and RNG states from checkpoint `path`; return its TrainState."""
+    try:
+        blob = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)
+        raw = json.loads((path / STATE_FILE).read_text())
+    except Exception as e:  # a truncated or foreign file: say which and what to do
+        raise SftuneError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
+                          f"remove it or pass another --resume PATH") from None
+    optimizer.load_state_dict(blob["optimizer"])
+    scheduler.load_state_dict(blob["scheduler"])
+    scaler.load_state_dict(blob["scaler"])
+    set_rng_state(blob["rng"])
+    raw.pop("format", None)
+    raw.pop("files", None)
+    return TrainState(**raw)
+
+
+def check_resume_compatible(checkpoint: Path, resolved: dict, force: bool) -> None:
+    """Refuse to resume when a setting that changes training differs from the checkpoint's."""
+    import yaml
+
+    from sftune.config import RUN_CONTROL_KEYS
+
+    saved = yaml.safe_load((checkpoint / "config.yaml").read_text()) or {}
+    differing = sorted(k for k, v in resolved.items() if k not in RUN_CONTROL_KEYS and saved.get(k) != v)
+    if not differing:
+        return
+    detail = ", ".join(f"{k}: {saved.get(k)!r} -> {resolved[k]!r}" for k in differing)
+    if force:
+        log(f"warning: resuming with changed training settings ({detail}) because --resume-force is set")
+        return
+    raise SftuneError(f"cannot resume from {checkpoint}: training settings differ ({detail}). "
+                      f"Restore them, or pass --resume-force to continue anyway.")

@@ -1,0 +1,104 @@
+"""Tier 2: checkpoints, exact resume after a real SIGTERM, corruption, and resume compatibility."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import QUICKSTART_DATA, ROOT, needs_shared, read_jsonl, run_cli
+
+pytestmark = needs_shared
+
+
+def train_args(model_dir, out, *extra):
+    return ["train", "--model", str(model_dir), "--dataset", str(QUICKSTART_DATA), "--batch-size", "8",
+            "--grad-accum", "2", "--max-steps", "30", "--lr", "3e-3", "--lr-schedule", "cosine", "--precision", "fp32",
+            "--log-every", "1", "--eval-every", "10", "--save-every", "4", "--output-dir", str(out), *extra]
+
+
+def train_losses(out):
+    rows = read_jsonl(out / "metrics.jsonl")
+    losses = [(r["step"], r["loss"]) for r in rows if r["type"] == "train"]
+    return losses, [(r["step"], r["val_loss"]) for r in rows if r["type"] == "eval"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full") / "run"
+    proc = run_cli(*train_args(tiny_model_dir, out))
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def test_sigterm_then_resume_equals_an_uninterrupted_run(uninterrupted, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "sftune", *train_args(tiny_model_dir, out)], cwd=ROOT,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    for line in proc.stderr:  # wait until training is mid-epoch (25 steps per epoch here) and off a save step
+        if line.startswith("step      6/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 143, err
+    assert "stopped by SIGTERM" in err and "--resume auto" in err
+    saved = max(int(p.name[5:]) for p in (out / "checkpoints").iterdir())
+    assert saved >= 6 and f"checkpoint {out / 'checkpoints' / f'step-{saved}'}" in err  # saved on the signal
+
+    resumed = run_cli(*train_args(tiny_model_dir, out, "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr
+
+    a, b = load_file(uninterrupted / "model.safetensors"), load_file(out / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise, fp32 on CPU
+    assert train_losses(out) == train_losses(uninterrupted)  # every step's loss, every eval; nothing duplicated
+    assert [r["type"] for r in read_jsonl(out / "metrics.jsonl")].count("resume") == 1
+
+
+def test_corrupted_checkpoint_is_skipped(uninterrupted, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(*train_args(tiny_model_dir, out, "--max-steps", "8", "--keep-last", "3"))
+    assert proc.returncode == 0, proc.stderr
+    newest = out / "checkpoints" / "step-8"
+    data = (newest / "model.safetensors").read_bytes()
+    (newest / "model.safetensors").write_bytes(data[: len(data) // 2])  # a torn write
+    resumed = run_cli(*train_args(tiny_model_dir, out, "--max-steps", "8", "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"checkpoint {newest} is incomplete or corrupted; skipping it" in resumed.stderr
+    assert "resumed from" in resumed.stderr and "step-4" in resumed.stderr
+
+
+def test_keep_last_rotates(uninterrupted):
+    # one epoch is 25 steps (400 rows / 8 / 2): saves at 4, 8, ..., 24 and at the epoch's end; the last 2 stay
+    assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir()) == ["step-24", "step-25"]
+
+
+def test_resume_refuses_changed_training_settings(uninterrupted, tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    assert run_cli(*train_args(tiny_model_dir, out, "--max-steps", "4")).returncode == 0
+    proc = run_cli(*train_args(tiny_model_dir, out, "--max-steps", "4", "--resume", "auto", "--lr", "1e-3"))
+    assert proc.returncode == 2
+    assert "training settings differ (lr: 0.003 -> 0.001)" in proc.stderr and "--resume-force" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    # logging and evaluation frequency may change
+    ok = run_cli(*train_args(tiny_model_dir, out, "--max-steps", "4", "--resume", "auto", "--log-every", "2",
+                             "--eval-every", "3"))
+    assert ok.returncode == 0, ok.stderr
+
+
+def test_non_empty_output_needs_resume_or_overwrite(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert run_cli(*train_args(tiny_model_dir, out, "--max-steps", "2")).returncode == 2
+    ok = run_cli(*train_args(tiny_model_dir, out, "--max-steps", "2", "--overwrite"))
+    assert ok.returncode == 0, ok.stderr
+    assert (out / "notes.txt").read_text() == "mine"
+    file_out = tmp_path / "afile"
+    file_out.write_text("x")
+    proc = run_cli(*train_args(tiny_model_dir, file_out, "--max-steps", "2"))
+    assert proc.returncode == 2 and "is a file, not a directory" in proc.stderr
