@@ -102,3 +102,30 @@ def test_non_empty_output_needs_resume_or_overwrite(tiny_model_dir, tmp_path):
     file_out.write_text("x")
     proc = run_cli(*train_args(tiny_model_dir, file_out, "--max-steps", "2"))
     assert proc.returncode == 2 and "is a file, not a directory" in proc.stderr
+
+
+def test_a_non_finite_step_is_skipped_and_training_goes_on(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = run_cli(*train_args(tiny_model_dir, out, "--max-steps", "6", "--save-every", "100"),
+                   env={"SFTUNE_FAULT_NAN_STEPS": "3"})
+    assert proc.returncode == 0, proc.stderr
+    assert "step 3: non-finite loss or gradient norm, update skipped (1 in a row" in proc.stderr
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["type"] == "skip"] == [3]
+    assert [r["step"] for r in rows if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert all(r["loss"] == r["loss"] for r in rows if r["type"] == "train")  # no NaN reaches the log
+
+
+def test_too_many_bad_steps_stop_with_the_last_good_state(tiny_model_dir, tmp_path):
+    constant = ("--lr-schedule", "constant", "--save-every", "100")
+    good = tmp_path / "good"
+    assert run_cli(*train_args(tiny_model_dir, good, "--max-steps", "2", *constant)).returncode == 0
+    out = tmp_path / "run"
+    proc = run_cli(*train_args(tiny_model_dir, out, "--max-steps", "20", "--max-bad-steps", "2", *constant),
+                   env={"SFTUNE_FAULT_NAN_STEPS": "3,4,5,6"})
+    assert proc.returncode == 3, proc.stderr
+    assert "3 optimizer steps in a row had a non-finite loss" in proc.stderr and "--resume auto" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    saved = load_file(out / "checkpoints" / "step-5" / "model.safetensors")
+    after_two = load_file(good / "model.safetensors")
+    assert all(torch.equal(saved[k], after_two[k]) for k in saved)  # bad steps changed nothing

@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
         COMMANDS[args.command](args)
     except SftuneError as e:
         print(f"sftune {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     except Preempted as e:
         print(f"sftune {args.command}: {e}; continue with --resume auto (exit status {e.code})", file=sys.stderr)
         return e.code

@@ -122,6 +122,10 @@ class SFTConfig:
     sample_prompts: list[str] = _f([], "Prompts to complete with the fine-tuned model at the end of the run.", "log")
     sample_max_new_tokens: int = _f(24, "Tokens generated for each sample prompt.", "log")
 
+    max_bad_steps: int = _f(
+        5, "Optimizer steps in a row with a non-finite loss or gradient norm (each skipped) before the run stops.", "train"
+    )
+
     # --- checkpoints and resume ---------------------------------------------
     save_every: int | None = _f(
         None, "Write a resumable checkpoint every N optimizer steps (also at each epoch's end when set).", "ckpt"
@@ -139,6 +143,7 @@ class SFTConfig:
 RUN_CONTROL_KEYS = {
     "eval_every", "eval_batch_size", "log_every", "output_dir", "sample_prompts", "sample_max_new_tokens",
     "save_every", "keep_last", "resume", "resume_force", "overwrite", "cache_dir", "trust_remote_code", "device",
+    "max_bad_steps",
 }
 
 
@@ -235,6 +240,7 @@ def _checks(cfg: SFTConfig) -> list[str]:
     need(cfg.log_every >= 1, "log_every", "must be at least 1")
     need(cfg.save_every is None or cfg.save_every >= 1, "save_every", "must be at least 1, or null for no checkpoints")
     need(cfg.keep_last >= 1, "keep_last", "must be at least 1")
+    need(cfg.max_bad_steps >= 0, "max_bad_steps", "must be 0 or more")
     need(cfg.sample_max_new_tokens >= 1, "sample_max_new_tokens", "must be at least 1")
     need(bool(cfg.model), "model", "must name a Hub id or a local directory")
     need(bool(cfg.dataset), "dataset", "must name a Hub id, a directory or a file")

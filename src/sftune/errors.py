@@ -8,3 +8,11 @@ The CLI prints it without a traceback and exits with status 2.
 
 class SftuneError(Exception):
     """A problem the user can fix; the message says how."""
+
+    exit_code = 2
+
+
+class TrainingDiverged(SftuneError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient; the last good state was saved."""
+
+    exit_code = 3

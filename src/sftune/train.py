@@ -24,7 +24,7 @@ from sftune.batching import collate, collate_packed, epoch_steps, packed_epoch_s
 from sftune.config import SFTConfig, dump_yaml, to_dict
 from sftune.console import MetricsWriter, is_main, log
 from sftune.data import PreparedData, prepare_data
-from sftune.errors import SftuneError
+from sftune.errors import SftuneError, TrainingDiverged
 from sftune.evaluate import evaluate
 from sftune.generate import complete
 from sftune.loss import batch_loss_sum, count_targets, supports_fused_ce
@@ -219,16 +219,29 @@ def train(cfg: SFTConfig) -> TrainResult:
     start = time.perf_counter() - state.elapsed_s
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=None if is_main() else True,
                dynamic_ncols=True)
+    bad_in_a_row = 0
+    nan_steps = {int(x) for x in os.environ.get("SFTUNE_FAULT_NAN_STEPS", "").split(",") if x.strip()}
     with stop_on_signals() as stop:
         for epoch in range(state.epoch, cfg.epochs):
             for step_rows in plan[epoch][state.step_in_epoch :] if state.step < total_steps else []:
                 micro_batches = [make_batch(train_set, rows, pad_id) for rows in step_rows]
                 loss_sum, step_targets = forward_backward(model, micro_batches, device, precision, scaler, fused_ce)
                 step_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)  # host tensors: no sync
+                if state.step + 1 in nan_steps:  # test hook: SFTUNE_FAULT_NAN_STEPS
+                    loss_sum = loss_sum * float("nan")
                 scaler.unscale_(optimizer)
-                if cfg.max_grad_norm:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                scaler.step(optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+                # note: one host sync per step, to decide whether to apply the update
+                finite = bool(torch.isfinite(loss_sum)) and (precision == "fp16" or bool(torch.isfinite(grad_norm)))
+                if finite:  # (under fp16 the scaler itself skips steps whose gradients overflowed)
+                    scaler.step(optimizer)
+                    bad_in_a_row = 0
+                else:
+                    bad_in_a_row += 1
+                    loss_sum = torch.zeros_like(loss_sum)  # keep the logged loss finite: the step taught nothing
+                    metrics.write({"type": "skip", "step": state.step + 1, "reason": "non-finite loss or gradient norm"})
+                    log(f"step {state.step + 1:,}: non-finite loss or gradient norm, update skipped "
+                        f"({bad_in_a_row} in a row, limit --max-bad-steps {cfg.max_bad_steps})")
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
@@ -258,6 +271,12 @@ def train(cfg: SFTConfig) -> TrainResult:
                     window_steps, window_targets, window_tokens, window_start = 0, 0, 0, time.perf_counter()
                 if cfg.eval_every and step % cfg.eval_every == 0:
                     run_eval(step)
+                if bad_in_a_row > cfg.max_bad_steps:
+                    path = checkpoint_now()  # the weights are those of the last good step: bad steps changed nothing
+                    raise TrainingDiverged(
+                        f"{bad_in_a_row} optimizer steps in a row had a non-finite loss or gradient norm (step {step}); "
+                        f"stopped with the last good state saved in {path}. Lower --lr, set --max-grad-norm, use "
+                        f"--precision fp32 or bf16, or raise --max-bad-steps; then --resume auto.")
                 if stop.signum is not None:
                     raise Preempted(stop.signum, checkpoint_now())
                 if cfg.save_every and step % cfg.save_every == 0:
