@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sftune", description="Supervised fine-tuning of causal language models (the first stage of RLHF)."
     )
+    parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("train", help="fine-tune a model", description="Fine-tune a model and save it.")
@@ -240,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         quiet_libraries()
         COMMANDS[args.command](args)
     except SftuneError as e:
+        if args.debug:
+            raise
         print(f"sftune {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except Preempted as e:

@@ -84,12 +84,18 @@ def load_rows(dataset: str, seed: int, val_fraction: float):
     path = Path(dataset).expanduser()
     if path.is_file():
         builder, kwargs = _builder_for(path)
-        ds = datasets.load_dataset(builder, data_files={"train": str(path)}, **kwargs)
+        try:
+            ds = datasets.load_dataset(builder, data_files={"train": str(path)}, **kwargs)
+        except Exception as e:  # datasets wraps parse errors in its own types: find the bad line ourselves
+            raise SftuneError(diagnose_file(path) or f"could not read {path}: {_root_cause(e)} (check --dataset)") from None
     elif path.is_dir():
         try:
             ds = datasets.load_dataset(str(path))
-        except (ValueError, FileNotFoundError) as e:
-            raise SftuneError(f"could not read a dataset from directory {dataset}: {e} (check --dataset)") from None
+        except Exception as e:
+            bad = next((m for f in sorted(path.rglob("*")) if f.is_file() and f.suffix in FILE_BUILDERS
+                        for m in [diagnose_file(f)] if m), None)
+            raise SftuneError(bad or f"could not read a dataset from directory {dataset}: {_root_cause(e)} "
+                              f"(check --dataset)") from None
     else:
         ds = from_hub_or_cache(dataset, "dataset", "--dataset", lambda local_files_only: _load_hub(dataset, local_files_only))
     if "train" not in ds:
@@ -103,6 +109,35 @@ def load_rows(dataset: str, seed: int, val_fraction: float):
     log(f"data: no validation split in {dataset}; holding out {len(held['test']):,} of "
         f"{len(ds['train']):,} train rows (val_fraction {val_fraction}, seed {seed})")
     return datasets.DatasetDict(train=held["train"], validation=held["test"])
+
+
+def _root_cause(e: BaseException) -> str:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def diagnose_file(path: Path) -> str | None:
+    """Name the first problem in a text data file (not UTF-8, malformed JSON line, no rows), with its line."""
+    raw = path.read_bytes()
+    if path.suffix.lower() == ".parquet":
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        return (f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                f"re-encode the file as UTF-8 (--dataset)")
+    if not text.strip():
+        return f"{path} is empty: no rows to train on (--dataset)"
+    if path.suffix.lower() == ".jsonl":
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except ValueError as e:
+                    return f"{path}:{number}: malformed JSON ({e}); fix or remove that line (--dataset)"
+    return None
 
 
 def _builder_for(path: Path) -> tuple[str, dict]:

@@ -44,8 +44,10 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, flag: str = "--to
     elif Path(name).expanduser().is_dir():
         try:
             tok = AutoTokenizer.from_pretrained(Path(name).expanduser(), trust_remote_code=trust_remote_code)
-        except (OSError, ValueError) as e:
-            raise SftuneError(f"could not load a tokenizer from {name}: {e} (check {flag})") from None
+        except Exception as e:  # a directory without tokenizer files fails in several ways, by model type
+            raise SftuneError(
+                f"could not load a tokenizer from {name} ({type(e).__name__}: {str(e)[:200]}); if it holds no "
+                f"tokenizer files, pass --tokenizer NAME_OR_PATH (e.g. the base model's)") from None
     else:
         tok = from_hub_or_cache(
             name,
@@ -53,6 +55,10 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, flag: str = "--to
             flag,
             lambda **kw: AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **kw),
         )
+    if not tok("Hello world")["input_ids"]:
+        # e.g. a directory with config.json but no vocabulary: transformers builds an empty tokenizer silently
+        raise SftuneError(f"the tokenizer loaded from {name!r} encodes text to no tokens (no vocabulary files?); "
+                          f"pass --tokenizer NAME_OR_PATH (e.g. the base model's)")
     if tok.eos_token is None:
         raise SftuneError(
             f"tokenizer {name!r} has no EOS token, so examples cannot be ended; "

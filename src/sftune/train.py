@@ -137,6 +137,9 @@ def train(cfg: SFTConfig) -> TrainResult:
     data, max_length = prepare_data_for(cfg, tokenizer, model.config)
     train_set, val_set = data.train, data.validation
     eval_batch_size = cfg.eval_batch_size or cfg.batch_size
+    if len(train_set) < cfg.batch_size * cfg.grad_accum:
+        raise SftuneError(f"the training split has {len(train_set):,} examples after filtering, fewer than one optimizer "
+                          f"step of {cfg.batch_size} x {cfg.grad_accum}; lower --batch-size or --grad-accum, or add data")
     longest = int(train_set.lengths.max())
     if cfg.batch_tokens is not None and cfg.batch_tokens < longest:
         raise SftuneError(f"batch_tokens {cfg.batch_tokens} is smaller than the longest training example ({longest} tokens); "

@@ -1,0 +1,70 @@
+"""Tier 2: every user mistake gets exit status 2, a message naming the problem and the fix, and no traceback."""
+
+import json
+import shutil
+
+import pytest
+
+from conftest import QUICKSTART_DATA, needs_shared, run_cli
+
+pytestmark = needs_shared
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory, tiny_model_dir):
+    d = tmp_path_factory.mktemp("bad")
+    good = {"text": "a sentence that is long enough to keep", "label": 1}
+    (d / "malformed.jsonl").write_text(json.dumps(good) + "\n" + '{"text": "broken\n' + json.dumps(good) + "\n")
+    (d / "latin1.txt").write_bytes("a sentence that is long enough to keep\ncaf\xe9 au lait is fine\n".encode("latin-1"))
+    (d / "empty.jsonl").write_text("")
+    (d / "data.xml").write_text("<rows/>")
+    no_tokenizer = d / "model-without-tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_model_dir / name, no_tokenizer / name)
+    (d / "typo.yaml").write_text("learning_rate: 1e-4\n")
+    return d
+
+
+CASES = [
+    # (id, extra args (FILES/ and MODEL are substituted), words the message must contain)
+    ("missing-path", ["--dataset", "./missing.jsonl"], ["dataset path not found: './missing.jsonl'", "--dataset"]),
+    ("unknown-hub-id", ["--dataset", "someone/no-such-dataset"], ["'someone/no-such-dataset' is not a local path",
+                                                                  "--dataset PATH"]),
+    ("unsupported-type", ["--dataset", "FILES/data.xml"], ["unsupported data file type '.xml'", "--dataset"]),
+    ("malformed-jsonl", ["--dataset", "FILES/malformed.jsonl"], ["malformed.jsonl:2: malformed JSON", "fix or remove"]),
+    ("not-utf8", ["--dataset", "FILES/latin1.txt"], ["latin1.txt:2: not UTF-8 text", "re-encode"]),
+    ("empty-dataset", ["--dataset", "FILES/empty.jsonl"], ["empty.jsonl is empty"]),
+    ("missing-text-column", ["--text-column", "body"], ["text column 'body' not in the dataset (columns: text, label)",
+                                                        "--text-column"]),
+    ("all-filtered", ["--min-tokens", "500"], ["no train example is left after filtering", "too_short",
+                                               "--min-tokens"]),
+    ("fewer-rows-than-a-batch", ["--batch-size", "300", "--grad-accum", "2"], ["400 examples", "--batch-size"]),
+    ("lr-zero", ["--lr", "0"], ["lr = 0.0: must be positive", "--lr"]),
+    ("batch-size-zero", ["--batch-size", "0"], ["batch_size = 0: must be at least 1", "--batch-size"]),
+    ("negative-steps", ["--max-steps", "-3"], ["max_steps = -3", "--max-steps"]),
+    ("wrong-type", ["--epochs", "two"], ["`epochs` must be an integer, got 'two'"]),
+    ("config-typo", ["--config", "FILES/typo.yaml"], ["unknown key `learning_rate`"]),
+    ("model-without-tokenizer", ["--model", "FILES/model-without-tokenizer"], ["encodes text to no tokens",
+                                                                               "--tokenizer"]),
+    ("max-length-too-long", ["--max-length", "4096"], ["exceeds the model's context of 128", "--max-length"]),
+]
+
+
+@pytest.mark.parametrize("args, words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input(args, words, bad_files, tiny_model_dir, tmp_path):
+    args = [a.replace("FILES", str(bad_files)) for a in args]
+    out = tmp_path / "out"
+    proc = run_cli("train", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA),
+                   "--output-dir", str(out), *args)
+    assert proc.returncode == 2, proc.stderr
+    for w in words:
+        assert w in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not out.exists()  # nothing written
+
+
+def test_debug_shows_the_traceback(tiny_model_dir, tmp_path):
+    proc = run_cli("--debug", "train", "--model", str(tiny_model_dir), "--dataset", "./missing.jsonl",
+                   "--output-dir", str(tmp_path / "o"))
+    assert proc.returncode != 0 and "Traceback" in proc.stderr and "SftuneError" in proc.stderr
