@@ -129,3 +129,45 @@ def test_too_many_bad_steps_stop_with_the_last_good_state(tiny_model_dir, tmp_pa
     saved = load_file(out / "checkpoints" / "step-5" / "model.safetensors")
     after_two = load_file(good / "model.safetensors")
     assert all(torch.equal(saved[k], after_two[k]) for k in saved)  # bad steps changed nothing
+
+
+def test_kill_9_anywhere_including_mid_save_then_resume_equals_uninterrupted(uninterrupted, tiny_model_dir, tmp_path):
+    """Real SIGKILLs: once while a checkpoint is being written, once mid-training; each time the run is
+    resumed with --resume auto. No partial checkpoint ever appears under a final name, and the end result
+    is the uninterrupted run's, bitwise."""
+    from sftune.checkpoint import checkpoint_ok
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "sftune", *train_args(tiny_model_dir, out, "--resume", "auto")]
+    ckpts = out / "checkpoints"
+
+    def kill_when(condition, limit=120):
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + limit
+        while proc.poll() is None and time.monotonic() < deadline:
+            if condition():
+                proc.kill()  # SIGKILL: no handler runs
+                break
+            time.sleep(0.001)
+        proc.wait()
+        return proc.returncode
+
+    def saving():
+        return ckpts.is_dir() and any(p.name.startswith(".staging-") for p in ckpts.iterdir())
+
+    def past_step(n):
+        rows = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
+        return any(f'"step": {n},' in r and '"type": "train"' in r for r in rows)
+
+    kills = 0
+    for condition in (saving, lambda: past_step(14)):
+        if kill_when(condition) == -signal.SIGKILL:
+            kills += 1
+        for p in ckpts.iterdir():
+            assert p.name.startswith(".staging-") or checkpoint_ok(p), p  # published = complete
+    assert kills >= 1
+    final = run_cli(*train_args(tiny_model_dir, out, "--resume", "auto"))
+    assert final.returncode == 0, final.stderr
+    a, b = load_file(uninterrupted / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert train_losses(out) == train_losses(uninterrupted)

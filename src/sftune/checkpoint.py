@@ -95,9 +95,10 @@ def save_checkpoint(root: Path, model, tokenizer, optimizer, scheduler, scaler, 
     from sftune.modeling import save_model
 
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".staging-*"):  # left by a process killed mid-save: never a checkpoint
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step-{state.step}"
     staging = root / f".staging-step-{state.step}"
-    shutil.rmtree(staging, ignore_errors=True)
     try:
         staging.mkdir()
         save_model(model, tokenizer, staging)

@@ -69,8 +69,13 @@ def keep_metrics_until(path: Path, step: int) -> None:
     """Drop metrics lines of steps after `step` (they are redone after a resume), atomically."""
     if not path.is_file() or not is_main():
         return
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:  # a line torn by a kill mid-write
+            continue
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
@@ -183,8 +188,10 @@ def train(cfg: SFTConfig) -> TrainResult:
         keep_metrics_until(out / "metrics.jsonl", state.step)
         log(f"resumed from {checkpoint}: step {state.step:,}, epoch {state.epoch}, "
             f"{state.step_in_epoch:,} steps into it")
-    elif cfg.resume:
-        log(f"--resume {cfg.resume}: no checkpoint in {out / 'checkpoints'}, starting fresh")
+    else:
+        if cfg.resume:
+            log(f"--resume {cfg.resume}: no checkpoint in {out / 'checkpoints'}, starting fresh")
+        keep_metrics_until(out / "metrics.jsonl", -1)  # a fresh start in a reused directory: old lines go
     metrics = MetricsWriter(out / "metrics.jsonl")
     if checkpoint is not None:
         metrics.write({"type": "resume", "step": state.step, "checkpoint": str(checkpoint)})
