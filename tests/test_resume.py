@@ -171,3 +171,40 @@ def test_kill_9_anywhere_including_mid_save_then_resume_equals_uninterrupted(uni
     a, b = load_file(uninterrupted / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert train_losses(out) == train_losses(uninterrupted)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 70 MB tmpfs: room for one checkpoint of the tiny model (~45 MB), not two."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=70M", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    yield mount
+    subprocess.run(["umount", str(mount)], capture_output=True)
+
+
+def test_disk_full_during_a_save_fails_cleanly(tiny_model_dir, small_disk):
+    from sftune.checkpoint import checkpoint_ok
+
+    out = small_disk / "run"
+    proc = run_cli(*train_args(tiny_model_dir, out, "--max-steps", "12", "--keep-last", "3"))
+    assert proc.returncode == 2, proc.stderr
+    assert "could not write checkpoint" in proc.stderr and "Earlier checkpoints are intact" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    left = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert left == ["step-4"] and checkpoint_ok(out / "checkpoints" / "step-4")  # no staging debris
+
+
+def test_sigint_saves_and_exits_130(tiny_model_dir, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "sftune", *train_args(tiny_model_dir, out, "--save-every", "100")],
+                            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    for line in proc.stderr:
+        if line.startswith("step      3/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, err
+    assert "stopped by SIGINT" in err
+    assert len(list((out / "checkpoints").glob("step-*"))) == 1

@@ -113,7 +113,7 @@ def save_checkpoint(root: Path, model, tokenizer, optimizer, scheduler, scaler, 
             shutil.rmtree(final)
         os.rename(staging, final)
         _fsync_dir(root)
-    except OSError as e:
+    except Exception as e:  # ENOSPC surfaces as OSError, RuntimeError (torch.save) or SafetensorError
         shutil.rmtree(staging, ignore_errors=True)
         raise SftuneError(f"could not write checkpoint {final}: {e}. Earlier checkpoints are intact; "
                           f"free disk space and resume with --resume auto") from None
