@@ -196,3 +196,15 @@ def test_seed_fidelity_on_sst2(tmp_path, gpt2_tokenizer):
     # the tokenizer check from REFERENCE.md
     assert gpt2_tokenizer("Hello, this is the first step of RLHF training.")["input_ids"] == [
         15496, 11, 428, 318, 262, 717, 2239, 286, 45715, 29567, 3047, 13]
+
+
+def test_examples_without_targets_are_dropped_and_counted():
+    from sftune.data import drop_untrained
+
+    ex = Examples.from_lists([[1], [2, 3], [4, 5, 6], [7, 8]],
+                             [[True], [False, False], [True, False, True], [False, True]])
+    kept, dropped = drop_untrained(ex)
+    assert dropped == 2
+    assert [kept.example(i)[0].tolist() for i in range(len(kept))] == [[4, 5, 6], [7, 8]]
+    assert [kept.example(i)[1].tolist() for i in range(len(kept))] == [[True, False, True], [False, True]]
+    assert count_targets(kept) == 2

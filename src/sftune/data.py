@@ -27,7 +27,7 @@ from sftune.console import log
 from sftune.errors import SftuneError
 from sftune.hub import from_hub_or_cache
 
-PIPELINE_VERSION = 1  # bump when tokenization or filtering changes, to invalidate caches
+PIPELINE_VERSION = 2  # bump when tokenization or filtering changes, to invalidate caches
 MAP_BATCH_SIZE = 512  # rows per tokenizer call in datasets.map, as in the seed
 FILE_BUILDERS = {
     ".jsonl": ("json", {}),
@@ -38,7 +38,7 @@ FILE_BUILDERS = {
     ".txt": ("text", {}),
 }
 VALIDATION_NAMES = ("validation", "valid", "val", "dev")
-DROP_REASONS = ("empty", "too_short", "overlong")
+DROP_REASONS = ("empty", "too_short", "overlong", "no_targets")
 
 
 # --- one example --------------------------------------------------------------
@@ -233,6 +233,30 @@ def count_targets(examples: Examples) -> int:
     return int(examples.supervised.sum() - firsts)
 
 
+def drop_untrained(examples: Examples) -> tuple[Examples, int]:
+    """Remove examples with no training target (no supervised token after the first), so they never
+    reach the loss; returns the rest and how many were removed.
+
+    >>> kept, n = drop_untrained(Examples.from_lists([[1, 2], [3, 4]], [[True, True], [True, False]]))
+    >>> (len(kept), n, kept.example(0)[0].tolist())
+    (1, 1, [1, 2])
+    """
+    lengths = examples.lengths
+    starts = examples.offsets[:-1]
+    # supervised tokens per example, minus the first token's (it is never predicted)
+    per_example = np.add.reduceat(examples.supervised.astype(np.int64), starts) if len(examples) else np.zeros(0)
+    per_example = per_example - examples.supervised[starts].astype(np.int64)
+    has_targets = (per_example > 0) & (lengths > 1)
+    if has_targets.all():
+        return examples, 0
+    keep = np.flatnonzero(has_targets)
+    token_mask = np.repeat(has_targets, lengths)
+    offsets = np.zeros(len(keep) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum(lengths[keep])
+    return Examples(np.ascontiguousarray(examples.input_ids[token_mask]),
+                    np.ascontiguousarray(examples.supervised[token_mask]), offsets), int(len(examples) - len(keep))
+
+
 @dataclass
 class SplitStats:
     """What happened to one split's rows."""
@@ -296,7 +320,7 @@ def tokenize_split(rows, tokenizer, text_column: str, min_tokens: int, max_lengt
     offsets = kept_ids.offsets.to_numpy().astype(np.int64)
     flat = kept_ids.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]].astype(np.int32)
     offsets = offsets - offsets[0]
-    examples = Examples(flat, np.ones(len(flat), dtype=bool), offsets)
+    examples, stats.dropped["no_targets"] = drop_untrained(Examples(flat, np.ones(len(flat), dtype=bool), offsets))
     stats.kept = len(examples)
     stats.tokens = int(len(flat))
     stats.supervised_tokens = count_targets(examples)

@@ -73,13 +73,14 @@ def format_data_report(report: dict, tokenizer) -> str:
         f"dataset {report['dataset']} (text column '{report['text_column']}', max_length {report['max_length']}); "
         f"{'read from cache' if report['cache']['hit'] else 'tokenized'} in {report['seconds']:.2f}s",
         "",
-        f"{'split':<11}{'rows':>9}{'kept':>9}{'too_short':>11}{'overlong':>10}{'empty':>7}{'truncated':>11}"
+        f"{'split':<11}{'rows':>9}{'kept':>9}{'too_short':>11}{'overlong':>10}{'empty':>7}{'no_targets':>11}{'truncated':>11}"
         f"{'tokens':>11}{'mean':>7}{'p50':>6}{'p95':>6}{'max':>6}{'targets':>11}",
     ]
     for name, st in s.items():
         d, ln = st["dropped"], st["length"]
         lines.append(
             f"{name:<11}{st['rows']:>9,}{st['kept']:>9,}{d['too_short']:>11,}{d['overlong']:>10,}{d['empty']:>7,}"
+            f"{d['no_targets']:>11,}"
             f"{st['truncated']:>11,}{st['tokens']:>11,}{ln.get('mean', 0):>7.1f}{ln.get('p50', 0):>6.0f}"
             f"{ln.get('p95', 0):>6.0f}{ln.get('max', 0):>6}{st['supervised_tokens']:>11,}"
         )
