@@ -119,7 +119,10 @@ def _root_cause(e: BaseException) -> str:
 
 def diagnose_file(path: Path) -> str | None:
     """Name the first problem in a text data file (not UTF-8, malformed JSON line, no rows), with its line."""
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        return f"cannot read {path}: {e.strerror}; check the path and its permissions (--dataset)"
     if path.suffix.lower() == ".parquet":
         return None
     try:
