@@ -135,8 +135,9 @@ def train(cfg: SFTConfig) -> TrainResult:
     log(f"device: {device}, precision: {precision}" + (" (auto)" if cfg.precision == "auto" else ""))
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code,
                                flag="--tokenizer" if cfg.tokenizer else "--model")
-    model = load_model(cfg.model, cfg.init, cfg.trust_remote_code, cfg.seed)
-    if checkpoint is not None:  # same architecture, the checkpoint's weights
+    if checkpoint is None:
+        model = load_model(cfg.model, cfg.init, cfg.trust_remote_code, cfg.seed)
+    else:  # the checkpoint's weights (the config check below makes sure it is the same model)
         model = load_model(str(checkpoint), "pretrained", cfg.trust_remote_code)
     model = model.to(device)
     data, max_length = prepare_data_for(cfg, tokenizer, model.config)
