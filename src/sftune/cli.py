@@ -132,12 +132,11 @@ def cmd_train(args) -> None:
 
 def cmd_data(args) -> None:
     from sftune.report import data_report, format_data_report
-    from sftune.modeling import load_model_config, load_tokenizer
-    from sftune.train import prepare_data_for
+    from sftune.modeling import load_model_config
+    from sftune.train import prepare_data_for, tokenizer_for
 
     cfg = config_from_args(args)
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code,
-                               flag="--tokenizer" if cfg.tokenizer else "--model")
+    tokenizer = tokenizer_for(cfg)
     data, max_length = prepare_data_for(cfg, tokenizer, load_model_config(cfg.model, cfg.trust_remote_code))
     report = data_report(data, cfg.dataset, max_length, cfg.batch_size, cfg.grad_accum,
                          cfg.eval_batch_size or cfg.batch_size, cfg.seed, cfg.batch_tokens, cfg.group_by_length,
@@ -147,15 +146,14 @@ def cmd_data(args) -> None:
 
 def cmd_eval(args) -> None:
     from sftune.evaluate import evaluate
-    from sftune.modeling import load_model, load_tokenizer
+    from sftune.modeling import load_model
     from sftune.runtime import resolve_device, resolve_precision
-    from sftune.train import prepare_data_for
+    from sftune.train import prepare_data_for, tokenizer_for
 
     cfg = config_from_args(args)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code,
-                               flag="--tokenizer" if cfg.tokenizer else "--model")
+    tokenizer = tokenizer_for(cfg)
     model = load_model(cfg.model, cfg.init, cfg.trust_remote_code, cfg.seed).to(device)
     data, _ = prepare_data_for(cfg, tokenizer, model.config)
     result = evaluate(model, data.validation, cfg.eval_batch_size or cfg.batch_size, tokenizer.pad_token_id, device, precision)

@@ -90,6 +90,12 @@ def param_groups(model, weight_decay: float) -> list[dict]:
     ]
 
 
+def tokenizer_for(cfg: SFTConfig):
+    """The run's tokenizer: `tokenizer`, else the model's; errors name the flag the user set."""
+    return load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code,
+                          flag="--tokenizer" if cfg.tokenizer else "--model")
+
+
 def prepare_data_for(cfg: SFTConfig, tokenizer, model_config) -> tuple[PreparedData, int]:
     """Run the data pipeline with the config's settings; max_length defaults to the model's context."""
     context = context_length(model_config, tokenizer)
@@ -133,8 +139,7 @@ def train(cfg: SFTConfig) -> TrainResult:
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     log(f"device: {device}, precision: {precision}" + (" (auto)" if cfg.precision == "auto" else ""))
-    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code,
-                               flag="--tokenizer" if cfg.tokenizer else "--model")
+    tokenizer = tokenizer_for(cfg)
     if checkpoint is None:
         model = load_model(cfg.model, cfg.init, cfg.trust_remote_code, cfg.seed)
     else:  # the checkpoint's weights (the config check below makes sure it is the same model)
