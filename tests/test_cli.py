@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import GPT2_DIR, QUICKSTART_DATA, ROOT, needs_shared, read_jsonl, run_cli
+from conftest import GPT2_DIR, QUICKSTART_DATA, needs_shared, read_jsonl, run_cli
 
 pytestmark = needs_shared
 

@@ -1,6 +1,5 @@
 """Tier 2: checkpoints, exact resume after a real SIGTERM, corruption, and resume compatibility."""
 
-import json
 import signal
 import subprocess
 import sys

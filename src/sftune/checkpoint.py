@@ -51,9 +51,11 @@ class TrainState:
 
 
 def rng_state() -> dict:
-    state = {
-        "python": list(random.getstate()[1]) + [random.getstate()[2] if random.getstate()[2] is not None else -1],
-        "numpy": np.random.get_state()[1].tolist() + [int(np.random.get_state()[2])],
+    _, py_key, py_gauss = random.getstate()
+    _, np_key, np_pos, _, _ = np.random.get_state()
+    state = {  # plain lists and tensors only, so torch.load(weights_only=True) can read them back
+        "python": list(py_key) + [py_gauss if py_gauss is not None else -1],
+        "numpy": np_key.tolist() + [int(np_pos)],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
