@@ -23,6 +23,9 @@ def bad_files(tmp_path_factory, tiny_model_dir):
     for name in ("config.json", "model.safetensors"):
         shutil.copy(tiny_model_dir / name, no_tokenizer / name)
     (d / "typo.yaml").write_text("learning_rate: 1e-4\n")
+    chat = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there, how are you?"}]
+    (d / "bad_role.jsonl").write_text(json.dumps({"messages": chat}) + "\n" + json.dumps(
+        {"messages": [chat[0], {"role": "bot", "content": "hi"}]}) + "\n" + json.dumps({"messages": chat}) + "\n")
     return d
 
 
@@ -48,6 +51,13 @@ CASES = [
     ("model-without-tokenizer", ["--model", "FILES/model-without-tokenizer"], ["encodes text to no tokens",
                                                                                "--tokenizer"]),
     ("max-length-too-long", ["--max-length", "4096"], ["exceeds the model's context of 128", "--max-length"]),
+    ("chat-unknown-role", ["--dataset", "FILES/bad_role.jsonl"], ["row 2, message 1: unknown role 'bot'",
+                                                                  "roles are system, user, assistant"]),
+    ("chat-template-missing", ["--chat-template", "FILES/none.jinja"], ["chat_template = ", "no such file",
+                                                                        "--chat-template"]),
+    ("columns-unknown-part", ["--columns", "answer=text"], ["unknown part 'answer'", "--columns"]),
+    ("columns-missing-column", ["--columns", "prompt=text,completion=reply"],
+     ["column 'reply' (for completion) is not in the dataset (columns: text, label)", "--columns"]),
 ]
 
 

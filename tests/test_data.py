@@ -9,37 +9,53 @@ import pytest
 
 from conftest import SST2_DIR, needs_shared
 from sftune.batching import epoch_steps
-from sftune.data import Examples, count_targets, encode_text, find_text_column, load_rows, prepare_data
+from sftune.data import Examples, count_targets, encode_example, find_text_column, load_rows, prepare_data
 from sftune.errors import SftuneError
 
 EOS = 50256
 
 
-# --- encode_text: one example's fate ---
+# --- encode_example: one example's fate ---
+
+
+def text(ids, min_tokens, max_length, overlong):
+    """A text-format example: one trained part; (input_ids, status) as the seed's pipeline sees it."""
+    ids_out, mask, status = encode_example([ids], [True], EOS, min_tokens, max_length, overlong)
+    assert all(mask)
+    return ids_out, status
+
 
 def test_encode_appends_eos():
-    assert encode_text([1, 2, 3, 4, 5, 6], EOS, min_tokens=5, max_length=10, overlong="drop") == ([1, 2, 3, 4, 5, 6, EOS], "kept")
+    assert text([1, 2, 3, 4, 5, 6], min_tokens=5, max_length=10, overlong="drop") == ([1, 2, 3, 4, 5, 6, EOS], "kept")
 
 
 def test_min_tokens_counts_the_texts_own_tokens():
     # the seed keeps len(input_ids) > 5: five tokens are dropped even though EOS would make six
-    assert encode_text([1, 2, 3, 4, 5], EOS, 5, 10, "drop") == ([], "too_short")
-    assert encode_text([], EOS, 0, 10, "drop") == ([], "empty")
-    assert encode_text([7], EOS, 0, 10, "drop") == ([7, EOS], "kept")
+    assert text([1, 2, 3, 4, 5], 5, 10, "drop") == ([], "too_short")
+    assert text([], 0, 10, "drop") == ([], "empty")
+    assert text([7], 0, 10, "drop") == ([7, EOS], "kept")
 
 
 def test_overlong_policies():
     ids = list(range(1, 9))  # 8 tokens + EOS = 9 > max_length 6
-    assert encode_text(ids, EOS, 0, 6, "drop") == ([], "overlong")
-    assert encode_text(ids, EOS, 0, 6, "error") == ([], "overlong")
+    assert text(ids, 0, 6, "drop") == ([], "overlong")
+    assert text(ids, 0, 6, "error") == ([], "overlong")
     # truncated: first max_length tokens, and no fake EOS
-    assert encode_text(ids, EOS, 0, 6, "truncate") == ([1, 2, 3, 4, 5, 6], "truncated")
+    assert text(ids, 0, 6, "truncate") == ([1, 2, 3, 4, 5, 6], "truncated")
     # exactly fitting with EOS is kept
-    assert encode_text(ids[:5], EOS, 0, 6, "drop") == ([1, 2, 3, 4, 5, EOS], "kept")
+    assert text(ids[:5], 0, 6, "drop") == ([1, 2, 3, 4, 5, EOS], "kept")
 
 
 def test_existing_trailing_eos_is_not_doubled():
-    assert encode_text([1, 2, EOS], EOS, 0, 10, "drop") == ([1, 2, EOS], "kept")
+    assert text([1, 2, EOS], 0, 10, "drop") == ([1, 2, EOS], "kept")
+
+
+def test_prefix_is_kept_and_untrained_on_both_truncation_sides():
+    parts, trained = [[11, 12, 13], [21, 22, 23]], [False, True]
+    right = encode_example(parts, trained, EOS, 0, 5, "truncate", "right", prefix=[1])
+    left = encode_example(parts, trained, EOS, 0, 5, "truncate", "left", prefix=[1])
+    assert right == ([1, 11, 12, 13, 21], [False, False, False, False, True], "truncated")  # no EOS added back
+    assert left == ([1, 21, 22, 23, EOS], [False, True, True, True, True], "truncated")
 
 
 # --- finding the text column ---

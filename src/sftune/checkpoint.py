@@ -193,9 +193,10 @@ def check_resume_compatible(checkpoint: Path, resolved: dict, force: bool) -> No
     """Refuse to resume when a setting that changes training differs from the checkpoint's."""
     import yaml
 
-    from sftune.config import RUN_CONTROL_KEYS
+    from sftune.config import RUN_CONTROL_KEYS, SFTConfig, to_dict
 
-    saved = yaml.safe_load((checkpoint / "config.yaml").read_text()) or {}
+    # keys added to sftune after the checkpoint was written count as their defaults
+    saved = {**to_dict(SFTConfig()), **(yaml.safe_load((checkpoint / "config.yaml").read_text()) or {})}
     differing = sorted(k for k, v in resolved.items() if k not in RUN_CONTROL_KEYS and saved.get(k) != v)
     if not differing:
         return

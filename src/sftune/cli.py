@@ -46,6 +46,8 @@ def add_config_flags(parser: argparse.ArgumentParser) -> None:
         elif typing.get_origin(base) is list:
             kwargs["nargs"] = "+"
             kwargs["metavar"] = "TEXT"
+        elif typing.get_origin(base) is dict:
+            kwargs["metavar"] = "PART=COLUMN,..."
         elif typing.get_origin(base) is Literal:
             kwargs["metavar"] = "{" + ",".join(typing.get_args(base)) + "}"
         else:
@@ -79,7 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Load, tokenize and filter the dataset as `train` would, and report per split: rows kept and dropped "
         "by reason, tokens, lengths, optimizer steps per epoch, padding efficiency."))
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
-    p.add_argument("--show", type=int, default=0, metavar="N", help="also show the first N training examples")
+    p.add_argument("--show", type=int, default=0, metavar="N", help=(
+        "also show the first N training examples with the trained tokens marked ([[...]], or colour on a terminal); "
+        "with --json, their input_ids and labels"))
     add_config_flags(p)
 
     p = sub.add_parser("eval", help="validation loss and perplexity of a model", description=(
@@ -98,7 +102,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="sample completions from a model", description="Complete a prompt.")
     p.add_argument("--model", required=True, help="model directory (e.g. a run's output) or Hub id")
-    p.add_argument("--prompt", required=True, action="append", help="prompt text (repeat for several)")
+    p.add_argument("--prompt", action="append", default=[], help="prompt text to continue (repeat for several)")
+    p.add_argument("--chat", action="append", default=[], metavar="MESSAGE",
+                   help="a user message, rendered with the model's chat template (repeat for several)")
+    p.add_argument("--system", help="system message before each --chat message")
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding [default: 0.8]")
     p.add_argument("--top-p", type=float, default=0.95)
@@ -141,7 +148,7 @@ def cmd_data(args) -> None:
     report = data_report(data, cfg.dataset, max_length, cfg.batch_size, cfg.grad_accum,
                          cfg.eval_batch_size or cfg.batch_size, cfg.seed, cfg.batch_tokens, cfg.group_by_length,
                          cfg.packing, show=args.show)
-    print(json.dumps(report, indent=2) if args.json else format_data_report(report, tokenizer))
+    print(json.dumps(report, indent=2) if args.json else format_data_report(report, tokenizer, color=sys.stdout.isatty()))
 
 
 def cmd_eval(args) -> None:
@@ -201,20 +208,22 @@ def cmd_generate(args) -> None:
     from sftune.modeling import load_model, load_tokenizer
     from sftune.runtime import resolve_device
 
+    if not args.prompt and not args.chat:
+        raise SftuneError("nothing to complete: give --prompt TEXT or --chat MESSAGE")
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code, flag="--model")
     model = load_model(args.model, "pretrained", args.trust_remote_code).to(device)
     results = []
-    for prompt in args.prompt:
+    for prompt, chat in [(p, False) for p in args.prompt] + [(c, True) for c in args.chat]:
         texts = complete(model, tokenizer, prompt, args.max_new_tokens, args.temperature, args.top_p,
-                         args.num_samples, args.seed)
-        results.append({"prompt": prompt, "completions": texts})
+                         args.num_samples, args.seed, chat=chat, system=args.system)
+        results.append({"prompt" if not chat else "chat": prompt, "completions": texts})
     if args.json:
         print(json.dumps(results if len(results) > 1 else results[0], ensure_ascii=False))
         return
     for r in results:
         for i, text in enumerate(r["completions"]):
-            print(f"[{i}] {r['prompt']}{text}")
+            print(f"[{i}] {r['prompt']}{text}" if "prompt" in r else f"[{i}] user: {r['chat']}\n    assistant: {text}")
 
 
 COMMANDS = {"train": cmd_train, "data": cmd_data, "eval": cmd_eval, "tokenize": cmd_tokenize, "generate": cmd_generate}

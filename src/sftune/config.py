@@ -28,11 +28,13 @@ Overlong = Literal["truncate", "drop", "error"]
 Schedule = Literal["constant", "linear", "cosine"]
 Init = Literal["pretrained", "random"]
 Device = Literal["auto", "cpu", "cuda"]
+Format = Literal["auto", "text", "prompt_completion", "chat", "chat_prompt_completion"]
+Side = Literal["right", "left"]
 
 
 def _f(default: Any, help: str, group: str) -> Any:
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"help": help, "group": group})
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help, "group": group})
     return field(default=default, metadata={"help": help, "group": group})
 
 
@@ -63,8 +65,29 @@ class SFTConfig:
         "(.jsonl .json .csv .tsv .parquet .txt).",
         "data",
     )
+    dataset_config: str | None = _f(None, "Configuration (subset) name of a Hub dataset.", "data")
+    split: str = _f("train", "Split to train on (validation: the dataset's own, else held out of it).", "data")
+    format: Format = _f(
+        "auto",
+        "Data format: text, prompt_completion (prompt + completion columns), chat (a messages column), "
+        "chat_prompt_completion (prompt and completion as message lists); auto detects it from the columns.",
+        "data",
+    )
+    columns: dict[str, str] = _f(
+        {},
+        "Map format parts to your columns, e.g. prompt=instruction,completion=output,input=input "
+        "(parts: text, prompt, completion, input, messages).",
+        "data",
+    )
     text_column: str | None = _f(
         None, "Column holding the text (default: 'text', 'sentence', or the only string column).", "data"
+    )
+    train_on_prompt: bool = _f(False, "Also train on the prompt (prompt/completion formats).", "data")
+    train_on_all_turns: bool = _f(False, "Chat: train on every turn, not only the assistant's.", "data")
+    chat_template: str | None = _f(
+        None,
+        "Jinja chat template file for chat data (default: the tokenizer's; sftune's documented default when it has none).",
+        "data",
     )
     val_fraction: float = _f(
         0.05, "Fraction of train held out (with `seed`) when the dataset has no validation split.", "data"
@@ -79,6 +102,9 @@ class SFTConfig:
         "drop",
         "What to do with an example longer than max_length: drop it, truncate it (no EOS), or stop with an error.",
         "data",
+    )
+    truncation_side: Side = _f(
+        "right", "Side cut by --overlong truncate: right loses the end (and EOS), left the start of the prompt.", "data"
     )
     cache_dir: str | None = _f(
         None, "Where tokenized datasets are cached (default: $SFTUNE_CACHE or ~/.cache/sftune).", "data"
@@ -167,6 +193,8 @@ def describe_type(name: str) -> str:
         text = " | ".join(repr(c) for c in typing.get_args(base))
     elif typing.get_origin(base) is list:
         text = "list of strings"
+    elif typing.get_origin(base) is dict:
+        text = "mapping (PART=COLUMN,...)"
     else:
         text = base.__name__
     return text + (" or null" if optional else "")
@@ -193,6 +221,16 @@ def coerce(name: str, value: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ValueError(f"must be a list of strings, got {value!r}")
         return list(value)
+    if typing.get_origin(base) is dict:
+        from sftune.formats import parse_columns
+
+        if not isinstance(value, (str, dict)) or (isinstance(value, dict) and not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in value.items())):
+            raise ValueError(f"must be a mapping of part to column name, e.g. prompt=instruction, got {value!r}")
+        try:
+            return parse_columns(value)
+        except SftuneError as e:
+            raise ValueError(str(e).removeprefix("columns: ")) from None
     if base is bool:
         if isinstance(value, bool):
             return value
@@ -244,6 +282,8 @@ def _checks(cfg: SFTConfig) -> list[str]:
     need(cfg.sample_max_new_tokens >= 1, "sample_max_new_tokens", "must be at least 1")
     need(bool(cfg.model), "model", "must name a Hub id or a local directory")
     need(bool(cfg.dataset), "dataset", "must name a Hub id, a directory or a file")
+    need(cfg.chat_template is None or Path(cfg.chat_template).expanduser().is_file(), "chat_template",
+         "no such file; give the path of a Jinja template file")
     return problems
 
 

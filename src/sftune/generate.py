@@ -1,6 +1,7 @@
 """Sampling completions from a (fine-tuned) model.
 
     sftune generate --model runs/quickstart --prompt "the movie was" --num-samples 3
+    sftune generate --model runs/chat --chat "Recommend a film."      # rendered with the model's chat template
 """
 
 from __future__ import annotations
@@ -20,10 +21,15 @@ def complete(
     top_p: float = 0.95,
     num_samples: int = 1,
     seed: int = 0,
+    chat: bool = False,
+    system: str | None = None,
 ) -> list[str]:
     """`num_samples` continuations of `prompt` (the prompt itself not included).
 
-    temperature 0 means greedy decoding. Generation stops at EOS.
+    temperature 0 means greedy decoding. Generation stops at EOS. With `chat`, the prompt
+    is a user turn (after an optional `system` turn) rendered with the tokenizer's chat
+    template and its generation prompt, as in training; generation also stops at the
+    template's end-of-turn token.
     """
     if temperature < 0:
         raise SftuneError(f"temperature must be 0 (greedy) or more, got {temperature} (--temperature)")
@@ -32,7 +38,13 @@ def complete(
     if max_new_tokens < 1 or num_samples < 1:
         raise SftuneError("--max-new-tokens and --num-samples must be at least 1")
     device = next(model.parameters()).device
-    encoded = tokenizer(prompt, return_tensors="pt").to(device)
+    stop = [tokenizer.eos_token_id]
+    if chat:
+        prompt, end_of_turn = render_chat_prompt(tokenizer, prompt, system)
+        stop += [i for i in end_of_turn if i != tokenizer.eos_token_id]
+        encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
+    else:
+        encoded = tokenizer(prompt, return_tensors="pt").to(device)
     if encoded["input_ids"].shape[1] == 0:
         raise SftuneError("the prompt is empty after tokenization; give some text with --prompt")
     torch.manual_seed(seed)
@@ -48,8 +60,23 @@ def complete(
         top_k=None,
         num_return_sequences=num_samples,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        eos_token_id=stop,
     )
     model.train(was_training)
     new_tokens = out[:, encoded["input_ids"].shape[1] :]
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def render_chat_prompt(tokenizer, user: str, system: str | None = None) -> tuple[str, list[int]]:
+    """The text to generate from for one user turn, and the template's end-of-turn special token ids."""
+    from sftune.formats import ChatTemplate
+
+    template = tokenizer.chat_template
+    if not isinstance(template, str) or not template:
+        raise SftuneError("this model's tokenizer has no chat template (it was not trained on chat data by sftune); "
+                          "use --prompt for plain text, or --chat-template FILE")
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    end = tokenizer(ChatTemplate(template, tokenizer).end_of_turn(), add_special_tokens=False)["input_ids"]
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
+    return text, [i for i in end[:1] if i in special]

@@ -53,7 +53,8 @@ def data_report(
         examples.append({"index": i, "input_ids": batch["input_ids"][0].tolist(), "labels": batch["labels"][0].tolist()})
     return {
         "dataset": dataset,
-        "text_column": data.text_column,
+        "format": data.layout.format,
+        "columns": data.layout.columns,
         "max_length": max_length,
         "batch_size": batch_size,
         "grad_accum": grad_accum,
@@ -67,14 +68,32 @@ def data_report(
     }
 
 
-def format_data_report(report: dict, tokenizer) -> str:
+def marked_text(tokenizer, input_ids: list[int], labels: list[int], color: bool = False) -> str:
+    """The example's text with its trained tokens marked: [[...]], or green on a terminal.
+
+    Runs of trained and untrained tokens are decoded separately; their boundaries are the
+    parts' own boundaries, so no character is split.
+    """
+    runs: list[tuple[bool, list[int]]] = []
+    for i, lab in zip(input_ids, labels):
+        trained = lab != IGNORE_INDEX
+        if runs and runs[-1][0] == trained:
+            runs[-1][1].append(i)
+        else:
+            runs.append((trained, [i]))
+    open_, close = ("\x1b[1;32m", "\x1b[0m") if color else ("[[", "]]")
+    return "".join(open_ + tokenizer.decode(ids) + close if trained else tokenizer.decode(ids) for trained, ids in runs)
+
+
+def format_data_report(report: dict, tokenizer, color: bool = False) -> str:
     s = report["splits"]
+    columns = ", ".join(f"{k}={v}" for k, v in report["columns"].items())
     lines = [
-        f"dataset {report['dataset']} (text column '{report['text_column']}', max_length {report['max_length']}); "
+        f"dataset {report['dataset']}: format {report['format']} ({columns}), max_length {report['max_length']}; "
         f"{'read from cache' if report['cache']['hit'] else 'tokenized'} in {report['seconds']:.2f}s",
         "",
         f"{'split':<11}{'rows':>9}{'kept':>9}{'too_short':>11}{'overlong':>10}{'empty':>7}{'no_targets':>11}{'truncated':>11}"
-        f"{'tokens':>11}{'mean':>7}{'p50':>6}{'p95':>6}{'max':>6}{'targets':>11}",
+        f"{'tokens':>11}{'mean':>7}{'p50':>6}{'p95':>6}{'max':>6}{'trained':>11}{'untrained':>11}",
     ]
     for name, st in s.items():
         d, ln = st["dropped"], st["length"]
@@ -82,10 +101,11 @@ def format_data_report(report: dict, tokenizer) -> str:
             f"{name:<11}{st['rows']:>9,}{st['kept']:>9,}{d['too_short']:>11,}{d['overlong']:>10,}{d['empty']:>7,}"
             f"{d['no_targets']:>11,}"
             f"{st['truncated']:>11,}{st['tokens']:>11,}{ln.get('mean', 0):>7.1f}{ln.get('p50', 0):>6.0f}"
-            f"{ln.get('p95', 0):>6.0f}{ln.get('max', 0):>6}{st['supervised_tokens']:>11,}"
+            f"{ln.get('p95', 0):>6.0f}{ln.get('max', 0):>6}{st['supervised_tokens']:>11,}{st['untrained_tokens']:>11,}"
         )
     t = s["train"]
     lines += [
+        "(trained: tokens the loss is computed on; untrained: prompt, template and other tokens it never sees)",
         "",
         f"train: {t['micro_batches_per_epoch']:,} batches of up to {report['batch_size']} "
         f"{'packed rows' if report['packing'] else 'rows'} per epoch = "
@@ -96,10 +116,10 @@ def format_data_report(report: dict, tokenizer) -> str:
            if report["packing"] else ""),
         f"validation: padding efficiency {100 * s['validation']['padding_efficiency']:.1f}% (length-sorted batches)",
     ]
+    if report["examples"]:
+        lines.append("\ntrained tokens are " + ("shown in green" if color else "in [[double brackets]]") + ":")
     for ex in report["examples"]:
-        lines.append(f"\nexample {ex['index']}: {tokenizer.decode(ex['input_ids'])!r}")
-        lines.append(f"  {'pos':>4} {'id':>7} {'label':>7}  token")
-        for pos, (i, lab) in enumerate(zip(ex["input_ids"], ex["labels"])):
-            mark = "" if lab != IGNORE_INDEX else "  (not trained)"
-            lines.append(f"  {pos:>4} {i:>7} {lab:>7}  {tokenizer.convert_ids_to_tokens(i)!r}{mark}")
+        trained = sum(lab != IGNORE_INDEX for lab in ex["labels"])
+        lines.append(f"\n--- train example {ex['index']} ({len(ex['input_ids'])} tokens, {trained} trained) ---")
+        lines.append(marked_text(tokenizer, ex["input_ids"], ex["labels"], color))
     return "\n".join(lines)

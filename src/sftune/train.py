@@ -91,9 +91,17 @@ def param_groups(model, weight_decay: float) -> list[dict]:
 
 
 def tokenizer_for(cfg: SFTConfig):
-    """The run's tokenizer: `tokenizer`, else the model's; errors name the flag the user set."""
-    return load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code,
-                          flag="--tokenizer" if cfg.tokenizer else "--model")
+    """The run's tokenizer: `tokenizer`, else the model's; errors name the flag the user set.
+    A `chat_template` file replaces the tokenizer's template (and is saved with the model)."""
+    tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code,
+                               flag="--tokenizer" if cfg.tokenizer else "--model")
+    if cfg.chat_template:
+        path = Path(cfg.chat_template).expanduser()
+        try:
+            tokenizer.chat_template = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise SftuneError(f"cannot read the chat template {path}: {e} (--chat-template)") from None
+    return tokenizer
 
 
 def prepare_data_for(cfg: SFTConfig, tokenizer, model_config) -> tuple[PreparedData, int]:
@@ -105,9 +113,11 @@ def prepare_data_for(cfg: SFTConfig, tokenizer, model_config) -> tuple[PreparedD
     if cfg.max_length is None:
         log(f"max_length: {max_length} (the model's context)")
     data = prepare_data(cfg.dataset, tokenizer, max_length, cfg.text_column, cfg.min_tokens, cfg.overlong,
-                        cfg.val_fraction, cfg.seed, cfg.cache_dir)
-    log(f"data: {len(data.train):,} train / {len(data.validation):,} validation examples, text column "
-        f"'{data.text_column}' ({'from cache' if data.from_cache else 'tokenized'} in {data.seconds:.1f}s)")
+                        cfg.val_fraction, cfg.seed, cfg.cache_dir, format=cfg.format, columns=cfg.columns,
+                        truncation_side=cfg.truncation_side, train_on_prompt=cfg.train_on_prompt,
+                        train_on_all_turns=cfg.train_on_all_turns, dataset_config=cfg.dataset_config, split=cfg.split)
+    log(f"data: {len(data.train):,} train / {len(data.validation):,} validation examples, format "
+        f"{data.layout.describe()} ({'from cache' if data.from_cache else 'tokenized'} in {data.seconds:.1f}s)")
     return data, max_length
 
 
@@ -316,6 +326,7 @@ def train(cfg: SFTConfig) -> TrainResult:
     metrics.close()
     samples = {}
     for prompt in cfg.sample_prompts:
-        samples[prompt] = complete(model, tokenizer, prompt, cfg.sample_max_new_tokens, seed=cfg.seed)[0]
+        samples[prompt] = complete(model, tokenizer, prompt, cfg.sample_max_new_tokens, seed=cfg.seed,
+                                   chat=data.layout.format.startswith("chat"))[0]
     return TrainResult(out, step, tokens, seconds, evals, samples)
 

@@ -1,0 +1,266 @@
+"""Data formats: how one dataset row becomes text segments, each trained on or not.
+
+    text                    {"text": "a fine film"}                                   all trained
+    prompt_completion       {"prompt": "Q: 2+2? A:", "completion": " 4"}              completion (+ EOS) trained
+    chat                    {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}
+                                                                                      assistant turns trained
+    chat_prompt_completion  {"prompt": [messages...], "completion": [messages...]}   the completion's turns trained
+
+A row becomes a list of `(text, trained)` segments. The data pipeline tokenizes
+each segment on its own and concatenates the ids, so the boundary between
+prompt and answer is exact even where BPE would merge across it (that is also
+what the model sees at generation time: the prompt is tokenized alone).
+
+    >>> row_segments({"prompt": "Q: hi", "completion": " A: yo"}, Layout("prompt_completion", {"prompt": "prompt", "completion": "completion"}))
+    [('Q: hi', False), (' A: yo', True)]
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from sftune.errors import SftuneError
+
+FORMATS = ("text", "prompt_completion", "chat", "chat_prompt_completion")
+COLUMN_KEYS = ("text", "prompt", "completion", "input", "messages")
+ROLES = ("system", "user", "assistant")
+ROW_COLUMN = "__row__"  # the row's number in its source split, added by load_rows for error messages
+
+# GPT-2 and other base models ship no chat template. This one is deliberately plain:
+#   <|system|>\n{content}<|endoftext|><|user|>\n{content}<|endoftext|><|assistant|>\n{content}<|endoftext|>
+# Each turn ends with the EOS token, so a model trained on it stops after its answer.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+# How the optional `input` field of alpaca-style data joins the prompt (when non-empty).
+INPUT_JOIN = "{prompt}\n\n{input}"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Which format a dataset is in, and which column plays each part."""
+
+    format: str
+    columns: dict[str, str]  # part ("text", "prompt", "completion", "input", "messages") -> column name
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{k}={v}" for k, v in self.columns.items())
+        return f"{self.format} ({parts})"
+
+
+def parse_columns(value: str | dict[str, str] | None) -> dict[str, str]:
+    """`"prompt=instruction,completion=output"` (or a YAML mapping) -> {"prompt": "instruction", ...}.
+
+    >>> parse_columns("prompt=instruction, completion=output")
+    {'prompt': 'instruction', 'completion': 'output'}
+    """
+    if not value:
+        return {}
+    if isinstance(value, dict):
+        items = list(value.items())
+    else:
+        items = [(pair.partition("=")[0].strip(), pair.partition("=")[2].strip()) for pair in value.split(",") if pair.strip()]
+    mapping = {}
+    for key, column in items:
+        if key not in COLUMN_KEYS:
+            raise SftuneError(f"columns: unknown part {key!r}; parts are {', '.join(COLUMN_KEYS)} "
+                              f"(e.g. --columns prompt=instruction,completion=output)")
+        if not column:
+            raise SftuneError(f"columns: part {key!r} names no column; write {key}=COLUMN (--columns)")
+        mapping[key] = str(column)
+    return mapping
+
+
+def _is_list(feature: Any) -> bool:
+    import datasets
+
+    return isinstance(feature, (list, datasets.Sequence, getattr(datasets, "List", ())))
+
+
+def detect_layout(features: dict[str, Any], requested: str = "auto", columns: dict[str, str] | None = None,
+                  text_column: str | None = None) -> Layout:
+    """The dataset's format: `requested`, else from the (mapped) column names.
+
+    `features` maps column names to datasets feature objects. A `messages`
+    column means chat; `prompt` and `completion` mean prompt/completion (chat
+    prompt/completion when they hold message lists); anything else is text.
+    """
+    columns = dict(columns or {})
+    if text_column is not None:
+        columns.setdefault("text", text_column)
+    names = [n for n in features if n != ROW_COLUMN]
+    for key, column in columns.items():
+        if column not in features:
+            what = "text column" if key == "text" else f"column {column!r} (for {key}) is"
+            raise SftuneError(f"{what}{f' {column!r}' if key == 'text' else ''} not in the dataset "
+                              f"(columns: {', '.join(names)}); fix {'--text-column or ' if key == 'text' else ''}--columns")
+    col = {k: columns.get(k, k) for k in COLUMN_KEYS}
+    fmt = requested
+    if fmt == "auto":
+        if col["messages"] in features and "text" not in columns:
+            fmt = "chat"
+        elif col["prompt"] in features and col["completion"] in features and "text" not in columns:
+            fmt = "prompt_completion"
+        else:
+            fmt = "text"
+    if fmt == "prompt_completion" and all(c in features for c in (col["prompt"], col["completion"])) \
+            and _is_list(features[col["prompt"]]):
+        fmt = "chat_prompt_completion"
+    needed = {"text": [], "prompt_completion": ["prompt", "completion"], "chat": ["messages"],
+              "chat_prompt_completion": ["prompt", "completion"]}[fmt]
+    missing = [f"{k} (column {col[k]!r})" for k in needed if col[k] not in features]
+    if missing:
+        raise SftuneError(f"format {fmt} needs {', '.join(missing)}, not in the dataset (columns: {', '.join(names)}); "
+                          f"map them with --columns, e.g. --columns prompt=instruction,completion=output, or set --format")
+    if fmt == "text":
+        from sftune.data import find_text_column  # the text format keeps its own column rules
+
+        return Layout("text", {"text": find_text_column({n: features[n] for n in names}, columns.get("text"))})
+    chosen = {k: col[k] for k in needed}
+    if fmt == "prompt_completion" and col["input"] in features:
+        chosen["input"] = col["input"]
+    return Layout(fmt, chosen)
+
+
+# --- chat templates --------------------------------------------------------------
+
+
+class ChatTemplate:
+    """A Jinja chat template, compiled once, rendered the way transformers renders it
+    (sandboxed, trim_blocks, lstrip_blocks, the tokenizer's special tokens as variables).
+
+    We render it ourselves because finding exact turn boundaries takes many partial
+    renders, including the empty conversation that `apply_chat_template` refuses.
+    """
+
+    def __init__(self, source: str, tokenizer):
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = raise_exception
+        try:
+            self.template = env.from_string(source)
+        except TemplateError as e:
+            raise SftuneError(f"the chat template does not compile: {e} (check --chat-template)") from None
+        self.source = source
+        self.variables = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.variables)
+
+    def render_empty(self) -> str:
+        """What the template writes before any message (e.g. a BOS), '' if it needs a message."""
+        try:
+            return self.render([])
+        except Exception:
+            return ""
+
+    def segments(self, messages: list[dict], trained: Callable[[int, dict], bool]) -> list[tuple[str, bool]]:
+        """Cut the rendered conversation into turns: each turn's text is what rendering it adds.
+
+        An assistant turn is split once more: its header (what `add_generation_prompt`
+        adds) is never trained; the rest, its content and end-of-turn marker, is trained
+        when `trained(i, message)` says so. Raises ValueError when a template rewrites
+        earlier turns (its renders are not prefixes of each other).
+        """
+        out: list[tuple[str, bool]] = []
+        before = self.render_empty()
+        for i, message in enumerate(messages):
+            train = trained(i, message)
+            if message["role"] == "assistant":
+                header = self.render(messages[:i], add_generation_prompt=True)
+                if not header.startswith(before):
+                    raise ValueError(f"the generation prompt before message {i} changes earlier text")
+                out.append((header[len(before):], False))
+                before = header
+            full = self.render(messages[: i + 1])
+            if not full.startswith(before):
+                raise ValueError(f"rendering message {i} changes the text of earlier messages")
+            out.append((full[len(before):], train))
+            before = full
+        if before == "" and messages:
+            raise ValueError("the template renders nothing")
+        return [(text, train) for text, train in out if text]
+
+    def end_of_turn(self) -> str:
+        """What the template writes after an assistant's content ('' when nothing)."""
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+        turn = "".join(t for t, trained in self.segments(probe, lambda i, m: m["role"] == "assistant") if trained)
+        return turn.split("Hello", 1)[1] if "Hello" in turn else ""
+
+
+def validate_messages(messages: Any, where: str, final_assistant: bool = True) -> list[dict]:
+    """Check a conversation: a non-empty list of {role, content} with known roles, ending with
+    the assistant (when `final_assistant`). Errors name the row and the message."""
+    if not isinstance(messages, list) or not messages:
+        raise SftuneError(f"{where}: empty conversation (no messages); remove the row or fix the data")
+    for k, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            raise SftuneError(f"{where}, message {k}: expected {{role, content}}, got {m!r:.80}")
+        if m["role"] not in ROLES:
+            raise SftuneError(f"{where}, message {k}: unknown role {m['role']!r}; roles are {', '.join(ROLES)}")
+        if not isinstance(m["content"], str):
+            raise SftuneError(f"{where}, message {k}: content must be text, got {type(m['content']).__name__}")
+    if final_assistant and messages[-1]["role"] != "assistant":
+        raise SftuneError(f"{where}: the conversation ends with a {messages[-1]['role']} turn, not an assistant turn "
+                          f"(message {len(messages) - 1}); nothing to train on after it. Fix or remove the row")
+    return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+def _as_text(value: Any) -> Any:
+    """An integer cell (a CSV column of plain integers is read as numbers) as the text it was written as."""
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+# --- one row -----------------------------------------------------------------------
+
+
+def row_segments(row: dict, layout: Layout, template: ChatTemplate | None = None, train_on_prompt: bool = False,
+                 train_on_all_turns: bool = False, where: str = "row") -> list[tuple[str, bool]]:
+    """The row's text as `(text, trained)` segments, per its layout.
+
+    >>> row_segments({"instruction": "Add 2+2.", "ctx": "", "output": " 4"},
+    ...              Layout("prompt_completion", {"prompt": "instruction", "completion": "output", "input": "ctx"}))
+    [('Add 2+2.', False), (' 4', True)]
+    """
+    c = layout.columns
+    if layout.format == "text":
+        text = row[c["text"]]
+        return [(text if isinstance(text, str) else "", True)]
+    if layout.format == "prompt_completion":
+        prompt, completion = (_as_text(row[c[k]]) for k in ("prompt", "completion"))
+        if not isinstance(prompt, str) or not isinstance(completion, str):
+            raise SftuneError(f"{where}: prompt and completion must be text, got {type(prompt).__name__} and "
+                              f"{type(completion).__name__} (check --format and --columns)")
+        extra = row.get(c["input"]) if "input" in c else None
+        if extra:
+            prompt = INPUT_JOIN.format(prompt=prompt, input=extra)
+        return [(prompt, train_on_prompt), (completion, True)]
+    if template is None:
+        raise AssertionError("chat formats need a ChatTemplate")
+    if layout.format == "chat":
+        messages = validate_messages(row[c["messages"]], where)
+        n_prompt = 0
+    else:
+        prompt = validate_messages(row[c["prompt"]], f"{where} (prompt)", final_assistant=False)
+        completion = validate_messages(row[c["completion"]], f"{where} (completion)")
+        messages, n_prompt = prompt + completion, len(prompt)
+
+    def trained(i: int, message: dict) -> bool:
+        if train_on_all_turns or (train_on_prompt and i < n_prompt):
+            return True
+        return message["role"] == "assistant" and i >= n_prompt
+
+    try:
+        return template.segments(messages, trained)
+    except Exception as e:  # a Jinja error or a template that rewrites earlier turns
+        raise SftuneError(f"{where}: the chat template cannot be split into turns exactly ({e}); "
+                          f"use a template whose renders extend each other (--chat-template FILE)") from None

@@ -1,0 +1,314 @@
+"""Tier 1-2: data formats (prompt/completion, chat, chat prompt/completion) and their exact label masks.
+
+Every expected `labels` list is written out token by token from the real GPT-2 tokenizer:
+prompt tokens -100, answer tokens trained, EOS / end-of-turn trained, padding -100.
+"""
+
+import json
+
+import numpy as np
+import pytest
+
+from sftune.batching import IGNORE_INDEX, best_fit_decreasing, collate, collate_packed, epoch_steps
+from sftune.data import prepare_data
+from sftune.errors import SftuneError
+from sftune.formats import DEFAULT_CHAT_TEMPLATE, ChatTemplate, Layout, detect_layout, parse_columns, row_segments
+
+EOS = 50256
+X = IGNORE_INDEX
+
+
+def write_splits(root, train_rows, validation_rows=None, name="data"):
+    """A directory with train.jsonl and validation.jsonl: the splits are exactly these rows, in order."""
+    d = root / name
+    d.mkdir()
+    for split, rows in (("train", train_rows), ("validation", validation_rows or train_rows)):
+        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
+
+
+def labels_of(data, i=0, split="train"):
+    examples = getattr(data, split)
+    batch = collate(examples, [i], pad_id=EOS)
+    return batch["input_ids"][0].tolist(), batch["labels"][0].tolist()
+
+
+def enc(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def prep(tmp_path, tok, rows, **kw):
+    kw.setdefault("min_tokens", 0)
+    kw.setdefault("max_length", 128)
+    return prepare_data(str(write_splits(tmp_path, rows)), tok, cache_dir=tmp_path / "cache", **kw)
+
+
+# --- prompt / completion -------------------------------------------------------------
+
+
+def test_prompt_completion_trains_the_completion_and_its_eos(tmp_path, gpt2_tokenizer):
+    row = {"prompt": "Q: What is 2+2?\nA:", "completion": " 4, of course."}
+    data = prep(tmp_path, gpt2_tokenizer, [row])
+    p, c = enc(gpt2_tokenizer, row["prompt"]), enc(gpt2_tokenizer, row["completion"])
+    ids, labels = labels_of(data)
+    assert ids == p + c + [EOS]
+    assert labels == [X] * len(p) + c + [EOS]
+    assert data.layout == Layout("prompt_completion", {"prompt": "prompt", "completion": "completion"})
+    st = data.stats["train"]
+    assert (st.supervised_tokens, st.untrained_tokens) == (len(c) + 1, len(p))
+
+
+def test_train_on_prompt_trains_everything_after_the_first_token(tmp_path, gpt2_tokenizer):
+    row = {"prompt": "Q: What is 2+2?\nA:", "completion": " 4"}
+    data = prep(tmp_path, gpt2_tokenizer, [row], train_on_prompt=True)
+    ids, labels = labels_of(data)
+    assert labels == ids
+
+
+def test_padding_is_never_trained(tmp_path, gpt2_tokenizer):
+    rows = [{"prompt": "Say hi:", "completion": " hi"}, {"prompt": "Say hello there:", "completion": " hello there"}]
+    data = prep(tmp_path, gpt2_tokenizer, rows)
+    batch = collate(data.train, [0, 1], pad_id=EOS)
+    short, long_ = batch["labels"][0].tolist(), batch["labels"][1].tolist()
+    n = len(enc(gpt2_tokenizer, "Say hi:")) + len(enc(gpt2_tokenizer, " hi")) + 1
+    assert short[n - 2:n] == [enc(gpt2_tokenizer, " hi")[-1], EOS]  # the real EOS is trained ...
+    assert short[n:] == [X] * (len(long_) - n)  # ... the EOS used as padding is not
+    assert batch["input_ids"][0, n:].tolist() == [EOS] * (len(long_) - n)
+
+
+def test_boundary_merge_uses_the_parts_tokens(tmp_path, gpt2_tokenizer):
+    """'hello wor' + 'ld' is 'hello world' (2 tokens) as one text, but 3 tokens as parts."""
+    row = {"prompt": "hello wor", "completion": "ld"}
+    whole = enc(gpt2_tokenizer, "hello world")
+    p, c = enc(gpt2_tokenizer, "hello wor"), enc(gpt2_tokenizer, "ld")
+    assert whole != p + c  # the case really merges across the boundary
+    data = prep(tmp_path, gpt2_tokenizer, [row])
+    ids, labels = labels_of(data)
+    assert ids == p + c + [EOS]
+    assert labels == [X] * len(p) + c + [EOS]  # exactly the completion's own tokens are trained
+    assert data.stats["train"].boundary_merges == 1
+
+
+def test_truncation_right_cuts_the_end_and_adds_no_eos(tmp_path, gpt2_tokenizer):
+    row = {"prompt": "one two three four", "completion": " five six seven eight"}
+    p, c = enc(gpt2_tokenizer, row["prompt"]), enc(gpt2_tokenizer, row["completion"])
+    data = prep(tmp_path, gpt2_tokenizer, [row], max_length=6, overlong="truncate", truncation_side="right")
+    ids, labels = labels_of(data)
+    assert ids == (p + c)[:6] and EOS not in ids
+    assert labels == [X] * len(p) + c[: 6 - len(p)]
+    assert data.stats["train"].truncated == 1
+
+
+def test_truncation_left_cuts_the_prompt_start_and_keeps_eos(tmp_path, gpt2_tokenizer):
+    row = {"prompt": "one two three four", "completion": " five six"}
+    p, c = enc(gpt2_tokenizer, row["prompt"]), enc(gpt2_tokenizer, row["completion"])
+    data = prep(tmp_path, gpt2_tokenizer, [row], max_length=5, overlong="truncate", truncation_side="left")
+    ids, labels = labels_of(data)
+    assert ids == (p + c + [EOS])[-5:]
+    assert labels == [X] * (5 - len(c) - 1) + c + [EOS]
+
+
+def test_an_example_left_with_nothing_to_train_is_dropped_and_counted(tmp_path, gpt2_tokenizer):
+    rows = [{"prompt": "a long prompt that fills the whole budget", "completion": " answer"},
+            {"prompt": "short", "completion": " ok"}]
+    data = prep(tmp_path, gpt2_tokenizer, rows, max_length=6, overlong="truncate")
+    st = data.stats["train"]
+    assert (st.kept, st.dropped["no_targets"], st.truncated) == (1, 1, 1)
+    assert labels_of(data)[0] == enc(gpt2_tokenizer, "short ok") + [EOS]
+
+
+def test_alpaca_columns_are_mapped_and_input_joins_the_prompt(tmp_path, gpt2_tokenizer):
+    rows = [{"instruction": "Translate to French.", "input": "cat", "output": " chat"},
+            {"instruction": "Say yes.", "input": "", "output": " yes"}]
+    data = prep(tmp_path, gpt2_tokenizer, rows, columns=parse_columns("prompt=instruction,completion=output,input=input"))
+    assert data.layout.format == "prompt_completion"
+    ids, labels = labels_of(data, 0)
+    p = enc(gpt2_tokenizer, "Translate to French.\n\ncat")
+    assert ids == p + enc(gpt2_tokenizer, " chat") + [EOS]
+    assert labels == [X] * len(p) + enc(gpt2_tokenizer, " chat") + [EOS]
+    ids, _ = labels_of(data, 1)
+    assert ids == enc(gpt2_tokenizer, "Say yes.") + enc(gpt2_tokenizer, " yes") + [EOS]  # empty input: no join
+
+
+def test_column_mapping_errors_name_the_fix(tmp_path, gpt2_tokenizer):
+    rows = [{"instruction": "x", "output": "y"}]
+    with pytest.raises(SftuneError, match=r"column 'answer' \(for completion\) is not in the dataset .*--columns"):
+        prep(tmp_path, gpt2_tokenizer, rows, columns={"prompt": "instruction", "completion": "answer"})
+    with pytest.raises(SftuneError, match="unknown part 'reply'"):
+        parse_columns("reply=output")
+    with pytest.raises(SftuneError, match="format prompt_completion needs prompt .*--columns"):
+        prep(tmp_path / "..", gpt2_tokenizer, [{"text": "a b c d e f g"}], format="prompt_completion")
+
+
+# --- chat ------------------------------------------------------------------------------
+
+
+CHAT = {"messages": [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Name a colour."},
+    {"role": "assistant", "content": "Blue."},
+    {"role": "user", "content": "Another?"},
+    {"role": "assistant", "content": "Red."},
+]}
+
+
+def test_chat_trains_assistant_turns_with_their_end_of_turn(tmp_path, gpt2_tokenizer):
+    data = prep(tmp_path, gpt2_tokenizer, [CHAT])
+    assert data.layout.format == "chat"
+    e = lambda s: enc(gpt2_tokenizer, s)  # noqa: E731
+    # sftune's default template: <|role|>\n{content}<|endoftext|> per turn
+    expected = [
+        (e("<|system|>\nBe brief.") + [EOS], False),
+        (e("<|user|>\nName a colour.") + [EOS], False),
+        (e("<|assistant|>\n"), False),
+        (e("Blue.") + [EOS], True),
+        (e("<|user|>\nAnother?") + [EOS], False),
+        (e("<|assistant|>\n"), False),
+        (e("Red.") + [EOS], True),
+    ]
+    ids, labels = labels_of(data)
+    assert ids == [t for part, _ in expected for t in part]
+    assert labels == [t if trained else X for part, trained in expected for t in part]
+    assert gpt2_tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE  # set, so it is saved with the model
+
+
+def test_chat_train_on_all_turns(tmp_path, gpt2_tokenizer):
+    data = prep(tmp_path, gpt2_tokenizer, [CHAT], train_on_all_turns=True)
+    ids, labels = labels_of(data)
+    header = enc(gpt2_tokenizer, "<|assistant|>\n")
+    untrained = [i for i, lab in enumerate(labels) if lab == X]
+    assert len(untrained) == 2 * len(header)  # only the assistant headers (the generation prompt) stay untrained
+    assert labels[untrained[-1] + 1:] == enc(gpt2_tokenizer, "Red.") + [EOS]
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_chat_with_a_template_whose_end_of_turn_is_not_eos(tmp_path, gpt2_tokenizer):
+    tok = gpt2_tokenizer.__class__.from_pretrained(gpt2_tokenizer.name_or_path)
+    tok.pad_token = tok.eos_token
+    tok.chat_template = CHATML
+    data = prep(tmp_path, tok, [CHAT])
+    ids, labels = labels_of(data)
+    trained_runs = tok.decode([i for i, lab in zip(ids, labels) if lab != X])
+    assert trained_runs == "Blue.<|im_end|>\nRed.<|im_end|>\n"
+    assert EOS not in ids  # the template writes no EOS, and sftune adds none to chat data
+    rendered = tok.apply_chat_template(CHAT["messages"], tokenize=False)
+    assert tok.decode(ids) == rendered  # the parts join to exactly what transformers renders
+
+
+def test_chat_prompt_completion_trains_the_completion_turns(tmp_path, gpt2_tokenizer):
+    row = {"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Hello."}]}
+    data = prep(tmp_path, gpt2_tokenizer, [row])
+    assert data.layout.format == "chat_prompt_completion"
+    ids, labels = labels_of(data)
+    answer = enc(gpt2_tokenizer, "Hello.") + [EOS]
+    assert labels == [X] * (len(ids) - len(answer)) + answer
+    assert gpt2_tokenizer.decode(ids) == "<|user|>\nHi<|endoftext|><|assistant|>\nHello.<|endoftext|>"
+
+
+@pytest.mark.parametrize("messages, message", [
+    ([{"role": "user", "content": "hi"}, {"role": "bot", "content": "yo"}], r"train row 2, message 1: unknown role 'bot'"),
+    ([], r"train row 2: empty conversation"),
+    ([{"role": "user", "content": "hi"}], r"train row 2: the conversation ends with a user turn"),
+    ([{"role": "user"}], r"train row 2, message 0: expected \{role, content\}"),
+])
+def test_bad_conversations_name_the_row_and_message(tmp_path, gpt2_tokenizer, messages, message):
+    rows = [CHAT, {"messages": messages}]
+    with pytest.raises(SftuneError, match=message):
+        prepare_data(str(write_splits(tmp_path, rows, [CHAT])), gpt2_tokenizer, 128, min_tokens=0,
+                     cache_dir=tmp_path / "c")
+
+
+def test_template_without_end_of_turn_is_warned_about(tmp_path, gpt2_tokenizer, capsys):
+    tok = gpt2_tokenizer.__class__.from_pretrained(gpt2_tokenizer.name_or_path)
+    tok.pad_token = tok.eos_token
+    tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% endfor %}"
+    prep(tmp_path, tok, [CHAT])
+    assert "writes no end-of-turn marker" in capsys.readouterr().err
+
+
+def test_template_that_rewrites_earlier_turns_is_an_error(gpt2_tokenizer):
+    # renders only the last message: no render is a prefix of the next
+    template = ChatTemplate("{{ messages[-1]['content'] }}", gpt2_tokenizer)
+    with pytest.raises(SftuneError, match="cannot be split into turns exactly"):
+        row_segments(CHAT, Layout("chat", {"messages": "messages"}), template, where="train row 1")
+
+
+def test_detection_from_columns():
+    from datasets import List, Value
+
+    s = Value("string")
+    msg = List({"role": s, "content": s})
+    assert detect_layout({"text": s}).format == "text"
+    assert detect_layout({"prompt": s, "completion": s}).format == "prompt_completion"
+    assert detect_layout({"messages": msg}).format == "chat"
+    assert detect_layout({"prompt": msg, "completion": msg}).format == "chat_prompt_completion"
+    assert detect_layout({"conversation": msg}, columns={"messages": "conversation"}).format == "chat"
+    assert detect_layout({"prompt": s, "completion": s}, "text", text_column="completion").columns == {"text": "completion"}
+
+
+# --- masks survive batching --------------------------------------------------------------
+
+
+def test_packing_and_token_batching_keep_the_masks(tmp_path, gpt2_tokenizer):
+    rows = [{"messages": [{"role": "user", "content": f"Count to {n}"},
+                          {"role": "assistant", "content": " ".join(str(k) for k in range(1, n + 1))}]}
+            for n in range(1, 13)]
+    data = prep(tmp_path, gpt2_tokenizer, rows)
+    ex = data.train
+    separate = {i: labels_of(data, i)[1] for i in range(len(ex))}
+    # packed rows: each example's labels appear unchanged (its first token is untrained anyway)
+    packed_rows = best_fit_decreasing(ex.lengths, 96)
+    assert len(packed_rows) < len(ex)
+    batch = collate_packed(ex, packed_rows, EOS)
+    for r, row in enumerate(packed_rows):
+        at = 0
+        for i in row:
+            n = int(ex.lengths[i])
+            assert batch["labels"][r, at:at + n].tolist() == separate[i]
+            at += n
+    # token-budget batches: every example's labels, followed only by untrained padding
+    for step in epoch_steps(ex.lengths, 4, 1, seed=0, epoch=0, batch_tokens=120):
+        for micro in step:
+            b = collate(ex, micro, EOS)
+            assert b["input_ids"].numel() <= 120
+            for row, i in enumerate(micro):
+                n = len(separate[i])
+                assert b["labels"][row, :n].tolist() == separate[i]
+                assert (b["labels"][row, n:] == X).all()
+
+
+# --- file types ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".tsv", ".parquet"])
+def test_prompt_completion_from_each_file_type(tmp_path, gpt2_tokenizer, suffix):
+    import pandas as pd
+
+    rows = [{"prompt": f"Q{i}: what is {i} plus {i}?", "completion": f" {2 * i}"} for i in range(20)]
+    df = pd.DataFrame(rows)
+    path = tmp_path / f"qa{suffix}"
+    {".jsonl": lambda: df.to_json(path, orient="records", lines=True),
+     ".json": lambda: path.write_text(json.dumps(rows)),
+     ".csv": lambda: df.to_csv(path, index=False),
+     ".tsv": lambda: df.to_csv(path, index=False, sep="\t"),
+     ".parquet": lambda: df.to_parquet(path)}[suffix]()
+    data = prepare_data(str(path), gpt2_tokenizer, 64, min_tokens=0, val_fraction=0.25, cache_dir=tmp_path / "c")
+    assert data.layout.format == "prompt_completion"
+    assert len(data.train) + len(data.validation) == 20
+    assert data.stats["train"].supervised_tokens == 2 * len(data.train)  # one number token + EOS each
+
+
+def test_several_files_and_globs(tmp_path, gpt2_tokenizer):
+    for k in range(3):
+        (tmp_path / f"part{k}.jsonl").write_text("".join(
+            json.dumps({"text": f"file {k} sentence number {i} is here"}) + "\n" for i in range(10)))
+    by_glob = prepare_data(str(tmp_path / "part*.jsonl"), gpt2_tokenizer, 64, val_fraction=0.2, cache_dir=tmp_path / "c")
+    by_list = prepare_data(f"{tmp_path / 'part0.jsonl'},{tmp_path / 'part2.jsonl'}", gpt2_tokenizer, 64,
+                           val_fraction=0.2, cache_dir=tmp_path / "c")
+    assert len(by_glob.train) + len(by_glob.validation) == 30
+    assert len(by_list.train) + len(by_list.validation) == 20
+    with pytest.raises(SftuneError, match="no file matches"):
+        prepare_data(str(tmp_path / "nothing*.jsonl"), gpt2_tokenizer, 64, cache_dir=tmp_path / "c")
