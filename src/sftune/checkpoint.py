@@ -47,6 +47,7 @@ class TrainState:
     padded_tokens: int = 0  # tokens computed, padding included
     elapsed_s: float = 0.0  # training time before this process
     window: dict = field(default_factory=dict)  # the log window's accumulators, so logged values continue exactly
+    stream: dict | None = None  # streaming: the StreamPosition in the current epoch
     evals: list = field(default_factory=list)
 
 

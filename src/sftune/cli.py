@@ -17,11 +17,13 @@ import dataclasses
 import json
 import os
 import sys
+import time
 import typing
 from pathlib import Path
 from typing import Any, Literal
 
 from sftune.config import FIELDS, describe_type, field_type, read_yaml, resolve_config
+from sftune.console import log
 from sftune.errors import SftuneError
 from sftune.signals import Preempted
 
@@ -144,7 +146,20 @@ def cmd_data(args) -> None:
 
     cfg = config_from_args(args)
     tokenizer = tokenizer_for(cfg)
-    data, max_length = prepare_data_for(cfg, tokenizer, load_model_config(cfg.model, cfg.trust_remote_code))
+    model_config = load_model_config(cfg.model, cfg.trust_remote_code)
+    if cfg.streaming:  # report on the validation split and the stream's first chunk
+        from sftune.data import PreparedData
+        from sftune.streaming import chunk_rows_for
+        from sftune.train import stream_data_for
+
+        stream, max_length = stream_data_for(cfg, tokenizer, model_config)
+        start = time.perf_counter()
+        train, train_stats = stream.first_chunk(chunk_rows_for(cfg.batch_size, cfg.grad_accum))
+        data = PreparedData(train, stream.validation, {"train": train_stats, "validation": stream.validation_stats},
+                            stream.layout, None, False, time.perf_counter() - start)
+        log(f"data: streaming: 'train' below is the stream's first chunk ({train_stats.rows:,} rows)")
+    else:
+        data, max_length = prepare_data_for(cfg, tokenizer, model_config)
     report = data_report(data, cfg.dataset, max_length, cfg.batch_size, cfg.grad_accum,
                          cfg.eval_batch_size or cfg.batch_size, cfg.seed, cfg.batch_tokens, cfg.group_by_length,
                          cfg.packing, show=args.show)
@@ -162,7 +177,12 @@ def cmd_eval(args) -> None:
     precision = resolve_precision(cfg.precision, device)
     tokenizer = tokenizer_for(cfg)
     model = load_model(cfg.model, cfg.init, cfg.trust_remote_code, cfg.seed).to(device)
-    data, _ = prepare_data_for(cfg, tokenizer, model.config)
+    if cfg.streaming:  # only the validation split is read (and materialized)
+        from sftune.train import stream_data_for
+
+        data, _ = stream_data_for(cfg, tokenizer, model.config)
+    else:
+        data, _ = prepare_data_for(cfg, tokenizer, model.config)
     result = evaluate(model, data.validation, cfg.eval_batch_size or cfg.batch_size, tokenizer.pad_token_id, device, precision)
     report = {"model": cfg.model, "dataset": cfg.dataset, "split": "validation", "val_loss": result.loss,
               "val_ppl": result.perplexity, "examples": result.examples, "target_tokens": result.targets,

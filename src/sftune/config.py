@@ -106,6 +106,15 @@ class SFTConfig:
     truncation_side: Side = _f(
         "right", "Side cut by --overlong truncate: right loses the end (and EOS), left the start of the prompt.", "data"
     )
+    streaming: bool = _f(
+        False,
+        "Read the training split as a stream, tokenized on the fly in chunks (for data too big for memory); "
+        "needs max_steps.",
+        "data",
+    )
+    stream_val_rows: int = _f(
+        1000, "Streaming without a validation split: rows from the start held out for validation.", "data"
+    )
     cache_dir: str | None = _f(
         None, "Where tokenized datasets are cached (default: $SFTUNE_CACHE or ~/.cache/sftune).", "data"
     )
@@ -282,6 +291,9 @@ def _checks(cfg: SFTConfig) -> list[str]:
     need(cfg.sample_max_new_tokens >= 1, "sample_max_new_tokens", "must be at least 1")
     need(bool(cfg.model), "model", "must name a Hub id or a local directory")
     need(bool(cfg.dataset), "dataset", "must name a Hub id, a directory or a file")
+    need(not cfg.streaming or cfg.max_steps is not None, "max_steps",
+         "must be set with streaming: a stream's length is unknown up front, and so is the schedule's end")
+    need(cfg.stream_val_rows >= 1, "stream_val_rows", "must be at least 1")
     need(cfg.chat_template is None or Path(cfg.chat_template).expanduser().is_file(), "chat_template",
          "no such file; give the path of a Jinja template file")
     return problems

@@ -61,7 +61,7 @@ def data_report(
         "batch_tokens": batch_tokens,
         "group_by_length": group_by_length,
         "packing": packing,
-        "cache": {"path": str(data.cache_path), "hit": data.from_cache},
+        "cache": {"path": str(data.cache_path) if data.cache_path else None, "hit": data.from_cache},
         "seconds": round(data.seconds, 3),
         "splits": splits,
         "examples": examples,

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
@@ -23,7 +23,7 @@ from sftune.checkpoint import (TrainState, check_resume_compatible, find_resume_
 from sftune.batching import collate, collate_packed, epoch_steps, packed_epoch_steps
 from sftune.config import SFTConfig, dump_yaml, to_dict
 from sftune.console import MetricsWriter, is_main, log
-from sftune.data import PreparedData, prepare_data
+from sftune.data import EncodeOptions, PreparedData, prepare_data
 from sftune.errors import SftuneError, TrainingDiverged
 from sftune.evaluate import evaluate
 from sftune.generate import complete
@@ -31,6 +31,7 @@ from sftune.loss import batch_loss_sum, count_targets, supports_fused_ce
 from sftune.modeling import context_length, load_model, load_tokenizer, save_model
 from sftune.runtime import autocast, resolve_device, resolve_precision, seed_everything
 from sftune.signals import Preempted, stop_on_signals
+from sftune.streaming import StreamedData, StreamPosition, chunk_rows_for
 
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
@@ -104,14 +105,25 @@ def tokenizer_for(cfg: SFTConfig):
     return tokenizer
 
 
-def prepare_data_for(cfg: SFTConfig, tokenizer, model_config) -> tuple[PreparedData, int]:
-    """Run the data pipeline with the config's settings; max_length defaults to the model's context."""
+def max_length_for(cfg: SFTConfig, tokenizer, model_config) -> int:
+    """`max_length`, defaulting to the model's context (and never beyond it)."""
     context = context_length(model_config, tokenizer)
     max_length = cfg.max_length or context
     if max_length > context:
         raise SftuneError(f"max_length {max_length} exceeds the model's context of {context} tokens; lower --max-length")
     if cfg.max_length is None:
         log(f"max_length: {max_length} (the model's context)")
+    return max_length
+
+
+def encode_options(cfg: SFTConfig, max_length: int) -> EncodeOptions:
+    return EncodeOptions(max_length, cfg.min_tokens, cfg.overlong, cfg.truncation_side, cfg.train_on_prompt,
+                         cfg.train_on_all_turns)
+
+
+def prepare_data_for(cfg: SFTConfig, tokenizer, model_config) -> tuple[PreparedData, int]:
+    """Run the data pipeline with the config's settings; max_length defaults to the model's context."""
+    max_length = max_length_for(cfg, tokenizer, model_config)
     data = prepare_data(cfg.dataset, tokenizer, max_length, cfg.text_column, cfg.min_tokens, cfg.overlong,
                         cfg.val_fraction, cfg.seed, cfg.cache_dir, format=cfg.format, columns=cfg.columns,
                         truncation_side=cfg.truncation_side, train_on_prompt=cfg.train_on_prompt,
@@ -119,6 +131,32 @@ def prepare_data_for(cfg: SFTConfig, tokenizer, model_config) -> tuple[PreparedD
     log(f"data: {len(data.train):,} train / {len(data.validation):,} validation examples, format "
         f"{data.layout.describe()} ({'from cache' if data.from_cache else 'tokenized'} in {data.seconds:.1f}s)")
     return data, max_length
+
+
+def stream_data_for(cfg: SFTConfig, tokenizer, model_config) -> tuple[StreamedData, int]:
+    """The streamed training split and the materialized validation split (--streaming)."""
+    max_length = max_length_for(cfg, tokenizer, model_config)
+    data = StreamedData(cfg.dataset, tokenizer, encode_options(cfg, max_length), format=cfg.format,
+                        columns=cfg.columns, text_column=cfg.text_column, dataset_config=cfg.dataset_config,
+                        split=cfg.split, val_rows=cfg.stream_val_rows, seed=cfg.seed)
+    log(f"data: streaming {cfg.dataset} ({cfg.split}), {len(data.validation):,} validation examples, format "
+        f"{data.layout.describe()}")
+    return data, max_length
+
+
+def plan_steps(lengths, cfg: SFTConfig, max_length: int, key: int) -> list[list]:
+    """Optimizer steps over examples of these lengths, each a list of micro-batches (rows of example
+    indices): packed, or cut from length-grouped (or shuffled) rows; `key` seeds the order."""
+    if cfg.packing:
+        return packed_epoch_steps(lengths, max_length, cfg.batch_size, cfg.grad_accum, cfg.seed, key, cfg.batch_tokens)
+    return epoch_steps(lengths, cfg.batch_size, cfg.grad_accum, cfg.seed, key, cfg.batch_tokens, cfg.group_by_length)
+
+
+def check_batch_tokens(cfg: SFTConfig, examples) -> None:
+    longest = int(examples.lengths.max()) if len(examples) else 0
+    if cfg.batch_tokens is not None and cfg.batch_tokens < longest:
+        raise SftuneError(f"batch_tokens {cfg.batch_tokens} is smaller than the longest training example ({longest} tokens); "
+                          f"raise --batch-tokens or lower --max-length")
 
 
 def forward_backward(model, micro_batches: list[dict], device, precision: str, scaler,
@@ -155,30 +193,37 @@ def train(cfg: SFTConfig) -> TrainResult:
     else:  # the checkpoint's weights (the config check below makes sure it is the same model)
         model = load_model(str(checkpoint), "pretrained", cfg.trust_remote_code)
     model = model.to(device)
-    data, max_length = prepare_data_for(cfg, tokenizer, model.config)
-    train_set, val_set = data.train, data.validation
     eval_batch_size = cfg.eval_batch_size or cfg.batch_size
-    if len(train_set) < cfg.batch_size * cfg.grad_accum:
-        raise SftuneError(f"the training split has {len(train_set):,} examples after filtering, fewer than one optimizer "
-                          f"step of {cfg.batch_size} x {cfg.grad_accum}; lower --batch-size or --grad-accum, or add data")
-    longest = int(train_set.lengths.max())
-    if cfg.batch_tokens is not None and cfg.batch_tokens < longest:
-        raise SftuneError(f"batch_tokens {cfg.batch_tokens} is smaller than the longest training example ({longest} tokens); "
-                          f"raise --batch-tokens or lower --max-length")
-
-    def steps_of(epoch: int) -> list[list]:
-        """The epoch's optimizer steps, each a list of micro-batches (rows of example indices)."""
-        if cfg.packing:
-            return packed_epoch_steps(train_set.lengths, max_length, cfg.batch_size, cfg.grad_accum, cfg.seed, epoch,
-                                      cfg.batch_tokens)
-        return epoch_steps(train_set.lengths, cfg.batch_size, cfg.grad_accum, cfg.seed, epoch, cfg.batch_tokens,
-                           cfg.group_by_length)
-
     make_batch = collate_packed if cfg.packing else collate
-    plan = [steps_of(e) for e in range(cfg.epochs)]  # index arrays only: cheap, and step counts are known up front
-    per_epoch = len(plan[0])
-    all_steps = sum(len(p) for p in plan)  # may vary a little by epoch with packing or a token cap
-    total_steps = all_steps if cfg.max_steps is None else min(cfg.max_steps, all_steps)
+    if cfg.streaming:  # steps are planned chunk by chunk as the stream is read
+        stream, max_length = stream_data_for(cfg, tokenizer, model.config)
+        val_set, layout, plan, per_epoch, total_steps = stream.validation, stream.layout, None, None, cfg.max_steps
+        chunk_rows = chunk_rows_for(cfg.batch_size, cfg.grad_accum)
+    else:
+        data, max_length = prepare_data_for(cfg, tokenizer, model.config)
+        train_set, val_set, layout, stream = data.train, data.validation, data.layout, None
+        if len(train_set) < cfg.batch_size * cfg.grad_accum:
+            raise SftuneError(f"the training split has {len(train_set):,} examples after filtering, fewer than one "
+                              f"optimizer step of {cfg.batch_size} x {cfg.grad_accum}; lower --batch-size or "
+                              f"--grad-accum, or add data")
+        check_batch_tokens(cfg, train_set)
+        # index arrays only: cheap, and step counts are known up front
+        plan = [plan_steps(train_set.lengths, cfg, max_length, e) for e in range(cfg.epochs)]
+        per_epoch = len(plan[0])
+        all_steps = sum(len(p) for p in plan)  # may vary a little by epoch with packing or a token cap
+        total_steps = all_steps if cfg.max_steps is None else min(cfg.max_steps, all_steps)
+
+    def epoch_batches(epoch: int):
+        """The epoch's remaining optimizer steps: (micro-batches, stream position after the step)."""
+        if stream is None:
+            for step_rows in plan[epoch][state.step_in_epoch :]:
+                yield [make_batch(train_set, rows, pad_id) for rows in step_rows], None
+            return
+        position = StreamPosition(**state.stream) if state.stream else StreamPosition()
+        for examples, step_rows, after in stream.steps(epoch, position, chunk_rows,
+                                                       lambda lengths, key: plan_steps(lengths, cfg, max_length, key)):
+            check_batch_tokens(cfg, examples)
+            yield [make_batch(examples, rows, pad_id) for rows in step_rows], after
     resolved = replace(cfg, output_dir=str(out), tokenizer=cfg.tokenizer or cfg.model, max_length=max_length,
                        eval_batch_size=eval_batch_size, precision=precision, device=device.type)
     if checkpoint is not None:
@@ -190,7 +235,7 @@ def train(cfg: SFTConfig) -> TrainResult:
     batching = f"{cfg.grad_accum} x {cfg.batch_size} {'packed rows of ' + str(max_length) if cfg.packing else 'rows'}"
     batching += f" of at most {cfg.batch_tokens:,} tokens" if cfg.batch_tokens else ""
     batching += ", grouped by length" if cfg.group_by_length and not cfg.packing else ""
-    log(f"training: {total_steps:,} optimizer steps ({per_epoch:,} per epoch) of {batching}, "
+    log(f"training: {total_steps:,} optimizer steps ({f'{per_epoch:,}' if per_epoch else 'streamed'} per epoch) of {batching}, "
         f"lr {cfg.lr:g} ({cfg.lr_schedule}, {cfg.warmup_steps} warm-up), output {out}")
 
     # fused AdamW: one kernel over all parameters (measured 6x faster than foreach on CPU, benchmarks/NOTES.md)
@@ -249,8 +294,7 @@ def train(cfg: SFTConfig) -> TrainResult:
     nan_steps = {int(x) for x in os.environ.get("SFTUNE_FAULT_NAN_STEPS", "").split(",") if x.strip()}
     with stop_on_signals() as stop:
         for epoch in range(state.epoch, cfg.epochs):
-            for step_rows in plan[epoch][state.step_in_epoch :] if state.step < total_steps else []:
-                micro_batches = [make_batch(train_set, rows, pad_id) for rows in step_rows]
+            for micro_batches, position in epoch_batches(epoch) if state.step < total_steps else []:
                 loss_sum, step_targets = forward_backward(model, micro_batches, device, precision, scaler, fused_ce)
                 step_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)  # host tensors: no sync
                 if state.step + 1 in nan_steps:  # test hook: SFTUNE_FAULT_NAN_STEPS
@@ -273,6 +317,7 @@ def train(cfg: SFTConfig) -> TrainResult:
                 scheduler.step()
                 state.step += 1
                 state.step_in_epoch += 1
+                state.stream = position and asdict(position)
                 state.tokens += step_tokens
                 state.padded_tokens += sum(b["input_ids"].numel() for b in micro_batches)
                 window_loss += loss_sum
@@ -287,10 +332,11 @@ def train(cfg: SFTConfig) -> TrainResult:
                     loss = window_loss.item() / max(window_targets, 1)  # note: .item() syncs; once per log step
                     rate = window_tokens / max(now - window_start, 1e-9)
                     lr = scheduler.get_last_lr()[0]
-                    metrics.write({"type": "train", "step": step, "epoch": round(step / per_epoch, 4), "loss": loss,
+                    epoch_at = round(step / per_epoch, 4) if per_epoch else state.epoch
+                    metrics.write({"type": "train", "step": step, "epoch": epoch_at, "loss": loss,
                                    "lr": lr, "tokens": state.tokens, "padded_tokens": state.padded_tokens,
                                    "elapsed_s": round(now - start, 3), "tokens_per_s": rate})
-                    log(f"step {step:>6,}/{total_steps:,} | epoch {step / per_epoch:.2f} | loss {loss:.4f} | lr {lr:.2e} "
+                    log(f"step {step:>6,}/{total_steps:,} | epoch {epoch_at:.2f} | loss {loss:.4f} | lr {lr:.2e} "
                         f"| {rate:,.0f} tok/s | {1000 * (now - window_start) / window_steps:.0f} ms/step")
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
                     window_loss.zero_()
@@ -311,12 +357,16 @@ def train(cfg: SFTConfig) -> TrainResult:
                     break
             if evals[-1]["step"] != state.step:
                 run_eval(state.step)  # end of epoch (or of max_steps)
-            if state.step_in_epoch == len(plan[epoch]):  # the epoch is complete: the next one starts at its beginning
-                state.epoch, state.step_in_epoch = epoch + 1, 0
+            # the epoch is complete (a stream stops short of max_steps only at its end): the next starts at its beginning
+            if (state.step_in_epoch == len(plan[epoch])) if stream is None else state.step < total_steps:
+                state.epoch, state.step_in_epoch, state.stream = epoch + 1, 0, None
                 if cfg.save_every:
                     checkpoint_now()
             if state.step >= total_steps:
                 break
+    if state.step < total_steps:  # only a stream can end first: its length was unknown
+        log(f"the stream ended after {cfg.epochs} epoch(s) at step {state.step:,}, before max_steps {total_steps:,}; "
+            f"raise --epochs to read it again")
     bar.close()
     seconds = time.perf_counter() - start
     step, tokens = state.step, state.tokens
@@ -327,6 +377,6 @@ def train(cfg: SFTConfig) -> TrainResult:
     samples = {}
     for prompt in cfg.sample_prompts:
         samples[prompt] = complete(model, tokenizer, prompt, cfg.sample_max_new_tokens, seed=cfg.seed,
-                                   chat=data.layout.format.startswith("chat"))[0]
+                                   chat=layout.format.startswith("chat"))[0]
     return TrainResult(out, step, tokens, seconds, evals, samples)
 

@@ -1,0 +1,76 @@
+"""Tier 2: --streaming tokenizes on the fly with the same masks, and resumes at the right position."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import torch
+from safetensors.torch import load_file
+
+from conftest import QUICKSTART_DATA, ROOT, needs_shared, read_jsonl, run_cli
+from sftune.data import EncodeOptions, prepare_data
+from sftune.streaming import StreamedData, StreamPosition
+
+pytestmark = needs_shared
+
+
+def test_streamed_examples_have_the_in_memory_masks(tmp_path, gpt2_tokenizer):
+    d = tmp_path / "qa"
+    d.mkdir()
+    rows = [{"prompt": f"Q: what is {i} times three?\nA:", "completion": f" {3 * i}."} for i in range(90)]
+    for split, part in (("train", rows[:80]), ("validation", rows[80:])):
+        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    memory = prepare_data(str(d), gpt2_tokenizer, 64, min_tokens=0, cache_dir=tmp_path / "c")
+    stream = StreamedData(str(d), gpt2_tokenizer, EncodeOptions(64, min_tokens=0))
+
+    def as_set(ex):
+        return sorted((tuple(ex.example(i)[0].tolist()), tuple(ex.example(i)[1].tolist())) for i in range(len(ex)))
+
+    seen = [ex for ex, _, _ in stream.steps(0, StreamPosition(), 32, lambda lengths, key: [[list(range(len(lengths)))]])]
+    assert sum(len(ex) for ex in seen) == 80  # 3 chunks of 32, 32, 16 rows
+    assert sorted(t for ex in seen for t in as_set(ex)) == as_set(memory.train)  # same ids, same trained tokens
+    assert as_set(stream.validation) == as_set(memory.validation)
+    assert stream.layout == memory.layout
+
+
+def stream_args(model_dir, data, out, *extra):
+    # 90 rows: the first 20 held out for validation, 70 streamed in chunks of 1 x 64 rows, so an epoch
+    # is 64 + 6 steps; 76 steps cross a chunk boundary and an epoch boundary
+    return ["train", "--model", str(model_dir), "--dataset", str(data), "--streaming", "--stream-val-rows", "20",
+            "--batch-size", "1", "--epochs", "2", "--max-steps", "76", "--lr", "1e-3", "--precision", "fp32",
+            "--log-every", "1", "--eval-every", "40", "--save-every", "40", "--output-dir", str(out), *extra]
+
+
+def test_streaming_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("\n".join((QUICKSTART_DATA / "train.jsonl").read_text().splitlines()[:90]) + "\n")
+    full = tmp_path / "full"
+    proc = run_cli(*stream_args(tiny_model_dir, data, full))
+    assert proc.returncode == 0, proc.stderr
+    assert "first 20 rows are held out for validation" in proc.stderr
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "sftune", *stream_args(tiny_model_dir, data, out)], cwd=ROOT,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    for line in proc.stderr:  # in the epoch's second chunk
+        if line.startswith("step     67/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 143, err
+    resumed = run_cli(*stream_args(tiny_model_dir, data, out, "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr
+
+    a, b = load_file(full / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise: the same rows in the same steps
+    losses = [[(r["step"], r["loss"]) for r in read_jsonl(o / "metrics.jsonl") if r["type"] == "train"]
+              for o in (full, out)]
+    assert losses[0] == losses[1] and len(losses[0]) == 76
+
+
+def test_streaming_needs_max_steps(tiny_model_dir, tmp_path):
+    proc = run_cli("train", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA), "--streaming",
+                   "--output-dir", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "must be set with streaming" in proc.stderr and "--max-steps" in proc.stderr
