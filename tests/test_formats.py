@@ -198,6 +198,21 @@ def test_chat_with_a_template_whose_end_of_turn_is_not_eos(tmp_path, gpt2_tokeni
     assert tok.decode(ids) == rendered  # the parts join to exactly what transformers renders
 
 
+def test_chat_template_with_generation_blocks(tmp_path, gpt2_tokenizer):
+    """TRL-style templates mark assistant text with {% generation %}: they render (and split) as usual."""
+    tok = gpt2_tokenizer.__class__.from_pretrained(gpt2_tokenizer.name_or_path)
+    tok.pad_token = tok.eos_token
+    tok.chat_template = CHATML.replace("{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}", (
+        "{{ '<|im_start|>' + m['role'] + '\n' }}{% if m['role'] == 'assistant' %}{% generation %}"
+        "{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}"
+        "{{ '\n' }}"))
+    assert "generation" in tok.chat_template
+    data = prep(tmp_path, tok, [CHAT])
+    ids, labels = labels_of(data)
+    assert tok.decode([i for i, lab in zip(ids, labels) if lab != X]) == "Blue.<|im_end|>\nRed.<|im_end|>\n"
+    assert tok.decode(ids) == tok.apply_chat_template(CHAT["messages"], tokenize=False)
+
+
 def test_chat_prompt_completion_trains_the_completion_turns(tmp_path, gpt2_tokenizer):
     row = {"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Hello."}]}
     data = prep(tmp_path, gpt2_tokenizer, [row])
@@ -312,3 +327,25 @@ def test_several_files_and_globs(tmp_path, gpt2_tokenizer):
     assert len(by_list.train) + len(by_list.validation) == 20
     with pytest.raises(SftuneError, match="no file matches"):
         prepare_data(str(tmp_path / "nothing*.jsonl"), gpt2_tokenizer, 64, cache_dir=tmp_path / "c")
+
+
+def test_split_chooses_the_training_split(tmp_path, gpt2_tokenizer):
+    d = tmp_path / "splits"
+    d.mkdir()
+    for split, n in (("train", 5), ("test", 7), ("validation", 3)):
+        (d / f"{split}.jsonl").write_text("".join(json.dumps({"text": f"{split} row {i} of some text"}) + "\n"
+                                                  for i in range(n)))
+    data = prepare_data(str(d), gpt2_tokenizer, 64, min_tokens=0, split="test", cache_dir=tmp_path / "c")
+    assert (len(data.train), len(data.validation)) == (7, 3)
+    with pytest.raises(SftuneError, match=r"has no 'dev2' split \(it has: .*\); set --split"):
+        prepare_data(str(d), gpt2_tokenizer, 64, split="dev2", cache_dir=tmp_path / "c")
+
+
+def test_show_marks_trained_runs_with_brackets_or_colour(gpt2_tokenizer):
+    from sftune.report import marked_text
+
+    ids = enc(gpt2_tokenizer, "Q: hi\nA:") + enc(gpt2_tokenizer, " yo") + [EOS]
+    n = len(ids) - 2
+    labels = [X] * n + ids[n:]
+    assert marked_text(gpt2_tokenizer, ids, labels) == "Q: hi\nA:[[ yo<|endoftext|>]]"
+    assert marked_text(gpt2_tokenizer, ids, labels, color=True) == "Q: hi\nA:\x1b[1;32m yo<|endoftext|>\x1b[0m"

@@ -130,8 +130,9 @@ def detect_layout(features: dict[str, Any], requested: str = "auto", columns: di
 
 
 class ChatTemplate:
-    """A Jinja chat template, compiled once, rendered the way transformers renders it
-    (sandboxed, trim_blocks, lstrip_blocks, the tokenizer's special tokens as variables).
+    """A Jinja chat template, compiled once, rendered exactly as transformers'
+    `apply_chat_template` renders it (same sandboxed environment, `{% generation %}`
+    blocks, `tojson`, the tokenizer's special tokens as variables).
 
     We render it ourselves because finding exact turn boundaries takes many partial
     renders, including the empty conversation that `apply_chat_template` refuses.
@@ -139,15 +140,9 @@ class ChatTemplate:
 
     def __init__(self, source: str, tokenizer):
         from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-        def raise_exception(message):
-            raise TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.globals["raise_exception"] = raise_exception
         try:
-            self.template = env.from_string(source)
+            self.template = _compile(source)
         except TemplateError as e:
             raise SftuneError(f"the chat template does not compile: {e} (check --chat-template)") from None
         self.source = source
@@ -195,6 +190,24 @@ class ChatTemplate:
         probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
         turn = "".join(t for t, trained in self.segments(probe, lambda i, m: m["role"] == "assistant") if trained)
         return turn.split("Hello", 1)[1] if "Hello" in turn else ""
+
+
+def _compile(source: str):
+    """Compile with transformers' own environment when it offers it (identical renders), else an
+    equivalent sandbox (trim_blocks, lstrip_blocks, raise_exception)."""
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+    except ImportError:  # a private helper: if a transformers release drops it, render the same way ourselves
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env.globals["raise_exception"] = raise_exception
+        return env.from_string(source)
+    return _compile_jinja_template(source)
 
 
 def validate_messages(messages: Any, where: str, final_assistant: bool = True) -> list[dict]:
