@@ -6,7 +6,6 @@ prompt tokens -100, answer tokens trained, EOS / end-of-turn trained, padding -1
 
 import json
 
-import numpy as np
 import pytest
 
 from sftune.batching import IGNORE_INDEX, best_fit_decreasing, collate, collate_packed, epoch_steps

@@ -143,14 +143,7 @@ def load_rows(dataset: str, seed: int, val_fraction: float, config_name: str | N
     files = local_files(dataset)
     path = Path(dataset).expanduser()
     if files is not None:
-        builders = {(b, tuple(kw.items())) for b, kw in map(_builder_for, files)}
-        if len(builders) > 1:
-            raise SftuneError(f"--dataset mixes file types ({', '.join(sorted({f.suffix for f in files}))}); "
-                              f"give files of one type")
-        builder, kwargs = builders.pop()
-        kwargs = dict(kwargs)
-        if builder == "csv":
-            kwargs["features"] = _csv_as_text(files[0], kwargs.get("delimiter", ","))
+        builder, kwargs = file_loader(files)
         try:
             ds = datasets.load_dataset(builder, data_files={"train": [str(f) for f in files]}, **kwargs)
         except Exception as e:  # datasets wraps parse errors in its own types: find the bad line ourselves
@@ -186,6 +179,19 @@ def load_rows(dataset: str, seed: int, val_fraction: float, config_name: str | N
     result = datasets.DatasetDict(train=held["train"], validation=held["test"])
     result.sources = {"train": split, "validation": split}  # held-out rows keep their numbers in `split`
     return result
+
+
+def file_loader(files: list[Path]) -> tuple[str, dict]:
+    """The `datasets` builder and its arguments for these data files (all of one type)."""
+    builders = {(b, tuple(kw.items())) for b, kw in map(_builder_for, files)}
+    if len(builders) > 1:
+        raise SftuneError(f"--dataset mixes file types ({', '.join(sorted({f.suffix for f in files}))}); "
+                          f"give files of one type")
+    builder, kwargs = builders.pop()
+    kwargs = dict(kwargs)
+    if builder == "csv":
+        kwargs["features"] = _csv_as_text(files[0], kwargs.get("delimiter", ","))
+    return builder, kwargs
 
 
 def _csv_as_text(path: Path, delimiter: str):
@@ -525,22 +531,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
         h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
     h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
     h.update(json.dumps(tokenizer("a b")["input_ids"]).encode())  # catches add_bos/eos behaviour
-    return h.hexdigest()
-
-
-def source_fingerprint(dataset: str) -> str | None:
-    """Cheap identity of local data files (path, size, mtime); None for a Hub id."""
-    path = Path(dataset).expanduser()
-    if path.is_file():
-        files = [path]
-    elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(s.startswith(".") for s in p.parts[len(path.parts):]))
-    else:
-        return None
-    h = hashlib.sha256()
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 

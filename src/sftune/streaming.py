@@ -25,8 +25,8 @@ import numpy as np
 
 from sftune.batching import GROUP_CHUNK_STEPS
 from sftune.console import log
-from sftune.data import (VALIDATION_NAMES, EncodeOptions, Examples, SplitStats, _builder_for, _csv_as_text, chat_template_for,
-                         check_end_of_turn, local_files, tokenize_split)
+from sftune.data import (VALIDATION_NAMES, EncodeOptions, Examples, SplitStats, chat_template_for, check_end_of_turn,
+                         file_loader, local_files, tokenize_split)
 from sftune.errors import SftuneError
 from sftune.formats import ROW_COLUMN, ChatTemplate, Layout, detect_layout
 from sftune.hub import from_hub_or_cache
@@ -49,10 +49,7 @@ def open_stream(dataset: str, config_name: str | None, split: str):
 
     files = local_files(dataset)
     if files is not None:
-        builder, kwargs = _builder_for(files[0])
-        kwargs = dict(kwargs)
-        if builder == "csv":
-            kwargs["features"] = _csv_as_text(files[0], kwargs.get("delimiter", ","))
+        builder, kwargs = file_loader(files)
         return datasets.load_dataset(builder, data_files={"train": [str(f) for f in files]}, streaming=True, **kwargs)
     if (path := Path(dataset).expanduser()).is_dir():
         return datasets.load_dataset(str(path), config_name, streaming=True)
