@@ -26,7 +26,7 @@ import numpy as np
 from sftune.batching import GROUP_CHUNK_STEPS
 from sftune.console import log
 from sftune.data import (VALIDATION_NAMES, EncodeOptions, Examples, SplitStats, chat_template_for, check_end_of_turn,
-                         file_loader, local_files, tokenize_split)
+                         file_loader, local_files, tokenize_split, warn_about)
 from sftune.errors import SftuneError
 from sftune.formats import ROW_COLUMN, ChatTemplate, Layout, detect_layout
 from sftune.hub import from_hub_or_cache
@@ -94,6 +94,7 @@ class StreamedData:
         self.tokenizer, self.options, self.seed, self.split = tokenizer, options, seed, split
         self.validation, self.validation_stats = tokenize_split(
             validation_rows, tokenizer, self.layout, options, self.template, source=val_name or split)
+        warn_about({"validation": self.validation_stats}, self.layout, options)  # train chunks are like it
         if len(self.validation) == 0:
             raise SftuneError(f"no validation example is left after filtering ({self.validation_stats.dropped}); "
                               f"check --min-tokens, --max-length and --format")
