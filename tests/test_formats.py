@@ -348,3 +348,32 @@ def test_show_marks_trained_runs_with_brackets_or_colour(gpt2_tokenizer):
     labels = [X] * n + ids[n:]
     assert marked_text(gpt2_tokenizer, ids, labels) == "Q: hi\nA:[[ yo<|endoftext|>]]"
     assert marked_text(gpt2_tokenizer, ids, labels, color=True) == "Q: hi\nA:\x1b[1;32m yo<|endoftext|>\x1b[0m"
+
+
+@pytest.fixture
+def bos_tokenizer(gpt2_tokenizer):
+    """GPT-2's BPE with a BOS added before every text, as Llama-style tokenizers do (BOS = id 50256 here)."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    backend = PreTrainedTokenizerFast.from_pretrained(gpt2_tokenizer.name_or_path).backend_tokenizer
+    backend.post_processor = TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", EOS)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>")
+    assert tok("hi")["input_ids"] == [EOS] + tok("hi", add_special_tokens=False)["input_ids"]
+    return tok
+
+
+def test_bos_goes_first_untrained_and_is_never_doubled(tmp_path, bos_tokenizer):
+    row = {"prompt": "Q: hi\nA:", "completion": " yo"}
+    data = prep(tmp_path, bos_tokenizer, [row])
+    p, c = enc(bos_tokenizer, row["prompt"]), enc(bos_tokenizer, row["completion"])
+    assert labels_of(data) == ([EOS] + p + c + [EOS], [X] * (1 + len(p)) + c + [EOS])
+
+    # a chat template writes its own BOS: the parts are tokenized without special tokens, so there is one BOS
+    bos_tokenizer.chat_template = "{{ bos_token }}" + DEFAULT_CHAT_TEMPLATE
+    data = prepare_data(str(write_splits(tmp_path, [CHAT], name="chat")), bos_tokenizer, 128, min_tokens=0,
+                        cache_dir=tmp_path / "c2")
+    ids, labels = labels_of(data)
+    assert ids[0] == EOS and ids[1] != EOS and labels[0] == X
+    assert bos_tokenizer.decode(ids) == bos_tokenizer.apply_chat_template(CHAT["messages"], tokenize=False)

@@ -29,7 +29,7 @@ from sftune.errors import SftuneError
 from sftune.formats import DEFAULT_CHAT_TEMPLATE, ROW_COLUMN, ChatTemplate, Layout, detect_layout, row_segments
 from sftune.hub import from_hub_or_cache
 
-PIPELINE_VERSION = 3  # bump when tokenization or filtering changes, to invalidate caches
+PIPELINE_VERSION = 4  # bump when tokenization or filtering changes, to invalidate caches
 MAP_BATCH_SIZE = 512  # rows per tokenizer call in datasets.map, as in the seed
 FILE_BUILDERS = {
     ".jsonl": ("json", {}),

@@ -159,15 +159,16 @@ class ChatTemplate:
             return ""
 
     def segments(self, messages: list[dict], trained: Callable[[int, dict], bool]) -> list[tuple[str, bool]]:
-        """Cut the rendered conversation into turns: each turn's text is what rendering it adds.
+        """Cut the rendered conversation into turns: each turn's text is what rendering it adds
+        (what the template writes before any message, such as a BOS, comes first, untrained).
 
         An assistant turn is split once more: its header (what `add_generation_prompt`
         adds) is never trained; the rest, its content and end-of-turn marker, is trained
         when `trained(i, message)` says so. Raises ValueError when a template rewrites
         earlier turns (its renders are not prefixes of each other).
         """
-        out: list[tuple[str, bool]] = []
-        before = self.render_empty()
+        before = self.render_empty()  # e.g. a BOS the template writes first: never trained
+        out: list[tuple[str, bool]] = [(before, False)]
         for i, message in enumerate(messages):
             train = trained(i, message)
             if message["role"] == "assistant":
