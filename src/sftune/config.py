@@ -61,8 +61,8 @@ class SFTConfig:
     # --- data ------------------------------------------------------------
     dataset: str = _f(
         "stanfordnlp/sst2",
-        "Hub dataset id, a local directory laid out like a Hub repo, or a file "
-        "(.jsonl .json .csv .tsv .parquet .txt).",
+        "Hub dataset id, a local directory laid out like a Hub repo, or files "
+        "(.jsonl .json .csv .tsv .parquet .txt): one, several comma-separated, or a glob.",
         "data",
     )
     dataset_config: str | None = _f(None, "Configuration (subset) name of a Hub dataset.", "data")
@@ -93,7 +93,7 @@ class SFTConfig:
         0.05, "Fraction of train held out (with `seed`) when the dataset has no validation split.", "data"
     )
     min_tokens: int = _f(
-        5, "Keep texts with MORE than this many tokens (the text's own tokens, before EOS).", "data"
+        5, "Keep examples with MORE than this many tokens (before EOS: the text, prompt + completion, or the rendered chat).", "data"
     )
     max_length: int | None = _f(
         None, "Longest example in tokens, EOS included (default: the model's context length).", "data"
