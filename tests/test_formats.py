@@ -171,6 +171,17 @@ def test_chat_trains_assistant_turns_with_their_end_of_turn(tmp_path, gpt2_token
     assert gpt2_tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE  # set, so it is saved with the model
 
 
+def test_sharegpt_conversations_are_chat(tmp_path, gpt2_tokenizer):
+    sharegpt = {"conversations": [{"from": "system" if m["role"] == "system" else "human" if m["role"] == "user"
+                                   else "gpt", "value": m["content"]} for m in CHAT["messages"]]}
+    chat = labels_of(prep(tmp_path, gpt2_tokenizer, [CHAT]))
+    data = prepare_data(
+        str(write_splits(tmp_path, [sharegpt], name="sharegpt")), gpt2_tokenizer, 128, min_tokens=0,
+        cache_dir=tmp_path / "c2")
+    assert data.layout == Layout("chat", {"messages": "conversations"})
+    assert labels_of(data) == chat
+
+
 def test_chat_train_on_all_turns(tmp_path, gpt2_tokenizer):
     data = prep(tmp_path, gpt2_tokenizer, [CHAT], train_on_all_turns=True)
     ids, labels = labels_of(data)

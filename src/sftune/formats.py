@@ -4,6 +4,7 @@
     prompt_completion       {"prompt": "Q: 2+2? A:", "completion": " 4"}              completion (+ EOS) trained
     chat                    {"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}
                                                                                       assistant turns trained
+                            (or ShareGPT's {"conversations": [{"from": "human", "value": ...}, {"from": "gpt", ...}]})
     chat_prompt_completion  {"prompt": [messages...], "completion": [messages...]}   the completion's turns trained
 
 A row becomes a list of `(text, trained)` segments. The data pipeline tokenizes
@@ -99,6 +100,8 @@ def detect_layout(features: dict[str, Any], requested: str = "auto", columns: di
             raise SftuneError(f"{what}{f' {column!r}' if key == 'text' else ''} not in the dataset "
                               f"(columns: {', '.join(names)}); fix {'--text-column or ' if key == 'text' else ''}--columns")
     col = {k: columns.get(k, k) for k in COLUMN_KEYS}
+    if "messages" not in columns and "messages" not in features and "conversations" in features:
+        col["messages"] = "conversations"  # the ShareGPT layout
     fmt = requested
     if fmt == "auto":
         if col["messages"] in features and "text" not in columns:
@@ -216,6 +219,7 @@ def validate_messages(messages: Any, where: str, final_assistant: bool = True) -
     the assistant (when `final_assistant`). Errors name the row and the message."""
     if not isinstance(messages, list) or not messages:
         raise SftuneError(f"{where}: empty conversation (no messages); remove the row or fix the data")
+    messages = [_from_sharegpt(m) for m in messages]
     for k, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise SftuneError(f"{where}, message {k}: expected {{role, content}}, got {m!r:.80}")
@@ -227,6 +231,16 @@ def validate_messages(messages: Any, where: str, final_assistant: bool = True) -
         raise SftuneError(f"{where}: the conversation ends with a {messages[-1]['role']} turn, not an assistant turn "
                           f"(message {len(messages) - 1}); nothing to train on after it. Fix or remove the row")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
+
+
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+
+
+def _from_sharegpt(message: Any) -> Any:
+    """A ShareGPT message {from: human|gpt|system, value} as {role, content}; others unchanged."""
+    if isinstance(message, dict) and message.get("role") is None and "from" in message and "value" in message:
+        return {"role": SHAREGPT_ROLES.get(message["from"], message["from"]), "content": message["value"]}
+    return message
 
 
 def _as_text(value: Any) -> Any:
