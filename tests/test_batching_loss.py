@@ -75,6 +75,15 @@ def test_length_grouping_removes_padding():
     assert padding_efficiency(lengths, shuffled) < 0.75
 
 
+def test_small_datasets_are_grouped_in_several_chunks():
+    """400 rows are 25 steps of 16: sorted as one chunk, every batch would hold a single length (in templated
+    data, a single template) every epoch; in 4 chunks, batches mix nearby lengths (NOTES try 11)."""
+    lengths = np.random.default_rng(0).integers(10, 30, 400)
+    spread = np.mean([np.ptp(lengths[b]) for s in epoch_steps(lengths, 16, 1, 0, 0) for b in s])
+    assert 2 < spread < 6  # one sorted chunk: 0.76
+    assert len(epoch_steps(lengths, 16, 1, 0, 0)) == 25
+
+
 def test_a_step_holds_the_same_rows_whatever_the_micro_batch_split():
     """(batch 32, accum 1) and (batch 8, accum 4) train on the same rows in each optimizer step."""
     lengths = np.random.default_rng(0).integers(6, 67, 3000)

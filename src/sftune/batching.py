@@ -43,6 +43,7 @@ def collate(examples: Examples, indices: Sequence[int], pad_id: int) -> dict[str
 
 
 GROUP_CHUNK_STEPS = 64  # length grouping sorts chunks of this many optimizer steps' rows
+GROUP_MIN_CHUNKS = 4  # ... or fewer, so that an epoch has at least this many chunks (small datasets)
 
 
 def epoch_steps(
@@ -57,7 +58,8 @@ def epoch_steps(
     """The optimizer steps of one epoch: each a list of `grad_accum` micro-batches of row indices.
 
     Rows are shuffled by (seed, epoch). With `group_by_length`, each chunk of
-    `batch_size * grad_accum * 64` shuffled rows is sorted by length before it is cut,
+    `batch_size * grad_accum * 64` shuffled rows (fewer on a small dataset, so that an
+    epoch has at least 4 chunks) is sorted by length before it is cut,
     so a micro-batch holds rows of nearly equal length (almost no padding), and the
     steps are then shuffled. A micro-batch holds at most `batch_size` rows and, with
     `batch_tokens`, at most that many tokens padded (rows x longest row). Every row is
@@ -71,7 +73,11 @@ def epoch_steps(
     rng = np.random.default_rng([seed, epoch])
     order = rng.permutation(len(lengths))
     if group_by_length:
-        chunk = batch_size * grad_accum * GROUP_CHUNK_STEPS
+        # at least GROUP_MIN_CHUNKS chunks an epoch, so that on a small dataset the batches still change
+        # from epoch to epoch (one sorted chunk gives nearly the same batches every epoch: NOTES try 11)
+        rows_per_step = batch_size * grad_accum
+        steps = -(-len(lengths) // rows_per_step)
+        chunk = rows_per_step * max(1, min(GROUP_CHUNK_STEPS, steps // GROUP_MIN_CHUNKS))
         parts = [order[i : i + chunk] for i in range(0, len(order), chunk)]
         # longest first within each chunk (stable, so ties keep the shuffled order)
         parts = [p[np.argsort(-lengths[p], kind="stable")] for p in parts]
