@@ -66,7 +66,9 @@ def config_from_args(args: argparse.Namespace):
     file_values = read_yaml(args.config) if args.config else {}
     flags = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
     source = f"config ({args.config} + flags)" if args.config else "flags"
-    return resolve_config(file_values, flags, source=source)
+    cfg = resolve_config(file_values, flags, source=source)
+    quiet_libraries()  # the heavy imports come after the config is known to be valid: its errors are instant
+    return cfg
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,10 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_train(args) -> None:
+    cfg = config_from_args(args)  # first: a config mistake is reported before the heavy imports
     from sftune.config import dump_yaml
     from sftune.train import train
 
-    cfg = config_from_args(args)
     print("resolved config:\n" + "\n".join("  " + line for line in dump_yaml(cfg).splitlines()), file=sys.stderr)
     result = train(cfg)
     first, last = result.first_val_loss, result.last_val_loss
@@ -140,11 +142,11 @@ def cmd_train(args) -> None:
 
 
 def cmd_data(args) -> None:
+    cfg = config_from_args(args)  # first: a config mistake is reported before the heavy imports
     from sftune.report import data_report, format_data_report
     from sftune.modeling import load_model_config
     from sftune.train import prepare_data_for, tokenizer_for
 
-    cfg = config_from_args(args)
     tokenizer = tokenizer_for(cfg)
     model_config = load_model_config(cfg.model, cfg.trust_remote_code)
     if cfg.streaming:  # report on the validation split and the stream's first chunk
@@ -167,12 +169,12 @@ def cmd_data(args) -> None:
 
 
 def cmd_eval(args) -> None:
+    cfg = config_from_args(args)  # first: a config mistake is reported before the heavy imports
     from sftune.evaluate import evaluate
     from sftune.modeling import load_model
     from sftune.runtime import resolve_device, resolve_precision
     from sftune.train import prepare_data_for, tokenizer_for
 
-    cfg = config_from_args(args)
     device = resolve_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
     tokenizer = tokenizer_for(cfg)
@@ -195,6 +197,7 @@ def cmd_eval(args) -> None:
 
 
 def cmd_tokenize(args) -> None:
+    quiet_libraries()
     from sftune.modeling import load_tokenizer
 
     texts = list(args.texts)
@@ -224,6 +227,7 @@ def cmd_tokenize(args) -> None:
 
 
 def cmd_generate(args) -> None:
+    quiet_libraries()
     from sftune.generate import complete
     from sftune.modeling import load_model, load_tokenizer
     from sftune.runtime import resolve_device
@@ -265,7 +269,6 @@ def quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        quiet_libraries()
         COMMANDS[args.command](args)
     except SftuneError as e:
         if args.debug:
