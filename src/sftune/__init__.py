@@ -5,28 +5,14 @@
     result = sftune.train(cfg)                       # -> TrainResult (output_dir, evals, ...)
 """
 
-import importlib
-
-# Names are imported on first use, so `sftune` (and a CLI error about a config key) starts without
-# importing torch and transformers.
-_EXPORTS = {
-    "IGNORE_INDEX": "sftune.batching", "collate": "sftune.batching",
-    "SFTConfig": "sftune.config", "load_config": "sftune.config", "resolve_config": "sftune.config",
-    "Examples": "sftune.data", "PreparedData": "sftune.data", "prepare_data": "sftune.data",
-    "SftuneError": "sftune.errors",
-    "EvalResult": "sftune.evaluate", "evaluate": "sftune.evaluate",
-    "load_model": "sftune.modeling", "load_tokenizer": "sftune.modeling", "save_model": "sftune.modeling",
-    "TrainResult": "sftune.train", "train": "sftune.train",
-}
-
-
-def __getattr__(name: str):
-    if name == "generate":
-        return importlib.import_module("sftune.generate").complete
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'sftune' has no attribute {name!r}")
-
+from sftune.batching import IGNORE_INDEX, collate
+from sftune.config import SFTConfig, load_config, resolve_config
+from sftune.data import Examples, PreparedData, prepare_data
+from sftune.errors import SftuneError
+from sftune.evaluate import EvalResult, evaluate
+from sftune.generate import complete as generate
+from sftune.modeling import load_model, load_tokenizer, save_model
+from sftune.train import TrainResult, train
 
 __all__ = [
     "IGNORE_INDEX", "EvalResult", "Examples", "PreparedData", "SFTConfig", "SftuneError", "TrainResult", "collate",
