@@ -145,7 +145,7 @@ def cmd_data(args) -> None:
     cfg = config_from_args(args)  # first: a config mistake is reported before the heavy imports
     from sftune.report import data_report, format_data_report
     from sftune.modeling import load_model_config
-    from sftune.train import prepare_data_for, tokenizer_for
+    from sftune.train import plan_steps, prepare_data_for, tokenizer_for
 
     tokenizer = tokenizer_for(cfg)
     model_config = load_model_config(cfg.model, cfg.trust_remote_code)
@@ -162,8 +162,9 @@ def cmd_data(args) -> None:
         log(f"data: streaming: 'train' below is the stream's first chunk ({train_stats.rows:,} rows)")
     else:
         data, max_length = prepare_data_for(cfg, tokenizer, model_config)
+    steps = plan_steps(data.train.lengths, cfg, max_length, 0)  # the first epoch, as training plans it
     report = data_report(data, cfg.dataset, max_length, cfg.batch_size, cfg.grad_accum,
-                         cfg.eval_batch_size or cfg.batch_size, cfg.seed, cfg.batch_tokens, cfg.group_by_length,
+                         cfg.eval_batch_size or cfg.batch_size, steps, cfg.batch_tokens, cfg.group_by_length,
                          cfg.packing, show=args.show)
     print(json.dumps(report, indent=2) if args.json else format_data_report(report, tokenizer, color=sys.stdout.isatty()))
 

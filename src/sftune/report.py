@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from sftune.batching import IGNORE_INDEX, collate, epoch_steps, length_sorted_batches, packed_epoch_steps, padding_efficiency
+from sftune.batching import IGNORE_INDEX, collate, length_sorted_batches, padding_efficiency
 from sftune.data import PreparedData
 
 
@@ -16,21 +16,23 @@ def data_report(
     batch_size: int,
     grad_accum: int,
     eval_batch_size: int,
-    seed: int,
+    steps: list,
     batch_tokens: int | None = None,
     group_by_length: bool = True,
     packing: bool = False,
     show: int = 0,
 ) -> dict:
     """A JSON-ready summary of a prepared dataset, with the first `show` training examples
-    as they are batched (`labels` is IGNORE_INDEX where a token is not trained on)."""
+    as they are batched (`labels` is IGNORE_INDEX where a token is not trained on).
+
+    `steps` are the first epoch's optimizer steps as training plans them (`train.plan_steps`):
+    rows of example indices, or of packed rows with `packing`."""
     splits = {}
     for name, examples in (("train", data.train), ("validation", data.validation)):
         splits[name] = asdict(data.stats[name])
     # padding efficiency of the batching in use: the first epoch's training batches, length-sorted for validation
     lengths = data.train.lengths
     if packing:
-        steps = packed_epoch_steps(lengths, max_length, batch_size, grad_accum, seed, 0, batch_tokens)
         micro = [b for step in steps for b in step]
         rows = [r for b in micro for r in b]
         splits["train"]["packed_rows"] = len(rows)
@@ -40,7 +42,6 @@ def data_report(
         padded = sum(len(b) * max(int(lengths[r].sum()) for r in b) for b in micro)
         splits["train"]["padding_efficiency"] = real / padded
     else:
-        steps = epoch_steps(lengths, batch_size, grad_accum, seed, 0, batch_tokens, group_by_length)
         micro = [b for step in steps for b in step]
         splits["train"]["padding_efficiency"] = padding_efficiency(lengths, micro)
     splits["train"]["micro_batches_per_epoch"] = len(micro)

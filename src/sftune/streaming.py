@@ -112,8 +112,7 @@ class StreamedData:
         """The epoch's remaining optimizer steps from `position`: (chunk examples, step rows, position after it).
 
         `plan(lengths, key)` cuts a chunk's examples into steps, seeded by `key`."""
-        stream = self.train_stream.shuffle(seed=self.seed, buffer_size=chunk_rows * SHUFFLE_BUFFER_CHUNKS)
-        stream.set_epoch(epoch)
+        stream = self.shuffled(epoch, chunk_rows)
         rows_iter = iter(stream.skip(position.rows) if position.rows else stream)
         rows_before, chunk, skip = position.rows, position.chunk, position.steps_done
         while rows := list(itertools.islice(rows_iter, chunk_rows)):
@@ -125,9 +124,13 @@ class StreamedData:
 
     def first_chunk(self, chunk_rows: int) -> tuple[Examples, SplitStats]:
         """The first chunk of the first epoch, tokenized (what `sftune data --streaming` reports on)."""
+        return self.chunk(list(itertools.islice(self.shuffled(0, chunk_rows), chunk_rows)))
+
+    def shuffled(self, epoch: int, chunk_rows: int):
+        """The training stream in the epoch's order (shuffle buffer seeded by seed and epoch)."""
         stream = self.train_stream.shuffle(seed=self.seed, buffer_size=chunk_rows * SHUFFLE_BUFFER_CHUNKS)
-        stream.set_epoch(0)
-        return self.chunk(list(itertools.islice(stream, chunk_rows)))
+        stream.set_epoch(epoch)
+        return stream
 
 
 def chunk_rows_for(batch_size: int, grad_accum: int) -> int:
