@@ -124,17 +124,17 @@ def small_val_dir(tmp: Path, val_rows: int) -> Path:
 
 def worker_sftune(args) -> dict:
     import sftune
-    from sftune.data import prepare_data
+    from sftune.data import DataOptions, prepare_data
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         dataset = small_val_dir(tmp, 64)
         tokenizer = sftune.load_tokenizer(str(GPT2))
         t0 = time.perf_counter()
-        prepare_data(str(SST2), tokenizer, 1024, cache_dir=tmp / "cache")
+        prepare_data(DataOptions(str(SST2), 1024, cache_dir=tmp / "cache"), tokenizer)
         prep_first = time.perf_counter() - t0
         t0 = time.perf_counter()
-        prepare_data(str(SST2), tokenizer, 1024, cache_dir=tmp / "cache")
+        prepare_data(DataOptions(str(SST2), 1024, cache_dir=tmp / "cache"), tokenizer)
         prep_cached = time.perf_counter() - t0
 
         model_dir = tmp / "gpt2-small"

@@ -70,6 +70,35 @@ def text_file(tmp_path):
     return path
 
 
+def prepare(dataset, tokenizer, max_length: int = 128, **options):
+    """`prepare_data` with the options as keywords: prepare(path, tok, 64, min_tokens=0)."""
+    from sftune.data import DataOptions, prepare_data
+
+    return prepare_data(DataOptions(str(dataset), max_length, **options), tokenizer)
+
+
+def run_main(capsys, *args: str) -> tuple[int, str, str]:
+    """Run the CLI's `main` in this process (no interpreter start-up): (exit status, stdout, stderr)."""
+    import logging
+
+    from sftune.cli import main
+
+    # library log handlers hold the stderr they were made with: point them at this test's, then back
+    handlers = [h for name in ("datasets", "transformers") for h in logging.getLogger(name).handlers
+                if type(h) is logging.StreamHandler]
+    for handler in handlers:
+        handler.stream = sys.stderr  # (setStream would flush the old stream, perhaps a closed one)
+    try:
+        code = main(list(args))
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    finally:
+        for handler in handlers:
+            handler.stream = sys.__stderr__
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the real `sftune` CLI in a subprocess."""
     return subprocess.run(

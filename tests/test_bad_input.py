@@ -1,11 +1,14 @@
-"""Tier 2: every user mistake gets exit status 2, a message naming the problem and the fix, and no traceback."""
+"""Tier 2: every user mistake gets exit status 2, a message naming the problem and the fix, and no traceback.
+
+The table runs the CLI's `main` in-process (the same code path, without an interpreter start-up per case);
+one case runs as a real subprocess to show that no traceback reaches the terminal."""
 
 import json
 import shutil
 
 import pytest
 
-from conftest import QUICKSTART_DATA, needs_shared, run_cli
+from conftest import QUICKSTART_DATA, needs_shared, run_cli, run_main
 
 pytestmark = needs_shared
 
@@ -62,16 +65,23 @@ CASES = [
 
 
 @pytest.mark.parametrize("args, words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input(args, words, bad_files, tiny_model_dir, tmp_path):
+def test_bad_input(args, words, bad_files, tiny_model_dir, tmp_path, capsys):
     args = [a.replace("FILES", str(bad_files)) for a in args]
     out = tmp_path / "out"
-    proc = run_cli("train", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA),
-                   "--output-dir", str(out), *args)
-    assert proc.returncode == 2, proc.stderr
+    code, _, err = run_main(capsys, "train", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA),
+                            "--output-dir", str(out), *args)
+    assert code == 2, err
     for w in words:
-        assert w in proc.stderr, proc.stderr
-    assert "Traceback" not in proc.stderr
+        assert w in err, err
+    assert "Traceback" not in err
     assert not out.exists()  # nothing written
+
+
+def test_a_user_mistake_in_a_real_process_shows_no_traceback(tiny_model_dir, tmp_path):
+    proc = run_cli("train", "--model", str(tiny_model_dir), "--dataset", "./missing.jsonl",
+                   "--output-dir", str(tmp_path / "o"))
+    assert proc.returncode == 2
+    assert "dataset path not found: './missing.jsonl'" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_debug_shows_the_traceback(tiny_model_dir, tmp_path):

@@ -7,9 +7,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import SST2_DIR, needs_shared
+from conftest import SST2_DIR, needs_shared, prepare
 from sftune.batching import epoch_steps
-from sftune.data import Examples, count_targets, encode_example, find_text_column, load_rows, prepare_data
+from sftune.data import Examples, count_targets, encode_example
+from sftune.data.formats import find_text_column
+from sftune.data.sources import load_rows
 from sftune.errors import SftuneError
 
 EOS = 50256
@@ -139,7 +141,7 @@ def test_prepare_data_keeps_and_counts(tmp_path, gpt2_tokenizer):
     path = tmp_path / "d.jsonl"
     texts = ["one two", "", "a sentence that is long enough to keep", "x " * 40, "another sentence that is long enough here"]
     path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts * 4))
-    data = prepare_data(str(path), gpt2_tokenizer, max_length=20, val_fraction=0.25, seed=0, cache_dir=tmp_path / "c")
+    data = prepare(str(path), gpt2_tokenizer, max_length=20, val_fraction=0.25, seed=0, cache_dir=tmp_path / "c")
     stats = data.stats.values()
     total = {k: sum(getattr(s, k) for s in stats) for k in ("rows", "kept", "truncated")}
     dropped = {r: sum(s.dropped[r] for s in stats) for r in ("empty", "too_short", "overlong")}
@@ -155,13 +157,13 @@ def test_overlong_error_names_the_fix(tmp_path, gpt2_tokenizer):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"text": "word " * n}) + "\n" for n in (8, 30, 9, 10)))
     with pytest.raises(SftuneError, match=r"1 example\(s\) are longer than max_length 16 .*--overlong truncate"):
-        prepare_data(str(path), gpt2_tokenizer, max_length=16, overlong="error", val_fraction=0.25, cache_dir=tmp_path)
+        prepare(str(path), gpt2_tokenizer, max_length=16, overlong="error", val_fraction=0.25, cache_dir=tmp_path)
 
 
 def test_truncate_keeps_max_length_tokens_without_eos(tmp_path, gpt2_tokenizer):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"text": "word " * 30}) + "\n" for _ in range(4)))
-    data = prepare_data(str(path), gpt2_tokenizer, max_length=16, overlong="truncate", val_fraction=0.25, cache_dir=tmp_path)
+    data = prepare(str(path), gpt2_tokenizer, max_length=16, overlong="truncate", val_fraction=0.25, cache_dir=tmp_path)
     assert data.train.lengths.tolist() == [16, 16, 16]
     assert EOS not in data.train.input_ids
     assert data.stats["train"].truncated == 3
@@ -171,21 +173,21 @@ def test_nothing_left_is_a_clear_error(tmp_path, gpt2_tokenizer):
     path = tmp_path / "d.jsonl"
     path.write_text("".join(json.dumps({"text": "short"}) + "\n" for _ in range(10)))
     with pytest.raises(SftuneError, match="no train example is left after filtering .* Lower --min-tokens"):
-        prepare_data(str(path), gpt2_tokenizer, max_length=64, cache_dir=tmp_path)
+        prepare(str(path), gpt2_tokenizer, max_length=64, cache_dir=tmp_path)
 
 
 def test_cache_hit_and_invalidation(tmp_path, gpt2_tokenizer, text_file):
     cache = tmp_path / "cache"
-    first = prepare_data(str(text_file), gpt2_tokenizer, 64, cache_dir=cache)
-    second = prepare_data(str(text_file), gpt2_tokenizer, 64, cache_dir=cache)
+    first = prepare(str(text_file), gpt2_tokenizer, 64, cache_dir=cache)
+    second = prepare(str(text_file), gpt2_tokenizer, 64, cache_dir=cache)
     assert (first.from_cache, second.from_cache) == (False, True)
     assert np.array_equal(first.train.input_ids, second.train.input_ids)
     assert np.array_equal(first.validation.offsets, second.validation.offsets)
     assert first.stats == second.stats
     # a setting, the tokenizer's output, or the file changing gives a new entry
-    assert not prepare_data(str(text_file), gpt2_tokenizer, 64, min_tokens=3, cache_dir=cache).from_cache
+    assert not prepare(str(text_file), gpt2_tokenizer, 64, min_tokens=3, cache_dir=cache).from_cache
     text_file.write_text(text_file.read_text() + json.dumps({"text": "one more line to change the file"}) + "\n")
-    changed = prepare_data(str(text_file), gpt2_tokenizer, 64, cache_dir=cache)
+    changed = prepare(str(text_file), gpt2_tokenizer, 64, cache_dir=cache)
     assert not changed.from_cache and len(changed.train) + len(changed.validation) == 121
 
 
@@ -201,7 +203,7 @@ def test_examples_round_trip(tmp_path):
 @needs_shared
 def test_seed_fidelity_on_sst2(tmp_path, gpt2_tokenizer):
     """The seed notebook's numbers: 49,401 train and 867 validation rows, 1,544 batches of 32."""
-    data = prepare_data(str(SST2_DIR), gpt2_tokenizer, max_length=1024, cache_dir=tmp_path)
+    data = prepare(str(SST2_DIR), gpt2_tokenizer, max_length=1024, cache_dir=tmp_path)
     assert (len(data.train), len(data.validation)) == (49_401, 867)
     assert (data.stats["train"].rows, data.stats["validation"].rows) == (67_349, 872)
     assert data.stats["train"].dropped["too_short"] == 67_349 - 49_401

@@ -9,9 +9,9 @@ import json
 import pytest
 
 from sftune.batching import IGNORE_INDEX, best_fit_decreasing, collate, collate_packed, epoch_steps
-from sftune.data import prepare_data
+from conftest import prepare
 from sftune.errors import SftuneError
-from sftune.formats import DEFAULT_CHAT_TEMPLATE, ChatTemplate, Layout, detect_layout, parse_columns, row_segments
+from sftune.data.formats import DEFAULT_CHAT_TEMPLATE, ChatTemplate, Layout, detect_layout, parse_columns, row_segments
 
 EOS = 50256
 X = IGNORE_INDEX
@@ -39,7 +39,7 @@ def enc(tok, text):
 def prep(tmp_path, tok, rows, **kw):
     kw.setdefault("min_tokens", 0)
     kw.setdefault("max_length", 128)
-    return prepare_data(str(write_splits(tmp_path, rows)), tok, cache_dir=tmp_path / "cache", **kw)
+    return prepare(write_splits(tmp_path, rows), tok, cache_dir=tmp_path / "cache", **kw)
 
 
 # --- prompt / completion -------------------------------------------------------------
@@ -175,7 +175,7 @@ def test_sharegpt_conversations_are_chat(tmp_path, gpt2_tokenizer):
     sharegpt = {"conversations": [{"from": "system" if m["role"] == "system" else "human" if m["role"] == "user"
                                    else "gpt", "value": m["content"]} for m in CHAT["messages"]]}
     chat = labels_of(prep(tmp_path, gpt2_tokenizer, [CHAT]))
-    data = prepare_data(
+    data = prepare(
         str(write_splits(tmp_path, [sharegpt], name="sharegpt")), gpt2_tokenizer, 128, min_tokens=0,
         cache_dir=tmp_path / "c2")
     assert data.layout == Layout("chat", {"messages": "conversations"})
@@ -242,7 +242,7 @@ def test_chat_prompt_completion_trains_the_completion_turns(tmp_path, gpt2_token
 def test_bad_conversations_name_the_row_and_message(tmp_path, gpt2_tokenizer, messages, message):
     rows = [CHAT, {"messages": messages}]
     with pytest.raises(SftuneError, match=message):
-        prepare_data(str(write_splits(tmp_path, rows, [CHAT])), gpt2_tokenizer, 128, min_tokens=0,
+        prepare(str(write_splits(tmp_path, rows, [CHAT])), gpt2_tokenizer, 128, min_tokens=0,
                      cache_dir=tmp_path / "c")
 
 
@@ -320,7 +320,7 @@ def test_prompt_completion_from_each_file_type(tmp_path, gpt2_tokenizer, suffix)
      ".csv": lambda: df.to_csv(path, index=False),
      ".tsv": lambda: df.to_csv(path, index=False, sep="\t"),
      ".parquet": lambda: df.to_parquet(path)}[suffix]()
-    data = prepare_data(str(path), gpt2_tokenizer, 64, min_tokens=0, val_fraction=0.25, cache_dir=tmp_path / "c")
+    data = prepare(str(path), gpt2_tokenizer, 64, min_tokens=0, val_fraction=0.25, cache_dir=tmp_path / "c")
     assert data.layout.format == "prompt_completion"
     assert len(data.train) + len(data.validation) == 20
     assert data.stats["train"].supervised_tokens == 2 * len(data.train)  # one number token + EOS each
@@ -330,13 +330,13 @@ def test_several_files_and_globs(tmp_path, gpt2_tokenizer):
     for k in range(3):
         (tmp_path / f"part{k}.jsonl").write_text("".join(
             json.dumps({"text": f"file {k} sentence number {i} is here"}) + "\n" for i in range(10)))
-    by_glob = prepare_data(str(tmp_path / "part*.jsonl"), gpt2_tokenizer, 64, val_fraction=0.2, cache_dir=tmp_path / "c")
-    by_list = prepare_data(f"{tmp_path / 'part0.jsonl'},{tmp_path / 'part2.jsonl'}", gpt2_tokenizer, 64,
+    by_glob = prepare(str(tmp_path / "part*.jsonl"), gpt2_tokenizer, 64, val_fraction=0.2, cache_dir=tmp_path / "c")
+    by_list = prepare(f"{tmp_path / 'part0.jsonl'},{tmp_path / 'part2.jsonl'}", gpt2_tokenizer, 64,
                            val_fraction=0.2, cache_dir=tmp_path / "c")
     assert len(by_glob.train) + len(by_glob.validation) == 30
     assert len(by_list.train) + len(by_list.validation) == 20
     with pytest.raises(SftuneError, match="no file matches"):
-        prepare_data(str(tmp_path / "nothing*.jsonl"), gpt2_tokenizer, 64, cache_dir=tmp_path / "c")
+        prepare(str(tmp_path / "nothing*.jsonl"), gpt2_tokenizer, 64, cache_dir=tmp_path / "c")
 
 
 def test_split_chooses_the_training_split(tmp_path, gpt2_tokenizer):
@@ -345,10 +345,10 @@ def test_split_chooses_the_training_split(tmp_path, gpt2_tokenizer):
     for split, n in (("train", 5), ("test", 7), ("validation", 3)):
         (d / f"{split}.jsonl").write_text("".join(json.dumps({"text": f"{split} row {i} of some text"}) + "\n"
                                                   for i in range(n)))
-    data = prepare_data(str(d), gpt2_tokenizer, 64, min_tokens=0, split="test", cache_dir=tmp_path / "c")
+    data = prepare(str(d), gpt2_tokenizer, 64, min_tokens=0, split="test", cache_dir=tmp_path / "c")
     assert (len(data.train), len(data.validation)) == (7, 3)
     with pytest.raises(SftuneError, match=r"has no 'dev2' split \(it has: .*\); set --split"):
-        prepare_data(str(d), gpt2_tokenizer, 64, split="dev2", cache_dir=tmp_path / "c")
+        prepare(str(d), gpt2_tokenizer, 64, split="dev2", cache_dir=tmp_path / "c")
 
 
 def test_show_marks_trained_runs_with_brackets_or_colour(gpt2_tokenizer):
@@ -383,7 +383,7 @@ def test_bos_goes_first_untrained_and_is_never_doubled(tmp_path, bos_tokenizer):
 
     # a chat template writes its own BOS: the parts are tokenized without special tokens, so there is one BOS
     bos_tokenizer.chat_template = "{{ bos_token }}" + DEFAULT_CHAT_TEMPLATE
-    data = prepare_data(str(write_splits(tmp_path, [CHAT], name="chat")), bos_tokenizer, 128, min_tokens=0,
+    data = prepare(str(write_splits(tmp_path, [CHAT], name="chat")), bos_tokenizer, 128, min_tokens=0,
                         cache_dir=tmp_path / "c2")
     ids, labels = labels_of(data)
     assert ids[0] == EOS and ids[1] != EOS and labels[0] == X

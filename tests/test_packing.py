@@ -7,7 +7,7 @@ import torch
 from conftest import make_tiny_gpt2
 from sftune.batching import IGNORE_INDEX, best_fit_decreasing, collate, collate_packed, packed_epoch_steps
 from sftune.data import Examples
-from sftune.loss import batch_loss_sum, model_inputs
+from sftune.loss import CausalLMLoss, model_inputs
 
 EOS = 50256
 
@@ -70,7 +70,7 @@ def test_packed_losses_and_gradients_equal_separate_padded_examples(fused):
     grads = []
     for batch in (packed, padded):
         model.zero_grad()
-        batch_loss_sum(model, batch, fused).backward()
+        CausalLMLoss(model, fused)(batch).backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
 

@@ -72,8 +72,9 @@ def test_corrupted_checkpoint_is_skipped(uninterrupted, tiny_model_dir, tmp_path
 
 
 def test_keep_last_rotates(uninterrupted):
-    # one epoch is 25 steps (400 rows / 8 / 2): saves at 4, 8, ..., 24 and at the epoch's end; the last 2 stay
-    assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir()) == ["step-24", "step-25"]
+    # one epoch is 25 steps (400 rows / 8 / 2) and --max-steps 30 runs into the second: saves at 4, 8, ..., 24,
+    # at the epoch's end (25) and at 28; the last 2 stay
+    assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir()) == ["step-25", "step-28"]
 
 
 def test_resume_refuses_changed_training_settings(uninterrupted, tiny_model_dir, tmp_path):

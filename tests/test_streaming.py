@@ -8,9 +8,9 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from conftest import QUICKSTART_DATA, ROOT, needs_shared, read_jsonl, run_cli
-from sftune.data import EncodeOptions, prepare_data
-from sftune.streaming import StreamedData, StreamPosition
+from conftest import QUICKSTART_DATA, ROOT, needs_shared, prepare, read_jsonl, run_cli
+from sftune.data import DataOptions
+from sftune.data.streaming import StreamedData, StreamPosition
 
 pytestmark = needs_shared
 
@@ -21,8 +21,8 @@ def test_streamed_examples_have_the_in_memory_masks(tmp_path, gpt2_tokenizer):
     rows = [{"prompt": f"Q: what is {i} times three?\nA:", "completion": f" {3 * i}."} for i in range(90)]
     for split, part in (("train", rows[:80]), ("validation", rows[80:])):
         (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-    memory = prepare_data(str(d), gpt2_tokenizer, 64, min_tokens=0, cache_dir=tmp_path / "c")
-    stream = StreamedData(str(d), gpt2_tokenizer, EncodeOptions(64, min_tokens=0))
+    memory = prepare(str(d), gpt2_tokenizer, 64, min_tokens=0, cache_dir=tmp_path / "c")
+    stream = StreamedData(DataOptions(str(d), 64, min_tokens=0), gpt2_tokenizer)
 
     def as_set(ex):
         return sorted((tuple(ex.example(i)[0].tolist()), tuple(ex.example(i)[1].tolist())) for i in range(len(ex)))

@@ -2,12 +2,17 @@
 
 Labels are IGNORE_INDEX exactly where the attention mask is 0 (padding) or
 the token is not supervised; they are never derived from the token's value,
-so EOS, which doubles as the pad token for GPT-2, is still trained.
+so EOS, which doubles as the pad token for GPT-2, is still trained. A batch also
+carries its training targets, found here on the host so the loss never has to
+look for them on the device: `target_positions` (flat indices into the (B * T)
+positions that predict a target: position t predicts token t + 1) and `targets`.
 
     >>> ex = Examples.from_lists([[5, 6, 50256], [7, 50256]])
     >>> b = collate(ex, [0, 1], pad_id=50256)
     >>> b["input_ids"].tolist(), b["attention_mask"].tolist(), b["labels"].tolist()
     ([[5, 6, 50256], [7, 50256, 50256]], [[1, 1, 1], [1, 1, 0]], [[5, 6, 50256], [7, 50256, -100]])
+    >>> b["target_positions"].tolist(), b["targets"].tolist()
+    ([0, 1, 3], [6, 50256, 50256])
 """
 
 from __future__ import annotations
@@ -17,14 +22,30 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from sftune.data import Examples
+from sftune.data.examples import Examples
 
 IGNORE_INDEX = -100  # label value cross-entropy skips
 
 
+def with_targets(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+    """Add `target_positions` and `targets` (both (N,) int64) from `labels`, and make tensors.
+
+    Row b's position t scores label t + 1, so its flat position is b * T + t."""
+    labels = batch["labels"]
+    rows, cols = np.nonzero(labels[:, 1:] != IGNORE_INDEX)
+    batch["target_positions"] = rows * labels.shape[1] + cols
+    batch["targets"] = labels[rows, cols + 1]
+    return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)) for k, v in batch.items()}
+
+
+def count_targets(batch: dict[str, torch.Tensor]) -> int:
+    """Training targets of a collated batch (host-side: no device sync)."""
+    return len(batch["targets"])
+
+
 def collate(examples: Examples, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad the chosen examples to the longest one. Returns int64 (B, T) tensors
-    `input_ids`, `attention_mask` and `labels`."""
+    `input_ids`, `attention_mask` and `labels`, and the (N,) `target_positions` and `targets`."""
     lengths = [int(examples.offsets[i + 1] - examples.offsets[i]) for i in indices]
     width = max(lengths)
     input_ids = np.full((len(indices), width), pad_id, dtype=np.int64)
@@ -35,11 +56,7 @@ def collate(examples: Examples, indices: Sequence[int], pad_id: int) -> dict[str
         input_ids[row, :n] = ids
         attention_mask[row, :n] = 1
         labels[row, :n] = np.where(supervised, ids, IGNORE_INDEX)
-    return {
-        "input_ids": torch.from_numpy(input_ids),
-        "attention_mask": torch.from_numpy(attention_mask),
-        "labels": torch.from_numpy(labels),
-    }
+    return with_targets({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
 
 
 GROUP_CHUNK_STEPS = 64  # length grouping sorts chunks of this many optimizer steps' rows
@@ -105,6 +122,11 @@ def _cut(rows: np.ndarray, lengths: np.ndarray, batch_size: int, batch_tokens: i
     if start < len(rows):
         batches.append(rows[start:])
     return batches
+
+
+def chunk_rows_for(batch_size: int, grad_accum: int) -> int:
+    """Rows per streamed chunk: as many as one length-grouping chunk of in-memory training."""
+    return batch_size * grad_accum * GROUP_CHUNK_STEPS
 
 
 def length_sorted_batches(lengths: np.ndarray, batch_size: int) -> list[np.ndarray]:
@@ -205,9 +227,5 @@ def collate_packed(examples: Examples, rows: Sequence[np.ndarray], pad_id: int) 
             at += n
         attention_mask[row, :total] = 1
         position_ids[row, total:] = np.arange(width - total)  # padding: a block of its own
-    return {
-        "input_ids": torch.from_numpy(input_ids),
-        "position_ids": torch.from_numpy(position_ids),
-        "labels": torch.from_numpy(labels),
-        "attention_mask": torch.from_numpy(attention_mask),
-    }
+    return with_targets({"input_ids": input_ids, "position_ids": position_ids, "labels": labels,
+                         "attention_mask": attention_mask})

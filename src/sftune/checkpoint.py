@@ -8,7 +8,14 @@ A checkpoint is a directory `<output_dir>/checkpoints/step-<N>/` holding
   - `config.yaml`: the resolved config of the run.
 It is built under a `.staging-*` name, every file is fsynced, then it is published by an
 atomic rename and the parent directory is fsynced. A reader therefore sees a complete
-checkpoint or none; `state.json` is also checked on load, and a bad one is skipped.
+checkpoint or none. `state.json`, written last, lists every file's size (always checked on
+resume) and, with `checkpoint_hashes`, its SHA-256 (checked too: minutes for a 7B model, so
+off by default); a checkpoint that fails the check is skipped.
+
+The loop talks to a `Checkpointer` (save / latest / restore) and does not care which kind:
+`FullCheckpointer` (this module: the whole model, written by rank 0) is today's; a sharded
+one (torch.distributed.checkpoint, for FSDP) and an adapter-only one (LoRA) fit the same
+interface.
 
     sftune train --config configs/quickstart.yaml --output-dir runs/qs --save-every 50
     sftune train --config configs/quickstart.yaml --output-dir runs/qs --save-every 50 --resume auto
@@ -23,11 +30,13 @@ import random
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from sftune.console import is_main, log
+from sftune.console import log
+from sftune.dist import Dist
 from sftune.errors import SftuneError
 
 STATE_FILE = "state.json"
@@ -90,11 +99,50 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class Checkpointer(Protocol):
+    """What the training loop needs from checkpoints, whatever their kind (full, sharded, adapter-only)."""
+
+    def save(self, state: TrainState, model, optimizer, scheduler, scaler) -> Path:
+        """Write a checkpoint of `state` and the given objects, atomically; called on every rank."""
+
+    def latest(self, resume: str) -> Path | None:
+        """The checkpoint `resume` names ('auto': the newest good one, or None)."""
+
+    def weights(self, path: Path) -> str | None:
+        """A directory `from_pretrained` loads the model from, or None when `restore` loads the weights."""
+
+    def restore(self, path: Path, model, optimizer, scheduler, scaler) -> TrainState:
+        """Load everything but what `weights` already gave; return the run's position."""
+
+
+class FullCheckpointer:
+    """The whole model in each checkpoint, as a Hugging Face directory; rank 0 writes, the others wait."""
+
+    def __init__(self, root: Path, dist: Dist, tokenizer, config_yaml: str, keep_last: int, hashes: bool = False):
+        self.root, self.dist, self.tokenizer = root, dist, tokenizer
+        self.config_yaml, self.keep_last, self.hashes = config_yaml, keep_last, hashes
+
+    def save(self, state: TrainState, model, optimizer, scheduler, scaler) -> Path:
+        final = self.root / f"step-{state.step}"
+        if self.dist.is_main:
+            save_checkpoint(self.root, model, self.tokenizer, optimizer, scheduler, scaler, state, self.config_yaml,
+                            self.keep_last, self.hashes)
+        self.dist.barrier()
+        return final
+
+    def latest(self, resume: str) -> Path | None:
+        return find_resume_checkpoint(self.root.parent, resume)
+
+    def weights(self, path: Path) -> str | None:
+        return str(path)
+
+    def restore(self, path: Path, model, optimizer, scheduler, scaler) -> TrainState:
+        return load_training_state(path, optimizer, scheduler, scaler)
+
+
 def save_checkpoint(root: Path, model, tokenizer, optimizer, scheduler, scaler, state: TrainState,
-                    config_yaml: str, keep_last: int) -> Path | None:
+                    config_yaml: str, keep_last: int, hashes: bool = False) -> Path:
     """Write `root/step-<N>` atomically, then remove all but the newest `keep_last` complete ones."""
-    if not is_main():
-        return None
     from sftune.modeling import save_model
 
     root.mkdir(parents=True, exist_ok=True)
@@ -108,8 +156,9 @@ def save_checkpoint(root: Path, model, tokenizer, optimizer, scheduler, scaler, 
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "rng": rng_state()}, staging / TRAINING_STATE)
         (staging / "config.yaml").write_text(config_yaml)
-        files = {str(f.relative_to(staging)): [f.stat().st_size, _sha256(f)] for f in sorted(staging.rglob("*")) if f.is_file()}
-        # state.json last: it lists every other file with its size and hash, so damage anywhere is detected
+        files = {str(f.relative_to(staging)): [f.stat().st_size, _sha256(f) if hashes else None]
+                 for f in sorted(staging.rglob("*")) if f.is_file()}
+        # state.json last: it lists every other file with its size (and hash), so damage anywhere is detected
         (staging / STATE_FILE).write_text(json.dumps({"format": FORMAT_VERSION, "files": files, **asdict(state)}, indent=1))
         _fsync_tree(staging)
         if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it
@@ -138,13 +187,14 @@ def _sha256(path: Path) -> str:
 
 
 def checkpoint_ok(path: Path) -> bool:
-    """A checkpoint is usable when state.json is readable and every file it lists has its size and hash."""
+    """A checkpoint is usable when state.json is readable and every file it lists has its size (and its
+    hash, when one was recorded)."""
     try:
         state = json.loads((path / STATE_FILE).read_text())
         files = state["files"]
         if state.get("format") != FORMAT_VERSION or TRAINING_STATE not in files or "model.safetensors" not in files:
             return False
-        return all((path / name).stat().st_size == size and _sha256(path / name) == digest
+        return all((path / name).stat().st_size == size and (digest is None or _sha256(path / name) == digest)
                    for name, (size, digest) in files.items())
     except (OSError, ValueError, KeyError, TypeError):
         return False

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
+import functools
 import json
 import os
 import sys
@@ -22,6 +24,7 @@ import typing
 from pathlib import Path
 from typing import Any, Literal
 
+from sftune import __version__
 from sftune.config import FIELDS, describe_type, field_type, read_yaml, resolve_config
 from sftune.console import log
 from sftune.errors import SftuneError
@@ -34,11 +37,23 @@ GROUPS = {"model": "model", "data": "data", "train": "optimisation", "log": "eva
 # --- building the parser from the config --------------------------------------
 
 
-def add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per SFTConfig field; unset flags stay absent so YAML and defaults show through."""
+# The keys `sftune eval` uses: the model, the data pipeline (validation split) and where it runs.
+EVAL_KEYS = {
+    "model", "tokenizer", "init", "trust_remote_code", "dataset", "dataset_config", "split", "format", "columns",
+    "text_column", "train_on_prompt", "train_on_all_turns", "chat_template", "val_fraction", "min_tokens",
+    "max_length", "overlong", "truncation_side", "streaming", "stream_val_rows", "cache_dir", "seed", "precision",
+    "device", "batch_size", "eval_batch_size",
+}
+
+
+def add_config_flags(parser: argparse.ArgumentParser, keys: set[str] | None = None) -> None:
+    """One flag per SFTConfig field (or per field in `keys`); unset flags stay absent so YAML and
+    defaults show through. A YAML file may hold any key: the command uses what it needs."""
     parser.add_argument("--config", metavar="FILE", help="YAML file of config keys (flags override it).")
     groups = {g: parser.add_argument_group(title) for g, title in GROUPS.items()}
     for name, f in FIELDS.items():
+        if keys is not None and name not in keys:
+            continue
         base, _ = field_type(name)
         flag = "--" + name.replace("_", "-")
         kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
@@ -73,12 +88,16 @@ def config_from_args(args: argparse.Namespace):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="sftune", description="Supervised fine-tuning of causal language models (the first stage of RLHF)."
-    )
+        prog="sftune", description="Supervised fine-tuning of causal language models (the first stage of RLHF).",
+        allow_abbrev=False)
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+    parser.add_argument("--version", action="version", version=f"sftune {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub.add_parser = functools.partial(sub.add_parser, allow_abbrev=False)  # --max-step is a typo, not --max-steps
 
     p = sub.add_parser("train", help="fine-tune a model", description="Fine-tune a model and save it.")
+    p.add_argument("--verbose", action="store_true", help="print the whole resolved config at the start "
+                   "(it is saved as <output_dir>/config.yaml either way)")
     add_config_flags(p)
 
     p = sub.add_parser("data", help="run the data pipeline and report on it", description=(
@@ -93,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="validation loss and perplexity of a model", description=(
         "Token-weighted validation loss and perplexity of --model on the validation split of --dataset."))
     p.add_argument("--json", action="store_true", help="print one JSON object")
-    add_config_flags(p)
+    add_config_flags(p, EVAL_KEYS)
 
     p = sub.add_parser("tokenize", help="show how texts are tokenized", description=(
         "Encode texts and show ids and tokens side by side, and the decoded round trip."))
@@ -109,15 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=[], help="prompt text to continue (repeat for several)")
     p.add_argument("--chat", action="append", default=[], metavar="MESSAGE",
                    help="a user message, rendered with the model's chat template (repeat for several)")
-    p.add_argument("--system", help="system message before each --chat message")
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 for greedy decoding [default: 0.8]")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--trust-remote-code", action="store_true")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--system", help="system message before each --chat message [default: none]")
+    p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate at most [default: 40]")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 for greedy decoding "
+                   "[default: 0.8]")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling: keep the most likely tokens up to "
+                   "this probability mass [default: 0.95]")
+    p.add_argument("--num-samples", type=int, default=1, help="completions per prompt [default: 1]")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling [default: 0]")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="where to run: auto (CUDA when present) [default: auto]")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow model code from the Hub repo to run [default: off]")
+    p.add_argument("--json", action="store_true", help="print JSON [default: text]")
     return parser
 
 
@@ -129,7 +152,10 @@ def cmd_train(args) -> None:
     from sftune.config import dump_yaml
     from sftune.train import train
 
-    print("resolved config:\n" + "\n".join("  " + line for line in dump_yaml(cfg).splitlines()), file=sys.stderr)
+    if args.verbose:
+        print("resolved config:\n" + "\n".join("  " + line for line in dump_yaml(cfg).splitlines()), file=sys.stderr)
+    else:
+        print(summarize_config(cfg), file=sys.stderr)
     result = train(cfg)
     first, last = result.first_val_loss, result.last_val_loss
     print(f"\ndone: {result.steps:,} steps, {result.tokens:,} tokens in {result.seconds:.1f}s "
@@ -141,27 +167,39 @@ def cmd_train(args) -> None:
         print(f"sample: {prompt!r} -> {text!r}")
 
 
+def summarize_config(cfg) -> str:
+    """The run in a few lines; values that differ from the defaults are what the user chose."""
+    from sftune.config import SFTConfig
+
+    defaults = SFTConfig()
+    changed = [k for k in FIELDS if getattr(cfg, k) != getattr(defaults, k)
+               and k not in ("model", "dataset", "sample_prompts")]
+    lines = [f"config: model {cfg.model} | data {cfg.dataset} | {cfg.epochs if cfg.max_steps is None else cfg.max_steps}"
+             f" {'epoch(s)' if cfg.max_steps is None else 'steps'} | batch {cfg.batch_size} x {cfg.grad_accum} "
+             f"| lr {cfg.lr:g} {cfg.lr_schedule} | precision {cfg.precision} | seed {cfg.seed}"]
+    if changed:
+        lines.append("  set: " + ", ".join(f"{k}={getattr(cfg, k)}" for k in changed))
+    lines.append("  (every key: --verbose, and <output_dir>/config.yaml)")
+    return "\n".join(lines)
+
+
 def cmd_data(args) -> None:
     cfg = config_from_args(args)  # first: a config mistake is reported before the heavy imports
-    from sftune.report import data_report, format_data_report
+    from sftune.build import build_data, build_tokenizer, plan_steps
     from sftune.modeling import load_model_config
-    from sftune.train import plan_steps, prepare_data_for, tokenizer_for
+    from sftune.report import data_report, format_data_report
 
-    tokenizer = tokenizer_for(cfg)
-    model_config = load_model_config(cfg.model, cfg.trust_remote_code)
+    tokenizer = build_tokenizer(cfg)
+    data, max_length = build_data(cfg, tokenizer, load_model_config(cfg.model, cfg.trust_remote_code))
     if cfg.streaming:  # report on the validation split and the stream's first chunk
+        from sftune.batching import chunk_rows_for
         from sftune.data import PreparedData
-        from sftune.streaming import chunk_rows_for
-        from sftune.train import stream_data_for
 
-        stream, max_length = stream_data_for(cfg, tokenizer, model_config)
         start = time.perf_counter()
-        train, train_stats = stream.first_chunk(chunk_rows_for(cfg.batch_size, cfg.grad_accum))
-        data = PreparedData(train, stream.validation, {"train": train_stats, "validation": stream.validation_stats},
-                            stream.layout, None, False, time.perf_counter() - start)
+        train, train_stats = data.first_chunk(chunk_rows_for(cfg.batch_size, cfg.grad_accum))
+        data = PreparedData(train, data.validation, {"train": train_stats, "validation": data.validation_stats},
+                            data.layout, None, False, time.perf_counter() - start)
         log(f"data: streaming: 'train' below is the stream's first chunk ({train_stats.rows:,} rows)")
-    else:
-        data, max_length = prepare_data_for(cfg, tokenizer, model_config)
     steps = plan_steps(data.train.lengths, cfg, max_length, 0)  # the first epoch, as training plans it
     report = data_report(data, cfg.dataset, max_length, cfg.batch_size, cfg.grad_accum,
                          cfg.eval_batch_size or cfg.batch_size, steps, cfg.batch_tokens, cfg.group_by_length,
@@ -171,22 +209,19 @@ def cmd_data(args) -> None:
 
 def cmd_eval(args) -> None:
     cfg = config_from_args(args)  # first: a config mistake is reported before the heavy imports
+    from sftune.build import build_data, build_tokenizer
+    from sftune.dist import init_dist
     from sftune.evaluate import evaluate
     from sftune.modeling import load_model
-    from sftune.runtime import resolve_device, resolve_precision
-    from sftune.train import prepare_data_for, tokenizer_for
+    from sftune.runtime import resolve_precision
 
-    device = resolve_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    tokenizer = tokenizer_for(cfg)
-    model = load_model(cfg.model, cfg.init, cfg.trust_remote_code, cfg.seed).to(device)
-    if cfg.streaming:  # only the validation split is read (and materialized)
-        from sftune.train import stream_data_for
-
-        data, _ = stream_data_for(cfg, tokenizer, model.config)
-    else:
-        data, _ = prepare_data_for(cfg, tokenizer, model.config)
-    result = evaluate(model, data.validation, cfg.eval_batch_size or cfg.batch_size, tokenizer.pad_token_id, device, precision)
+    dist = init_dist(cfg.device)
+    precision = resolve_precision(trained_precision(cfg), dist.device)
+    tokenizer = build_tokenizer(cfg)
+    model = load_model(cfg.model, cfg.init, cfg.trust_remote_code, cfg.seed).to(dist.device)
+    data, _ = build_data(cfg, tokenizer, model.config, dist)  # streaming: only the validation split is read
+    result = evaluate(model, data.validation, cfg.eval_batch_size or cfg.batch_size, tokenizer.pad_token_id,
+                      dist.device, precision, dist)
     report = {"model": cfg.model, "dataset": cfg.dataset, "split": "validation", "val_loss": result.loss,
               "val_ppl": result.perplexity, "examples": result.examples, "target_tokens": result.targets,
               "precision": precision}
@@ -194,7 +229,24 @@ def cmd_eval(args) -> None:
         print(json.dumps(report))
     else:
         print(f"{cfg.model} on {cfg.dataset} (validation, {result.examples:,} examples, {result.targets:,} target tokens): "
-              f"val_loss {result.loss:.4f}, perplexity {result.perplexity:,.2f}")
+              f"val_loss {result.loss:.4f}, perplexity {result.perplexity:,.2f} ({precision})")
+
+
+def trained_precision(cfg) -> str:
+    """`precision`, or when it is left at auto for an sftune run's directory, the precision it trained in."""
+    saved = Path(cfg.model).expanduser() / "config.yaml"
+    if cfg.precision != "auto" or not saved.is_file():
+        return cfg.precision
+    import yaml
+
+    try:
+        precision = (yaml.safe_load(saved.read_text()) or {}).get("precision", "auto")
+    except (OSError, yaml.YAMLError):
+        return cfg.precision
+    if precision in ("fp32", "bf16", "fp16"):
+        log(f"precision: {precision}, as the run trained (--precision to change)")
+        return precision
+    return cfg.precision
 
 
 def cmd_tokenize(args) -> None:
@@ -267,8 +319,24 @@ def quiet_libraries() -> None:
         datasets.disable_progress_bars()
 
 
+def check_flags(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Parse; an unknown flag is an error that suggests the closest one (as unknown YAML keys do)."""
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(" " + args.command))
+        known = [o for action in sub._actions for o in action.option_strings]
+        problems = []
+        for flag in [e for e in extra if e.startswith("-")] or extra:
+            name = flag.split("=", 1)[0]
+            close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+            problems.append(f"unknown option {name}" + (f"; did you mean {close[0]}?" if close else ""))
+        sub.error("; ".join(problems) + f" (sftune {args.command} --help lists the options)")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = check_flags(parser, sys.argv[1:] if argv is None else argv)
     try:
         COMMANDS[args.command](args)
     except SftuneError as e:

@@ -121,7 +121,9 @@ class SFTConfig:
 
     # --- optimisation ----------------------------------------------------
     epochs: int = _f(1, "Passes over the training data.", "train")
-    max_steps: int | None = _f(None, "Stop after this many optimizer steps (overrides epochs when reached first).", "train")
+    max_steps: int | None = _f(
+        None, "Optimizer steps to run; overrides epochs (the data is read again as often as needed, as in the HF "
+        "Trainer).", "train")
     batch_size: int = _f(32, "Rows per micro-batch (one forward/backward).", "train")
     grad_accum: int = _f(1, "Micro-batches per optimizer step; rows per step = batch_size * grad_accum.", "train")
     batch_tokens: int | None = _f(
@@ -143,7 +145,8 @@ class SFTConfig:
     max_grad_norm: float | None = _f(1.0, "Clip the global gradient norm to this; null or 0 disables.", "train")
     seed: int = _f(42, "Seed for weight init, data order and the validation hold-out.", "train")
     precision: Precision = _f(
-        "auto", "Compute precision: auto (bf16 where the hardware has it, else fp32), fp32, bf16 or fp16.", "train"
+        "auto", "Compute precision: auto (bf16 where the hardware has it; else fp16 on a CUDA GPU, fp32 on a CPU), "
+        "fp32, bf16 or fp16.", "train"
     )
     device: Device = _f("auto", "auto (CUDA when present, else CPU), cpu or cuda.", "train")
 
@@ -166,6 +169,9 @@ class SFTConfig:
         None, "Write a resumable checkpoint every N optimizer steps (also at each epoch's end when set).", "ckpt"
     )
     keep_last: int = _f(2, "Checkpoints kept in <output_dir>/checkpoints (older ones are removed).", "ckpt")
+    checkpoint_hashes: bool = _f(
+        False, "Record each checkpoint file's SHA-256 and check it on resume (sizes are always checked; hashing "
+        "takes minutes for a 7B model).", "ckpt")
     resume: str | None = _f(
         None, "'auto': continue from the newest good checkpoint in output_dir (start fresh if none); or a checkpoint path.",
         "ckpt",
@@ -177,7 +183,7 @@ class SFTConfig:
 # Keys that do not change what is computed: they may differ between a checkpoint and its resume.
 RUN_CONTROL_KEYS = {
     "eval_every", "eval_batch_size", "log_every", "output_dir", "sample_prompts", "sample_max_new_tokens",
-    "save_every", "keep_last", "resume", "resume_force", "overwrite", "cache_dir", "trust_remote_code", "device",
+    "save_every", "keep_last", "checkpoint_hashes", "resume", "resume_force", "overwrite", "cache_dir", "trust_remote_code", "device",
     "max_bad_steps",
 }
 
@@ -231,7 +237,7 @@ def coerce(name: str, value: Any) -> Any:
             raise ValueError(f"must be a list of strings, got {value!r}")
         return list(value)
     if typing.get_origin(base) is dict:
-        from sftune.formats import parse_columns
+        from sftune.data.formats import parse_columns
 
         if not isinstance(value, (str, dict)) or (isinstance(value, dict) and not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in value.items())):

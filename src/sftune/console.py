@@ -9,21 +9,17 @@ Only rank 0 prints or writes, so a later multi-process run needs no
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-
-def rank() -> int:
-    """This process's global rank (torchrun sets RANK); 0 when not distributed."""
-    return int(os.environ.get("RANK", "0"))
+from sftune.dist import env_rank
 
 
 def is_main() -> bool:
-    return rank() == 0
+    return env_rank() == 0
 
 
 def log(msg: str) -> None:

@@ -1,10 +1,10 @@
 """Validation loss, token-weighted over the whole split.
 
-val_loss = (sum of token losses over every target of the split) / (number of
-targets), never a mean of per-batch means (which over-weights the tokens of
-short batches); perplexity = exp(val_loss).
+val_loss = (sum of token losses over every target of the split, all ranks) / (number of
+targets), never a mean of per-batch means (which over-weights the tokens of short
+batches); perplexity = exp(val_loss).
 
-    sftune eval --model runs/quickstart --dataset examples/quickstart
+    sftune eval --model runs/quickstart --dataset examples/quickstart/data
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 import torch
 
-from sftune.batching import collate, length_sorted_batches
-from sftune.data import Examples
-from sftune.loss import batch_loss_sum, count_targets
+from sftune.batching import collate, count_targets, length_sorted_batches
+from sftune.data.examples import Examples
+from sftune.dist import Dist
+from sftune.loss import CausalLMLoss
 from sftune.runtime import autocast
 
 
@@ -30,17 +31,23 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model, examples: Examples, batch_size: int, pad_id: int, device: torch.device, precision: str,
-             fused_ce: bool = False) -> EvalResult:
-    """Token-weighted loss of `model` over all `examples` (batched by length: less padding, same result)."""
+             dist: Dist | None = None) -> EvalResult:
+    """Token-weighted loss of `model` (a causal LM, or one wrapped in `CausalLMLoss`) over all `examples`,
+    batched by length (less padding, same result); each rank evaluates its share of the batches."""
+    dist = dist or Dist(device=device)
+    if not isinstance(model, CausalLMLoss):
+        model = CausalLMLoss(model)
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n_targets = 0
-    for indices in length_sorted_batches(examples.lengths, batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples, indices, pad_id).items()}
+    for indices in dist.shard(length_sorted_batches(examples.lengths, batch_size)):
+        batch = collate(examples, indices, pad_id)
+        n_targets += count_targets(batch)  # host-side count: no sync
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with autocast(device, precision):
-            loss_sum += batch_loss_sum(model, batch, fused_ce).double()
-        n_targets += int(count_targets(batch["labels"]))
+            loss_sum += model(batch).double()
     model.train(was_training)
+    loss_sum, n_targets = dist.all_reduce_sum(loss_sum), dist.all_reduce_sum(n_targets)
     loss = loss_sum.item() / max(n_targets, 1)  # note: .item() syncs once per evaluation, not per batch
     return EvalResult(loss=loss, perplexity=math.exp(min(loss, 700.0)), targets=n_targets, examples=len(examples))

@@ -69,7 +69,7 @@ def complete(
 
 def render_chat_prompt(tokenizer, user: str, system: str | None = None) -> tuple[str, list[int]]:
     """The text to generate from for one user turn, and the template's end-of-turn special token ids."""
-    from sftune.formats import ChatTemplate
+    from sftune.data.formats import ChatTemplate
 
     template = tokenizer.chat_template
     if not isinstance(template, str) or not template:

@@ -1,38 +1,30 @@
-"""Token-weighted causal-LM loss.
+"""Token-weighted causal-LM loss, as a module that wraps the model.
 
 The loss of an optimizer step is the sum of the token losses over every
-supervised target of the step (all micro-batches, later all ranks) divided by
+supervised target of the step (all micro-batches, all ranks) divided by
 their count. Averaging per-micro-batch means instead (the 2024
 gradient-accumulation bug) weights short sequences more than long ones.
 Position t predicts token t+1, so a row of n supervised tokens has n-1 targets.
+
+`CausalLMLoss` is the model and its loss in one `nn.Module`: its forward takes a
+collated batch and returns the SUM of the batch's token losses. DDP, FSDP and peft
+wrap this module, so everything the loss touches (the body's hidden states, the
+output head) runs inside the forward they see. The targets' positions come from
+the host (`batching.with_targets`): no boolean indexing on the device, so no sync.
+
+    >>> import torch; from transformers import GPT2Config, GPT2LMHeadModel
+    >>> model = CausalLMLoss(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=1, vocab_size=11)))
+    >>> batch = {"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
+    ...          "target_positions": torch.tensor([0, 1]), "targets": torch.tensor([2, 3])}
+    >>> model(batch).shape    # a scalar: the sum over the 2 targets
+    torch.Size([])
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-from sftune.batching import IGNORE_INDEX
-
-
-def count_targets(labels: torch.Tensor) -> torch.Tensor:
-    """Number of positions the loss is computed on: labels after the shift that are not ignored."""
-    return (labels[:, 1:] != IGNORE_INDEX).sum()
-
-
-def sum_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Sum (not mean) of next-token cross-entropies over supervised targets.
-
-    logits: (B, T, V) in any dtype (upcast to fp32 for the softmax); labels: (B, T).
-    Divide by the step's total `count_targets` to get the step loss.
-    """
-    # (B, T-1, V): position t scores token t+1
-    shifted = logits[:, :-1, :].float()
-    targets = labels[:, 1:]
-    return F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-
-
-# --- the output projection fused with the loss ------------------------------------------
+from torch import nn
 
 # Model types whose logits are exactly `last_hidden_state @ output_embeddings.weight.T` (no bias,
 # soft-capping or scaling), so the projection can be fused with the loss.
@@ -44,50 +36,6 @@ def supports_fused_ce(model) -> bool:
     head = model.get_output_embeddings()
     return (getattr(model.config, "model_type", None) in FUSED_CE_MODEL_TYPES
             and isinstance(head, torch.nn.Linear) and head.bias is None)
-
-
-class LinearCrossEntropySum(torch.autograd.Function):
-    """sum_i CE(hidden_i @ weight.T, target_i), chunk by chunk, without the (N, vocab) logits.
-
-    The gradients are computed in the forward pass, chunk by chunk (d loss / d logits =
-    softmax - onehot), so neither pass ever holds more than CE_CHUNK_ROWS rows of logits.
-    Matrix products run in `compute_dtype` (bf16 under autocast); softmax and sums in fp32.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, compute_dtype):
-        w = weight.to(compute_dtype)
-        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        grad_hidden = torch.empty_like(hidden) if need_grad else None
-        grad_weight = None  # (V, D) fp32, created by the first chunk: no 150 MB zero-fill for GPT-2
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for i in range(0, hidden.shape[0], CE_CHUNK_ROWS):
-            h = hidden[i : i + CE_CHUNK_ROWS].to(compute_dtype)
-            t = targets[i : i + CE_CHUNK_ROWS]
-            logits = (h @ w.T).float()  # (chunk, V) fp32: the only logits alive
-            lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-            if need_grad:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                probs[torch.arange(len(t), device=t.device), t] -= 1.0
-                probs = probs.to(compute_dtype)
-                grad_hidden[i : i + CE_CHUNK_ROWS] = probs @ w
-                chunk_grad = probs.T @ h
-                if grad_weight is None:
-                    grad_weight = chunk_grad.float()
-                else:
-                    grad_weight += chunk_grad
-        if need_grad and grad_weight is None:  # no targets at all
-            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        # in place: the saved gradients are used once (scaled by 1 / the step's target count)
-        return grad_hidden.mul_(grad_total), grad_weight.mul_(grad_total).to(ctx.weight_dtype), None, None
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
@@ -102,20 +50,103 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
 
 
-def batch_loss_sum(model, batch: dict[str, torch.Tensor], fused: bool) -> torch.Tensor:
-    """Sum of next-token losses over the batch's targets. Call under the autocast context.
+class CausalLMLoss(nn.Module):
+    """A causal LM whose forward returns the sum of next-token losses over a batch's targets.
 
-    fused=True skips the model's (B, T, V) logits: the final hidden states of the target
-    positions only (no padding, no last position) go through LinearCrossEntropySum.
+    fused=True (default where `supports_fused_ce`) never builds the (B, T, V) logits: the final
+    hidden states of the target positions only go through `LinearCrossEntropySum`, chunk by chunk.
+    Divide by the step's total target count (all micro-batches, all ranks) for the step loss.
     """
-    inputs = model_inputs(batch)
-    if not fused:
-        return sum_token_loss(model(**inputs).logits, batch["labels"])
-    hidden = model.base_model(**inputs).last_hidden_state  # (B, T, D)
-    targets = batch["labels"][:, 1:]
-    keep = targets != IGNORE_INDEX
-    device_type = hidden.device.type
-    weight = model.get_output_embeddings().weight
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-    with torch.autocast(device_type, enabled=False):
-        return LinearCrossEntropySum.apply(hidden[:, :-1][keep], weight, targets[keep], dtype)
+
+    def __init__(self, model: nn.Module, fused: bool | None = None):
+        super().__init__()
+        self.model = model
+        self.fused = supports_fused_ce(model) if fused is None else fused
+        self._cast: tuple | None = None  # (weight version, dtype, cast copy) of the output head
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = model_inputs(batch)
+        positions, targets = batch["target_positions"], batch["targets"]
+        if not self.fused:
+            logits = self.model(**inputs).logits  # (B, T, V)
+            picked = logits.reshape(-1, logits.shape[-1]).index_select(0, positions)  # (N, V): targets only
+            return F.cross_entropy(picked.float(), targets, reduction="sum")
+        hidden = self.model.base_model(**inputs).last_hidden_state  # (B, T, D)
+        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (N, D)
+        weight = self.model.get_output_embeddings().weight
+        device_type = hidden.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        with torch.autocast(device_type, enabled=False):
+            return LinearCrossEntropySum.apply(hidden, weight, targets, self.cast_weight(weight, dtype))
+
+    def cast_weight(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The head's weight in `dtype`, cast once per update: the optimizer's in-place step bumps the
+        weight's version, so micro-batches of one step (and eval batches) share the cast."""
+        if weight.dtype == dtype:
+            return weight.detach()
+        key = (weight._version, weight.data_ptr(), dtype)
+        if self._cast is None or self._cast[0] != key:
+            self._cast = (key, weight.detach().to(dtype))
+        return self._cast[1]
+
+
+class LinearCrossEntropySum(torch.autograd.Function):
+    """sum_i CE(hidden_i @ weight.T, target_i), chunk by chunk, without the (N, vocab) logits.
+
+    The gradients are computed in the forward pass, chunk by chunk (d loss / d logits =
+    softmax - onehot), so neither pass ever holds more than CE_CHUNK_ROWS rows of logits.
+    Matrix products run in `w`'s dtype (the weight cast to bf16 under autocast); softmax and
+    sums in fp32. No gradient is computed for an input that does not need one (a frozen head).
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, w):
+        need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_hidden = torch.empty_like(hidden) if need_hidden else None
+        grad_weight = None  # (V, D) fp32, created by the first chunk: no 150 MB zero-fill for GPT-2
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for i in range(0, hidden.shape[0], CE_CHUNK_ROWS):
+            h = hidden[i : i + CE_CHUNK_ROWS].to(w.dtype)
+            t = targets[i : i + CE_CHUNK_ROWS]
+            logits = (h @ w.T).float()  # (chunk, V) fp32: the only logits alive
+            lse = torch.logsumexp(logits, dim=-1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if need_hidden or need_weight:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                probs = probs.to(w.dtype)
+                if need_hidden:
+                    grad_hidden[i : i + CE_CHUNK_ROWS] = probs @ w
+                if need_weight:
+                    chunk_grad = probs.T @ h
+                    if grad_weight is None:
+                        grad_weight = chunk_grad.float()
+                    else:
+                        grad_weight += chunk_grad
+        if need_weight and grad_weight is None:  # no targets at all
+            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        # in place: the saved gradients are used once (scaled by 1 / the step's target count)
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.mul_(grad_total)
+        if grad_weight is not None:
+            grad_weight = grad_weight.mul_(grad_total).to(ctx.weight_dtype)
+        return grad_hidden, grad_weight, None, None
+
+
+def sum_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The plain reference: sum (not mean) of next-token cross-entropies over supervised targets.
+
+    logits: (B, T, V) in any dtype (upcast to fp32 for the softmax); labels: (B, T) with -100
+    where nothing is trained. Used by tests and benchmarks to check `CausalLMLoss`.
+    """
+    shifted = logits[:, :-1, :].float()  # (B, T-1, V): position t scores token t+1
+    targets = labels[:, 1:]
+    return F.cross_entropy(shifted.reshape(-1, shifted.size(-1)), targets.reshape(-1), ignore_index=-100,
+                           reduction="sum")

@@ -13,7 +13,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 from transformers import GPT2Tokenizer
 
-from sftune.console import is_main, log
+from sftune.console import log
 from sftune.errors import SftuneError
 from sftune.hub import from_hub_or_cache
 
@@ -128,9 +128,7 @@ def context_length(model_config, tokenizer) -> int:
 
 def save_model(model, tokenizer, out_dir: Path) -> None:
     """Write a directory `AutoModelForCausalLM.from_pretrained(out_dir)` loads: safetensors,
-    config, generation config (EOS and pad set so generation stops) and tokenizer."""
-    if not is_main():
-        return
+    config, generation config (EOS and pad set so generation stops) and tokenizer. Call on rank 0 only."""
     model.config.pad_token_id = tokenizer.pad_token_id
     gen = model.generation_config if model.generation_config is not None else GenerationConfig()
     gen.eos_token_id = tokenizer.eos_token_id

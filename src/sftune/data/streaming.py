@@ -4,7 +4,7 @@
 
 The training split is read as a stream (`datasets` streaming mode), shuffled in a
 buffer, and taken in chunks of `batch_size * grad_accum * 64` rows. Each chunk is
-tokenized by the same function as in-memory data (`data.tokenize_split`: same
+tokenized by the same function as in-memory data (`tokenize.tokenize_split`: same
 formats, same masks, same filters) and cut into optimizer steps the same way
 (length-grouped or packed), seeded by (seed, epoch, chunk). A checkpoint records
 the rows read before the current chunk and the steps done in it, so a resumed
@@ -18,18 +18,17 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
 
-from sftune.batching import GROUP_CHUNK_STEPS
 from sftune.console import log
-from sftune.data import (VALIDATION_NAMES, EncodeOptions, Examples, SplitStats, chat_template_for, check_end_of_turn,
-                         file_loader, local_files, tokenize_split, warn_about)
+from sftune.data.examples import Examples, SplitStats
+from sftune.data.formats import ROW_COLUMN, ChatTemplate, Layout, detect_layout
+from sftune.data.pipeline import DataOptions
+from sftune.data.sources import VALIDATION_NAMES, open_stream
+from sftune.data.tokenize import chat_template_for, check_end_of_turn, tokenize_split, warn_about
 from sftune.errors import SftuneError
-from sftune.formats import ROW_COLUMN, ChatTemplate, Layout, detect_layout
-from sftune.hub import from_hub_or_cache
 
 SHUFFLE_BUFFER_CHUNKS = 4  # the shuffle buffer holds this many chunks of rows
 
@@ -43,34 +42,14 @@ class StreamPosition:
     steps_done: int = 0  # optimizer steps of the current chunk already taken
 
 
-def open_stream(dataset: str, config_name: str | None, split: str):
-    """The dataset's splits as IterableDatasets (nothing is read yet)."""
-    import datasets
-
-    files = local_files(dataset)
-    if files is not None:
-        builder, kwargs = file_loader(files)
-        return datasets.load_dataset(builder, data_files={"train": [str(f) for f in files]}, streaming=True, **kwargs)
-    if (path := Path(dataset).expanduser()).is_dir():
-        return datasets.load_dataset(str(path), config_name, streaming=True)
-
-    def load(local_files_only: bool):
-        if local_files_only:  # a stream needs the Hub; cached files are read without --streaming
-            raise OSError("streaming needs the Hub")
-        return datasets.load_dataset(dataset, config_name, streaming=True)
-
-    return from_hub_or_cache(dataset, "dataset", "--dataset", load)
-
-
 class StreamedData:
     """A streamed training split and a materialized validation split, tokenized alike."""
 
-    def __init__(self, dataset: str, tokenizer, options: EncodeOptions, *, format: str = "auto",
-                 columns: dict[str, str] | None = None, text_column: str | None = None,
-                 dataset_config: str | None = None, split: str = "train", val_rows: int = 1000, seed: int = 42):
+    def __init__(self, options: DataOptions, tokenizer):
         import datasets
 
-        streams = open_stream(dataset, dataset_config, split)
+        dataset, split, val_rows = options.dataset, options.split, options.stream_val_rows
+        streams = open_stream(dataset, options.dataset_config, split)
         if split not in streams:
             raise SftuneError(f"dataset {dataset} has no {split!r} split (it has: {', '.join(streams)}); set --split")
         numbered = streams[split].map(lambda _, i: {ROW_COLUMN: i}, with_indices=True)
@@ -86,15 +65,16 @@ class StreamedData:
         if not val_rows_list:
             raise SftuneError(f"dataset {dataset} has no rows to validate on (--dataset)")
         validation_rows = datasets.Dataset.from_list(val_rows_list)
-        self.layout: Layout = detect_layout(validation_rows.features, format, columns, text_column)
+        self.layout: Layout = detect_layout(validation_rows.features, options.format, options.columns,
+                                            options.text_column)
         self.template = None
         if self.layout.format.startswith("chat"):
             self.template = ChatTemplate(chat_template_for(tokenizer), tokenizer)
             check_end_of_turn(self.template)
-        self.tokenizer, self.options, self.seed, self.split = tokenizer, options, seed, split
+        self.tokenizer, self.options, self.seed, self.split = tokenizer, options.encode, options.seed, split
         self.validation, self.validation_stats = tokenize_split(
-            validation_rows, tokenizer, self.layout, options, self.template, source=val_name or split)
-        warn_about({"validation": self.validation_stats}, self.layout, options)  # train chunks are like it
+            validation_rows, tokenizer, self.layout, self.options, self.template, source=val_name or split)
+        warn_about({"validation": self.validation_stats}, self.layout, self.options)  # train chunks are like it
         if len(self.validation) == 0:
             raise SftuneError(f"no validation example is left after filtering ({self.validation_stats.dropped}); "
                               f"check --min-tokens, --max-length and --format")
@@ -132,7 +112,3 @@ class StreamedData:
         stream.set_epoch(epoch)
         return stream
 
-
-def chunk_rows_for(batch_size: int, grad_accum: int) -> int:
-    """Rows per chunk: as many as one length-grouping chunk of in-memory training."""
-    return batch_size * grad_accum * GROUP_CHUNK_STEPS

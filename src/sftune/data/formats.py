@@ -120,8 +120,6 @@ def detect_layout(features: dict[str, Any], requested: str = "auto", columns: di
         raise SftuneError(f"format {fmt} needs {', '.join(missing)}, not in the dataset (columns: {', '.join(names)}); "
                           f"map them with --columns, e.g. --columns prompt=instruction,completion=output, or set --format")
     if fmt == "text":
-        from sftune.data import find_text_column  # the text format keeps its own column rules
-
         return Layout("text", {"text": find_text_column({n: features[n] for n in names}, columns.get("text"))})
     chosen = {k: col[k] for k in needed}
     if fmt == "prompt_completion" and col["input"] in features:
@@ -292,3 +290,29 @@ def row_segments(row: dict, layout: Layout, template: ChatTemplate | None = None
     except Exception as e:  # a Jinja error or a template that rewrites earlier turns
         raise SftuneError(f"{where}: the chat template cannot be split into turns exactly ({e}); "
                           f"use a template whose renders extend each other (--chat-template FILE)") from None
+
+
+def find_text_column(columns: dict[str, Any], requested: str | None) -> str:
+    """The column to train on: `requested`, else 'text', else 'sentence', else the only string column.
+
+    `columns` maps column names to datasets feature objects.
+    """
+    names = list(columns)
+    if requested is not None:
+        if requested not in columns:
+            raise SftuneError(f"text column {requested!r} not in the dataset (columns: {', '.join(names)}); fix --text-column")
+        return requested
+    for name in ("text", "sentence"):
+        if name in columns:
+            return name
+    strings = [n for n, f in columns.items() if getattr(f, "dtype", None) in ("string", "large_string")]
+    if len(strings) == 1:
+        return strings[0]
+    pair = ""
+    if len(strings) == 2:  # e.g. question/answer: prompt/completion data under other names
+        pair = (f"; for prompt/completion data, map the pair: --columns prompt={strings[0]},completion={strings[1]} "
+                f"(or the other way round)")
+    raise SftuneError(
+        f"cannot tell which column holds the text (string columns: {', '.join(strings) or 'none'}; "
+        f"all columns: {', '.join(names)}); set --text-column{pair}"
+    )

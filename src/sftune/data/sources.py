@@ -1,0 +1,219 @@
+"""Data sources: where rows come from (files, a directory laid out like a Hub repo, the Hub).
+
+Owns reading rows into a `datasets.DatasetDict` with 'train' and 'validation' splits
+(`load_rows`), opening them as streams (`open_stream`), naming the first problem in a bad
+file (`diagnose_file`), and finding the text column. Imports `formats` (for the row-number
+column) and `hub`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+
+from sftune.console import log
+from sftune.data.formats import ROW_COLUMN
+from sftune.errors import SftuneError
+from sftune.hub import from_hub_or_cache
+
+FILE_BUILDERS = {
+    ".jsonl": ("json", {}),
+    ".json": ("json", {}),
+    # CSV cells stay text as written (" 4" is not the number 4; an empty cell is "", not NaN): see _csv_as_text
+    ".csv": ("csv", {"keep_default_na": False}),
+    ".tsv": ("csv", {"delimiter": "\t", "keep_default_na": False}),
+    ".parquet": ("parquet", {}),
+    ".txt": ("text", {}),
+}
+VALIDATION_NAMES = ("validation", "valid", "val", "dev")
+
+
+def local_files(dataset: str) -> list[Path] | None:
+    """The files `dataset` names: one file, a comma-separated list, or a glob; None when it
+    names no file (a directory or a Hub id)."""
+    import glob
+
+    names = [n.strip() for n in dataset.split(",") if n.strip()]
+    if len(names) == 1 and not glob.has_magic(names[0]):
+        path = Path(names[0]).expanduser()
+        return [path] if path.is_file() else None
+    files: list[Path] = []
+    for name in names:
+        matches = sorted(glob.glob(str(Path(name).expanduser()), recursive=True)) if glob.has_magic(name) else [name]
+        if not matches:
+            raise SftuneError(f"no file matches {name!r} (--dataset)")
+        for m in matches:
+            if not Path(m).is_file():
+                raise SftuneError(f"{m} is not a file (--dataset: give files, a glob, a directory or a Hub id)")
+            files.append(Path(m))
+    return files
+
+
+def load_rows(dataset: str, seed: int, val_fraction: float, config_name: str | None = None, split: str = "train"):
+    """Load a dataset as a DatasetDict with 'train' and 'validation' splits.
+
+    `dataset` is a file, several (comma-separated or a glob), a directory laid out
+    like a Hub repo, or a Hub id (with `config_name`). Train is its `split`;
+    validation is its own split when it has one (validation, valid, val or dev),
+    else `val_fraction` of train held out with `seed`. Every row carries its number
+    in the source split (column `__row__`) so errors can point at it.
+    """
+    import datasets
+
+    files = local_files(dataset)
+    path = Path(dataset).expanduser()
+    if files is not None:
+        builder, kwargs = file_loader(files)
+        try:
+            ds = datasets.load_dataset(builder, data_files={"train": [str(f) for f in files]}, **kwargs)
+        except Exception as e:  # datasets wraps parse errors in its own types: find the bad line ourselves
+            bad = next((m for f in files for m in [diagnose_file(f)] if m), None)
+            raise SftuneError(bad or f"could not read {dataset}: {_root_cause(e)} (check --dataset)") from None
+        if builder == "csv":
+            ds = datasets.DatasetDict({k: _integer_columns(v) for k, v in ds.items()})
+        split = "train"
+    elif path.is_dir():
+        try:
+            ds = datasets.load_dataset(str(path), config_name)
+        except Exception as e:
+            bad = next((m for f in sorted(path.rglob("*")) if f.is_file() and f.suffix in FILE_BUILDERS
+                        for m in [diagnose_file(f)] if m), None)
+            raise SftuneError(bad or f"could not read a dataset from directory {dataset}: {_root_cause(e)} "
+                              f"(check --dataset, --dataset-config)") from None
+    else:
+        ds = from_hub_or_cache(dataset, "dataset", "--dataset",
+                               lambda local_files_only: _load_hub(dataset, config_name, local_files_only))
+    if split not in ds:
+        raise SftuneError(f"dataset {dataset} has no {split!r} split (it has: {', '.join(ds)}); set --split")
+    numbered = {name: ds[name].add_column(ROW_COLUMN, np.arange(len(ds[name]))) for name in ds}
+    val_name = next((n for n in VALIDATION_NAMES if n in ds and n != split), None)
+    if val_name is not None:
+        result = datasets.DatasetDict(train=numbered[split], validation=numbered[val_name])
+        result.sources = {"train": split, "validation": val_name}
+        return result
+    if len(ds[split]) < 2:
+        raise SftuneError(f"dataset {dataset} has {len(ds[split])} row(s): too few to hold out a validation set")
+    held = numbered[split].train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
+    log(f"data: no validation split in {dataset}; holding out {len(held['test']):,} of "
+        f"{len(ds[split]):,} {split} rows (val_fraction {val_fraction}, seed {seed})")
+    result = datasets.DatasetDict(train=held["train"], validation=held["test"])
+    result.sources = {"train": split, "validation": split}  # held-out rows keep their numbers in `split`
+    return result
+
+
+def file_loader(files: list[Path]) -> tuple[str, dict]:
+    """The `datasets` builder and its arguments for these data files (all of one type)."""
+    builders = {(b, tuple(kw.items())) for b, kw in map(_builder_for, files)}
+    if len(builders) > 1:
+        raise SftuneError(f"--dataset mixes file types ({', '.join(sorted({f.suffix for f in files}))}); "
+                          f"give files of one type")
+    builder, kwargs = builders.pop()
+    kwargs = dict(kwargs)
+    if builder == "csv":
+        kwargs["features"] = _csv_as_text(files[0], kwargs.get("delimiter", ","))
+    return builder, kwargs
+
+
+def _csv_as_text(path: Path, delimiter: str):
+    """Features reading every column of a CSV file as text (pandas would turn " 4" into 4)."""
+    import csv
+
+    import datasets
+
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            header = next(csv.reader(f, delimiter=delimiter), [])
+    except (OSError, UnicodeDecodeError):
+        return None  # load_dataset fails next, and diagnose_file names the problem
+    return datasets.Features({name: datasets.Value("string") for name in header}) if header else None
+
+
+INTEGER = re.compile(r"0|-?[1-9][0-9]{0,17}")
+
+
+def _integer_columns(rows):
+    """CSV columns whose every cell is an integer written plainly ("3", not " 3" or "03") become
+    int64, like pandas would make them; they turn back into exactly the same text."""
+    import datasets
+
+    for name, feature in rows.features.items():
+        if getattr(feature, "dtype", None) == "string" and len(rows) and all(
+                v is not None and INTEGER.fullmatch(v) for v in rows[name]):
+            rows = rows.cast_column(name, datasets.Value("int64"))
+    return rows
+
+
+def _root_cause(e: BaseException) -> str:
+    while e.__cause__ is not None:
+        e = e.__cause__
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def diagnose_file(path: Path) -> str | None:
+    """Name the first problem in a text data file (not UTF-8, malformed JSON line, no rows), with its line."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        return f"cannot read {path}: {e.strerror}; check the path and its permissions (--dataset)"
+    if path.suffix.lower() == ".parquet":
+        return None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        return (f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                f"re-encode the file as UTF-8 (--dataset)")
+    if not text.strip():
+        return f"{path} is empty: no rows to train on (--dataset)"
+    if path.suffix.lower() == ".jsonl":
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    json.loads(line)
+                except ValueError as e:
+                    return f"{path}:{number}: malformed JSON ({e}); fix or remove that line (--dataset)"
+    return None
+
+
+def _builder_for(path: Path) -> tuple[str, dict]:
+    suffix = path.suffix.lower()
+    if suffix not in FILE_BUILDERS:
+        raise SftuneError(
+            f"unsupported data file type {suffix!r} for {path}; use one of {', '.join(FILE_BUILDERS)} (--dataset)"
+        )
+    return FILE_BUILDERS[suffix]
+
+
+def _load_hub(name: str, config_name: str | None, local_files_only: bool):
+    import datasets
+
+    offline = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = offline or local_files_only  # cache only: no retries against a dead network
+    try:
+        return datasets.load_dataset(name, config_name)
+    except ConnectionError as e:
+        raise OSError(str(e)) from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline
+
+
+def open_stream(dataset: str, config_name: str | None, split: str):
+    """The dataset's splits as IterableDatasets (nothing is read yet)."""
+    import datasets
+
+    files = local_files(dataset)
+    if files is not None:
+        builder, kwargs = file_loader(files)
+        return datasets.load_dataset(builder, data_files={"train": [str(f) for f in files]}, streaming=True, **kwargs)
+    if (path := Path(dataset).expanduser()).is_dir():
+        return datasets.load_dataset(str(path), config_name, streaming=True)
+
+    def load(local_files_only: bool):
+        if local_files_only:  # a stream needs the Hub; cached files are read without --streaming
+            raise OSError("streaming needs the Hub")
+        return datasets.load_dataset(dataset, config_name, streaming=True)
+
+    return from_hub_or_cache(dataset, "dataset", "--dataset", load)

@@ -1,0 +1,232 @@
+"""Tokenization: a split's rows become `Examples` with exact trained-token masks.
+
+Owns how one example is assembled (`encode_example`: BOS prefix, EOS, mask, truncation),
+how a split is tokenized in batches (`tokenize_split`, via `datasets.map`, 512 rows a call
+as in the seed), which chat template is used (`chat_template_for`), and the warnings a user
+should see about the result. Imports `examples` and `formats` only.
+
+    >>> encode_example([[464, 3797, 3332, 319, 262, 2603]], [True], eos_id=50256, min_tokens=5, max_length=16,
+    ...                overlong="drop")
+    ([464, 3797, 3332, 319, 262, 2603, 50256], [True, True, True, True, True, True, True], 'kept')
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sftune.console import log
+from sftune.data.examples import DROP_REASONS, Examples, SplitStats, count_targets, drop_untrained, length_summary
+from sftune.data.formats import DEFAULT_CHAT_TEMPLATE, ROW_COLUMN, ChatTemplate, Layout, row_segments
+from sftune.errors import SftuneError
+
+MAP_BATCH_SIZE = 512  # rows per tokenizer call in datasets.map, as in the seed
+
+
+# --- one example --------------------------------------------------------------
+
+
+def encode_example(
+    parts: list[list[int]],
+    trained: list[bool],
+    eos_id: int | None,
+    min_tokens: int,
+    max_length: int,
+    overlong: str,
+    truncation_side: str = "right",
+    prefix: list[int] | tuple[int, ...] = (),
+) -> tuple[list[int], list[bool], str]:
+    """Join one example's tokenized parts, mark the trained tokens, and decide its fate.
+
+    `parts` are the token ids of each segment (tokenized separately, so the boundaries are
+    exact), `trained` says which segments are trained on. `prefix` (e.g. BOS) goes first,
+    untrained. With `eos_id`, EOS is appended unless the last part already ends with it,
+    trained like the last part. `min_tokens` is compared with the parts' tokens, like the
+    seed's `len(input_ids) > 5`. If the example is longer than `max_length`, "truncate"
+    cuts from `truncation_side` ("right" loses the end, EOS included: none is added back;
+    "left" loses the start after the prefix), "drop" and "error" report it as overlong.
+    Returns (input_ids, supervised mask, status) with status in
+    kept | truncated | empty | too_short | overlong.
+
+    >>> encode_example([[5, 6, 7], [8, 9]], [False, True], eos_id=0, min_tokens=0, max_length=16, overlong="drop")
+    ([5, 6, 7, 8, 9, 0], [False, False, False, True, True, True], 'kept')
+    >>> encode_example([[5, 6, 7], [8, 9]], [False, True], eos_id=0, min_tokens=0, max_length=4, overlong="truncate")
+    ([5, 6, 7, 8], [False, False, False, True], 'truncated')
+    >>> encode_example([[5, 6, 7], [8, 9]], [False, True], eos_id=0, min_tokens=0, max_length=4, overlong="truncate",
+    ...                truncation_side="left")
+    ([7, 8, 9, 0], [False, True, True, True], 'truncated')
+    """
+    ids = [t for p in parts for t in p]
+    if not ids:
+        return [], [], "empty"
+    if len(ids) <= min_tokens:
+        return [], [], "too_short"
+    mask = [flag for p, flag in zip(parts, trained) for _ in p]
+    if eos_id is not None and ids[-1] != eos_id:
+        ids.append(eos_id)
+        mask.append(trained[-1])
+    room = max_length - len(prefix)
+    status = "kept"
+    if len(ids) > room:
+        if overlong != "truncate":
+            return [], [], "overlong"
+        cut = slice(None, room) if truncation_side == "right" else slice(len(ids) - room, None)
+        ids, mask, status = ids[cut], mask[cut], "truncated"
+    return [*prefix, *ids], [False] * len(prefix) + mask, status
+
+
+def special_prefix(tokenizer) -> list[int]:
+    """The ids the tokenizer puts before a text by itself (a BOS for Llama-style tokenizers; none for GPT-2)."""
+    with_specials = tokenizer("a")["input_ids"]
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    if not bare or bare[0] not in with_specials:
+        return []
+    return list(with_specials[: with_specials.index(bare[0])])
+
+
+# --- loading rows ---------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    """How rows become training examples (everything but the data and the tokenizer)."""
+
+    max_length: int
+    min_tokens: int = 5
+    overlong: str = "drop"
+    truncation_side: str = "right"
+    train_on_prompt: bool = False
+    train_on_all_turns: bool = False
+
+
+def tokenize_split(rows, tokenizer, layout: Layout, options: EncodeOptions, template: ChatTemplate | None = None,
+                   source: str = "train"):
+    """Tokenize one split with batched `datasets.map` (512 rows a call, original columns removed)
+    and keep what `encode_example` keeps. Returns (Examples, SplitStats).
+
+    Each row's segments (`formats.row_segments`) are tokenized separately, so the trained
+    tokens are exactly the answer's own tokens. Where tokenizing the joined text would
+    merge tokens across a boundary, the parts' tokens win (they are what the model sees
+    when it is given the prompt alone); such rows are counted in `boundary_merges`.
+    `source` names the split the rows came from, for error messages.
+    """
+    eos_id = tokenizer.eos_token_id
+    plain = layout.format in ("text", "prompt_completion")  # these get BOS/EOS from us; chat templates write their own
+    prefix = special_prefix(tokenizer) if plain else []
+    o = options
+
+    def encode_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
+        numbers = batch[ROW_COLUMN] if ROW_COLUMN in batch else indices
+        segments = [
+            row_segments({k: batch[k][i] for k in layout.columns.values()}, layout, template, o.train_on_prompt,
+                         o.train_on_all_turns, where=f"{source} row {numbers[i] + 1}")
+            for i in range(len(numbers))
+        ]
+        flat = tokenizer([text for segs in segments for text, _ in segs], add_special_tokens=False)["input_ids"]
+        multi = [i for i, segs in enumerate(segments) if len(segs) > 1]
+        joined = tokenizer(["".join(text for text, _ in segments[i]) for i in multi], add_special_tokens=False)[
+            "input_ids"] if multi else []
+        whole = dict(zip(multi, joined))
+        out: dict[str, list] = {"input_ids": [], "supervised": [], "status": [], "merged": [], "n_tokens": []}
+        at = 0
+        for i, segs in enumerate(segments):
+            parts, at = flat[at : at + len(segs)], at + len(segs)
+            ids, mask, status = encode_example(parts, [t for _, t in segs], eos_id if plain else None, o.min_tokens,
+                                               o.max_length, o.overlong, o.truncation_side, prefix)
+            joined_parts = [t for p in parts for t in p]
+            out["input_ids"].append(ids)
+            out["supervised"].append(mask)
+            out["status"].append(status)
+            out["merged"].append(i in whole and whole[i] != joined_parts)
+            out["n_tokens"].append(len(prefix) + len(joined_parts) + int(plain))
+        return out
+
+    mapped = rows.map(
+        encode_batch,
+        batched=True,
+        batch_size=MAP_BATCH_SIZE,
+        with_indices=True,
+        remove_columns=rows.column_names,
+        keep_in_memory=True,  # our own cache holds the result; no second copy in the datasets cache
+        desc="tokenizing",
+    )
+    table = mapped.data.table  # pyarrow: read columns without building Python lists
+    status = table.column("status").to_numpy(zero_copy_only=False).astype(str)
+    stats = SplitStats(rows=len(rows))
+    for reason in DROP_REASONS:
+        stats.dropped[reason] = int((status == reason).sum())
+    stats.truncated = int((status == "truncated").sum())
+    if o.overlong == "error" and stats.dropped["overlong"]:
+        longest = int(table.column("n_tokens").to_numpy()[status == "overlong"].max())
+        raise SftuneError(
+            f"{stats.dropped['overlong']:,} example(s) are longer than max_length {o.max_length} tokens "
+            f"(longest: about {longest}). "
+            f"Raise --max-length, or set --overlong drop or --overlong truncate."
+        )
+    keep = np.flatnonzero((status == "kept") | (status == "truncated"))
+    stats.boundary_merges = int(table.column("merged").to_numpy(zero_copy_only=False)[keep].sum())
+    kept = table.select(["input_ids", "supervised"]).take(keep)
+    flat, offsets = _flat_lists(kept.column("input_ids"), np.int32)
+    mask, _ = _flat_lists(kept.column("supervised"), bool)
+    examples, stats.dropped["no_targets"] = drop_untrained(Examples(flat, mask, offsets))
+    stats.kept = len(examples)
+    stats.tokens = int(len(examples.input_ids))
+    stats.supervised_tokens = count_targets(examples)
+    stats.untrained_tokens = int(len(examples.input_ids) - examples.supervised.sum())
+    stats.length = length_summary(examples.lengths)
+    return examples, stats
+
+
+def _flat_lists(column, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """A pyarrow list column as (flat values, offsets from 0)."""
+    lists = column.combine_chunks()
+    offsets = lists.offsets.to_numpy().astype(np.int64)
+    values = lists.values.to_numpy(zero_copy_only=False)[offsets[0] : offsets[-1]].astype(dtype)
+    return np.ascontiguousarray(values), offsets - offsets[0]
+
+
+# --- the whole pipeline, cached ------------------------------------------------
+
+
+# --- chat templates and warnings ---------------------------------------------------
+
+
+def chat_template_for(tokenizer) -> str:
+    """The tokenizer's chat template, else sftune's default (set on the tokenizer, so it is saved with the model)."""
+    template = tokenizer.chat_template
+    if isinstance(template, dict):  # several named templates: the default one
+        template = template.get("default")
+    if not template:
+        tokenizer.chat_template = template = DEFAULT_CHAT_TEMPLATE
+        log("chat: the tokenizer has no chat template; using sftune's default "
+            "(<|role|>\\n{content}<|endoftext|> per turn; see README) and saving it with the model")
+    return template
+
+
+def check_end_of_turn(template: ChatTemplate) -> None:
+    try:
+        end = template.end_of_turn()
+    except Exception as e:
+        raise SftuneError(f"the chat template cannot render a simple user/assistant exchange: {e} "
+                          f"(check --chat-template)") from None
+    if not end.strip():
+        log("warning: the chat template writes no end-of-turn marker after an assistant's answer, so the model "
+            "will not learn where an answer ends; use a template that ends turns (e.g. with EOS) via --chat-template")
+
+
+def warn_about(stats: dict[str, SplitStats], layout: Layout, options: EncodeOptions) -> None:
+    """Say what the user should know before training: untrained rows, answers cut before their end, merges."""
+    for name, st in stats.items():
+        if st.dropped["no_targets"]:
+            log(f"warning: {st.dropped['no_targets']:,} {name} example(s) have no trained tokens and were dropped "
+                f"({'truncation cut their answer' if st.truncated else 'empty answer'}); "
+                f"see `sftune data --show N`")
+        if st.truncated and options.truncation_side == "right":
+            log(f"warning: {st.truncated:,} {name} example(s) were truncated on the right: they do not end with "
+                f"EOS{'/end-of-turn' if layout.format.startswith('chat') else ''}, so they do not teach the model "
+                f"to stop (raise --max-length, or --overlong drop)")
+        if st.boundary_merges:
+            log(f"data: {st.boundary_merges:,} {name} example(s) tokenize differently as one text than as parts "
+                f"(BPE merges across the prompt/answer boundary); sftune trains on the parts' tokens, which are "
+                f"what the model sees when given the prompt alone")

@@ -1,0 +1,78 @@
+"""Tier 1-2: the CLI's options and messages, in-process (`cli.main` with capsys)."""
+
+import json
+
+import pytest
+
+from conftest import QUICKSTART_DATA, needs_shared, read_jsonl, run_main
+from sftune import __version__
+
+
+def test_version(capsys):
+    code, out, _ = run_main(capsys, "--version")
+    assert code == 0 and out.strip() == f"sftune {__version__}"
+
+
+@pytest.mark.parametrize("flag, suggestion", [("--lerning-rate", None), ("--bach-size", "--batch-size"),
+                                              ("--max-step", "--max-steps"), ("--epoch", "--epochs")])
+def test_a_misspelt_flag_suggests_the_right_one(capsys, flag, suggestion):
+    code, _, err = run_main(capsys, "train", flag, "3")
+    assert code == 2
+    assert f"unknown option {flag}" in err and "sftune train --help" in err
+    if suggestion:
+        assert f"did you mean {suggestion}?" in err
+
+
+def test_eval_help_lists_only_what_eval_uses(capsys):
+    code, out, _ = run_main(capsys, "eval", "--help")
+    assert code == 0
+    for used in ("--model", "--dataset", "--precision", "--eval-batch-size", "--max-length"):
+        assert used in out
+    for unused in ("--lr", "--save-every", "--warmup-steps", "--packing", "--sample-prompts", "--resume"):
+        assert unused not in out
+
+
+def test_every_generate_option_has_help_with_its_default(capsys):
+    from sftune.cli import build_parser
+
+    parser = build_parser()
+    generate = parser._subparsers._group_actions[0].choices["generate"]
+    for action in generate._actions:
+        if action.option_strings and action.dest not in ("help", "model", "prompt", "chat"):
+            assert action.help and "default" in action.help, action.dest
+
+
+def test_the_config_is_summarised_in_a_few_lines():
+    from sftune.cli import summarize_config
+    from sftune.config import resolve_config
+
+    text = summarize_config(resolve_config({"batch_size": 8, "lr": 1e-3, "packing": True}))
+    assert len(text.splitlines()) <= 4
+    assert "batch 8 x 1" in text and "lr 0.001" in text and "packing=True" in text and "--verbose" in text
+
+
+@needs_shared
+def test_a_question_answer_pair_suggests_columns(tmp_path, tiny_model_dir, capsys):
+    data = tmp_path / "qa.jsonl"
+    data.write_text("".join(json.dumps({"question": f"what is {i}?", "answer": f"it is {i}"}) + "\n"
+                            for i in range(40)))
+    code, _, err = run_main(capsys, "data", "--model", str(tiny_model_dir), "--dataset", str(data))
+    assert code == 2
+    assert "--columns prompt=question,completion=answer" in err and "Traceback" not in err
+
+
+@needs_shared
+def test_max_steps_beyond_an_epoch_runs_them_and_a_long_warmup_is_warned(tmp_path, tiny_model_dir, capsys):
+    """400 rows at batch 100 are 4 steps an epoch; --max-steps 6 runs 6 (into the second epoch), as the HF
+    Trainer does, and a warm-up of 10 steps is longer than the run."""
+    out = tmp_path / "run"
+    code, stdout, err = run_main(capsys, "train", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA),
+                                 "--batch-size", "100", "--max-steps", "6", "--warmup-steps", "10",
+                                 "--precision", "fp32", "--log-every", "1", "--output-dir", str(out))
+    assert code == 0, err
+    assert "warmup_steps 10 is longer than the run (6 steps)" in err
+    assert "6 optimizer steps (4 per epoch, 1.50 epochs)" in err
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows if r["type"] == "eval"] == [0, 4, 6]  # the epoch's end, and the run's
+    assert "done: 6 steps" in stdout

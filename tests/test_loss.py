@@ -1,0 +1,93 @@
+"""Tier 1: the loss module. The fused output-projection loss equals the plain one (loss and every gradient),
+in fp32 and under bf16 autocast; a frozen head gets no gradient; the head's cast is shared within a step."""
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_gpt2
+from sftune.batching import collate, collate_packed, best_fit_decreasing
+from sftune.data import Examples
+from sftune.loss import CausalLMLoss, sum_token_loss
+
+EOS = 50256
+
+
+def _batch(packed=False, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, 40, 12)
+    supervised = [(rng.random(n) > 0.3).tolist() for n in lengths]
+    ex = Examples.from_lists([rng.integers(0, 50_000, n).tolist() for n in lengths], supervised)
+    if packed:
+        return collate_packed(ex, best_fit_decreasing(ex.lengths, 64), EOS)
+    return collate(ex, list(range(len(ex))), EOS)
+
+
+def _loss_and_grads(model, batch, fused, precision):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+        loss = CausalLMLoss(model, fused)(batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_fused_equals_plain_in_fp32(packed):
+    model = make_tiny_gpt2()
+    batch = _batch(packed)
+    plain, g_plain = _loss_and_grads(model, batch, False, "fp32")
+    fused, g_fused = _loss_and_grads(model, batch, True, "fp32")
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-4)
+    for name in g_plain:
+        torch.testing.assert_close(g_fused[name], g_plain[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_loss_is_the_reference_sum_over_targets():
+    model = make_tiny_gpt2()
+    batch = _batch()
+    with torch.no_grad():
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+        reference = sum_token_loss(model(**inputs).logits, batch["labels"])
+        for fused in (False, True):
+            torch.testing.assert_close(CausalLMLoss(model, fused)(batch), reference, rtol=1e-5, atol=1e-4)
+    assert len(batch["targets"]) == int((batch["labels"][:, 1:] != -100).sum())
+
+
+def test_fused_equals_plain_under_bf16_autocast():
+    """bf16 rounds differently on the two paths (the plain one rounds the logits, the fused one keeps
+    them in fp32): the loss agrees to about 1e-3 relative, gradients to a few percent of their scale."""
+    model = make_tiny_gpt2()
+    batch = _batch()
+    plain, g_plain = _loss_and_grads(model, batch, False, "bf16")
+    fused, g_fused = _loss_and_grads(model, batch, True, "bf16")
+    torch.testing.assert_close(fused, plain, rtol=2e-3, atol=0)
+    for name in g_plain:
+        a, b = g_fused[name], g_plain[name]
+        assert (a - b).norm() <= 0.05 * b.norm() + 1e-6, name
+    # and bf16 is close to fp32 (it is the same loss, in lower precision)
+    exact, _ = _loss_and_grads(model, batch, True, "fp32")
+    torch.testing.assert_close(fused, exact, rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_a_frozen_head_gets_no_gradient(fused):
+    model = make_tiny_gpt2()
+    head = model.get_output_embeddings().weight  # tied to the input embeddings in GPT-2
+    head.requires_grad_(False)
+    batch = _batch()
+    CausalLMLoss(model, fused)(batch).backward()
+    assert head.grad is None
+    assert model.transformer.h[0].attn.c_attn.weight.grad is not None
+
+
+def test_the_heads_cast_is_made_once_per_update():
+    model = make_tiny_gpt2()
+    loss = CausalLMLoss(model)
+    w = model.get_output_embeddings().weight
+    first = loss.cast_weight(w, torch.bfloat16)
+    assert loss.cast_weight(w, torch.bfloat16) is first  # the next micro-batch of the step reuses it
+    with torch.no_grad():
+        w.add_(1.0)  # an optimizer step changes the weight in place
+    second = loss.cast_weight(w, torch.bfloat16)
+    assert second is not first
+    torch.testing.assert_close(second, w.detach().to(torch.bfloat16))
