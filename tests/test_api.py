@@ -1,13 +1,14 @@
 """Tier 2 through the Python API: the training loop's accumulation path end to end."""
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 import sftune
-from conftest import QUICKSTART_DATA, needs_shared
+from conftest import QUICKSTART_DATA
 
 
-@needs_shared
+@pytest.mark.slow
 def test_batch_16_equals_batch_4_times_accum_4(tiny_model_dir, tmp_path):
     outs = []
     for batch_size, accum in ((16, 1), (4, 4)):
@@ -24,3 +25,20 @@ def test_batch_16_equals_batch_4_times_accum_4(tiny_model_dir, tmp_path):
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
     assert r1.last_val_loss == r2.last_val_loss or abs(r1.last_val_loss - r2.last_val_loss) < 1e-4
+
+
+@pytest.mark.slow
+def test_training_at_the_default_precision(tiny_model_dir, tmp_path):
+    """precision auto: bf16 autocast on a CPU with native bf16 (fp32 master weights), else fp32; the loss falls,
+    every logged value is finite, and the saved weights are fp32."""
+    from sftune.runtime import cpu_has_bf16
+
+    cfg = sftune.resolve_config({"model": str(tiny_model_dir), "dataset": str(QUICKSTART_DATA), "batch_size": 16,
+                                 "max_steps": 12, "lr": 3e-3, "log_every": 1, "output_dir": str(tmp_path / "run")})
+    assert cfg.precision == "auto"
+    result = sftune.train(cfg)
+    saved = sftune.load_config(result.output_dir / "config.yaml")
+    assert saved.precision == ("bf16" if cpu_has_bf16() else "fp32")
+    assert result.last_val_loss < result.first_val_loss - 1.0
+    weights = load_file(result.output_dir / "model.safetensors")
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())

@@ -8,9 +8,8 @@ import shutil
 
 import pytest
 
-from conftest import QUICKSTART_DATA, needs_shared, run_cli, run_main
+from conftest import QUICKSTART_DATA, run_cli, run_main
 
-pytestmark = needs_shared
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +76,7 @@ def test_bad_input(args, words, bad_files, tiny_model_dir, tmp_path, capsys):
     assert not out.exists()  # nothing written
 
 
+@pytest.mark.slow
 def test_a_user_mistake_in_a_real_process_shows_no_traceback(tiny_model_dir, tmp_path):
     proc = run_cli("train", "--model", str(tiny_model_dir), "--dataset", "./missing.jsonl",
                    "--output-dir", str(tmp_path / "o"))
@@ -84,6 +84,7 @@ def test_a_user_mistake_in_a_real_process_shows_no_traceback(tiny_model_dir, tmp
     assert "dataset path not found: './missing.jsonl'" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_debug_shows_the_traceback(tiny_model_dir, tmp_path):
     proc = run_cli("--debug", "train", "--model", str(tiny_model_dir), "--dataset", "./missing.jsonl",
                    "--output-dir", str(tmp_path / "o"))

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import QUICKSTART_DATA, needs_shared, read_jsonl, run_main
+from conftest import QUICKSTART_DATA, read_jsonl, run_main
 from sftune import __version__
 
 
@@ -51,7 +51,6 @@ def test_the_config_is_summarised_in_a_few_lines():
     assert "batch 8 x 1" in text and "lr 0.001" in text and "packing=True" in text and "--verbose" in text
 
 
-@needs_shared
 def test_a_question_answer_pair_suggests_columns(tmp_path, tiny_model_dir, capsys):
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"question": f"what is {i}?", "answer": f"it is {i}"}) + "\n"
@@ -61,7 +60,7 @@ def test_a_question_answer_pair_suggests_columns(tmp_path, tiny_model_dir, capsy
     assert "--columns prompt=question,completion=answer" in err and "Traceback" not in err
 
 
-@needs_shared
+@pytest.mark.slow
 def test_max_steps_beyond_an_epoch_runs_them_and_a_long_warmup_is_warned(tmp_path, tiny_model_dir, capsys):
     """400 rows at batch 100 are 4 steps an epoch; --max-steps 6 runs 6 (into the second epoch), as the HF
     Trainer does, and a warm-up of 10 steps is longer than the run."""

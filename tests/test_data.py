@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import SST2_DIR, needs_shared, prepare
+from conftest import SST2_DIR, needs_sst2, prepare
 from sftune.batching import epoch_steps
 from sftune.data import Examples, count_targets, encode_example
 from sftune.data.formats import find_text_column
@@ -200,7 +200,7 @@ def test_examples_round_trip(tmp_path):
     assert count_targets(back) == 2  # targets need a previous token: positions 1 and 2 of example 0
 
 
-@needs_shared
+@needs_sst2
 def test_seed_fidelity_on_sst2(tmp_path, gpt2_tokenizer):
     """The seed notebook's numbers: 49,401 train and 867 validation rows, 1,544 batches of 32."""
     data = prepare(str(SST2_DIR), gpt2_tokenizer, max_length=1024, cache_dir=tmp_path)

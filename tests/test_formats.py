@@ -4,6 +4,7 @@ Every expected `labels` list is written out token by token from the real GPT-2 t
 prompt tokens -100, answer tokens trained, EOS / end-of-turn trained, padding -100.
 """
 
+import copy
 import json
 
 import pytest
@@ -196,8 +197,7 @@ CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['cont
 
 
 def test_chat_with_a_template_whose_end_of_turn_is_not_eos(tmp_path, gpt2_tokenizer):
-    tok = gpt2_tokenizer.__class__.from_pretrained(gpt2_tokenizer.name_or_path)
-    tok.pad_token = tok.eos_token
+    tok = copy.deepcopy(gpt2_tokenizer)
     tok.chat_template = CHATML
     data = prep(tmp_path, tok, [CHAT])
     ids, labels = labels_of(data)
@@ -210,8 +210,7 @@ def test_chat_with_a_template_whose_end_of_turn_is_not_eos(tmp_path, gpt2_tokeni
 
 def test_chat_template_with_generation_blocks(tmp_path, gpt2_tokenizer):
     """TRL-style templates mark assistant text with {% generation %}: they render (and split) as usual."""
-    tok = gpt2_tokenizer.__class__.from_pretrained(gpt2_tokenizer.name_or_path)
-    tok.pad_token = tok.eos_token
+    tok = copy.deepcopy(gpt2_tokenizer)
     tok.chat_template = CHATML.replace("{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}", (
         "{{ '<|im_start|>' + m['role'] + '\n' }}{% if m['role'] == 'assistant' %}{% generation %}"
         "{{ m['content'] + '<|im_end|>' }}{% endgeneration %}{% else %}{{ m['content'] + '<|im_end|>' }}{% endif %}"
@@ -247,8 +246,7 @@ def test_bad_conversations_name_the_row_and_message(tmp_path, gpt2_tokenizer, me
 
 
 def test_template_without_end_of_turn_is_warned_about(tmp_path, gpt2_tokenizer, capsys):
-    tok = gpt2_tokenizer.__class__.from_pretrained(gpt2_tokenizer.name_or_path)
-    tok.pad_token = tok.eos_token
+    tok = copy.deepcopy(gpt2_tokenizer)
     tok.chat_template = "{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% endfor %}"
     prep(tmp_path, tok, [CHAT])
     assert "writes no end-of-turn marker" in capsys.readouterr().err
@@ -367,7 +365,7 @@ def bos_tokenizer(gpt2_tokenizer):
     from tokenizers.processors import TemplateProcessing
     from transformers import PreTrainedTokenizerFast
 
-    backend = PreTrainedTokenizerFast.from_pretrained(gpt2_tokenizer.name_or_path).backend_tokenizer
+    backend = copy.deepcopy(gpt2_tokenizer.backend_tokenizer)
     backend.post_processor = TemplateProcessing(single="<|endoftext|> $A", special_tokens=[("<|endoftext|>", EOS)])
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
                                   pad_token="<|endoftext|>")

@@ -81,13 +81,23 @@ def test_a_frozen_head_gets_no_gradient(fused):
 
 
 def test_the_heads_cast_is_made_once_per_update():
+    """One bf16 cast of the head per optimizer step, renewed after every step, also by fused AdamW (whose
+    in-place update does not bump the weight's version counter)."""
     model = make_tiny_gpt2()
     loss = CausalLMLoss(model)
     w = model.get_output_embeddings().weight
     first = loss.cast_weight(w, torch.bfloat16)
     assert loss.cast_weight(w, torch.bfloat16) is first  # the next micro-batch of the step reuses it
     with torch.no_grad():
-        w.add_(1.0)  # an optimizer step changes the weight in place
+        w.add_(1.0)  # an in-place change autograd sees
     second = loss.cast_weight(w, torch.bfloat16)
     assert second is not first
     torch.testing.assert_close(second, w.detach().to(torch.bfloat16))
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
+    optimizer.register_step_post_hook(loss.forget_cast)  # as build.py does
+    version = w._version
+    CausalLMLoss(model)(_batch()).backward()
+    optimizer.step()
+    assert w._version == version  # fused AdamW: the version counter did not move ...
+    torch.testing.assert_close(loss.cast_weight(w, torch.bfloat16), w.detach().to(torch.bfloat16))  # ... yet recast

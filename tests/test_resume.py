@@ -1,5 +1,10 @@
-"""Tier 2: checkpoints, exact resume after a real SIGTERM, corruption, and resume compatibility."""
+"""Tier 2: checkpoints, exact resume after real signals and kills, corruption, and resume compatibility.
 
+One uninterrupted run (30 steps, a checkpoint every 4, crossing an epoch at step 25) is the baseline for
+every resume test. Signals and kills go to real processes; the rest calls the CLI's `main` in-process.
+"""
+
+import shutil
 import signal
 import subprocess
 import sys
@@ -9,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import QUICKSTART_DATA, ROOT, needs_shared, read_jsonl, run_cli
+from conftest import QUICKSTART_DATA, ROOT, read_jsonl, run_cli, run_main
+from sftune.checkpoint import checkpoint_ok
 
-pytestmark = needs_shared
+pytestmark = pytest.mark.slow
 
 
 def train_args(model_dir, out, *extra):
@@ -26,6 +32,11 @@ def train_losses(out):
     return losses, [(r["step"], r["val_loss"]) for r in rows if r["type"] == "eval"]
 
 
+def same_weights(a_dir, b_dir) -> bool:
+    a, b = load_file(a_dir / "model.safetensors"), load_file(b_dir / "model.safetensors")
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise, fp32 on CPU
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "run"
@@ -34,7 +45,21 @@ def uninterrupted(tiny_model_dir, tmp_path_factory):
     return out
 
 
-def test_sigterm_then_resume_equals_an_uninterrupted_run(uninterrupted, tiny_model_dir, tmp_path):
+@pytest.fixture
+def copy_of(uninterrupted, tmp_path):
+    """A copy of the baseline run's directory, checkpoints included, to resume or damage."""
+    out = tmp_path / "run"
+    shutil.copytree(uninterrupted, out)
+    return out
+
+
+def test_keep_last_rotates(uninterrupted):
+    # one epoch is 25 steps (400 rows / 8 / 2) and --max-steps 30 runs into the second: saves at 4, 8, ..., 24,
+    # at the epoch's end (25) and at 28; the last 2 stay
+    assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir()) == ["step-25", "step-28"]
+
+
+def test_sigterm_then_resume_equals_an_uninterrupted_run(uninterrupted, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "sftune", *train_args(tiny_model_dir, out)], cwd=ROOT,
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
@@ -48,128 +73,134 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(uninterrupted, tiny_mod
     saved = max(int(p.name[5:]) for p in (out / "checkpoints").iterdir())
     assert saved >= 6 and f"checkpoint {out / 'checkpoints' / f'step-{saved}'}" in err  # saved on the signal
 
-    resumed = run_cli(*train_args(tiny_model_dir, out, "--resume", "auto"))
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stderr
-
-    a, b = load_file(uninterrupted / "model.safetensors"), load_file(out / "model.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise, fp32 on CPU
+    code, _, err = run_main(capsys, *train_args(tiny_model_dir, out, "--resume", "auto"))
+    assert code == 0, err
+    assert "resumed from" in err
+    assert same_weights(uninterrupted, out)
     assert train_losses(out) == train_losses(uninterrupted)  # every step's loss, every eval; nothing duplicated
     assert [r["type"] for r in read_jsonl(out / "metrics.jsonl")].count("resume") == 1
 
 
-def test_corrupted_checkpoint_is_skipped(uninterrupted, tiny_model_dir, tmp_path):
-    out = tmp_path / "run"
-    proc = run_cli(*train_args(tiny_model_dir, out, "--max-steps", "8", "--keep-last", "3"))
-    assert proc.returncode == 0, proc.stderr
-    newest = out / "checkpoints" / "step-8"
+def test_a_corrupted_checkpoint_is_skipped_for_the_one_before(uninterrupted, copy_of, tiny_model_dir, capsys):
+    newest = copy_of / "checkpoints" / "step-28"
     data = (newest / "model.safetensors").read_bytes()
     (newest / "model.safetensors").write_bytes(data[: len(data) // 2])  # a torn write
-    resumed = run_cli(*train_args(tiny_model_dir, out, "--max-steps", "8", "--resume", "auto"))
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"checkpoint {newest} is incomplete or corrupted; skipping it" in resumed.stderr
-    assert "resumed from" in resumed.stderr and "step-4" in resumed.stderr
+    code, _, err = run_main(capsys, *train_args(tiny_model_dir, copy_of, "--resume", "auto"))
+    assert code == 0, err
+    assert f"checkpoint {newest} is incomplete or corrupted; skipping it" in err
+    assert "resumed from" in err and "step-25" in err
+    assert same_weights(uninterrupted, copy_of)  # steps 26-30 again, exactly
 
 
-def test_keep_last_rotates(uninterrupted):
-    # one epoch is 25 steps (400 rows / 8 / 2) and --max-steps 30 runs into the second: saves at 4, 8, ..., 24,
-    # at the epoch's end (25) and at 28; the last 2 stay
-    assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir()) == ["step-25", "step-28"]
+def test_checkpoint_hashes_catch_damage_of_the_same_size(copy_of, tiny_model_dir, capsys):
+    """Sizes are always checked; with --checkpoint-hashes a flipped byte is caught as well."""
+    out = copy_of.parent / "hashed"
+    code, _, err = run_main(capsys, *train_args(tiny_model_dir, out, "--max-steps", "4", "--checkpoint-hashes"))
+    assert code == 0, err
+    ckpt = out / "checkpoints" / "step-4"
+    assert checkpoint_ok(ckpt)
+    data = bytearray((ckpt / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (ckpt / "model.safetensors").write_bytes(bytes(data))
+    assert not checkpoint_ok(ckpt)
+    assert checkpoint_ok(copy_of / "checkpoints" / "step-28")  # no hashes recorded: sizes only
 
 
-def test_resume_refuses_changed_training_settings(uninterrupted, tiny_model_dir, tmp_path):
-    out = tmp_path / "run"
-    assert run_cli(*train_args(tiny_model_dir, out, "--max-steps", "4")).returncode == 0
-    proc = run_cli(*train_args(tiny_model_dir, out, "--max-steps", "4", "--resume", "auto", "--lr", "1e-3"))
-    assert proc.returncode == 2
-    assert "training settings differ (lr: 0.003 -> 0.001)" in proc.stderr and "--resume-force" in proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_resume_refuses_changed_training_settings(copy_of, tiny_model_dir, capsys):
+    code, _, err = run_main(capsys, *train_args(tiny_model_dir, copy_of, "--resume", "auto", "--lr", "1e-3"))
+    assert code == 2
+    assert "training settings differ (lr: 0.003 -> 0.001)" in err and "--resume-force" in err
+    assert "Traceback" not in err
     # logging and evaluation frequency may change
-    ok = run_cli(*train_args(tiny_model_dir, out, "--max-steps", "4", "--resume", "auto", "--log-every", "2",
-                             "--eval-every", "3"))
-    assert ok.returncode == 0, ok.stderr
+    code, _, err = run_main(capsys, *train_args(tiny_model_dir, copy_of, "--resume", "auto", "--log-every", "2",
+                                                 "--eval-every", "3"))
+    assert code == 0, err
 
 
-def test_non_empty_output_needs_resume_or_overwrite(tiny_model_dir, tmp_path):
+def test_non_empty_output_needs_resume_or_overwrite(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    assert run_cli(*train_args(tiny_model_dir, out, "--max-steps", "2")).returncode == 2
-    ok = run_cli(*train_args(tiny_model_dir, out, "--max-steps", "2", "--overwrite"))
-    assert ok.returncode == 0, ok.stderr
+    code, _, err = run_main(capsys, *train_args(tiny_model_dir, out, "--max-steps", "2"))
+    assert code == 2 and "already exists and is not empty" in err
+    code, _, err = run_main(capsys, *train_args(tiny_model_dir, out, "--max-steps", "2", "--overwrite"))
+    assert code == 0, err
     assert (out / "notes.txt").read_text() == "mine"
     file_out = tmp_path / "afile"
     file_out.write_text("x")
-    proc = run_cli(*train_args(tiny_model_dir, file_out, "--max-steps", "2"))
-    assert proc.returncode == 2 and "is a file, not a directory" in proc.stderr
+    code, _, err = run_main(capsys, *train_args(tiny_model_dir, file_out, "--max-steps", "2"))
+    assert code == 2 and "is a file, not a directory" in err
 
 
-def test_a_non_finite_step_is_skipped_and_training_goes_on(tiny_model_dir, tmp_path):
+def test_a_non_finite_step_is_skipped_and_training_goes_on(tiny_model_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    proc = run_cli(*train_args(tiny_model_dir, out, "--max-steps", "6", "--save-every", "100"),
-                   env={"SFTUNE_FAULT_NAN_STEPS": "3"})
-    assert proc.returncode == 0, proc.stderr
-    assert "step 3: non-finite loss or gradient norm, update skipped (1 in a row" in proc.stderr
+    monkeypatch.setenv("SFTUNE_FAULT_NAN_STEPS", "3")
+    code, _, err = run_main(capsys, *train_args(tiny_model_dir, out, "--max-steps", "6", "--save-every", "100"))
+    assert code == 0, err
+    assert "step 3: non-finite loss or gradient norm, update skipped (1 in a row" in err
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows if r["type"] == "skip"] == [3]
     assert [r["step"] for r in rows if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert all(r["loss"] == r["loss"] for r in rows if r["type"] == "train")  # no NaN reaches the log
 
 
-def test_too_many_bad_steps_stop_with_the_last_good_state(tiny_model_dir, tmp_path):
+def test_too_many_bad_steps_stop_with_the_last_good_state(tiny_model_dir, tmp_path, capsys, monkeypatch):
     constant = ("--lr-schedule", "constant", "--save-every", "100")
     good = tmp_path / "good"
-    assert run_cli(*train_args(tiny_model_dir, good, "--max-steps", "2", *constant)).returncode == 0
+    code, _, err = run_main(capsys, *train_args(tiny_model_dir, good, "--max-steps", "2", *constant))
+    assert code == 0, err
     out = tmp_path / "run"
-    proc = run_cli(*train_args(tiny_model_dir, out, "--max-steps", "20", "--max-bad-steps", "2", *constant),
-                   env={"SFTUNE_FAULT_NAN_STEPS": "3,4,5,6"})
-    assert proc.returncode == 3, proc.stderr
-    assert "3 optimizer steps in a row had a non-finite loss" in proc.stderr and "--resume auto" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    monkeypatch.setenv("SFTUNE_FAULT_NAN_STEPS", "3,4,5,6")
+    code, _, err = run_main(capsys, *train_args(tiny_model_dir, out, "--max-steps", "20", "--max-bad-steps", "2",
+                                                 *constant))
+    assert code == 3, err
+    assert "3 optimizer steps in a row had a non-finite loss" in err and "--resume auto" in err
+    assert "Traceback" not in err
     saved = load_file(out / "checkpoints" / "step-5" / "model.safetensors")
     after_two = load_file(good / "model.safetensors")
     assert all(torch.equal(saved[k], after_two[k]) for k in saved)  # bad steps changed nothing
 
 
-def test_kill_9_anywhere_including_mid_save_then_resume_equals_uninterrupted(uninterrupted, tiny_model_dir, tmp_path):
-    """Real SIGKILLs: once while a checkpoint is being written, once mid-training; each time the run is
-    resumed with --resume auto. No partial checkpoint ever appears under a final name, and the end result
-    is the uninterrupted run's, bitwise."""
-    from sftune.checkpoint import checkpoint_ok
-
+def test_kill_9_mid_save_and_mid_training_then_resume_equals_uninterrupted(uninterrupted, tiny_model_dir, tmp_path,
+                                                                           capsys):
+    """Real SIGKILLs: once while a checkpoint is being written (the save is held open by a test hook, and the
+    staging directory left behind proves the kill landed inside it), once mid-training; each time the run is
+    resumed with --resume auto. No partial checkpoint ever appears under a final name, and the end result is
+    the uninterrupted run's, bitwise."""
     out = tmp_path / "run"
     args = [sys.executable, "-m", "sftune", *train_args(tiny_model_dir, out, "--resume", "auto")]
     ckpts = out / "checkpoints"
 
-    def kill_when(condition, limit=120):
-        proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    def kill_when(condition, env=None, limit=120):
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**__import__("os").environ, **(env or {})})
         deadline = time.monotonic() + limit
         while proc.poll() is None and time.monotonic() < deadline:
             if condition():
                 proc.kill()  # SIGKILL: no handler runs
                 break
-            time.sleep(0.001)
+            time.sleep(0.01)
         proc.wait()
         return proc.returncode
 
-    def saving():
-        return ckpts.is_dir() and any(p.name.startswith(".staging-") for p in ckpts.iterdir())
+    def staging():
+        return sorted(p.name for p in ckpts.iterdir() if p.name.startswith(".staging-")) if ckpts.is_dir() else []
 
     def past_step(n):
         rows = (out / "metrics.jsonl").read_text().splitlines() if (out / "metrics.jsonl").exists() else []
         return any(f'"step": {n},' in r and '"type": "train"' in r for r in rows)
 
-    kills = 0
-    for condition in (saving, lambda: past_step(14)):
-        if kill_when(condition) == -signal.SIGKILL:
-            kills += 1
-        for p in ckpts.iterdir():
-            assert p.name.startswith(".staging-") or checkpoint_ok(p), p  # published = complete
-    assert kills >= 1
-    final = run_cli(*train_args(tiny_model_dir, out, "--resume", "auto"))
-    assert final.returncode == 0, final.stderr
-    a, b = load_file(uninterrupted / "model.safetensors"), load_file(out / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    # 1. mid-save: the staging directory of step 4 is still there after the process died
+    assert kill_when(lambda: bool(staging()), env={"SFTUNE_FAULT_SLOW_SAVE": "30"}) == -signal.SIGKILL
+    assert staging() == [".staging-step-4"] and not any(p.name.startswith("step-") for p in ckpts.iterdir())
+    # 2. mid-training, after some checkpoints (the stale staging directory is cleared by the next save)
+    assert kill_when(lambda: past_step(14)) == -signal.SIGKILL
+    assert staging() == []
+    for p in ckpts.iterdir():
+        assert checkpoint_ok(p), p  # published = complete
+    code, _, err = run_main(capsys, *train_args(tiny_model_dir, out, "--resume", "auto"))
+    assert code == 0, err
+    assert same_weights(uninterrupted, out)
     assert train_losses(out) == train_losses(uninterrupted)
 
 
@@ -184,14 +215,12 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(mount)], capture_output=True)
 
 
-def test_disk_full_during_a_save_fails_cleanly(tiny_model_dir, small_disk):
-    from sftune.checkpoint import checkpoint_ok
-
+def test_disk_full_during_a_save_fails_cleanly(tiny_model_dir, small_disk, capsys):
     out = small_disk / "run"
-    proc = run_cli(*train_args(tiny_model_dir, out, "--max-steps", "12", "--keep-last", "3"))
-    assert proc.returncode == 2, proc.stderr
-    assert "could not write checkpoint" in proc.stderr and "Earlier checkpoints are intact" in proc.stderr
-    assert "Traceback" not in proc.stderr
+    code, _, err = run_main(capsys, *train_args(tiny_model_dir, out, "--max-steps", "12", "--keep-last", "3"))
+    assert code == 2, err
+    assert "could not write checkpoint" in err and "Earlier checkpoints are intact" in err
+    assert "Traceback" not in err
     left = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert left == ["step-4"] and checkpoint_ok(out / "checkpoints" / "step-4")  # no staging debris
 

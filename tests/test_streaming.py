@@ -5,14 +5,15 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import QUICKSTART_DATA, ROOT, needs_shared, prepare, read_jsonl, run_cli
+from conftest import QUICKSTART_DATA, ROOT, prepare, read_jsonl, run_main
 from sftune.data import DataOptions
 from sftune.data.streaming import StreamedData, StreamPosition
 
-pytestmark = needs_shared
+pytestmark = pytest.mark.slow
 
 
 def test_streamed_examples_have_the_in_memory_masks(tmp_path, gpt2_tokenizer):
@@ -42,13 +43,13 @@ def stream_args(model_dir, data, out, *extra):
             "--log-every", "1", "--eval-every", "40", "--save-every", "40", "--output-dir", str(out), *extra]
 
 
-def test_streaming_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
+def test_streaming_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, capsys):
     data = tmp_path / "reviews.jsonl"
     data.write_text("\n".join((QUICKSTART_DATA / "train.jsonl").read_text().splitlines()[:90]) + "\n")
     full = tmp_path / "full"
-    proc = run_cli(*stream_args(tiny_model_dir, data, full))
-    assert proc.returncode == 0, proc.stderr
-    assert "first 20 rows are held out for validation" in proc.stderr
+    code, _, err = run_main(capsys, *stream_args(tiny_model_dir, data, full))
+    assert code == 0, err
+    assert "first 20 rows are held out for validation" in err
 
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "sftune", *stream_args(tiny_model_dir, data, out)], cwd=ROOT,
@@ -59,9 +60,9 @@ def test_streaming_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
             break
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 143, err
-    resumed = run_cli(*stream_args(tiny_model_dir, data, out, "--resume", "auto"))
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stderr
+    code, _, err = run_main(capsys, *stream_args(tiny_model_dir, data, out, "--resume", "auto"))
+    assert code == 0, err
+    assert "resumed from" in err
 
     a, b = load_file(full / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise: the same rows in the same steps
@@ -70,7 +71,7 @@ def test_streaming_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path):
     assert losses[0] == losses[1] and len(losses[0]) == 76
 
 
-def test_streaming_needs_max_steps(tiny_model_dir, tmp_path):
-    proc = run_cli("train", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA), "--streaming",
-                   "--output-dir", str(tmp_path / "o"))
-    assert proc.returncode == 2 and "must be set with streaming" in proc.stderr and "--max-steps" in proc.stderr
+def test_streaming_needs_max_steps(tiny_model_dir, tmp_path, capsys):
+    code, _, err = run_main(capsys, "train", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA),
+                            "--streaming", "--output-dir", str(tmp_path / "o"))
+    assert code == 2 and "must be set with streaming" in err and "--max-steps" in err

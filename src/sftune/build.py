@@ -281,6 +281,7 @@ def build_run(cfg: SFTConfig) -> Run:
     # fused AdamW: one kernel over all parameters (measured 6x faster than foreach on CPU, benchmarks/NOTES.md)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   fused=dist.device.type in ("cpu", "cuda"))
+    optimizer.register_step_post_hook(model.forget_cast)  # the weights changed: recast the head next time
     from transformers import get_scheduler
 
     scheduler = get_scheduler(SCHEDULES[cfg.lr_schedule], optimizer, num_warmup_steps=cfg.warmup_steps,

@@ -28,6 +28,7 @@ import json
 import os
 import random
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -156,6 +157,8 @@ def save_checkpoint(root: Path, model, tokenizer, optimizer, scheduler, scaler, 
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "rng": rng_state()}, staging / TRAINING_STATE)
         (staging / "config.yaml").write_text(config_yaml)
+        if os.environ.get("SFTUNE_FAULT_SLOW_SAVE"):  # test hook: hold the staging phase open for a kill test
+            time.sleep(float(os.environ["SFTUNE_FAULT_SLOW_SAVE"]))
         files = {str(f.relative_to(staging)): [f.stat().st_size, _sha256(f) if hashes else None]
                  for f in sorted(staging.rglob("*")) if f.is_file()}
         # state.json last: it lists every other file with its size (and hash), so damage anywhere is detected

@@ -62,7 +62,7 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.model = model
         self.fused = supports_fused_ce(model) if fused is None else fused
-        self._cast: tuple | None = None  # (weight version, dtype, cast copy) of the output head
+        self._cast: tuple | None = None  # ((weight version, address, dtype), cast copy) of the output head
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = model_inputs(batch)
@@ -80,14 +80,19 @@ class CausalLMLoss(nn.Module):
             return LinearCrossEntropySum.apply(hidden, weight, targets, self.cast_weight(weight, dtype))
 
     def cast_weight(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """The head's weight in `dtype`, cast once per update: the optimizer's in-place step bumps the
-        weight's version, so micro-batches of one step (and eval batches) share the cast."""
+        """The head's weight in `dtype`, cast once per update, so the micro-batches of a step (and the batches
+        of an evaluation) share one cast. The optimizer must call `forget_cast` after each step (build.py
+        registers it as a step hook): fused AdamW updates weights without bumping their version counter."""
         if weight.dtype == dtype:
             return weight.detach()
-        key = (weight._version, weight.data_ptr(), dtype)
+        key = (weight._version, weight.data_ptr(), dtype)  # catches in-place changes that autograd sees
         if self._cast is None or self._cast[0] != key:
             self._cast = (key, weight.detach().to(dtype))
         return self._cast[1]
+
+    def forget_cast(self, *_) -> None:
+        """Drop the cached cast of the head's weight (an optimizer step hook: `(optimizer, args, kwargs)`)."""
+        self._cast = None
 
 
 class LinearCrossEntropySum(torch.autograd.Function):
