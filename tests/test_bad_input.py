@@ -45,7 +45,7 @@ CASES = [
     ("all-filtered", ["--min-tokens", "500"], ["no train example is left after filtering", "too_short",
                                                "--min-tokens"]),
     ("fewer-rows-than-a-batch", ["--batch-size", "300", "--grad-accum", "2"], ["400 examples", "--batch-size"]),
-    ("lr-zero", ["--lr", "0"], ["lr = 0.0: must be positive", "--lr"]),
+    ("lr-zero", ["--lr", "0"], ["lr = 0.0: must be a positive, finite number", "--lr"]),
     ("batch-size-zero", ["--batch-size", "0"], ["batch_size = 0: must be at least 1", "--batch-size"]),
     ("negative-steps", ["--max-steps", "-3"], ["max_steps = -3", "--max-steps"]),
     ("wrong-type", ["--epochs", "two"], ["`epochs` must be an integer, got 'two'"]),

@@ -12,24 +12,28 @@ a resumed run stands. Every command builds what it needs here, the same way; the
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import uuid
 from dataclasses import dataclass, replace
-from datetime import datetime
 from pathlib import Path
 from typing import Iterator, Protocol
 
 import torch
 
 from sftune.batching import chunk_rows_for, collate, collate_packed, epoch_steps, packed_epoch_steps
-from sftune.checkpoint import Checkpointer, FullCheckpointer, TrainState, check_resume_compatible
+from sftune.checkpoint import Checkpointer, FullCheckpointer, TrainState, check_resume_compatible, check_same_inputs
 from sftune.config import SFTConfig, dump_yaml, to_dict
 from sftune.console import log
 from sftune.data import DataOptions, Examples, PreparedData, prepare_data
+from sftune.data.cache import tokenizer_fingerprint
 from sftune.data.formats import Layout
 from sftune.dist import Dist, init_dist
 from sftune.errors import SftuneError
 from sftune.loss import CausalLMLoss
 from sftune.modeling import context_length, load_model, load_model_config, load_tokenizer
+from sftune.outputs import OutputLock, check_output_dir, clear_previous_run, finished_without_checkpoints, \
+    resolve_output_dir
 from sftune.runtime import resolve_precision, seed_everything
 
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -208,18 +212,6 @@ class StreamedSteps:
 # --- the run -----------------------------------------------------------------------
 
 
-def choose_output_dir(requested: str | None, reuse: bool) -> Path:
-    """`requested`, or runs/<timestamp>. A non-empty directory is refused unless `reuse`
-    (--resume or --overwrite), so no earlier run is overwritten by mistake."""
-    out = Path(requested) if requested else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
-    if out.exists() and not out.is_dir():
-        raise SftuneError(f"output path {out} is a file, not a directory; choose another --output-dir")
-    if out.exists() and any(out.iterdir()) and not reuse:
-        raise SftuneError(f"output directory {out} already exists and is not empty; choose another --output-dir, "
-                          f"continue it with --resume auto, or pass --overwrite")
-    return out
-
-
 def param_groups(model, weight_decay: float) -> list[dict]:
     """Decay matrices only: biases and norm gains (1-D) are not decayed (as in HF/TRL, nanoGPT)."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -246,16 +238,42 @@ class Run:
     checkpointer: Checkpointer
     state: TrainState
     resumed_from: Path | None
+    lock: OutputLock
 
     @property
     def device(self) -> torch.device:
         return self.dist.device
 
+    def close(self) -> None:
+        """Release the output directory and the process group (also after an error)."""
+        self.lock.release()
+        self.dist.close()
+
 
 def build_run(cfg: SFTConfig) -> Run:
-    """Resolve what the config leaves open (and say what was inferred), load and build everything."""
-    out = choose_output_dir(cfg.output_dir, reuse=bool(cfg.resume) or cfg.overwrite)
+    """Resolve what the config leaves open (and say what was inferred), load and build everything.
+
+    Nothing is written before every check has passed: the output directory is checked (writable, empty unless
+    --resume or --overwrite, not in use by another run) before anything is loaded, and locked before the first
+    file is written or removed."""
+    out = resolve_output_dir(cfg.output_dir)
+    check_output_dir(out, resume=bool(cfg.resume), overwrite=cfg.overwrite)
+    if cfg.resume == "auto" and not cfg.overwrite and finished_without_checkpoints(out):
+        raise SftuneError(f"nothing to resume in {out}: that run finished (its model is saved) and kept no "
+                          f"checkpoints. Evaluate or use it as it is, continue training from it with --model {out} "
+                          f"and another --output-dir, or pass --overwrite to start over there")
     dist = init_dist(cfg.device)
+    lock = OutputLock(out)
+    if dist.is_main and out.exists():  # refuse a second run before loading anything (else: before writing)
+        lock.acquire()
+    try:
+        return _build(cfg, out, dist, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     seed_everything(cfg.seed)
     precision = resolve_precision(cfg.precision, dist.device)
     log(f"device: {dist.device}, precision: {precision}" + (" (auto)" if cfg.precision == "auto" else ""))
@@ -268,13 +286,17 @@ def build_run(cfg: SFTConfig) -> Run:
                        eval_batch_size=cfg.eval_batch_size or cfg.batch_size, precision=precision,
                        device=dist.device.type)
     config_yaml = dump_yaml(resolved)
+    fingerprints = {"data": data.fingerprint, "tokenizer": tokenizer_identity(tokenizer)}
     checkpointer = FullCheckpointer(out / "checkpoints", dist, tokenizer, config_yaml, cfg.keep_last,
                                     cfg.checkpoint_hashes)
+    if dist.is_main and lock.fd is None:
+        lock.acquire()  # the directory is new: take it before the first write
     checkpoint = checkpointer.latest(cfg.resume) if cfg.resume else None
     if checkpoint is not None:
         check_resume_compatible(checkpoint, to_dict(resolved), cfg.resume_force)
+        check_same_inputs(checkpoint, fingerprints, cfg.resume_force)
 
-    # the checkpoint's weights when resuming (the check above makes sure it is the same model), else the base
+    # the checkpoint's weights when resuming (the checks above make sure it is the same model), else the base
     weights = checkpointer.weights(checkpoint) if checkpoint is not None else None
     model = load_model(weights or cfg.model, "pretrained" if weights else cfg.init, cfg.trust_remote_code, cfg.seed)
     model = CausalLMLoss(model.to(dist.device))
@@ -287,9 +309,10 @@ def build_run(cfg: SFTConfig) -> Run:
     scheduler = get_scheduler(SCHEDULES[cfg.lr_schedule], optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=steps.total_steps)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=precision == "fp16")  # loss scaling only for fp16
-    state = TrainState()
+    state = TrainState(run_id=uuid.uuid4().hex, fingerprints=fingerprints)
     if checkpoint is not None:
         state = checkpointer.restore(checkpoint, model, optimizer, scheduler, scaler)
+        state.fingerprints = fingerprints
         log(f"resumed from {checkpoint}: step {state.step:,}, epoch {state.epoch}, "
             f"{state.step_in_epoch:,} steps into it")
     elif cfg.resume:
@@ -298,13 +321,21 @@ def build_run(cfg: SFTConfig) -> Run:
         log(f"warning: warmup_steps {cfg.warmup_steps} is longer than the run ({steps.total_steps:,} steps): the "
             f"learning rate never reaches --lr {cfg.lr:g}; lower --warmup-steps")
     if dist.is_main:
+        if checkpoint is None and cfg.overwrite:
+            clear_previous_run(out)  # nothing of an older run may mix with this one
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_yaml)
     log(f"training: {describe_plan(cfg, steps, max_length)}, lr {cfg.lr:g} ({cfg.lr_schedule}, "
         f"{cfg.warmup_steps} warm-up), output {out}")
     log(f"loss: {'output projection fused with cross-entropy, ' if model.fused else ''}token-weighted over each step")
     return Run(resolved, dist, out, precision, tokenizer, model, steps, optimizer, scheduler, scaler, checkpointer,
-               state, checkpoint)
+               state, checkpoint, lock)
+
+
+def tokenizer_identity(tokenizer) -> str:
+    """What decides the ids and the chat rendering: the vocabulary and rules, and the chat template."""
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    return hashlib.sha256((tokenizer_fingerprint(tokenizer) + "|" + template).encode()).hexdigest()
 
 
 def describe_plan(cfg: SFTConfig, steps: StepSource, max_length: int) -> str:

@@ -38,7 +38,7 @@ import torch
 
 from sftune.console import log
 from sftune.dist import Dist
-from sftune.errors import SftuneError
+from sftune.errors import SftuneError, TrainingDiverged
 
 STATE_FILE = "state.json"
 TRAINING_STATE = "training_state.pt"
@@ -59,6 +59,8 @@ class TrainState:
     window: dict = field(default_factory=dict)  # the log window's accumulators, so logged values continue exactly
     stream: dict | None = None  # streaming: the StreamPosition in the current epoch
     evals: list = field(default_factory=list)
+    run_id: str = ""  # made at a fresh start and kept by resumes: checkpoint rotation touches only this run's
+    fingerprints: dict = field(default_factory=dict)  # {"data": ..., "tokenizer": ...}: what resume must find again
 
 
 def rng_state() -> dict:
@@ -84,7 +86,7 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _fsync_tree(path: Path) -> None:
+def fsync_tree(path: Path) -> None:
     for p in sorted(path.rglob("*")):
         if p.is_file():
             with open(p, "rb") as f:
@@ -124,6 +126,9 @@ class FullCheckpointer:
         self.config_yaml, self.keep_last, self.hashes = config_yaml, keep_last, hashes
 
     def save(self, state: TrainState, model, optimizer, scheduler, scaler) -> Path:
+        if not weights_finite(model):  # never publish a non-finite state as one to resume from
+            raise TrainingDiverged(f"the weights at step {state.step} are not finite; no checkpoint was written "
+                                   f"(lower --lr, then --resume auto from the last checkpoint)")
         final = self.root / f"step-{state.step}"
         if self.dist.is_main:
             save_checkpoint(self.root, model, self.tokenizer, optimizer, scheduler, scaler, state, self.config_yaml,
@@ -139,6 +144,13 @@ class FullCheckpointer:
 
     def restore(self, path: Path, model, optimizer, scheduler, scaler) -> TrainState:
         return load_training_state(path, optimizer, scheduler, scaler)
+
+
+def weights_finite(model) -> bool:
+    """True when every parameter is finite. note: syncs with the device."""
+    with torch.no_grad():
+        params = [p for p in model.parameters()]
+        return bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
 
 
 def save_checkpoint(root: Path, model, tokenizer, optimizer, scheduler, scaler, state: TrainState,
@@ -163,7 +175,7 @@ def save_checkpoint(root: Path, model, tokenizer, optimizer, scheduler, scaler, 
                  for f in sorted(staging.rglob("*")) if f.is_file()}
         # state.json last: it lists every other file with its size (and hash), so damage anywhere is detected
         (staging / STATE_FILE).write_text(json.dumps({"format": FORMAT_VERSION, "files": files, **asdict(state)}, indent=1))
-        _fsync_tree(staging)
+        fsync_tree(staging)
         if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it
             shutil.rmtree(final)
         os.rename(staging, final)
@@ -172,9 +184,17 @@ def save_checkpoint(root: Path, model, tokenizer, optimizer, scheduler, scaler, 
         shutil.rmtree(staging, ignore_errors=True)
         raise SftuneError(f"could not write checkpoint {final}: {e}. Earlier checkpoints are intact; "
                           f"free disk space and resume with --resume auto") from None
-    for old in complete_checkpoints(root)[:-keep_last]:
+    ours = [c for c in complete_checkpoints(root) if run_id_of(c) == state.run_id]  # never another run's
+    for old in ours[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def run_id_of(path: Path) -> str | None:
+    try:
+        return json.loads((path / STATE_FILE).read_text()).get("run_id", "")
+    except (OSError, ValueError):
+        return None
 
 
 def _step_of(path: Path) -> int:
@@ -241,6 +261,24 @@ def load_training_state(path: Path, optimizer, scheduler, scaler) -> TrainState:
     raw.pop("format", None)
     raw.pop("files", None)
     return TrainState(**raw)
+
+
+def check_same_inputs(checkpoint: Path, fingerprints: dict, force: bool) -> None:
+    """Refuse to resume when the data or the tokenizer changed since the checkpoint (content, not names)."""
+    try:
+        saved = json.loads((checkpoint / STATE_FILE).read_text()).get("fingerprints") or {}
+    except (OSError, ValueError):
+        saved = {}
+    what = {"data": "the training data (--dataset) changed", "tokenizer": "the tokenizer (--tokenizer/--model) changed"}
+    changed = [what[k] for k in what if k in saved and k in fingerprints and saved[k] != fingerprints[k]]
+    if not changed:
+        return
+    if force:
+        log(f"warning: resuming although {' and '.join(changed)}, because --resume-force is set")
+        return
+    raise SftuneError(f"cannot resume from {checkpoint}: {' and '.join(changed)} since it was written, so the "
+                      f"rest of the run would not continue the same one. Restore them, start a new run in another "
+                      f"--output-dir, or pass --resume-force to continue anyway.")
 
 
 def check_resume_compatible(checkpoint: Path, resolved: dict, force: bool) -> None:

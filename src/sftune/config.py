@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -277,12 +278,13 @@ def _checks(cfg: SFTConfig) -> list[str]:
             problems.append(f"{key} = {getattr(cfg, key)!r}: {msg} (set `{key}` in YAML or --{key.replace('_', '-')})")
 
     need(cfg.epochs >= 1, "epochs", "must be at least 1")
+    need(cfg.seed >= 0, "seed", "must be 0 or more (numpy seeds are unsigned)")
     need(cfg.max_steps is None or cfg.max_steps >= 1, "max_steps", "must be at least 1, or null for no limit")
     need(cfg.batch_size >= 1, "batch_size", "must be at least 1")
     need(cfg.grad_accum >= 1, "grad_accum", "must be at least 1")
     need(cfg.batch_tokens is None or cfg.batch_tokens >= 2, "batch_tokens", "must be at least 2, or null for no cap")
-    need(cfg.lr > 0, "lr", "must be positive")
-    need(cfg.weight_decay >= 0, "weight_decay", "must be 0 or more")
+    need(math.isfinite(cfg.lr) and cfg.lr > 0, "lr", "must be a positive, finite number, e.g. 5e-5")
+    need(math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", "must be 0 or more, and finite")
     need(cfg.warmup_steps >= 0, "warmup_steps", "must be 0 or more")
     need(cfg.max_grad_norm is None or cfg.max_grad_norm >= 0, "max_grad_norm", "must be 0 or more (0/null: no clipping)")
     need(0 < cfg.val_fraction < 1, "val_fraction", "must be between 0 and 1, e.g. 0.05")

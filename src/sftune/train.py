@@ -17,14 +17,15 @@ import torch
 from tqdm.auto import tqdm
 
 from sftune.batching import count_targets
-from sftune.build import build_run
+from sftune.build import Run, build_run
+from sftune.checkpoint import weights_finite
 from sftune.config import SFTConfig
 from sftune.console import MetricsWriter, log
 from sftune.dist import Dist
 from sftune.errors import TrainingDiverged
 from sftune.evaluate import evaluate
 from sftune.generate import complete
-from sftune.modeling import save_model
+from sftune.outputs import publish_model
 from sftune.runtime import autocast
 from sftune.signals import Preempted, stop_on_signals
 
@@ -99,6 +100,14 @@ class LogWindow:
 def train(cfg: SFTConfig) -> TrainResult:
     """Fine-tune `cfg.model` on `cfg.dataset` and write the model, config and metrics to the output dir."""
     run = build_run(cfg)
+    try:
+        return fit(run)
+    finally:
+        run.close()
+
+
+def fit(run: Run) -> TrainResult:
+    """The loop: optimizer steps from `run.steps`, evals, checkpoints, the final model."""
     cfg, dist, model, state, out = run.cfg, run.dist, run.model, run.state, run.out
     optimizer, scheduler, scaler, precision = run.optimizer, run.scheduler, run.scaler, run.precision
     total_steps, per_epoch = run.steps.total_steps, run.steps.steps_per_epoch
@@ -124,6 +133,7 @@ def train(cfg: SFTConfig) -> TrainResult:
         state.evals, state.window, state.elapsed_s = evals, window.saved(), time.perf_counter() - start
         path = run.checkpointer.save(state, model.model, optimizer, scheduler, scaler)
         log(f"checkpoint: {path}")
+        saved_at.append(path)
         window.exclude(time.perf_counter() - started)
         return path
 
@@ -135,7 +145,7 @@ def train(cfg: SFTConfig) -> TrainResult:
         run_eval(0)
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=None if dist.is_main else True,
                dynamic_ncols=True, mininterval=1.0)
-    bad_in_a_row = 0
+    bad_in_a_row, saved_at = 0, [run.resumed_from] if run.resumed_from else []
     nan_steps = {int(x) for x in os.environ.get("SFTUNE_FAULT_NAN_STEPS", "").split(",") if x.strip()}
     with stop_on_signals() as stop:
         for step_data in run.steps.remaining(state) if state.step < total_steps else []:
@@ -149,6 +159,11 @@ def train(cfg: SFTConfig) -> TrainResult:
             # note: one host sync per step, to decide whether to apply the update
             finite = bool(torch.isfinite(loss_sum)) and (precision == "fp16" or bool(torch.isfinite(grad_norm)))
             finite = not dist.any(not finite)  # every rank skips, or none does
+            if not finite and not weights_finite(model):  # (rare: a sync only here) the last update broke them
+                raise TrainingDiverged(
+                    f"the update of step {state.step} made the weights non-finite (lr {scheduler.get_last_lr()[0]:g}); "
+                    f"nothing from it was saved. Lower --lr and resume from "
+                    f"{saved_at[-1] if saved_at else 'the start (no checkpoint was written)'} with --resume auto")
             if finite:  # (under fp16 the scaler itself skips steps whose gradients overflowed)
                 scaler.step(optimizer)
                 bad_in_a_row = 0
@@ -213,8 +228,11 @@ def train(cfg: SFTConfig) -> TrainResult:
     seconds = time.perf_counter() - start
 
     # --- outputs ----------------------------------------------------------------
+    if not weights_finite(model):
+        raise TrainingDiverged(f"the weights after step {state.step} are not finite; the final model was not saved. "
+                               f"Lower --lr and resume from {saved_at[-1] if saved_at else 'the start'}")
     if dist.is_main:
-        save_model(model.model, run.tokenizer, out)
+        publish_model(model.model, run.tokenizer, out)
     metrics.close()
     samples = {}
     for prompt in cfg.sample_prompts:

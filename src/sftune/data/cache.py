@@ -2,8 +2,10 @@
 
 Owns the cache key (data files' identity or a Hub dataset's fingerprint, the tokenizer,
 the chat template and every data setting) and the entry format: a directory holding each
-split as `Examples` files and `stats.json`, written last, so a reader sees a complete
-entry or none. Imports `examples`, `formats` and `sources`.
+split as `Examples` files and `stats.json`, written last with each file's size and CRC-32, so a
+reader sees a complete entry or none, and an entry damaged later is detected, reported and
+rebuilt. A cache directory that cannot be used is warned about and skipped. Imports `examples`,
+`formats` and `sources`.
 """
 
 from __future__ import annotations
@@ -13,15 +15,18 @@ import json
 import os
 import shutil
 import tempfile
+import zlib
 from dataclasses import asdict
 from pathlib import Path
+
+import numpy as np
 
 from sftune.console import log
 from sftune.data.examples import Examples, SplitStats
 from sftune.data.formats import Layout
 from sftune.data.sources import local_files
 
-PIPELINE_VERSION = 4  # bump when tokenization or filtering changes, to invalidate caches
+PIPELINE_VERSION = 5  # bump when tokenization, filtering or the entry format changes, to invalidate caches
 SPLITS = ("train", "validation")
 
 
@@ -43,7 +48,8 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def source_fingerprint(dataset: str) -> str | None:
-    """Cheap identity of local data files (path, size, mtime); None for a Hub id."""
+    """Identity of local data files by their content (path, size and the bytes: a file rewritten with the same
+    size and modification time still changes it); None for a Hub id."""
     path = Path(dataset).expanduser()
     files = local_files(dataset)
     if files is None and path.is_dir():
@@ -52,9 +58,29 @@ def source_fingerprint(dataset: str) -> str | None:
         return None
     h = hashlib.sha256()
     for f in files:
-        st = f.stat()
-        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        h.update(f"{f.resolve()}|{f.stat().st_size}\n".encode())
+        h.update(content_digest(f))
     return h.hexdigest()
+
+
+WHOLE_FILE_BYTES = 1 << 30  # files up to 1 GiB are hashed whole (about a second); larger ones by samples
+SAMPLES, SAMPLE_BYTES = 256, 1 << 20
+
+
+def content_digest(path: Path) -> bytes:
+    """SHA-256 of the file, or for a file over 1 GiB of 256 evenly spaced 1 MiB blocks and its mtime."""
+    h = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        if size <= WHOLE_FILE_BYTES:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        else:
+            h.update(str(path.stat().st_mtime_ns).encode())
+            for i in range(SAMPLES):
+                f.seek(i * (size - SAMPLE_BYTES) // (SAMPLES - 1))
+                h.update(f.read(SAMPLE_BYTES))
+    return h.digest()
 
 
 def entry_path(cache_root: Path, source: str, settings: dict) -> Path:
@@ -63,13 +89,42 @@ def entry_path(cache_root: Path, source: str, settings: dict) -> Path:
     return cache_root / "data" / key[:24]
 
 
-def read_entry(path: Path) -> tuple[dict[str, Examples], dict[str, SplitStats], Layout] | None:
-    """The entry at `path` (memory-mapped), or None when there is no complete one."""
-    if not (path / "stats.json").is_file():
+ARRAYS = ("input_ids", "supervised", "offsets")
+
+
+def _file_crc(path: Path) -> int:
+    """CRC-32 of a file (about 1 GB/s: cheap enough to check on every read)."""
+    crc = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            crc = zlib.crc32(block, crc)
+    return crc
+
+
+def read_entry(path: Path, vocab_size: int) -> tuple[dict[str, Examples], dict[str, SplitStats], Layout] | None:
+    """The entry at `path` (memory-mapped), or None when there is none. An entry that does not verify
+    (a file missing, truncated or rewritten, offsets that do not add up, a token id outside the vocabulary)
+    is reported and treated as missing, so it is rebuilt."""
+    try:
+        if not (path / "stats.json").is_file():
+            return None
+        meta = json.loads((path / "stats.json").read_text())
+        files = meta["files"]  # name -> [size, crc32], written with the arrays
+        for name, (size, crc) in files.items():
+            if (path / name).stat().st_size != size or _file_crc(path / name) != crc:
+                raise ValueError(f"{name} does not match its recorded size and checksum")
+        splits = {name: Examples.load(path / name) for name in SPLITS}
+        for name, ex in splits.items():
+            n = len(ex.input_ids)
+            if ex.offsets[0] != 0 or ex.offsets[-1] != n or len(ex.supervised) != n or (np.diff(ex.offsets) < 0).any():
+                raise ValueError(f"the {name} offsets do not match its tokens")
+            if n and (int(ex.input_ids.max()) >= vocab_size or int(ex.input_ids.min()) < 0):
+                raise ValueError(f"{name} holds token ids outside the vocabulary of {vocab_size:,}")
+        stats = {k: SplitStats(**v) for k, v in meta["stats"].items()}
+        return splits, stats, Layout(**meta["layout"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log(f"warning: the data cache at {path} is damaged ({e}); tokenizing again")
         return None
-    meta = json.loads((path / "stats.json").read_text())
-    stats = {k: SplitStats(**v) for k, v in meta["stats"].items()}
-    return {name: Examples.load(path / name) for name in SPLITS}, stats, Layout(**meta["layout"])
 
 
 def write_entry(path: Path, splits: dict[str, Examples], stats: dict[str, SplitStats], layout: Layout) -> None:
@@ -81,7 +136,9 @@ def write_entry(path: Path, splits: dict[str, Examples], stats: dict[str, SplitS
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=path.parent))
         for name, examples in splits.items():
             examples.save(tmp / name)
-        meta = {"layout": asdict(layout), "stats": {k: asdict(v) for k, v in stats.items()}}
+        files = {f"{name}.{a}.npy": [(tmp / f"{name}.{a}.npy").stat().st_size, _file_crc(tmp / f"{name}.{a}.npy")]
+                 for name in splits for a in ARRAYS}
+        meta = {"layout": asdict(layout), "stats": {k: asdict(v) for k, v in stats.items()}, "files": files}
         (tmp / "stats.json").write_text(json.dumps(meta, indent=1))
         if path.exists():
             shutil.rmtree(path)

@@ -61,6 +61,7 @@ class PreparedData:
     cache_path: Path | None
     from_cache: bool
     seconds: float  # wall time of prepare_data
+    fingerprint: str | None = None  # the source data's identity (content of local files; the Hub's fingerprint)
 
     @property
     def text_column(self) -> str | None:
@@ -98,13 +99,13 @@ def prepare_data(options: DataOptions, tokenizer) -> PreparedData:
         rows = load_rows(o.dataset, o.seed, o.val_fraction, o.dataset_config, o.split)
         source = rows["train"]._fingerprint + rows["validation"]._fingerprint
     path = entry_path(cache_root, source, settings)
-    cached = read_entry(path)
+    cached = read_entry(path, len(tokenizer))
     if cached is not None:
         splits, stats, layout = cached
         if layout.format.startswith("chat"):
             chat_template_for(tokenizer)
         return PreparedData(splits["train"], splits["validation"], stats, layout, path, True,
-                            time.perf_counter() - start)
+                            time.perf_counter() - start, source)
     if rows is None:
         rows = load_rows(o.dataset, o.seed, o.val_fraction, o.dataset_config, o.split)
     layout = detect_layout(rows["train"].features, o.format, o.columns, o.text_column)
@@ -129,4 +130,5 @@ def prepare_data(options: DataOptions, tokenizer) -> PreparedData:
             )
     warn_about(stats, layout, o.encode)
     write_entry(path, splits, stats, layout)
-    return PreparedData(splits["train"], splits["validation"], stats, layout, path, False, time.perf_counter() - start)
+    return PreparedData(splits["train"], splits["validation"], stats, layout, path, False, time.perf_counter() - start,
+                        source)

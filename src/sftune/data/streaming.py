@@ -23,6 +23,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from sftune.console import log
+from sftune.data.cache import source_fingerprint
 from sftune.data.examples import Examples, SplitStats
 from sftune.data.formats import ROW_COLUMN, ChatTemplate, Layout, detect_layout
 from sftune.data.pipeline import DataOptions
@@ -49,6 +50,7 @@ class StreamedData:
         import datasets
 
         dataset, split, val_rows = options.dataset, options.split, options.stream_val_rows
+        self.fingerprint = source_fingerprint(dataset)  # local files by content; None for a Hub stream
         streams = open_stream(dataset, options.dataset_config, split)
         if split not in streams:
             raise SftuneError(f"dataset {dataset} has no {split!r} split (it has: {', '.join(streams)}); set --split")

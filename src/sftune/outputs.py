@@ -1,0 +1,157 @@
+"""The run's output directory: choosing it, owning it, and publishing into it without losing anything.
+
+Owns the rules that keep runs apart and work safe:
+  - a non-empty directory is refused unless --resume or --overwrite says what to do with it;
+  - it must be writable before anything is loaded (minutes of loading end in a clear error, not a traceback);
+  - one run at a time: an exclusive OS lock (`.sftune.lock`, holding the owner's PID) for the whole run,
+    released on any exit by the OS itself, so a crashed run leaves no stale lock;
+  - --overwrite sets nothing of the old run aside for the new one: its checkpoints, metrics, model and
+    report are removed (and listed) before the new run writes; other files are left alone;
+  - the final model is staged and then published file by file with atomic renames; when that fails, the
+    weights are written to a rescue directory instead, and the message says where.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import shutil
+import tempfile
+from datetime import datetime
+from pathlib import Path
+
+from sftune.console import log
+from sftune.errors import SftuneError
+
+LOCK_FILE = ".sftune.lock"
+# what an sftune run writes into its output directory (besides the model files, which come from save_pretrained)
+RUN_FILES = ("checkpoints", "metrics.jsonl", "metrics.tmp", "config.yaml", "report.html", "loss.png", "tensorboard",
+             ".staging-final")
+MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
+               "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+               "added_tokens.json", "chat_template.jinja", "tokenizer.model")
+
+
+def resolve_output_dir(requested: str | None) -> Path:
+    """`requested`, or runs/<timestamp>; a path that cannot hold a run is a clear error."""
+    if requested is not None:
+        try:
+            requested.encode("utf-8")
+        except UnicodeEncodeError:
+            raise SftuneError(f"output directory {requested!r} has a name that is not UTF-8; choose another "
+                              f"--output-dir") from None
+    out = Path(requested) if requested else Path("runs") / datetime.now().strftime("%Y%m%d-%H%M%S")
+    if out.is_symlink() and not out.exists():
+        raise SftuneError(f"output directory {out} is a symbolic link to nothing ({os.readlink(out)}); remove it or "
+                          f"choose another --output-dir")
+    if out.exists() and not out.is_dir():
+        raise SftuneError(f"output path {out} is a file, not a directory; choose another --output-dir")
+    for parent in out.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise SftuneError(f"output directory {out} cannot be made: {parent} is a file; choose another "
+                                  f"--output-dir")
+            break
+    return out
+
+
+def is_empty(out: Path) -> bool:
+    return not out.exists() or all(p.name == LOCK_FILE for p in out.iterdir())
+
+
+def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a non-empty directory unless `resume` or `overwrite`, and one we could not write into."""
+    if not is_empty(out) and not (resume or overwrite):
+        raise SftuneError(f"output directory {out} already exists and is not empty; choose another --output-dir, "
+                          f"continue it with --resume auto, or pass --overwrite")
+    existing = next(p for p in [out, *out.absolute().parents] if p.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SftuneError(f"cannot write into {existing} (permission denied), so the run could not be saved; "
+                          f"choose another --output-dir")
+
+
+def finished_without_checkpoints(out: Path) -> bool:
+    """A completed run (its final model is there) that kept no checkpoint: nothing to resume."""
+    ckpts = out / "checkpoints"
+    has_ckpt = ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir())
+    return (out / "model.safetensors").is_file() and (out / "metrics.jsonl").is_file() and not has_ckpt
+
+
+class OutputLock:
+    """An exclusive lock on the output directory for the life of this process (flock: released by the OS on
+    any exit, kill -9 included, so it is never stale)."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            owner = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise SftuneError(f"output directory {self.out} is in use by another sftune run (process {owner}); "
+                                  f"wait for it to finish, or choose another --output-dir") from None
+            raise
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the lock
+            self.fd = None
+
+
+def clear_previous_run(out: Path) -> list[str]:
+    """--overwrite: remove what an earlier run wrote here (never other files); returns the names removed."""
+    removed = []
+    for name in (*RUN_FILES, *MODEL_FILES):
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    if removed:
+        log(f"--overwrite: removed the previous run's {', '.join(removed)} from {out}")
+    return removed
+
+
+def publish_model(model, tokenizer, out: Path) -> Path:
+    """Write the final model like a checkpoint: staged in `.staging-final`, fsynced, then each file moved into
+    `out` by an atomic rename. If that fails (a full disk), the weights go to a rescue directory under the
+    system's temporary directory and the error says where; files already in `out` are never left half-written."""
+    from sftune.checkpoint import fsync_tree
+    from sftune.modeling import save_model
+
+    staging = out / ".staging-final"
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        save_model(model, tokenizer, staging)
+        fsync_tree(staging)
+        for f in sorted(staging.iterdir()):
+            os.replace(f, out / f.name)
+        staging.rmdir()
+        return out
+    except Exception as e:  # ENOSPC surfaces as OSError, RuntimeError or SafetensorError
+        shutil.rmtree(staging, ignore_errors=True)
+        rescue = Path(tempfile.mkdtemp(prefix="sftune-rescue-"))
+        try:
+            save_model(model, tokenizer, rescue)
+            kept = f"the trained model was written to {rescue} instead"
+        except Exception:
+            shutil.rmtree(rescue, ignore_errors=True)
+            kept = "no space was found for the trained model either"
+        raise SftuneError(f"could not write the final model to {out}: {e}; {kept}. metrics.jsonl and any "
+                          f"checkpoints in {out} are intact (free disk space, then --resume auto saves again from "
+                          f"the last checkpoint)") from None

@@ -1,0 +1,189 @@
+"""Tier 2: no run can lose or mix another's data (issue 13, items 1-5), with real processes where it matters.
+
+    1. --overwrite removes the older run's checkpoints, metrics and model first; rotation spares other runs'
+    2. two runs into one --output-dir: the second is refused while the first holds the directory's lock
+    3. an infinite lr is a config error; an update that makes the weights non-finite stops the run, and
+       nothing non-finite is saved
+    4. a failed final save keeps the weights (in a rescue directory) and says where; an unwritable output
+       directory is refused before anything is loaded
+    5. --resume auto on a finished run without checkpoints is refused, naming --overwrite
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import QUICKSTART_DATA, ROOT, read_jsonl, run_main
+
+pytestmark = pytest.mark.slow
+
+
+def args(model_dir, out, *extra):
+    return ["train", "--model", str(model_dir), "--dataset", str(QUICKSTART_DATA), "--batch-size", "16",
+            "--lr", "3e-3", "--precision", "fp32", "--log-every", "1", "--output-dir", str(out), *extra]
+
+
+def train_steps(out):
+    return [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "train"]
+
+
+def test_overwrite_removes_the_older_run_first(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_main(capsys, *args(tiny_model_dir, out, "--max-steps", "12", "--save-every", "4"))
+    assert code == 0, err
+    (out / "notes.txt").write_text("mine")
+    code, _, err = run_main(capsys, *args(tiny_model_dir, out, "--max-steps", "6", "--save-every", "2", "--overwrite",
+                                          "--seed", "7"))
+    assert code == 0, err
+    assert "--overwrite: removed the previous run's checkpoints, metrics.jsonl, config.yaml" in err
+    # the new run's checkpoints survived rotation (the old run's step-8 and step-12 are gone, not the new ones)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-4", "step-6"]
+    assert train_steps(out) == [1, 2, 3, 4, 5, 6]  # no line of the old run
+    assert (out / "notes.txt").read_text() == "mine"  # files that are not a run's are left alone
+    code, _, err = run_main(capsys, *args(tiny_model_dir, out, "--max-steps", "6", "--save-every", "2",
+                                          "--seed", "7", "--resume", "auto"))
+    assert code == 0, err
+    assert f"resumed from {out / 'checkpoints' / 'step-6'}" in err  # the new run continues, not the old one
+
+
+def test_rotation_never_removes_another_runs_checkpoints(tmp_path):
+    from conftest import make_tiny_gpt2
+    from sftune.checkpoint import TrainState, complete_checkpoints, save_checkpoint
+    from sftune.modeling import load_tokenizer
+
+    model, tok = make_tiny_gpt2(), load_tokenizer("bundled:gpt2")
+    optimizer = torch.optim.AdamW(model.parameters())
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    root = tmp_path / "checkpoints"
+    save_checkpoint(root, model, tok, optimizer, scheduler, scaler, TrainState(step=100, run_id="other"), "", 1)
+    for step in (1, 2, 3):
+        save_checkpoint(root, model, tok, optimizer, scheduler, scaler, TrainState(step=step, run_id="me"), "", 1)
+    assert [p.name for p in complete_checkpoints(root)] == ["step-3", "step-100"]
+
+
+def test_a_second_run_into_the_same_directory_is_refused(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "sftune", *args(tiny_model_dir, out, "--max-steps", "400",
+                                                                        "--save-every", "5")],
+                             cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    try:
+        for line in first.stderr:  # training: the directory is locked
+            if line.startswith("step      2/"):
+                break
+        for extra in (["--overwrite"], ["--resume", "auto"]):
+            code, _, err = run_main(capsys, *args(tiny_model_dir, out, "--max-steps", "400", "--save-every", "5",
+                                                  *extra))
+            assert code == 2, err
+            assert f"output directory {out} is in use by another sftune run (process {first.pid})" in err
+            assert "Traceback" not in err
+        first.send_signal(signal.SIGKILL)  # a crash: the OS releases the lock, nothing stale is left
+        first.wait(timeout=60)
+    finally:
+        first.kill()
+    code, _, err = run_main(capsys, *args(tiny_model_dir, out, "--max-steps", "6", "--save-every", "5",
+                                          "--resume", "auto", "--resume-force"))
+    assert code == 0, err
+
+
+def test_an_infinite_lr_is_a_config_error(tiny_model_dir, tmp_path, capsys):
+    for lr in ("inf", "nan"):
+        code, _, err = run_main(capsys, *args(tiny_model_dir, tmp_path / "o", "--lr", lr))
+        assert code == 2 and "lr = " in err and "must be a positive, finite number" in err
+        assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("save_every, message", [
+    ([], "the update of step 1 made the weights non-finite"),  # caught by the next step's guard
+    (["--save-every", "1"], "the weights at step 1 are not finite; no checkpoint was written"),  # by the save
+])
+def test_an_update_that_breaks_the_weights_stops_the_run_and_nothing_bad_is_saved(save_every, message, tiny_model_dir,
+                                                                                 tmp_path, capsys):
+    """lr 1e39 is a finite double but overflows float32: the first update makes every weight infinite."""
+    out = tmp_path / "run"
+    code, _, err = run_main(capsys, *args(tiny_model_dir, out, "--lr", "1e39", "--max-steps", "10",
+                                          "--max-grad-norm", "0", *save_every))
+    assert code == 3, err
+    assert message in err and "lower --lr" in err.lower()
+    assert "Traceback" not in err
+    for ckpt in (out / "checkpoints").glob("step-*"):  # whatever was saved is finite
+        assert all(torch.isfinite(w).all() for w in load_file(ckpt / "model.safetensors").values())
+    assert not (out / "model.safetensors").exists()
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    made = []
+
+    def mount(size: str, readonly: bool = False):
+        path = tmp_path / f"disk{len(made)}"
+        path.mkdir()
+        opts = f"size={size}" + (",ro" if readonly else "")
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(path)], capture_output=True).returncode:
+            pytest.skip("cannot mount a tmpfs here (needs root)")
+        made.append(path)
+        return path
+
+    yield mount
+    for path in made:
+        subprocess.run(["umount", str(path)], capture_output=True)
+
+
+def test_a_full_disk_at_the_final_save_keeps_the_weights_elsewhere(tiny_model_dir, tmpfs, capsys):
+    """A 4 MB disk holds the config and the metrics, not the 13 MB model: the final save fails, nothing
+    half-written is left in the output directory, and the weights are written to a rescue directory."""
+    out = tmpfs("4M") / "run"
+    code, _, err = run_main(capsys, *args(tiny_model_dir, out, "--max-steps", "3"))
+    assert code == 2, err
+    assert f"could not write the final model to {out}" in err and "Traceback" not in err
+    assert "the trained model was written to " in err
+    rescue = err.split("the trained model was written to ")[1].split(" instead")[0]
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(rescue) is not None
+    assert not (out / "model.safetensors").exists() and not (out / ".staging-final").exists()
+    assert train_steps(out) == [1, 2, 3]  # the metrics are kept
+    import shutil
+
+    shutil.rmtree(rescue)
+
+
+def test_an_unwritable_output_directory_is_refused_before_loading(tiny_model_dir, tmpfs, capsys):
+    readonly = tmpfs("1M", readonly=True)
+    code, _, err = run_main(capsys, *args(tiny_model_dir, readonly / "run"))
+    assert code == 2 and f"cannot write into {readonly}" in err and "--output-dir" in err
+    assert "model:" not in err and "data:" not in err  # nothing was loaded
+
+
+def test_resume_auto_on_a_finished_run_without_checkpoints_is_refused(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_main(capsys, *args(tiny_model_dir, out, "--max-steps", "2"))
+    assert code == 0, err
+    before = (out / "model.safetensors").read_bytes(), (out / "metrics.jsonl").read_text()
+    code, _, err = run_main(capsys, *args(tiny_model_dir, out, "--max-steps", "2", "--resume", "auto"))
+    assert code == 2, err
+    assert f"nothing to resume in {out}" in err and "--overwrite" in err
+    assert ((out / "model.safetensors").read_bytes(), (out / "metrics.jsonl").read_text()) == before
+
+
+def test_output_dir_mistakes_are_clear_errors(tiny_model_dir, tmp_path, capsys):
+    dangling = tmp_path / "dangling"
+    os.symlink(tmp_path / "nowhere", dangling)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    for out, words in ((dangling, "is a symbolic link to nothing"), (afile / "run", f"{afile} is a file")):
+        code, _, err = run_main(capsys, *args(tiny_model_dir, out))
+        assert code == 2 and words in err and "--output-dir" in err and "Traceback" not in err, err
+
+
+def test_a_lock_file_alone_does_not_make_a_directory_non_empty(tmp_path):
+    from sftune.outputs import LOCK_FILE, is_empty
+
+    (tmp_path / LOCK_FILE).write_text(json.dumps(1))
+    assert is_empty(tmp_path)
