@@ -187,3 +187,130 @@ def test_a_lock_file_alone_does_not_make_a_directory_non_empty(tmp_path):
 
     (tmp_path / LOCK_FILE).write_text(json.dumps(1))
     assert is_empty(tmp_path)
+
+
+# --- 6. resume checks what it resumes -------------------------------------------------------------------
+
+
+@pytest.fixture
+def own_data(tmp_path):
+    """A copy of the quickstart's data that a test may change."""
+    import shutil
+
+    d = tmp_path / "data"
+    shutil.copytree(QUICKSTART_DATA, d)
+    return d
+
+
+def resume_args(model_dir, data, out, *extra):
+    return ["train", "--model", str(model_dir), "--dataset", str(data), "--batch-size", "16", "--lr", "3e-3",
+            "--precision", "fp32", "--max-steps", "4", "--save-every", "2", "--output-dir", str(out), *extra]
+
+
+def _rewrite_same_size(path):
+    """Swap two words of equal length in the first row: same size, same row count, other content."""
+    text = path.read_text()
+    first, rest = text.split("\n", 1)
+    words = first.split(" ")
+    i, j = next((i, j) for i in range(len(words)) for j in range(i + 1, len(words))
+                if len(words[i]) == len(words[j]) and words[i] != words[j])
+    words[i], words[j] = words[j], words[i]
+    mtime = path.stat().st_mtime_ns
+    path.write_text(" ".join(words) + "\n" + rest)
+    os.utime(path, ns=(mtime, mtime))  # and the same modification time
+
+
+@pytest.mark.parametrize("change, what", [
+    ("rewrite", "the training data (--dataset) changed"),
+    ("shrink", "the training data (--dataset) changed"),
+    ("tokenizer", "the tokenizer (--tokenizer/--model) changed"),
+])
+def test_resume_refuses_changed_data_or_tokenizer(change, what, tiny_model_dir, own_data, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    out = tmp_path / "run"
+    code, _, err = run_main(capsys, *resume_args(model, own_data, out, "--max-steps", "2"))
+    assert code == 0, err
+    train = own_data / "train.jsonl"
+    if change == "rewrite":
+        _rewrite_same_size(train)
+    elif change == "shrink":
+        train.write_text("".join(train.read_text().splitlines(keepends=True)[:-16]))
+    else:  # the tokenizer directory changed in place: two tokens swap ids (same size, other ids)
+        for name in ("vocab.json", "tokenizer.json"):
+            if (model / name).is_file():
+                spec = json.loads((model / name).read_text())
+                vocab = spec if name == "vocab.json" else spec["model"]["vocab"]
+                vocab["Ġthe"], vocab["Ġa"] = vocab["Ġa"], vocab["Ġthe"]
+                (model / name).write_text(json.dumps(spec))
+    code, _, err = run_main(capsys, *resume_args(model, own_data, out, "--max-steps", "2", "--resume", "auto"))
+    assert code == 2, err
+    assert what in err and "--resume-force" in err and "Traceback" not in err
+    code, _, err = run_main(capsys, *resume_args(model, own_data, out, "--max-steps", "2", "--resume", "auto",
+                                                 "--resume-force"))
+    assert code == 0, err
+    assert "because --resume-force is set" in err
+
+
+# --- 7. the tokenized-data cache is verified ------------------------------------------------------------
+
+
+def _prepare(data, cache, capsys):
+    from conftest import prepare
+    from sftune.modeling import load_tokenizer
+
+    result = prepare(data, load_tokenizer("bundled:gpt2"), 64, cache_dir=cache)
+    return result, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "out-of-vocabulary", "delete-stats-file"])
+def test_a_damaged_cache_is_rebuilt_with_a_warning(damage, own_data, tmp_path, capsys):
+    import numpy as np
+
+    cache = tmp_path / "cache"
+    first, _ = _prepare(own_data, cache, capsys)
+    ids_file = first.cache_path / "train.input_ids.npy"
+    if damage == "truncate":
+        ids_file.write_bytes(ids_file.read_bytes()[:-100])
+    elif damage == "flip":
+        data = bytearray(ids_file.read_bytes())
+        data[-1] ^= 0x01
+        ids_file.write_bytes(bytes(data))
+    elif damage == "out-of-vocabulary":  # a consistent file, checksum included, with an impossible id
+        from sftune.data.cache import _file_crc
+
+        ids = np.load(ids_file)
+        ids[0] = 10**6
+        np.save(ids_file, ids)
+        stats = json.loads((first.cache_path / "stats.json").read_text())
+        stats["files"]["train.input_ids.npy"] = [ids_file.stat().st_size, _file_crc(ids_file)]
+        (first.cache_path / "stats.json").write_text(json.dumps(stats))
+    else:
+        (first.cache_path / "stats.json").unlink()
+    again, err = _prepare(own_data, cache, capsys)
+    assert not again.from_cache
+    if damage != "delete-stats-file":  # no entry at all is just a miss
+        assert "the data cache at" in err and "is damaged" in err and "tokenizing again" in err
+    assert np.array_equal(np.asarray(again.train.input_ids), np.asarray(first.train.input_ids))
+    third, _ = _prepare(own_data, cache, capsys)
+    assert third.from_cache  # rebuilt and verified
+
+
+def test_a_source_rewritten_with_the_same_size_and_time_is_not_served_stale(own_data, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    first, _ = _prepare(own_data, cache, capsys)
+    _rewrite_same_size(own_data / "train.jsonl")
+    again, _ = _prepare(own_data, cache, capsys)
+    assert not again.from_cache and again.cache_path != first.cache_path
+
+
+@pytest.mark.parametrize("kind", ["read-only", "a-file"])
+def test_an_unusable_cache_dir_warns_and_goes_on(kind, own_data, tmp_path, tmpfs, capsys):
+    cache = tmpfs("1M", readonly=True) / "cache" if kind == "read-only" else tmp_path / "afile"
+    if kind == "a-file":
+        cache.write_text("x")
+    result, err = _prepare(own_data, cache, capsys)
+    assert len(result.train) == 400 and not result.from_cache
+    assert "could not write the cache" in err and "continuing without it" in err

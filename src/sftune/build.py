@@ -50,10 +50,27 @@ def build_tokenizer(cfg: SFTConfig):
     if cfg.chat_template:
         path = Path(cfg.chat_template).expanduser()
         try:
-            tokenizer.chat_template = path.read_text(encoding="utf-8")
+            template = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise SftuneError(f"cannot read the chat template {path}: {e} (--chat-template)") from None
+        if not template.strip():
+            raise SftuneError(f"the chat template {path} is empty; give a Jinja template (or leave out --chat-template "
+                              f"for the tokenizer's own, or sftune's default)")
+        tokenizer.chat_template = template
     return tokenizer
+
+
+def check_model_fits(cfg: SFTConfig, tokenizer, model_config) -> None:
+    """The tokenizer's ids must all be rows of the model's embedding, and the samples must fit the context."""
+    vocab = getattr(model_config, "vocab_size", None)
+    if vocab is not None and len(tokenizer) > vocab:
+        raise SftuneError(f"the tokenizer has {len(tokenizer):,} tokens but the model's vocabulary only {vocab:,}: ids "
+                          f"past {vocab - 1:,} have no embedding. Use the model's own tokenizer (--tokenizer), or "
+                          f"a model whose embeddings were resized for this tokenizer (--model)")
+    context = context_length(model_config, tokenizer)
+    if cfg.sample_prompts and cfg.sample_max_new_tokens >= context:
+        raise SftuneError(f"sample_max_new_tokens {cfg.sample_max_new_tokens} does not fit the model's context of "
+                          f"{context} tokens with a prompt; lower --sample-max-new-tokens")
 
 
 def resolve_max_length(cfg: SFTConfig, tokenizer, model_config) -> int:
@@ -279,6 +296,7 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     log(f"device: {dist.device}, precision: {precision}" + (" (auto)" if cfg.precision == "auto" else ""))
     tokenizer = build_tokenizer(cfg)
     model_config = load_model_config(cfg.model, cfg.trust_remote_code)
+    check_model_fits(cfg, tokenizer, model_config)
     data, max_length = build_data(cfg, tokenizer, model_config, dist)
     source_class = StreamedSteps if cfg.streaming else InMemorySteps
     steps = source_class(cfg, data, max_length, tokenizer.pad_token_id, dist)

@@ -253,12 +253,16 @@ def cmd_tokenize(args) -> None:
     quiet_libraries()
     from sftune.modeling import load_tokenizer
 
-    texts = list(args.texts)
+    texts = [utf8(t, "TEXT") for t in args.texts]
     if args.file:
         path = Path(args.file)
         if not path.is_file():
             raise SftuneError(f"file not found: {path} (--file)")
-        texts += path.read_text(encoding="utf-8").splitlines()
+        try:
+            texts += path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            raise SftuneError(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                              f"re-encode it as UTF-8 (--file)") from None
     if not texts:
         raise SftuneError("nothing to tokenize: give one or more TEXT arguments or --file FILE")
     name = args.tokenizer or args.model
@@ -282,13 +286,16 @@ def cmd_tokenize(args) -> None:
 def cmd_generate(args) -> None:
     quiet_libraries()
     from sftune.generate import complete
-    from sftune.modeling import load_model, load_tokenizer
+    from sftune.modeling import load_model, load_tokenizer, model_dir_advice
     from sftune.runtime import resolve_device
 
     if not args.prompt and not args.chat:
         raise SftuneError("nothing to complete: give --prompt TEXT or --chat MESSAGE")
+    args.prompt = [utf8(p, "--prompt") for p in args.prompt]
+    args.chat = [utf8(p, "--chat") for p in args.chat]
+    args.system = args.system and utf8(args.system, "--system")
     device = resolve_device(args.device)
-    tokenizer = load_tokenizer(args.model, args.trust_remote_code, flag="--model")
+    tokenizer = load_tokenizer(args.model, args.trust_remote_code, flag="--model", advice=model_dir_advice(args.model))
     model = load_model(args.model, "pretrained", args.trust_remote_code).to(device)
     results = []
     for prompt, chat in [(p, False) for p in args.prompt] + [(c, True) for c in args.chat]:
@@ -301,6 +308,15 @@ def cmd_generate(args) -> None:
     for r in results:
         for i, text in enumerate(r["completions"]):
             print(f"[{i}] {r['prompt']}{text}" if "prompt" in r else f"[{i}] user: {r['chat']}\n    assistant: {text}")
+
+
+def utf8(text: str, flag: str) -> str:
+    """A command-line text that is valid Unicode (bytes that are not UTF-8 arrive as lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise SftuneError(f"{flag} {text!r} is not UTF-8 text (position {e.start}); pass UTF-8 text") from None
+    return text
 
 
 COMMANDS = {"train": cmd_train, "data": cmd_data, "eval": cmd_eval, "tokenize": cmd_tokenize, "generate": cmd_generate}
@@ -345,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sftune {args.command}: error: {e}", file=sys.stderr)
         return e.exit_code
     except Preempted as e:
-        print(f"sftune {args.command}: {e}; continue with --resume auto (exit status {e.code})", file=sys.stderr)
+        then = "continue with --resume auto" if e.checkpoint else "start again with --resume auto"
+        print(f"sftune {args.command}: {e}; {then} (exit status {e.code})", file=sys.stderr)
         return e.code
     except KeyboardInterrupt:
         print(f"sftune {args.command}: interrupted", file=sys.stderr)

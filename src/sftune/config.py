@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -216,6 +217,16 @@ def describe_type(name: str) -> str:
     return text + (" or null" if optional else "")
 
 
+_REPR = reprlib.Repr()  # (keyword arguments only from Python 3.12)
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxstring, _REPR.maxother = 2, 4, 4, 80, 80
+
+
+def short(value: Any) -> str:
+    """A value as an error message may show it: bounded, however large or deeply nested (a YAML alias bomb
+    expands to billions of items when formatted in full)."""
+    return _REPR.repr(value)
+
+
 def coerce(name: str, value: Any) -> Any:
     """Check (and gently convert) one value for field `name`; raise ValueError with the reason.
 
@@ -229,20 +240,20 @@ def coerce(name: str, value: Any) -> Any:
         raise ValueError(f"must be {describe_type(name)}, got null")
     if typing.get_origin(base) is Literal:
         if value not in typing.get_args(base):
-            raise ValueError(f"must be one of {describe_type(name)}, got {value!r}")
+            raise ValueError(f"must be one of {describe_type(name)}, got {short(value)}")
         return value
     if typing.get_origin(base) is list:
         if isinstance(value, str):
             return [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ValueError(f"must be a list of strings, got {value!r}")
+            raise ValueError(f"must be a list of strings, got {short(value)}")
         return list(value)
     if typing.get_origin(base) is dict:
         from sftune.data.formats import parse_columns
 
         if not isinstance(value, (str, dict)) or (isinstance(value, dict) and not all(
                 isinstance(k, str) and isinstance(v, str) for k, v in value.items())):
-            raise ValueError(f"must be a mapping of part to column name, e.g. prompt=instruction, got {value!r}")
+            raise ValueError(f"must be a mapping of part to column name, e.g. prompt=instruction, got {short(value)}")
         try:
             return parse_columns(value)
         except SftuneError as e:
@@ -252,19 +263,19 @@ def coerce(name: str, value: Any) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ValueError(f"must be true or false, got {value!r}")
+        raise ValueError(f"must be true or false, got {short(value)}")
     numbers = {int: ("an integer", (int, str)), float: ("a number", (int, float, str))}
     if base in numbers:
         what, accepted = numbers[base]
         if isinstance(value, bool) or not isinstance(value, accepted):
-            raise ValueError(f"must be {what}, got {value!r}")
+            raise ValueError(f"must be {what}, got {short(value)}")
         try:
             return base(value)
         except ValueError:
-            raise ValueError(f"must be {what}, got {value!r}") from None
+            raise ValueError(f"must be {what}, got {short(value)}") from None
     if base is str:
         if not isinstance(value, str):
-            raise ValueError(f"must be a string, got {value!r}")
+            raise ValueError(f"must be a string, got {short(value)}")
         return value
     raise AssertionError(f"unhandled config type for {name}: {base}")
 
@@ -275,7 +286,7 @@ def _checks(cfg: SFTConfig) -> list[str]:
 
     def need(ok: bool, key: str, msg: str) -> None:
         if not ok:
-            problems.append(f"{key} = {getattr(cfg, key)!r}: {msg} (set `{key}` in YAML or --{key.replace('_', '-')})")
+            problems.append(f"{key} = {short(getattr(cfg, key))}: {msg} (set `{key}` in YAML or --{key.replace('_', '-')})")
 
     need(cfg.epochs >= 1, "epochs", "must be at least 1")
     need(cfg.seed >= 0, "seed", "must be 0 or more (numpy seeds are unsigned)")
@@ -316,10 +327,13 @@ def resolve_config(*layers: dict[str, Any], source: str = "config") -> SFTConfig
     problems: list[str] = []
     for layer in layers:
         for key, value in layer.items():
+            if not isinstance(key, str):
+                problems.append(f"key {short(key)} is not a name: keys are config names such as `batch_size`")
+                continue
             if key not in FIELDS:
                 close = difflib.get_close_matches(key, FIELDS, n=1)
                 hint = f"; did you mean `{close[0]}`?" if close else ""
-                problems.append(f"unknown key `{key}`{hint}")
+                problems.append(f"unknown key `{short(key)[1:-1]}`{hint}")
                 continue
             try:
                 values[key] = coerce(key, value)
@@ -339,9 +353,12 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise SftuneError(f"config file not found: {path} (check --config)")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise SftuneError(f"config file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
+                          f"{e.start}); save it as UTF-8 (--config)") from None
     except yaml.YAMLError as e:
-        raise SftuneError(f"config file {path} is not valid YAML: {e}") from None
+        raise SftuneError(f"config file {path} is not valid YAML: {e} (--config)") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

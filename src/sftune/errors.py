@@ -16,3 +16,12 @@ class TrainingDiverged(SftuneError):
     """Too many optimizer steps in a row had a non-finite loss or gradient; the last good state was saved."""
 
     exit_code = 3
+
+
+def remote_code_hint(e: Exception) -> str:
+    """The library's message, with its Python advice (`trust_remote_code=True`) turned into our flag."""
+    text = f"{type(e).__name__}: {str(e)[:300]}"
+    if "trust_remote_code" in str(e) or "contains custom code" in str(e):
+        return ("this model's code lives in its repository and runs only when allowed: pass --trust-remote-code "
+                "if you trust its source (or set trust_remote_code: true in the YAML config)")
+    return text

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -31,9 +32,10 @@ class EvalResult:
 
 @torch.no_grad()
 def evaluate(model, examples: Examples, batch_size: int, pad_id: int, device: torch.device, precision: str,
-             dist: Dist | None = None) -> EvalResult:
+             dist: Dist | None = None, stop: Callable[[], bool] | None = None) -> EvalResult | None:
     """Token-weighted loss of `model` (a causal LM, or one wrapped in `CausalLMLoss`) over all `examples`,
-    batched by length (less padding, same result); each rank evaluates its share of the batches."""
+    batched by length (less padding, same result); each rank evaluates its share of the batches.
+    `stop()` is asked between batches: when it says True, the evaluation is abandoned and None returned."""
     dist = dist or Dist(device=device)
     if not isinstance(model, CausalLMLoss):
         model = CausalLMLoss(model)
@@ -42,6 +44,9 @@ def evaluate(model, examples: Examples, batch_size: int, pad_id: int, device: to
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n_targets = 0
     for indices in dist.shard(length_sorted_batches(examples.lengths, batch_size)):
+        if stop is not None and stop():
+            model.train(was_training)
+            return None
         batch = collate(examples, indices, pad_id)
         n_targets += count_targets(batch)  # host-side count: no sync
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}

@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from sftune.errors import SftuneError
@@ -31,8 +33,8 @@ def complete(
     template and its generation prompt, as in training; generation also stops at the
     template's end-of-turn token.
     """
-    if temperature < 0:
-        raise SftuneError(f"temperature must be 0 (greedy) or more, got {temperature} (--temperature)")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise SftuneError(f"temperature must be 0 (greedy) or a positive number, got {temperature} (--temperature)")
     if not 0 < top_p <= 1:
         raise SftuneError(f"top_p must be in (0, 1], got {top_p} (--top-p)")
     if max_new_tokens < 1 or num_samples < 1:
@@ -47,22 +49,41 @@ def complete(
         encoded = tokenizer(prompt, return_tensors="pt").to(device)
     if encoded["input_ids"].shape[1] == 0:
         raise SftuneError("the prompt is empty after tokenization; give some text with --prompt")
+    from sftune.modeling import context_length
+
+    context, prompt_len = context_length(model.config, tokenizer), encoded["input_ids"].shape[1]
+    if prompt_len >= context:
+        raise SftuneError(f"the prompt is {prompt_len} tokens, as long as the model's context of {context}: nothing can "
+                          f"be generated after it; shorten it")
+    if prompt_len + max_new_tokens > context:
+        from sftune.console import log
+
+        log(f"warning: {max_new_tokens} new tokens after a prompt of {prompt_len} exceed the model's context of "
+            f"{context}; generating {context - prompt_len} (--max-new-tokens)")
+        max_new_tokens = context - prompt_len
     torch.manual_seed(seed)
     sampling = temperature > 0
     was_training = model.training
     model.eval()
-    out = model.generate(
-        **encoded,
-        max_new_tokens=max_new_tokens,
-        do_sample=sampling,
-        temperature=temperature if sampling else None,
-        top_p=top_p if sampling else None,
-        top_k=None,
-        num_return_sequences=num_samples,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=stop,
-    )
-    model.train(was_training)
+    try:
+        out = model.generate(
+            **encoded,
+            max_new_tokens=max_new_tokens,
+            do_sample=sampling,
+            temperature=temperature if sampling else None,
+            top_p=top_p if sampling else None,
+            top_k=None,
+            num_return_sequences=num_samples,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=stop,
+        )
+    except (RuntimeError, MemoryError) as e:
+        if isinstance(e, MemoryError) or "memory" in str(e).lower():
+            raise SftuneError(f"out of memory generating {num_samples:,} samples of up to {max_new_tokens} tokens; "
+                              f"lower --num-samples (or --max-new-tokens)") from None
+        raise
+    finally:
+        model.train(was_training)
     new_tokens = out[:, encoded["input_ids"].shape[1] :]
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, TypeVar
 from urllib.parse import urlparse
 
-from sftune.errors import SftuneError
+from sftune.errors import SftuneError, remote_code_hint
 
 T = TypeVar("T")
 
@@ -65,9 +65,9 @@ def from_hub_or_cache(name: str, what: str, flag: str, load: Callable[..., T]) -
     if hub_reachable():
         try:
             return load(local_files_only=False)
-        except OSError as e:
+        except (OSError, ValueError) as e:
             raise SftuneError(
-                f"could not load {what} {name!r} from the Hugging Face Hub: {e}\n"
+                f"could not load {what} {name!r} from the Hugging Face Hub: {remote_code_hint(e)}\n"
                 f"Check the id, or pass {flag} PATH to a local copy."
             ) from None
     try:

@@ -14,7 +14,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from transformers import GPT2Tokenizer
 
 from sftune.console import log
-from sftune.errors import SftuneError
+from sftune.errors import SftuneError, remote_code_hint
 from sftune.hub import from_hub_or_cache
 
 BUNDLED_GPT2 = "bundled:gpt2"
@@ -33,7 +33,8 @@ def _bundled_gpt2() -> PreTrainedTokenizerBase:
     return GPT2Tokenizer(vocab=str(data / "encoder.json"), merges=str(data / "vocab.bpe"), model_max_length=1024)
 
 
-def load_tokenizer(name: str, trust_remote_code: bool = False, flag: str = "--tokenizer") -> PreTrainedTokenizerBase:
+def load_tokenizer(name: str, trust_remote_code: bool = False, flag: str = "--tokenizer",
+                   advice: str | None = None) -> PreTrainedTokenizerBase:
     """Load a tokenizer and make sure it can pad and end a text.
 
     A tokenizer without a pad token gets pad = EOS (padding is excluded from
@@ -45,9 +46,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, flag: str = "--to
         try:
             tok = AutoTokenizer.from_pretrained(Path(name).expanduser(), trust_remote_code=trust_remote_code)
         except Exception as e:  # a directory without tokenizer files fails in several ways, by model type
-            raise SftuneError(
-                f"could not load a tokenizer from {name} ({type(e).__name__}: {str(e)[:200]}); if it holds no "
-                f"tokenizer files, pass --tokenizer NAME_OR_PATH (e.g. the base model's)") from None
+            raise SftuneError(f"could not load a tokenizer from {name} ({remote_code_hint(e)}); "
+                              f"{advice or NO_TOKENIZER_ADVICE}") from None
     else:
         tok = from_hub_or_cache(
             name,
@@ -58,7 +58,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, flag: str = "--to
     if not tok("Hello world")["input_ids"]:
         # e.g. a directory with config.json but no vocabulary: transformers builds an empty tokenizer silently
         raise SftuneError(f"the tokenizer loaded from {name!r} encodes text to no tokens (no vocabulary files?); "
-                          f"pass --tokenizer NAME_OR_PATH (e.g. the base model's)")
+                          f"{advice or NO_TOKENIZER_ADVICE}")
     if tok.eos_token is None:
         raise SftuneError(
             f"tokenizer {name!r} has no EOS token, so examples cannot be ended; "
@@ -71,12 +71,24 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, flag: str = "--to
     return tok
 
 
+NO_TOKENIZER_ADVICE = "pass --tokenizer NAME_OR_PATH (e.g. the base model's)"
+
+
+def model_dir_advice(name: str) -> str:
+    """What to do when a --model directory holds no tokenizer, for commands without a --tokenizer option."""
+    if (Path(name).expanduser() / "checkpoints").is_dir():
+        return (f"{name} looks like an unfinished run (the final model and tokenizer are written at the end); use "
+                f"one of its checkpoints, e.g. --model {Path(name) / 'checkpoints' / 'step-N'}, or finish it with "
+                f"sftune train --resume auto")
+    return "point --model at a directory that holds the tokenizer files too (a finished sftune run does)"
+
+
 def load_model_config(name: str, trust_remote_code: bool = False):
     if Path(name).expanduser().is_dir():
         try:
             return AutoConfig.from_pretrained(Path(name).expanduser(), trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as e:
-            raise SftuneError(f"{name} holds no usable config.json: {e} (check --model)") from None
+            raise SftuneError(f"{name} holds no usable config.json: {remote_code_hint(e)} (check --model)") from None
     return from_hub_or_cache(
         name, "model", "--model", lambda **kw: AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code, **kw)
     )
@@ -105,10 +117,12 @@ def load_model(name: str, init: str = "pretrained", trust_remote_code: bool = Fa
     if Path(name).expanduser().is_dir():
         try:
             model = load()
-        except (OSError, ValueError) as e:
+        except Exception as e:  # a missing, truncated or foreign weights file fails in many ways (OSError,
+            # SafetensorError, ValueError ...): all mean the same to a user
             raise SftuneError(
-                f"could not load model weights from {name}: {e}\n"
-                f"Check --model, or pass --init random to train from the config alone."
+                f"could not load model weights from {name}: {remote_code_hint(e)}\n"
+                f"Check --model (a truncated model.safetensors needs a fresh copy), or pass --init random to "
+                f"train from the config alone."
             ) from None
     else:
         model = from_hub_or_cache(name, "model", "--model", load)

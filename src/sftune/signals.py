@@ -18,7 +18,8 @@ class Preempted(Exception):
         self.signum = signum
         self.code = 128 + signum
         self.checkpoint = checkpoint
-        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint {checkpoint}")
+        where = f"checkpoint {checkpoint}" if checkpoint else "before the first step: nothing was trained or saved"
+        super().__init__(f"stopped by {signal.Signals(signum).name}; {where}")
 
 
 class StopFlag:

@@ -27,7 +27,7 @@ from sftune.evaluate import evaluate
 from sftune.generate import complete
 from sftune.outputs import publish_model
 from sftune.runtime import autocast
-from sftune.signals import Preempted, stop_on_signals
+from sftune.signals import Preempted, StopFlag, stop_on_signals
 
 
 @dataclass
@@ -99,14 +99,15 @@ class LogWindow:
 
 def train(cfg: SFTConfig) -> TrainResult:
     """Fine-tune `cfg.model` on `cfg.dataset` and write the model, config and metrics to the output dir."""
-    run = build_run(cfg)
-    try:
-        return fit(run)
-    finally:
-        run.close()
+    with stop_on_signals() as stop:  # from the start: a SIGTERM while loading is acted on at the first check
+        run = build_run(cfg)
+        try:
+            return fit(run, stop)
+        finally:
+            run.close()
 
 
-def fit(run: Run) -> TrainResult:
+def fit(run: Run, stop: StopFlag) -> TrainResult:
     """The loop: optimizer steps from `run.steps`, evals, checkpoints, the final model."""
     cfg, dist, model, state, out = run.cfg, run.dist, run.model, run.state, run.out
     optimizer, scheduler, scaler, precision = run.optimizer, run.scheduler, run.scaler, run.precision
@@ -117,10 +118,12 @@ def fit(run: Run) -> TrainResult:
         metrics.write({"type": "resume", "step": state.step, "checkpoint": str(run.resumed_from)})
     evals: list[dict] = state.evals
 
-    def run_eval(step: int) -> None:
+    def run_eval(step: int, interruptible: bool = False) -> None:
         started = time.perf_counter()
         result = evaluate(model, run.steps.validation, cfg.eval_batch_size, run.tokenizer.pad_token_id, dist.device,
-                          precision, dist)
+                          precision, dist, stop=(lambda: stop.signum is not None) if interruptible else None)
+        if result is None:  # a signal during the first evaluation: nothing trained, nothing to keep
+            raise Preempted(stop.signum or 15, None)
         record = {"step": step, "val_loss": result.loss, "val_ppl": result.perplexity}
         evals.append(record)
         metrics.write({"type": "eval", **record})
@@ -142,84 +145,85 @@ def fit(run: Run) -> TrainResult:
     window = LogWindow(state.window, dist.device)  # a resumed run continues the log window where it stopped
     start = time.perf_counter() - state.elapsed_s
     if run.resumed_from is None:
-        run_eval(0)
+        run_eval(0, interruptible=not dist.distributed)  # (several ranks would have to agree between batches)
+        if dist.any(stop.signum is not None):  # nothing trained yet: nothing to save
+            raise Preempted(stop.signum or 15, None)
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=None if dist.is_main else True,
                dynamic_ncols=True, mininterval=1.0)
     bad_in_a_row, saved_at = 0, [run.resumed_from] if run.resumed_from else []
     nan_steps = {int(x) for x in os.environ.get("SFTUNE_FAULT_NAN_STEPS", "").split(",") if x.strip()}
-    with stop_on_signals() as stop:
-        for step_data in run.steps.remaining(state) if state.step < total_steps else []:
-            micro_batches = step_data.micro_batches
-            loss_sum, step_targets = forward_backward(model, micro_batches, dist, precision, scaler)
-            step_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)  # host tensors: no sync
-            if state.step + 1 in nan_steps:  # test hook: SFTUNE_FAULT_NAN_STEPS
-                loss_sum = loss_sum * float("nan")
-            scaler.unscale_(optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
-            # note: one host sync per step, to decide whether to apply the update
-            finite = bool(torch.isfinite(loss_sum)) and (precision == "fp16" or bool(torch.isfinite(grad_norm)))
-            finite = not dist.any(not finite)  # every rank skips, or none does
-            if not finite and not weights_finite(model):  # (rare: a sync only here) the last update broke them
-                raise TrainingDiverged(
-                    f"the update of step {state.step} made the weights non-finite (lr {scheduler.get_last_lr()[0]:g}); "
-                    f"nothing from it was saved. Lower --lr and resume from "
-                    f"{saved_at[-1] if saved_at else 'the start (no checkpoint was written)'} with --resume auto")
-            if finite:  # (under fp16 the scaler itself skips steps whose gradients overflowed)
-                scaler.step(optimizer)
-                bad_in_a_row = 0
-            else:
-                bad_in_a_row += 1
-                loss_sum = torch.zeros_like(loss_sum)  # keep the logged loss finite: the step taught nothing
-                metrics.write({"type": "skip", "step": state.step + 1, "reason": "non-finite loss or gradient norm"})
-                log(f"step {state.step + 1:,}: non-finite loss or gradient norm, update skipped "
-                    f"({bad_in_a_row} in a row, limit --max-bad-steps {cfg.max_bad_steps})")
-            scaler.update()
-            optimizer.zero_grad(set_to_none=True)
-            scheduler.step()
-            state.step += 1
-            state.step_in_epoch += 1
-            state.stream = step_data.stream
-            state.tokens += step_tokens
-            state.padded_tokens += sum(b["input_ids"].numel() for b in micro_batches)
-            window.add(loss_sum, step_targets, step_tokens)
-            step = state.step
-            bar.update(1)
+    for step_data in run.steps.remaining(state) if state.step < total_steps else []:
+        micro_batches = step_data.micro_batches
+        loss_sum, step_targets = forward_backward(model, micro_batches, dist, precision, scaler)
+        step_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)  # host tensors: no sync
+        if state.step + 1 in nan_steps:  # test hook: SFTUNE_FAULT_NAN_STEPS
+            loss_sum = loss_sum * float("nan")
+        scaler.unscale_(optimizer)
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+        # note: one host sync per step, to decide whether to apply the update
+        finite = bool(torch.isfinite(loss_sum)) and (precision == "fp16" or bool(torch.isfinite(grad_norm)))
+        finite = not dist.any(not finite)  # every rank skips, or none does
+        if not finite and not weights_finite(model):  # (rare: a sync only here) the last update broke them
+            raise TrainingDiverged(
+                f"the update of step {state.step} made the weights non-finite (lr {scheduler.get_last_lr()[0]:g}); "
+                f"nothing from it was saved. Lower --lr and resume from "
+                f"{saved_at[-1] if saved_at else 'the start (no checkpoint was written)'} with --resume auto")
+        if finite:  # (under fp16 the scaler itself skips steps whose gradients overflowed)
+            scaler.step(optimizer)
+            bad_in_a_row = 0
+        else:
+            bad_in_a_row += 1
+            loss_sum = torch.zeros_like(loss_sum)  # keep the logged loss finite: the step taught nothing
+            metrics.write({"type": "skip", "step": state.step + 1, "reason": "non-finite loss or gradient norm"})
+            log(f"step {state.step + 1:,}: non-finite loss or gradient norm, update skipped "
+                f"({bad_in_a_row} in a row, limit --max-bad-steps {cfg.max_bad_steps})")
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        state.step += 1
+        state.step_in_epoch += 1
+        state.stream = step_data.stream
+        state.tokens += step_tokens
+        state.padded_tokens += sum(b["input_ids"].numel() for b in micro_batches)
+        window.add(loss_sum, step_targets, step_tokens)
+        step = state.step
+        bar.update(1)
 
-            if step == 1 and cfg.log_every > 1:  # a first sign of life within seconds, even without a terminal
-                log(f"step      1/{total_steps:,} | loss {loss_sum.item() / max(step_targets, 1):.4f} "
-                    f"| {time.perf_counter() - window.start:.1f} s for the first step")
-            if step % cfg.log_every == 0 or step == total_steps:
-                loss, rate, ms_per_step = window.close()
-                lr = scheduler.get_last_lr()[0]
-                epoch_at = round(step / per_epoch, 4) if per_epoch else step_data.epoch
-                metrics.write({"type": "train", "step": step, "epoch": epoch_at, "loss": loss, "lr": lr,
-                               "tokens": state.tokens, "padded_tokens": state.padded_tokens,
-                               "elapsed_s": round(time.perf_counter() - start, 3), "tokens_per_s": rate})
-                log(f"step {step:>6,}/{total_steps:,} | epoch {epoch_at:.2f} | loss {loss:.4f} | lr {lr:.2e} "
-                    f"| {rate:,.0f} tok/s | {ms_per_step:.0f} ms/step")
-                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
-            if cfg.eval_every and step % cfg.eval_every == 0:
+        if step == 1 and cfg.log_every > 1:  # a first sign of life within seconds, even without a terminal
+            log(f"step      1/{total_steps:,} | loss {loss_sum.item() / max(step_targets, 1):.4f} "
+                f"| {time.perf_counter() - window.start:.1f} s for the first step")
+        if step % cfg.log_every == 0 or step == total_steps:
+            loss, rate, ms_per_step = window.close()
+            lr = scheduler.get_last_lr()[0]
+            epoch_at = round(step / per_epoch, 4) if per_epoch else step_data.epoch
+            metrics.write({"type": "train", "step": step, "epoch": epoch_at, "loss": loss, "lr": lr,
+                           "tokens": state.tokens, "padded_tokens": state.padded_tokens,
+                           "elapsed_s": round(time.perf_counter() - start, 3), "tokens_per_s": rate})
+            log(f"step {step:>6,}/{total_steps:,} | epoch {epoch_at:.2f} | loss {loss:.4f} | lr {lr:.2e} "
+                f"| {rate:,.0f} tok/s | {ms_per_step:.0f} ms/step")
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
+        if cfg.eval_every and step % cfg.eval_every == 0:
+            run_eval(step)
+        if bad_in_a_row > cfg.max_bad_steps:
+            path = checkpoint_now()  # the weights are those of the last good step: bad steps changed nothing
+            raise TrainingDiverged(
+                f"{bad_in_a_row} optimizer steps in a row had a non-finite loss or gradient norm (step {step}); "
+                f"stopped with the last good state saved in {path}. Lower --lr, set --max-grad-norm, use "
+                f"--precision fp32 or bf16, or raise --max-bad-steps; then --resume auto.")
+        saved = False
+        if step_data.last_in_epoch:  # validate, then the next epoch starts at its beginning
+            if evals[-1]["step"] != step:
                 run_eval(step)
-            if bad_in_a_row > cfg.max_bad_steps:
-                path = checkpoint_now()  # the weights are those of the last good step: bad steps changed nothing
-                raise TrainingDiverged(
-                    f"{bad_in_a_row} optimizer steps in a row had a non-finite loss or gradient norm (step {step}); "
-                    f"stopped with the last good state saved in {path}. Lower --lr, set --max-grad-norm, use "
-                    f"--precision fp32 or bf16, or raise --max-bad-steps; then --resume auto.")
-            saved = False
-            if step_data.last_in_epoch:  # validate, then the next epoch starts at its beginning
-                if evals[-1]["step"] != step:
-                    run_eval(step)
-                state.epoch, state.step_in_epoch, state.stream = step_data.epoch + 1, 0, None
-                if cfg.save_every:
-                    checkpoint_now()
-                    saved = True
-            if dist.any(stop.signum is not None):  # all ranks stop at the same step
-                raise Preempted(stop.signum or 15, checkpoint_now())
-            if cfg.save_every and step % cfg.save_every == 0 and not saved:
+            state.epoch, state.step_in_epoch, state.stream = step_data.epoch + 1, 0, None
+            if cfg.save_every:
                 checkpoint_now()
-            if step >= total_steps:
-                break
+                saved = True
+        if dist.any(stop.signum is not None):  # all ranks stop at the same step
+            raise Preempted(stop.signum or 15, checkpoint_now())
+        if cfg.save_every and step % cfg.save_every == 0 and not saved:
+            checkpoint_now()
+        if step >= total_steps:
+            break
     if evals[-1]["step"] != state.step:
         run_eval(state.step)  # the end of max_steps (or of a stream)
     if state.step < total_steps:  # only a stream can end first: its length was unknown
@@ -238,7 +242,6 @@ def fit(run: Run) -> TrainResult:
     for prompt in cfg.sample_prompts:
         samples[prompt] = complete(model.model, run.tokenizer, prompt, cfg.sample_max_new_tokens, seed=cfg.seed,
                                    chat=run.steps.layout.format.startswith("chat"))[0]
-    dist.close()
     return TrainResult(out, state.step, state.tokens, seconds, evals, samples)
 
 

@@ -18,6 +18,9 @@ what the model sees at generation time: the prompt is tokenized alone).
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -129,6 +132,27 @@ def detect_layout(features: dict[str, Any], requested: str = "auto", columns: di
 
 # --- chat templates --------------------------------------------------------------
 
+RENDER_LIMIT_S = 10.0  # one render of one conversation; real templates take microseconds
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise TimeoutError in the block after `seconds` (SIGALRM; only in the main thread, else no limit)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(signum, frame):
+        raise TimeoutError
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
 
 class ChatTemplate:
     """A Jinja chat template, compiled once, rendered exactly as transformers'
@@ -150,7 +174,14 @@ class ChatTemplate:
         self.variables = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.variables)
+        with time_limit(RENDER_LIMIT_S):
+            try:
+                return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                            **self.variables)
+            except TimeoutError:
+                raise SftuneError(f"the chat template took more than {RENDER_LIMIT_S:g} s to render one conversation "
+                                  f"of {len(messages)} message(s): does it loop without bound? Fix the template "
+                                  f"(--chat-template)") from None
 
     def render_empty(self) -> str:
         """What the template writes before any message (e.g. a BOS), '' if it needs a message."""
@@ -258,9 +289,13 @@ def row_segments(row: dict, layout: Layout, template: ChatTemplate | None = None
     [('Add 2+2.', False), (' 4', True)]
     """
     c = layout.columns
+    check_one_format(row, layout, where)
     if layout.format == "text":
-        text = row[c["text"]]
-        return [(text if isinstance(text, str) else "", True)]
+        text = _as_text(row[c["text"]])
+        if text is not None and not isinstance(text, str):
+            raise SftuneError(f"{where}: column {c['text']!r} holds {type(text).__name__}, not text; choose the text "
+                              f"column with --text-column, or --format and --columns for other layouts")
+        return [(text or "", True)]
     if layout.format == "prompt_completion":
         prompt, completion = (_as_text(row[c[k]]) for k in ("prompt", "completion"))
         if not isinstance(prompt, str) or not isinstance(completion, str):
@@ -287,9 +322,30 @@ def row_segments(row: dict, layout: Layout, template: ChatTemplate | None = None
 
     try:
         return template.segments(messages, trained)
+    except SftuneError:
+        raise
     except Exception as e:  # a Jinja error or a template that rewrites earlier turns
         raise SftuneError(f"{where}: the chat template cannot be split into turns exactly ({e}); "
                           f"use a template whose renders extend each other (--chat-template FILE)") from None
+
+
+FORMAT_PARTS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "chat": ("messages",),
+                "chat_prompt_completion": ("prompt", "completion")}
+
+
+def check_one_format(row: dict, layout: Layout, where: str) -> None:
+    """A row whose own format's columns are empty while another format's are filled: the data mixes formats
+    (a JSONL file with chat rows and prompt/completion rows reads as one table with empty cells)."""
+    own = [layout.columns[k] for k in FORMAT_PARTS[layout.format] if k in layout.columns]
+    if not own or any(row.get(col) not in (None, "") for col in own):
+        return
+    others = {"messages": "chat (messages)", "conversations": "chat (conversations)",
+              "prompt": "prompt/completion", "completion": "prompt/completion", "text": "text"}
+    found = sorted({what for col, what in others.items() if col not in own and row.get(col) not in (None, "", [])})
+    if found:
+        raise SftuneError(f"{where}: the data mixes formats: this row is {' and '.join(found)} while the dataset "
+                          f"was read as {layout.format} ({layout.describe()}); give rows of one format (one file "
+                          f"per format), or pick one with --format and --columns")
 
 
 def find_text_column(columns: dict[str, Any], requested: str | None) -> str:

@@ -37,6 +37,9 @@ def local_files(dataset: str) -> list[Path] | None:
     import glob
 
     names = [n.strip() for n in dataset.split(",") if n.strip()]
+    if not names:
+        raise SftuneError(f"--dataset {dataset!r} names no file, directory or Hub id; give one, e.g. "
+                          f"--dataset data/train.jsonl")
     if len(names) == 1 and not glob.has_magic(names[0]):
         path = Path(names[0]).expanduser()
         return [path] if path.is_file() else None
@@ -67,6 +70,10 @@ def load_rows(dataset: str, seed: int, val_fraction: float, config_name: str | N
     path = Path(dataset).expanduser()
     if files is not None:
         builder, kwargs = file_loader(files)
+        for f in files:  # what `datasets` would read wrongly, or with unbounded memory: say so first
+            problem = precheck_file(f)
+            if problem:
+                raise SftuneError(problem)
         try:
             ds = datasets.load_dataset(builder, data_files={"train": [str(f) for f in files]}, **kwargs)
         except Exception as e:  # datasets wraps parse errors in its own types: find the bad line ourselves
@@ -150,6 +157,44 @@ def _root_cause(e: BaseException) -> str:
     while e.__cause__ is not None:
         e = e.__cause__
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+MAX_LINE_BYTES = 16 << 20  # one JSONL row over 16 MiB is refused: datasets would need ~100x that to parse it
+
+
+def precheck_file(path: Path) -> str | None:
+    """Problems found by one cheap pass over a text data file: a JSONL line too long to parse within
+    bounded memory, a CSV/TSV quote that is never closed (pandas would silently merge the rows after it)."""
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".jsonl":
+            with open(path, "rb") as f:
+                line, carry = 1, 0
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    parts = block.split(b"\n")
+                    first = carry + len(parts[0])
+                    longest = max([first, *map(len, parts[1:])])
+                    if longest > MAX_LINE_BYTES:
+                        at = line if first > MAX_LINE_BYTES else line + next(
+                            i for i, p in enumerate(parts[1:], 1) if len(p) > MAX_LINE_BYTES)
+                        return (f"{path}:{at}: a line of more than {MAX_LINE_BYTES >> 20} MiB (one row of JSON); "
+                                f"rows that long are refused: split or remove it (--dataset)")
+                    line += len(parts) - 1
+                    carry = len(parts[-1]) if len(parts) > 1 else first
+        elif suffix in (".csv", ".tsv"):
+            import csv
+
+            with open(path, newline="", encoding="utf-8") as f:
+                reader = csv.reader(f, delimiter="\t" if suffix == ".tsv" else ",", strict=True)
+                try:
+                    for _ in reader:
+                        pass
+                except csv.Error as e:
+                    return (f"{path}:{reader.line_num}: {e} (a quote opened and never closed?); fix the quoting "
+                            f"(--dataset)")
+    except (OSError, UnicodeDecodeError):
+        return None  # diagnose_file names these after the load fails
+    return None
 
 
 def diagnose_file(path: Path) -> str | None:

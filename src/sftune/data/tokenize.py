@@ -119,8 +119,9 @@ def tokenize_split(rows, tokenizer, layout: Layout, options: EncodeOptions, temp
 
     def encode_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
         numbers = batch[ROW_COLUMN] if ROW_COLUMN in batch else indices
+        names = [k for k in batch if k != ROW_COLUMN]  # every column: a row of another format is recognised
         segments = [
-            row_segments({k: batch[k][i] for k in layout.columns.values()}, layout, template, o.train_on_prompt,
+            row_segments({k: batch[k][i] for k in names}, layout, template, o.train_on_prompt,
                          o.train_on_all_turns, where=f"{source} row {numbers[i] + 1}")
             for i in range(len(numbers))
         ]

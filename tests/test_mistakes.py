@@ -1,0 +1,219 @@
+"""Tier 2: inputs that exhausted memory or hung, and mistakes that reached the user as a traceback (issue 13,
+items 8-10). Each gets one message naming the value and the fix, exit status 2, and nothing written.
+In-process (`cli.main`), except the signal test."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import QUICKSTART_DATA, ROOT, read_jsonl, run_main
+
+pytestmark = pytest.mark.slow
+
+
+def train(model_dir, out, *extra, dataset=QUICKSTART_DATA):
+    return ["train", "--model", str(model_dir), "--dataset", str(dataset), "--precision", "fp32",
+            "--output-dir", str(out), *extra]
+
+
+def refused(capsys, *argv, words):
+    code, _, err = run_main(capsys, *argv)
+    assert code == 2, err
+    for w in words:
+        assert w in err, err
+    assert "Traceback" not in err
+    return err
+
+
+# --- 8. inputs that exhaust memory or hang -----------------------------------------------------------
+
+
+def test_a_yaml_alias_bomb_gives_a_short_message(tmp_path, capsys):
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 7)]  # 10^7 leaves
+    (tmp_path / "bomb.yaml").write_text("\n".join(levels).replace("a0:", "sample_prompts_x:", 0) + "\n"
+                                        "sample_prompts: *a6\n")
+    code, _, err = run_main(capsys, "train", "--config", str(tmp_path / "bomb.yaml"))
+    assert code == 2 and "`sample_prompts` must be a list of strings" in err
+    assert len(err) < 2000  # the value is shown bounded, not expanded
+
+
+def test_many_epochs_with_max_steps_plan_only_what_runs(tiny_model_dir, tmp_path, capsys):
+    code, _, err = run_main(capsys, *train(tiny_model_dir, tmp_path / "run", "--epochs", "1000000", "--max-steps", "2"))
+    assert code == 0, err
+    assert "2 optimizer steps (13 per epoch, 0.15 epochs)" in err
+
+
+def test_an_overlong_jsonl_line_is_refused_before_loading(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "big.jsonl"
+    row = json.dumps({"text": "a warm film"})
+    data.write_text(f"{row}\n{row}\n" + json.dumps({"text": "x " * (9 << 20)}) + f"\n{row}\n")  # line 3: 18 MiB
+    refused(capsys, *train(tiny_model_dir, tmp_path / "o", dataset=data),
+            words=[f"{data}:3: a line of more than 16 MiB", "split or remove it", "--dataset"])
+
+
+def test_a_chat_template_that_does_not_finish_is_stopped(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    from sftune.data import formats
+
+    monkeypatch.setattr(formats, "RENDER_LIMIT_S", 0.5)
+    template = tmp_path / "slow.jinja"
+    template.write_text("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+                        "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    chat = tmp_path / "chat.jsonl"
+    row = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    chat.write_text((row + "\n") * 4)
+    refused(capsys, *train(tiny_model_dir, tmp_path / "o", "--chat-template", str(template), dataset=chat),
+            words=["the chat template took more than 0.5 s", "--chat-template"])
+
+
+# --- 9. no traceback for a user's mistake -----------------------------------------------------------
+
+
+def test_yaml_keys_that_are_not_names_and_files_that_are_not_utf8(tmp_path, capsys):
+    (tmp_path / "numbers.yaml").write_text("1: 2\nlr: 1e-4\n")
+    refused(capsys, "train", "--config", str(tmp_path / "numbers.yaml"), words=["key 1 is not a name"])
+    (tmp_path / "latin1.yaml").write_bytes("output_dir: caf\xe9\n".encode("latin-1"))
+    refused(capsys, "train", "--config", str(tmp_path / "latin1.yaml"), words=["is not UTF-8 text", "--config"])
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--seed", "-5"], ["seed = -5: must be 0 or more", "--seed"]),
+    (["--dataset", ","], ["--dataset ',' names no file", "--dataset"]),
+    (["--sample-prompts", "the film", "--sample-max-new-tokens", "500"],
+     ["sample_max_new_tokens 500 does not fit the model's context of 128", "--sample-max-new-tokens"]),
+])
+def test_train_mistakes(flags, words, tiny_model_dir, tmp_path, capsys):
+    refused(capsys, *train(tiny_model_dir, tmp_path / "o", *flags), words=words)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary(tmp_path, capsys):
+    from transformers import GPT2Config
+
+    model = tmp_path / "small-vocab"
+    GPT2Config(n_layer=1, n_embd=16, n_head=1, n_positions=64, vocab_size=1000).save_pretrained(model)
+    refused(capsys, "train", "--model", str(model), "--tokenizer", "bundled:gpt2", "--init", "random",
+            "--dataset", str(QUICKSTART_DATA), "--output-dir", str(tmp_path / "o"),
+            words=["the tokenizer has 50,257 tokens but the model's vocabulary only 1,000", "--tokenizer"])
+
+
+def test_an_empty_chat_template_file_is_an_error(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "empty.jinja").write_text("\n")
+    refused(capsys, *train(tiny_model_dir, tmp_path / "o", "--chat-template", str(tmp_path / "empty.jinja")),
+            words=["the chat template", "is empty", "--chat-template"])
+
+
+def test_text_that_is_not_utf8_on_the_command_line(tiny_model_dir, tmp_path, capsys):
+    bad = "caf\udce9"  # how Python passes the byte 0xe9 of a Latin-1 argument
+    refused(capsys, "tokenize", "--tokenizer", "bundled:gpt2", bad, words=["is not UTF-8 text"])
+    refused(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", bad, words=["--prompt", "not UTF-8"])
+    latin1 = tmp_path / "latin1.txt"
+    latin1.write_bytes("caf\xe9\n".encode("latin-1"))
+    refused(capsys, "tokenize", "--tokenizer", "bundled:gpt2", "--file", str(latin1), words=["not UTF-8", "--file"])
+
+
+def test_generation_options(tiny_model_dir, capsys):
+    refused(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--temperature", "nan",
+            words=["temperature must be 0 (greedy) or a positive number, got nan", "--temperature"])
+    refused(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--num-samples", str(10**12),
+            words=["out of memory", "--num-samples"])
+    code, out, err = run_main(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", "the film is",
+                              "--max-new-tokens", "5000", "--temperature", "0", "--json")
+    assert code == 0, err
+    assert "exceed the model's context of 128; generating 125 (--max-new-tokens)" in err
+
+
+def test_a_truncated_model_file_in_eval_and_generate(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_model_dir, broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 3])
+    for argv in (["eval", "--model", str(broken), "--dataset", str(QUICKSTART_DATA)],
+                 ["generate", "--model", str(broken), "--prompt", "hi"]):
+        refused(capsys, *argv, words=[f"could not load model weights from {broken}", "truncated"])
+
+
+def test_sigterm_during_the_first_evaluation(tiny_model_dir, tmp_path):
+    """A validation split of 2,000 long rows makes the first evaluation last many seconds; SIGTERM stops it
+    within a batch, with exit 143 and a message, and nothing half-written is left (no model, no checkpoint)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    row = json.dumps({"text": "a long and winding review of a film " * 12})
+    (data / "train.jsonl").write_text((row + "\n") * 64)
+    (data / "validation.jsonl").write_text((row + "\n") * 2000)
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "sftune", *train(tiny_model_dir, out, "--save-every", "1",
+                                                                      dataset=data)],
+                            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    for line in proc.stderr:
+        if line.startswith("loss:"):  # the last line before the first evaluation
+            proc.send_signal(signal.SIGTERM)
+            break
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 143, err
+    assert "stopped by SIGTERM; before the first step: nothing was trained or saved" in err
+    assert "start again with --resume auto" in err and "Traceback" not in err
+    assert not (out / "model.safetensors").exists() and not (out / "checkpoints").exists()
+
+
+# --- 10. messages that point the right way -----------------------------------------------------------
+
+
+def test_generate_on_an_unfinished_run_points_at_its_checkpoints(tiny_model_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step-4").mkdir(parents=True)
+    (run / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    err = refused(capsys, "generate", "--model", str(run), "--prompt", "hi",
+                  words=["looks like an unfinished run", "checkpoints/step-N", "--resume auto"])
+    assert "--tokenizer" not in err  # generate has no such option
+
+
+def test_remote_code_names_the_flag(tmp_path, capsys):
+    model = tmp_path / "custom"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "my_own_lm", "auto_map": {
+        "AutoConfig": "configuration_mine.MyConfig", "AutoModelForCausalLM": "modeling_mine.MyModel"}}))
+    err = refused(capsys, "train", "--model", str(model), "--tokenizer", "bundled:gpt2", "--dataset",
+                  str(QUICKSTART_DATA), "--output-dir", str(tmp_path / "o"), words=["--trust-remote-code"])
+    assert "trust_remote_code=True" not in err
+
+
+def test_integer_text_cells_are_text(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "numbers.jsonl"
+    data.write_text("".join(json.dumps({"text": 10**9 + i}) + "\n" for i in range(40)))
+    code, out, err = run_main(capsys, "data", "--model", str(tiny_model_dir), "--dataset", str(data),
+                              "--min-tokens", "0", "--json")
+    assert code == 0, err
+    train_split = json.loads(out)["splits"]["train"]
+    assert train_split["dropped"]["empty"] == 0 and train_split["kept"] == train_split["rows"]
+
+
+def test_mixed_formats_name_the_mix(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "mixed.jsonl"
+    chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}
+    pair = {"prompt": "Q: 2+2?", "completion": " 4"}
+    data.write_text("".join(json.dumps(r) + "\n" for r in [chat, chat, pair, chat] * 5))
+    refused(capsys, *train(tiny_model_dir, tmp_path / "o", dataset=data),
+            words=["the data mixes formats", "prompt/completion", "read as chat", "--format"])
+
+
+def test_a_csv_quote_never_closed_is_an_error_not_merged_rows(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "reviews.csv"
+    data.write_text('text\n"a warm film, well made\nthe plot drags\na fine cast\n' * 10)
+    refused(capsys, *train(tiny_model_dir, tmp_path / "o", dataset=data),
+            words=[f"{data}:", "never closed", "--dataset"])
+
+
+def test_metrics_are_not_touched_by_a_refused_resume(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_main(capsys, *train(tiny_model_dir, out, "--max-steps", "2", "--save-every", "1"))
+    assert code == 0, err
+    before = read_jsonl(out / "metrics.jsonl")
+    refused(capsys, *train(tiny_model_dir, out, "--max-steps", "2", "--save-every", "1", "--resume", "auto",
+                           "--lr", "1"), words=["training settings differ"])
+    assert read_jsonl(out / "metrics.jsonl") == before
