@@ -43,9 +43,18 @@ def count_targets(batch: dict[str, torch.Tensor]) -> int:
     return len(batch["targets"])
 
 
+def idle_batch(pad_id: int) -> dict[str, torch.Tensor]:
+    """One pad token and no target: what a rank runs when a step's last micro-batch has fewer rows than
+    ranks, so that every rank still takes part in the forward and backward (DDP all-reduces in the backward)."""
+    return with_targets({"input_ids": np.full((1, 1), pad_id), "attention_mask": np.ones((1, 1), dtype=np.int64),
+                         "labels": np.full((1, 1), IGNORE_INDEX)})
+
+
 def collate(examples: Examples, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad the chosen examples to the longest one. Returns int64 (B, T) tensors
     `input_ids`, `attention_mask` and `labels`, and the (N,) `target_positions` and `targets`."""
+    if len(indices) == 0:
+        return idle_batch(pad_id)
     lengths = [int(examples.offsets[i + 1] - examples.offsets[i]) for i in indices]
     width = max(lengths)
     input_ids = np.full((len(indices), width), pad_id, dtype=np.int64)
@@ -208,6 +217,8 @@ def collate_packed(examples: Examples, rows: Sequence[np.ndarray], pad_id: int) 
     >>> b["input_ids"].tolist(), b["position_ids"].tolist(), b["labels"].tolist()
     ([[5, 6, 9, 7, 9]], [[0, 1, 2, 0, 1]], [[-100, 6, 9, -100, 9]])
     """
+    if len(rows) == 0:
+        return idle_batch(pad_id)
     totals = [int(examples.lengths[r].sum()) for r in rows]
     width = max(totals)
     shape = (len(rows), width)

@@ -22,7 +22,8 @@ from typing import Iterator, Protocol
 import torch
 
 from sftune.batching import chunk_rows_for, collate, collate_packed, epoch_steps, packed_epoch_steps
-from sftune.checkpoint import Checkpointer, FullCheckpointer, TrainState, check_resume_compatible, check_same_inputs
+from sftune.checkpoint import Checkpointer, FullCheckpointer, TrainState, check_resume_compatible, check_same_inputs, \
+    check_same_world
 from sftune.config import SFTConfig, dump_yaml, to_dict
 from sftune.console import log
 from sftune.data import DataOptions, Examples, PreparedData, prepare_data
@@ -112,12 +113,17 @@ def build_data(cfg: SFTConfig, tokenizer, model_config, dist: Dist | None = None
     return data, max_length
 
 
-def plan_steps(lengths, cfg: SFTConfig, max_length: int, key: int) -> list[list]:
+def plan_steps(lengths, cfg: SFTConfig, max_length: int, key: int, world_size: int = 1) -> list[list]:
     """Optimizer steps over examples of these lengths, each a list of micro-batches (rows of example
-    indices): packed, or cut from length-grouped (or shuffled) rows; `key` seeds the order."""
+    indices): packed, or cut from length-grouped (or shuffled) rows; `key` seeds the order.
+
+    The plan is global: a micro-batch holds `batch_size x world_size` rows (each rank then takes its share,
+    `Dist.shard`), so the same rows make each optimizer step whatever the world size."""
+    rows = cfg.batch_size * world_size
+    tokens = cfg.batch_tokens * world_size if cfg.batch_tokens else None
     if cfg.packing:
-        return packed_epoch_steps(lengths, max_length, cfg.batch_size, cfg.grad_accum, cfg.seed, key, cfg.batch_tokens)
-    return epoch_steps(lengths, cfg.batch_size, cfg.grad_accum, cfg.seed, key, cfg.batch_tokens, cfg.group_by_length)
+        return packed_epoch_steps(lengths, max_length, rows, cfg.grad_accum, cfg.seed, key, tokens)
+    return epoch_steps(lengths, rows, cfg.grad_accum, cfg.seed, key, tokens, cfg.group_by_length)
 
 
 def check_batch_tokens(cfg: SFTConfig, examples: Examples) -> None:
@@ -135,7 +141,23 @@ class Step:
     micro_batches: list[dict]  # this rank's collated micro-batches (host tensors)
     epoch: int
     last_in_epoch: bool
+    tokens: int  # real (non-pad) tokens of the whole step, all ranks
+    padded_tokens: int  # tokens computed for the whole step, padding included (rows x width per micro-batch)
     stream: dict | None = None  # streaming: the position after this step
+
+
+def step_of(examples: Examples, step_rows: list, dist: Dist, packed: bool, pad_id: int, epoch: int, last: bool,
+            stream: dict | None = None) -> Step:
+    """Collate this rank's share of each micro-batch of a global step, and count the step's tokens."""
+    make_batch = collate_packed if packed else collate
+    lengths = examples.lengths
+    tokens = padded = 0
+    for rows in step_rows:  # a micro-batch: example indices, or packed rows of them
+        sizes = [int(lengths[r].sum()) for r in rows] if packed else [int(lengths[r]) for r in rows]
+        tokens += sum(sizes)
+        padded += len(sizes) * max(sizes)  # (each rank pads its share only to its own longest: an upper bound)
+    batches = [make_batch(examples, dist.shard(rows), pad_id) for rows in step_rows]
+    return Step(batches, epoch, last, tokens, padded, stream)
 
 
 class StepSource(Protocol):
@@ -145,6 +167,7 @@ class StepSource(Protocol):
     layout: Layout
     total_steps: int
     steps_per_epoch: int | None  # None when streamed (unknown)
+    world_size: int
 
     def remaining(self, state: TrainState) -> Iterator[Step]: ...
 
@@ -167,10 +190,11 @@ class InMemorySteps:
 
     def __init__(self, cfg: SFTConfig, data: PreparedData, max_length: int, pad_id: int, dist: Dist):
         self.cfg, self.train, self.max_length, self.pad_id, self.dist = cfg, data.train, max_length, pad_id, dist
-        self.validation, self.layout = data.validation, data.layout
-        if len(self.train) < cfg.batch_size * cfg.grad_accum:
+        self.validation, self.layout, self.world_size = data.validation, data.layout, dist.world_size
+        if len(self.train) < cfg.batch_size * cfg.grad_accum * dist.world_size:
+            ranks = f" x {dist.world_size} ranks" if dist.distributed else ""
             raise SftuneError(f"the training split has {len(self.train):,} examples after filtering, fewer than one "
-                              f"optimizer step of {cfg.batch_size} x {cfg.grad_accum}; lower --batch-size or "
+                              f"optimizer step of {cfg.batch_size} x {cfg.grad_accum}{ranks}; lower --batch-size or "
                               f"--grad-accum, or add data")
         check_batch_tokens(cfg, self.train)
         self._plans: dict[int, list] = {}
@@ -179,23 +203,23 @@ class InMemorySteps:
 
     def plan(self, epoch: int) -> list:
         if epoch not in self._plans:
-            self._plans = {epoch: plan_steps(self.train.lengths, self.cfg, self.max_length, epoch)}  # keep one
+            self._plans = {epoch: plan_steps(self.train.lengths, self.cfg, self.max_length, epoch,
+                                             self.dist.world_size)}  # keep one epoch's plan
         return self._plans[epoch]
 
     def _count(self, epochs: int) -> int:
         """Steps in `epochs` epochs. Only packing and a token cap make epochs differ in length."""
         if not self.cfg.packing and self.cfg.batch_tokens is None:
             return self.steps_per_epoch * epochs
-        return sum(len(plan_steps(self.train.lengths, self.cfg, self.max_length, e)) for e in range(epochs))
+        return sum(len(plan_steps(self.train.lengths, self.cfg, self.max_length, e, self.dist.world_size))
+                   for e in range(epochs))
 
     def remaining(self, state: TrainState) -> Iterator[Step]:
-        make_batch = collate_packed if self.cfg.packing else collate
         for epoch in itertools.count(state.epoch):
             start = state.step_in_epoch if epoch == state.epoch else 0
             plan = self.plan(epoch)
             for i in range(start, len(plan)):
-                batches = [make_batch(self.train, self.dist.shard(rows), self.pad_id) for rows in plan[i]]
-                yield Step(batches, epoch, last_in_epoch=i == len(plan) - 1)
+                yield step_of(self.train, plan[i], self.dist, self.cfg.packing, self.pad_id, epoch, i == len(plan) - 1)
 
 
 class StreamedSteps:
@@ -204,24 +228,23 @@ class StreamedSteps:
 
     def __init__(self, cfg: SFTConfig, data, max_length: int, pad_id: int, dist: Dist):
         self.cfg, self.data, self.max_length, self.pad_id, self.dist = cfg, data, max_length, pad_id, dist
-        self.validation, self.layout = data.validation, data.layout
+        self.validation, self.layout, self.world_size = data.validation, data.layout, dist.world_size
         self.total_steps, self.steps_per_epoch = cfg.max_steps, None
 
     def remaining(self, state: TrainState) -> Iterator[Step]:
         from sftune.data.streaming import StreamPosition
 
-        make_batch = collate_packed if self.cfg.packing else collate
         chunk_rows = chunk_rows_for(self.cfg.batch_size, self.cfg.grad_accum)
         for epoch in itertools.count(state.epoch):
             position = StreamPosition(**state.stream) if epoch == state.epoch and state.stream else StreamPosition()
             steps = self.data.steps(epoch, position, chunk_rows,
-                                    lambda lengths, key: plan_steps(lengths, self.cfg, self.max_length, key))
+                                    lambda lengths, key: plan_steps(lengths, self.cfg, self.max_length, key,
+                                                                    self.dist.world_size))
             empty = True
             for (examples, step_rows, after), last in _mark_last(steps):
                 empty = False
                 check_batch_tokens(self.cfg, examples)
-                batches = [make_batch(examples, self.dist.shard(rows), self.pad_id) for rows in step_rows]
-                yield Step(batches, epoch, last, stream=vars(after))
+                yield step_of(examples, step_rows, self.dist, self.cfg.packing, self.pad_id, epoch, last, vars(after))
             if empty and position.rows == 0:
                 return  # the stream has no rows left to give
 
@@ -247,7 +270,8 @@ class Run:
     out: Path
     precision: str
     tokenizer: object
-    model: CausalLMLoss  # the causal LM wrapped with its loss (what DDP/FSDP/peft would wrap)
+    model: torch.nn.Module  # what the loop calls: `loss_model`, or the DDP wrapper around it under torchrun
+    loss_model: CausalLMLoss  # the causal LM with its loss (`loss_model.model` is the Hugging Face model)
     steps: StepSource
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -313,23 +337,28 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     if checkpoint is not None:
         check_resume_compatible(checkpoint, to_dict(resolved), cfg.resume_force)
         check_same_inputs(checkpoint, fingerprints, cfg.resume_force)
+        check_same_world(checkpoint, dist.world_size)
 
     # the checkpoint's weights when resuming (the checks above make sure it is the same model), else the base
     weights = checkpointer.weights(checkpoint) if checkpoint is not None else None
     model = load_model(weights or cfg.model, "pretrained" if weights else cfg.init, cfg.trust_remote_code, cfg.seed)
-    model = CausalLMLoss(model.to(dist.device))
+    if cfg.gradient_checkpointing:  # per transformer block, non-reentrant (works under DDP and FSDP)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss_model = CausalLMLoss(model.to(dist.device))
+    wrapped = dist.wrap(loss_model, cfg.strategy)  # DDP under torchrun; the module itself in one process
     # fused AdamW: one kernel over all parameters (measured 6x faster than foreach on CPU, benchmarks/NOTES.md)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+    optimizer = torch.optim.AdamW(param_groups(loss_model, cfg.weight_decay), lr=cfg.lr,
                                   fused=dist.device.type in ("cpu", "cuda"))
-    optimizer.register_step_post_hook(model.forget_cast)  # the weights changed: recast the head next time
+    optimizer.register_step_post_hook(loss_model.forget_cast)  # the weights changed: recast the head next time
     from transformers import get_scheduler
 
     scheduler = get_scheduler(SCHEDULES[cfg.lr_schedule], optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=steps.total_steps)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=precision == "fp16")  # loss scaling only for fp16
-    state = TrainState(run_id=uuid.uuid4().hex, fingerprints=fingerprints)
+    run_id = dist.gather(uuid.uuid4().hex)[0]  # rank 0's, on every rank
+    state = TrainState(run_id=run_id, fingerprints=fingerprints, world_size=dist.world_size)
     if checkpoint is not None:
-        state = checkpointer.restore(checkpoint, model, optimizer, scheduler, scaler)
+        state = checkpointer.restore(checkpoint, loss_model, optimizer, scheduler, scaler)
         state.fingerprints = fingerprints
         log(f"resumed from {checkpoint}: step {state.step:,}, epoch {state.epoch}, "
             f"{state.step_in_epoch:,} steps into it")
@@ -343,11 +372,13 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
             clear_previous_run(out)  # nothing of an older run may mix with this one
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_yaml)
+    dist.barrier()  # the other ranks go on once rank 0 has cleared and written
     log(f"training: {describe_plan(cfg, steps, max_length)}, lr {cfg.lr:g} ({cfg.lr_schedule}, "
         f"{cfg.warmup_steps} warm-up), output {out}")
-    log(f"loss: {'output projection fused with cross-entropy, ' if model.fused else ''}token-weighted over each step")
-    return Run(resolved, dist, out, precision, tokenizer, model, steps, optimizer, scheduler, scaler, checkpointer,
-               state, checkpoint, lock)
+    log(f"loss: {'output projection fused with cross-entropy, ' if loss_model.fused else ''}token-weighted over "
+        f"each step" + (f"; {dist.world_size} ranks ({type(wrapped).__name__})" if dist.distributed else ""))
+    return Run(resolved, dist, out, precision, tokenizer, wrapped, loss_model, steps, optimizer, scheduler, scaler,
+               checkpointer, state, checkpoint, lock)
 
 
 def tokenizer_identity(tokenizer) -> str:
@@ -358,6 +389,8 @@ def tokenizer_identity(tokenizer) -> str:
 
 def describe_plan(cfg: SFTConfig, steps: StepSource, max_length: int) -> str:
     batching = f"{cfg.grad_accum} x {cfg.batch_size} {'packed rows of ' + str(max_length) if cfg.packing else 'rows'}"
+    if steps.world_size > 1:
+        batching += f" per rank x {steps.world_size} ranks"
     batching += f" of at most {cfg.batch_tokens:,} tokens" if cfg.batch_tokens else ""
     batching += ", grouped by length" if cfg.group_by_length and not cfg.packing else ""
     per_epoch = f"{steps.steps_per_epoch:,} per epoch" if steps.steps_per_epoch else "streamed"

@@ -61,6 +61,7 @@ class TrainState:
     evals: list = field(default_factory=list)
     run_id: str = ""  # made at a fresh start and kept by resumes: checkpoint rotation touches only this run's
     fingerprints: dict = field(default_factory=dict)  # {"data": ..., "tokenizer": ...}: what resume must find again
+    world_size: int = 1  # ranks that trained it: batch_size is per rank, so another count makes other steps
 
 
 def rng_state() -> dict:
@@ -130,9 +131,10 @@ class FullCheckpointer:
             raise TrainingDiverged(f"the weights at step {state.step} are not finite; no checkpoint was written "
                                    f"(lower --lr, then --resume auto from the last checkpoint)")
         final = self.root / f"step-{state.step}"
+        rng_ranks = self.dist.gather(rng_state())  # each rank's generators: all are restored on resume
         if self.dist.is_main:
             save_checkpoint(self.root, model, self.tokenizer, optimizer, scheduler, scaler, state, self.config_yaml,
-                            self.keep_last, self.hashes)
+                            self.keep_last, self.hashes, rng_ranks)
         self.dist.barrier()
         return final
 
@@ -143,7 +145,7 @@ class FullCheckpointer:
         return str(path)
 
     def restore(self, path: Path, model, optimizer, scheduler, scaler) -> TrainState:
-        return load_training_state(path, optimizer, scheduler, scaler)
+        return load_training_state(path, optimizer, scheduler, scaler, self.dist.rank)
 
 
 def weights_finite(model) -> bool:
@@ -154,7 +156,7 @@ def weights_finite(model) -> bool:
 
 
 def save_checkpoint(root: Path, model, tokenizer, optimizer, scheduler, scaler, state: TrainState,
-                    config_yaml: str, keep_last: int, hashes: bool = False) -> Path:
+                    config_yaml: str, keep_last: int, hashes: bool = False, rng_ranks: list | None = None) -> Path:
     """Write `root/step-<N>` atomically, then remove all but the newest `keep_last` complete ones."""
     from sftune.modeling import save_model
 
@@ -167,7 +169,8 @@ def save_checkpoint(root: Path, model, tokenizer, optimizer, scheduler, scaler, 
         staging.mkdir()
         save_model(model, tokenizer, staging)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "rng": rng_state()}, staging / TRAINING_STATE)
+                    "scaler": scaler.state_dict(), "rng": rng_state(), "rng_ranks": rng_ranks or []},
+                   staging / TRAINING_STATE)
         (staging / "config.yaml").write_text(config_yaml)
         if os.environ.get("SFTUNE_FAULT_SLOW_SAVE"):  # test hook: hold the staging phase open for a kill test
             time.sleep(float(os.environ["SFTUNE_FAULT_SLOW_SAVE"]))
@@ -246,7 +249,7 @@ def find_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
     return None
 
 
-def load_training_state(path: Path, optimizer, scheduler, scaler) -> TrainState:
+def load_training_state(path: Path, optimizer, scheduler, scaler, rank: int = 0) -> TrainState:
     """Restore optimizer, scheduler, scaler and RNG states from checkpoint `path`; return its TrainState."""
     try:
         blob = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)
@@ -257,7 +260,8 @@ def load_training_state(path: Path, optimizer, scheduler, scaler) -> TrainState:
     optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     scaler.load_state_dict(blob["scaler"])
-    set_rng_state(blob["rng"])
+    ranks = blob.get("rng_ranks") or []
+    set_rng_state(ranks[rank] if rank < len(ranks) else blob["rng"])
     raw.pop("format", None)
     raw.pop("files", None)
     return TrainState(**raw)
@@ -279,6 +283,20 @@ def check_same_inputs(checkpoint: Path, fingerprints: dict, force: bool) -> None
     raise SftuneError(f"cannot resume from {checkpoint}: {' and '.join(changed)} since it was written, so the "
                       f"rest of the run would not continue the same one. Restore them, start a new run in another "
                       f"--output-dir, or pass --resume-force to continue anyway.")
+
+
+def check_same_world(checkpoint: Path, world_size: int) -> None:
+    """A run resumes with as many ranks as wrote the checkpoint: batch_size is per rank, so another world size
+    would put other rows in each step (the continuation would not be exact)."""
+    try:
+        saved = json.loads((checkpoint / STATE_FILE).read_text()).get("world_size", 1)
+    except (OSError, ValueError):
+        return
+    if saved != world_size:
+        raise SftuneError(f"cannot resume from {checkpoint} with {world_size} process(es): it was written by a run of "
+                          f"{saved}, and batch_size is per process, so every later step would hold other rows. "
+                          f"Resume with torchrun --nproc-per-node {saved}" + (" (or without torchrun)" if saved == 1
+                                                                              else ""))
 
 
 def check_resume_compatible(checkpoint: Path, resolved: dict, force: bool) -> None:

@@ -26,8 +26,9 @@ from typing import Any, Literal
 
 from sftune import __version__
 from sftune.config import FIELDS, describe_type, field_type, read_yaml, resolve_config
-from sftune.console import log
+from sftune.console import is_main, log
 from sftune.errors import SftuneError
+from sftune.dist import env_rank
 from sftune.signals import Preempted
 
 GROUPS = {"model": "model", "data": "data", "train": "optimisation", "log": "evaluation, logging, output",
@@ -157,6 +158,8 @@ def cmd_train(args) -> None:
     else:
         print(summarize_config(cfg), file=sys.stderr)
     result = train(cfg)
+    if not is_main():
+        return
     first, last = result.first_val_loss, result.last_val_loss
     print(f"\ndone: {result.steps:,} steps, {result.tokens:,} tokens in {result.seconds:.1f}s "
           f"({result.tokens / max(result.seconds, 1e-9):,.0f} tok/s)")
@@ -344,6 +347,14 @@ def check_flags(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Na
         problems = []
         for flag in [e for e in extra if e.startswith("-")] or extra:
             name = flag.split("=", 1)[0]
+            if not name.startswith("-"):  # a stray value, most often after a yes/no option
+                at = argv.index(flag) if flag in argv else 0
+                before = argv[at - 1] if at else ""
+                yes_no = f"--no-{before[2:]}" in known
+                problems.append(f"unexpected value {flag!r}" + (
+                    f": {before} takes no value ({before} to turn it on, --no-{before[2:]} to turn it off)"
+                    if yes_no else ""))
+                continue
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
             problems.append(f"unknown option {name}" + (f"; did you mean {close[0]}?" if close else ""))
         sub.error("; ".join(problems) + f" (sftune {args.command} --help lists the options)")
@@ -358,11 +369,13 @@ def main(argv: list[str] | None = None) -> int:
     except SftuneError as e:
         if args.debug:
             raise
-        print(f"sftune {args.command}: error: {e}", file=sys.stderr)
+        who = "" if is_main() else f" [rank {env_rank()}]"  # under torchrun: rank 0 speaks, others only add
+        print(f"sftune {args.command}{who}: error: {e}", file=sys.stderr)
         return e.exit_code
     except Preempted as e:
         then = "continue with --resume auto" if e.checkpoint else "start again with --resume auto"
-        print(f"sftune {args.command}: {e}; {then} (exit status {e.code})", file=sys.stderr)
+        if is_main():  # every rank stopped at the same step: one message
+            print(f"sftune {args.command}: {e}; {then} (exit status {e.code})", file=sys.stderr)
         return e.code
     except KeyboardInterrupt:
         print(f"sftune {args.command}: interrupted", file=sys.stderr)

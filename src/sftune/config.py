@@ -32,6 +32,7 @@ Init = Literal["pretrained", "random"]
 Device = Literal["auto", "cpu", "cuda"]
 Format = Literal["auto", "text", "prompt_completion", "chat", "chat_prompt_completion"]
 Side = Literal["right", "left"]
+Strategy = Literal["auto", "ddp", "fsdp"]
 
 
 def _f(default: Any, help: str, group: str) -> Any:
@@ -151,6 +152,13 @@ class SFTConfig:
         "fp32, bf16 or fp16.", "train"
     )
     device: Device = _f("auto", "auto (CUDA when present, else CPU), cpu or cuda.", "train")
+    strategy: Strategy = _f(
+        "auto", "Under torchrun: ddp (each rank a full copy of the model) or fsdp (sharded); auto is ddp when the "
+        "world size is above 1. batch_size is per rank: a step takes batch_size x grad_accum x world size rows.",
+        "train")
+    gradient_checkpointing: bool = _f(
+        False, "Recompute each transformer block's activations in the backward pass: less memory, about a third "
+        "more compute.", "train")
 
     # --- evaluation, logging, output ---------------------------------------
     eval_every: int | None = _f(

@@ -89,6 +89,27 @@ class Dist:
         """This rank's share of one global step's items (every world_size-th, from `rank`)."""
         return items[self.rank :: self.world_size] if self.distributed else items
 
+    def gather(self, obj) -> list:
+        """Every rank's `obj` (picklable), in rank order, on every rank."""
+        if not self.distributed:
+            return [obj]
+        import torch.distributed
+
+        out = [None] * self.world_size
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
+    def wrap(self, module, strategy: str):
+        """The module as training sees it: itself in one process, DDP-wrapped under torchrun."""
+        if not self.distributed:
+            return module
+        if strategy == "fsdp":
+            raise SftuneError("--strategy fsdp is not available yet; use --strategy ddp (each rank holds the whole "
+                              "model)")
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
     def close(self) -> None:
         import torch.distributed
 
@@ -109,7 +130,7 @@ def init_dist(device_name: str) -> Dist:
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if world_size > 1:
-        raise SftuneError(f"WORLD_SIZE is {world_size}: training in several processes (torchrun) is not supported "
-                          f"yet; run one process (python -m sftune train ...)")
+    if world_size > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     return Dist(rank, local_rank, world_size, device)

@@ -85,15 +85,18 @@ class LogWindow:
     def exclude(self, seconds: float) -> None:
         self.start += seconds
 
-    def close(self) -> tuple[float, float, float]:
-        """(loss, tokens/s, ms/step), then start a new window. note: .item() syncs; once per log line."""
+    def close(self, dist: Dist) -> tuple[float, float, float]:
+        """(loss over all ranks' targets, tokens/s, ms/step), then start a new window.
+        note: .item() syncs (and the all-reduce under torchrun); once per log line."""
         seconds = max(time.perf_counter() - self.start, 1e-9)
-        result = (self.loss.item() / max(self.targets, 1), self.tokens / seconds, 1000 * seconds / max(self.steps, 1))
+        loss_sum = dist.all_reduce_sum(self.loss.clone()).item()  # targets and tokens are global already
+        result = (loss_sum / max(self.targets, 1), self.tokens / seconds, 1000 * seconds / max(self.steps, 1))
         self.loss.zero_()
         self.steps, self.targets, self.tokens, self.start = 0, 0, 0, time.perf_counter()
         return result
 
     def saved(self) -> dict:
+        """What a checkpoint keeps (this rank's loss sum: each rank restores its own; rank 0's is written)."""
         return {"loss": self.loss.item(), "steps": self.steps, "targets": self.targets, "tokens": self.tokens}
 
 
@@ -110,6 +113,7 @@ def train(cfg: SFTConfig) -> TrainResult:
 def fit(run: Run, stop: StopFlag) -> TrainResult:
     """The loop: optimizer steps from `run.steps`, evals, checkpoints, the final model."""
     cfg, dist, model, state, out = run.cfg, run.dist, run.model, run.state, run.out
+    hf_model = run.loss_model.model  # the Hugging Face model inside the wrappers: what is saved and sampled
     optimizer, scheduler, scaler, precision = run.optimizer, run.scheduler, run.scaler, run.precision
     total_steps, per_epoch = run.steps.total_steps, run.steps.steps_per_epoch
     keep_metrics_until(out / "metrics.jsonl", state.step if run.resumed_from else -1, dist)  # redone steps go
@@ -120,7 +124,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
 
     def run_eval(step: int, interruptible: bool = False) -> None:
         started = time.perf_counter()
-        result = evaluate(model, run.steps.validation, cfg.eval_batch_size, run.tokenizer.pad_token_id, dist.device,
+        result = evaluate(run.loss_model, run.steps.validation, cfg.eval_batch_size, run.tokenizer.pad_token_id, dist.device,
                           precision, dist, stop=(lambda: stop.signum is not None) if interruptible else None)
         if result is None:  # a signal during the first evaluation: nothing trained, nothing to keep
             raise Preempted(stop.signum or 15, None)
@@ -134,7 +138,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
     def checkpoint_now() -> Path:
         started = time.perf_counter()
         state.evals, state.window, state.elapsed_s = evals, window.saved(), time.perf_counter() - start
-        path = run.checkpointer.save(state, model.model, optimizer, scheduler, scaler)
+        path = run.checkpointer.save(state, hf_model, optimizer, scheduler, scaler)
         log(f"checkpoint: {path}")
         saved_at.append(path)
         window.exclude(time.perf_counter() - started)
@@ -155,7 +159,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
     for step_data in run.steps.remaining(state) if state.step < total_steps else []:
         micro_batches = step_data.micro_batches
         loss_sum, step_targets = forward_backward(model, micro_batches, dist, precision, scaler)
-        step_tokens = sum(int(b["attention_mask"].sum()) for b in micro_batches)  # host tensors: no sync
+        step_tokens = step_data.tokens  # all ranks' real tokens, counted on the host
         if state.step + 1 in nan_steps:  # test hook: SFTUNE_FAULT_NAN_STEPS
             loss_sum = loss_sum * float("nan")
         scaler.unscale_(optimizer)
@@ -163,7 +167,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         # note: one host sync per step, to decide whether to apply the update
         finite = bool(torch.isfinite(loss_sum)) and (precision == "fp16" or bool(torch.isfinite(grad_norm)))
         finite = not dist.any(not finite)  # every rank skips, or none does
-        if not finite and not weights_finite(model):  # (rare: a sync only here) the last update broke them
+        if not finite and not weights_finite(hf_model):  # (rare: a sync only here) the last update broke them
             raise TrainingDiverged(
                 f"the update of step {state.step} made the weights non-finite (lr {scheduler.get_last_lr()[0]:g}); "
                 f"nothing from it was saved. Lower --lr and resume from "
@@ -184,19 +188,21 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         state.step_in_epoch += 1
         state.stream = step_data.stream
         state.tokens += step_tokens
-        state.padded_tokens += sum(b["input_ids"].numel() for b in micro_batches)
+        state.padded_tokens += step_data.padded_tokens
         window.add(loss_sum, step_targets, step_tokens)
         step = state.step
         bar.update(1)
 
         if step == 1 and cfg.log_every > 1:  # a first sign of life within seconds, even without a terminal
-            log(f"step      1/{total_steps:,} | loss {loss_sum.item() / max(step_targets, 1):.4f} "
+            first = dist.all_reduce_sum(loss_sum.clone()).item()
+            log(f"step      1/{total_steps:,} | loss {first / max(step_targets, 1):.4f} "
                 f"| {time.perf_counter() - window.start:.1f} s for the first step")
         if step % cfg.log_every == 0 or step == total_steps:
-            loss, rate, ms_per_step = window.close()
+            loss, rate, ms_per_step = window.close(dist)
             lr = scheduler.get_last_lr()[0]
             epoch_at = round(step / per_epoch, 4) if per_epoch else step_data.epoch
             metrics.write({"type": "train", "step": step, "epoch": epoch_at, "loss": loss, "lr": lr,
+                           "grad_norm": float(grad_norm),  # this step's, before clipping
                            "tokens": state.tokens, "padded_tokens": state.padded_tokens,
                            "elapsed_s": round(time.perf_counter() - start, 3), "tokens_per_s": rate})
             log(f"step {step:>6,}/{total_steps:,} | epoch {epoch_at:.2f} | loss {loss:.4f} | lr {lr:.2e} "
@@ -232,15 +238,16 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
     seconds = time.perf_counter() - start
 
     # --- outputs ----------------------------------------------------------------
-    if not weights_finite(model):
+    if not weights_finite(hf_model):
         raise TrainingDiverged(f"the weights after step {state.step} are not finite; the final model was not saved. "
                                f"Lower --lr and resume from {saved_at[-1] if saved_at else 'the start'}")
     if dist.is_main:
-        publish_model(model.model, run.tokenizer, out)
+        publish_model(hf_model, run.tokenizer, out)
+    dist.barrier()
     metrics.close()
     samples = {}
-    for prompt in cfg.sample_prompts:
-        samples[prompt] = complete(model.model, run.tokenizer, prompt, cfg.sample_max_new_tokens, seed=cfg.seed,
+    for prompt in cfg.sample_prompts if dist.is_main else []:
+        samples[prompt] = complete(hf_model, run.tokenizer, prompt, cfg.sample_max_new_tokens, seed=cfg.seed,
                                    chat=run.steps.layout.format.startswith("chat"))[0]
     return TrainResult(out, state.step, state.tokens, seconds, evals, samples)
 

@@ -1,0 +1,124 @@
+"""Tier 2: several processes through torchrun (DDP, gloo on CPU) equal one process, and stop together.
+
+`torchrun --nproc-per-node 2` at batch 16 per rank trains on the same rows in each optimizer step as one
+process at batch 32 (the global step plan is the same; each rank takes every other row), with the loss
+token-weighted over both ranks' targets, so the weights agree within float rounding. The data mixes
+sentences of 5 and of 40-55 words in a shuffled order, so the two ranks hold very different lengths.
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import ROOT, read_jsonl, run_main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def uneven_data(tmp_path_factory):
+    rng = random.Random(0)
+    words = "the film is a warm funny sad long dull bright story of love and loss in a small town".split()
+    d = tmp_path_factory.mktemp("uneven")
+    for split, n in (("train", 96), ("validation", 20)):
+        rows = [" ".join(rng.choice(words) for _ in range(rng.choice([6, 7, 40, 55]))) for _ in range(n)]
+        (d / f"{split}.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    return d
+
+
+def args(model_dir, data, out, batch, *extra):
+    return ["train", "--model", str(model_dir), "--dataset", str(data), "--batch-size", str(batch), "--max-steps", "3",
+            "--no-group-by-length", "--precision", "fp32", "--lr", "1e-4", "--log-every", "1",
+            "--output-dir", str(out), *extra]
+
+
+def torchrun(*argv, ranks=2, **popen):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+           "-m", "sftune", *argv]
+    return subprocess.Popen(cmd, cwd=ROOT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, **popen)
+
+
+def metrics(out):
+    rows = read_jsonl(out / "metrics.jsonl")
+    return ([(r["step"], r["loss"], r["tokens"], r["grad_norm"]) for r in rows if r["type"] == "train"],
+            [(r["step"], r["val_loss"]) for r in rows if r["type"] == "eval"])
+
+
+def test_the_two_ranks_hold_rows_of_very_different_lengths(uneven_data, gpt2_tokenizer):
+    from conftest import prepare
+    from sftune.batching import epoch_steps
+
+    data = prepare(uneven_data, gpt2_tokenizer, 128, cache_dir=uneven_data / "cache")
+    lengths = data.train.lengths
+    first = epoch_steps(lengths, 32, 1, 42, 0, group_by_length=False)[0][0]
+    per_rank = [int(lengths[first[r::2]].sum()) for r in (0, 1)]
+    assert sorted(lengths.tolist())[0] < 12 and sorted(lengths.tolist())[-1] > 40
+    assert abs(per_rank[0] - per_rank[1]) > 0.1 * max(per_rank)  # the ranks' shares differ in tokens
+
+
+@pytest.mark.parametrize("one, per_rank", [((32, 1), (16, 1)), ((16, 2), (8, 2))], ids=["accum1", "accum2"])
+def test_torchrun_ddp_equals_one_process(one, per_rank, uneven_data, tiny_model_dir, tmp_path, capsys):
+    single = tmp_path / "one"
+    code, _, err = run_main(capsys, *args(tiny_model_dir, uneven_data, single, one[0], "--grad-accum", str(one[1])))
+    assert code == 0, err
+    double = tmp_path / "two"
+    proc = torchrun(*args(tiny_model_dir, uneven_data, double, per_rank[0], "--grad-accum", str(per_rank[1])),
+                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "2 ranks (DistributedDataParallel)" in err and "per rank x 2 ranks" in err
+    assert out.count("done: 3 steps") == 1  # only rank 0 prints
+    a, b = load_file(single / "model.safetensors"), load_file(double / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+    (train_a, evals_a), (train_b, evals_b) = metrics(single), metrics(double)
+    assert [(s, t) for s, _, t, _ in train_a] == [(s, t) for s, _, t, _ in train_b]  # same steps, same tokens
+    np.testing.assert_allclose([l for _, l, _, _ in train_b], [l for _, l, _, _ in train_a], rtol=1e-5)
+    # the gradient itself, before clipping: Adam's update hides a wrong gradient scale, the norm does not
+    np.testing.assert_allclose([g for *_, g in train_b], [g for *_, g in train_a], rtol=1e-5)
+    assert [s for s, _ in evals_a] == [s for s, _ in evals_b]
+    np.testing.assert_allclose([v for _, v in evals_b], [v for _, v in evals_a], rtol=1e-6)  # sum over sum
+
+
+def test_sigterm_to_the_launcher_stops_every_rank_at_one_step_then_resume_is_exact(uneven_data, tiny_model_dir,
+                                                                                 tmp_path, capsys):
+    longer = ("--max-steps", "12", "--save-every", "5")
+    full = tmp_path / "full"
+    proc = torchrun(*args(tiny_model_dir, uneven_data, full, 16, *longer), stderr=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+
+    out = tmp_path / "run"
+    proc = torchrun(*args(tiny_model_dir, uneven_data, out, 16, *longer), stderr=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL)
+    for line in proc.stderr:
+        if line.startswith("step      3/"):
+            proc.send_signal(signal.SIGTERM)  # to torchrun, which passes it on to both ranks
+            break
+    err = proc.stderr.read()
+    proc.wait(timeout=120)
+    assert "stopped by SIGTERM" in err, err
+    saved = sorted(int(p.name[5:]) for p in (out / "checkpoints").glob("step-*"))
+    assert saved and saved[-1] >= 3  # one checkpoint, written once, at the step both ranks agreed on
+
+    proc = torchrun(*args(tiny_model_dir, uneven_data, out, 16, *longer, "--resume", "auto"),
+                    stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert "resumed from" in err
+    a, b = load_file(full / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise: same world size, same steps
+    assert metrics(out) == metrics(full)
+
+    # another world size is refused: batch_size is per rank, so the steps would differ
+    code, _, err = run_main(capsys, *args(tiny_model_dir, uneven_data, out, 16, *longer, "--resume", "auto"))
+    assert code == 2 and "it was written by a run of 2" in err and "--nproc-per-node 2" in err
