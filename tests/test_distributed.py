@@ -64,13 +64,21 @@ def test_the_two_ranks_hold_rows_of_very_different_lengths(uneven_data, gpt2_tok
     assert abs(per_rank[0] - per_rank[1]) > 0.1 * max(per_rank)  # the ranks' shares differ in tokens
 
 
-@pytest.mark.parametrize("one, per_rank", [((32, 1), (16, 1)), ((16, 2), (8, 2))], ids=["accum1", "accum2"])
-def test_torchrun_ddp_equals_one_process(one, per_rank, uneven_data, tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("one, per_rank, family", [((32, 1), (16, 1), None), ((16, 2), (8, 2), None),
+                                                   ((32, 1), (16, 1), "tiny-llama")],
+                         ids=["gpt2-accum1", "gpt2-accum2", "llama-accum1"])
+def test_torchrun_ddp_equals_one_process(one, per_rank, family, uneven_data, tiny_model_dir, tmp_path, capsys):
+    model_dir, extra = tiny_model_dir, []
+    if family:  # a Llama-shaped model (untied head, RMSNorm, rotary positions) through the same path
+        from test_families import family_model
+
+        model_dir, extra = tmp_path / family, ["--tokenizer", "bundled:gpt2"]
+        family_model(family).save_pretrained(model_dir)
     single = tmp_path / "one"
-    code, _, err = run_main(capsys, *args(tiny_model_dir, uneven_data, single, one[0], "--grad-accum", str(one[1])))
+    code, _, err = run_main(capsys, *args(model_dir, uneven_data, single, one[0], "--grad-accum", str(one[1]), *extra))
     assert code == 0, err
     double = tmp_path / "two"
-    proc = torchrun(*args(tiny_model_dir, uneven_data, double, per_rank[0], "--grad-accum", str(per_rank[1])),
+    proc = torchrun(*args(model_dir, uneven_data, double, per_rank[0], "--grad-accum", str(per_rank[1]), *extra),
                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err

@@ -32,7 +32,8 @@ from sftune.data.formats import Layout
 from sftune.dist import Dist, init_dist
 from sftune.errors import SftuneError
 from sftune.loss import CausalLMLoss
-from sftune.modeling import context_length, load_model, load_model_config, load_tokenizer
+from sftune.modeling import context_length, enable_activation_checkpointing, load_model, load_model_config, \
+    load_tokenizer
 from sftune.outputs import OutputLock, check_output_dir, clear_previous_run, finished_without_checkpoints, \
     resolve_output_dir
 from sftune.runtime import resolve_precision, seed_everything
@@ -342,8 +343,8 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     # the checkpoint's weights when resuming (the checks above make sure it is the same model), else the base
     weights = checkpointer.weights(checkpoint) if checkpoint is not None else None
     model = load_model(weights or cfg.model, "pretrained" if weights else cfg.init, cfg.trust_remote_code, cfg.seed)
-    if cfg.gradient_checkpointing:  # per transformer block, non-reentrant (works under DDP and FSDP)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.gradient_checkpointing:
+        enable_activation_checkpointing(model)
     loss_model = CausalLMLoss(model.to(dist.device))
     wrapped = dist.wrap(loss_model, cfg.strategy)  # DDP under torchrun; the module itself in one process
     # fused AdamW: one kernel over all parameters (measured 6x faster than foreach on CPU, benchmarks/NOTES.md)

@@ -152,3 +152,13 @@ def save_model(model, tokenizer, out_dir: Path) -> None:
     model.generation_config = gen
     model.save_pretrained(out_dir)  # safetensors is the only format transformers 5 writes
     tokenizer.save_pretrained(out_dir)
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each transformer block's activations in the backward (non-reentrant: works under DDP and FSDP).
+    transformers renamed the method in 5.x (`activation_checkpointing_enable`); older releases have the old name."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)

@@ -1,0 +1,103 @@
+"""Tier 2: any causal-LM family goes through the same path: tiny Llama-, Qwen2- and Mistral-shaped models
+(random init from the `config.json` files in tests/fixtures, GPT-2's tokenizer) train with the fused loss,
+evaluate, generate, checkpoint and resume exactly; the fused loss equals the plain one for each."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import QUICKSTART_DATA, read_jsonl, run_main
+
+FIXTURES = Path(__file__).parent / "fixtures"
+FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-mistral"]
+
+
+def family_model(name: str, seed: int = 0):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(FIXTURES / name), dtype=torch.float32)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_fused_loss_equals_the_plain_one(name):
+    import numpy as np
+
+    from sftune.batching import collate
+    from sftune.data import Examples
+    from sftune.loss import CausalLMLoss, supports_fused_ce
+
+    model = family_model(name)
+    assert supports_fused_ce(model)
+    rng = np.random.default_rng(0)
+    ex = Examples.from_lists([rng.integers(0, 50_000, n).tolist() for n in (5, 17, 30)])
+    batch = collate(ex, [0, 1, 2], 50256)
+    grads = []
+    for fused in (False, True):
+        model.zero_grad()
+        loss = CausalLMLoss(model, fused)(batch)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-6, atol=1e-4)
+    for a, b in zip(grads[1][1], grads[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_family_trains_evaluates_generates_and_resumes_exactly(name, tmp_path, capsys):
+    model_dir = tmp_path / "base"
+    family_model(name).save_pretrained(model_dir)
+    argv = ["train", "--model", str(model_dir), "--tokenizer", "bundled:gpt2", "--dataset", str(QUICKSTART_DATA),
+            "--batch-size", "16", "--max-steps", "6", "--save-every", "3", "--lr", "3e-3", "--precision", "fp32",
+            "--log-every", "1"]
+    full = tmp_path / "full"
+    code, _, err = run_main(capsys, *argv, "--output-dir", str(full))
+    assert code == 0, err
+    assert "output projection fused with cross-entropy" in err
+    evals = [r for r in read_jsonl(full / "metrics.jsonl") if r["type"] == "eval"]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
+
+    # resume from the step-3 checkpoint in another directory: the same steps 4-6, bitwise
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(full / "checkpoints" / "step-3", resumed / "checkpoints" / "step-3")
+    code, _, err = run_main(capsys, *argv, "--output-dir", str(resumed), "--resume", "auto")
+    assert code == 0, err
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    code, out, err = run_main(capsys, "eval", "--model", str(full), "--dataset", str(QUICKSTART_DATA), "--json")
+    assert code == 0, err
+    assert abs(__import__("json").loads(out)["val_loss"] - evals[-1]["val_loss"]) < 1e-4
+    code, out, err = run_main(capsys, "generate", "--model", str(full), "--prompt", "the film is",
+                              "--max-new-tokens", "5", "--temperature", "0")
+    assert code == 0 and out.startswith("[0] the film is"), err
+
+
+@pytest.mark.parametrize("name", ["gpt2", "tiny-llama"])
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(name):
+    """--gradient-checkpointing recomputes each block's activations in the backward: same numbers, less memory."""
+    from conftest import make_tiny_gpt2
+    from sftune.batching import collate
+    from sftune.data import Examples
+    from sftune.loss import CausalLMLoss
+    from sftune.modeling import enable_activation_checkpointing
+
+    results = []
+    for checkpointing in (False, True):
+        model = make_tiny_gpt2() if name == "gpt2" else family_model(name)
+        if checkpointing:
+            enable_activation_checkpointing(model)
+            assert getattr(model, "is_activation_checkpointing", None) or model.is_gradient_checkpointing
+        model.train()
+        batch = collate(Examples.from_lists([list(range(100, 100 + n)) for n in (7, 19, 33)]), [0, 1, 2], 50256)
+        loss = CausalLMLoss(model)(batch)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-6, atol=0)
+    for a, b in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
