@@ -1,0 +1,89 @@
+"""Peak memory and step time with and without --gradient-checkpointing, each run in its own process.
+
+    python benchmarks/memory.py                      # GPT-2 small (random init), CPU: peak RSS
+    python benchmarks/memory.py --device cuda        # on a GPU: peak allocated GPU memory too
+
+GPT-2 small is built from ../shared/models/gpt2/config.json (random weights) with GPT-2's bundled tokenizer; the
+data is 64 rows of 120 words (about 125 tokens each), so every micro-batch is rows x ~126 tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+GPT2_CONFIG = ROOT.parent / "shared" / "models" / "gpt2" / "config.json"
+
+
+def worker(args) -> dict:
+    import torch
+
+    import sftune
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        config = AutoConfig.from_pretrained(GPT2_CONFIG.parent)
+        AutoModelForCausalLM.from_config(config).save_pretrained(tmp / "model")
+        words = "the film is a warm funny sad long dull bright story of love and loss in a small town".split()
+        rows = [" ".join(words[(i + j) % len(words)] for j in range(120)) for i in range(64)]
+        (tmp / "data").mkdir()
+        for split in ("train", "validation"):
+            (tmp / "data" / f"{split}.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+        cfg = sftune.resolve_config({
+            "model": str(tmp / "model"), "tokenizer": "bundled:gpt2", "dataset": str(tmp / "data"),
+            "batch_size": args.batch_size, "max_steps": args.steps + 1, "log_every": 1, "eval_batch_size": 4,
+            "gradient_checkpointing": args.checkpointing, "device": args.device, "output_dir": str(tmp / "run"),
+            "cache_dir": str(tmp / "cache")})
+        if args.device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        sftune.train(cfg)
+        rows = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+        steps = [r for r in rows if r["type"] == "train"]
+        seconds = (steps[-1]["elapsed_s"] - steps[0]["elapsed_s"]) / (len(steps) - 1)  # after the first step
+        result = {"checkpointing": args.checkpointing, "s_per_step": seconds,
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        if args.device == "cuda":
+            result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
+            result["gpu"] = torch.cuda.get_device_name()
+        return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    results = []
+    for checkpointing in (False, True):
+        cmd = [sys.executable, __file__, "--worker", "--device", args.device, "--batch-size", str(args.batch_size),
+               "--steps", str(args.steps)] + (["--checkpointing"] if checkpointing else [])
+        t0 = time.perf_counter()
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+        results.append({**json.loads(out.strip().splitlines()[-1]), "wall_s": time.perf_counter() - t0})
+    if args.json:
+        print(json.dumps(results, indent=1))
+        return
+    print(f"GPT-2 small, batch {args.batch_size} x ~126 tokens, {args.device}")
+    print(f"{'checkpointing':<15}{'s/step':>9}{'peak RSS MB':>13}" + (f"{'peak GPU MB':>13}" if args.device == "cuda" else ""))
+    for r in results:
+        gpu = f"{r['peak_gpu_mb']:>13,.0f}" if "peak_gpu_mb" in r else ""
+        print(f"{str(r['checkpointing']):<15}{r['s_per_step']:>9.2f}{r['peak_rss_mb']:>13,.0f}{gpu}")
+
+
+if __name__ == "__main__":
+    main()
