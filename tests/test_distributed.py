@@ -95,8 +95,11 @@ def test_torchrun_ddp_equals_one_process(one, per_rank, family, uneven_data, tin
     np.testing.assert_allclose([v for _, v in evals_b], [v for _, v in evals_a], rtol=1e-6)  # sum over sum
 
 
-def test_sigterm_to_the_launcher_stops_every_rank_at_one_step_then_resume_is_exact(uneven_data, tiny_model_dir,
-                                                                                 tmp_path, capsys):
+def test_sigterm_to_the_launcher_and_kill_9_of_a_rank_then_resume_is_exact(uneven_data, tiny_model_dir, tmp_path,
+                                                                             capsys):
+    """SIGTERM to torchrun: both ranks stop at one step and save once (torchrun itself exits 1 with its own
+    message; each rank exits 143). Then kill -9 of one rank: the run dies. Each time --resume auto continues,
+    and the end result is an uninterrupted 2-rank run's, bitwise."""
     longer = ("--max-steps", "8", "--save-every", "5")
     full = tmp_path / "full"
     proc = torchrun(*args(tiny_model_dir, uneven_data, full, 16, *longer), stderr=subprocess.PIPE,
@@ -117,11 +120,23 @@ def test_sigterm_to_the_launcher_stops_every_rank_at_one_step_then_resume_is_exa
     saved = sorted(int(p.name[5:]) for p in (out / "checkpoints").glob("step-*"))
     assert saved and saved[-1] >= 3  # one checkpoint, written once, at the step both ranks agreed on
 
+    # kill -9 of one rank mid-run: torchrun ends the other, the run dies; then it resumes from its last checkpoint
+    proc = torchrun(*args(tiny_model_dir, uneven_data, out, 16, *longer, "--resume", "auto"),
+                    stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    for line in proc.stderr:
+        if line.startswith("step      6/"):  # past the checkpoint of step 5
+            ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+            os.kill(int(ranks[-1]), signal.SIGKILL)
+            break
+    proc.stderr.read()
+    assert proc.wait(timeout=120) != 0
+    assert not (out / "model.safetensors").exists()
+
     proc = torchrun(*args(tiny_model_dir, uneven_data, out, 16, *longer, "--resume", "auto"),
                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    assert "resumed from" in err
+    assert f"resumed from {out / 'checkpoints' / 'step-5'}" in err
     a, b = load_file(full / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise: same world size, same steps
     assert metrics(out) == metrics(full)
