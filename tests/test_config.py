@@ -108,3 +108,15 @@ def test_quickstart_points_at_files_in_the_repo():
     assert (ROOT / cfg.model / "config.json").is_file()
     assert (ROOT / cfg.dataset / "train.jsonl").is_file() and (ROOT / cfg.dataset / "validation.jsonl").is_file()
     assert cfg.tokenizer == "bundled:gpt2" and cfg.init == "random"
+
+
+def test_the_1b_llama_example_is_1b_and_fits_its_tokenizer():
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = load_config(ROOT / "configs" / "llama-1b.yaml")
+    model_config = AutoConfig.from_pretrained(ROOT / cfg.model)
+    with torch.device("meta"):  # no memory: only the shapes
+        model = AutoModelForCausalLM.from_config(model_config)
+    assert 1.0e9 < sum(p.numel() for p in model.parameters()) < 1.3e9
+    assert model_config.model_type == "llama" and model_config.vocab_size >= 50257  # GPT-2's tokenizer fits
