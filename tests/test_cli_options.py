@@ -75,3 +75,16 @@ def test_max_steps_beyond_an_epoch_runs_them_and_a_long_warmup_is_warned(tmp_pat
     assert [r["step"] for r in rows if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert [r["step"] for r in rows if r["type"] == "eval"] == [0, 4, 6]  # the epoch's end, and the run's
     assert "done: 6 steps" in stdout
+
+
+def test_eval_and_data_stream_without_max_steps(tiny_model_dir, capsys):
+    """--streaming needs --max-steps to train (the schedule's end), not to evaluate or report."""
+    from conftest import QUICKSTART_DATA
+
+    code, out, err = run_main(capsys, "eval", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA),
+                              "--streaming", "--json")
+    assert code == 0, err
+    assert json.loads(out)["examples"] > 0
+    code, out, err = run_main(capsys, "data", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA),
+                              "--streaming", "--json")
+    assert code == 0, err

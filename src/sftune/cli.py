@@ -82,7 +82,7 @@ def config_from_args(args: argparse.Namespace):
     file_values = read_yaml(args.config) if args.config else {}
     flags = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
     source = f"config ({args.config} + flags)" if args.config else "flags"
-    cfg = resolve_config(file_values, flags, source=source)
+    cfg = resolve_config(file_values, flags, source=source, training=args.command == "train")
     quiet_libraries()  # the heavy imports come after the config is known to be valid: its errors are instant
     return cfg
 
@@ -225,6 +225,8 @@ def cmd_eval(args) -> None:
     data, _ = build_data(cfg, tokenizer, model.config, dist)  # streaming: only the validation split is read
     result = evaluate(model, data.validation, cfg.eval_batch_size or cfg.batch_size, tokenizer.pad_token_id,
                       dist.device, precision, dist)
+    if not dist.is_main:  # under torchrun every rank evaluated its share; rank 0 reports the sum over sum
+        return
     report = {"model": cfg.model, "dataset": cfg.dataset, "split": "validation", "val_loss": result.loss,
               "val_ppl": result.perplexity, "examples": result.examples, "target_tokens": result.targets,
               "precision": precision}

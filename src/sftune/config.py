@@ -288,7 +288,7 @@ def coerce(name: str, value: Any) -> Any:
     raise AssertionError(f"unhandled config type for {name}: {base}")
 
 
-def _checks(cfg: SFTConfig) -> list[str]:
+def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
     """Range checks across fields; each problem names the key and the fix."""
     problems = []
 
@@ -318,7 +318,7 @@ def _checks(cfg: SFTConfig) -> list[str]:
     need(cfg.sample_max_new_tokens >= 1, "sample_max_new_tokens", "must be at least 1")
     need(bool(cfg.model), "model", "must name a Hub id or a local directory")
     need(bool(cfg.dataset), "dataset", "must name a Hub id, a directory or a file")
-    need(not cfg.streaming or cfg.max_steps is not None, "max_steps",
+    need(not training or not cfg.streaming or cfg.max_steps is not None, "max_steps",
          "must be set with streaming: a stream's length is unknown up front, and so is the schedule's end")
     need(cfg.stream_val_rows >= 1, "stream_val_rows", "must be at least 1")
     need(cfg.chat_template is None or Path(cfg.chat_template).expanduser().is_file(), "chat_template",
@@ -326,7 +326,7 @@ def _checks(cfg: SFTConfig) -> list[str]:
     return problems
 
 
-def resolve_config(*layers: dict[str, Any], source: str = "config") -> SFTConfig:
+def resolve_config(*layers: dict[str, Any], source: str = "config", training: bool = True) -> SFTConfig:
     """Merge layers of overrides (later wins) over the defaults, validate once.
 
     Raises SftuneError listing every unknown key, wrong type and bad range.
@@ -349,7 +349,7 @@ def resolve_config(*layers: dict[str, Any], source: str = "config") -> SFTConfig
                 problems.append(f"`{key}` {e}")
     if not problems:
         cfg = SFTConfig(**values)
-        problems = _checks(cfg)
+        problems = _checks(cfg, training)  # (eval and data need no max_steps to stream)
     if problems:
         raise SftuneError(f"invalid {source}:\n  - " + "\n  - ".join(problems))
     return cfg
