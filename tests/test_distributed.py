@@ -1,4 +1,4 @@
-"""Tier 2: several processes through torchrun (DDP, gloo on CPU) equal one process, and stop together.
+"""Tier 2: several processes through torchrun (DDP and FSDP, gloo on CPU) equal one process, and stop together.
 
 `torchrun --nproc-per-node 2` at batch 16 per rank trains on the same rows in each optimizer step as one
 process at batch 32 (the global step plan is the same; each rank takes every other row), with the loss
@@ -9,6 +9,7 @@ sentences of 5 and of 40-55 words in a shuffled order, so the two ranks hold ver
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -64,35 +65,79 @@ def test_the_two_ranks_hold_rows_of_very_different_lengths(uneven_data, gpt2_tok
     assert abs(per_rank[0] - per_rank[1]) > 0.1 * max(per_rank)  # the ranks' shares differ in tokens
 
 
-@pytest.mark.parametrize("one, per_rank, family", [((32, 1), (16, 1), "tiny-llama"), ((16, 2), (8, 2), None)],
-                         ids=["llama-batch32", "gpt2-accum2"])  # (the SIGTERM test below runs GPT-2 at 2 x 16)
-def test_torchrun_ddp_equals_one_process(one, per_rank, family, uneven_data, tiny_model_dir, tmp_path, capsys):
-    model_dir, extra = tiny_model_dir, []
-    if family:  # a Llama-shaped model (untied head, RMSNorm, rotary positions) through the same path
-        from test_families import family_model
+def launch(runs: list[list[str]], tmp_path, ranks: int = 2) -> str:
+    """One torchrun launch that runs each `sftune` argument list in turn (tests/distributed_runs.py)."""
+    spec = tmp_path / f"runs-{len(list(tmp_path.glob('runs-*')))}.json"
+    spec.write_text(json.dumps(runs))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+           str(ROOT / "tests" / "distributed_runs.py"), str(spec)]
+    proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, timeout=600,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout + proc.stderr
 
-        model_dir, extra = tmp_path / family, ["--tokenizer", "bundled:gpt2"]
-        family_model(family).save_pretrained(model_dir)
-    single = tmp_path / "one"
-    code, _, err = run_main(capsys, *args(model_dir, uneven_data, single, one[0], "--grad-accum", str(one[1]), *extra))
-    assert code == 0, err
-    double = tmp_path / "two"
-    proc = torchrun(*args(model_dir, uneven_data, double, per_rank[0], "--grad-accum", str(per_rank[1]), *extra),
-                    stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
-    assert "2 ranks (DistributedDataParallel)" in err and "per rank x 2 ranks" in err
-    assert out.count("done: 3 steps") == 1  # only rank 0 prints
+
+def assert_same_training(single, double):
     a, b = load_file(single / "model.safetensors"), load_file(double / "model.safetensors")
+    assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
     (train_a, evals_a), (train_b, evals_b) = metrics(single), metrics(double)
     assert [(s, t) for s, _, t, _ in train_a] == [(s, t) for s, _, t, _ in train_b]  # same steps, same tokens
     np.testing.assert_allclose([l for _, l, _, _ in train_b], [l for _, l, _, _ in train_a], rtol=1e-5)
-    # the gradient itself, before clipping: Adam's update hides a wrong gradient scale, the norm does not
-    np.testing.assert_allclose([g for *_, g in train_b], [g for *_, g in train_a], rtol=1e-5)
+    # the gradient itself, before clipping: Adam's update hides a wrong gradient scale, the norm does not. (FSDP
+    # sums the norm's squares shard by shard: 2.4e-5 relative off on the Llama-shaped model; a scale bug is 2x.)
+    np.testing.assert_allclose([g for *_, g in train_b], [g for *_, g in train_a], rtol=1e-4)
     assert [s for s, _ in evals_a] == [s for s, _ in evals_b]
     np.testing.assert_allclose([v for _, v in evals_b], [v for _, v in evals_a], rtol=1e-6)  # sum over sum
+
+
+def test_ddp_and_fsdp_on_two_ranks_equal_one_process_and_fsdp_resumes_exactly(uneven_data, tiny_model_dir,
+                                                                            tmp_path, capsys):
+    """2 ranks at batch 16 = 1 process at batch 32, and at 8 x accum 2 = 16 x accum 2: DDP and FSDP (GPT-2 with
+    its tied head, and a Llama-shaped model). The FSDP run's sharded (DCP) checkpoint then resumes bitwise, and its
+    final model is a whole Hugging Face model that loads in one process."""
+    from test_families import family_model
+
+    llama = tmp_path / "tiny-llama"
+    family_model("tiny-llama").save_pretrained(llama)
+    cases = {  # name: (model, extra flags, single process (batch, accum), per rank (batch, accum), strategy)
+        "ddp": (tiny_model_dir, [], (32, 1), (16, 1), "ddp"),
+        "ddp-accum": (tiny_model_dir, [], (16, 2), (8, 2), "ddp"),
+        "fsdp-accum": (tiny_model_dir, ["--save-every", "2"], (16, 2), (8, 2), "fsdp"),
+        "fsdp-llama": (llama, ["--tokenizer", "bundled:gpt2"], (32, 1), (16, 1), "fsdp"),
+    }
+    runs = []
+    for name, (model, extra, one, per_rank, strategy) in cases.items():
+        code, _, err = run_main(capsys, *args(model, uneven_data, tmp_path / f"{name}-one", one[0], "--grad-accum",
+                                              str(one[1]), *extra))
+        assert code == 0, err
+        runs.append(args(model, uneven_data, tmp_path / f"{name}-two", per_rank[0], "--grad-accum", str(per_rank[1]),
+                         "--strategy", strategy, *extra))
+    output = launch(runs, tmp_path)
+    assert "(DistributedDataParallel)" in output and "(FSDPCausalLMLoss)" in output and "per rank x 2 ranks" in output
+    assert output.count("done: 3 steps") == len(cases)  # only rank 0 prints
+    for name in cases:
+        try:
+            assert_same_training(tmp_path / f"{name}-one", tmp_path / f"{name}-two")
+        except AssertionError as e:
+            raise AssertionError(f"{name}: {e}") from None
+
+    # the sharded checkpoint: model and optimizer shards in DCP, no full model; resume from step 2 is exact
+    full = tmp_path / "fsdp-accum-two"
+    ckpt = full / "checkpoints" / "step-2"
+    assert (ckpt / "dcp" / ".metadata").is_file() and not (ckpt / "model.safetensors").exists()
+    resumed = tmp_path / "fsdp-resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(ckpt, resumed / "checkpoints" / "step-2")
+    output = launch([args(tiny_model_dir, uneven_data, resumed, 8, "--grad-accum", "2", "--strategy", "fsdp",
+                          "--save-every", "2", "--resume", "auto")], tmp_path)
+    assert f"resumed from {resumed / 'checkpoints' / 'step-2'}" in output
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(full) is not None
 
 
 def test_sigterm_to_the_launcher_and_kill_9_of_a_rank_then_resume_is_exact(uneven_data, tiny_model_dir, tmp_path,

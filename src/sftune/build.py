@@ -22,8 +22,8 @@ from typing import Iterator, Protocol
 import torch
 
 from sftune.batching import chunk_rows_for, collate, collate_packed, epoch_steps, packed_epoch_steps
-from sftune.checkpoint import Checkpointer, FullCheckpointer, TrainState, check_resume_compatible, check_same_inputs, \
-    check_same_world
+from sftune.checkpoint import Checkpointer, FullCheckpointer, ShardedCheckpointer, TrainState, \
+    check_resume_compatible, check_same_inputs, check_same_world
 from sftune.config import SFTConfig, dump_yaml, to_dict
 from sftune.console import log
 from sftune.data import DataOptions, Examples, PreparedData, prepare_data
@@ -330,8 +330,9 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
                        device=dist.device.type)
     config_yaml = dump_yaml(resolved)
     fingerprints = {"data": data.fingerprint, "tokenizer": tokenizer_identity(tokenizer)}
-    checkpointer = FullCheckpointer(out / "checkpoints", dist, tokenizer, config_yaml, cfg.keep_last,
-                                    cfg.checkpoint_hashes)
+    sharded = dist.distributed and cfg.strategy == "fsdp"
+    checkpointer = (ShardedCheckpointer if sharded else FullCheckpointer)(
+        out / "checkpoints", dist, tokenizer, config_yaml, cfg.keep_last, cfg.checkpoint_hashes)
     if dist.is_main and lock.fd is None:
         lock.acquire()  # the directory is new: take it before the first write
     checkpoint = checkpointer.latest(cfg.resume) if cfg.resume else None

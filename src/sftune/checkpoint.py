@@ -41,6 +41,8 @@ from sftune.dist import Dist
 from sftune.errors import SftuneError, TrainingDiverged
 
 STATE_FILE = "state.json"
+DCP_DIR = "dcp"  # a sharded checkpoint's model and optimizer, written by torch.distributed.checkpoint
+DCP_METADATA = f"{DCP_DIR}/.metadata"
 TRAINING_STATE = "training_state.pt"
 FORMAT_VERSION = 1
 
@@ -107,7 +109,8 @@ class Checkpointer(Protocol):
     """What the training loop needs from checkpoints, whatever their kind (full, sharded, adapter-only)."""
 
     def save(self, state: TrainState, model, optimizer, scheduler, scaler) -> Path:
-        """Write a checkpoint of `state` and the given objects, atomically; called on every rank."""
+        """Write a checkpoint of `state` and the given objects, atomically; called on every rank. `model` is the
+        loss module (`CausalLMLoss`, sharded in place under FSDP)."""
 
     def latest(self, resume: str) -> Path | None:
         """The checkpoint `resume` names ('auto': the newest good one, or None)."""
@@ -127,13 +130,13 @@ class FullCheckpointer:
         self.config_yaml, self.keep_last, self.hashes = config_yaml, keep_last, hashes
 
     def save(self, state: TrainState, model, optimizer, scheduler, scaler) -> Path:
-        if not weights_finite(model):  # never publish a non-finite state as one to resume from
+        if not weights_finite(model, self.dist):  # never publish a non-finite state as one to resume from
             raise TrainingDiverged(f"the weights at step {state.step} are not finite; no checkpoint was written "
                                    f"(lower --lr, then --resume auto from the last checkpoint)")
         final = self.root / f"step-{state.step}"
         rng_ranks = self.dist.gather(rng_state())  # each rank's generators: all are restored on resume
         if self.dist.is_main:
-            save_checkpoint(self.root, model, self.tokenizer, optimizer, scheduler, scaler, state, self.config_yaml,
+            save_checkpoint(self.root, getattr(model, "model", model), self.tokenizer, optimizer, scheduler, scaler, state, self.config_yaml,
                             self.keep_last, self.hashes, rng_ranks)
         self.dist.barrier()
         return final
@@ -148,11 +151,82 @@ class FullCheckpointer:
         return load_training_state(path, optimizer, scheduler, scaler, self.dist.rank)
 
 
-def weights_finite(model) -> bool:
-    """True when every parameter is finite. note: syncs with the device."""
+class ShardedCheckpointer(FullCheckpointer):
+    """FSDP: each rank writes its shards of the model and optimizer with torch.distributed.checkpoint (DCP) into
+    the same staging directory; rank 0 adds the rest (scheduler, scaler, every rank's RNG, tokenizer, config,
+    state.json last) and publishes by the same atomic rename. Resume loads the shards back into the sharded model,
+    whatever the file layout, and the checkpoint holds no full copy of the model."""
+
+    def save(self, state: TrainState, model, optimizer, scheduler, scaler) -> Path:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+        if not weights_finite(model, self.dist):
+            raise TrainingDiverged(f"the weights at step {state.step} are not finite; no checkpoint was written "
+                                   f"(lower --lr, then --resume auto from the last checkpoint)")
+        final, staging = self.root / f"step-{state.step}", self.root / f".staging-step-{state.step}"
+        if self.dist.is_main:
+            self.root.mkdir(parents=True, exist_ok=True)
+            for stale in self.root.glob(".staging-*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            staging.mkdir()
+        self.dist.barrier()
+        try:
+            shards = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+            dcp.save(shards, checkpoint_id=str(staging / DCP_DIR))
+        except Exception as e:
+            raise SftuneError(f"could not write checkpoint {final}: {e}. Earlier checkpoints are intact; free disk "
+                              f"space and resume with --resume auto") from None
+        rng_ranks = self.dist.gather(rng_state())
+        if self.dist.is_main:
+            try:
+                torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_ranks[0],
+                            "rng_ranks": rng_ranks}, staging / TRAINING_STATE)
+                (staging / "config.yaml").write_text(self.config_yaml)
+                self.tokenizer.save_pretrained(staging)
+                files = {str(f.relative_to(staging)): [f.stat().st_size, _sha256(f) if self.hashes else None]
+                         for f in sorted(staging.rglob("*")) if f.is_file()}
+                (staging / STATE_FILE).write_text(json.dumps({"format": FORMAT_VERSION, "files": files,
+                                                              **asdict(state)}, indent=1))
+                fsync_tree(staging)
+                if final.exists():
+                    shutil.rmtree(final)
+                os.rename(staging, final)
+                _fsync_dir(self.root)
+            except Exception as e:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise SftuneError(f"could not write checkpoint {final}: {e}. Earlier checkpoints are intact; free "
+                                  f"disk space and resume with --resume auto") from None
+            ours = [c for c in complete_checkpoints(self.root) if run_id_of(c) == state.run_id]
+            for old in ours[:-self.keep_last]:
+                shutil.rmtree(old, ignore_errors=True)
+        self.dist.barrier()
+        return final
+
+    def weights(self, path: Path) -> str | None:
+        return None  # the model is built from the base, then `restore` loads the shards
+
+    def restore(self, path: Path, model, optimizer, scheduler, scaler) -> TrainState:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                             set_model_state_dict, set_optimizer_state_dict)
+
+        if not (path / DCP_METADATA).is_file():
+            raise SftuneError(f"{path} is a full checkpoint (written without --strategy fsdp); resume it with the "
+                              f"strategy it was written with")
+        shards = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+        dcp.load(shards, checkpoint_id=str(path / DCP_DIR))
+        set_model_state_dict(model, shards["model"])
+        set_optimizer_state_dict(model, optimizer, shards["optim"])
+        return load_training_state(path, None, scheduler, scaler, self.dist.rank)
+
+
+def weights_finite(model, dist: Dist | None = None) -> bool:
+    """True when every parameter is finite, on every rank (FSDP: each rank checks its shards). note: syncs."""
     with torch.no_grad():
-        params = [p for p in model.parameters()]
-        return bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
+        params = [p.to_local() if hasattr(p, "to_local") else p for p in model.parameters()]
+        ok = bool(torch.stack([torch.isfinite(p).all() for p in params]).all()) if params else True
+    return not dist.any(not ok) if dist is not None else ok
 
 
 def save_checkpoint(root: Path, model, tokenizer, optimizer, scheduler, scaler, state: TrainState,
@@ -218,7 +292,8 @@ def checkpoint_ok(path: Path) -> bool:
     try:
         state = json.loads((path / STATE_FILE).read_text())
         files = state["files"]
-        if state.get("format") != FORMAT_VERSION or TRAINING_STATE not in files or "model.safetensors" not in files:
+        has_weights = "model.safetensors" in files or DCP_METADATA in files  # full, or sharded (DCP)
+        if state.get("format") != FORMAT_VERSION or TRAINING_STATE not in files or not has_weights:
             return False
         return all((path / name).stat().st_size == size and (digest is None or _sha256(path / name) == digest)
                    for name, (size, digest) in files.items())
@@ -250,6 +325,7 @@ def find_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
 
 
 def load_training_state(path: Path, optimizer, scheduler, scaler, rank: int = 0) -> TrainState:
+    """`optimizer` None: its state is not in training_state.pt (a sharded checkpoint keeps it in DCP)."""
     """Restore optimizer, scheduler, scaler and RNG states from checkpoint `path`; return its TrainState."""
     try:
         blob = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)
@@ -257,7 +333,8 @@ def load_training_state(path: Path, optimizer, scheduler, scaler, rank: int = 0)
     except Exception as e:  # a truncated or foreign file: say which and what to do
         raise SftuneError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
                           f"remove it or pass another --resume PATH") from None
-    optimizer.load_state_dict(blob["optimizer"])
+    if optimizer is not None:
+        optimizer.load_state_dict(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     scaler.load_state_dict(blob["scaler"])
     ranks = blob.get("rng_ranks") or []

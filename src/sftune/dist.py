@@ -45,6 +45,9 @@ class Dist:
     def distributed(self) -> bool:
         return self.world_size > 1
 
+    sharded: bool = False  # FSDP: parameters are DTensor shards (set by `wrap`)
+    owns_group: bool = False  # this run started the process group (and so ends it in `close`)
+
     def barrier(self) -> None:
         if self.distributed:
             import torch.distributed
@@ -80,8 +83,10 @@ class Dist:
         return bool(self.all_reduce_sum(int(flag))) if self.distributed else flag
 
     def no_sync(self, model, last_micro_batch: bool):
-        """Skip the gradient all-reduce on every micro-batch but the step's last (DDP's `no_sync`)."""
-        if self.distributed and not last_micro_batch and hasattr(model, "no_sync"):
+        """Reduce gradients on the step's last micro-batch only (DDP's `no_sync`; FSDP's gradient sync switch)."""
+        if self.distributed and hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+            model.set_requires_gradient_sync(last_micro_batch)
+        elif self.distributed and not last_micro_batch and hasattr(model, "no_sync"):
             return model.no_sync()
         return contextlib.nullcontext()
 
@@ -100,12 +105,25 @@ class Dist:
         return out
 
     def wrap(self, module, strategy: str):
-        """The module as training sees it: itself in one process, DDP-wrapped under torchrun."""
+        """The module as training sees it: itself in one process; under torchrun DDP-wrapped, or with
+        strategy fsdp sharded in place by FSDP2 (`fully_shard` on each transformer block, then the root)."""
         if not self.distributed:
             return module
         if strategy == "fsdp":
-            raise SftuneError("--strategy fsdp is not available yet; use --strategy ddp (each rank holds the whole "
-                              "model)")
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = init_device_mesh(self.device.type, (self.world_size,))
+            block_types = set(getattr(module.model, "_no_split_modules", None) or [])
+            blocks = [m for m in module.modules() if type(m).__name__ in block_types]
+            if not blocks:
+                raise SftuneError(f"--strategy fsdp: cannot find the transformer blocks of "
+                                  f"{type(module.model).__name__} to shard; use --strategy ddp")
+            for block in blocks:
+                fully_shard(block, mesh=mesh)
+            fully_shard(module, mesh=mesh)  # the root: embeddings, final norm and the output head
+            self.sharded = True
+            return module
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
@@ -113,7 +131,7 @@ class Dist:
     def close(self) -> None:
         import torch.distributed
 
-        if self.distributed and torch.distributed.is_initialized():
+        if self.owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
@@ -121,6 +139,7 @@ def init_dist(device_name: str) -> Dist:
     """The run's `Dist`: the device (`cuda:LOCAL_RANK` under torchrun) and, with WORLD_SIZE > 1,
     the process group. `device_name` is the config's device: auto, cpu or cuda."""
     import torch
+    import torch.distributed
 
     from sftune.runtime import resolve_device
 
@@ -130,7 +149,8 @@ def init_dist(device_name: str) -> Dist:
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    if world_size > 1 and not torch.distributed.is_initialized():
+    owns = world_size > 1 and not torch.distributed.is_initialized()  # else a caller's group is used, and kept
+    if owns:
         backend = "nccl" if device.type == "cuda" else "gloo"
         torch.distributed.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-    return Dist(rank, local_rank, world_size, device)
+    return Dist(rank, local_rank, world_size, device, owns_group=owns)

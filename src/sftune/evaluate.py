@@ -43,7 +43,11 @@ def evaluate(model, examples: Examples, batch_size: int, pad_id: int, device: to
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n_targets = 0
-    for indices in dist.shard(length_sorted_batches(examples.lengths, batch_size)):
+    every = length_sorted_batches(examples.lengths, batch_size)
+    batches = dist.shard(every)
+    if dist.distributed:  # every rank runs as many forwards (FSDP gathers weights in each): idle batches fill up
+        batches = batches + [[]] * (-(-len(every) // dist.world_size) - len(batches))
+    for indices in batches:
         if stop is not None and stop():
             model.train(was_training)
             return None

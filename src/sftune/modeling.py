@@ -140,7 +140,7 @@ def context_length(model_config, tokenizer) -> int:
     return int(n)
 
 
-def save_model(model, tokenizer, out_dir: Path) -> None:
+def save_model(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> None:
     """Write a directory `AutoModelForCausalLM.from_pretrained(out_dir)` loads: safetensors,
     config, generation config (EOS and pad set so generation stops) and tokenizer. Call on rank 0 only."""
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -150,7 +150,7 @@ def save_model(model, tokenizer, out_dir: Path) -> None:
     if tokenizer.bos_token_id is not None:
         gen.bos_token_id = tokenizer.bos_token_id
     model.generation_config = gen
-    model.save_pretrained(out_dir)  # safetensors is the only format transformers 5 writes
+    model.save_pretrained(out_dir, state_dict=state_dict)  # safetensors: the only format transformers 5 writes
     tokenizer.save_pretrained(out_dir)
 
 

@@ -126,7 +126,7 @@ def clear_previous_run(out: Path) -> list[str]:
     return removed
 
 
-def publish_model(model, tokenizer, out: Path) -> Path:
+def publish_model(model, tokenizer, out: Path, state_dict: dict | None = None) -> Path:
     """Write the final model like a checkpoint: staged in `.staging-final`, fsynced, then each file moved into
     `out` by an atomic rename. If that fails (a full disk), the weights go to a rescue directory under the
     system's temporary directory and the error says where; files already in `out` are never left half-written."""
@@ -137,7 +137,7 @@ def publish_model(model, tokenizer, out: Path) -> Path:
     try:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        save_model(model, tokenizer, staging)
+        save_model(model, tokenizer, staging, state_dict)
         fsync_tree(staging)
         for f in sorted(staging.iterdir()):
             os.replace(f, out / f.name)
@@ -147,7 +147,7 @@ def publish_model(model, tokenizer, out: Path) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
         rescue = Path(tempfile.mkdtemp(prefix="sftune-rescue-"))
         try:
-            save_model(model, tokenizer, rescue)
+            save_model(model, tokenizer, rescue, state_dict)
             kept = f"the trained model was written to {rescue} instead"
         except Exception:
             shutil.rmtree(rescue, ignore_errors=True)

@@ -138,7 +138,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
     def checkpoint_now() -> Path:
         started = time.perf_counter()
         state.evals, state.window, state.elapsed_s = evals, window.saved(), time.perf_counter() - start
-        path = run.checkpointer.save(state, hf_model, optimizer, scheduler, scaler)
+        path = run.checkpointer.save(state, run.loss_model, optimizer, scheduler, scaler)
         log(f"checkpoint: {path}")
         saved_at.append(path)
         window.exclude(time.perf_counter() - started)
@@ -164,10 +164,12 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             loss_sum = loss_sum * float("nan")
         scaler.unscale_(optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+        if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+            grad_norm = grad_norm.full_tensor()
         # note: one host sync per step, to decide whether to apply the update
         finite = bool(torch.isfinite(loss_sum)) and (precision == "fp16" or bool(torch.isfinite(grad_norm)))
         finite = not dist.any(not finite)  # every rank skips, or none does
-        if not finite and not weights_finite(hf_model):  # (rare: a sync only here) the last update broke them
+        if not finite and not weights_finite(run.loss_model, dist):  # (rare: a sync only here) the last update broke them
             raise TrainingDiverged(
                 f"the update of step {state.step} made the weights non-finite (lr {scheduler.get_last_lr()[0]:g}); "
                 f"nothing from it was saved. Lower --lr and resume from "
@@ -238,18 +240,33 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
     seconds = time.perf_counter() - start
 
     # --- outputs ----------------------------------------------------------------
-    if not weights_finite(hf_model):
+    if not weights_finite(run.loss_model, dist):
         raise TrainingDiverged(f"the weights after step {state.step} are not finite; the final model was not saved. "
                                f"Lower --lr and resume from {saved_at[-1] if saved_at else 'the start'}")
+    full = full_state_dict(run.loss_model) if dist.sharded else None  # FSDP: gathered on rank 0 (all ranks call)
     if dist.is_main:
-        publish_model(hf_model, run.tokenizer, out)
+        publish_model(hf_model, run.tokenizer, out, full)
     dist.barrier()
     metrics.close()
     samples = {}
-    for prompt in cfg.sample_prompts if dist.is_main else []:
+    if dist.sharded:  # every rank generates in step (the blocks all-gather); the root's weights are gathered first
+        run.loss_model.unshard()
+    for prompt in cfg.sample_prompts if dist.is_main or dist.sharded else []:
         samples[prompt] = complete(hf_model, run.tokenizer, prompt, cfg.sample_max_new_tokens, seed=cfg.seed,
                                    chat=run.steps.layout.format.startswith("chat"))[0]
     return TrainResult(out, state.step, state.tokens, seconds, evals, samples)
+
+
+def full_state_dict(loss_model) -> dict:
+    """An FSDP-sharded model's whole state dict, on rank 0's CPU (empty elsewhere), under the Hugging Face
+    model's own key names. A collective: every rank calls it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(loss_model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    model = loss_model.model
+    every = {n for n, _ in model.named_parameters(remove_duplicate=False)}
+    tied = every - {n for n, _ in model.named_parameters()}  # e.g. lm_head.weight, the same tensor as wte
+    return {k: v for k, v in ((k.removeprefix("model."), v) for k, v in state.items()) if k not in tied}
 
 
 def keep_metrics_until(path: Path, step: int, dist: Dist) -> None:

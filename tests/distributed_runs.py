@@ -1,0 +1,24 @@
+"""Run several `sftune` commands one after another in each process of one torchrun launch, in one process group
+(made here, so the runs use it and leave it open), so a test pays torchrun's start-up once:
+
+    torchrun --standalone --nproc-per-node 2 tests/distributed_runs.py RUNS.json
+
+RUNS.json is a list of argument lists for `sftune`; the exit status is the first non-zero one, else 0.
+"""
+
+import json
+import sys
+
+import torch.distributed
+
+from sftune.cli import main
+
+if __name__ == "__main__":
+    torch.distributed.init_process_group("gloo")
+    try:
+        for argv in json.loads(open(sys.argv[1]).read()):
+            code = main(argv)
+            if code:
+                sys.exit(code)
+    finally:
+        torch.distributed.destroy_process_group()
