@@ -38,6 +38,11 @@ def with_targets(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)) for k, v in batch.items()}
 
 
+def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
+    """What the loss module reads, on `device`: `labels` stay on the host (the targets were taken from them)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
+
+
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
     """Training targets of a collated batch (host-side: no device sync)."""
     return len(batch["targets"])

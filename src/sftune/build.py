@@ -241,10 +241,12 @@ class StreamedSteps:
             steps = self.data.steps(epoch, position, chunk_rows,
                                     lambda lengths, key: plan_steps(lengths, self.cfg, self.max_length, key,
                                                                     self.dist.world_size))
-            empty = True
+            empty, checked = True, None
             for (examples, step_rows, after), last in _mark_last(steps):
                 empty = False
-                check_batch_tokens(self.cfg, examples)
+                if examples is not checked:  # once per chunk (every step of a chunk shares its examples)
+                    check_batch_tokens(self.cfg, examples)
+                    checked = examples
                 yield step_of(examples, step_rows, self.dist, self.cfg.packing, self.pad_id, epoch, last, vars(after))
             if empty and position.rows == 0:
                 return  # the stream has no rows left to give

@@ -129,15 +129,19 @@ class FullCheckpointer:
         self.root, self.dist, self.tokenizer = root, dist, tokenizer
         self.config_yaml, self.keep_last, self.hashes = config_yaml, keep_last, hashes
 
-    def save(self, state: TrainState, model, optimizer, scheduler, scaler) -> Path:
-        if not weights_finite(model, self.dist):  # never publish a non-finite state as one to resume from
+    def check_finite(self, model, state: TrainState) -> None:
+        """Never publish a non-finite state as one to resume from (a collective: every rank calls it)."""
+        if not weights_finite(model, self.dist):
             raise TrainingDiverged(f"the weights at step {state.step} are not finite; no checkpoint was written "
                                    f"(lower --lr, then --resume auto from the last checkpoint)")
+
+    def save(self, state: TrainState, model, optimizer, scheduler, scaler) -> Path:
+        self.check_finite(model, state)
         final = self.root / f"step-{state.step}"
         rng_ranks = self.dist.gather(rng_state())  # each rank's generators: all are restored on resume
         if self.dist.is_main:
-            save_checkpoint(self.root, getattr(model, "model", model), self.tokenizer, optimizer, scheduler, scaler, state, self.config_yaml,
-                            self.keep_last, self.hashes, rng_ranks)
+            save_checkpoint(self.root, getattr(model, "model", model), self.tokenizer, optimizer, scheduler, scaler,
+                            state, self.config_yaml, self.keep_last, self.hashes, rng_ranks)
         self.dist.barrier()
         return final
 
@@ -161,22 +165,15 @@ class ShardedCheckpointer(FullCheckpointer):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-        if not weights_finite(model, self.dist):
-            raise TrainingDiverged(f"the weights at step {state.step} are not finite; no checkpoint was written "
-                                   f"(lower --lr, then --resume auto from the last checkpoint)")
-        final, staging = self.root / f"step-{state.step}", self.root / f".staging-step-{state.step}"
-        if self.dist.is_main:
-            self.root.mkdir(parents=True, exist_ok=True)
-            for stale in self.root.glob(".staging-*"):
-                shutil.rmtree(stale, ignore_errors=True)
-            staging.mkdir()
+        self.check_finite(model, state)
+        final = self.root / f"step-{state.step}"
+        staging = new_staging(self.root, state.step) if self.dist.is_main else final.with_name(f".staging-{final.name}")
         self.dist.barrier()
         try:
             shards = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
             dcp.save(shards, checkpoint_id=str(staging / DCP_DIR))
         except Exception as e:
-            raise SftuneError(f"could not write checkpoint {final}: {e}. Earlier checkpoints are intact; free disk "
-                              f"space and resume with --resume auto") from None
+            raise write_failed(final, e) from None
         rng_ranks = self.dist.gather(rng_state())
         if self.dist.is_main:
             try:
@@ -184,22 +181,11 @@ class ShardedCheckpointer(FullCheckpointer):
                             "rng_ranks": rng_ranks}, staging / TRAINING_STATE)
                 (staging / "config.yaml").write_text(self.config_yaml)
                 self.tokenizer.save_pretrained(staging)
-                files = {str(f.relative_to(staging)): [f.stat().st_size, _sha256(f) if self.hashes else None]
-                         for f in sorted(staging.rglob("*")) if f.is_file()}
-                (staging / STATE_FILE).write_text(json.dumps({"format": FORMAT_VERSION, "files": files,
-                                                              **asdict(state)}, indent=1))
-                fsync_tree(staging)
-                if final.exists():
-                    shutil.rmtree(final)
-                os.rename(staging, final)
-                _fsync_dir(self.root)
+                publish(staging, final, state, self.hashes)
             except Exception as e:
                 shutil.rmtree(staging, ignore_errors=True)
-                raise SftuneError(f"could not write checkpoint {final}: {e}. Earlier checkpoints are intact; free "
-                                  f"disk space and resume with --resume auto") from None
-            ours = [c for c in complete_checkpoints(self.root) if run_id_of(c) == state.run_id]
-            for old in ours[:-self.keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                raise write_failed(final, e) from None
+            rotate(self.root, state.run_id, self.keep_last)
         self.dist.barrier()
         return final
 
@@ -234,13 +220,10 @@ def save_checkpoint(root: Path, model, tokenizer, optimizer, scheduler, scaler, 
     """Write `root/step-<N>` atomically, then remove all but the newest `keep_last` complete ones."""
     from sftune.modeling import save_model
 
-    root.mkdir(parents=True, exist_ok=True)
-    for stale in root.glob(".staging-*"):  # left by a process killed mid-save: never a checkpoint
-        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step-{state.step}"
-    staging = root / f".staging-step-{state.step}"
+    staging = None
     try:
-        staging.mkdir()
+        staging = new_staging(root, state.step)
         save_model(model, tokenizer, staging)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "rng": rng_state(), "rng_ranks": rng_ranks or []},
@@ -248,23 +231,47 @@ def save_checkpoint(root: Path, model, tokenizer, optimizer, scheduler, scaler, 
         (staging / "config.yaml").write_text(config_yaml)
         if os.environ.get("SFTUNE_FAULT_SLOW_SAVE"):  # test hook: hold the staging phase open for a kill test
             time.sleep(float(os.environ["SFTUNE_FAULT_SLOW_SAVE"]))
-        files = {str(f.relative_to(staging)): [f.stat().st_size, _sha256(f) if hashes else None]
-                 for f in sorted(staging.rglob("*")) if f.is_file()}
-        # state.json last: it lists every other file with its size (and hash), so damage anywhere is detected
-        (staging / STATE_FILE).write_text(json.dumps({"format": FORMAT_VERSION, "files": files, **asdict(state)}, indent=1))
-        fsync_tree(staging)
-        if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it
-            shutil.rmtree(final)
-        os.rename(staging, final)
-        _fsync_dir(root)
+        publish(staging, final, state, hashes)
     except Exception as e:  # ENOSPC surfaces as OSError, RuntimeError (torch.save) or SafetensorError
-        shutil.rmtree(staging, ignore_errors=True)
-        raise SftuneError(f"could not write checkpoint {final}: {e}. Earlier checkpoints are intact; "
-                          f"free disk space and resume with --resume auto") from None
-    ours = [c for c in complete_checkpoints(root) if run_id_of(c) == state.run_id]  # never another run's
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise write_failed(final, e) from None
+    rotate(root, state.run_id, keep_last)
+    return final
+
+
+def new_staging(root: Path, step: int) -> Path:
+    """An empty `root/.staging-step-N`, after removing any staging directory a killed process left behind."""
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".staging-*"):  # left by a process killed mid-save: never a checkpoint
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = root / f".staging-step-{step}"
+    staging.mkdir()
+    return staging
+
+
+def publish(staging: Path, final: Path, state: TrainState, hashes: bool) -> None:
+    """Write state.json last (every other file with its size, and hash), fsync, and rename into place."""
+    files = {str(f.relative_to(staging)): [f.stat().st_size, _sha256(f) if hashes else None]
+             for f in sorted(staging.rglob("*")) if f.is_file()}
+    (staging / STATE_FILE).write_text(json.dumps({"format": FORMAT_VERSION, "files": files, **asdict(state)}, indent=1))
+    fsync_tree(staging)
+    if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it
+        shutil.rmtree(final)
+    os.rename(staging, final)
+    _fsync_dir(final.parent)
+
+
+def rotate(root: Path, run_id: str, keep_last: int) -> None:
+    """Remove all but this run's newest `keep_last` checkpoints (never another run's)."""
+    ours = [c for c in complete_checkpoints(root) if run_id_of(c) == run_id]
     for old in ours[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
-    return final
+
+
+def write_failed(final: Path, e: Exception) -> SftuneError:
+    return SftuneError(f"could not write checkpoint {final}: {e}. Earlier checkpoints are intact; "
+                       f"free disk space and resume with --resume auto")
 
 
 def run_id_of(path: Path) -> str | None:

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from sftune.batching import collate, count_targets, length_sorted_batches
+from sftune.batching import collate, count_targets, length_sorted_batches, to_device
 from sftune.data.examples import Examples
 from sftune.dist import Dist
 from sftune.loss import CausalLMLoss
@@ -53,7 +53,7 @@ def evaluate(model, examples: Examples, batch_size: int, pad_id: int, device: to
             return None
         batch = collate(examples, indices, pad_id)
         n_targets += count_targets(batch)  # host-side count: no sync
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        batch = to_device(batch, device)
         with autocast(device, precision):
             loss_sum += model(batch).double()
     model.train(was_training)

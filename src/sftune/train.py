@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sftune.batching import count_targets
+from sftune.batching import count_targets, to_device
 from sftune.build import Run, build_run
 from sftune.checkpoint import weights_finite
 from sftune.config import SFTConfig
@@ -60,7 +60,7 @@ def forward_backward(model, micro_batches: list[dict], dist: Dist, precision: st
     scale = dist.world_size / max(step_targets, 1)
     total = torch.zeros((), device=dist.device)
     for i, batch in enumerate(micro_batches):
-        batch = {k: v.to(dist.device, non_blocking=True) for k, v in batch.items()}
+        batch = to_device(batch, dist.device)
         with dist.no_sync(model, last_micro_batch=i == len(micro_batches) - 1):  # all-reduce once per step
             with autocast(dist.device, precision):
                 loss_sum = model(batch)
