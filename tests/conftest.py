@@ -105,8 +105,19 @@ def run_main(capsys, *args: str) -> tuple[int, str, str]:
     finally:
         for handler in handlers:
             handler.stream = sys.__stderr__
-    out, err = capsys.readouterr()
+    out, err = capsys.readouterr() if capsys is not None else ("", "")
     return code, out, err
+
+
+def run_captured(*args: str) -> tuple[int, str, str]:
+    """`run_main` where no capsys is at hand (module-scoped fixtures): output captured with redirects."""
+    import contextlib
+    import io
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code, _, _ = run_main(None, *args)
+    return code, out.getvalue(), err.getvalue()
 
 
 def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:

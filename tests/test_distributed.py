@@ -9,7 +9,6 @@ sentences of 5 and of 40-55 words in a shuffled order, so the two ranks hold ver
 import json
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,7 +18,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, read_jsonl, run_main
+from conftest import ROOT, read_jsonl, run_captured, run_main
 
 pytestmark = pytest.mark.slow
 
@@ -78,7 +77,8 @@ def launch(runs: list[list[str]], tmp_path, ranks: int = 2) -> str:
 
 
 def assert_same_training(single, double):
-    a, b = load_file(single / "model.safetensors"), load_file(double / "model.safetensors")
+    weights = "adapter_model.safetensors" if (single / "adapter_model.safetensors").is_file() else "model.safetensors"
+    a, b = load_file(single / weights), load_file(double / weights)
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
@@ -92,47 +92,61 @@ def assert_same_training(single, double):
     np.testing.assert_allclose([v for _, v in evals_b], [v for _, v in evals_a], rtol=1e-6)  # sum over sum
 
 
-def test_ddp_and_fsdp_on_two_ranks_equal_one_process_and_fsdp_resumes_exactly(uneven_data, tiny_model_dir,
-                                                                            tmp_path, capsys):
-    """2 ranks at batch 16 = 1 process at batch 32, and at 8 x accum 2 = 16 x accum 2: DDP and FSDP (GPT-2 with
-    its tied head, and a Llama-shaped model). The FSDP run's sharded (DCP) checkpoint then resumes bitwise, and its
-    final model is a whole Hugging Face model that loads in one process."""
+CASES = {  # name: (model, extra flags, single process (batch, accum), per rank (batch, accum), strategy)
+    "ddp": ("gpt2", [], (32, 1), (16, 1), "ddp"),
+    "ddp-accum": ("gpt2", [], (16, 2), (8, 2), "ddp"),
+    "fsdp-accum": ("gpt2", ["--save-every", "2"], (16, 2), (8, 2), "fsdp"),
+    "fsdp-llama": ("llama", ["--tokenizer", "bundled:gpt2"], (32, 1), (16, 1), "fsdp"),
+    "ddp-lora-llama": ("llama", ["--tokenizer", "bundled:gpt2", "--lora-r", "4", "--lora-modules-to-save", "lm_head",
+                                 "--lr", "1e-2"], (16, 2), (8, 2), "ddp"),
+}
+LONGER = ("--max-steps", "8", "--save-every", "5")  # the fault test's run
+
+
+@pytest.fixture(scope="module")
+def launched(uneven_data, tiny_model_dir, tmp_path_factory):
+    """Each case in one process (in this one) and on 2 ranks, all in one torchrun launch (start-up paid once),
+    with the uninterrupted 2-rank run the fault test compares against."""
     from test_families import family_model
 
-    llama = tmp_path / "tiny-llama"
-    family_model("tiny-llama").save_pretrained(llama)
-    cases = {  # name: (model, extra flags, single process (batch, accum), per rank (batch, accum), strategy)
-        "ddp": (tiny_model_dir, [], (32, 1), (16, 1), "ddp"),
-        "ddp-accum": (tiny_model_dir, [], (16, 2), (8, 2), "ddp"),
-        "fsdp-accum": (tiny_model_dir, ["--save-every", "2"], (16, 2), (8, 2), "fsdp"),
-        "fsdp-llama": (llama, ["--tokenizer", "bundled:gpt2"], (32, 1), (16, 1), "fsdp"),
-    }
+    root = tmp_path_factory.mktemp("dist")
+    family_model("tiny-llama").save_pretrained(root / "tiny-llama")
+    models = {"gpt2": tiny_model_dir, "llama": root / "tiny-llama"}
     runs = []
-    for name, (model, extra, one, per_rank, strategy) in cases.items():
-        code, _, err = run_main(capsys, *args(model, uneven_data, tmp_path / f"{name}-one", one[0], "--grad-accum",
-                                              str(one[1]), *extra))
+    for name, (model, extra, one, per_rank, strategy) in CASES.items():
+        code, _, err = run_captured(*args(models[model], uneven_data, root / f"{name}-one", one[0], "--grad-accum",
+                                          str(one[1]), *extra))
         assert code == 0, err
-        runs.append(args(model, uneven_data, tmp_path / f"{name}-two", per_rank[0], "--grad-accum", str(per_rank[1]),
-                         "--strategy", strategy, *extra))
-    output = launch(runs, tmp_path)
+        runs.append(args(models[model], uneven_data, root / f"{name}-two", per_rank[0], "--grad-accum",
+                         str(per_rank[1]), "--strategy", strategy, *extra))
+    # the FSDP run's sharded checkpoint of step 2, resumed into another directory
+    runs.append(args(tiny_model_dir, uneven_data, root / "fsdp-resumed", 8, "--grad-accum", "2", "--strategy", "fsdp",
+                     "--save-every", "2", "--resume", str(root / "fsdp-accum-two" / "checkpoints" / "step-2")))
+    runs.append(args(tiny_model_dir, uneven_data, root / "fault-full", 16, *LONGER))
+    return root, launch(runs, root)
+
+
+def test_ddp_and_fsdp_on_two_ranks_equal_one_process_and_fsdp_resumes_exactly(launched):
+    """2 ranks at batch 16 = 1 process at batch 32, and at 8 x accum 2 = 16 x accum 2: DDP and FSDP (GPT-2 with
+    its tied head, and a Llama-shaped model), and LoRA under DDP (the adapter and a fully trained head). The FSDP
+    run's sharded (DCP) checkpoint then resumes bitwise, and its final model is a whole Hugging Face model that
+    loads in one process."""
+    root, output = launched
     assert "(DistributedDataParallel)" in output and "(FSDPCausalLMLoss)" in output and "per rank x 2 ranks" in output
-    assert output.count("done: 3 steps") == len(cases)  # only rank 0 prints
-    for name in cases:
+    assert output.count("done: 3 steps") == len(CASES) + 1  # only rank 0 prints (+1: the FSDP resume)
+    assert "LoRA: r 4" in output
+    for name in CASES:
         try:
-            assert_same_training(tmp_path / f"{name}-one", tmp_path / f"{name}-two")
+            assert_same_training(root / f"{name}-one", root / f"{name}-two")
         except AssertionError as e:
             raise AssertionError(f"{name}: {e}") from None
 
     # the sharded checkpoint: model and optimizer shards in DCP, no full model; resume from step 2 is exact
-    full = tmp_path / "fsdp-accum-two"
+    full = root / "fsdp-accum-two"
     ckpt = full / "checkpoints" / "step-2"
     assert (ckpt / "dcp" / ".metadata").is_file() and not (ckpt / "model.safetensors").exists()
-    resumed = tmp_path / "fsdp-resumed"
-    (resumed / "checkpoints").mkdir(parents=True)
-    shutil.copytree(ckpt, resumed / "checkpoints" / "step-2")
-    output = launch([args(tiny_model_dir, uneven_data, resumed, 8, "--grad-accum", "2", "--strategy", "fsdp",
-                          "--save-every", "2", "--resume", "auto")], tmp_path)
-    assert f"resumed from {resumed / 'checkpoints' / 'step-2'}" in output
+    resumed = root / "fsdp-resumed"
+    assert f"resumed from {ckpt}" in output
     a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
     from transformers import AutoModelForCausalLM
@@ -140,18 +154,12 @@ def test_ddp_and_fsdp_on_two_ranks_equal_one_process_and_fsdp_resumes_exactly(un
     assert AutoModelForCausalLM.from_pretrained(full) is not None
 
 
-def test_sigterm_to_the_launcher_and_kill_9_of_a_rank_then_resume_is_exact(uneven_data, tiny_model_dir, tmp_path,
-                                                                             capsys):
+def test_sigterm_to_the_launcher_and_kill_9_of_a_rank_then_resume_is_exact(launched, uneven_data, tiny_model_dir,
+                                                                             tmp_path, capsys):
     """SIGTERM to torchrun: both ranks stop at one step and save once (torchrun itself exits 1 with its own
     message; each rank exits 143). Then kill -9 of one rank: the run dies. Each time --resume auto continues,
     and the end result is an uninterrupted 2-rank run's, bitwise."""
-    longer = ("--max-steps", "8", "--save-every", "5")
-    full = tmp_path / "full"
-    proc = torchrun(*args(tiny_model_dir, uneven_data, full, 16, *longer), stderr=subprocess.PIPE,
-                    stdout=subprocess.DEVNULL)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
-
+    longer, full = LONGER, launched[0] / "fault-full"
     out = tmp_path / "run"
     proc = torchrun(*args(tiny_model_dir, uneven_data, out, 16, *longer), stderr=subprocess.PIPE,
                     stdout=subprocess.DEVNULL)

@@ -55,16 +55,17 @@ def test_overwrite_removes_the_older_run_first(tiny_model_dir, tmp_path, capsys)
 def test_rotation_never_removes_another_runs_checkpoints(tmp_path):
     from conftest import make_tiny_gpt2
     from sftune.checkpoint import TrainState, complete_checkpoints, save_checkpoint
-    from sftune.modeling import load_tokenizer
+    from sftune.modeling import load_tokenizer, save_model
 
     model, tok = make_tiny_gpt2(), load_tokenizer("bundled:gpt2")
+    write = lambda directory: save_model(model, tok, directory)  # noqa: E731
     optimizer = torch.optim.AdamW(model.parameters())
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     root = tmp_path / "checkpoints"
-    save_checkpoint(root, model, tok, optimizer, scheduler, scaler, TrainState(step=100, run_id="other"), "", 1)
+    save_checkpoint(root, write, optimizer, scheduler, scaler, TrainState(step=100, run_id="other"), "", 1)
     for step in (1, 2, 3):
-        save_checkpoint(root, model, tok, optimizer, scheduler, scaler, TrainState(step=step, run_id="me"), "", 1)
+        save_checkpoint(root, write, optimizer, scheduler, scaler, TrainState(step=step, run_id="me"), "", 1)
     assert [p.name for p in complete_checkpoints(root)] == ["step-3", "step-100"]
 
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import QUICKSTART_DATA, ROOT, read_jsonl, run_cli, run_main
+from conftest import QUICKSTART_DATA, ROOT, read_jsonl, run_captured, run_main
 from sftune.checkpoint import checkpoint_ok
 
 pytestmark = pytest.mark.slow
@@ -40,8 +40,8 @@ def same_weights(a_dir, b_dir) -> bool:
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "run"
-    proc = run_cli(*train_args(tiny_model_dir, out))
-    assert proc.returncode == 0, proc.stderr
+    code, _, err = run_captured(*train_args(tiny_model_dir, out))
+    assert code == 0, err
     return out
 
 

@@ -22,8 +22,8 @@ from typing import Iterator, Protocol
 import torch
 
 from sftune.batching import chunk_rows_for, collate, collate_packed, epoch_steps, packed_epoch_steps
-from sftune.checkpoint import Checkpointer, FullCheckpointer, ShardedCheckpointer, TrainState, \
-    check_resume_compatible, check_same_inputs, check_same_world
+from sftune.checkpoint import AdapterCheckpointer, Checkpointer, FullCheckpointer, ShardedCheckpointer, TrainState, \
+    check_resume_compatible, check_same_inputs, check_same_world, find_resume_checkpoint
 from sftune.config import SFTConfig, dump_yaml, to_dict
 from sftune.console import log
 from sftune.data import DataOptions, Examples, PreparedData, prepare_data
@@ -33,9 +33,9 @@ from sftune.dist import Dist, init_dist
 from sftune.errors import SftuneError
 from sftune.loss import CausalLMLoss
 from sftune.modeling import context_length, enable_activation_checkpointing, load_model, load_model_config, \
-    load_tokenizer
+    load_tokenizer, save_model
 from sftune.outputs import OutputLock, check_output_dir, clear_previous_run, finished_without_checkpoints, \
-    resolve_output_dir
+    publish_model, resolve_output_dir
 from sftune.runtime import resolve_precision, seed_everything
 
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -275,6 +275,8 @@ class Run:
     tokenizer: object
     model: torch.nn.Module  # what the loop calls: `loss_model`, or the DDP wrapper around it under torchrun
     loss_model: CausalLMLoss  # the causal LM with its loss (`loss_model.model` is the Hugging Face model)
+    adapter: object | None  # LoRA: the peft model around `loss_model.model` (whose layers it changed in place)
+    base: str  # the model the run started from, as an adapter config names it (absolute for a local directory)
     steps: StepSource
     optimizer: torch.optim.Optimizer
     scheduler: object
@@ -324,6 +326,10 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     tokenizer = build_tokenizer(cfg)
     model_config = load_model_config(cfg.model, cfg.trust_remote_code)
     check_model_fits(cfg, tokenizer, model_config)
+    if cfg.lora_r:
+        from sftune.lora import check_lora
+
+        check_lora(cfg, model_config, cfg.trust_remote_code)  # a wrong target is reported before anything loads
     data, max_length = build_data(cfg, tokenizer, model_config, dist)
     source_class = StreamedSteps if cfg.streaming else InMemorySteps
     steps = source_class(cfg, data, max_length, tokenizer.pad_token_id, dist)
@@ -333,19 +339,35 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     config_yaml = dump_yaml(resolved)
     fingerprints = {"data": data.fingerprint, "tokenizer": tokenizer_identity(tokenizer)}
     sharded = dist.distributed and cfg.strategy == "fsdp"
-    checkpointer = (ShardedCheckpointer if sharded else FullCheckpointer)(
-        out / "checkpoints", dist, tokenizer, config_yaml, cfg.keep_last, cfg.checkpoint_hashes)
+    kind = AdapterCheckpointer if cfg.lora_r else ShardedCheckpointer if sharded else FullCheckpointer
     if dist.is_main and lock.fd is None:
         lock.acquire()  # the directory is new: take it before the first write
-    checkpoint = checkpointer.latest(cfg.resume) if cfg.resume else None
+    checkpoint = find_resume_checkpoint(out, cfg.resume) if cfg.resume else None
     if checkpoint is not None:
         check_resume_compatible(checkpoint, to_dict(resolved), cfg.resume_force)
         check_same_inputs(checkpoint, fingerprints, cfg.resume_force)
         check_same_world(checkpoint, dist.world_size)
 
-    # the checkpoint's weights when resuming (the checks above make sure it is the same model), else the base
-    weights = checkpointer.weights(checkpoint) if checkpoint is not None else None
-    model = load_model(weights or cfg.model, "pretrained" if weights else cfg.init, cfg.trust_remote_code, cfg.seed)
+    # the checkpoint's weights when resuming a full fine-tune (the checks above make sure it is the same model);
+    # else the base (a sharded or adapter checkpoint's weights are loaded into it by `restore`)
+    from_checkpoint = checkpoint is not None and kind.full_weights
+    model = load_model(str(checkpoint) if from_checkpoint else cfg.model, "pretrained" if from_checkpoint else cfg.init,
+                       cfg.trust_remote_code, cfg.seed)
+    base = base_name(cfg, out)
+    if dist.is_main:  # every check has passed: from here on the directory is this run's
+        if checkpoint is None and cfg.overwrite:
+            clear_previous_run(out)  # nothing of an older run may mix with this one
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_yaml)
+        if cfg.lora_r and cfg.init == "random" and not (Path(base) / "model.safetensors").is_file():
+            publish_model(Path(base), lambda directory: save_model(model, tokenizer, directory))
+            log(f"LoRA on a randomly initialised base: the base is saved in {base} (the adapter needs it)")
+    dist.barrier()  # the other ranks go on once rank 0 has cleared and written
+    adapter = None
+    if cfg.lora_r:
+        from sftune.lora import add_lora
+
+        adapter = add_lora(model, cfg)  # LoRA layers go into `model` itself; only they (and modules_to_save) train
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     loss_model = CausalLMLoss(model.to(dist.device))
@@ -359,6 +381,10 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     scheduler = get_scheduler(SCHEDULES[cfg.lr_schedule], optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=steps.total_steps)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=precision == "fp16")  # loss scaling only for fp16
+    checkpointer: Checkpointer = (
+        AdapterCheckpointer(out / "checkpoints", dist, tokenizer, config_yaml, cfg.keep_last, cfg.checkpoint_hashes,
+                            adapter, base) if adapter is not None else
+        kind(out / "checkpoints", dist, tokenizer, config_yaml, cfg.keep_last, cfg.checkpoint_hashes))
     run_id = dist.gather(uuid.uuid4().hex)[0]  # rank 0's, on every rank
     state = TrainState(run_id=run_id, fingerprints=fingerprints, world_size=dist.world_size)
     if checkpoint is not None:
@@ -371,18 +397,23 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     if cfg.warmup_steps > steps.total_steps:
         log(f"warning: warmup_steps {cfg.warmup_steps} is longer than the run ({steps.total_steps:,} steps): the "
             f"learning rate never reaches --lr {cfg.lr:g}; lower --warmup-steps")
-    if dist.is_main:
-        if checkpoint is None and cfg.overwrite:
-            clear_previous_run(out)  # nothing of an older run may mix with this one
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_yaml)
-    dist.barrier()  # the other ranks go on once rank 0 has cleared and written
     log(f"training: {describe_plan(cfg, steps, max_length)}, lr {cfg.lr:g} ({cfg.lr_schedule}, "
         f"{cfg.warmup_steps} warm-up), output {out}")
     log(f"loss: {'output projection fused with cross-entropy, ' if loss_model.fused else ''}token-weighted over "
         f"each step" + (f"; {dist.world_size} ranks ({type(wrapped).__name__})" if dist.distributed else ""))
-    return Run(resolved, dist, out, precision, tokenizer, wrapped, loss_model, steps, optimizer, scheduler, scaler,
-               checkpointer, state, checkpoint, lock)
+    return Run(resolved, dist, out, precision, tokenizer, wrapped, loss_model, adapter, base, steps, optimizer,
+               scheduler, scaler, checkpointer, state, checkpoint, lock)
+
+
+def base_name(cfg: SFTConfig, out: Path) -> str:
+    """What an adapter config names as its base: a local directory as an absolute path (so the adapter loads from
+    any working directory), a Hub id as it is, a randomly initialised base as the copy saved in the run."""
+    if cfg.init == "random":
+        from sftune.lora import BASE_DIR
+
+        return str((out / BASE_DIR).resolve())
+    path = Path(cfg.model).expanduser()
+    return str(path.resolve()) if path.is_dir() else cfg.model
 
 
 def tokenizer_identity(tokenizer) -> str:

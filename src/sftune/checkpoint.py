@@ -12,10 +12,9 @@ checkpoint or none. `state.json`, written last, lists every file's size (always 
 resume) and, with `checkpoint_hashes`, its SHA-256 (checked too: minutes for a 7B model, so
 off by default); a checkpoint that fails the check is skipped.
 
-The loop talks to a `Checkpointer` (save / latest / restore) and does not care which kind:
-`FullCheckpointer` (this module: the whole model, written by rank 0) is today's; a sharded
-one (torch.distributed.checkpoint, for FSDP) and an adapter-only one (LoRA) fit the same
-interface.
+The loop talks to a `Checkpointer` (save / restore) and does not care which kind:
+`FullCheckpointer` (the whole model, written by rank 0), `ShardedCheckpointer` (FSDP: each rank's
+shards with torch.distributed.checkpoint) or `AdapterCheckpointer` (LoRA: the adapter only).
 
     sftune train --config configs/quickstart.yaml --output-dir runs/qs --save-every 50
     sftune train --config configs/quickstart.yaml --output-dir runs/qs --save-every 50 --resume auto
@@ -44,6 +43,7 @@ STATE_FILE = "state.json"
 DCP_DIR = "dcp"  # a sharded checkpoint's model and optimizer, written by torch.distributed.checkpoint
 DCP_METADATA = f"{DCP_DIR}/.metadata"
 TRAINING_STATE = "training_state.pt"
+WEIGHT_FILES = ("model.safetensors", DCP_METADATA, "adapter_model.safetensors")  # full, sharded (DCP), LoRA
 FORMAT_VERSION = 1
 
 
@@ -106,24 +106,23 @@ def _fsync_dir(path: Path) -> None:
 
 
 class Checkpointer(Protocol):
-    """What the training loop needs from checkpoints, whatever their kind (full, sharded, adapter-only)."""
+    """What the training loop needs from checkpoints, whatever their kind (full, sharded, adapter-only).
+    Finding the checkpoint to resume from is the same for all (`find_resume_checkpoint`)."""
+
+    full_weights: bool  # a checkpoint holds the whole model, loadable by from_pretrained (else `restore` loads it)
 
     def save(self, state: TrainState, model, optimizer, scheduler, scaler) -> Path:
         """Write a checkpoint of `state` and the given objects, atomically; called on every rank. `model` is the
         loss module (`CausalLMLoss`, sharded in place under FSDP)."""
 
-    def latest(self, resume: str) -> Path | None:
-        """The checkpoint `resume` names ('auto': the newest good one, or None)."""
-
-    def weights(self, path: Path) -> str | None:
-        """A directory `from_pretrained` loads the model from, or None when `restore` loads the weights."""
-
     def restore(self, path: Path, model, optimizer, scheduler, scaler) -> TrainState:
-        """Load everything but what `weights` already gave; return the run's position."""
+        """Load everything the model was not already loaded with; return the run's position."""
 
 
 class FullCheckpointer:
     """The whole model in each checkpoint, as a Hugging Face directory; rank 0 writes, the others wait."""
+
+    full_weights = True
 
     def __init__(self, root: Path, dist: Dist, tokenizer, config_yaml: str, keep_last: int, hashes: bool = False):
         self.root, self.dist, self.tokenizer = root, dist, tokenizer
@@ -135,27 +134,55 @@ class FullCheckpointer:
             raise TrainingDiverged(f"the weights at step {state.step} are not finite; no checkpoint was written "
                                    f"(lower --lr, then --resume auto from the last checkpoint)")
 
+    def write_model(self, model, directory: Path) -> None:
+        from sftune.modeling import save_model
+
+        save_model(getattr(model, "model", model), self.tokenizer, directory)
+
     def save(self, state: TrainState, model, optimizer, scheduler, scaler) -> Path:
         self.check_finite(model, state)
         final = self.root / f"step-{state.step}"
         rng_ranks = self.dist.gather(rng_state())  # each rank's generators: all are restored on resume
         if self.dist.is_main:
-            save_checkpoint(self.root, getattr(model, "model", model), self.tokenizer, optimizer, scheduler, scaler,
-                            state, self.config_yaml, self.keep_last, self.hashes, rng_ranks)
+            save_checkpoint(self.root, lambda directory: self.write_model(model, directory), optimizer, scheduler,
+                            scaler, state, self.config_yaml, self.keep_last, self.hashes, rng_ranks)
         self.dist.barrier()
         return final
-
-    def latest(self, resume: str) -> Path | None:
-        return find_resume_checkpoint(self.root.parent, resume)
-
-    def weights(self, path: Path) -> str | None:
-        return str(path)
 
     def restore(self, path: Path, model, optimizer, scheduler, scaler) -> TrainState:
         return load_training_state(path, optimizer, scheduler, scaler, self.dist.rank)
 
 
+class AdapterCheckpointer(FullCheckpointer):
+    """LoRA: each checkpoint holds the adapter (as peft writes it, so `sftune eval` and `PeftModel.from_pretrained`
+    load it too), the optimizer state of the adapter's weights, and the rest as a full checkpoint does; never a
+    copy of the base, which a resume loads from `--model` as the run did."""
+
+    full_weights = False
+
+    def __init__(self, root: Path, dist: Dist, tokenizer, config_yaml: str, keep_last: int, hashes: bool,
+                 peft_model, base: str):
+        super().__init__(root, dist, tokenizer, config_yaml, keep_last, hashes)
+        self.peft_model, self.base = peft_model, base
+
+    def write_model(self, model, directory: Path) -> None:
+        from sftune.lora import save_adapter
+
+        save_adapter(self.peft_model, self.tokenizer, directory, self.base)
+
+    def restore(self, path: Path, model, optimizer, scheduler, scaler) -> TrainState:
+        from sftune.lora import ADAPTER_WEIGHTS, load_adapter_weights
+
+        if not (path / ADAPTER_WEIGHTS).is_file():
+            raise SftuneError(f"{path} holds no LoRA adapter (it was written by a full fine-tune); resume it "
+                              f"without --lora-r")
+        load_adapter_weights(self.peft_model, path)
+        return super().restore(path, model, optimizer, scheduler, scaler)
+
+
 class ShardedCheckpointer(FullCheckpointer):
+    full_weights = False  # the model is built from the base, then `restore` loads the shards
+
     """FSDP: each rank writes its shards of the model and optimizer with torch.distributed.checkpoint (DCP) into
     the same staging directory; rank 0 adds the rest (scheduler, scaler, every rank's RNG, tokenizer, config,
     state.json last) and publishes by the same atomic rename. Resume loads the shards back into the sharded model,
@@ -189,9 +216,6 @@ class ShardedCheckpointer(FullCheckpointer):
         self.dist.barrier()
         return final
 
-    def weights(self, path: Path) -> str | None:
-        return None  # the model is built from the base, then `restore` loads the shards
-
     def restore(self, path: Path, model, optimizer, scheduler, scaler) -> TrainState:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
@@ -215,16 +239,15 @@ def weights_finite(model, dist: Dist | None = None) -> bool:
     return not dist.any(not ok) if dist is not None else ok
 
 
-def save_checkpoint(root: Path, model, tokenizer, optimizer, scheduler, scaler, state: TrainState,
+def save_checkpoint(root: Path, write_model, optimizer, scheduler, scaler, state: TrainState,
                     config_yaml: str, keep_last: int, hashes: bool = False, rng_ranks: list | None = None) -> Path:
-    """Write `root/step-<N>` atomically, then remove all but the newest `keep_last` complete ones."""
-    from sftune.modeling import save_model
-
+    """Write `root/step-<N>` atomically (`write_model(directory)` writes the model's files), then remove all but
+    the newest `keep_last` complete ones."""
     final = root / f"step-{state.step}"
     staging = None
     try:
         staging = new_staging(root, state.step)
-        save_model(model, tokenizer, staging)
+        write_model(staging)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "rng": rng_state(), "rng_ranks": rng_ranks or []},
                    staging / TRAINING_STATE)
@@ -299,7 +322,7 @@ def checkpoint_ok(path: Path) -> bool:
     try:
         state = json.loads((path / STATE_FILE).read_text())
         files = state["files"]
-        has_weights = "model.safetensors" in files or DCP_METADATA in files  # full, or sharded (DCP)
+        has_weights = any(name in files for name in WEIGHT_FILES)
         if state.get("format") != FORMAT_VERSION or TRAINING_STATE not in files or not has_weights:
             return False
         return all((path / name).stat().st_size == size and (digest is None or _sha256(path / name) == digest)
@@ -322,7 +345,7 @@ def find_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
         path = Path(resume)
         if not checkpoint_ok(path):
             raise SftuneError(f"--resume {resume}: not a complete sftune checkpoint (needs {STATE_FILE}, "
-                              f"{TRAINING_STATE} and model.safetensors); use --resume auto")
+                              f"{TRAINING_STATE} and the weights); use --resume auto")
         return path
     for path in reversed(complete_checkpoints(output_dir / "checkpoints")):
         if checkpoint_ok(path):

@@ -31,7 +31,8 @@ from sftune.errors import SftuneError
 from sftune.dist import env_rank
 from sftune.signals import Preempted
 
-GROUPS = {"model": "model", "data": "data", "train": "optimisation", "log": "evaluation, logging, output",
+GROUPS = {"model": "model", "data": "data", "train": "optimisation", "lora": "LoRA (peft)",
+          "log": "evaluation, logging, output",
           "ckpt": "checkpoints and resume"}
 
 
@@ -87,6 +88,9 @@ def config_from_args(args: argparse.Namespace):
     return cfg
 
 
+BASE_HELP = "LoRA: the base model of an adapter --model (default: the one its adapter_config.json names)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sftune", description="Supervised fine-tuning of causal language models (the first stage of RLHF).",
@@ -113,6 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="validation loss and perplexity of a model", description=(
         "Token-weighted validation loss and perplexity of --model on the validation split of --dataset."))
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--base", metavar="NAME_OR_PATH", help=BASE_HELP)
     add_config_flags(p, EVAL_KEYS)
 
     p = sub.add_parser("tokenize", help="show how texts are tokenized", description=(
@@ -141,7 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to run: auto (CUDA when present) [default: auto]")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow model code from the Hub repo to run [default: off]")
+    p.add_argument("--base", metavar="NAME_OR_PATH", help=BASE_HELP)
     p.add_argument("--json", action="store_true", help="print JSON [default: text]")
+
+    p = sub.add_parser("export", help="merge a LoRA run's adapter into its base: a full model", description=(
+        "Write the base model with the adapter of RUN merged into its weights (same outputs), with the tokenizer: "
+        "a directory AutoModelForCausalLM.from_pretrained loads, no peft needed."))
+    p.add_argument("run", metavar="RUN", help="a LoRA run's output directory, or one of its checkpoints")
+    p.add_argument("--merge", required=True, metavar="OUT", help="directory to write the merged model to")
+    p.add_argument("--base", metavar="NAME_OR_PATH", help=BASE_HELP.replace("--model", "RUN"))
+    p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty OUT")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="allow model code from the Hub repo to run [default: off]")
     return parser
 
 
@@ -165,7 +181,13 @@ def cmd_train(args) -> None:
           f"({result.tokens / max(result.seconds, 1e-9):,.0f} tok/s)")
     print(f"val loss {first:.4f} -> {last:.4f} ({'fell' if last < first else 'did not fall'}); "
           f"val ppl {result.evals[0]['val_ppl']:,.2f} -> {result.evals[-1]['val_ppl']:,.2f}")
-    print(f"model saved to {result.output_dir} (AutoModelForCausalLM.from_pretrained('{result.output_dir}'))")
+    if cfg.lora_r:
+        print(f"adapter saved to {result.output_dir} (peft: AutoPeftModelForCausalLM.from_pretrained("
+              f"'{result.output_dir}'); sftune eval/generate --model {result.output_dir})")
+        if cfg.merge:
+            print(f"merged model saved to {result.output_dir / 'merged'} (AutoModelForCausalLM.from_pretrained)")
+    else:
+        print(f"model saved to {result.output_dir} (AutoModelForCausalLM.from_pretrained('{result.output_dir}'))")
     for prompt, text in result.samples.items():
         print(f"sample: {prompt!r} -> {text!r}")
 
@@ -221,7 +243,7 @@ def cmd_eval(args) -> None:
     dist = init_dist(cfg.device)
     precision = resolve_precision(trained_precision(cfg), dist.device)
     tokenizer = build_tokenizer(cfg)
-    model = load_model(cfg.model, cfg.init, cfg.trust_remote_code, cfg.seed).to(dist.device)
+    model = load_model(cfg.model, cfg.init, cfg.trust_remote_code, cfg.seed, base=args.base).to(dist.device)
     data, _ = build_data(cfg, tokenizer, model.config, dist)  # streaming: only the validation split is read
     result = evaluate(model, data.validation, cfg.eval_batch_size or cfg.batch_size, tokenizer.pad_token_id,
                       dist.device, precision, dist)
@@ -301,7 +323,7 @@ def cmd_generate(args) -> None:
     args.system = args.system and utf8(args.system, "--system")
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code, flag="--model", advice=model_dir_advice(args.model))
-    model = load_model(args.model, "pretrained", args.trust_remote_code).to(device)
+    model = load_model(args.model, "pretrained", args.trust_remote_code, base=args.base).to(device)
     results = []
     for prompt, chat in [(p, False) for p in args.prompt] + [(c, True) for c in args.chat]:
         texts = complete(model, tokenizer, prompt, args.max_new_tokens, args.temperature, args.top_p,
@@ -315,6 +337,34 @@ def cmd_generate(args) -> None:
             print(f"[{i}] {r['prompt']}{text}" if "prompt" in r else f"[{i}] user: {r['chat']}\n    assistant: {text}")
 
 
+def cmd_export(args) -> None:
+    quiet_libraries()
+    from sftune.lora import is_adapter_dir, load_adapter_model
+    from sftune.modeling import load_tokenizer, save_model
+    from sftune.outputs import OutputLock, check_output_dir, publish_model, resolve_output_dir
+
+    run = Path(args.run).expanduser()
+    if not is_adapter_dir(run):
+        what = "a full model (it is one already: use it as it is)" if (run / "config.json").is_file() else \
+            "no LoRA adapter" if run.is_dir() else "not a directory"
+        raise SftuneError(f"{run} holds {what}; export --merge takes a LoRA run's output directory (with "
+                          f"adapter_config.json) or one of its checkpoints")
+    out = resolve_output_dir(args.merge)
+    if out.absolute() == run.absolute():
+        raise SftuneError(f"--merge {out} is the run directory itself; write the merged model elsewhere, e.g. "
+                          f"--merge {run / 'merged'}")
+    check_output_dir(out, resume=False, overwrite=args.overwrite)
+    tokenizer = load_tokenizer(str(run), args.trust_remote_code, flag="RUN")
+    model = load_adapter_model(run, args.base, args.trust_remote_code)
+    lock = OutputLock(out)
+    lock.acquire()
+    try:
+        publish_model(out, lambda directory: save_model(model, tokenizer, directory))
+    finally:
+        lock.release()
+    print(f"merged model written to {out} (AutoModelForCausalLM.from_pretrained('{out}'))")
+
+
 def utf8(text: str, flag: str) -> str:
     """A command-line text that is valid Unicode (bytes that are not UTF-8 arrive as lone surrogates)."""
     try:
@@ -324,7 +374,8 @@ def utf8(text: str, flag: str) -> str:
     return text
 
 
-COMMANDS = {"train": cmd_train, "data": cmd_data, "eval": cmd_eval, "tokenize": cmd_tokenize, "generate": cmd_generate}
+COMMANDS = {"train": cmd_train, "data": cmd_data, "eval": cmd_eval, "tokenize": cmd_tokenize, "generate": cmd_generate,
+            "export": cmd_export}
 
 
 def quiet_libraries() -> None:

@@ -160,6 +160,22 @@ class SFTConfig:
         False, "Recompute each transformer block's activations in the backward pass: less memory, about a third "
         "more compute.", "train")
 
+    # --- LoRA -------------------------------------------------------------
+    lora_r: int | None = _f(
+        None, "Train LoRA adapters of this rank (peft) instead of every weight; the base stays as it is and the run "
+        "writes the adapter. null: full fine-tuning.", "lora")
+    lora_alpha: float | None = _f(None, "LoRA scaling numerator: updates are scaled by alpha / r (default: 2 x "
+                                  "lora_r).", "lora")
+    lora_dropout: float = _f(0.0, "Dropout on the LoRA branch's input.", "lora")
+    lora_targets: list[str] = _f(
+        ["all-linear"], "Layers to adapt: all-linear (every linear/Conv1D layer but the output head), or module "
+        "names such as q_proj v_proj (GPT-2: c_attn c_proj c_fc).", "lora")
+    lora_modules_to_save: list[str] = _f(
+        [], "Modules trained in full next to the adapter, e.g. embed_tokens lm_head (GPT-2's tied wte/lm_head is one "
+        "matrix and stays one).", "lora")
+    merge: bool = _f(False, "LoRA: also write the adapter merged into the base as a full model in "
+                            "<output_dir>/merged (or later: sftune export RUN --merge OUT).", "lora")
+
     # --- evaluation, logging, output ---------------------------------------
     eval_every: int | None = _f(
         None, "Validate every N optimizer steps (always before training and at each epoch's end).", "log"
@@ -194,7 +210,7 @@ class SFTConfig:
 RUN_CONTROL_KEYS = {
     "eval_every", "eval_batch_size", "log_every", "output_dir", "sample_prompts", "sample_max_new_tokens",
     "save_every", "keep_last", "checkpoint_hashes", "resume", "resume_force", "overwrite", "cache_dir", "trust_remote_code", "device",
-    "max_bad_steps",
+    "max_bad_steps", "merge",
 }
 
 
@@ -320,6 +336,16 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
     need(bool(cfg.dataset), "dataset", "must name a Hub id, a directory or a file")
     need(not training or not cfg.streaming or cfg.max_steps is not None, "max_steps",
          "must be set with streaming: a stream's length is unknown up front, and so is the schedule's end")
+    need(cfg.lora_r is None or cfg.lora_r >= 1, "lora_r", "must be at least 1 (8-64 is usual), or null for full "
+         "fine-tuning")
+    need(cfg.lora_alpha is None or (math.isfinite(cfg.lora_alpha) and cfg.lora_alpha > 0), "lora_alpha",
+         "must be a positive number, or null for 2 x lora_r")
+    need(0 <= cfg.lora_dropout < 1, "lora_dropout", "must be at least 0 and below 1")
+    need(bool(cfg.lora_targets), "lora_targets", "must name at least one module, or all-linear")
+    need(not cfg.merge or cfg.lora_r is not None, "merge", "merges a LoRA adapter into its base, but LoRA is off "
+         "(set --lora-r); a full fine-tune's output is already a full model")
+    need(cfg.lora_r is None or cfg.strategy != "fsdp", "strategy", "fsdp is not supported with LoRA yet; use ddp "
+         "(the adapter and its optimizer state are small)")
     need(cfg.stream_val_rows >= 1, "stream_val_rows", "must be at least 1")
     need(cfg.chat_template is None or Path(cfg.chat_template).expanduser().is_file(), "chat_template",
          "no such file; give the path of a Jinja template file")

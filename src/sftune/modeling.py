@@ -83,7 +83,12 @@ def model_dir_advice(name: str) -> str:
     return "point --model at a directory that holds the tokenizer files too (a finished sftune run does)"
 
 
-def load_model_config(name: str, trust_remote_code: bool = False):
+def load_model_config(name: str, trust_remote_code: bool = False, base: str | None = None):
+    """A model's config; for a LoRA adapter directory, its base model's."""
+    from sftune.lora import adapter_base, is_adapter_dir
+
+    if is_adapter_dir(name):
+        return load_model_config(adapter_base(name, base), trust_remote_code)
     if Path(name).expanduser().is_dir():
         try:
             return AutoConfig.from_pretrained(Path(name).expanduser(), trust_remote_code=trust_remote_code)
@@ -94,11 +99,17 @@ def load_model_config(name: str, trust_remote_code: bool = False):
     )
 
 
-def load_model(name: str, init: str = "pretrained", trust_remote_code: bool = False, seed: int = 0):
+def load_model(name: str, init: str = "pretrained", trust_remote_code: bool = False, seed: int = 0,
+               base: str | None = None):
     """A causal LM in fp32 (master weights; lower precision is applied by autocast).
 
-    init="random" builds the architecture from config.json with seeded fresh weights.
+    init="random" builds the architecture from config.json with seeded fresh weights. A LoRA adapter directory
+    (a LoRA run's output or checkpoint) gives its base (`base`, else the one it names) with the adapter merged.
     """
+    from sftune.lora import is_adapter_dir, load_adapter_model
+
+    if init == "pretrained" and is_adapter_dir(name):
+        return load_adapter_model(name, base, trust_remote_code)
     if init == "random":
         config = load_model_config(name, trust_remote_code)
         torch.manual_seed(seed)

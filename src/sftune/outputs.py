@@ -20,6 +20,7 @@ import shutil
 import tempfile
 from datetime import datetime
 from pathlib import Path
+from typing import Callable
 
 from sftune.console import log
 from sftune.errors import SftuneError
@@ -27,10 +28,11 @@ from sftune.errors import SftuneError
 LOCK_FILE = ".sftune.lock"
 # what an sftune run writes into its output directory (besides the model files, which come from save_pretrained)
 RUN_FILES = ("checkpoints", "metrics.jsonl", "metrics.tmp", "config.yaml", "report.html", "loss.png", "tensorboard",
-             ".staging-final")
+             ".staging-final", "base", "merged")
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-               "added_tokens.json", "chat_template.jinja", "tokenizer.model")
+               "added_tokens.json", "chat_template.jinja", "tokenizer.model", "adapter_config.json",
+               "adapter_model.safetensors")
 
 
 def resolve_output_dir(requested: str | None) -> Path:
@@ -75,7 +77,8 @@ def finished_without_checkpoints(out: Path) -> bool:
     """A completed run (its final model is there) that kept no checkpoint: nothing to resume."""
     ckpts = out / "checkpoints"
     has_ckpt = ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir())
-    return (out / "model.safetensors").is_file() and (out / "metrics.jsonl").is_file() and not has_ckpt
+    saved = (out / "model.safetensors").is_file() or (out / "adapter_model.safetensors").is_file()
+    return saved and (out / "metrics.jsonl").is_file() and not has_ckpt
 
 
 class OutputLock:
@@ -126,18 +129,18 @@ def clear_previous_run(out: Path) -> list[str]:
     return removed
 
 
-def publish_model(model, tokenizer, out: Path, state_dict: dict | None = None) -> Path:
-    """Write the final model like a checkpoint: staged in `.staging-final`, fsynced, then each file moved into
-    `out` by an atomic rename. If that fails (a full disk), the weights go to a rescue directory under the
-    system's temporary directory and the error says where; files already in `out` are never left half-written."""
+def publish_model(out: Path, write: Callable[[Path], None]) -> Path:
+    """Write a model into `out` like a checkpoint: `write(directory)` writes its files into `out/.staging-final`,
+    they are fsynced, then each is moved into `out` by an atomic rename. If that fails (a full disk), they are
+    written to a rescue directory under the system's temporary directory instead and the error says where;
+    files already in `out` are never left half-written."""
     from sftune.checkpoint import fsync_tree
-    from sftune.modeling import save_model
 
     staging = out / ".staging-final"
     try:
         shutil.rmtree(staging, ignore_errors=True)
-        staging.mkdir()
-        save_model(model, tokenizer, staging, state_dict)
+        staging.mkdir(parents=True)
+        write(staging)
         fsync_tree(staging)
         for f in sorted(staging.iterdir()):
             os.replace(f, out / f.name)
@@ -147,11 +150,11 @@ def publish_model(model, tokenizer, out: Path, state_dict: dict | None = None) -
         shutil.rmtree(staging, ignore_errors=True)
         rescue = Path(tempfile.mkdtemp(prefix="sftune-rescue-"))
         try:
-            save_model(model, tokenizer, rescue, state_dict)
+            write(rescue)
             kept = f"the trained model was written to {rescue} instead"
         except Exception:
             shutil.rmtree(rescue, ignore_errors=True)
             kept = "no space was found for the trained model either"
         raise SftuneError(f"could not write the final model to {out}: {e}; {kept}. metrics.jsonl and any "
-                          f"checkpoints in {out} are intact (free disk space, then --resume auto saves again from "
-                          f"the last checkpoint)") from None
+                          f"checkpoints in {out.parent if out.name in ('merged', 'base') else out} are intact (free "
+                          f"disk space, then --resume auto saves again from the last checkpoint)") from None

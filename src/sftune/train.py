@@ -25,6 +25,7 @@ from sftune.dist import Dist
 from sftune.errors import TrainingDiverged
 from sftune.evaluate import evaluate
 from sftune.generate import complete
+from sftune.modeling import save_model
 from sftune.outputs import publish_model
 from sftune.runtime import autocast
 from sftune.signals import Preempted, StopFlag, stop_on_signals
@@ -244,8 +245,16 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         raise TrainingDiverged(f"the weights after step {state.step} are not finite; the final model was not saved. "
                                f"Lower --lr and resume from {saved_at[-1] if saved_at else 'the start'}")
     full = full_state_dict(run.loss_model) if dist.sharded else None  # FSDP: gathered on rank 0 (all ranks call)
-    if dist.is_main:
-        publish_model(hf_model, run.tokenizer, out, full)
+    if dist.is_main and run.adapter is not None:  # LoRA: the adapter, and with --merge a full model beside it
+        from sftune.lora import merged_model, save_adapter
+
+        publish_model(out, lambda directory: save_adapter(run.adapter, run.tokenizer, directory, run.base))
+        if cfg.merge:  # (in place: from here on the model is the merged one, which computes the same)
+            hf_model = merged_model(run.adapter)
+            publish_model(out / "merged", lambda directory: save_model(hf_model, run.tokenizer, directory))
+            log(f"merged model: {out / 'merged'} (AutoModelForCausalLM.from_pretrained loads it)")
+    elif dist.is_main:
+        publish_model(out, lambda directory: save_model(hf_model, run.tokenizer, directory, full))
     dist.barrier()
     metrics.close()
     samples = {}

@@ -1,0 +1,224 @@
+"""LoRA adapters with peft: adding them to a model, saving and loading them strictly, and merging them.
+
+A LoRA run trains low-rank updates of the chosen layers (peft `LoraConfig`; GPT-2's `Conv1D` layers get
+`fan_in_fan_out`) and leaves every base weight as it was. Its output directory, and each checkpoint, holds
+the adapter (`adapter_config.json`, `adapter_model.safetensors`) and the tokenizer, never a copy of the base:
+
+    sftune train --model ../shared/models/gpt2 --lora-r 16 --dataset ../shared/data/sst2 --output-dir runs/lora
+    sftune eval --model runs/lora --dataset ../shared/data/sst2        # the base is read from the adapter config
+    sftune export runs/lora --merge runs/lora-merged                    # a full model for from_pretrained
+
+Traps avoided here (each tested): a tied input/output embedding trained as `modules_to_save` stays tied (it
+is one matrix, and the merged model keeps it one); adapter weights that do not fit the model they are
+loaded into are an error, not a warning followed by a model that silently equals its base; the base a run
+was trained on is written as an absolute path, so the adapter loads from any working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from sftune.console import log
+from sftune.errors import SftuneError
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+BASE_DIR = "base"  # a run on a randomly initialised base writes that base here: the adapter is useless without it
+
+
+def is_adapter_dir(path: str | Path) -> bool:
+    return (Path(path).expanduser() / ADAPTER_CONFIG).is_file()
+
+
+def adaptable_modules(model) -> list[str]:
+    """Short names of the layers LoRA can adapt (linear, Conv1D, embedding), for error messages."""
+    from transformers.pytorch_utils import Conv1D
+
+    kinds = (torch.nn.Linear, Conv1D, torch.nn.Embedding)
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if name and isinstance(m, kinds)})
+
+
+def _module_name(model, module) -> str | None:
+    return next((name for name, m in model.named_modules() if m is module), None)
+
+
+def modules_to_save(model, names: list[str]) -> tuple[list[str], bool]:
+    """(modules to train in full, whether they must stay tied). On a model whose output head IS its input
+    embedding (GPT-2, tie_word_embeddings), naming either one trains the one matrix: peft is given the head
+    with `ensure_weight_tying` (naming the embedding alone would give it a trained copy while the head kept
+    the old matrix: two matrices where the model has one, and a merge that unties them)."""
+    if not names:
+        return [], False
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and embedding is not None and head.weight is embedding.weight
+    if not tied:
+        return list(names), False
+    head_name, embedding_name = _module_name(model, head), _module_name(model, embedding)
+    tied_names = {head_name, embedding_name, head_name.rsplit(".", 1)[-1], embedding_name.rsplit(".", 1)[-1]}
+    if not tied_names & set(names):
+        return list(names), False
+    return [n for n in names if n not in tied_names] + [head_name.rsplit(".", 1)[-1]], True
+
+
+def lora_config(cfg, model):
+    """The peft `LoraConfig` for this run's options and model."""
+    from peft import LoraConfig
+
+    targets = cfg.lora_targets
+    save, tie = modules_to_save(model, cfg.lora_modules_to_save)
+    return LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_r,
+        lora_dropout=cfg.lora_dropout, bias="none", task_type="CAUSAL_LM",
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        modules_to_save=list(save) or None, ensure_weight_tying=tie)  # (a copy: peft rewrites the list it gets)
+
+
+def add_lora(model, cfg, quiet: bool = False):
+    """Wrap `model` (in place: its layers get LoRA branches) in a peft model; only adapter weights (and any
+    `lora_modules_to_save`) train. Errors name the option to fix and the layers that exist."""
+    from peft import get_peft_model
+
+    settings = lora_config(cfg, model)
+    requested = list(settings.modules_to_save or [])  # peft renames these in place: a tied head becomes the
+    # embedding's name in its config, and a config saved that way reloads untied (peft's own round trip)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")  # GPT-2's Conv1D: peft sets it itself
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+            peft_model = get_peft_model(model, settings)
+    except (ValueError, TypeError, KeyError) as e:
+        raise SftuneError(f"LoRA cannot be added with --lora-targets {','.join(cfg.lora_targets)}"
+                          f"{' and --lora-modules-to-save ' + ','.join(cfg.lora_modules_to_save) if cfg.lora_modules_to_save else ''}"
+                          f": {str(e).splitlines()[0]} Layers of this model ({type(model).__name__}) LoRA can adapt: "
+                          f"{', '.join(adaptable_modules(model)) or 'none'}; or use all-linear") from None
+    if settings.ensure_weight_tying:
+        inner = peft_model.get_base_model()
+        trained = {id(p) for p in inner.get_input_embeddings().parameters() if p.requires_grad}
+        if not any(id(p) in trained for p in inner.get_output_embeddings().parameters()):
+            raise SftuneError("the model's input and output embeddings are one matrix, but peft made them two; train "
+                              "neither (leave out --lora-modules-to-save) or upgrade peft")
+    peft_model.sftune_modules_to_save = requested  # what `save_adapter` writes, so a reload ties the same way
+    if not quiet:
+        trained = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+        total = sum(p.numel() for n, p in peft_model.named_parameters() if ".original_module." not in n)
+        adapted = sorted({n.rsplit(".", 1)[-1] for n in settings.target_modules}) \
+            if not isinstance(settings.target_modules, str) else settings.target_modules
+        full = f"; trained in full: {', '.join(settings.modules_to_save)}" if settings.modules_to_save else ""
+        tie = " (tied to the input embedding: one matrix)" if settings.ensure_weight_tying else ""
+        log(f"LoRA: r {settings.r}, alpha {settings.lora_alpha:g}, dropout {settings.lora_dropout:g} on "
+            f"{', '.join(adapted)}{full}{tie}: trains {trained:,} of {total:,} parameters ({100 * trained / total:.2f}%)")
+    return peft_model
+
+
+def check_lora(cfg, model_config, trust_remote_code: bool = False) -> None:
+    """Add the adapter to a weightless (meta-device) copy of the model: a wrong target is reported in a second,
+    before any weights load or any file is written."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
+    add_lora(skeleton, cfg, quiet=True)
+
+
+def adapter_weights(peft_model) -> dict[str, torch.Tensor]:
+    """The adapter's tensors, keyed as `adapter_model.safetensors` keys them."""
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(peft_model)
+
+
+def save_adapter(peft_model, tokenizer, directory: Path, base: str) -> None:
+    """Write the adapter and the tokenizer (with its chat template) into `directory`: what
+    `PeftModel.from_pretrained(base_model, directory)` and `AutoPeftModelForCausalLM` load."""
+    settings = peft_model.peft_config["default"]
+    settings.base_model_name_or_path = base
+    peft_model.save_pretrained(directory)
+    requested = getattr(peft_model, "sftune_modules_to_save", None)
+    if requested:  # the names as sftune gave them to peft (see `add_lora`)
+        path = directory / ADAPTER_CONFIG
+        path.write_text(json.dumps({**json.loads(path.read_text()), "modules_to_save": requested}, indent=2))
+    (directory / "README.md").unlink(missing_ok=True)  # peft's model-card template: nothing of this run in it
+    tokenizer.save_pretrained(directory)
+
+
+def load_adapter_weights(peft_model, directory: Path) -> None:
+    """Load `directory`'s adapter into `peft_model`, strictly: every tensor present, of the same shape, and
+    nothing left over (peft itself only warns, and the model is then its base)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = Path(directory) / ADAPTER_WEIGHTS
+    try:
+        saved = load_file(path)
+    except Exception as e:
+        raise SftuneError(f"cannot read the adapter weights {path}: {e}") from None
+    expected = adapter_weights(peft_model)
+    missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
+    wrong = sorted(k for k in expected.keys() & saved.keys() if expected[k].shape != saved[k].shape)
+    if missing or unexpected or wrong:
+        detail = "; ".join(f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for what, keys in
+                           (("missing", missing), ("not in the model", unexpected), ("other shapes", wrong)) if keys)
+        raise SftuneError(f"the adapter in {directory} does not fit this base model ({detail}); it was trained on "
+                          f"another base: give that one with --base")
+    set_peft_model_state_dict(peft_model, saved)
+
+
+def adapter_base(directory: str | Path, base: str | None = None) -> str:
+    """The base model of an adapter: `base` when given, else the run's own `base/` (a randomly initialised base),
+    else the one its adapter config names."""
+    directory = Path(directory).expanduser()
+    if base:
+        return base
+    if (directory / BASE_DIR / "config.json").is_file():
+        return str(directory / BASE_DIR)
+    try:
+        named = json.loads((directory / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError) as e:
+        raise SftuneError(f"cannot read {directory / ADAPTER_CONFIG}: {e}") from None
+    if not named:
+        raise SftuneError(f"the adapter in {directory} does not name its base model; give it with --base")
+    return named
+
+
+def load_adapter_model(directory: str | Path, base: str | None = None, trust_remote_code: bool = False,
+                       merge: bool = True):
+    """The base model with the adapter of `directory` loaded strictly, merged into a plain Hugging Face model
+    (`merge`), else the peft model."""
+    from peft import LoraConfig
+
+    from sftune.modeling import load_model
+
+    directory = Path(directory).expanduser()
+    base_name = adapter_base(directory, base)
+    if Path(base_name).is_absolute() and not Path(base_name).is_dir():
+        raise SftuneError(f"the base model of the adapter in {directory} is not found at {base_name}; give it with "
+                          f"--base NAME_OR_PATH")
+    try:
+        settings = LoraConfig.from_pretrained(str(directory))
+    except Exception as e:
+        raise SftuneError(f"{directory / ADAPTER_CONFIG} is not a LoRA adapter config peft can read: {e}") from None
+    model = load_model(base_name, "pretrained", trust_remote_code)
+    from peft import get_peft_model
+
+    settings.inference_mode = True
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
+        warnings.filterwarnings("ignore", message=".*base_model_name_or_path. was renamed.*")  # (--base given)
+        try:
+            peft_model = get_peft_model(model, settings)
+        except (ValueError, TypeError, KeyError) as e:
+            raise SftuneError(f"the adapter in {directory} does not fit the base model {base_name} ({e}); give "
+                              f"the base it was trained on with --base") from None
+    load_adapter_weights(peft_model, directory)
+    log(f"adapter: {directory} on base {base_name}")
+    return merged_model(peft_model) if merge else peft_model
+
+
+def merged_model(peft_model):
+    """The adapter merged into the base weights: a plain Hugging Face model with the same outputs."""
+    return peft_model.merge_and_unload()

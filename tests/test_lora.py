@@ -1,0 +1,266 @@
+"""LoRA with peft: options and their errors, adapter outputs that peft loads, a merge that computes what the
+adapter does (GPT-2's tied head included), adapter-only checkpoints that resume bitwise after SIGTERM and kill -9.
+
+The fast tests build adapters directly (random adapter weights, so a merge that dropped them would show); the
+slow ones train a tiny GPT-2 (Conv1D layers) through the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import QUICKSTART_DATA, ROOT, make_tiny_gpt2, read_jsonl, run_captured, run_main
+
+
+def lora_cfg(**overrides):
+    from sftune.config import resolve_config
+
+    return resolve_config({"lora_r": 4, **overrides})
+
+
+def randomize_adapter(peft_model, seed: int = 1) -> None:
+    """LoRA's B starts at zero (the adapter adds nothing): give every trained tensor random values."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in peft_model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
+
+
+def logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def llama():
+    from test_families import family_model
+
+    return family_model("tiny-llama")
+
+
+# --- fast: building, saving, loading and merging adapters --------------------------------
+
+
+@pytest.mark.parametrize("make, save", [(make_tiny_gpt2, ["lm_head"]), (make_tiny_gpt2, ["wte"]),
+                                        (make_tiny_gpt2, []), (llama, ["embed_tokens", "lm_head"])],
+                         ids=["gpt2-head", "gpt2-embedding", "gpt2", "llama"])
+def test_the_merged_model_computes_what_the_adapter_does(make, save, gpt2_tokenizer, tmp_path):
+    """Saved adapter -> base + strict load -> merge -> save_pretrained -> from_pretrained: the logits of the
+    adapter model, within 1e-5 in fp32, and not the base's. GPT-2's tied wte/lm_head, named either way, trains
+    as one matrix and stays one after the merge."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from sftune.lora import add_lora, load_adapter_model, save_adapter
+    from sftune.modeling import save_model
+
+    base_dir = tmp_path / "base"
+    save_model(make(), gpt2_tokenizer, base_dir)
+    peft_model = add_lora(AutoModelForCausalLM.from_pretrained(base_dir), lora_cfg(lora_modules_to_save=save))
+    randomize_adapter(peft_model)
+    inner = peft_model.get_base_model()
+    if make is make_tiny_gpt2 and save:  # one trained matrix is both the embedding and the head
+        trained = [p for p in inner.get_input_embeddings().parameters() if p.requires_grad]
+        assert len(trained) == 1 and any(p is trained[0] for p in inner.get_output_embeddings().parameters())
+    ids = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(0))
+    expected = logits(peft_model, ids)
+
+    save_adapter(peft_model, gpt2_tokenizer, tmp_path / "adapter", str(base_dir))
+    merged_dir = tmp_path / "merged"
+    save_model(load_adapter_model(tmp_path / "adapter"), gpt2_tokenizer, merged_dir)
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir)
+    torch.testing.assert_close(logits(merged, ids), expected, rtol=0, atol=1e-5)
+    by_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "adapter")
+    torch.testing.assert_close(logits(by_peft, ids), expected, rtol=0, atol=1e-6)  # peft's own loading, too
+    assert (logits(AutoModelForCausalLM.from_pretrained(base_dir), ids) - expected).abs().max() > 1e-3
+    if make is make_tiny_gpt2:
+        assert merged.config.tie_word_embeddings and merged.lm_head.weight is merged.transformer.wte.weight
+
+
+def test_an_adapter_that_does_not_fit_the_base_is_an_error(gpt2_tokenizer, tmp_path):
+    """peft only warns about missing or mismatched adapter tensors, leaving a model equal to its base."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sftune.errors import SftuneError
+    from sftune.lora import add_lora, load_adapter_model, save_adapter
+    from sftune.modeling import save_model
+
+    peft_model = add_lora(make_tiny_gpt2(), lora_cfg())
+    save_adapter(peft_model, gpt2_tokenizer, tmp_path / "adapter", "unused")
+    wider = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=96, n_head=2, n_positions=128, vocab_size=50257))
+    save_model(wider, gpt2_tokenizer, tmp_path / "wider")
+    with pytest.raises(SftuneError, match="does not fit this base model .*other shapes.*--base"):
+        load_adapter_model(tmp_path / "adapter", base=str(tmp_path / "wider"))
+    save_model(make_tiny_gpt2(), gpt2_tokenizer, tmp_path / "right")
+    weights = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    dropped = sorted(weights)[0]
+    save_file({k: v for k, v in weights.items() if k != dropped}, tmp_path / "adapter" / "adapter_model.safetensors")
+    with pytest.raises(SftuneError, match=f"missing: {dropped}"):  # a file short of tensors: not quietly zero
+        load_adapter_model(tmp_path / "adapter", base=str(tmp_path / "right"))
+    config = tmp_path / "adapter" / "adapter_config.json"  # a base that was moved away
+    config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": str(tmp_path / "gone")}))
+    with pytest.raises(SftuneError, match="not found at .*gone; give it with --base"):
+        load_adapter_model(tmp_path / "adapter")
+
+
+def mistake(capsys, tiny_model_dir, out, *flags):
+    code, _, err = run_main(capsys, "train", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA),
+                            "--max-steps", "2", "--output-dir", str(out), *flags)
+    assert code == 2 and "Traceback" not in err and err.count("error:") == 1, err
+    assert not out.exists()  # nothing written
+    return err
+
+
+def test_lora_mistakes_are_clear_errors_that_write_nothing(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    err = mistake(capsys, tiny_model_dir, out, "--lora-r", "4", "--lora-targets", "q_proj", "v_proj")
+    assert "q_proj" in err and "not found" in err and "c_attn, c_fc, c_proj" in err and "all-linear" in err
+    err = mistake(capsys, tiny_model_dir, out, "--lora-r", "4", "--lora-targets", "ln_f")  # a layer peft cannot adapt
+    assert "LayerNorm" in err and "is not supported" in err and "c_attn" in err
+    err = mistake(capsys, tiny_model_dir, out, "--merge")
+    assert "LoRA is off (set --lora-r)" in err
+    for flags, key in [(("--lora-r", "0"), "lora_r"), (("--lora-r", "4", "--lora-dropout", "1"), "lora_dropout"),
+                       (("--lora-r", "4", "--lora-alpha", "-1"), "lora_alpha")]:
+        assert f"--{key.replace('_', '-')}" in mistake(capsys, tiny_model_dir, out, *flags)
+    code, _, err = run_main(capsys, "export", str(tiny_model_dir), "--merge", str(out))
+    assert code == 2 and "holds a full model" in err and not out.exists()
+    code, _, err = run_main(capsys, "export", str(tmp_path / "nowhere"), "--merge", str(out))
+    assert code == 2 and "not a directory" in err
+
+
+# --- slow: training through the CLI, checkpoints, resume ------------------------------
+
+
+def train_args(model_dir, out, *extra):
+    return ["train", "--model", str(model_dir), "--dataset", str(QUICKSTART_DATA), "--lora-r", "8",
+            "--lora-dropout", "0.1", "--batch-size", "8", "--grad-accum", "2", "--max-steps", "30", "--lr", "3e-3",
+            "--weight-decay", "0.1", "--lr-schedule", "cosine", "--precision", "fp32", "--log-every", "1",
+            "--eval-every", "10", "--save-every", "4", "--output-dir", str(out), *extra]
+
+
+def adapter_of(run_dir):
+    return load_file(run_dir / "adapter_model.safetensors")
+
+
+def same_adapter(a_dir, b_dir) -> bool:
+    a, b = adapter_of(a_dir), adapter_of(b_dir)
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def losses(out):
+    rows = read_jsonl(out / "metrics.jsonl")
+    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in rows if r["type"] in ("train", "eval")]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tiny_model_dir, tmp_path_factory):
+    """30 LoRA steps (dropout on, weight decay on, checkpoints every 4, an epoch crossed at step 25), merged."""
+    out = tmp_path_factory.mktemp("lora") / "run"
+    code, stdout, err = run_captured(*train_args(tiny_model_dir, out, "--merge", "--sample-prompts", "the film is"))
+    assert code == 0, err
+    return out, stdout + err
+
+
+@pytest.mark.slow
+def test_a_lora_run_trains_only_the_adapter_and_writes_what_peft_loads(lora_run, tiny_model_dir, tmp_path, capsys):
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    out, log = lora_run
+    assert "LoRA: r 8, alpha 16, dropout 0.1 on c_attn, c_fc, c_proj: trains 16,384 of 3,341,120 parameters" in log
+    assert "sample: 'the film is' ->" in log
+    rows = read_jsonl(out / "metrics.jsonl")
+    evals = [r["val_loss"] for r in rows if r["type"] == "eval"]
+    assert evals[-1] < evals[0] - 0.05  # it learned
+
+    # outputs: the adapter and tokenizer, no copy of the base; each checkpoint the same plus the training state
+    assert not (out / "model.safetensors").exists()
+    adapter = adapter_of(out)
+    assert adapter and all("lora_A" in k or "lora_B" in k for k in adapter)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
+    ckpt = out / "checkpoints" / "step-28"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                      "config.yaml", "state.json", "tokenizer.json",
+                                                      "tokenizer_config.json", "training_state.pt"]
+    optimizer = torch.load(ckpt / "training_state.pt", weights_only=True)["optimizer"]
+    assert len(optimizer["state"]) == len(adapter)  # the optimizer holds the adapter's tensors, nothing of the base
+
+    # the base is untouched: every tensor the adapter does not change is bitwise the base's in the merged model,
+    # and each adapted one is the base's plus the low-rank update
+    base, merged = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "merged" / "model.safetensors")
+    adapted = {k.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight") for k in adapter
+               if "lora_A" in k}
+    assert adapted and base.keys() == merged.keys()
+    for key in base:
+        if key in adapted:
+            prefix = "base_model.model." + key.removesuffix(".weight")
+            delta = (adapter[prefix + ".lora_B.weight"] @ adapter[prefix + ".lora_A.weight"]) * (16 / 8)
+            torch.testing.assert_close(merged[key], base[key] + delta.T, rtol=0, atol=1e-6)  # Conv1D: (in, out)
+            assert not torch.equal(merged[key], base[key])
+        else:
+            assert torch.equal(merged[key], base[key]), key
+
+    # peft loads it both ways, and computes what the merged model does
+    ids = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+    expected = logits(AutoModelForCausalLM.from_pretrained(out / "merged"), ids)
+    by_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
+    torch.testing.assert_close(logits(by_peft, ids), expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits(AutoPeftModelForCausalLM.from_pretrained(out), ids), expected, rtol=0, atol=1e-5)
+
+    # eval and generate take the run directory as it is; export writes what --merge wrote
+    code, stdout, err = run_main(capsys, "eval", "--model", str(out), "--dataset", str(QUICKSTART_DATA), "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["val_loss"] == pytest.approx(evals[-1], abs=1e-6)  # fp32, as trained
+    code, stdout, err = run_main(capsys, "generate", "--model", str(out), "--prompt", "the film is",
+                                 "--temperature", "0", "--max-new-tokens", "4")
+    assert code == 0 and stdout.startswith("[0] the film is"), err
+    code, stdout, err = run_main(capsys, "export", str(out), "--merge", str(tmp_path / "exported"))
+    assert code == 0, err
+    exported = load_file(tmp_path / "exported" / "model.safetensors")
+    assert all(torch.equal(exported[k], merged[k]) for k in merged)
+    assert (tmp_path / "exported" / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_sigterm_and_kill_9_then_resume_equal_an_uninterrupted_lora_run(lora_run, tiny_model_dir, tmp_path,
+                                                                        capsys):
+    """The adapter, its optimizer state, the data position and the RNG (the LoRA dropout draws from it) all come
+    back: after a SIGTERM, and after a kill -9 past a checkpoint, the adapter ends bitwise the uninterrupted one's."""
+    uninterrupted, _ = lora_run
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "sftune", *train_args(tiny_model_dir, out)], cwd=ROOT,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    for line in proc.stderr:
+        if line.startswith("step      6/"):
+            proc.send_signal(signal.SIGTERM)
+            break
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 143, err
+    assert "stopped by SIGTERM" in err
+
+    proc = subprocess.Popen([sys.executable, "-m", "sftune", *train_args(tiny_model_dir, out, "--resume", "auto")],
+                            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    for line in proc.stderr:
+        if line.startswith("step     14/"):  # past the checkpoint of step 12
+            proc.kill()
+            break
+    proc.stderr.read()
+    assert proc.wait(timeout=120) == -signal.SIGKILL
+    assert not (out / "adapter_model.safetensors").exists()
+
+    code, _, err = run_main(capsys, *train_args(tiny_model_dir, out, "--resume", "auto"))
+    assert code == 0, err
+    assert f"resumed from {out / 'checkpoints' / 'step-12'}" in err
+    assert same_adapter(uninterrupted, out)
+    assert losses(out) == losses(uninterrupted)
+    # resuming as a full fine-tune is refused: the settings differ
+    code, _, err = run_main(capsys, *train_args(tiny_model_dir, out, "--resume", "auto", "--lora-r", "null"))
+    assert code == 2 and "lora_r: 8 -> None" in err
