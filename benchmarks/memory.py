@@ -1,7 +1,9 @@
-"""Peak memory and step time with and without --gradient-checkpointing, each run in its own process.
+"""Peak memory and step time: full fine-tuning, with --gradient-checkpointing, and LoRA (--lora-r 16, all-linear),
+each run in its own process.
 
     python benchmarks/memory.py                      # GPT-2 small (random init), CPU: peak RSS
     python benchmarks/memory.py --device cuda        # on a GPU: peak allocated GPU memory too
+    python benchmarks/memory.py --modes full,lora    # some of them
 
 GPT-2 small is built from ../shared/models/gpt2/config.json (random weights) with GPT-2's bundled tokenizer; the
 data is 64 rows of 120 words (about 125 tokens each), so every micro-batch is rows x ~126 tokens.
@@ -40,15 +42,17 @@ def worker(args) -> dict:
         cfg = sftune.resolve_config({
             "model": str(tmp / "model"), "tokenizer": "bundled:gpt2", "dataset": str(tmp / "data"),
             "batch_size": args.batch_size, "max_steps": args.steps + 1, "log_every": 1, "eval_batch_size": 4,
-            "gradient_checkpointing": args.checkpointing, "device": args.device, "output_dir": str(tmp / "run"),
-            "cache_dir": str(tmp / "cache")})
+            "gradient_checkpointing": args.mode == "checkpointing", "device": args.device,
+            "output_dir": str(tmp / "run"), "cache_dir": str(tmp / "cache"),
+            **({"lora_r": 16, "lr": 2e-4} if args.mode == "lora" else {})})
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         sftune.train(cfg)
         rows = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in rows if r["type"] == "train"]
         seconds = (steps[-1]["elapsed_s"] - steps[0]["elapsed_s"]) / (len(steps) - 1)  # after the first step
-        result = {"checkpointing": args.checkpointing, "s_per_step": seconds,
+        tokens = (steps[-1]["tokens"] - steps[0]["tokens"]) / (len(steps) - 1)
+        result = {"mode": args.mode, "s_per_step": seconds, "tokens_per_s": tokens / seconds,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
         if args.device == "cuda":
             result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
@@ -63,15 +67,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--json", action="store_true")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--modes", default="full,checkpointing,lora", help="which of full, checkpointing, lora to run")
+    p.add_argument("--mode", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
         return
     results = []
-    for checkpointing in (False, True):
+    for mode in args.modes.split(","):
         cmd = [sys.executable, __file__, "--worker", "--device", args.device, "--batch-size", str(args.batch_size),
-               "--steps", str(args.steps)] + (["--checkpointing"] if checkpointing else [])
+               "--steps", str(args.steps), "--mode", mode]
         t0 = time.perf_counter()
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         results.append({**json.loads(out.strip().splitlines()[-1]), "wall_s": time.perf_counter() - t0})
@@ -79,10 +84,10 @@ def main() -> None:
         print(json.dumps(results, indent=1))
         return
     print(f"GPT-2 small, batch {args.batch_size} x ~126 tokens, {args.device}")
-    print(f"{'checkpointing':<15}{'s/step':>9}{'peak RSS MB':>13}" + (f"{'peak GPU MB':>13}" if args.device == "cuda" else ""))
+    print(f"{'mode':<15}{'s/step':>9}{'tok/s':>9}{'peak RSS MB':>13}" + (f"{'peak GPU MB':>13}" if args.device == "cuda" else ""))
     for r in results:
         gpu = f"{r['peak_gpu_mb']:>13,.0f}" if "peak_gpu_mb" in r else ""
-        print(f"{str(r['checkpointing']):<15}{r['s_per_step']:>9.2f}{r['peak_rss_mb']:>13,.0f}{gpu}")
+        print(f"{r['mode']:<15}{r['s_per_step']:>9.2f}{r['tokens_per_s']:>9,.0f}{r['peak_rss_mb']:>13,.0f}{gpu}")
 
 
 if __name__ == "__main__":

@@ -98,7 +98,7 @@ CASES = {  # name: (model, extra flags, single process (batch, accum), per rank 
     "fsdp-accum": ("gpt2", ["--save-every", "2"], (16, 2), (8, 2), "fsdp"),
     "fsdp-llama": ("llama", ["--tokenizer", "bundled:gpt2"], (32, 1), (16, 1), "fsdp"),
     "ddp-lora-llama": ("llama", ["--tokenizer", "bundled:gpt2", "--lora-r", "4", "--lora-modules-to-save", "lm_head",
-                                 "--lr", "1e-2"], (16, 2), (8, 2), "ddp"),
+                                 "--lr", "1e-2", "--gradient-checkpointing"], (16, 2), (8, 2), "ddp"),
 }
 LONGER = ("--max-steps", "8", "--save-every", "5")  # the fault test's run
 
@@ -128,7 +128,8 @@ def launched(uneven_data, tiny_model_dir, tmp_path_factory):
 
 def test_ddp_and_fsdp_on_two_ranks_equal_one_process_and_fsdp_resumes_exactly(launched):
     """2 ranks at batch 16 = 1 process at batch 32, and at 8 x accum 2 = 16 x accum 2: DDP and FSDP (GPT-2 with
-    its tied head, and a Llama-shaped model), and LoRA under DDP (the adapter and a fully trained head). The FSDP
+    its tied head, and a Llama-shaped model), and LoRA under DDP (the adapter and a fully trained head, with
+    activation checkpointing). The FSDP
     run's sharded (DCP) checkpoint then resumes bitwise, and its final model is a whole Hugging Face model that
     loads in one process."""
     root, output = launched

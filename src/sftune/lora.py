@@ -107,7 +107,7 @@ def add_lora(model, cfg, quiet: bool = False):
         total = sum(p.numel() for n, p in peft_model.named_parameters() if ".original_module." not in n)
         adapted = sorted({n.rsplit(".", 1)[-1] for n in settings.target_modules}) \
             if not isinstance(settings.target_modules, str) else settings.target_modules
-        full = f"; trained in full: {', '.join(settings.modules_to_save)}" if settings.modules_to_save else ""
+        full = f"; trained in full: {', '.join(requested)}" if requested else ""
         tie = " (tied to the input embedding: one matrix)" if settings.ensure_weight_tying else ""
         log(f"LoRA: r {settings.r}, alpha {settings.lora_alpha:g}, dropout {settings.lora_dropout:g} on "
             f"{', '.join(adapted)}{full}{tie}: trains {trained:,} of {total:,} parameters ({100 * trained / total:.2f}%)")
@@ -201,7 +201,11 @@ def load_adapter_model(directory: str | Path, base: str | None = None, trust_rem
         settings = LoraConfig.from_pretrained(str(directory))
     except Exception as e:
         raise SftuneError(f"{directory / ADAPTER_CONFIG} is not a LoRA adapter config peft can read: {e}") from None
-    model = load_model(base_name, "pretrained", trust_remote_code)
+    try:
+        model = load_model(base_name, "pretrained", trust_remote_code)
+    except SftuneError as e:
+        raise SftuneError(f"the base model {base_name!r} of the adapter in {directory} could not be loaded: "
+                          f"{str(e).replace('--model', '--base')}") from None
     from peft import get_peft_model
 
     settings.inference_mode = True

@@ -32,8 +32,18 @@ FUSED_CE_MODEL_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gpt_neox"
 CE_CHUNK_ROWS = 1024  # rows of (rows, vocab) logits alive at once: 1024 x 50,257 x 4 B = 206 MB in fp32
 
 
-def supports_fused_ce(model) -> bool:
+def output_head(model) -> nn.Module:
+    """The module that computes the logits: the output embedding, or, when peft trains it as a `modules_to_save`
+    module, the trained copy its wrapper forwards to (so a LoRA run that trains the head keeps the fused loss)."""
     head = model.get_output_embeddings()
+    copies, active = getattr(head, "modules_to_save", None), getattr(head, "active_adapters", None)
+    if isinstance(copies, nn.ModuleDict) and active and len(active) == 1 and not head.disable_adapters:
+        return copies[active[0]]
+    return head
+
+
+def supports_fused_ce(model) -> bool:
+    head = output_head(model)
     return (getattr(model.config, "model_type", None) in FUSED_CE_MODEL_TYPES
             and isinstance(head, torch.nn.Linear) and head.bias is None)
 
@@ -73,7 +83,7 @@ class CausalLMLoss(nn.Module):
             return F.cross_entropy(picked.float(), targets, reduction="sum")
         hidden = self.model.base_model(**inputs).last_hidden_state  # (B, T, D)
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (N, D)
-        weight = self.model.get_output_embeddings().weight
+        weight = output_head(self.model).weight
         device_type = hidden.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
         with torch.autocast(device_type, enabled=False):
