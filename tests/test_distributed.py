@@ -100,7 +100,7 @@ CASES = {  # name: (model, extra flags, single process (batch, accum), per rank 
     "ddp-lora-llama": ("llama", ["--tokenizer", "bundled:gpt2", "--lora-r", "4", "--lora-modules-to-save", "lm_head",
                                  "--lr", "1e-2", "--gradient-checkpointing"], (16, 2), (8, 2), "ddp"),
 }
-LONGER = ("--max-steps", "8", "--save-every", "5")  # the fault test's run
+LONGER = ("--max-steps", "6", "--save-every", "4")  # the fault test's run
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_sigterm_to_the_launcher_and_kill_9_of_a_rank_then_resume_is_exact(launc
     proc = torchrun(*args(tiny_model_dir, uneven_data, out, 16, *longer, "--resume", "auto"),
                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
     for line in proc.stderr:
-        if line.startswith("step      6/"):  # past the checkpoint of step 5
+        if line.startswith("step      5/"):  # past the checkpoint of step 4
             ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
             os.kill(int(ranks[-1]), signal.SIGKILL)
             break
@@ -190,7 +190,7 @@ def test_sigterm_to_the_launcher_and_kill_9_of_a_rank_then_resume_is_exact(launc
                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
-    assert f"resumed from {out / 'checkpoints' / 'step-5'}" in err
+    assert f"resumed from {out / 'checkpoints' / 'step-4'}" in err
     a, b = load_file(full / "model.safetensors"), load_file(out / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise: same world size, same steps
     assert metrics(out) == metrics(full)

@@ -94,7 +94,7 @@ def test_an_adapter_that_does_not_fit_the_base_is_an_error(gpt2_tokenizer, tmp_p
     from sftune.modeling import save_model
 
     peft_model = add_lora(make_tiny_gpt2(), lora_cfg())
-    save_adapter(peft_model, gpt2_tokenizer, tmp_path / "adapter", "unused")
+    save_adapter(peft_model, gpt2_tokenizer, tmp_path / "adapter", "unused-hub-id")
     wider = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=96, n_head=2, n_positions=128, vocab_size=50257))
     save_model(wider, gpt2_tokenizer, tmp_path / "wider")
     with pytest.raises(SftuneError, match="does not fit this base model .*other shapes.*--base"):
@@ -110,7 +110,7 @@ def test_an_adapter_that_does_not_fit_the_base_is_an_error(gpt2_tokenizer, tmp_p
     with pytest.raises(SftuneError, match="not found at .*gone; give it with --base"):
         load_adapter_model(tmp_path / "adapter")
     config.write_text(json.dumps({**json.loads(config.read_text()), "base_model_name_or_path": "gpt2"}))  # the Hub
-    with pytest.raises(SftuneError, match="base model 'gpt2' of the adapter .* could not be loaded.*--base"):
+    with pytest.raises(SftuneError, match="(?s)base model 'gpt2' of the adapter .* could not be loaded.*--base"):
         load_adapter_model(tmp_path / "adapter")
 
 
@@ -169,9 +169,9 @@ def test_lora_mistakes_are_clear_errors_that_write_nothing(tiny_model_dir, tmp_p
 
 def train_args(model_dir, out, *extra):
     return ["train", "--model", str(model_dir), "--dataset", str(QUICKSTART_DATA), "--lora-r", "8",
-            "--lora-dropout", "0.1", "--batch-size", "8", "--grad-accum", "2", "--max-steps", "30", "--lr", "3e-3",
+            "--lora-dropout", "0.1", "--batch-size", "8", "--grad-accum", "2", "--max-steps", "16", "--lr", "3e-3",
             "--weight-decay", "0.1", "--lr-schedule", "cosine", "--precision", "fp32", "--log-every", "1",
-            "--eval-every", "10", "--save-every", "4", "--output-dir", str(out), *extra]
+            "--eval-every", "8", "--save-every", "4", "--output-dir", str(out), *extra]
 
 
 def adapter_of(run_dir):
@@ -190,7 +190,7 @@ def losses(out):
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_model_dir, tmp_path_factory):
-    """30 LoRA steps (dropout on, weight decay on, checkpoints every 4, an epoch crossed at step 25), merged."""
+    """16 LoRA steps (dropout on, weight decay on, checkpoints every 4), merged."""
     out = tmp_path_factory.mktemp("lora") / "run"
     code, stdout, err = run_captured(*train_args(tiny_model_dir, out, "--merge", "--sample-prompts", "the film is"))
     assert code == 0, err
@@ -214,7 +214,7 @@ def test_a_lora_run_trains_only_the_adapter_and_writes_what_peft_loads(lora_run,
     adapter = adapter_of(out)
     assert adapter and all("lora_A" in k or "lora_B" in k for k in adapter)
     assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
-    ckpt = out / "checkpoints" / "step-28"
+    ckpt = out / "checkpoints" / "step-16"
     assert sorted(p.name for p in ckpt.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
                                                       "config.yaml", "state.json", "tokenizer.json",
                                                       "tokenizer_config.json", "training_state.pt"]
@@ -280,7 +280,7 @@ def test_sigterm_and_kill_9_then_resume_equal_an_uninterrupted_lora_run(lora_run
     proc = subprocess.Popen([sys.executable, "-m", "sftune", *train_args(tiny_model_dir, out)], cwd=ROOT,
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     for line in proc.stderr:
-        if line.startswith("step      6/"):
+        if line.startswith("step      5/"):
             proc.send_signal(signal.SIGTERM)
             break
     err = proc.stderr.read()
@@ -290,7 +290,7 @@ def test_sigterm_and_kill_9_then_resume_equal_an_uninterrupted_lora_run(lora_run
     proc = subprocess.Popen([sys.executable, "-m", "sftune", *train_args(tiny_model_dir, out, "--resume", "auto")],
                             cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     for line in proc.stderr:
-        if line.startswith("step     14/"):  # past the checkpoint of step 12
+        if line.startswith("step     10/"):  # past the checkpoint of step 8
             proc.kill()
             break
     proc.stderr.read()
@@ -299,7 +299,7 @@ def test_sigterm_and_kill_9_then_resume_equal_an_uninterrupted_lora_run(lora_run
 
     code, _, err = run_main(capsys, *train_args(tiny_model_dir, out, "--resume", "auto"))
     assert code == 0, err
-    assert f"resumed from {out / 'checkpoints' / 'step-12'}" in err
+    assert f"resumed from {out / 'checkpoints' / 'step-8'}" in err
     assert same_adapter(uninterrupted, out)
     assert losses(out) == losses(uninterrupted)
     # resuming as a full fine-tune is refused: the settings differ

@@ -59,10 +59,22 @@ def test_keep_last_rotates(uninterrupted):
     assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir()) == ["step-25", "step-28"]
 
 
-def test_sigterm_then_resume_equals_an_uninterrupted_run(uninterrupted, tiny_model_dir, tmp_path, capsys):
+def test_sigint_then_sigterm_then_resume_equals_an_uninterrupted_run(uninterrupted, tiny_model_dir, tmp_path,
+                                                                      capsys):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "sftune", *train_args(tiny_model_dir, out)], cwd=ROOT,
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    for line in proc.stderr:  # Ctrl-C: saved, exit 130
+        if line.startswith("step      3/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 130, err
+    assert "stopped by SIGINT" in err
+    assert len(list((out / "checkpoints").glob("step-*"))) == 1  # saved once, at the step it stopped
+
+    proc = subprocess.Popen([sys.executable, "-m", "sftune", *train_args(tiny_model_dir, out, "--resume", "auto")],
+                            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     for line in proc.stderr:  # wait until training is mid-epoch (25 steps per epoch here) and off a save step
         if line.startswith("step      6/"):
             proc.send_signal(signal.SIGTERM)
@@ -78,7 +90,7 @@ def test_sigterm_then_resume_equals_an_uninterrupted_run(uninterrupted, tiny_mod
     assert "resumed from" in err
     assert same_weights(uninterrupted, out)
     assert train_losses(out) == train_losses(uninterrupted)  # every step's loss, every eval; nothing duplicated
-    assert [r["type"] for r in read_jsonl(out / "metrics.jsonl")].count("resume") == 1
+    assert [r["type"] for r in read_jsonl(out / "metrics.jsonl")].count("resume") == 2  # one per resume
 
 
 def test_a_corrupted_checkpoint_is_skipped_for_the_one_before(uninterrupted, copy_of, tiny_model_dir, capsys):
@@ -225,15 +237,3 @@ def test_disk_full_during_a_save_fails_cleanly(tiny_model_dir, small_disk, capsy
     assert left == ["step-4"] and checkpoint_ok(out / "checkpoints" / "step-4")  # no staging debris
 
 
-def test_sigint_saves_and_exits_130(tiny_model_dir, tmp_path):
-    out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "sftune", *train_args(tiny_model_dir, out, "--save-every", "100")],
-                            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    for line in proc.stderr:
-        if line.startswith("step      3/"):
-            proc.send_signal(signal.SIGINT)
-            break
-    err = proc.stderr.read()
-    assert proc.wait(timeout=120) == 130, err
-    assert "stopped by SIGINT" in err
-    assert len(list((out / "checkpoints").glob("step-*"))) == 1

@@ -136,7 +136,9 @@ def save_adapter(peft_model, tokenizer, directory: Path, base: str) -> None:
     `PeftModel.from_pretrained(base_model, directory)` and `AutoPeftModelForCausalLM` load."""
     settings = peft_model.peft_config["default"]
     settings.base_model_name_or_path = base
-    peft_model.save_pretrained(directory)
+    # no full embedding matrices (peft's "auto" looks the base's vocabulary up, on the Hub for a Hub base, at every
+    # save; sftune never resizes embeddings, and modules_to_save are saved either way)
+    peft_model.save_pretrained(directory, save_embedding_layers=False)
     requested = getattr(peft_model, "sftune_modules_to_save", None)
     if requested:  # the names as sftune gave them to peft (see `add_lora`)
         path = directory / ADAPTER_CONFIG

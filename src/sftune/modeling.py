@@ -135,7 +135,8 @@ def load_model(name: str, init: str = "pretrained", trust_remote_code: bool = Fa
                 f"Check --model (a truncated model.safetensors needs a fresh copy), or pass --init random to "
                 f"train from the config alone."
             ) from None
-    else:
+    else:  # the config first: uncached and offline it fails in seconds (the weights' loader retries for a minute)
+        load_model_config(name, trust_remote_code)
         model = from_hub_or_cache(name, "model", "--model", load)
     log(f"model: {name}, {model.num_parameters() / 1e6:.1f}M parameters")
     return model
