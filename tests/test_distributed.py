@@ -96,22 +96,30 @@ CASES = {  # name: (model, extra flags, single process (batch, accum), per rank 
     "ddp": ("gpt2", [], (32, 1), (16, 1), "ddp"),
     "ddp-accum": ("gpt2", [], (16, 2), (8, 2), "ddp"),
     "fsdp-accum": ("gpt2", ["--save-every", "2"], (16, 2), (8, 2), "fsdp"),
-    "fsdp-llama": ("llama", ["--tokenizer", "bundled:gpt2"], (32, 1), (16, 1), "fsdp"),
-    "ddp-lora-llama": ("llama", ["--tokenizer", "bundled:gpt2", "--lora-r", "4", "--lora-modules-to-save", "lm_head",
+    "fsdp-llama": ("llama", [], (32, 1), (16, 1), "fsdp"),
+    "ddp-lora-llama": ("llama", ["--lora-r", "4", "--lora-modules-to-save", "lm_head",
                                  "--lr", "1e-2", "--gradient-checkpointing"], (16, 2), (8, 2), "ddp"),
 }
 LONGER = ("--max-steps", "6", "--save-every", "4")  # the fault test's run
 
 
 @pytest.fixture(scope="module")
-def launched(uneven_data, tiny_model_dir, tmp_path_factory):
+def launched(uneven_data, small_model_dir, tmp_path_factory):
     """Each case in one process (in this one) and on 2 ranks, all in one torchrun launch (start-up paid once),
-    with the uninterrupted 2-rank run the fault test compares against."""
-    from test_families import family_model
+    with the uninterrupted 2-rank run the fault test compares against. The models have a 512-token vocabulary
+    (`small_model_dir`'s tokenizer): the ranks' arithmetic is what is compared, not GPT-2's ids."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from test_families import FIXTURES
 
     root = tmp_path_factory.mktemp("dist")
-    family_model("tiny-llama").save_pretrained(root / "tiny-llama")
-    models = {"gpt2": tiny_model_dir, "llama": root / "tiny-llama"}
+    config = AutoConfig.from_pretrained(FIXTURES / "tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(small_model_dir)
+    config.vocab_size, config.bos_token_id, config.eos_token_id = len(tokenizer), tokenizer.eos_token_id, tokenizer.eos_token_id
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(root / "tiny-llama")
+    tokenizer.save_pretrained(root / "tiny-llama")
+    models = {"gpt2": small_model_dir, "llama": root / "tiny-llama"}
     runs = []
     for name, (model, extra, one, per_rank, strategy) in CASES.items():
         code, _, err = run_captured(*args(models[model], uneven_data, root / f"{name}-one", one[0], "--grad-accum",
@@ -120,9 +128,9 @@ def launched(uneven_data, tiny_model_dir, tmp_path_factory):
         runs.append(args(models[model], uneven_data, root / f"{name}-two", per_rank[0], "--grad-accum",
                          str(per_rank[1]), "--strategy", strategy, *extra))
     # the FSDP run's sharded checkpoint of step 2, resumed into another directory
-    runs.append(args(tiny_model_dir, uneven_data, root / "fsdp-resumed", 8, "--grad-accum", "2", "--strategy", "fsdp",
+    runs.append(args(small_model_dir, uneven_data, root / "fsdp-resumed", 8, "--grad-accum", "2", "--strategy", "fsdp",
                      "--save-every", "2", "--resume", str(root / "fsdp-accum-two" / "checkpoints" / "step-2")))
-    runs.append(args(tiny_model_dir, uneven_data, root / "fault-full", 16, *LONGER))
+    runs.append(args(small_model_dir, uneven_data, root / "fault-full", 16, *LONGER))
     return root, launch(runs, root)
 
 
@@ -155,14 +163,14 @@ def test_ddp_and_fsdp_on_two_ranks_equal_one_process_and_fsdp_resumes_exactly(la
     assert AutoModelForCausalLM.from_pretrained(full) is not None
 
 
-def test_sigterm_to_the_launcher_and_kill_9_of_a_rank_then_resume_is_exact(launched, uneven_data, tiny_model_dir,
+def test_sigterm_to_the_launcher_and_kill_9_of_a_rank_then_resume_is_exact(launched, uneven_data, small_model_dir,
                                                                              tmp_path, capsys):
     """SIGTERM to torchrun: both ranks stop at one step and save once (torchrun itself exits 1 with its own
     message; each rank exits 143). Then kill -9 of one rank: the run dies. Each time --resume auto continues,
     and the end result is an uninterrupted 2-rank run's, bitwise."""
     longer, full = LONGER, launched[0] / "fault-full"
     out = tmp_path / "run"
-    proc = torchrun(*args(tiny_model_dir, uneven_data, out, 16, *longer), stderr=subprocess.PIPE,
+    proc = torchrun(*args(small_model_dir, uneven_data, out, 16, *longer), stderr=subprocess.PIPE,
                     stdout=subprocess.DEVNULL)
     for line in proc.stderr:
         if line.startswith("step      3/"):
@@ -175,7 +183,7 @@ def test_sigterm_to_the_launcher_and_kill_9_of_a_rank_then_resume_is_exact(launc
     assert saved and saved[-1] >= 3  # one checkpoint, written once, at the step both ranks agreed on
 
     # kill -9 of one rank mid-run: torchrun ends the other, the run dies; then it resumes from its last checkpoint
-    proc = torchrun(*args(tiny_model_dir, uneven_data, out, 16, *longer, "--resume", "auto"),
+    proc = torchrun(*args(small_model_dir, uneven_data, out, 16, *longer, "--resume", "auto"),
                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
     for line in proc.stderr:
         if line.startswith("step      5/"):  # past the checkpoint of step 4
@@ -186,7 +194,7 @@ def test_sigterm_to_the_launcher_and_kill_9_of_a_rank_then_resume_is_exact(launc
     assert proc.wait(timeout=120) != 0
     assert not (out / "model.safetensors").exists()
 
-    proc = torchrun(*args(tiny_model_dir, uneven_data, out, 16, *longer, "--resume", "auto"),
+    proc = torchrun(*args(small_model_dir, uneven_data, out, 16, *longer, "--resume", "auto"),
                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
@@ -196,5 +204,5 @@ def test_sigterm_to_the_launcher_and_kill_9_of_a_rank_then_resume_is_exact(launc
     assert metrics(out) == metrics(full)
 
     # another world size is refused: batch_size is per rank, so the steps would differ
-    code, _, err = run_main(capsys, *args(tiny_model_dir, uneven_data, out, 16, *longer, "--resume", "auto"))
+    code, _, err = run_main(capsys, *args(small_model_dir, uneven_data, out, 16, *longer, "--resume", "auto"))
     assert code == 2 and "it was written by a run of 2" in err and "--nproc-per-node 2" in err

@@ -2,7 +2,7 @@
 adapter does (GPT-2's tied head included), adapter-only checkpoints that resume bitwise after SIGTERM and kill -9.
 
 The fast tests build adapters directly (random adapter weights, so a merge that dropped them would show); the
-slow ones train a tiny GPT-2 (Conv1D layers) through the CLI.
+slow ones train a tiny GPT-2 (Conv1D layers; a 512-token vocabulary, `small_model_dir`) through the CLI.
 """
 
 from __future__ import annotations
@@ -189,21 +189,21 @@ def losses(out):
 
 
 @pytest.fixture(scope="module")
-def lora_run(tiny_model_dir, tmp_path_factory):
+def lora_run(small_model_dir, tmp_path_factory):
     """16 LoRA steps (dropout on, weight decay on, checkpoints every 4), merged."""
     out = tmp_path_factory.mktemp("lora") / "run"
-    code, stdout, err = run_captured(*train_args(tiny_model_dir, out, "--merge", "--sample-prompts", "the film is"))
+    code, stdout, err = run_captured(*train_args(small_model_dir, out, "--merge", "--sample-prompts", "the film is"))
     assert code == 0, err
     return out, stdout + err
 
 
 @pytest.mark.slow
-def test_a_lora_run_trains_only_the_adapter_and_writes_what_peft_loads(lora_run, tiny_model_dir, tmp_path, capsys):
+def test_a_lora_run_trains_only_the_adapter_and_writes_what_peft_loads(lora_run, small_model_dir, tmp_path, capsys):
     from peft import AutoPeftModelForCausalLM, PeftModel
     from transformers import AutoModelForCausalLM
 
     out, log = lora_run
-    assert "LoRA: r 8, alpha 16, dropout 0.1 on c_attn, c_fc, c_proj: trains 16,384 of 3,341,120 parameters" in log
+    assert "LoRA: r 8, alpha 16, dropout 0.1 on c_attn, c_fc, c_proj: trains 16,384 of 157,440 parameters" in log
     assert "sample: 'the film is' ->" in log
     rows = read_jsonl(out / "metrics.jsonl")
     evals = [r["val_loss"] for r in rows if r["type"] == "eval"]
@@ -213,7 +213,7 @@ def test_a_lora_run_trains_only_the_adapter_and_writes_what_peft_loads(lora_run,
     assert not (out / "model.safetensors").exists()
     adapter = adapter_of(out)
     assert adapter and all("lora_A" in k or "lora_B" in k for k in adapter)
-    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(tiny_model_dir)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(small_model_dir)
     ckpt = out / "checkpoints" / "step-16"
     assert sorted(p.name for p in ckpt.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
                                                       "config.yaml", "state.json", "tokenizer.json",
@@ -223,7 +223,7 @@ def test_a_lora_run_trains_only_the_adapter_and_writes_what_peft_loads(lora_run,
 
     # the base is untouched: every tensor the adapter does not change is bitwise the base's in the merged model,
     # and each adapted one is the base's plus the low-rank update
-    base, merged = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "merged" / "model.safetensors")
+    base, merged = load_file(small_model_dir / "model.safetensors"), load_file(out / "merged" / "model.safetensors")
     adapted = {k.removeprefix("base_model.model.").replace(".lora_A.weight", ".weight") for k in adapter
                if "lora_A" in k}
     assert adapted and base.keys() == merged.keys()
@@ -237,9 +237,9 @@ def test_a_lora_run_trains_only_the_adapter_and_writes_what_peft_loads(lora_run,
             assert torch.equal(merged[key], base[key]), key
 
     # peft loads it both ways, and computes what the merged model does
-    ids = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     expected = logits(AutoModelForCausalLM.from_pretrained(out / "merged"), ids)
-    by_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), out)
+    by_peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(small_model_dir), out)
     torch.testing.assert_close(logits(by_peft, ids), expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(logits(AutoPeftModelForCausalLM.from_pretrained(out), ids), expected, rtol=0, atol=1e-5)
 
@@ -271,13 +271,13 @@ def test_the_shipped_lora_config_trains_and_merges(tiny_model_dir, tmp_path, cap
 
 
 @pytest.mark.slow
-def test_sigterm_and_kill_9_then_resume_equal_an_uninterrupted_lora_run(lora_run, tiny_model_dir, tmp_path,
+def test_sigterm_and_kill_9_then_resume_equal_an_uninterrupted_lora_run(lora_run, small_model_dir, tmp_path,
                                                                         capsys):
     """The adapter, its optimizer state, the data position and the RNG (the LoRA dropout draws from it) all come
     back: after a SIGTERM, and after a kill -9 past a checkpoint, the adapter ends bitwise the uninterrupted one's."""
     uninterrupted, _ = lora_run
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "sftune", *train_args(tiny_model_dir, out)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "sftune", *train_args(small_model_dir, out)], cwd=ROOT,
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     for line in proc.stderr:
         if line.startswith("step      5/"):
@@ -287,7 +287,7 @@ def test_sigterm_and_kill_9_then_resume_equal_an_uninterrupted_lora_run(lora_run
     assert proc.wait(timeout=120) == 143, err
     assert "stopped by SIGTERM" in err
 
-    proc = subprocess.Popen([sys.executable, "-m", "sftune", *train_args(tiny_model_dir, out, "--resume", "auto")],
+    proc = subprocess.Popen([sys.executable, "-m", "sftune", *train_args(small_model_dir, out, "--resume", "auto")],
                             cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     for line in proc.stderr:
         if line.startswith("step     10/"):  # past the checkpoint of step 8
@@ -297,11 +297,11 @@ def test_sigterm_and_kill_9_then_resume_equal_an_uninterrupted_lora_run(lora_run
     assert proc.wait(timeout=120) == -signal.SIGKILL
     assert not (out / "adapter_model.safetensors").exists()
 
-    code, _, err = run_main(capsys, *train_args(tiny_model_dir, out, "--resume", "auto"))
+    code, _, err = run_main(capsys, *train_args(small_model_dir, out, "--resume", "auto"))
     assert code == 0, err
     assert f"resumed from {out / 'checkpoints' / 'step-8'}" in err
     assert same_adapter(uninterrupted, out)
     assert losses(out) == losses(uninterrupted)
     # resuming as a full fine-tune is refused: the settings differ
-    code, _, err = run_main(capsys, *train_args(tiny_model_dir, out, "--resume", "auto", "--lora-r", "null"))
+    code, _, err = run_main(capsys, *train_args(small_model_dir, out, "--resume", "auto", "--lora-r", "null"))
     assert code == 2 and "lora_r: 8 -> None" in err

@@ -38,9 +38,9 @@ def same_weights(a_dir, b_dir) -> bool:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tiny_model_dir, tmp_path_factory):
+def uninterrupted(small_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("full") / "run"
-    code, _, err = run_captured(*train_args(tiny_model_dir, out))
+    code, _, err = run_captured(*train_args(small_model_dir, out))
     assert code == 0, err
     return out
 
@@ -59,10 +59,10 @@ def test_keep_last_rotates(uninterrupted):
     assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir()) == ["step-25", "step-28"]
 
 
-def test_sigint_then_sigterm_then_resume_equals_an_uninterrupted_run(uninterrupted, tiny_model_dir, tmp_path,
+def test_sigint_then_sigterm_then_resume_equals_an_uninterrupted_run(uninterrupted, small_model_dir, tmp_path,
                                                                       capsys):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "sftune", *train_args(tiny_model_dir, out)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "sftune", *train_args(small_model_dir, out)], cwd=ROOT,
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     for line in proc.stderr:  # Ctrl-C: saved, exit 130
         if line.startswith("step      3/"):
@@ -73,7 +73,7 @@ def test_sigint_then_sigterm_then_resume_equals_an_uninterrupted_run(uninterrupt
     assert "stopped by SIGINT" in err
     assert len(list((out / "checkpoints").glob("step-*"))) == 1  # saved once, at the step it stopped
 
-    proc = subprocess.Popen([sys.executable, "-m", "sftune", *train_args(tiny_model_dir, out, "--resume", "auto")],
+    proc = subprocess.Popen([sys.executable, "-m", "sftune", *train_args(small_model_dir, out, "--resume", "auto")],
                             cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     for line in proc.stderr:  # wait until training is mid-epoch (25 steps per epoch here) and off a save step
         if line.startswith("step      6/"):
@@ -85,7 +85,7 @@ def test_sigint_then_sigterm_then_resume_equals_an_uninterrupted_run(uninterrupt
     saved = max(int(p.name[5:]) for p in (out / "checkpoints").iterdir())
     assert saved >= 6 and f"checkpoint {out / 'checkpoints' / f'step-{saved}'}" in err  # saved on the signal
 
-    code, _, err = run_main(capsys, *train_args(tiny_model_dir, out, "--resume", "auto"))
+    code, _, err = run_main(capsys, *train_args(small_model_dir, out, "--resume", "auto"))
     assert code == 0, err
     assert "resumed from" in err
     assert same_weights(uninterrupted, out)
@@ -93,21 +93,21 @@ def test_sigint_then_sigterm_then_resume_equals_an_uninterrupted_run(uninterrupt
     assert [r["type"] for r in read_jsonl(out / "metrics.jsonl")].count("resume") == 2  # one per resume
 
 
-def test_a_corrupted_checkpoint_is_skipped_for_the_one_before(uninterrupted, copy_of, tiny_model_dir, capsys):
+def test_a_corrupted_checkpoint_is_skipped_for_the_one_before(uninterrupted, copy_of, small_model_dir, capsys):
     newest = copy_of / "checkpoints" / "step-28"
     data = (newest / "model.safetensors").read_bytes()
     (newest / "model.safetensors").write_bytes(data[: len(data) // 2])  # a torn write
-    code, _, err = run_main(capsys, *train_args(tiny_model_dir, copy_of, "--resume", "auto"))
+    code, _, err = run_main(capsys, *train_args(small_model_dir, copy_of, "--resume", "auto"))
     assert code == 0, err
     assert f"checkpoint {newest} is incomplete or corrupted; skipping it" in err
     assert "resumed from" in err and "step-25" in err
     assert same_weights(uninterrupted, copy_of)  # steps 26-30 again, exactly
 
 
-def test_checkpoint_hashes_catch_damage_of_the_same_size(copy_of, tiny_model_dir, capsys):
+def test_checkpoint_hashes_catch_damage_of_the_same_size(copy_of, small_model_dir, capsys):
     """Sizes are always checked; with --checkpoint-hashes a flipped byte is caught as well."""
     out = copy_of.parent / "hashed"
-    code, _, err = run_main(capsys, *train_args(tiny_model_dir, out, "--max-steps", "4", "--checkpoint-hashes"))
+    code, _, err = run_main(capsys, *train_args(small_model_dir, out, "--max-steps", "4", "--checkpoint-hashes"))
     assert code == 0, err
     ckpt = out / "checkpoints" / "step-4"
     assert checkpoint_ok(ckpt)
@@ -118,36 +118,36 @@ def test_checkpoint_hashes_catch_damage_of_the_same_size(copy_of, tiny_model_dir
     assert checkpoint_ok(copy_of / "checkpoints" / "step-28")  # no hashes recorded: sizes only
 
 
-def test_resume_refuses_changed_training_settings(copy_of, tiny_model_dir, capsys):
-    code, _, err = run_main(capsys, *train_args(tiny_model_dir, copy_of, "--resume", "auto", "--lr", "1e-3"))
+def test_resume_refuses_changed_training_settings(copy_of, small_model_dir, capsys):
+    code, _, err = run_main(capsys, *train_args(small_model_dir, copy_of, "--resume", "auto", "--lr", "1e-3"))
     assert code == 2
     assert "training settings differ (lr: 0.003 -> 0.001)" in err and "--resume-force" in err
     assert "Traceback" not in err
     # logging and evaluation frequency may change
-    code, _, err = run_main(capsys, *train_args(tiny_model_dir, copy_of, "--resume", "auto", "--log-every", "2",
+    code, _, err = run_main(capsys, *train_args(small_model_dir, copy_of, "--resume", "auto", "--log-every", "2",
                                                  "--eval-every", "3"))
     assert code == 0, err
 
 
-def test_non_empty_output_needs_resume_or_overwrite(tiny_model_dir, tmp_path, capsys):
+def test_non_empty_output_needs_resume_or_overwrite(small_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
-    code, _, err = run_main(capsys, *train_args(tiny_model_dir, out, "--max-steps", "2"))
+    code, _, err = run_main(capsys, *train_args(small_model_dir, out, "--max-steps", "2"))
     assert code == 2 and "already exists and is not empty" in err
-    code, _, err = run_main(capsys, *train_args(tiny_model_dir, out, "--max-steps", "2", "--overwrite"))
+    code, _, err = run_main(capsys, *train_args(small_model_dir, out, "--max-steps", "2", "--overwrite"))
     assert code == 0, err
     assert (out / "notes.txt").read_text() == "mine"
     file_out = tmp_path / "afile"
     file_out.write_text("x")
-    code, _, err = run_main(capsys, *train_args(tiny_model_dir, file_out, "--max-steps", "2"))
+    code, _, err = run_main(capsys, *train_args(small_model_dir, file_out, "--max-steps", "2"))
     assert code == 2 and "is a file, not a directory" in err
 
 
-def test_a_non_finite_step_is_skipped_and_training_goes_on(tiny_model_dir, tmp_path, capsys, monkeypatch):
+def test_a_non_finite_step_is_skipped_and_training_goes_on(small_model_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     monkeypatch.setenv("SFTUNE_FAULT_NAN_STEPS", "3")
-    code, _, err = run_main(capsys, *train_args(tiny_model_dir, out, "--max-steps", "6", "--save-every", "100"))
+    code, _, err = run_main(capsys, *train_args(small_model_dir, out, "--max-steps", "6", "--save-every", "100"))
     assert code == 0, err
     assert "step 3: non-finite loss or gradient norm, update skipped (1 in a row" in err
     rows = read_jsonl(out / "metrics.jsonl")
@@ -156,14 +156,14 @@ def test_a_non_finite_step_is_skipped_and_training_goes_on(tiny_model_dir, tmp_p
     assert all(r["loss"] == r["loss"] for r in rows if r["type"] == "train")  # no NaN reaches the log
 
 
-def test_too_many_bad_steps_stop_with_the_last_good_state(tiny_model_dir, tmp_path, capsys, monkeypatch):
+def test_too_many_bad_steps_stop_with_the_last_good_state(small_model_dir, tmp_path, capsys, monkeypatch):
     constant = ("--lr-schedule", "constant", "--save-every", "100")
     good = tmp_path / "good"
-    code, _, err = run_main(capsys, *train_args(tiny_model_dir, good, "--max-steps", "2", *constant))
+    code, _, err = run_main(capsys, *train_args(small_model_dir, good, "--max-steps", "2", *constant))
     assert code == 0, err
     out = tmp_path / "run"
     monkeypatch.setenv("SFTUNE_FAULT_NAN_STEPS", "3,4,5,6")
-    code, _, err = run_main(capsys, *train_args(tiny_model_dir, out, "--max-steps", "20", "--max-bad-steps", "2",
+    code, _, err = run_main(capsys, *train_args(small_model_dir, out, "--max-steps", "20", "--max-bad-steps", "2",
                                                  *constant))
     assert code == 3, err
     assert "3 optimizer steps in a row had a non-finite loss" in err and "--resume auto" in err
@@ -173,14 +173,14 @@ def test_too_many_bad_steps_stop_with_the_last_good_state(tiny_model_dir, tmp_pa
     assert all(torch.equal(saved[k], after_two[k]) for k in saved)  # bad steps changed nothing
 
 
-def test_kill_9_mid_save_and_mid_training_then_resume_equals_uninterrupted(uninterrupted, tiny_model_dir, tmp_path,
+def test_kill_9_mid_save_and_mid_training_then_resume_equals_uninterrupted(uninterrupted, small_model_dir, tmp_path,
                                                                            capsys):
     """Real SIGKILLs: once while a checkpoint is being written (the save is held open by a test hook, and the
     staging directory left behind proves the kill landed inside it), once mid-training; each time the run is
     resumed with --resume auto. No partial checkpoint ever appears under a final name, and the end result is
     the uninterrupted run's, bitwise."""
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "sftune", *train_args(tiny_model_dir, out, "--resume", "auto")]
+    args = [sys.executable, "-m", "sftune", *train_args(small_model_dir, out, "--resume", "auto")]
     ckpts = out / "checkpoints"
 
     def kill_when(condition, env=None, limit=120):
@@ -210,7 +210,7 @@ def test_kill_9_mid_save_and_mid_training_then_resume_equals_uninterrupted(unint
     assert staging() == []
     for p in ckpts.iterdir():
         assert checkpoint_ok(p), p  # published = complete
-    code, _, err = run_main(capsys, *train_args(tiny_model_dir, out, "--resume", "auto"))
+    code, _, err = run_main(capsys, *train_args(small_model_dir, out, "--resume", "auto"))
     assert code == 0, err
     assert same_weights(uninterrupted, out)
     assert train_losses(out) == train_losses(uninterrupted)

@@ -43,16 +43,16 @@ def stream_args(model_dir, data, out, *extra):
             "--log-every", "1", "--eval-every", "40", "--save-every", "40", "--output-dir", str(out), *extra]
 
 
-def test_streaming_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, capsys):
+def test_streaming_resume_equals_an_uninterrupted_run(small_model_dir, tmp_path, capsys):
     data = tmp_path / "reviews.jsonl"
     data.write_text("\n".join((QUICKSTART_DATA / "train.jsonl").read_text().splitlines()[:90]) + "\n")
     full = tmp_path / "full"
-    code, _, err = run_main(capsys, *stream_args(tiny_model_dir, data, full))
+    code, _, err = run_main(capsys, *stream_args(small_model_dir, data, full))
     assert code == 0, err
     assert "first 20 rows are held out for validation" in err
 
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "sftune", *stream_args(tiny_model_dir, data, out)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "sftune", *stream_args(small_model_dir, data, out)], cwd=ROOT,
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     for line in proc.stderr:  # in the epoch's second chunk
         if line.startswith("step     67/"):
@@ -60,7 +60,7 @@ def test_streaming_resume_equals_an_uninterrupted_run(tiny_model_dir, tmp_path, 
             break
     err = proc.stderr.read()
     assert proc.wait(timeout=120) == 143, err
-    code, _, err = run_main(capsys, *stream_args(tiny_model_dir, data, out, "--resume", "auto"))
+    code, _, err = run_main(capsys, *stream_args(small_model_dir, data, out, "--resume", "auto"))
     assert code == 0, err
     assert "resumed from" in err
 
