@@ -64,6 +64,7 @@ class TrainState:
     run_id: str = ""  # made at a fresh start and kept by resumes: checkpoint rotation touches only this run's
     fingerprints: dict = field(default_factory=dict)  # {"data": ..., "tokenizer": ...}: what resume must find again
     world_size: int = 1  # ranks that trained it: batch_size is per rank, so another count makes other steps
+    best_step: int | None = None  # the evaluation (after step 0) with the lowest val loss so far
 
 
 def rng_state() -> dict:
@@ -212,7 +213,7 @@ class ShardedCheckpointer(FullCheckpointer):
             except Exception as e:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise write_failed(final, e) from None
-            rotate(self.root, state.run_id, self.keep_last)
+            rotate(self.root, state.run_id, self.keep_last, state.best_step)
         self.dist.barrier()
         return final
 
@@ -259,7 +260,7 @@ def save_checkpoint(root: Path, write_model, optimizer, scheduler, scaler, state
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         raise write_failed(final, e) from None
-    rotate(root, state.run_id, keep_last)
+    rotate(root, state.run_id, keep_last, state.best_step)
     return final
 
 
@@ -285,9 +286,9 @@ def publish(staging: Path, final: Path, state: TrainState, hashes: bool) -> None
     _fsync_dir(final.parent)
 
 
-def rotate(root: Path, run_id: str, keep_last: int) -> None:
-    """Remove all but this run's newest `keep_last` checkpoints (never another run's)."""
-    ours = [c for c in complete_checkpoints(root) if run_id_of(c) == run_id]
+def rotate(root: Path, run_id: str, keep_last: int, best_step: int | None = None) -> None:
+    """Remove all but this run's newest `keep_last` checkpoints (never another run's, never the best one)."""
+    ours = [c for c in complete_checkpoints(root) if run_id_of(c) == run_id and c.name != f"step-{best_step}"]
     for old in ours[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 

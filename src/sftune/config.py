@@ -186,6 +186,17 @@ class SFTConfig:
     sample_prompts: list[str] = _f([], "Prompts to complete with the fine-tuned model at the end of the run.", "log")
     sample_max_new_tokens: int = _f(24, "Tokens generated for each sample prompt.", "log")
 
+    early_stopping_patience: int | None = _f(
+        None, "Stop when the val loss has not improved for this many evaluations (null: never).", "log")
+    early_stopping_min_delta: float = _f(
+        0.0, "Early stopping: an improvement smaller than this does not count.", "log")
+    save_best: bool = _f(
+        False, "Checkpoint each evaluation that improves the val loss, and keep the best checkpoint through "
+        "rotation.", "ckpt")
+    final_model: Literal["last", "best"] = _f(
+        "last", "What the run writes as its model: the last weights, or the best evaluated ones (needs "
+        "save_best).", "ckpt")
+
     max_bad_steps: int = _f(
         5, "Optimizer steps in a row with a non-finite loss or gradient norm (each skipped) before the run stops.", "train"
     )
@@ -210,7 +221,7 @@ class SFTConfig:
 RUN_CONTROL_KEYS = {
     "eval_every", "eval_batch_size", "log_every", "output_dir", "sample_prompts", "sample_max_new_tokens",
     "save_every", "keep_last", "checkpoint_hashes", "resume", "resume_force", "overwrite", "cache_dir", "trust_remote_code", "device",
-    "max_bad_steps", "merge",
+    "max_bad_steps", "merge", "early_stopping_patience", "early_stopping_min_delta", "save_best", "final_model",
 }
 
 
@@ -346,6 +357,13 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
          "(set --lora-r); a full fine-tune's output is already a full model")
     need(cfg.lora_r is None or cfg.strategy != "fsdp", "strategy", "fsdp is not supported with LoRA yet; use ddp "
          "(the adapter and its optimizer state are small)")
+    need(cfg.early_stopping_patience is None or cfg.early_stopping_patience >= 1, "early_stopping_patience",
+         "must be at least 1 evaluation, or null for no early stopping")
+    need(math.isfinite(cfg.early_stopping_min_delta) and cfg.early_stopping_min_delta >= 0,
+         "early_stopping_min_delta", "must be 0 or more")
+    need(cfg.final_model == "last" or cfg.save_best, "final_model", "best needs the best checkpoint: set --save-best")
+    need(cfg.final_model == "last" or cfg.strategy != "fsdp", "final_model",
+         "best is not supported with --strategy fsdp yet; use last")
     need(cfg.stream_val_rows >= 1, "stream_val_rows", "must be at least 1")
     need(cfg.chat_template is None or Path(cfg.chat_template).expanduser().is_file(), "chat_template",
          "no such file; give the path of a Jinja template file")

@@ -131,10 +131,25 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             raise Preempted(stop.signum or 15, None)
         record = {"step": step, "val_loss": result.loss, "val_ppl": result.perplexity}
         evals.append(record)
+        best = "" if step == 0 else track_best(record)
         metrics.write({"type": "eval", **record})
         log(f"eval  step {step:>6,} | val_loss {result.loss:.4f} | val_ppl {result.perplexity:,.2f} "
-            f"| {result.targets:,} target tokens")
+            f"| {result.targets:,} target tokens{best}")
         window.exclude(time.perf_counter() - started)
+
+    def track_best(record: dict) -> str:
+        """Note a new best evaluation (after training started); say how it compares."""
+        best = next((e for e in evals if e["step"] == state.best_step), None)
+        if best is None or record["val_loss"] < best["val_loss"] - cfg.early_stopping_min_delta:
+            state.best_step = record["step"]
+            return " | best so far"
+        return f" | best {best['val_loss']:.4f} at step {best['step']:,}"
+
+    def patience_spent() -> bool:
+        """Early stopping: `early_stopping_patience` evaluations since the best without an improvement."""
+        if not cfg.early_stopping_patience or state.best_step is None:
+            return False
+        return sum(e["step"] > state.best_step for e in evals) >= cfg.early_stopping_patience
 
     def checkpoint_now() -> Path:
         started = time.perf_counter()
@@ -155,7 +170,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             raise Preempted(stop.signum or 15, None)
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=None if dist.is_main else True,
                dynamic_ncols=True, mininterval=1.0)
-    bad_in_a_row, saved_at = 0, [run.resumed_from] if run.resumed_from else []
+    bad_in_a_row, saved_at, stopped_early = 0, [run.resumed_from] if run.resumed_from else [], False
     nan_steps = {int(x) for x in os.environ.get("SFTUNE_FAULT_NAN_STEPS", "").split(",") if x.strip()}
     for step_data in run.steps.remaining(state) if state.step < total_steps else []:
         micro_batches = step_data.micro_batches
@@ -229,13 +244,21 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
                 saved = True
         if dist.any(stop.signum is not None):  # all ranks stop at the same step
             raise Preempted(stop.signum or 15, checkpoint_now())
-        if cfg.save_every and step % cfg.save_every == 0 and not saved:
+        new_best = cfg.save_best and state.best_step == step  # (set by an evaluation of this step)
+        if (cfg.save_every and step % cfg.save_every == 0 or new_best) and not saved:
             checkpoint_now()
+        if patience_spent():
+            best = next(e for e in evals if e["step"] == state.best_step)
+            log(f"early stopping at step {step:,}: the val loss has not improved on {best['val_loss']:.4f} (step "
+                f"{best['step']:,}) for {cfg.early_stopping_patience} evaluations (--early-stopping-patience)")
+            metrics.write({"type": "early_stop", "step": step, "best_step": best["step"]})
+            stopped_early = True
+            break
         if step >= total_steps:
             break
     if evals[-1]["step"] != state.step:
         run_eval(state.step)  # the end of max_steps (or of a stream)
-    if state.step < total_steps:  # only a stream can end first: its length was unknown
+    if state.step < total_steps and not stopped_early:  # only a stream can end first: its length was unknown
         log(f"the stream ran out at step {state.step:,}, before max_steps {total_steps:,}")
     bar.close()
     seconds = time.perf_counter() - start
@@ -245,6 +268,19 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         raise TrainingDiverged(f"the weights after step {state.step} are not finite; the final model was not saved. "
                                f"Lower --lr and resume from {saved_at[-1] if saved_at else 'the start'}")
     full = full_state_dict(run.loss_model) if dist.sharded else None  # FSDP: gathered on rank 0 (all ranks call)
+    if cfg.final_model == "best" and state.best_step not in (None, state.step) and dist.is_main:
+        best_dir = out / "checkpoints" / f"step-{state.best_step}"  # kept through rotation (`checkpoint.rotate`)
+        if run.adapter is not None:
+            from sftune.lora import load_adapter_weights
+
+            load_adapter_weights(run.adapter, best_dir)
+        else:
+            from sftune.modeling import load_model
+
+            hf_model = load_model(str(best_dir), "pretrained", cfg.trust_remote_code)
+        best = next(e for e in evals if e["step"] == state.best_step)
+        log(f"final model: the best evaluation's, step {best['step']:,} (val loss {best['val_loss']:.4f}), from "
+            f"{best_dir} (--final-model best)")
     if dist.is_main and run.adapter is not None:  # LoRA: the adapter, and with --merge a full model beside it
         from sftune.lora import merged_model, save_adapter
 

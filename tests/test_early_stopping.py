@@ -1,0 +1,93 @@
+"""Tier 2: early stopping and the best model (`--early-stopping-patience`, `--save-best`, `--final-model best`).
+
+The runs are deterministic (fp32, the small-vocabulary GPT-2, lr 3e-2): their val losses at steps 3, 6, 9 ... are
+5.09, 5.62, 5.02, 4.85, 4.82, 4.80, 4.72 (step 21), 4.74 (step 24), so the best is neither the first nor the last.
+"""
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import QUICKSTART_DATA, ROOT, read_jsonl, run_main
+
+pytestmark = pytest.mark.slow
+
+
+def es_args(model_dir, out, *extra):
+    return ["train", "--model", str(model_dir), "--dataset", str(QUICKSTART_DATA), "--max-steps", "24",
+            "--batch-size", "8", "--lr", "3e-2", "--precision", "fp32", "--eval-every", "3", "--log-every", "1",
+            "--save-every", "4", "--keep-last", "1", "--output-dir", str(out), *extra]
+
+
+def weights(path):
+    return load_file(path / "model.safetensors")
+
+
+def same(a, b) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_best_checkpoint_survives_rotation_and_becomes_the_final_model(small_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_main(capsys, *es_args(small_model_dir, out, "--save-best", "--final-model", "best"))
+    assert code == 0, err
+    evals = [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "eval" and r["step"] > 0]
+    best = min(evals, key=lambda r: r["val_loss"])
+    assert best["step"] == 21 and evals[-1]["step"] == 24  # the fixture's curve: best before the end
+    assert "best 4.7230 at step 21" in err and "final model: the best evaluation's, step 21" in err
+    # keep_last 1 leaves the newest checkpoint and the best one
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-21", "step-24"]
+    assert same(weights(out), weights(out / "checkpoints" / "step-21"))
+    assert not same(weights(out), weights(out / "checkpoints" / "step-24"))
+    code, stdout, err = run_main(capsys, "eval", "--model", str(out), "--dataset", str(QUICKSTART_DATA), "--json")
+    assert code == 0, err
+    assert json.loads(stdout)["val_loss"] == pytest.approx(best["val_loss"], abs=1e-6)  # the best weights
+
+
+def test_early_stopping_stops_when_the_val_loss_stops_improving(small_model_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    # step 6 (5.62) is worse than step 3 (5.09); step 9 (5.02) better, but not by the min delta 0.5
+    code, _, err = run_main(capsys, *es_args(small_model_dir, out, "--early-stopping-patience", "2",
+                                             "--early-stopping-min-delta", "0.5", "--save-best",
+                                             "--final-model", "best"))
+    assert code == 0, err
+    assert "early stopping at step 9: the val loss has not improved on 5.0936 (step 3) for 2 evaluations" in err
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert max(r["step"] for r in rows if r["type"] == "train") == 9
+    assert {"type": "early_stop", "step": 9, "best_step": 3} in rows
+    assert same(weights(out), weights(out / "checkpoints" / "step-3"))
+
+
+def test_early_stopping_and_the_best_model_resume_exactly(small_model_dir, tmp_path, capsys):
+    """SIGTERM after the best evaluation, then --resume auto: the same stopping step and the same final model as
+    an uninterrupted run (the best step is part of the checkpoint)."""
+    flags = ("--early-stopping-patience", "2", "--early-stopping-min-delta", "0.5", "--save-best",
+             "--final-model", "best")
+    full = tmp_path / "full"
+    code, _, err = run_main(capsys, *es_args(small_model_dir, full, *flags))
+    assert code == 0, err
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "sftune", *es_args(small_model_dir, out, *flags)], cwd=ROOT,
+                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    for line in proc.stderr:
+        if line.startswith("step      5/"):  # after the best (step 3), before the stop (step 9)
+            proc.send_signal(signal.SIGTERM)
+            break
+    err = proc.stderr.read()
+    assert proc.wait(timeout=120) == 143, err
+    code, _, err = run_main(capsys, *es_args(small_model_dir, out, *flags, "--resume", "auto"))
+    assert code == 0, err
+    assert "early stopping at step 9" in err and "final model: the best evaluation's, step 3" in err
+    assert same(weights(out), weights(full))
+    assert [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "eval"] == \
+        [r for r in read_jsonl(full / "metrics.jsonl") if r["type"] == "eval"]
+
+
+def test_final_model_best_needs_save_best(small_model_dir, tmp_path, capsys):
+    code, _, err = run_main(capsys, *es_args(small_model_dir, tmp_path / "o", "--final-model", "best"))
+    assert code == 2 and "best needs the best checkpoint: set --save-best" in err
