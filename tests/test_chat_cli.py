@@ -41,6 +41,12 @@ def test_chat_training_learns_and_saves_its_template(chat_run):
     assert evals[-1]["val_loss"] < 0.5 * evals[0]["val_loss"]
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.chat_template == DEFAULT_CHAT_TEMPLATE  # the next RLHF stage renders chats the same way
+    # at each evaluation: the 2 sample prompts (as user turns) and the first 2 validation prompts, rendered
+    samples = [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "sample"]
+    assert [(r["step"], r["index"]) for r in samples] == [(e["step"], i) for e in evals for i in range(4)]
+    assert all("<|user|>\n" in r["prompt"] and r["prompt"].endswith("<|assistant|>\n")
+               for r in samples if r["index"] >= 2)
+    assert samples[-1]["completion"] != samples[3]["completion"]  # the model changed in between
 
 
 def test_generate_renders_the_chat_with_the_same_template(chat_run, capsys):

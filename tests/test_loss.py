@@ -101,3 +101,22 @@ def test_the_heads_cast_is_made_once_per_update():
     optimizer.step()
     assert w._version == version  # fused AdamW: the version counter did not move ...
     torch.testing.assert_close(loss.cast_weight(w, torch.bfloat16), w.detach().to(torch.bfloat16))  # ... yet recast
+
+
+def test_token_accuracy_counts_the_argmax_hits_of_training_forwards():
+    """The log's token accuracy: targets the argmax predicts, counted inside the loss (fused or not), training only."""
+    model = make_tiny_gpt2()
+    batch = _batch()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    predicted = logits.reshape(-1, logits.shape[-1]).argmax(-1)[batch["target_positions"]]
+    hit = torch.arange(len(predicted)) % 3 == 0
+    batch = {**batch, "targets": torch.where(hit, predicted, (predicted + 1) % 50257)}
+    for fused in (True, False):
+        loss_model = CausalLMLoss(model, fused).train()
+        loss_model(batch)
+        loss_model(batch)
+        assert loss_model.take_correct() == 2 * int(hit.sum()) and loss_model.take_correct() == 0
+        loss_model.eval()
+        loss_model(batch)
+        assert loss_model.take_correct() == 0  # evaluation forwards are not counted

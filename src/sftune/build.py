@@ -320,6 +320,9 @@ def build_run(cfg: SFTConfig) -> Run:
 
 
 def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
+    from sftune.tracking import check_report_to
+
+    check_report_to(cfg.report_to)
     seed_everything(cfg.seed)
     precision = resolve_precision(cfg.precision, dist.device)
     log(f"device: {dist.device}, precision: {precision}" + (" (auto)" if cfg.precision == "auto" else ""))

@@ -183,8 +183,13 @@ class SFTConfig:
     eval_batch_size: int | None = _f(None, "Rows per validation batch (default: batch_size).", "log")
     log_every: int = _f(10, "Write a log line and a metrics.jsonl line every N optimizer steps.", "log")
     output_dir: str | None = _f(None, "Where the run is written (default: runs/<timestamp>).", "log")
-    sample_prompts: list[str] = _f([], "Prompts to complete with the fine-tuned model at the end of the run.", "log")
+    sample_prompts: list[str] = _f(
+        [], "Prompts to complete greedily at each evaluation (metrics, log, TensorBoard) and, sampled, at the end "
+        "of the run; with chat data, the first validation prompts are completed too.", "log")
     sample_max_new_tokens: int = _f(24, "Tokens generated for each sample prompt.", "log")
+    report_to: Literal["tensorboard", "wandb", "none"] = _f(
+        "tensorboard", "Where metrics go besides metrics.jsonl: tensorboard (<output_dir>/tensorboard), wandb "
+        "(needs the wandb package), or none.", "log")
 
     early_stopping_patience: int | None = _f(
         None, "Stop when the val loss has not improved for this many evaluations (null: never).", "log")
@@ -221,7 +226,7 @@ class SFTConfig:
 RUN_CONTROL_KEYS = {
     "eval_every", "eval_batch_size", "log_every", "output_dir", "sample_prompts", "sample_max_new_tokens",
     "save_every", "keep_last", "checkpoint_hashes", "resume", "resume_force", "overwrite", "cache_dir", "trust_remote_code", "device",
-    "max_bad_steps", "merge", "early_stopping_patience", "early_stopping_min_delta", "save_best", "final_model",
+    "max_bad_steps", "merge", "report_to", "early_stopping_patience", "early_stopping_min_delta", "save_best", "final_model",
 }
 
 

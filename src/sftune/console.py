@@ -29,17 +29,24 @@ def log(msg: str) -> None:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to `path`; a no-op off rank 0 or without a path."""
+    """Appends one JSON object per line to `path` (and hands it to a tracker); a no-op off rank 0 or without a
+    path."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, tracker=None):
         self._file = open(path, "a", encoding="utf-8") if (path is not None and is_main()) else None
+        self.tracker = tracker  # also sent there (`tracking.Tracker`: TensorBoard or W&B)
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is not None:
             self._file.write(json.dumps(record) + "\n")
             self._file.flush()
+            if self.tracker is not None:
+                self.tracker.write(record)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None

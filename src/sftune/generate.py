@@ -25,13 +25,15 @@ def complete(
     seed: int = 0,
     chat: bool = False,
     system: str | None = None,
+    rendered: bool = False,
 ) -> list[str]:
     """`num_samples` continuations of `prompt` (the prompt itself not included).
 
     temperature 0 means greedy decoding. Generation stops at EOS. With `chat`, the prompt
     is a user turn (after an optional `system` turn) rendered with the tokenizer's chat
     template and its generation prompt, as in training; generation also stops at the
-    template's end-of-turn token.
+    template's end-of-turn token. With `rendered` as well, the prompt is already rendered chat text (e.g. a
+    validation example's prompt), used as it is.
     """
     if not math.isfinite(temperature) or temperature < 0:
         raise SftuneError(f"temperature must be 0 (greedy) or a positive number, got {temperature} (--temperature)")
@@ -42,7 +44,10 @@ def complete(
     device = next(model.parameters()).device
     stop = [tokenizer.eos_token_id]
     if chat:
-        prompt, end_of_turn = render_chat_prompt(tokenizer, prompt, system)
+        if rendered:
+            end_of_turn = end_of_turn_ids(tokenizer)
+        else:
+            prompt, end_of_turn = render_chat_prompt(tokenizer, prompt, system)
         stop += [i for i in end_of_turn if i != tokenizer.eos_token_id]
         encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
     else:
@@ -90,14 +95,19 @@ def complete(
 
 def render_chat_prompt(tokenizer, user: str, system: str | None = None) -> tuple[str, list[int]]:
     """The text to generate from for one user turn, and the template's end-of-turn special token ids."""
-    from sftune.data.formats import ChatTemplate
-
     template = tokenizer.chat_template
     if not isinstance(template, str) or not template:
         raise SftuneError("this model's tokenizer has no chat template (it was not trained on chat data by sftune); "
                           "use --prompt for plain text, or --chat-template FILE")
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    end = tokenizer(ChatTemplate(template, tokenizer).end_of_turn(), add_special_tokens=False)["input_ids"]
+    return text, end_of_turn_ids(tokenizer)
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """The chat template's end-of-turn special token, as ids (empty when it ends turns with plain text)."""
+    from sftune.data.formats import ChatTemplate
+
+    end = tokenizer(ChatTemplate(tokenizer.chat_template, tokenizer).end_of_turn(), add_special_tokens=False)["input_ids"]
     special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
-    return text, [i for i in end[:1] if i in special]
+    return [i for i in end[:1] if i in special]

@@ -73,6 +73,19 @@ class CausalLMLoss(nn.Module):
         self.model = model
         self.fused = supports_fused_ce(model) if fused is None else fused
         self._cast: tuple | None = None  # ((weight version, address, dtype), cast copy) of the output head
+        self.correct: torch.Tensor | None = None  # in training: targets predicted exactly (argmax), on the device
+
+    def take_correct(self) -> int:
+        """Targets whose argmax prediction was right since the last call (training forwards only). note: syncs."""
+        correct, self.correct = self.correct, None
+        return int(correct) if correct is not None else 0
+
+    def _count(self) -> torch.Tensor | None:
+        if not self.training:
+            return None
+        if self.correct is None:
+            self.correct = torch.zeros((), dtype=torch.long, device=next(self.model.parameters()).device)
+        return self.correct
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = model_inputs(batch)
@@ -80,6 +93,8 @@ class CausalLMLoss(nn.Module):
         if not self.fused:
             logits = self.model(**inputs).logits  # (B, T, V)
             picked = logits.reshape(-1, logits.shape[-1]).index_select(0, positions)  # (N, V): targets only
+            if (correct := self._count()) is not None:
+                correct += (picked.detach().argmax(-1) == targets).sum()
             return F.cross_entropy(picked.float(), targets, reduction="sum")
         hidden = self.model.base_model(**inputs).last_hidden_state  # (B, T, D)
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (N, D)
@@ -87,7 +102,7 @@ class CausalLMLoss(nn.Module):
         device_type = hidden.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
         with torch.autocast(device_type, enabled=False):
-            return LinearCrossEntropySum.apply(hidden, weight, targets, self.cast_weight(weight, dtype))
+            return LinearCrossEntropySum.apply(hidden, weight, targets, self.cast_weight(weight, dtype), self._count())
 
     def cast_weight(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The head's weight in `dtype`, cast once per update, so the micro-batches of a step (and the batches
@@ -111,11 +126,12 @@ class LinearCrossEntropySum(torch.autograd.Function):
     The gradients are computed in the forward pass, chunk by chunk (d loss / d logits =
     softmax - onehot), so neither pass ever holds more than CE_CHUNK_ROWS rows of logits.
     Matrix products run in `w`'s dtype (the weight cast to bf16 under autocast); softmax and
-    sums in fp32. No gradient is computed for an input that does not need one (a frozen head).
+    sums in fp32. No gradient is computed for an input that does not need one (a frozen head). `correct`, when
+    given, counts the targets the argmax predicts (for the logged token accuracy).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, w):
+    def forward(ctx, hidden, weight, targets, w, correct=None):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = None  # (V, D) fp32, created by the first chunk: no 150 MB zero-fill for GPT-2
@@ -126,6 +142,8 @@ class LinearCrossEntropySum(torch.autograd.Function):
             logits = (h @ w.T).float()  # (chunk, V) fp32: the only logits alive
             lse = torch.logsumexp(logits, dim=-1)
             total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if correct is not None:  # (counted in place: an accuracy for the log, no gradient)
+                correct += (logits.argmax(-1) == t).sum()
             if need_hidden or need_weight:
                 probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0
@@ -152,7 +170,7 @@ class LinearCrossEntropySum(torch.autograd.Function):
             grad_hidden = grad_hidden.mul_(grad_total)
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(grad_total).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None
+        return grad_hidden, grad_weight, None, None, None
 
 
 def sum_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

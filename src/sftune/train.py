@@ -71,12 +71,13 @@ def forward_backward(model, micro_batches: list[dict], dist: Dist, precision: st
 
 
 class LogWindow:
-    """What the log line reports: token-weighted loss and throughput since the last log line.
+    """What the log line reports: token-weighted loss, token accuracy and throughput since the last log line.
     Time spent evaluating and saving is kept out of the throughput."""
 
-    def __init__(self, saved: dict, device):
+    def __init__(self, saved: dict, device, loss_model):
         self.loss = torch.full((), saved.get("loss", 0.0), device=device)  # sum of token losses, on the device
         self.steps, self.targets, self.tokens = saved.get("steps", 0), saved.get("targets", 0), saved.get("tokens", 0)
+        self.correct, self.loss_model = saved.get("correct", 0), loss_model  # argmax hits (the loss module counts)
         self.start = time.perf_counter()
 
     def add(self, loss_sum: torch.Tensor, targets: int, tokens: int) -> None:
@@ -86,19 +87,28 @@ class LogWindow:
     def exclude(self, seconds: float) -> None:
         self.start += seconds
 
-    def close(self, dist: Dist) -> tuple[float, float, float]:
-        """(loss over all ranks' targets, tokens/s, ms/step), then start a new window.
+    def close(self, dist: Dist) -> tuple[float, float, float, float]:
+        """(loss over all ranks' targets, token accuracy, tokens/s, ms/step), then start a new window.
         note: .item() syncs (and the all-reduce under torchrun); once per log line."""
         seconds = max(time.perf_counter() - self.start, 1e-9)
         loss_sum = dist.all_reduce_sum(self.loss.clone()).item()  # targets and tokens are global already
-        result = (loss_sum / max(self.targets, 1), self.tokens / seconds, 1000 * seconds / max(self.steps, 1))
+        correct = dist.all_reduce_sum(self.correct + self.loss_model.take_correct())
+        targets = max(self.targets, 1)
+        result = (loss_sum / targets, correct / targets, self.tokens / seconds, 1000 * seconds / max(self.steps, 1))
         self.loss.zero_()
-        self.steps, self.targets, self.tokens, self.start = 0, 0, 0, time.perf_counter()
+        self.steps, self.targets, self.tokens, self.correct, self.start = 0, 0, 0, 0, time.perf_counter()
         return result
 
     def saved(self) -> dict:
-        """What a checkpoint keeps (this rank's loss sum: each rank restores its own; rank 0's is written)."""
-        return {"loss": self.loss.item(), "steps": self.steps, "targets": self.targets, "tokens": self.tokens}
+        """What a checkpoint keeps (this rank's sums: each rank restores its own; rank 0's is written)."""
+        self.correct += self.loss_model.take_correct()
+        return {"loss": self.loss.item(), "steps": self.steps, "targets": self.targets, "tokens": self.tokens,
+                "correct": self.correct}
+
+
+def eta(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
 def train(cfg: SFTConfig) -> TrainResult:
@@ -118,7 +128,15 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
     optimizer, scheduler, scaler, precision = run.optimizer, run.scheduler, run.scaler, run.precision
     total_steps, per_epoch = run.steps.total_steps, run.steps.steps_per_epoch
     keep_metrics_until(out / "metrics.jsonl", state.step if run.resumed_from else -1, dist)  # redone steps go
-    metrics = MetricsWriter(out / "metrics.jsonl" if dist.is_main else None)
+    tracker = None
+    if dist.is_main and cfg.report_to != "none":
+        from sftune.config import to_dict
+        from sftune.tracking import Tracker
+
+        tracker = Tracker(cfg.report_to, out, state.run_id, to_dict(cfg), state.step if run.resumed_from else -1)
+    metrics = MetricsWriter(out / "metrics.jsonl" if dist.is_main else None, tracker)
+    chat = run.steps.layout.format.startswith("chat")
+    prompts = [(p, False) for p in cfg.sample_prompts] + [(p, True) for p in validation_prompts(run, chat)]
     if run.resumed_from is not None:
         metrics.write({"type": "resume", "step": state.step, "checkpoint": str(run.resumed_from)})
     evals: list[dict] = state.evals
@@ -135,7 +153,19 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         metrics.write({"type": "eval", **record})
         log(f"eval  step {step:>6,} | val_loss {result.loss:.4f} | val_ppl {result.perplexity:,.2f} "
             f"| {result.targets:,} target tokens{best}")
+        write_samples(step)
         window.exclude(time.perf_counter() - started)
+
+    def write_samples(step: int) -> None:
+        """Greedy completions of the sample prompts, to see how the model changes (rank 0; not under FSDP, where
+        every rank would have to generate in step)."""
+        if not prompts or not dist.is_main or dist.sharded:
+            return
+        for i, (prompt, rendered) in enumerate(prompts):
+            text = complete(hf_model, run.tokenizer, prompt, cfg.sample_max_new_tokens, temperature=0.0,
+                            chat=chat, rendered=rendered)[0]
+            metrics.write({"type": "sample", "step": step, "index": i, "prompt": prompt, "completion": text})
+            log(f"sample step {step:,}: {prompt!r} -> {text!r}")
 
     def track_best(record: dict) -> str:
         """Note a new best evaluation (after training started); say how it compares."""
@@ -162,12 +192,13 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
 
     # --- the loop -------------------------------------------------------------
     model.train()
-    window = LogWindow(state.window, dist.device)  # a resumed run continues the log window where it stopped
+    window = LogWindow(state.window, dist.device, run.loss_model)  # a resumed run continues the window where it stopped
     start = time.perf_counter() - state.elapsed_s
     if run.resumed_from is None:
         run_eval(0, interruptible=not dist.distributed)  # (several ranks would have to agree between batches)
         if dist.any(stop.signum is not None):  # nothing trained yet: nothing to save
             raise Preempted(stop.signum or 15, None)
+    started_here, first_step = time.perf_counter(), state.step  # for the ETA: this process's pace (evals included)
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=None if dist.is_main else True,
                dynamic_ncols=True, mininterval=1.0)
     bad_in_a_row, saved_at, stopped_early = 0, [run.resumed_from] if run.resumed_from else [], False
@@ -216,15 +247,21 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             log(f"step      1/{total_steps:,} | loss {first / max(step_targets, 1):.4f} "
                 f"| {time.perf_counter() - window.start:.1f} s for the first step")
         if step % cfg.log_every == 0 or step == total_steps:
-            loss, rate, ms_per_step = window.close(dist)
+            loss, accuracy, rate, ms_per_step = window.close(dist)
             lr = scheduler.get_last_lr()[0]
             epoch_at = round(step / per_epoch, 4) if per_epoch else step_data.epoch
-            metrics.write({"type": "train", "step": step, "epoch": epoch_at, "loss": loss, "lr": lr,
-                           "grad_norm": float(grad_norm),  # this step's, before clipping
-                           "tokens": state.tokens, "padded_tokens": state.padded_tokens,
-                           "elapsed_s": round(time.perf_counter() - start, 3), "tokens_per_s": rate})
-            log(f"step {step:>6,}/{total_steps:,} | epoch {epoch_at:.2f} | loss {loss:.4f} | lr {lr:.2e} "
-                f"| {rate:,.0f} tok/s | {ms_per_step:.0f} ms/step")
+            left = (time.perf_counter() - started_here) / max(step - first_step, 1) * (total_steps - step)
+            record = {"type": "train", "step": step, "epoch": epoch_at, "loss": loss, "token_accuracy": accuracy,
+                      "lr": lr, "grad_norm": float(grad_norm),  # this step's, before clipping
+                      "tokens": state.tokens, "padded_tokens": state.padded_tokens,
+                      "elapsed_s": round(time.perf_counter() - start, 3), "tokens_per_s": rate, "eta_s": round(left)}
+            if dist.device.type == "cuda":
+                record["peak_memory_gb"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
+            metrics.write(record)
+            log(f"step {step:>6,}/{total_steps:,} | epoch {epoch_at:.2f} | loss {loss:.4f} | acc {accuracy:.3f} "
+                f"| lr {lr:.2e} | {rate:,.0f} tok/s | {ms_per_step:.0f} ms/step | {state.tokens:,} tokens "
+                f"| eta {eta(left)}" + (f" | {record['peak_memory_gb']:.1f} GiB peak" if "peak_memory_gb" in record
+                                        else ""))
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
         if cfg.eval_every and step % cfg.eval_every == 0:
             run_eval(step)
@@ -300,6 +337,20 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         samples[prompt] = complete(hf_model, run.tokenizer, prompt, cfg.sample_max_new_tokens, seed=cfg.seed,
                                    chat=run.steps.layout.format.startswith("chat"))[0]
     return TrainResult(out, state.step, state.tokens, seconds, evals, samples)
+
+
+def validation_prompts(run: Run, chat: bool, n: int = 2) -> list[str]:
+    """Chat data: the rendered prompts of the first `n` validation examples (their tokens before the first trained
+    one), completed at each evaluation beside `sample_prompts`."""
+    if not chat:
+        return []
+    prompts = []
+    for i in range(min(n, len(run.steps.validation))):
+        ids, supervised = run.steps.validation.example(i)
+        first = int(supervised.argmax()) if supervised.any() else 0
+        if first:
+            prompts.append(run.tokenizer.decode(ids[:first].tolist()))
+    return prompts
 
 
 def full_state_dict(loss_model) -> dict:
