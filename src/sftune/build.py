@@ -386,8 +386,8 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     scaler = torch.amp.GradScaler(dist.device.type, enabled=precision == "fp16")  # loss scaling only for fp16
     checkpointer: Checkpointer = (
         AdapterCheckpointer(out / "checkpoints", dist, tokenizer, config_yaml, cfg.keep_last, cfg.checkpoint_hashes,
-                            adapter, base) if adapter is not None else
-        kind(out / "checkpoints", dist, tokenizer, config_yaml, cfg.keep_last, cfg.checkpoint_hashes))
+                            cfg.save_best, adapter, base) if adapter is not None else
+        kind(out / "checkpoints", dist, tokenizer, config_yaml, cfg.keep_last, cfg.checkpoint_hashes, cfg.save_best))
     run_id = dist.gather(uuid.uuid4().hex)[0]  # rank 0's, on every rank
     state = TrainState(run_id=run_id, fingerprints=fingerprints, world_size=dist.world_size)
     if checkpoint is not None:

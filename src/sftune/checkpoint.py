@@ -125,9 +125,14 @@ class FullCheckpointer:
 
     full_weights = True
 
-    def __init__(self, root: Path, dist: Dist, tokenizer, config_yaml: str, keep_last: int, hashes: bool = False):
+    def __init__(self, root: Path, dist: Dist, tokenizer, config_yaml: str, keep_last: int, hashes: bool = False,
+                 keep_best: bool = False):
         self.root, self.dist, self.tokenizer = root, dist, tokenizer
-        self.config_yaml, self.keep_last, self.hashes = config_yaml, keep_last, hashes
+        self.config_yaml, self.keep_last, self.hashes, self.keep_best = config_yaml, keep_last, hashes, keep_best
+
+    def protected(self, state: TrainState) -> int | None:
+        """The step whose checkpoint rotation keeps (--save-best: the best evaluation's)."""
+        return state.best_step if self.keep_best else None
 
     def check_finite(self, model, state: TrainState) -> None:
         """Never publish a non-finite state as one to resume from (a collective: every rank calls it)."""
@@ -146,7 +151,8 @@ class FullCheckpointer:
         rng_ranks = self.dist.gather(rng_state())  # each rank's generators: all are restored on resume
         if self.dist.is_main:
             save_checkpoint(self.root, lambda directory: self.write_model(model, directory), optimizer, scheduler,
-                            scaler, state, self.config_yaml, self.keep_last, self.hashes, rng_ranks)
+                            scaler, state, self.config_yaml, self.keep_last, self.hashes, rng_ranks,
+                            self.protected(state))
         self.dist.barrier()
         return final
 
@@ -162,8 +168,8 @@ class AdapterCheckpointer(FullCheckpointer):
     full_weights = False
 
     def __init__(self, root: Path, dist: Dist, tokenizer, config_yaml: str, keep_last: int, hashes: bool,
-                 peft_model, base: str):
-        super().__init__(root, dist, tokenizer, config_yaml, keep_last, hashes)
+                 keep_best: bool, peft_model, base: str):
+        super().__init__(root, dist, tokenizer, config_yaml, keep_last, hashes, keep_best)
         self.peft_model, self.base = peft_model, base
 
     def write_model(self, model, directory: Path) -> None:
@@ -213,7 +219,7 @@ class ShardedCheckpointer(FullCheckpointer):
             except Exception as e:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise write_failed(final, e) from None
-            rotate(self.root, state.run_id, self.keep_last, state.best_step)
+            rotate(self.root, state.run_id, self.keep_last, self.protected(state))
         self.dist.barrier()
         return final
 
@@ -241,9 +247,10 @@ def weights_finite(model, dist: Dist | None = None) -> bool:
 
 
 def save_checkpoint(root: Path, write_model, optimizer, scheduler, scaler, state: TrainState,
-                    config_yaml: str, keep_last: int, hashes: bool = False, rng_ranks: list | None = None) -> Path:
+                    config_yaml: str, keep_last: int, hashes: bool = False, rng_ranks: list | None = None,
+                    protected: int | None = None) -> Path:
     """Write `root/step-<N>` atomically (`write_model(directory)` writes the model's files), then remove all but
-    the newest `keep_last` complete ones."""
+    the newest `keep_last` complete ones (and `step-<protected>`)."""
     final = root / f"step-{state.step}"
     staging = None
     try:
@@ -260,7 +267,7 @@ def save_checkpoint(root: Path, write_model, optimizer, scheduler, scaler, state
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)
         raise write_failed(final, e) from None
-    rotate(root, state.run_id, keep_last, state.best_step)
+    rotate(root, state.run_id, keep_last, protected)
     return final
 
 
@@ -286,9 +293,9 @@ def publish(staging: Path, final: Path, state: TrainState, hashes: bool) -> None
     _fsync_dir(final.parent)
 
 
-def rotate(root: Path, run_id: str, keep_last: int, best_step: int | None = None) -> None:
-    """Remove all but this run's newest `keep_last` checkpoints (never another run's, never the best one)."""
-    ours = [c for c in complete_checkpoints(root) if run_id_of(c) == run_id and c.name != f"step-{best_step}"]
+def rotate(root: Path, run_id: str, keep_last: int, protected: int | None = None) -> None:
+    """Remove all but this run's newest `keep_last` checkpoints (never another run's, never `step-<protected>`)."""
+    ours = [c for c in complete_checkpoints(root) if run_id_of(c) == run_id and c.name != f"step-{protected}"]
     for old in ours[:-keep_last]:
         shutil.rmtree(old, ignore_errors=True)
 

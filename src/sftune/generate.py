@@ -66,29 +66,32 @@ def complete(
         log(f"warning: {max_new_tokens} new tokens after a prompt of {prompt_len} exceed the model's context of "
             f"{context}; generating {context - prompt_len} (--max-new-tokens)")
         max_new_tokens = context - prompt_len
-    torch.manual_seed(seed)
     sampling = temperature > 0
     was_training = model.training
     model.eval()
-    try:
-        out = model.generate(
-            **encoded,
-            max_new_tokens=max_new_tokens,
-            do_sample=sampling,
-            temperature=temperature if sampling else None,
-            top_p=top_p if sampling else None,
-            top_k=None,
-            num_return_sequences=num_samples,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=stop,
-        )
-    except (RuntimeError, MemoryError) as e:
-        if isinstance(e, MemoryError) or "memory" in str(e).lower():
-            raise SftuneError(f"out of memory generating {num_samples:,} samples of up to {max_new_tokens} tokens; "
-                              f"lower --num-samples (or --max-new-tokens)") from None
-        raise
-    finally:
-        model.train(was_training)
+    # the generators are seeded for this call only and restored after it: samples taken in the middle of training
+    # must not move the training's random stream (dropout), or a run with sample prompts would differ from one without
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        try:
+            out = model.generate(
+                **encoded,
+                max_new_tokens=max_new_tokens,
+                do_sample=sampling,
+                temperature=temperature if sampling else None,
+                top_p=top_p if sampling else None,
+                top_k=None,
+                num_return_sequences=num_samples,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=stop,
+            )
+        except (RuntimeError, MemoryError) as e:
+            if isinstance(e, MemoryError) or "memory" in str(e).lower():
+                raise SftuneError(f"out of memory generating {num_samples:,} samples of up to {max_new_tokens} "
+                                  f"tokens; lower --num-samples (or --max-new-tokens)") from None
+            raise
+        finally:
+            model.train(was_training)
     new_tokens = out[:, encoded["input_ids"].shape[1] :]
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
