@@ -33,12 +33,12 @@ def train_steps(out):
     return [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "train"]
 
 
-def test_overwrite_removes_the_older_run_first(tiny_model_dir, tmp_path, capsys):
+def test_overwrite_removes_the_older_run_first(small_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    code, _, err = run_main(capsys, *args(tiny_model_dir, out, "--max-steps", "12", "--save-every", "4"))
+    code, _, err = run_main(capsys, *args(small_model_dir, out, "--max-steps", "12", "--save-every", "4"))
     assert code == 0, err
     (out / "notes.txt").write_text("mine")
-    code, _, err = run_main(capsys, *args(tiny_model_dir, out, "--max-steps", "6", "--save-every", "2", "--overwrite",
+    code, _, err = run_main(capsys, *args(small_model_dir, out, "--max-steps", "6", "--save-every", "2", "--overwrite",
                                           "--seed", "7"))
     assert code == 0, err
     assert "--overwrite: removed the previous run's checkpoints, metrics.jsonl, config.yaml" in err
@@ -46,7 +46,7 @@ def test_overwrite_removes_the_older_run_first(tiny_model_dir, tmp_path, capsys)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-4", "step-6"]
     assert train_steps(out) == [1, 2, 3, 4, 5, 6]  # no line of the old run
     assert (out / "notes.txt").read_text() == "mine"  # files that are not a run's are left alone
-    code, _, err = run_main(capsys, *args(tiny_model_dir, out, "--max-steps", "6", "--save-every", "2",
+    code, _, err = run_main(capsys, *args(small_model_dir, out, "--max-steps", "6", "--save-every", "2",
                                           "--seed", "7", "--resume", "auto"))
     assert code == 0, err
     assert f"resumed from {out / 'checkpoints' / 'step-6'}" in err  # the new run continues, not the old one
