@@ -1,6 +1,7 @@
 """Tier 2: what a user watches: TensorBoard curves equal to metrics.jsonl (continued without duplicates after a
 resume), the richer log line (token accuracy, tokens seen, ETA), sample generations at each evaluation."""
 
+import json
 import shutil
 
 import pytest
@@ -73,3 +74,46 @@ def test_report_to_none_and_a_missing_wandb(small_model_dir, tmp_path, capsys):
         code, _, err = run_main(capsys, *tb_args(small_model_dir, tmp_path / "w", "--report-to", "wandb"))
         assert code == 2 and "needs the wandb package: pip install wandb" in err
         assert not (tmp_path / "w").exists()
+
+
+def test_the_run_report_and_loss_png(small_model_dir, tmp_path, capsys):
+    """`sftune train` writes report.html and loss.png; their images decode, their numbers are metrics.jsonl's;
+    `sftune report` overlays several runs. (The page was also opened in headless Chromium: benchmarks/NOTES.md.)"""
+    import base64
+    import io
+    import re
+
+    from PIL import Image
+
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for out, lr in zip(runs, ("3e-3", "1e-3")):
+        code, _, err = run_main(capsys, *tb_args(small_model_dir, out, "--max-steps", "6", "--eval-every", "3",
+                                                 "--lr", lr, "--report-to", "none"))
+        assert code == 0, err
+        assert f"report: {out / 'report.html'} and {out / 'loss.png'}" in err
+    out = runs[0]
+    assert Image.open(out / "loss.png").size[0] > 300
+    page = (out / "report.html").read_text()
+    images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
+    assert images and all(Image.open(io.BytesIO(base64.b64decode(i))).size[0] > 300 for i in images)
+    rows = read_jsonl(out / "metrics.jsonl")
+    for e in (r for r in rows if r["type"] == "eval"):  # the evaluations table
+        assert f"<td>{e['step']:,}</td><td>{e['val_loss']:.4f}</td><td>{e['val_ppl']:,.2f}</td>" in page
+    for s in (r for r in rows if r["type"] == "sample"):
+        assert f"<td>{s['step']:,}</td><td>{html_escape(s['completion'])}</td>" in page
+    data = json.loads((out / "data.json").read_text())
+    assert data["splits"]["train"]["kept"] == 400 and "<td>train</td><td>400</td><td>400</td>" in page
+    assert "<pre>model: " in page and "<script" not in page  # the config; nothing to run or fetch
+
+    code, stdout, err = run_main(capsys, "report", *map(str, runs), "--output", str(tmp_path / "both.html"))
+    assert code == 0, err
+    both = (tmp_path / "both.html").read_text()
+    assert "<h2>a</h2>" in both and "<h2>b</h2>" in both
+    code, _, err = run_main(capsys, "report", str(tmp_path))
+    assert code == 2 and "not an sftune run directory" in err
+
+
+def html_escape(text: str) -> str:
+    import html
+
+    return html.escape(text)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import json
 import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,6 +37,7 @@ from sftune.modeling import context_length, enable_activation_checkpointing, loa
     load_tokenizer, save_model
 from sftune.outputs import OutputLock, check_output_dir, clear_previous_run, finished_without_checkpoints, \
     publish_model, resolve_output_dir
+from sftune.run_report import DATA_FILE, data_summary
 from sftune.runtime import resolve_precision, seed_everything
 
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
@@ -362,6 +364,7 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
             clear_previous_run(out)  # nothing of an older run may mix with this one
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_yaml)
+        (out / DATA_FILE).write_text(json.dumps(data_summary(data, cfg.dataset, max_length), indent=1))
         if cfg.lora_r and cfg.init == "random" and not (Path(base) / "model.safetensors").is_file():
             publish_model(Path(base), lambda directory: save_model(model, tokenizer, directory))
             log(f"LoRA on a randomly initialised base: the base is saved in {base} (the adapter needs it)")

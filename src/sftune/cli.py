@@ -149,6 +149,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", metavar="NAME_OR_PATH", help=BASE_HELP)
     p.add_argument("--json", action="store_true", help="print JSON [default: text]")
 
+    p = sub.add_parser("report", help="an HTML report of one or more runs (curves, evals, samples, data, config)",
+                       description=("Write one self-contained HTML page for the given run directories: loss curves "
+                                    "(per step and per token, train and validation, runs overlaid), learning rate, "
+                                    "throughput, evaluations, sample generations, the data summary and the config."))
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="output directories of sftune runs")
+    p.add_argument("--output", metavar="FILE", help="where to write the page [default: RUN_DIR/report.html for one "
+                   "run, report.html here for several]")
+
     p = sub.add_parser("export", help="merge a LoRA run's adapter into its base: a full model", description=(
         "Write the base model with the adapter of RUN merged into its weights (same outputs), with the tokenizer: "
         "a directory AutoModelForCausalLM.from_pretrained loads, no peft needed."))
@@ -365,6 +373,21 @@ def cmd_export(args) -> None:
     print(f"merged model written to {out} (AutoModelForCausalLM.from_pretrained('{out}'))")
 
 
+def cmd_report(args) -> None:
+    from sftune.run_report import write_report
+
+    runs = [Path(r).expanduser() for r in args.runs]
+    for run in runs:
+        if not (run / "metrics.jsonl").is_file():
+            raise SftuneError(f"{run} is not an sftune run directory (no metrics.jsonl); give output directories of "
+                              f"sftune train")
+    output = Path(args.output) if args.output else (runs[0] / "report.html" if len(runs) == 1 else Path("report.html"))
+    if output.is_dir():
+        raise SftuneError(f"--output {output} is a directory; give a file name such as {output / 'report.html'}")
+    write_report(runs, output)
+    print(f"report written to {output}")
+
+
 def utf8(text: str, flag: str) -> str:
     """A command-line text that is valid Unicode (bytes that are not UTF-8 arrive as lone surrogates)."""
     try:
@@ -375,7 +398,7 @@ def utf8(text: str, flag: str) -> str:
 
 
 COMMANDS = {"train": cmd_train, "data": cmd_data, "eval": cmd_eval, "tokenize": cmd_tokenize, "generate": cmd_generate,
-            "export": cmd_export}
+            "export": cmd_export, "report": cmd_report}
 
 
 def quiet_libraries() -> None:

@@ -330,6 +330,8 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         publish_model(out, lambda directory: save_model(hf_model, run.tokenizer, directory, full))
     dist.barrier()
     metrics.close()
+    if dist.is_main:
+        write_run_report(out)
     samples = {}
     if dist.sharded:  # every rank generates in step (the blocks all-gather); the root's weights are gathered first
         run.loss_model.unshard()
@@ -337,6 +339,19 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         samples[prompt] = complete(hf_model, run.tokenizer, prompt, cfg.sample_max_new_tokens, seed=cfg.seed,
                                    chat=run.steps.layout.format.startswith("chat"))[0]
     return TrainResult(out, state.step, state.tokens, seconds, evals, samples)
+
+
+def write_run_report(out: Path) -> None:
+    """`report.html` and `loss.png` (`sftune report` writes them again, or for several runs). A failure here is
+    a warning: the model is already saved."""
+    from sftune.run_report import write_loss_png, write_report
+
+    try:
+        write_loss_png(out)
+        write_report([out], out / "report.html")
+        log(f"report: {out / 'report.html'} and {out / 'loss.png'}")
+    except Exception as e:  # (a broken matplotlib install, a full disk): the run itself succeeded
+        log(f"warning: the run report was not written ({type(e).__name__}: {e}); sftune report {out} retries")
 
 
 def validation_prompts(run: Run, chat: bool, n: int = 2) -> list[str]:
