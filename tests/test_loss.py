@@ -120,3 +120,18 @@ def test_token_accuracy_counts_the_argmax_hits_of_training_forwards():
         loss_model.eval()
         loss_model(batch)
         assert loss_model.take_correct() == 0  # evaluation forwards are not counted
+
+
+def test_flops_per_token_for_mfu():
+    """GPT-2 small: 6 x 124.4M (the tied head counted once, as the head) + 12 x 12 x 768 x T; LoRA: 4 x."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sftune.runtime import flops_per_token, peak_flops
+
+    with torch.device("meta"):
+        model = GPT2LMHeadModel(GPT2Config())
+    n = sum(p.numel() for p in model.parameters())
+    assert n == 124_439_808
+    assert flops_per_token(model, 1024) == 6 * n + 12 * 12 * 768 * 1024
+    assert flops_per_token(model, 100, frozen_base=True) == 4 * n + 12 * 12 * 768 * 100
+    assert peak_flops(torch.device("cpu"), "bf16") is None  # MFU only on GPUs with a known peak

@@ -56,3 +56,32 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+# Dense peak matrix throughput of one GPU in bf16/fp16, FLOP/s (vendor data sheets, without sparsity), by a
+# fragment of torch.cuda.get_device_name(); the first fragment found wins (so "H100 PCIe" before "H100").
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12),
+                   ("L4", 121e12))
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """The GPU's peak bf16/fp16 rate, for MFU; None on a CPU, in fp32, or for a GPU not in the table."""
+    if device.type != "cuda" or precision not in ("bf16", "fp16"):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for fragment, flops in PEAK_BF16_FLOPS if fragment in name), None)
+
+
+def flops_per_token(model, seq_len: float, frozen_base: bool = False) -> float:
+    """Training FLOPs per token (the PaLM appendix / nanoGPT estimate): 6 per weight of every matrix the token
+    goes through (2 forward, 4 backward) plus 12 x layers x width x sequence length for attention. With a frozen
+    base (LoRA) the weights' own gradients are not computed: 4 per weight. The input embedding is a lookup (no
+    FLOPs) unless it is also the output head."""
+    config = model.config
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
+    width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    tied = head is not None and embedding is not None and head.weight is embedding.weight
+    total = sum(p.numel() for p in model.parameters())
+    matrices = total - (0 if tied else embedding.weight.numel())
+    return (4 if frozen_base else 6) * matrices + 12 * layers * width * seq_len

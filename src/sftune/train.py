@@ -27,7 +27,7 @@ from sftune.evaluate import evaluate
 from sftune.generate import complete
 from sftune.modeling import save_model
 from sftune.outputs import publish_model
-from sftune.runtime import autocast
+from sftune.runtime import autocast, flops_per_token, peak_flops
 from sftune.signals import Preempted, StopFlag, stop_on_signals
 
 
@@ -136,6 +136,10 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         tracker = Tracker(cfg.report_to, out, state.run_id, to_dict(cfg), state.step if run.resumed_from else -1)
     metrics = MetricsWriter(out / "metrics.jsonl" if dist.is_main else None, tracker)
     chat = run.steps.layout.format.startswith("chat")
+    peak = peak_flops(dist.device, precision)  # MFU on known GPUs: model FLOPs of the real tokens / the peak rate
+    if peak:
+        lengths = run.steps.train.lengths if hasattr(run.steps, "train") else run.steps.validation.lengths
+        token_flops = flops_per_token(hf_model, float(lengths.mean()), frozen_base=run.adapter is not None)
     prompts = [(p, False) for p in cfg.sample_prompts] + [(p, True) for p in validation_prompts(run, chat)]
     if run.resumed_from is not None:
         metrics.write({"type": "resume", "step": state.step, "checkpoint": str(run.resumed_from)})
@@ -257,11 +261,13 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
                       "elapsed_s": round(time.perf_counter() - start, 3), "tokens_per_s": rate, "eta_s": round(left)}
             if dist.device.type == "cuda":
                 record["peak_memory_gb"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
+            if peak:
+                record["mfu"] = rate * token_flops / (peak * dist.world_size)
             metrics.write(record)
             log(f"step {step:>6,}/{total_steps:,} | epoch {epoch_at:.2f} | loss {loss:.4f} | acc {accuracy:.3f} "
                 f"| lr {lr:.2e} | {rate:,.0f} tok/s | {ms_per_step:.0f} ms/step | {state.tokens:,} tokens "
                 f"| eta {eta(left)}" + (f" | {record['peak_memory_gb']:.1f} GiB peak" if "peak_memory_gb" in record
-                                        else ""))
+                                        else "") + (f" | MFU {100 * record['mfu']:.1f}%" if "mfu" in record else ""))
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
         if cfg.eval_every and step % cfg.eval_every == 0:
             run_eval(step)
