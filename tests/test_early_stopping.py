@@ -91,3 +91,15 @@ def test_early_stopping_and_the_best_model_resume_exactly(small_model_dir, tmp_p
 def test_final_model_best_needs_save_best(small_model_dir, tmp_path, capsys):
     code, _, err = run_main(capsys, *es_args(small_model_dir, tmp_path / "o", "--final-model", "best"))
     assert code == 2 and "best needs the best checkpoint: set --save-best" in err
+
+
+def test_a_lora_run_ends_with_its_best_adapter(small_model_dir, tmp_path, capsys):
+    """LoRA (rank 4, lr 0.3): val losses ... 6.1029 (12), 6.1036 (15), 6.1021 (18), 6.1028 (21): the best adapter,
+    of step 18, is the run's."""
+    out = tmp_path / "run"
+    code, _, err = run_main(capsys, *es_args(small_model_dir, out, "--max-steps", "21", "--lr", "0.3", "--lora-r", "4",
+                                             "--save-best", "--final-model", "best", "--report-to", "none"))
+    assert code == 0, err
+    assert "final model: the best evaluation's, step 18" in err
+    final, best = (load_file(p / "adapter_model.safetensors") for p in (out, out / "checkpoints" / "step-18"))
+    assert same(final, best)
