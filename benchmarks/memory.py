@@ -4,9 +4,13 @@ each run in its own process.
     python benchmarks/memory.py                      # GPT-2 small (random init), CPU: peak RSS
     python benchmarks/memory.py --device cuda        # on a GPU: peak allocated GPU memory too
     python benchmarks/memory.py --modes full,lora    # some of them
+    python benchmarks/memory.py --device cuda --model-config examples/llama-1b --batch-size 8 --words 700
+                                                     # the 1.08B Llama-shaped model, rows of ~1,000 tokens
 
 GPT-2 small is built from ../shared/models/gpt2/config.json (random weights) with GPT-2's bundled tokenizer; the
-data is 64 rows of 120 words (about 125 tokens each), so every micro-batch is rows x ~126 tokens.
+data is 64 rows of `--words` words (120: about 126 tokens each), so every micro-batch is rows x that many tokens.
+`--model-config` builds another model the same way (random weights, GPT-2's tokenizer: its vocabulary must hold
+GPT-2's 50,257 ids).
 """
 
 from __future__ import annotations
@@ -32,10 +36,10 @@ def worker(args) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        config = AutoConfig.from_pretrained(GPT2_CONFIG.parent)
+        config = AutoConfig.from_pretrained(args.model_config)
         AutoModelForCausalLM.from_config(config).save_pretrained(tmp / "model")
         words = "the film is a warm funny sad long dull bright story of love and loss in a small town".split()
-        rows = [" ".join(words[(i + j) % len(words)] for j in range(120)) for i in range(64)]
+        rows = [" ".join(words[(i + j) % len(words)] for j in range(args.words)) for i in range(64)]
         (tmp / "data").mkdir()
         for split in ("train", "validation"):
             (tmp / "data" / f"{split}.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
@@ -54,6 +58,8 @@ def worker(args) -> dict:
         tokens = (steps[-1]["tokens"] - steps[0]["tokens"]) / (len(steps) - 1)
         result = {"mode": args.mode, "s_per_step": seconds, "tokens_per_s": tokens / seconds,
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+        with torch.device("meta"):  # (no memory, no time: just the shapes)
+            result["params_m"] = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters()) / 1e6
         if args.device == "cuda":
             result["peak_gpu_mb"] = torch.cuda.max_memory_allocated() / 2**20
             result["gpu"] = torch.cuda.get_device_name()
@@ -68,6 +74,9 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--modes", default="full,checkpointing,lora", help="which of full, checkpointing, lora to run")
+    p.add_argument("--model-config", default=str(GPT2_CONFIG.parent),
+                   help="directory of the config.json to build the model from (random weights) [default: GPT-2 small]")
+    p.add_argument("--words", type=int, default=120, help="words per row (about 1.05 tokens each) [default: 120]")
     p.add_argument("--mode", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
@@ -76,14 +85,15 @@ def main() -> None:
     results = []
     for mode in args.modes.split(","):
         cmd = [sys.executable, __file__, "--worker", "--device", args.device, "--batch-size", str(args.batch_size),
-               "--steps", str(args.steps), "--mode", mode]
+               "--steps", str(args.steps), "--mode", mode, "--model-config", args.model_config, "--words", str(args.words)]
         t0 = time.perf_counter()
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         results.append({**json.loads(out.strip().splitlines()[-1]), "wall_s": time.perf_counter() - t0})
     if args.json:
         print(json.dumps(results, indent=1))
         return
-    print(f"GPT-2 small, batch {args.batch_size} x ~126 tokens, {args.device}")
+    print(f"{Path(args.model_config).name} ({results[0]['params_m']:,.0f}M parameters, random weights), batch "
+          f"{args.batch_size} x ~{round(args.words * 1.05)} tokens, {args.device}")
     print(f"{'mode':<15}{'s/step':>9}{'tok/s':>9}{'peak RSS MB':>13}" + (f"{'peak GPU MB':>13}" if args.device == "cuda" else ""))
     for r in results:
         gpu = f"{r['peak_gpu_mb']:>13,.0f}" if "peak_gpu_mb" in r else ""
