@@ -305,3 +305,27 @@ def test_sigterm_and_kill_9_then_resume_equal_an_uninterrupted_lora_run(lora_run
     # resuming as a full fine-tune is refused: the settings differ
     code, _, err = run_main(capsys, *train_args(small_model_dir, out, "--resume", "auto", "--lora-r", "null"))
     assert code == 2 and "lora_r: 8 -> None" in err
+
+
+@pytest.mark.slow
+def test_a_lora_resume_on_changed_base_weights_is_refused(small_model_dir, tmp_path, capsys):
+    """The adapter is only meaningful on the weights it was trained on: a base rewritten since the checkpoint is
+    named as the reason, and --resume-force overrides."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    shutil.copytree(small_model_dir, base)
+    out = tmp_path / "run"
+    code, _, err = run_main(capsys, *train_args(base, out, "--max-steps", "4", "--report-to", "none"))
+    assert code == 0, err
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight.mul_(1.01)
+    model.save_pretrained(base)  # (the same shapes: only the values changed)
+    code, _, err = run_main(capsys, *train_args(base, out, "--max-steps", "4", "--report-to", "none", "--resume", "auto"))
+    assert code == 2 and "the base model's weights (--model) changed" in err and "--resume-force" in err
+    code, _, err = run_main(capsys, *train_args(base, out, "--max-steps", "4", "--report-to", "none", "--resume", "auto",
+                                                "--resume-force"))
+    assert code == 0 and "resuming although the base model's weights (--model) changed" in err, err

@@ -343,6 +343,10 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
                        device=dist.device.type)
     config_yaml = dump_yaml(resolved)
     fingerprints = {"data": data.fingerprint, "tokenizer": tokenizer_identity(tokenizer)}
+    if cfg.lora_r and cfg.init == "pretrained":  # an adapter is resumed on the base it was trained on, or not at all
+        from sftune.lora import base_identity
+
+        fingerprints["base"] = base_identity(cfg.model)
     sharded = dist.distributed and cfg.strategy == "fsdp"
     kind = AdapterCheckpointer if cfg.lora_r else ShardedCheckpointer if sharded else FullCheckpointer
     if dist.is_main and lock.fd is None:

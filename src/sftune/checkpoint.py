@@ -383,12 +383,14 @@ def load_training_state(path: Path, optimizer, scheduler, scaler, rank: int = 0)
 
 
 def check_same_inputs(checkpoint: Path, fingerprints: dict, force: bool) -> None:
-    """Refuse to resume when the data or the tokenizer changed since the checkpoint (content, not names)."""
+    """Refuse to resume when the data or the tokenizer changed since the checkpoint (content, not names), or a
+    LoRA run's base weights (their files' sizes and times)."""
     try:
         saved = json.loads((checkpoint / STATE_FILE).read_text()).get("fingerprints") or {}
     except (OSError, ValueError):
         saved = {}
-    what = {"data": "the training data (--dataset) changed", "tokenizer": "the tokenizer (--tokenizer/--model) changed"}
+    what = {"data": "the training data (--dataset) changed", "tokenizer": "the tokenizer (--tokenizer/--model) changed",
+            "base": "the base model's weights (--model) changed"}
     changed = [what[k] for k in what if k in saved and k in fingerprints and saved[k] != fingerprints[k]]
     if not changed:
         return

@@ -34,6 +34,21 @@ def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path).expanduser() / ADAPTER_CONFIG).is_file()
 
 
+def base_identity(model: str) -> str:
+    """The base weights as a LoRA resume must find them again (an adapter means nothing on other weights): each
+    weight file's name, size and modification time for a local directory (hashing gigabytes at every start would
+    cost minutes); a Hub id as it is named."""
+    import hashlib
+
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return model
+    files = sorted(p for p in path.iterdir() if p.suffix in (".safetensors", ".bin", ".json") and p.is_file()
+                   and (p.suffix != ".json" or p.name.endswith("index.json")))
+    return hashlib.sha256("|".join(f"{p.name}:{p.stat().st_size}:{p.stat().st_mtime_ns}"
+                                   for p in files).encode()).hexdigest()
+
+
 def adaptable_modules(model) -> list[str]:
     """Short names of the layers LoRA can adapt (linear, Conv1D, embedding), for error messages."""
     from transformers.pytorch_utils import Conv1D
