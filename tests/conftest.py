@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -161,6 +162,19 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subpro
         [sys.executable, "-m", "sftune", *args],
         capture_output=True, text=True, timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})},
     )
+
+
+def signal_at(argv: list[str], line_start: str, sig: int = signal.SIGTERM) -> tuple[int, str]:
+    """Run the real `sftune ARGV` in a process and send it `sig` when a line of its stderr starts with
+    `line_start`: (exit status, the rest of its stderr)."""
+    proc = subprocess.Popen([sys.executable, "-m", "sftune", *argv], cwd=ROOT, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, text=True)
+    for line in proc.stderr:
+        if line.startswith(line_start):
+            proc.send_signal(sig)
+            break
+    err = proc.stderr.read()
+    return proc.wait(timeout=120), err
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -19,20 +19,20 @@ pytestmark = pytest.mark.slow
 def trained(tiny_model_dir, tmp_path_factory):
     """One training run (in this process) shared by the checks below."""
     out = tmp_path_factory.mktemp("run") / "out"
-    proc = run_captured("train", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA), "--max-steps", "30",
+    proc = captured_run("train", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA), "--max-steps", "30",
                    "--batch-size", "8", "--lr", "3e-3", "--eval-every", "10", "--log-every", "5", "--precision", "fp32",
                    "--output-dir", str(out), "--sample-prompts", "the film is")
     assert proc.returncode == 0, proc.stderr
     return out, proc
 
 
-def run_captured(*args):
+def captured_run(*args):
     """In this process (the CLI as a subprocess is tested elsewhere): an object like subprocess's result."""
     import types
 
-    from conftest import run_captured as captured
+    from conftest import run_captured
 
-    code, stdout, stderr = captured(*args)
+    code, stdout, stderr = run_captured(*args)
     return types.SimpleNamespace(returncode=code, stdout=stdout, stderr=stderr)
 
 

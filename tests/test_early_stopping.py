@@ -5,15 +5,12 @@ The runs are deterministic (fp32, the small-vocabulary GPT-2, lr 3e-2): their va
 """
 
 import json
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import QUICKSTART_DATA, ROOT, read_jsonl, run_main
+from conftest import QUICKSTART_DATA, read_jsonl, run_main, signal_at
 
 pytestmark = pytest.mark.slow
 
@@ -72,14 +69,9 @@ def test_early_stopping_and_the_best_model_resume_exactly(small_model_dir, tmp_p
     code, _, err = run_main(capsys, *es_args(small_model_dir, full, *flags))
     assert code == 0, err
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "sftune", *es_args(small_model_dir, out, *flags)], cwd=ROOT,
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    for line in proc.stderr:
-        if line.startswith("step      5/"):  # after the best (step 3), before the stop (step 9)
-            proc.send_signal(signal.SIGTERM)
-            break
-    err = proc.stderr.read()
-    assert proc.wait(timeout=120) == 143, err
+    # after the best (step 3), before the stop (step 9)
+    code, err = signal_at(es_args(small_model_dir, out, *flags), "step      5/")
+    assert code == 143, err
     code, _, err = run_main(capsys, *es_args(small_model_dir, out, *flags, "--resume", "auto"))
     assert code == 0, err
     assert "early stopping at step 9" in err and "final model: the best evaluation's, step 3" in err

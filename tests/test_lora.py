@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import QUICKSTART_DATA, ROOT, make_tiny_gpt2, read_jsonl, run_captured, run_main
+from conftest import QUICKSTART_DATA, ROOT, make_tiny_gpt2, read_jsonl, run_captured, run_main, signal_at
 
 
 def lora_cfg(**overrides):
@@ -277,24 +275,13 @@ def test_sigterm_and_kill_9_then_resume_equal_an_uninterrupted_lora_run(lora_run
     back: after a SIGTERM, and after a kill -9 past a checkpoint, the adapter ends bitwise the uninterrupted one's."""
     uninterrupted, _ = lora_run
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "sftune", *train_args(small_model_dir, out)], cwd=ROOT,
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    for line in proc.stderr:
-        if line.startswith("step      5/"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    err = proc.stderr.read()
-    assert proc.wait(timeout=120) == 143, err
+    code, err = signal_at(train_args(small_model_dir, out), "step      5/")
+    assert code == 143, err
     assert "stopped by SIGTERM" in err
 
-    proc = subprocess.Popen([sys.executable, "-m", "sftune", *train_args(small_model_dir, out, "--resume", "auto")],
-                            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    for line in proc.stderr:
-        if line.startswith("step     10/"):  # past the checkpoint of step 8
-            proc.kill()
-            break
-    proc.stderr.read()
-    assert proc.wait(timeout=120) == -signal.SIGKILL
+    code, _ = signal_at(train_args(small_model_dir, out, "--resume", "auto"), "step     10/",  # past step 8's checkpoint
+                        signal.SIGKILL)
+    assert code == -signal.SIGKILL
     assert not (out / "adapter_model.safetensors").exists()
 
     code, _, err = run_main(capsys, *train_args(small_model_dir, out, "--resume", "auto"))

@@ -3,13 +3,10 @@ items 8-10). Each gets one message naming the value and the fix, exit status 2, 
 In-process (`cli.main`), except the signal test."""
 
 import json
-import signal
-import subprocess
-import sys
 
 import pytest
 
-from conftest import QUICKSTART_DATA, ROOT, read_jsonl, run_main
+from conftest import QUICKSTART_DATA, read_jsonl, run_main, signal_at
 
 pytestmark = pytest.mark.slow
 
@@ -147,15 +144,9 @@ def test_sigterm_during_the_first_evaluation(tiny_model_dir, tmp_path):
     (data / "train.jsonl").write_text((row + "\n") * 64)
     (data / "validation.jsonl").write_text((row + "\n") * 2000)
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "sftune", *train(tiny_model_dir, out, "--save-every", "1",
-                                                                      dataset=data)],
-                            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    for line in proc.stderr:
-        if line.startswith("loss:"):  # the last line before the first evaluation
-            proc.send_signal(signal.SIGTERM)
-            break
-    err = proc.stderr.read()
-    assert proc.wait(timeout=120) == 143, err
+    code, err = signal_at(train(tiny_model_dir, out, "--save-every", "1", dataset=data),
+                          "loss:")  # the last line before the first evaluation
+    assert code == 143, err
     assert "stopped by SIGTERM; before the first step: nothing was trained or saved" in err
     assert "start again with --resume auto" in err and "Traceback" not in err
     assert not (out / "model.safetensors").exists() and not (out / "checkpoints").exists()

@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import QUICKSTART_DATA, ROOT, read_jsonl, run_captured, run_main
+from conftest import QUICKSTART_DATA, ROOT, read_jsonl, run_captured, run_main, signal_at
 from sftune.checkpoint import checkpoint_ok
 
 pytestmark = pytest.mark.slow
@@ -62,25 +62,14 @@ def test_keep_last_rotates(uninterrupted):
 def test_sigint_then_sigterm_then_resume_equals_an_uninterrupted_run(uninterrupted, small_model_dir, tmp_path,
                                                                       capsys):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "sftune", *train_args(small_model_dir, out)], cwd=ROOT,
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    for line in proc.stderr:  # Ctrl-C: saved, exit 130
-        if line.startswith("step      3/"):
-            proc.send_signal(signal.SIGINT)
-            break
-    err = proc.stderr.read()
-    assert proc.wait(timeout=120) == 130, err
+    code, err = signal_at(train_args(small_model_dir, out), "step      3/", signal.SIGINT)  # Ctrl-C: saved, exit 130
+    assert code == 130, err
     assert "stopped by SIGINT" in err
     assert len(list((out / "checkpoints").glob("step-*"))) == 1  # saved once, at the step it stopped
 
-    proc = subprocess.Popen([sys.executable, "-m", "sftune", *train_args(small_model_dir, out, "--resume", "auto")],
-                            cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    for line in proc.stderr:  # wait until training is mid-epoch (25 steps per epoch here) and off a save step
-        if line.startswith("step      6/"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    err = proc.stderr.read()
-    assert proc.wait(timeout=120) == 143, err
+    # mid-epoch (25 steps per epoch here) and off a save step
+    code, err = signal_at(train_args(small_model_dir, out, "--resume", "auto"), "step      6/")
+    assert code == 143, err
     assert "stopped by SIGTERM" in err and "--resume auto" in err
     saved = max(int(p.name[5:]) for p in (out / "checkpoints").iterdir())
     assert saved >= 6 and f"checkpoint {out / 'checkpoints' / f'step-{saved}'}" in err  # saved on the signal

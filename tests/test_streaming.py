@@ -1,15 +1,12 @@
 """Tier 2: --streaming tokenizes on the fly with the same masks, and resumes at the right position."""
 
 import json
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import QUICKSTART_DATA, ROOT, prepare, read_jsonl, run_main
+from conftest import QUICKSTART_DATA, prepare, read_jsonl, run_main, signal_at
 from sftune.data import DataOptions
 from sftune.data.streaming import StreamedData, StreamPosition
 
@@ -52,14 +49,8 @@ def test_streaming_resume_equals_an_uninterrupted_run(small_model_dir, tmp_path,
     assert "first 20 rows are held out for validation" in err
 
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, "-m", "sftune", *stream_args(small_model_dir, data, out)], cwd=ROOT,
-                            stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    for line in proc.stderr:  # in the epoch's second chunk
-        if line.startswith("step     67/"):
-            proc.send_signal(signal.SIGTERM)
-            break
-    err = proc.stderr.read()
-    assert proc.wait(timeout=120) == 143, err
+    code, err = signal_at(stream_args(small_model_dir, data, out), "step     67/")  # in the epoch's second chunk
+    assert code == 143, err
     code, _, err = run_main(capsys, *stream_args(small_model_dir, data, out, "--resume", "auto"))
     assert code == 0, err
     assert "resumed from" in err

@@ -30,6 +30,21 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 BASE_DIR = "base"  # a run on a randomly initialised base writes that base here: the adapter is useless without it
 
 
+# peft's notices that say nothing to an sftune user: it sets fan_in_fan_out for GPT-2's Conv1D itself, it reads a
+# deprecated transformers attribute, and a given --base renames the base an adapter config names
+PEFT_NOTICES = (".*fan_in_fan_out.*", ".*is_gradient_checkpointing.*", ".*base_model_name_or_path. was renamed.*")
+
+
+def wrap_with_peft(model, settings):
+    """peft's `get_peft_model`, without its notices (above)."""
+    from peft import get_peft_model
+
+    with warnings.catch_warnings():
+        for message in PEFT_NOTICES:
+            warnings.filterwarnings("ignore", message=message)
+        return get_peft_model(model, settings)
+
+
 def is_adapter_dir(path: str | Path) -> bool:
     return (Path(path).expanduser() / ADAPTER_CONFIG).is_file()
 
@@ -95,16 +110,11 @@ def lora_config(cfg, model):
 def add_lora(model, cfg, quiet: bool = False):
     """Wrap `model` (in place: its layers get LoRA branches) in a peft model; only adapter weights (and any
     `lora_modules_to_save`) train. Errors name the option to fix and the layers that exist."""
-    from peft import get_peft_model
-
     settings = lora_config(cfg, model)
     requested = list(settings.modules_to_save or [])  # peft renames these in place: a tied head becomes the
     # embedding's name in its config, and a config saved that way reloads untied (peft's own round trip)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")  # GPT-2's Conv1D: peft sets it itself
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-            peft_model = get_peft_model(model, settings)
+        peft_model = wrap_with_peft(model, settings)
     except (ValueError, TypeError, KeyError) as e:
         raise SftuneError(f"LoRA cannot be added with --lora-targets {','.join(cfg.lora_targets)}"
                           f"{' and --lora-modules-to-save ' + ','.join(cfg.lora_modules_to_save) if cfg.lora_modules_to_save else ''}"
@@ -223,18 +233,12 @@ def load_adapter_model(directory: str | Path, base: str | None = None, trust_rem
     except SftuneError as e:
         raise SftuneError(f"the base model {base_name!r} of the adapter in {directory} could not be loaded: "
                           f"{str(e).replace('--model', '--base')}") from None
-    from peft import get_peft_model
-
     settings.inference_mode = True
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*fan_in_fan_out.*")
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")
-        warnings.filterwarnings("ignore", message=".*base_model_name_or_path. was renamed.*")  # (--base given)
-        try:
-            peft_model = get_peft_model(model, settings)
-        except (ValueError, TypeError, KeyError) as e:
-            raise SftuneError(f"the adapter in {directory} does not fit the base model {base_name} ({e}); give "
-                              f"the base it was trained on with --base") from None
+    try:
+        peft_model = wrap_with_peft(model, settings)
+    except (ValueError, TypeError, KeyError) as e:
+        raise SftuneError(f"the adapter in {directory} does not fit the base model {base_name} ({e}); give "
+                          f"the base it was trained on with --base") from None
     load_adapter_weights(peft_model, directory)
     log(f"adapter: {directory} on base {base_name}")
     return merged_model(peft_model) if merge else peft_model

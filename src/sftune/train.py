@@ -171,9 +171,13 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             metrics.write({"type": "sample", "step": step, "index": i, "prompt": prompt, "completion": text})
             log(f"sample step {step:,}: {prompt!r} -> {text!r}")
 
+    def best_eval() -> dict | None:
+        """The evaluation with the lowest val loss after training started (None before the first)."""
+        return next((e for e in evals if e["step"] == state.best_step), None)
+
     def track_best(record: dict) -> str:
         """Note a new best evaluation (after training started); say how it compares."""
-        best = next((e for e in evals if e["step"] == state.best_step), None)
+        best = best_eval()
         if best is None or record["val_loss"] < best["val_loss"] - cfg.early_stopping_min_delta:
             state.best_step = record["step"]
             return " | best so far"
@@ -291,7 +295,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         if (cfg.save_every and step % cfg.save_every == 0 or new_best) and not saved:
             checkpoint_now()
         if patience_spent():
-            best = next(e for e in evals if e["step"] == state.best_step)
+            best = best_eval()
             log(f"early stopping at step {step:,}: the val loss has not improved on {best['val_loss']:.4f} (step "
                 f"{best['step']:,}) for {cfg.early_stopping_patience} evaluations (--early-stopping-patience)")
             metrics.write({"type": "early_stop", "step": step, "best_step": best["step"]})
@@ -321,7 +325,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             from sftune.modeling import load_model
 
             hf_model = load_model(str(best_dir), "pretrained", cfg.trust_remote_code)
-        best = next(e for e in evals if e["step"] == state.best_step)
+        best = best_eval()
         log(f"final model: the best evaluation's, step {best['step']:,} (val loss {best['val_loss']:.4f}), from "
             f"{best_dir} (--final-model best)")
     if dist.is_main and run.adapter is not None:  # LoRA: the adapter, and with --merge a full model beside it
