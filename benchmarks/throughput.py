@@ -4,6 +4,8 @@
     python benchmarks/throughput.py                    # longer windows, steadier figures
     python benchmarks/throughput.py --quality          # also: val loss after the same tokens (small GPT-2)
     python benchmarks/throughput.py --json out.json    # also write the figures
+    python benchmarks/throughput.py --device cuda --json benchmarks/results/<card>-<yyyy-mm-dd>.json
+                                                       # on a GPU: + sftune packed, MFU, peak GPU memory
 
 Both runs train GPT-2 small (the config in ../shared/models/gpt2, random weights from a fixed seed:
 throughput does not depend on weight values) on SST-2 from ../shared/data/sst2 with the seed's filter.
@@ -13,7 +15,15 @@ tokens per second over the steps after a warm-up.
   seed:   the seed's loop as written: DataCollatorForLanguageModeling(mlm=False) with pad = EOS,
           batch 32, AdamW 5e-5, fp32.
   sftune: `sftune.train` with its default settings (validation cut to 64 rows so the benchmark
-          spends its time training).
+          spends its time training): batch 32, lr 5e-5, length-grouped batches; on a GPU its default
+          step (`--compile auto`: CUDA graphs), whose capture time is kept out of the measured window.
+  packed: (--device cuda) sftune with --packing: 32 rows of 1,024 tokens a step.
+
+MFU (GPU only) = real tok/s x FLOPs per token / the card's dense bf16 peak, FLOPs per token = 6N + 12 x layers x
+context x width (PaLM, appendix B; nanoGPT's estimate): N = the parameters of every matrix product, the tied
+output head included; context = 1,024 for packed rows, the mean row length otherwise. Peaks: vendor data sheets
+(`sftune.runtime.PEAK_BF16_FLOPS`: H100/H200 SXM 989 TFLOP/s, A100 312). The seed's loop runs fp32 but is put
+against the same bf16 peak, so that the column compares runs.
 """
 
 from __future__ import annotations
@@ -68,8 +78,10 @@ def seed_data(train_files: str, val_files: str | None = None):
     return tokenizer, out
 
 
-def seed_loop(model, tokenizer, train, lr: float, warmup: int, steps: int, seconds: float, epochs: int = 1):
-    """The seed's training loop, as written. Returns measured (real tokens, padded tokens, seconds, steps)."""
+def seed_loop(model, tokenizer, train, lr: float, warmup: int, steps: int, seconds: float, epochs: int = 1,
+              device: str = "cpu"):
+    """The seed's training loop, as written (on `device`). Returns measured (real tokens, padded tokens, seconds,
+    steps). The tokens are counted on the host copy of each batch: the count adds no sync to the loop."""
     import torch
     from torch.utils.data import DataLoader
     from transformers import DataCollatorForLanguageModeling
@@ -77,6 +89,7 @@ def seed_loop(model, tokenizer, train, lr: float, warmup: int, steps: int, secon
     torch.manual_seed(0)
     collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
     loader = DataLoader(train, batch_size=32, shuffle=True, collate_fn=collator)
+    model.to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     model.train()
     real = padded = done = 0
@@ -84,17 +97,34 @@ def seed_loop(model, tokenizer, train, lr: float, warmup: int, steps: int, secon
     for _ in range(epochs):
         for i, batch in enumerate(loader):
             if done == warmup:
+                sync(device)
                 start, real, padded = time.perf_counter(), 0, 0
+            real += int(batch["attention_mask"].sum())
+            padded += batch["input_ids"].numel()
+            batch = {k: v.to(device) for k, v in batch.items()}
             loss = model(**batch).loss
             loss.backward()
             optimizer.step()
             optimizer.zero_grad()
             done += 1
-            real += int(batch["attention_mask"].sum())
-            padded += batch["input_ids"].numel()
             if start is not None and (done - warmup >= steps or time.perf_counter() - start > seconds):
+                sync(device)
                 return real, padded, time.perf_counter() - start, done - warmup
+    sync(device)
     return real, padded, time.perf_counter() - (start or time.perf_counter()), max(done - warmup, 0)
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gpu_mb(device: str) -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else None
 
 
 def worker_seed(args) -> dict:
@@ -105,9 +135,12 @@ def worker_seed(args) -> dict:
     seed_data(str(SST2 / "data" / "train-00000-of-00001.parquet"))  # datasets' own cache now
     prep_cached = time.perf_counter() - t0
     model = gpt2_small()
-    real, padded, secs, steps = seed_loop(model, tokenizer, data["train"], 5e-5, args.warmup, args.steps, args.seconds)
+    real, padded, secs, steps = seed_loop(model, tokenizer, data["train"], 5e-5, args.warmup, args.steps, args.seconds,
+                                          device=args.device)
     return {"real_tok_s": real / secs, "padded_tok_s": padded / secs, "steps": steps, "seconds": secs,
-            "prep_first_s": prep_first, "prep_cached_s": prep_cached, "peak_rss_mb": peak_rss_mb()}
+            "ms_per_step": 1000 * secs / max(steps, 1), "mean_row_tokens": real / max(steps * 32, 1),
+            "prep_first_s": prep_first, "prep_cached_s": prep_cached, "peak_rss_mb": peak_rss_mb(),
+            "peak_gpu_mb": peak_gpu_mb(args.device)}
 
 
 def small_val_dir(tmp: Path, val_rows: int) -> Path:
@@ -126,6 +159,7 @@ def worker_sftune(args) -> dict:
     import sftune
     from sftune.data import DataOptions, prepare_data
 
+    packed = args.worker == "packed"
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         dataset = small_val_dir(tmp, 64)
@@ -140,18 +174,26 @@ def worker_sftune(args) -> dict:
         model_dir = tmp / "gpt2-small"
         gpt2_small().save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
-        cfg = sftune.resolve_config({"model": str(model_dir), "dataset": str(dataset), "max_steps": args.warmup + args.steps,
-                                     "log_every": 1, "output_dir": str(tmp / "run"), "cache_dir": str(tmp / "cache")})
-        result = sftune.train(cfg)
+        options = {"model": str(model_dir), "dataset": str(dataset), "max_steps": args.warmup + args.steps,
+                   "log_every": 1, "output_dir": str(tmp / "run"), "cache_dir": str(tmp / "cache"),
+                   "device": args.device, "report_to": "none", "compile": args.compile}
+        if packed:
+            options.update(packing=True, max_length=1024)
+        result = sftune.train(sftune.resolve_config(options))
         rows = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in rows if r["type"] == "train"]
         first, last = steps[args.warmup - 1], steps[-1]  # measure from the end of warm-up to the last step
-        secs = last["elapsed_s"] - first["elapsed_s"]
+        compile_s = last.get("compile_s", 0.0) - first.get("compile_s", 0.0)  # a shape first seen in the window
+        secs = last["elapsed_s"] - first["elapsed_s"] - compile_s
         real = last["tokens"] - first["tokens"]
         padded = last["padded_tokens"] - first["padded_tokens"]
-        return {"real_tok_s": real / secs, "padded_tok_s": padded / secs, "steps": len(steps) - args.warmup,
-                "seconds": secs, "prep_first_s": prep_first, "prep_cached_s": prep_cached, "peak_rss_mb": peak_rss_mb(),
-                "train_steps": result.steps}
+        n = len(steps) - args.warmup
+        return {"real_tok_s": real / secs, "padded_tok_s": padded / secs, "steps": n, "seconds": secs,
+                "ms_per_step": 1000 * secs / max(n, 1), "mean_row_tokens": real / max(n * 32, 1),
+                "compile_s": last.get("compile_s", 0.0), "compile_s_in_window": compile_s,
+                "prep_first_s": prep_first, "prep_cached_s": prep_cached, "peak_rss_mb": peak_rss_mb(),
+                "peak_gpu_mb": peak_gpu_mb(args.device), "train_steps": result.steps,
+                "mfu_logged": last.get("mfu")}
 
 
 # --- quality: the same tokens, the same lr, a smaller GPT-2 ------------------------
@@ -175,7 +217,7 @@ def quality_files(tmp: Path) -> tuple[Path, Path]:
     return d / "train.jsonl", d / "validation.jsonl"
 
 
-def text_only_val_loss(model, val_ids) -> float:
+def text_only_val_loss(model, val_ids, device: str = "cpu") -> float:
     """Token-weighted loss on the validation sentences without EOS: the same yardstick for both models."""
     import torch
 
@@ -183,33 +225,36 @@ def text_only_val_loss(model, val_ids) -> float:
     from sftune.evaluate import evaluate
 
     examples = Examples.from_lists([list(map(int, x)) for x in val_ids])
-    return evaluate(model, examples, 64, 50256, torch.device("cpu"), "fp32").loss
+    return evaluate(model.to(device), examples, 64, 50256, torch.device(device), "fp32").loss
 
 
 def worker_quality(args) -> dict:
+    """The same rows, lr and epochs for both; on a GPU, GPT-2 small itself (on a CPU, 2 x 128)."""
     import sftune
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         train_file, val_file = quality_files(tmp)
         tokenizer, data = seed_data(str(train_file), str(val_file))
-        model = gpt2_small(QUALITY["layers"], QUALITY["width"])
+        model = gpt2_small() if args.device == "cuda" else gpt2_small(QUALITY["layers"], QUALITY["width"])
         if args.worker == "quality-seed":
             t0 = time.perf_counter()
-            real, _, _, steps = seed_loop(model, tokenizer, data["train"], QUALITY["lr"], 0, 10**9, 10**9)
+            real, _, _, steps = seed_loop(model, tokenizer, data["train"], QUALITY["lr"], 0, 10**9, 10**9,
+                                          device=args.device)
             secs = time.perf_counter() - t0
         else:
             model_dir = tmp / "model"
             model.save_pretrained(model_dir)
             tokenizer.save_pretrained(model_dir)
             cfg = sftune.resolve_config({"model": str(model_dir), "dataset": str(train_file.parent), "lr": QUALITY["lr"],
-                                         "output_dir": str(tmp / "run"), "cache_dir": str(tmp / "cache"), "log_every": 50})
+                                         "output_dir": str(tmp / "run"), "cache_dir": str(tmp / "cache"), "log_every": 50,
+                                         "device": args.device, "report_to": "none", "compile": args.compile})
             t0 = time.perf_counter()
             result = sftune.train(cfg)
             secs = time.perf_counter() - t0
             real, steps = result.tokens, result.steps
             model = sftune.load_model(str(tmp / "run"))
-        val = text_only_val_loss(model, data["validation"]["input_ids"])
+        val = text_only_val_loss(model, data["validation"]["input_ids"], args.device)
         return {"val_loss": val, "tokens": real, "steps": steps, "seconds": secs}
 
 
@@ -218,7 +263,7 @@ def worker_quality(args) -> dict:
 
 def run_worker(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--warmup", str(args.warmup), "--steps", str(args.steps),
-           "--seconds", str(args.seconds)]
+           "--seconds", str(args.seconds), "--device", args.device, "--compile", args.compile]
     env = {**os.environ, "HF_DATASETS_CACHE": tempfile.mkdtemp(prefix="bench-hf-"), "TOKENIZERS_PARALLELISM": "false"}
     print(f"running {name} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -227,43 +272,82 @@ def run_worker(name: str, args) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def card_and_peak(device: str) -> tuple[str, float | None]:
+    """The GPU's name and its dense bf16 peak (FLOP/s) from sftune's table, or the CPU's core count and None."""
+    import torch
+
+    if device != "cuda":
+        return f"{os.cpu_count()} CPU cores", None
+    from sftune.runtime import peak_flops
+
+    return torch.cuda.get_device_name(0), peak_flops(torch.device("cuda"), "bf16")
+
+
+def add_mfu(result: dict, peak: float | None, context: float) -> None:
+    """MFU = real tok/s x (6N + 12 x layers x context x width) / peak."""
+    from sftune.runtime import flops_per_token
+
+    if peak:
+        result["flops_per_token"] = flops_per_token(gpt2_small(), context)
+        result["mfu"] = result["real_tok_s"] * result["flops_per_token"] / peak
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--quick", action="store_true", help="short measurement windows (a few minutes in all)")
     p.add_argument("--quality", action="store_true", help="also compare val loss after the same training tokens")
     p.add_argument("--json", metavar="FILE", help="write the figures to FILE")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every run trains (default cpu)")
+    p.add_argument("--compile", default="auto", choices=["auto", "off", "graphs", "inductor"],
+                   help="sftune's --compile for its runs (default auto)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--warmup", type=int, default=None, help="steps not measured")
     p.add_argument("--steps", type=int, default=None, help="steps measured (at most)")
     p.add_argument("--seconds", type=float, default=None, help="seconds measured (at most)")
     args = p.parse_args()
     if args.worker:
-        fn = {"seed": worker_seed, "sftune": worker_sftune}.get(args.worker, worker_quality)
+        fn = {"seed": worker_seed, "sftune": worker_sftune, "packed": worker_sftune}.get(args.worker, worker_quality)
         print(json.dumps(fn(args)))
         return
-    args.warmup = args.warmup if args.warmup is not None else 2
-    args.steps = args.steps if args.steps is not None else (8 if args.quick else 40)
+    gpu = args.device == "cuda"
+    args.warmup = args.warmup if args.warmup is not None else (20 if gpu else 2)
+    args.steps = args.steps if args.steps is not None else (8 if args.quick else 40) * (10 if gpu else 1)
     args.seconds = args.seconds if args.seconds is not None else (60 if args.quick else 300)
 
+    card, peak = card_and_peak(args.device)
     results = {"seed": run_worker("seed", args), "sftune": run_worker("sftune", args)}
-    ratio = results["sftune"]["real_tok_s"] / results["seed"]["real_tok_s"]
-    print(f"\nGPT-2 small on SST-2, {os.cpu_count()} CPU cores, torch {__import__('torch').__version__}")
-    print(f"{'run':<8}{'real tok/s':>12}{'padded tok/s':>14}{'steps':>7}{'peak RSS MB':>13}{'prep s':>9}{'prep cached s':>15}")
+    if gpu:
+        results["packed"] = run_worker("packed", args)
     for name, r in results.items():
-        print(f"{name:<8}{r['real_tok_s']:>12,.0f}{r['padded_tok_s']:>14,.0f}{r['steps']:>7}{r['peak_rss_mb']:>13,.0f}"
-              f"{r['prep_first_s']:>9.2f}{r['prep_cached_s']:>15.3f}")
+        add_mfu(r, peak, 1024 if name == "packed" else r["mean_row_tokens"])
+    ratio = results["sftune"]["real_tok_s"] / results["seed"]["real_tok_s"]
+    print(f"\nGPT-2 small on SST-2, {card}, torch {__import__('torch').__version__}, sftune --compile {args.compile}")
+    print(f"{'run':<8}{'real tok/s':>12}{'ms/step':>9}{'MFU':>7}{'padded tok/s':>14}{'steps':>7}{'peak GPU MB':>13}"
+          f"{'peak RSS MB':>13}{'compile s':>11}{'prep s':>8}{'cached s':>10}{'x seed':>8}")
+    for name, r in results.items():
+        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
+        gpu_mb = f"{r['peak_gpu_mb']:,.0f}" if r.get("peak_gpu_mb") else "-"
+        print(f"{name:<8}{r['real_tok_s']:>12,.0f}{r['ms_per_step']:>9.1f}{mfu:>7}{r['padded_tok_s']:>14,.0f}"
+              f"{r['steps']:>7}{gpu_mb:>13}{r['peak_rss_mb']:>13,.0f}{r.get('compile_s', 0.0):>11.2f}"
+              f"{r['prep_first_s']:>8.2f}{r['prep_cached_s']:>10.3f}"
+              f"{r['real_tok_s'] / results['seed']['real_tok_s']:>7.2f}x")
     if args.quality:
         q = {"seed": run_worker("quality-seed", args), "sftune": run_worker("quality-sftune", args)}
         results["quality"] = q
         diff = (q["sftune"]["val_loss"] - q["seed"]["val_loss"]) / q["seed"]["val_loss"]
-        print(f"\nquality: {QUALITY['rows']:,} SST-2 rows, one epoch, lr {QUALITY['lr']}, GPT-2 "
-              f"{QUALITY['layers']} layers x {QUALITY['width']}; val loss on the sentences (no EOS), token-weighted")
+        size = "small" if gpu else f"{QUALITY['layers']} layers x {QUALITY['width']}"
+        print(f"\nquality: {QUALITY['rows']:,} SST-2 rows, one epoch, lr {QUALITY['lr']}, GPT-2 {size}; "
+              f"val loss on the sentences (no EOS), token-weighted")
         for name, r in q.items():
             print(f"{name:<8} val loss {r['val_loss']:.4f} after {r['tokens']:,} tokens, {r['steps']} steps, {r['seconds']:.0f}s")
         print(f"sftune vs seed: {100 * diff:+.2f}% val loss")
         results["quality_diff"] = diff
-    results["ratio"] = ratio
-    print(f"\nratio sftune/seed (real tokens/s): {ratio:.2f}x")
+    results.update(card=card, ratio=ratio, device=args.device, compile=args.compile,
+                   date=time.strftime("%Y-%m-%d"), torch=__import__("torch").__version__)
+    if gpu:
+        results["packed_mfu"] = results["packed"].get("mfu")
+    print(f"\nratio sftune/seed (real tokens/s): {ratio:.2f}x"
+          + (f"; packed MFU {100 * results['packed_mfu']:.1f}%" if results.get("packed_mfu") else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

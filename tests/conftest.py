@@ -23,6 +23,7 @@ SHARED = Path(os.environ.get("SFTUNE_SHARED", ROOT.parent / "shared"))
 GPT2_DIR = SHARED / "models" / "gpt2"
 SST2_DIR = SHARED / "data" / "sst2"
 QUICKSTART_DATA = ROOT / "examples" / "quickstart" / "data"
+FIXTURES = ROOT / "tests" / "fixtures"  # tiny configs of other model families
 
 
 def _needs(path: Path, what: str):

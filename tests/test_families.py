@@ -3,15 +3,13 @@
 evaluate, generate, checkpoint and resume exactly; the fused loss equals the plain one for each."""
 
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import QUICKSTART_DATA, read_jsonl, run_main
+from conftest import FIXTURES, QUICKSTART_DATA, read_jsonl, run_main
 
-FIXTURES = Path(__file__).parent / "fixtures"
 FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-mistral"]
 
 

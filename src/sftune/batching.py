@@ -18,6 +18,7 @@ positions that predict a target: position t predicts token t + 1) and `targets`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,25 +28,57 @@ from sftune.data.examples import Examples
 IGNORE_INDEX = -100  # label value cross-entropy skips
 
 
-def with_targets(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+@dataclass(frozen=True)
+class Padding:
+    """How a batch is padded. An eager step pads to its longest row and lists only the real targets. A CUDA graph
+    or a compiled step runs a fixed set of shapes (`static`): widths rounded up to a `multiple` (never past
+    `max_width`, the model's context), `rows` rows (empty ones added), and a target slot at every position
+    (IGNORE_INDEX where nothing is trained), so a shape's target count is fixed too. Padding is never in the loss:
+    a static batch computes exactly the loss of the same rows padded as little as possible."""
+
+    multiple: int = 1
+    rows: int | None = None
+    max_width: int | None = None
+    static: bool = False
+
+    def width(self, longest: int) -> int:
+        rounded = -(-longest // self.multiple) * self.multiple
+        return max(longest, min(rounded, self.max_width or rounded))
+
+
+EAGER = Padding()
+
+
+def with_targets(batch: dict[str, np.ndarray], static: bool = False) -> dict[str, torch.Tensor]:
     """Add `target_positions` and `targets` (both (N,) int64) from `labels`, and make tensors.
 
-    Row b's position t scores label t + 1, so its flat position is b * T + t."""
+    Row b's position t scores label t + 1, so its flat position is b * T + t. `static`: every position is listed
+    (N = B x T), with IGNORE_INDEX as the target of positions that train nothing."""
     labels = batch["labels"]
-    rows, cols = np.nonzero(labels[:, 1:] != IGNORE_INDEX)
-    batch["target_positions"] = rows * labels.shape[1] + cols
-    batch["targets"] = labels[rows, cols + 1]
+    if static:
+        targets = np.full(labels.shape, IGNORE_INDEX, dtype=np.int64)
+        targets[:, :-1] = labels[:, 1:]
+        batch["target_positions"], batch["targets"] = np.arange(labels.size), targets.reshape(-1)
+    else:
+        rows, cols = np.nonzero(labels[:, 1:] != IGNORE_INDEX)
+        batch["target_positions"] = rows * labels.shape[1] + cols
+        batch["targets"] = labels[rows, cols + 1]
     return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)) for k, v in batch.items()}
 
 
+DEVICE_KEYS = ("input_ids", "position_ids", "target_positions", "targets")  # what the loss module reads
+
+
 def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    """What the loss module reads, on `device`: `labels` stay on the host (the targets were taken from them)."""
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k != "labels"}
+    """What the loss module reads, on `device` (`labels` and `attention_mask` stay on the host: the targets were
+    taken from the labels, and right-padded rows need no mask, see `loss.model_inputs`)."""
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in DEVICE_KEYS}
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
     """Training targets of a collated batch (host-side: no device sync)."""
-    return len(batch["targets"])
+    targets = batch["targets"]
+    return int((targets != IGNORE_INDEX).sum()) if len(targets) else 0
 
 
 def idle_batch(pad_id: int) -> dict[str, torch.Tensor]:
@@ -55,22 +88,22 @@ def idle_batch(pad_id: int) -> dict[str, torch.Tensor]:
                          "labels": np.full((1, 1), IGNORE_INDEX)})
 
 
-def collate(examples: Examples, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad the chosen examples to the longest one. Returns int64 (B, T) tensors
+def collate(examples: Examples, indices: Sequence[int], pad_id: int, padding: Padding = EAGER) -> dict[str, torch.Tensor]:
+    """Right-pad the chosen examples to the longest one (or as `padding` says). Returns int64 (B, T) tensors
     `input_ids`, `attention_mask` and `labels`, and the (N,) `target_positions` and `targets`."""
-    if len(indices) == 0:
+    if len(indices) == 0 and not padding.static:
         return idle_batch(pad_id)
     lengths = [int(examples.offsets[i + 1] - examples.offsets[i]) for i in indices]
-    width = max(lengths)
-    input_ids = np.full((len(indices), width), pad_id, dtype=np.int64)
-    labels = np.full((len(indices), width), IGNORE_INDEX, dtype=np.int64)
-    attention_mask = np.zeros((len(indices), width), dtype=np.int64)
+    shape = (max(len(indices), padding.rows or 1), padding.width(max(lengths, default=1)))
+    input_ids = np.full(shape, pad_id, dtype=np.int64)
+    labels = np.full(shape, IGNORE_INDEX, dtype=np.int64)
+    attention_mask = np.zeros(shape, dtype=np.int64)
     for row, (i, n) in enumerate(zip(indices, lengths)):
         ids, supervised = examples.example(i)
         input_ids[row, :n] = ids
         attention_mask[row, :n] = 1
         labels[row, :n] = np.where(supervised, ids, IGNORE_INDEX)
-    return with_targets({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+    return with_targets({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}, padding.static)
 
 
 GROUP_CHUNK_STEPS = 64  # length grouping sorts chunks of this many optimizer steps' rows
@@ -208,7 +241,8 @@ def packed_epoch_steps(
     return [[[rows[i] for i in micro] for micro in step] for step in steps]
 
 
-def collate_packed(examples: Examples, rows: Sequence[np.ndarray], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_packed(examples: Examples, rows: Sequence[np.ndarray], pad_id: int,
+                   padding: Padding = EAGER) -> dict[str, torch.Tensor]:
     """Concatenate each row's examples; right-pad rows to the longest. Returns int64 (R, W) tensors
     `input_ids`, `position_ids`, `labels` and `attention_mask` (1 on real tokens, for counting).
 
@@ -222,11 +256,11 @@ def collate_packed(examples: Examples, rows: Sequence[np.ndarray], pad_id: int) 
     >>> b["input_ids"].tolist(), b["position_ids"].tolist(), b["labels"].tolist()
     ([[5, 6, 9, 7, 9]], [[0, 1, 2, 0, 1]], [[-100, 6, 9, -100, 9]])
     """
-    if len(rows) == 0:
+    if len(rows) == 0 and not padding.static:
         return idle_batch(pad_id)
     totals = [int(examples.lengths[r].sum()) for r in rows]
-    width = max(totals)
-    shape = (len(rows), width)
+    width = padding.width(max(totals, default=1))
+    shape = (max(len(rows), padding.rows or 1), width)
     input_ids = np.full(shape, pad_id, dtype=np.int64)
     labels = np.full(shape, IGNORE_INDEX, dtype=np.int64)
     attention_mask = np.zeros(shape, dtype=np.int64)
@@ -243,5 +277,6 @@ def collate_packed(examples: Examples, rows: Sequence[np.ndarray], pad_id: int) 
             at += n
         attention_mask[row, :total] = 1
         position_ids[row, total:] = np.arange(width - total)  # padding: a block of its own
+    position_ids[len(rows):] = np.arange(width)  # (rows added by `padding`: pad tokens, a block of their own)
     return with_targets({"input_ids": input_ids, "position_ids": position_ids, "labels": labels,
-                         "attention_mask": attention_mask})
+                         "attention_mask": attention_mask}, padding.static)

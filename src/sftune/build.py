@@ -22,7 +22,7 @@ from typing import Iterator, Protocol
 
 import torch
 
-from sftune.batching import chunk_rows_for, collate, collate_packed, epoch_steps, packed_epoch_steps
+from sftune.batching import EAGER, Padding, chunk_rows_for, collate, collate_packed, epoch_steps, packed_epoch_steps
 from sftune.checkpoint import AdapterCheckpointer, Checkpointer, FullCheckpointer, ShardedCheckpointer, TrainState, \
     check_resume_compatible, check_same_inputs, check_same_world, find_resume_checkpoint
 from sftune.config import SFTConfig, dump_yaml, to_dict
@@ -150,7 +150,7 @@ class Step:
 
 
 def step_of(examples: Examples, step_rows: list, dist: Dist, packed: bool, pad_id: int, epoch: int, last: bool,
-            stream: dict | None = None) -> Step:
+            stream: dict | None = None, padding: Padding = EAGER) -> Step:
     """Collate this rank's share of each micro-batch of a global step, and count the step's tokens."""
     make_batch = collate_packed if packed else collate
     lengths = examples.lengths
@@ -159,7 +159,7 @@ def step_of(examples: Examples, step_rows: list, dist: Dist, packed: bool, pad_i
         sizes = [int(lengths[r].sum()) for r in rows] if packed else [int(lengths[r]) for r in rows]
         tokens += sum(sizes)
         padded += len(sizes) * max(sizes)  # (each rank pads its share only to its own longest: an upper bound)
-    batches = [make_batch(examples, dist.shard(rows), pad_id) for rows in step_rows]
+    batches = [make_batch(examples, dist.shard(rows), pad_id, padding) for rows in step_rows]
     return Step(batches, epoch, last, tokens, padded, stream)
 
 
@@ -191,8 +191,10 @@ class InMemorySteps:
     """Steps over a prepared split: each epoch planned when it starts (only its index arrays are held),
     so `--epochs 1000000 --max-steps 2` plans one epoch, not a million."""
 
-    def __init__(self, cfg: SFTConfig, data: PreparedData, max_length: int, pad_id: int, dist: Dist):
+    def __init__(self, cfg: SFTConfig, data: PreparedData, max_length: int, pad_id: int, dist: Dist,
+                 padding: Padding = EAGER):
         self.cfg, self.train, self.max_length, self.pad_id, self.dist = cfg, data.train, max_length, pad_id, dist
+        self.padding = padding
         self.validation, self.layout, self.world_size = data.validation, data.layout, dist.world_size
         if len(self.train) < cfg.batch_size * cfg.grad_accum * dist.world_size:
             ranks = f" x {dist.world_size} ranks" if dist.distributed else ""
@@ -222,15 +224,17 @@ class InMemorySteps:
             start = state.step_in_epoch if epoch == state.epoch else 0
             plan = self.plan(epoch)
             for i in range(start, len(plan)):
-                yield step_of(self.train, plan[i], self.dist, self.cfg.packing, self.pad_id, epoch, i == len(plan) - 1)
+                yield step_of(self.train, plan[i], self.dist, self.cfg.packing, self.pad_id, epoch, i == len(plan) - 1,
+                              padding=self.padding)
 
 
 class StreamedSteps:
     """Steps over a stream, chunk by chunk (`data.streaming`); the number of epochs is `epochs`, or as many
     as `max_steps` needs; a stream that yields nothing in an epoch ends the run."""
 
-    def __init__(self, cfg: SFTConfig, data, max_length: int, pad_id: int, dist: Dist):
+    def __init__(self, cfg: SFTConfig, data, max_length: int, pad_id: int, dist: Dist, padding: Padding = EAGER):
         self.cfg, self.data, self.max_length, self.pad_id, self.dist = cfg, data, max_length, pad_id, dist
+        self.padding = padding
         self.validation, self.layout, self.world_size = data.validation, data.layout, dist.world_size
         self.total_steps, self.steps_per_epoch = cfg.max_steps, None
 
@@ -249,7 +253,8 @@ class StreamedSteps:
                 if examples is not checked:  # once per chunk (every step of a chunk shares its examples)
                     check_batch_tokens(self.cfg, examples)
                     checked = examples
-                yield step_of(examples, step_rows, self.dist, self.cfg.packing, self.pad_id, epoch, last, vars(after))
+                yield step_of(examples, step_rows, self.dist, self.cfg.packing, self.pad_id, epoch, last, vars(after),
+                              self.padding)
             if empty and position.rows == 0:
                 return  # the stream has no rows left to give
 
@@ -280,6 +285,7 @@ class Run:
     adapter: object | None  # LoRA: the peft model around `loss_model.model` (whose layers it changed in place)
     base: str  # the model the run started from, as an adapter config names it (absolute for a local directory)
     steps: StepSource
+    compile: str  # how the step runs: "graphs", "inductor" or "off" (`graphs.resolve_compile`)
     optimizer: torch.optim.Optimizer
     scheduler: object
     scaler: torch.amp.GradScaler
@@ -336,8 +342,10 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
 
         check_lora(cfg, model_config, cfg.trust_remote_code)  # a wrong target is reported before anything loads
     data, max_length = build_data(cfg, tokenizer, model_config, dist)
+    compile_mode, why = resolve_compile(cfg, dist, precision)
+    padding = step_padding(cfg, compile_mode, max_length)
     source_class = StreamedSteps if cfg.streaming else InMemorySteps
-    steps = source_class(cfg, data, max_length, tokenizer.pad_token_id, dist)
+    steps = source_class(cfg, data, max_length, tokenizer.pad_token_id, dist, padding)
     resolved = replace(cfg, output_dir=str(out), tokenizer=cfg.tokenizer or cfg.model, max_length=max_length,
                        eval_batch_size=cfg.eval_batch_size or cfg.batch_size, precision=precision,
                        device=dist.device.type)
@@ -381,7 +389,13 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     loss_model = CausalLMLoss(model.to(dist.device))
+    if compile_mode != "off" or cfg.compile != "auto":  # (a CPU run says nothing: eager is all it has)
+        log(f"step: {compile_mode} ({why})" + (f"; batches padded to multiples of {padding.multiple} tokens"
+                                                f"{f' and {padding.rows} rows' if padding.rows else ''}"
+                                                if padding.static else ""))
     wrapped = dist.wrap(loss_model, cfg.strategy)  # DDP under torchrun; the module itself in one process
+    if compile_mode == "inductor":  # (the training step only: evaluation runs `loss_model`, eagerly)
+        wrapped = compile_step(wrapped, loss_model, padding)
     # fused AdamW: one kernel over all parameters (measured 6x faster than foreach on CPU, benchmarks/NOTES.md)
     optimizer = torch.optim.AdamW(param_groups(loss_model, cfg.weight_decay), lr=cfg.lr,
                                   fused=dist.device.type in ("cpu", "cuda"))
@@ -411,8 +425,49 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
         f"{cfg.warmup_steps} warm-up), output {out}")
     log(f"loss: {'output projection fused with cross-entropy, ' if loss_model.fused else ''}token-weighted over "
         f"each step" + (f"; {dist.world_size} ranks ({type(wrapped).__name__})" if dist.distributed else ""))
-    return Run(resolved, dist, out, precision, tokenizer, wrapped, loss_model, adapter, base, steps, optimizer,
-               scheduler, scaler, checkpointer, state, checkpoint, lock)
+    return Run(resolved, dist, out, precision, tokenizer, wrapped, loss_model, adapter, base, steps, compile_mode,
+               optimizer, scheduler, scaler, checkpointer, state, checkpoint, lock)
+
+
+# --- how the step runs: eager, CUDA graphs or torch.compile ------------------------------
+
+STATIC_MULTIPLE = 16  # graphs and compiled steps: widths rounded up to this (a handful of shapes on short data)
+
+
+def resolve_compile(cfg: SFTConfig, dist: Dist, precision: str) -> tuple[str, str]:
+    """(mode, why): graphs, inductor or off, for `cfg.compile` on this device."""
+    from sftune.graphs import why_not_graphs
+
+    blocker = why_not_graphs(dist.device, dist.world_size, precision, cfg.gradient_checkpointing)
+    if cfg.compile == "graphs" and blocker:
+        raise SftuneError(f"--compile graphs: CUDA graphs cannot run here: {blocker}; use --compile off or inductor")
+    if cfg.compile != "auto":
+        return cfg.compile, f"--compile {cfg.compile}"
+    if blocker:
+        return "off", f"auto: eager, as CUDA graphs cannot run here: {blocker}"
+    return "graphs", "auto: one CUDA GPU, so each batch shape's forward and backward is a CUDA graph"
+
+
+def step_padding(cfg: SFTConfig, compile_mode: str, max_length: int) -> Padding:
+    """Eager steps pad to each batch's longest row (or `pad_to_multiple_of`); graphs and compiled steps need few,
+    fixed shapes: widths rounded up, `batch_size` rows (unless a token cap sets the rows), targets at every slot."""
+    if compile_mode == "off":
+        return Padding(multiple=cfg.pad_to_multiple_of or 1, max_width=max_length)
+    rows = cfg.batch_size if cfg.batch_tokens is None else None
+    return Padding(cfg.pad_to_multiple_of or STATIC_MULTIPLE, rows, max_length, static=True)
+
+
+def compile_step(wrapped: torch.nn.Module, loss_model: CausalLMLoss, padding: Padding) -> torch.nn.Module:
+    """The training step's module under torch.compile: one compile per batch shape (static shapes: no symbolic
+    sizes, and a handful of shapes). Checkpoints still read `loss_model`, whose names are unchanged."""
+    import torch._dynamo
+
+    shapes = -(-(padding.max_width or 1024) // padding.multiple)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * shapes)
+    loss_model.cache_cast = False  # (the cast is fused into the compiled graph; the cache's checks would break it)
+    loss_model.correct_counter()  # made now: made inside the first compiled call, it would cost a recompile
+    log("torch.compile: the first step of each batch shape compiles it (seconds to minutes), the rest reuse it")
+    return torch.compile(wrapped, dynamic=False)
 
 
 def base_name(cfg: SFTConfig, out: Path) -> str:

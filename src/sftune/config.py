@@ -33,6 +33,7 @@ Device = Literal["auto", "cpu", "cuda"]
 Format = Literal["auto", "text", "prompt_completion", "chat", "chat_prompt_completion"]
 Side = Literal["right", "left"]
 Strategy = Literal["auto", "ddp", "fsdp"]
+Compile = Literal["auto", "off", "graphs", "inductor"]
 
 
 def _f(default: Any, help: str, group: str) -> Any:
@@ -159,6 +160,14 @@ class SFTConfig:
     gradient_checkpointing: bool = _f(
         False, "Recompute each transformer block's activations in the backward pass: less memory, about a third "
         "more compute.", "train")
+    compile: Compile = _f(
+        "auto", "How the training step runs: graphs (the forward and backward of each batch shape captured once as "
+        "a CUDA graph and replayed: one launch instead of hundreds; one CUDA GPU), inductor (torch.compile: fused "
+        "kernels, a compile per shape), off (eager). auto: graphs on one CUDA GPU, else off.", "train")
+    pad_to_multiple_of: int | None = _f(
+        None, "Round each batch's width up to a multiple of this, so that a graphed or compiled step sees few "
+        "shapes (padding is never in the loss). Default: 16 with --compile graphs or inductor, else no rounding.",
+        "train")
 
     # --- LoRA -------------------------------------------------------------
     lora_r: int | None = _f(
@@ -333,6 +342,8 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
     need(cfg.max_steps is None or cfg.max_steps >= 1, "max_steps", "must be at least 1, or null for no limit")
     need(cfg.batch_size >= 1, "batch_size", "must be at least 1")
     need(cfg.grad_accum >= 1, "grad_accum", "must be at least 1")
+    need(cfg.pad_to_multiple_of is None or cfg.pad_to_multiple_of >= 1, "pad_to_multiple_of",
+         "must be at least 1 (1: no rounding), or null for the default")
     need(cfg.batch_tokens is None or cfg.batch_tokens >= 2, "batch_tokens", "must be at least 2, or null for no cap")
     need(math.isfinite(cfg.lr) and cfg.lr > 0, "lr", "must be a positive, finite number, e.g. 5e-5")
     need(math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", "must be 0 or more, and finite")

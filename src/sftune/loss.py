@@ -14,8 +14,8 @@ the host (`batching.with_targets`): no boolean indexing on the device, so no syn
 
     >>> import torch; from transformers import GPT2Config, GPT2LMHeadModel
     >>> model = CausalLMLoss(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=1, vocab_size=11)))
-    >>> batch = {"input_ids": torch.tensor([[1, 2, 3]]), "attention_mask": torch.ones(1, 3, dtype=torch.long),
-    ...          "target_positions": torch.tensor([0, 1]), "targets": torch.tensor([2, 3])}
+    >>> batch = {"input_ids": torch.tensor([[1, 2, 3]]), "target_positions": torch.tensor([0, 1]),
+    ...          "targets": torch.tensor([2, 3])}
     >>> model(batch).shape    # a scalar: the sum over the 2 targets
     torch.Size([])
 """
@@ -25,6 +25,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sftune.batching import IGNORE_INDEX
 
 # Model types whose logits are exactly `last_hidden_state @ output_embeddings.weight.T` (no bias,
 # soft-capping or scaling), so the projection can be fused with the loss.
@@ -49,15 +51,17 @@ def supports_fused_ce(model) -> bool:
 
 
 def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
-    """The model's keyword arguments for a batch.
+    """The model's keyword arguments for a batch: no attention mask.
 
-    Packed rows (they carry `position_ids`) get no attention mask: transformers then builds a
-    block-diagonal causal mask from the positions restarting at 0. That detection needs
-    `use_cache=False` (with a cache it silently attends across examples), so it is always set.
+    Rows are right-padded, so under the causal mask a real token never sees padding: a mask would change only the
+    padding's own outputs, which no target reads. Without one, attention takes the plain causal path (flash
+    attention on a GPU, and shapes that a CUDA graph can capture). Packed rows carry `position_ids`: transformers
+    then builds a block-diagonal causal mask from the positions restarting at 0, so no token sees another example.
+    That detection needs `use_cache=False` (with a cache it silently attends across examples), so it is always set.
     """
     if "position_ids" in batch:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
-    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    return {"input_ids": batch["input_ids"], "use_cache": False}
 
 
 class CausalLMLoss(nn.Module):
@@ -73,19 +77,26 @@ class CausalLMLoss(nn.Module):
         self.model = model
         self.fused = supports_fused_ce(model) if fused is None else fused
         self._cast: tuple | None = None  # ((weight version, address, dtype), cast copy) of the output head
+        self.cache_cast = True  # off while CUDA graphs capture the step (the cast must be part of the graph)
         self.correct: torch.Tensor | None = None  # in training: targets predicted exactly (argmax), on the device
 
     def take_correct(self) -> int:
-        """Targets whose argmax prediction was right since the last call (training forwards only). note: syncs."""
-        correct, self.correct = self.correct, None
-        return int(correct) if correct is not None else 0
+        """Targets whose argmax prediction was right since the last call (training forwards only). note: syncs.
+        The counter is zeroed in place: a captured CUDA graph keeps adding to the same tensor."""
+        if self.correct is None:
+            return 0
+        correct = int(self.correct)
+        self.correct.zero_()
+        return correct
 
-    def _count(self) -> torch.Tensor | None:
-        if not self.training:
-            return None
+    def correct_counter(self) -> torch.Tensor:
+        """The device counter of argmax hits (made on first use, then the same tensor for the whole run)."""
         if self.correct is None:
             self.correct = torch.zeros((), dtype=torch.long, device=next(self.model.parameters()).device)
         return self.correct
+
+    def _count(self) -> torch.Tensor | None:
+        return self.correct_counter() if self.training else None
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = model_inputs(batch)
@@ -93,9 +104,10 @@ class CausalLMLoss(nn.Module):
         if not self.fused:
             logits = self.model(**inputs).logits  # (B, T, V)
             picked = logits.reshape(-1, logits.shape[-1]).index_select(0, positions)  # (N, V): targets only
-            if (correct := self._count()) is not None:
+            if (correct := self._count()) is not None:  # (an ignored target, -100, is never an argmax)
                 correct += (picked.detach().argmax(-1) == targets).sum()
-            return F.cross_entropy(picked.float(), targets, reduction="sum")
+            return F.cross_entropy(picked.to(torch.promote_types(picked.dtype, torch.float32)), targets,
+                                   ignore_index=IGNORE_INDEX, reduction="sum")
         hidden = self.model.base_model(**inputs).last_hidden_state  # (B, T, D)
         hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (N, D)
         weight = output_head(self.model).weight
@@ -110,6 +122,8 @@ class CausalLMLoss(nn.Module):
         registers it as a step hook): fused AdamW updates weights without bumping their version counter."""
         if weight.dtype == dtype:
             return weight.detach()
+        if not self.cache_cast:
+            return weight.detach().to(dtype)
         key = (weight._version, weight.data_ptr(), dtype)  # catches in-place changes that autograd sees
         if self._cast is None or self._cast[0] != key:
             self._cast = (key, weight.detach().to(dtype))
@@ -127,7 +141,8 @@ class LinearCrossEntropySum(torch.autograd.Function):
     softmax - onehot), so neither pass ever holds more than CE_CHUNK_ROWS rows of logits.
     Matrix products run in `w`'s dtype (the weight cast to bf16 under autocast); softmax and
     sums in fp32. No gradient is computed for an input that does not need one (a frozen head). `correct`, when
-    given, counts the targets the argmax predicts (for the logged token accuracy).
+    given, counts the targets the argmax predicts (for the logged token accuracy). A target of IGNORE_INDEX (a
+    static batch's position that trains nothing) adds nothing to the loss, its gradient or the count.
     """
 
     @staticmethod
@@ -135,29 +150,32 @@ class LinearCrossEntropySum(torch.autograd.Function):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = None  # (V, D) fp32, created by the first chunk: no 150 MB zero-fill for GPT-2
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        acc = torch.promote_types(w.dtype, torch.float32)  # softmax and sums: fp32 (fp64 for an fp64 model)
+        total = torch.zeros((), dtype=acc, device=hidden.device)
         for i in range(0, hidden.shape[0], CE_CHUNK_ROWS):
             h = hidden[i : i + CE_CHUNK_ROWS].to(w.dtype)
             t = targets[i : i + CE_CHUNK_ROWS]
-            logits = (h @ w.T).float()  # (chunk, V) fp32: the only logits alive
+            trained = t != IGNORE_INDEX
+            t = t.clamp(min=0)  # (an ignored row picks class 0, then counts for nothing)
+            logits = (h @ w.T).to(acc)  # (chunk, V) fp32: the only logits alive
             lse = torch.logsumexp(logits, dim=-1)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            total += torch.where(trained, lse - logits.gather(1, t[:, None]).squeeze(1), 0.0).sum()
             if correct is not None:  # (counted in place: an accuracy for the log, no gradient)
-                correct += (logits.argmax(-1) == t).sum()
+                correct += ((logits.argmax(-1) == t) & trained).sum()
             if need_hidden or need_weight:
                 probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
                 probs[torch.arange(len(t), device=t.device), t] -= 1.0
-                probs = probs.to(w.dtype)
+                probs = probs.mul_(trained[:, None]).to(w.dtype)
                 if need_hidden:
                     grad_hidden[i : i + CE_CHUNK_ROWS] = probs @ w
                 if need_weight:
                     chunk_grad = probs.T @ h
                     if grad_weight is None:
-                        grad_weight = chunk_grad.float()
+                        grad_weight = chunk_grad.to(acc)
                     else:
                         grad_weight += chunk_grad
         if need_weight and grad_weight is None:  # no targets at all
-            grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+            grad_weight = torch.zeros_like(weight, dtype=acc)
         ctx.save_for_backward(grad_hidden, grad_weight)
         ctx.weight_dtype = weight.dtype
         return total

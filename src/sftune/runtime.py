@@ -44,12 +44,13 @@ def resolve_precision(name: str, device: torch.device) -> str:
     return name
 
 
-def autocast(device: torch.device, precision: str):
-    """Context for the forward pass: autocast to bf16/fp16, or nothing for fp32."""
+def autocast(device: torch.device, precision: str, cache: bool = True):
+    """Context for the forward pass: autocast to bf16/fp16, or nothing for fp32. `cache=False` casts the weights
+    anew at each use (what a CUDA graph capture needs: a cached cast would outlive the graph)."""
     dtype = DTYPES[precision]
     if dtype is None:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
 
 
 def seed_everything(seed: int) -> None:

@@ -25,6 +25,7 @@ from sftune.dist import Dist
 from sftune.errors import TrainingDiverged
 from sftune.evaluate import evaluate
 from sftune.generate import complete
+from sftune.graphs import StepGraphs, shape_key
 from sftune.modeling import save_model
 from sftune.outputs import publish_model
 from sftune.runtime import autocast, flops_per_token, peak_flops
@@ -49,18 +50,23 @@ class TrainResult:
         return self.evals[-1]["val_loss"]
 
 
-def forward_backward(model, micro_batches: list[dict], dist: Dist, precision: str, scaler) -> tuple[torch.Tensor, int]:
+def forward_backward(model, micro_batches: list[dict], dist: Dist, precision: str, scaler,
+                     graphs: StepGraphs | None = None) -> tuple[torch.Tensor, int]:
     """Accumulate one optimizer step's gradients; returns (sum of this rank's token losses, step targets).
 
     The step's loss is sum(token losses) / (targets of ALL its micro-batches on ALL ranks): each
     micro-batch's sum is divided by the global step total before backward, so the gradients add up
     to those of the step's token mean however the rows are split into micro-batches and ranks.
     (DDP averages gradients over ranks: the factor world_size undoes that average.)
+    With `graphs`, each micro-batch's forward and backward is a CUDA graph replay (`graphs.py`).
     """
     step_targets = dist.all_reduce_sum(sum(count_targets(b) for b in micro_batches))  # host counts: no device sync
     scale = dist.world_size / max(step_targets, 1)
     total = torch.zeros((), device=dist.device)
     for i, batch in enumerate(micro_batches):
+        if graphs is not None and (loss_sum := graphs.run(batch, scale)) is not None:
+            total += loss_sum
+            continue
         batch = to_device(batch, dist.device)
         with dist.no_sync(model, last_micro_batch=i == len(micro_batches) - 1):  # all-reduce once per step
             with autocast(dist.device, precision):
@@ -210,10 +216,19 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=None if dist.is_main else True,
                dynamic_ncols=True, mininterval=1.0)
     bad_in_a_row, saved_at, stopped_early = 0, [run.resumed_from] if run.resumed_from else [], False
+    compile_s = 0.0  # seconds of steps that captured a CUDA graph or compiled a new batch shape (this process)
     nan_steps = {int(x) for x in os.environ.get("SFTUNE_FAULT_NAN_STEPS", "").split(",") if x.strip()}
+    graphs = StepGraphs(run.loss_model, dist.device, precision, cfg.compile == "graphs") if run.compile == "graphs" \
+        else None
+    shapes_seen: set[tuple] = set()  # graphs and compile: a step with a new batch shape captures or compiles it
     for step_data in run.steps.remaining(state) if state.step < total_steps else []:
         micro_batches = step_data.micro_batches
-        loss_sum, step_targets = forward_backward(model, micro_batches, dist, precision, scaler)
+        started_step = time.perf_counter()
+        loss_sum, step_targets = forward_backward(model, micro_batches, dist, precision, scaler, graphs)
+        if run.compile != "off" and not shapes_seen.issuperset(shapes := {shape_key(b) for b in micro_batches}):
+            shapes_seen |= shapes  # (this step's time is mostly capture or compile: a one-off, not the run's pace)
+            compile_s += time.perf_counter() - started_step
+            window.exclude(time.perf_counter() - started_step)
         step_tokens = step_data.tokens  # all ranks' real tokens, counted on the host
         if state.step + 1 in nan_steps:  # test hook: SFTUNE_FAULT_NAN_STEPS
             loss_sum = loss_sum * float("nan")
@@ -239,7 +254,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             log(f"step {state.step + 1:,}: non-finite loss or gradient norm, update skipped "
                 f"({bad_in_a_row} in a row, limit --max-bad-steps {cfg.max_bad_steps})")
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=graphs is None)  # (a graph adds into the same gradient tensors each step)
         scheduler.step()
         state.step += 1
         state.step_in_epoch += 1
@@ -263,6 +278,8 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
                       "lr": lr, "grad_norm": float(grad_norm),  # this step's, before clipping
                       "tokens": state.tokens, "padded_tokens": state.padded_tokens,
                       "elapsed_s": round(time.perf_counter() - start, 3), "tokens_per_s": rate, "eta_s": round(left)}
+            if run.compile != "off":
+                record["compile_s"] = round(compile_s, 3)
             if dist.device.type == "cuda":
                 record["peak_memory_gb"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
             if peak:

@@ -1,0 +1,137 @@
+"""CUDA graphs of the training step's forward and backward, one per batch shape (`--compile graphs`).
+
+A step of 32 short sentences (the seed's recipe) is about a millisecond of GPU work, but launching its few hundred
+kernels one by one from Python takes tens of milliseconds: the GPU waits on the host. A CUDA graph records the
+kernels of one micro-batch's forward and backward once, and replays them all with one launch. A graph holds fixed
+shapes and fixed addresses, so:
+
+- batches come in a handful of shapes (`batching.Padding`: widths rounded up, a fixed number of rows, a target
+  slot at every position); padding is never in the loss, so the loss is the eager step's;
+- each shape has input buffers that a batch is copied into, and its own graph, captured when the shape first comes
+  (all graphs share one memory pool: a graph's intermediates live only inside its replay);
+- gradients live in fixed tensors that each replay adds into; between steps they are zeroed in place, never freed;
+- the step's scale (1 / its target count) is a device scalar the graph reads.
+
+Dropout draws from the CUDA generator through its graph-safe state: a replay draws what the same eager step would.
+The warm-up and the capture run under a forked RNG with the step's scale at 0 (their gradients add nothing, their
+token counts are put back), so capturing a graph changes no number of the run.
+
+    graphs = StepGraphs(loss_model, device, "bf16")
+    total += graphs.run(batch, scale)   # None when graphs are off for good (a capture failed): run it eagerly
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from sftune.batching import DEVICE_KEYS
+from sftune.console import log
+from sftune.runtime import autocast
+
+WARMUP_STEPS = 3  # eager runs on a side stream before a capture (cuBLAS handles, workspaces, lazy inits)
+
+
+@dataclass
+class Captured:
+    graph: torch.cuda.CUDAGraph
+    inputs: dict[str, torch.Tensor]  # the graph reads its batch from these
+    scale: torch.Tensor  # () fp32: what the summed loss is multiplied by before the backward
+    loss: torch.Tensor  # () fp32: the batch's summed token loss, written by each replay
+
+
+def shape_key(batch: dict[str, torch.Tensor]) -> tuple:
+    return tuple((k, tuple(batch[k].shape)) for k in DEVICE_KEYS if k in batch)
+
+
+def why_not_graphs(device: torch.device, world_size: int, precision: str, gradient_checkpointing: bool) -> str | None:
+    """Why CUDA graphs cannot run this configuration (None: they can)."""
+    if device.type != "cuda":
+        return "they need a CUDA GPU"
+    if world_size > 1:
+        return "under torchrun each rank's backward talks to the others (use --compile inductor)"
+    if precision == "fp16":
+        return "fp16's loss scaler decides on the host at each step (use bf16)"
+    if gradient_checkpointing:
+        return "activation checkpointing saves and restores the RNG on the host during the backward"
+    return None
+
+
+class StepGraphs:
+    """Captures and replays one micro-batch's forward + backward per batch shape."""
+
+    def __init__(self, loss_model, device: torch.device, precision: str, required: bool = False):
+        self.loss_model, self.device, self.precision, self.required = loss_model, device, precision, required
+        self.graphs: dict[tuple, Captured] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+        self.failed: str | None = None
+        loss_model.cache_cast = False  # the head's cast to bf16 is part of each graph, not a tensor kept between
+
+    def run(self, batch: dict[str, torch.Tensor], scale: float) -> torch.Tensor | None:
+        """Add this micro-batch's gradients (times `scale`) and return its summed loss (a tensor the next replay of
+        the same shape overwrites: use it at once); None when graphs are off (the caller runs the batch eagerly)."""
+        if self.failed:
+            return None
+        key = shape_key(batch)
+        captured = self.graphs.get(key)
+        if captured is None:
+            captured = self._capture(key, batch)
+            if captured is None:
+                return None
+        for name, buffer in captured.inputs.items():
+            buffer.copy_(batch[name], non_blocking=True)
+        captured.scale.fill_(scale)
+        captured.graph.replay()
+        return captured.loss
+
+    def _step(self, inputs: dict[str, torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
+        with autocast(self.device, self.precision, cache=False):  # (a cached cast would outlive the capture)
+            loss = self.loss_model(inputs)
+        (loss * scale).backward()
+        return loss.detach()
+
+    def _capture(self, key: tuple, batch: dict[str, torch.Tensor]) -> Captured | None:
+        started = time.perf_counter()
+        for p in self.loss_model.parameters():  # fixed gradient tensors, added into by every replay
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        counter = self.loss_model.correct_counter()
+        counted = counter.clone()
+        inputs = {k: batch[k].to(self.device) for k in DEVICE_KEYS if k in batch}
+        scale = torch.zeros((), device=self.device)  # 0 during warm-up: the gradients get + 0
+        try:
+            with torch.random.fork_rng(devices=[self.device]):
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    for _ in range(WARMUP_STEPS):
+                        self._step(inputs, scale)
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    loss = self._step(inputs, scale)
+        except Exception as e:  # noqa: BLE001 (any capture failure means: run this model eagerly)
+            return self._give_up(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        counter.copy_(counted)  # the warm-up's argmax hits are not the run's
+        captured = Captured(graph, inputs, scale, loss)
+        self.graphs[key] = captured
+        seconds = time.perf_counter() - started
+        shape = " x ".join(map(str, batch["input_ids"].shape))
+        log(f"CUDA graph {len(self.graphs)} captured for batches of {shape} tokens ({seconds:.2f} s)")
+        return captured
+
+    def _give_up(self, reason: str) -> None:
+        from sftune.errors import SftuneError
+
+        torch.cuda.synchronize(self.device)
+        self.failed = reason
+        self.graphs.clear()
+        if self.required:
+            raise SftuneError(f"--compile graphs: capturing a CUDA graph of the training step failed ({reason}); "
+                              f"use --compile off or inductor")
+        log(f"warning: capturing a CUDA graph of the training step failed ({reason}); training continues eagerly "
+            f"(--compile off skips the attempt)")
+        self.loss_model.cache_cast = True
+        return None

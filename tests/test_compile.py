@@ -1,0 +1,137 @@
+"""The fast paths of the training step (`--compile`): static batch shapes, torch.compile, CUDA graphs.
+
+On a CPU: padding a batch to a static shape changes no loss and no gradient; the whole step (model, fused loss,
+packed masks) traces as one graph, so it holds no host sync (what a CUDA graph capture needs); a compiled run
+equals the eager run; the CLI chooses, logs and refuses as documented. The CUDA graphs themselves need a GPU:
+`benchmarks/gpu_check.py` checks them there.
+"""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from conftest import FIXTURES, QUICKSTART_DATA, read_jsonl, run_main
+from sftune.batching import EAGER, IGNORE_INDEX, Padding, collate, collate_packed, count_targets
+from sftune.data import Examples
+from sftune.loss import CausalLMLoss
+
+VOCAB = 512
+STATIC = Padding(multiple=16, rows=6, max_width=64, static=True)
+
+
+def tiny(family: str, dtype=torch.float32):
+    torch.manual_seed(0)
+    if family == "gpt2":
+        config = GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=64, vocab_size=VOCAB, resid_pdrop=0.0,
+                            embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+        return GPT2LMHeadModel(config).to(dtype)
+    config = AutoConfig.from_pretrained(FIXTURES / family)
+    config.vocab_size, config.num_hidden_layers, config.bos_token_id, config.eos_token_id = VOCAB, 1, 0, 0
+    return AutoModelForCausalLM.from_config(config).to(dtype)
+
+
+def examples() -> Examples:
+    """Rows of different lengths, some with an untrained prompt (prompt/completion masks)."""
+    rng = np.random.default_rng(0)
+    lengths = [5, 9, 13, 7, 11]
+    ids = [rng.integers(1, VOCAB, n).tolist() for n in lengths]
+    supervised = [[i >= n // 3 for i in range(n)] if k % 2 else [True] * n for k, n in enumerate(lengths)]
+    return Examples.from_lists(ids, supervised)
+
+
+def batch_of(padding: Padding, packed: bool) -> dict:
+    ex = examples()
+    if packed:
+        return collate_packed(ex, [np.array([0, 1, 2]), np.array([3, 4])], 0, padding)
+    return collate(ex, [0, 1, 2, 3, 4], 0, padding)
+
+
+def loss_and_grads(loss_model, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    loss_model.zero_grad(set_to_none=True)
+    loss = loss_model(batch)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in loss_model.parameters()]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "plain"])
+def test_static_shapes_change_no_loss_and_no_gradient(packed, fused):
+    """Widths rounded up, rows added, a target slot at every position: the same loss and gradients as the batch
+    padded as little as possible (fp64, to rounding: only the order of the sums differs)."""
+    loss_model = CausalLMLoss(tiny("gpt2", torch.float64), fused=fused)
+    eager, static = batch_of(EAGER, packed), batch_of(STATIC, packed)
+    assert static["input_ids"].shape == (6, 32 if packed else 16)  # 6 rows; 33 or 13 tokens rounded up
+    assert len(static["targets"]) == static["input_ids"].numel()  # a fixed target count for the shape
+    assert count_targets(static) == count_targets(eager) == int((eager["targets"] != IGNORE_INDEX).sum())
+    loss, grads = loss_and_grads(loss_model, eager)
+    static_loss, static_grads = loss_and_grads(loss_model, static)
+    torch.testing.assert_close(static_loss, loss, rtol=1e-12, atol=0)
+    for got, want in zip(static_grads, grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+
+
+def test_rounding_stops_at_the_context_and_never_cuts():
+    assert Padding(multiple=16, max_width=40).width(33) == 40  # rounded up to 48, capped at the context
+    assert Padding(multiple=16, max_width=40).width(7) == 16
+    assert Padding(multiple=64, max_width=40).width(40) == 40
+    assert Padding().width(13) == 13
+
+
+@pytest.mark.parametrize("family,packed", [("gpt2", False), ("tiny-llama", True)])
+def test_the_training_step_is_one_graph_without_host_syncs(family, packed):
+    """torch.compile(fullgraph=True) fails on any graph break, and a host sync in the forward (an .item(), a
+    data-dependent branch) is one: the step a CUDA graph captures has none. The traced step computes what the
+    eager one does."""
+    loss_model = CausalLMLoss(tiny(family))
+    batch = batch_of(STATIC, packed)
+    loss, grads = loss_and_grads(loss_model, batch)
+    loss_model.cache_cast = False  # (as under graphs and compile)
+    loss_model.correct_counter()
+    traced = torch.compile(loss_model, backend="aot_eager", fullgraph=True, dynamic=False)
+    traced_loss, traced_grads = loss_and_grads(traced, batch)
+    torch.testing.assert_close(traced_loss, loss, rtol=1e-6, atol=0)
+    for got, want in zip(traced_grads, grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def test_compile_graphs_without_a_gpu_is_refused_before_anything_is_written(capsys, tmp_path, small_model_dir):
+    out = tmp_path / "run"
+    code, _, err = run_main(capsys, "train", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA),
+                            "--max-steps", "2", "--device", "cpu", "--compile", "graphs", "--output-dir", str(out))
+    assert code == 2
+    assert "--compile graphs" in err and "need a CUDA GPU" in err and "--compile off or inductor" in err
+    assert "Traceback" not in err and not out.exists()
+    code, _, err = run_main(capsys, "train", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA),
+                            "--pad-to-multiple-of", "0", "--output-dir", str(out))
+    assert code == 2 and "pad_to_multiple_of = 0" in err and not out.exists()
+
+
+@pytest.mark.slow
+def test_a_compiled_run_trains_what_the_eager_run_trains(capsys, tmp_path, small_model_dir):
+    """`--compile inductor` on a CPU, fp32: per-step losses and final weights within 1e-5 of `--compile off`.
+    (One layer: inductor's C++ kernels for a CPU take about 13 s to build on 2 cores the first time.)"""
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "one-layer"
+    config = AutoConfig.from_pretrained(small_model_dir)
+    config.n_layer = 1
+    torch.manual_seed(0)
+    GPT2LMHeadModel(config).save_pretrained(model)
+    AutoTokenizer.from_pretrained(small_model_dir).save_pretrained(model)
+    runs = {}
+    for name, extra in (("off", ["--compile", "off"]), ("inductor", ["--compile", "inductor"])):
+        out = tmp_path / name
+        code, _, err = run_main(capsys, "train", "--model", str(model), "--dataset", str(QUICKSTART_DATA),
+                                "--max-steps", "3", "--batch-size", "8", "--log-every", "1", "--precision", "fp32",
+                                "--pad-to-multiple-of", "64", "--report-to", "none", "--output-dir", str(out), *extra)
+        assert code == 0, err
+        runs[name] = ([r["loss"] for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "train"],
+                      load_file(out / "model.safetensors"))
+    assert "step: inductor (--compile inductor); batches padded to multiples of 64 tokens and 8 rows" in err
+    (eager_losses, eager), (losses, compiled) = runs["off"], runs["inductor"]
+    assert len(losses) == 3
+    np.testing.assert_allclose(losses, eager_losses, rtol=1e-5)
+    for key, want in eager.items():
+        torch.testing.assert_close(compiled[key], want, rtol=1e-5, atol=1e-5)
