@@ -6,6 +6,7 @@
     python benchmarks/throughput.py --json out.json    # also write the figures
     python benchmarks/throughput.py --device cuda --json benchmarks/results/<card>-<yyyy-mm-dd>.json
                                                        # on a GPU: + sftune packed, MFU, peak GPU memory
+    python benchmarks/throughput.py --device cuda --whole-job   # + the whole seed job, process start to exit
 
 Both runs train GPT-2 small (the config in ../shared/models/gpt2, random weights from a fixed seed:
 throughput does not depend on weight values) on SST-2 from ../shared/data/sst2 with the seed's filter.
@@ -18,6 +19,10 @@ tokens per second over the steps after a warm-up.
           spends its time training): batch 32, lr 5e-5, length-grouped batches; on a GPU its default
           step (`--compile auto`: CUDA graphs), whose capture time is kept out of the measured window.
   packed: (--device cuda) sftune with --packing: 32 rows of 1,024 tokens a step.
+
+--whole-job times two processes from start to exit, each with empty caches: the notebook (the seed's pipeline,
+val loss before training, one epoch of its loop, val loss after, `save_pretrained`) and
+`sftune train --config configs/gpt2-sst2.yaml` on the local GPT-2 config (random init) and SST-2 copy.
 
 MFU (GPU only) = real tok/s x FLOPs per token / the card's dense bf16 peak, FLOPs per token = 6N + 12 x layers x
 context x width (PaLM, appendix B; nanoGPT's estimate): N = the parameters of every matrix product, the tied
@@ -196,6 +201,63 @@ def worker_sftune(args) -> dict:
                 "mfu_logged": last.get("mfu")}
 
 
+# --- the whole job, process start to exit ------------------------------------------------
+
+
+def worker_seed_job(args) -> dict:
+    """The notebook from start to end: data, val loss before, one epoch, val loss after, the saved model."""
+    import torch
+
+    tokenizer, data = seed_data(str(SST2 / "data" / "train-00000-of-00001.parquet"),
+                                str(SST2 / "data" / "validation-00000-of-00001.parquet"))
+    model = gpt2_small().to(args.device)
+
+    def val_loss() -> float:  # the seed's way: the mean of per-batch mean losses, padding ignored by the collator
+        from torch.utils.data import DataLoader
+        from transformers import DataCollatorForLanguageModeling
+
+        loader = DataLoader(data["validation"], batch_size=32, collate_fn=DataCollatorForLanguageModeling(tokenizer, mlm=False))
+        model.eval()
+        with torch.no_grad():
+            losses = [model(**{k: v.to(args.device) for k, v in b.items()}).loss.item() for b in loader]
+        model.train()
+        return sum(losses) / len(losses)
+
+    before = val_loss()
+    real, _, secs, steps = seed_loop(model, tokenizer, data["train"], 5e-5, 0, 10**9, 10**9, device=args.device)
+    after = val_loss()
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)
+    return {"val_before": before, "val_after": after, "train_seconds": secs, "steps": steps}
+
+
+def whole_job(name: str, args) -> dict:
+    """Wall time of one process, start to exit, with empty caches."""
+    with tempfile.TemporaryDirectory() as tmp:
+        env = {**os.environ, "HF_DATASETS_CACHE": f"{tmp}/hf", "SFTUNE_CACHE": f"{tmp}/sftune",
+               "TOKENIZERS_PARALLELISM": "false"}
+        if name == "seed":
+            cmd = [sys.executable, __file__, "--worker", "seed-job", "--device", args.device]
+        else:
+            cmd = [sys.executable, "-m", "sftune", "train", "--config", str(ROOT / "configs" / "gpt2-sst2.yaml"),
+                   "--model", str(GPT2), "--init", "random", "--dataset", str(SST2), "--device", args.device,
+                   "--compile", args.compile, "--output-dir", f"{tmp}/run"]
+        print(f"running the whole {name} job ...", file=sys.stderr, flush=True)
+        started = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
+        seconds = time.perf_counter() - started
+        if proc.returncode != 0:
+            sys.exit(f"the whole {name} job failed:\n{proc.stderr[-4000:]}")
+        result = {"wall_s": seconds}
+        if name == "seed":
+            result.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+        else:
+            evals = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()
+                     if '"eval"' in line]
+            result.update(val_before=evals[0]["val_loss"], val_after=evals[-1]["val_loss"], log_tail=proc.stderr[-1500:])
+        return result
+
+
 # --- quality: the same tokens, the same lr, a smaller GPT-2 ------------------------
 
 QUALITY = {"rows": 10_000, "lr": 5e-4, "layers": 2, "width": 128}
@@ -228,6 +290,11 @@ def text_only_val_loss(model, val_ids, device: str = "cpu") -> float:
     return evaluate(model.to(device), examples, 64, 50256, torch.device(device), "fp32").loss
 
 
+def quality_lr(args) -> float:
+    """The seed's 5e-5 on a GPU (GPT-2 small); 5e-4 for the 2 x 128 model on a CPU, which learns little at 5e-5."""
+    return 5e-5 if args.device == "cuda" else QUALITY["lr"]
+
+
 def worker_quality(args) -> dict:
     """The same rows, lr and epochs for both; on a GPU, GPT-2 small itself (on a CPU, 2 x 128)."""
     import sftune
@@ -239,14 +306,14 @@ def worker_quality(args) -> dict:
         model = gpt2_small() if args.device == "cuda" else gpt2_small(QUALITY["layers"], QUALITY["width"])
         if args.worker == "quality-seed":
             t0 = time.perf_counter()
-            real, _, _, steps = seed_loop(model, tokenizer, data["train"], QUALITY["lr"], 0, 10**9, 10**9,
+            real, _, _, steps = seed_loop(model, tokenizer, data["train"], quality_lr(args), 0, 10**9, 10**9,
                                           device=args.device)
             secs = time.perf_counter() - t0
         else:
             model_dir = tmp / "model"
             model.save_pretrained(model_dir)
             tokenizer.save_pretrained(model_dir)
-            cfg = sftune.resolve_config({"model": str(model_dir), "dataset": str(train_file.parent), "lr": QUALITY["lr"],
+            cfg = sftune.resolve_config({"model": str(model_dir), "dataset": str(train_file.parent), "lr": quality_lr(args),
                                          "output_dir": str(tmp / "run"), "cache_dir": str(tmp / "cache"), "log_every": 50,
                                          "device": args.device, "report_to": "none", "compile": args.compile})
             t0 = time.perf_counter()
@@ -300,13 +367,16 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every run trains (default cpu)")
     p.add_argument("--compile", default="auto", choices=["auto", "off", "graphs", "inductor"],
                    help="sftune's --compile for its runs (default auto)")
+    p.add_argument("--whole-job", action="store_true",
+                   help="also time the whole seed job, process start to exit: the notebook vs sftune train")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--warmup", type=int, default=None, help="steps not measured")
     p.add_argument("--steps", type=int, default=None, help="steps measured (at most)")
     p.add_argument("--seconds", type=float, default=None, help="seconds measured (at most)")
     args = p.parse_args()
     if args.worker:
-        fn = {"seed": worker_seed, "sftune": worker_sftune, "packed": worker_sftune}.get(args.worker, worker_quality)
+        fn = {"seed": worker_seed, "sftune": worker_sftune, "packed": worker_sftune,
+              "seed-job": worker_seed_job}.get(args.worker, worker_quality)
         print(json.dumps(fn(args)))
         return
     gpu = args.device == "cuda"
@@ -336,12 +406,21 @@ def main() -> None:
         results["quality"] = q
         diff = (q["sftune"]["val_loss"] - q["seed"]["val_loss"]) / q["seed"]["val_loss"]
         size = "small" if gpu else f"{QUALITY['layers']} layers x {QUALITY['width']}"
-        print(f"\nquality: {QUALITY['rows']:,} SST-2 rows, one epoch, lr {QUALITY['lr']}, GPT-2 {size}; "
+        print(f"\nquality: {QUALITY['rows']:,} SST-2 rows, one epoch, lr {quality_lr(args)}, GPT-2 {size}; "
               f"val loss on the sentences (no EOS), token-weighted")
         for name, r in q.items():
             print(f"{name:<8} val loss {r['val_loss']:.4f} after {r['tokens']:,} tokens, {r['steps']} steps, {r['seconds']:.0f}s")
         print(f"sftune vs seed: {100 * diff:+.2f}% val loss")
         results["quality_diff"] = diff
+    if args.whole_job:
+        jobs = {"seed": whole_job("seed", args), "sftune": whole_job("sftune", args)}
+        results["whole_job"] = jobs
+        results["whole_job_fraction"] = jobs["sftune"]["wall_s"] / jobs["seed"]["wall_s"]
+        print(f"\nthe whole seed job, process start to exit: notebook {jobs['seed']['wall_s']:.1f} s (of which "
+              f"{jobs['seed']['train_seconds']:.1f} s training; val {jobs['seed']['val_before']:.3f} -> "
+              f"{jobs['seed']['val_after']:.3f}), sftune {jobs['sftune']['wall_s']:.1f} s (val "
+              f"{jobs['sftune']['val_before']:.3f} -> {jobs['sftune']['val_after']:.3f}): "
+              f"{results['whole_job_fraction']:.2f} of the notebook's time")
     results.update(card=card, ratio=ratio, device=args.device, compile=args.compile,
                    date=time.strftime("%Y-%m-%d"), torch=__import__("torch").__version__)
     if gpu:

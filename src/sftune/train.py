@@ -112,6 +112,54 @@ class LogWindow:
                 "correct": self.correct}
 
 
+class NonFiniteGuard:
+    """Skips an optimizer step whose loss or gradient norm is not finite: the step then changes nothing.
+
+    With fused AdamW (CPU and CUDA) the verdict stays on the device: the kernel skips the update when its
+    `found_inf` flag is set (weights, moments and step count untouched), so no step waits for the GPU to decide.
+    The host reads the verdict later (`settle`: at the next step, once its batches are ready, or before anything
+    that logs or saves), from a pinned copy the GPU wrote long before. fp16 (its loss scaler reads the flag on the
+    host) and optimizers without the flag decide on the host at once. Every rank skips, or none does.
+    """
+
+    def __init__(self, optimizer, scaler, precision: str, dist: Dist):
+        self.optimizer, self.scaler, self.precision, self.dist = optimizer, scaler, precision, dist
+        self.on_device = bool(optimizer.defaults.get("fused")) and precision != "fp16"
+        self.pending: tuple[int, torch.Tensor, object] | None = None  # (step, verdict, event)
+        self.host = torch.zeros((), dtype=torch.bool, pin_memory=dist.device.type == "cuda")
+
+    def step(self, loss_sum: torch.Tensor, grad_norm: torch.Tensor, step: int) -> torch.Tensor:
+        """Apply the update unless the step is non-finite; returns the loss to log (0 for a skipped step)."""
+        bad = ~torch.isfinite(loss_sum)
+        if self.precision != "fp16":  # (under fp16 the scaler itself skips steps whose gradients overflowed)
+            bad |= ~torch.isfinite(grad_norm)
+        bad = self.dist.all_reduce_sum(bad.int()) > 0  # every rank skips, or none does
+        if self.on_device:
+            self.optimizer.found_inf = bad.float()
+            self.scaler.step(self.optimizer)
+            del self.optimizer.found_inf
+            self.host.copy_(bad, non_blocking=True)
+            event = torch.cuda.Event() if self.dist.device.type == "cuda" else None
+            if event is not None:
+                event.record()
+            self.pending = (step, self.host, event)
+        else:
+            if not bool(bad):  # note: a host sync
+                self.scaler.step(self.optimizer)
+            self.pending = (step, bad, None)
+        return torch.where(bad, torch.zeros_like(loss_sum), loss_sum)  # the logged loss stays finite
+
+    def settle(self) -> tuple[int, bool] | None:
+        """(step, skipped) of the last step, once; None when nothing is pending."""
+        if self.pending is None:
+            return None
+        step, bad, event = self.pending
+        self.pending = None
+        if event is not None:
+            event.synchronize()  # waits for that step's verdict only, not for the work queued since
+        return step, bool(bad)
+
+
 def eta(seconds: float) -> str:
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
@@ -196,6 +244,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         return sum(e["step"] > state.best_step for e in evals) >= cfg.early_stopping_patience
 
     def checkpoint_now() -> Path:
+        settle()  # (a skipped step is logged before the checkpoint that follows it)
         started = time.perf_counter()
         state.evals, state.window, state.elapsed_s = evals, window.saved(), time.perf_counter() - start
         path = run.checkpointer.save(state, run.loss_model, optimizer, scheduler, scaler)
@@ -221,7 +270,36 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
     graphs = StepGraphs(run.loss_model, dist.device, precision, cfg.compile == "graphs") if run.compile == "graphs" \
         else None
     shapes_seen: set[tuple] = set()  # graphs and compile: a step with a new batch shape captures or compiles it
+    guard = NonFiniteGuard(optimizer, scaler, precision, dist)
+
+    def settle() -> None:
+        """Act on the last step's verdict: the guard decided on the device whether to apply its update; the host
+        learns it here, at the next step or before anything that writes or logs."""
+        nonlocal bad_in_a_row
+        if (verdict := guard.settle()) is None:
+            return
+        step, skipped = verdict
+        if not skipped:
+            bad_in_a_row = 0
+            return
+        if not weights_finite(run.loss_model, dist):  # (rare: a sync only here) the update before broke them
+            raise TrainingDiverged(
+                f"the update of step {step - 1} made the weights non-finite (lr {scheduler.get_last_lr()[0]:g}); "
+                f"nothing from it was saved. Lower --lr and resume from "
+                f"{saved_at[-1] if saved_at else 'the start (no checkpoint was written)'} with --resume auto")
+        bad_in_a_row += 1
+        metrics.write({"type": "skip", "step": step, "reason": "non-finite loss or gradient norm"})
+        log(f"step {step:,}: non-finite loss or gradient norm, update skipped "
+            f"({bad_in_a_row} in a row, limit --max-bad-steps {cfg.max_bad_steps})")
+        if bad_in_a_row > cfg.max_bad_steps:
+            path = checkpoint_now()  # the weights are those of the last good step: bad steps changed nothing
+            raise TrainingDiverged(
+                f"{bad_in_a_row} optimizer steps in a row had a non-finite loss or gradient norm (step {step}); "
+                f"stopped with the last good state saved in {path}. Lower --lr, set --max-grad-norm, use "
+                f"--precision fp32 or bf16, or raise --max-bad-steps; then --resume auto.")
+
     for step_data in run.steps.remaining(state) if state.step < total_steps else []:
+        settle()  # the previous step's verdict: read now that this step's batches are ready (no wait by then)
         micro_batches = step_data.micro_batches
         started_step = time.perf_counter()
         loss_sum, step_targets = forward_backward(model, micro_batches, dist, precision, scaler, graphs)
@@ -236,23 +314,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
         if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
             grad_norm = grad_norm.full_tensor()
-        # note: one host sync per step, to decide whether to apply the update
-        finite = bool(torch.isfinite(loss_sum)) and (precision == "fp16" or bool(torch.isfinite(grad_norm)))
-        finite = not dist.any(not finite)  # every rank skips, or none does
-        if not finite and not weights_finite(run.loss_model, dist):  # (rare: a sync only here) the last update broke them
-            raise TrainingDiverged(
-                f"the update of step {state.step} made the weights non-finite (lr {scheduler.get_last_lr()[0]:g}); "
-                f"nothing from it was saved. Lower --lr and resume from "
-                f"{saved_at[-1] if saved_at else 'the start (no checkpoint was written)'} with --resume auto")
-        if finite:  # (under fp16 the scaler itself skips steps whose gradients overflowed)
-            scaler.step(optimizer)
-            bad_in_a_row = 0
-        else:
-            bad_in_a_row += 1
-            loss_sum = torch.zeros_like(loss_sum)  # keep the logged loss finite: the step taught nothing
-            metrics.write({"type": "skip", "step": state.step + 1, "reason": "non-finite loss or gradient norm"})
-            log(f"step {state.step + 1:,}: non-finite loss or gradient norm, update skipped "
-                f"({bad_in_a_row} in a row, limit --max-bad-steps {cfg.max_bad_steps})")
+        loss_sum = guard.step(loss_sum, grad_norm, state.step + 1)  # the update, unless non-finite (decided on the device)
         scaler.update()
         optimizer.zero_grad(set_to_none=graphs is None)  # (a graph adds into the same gradient tensors each step)
         scheduler.step()
@@ -266,10 +328,12 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         bar.update(1)
 
         if step == 1 and cfg.log_every > 1:  # a first sign of life within seconds, even without a terminal
+            settle()
             first = dist.all_reduce_sum(loss_sum.clone()).item()
             log(f"step      1/{total_steps:,} | loss {first / max(step_targets, 1):.4f} "
                 f"| {time.perf_counter() - window.start:.1f} s for the first step")
         if step % cfg.log_every == 0 or step == total_steps:
+            settle()
             loss, accuracy, rate, ms_per_step = window.close(dist)
             lr = scheduler.get_last_lr()[0]
             epoch_at = round(step / per_epoch, 4) if per_epoch else step_data.epoch
@@ -292,12 +356,6 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
         if cfg.eval_every and step % cfg.eval_every == 0:
             run_eval(step)
-        if bad_in_a_row > cfg.max_bad_steps:
-            path = checkpoint_now()  # the weights are those of the last good step: bad steps changed nothing
-            raise TrainingDiverged(
-                f"{bad_in_a_row} optimizer steps in a row had a non-finite loss or gradient norm (step {step}); "
-                f"stopped with the last good state saved in {path}. Lower --lr, set --max-grad-norm, use "
-                f"--precision fp32 or bf16, or raise --max-bad-steps; then --resume auto.")
         saved = False
         if step_data.last_in_epoch:  # validate, then the next epoch starts at its beginning
             if evals[-1]["step"] != step:
@@ -320,6 +378,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             break
         if step >= total_steps:
             break
+    settle()
     if evals[-1]["step"] != state.step:
         run_eval(state.step)  # the end of max_steps (or of a stream)
     if state.step < total_steps and not stopped_early:  # only a stream can end first: its length was unknown

@@ -1,0 +1,231 @@
+"""What CI (on a CPU) cannot check: sftune's GPU step computes what the eager step computes. Run on a CUDA GPU.
+
+    python3 benchmarks/gpu_check.py --json $OUT/gpu-check.json          # about 3-4 minutes on an H100/H200
+    python3 benchmarks/gpu_check.py --quick                             # the unit checks only (under a minute)
+    python3 benchmarks/gpu_check.py --device cpu --model M --dataset D --steps 4   # a dry run of 2-4 on a CPU
+
+1. graphs: a CUDA graph replay (`StepGraphs.run`) against the same micro-batch run eagerly, for GPT-2 small (random
+   init): the summed loss and every gradient, fp32 (TF32 off) and bf16, with dropout off and on (the same seed
+   before each: graph-safe RNG should draw what the eager step draws), over two batches of one shape (the second
+   refills the graph's input buffers) and a third of another shape. Relative errors: |a - b| / |b| for the loss,
+   max over tensors of ||a - b|| / ||b|| for the gradients.
+2. runs: whole `sftune train` runs (GPT-2 small, random init, SST-2, 30 steps of the seed's recipe) with
+   --compile off, graphs and inductor, in fp32 and bf16: the largest difference of the per-step losses from the
+   eager run's.
+3. resume: --compile graphs, bf16, dropout on: SIGTERM after step 12 of 24, then --resume auto; the final weights
+   against an uninterrupted run's (bitwise equal is the goal).
+4. guard: a NaN loss at step 3 under graphs (SFTUNE_FAULT_NAN_STEPS) is skipped, and the run finishes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+GPT2 = SHARED / "models" / "gpt2"
+SST2 = SHARED / "data" / "sst2"
+
+
+def rel(a, b) -> float:
+    import torch
+
+    a, b = a.double(), b.double()
+    return float(torch.linalg.vector_norm(a - b) / max(float(torch.linalg.vector_norm(b)), 1e-30))
+
+
+def graph_vs_eager(precision: str, dropout: bool) -> dict:
+    """One precision and dropout setting: eager and graphed micro-batches from the same weights and seeds."""
+    import numpy as np
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sftune.batching import Padding, collate, count_targets, to_device
+    from sftune.data import Examples
+    from sftune.graphs import StepGraphs
+    from sftune.loss import CausalLMLoss
+    from sftune.runtime import autocast
+
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    device = torch.device("cuda")
+    config = GPT2Config.from_pretrained(GPT2)
+    if not dropout:
+        config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
+    torch.manual_seed(0)
+    loss_model = CausalLMLoss(GPT2LMHeadModel(config).to(device)).train()
+    rng = np.random.default_rng(0)
+    padding = Padding(16, 32, 1024, static=True)
+    batches = []
+    for low, high in ((10, 40), (10, 40), (50, 70)):  # two of one shape (32 x 48), one of another (32 x 80)
+        ex = Examples.from_lists([rng.integers(0, 50257, int(n)).tolist() for n in rng.integers(low, high, 32)])
+        batches.append(collate(ex, list(range(32)), 50256, padding))
+
+    def eager(batch, seed):
+        loss_model.zero_grad(set_to_none=True)
+        torch.manual_seed(seed)
+        with autocast(device, precision):
+            loss = loss_model(to_device(batch, device))
+        (loss * (1 / count_targets(batch))).backward()
+        return loss.detach().clone(), [p.grad.clone() for p in loss_model.parameters()]
+
+    want = [eager(b, 100 + i) for i, b in enumerate(batches)]
+    loss_model.zero_grad(set_to_none=True)
+    graphs = StepGraphs(loss_model, device, precision, required=True)
+    got = []
+    for i, b in enumerate(batches):
+        for p in loss_model.parameters():
+            if p.grad is not None:
+                p.grad.zero_()
+        torch.manual_seed(100 + i)
+        loss = graphs.run(b, 1 / count_targets(b)).clone()
+        got.append((loss, [p.grad.clone() for p in loss_model.parameters()]))
+    torch.cuda.synchronize()
+    rows = []
+    for i, ((gl, gg), (wl, wg)) in enumerate(zip(got, want)):
+        rows.append({"batch": i, "shape": list(batches[i]["input_ids"].shape), "loss_rel": rel(gl, wl),
+                     "grad_rel_max": max(rel(a, b) for a, b in zip(gg, wg)),
+                     "bitwise": bool(torch.equal(gl, wl) and all(torch.equal(a, b) for a, b in zip(gg, wg)))})
+    return {"precision": precision, "dropout": dropout, "graphs": len(graphs.graphs), "batches": rows}
+
+
+OPTIONS = {"model": str(GPT2), "dataset": str(SST2), "device": "cuda", "steps": 30}  # (set by main)
+
+
+def sftune_cmd(out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "sftune", "train", "--model", OPTIONS["model"], "--init", "random", "--dataset",
+            OPTIONS["dataset"], "--device", OPTIONS["device"], "--log-every", "1", "--eval-every", "100000", "--report-to", "none",
+            "--cache-dir", str(out.parent / "cache"), "--output-dir", str(out), "--overwrite", *extra]
+
+
+def run(cmd: list[str], env: dict | None = None, stop_after: str | None = None) -> tuple[int, str]:
+    """Run a CLI process; with `stop_after`, SIGTERM it when a stdout line starts so."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **(env or {})})
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if stop_after and line.startswith(stop_after):
+            proc.send_signal(signal.SIGTERM)
+            stop_after = None
+    return proc.wait(), "".join(lines)
+
+
+def losses(out: Path) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["type"] == "train"]
+
+
+def whole_runs(tmp: Path) -> list[dict]:
+    rows = []
+    modes = ("off", "graphs", "inductor") if OPTIONS["device"] == "cuda" else ("off", "inductor")
+    for precision in ("fp32", "bf16"):
+        base = None
+        for mode in modes:
+            out = tmp / f"run-{precision}-{mode}"
+            started = time.perf_counter()
+            code, text = run(sftune_cmd(out, "--max-steps", str(OPTIONS["steps"]), "--precision", precision,
+                                        "--compile", mode))
+            row = {"precision": precision, "compile": mode, "exit": code, "seconds": time.perf_counter() - started}
+            if code != 0:
+                row["log_tail"] = text[-3000:]
+            else:
+                got = losses(out)
+                base = got if mode == "off" else base
+                row["last_loss"] = got[-1]
+                if base is not None and mode != "off":
+                    row["max_loss_diff"] = max(abs(a - b) for a, b in zip(got, base))
+                    row["max_loss_rel"] = max(abs(a - b) / abs(b) for a, b in zip(got, base))
+            rows.append(row)
+    return rows
+
+
+def resume_check(tmp: Path) -> dict:
+    from safetensors.torch import load_file
+
+    mode = "graphs" if OPTIONS["device"] == "cuda" else "off"
+    common = ("--max-steps", "24", "--save-every", "6", "--precision", "bf16", "--compile", mode)
+    whole, cut = tmp / "resume-whole", tmp / "resume-cut"
+    code_whole, _ = run(sftune_cmd(whole, *common))
+    code_cut, _ = run(sftune_cmd(cut, *common), stop_after="step     12/")
+    code_resume, text = run(sftune_cmd(cut, *common, "--resume", "auto"))
+    result = {"exit_whole": code_whole, "exit_sigterm": code_cut, "exit_resume": code_resume}
+    if code_whole == 0 and code_resume == 0:
+        a, b = load_file(whole / "model.safetensors"), load_file(cut / "model.safetensors")
+        result["bitwise"] = all(__import__("torch").equal(a[k], b[k]) for k in a)
+        result["max_rel"] = max(rel(b[k], a[k]) for k in a)
+        result["losses_equal"] = losses(whole)[12:] == losses(cut)[-12:]
+    else:
+        result["log_tail"] = text[-3000:]
+    return result
+
+
+def guard_check(tmp: Path) -> dict:
+    out = tmp / "guard"
+    mode = "graphs" if OPTIONS["device"] == "cuda" else "off"
+    code, text = run(sftune_cmd(out, "--max-steps", "8", "--compile", mode), env={"SFTUNE_FAULT_NAN_STEPS": "3"})
+    return {"exit": code, "skip_logged": "step 3: non-finite loss or gradient norm, update skipped" in text,
+            "log_tail": text[-1500:] if code != 0 else ""}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", metavar="FILE", help="write every figure to FILE")
+    p.add_argument("--quick", action="store_true", help="the graph-vs-eager unit checks only")
+    p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of the whole runs")
+    p.add_argument("--model", default=str(GPT2), help="the runs' --model (config only: random init)")
+    p.add_argument("--dataset", default=str(SST2), help="the runs' --dataset")
+    p.add_argument("--steps", type=int, default=30, help="optimizer steps of each compared run")
+    args = p.parse_args()
+    OPTIONS.update(model=args.model, dataset=args.dataset, device=args.device, steps=args.steps)
+    import torch
+
+    gpu = args.device == "cuda"
+    report: dict = {"card": torch.cuda.get_device_name(0) if gpu else "cpu", "torch": torch.__version__, "graphs": []}
+
+    def save():
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=1))
+
+    for precision in ("fp32", "bf16") if gpu else ():
+        for dropout in (False, True):
+            try:
+                report["graphs"].append(graph_vs_eager(precision, dropout))
+            except Exception as e:  # noqa: BLE001 (report and go on: the other checks still tell something)
+                report["graphs"].append({"precision": precision, "dropout": dropout, "error": repr(e)[:2000]})
+            save()
+    print(f"graphs vs eager on {report['card']}:")
+    for r in report["graphs"]:
+        if "error" in r:
+            print(f"  {r['precision']} dropout={r['dropout']}: ERROR {r['error'][:300]}")
+            continue
+        for b in r["batches"]:
+            print(f"  {r['precision']:<5} dropout={str(r['dropout']):<5} batch {b['batch']} {b['shape']}: loss rel "
+                  f"{b['loss_rel']:.2e}, grad rel max {b['grad_rel_max']:.2e}, bitwise {b['bitwise']}")
+    if args.quick:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        report["runs"] = whole_runs(tmp)
+        save()
+        for r in report["runs"]:
+            print(f"  run {r['precision']:<5} --compile {r['compile']:<9} exit {r['exit']} {r['seconds']:.0f}s "
+                  f"last loss {r.get('last_loss', float('nan')):.4f} max diff vs eager {r.get('max_loss_diff', 0):.2e}"
+                  + (f"\n{r['log_tail']}" if r.get("log_tail") else ""))
+        report["resume"] = resume_check(tmp)
+        save()
+        print(f"  resume after SIGTERM (graphs, bf16, dropout): {report['resume']}")
+        report["guard"] = guard_check(tmp)
+        save()
+        print(f"  non-finite guard under graphs: {report['guard']}")
+
+
+if __name__ == "__main__":
+    main()
