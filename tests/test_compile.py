@@ -135,3 +135,61 @@ def test_a_compiled_run_trains_what_the_eager_run_trains(capsys, tmp_path, small
     np.testing.assert_allclose(losses, eager_losses, rtol=1e-5)
     for key, want in eager.items():
         torch.testing.assert_close(compiled[key], want, rtol=1e-5, atol=1e-5)
+
+
+def test_prefetch_keeps_order_raises_in_place_and_stops_when_closed():
+    import threading
+
+    from sftune.batching import prefetch
+
+    assert list(prefetch(iter(range(50)), depth=2, prepare=lambda x: x * 10)) == [x * 10 for x in range(50)]
+
+    def failing():
+        yield 1
+        yield 2
+        raise ValueError("bad row")
+
+    got = []
+    with pytest.raises(ValueError, match="bad row"):
+        for item in prefetch(failing()):
+            got.append(item)
+    assert got == [1, 2]  # the items before the error arrive first
+    endless = prefetch(iter(range(10**9)))
+    assert next(endless) == 0
+    endless.close()
+    deadline = __import__("time").monotonic() + 5
+    while any(t.name == "sftune-prefetch" for t in threading.enumerate()) and __import__("time").monotonic() < deadline:
+        __import__("time").sleep(0.05)
+    assert not any(t.name == "sftune-prefetch" for t in threading.enumerate())
+
+
+def test_steps_made_ahead_in_a_thread_are_the_steps_of_the_loop(small_model_dir):
+    """The loop moves `state` (epoch, step in epoch) while a prefetching thread makes the next steps, across
+    epoch ends: the steps are those of a plain iteration, in order (the source reads the position once, when the
+    iteration starts)."""
+    from sftune.batching import prefetch
+    from sftune.build import InMemorySteps
+    from sftune.checkpoint import TrainState
+    from sftune.config import resolve_config
+    from sftune.dist import Dist
+    from sftune.modeling import load_tokenizer
+    from conftest import prepare
+
+    tokenizer = load_tokenizer(str(small_model_dir))
+    data = prepare(QUICKSTART_DATA, tokenizer, 64)
+    cfg = resolve_config({"model": str(small_model_dir), "dataset": str(QUICKSTART_DATA), "batch_size": 64,
+                          "epochs": 3})
+    source = InMemorySteps(cfg, data, 64, tokenizer.pad_token_id, Dist(), STATIC)
+    direct = [(s.epoch, s.micro_batches[0]["input_ids"]) for s in
+              __import__("itertools").islice(source.remaining(TrainState(run_id="x")), source.total_steps)]
+    state = TrainState(run_id="x")
+    ahead = []
+    for step in prefetch(source.remaining(state), depth=3):
+        ahead.append((step.epoch, step.micro_batches[0]["input_ids"]))
+        state.step_in_epoch += 1  # what the loop does, while the thread is already steps ahead
+        if step.last_in_epoch:
+            state.epoch, state.step_in_epoch = step.epoch + 1, 0
+        if len(ahead) == source.total_steps:
+            break
+    assert [e for e, _ in ahead] == [e for e, _ in direct] and len({e for e, _ in direct}) == 3
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(ahead, direct))

@@ -17,7 +17,9 @@ positions that predict a target: position t predicts token t + 1) and `targets`.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import queue
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,6 +106,54 @@ def collate(examples: Examples, indices: Sequence[int], pad_id: int, padding: Pa
         attention_mask[row, :n] = 1
         labels[row, :n] = np.where(supervised, ids, IGNORE_INDEX)
     return with_targets({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}, padding.static)
+
+
+def prefetch(items: Iterator, depth: int = 2, prepare: Callable | None = None) -> Iterator:
+    """`items`, made up to `depth` ahead in a background thread (with `prepare` applied there): the next optimizer
+    step's batches are collated, and pinned for an asynchronous copy, while the GPU runs this one. An error in the
+    thread is raised here, in order; closing the returned iterator stops the thread.
+
+    >>> list(prefetch(iter(range(5)), prepare=lambda x: 2 * x))
+    [0, 2, 4, 6, 8]
+    """
+    ready: queue.Queue = queue.Queue(maxsize=depth)
+    stop, end = threading.Event(), object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                ready.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in items:
+                if not put((prepare(item) if prepare else item, None)):
+                    return
+            put((end, None))
+        except BaseException as e:  # (handed to the consumer, which raises it)
+            put((end, e))
+
+    thread = threading.Thread(target=work, name="sftune-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = ready.get()
+            if error is not None:
+                raise error
+            if item is end:
+                return
+            yield item
+    finally:
+        stop.set()
+
+
+def pin(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The batch's tensors in page-locked memory, so that copies to the GPU run asynchronously."""
+    return {k: v.pin_memory() for k, v in batch.items()}
 
 
 GROUP_CHUNK_STEPS = 64  # length grouping sorts chunks of this many optimizer steps' rows

@@ -220,8 +220,11 @@ class InMemorySteps:
                    for e in range(epochs))
 
     def remaining(self, state: TrainState) -> Iterator[Step]:
-        for epoch in itertools.count(state.epoch):
-            start = state.step_in_epoch if epoch == state.epoch else 0
+        return self._steps(state.epoch, state.step_in_epoch)  # (read now: the steps may be made in another thread)
+
+    def _steps(self, first_epoch: int, first_step: int) -> Iterator[Step]:
+        for epoch in itertools.count(first_epoch):
+            start = first_step if epoch == first_epoch else 0
             plan = self.plan(epoch)
             for i in range(start, len(plan)):
                 yield step_of(self.train, plan[i], self.dist, self.cfg.packing, self.pad_id, epoch, i == len(plan) - 1,
@@ -239,11 +242,14 @@ class StreamedSteps:
         self.total_steps, self.steps_per_epoch = cfg.max_steps, None
 
     def remaining(self, state: TrainState) -> Iterator[Step]:
+        return self._steps(state.epoch, state.stream)  # (read now: the steps may be made in another thread)
+
+    def _steps(self, first_epoch: int, stream: dict | None) -> Iterator[Step]:
         from sftune.data.streaming import StreamPosition
 
         chunk_rows = chunk_rows_for(self.cfg.batch_size, self.cfg.grad_accum)
-        for epoch in itertools.count(state.epoch):
-            position = StreamPosition(**state.stream) if epoch == state.epoch and state.stream else StreamPosition()
+        for epoch in itertools.count(first_epoch):
+            position = StreamPosition(**stream) if epoch == first_epoch and stream else StreamPosition()
             steps = self.data.steps(epoch, position, chunk_rows,
                                     lambda lengths, key: plan_steps(lengths, self.cfg, self.max_length, key,
                                                                     self.dist.world_size))

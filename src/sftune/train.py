@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from sftune.batching import count_targets, to_device
+from sftune.batching import count_targets, pin, prefetch, to_device
 from sftune.build import Run, build_run
 from sftune.checkpoint import weights_finite
 from sftune.config import SFTConfig
@@ -298,7 +298,10 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
                 f"stopped with the last good state saved in {path}. Lower --lr, set --max-grad-norm, use "
                 f"--precision fp32 or bf16, or raise --max-bad-steps; then --resume auto.")
 
-    for step_data in run.steps.remaining(state) if state.step < total_steps else []:
+    steps = run.steps.remaining(state) if state.step < total_steps else iter(())
+    if dist.device.type == "cuda":  # the next step's batches are made and pinned while the GPU runs this one
+        steps = prefetch(steps, prepare=lambda s: replace(s, micro_batches=[pin(b) for b in s.micro_batches]))
+    for step_data in steps:
         settle()  # the previous step's verdict: read now that this step's batches are ready (no wait by then)
         micro_batches = step_data.micro_batches
         started_step = time.perf_counter()
@@ -379,6 +382,8 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         if step >= total_steps:
             break
     settle()
+    if hasattr(steps, "close"):
+        steps.close()  # (a prefetching thread stops)
     if evals[-1]["step"] != state.step:
         run_eval(state.step)  # the end of max_steps (or of a stream)
     if state.step < total_steps and not stopped_early:  # only a stream can end first: its length was unknown
