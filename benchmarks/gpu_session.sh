@@ -9,7 +9,7 @@
 #   check  (120) benchmarks/gpu_check.py --quick: CUDA graph replays against eager steps (fp32/bf16, dropout)
 #   speed  (300) benchmarks/throughput.py --device cuda --quick --whole-job: the seed's loop vs sftune vs packed
 #                (real tok/s, ms/step, MFU, peak GPU memory, compile time apart), and the whole seed job
-#   runs   (300) benchmarks/gpu_check.py: whole runs --compile off/graphs/inductor (fp32, bf16), SIGTERM resume
+#   runs   (300) benchmarks/gpu_check.py: whole runs --compile off/graphs/torch (fp32, bf16), SIGTERM resume
 #                under graphs (bitwise?), the non-finite guard under graphs
 #   memory (240) benchmarks/memory.py: full / activation checkpointing / LoRA, GPT-2 small and the 1B Llama
 # A dry run of the same steps on a CPU, with tiny models and few steps, checks the script itself:
@@ -30,7 +30,7 @@ if [ -n "${QUICK:-}" ]; then
 else
   small=(--steps 5)
   big=(--model-config examples/llama-1b --batch-size 8 --words 700 --steps 5)
-  speed=(--quick --whole-job)
+  speed=(--quick --whole-job)  # (add --packed-compile torch to measure compile on the packed run)
   runs=()
 fi
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv > "$OUT/gpu.txt"

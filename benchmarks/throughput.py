@@ -183,7 +183,7 @@ def worker_sftune(args) -> dict:
                    "log_every": 1, "output_dir": str(tmp / "run"), "cache_dir": str(tmp / "cache"),
                    "device": args.device, "report_to": "none", "compile": args.compile}
         if packed:
-            options.update(packing=True, max_length=1024)
+            options.update(packing=True, max_length=1024, compile=args.packed_compile or args.compile)
         result = sftune.train(sftune.resolve_config(options))
         rows = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in rows if r["type"] == "train"]
@@ -330,7 +330,8 @@ def worker_quality(args) -> dict:
 
 def run_worker(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--warmup", str(args.warmup), "--steps", str(args.steps),
-           "--seconds", str(args.seconds), "--device", args.device, "--compile", args.compile]
+           "--seconds", str(args.seconds), "--device", args.device, "--compile", args.compile,
+           *(["--packed-compile", args.packed_compile] if args.packed_compile else [])]
     env = {**os.environ, "HF_DATASETS_CACHE": tempfile.mkdtemp(prefix="bench-hf-"), "TOKENIZERS_PARALLELISM": "false"}
     print(f"running {name} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -365,8 +366,10 @@ def main() -> None:
     p.add_argument("--quality", action="store_true", help="also compare val loss after the same training tokens")
     p.add_argument("--json", metavar="FILE", help="write the figures to FILE")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where every run trains (default cpu)")
-    p.add_argument("--compile", default="auto", choices=["auto", "off", "graphs", "inductor"],
+    p.add_argument("--compile", default="auto", choices=["auto", "off", "graphs", "torch"],
                    help="sftune's --compile for its runs (default auto)")
+    p.add_argument("--packed-compile", choices=["auto", "off", "graphs", "torch"],
+                   help="--compile for the packed run only (default: --compile)")
     p.add_argument("--whole-job", action="store_true",
                    help="also time the whole seed job, process start to exit: the notebook vs sftune train")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -422,6 +425,7 @@ def main() -> None:
               f"{jobs['sftune']['val_before']:.3f} -> {jobs['sftune']['val_after']:.3f}): "
               f"{results['whole_job_fraction']:.2f} of the notebook's time")
     results.update(card=card, ratio=ratio, device=args.device, compile=args.compile,
+                   packed_compile=args.packed_compile or args.compile,
                    date=time.strftime("%Y-%m-%d"), torch=__import__("torch").__version__)
     if gpu:
         results["packed_mfu"] = results["packed"].get("mfu")

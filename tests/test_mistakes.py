@@ -200,11 +200,11 @@ def test_a_csv_quote_never_closed_is_an_error_not_merged_rows(tiny_model_dir, tm
             words=[f"{data}:", "never closed", "--dataset"])
 
 
-def test_metrics_are_not_touched_by_a_refused_resume(tiny_model_dir, tmp_path, capsys):
+def test_metrics_are_not_touched_by_a_refused_resume(small_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    code, _, err = run_main(capsys, *train(tiny_model_dir, out, "--max-steps", "2", "--save-every", "1"))
+    code, _, err = run_main(capsys, *train(small_model_dir, out, "--max-steps", "2", "--save-every", "1"))
     assert code == 0, err
     before = read_jsonl(out / "metrics.jsonl")
-    refused(capsys, *train(tiny_model_dir, out, "--max-steps", "2", "--save-every", "1", "--resume", "auto",
+    refused(capsys, *train(small_model_dir, out, "--max-steps", "2", "--save-every", "1", "--resume", "auto",
                            "--lr", "1"), words=["training settings differ"])
     assert read_jsonl(out / "metrics.jsonl") == before

@@ -69,9 +69,9 @@ def test_rotation_never_removes_another_runs_checkpoints(tmp_path):
     assert [p.name for p in complete_checkpoints(root)] == ["step-3", "step-100"]
 
 
-def test_a_second_run_into_the_same_directory_is_refused(tiny_model_dir, tmp_path, capsys):
+def test_a_second_run_into_the_same_directory_is_refused(small_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "sftune", *args(tiny_model_dir, out, "--max-steps", "400",
+    first = subprocess.Popen([sys.executable, "-m", "sftune", *args(small_model_dir, out, "--max-steps", "4000",
                                                                         "--save-every", "5")],
                              cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     try:
@@ -79,7 +79,7 @@ def test_a_second_run_into_the_same_directory_is_refused(tiny_model_dir, tmp_pat
             if line.startswith("step      2/"):
                 break
         for extra in (["--overwrite"], ["--resume", "auto"]):
-            code, _, err = run_main(capsys, *args(tiny_model_dir, out, "--max-steps", "400", "--save-every", "5",
+            code, _, err = run_main(capsys, *args(small_model_dir, out, "--max-steps", "4000", "--save-every", "5",
                                                   *extra))
             assert code == 2, err
             assert f"output directory {out} is in use by another sftune run (process {first.pid})" in err
@@ -88,7 +88,7 @@ def test_a_second_run_into_the_same_directory_is_refused(tiny_model_dir, tmp_pat
         first.wait(timeout=60)
     finally:
         first.kill()
-    code, _, err = run_main(capsys, *args(tiny_model_dir, out, "--max-steps", "6", "--save-every", "5",
+    code, _, err = run_main(capsys, *args(small_model_dir, out, "--max-steps", "6", "--save-every", "5",
                                           "--resume", "auto", "--resume-force"))
     assert code == 0, err
 
@@ -226,11 +226,11 @@ def _rewrite_same_size(path):
     ("shrink", "the training data (--dataset) changed"),
     ("tokenizer", "the tokenizer (--tokenizer/--model) changed"),
 ])
-def test_resume_refuses_changed_data_or_tokenizer(change, what, tiny_model_dir, own_data, tmp_path, capsys):
+def test_resume_refuses_changed_data_or_tokenizer(change, what, small_model_dir, own_data, tmp_path, capsys):
     import shutil
 
     model = tmp_path / "model"
-    shutil.copytree(tiny_model_dir, model)
+    shutil.copytree(small_model_dir, model)
     out = tmp_path / "run"
     code, _, err = run_main(capsys, *resume_args(model, own_data, out, "--max-steps", "2"))
     assert code == 0, err

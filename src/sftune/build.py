@@ -291,7 +291,7 @@ class Run:
     adapter: object | None  # LoRA: the peft model around `loss_model.model` (whose layers it changed in place)
     base: str  # the model the run started from, as an adapter config names it (absolute for a local directory)
     steps: StepSource
-    compile: str  # how the step runs: "graphs", "inductor" or "off" (`graphs.resolve_compile`)
+    compile: str  # how the step runs: "graphs", "torch" or "off" (`resolve_compile`)
     optimizer: torch.optim.Optimizer
     scheduler: object
     scaler: torch.amp.GradScaler
@@ -400,8 +400,8 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
                                                 f"{f' and {padding.rows} rows' if padding.rows else ''}"
                                                 if padding.static else ""))
     wrapped = dist.wrap(loss_model, cfg.strategy)  # DDP under torchrun; the module itself in one process
-    if compile_mode == "inductor":  # (the training step only: evaluation runs `loss_model`, eagerly)
-        wrapped = compile_step(wrapped, loss_model, padding)
+    if compile_mode == "torch":  # (the training step only: evaluation runs `loss_model`, eagerly)
+        wrapped = compile_step(wrapped, loss_model, padding, cfg.compile_backend, cfg.compile_mode)
     # fused AdamW: one kernel over all parameters (measured 6x faster than foreach on CPU, benchmarks/NOTES.md)
     optimizer = torch.optim.AdamW(param_groups(loss_model, cfg.weight_decay), lr=cfg.lr,
                                   fused=dist.device.type in ("cpu", "cuda"))
@@ -441,12 +441,19 @@ STATIC_MULTIPLE = 16  # graphs and compiled steps: widths rounded up to this (a 
 
 
 def resolve_compile(cfg: SFTConfig, dist: Dist, precision: str) -> tuple[str, str]:
-    """(mode, why): graphs, inductor or off, for `cfg.compile` on this device."""
+    """(mode, why): graphs, torch or off, for `cfg.compile` on this device."""
     from sftune.graphs import why_not_graphs
 
     blocker = why_not_graphs(dist.device, dist.world_size, precision, cfg.gradient_checkpointing)
     if cfg.compile == "graphs" and blocker:
-        raise SftuneError(f"--compile graphs: CUDA graphs cannot run here: {blocker}; use --compile off or inductor")
+        raise SftuneError(f"--compile graphs: CUDA graphs cannot run here: {blocker}; use --compile off or torch")
+    if cfg.compile == "torch":
+        import torch._dynamo
+
+        backends = torch._dynamo.list_backends(exclude_tags=())
+        if cfg.compile_backend not in backends:
+            raise SftuneError(f"--compile-backend {cfg.compile_backend!r} is not a torch.compile backend here; "
+                              f"use one of {', '.join(backends)} (inductor is the usual one)")
     if cfg.compile != "auto":
         return cfg.compile, f"--compile {cfg.compile}"
     if blocker:
@@ -463,7 +470,8 @@ def step_padding(cfg: SFTConfig, compile_mode: str, max_length: int) -> Padding:
     return Padding(cfg.pad_to_multiple_of or STATIC_MULTIPLE, rows, max_length, static=True)
 
 
-def compile_step(wrapped: torch.nn.Module, loss_model: CausalLMLoss, padding: Padding) -> torch.nn.Module:
+def compile_step(wrapped: torch.nn.Module, loss_model: CausalLMLoss, padding: Padding, backend: str,
+                 mode: str | None) -> torch.nn.Module:
     """The training step's module under torch.compile: one compile per batch shape (static shapes: no symbolic
     sizes, and a handful of shapes). Checkpoints still read `loss_model`, whose names are unchanged."""
     import torch._dynamo
@@ -472,8 +480,9 @@ def compile_step(wrapped: torch.nn.Module, loss_model: CausalLMLoss, padding: Pa
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * shapes)
     loss_model.cache_cast = False  # (the cast is fused into the compiled graph; the cache's checks would break it)
     loss_model.correct_counter()  # made now: made inside the first compiled call, it would cost a recompile
-    log("torch.compile: the first step of each batch shape compiles it (seconds to minutes), the rest reuse it")
-    return torch.compile(wrapped, dynamic=False)
+    log(f"torch.compile ({backend}{f', {mode}' if mode else ''}): the first step of each batch shape compiles it "
+        f"(seconds to minutes), the rest reuse it")
+    return torch.compile(wrapped, dynamic=False, backend=backend, mode=mode)
 
 
 def base_name(cfg: SFTConfig, out: Path) -> str:

@@ -33,7 +33,8 @@ Device = Literal["auto", "cpu", "cuda"]
 Format = Literal["auto", "text", "prompt_completion", "chat", "chat_prompt_completion"]
 Side = Literal["right", "left"]
 Strategy = Literal["auto", "ddp", "fsdp"]
-Compile = Literal["auto", "off", "graphs", "inductor"]
+Compile = Literal["auto", "off", "graphs", "torch"]
+COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 def _f(default: Any, help: str, group: str) -> Any:
@@ -162,11 +163,17 @@ class SFTConfig:
         "more compute.", "train")
     compile: Compile = _f(
         "auto", "How the training step runs: graphs (the forward and backward of each batch shape captured once as "
-        "a CUDA graph and replayed: one launch instead of hundreds; one CUDA GPU), inductor (torch.compile: fused "
-        "kernels, a compile per shape), off (eager). auto: graphs on one CUDA GPU, else off.", "train")
+        "a CUDA graph and replayed: one launch instead of hundreds; one CUDA GPU), torch (torch.compile of the "
+        "step: fused kernels, a compile per shape), off (eager). auto: graphs on one CUDA GPU, else off.", "train")
+    compile_backend: str = _f(
+        "inductor", "--compile torch: the torch.compile backend (inductor; aot_eager traces without generating "
+        "kernels).", "train")
+    compile_mode: str | None = _f(
+        None, "--compile torch: the torch.compile mode: default, reduce-overhead, max-autotune or "
+        "max-autotune-no-cudagraphs (null: torch's default).", "train")
     pad_to_multiple_of: int | None = _f(
         None, "Round each batch's width up to a multiple of this, so that a graphed or compiled step sees few "
-        "shapes (padding is never in the loss). Default: 16 with --compile graphs or inductor, else no rounding.",
+        "shapes (padding is never in the loss). Default: 16 with --compile graphs or torch, else no rounding.",
         "train")
 
     # --- LoRA -------------------------------------------------------------
@@ -342,6 +349,8 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
     need(cfg.max_steps is None or cfg.max_steps >= 1, "max_steps", "must be at least 1, or null for no limit")
     need(cfg.batch_size >= 1, "batch_size", "must be at least 1")
     need(cfg.grad_accum >= 1, "grad_accum", "must be at least 1")
+    need(cfg.compile_mode in COMPILE_MODES, "compile_mode",
+         f"must be one of {', '.join(m for m in COMPILE_MODES if m)}, or null for torch.compile's default")
     need(cfg.pad_to_multiple_of is None or cfg.pad_to_multiple_of >= 1, "pad_to_multiple_of",
          "must be at least 1 (1: no rounding), or null for the default")
     need(cfg.batch_tokens is None or cfg.batch_tokens >= 2, "batch_tokens", "must be at least 2, or null for no cap")

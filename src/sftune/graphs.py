@@ -51,7 +51,7 @@ def why_not_graphs(device: torch.device, world_size: int, precision: str, gradie
     if device.type != "cuda":
         return "they need a CUDA GPU"
     if world_size > 1:
-        return "under torchrun each rank's backward talks to the others (use --compile inductor)"
+        return "under torchrun each rank's backward talks to the others (use --compile torch)"
     if precision == "fp16":
         return "fp16's loss scaler decides on the host at each step (use bf16)"
     if gradient_checkpointing:
@@ -109,6 +109,7 @@ class StepGraphs:
                     for _ in range(WARMUP_STEPS):
                         self._step(inputs, scale)
                 torch.cuda.current_stream(self.device).wait_stream(side)
+                torch.cuda.empty_cache()  # the warm-up's activations, cached for the side stream, go back first
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.pool):
                     loss = self._step(inputs, scale)
@@ -130,7 +131,7 @@ class StepGraphs:
         self.graphs.clear()
         if self.required:
             raise SftuneError(f"--compile graphs: capturing a CUDA graph of the training step failed ({reason}); "
-                              f"use --compile off or inductor")
+                              f"use --compile off or torch")
         log(f"warning: capturing a CUDA graph of the training step failed ({reason}); training continues eagerly "
             f"(--compile off skips the attempt)")
         self.loss_model.cache_cast = True
