@@ -100,12 +100,13 @@ def graph_vs_eager(precision: str, dropout: bool) -> dict:
     return {"precision": precision, "dropout": dropout, "graphs": len(graphs.graphs), "batches": rows}
 
 
-OPTIONS = {"model": str(GPT2), "dataset": str(SST2), "device": "cuda", "steps": 30}  # (set by main)
+OPTIONS = {"model": str(GPT2), "tokenizer": None, "dataset": str(SST2), "device": "cuda", "steps": 30}  # (set by main)
 
 
 def sftune_cmd(out: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "sftune", "train", "--model", OPTIONS["model"], "--init", "random", "--dataset",
-            OPTIONS["dataset"], "--device", OPTIONS["device"], "--log-every", "1", "--eval-every", "100000", "--report-to", "none",
+            OPTIONS["dataset"], "--device", OPTIONS["device"], "--log-every", "1",
+            *(["--tokenizer", OPTIONS["tokenizer"]] if OPTIONS["tokenizer"] else []), "--eval-every", "100000", "--report-to", "none",
             "--cache-dir", str(out.parent / "cache"), "--output-dir", str(out), "--overwrite", *extra]
 
 
@@ -185,10 +186,11 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="the graph-vs-eager unit checks only")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of the whole runs")
     p.add_argument("--model", default=str(GPT2), help="the runs' --model (config only: random init)")
+    p.add_argument("--tokenizer", help="the runs' --tokenizer (default: the model's)")
     p.add_argument("--dataset", default=str(SST2), help="the runs' --dataset")
     p.add_argument("--steps", type=int, default=30, help="optimizer steps of each compared run")
     args = p.parse_args()
-    OPTIONS.update(model=args.model, dataset=args.dataset, device=args.device, steps=args.steps)
+    OPTIONS.update(model=args.model, tokenizer=args.tokenizer, dataset=args.dataset, device=args.device, steps=args.steps)
     import torch
 
     gpu = args.device == "cuda"

@@ -11,6 +11,8 @@
 #                (real tok/s, ms/step, MFU, peak GPU memory, compile time apart), and the whole seed job
 #   runs   (300) benchmarks/gpu_check.py: whole runs --compile off/graphs/torch (fp32, bf16), SIGTERM resume
 #                under graphs (bitwise?), the non-finite guard under graphs
+#   peers  (420) TRL's SFTTrainer (benchmarks/trl_baseline.py) next to sftune: the seed's recipe (TRL's defaults,
+#                then without gradient checkpointing), and the 1B Llama packed, full and LoRA r16, both tools
 #   memory (240) benchmarks/memory.py: full / activation checkpointing / LoRA, GPT-2 small and the 1B Llama
 # A dry run of the same steps on a CPU, with tiny models and few steps, checks the script itself:
 #   DEVICE=cpu QUICK=1 OUT=/tmp/gpu-dry bash benchmarks/gpu_session.sh
@@ -26,12 +28,18 @@ if [ -n "${QUICK:-}" ]; then
   small=(--model-config tests/fixtures/tiny-llama --batch-size 4 --words 30 --steps 2)
   big=(--model-config tests/fixtures/tiny-llama --batch-size 2 --words 60 --steps 2)
   speed=(--steps 4 --warmup 2)
-  runs=(--model tests/fixtures/tiny-llama --dataset examples/quickstart/data --steps 3)
+  runs=(--model tests/fixtures/tiny-llama --tokenizer bundled:gpt2 --dataset examples/quickstart/data --steps 3)
+  seed_trl=(--steps 3 --warmup 1 --model-config tests/fixtures/tiny-llama --tokenizer bundled:gpt2 --batch-size 4 --max-length 64)
+  big_trl=(--steps 2 --warmup 1 --model-config tests/fixtures/tiny-llama --tokenizer bundled:gpt2 --packing --max-length 128 --batch-size 2 --lr 3e-4)
+  big_sftune=(--model tests/fixtures/tiny-llama --max-length 128 --batch-size 2 --max-steps 3)
 else
   small=(--steps 5)
   big=(--model-config examples/llama-1b --batch-size 8 --words 700 --steps 5)
   speed=(--quick --whole-job)  # (add --packed-compile torch to measure compile on the packed run)
   runs=()
+  seed_trl=()
+  big_trl=(--steps 10 --warmup 3 --model-config examples/llama-1b --tokenizer bundled:gpt2 --packing --max-length 1024 --batch-size 8 --lr 3e-4)
+  big_sftune=(--max-steps 13)
 fi
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv > "$OUT/gpu.txt"
 date=$(date +%Y-%m-%d)
@@ -52,10 +60,19 @@ for p in $PHASES; do
     check) [ "$DEVICE" = cuda ] && phase check 120 $py benchmarks/gpu_check.py --quick --json "$OUT/gpu-check-quick.json" ;;
     speed) phase speed 300 $py benchmarks/throughput.py --device "$DEVICE" "${speed[@]}" --json "$OUT/$card-$date.json" ;;
     runs) phase runs 300 $py benchmarks/gpu_check.py --device "$DEVICE" "${runs[@]}" --json "$OUT/gpu-check.json" ;;
+    peers)
+      phase trl-seed 90 $py benchmarks/trl_baseline.py --device "$DEVICE" "${seed_trl[@]}" --json "$OUT/trl-seed.json"
+      phase trl-seed-nogc 90 $py benchmarks/trl_baseline.py --device "$DEVICE" "${seed_trl[@]}" --no-gradient-checkpointing --json "$OUT/trl-seed-nogc.json"
+      for lora in "" "--lora-r 16"; do
+        tag=${lora:+-lora}
+        phase "trl-1b$tag" 120 $py benchmarks/trl_baseline.py --device "$DEVICE" "${big_trl[@]}" --no-gradient-checkpointing $lora --json "$OUT/trl-1b$tag.json"
+        phase "sftune-1b$tag" 120 $py -m sftune train --config configs/llama-1b.yaml --dataset ../shared/data/sst2 --device "$DEVICE" "${big_sftune[@]}" --log-every 1 --eval-every 1000 --report-to none --output-dir "/tmp/sftune-1b$tag" --overwrite $lora
+        cp "/tmp/sftune-1b$tag/metrics.jsonl" "$OUT/sftune-1b$tag.metrics.jsonl" 2>/dev/null
+      done ;;
     memory)
       phase memory-small 120 $py benchmarks/memory.py --device "$DEVICE" "${small[@]}" --json
       phase memory-big 120 $py benchmarks/memory.py --device "$DEVICE" "${big[@]}" --json ;;
-    *) echo "unknown phase $p (check, speed, runs, memory)" ;;
+    *) echo "unknown phase $p (check, speed, runs, peers, memory)" ;;
   esac
 done
 ls -la "$OUT"

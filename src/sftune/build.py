@@ -160,6 +160,8 @@ def step_of(examples: Examples, step_rows: list, dist: Dist, packed: bool, pad_i
         tokens += sum(sizes)
         padded += len(sizes) * max(sizes)  # (each rank pads its share only to its own longest: an upper bound)
     batches = [make_batch(examples, dist.shard(rows), pad_id, padding) for rows in step_rows]
+    if padding.static:  # what is computed: every rank's batches have this rank's static shapes
+        padded = dist.world_size * sum(b["input_ids"].numel() for b in batches)
     return Step(batches, epoch, last, tokens, padded, stream)
 
 

@@ -111,7 +111,8 @@ class StepGraphs:
                 torch.cuda.current_stream(self.device).wait_stream(side)
                 torch.cuda.empty_cache()  # the warm-up's activations, cached for the side stream, go back first
                 graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.pool):
+                # thread_local: the prefetching thread may pin host memory (a CUDA call) while this thread captures
+                with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                     loss = self._step(inputs, scale)
         except Exception as e:  # noqa: BLE001 (any capture failure means: run this model eagerly)
             return self._give_up(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
