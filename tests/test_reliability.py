@@ -132,8 +132,9 @@ def tmpfs(tmp_path):
         return path
 
     yield mount
-    for path in made:
-        subprocess.run(["umount", str(path)], capture_output=True)
+    for path in made:  # (a failed run must leave no file open in its directory: the unmount would be refused)
+        done = subprocess.run(["umount", str(path)], capture_output=True, text=True)
+        assert done.returncode == 0, f"a file in the run's directory is still open after the run: {done.stderr}"
 
 
 def test_a_full_disk_at_the_final_save_keeps_the_weights_elsewhere(tiny_model_dir, tmpfs, capsys):

@@ -213,7 +213,8 @@ def small_disk(tmp_path):
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=70M", "tmpfs", str(mount)], capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     yield mount
-    subprocess.run(["umount", str(mount)], capture_output=True)
+    done = subprocess.run(["umount", str(mount)], capture_output=True, text=True)
+    assert done.returncode == 0, f"a file in the run's directory is still open after the run: {done.stderr}"
 
 
 def test_disk_full_during_a_save_fails_cleanly(tiny_model_dir, small_disk, capsys):

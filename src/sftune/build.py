@@ -16,7 +16,7 @@ import hashlib
 import itertools
 import json
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Protocol
 
@@ -301,13 +301,17 @@ class Run:
     state: TrainState
     resumed_from: Path | None
     lock: OutputLock
+    closers: list = field(default_factory=list)  # what the loop opened (metrics file, TensorBoard writer)
 
     @property
     def device(self) -> torch.device:
         return self.dist.device
 
     def close(self) -> None:
-        """Release the output directory and the process group (also after an error)."""
+        """Close what the loop opened, release the output directory and the process group (also after an error:
+        a failed `sftune.train()` leaves no open file or lock behind in the calling process)."""
+        for close in self.closers:
+            close()
         self.lock.release()
         self.dist.close()
 

@@ -189,6 +189,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
 
         tracker = Tracker(cfg.report_to, out, state.run_id, to_dict(cfg), state.step if run.resumed_from else -1)
     metrics = MetricsWriter(out / "metrics.jsonl" if dist.is_main else None, tracker)
+    run.closers.append(metrics.close)  # (closed here at the end; by `Run.close` after an error)
     chat = run.steps.layout.format.startswith("chat")
     peak = peak_flops(dist.device, precision)  # MFU on known GPUs: model FLOPs of the real tokens / the peak rate
     if peak:
