@@ -354,10 +354,10 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
 
         check_lora(cfg, model_config, cfg.trust_remote_code)  # a wrong target is reported before anything loads
     data, max_length = build_data(cfg, tokenizer, model_config, dist)
-    compile_mode, why = resolve_compile(cfg, dist, precision)
-    padding = step_padding(cfg, compile_mode, max_length)
     source_class = StreamedSteps if cfg.streaming else InMemorySteps
-    steps = source_class(cfg, data, max_length, tokenizer.pad_token_id, dist, padding)
+    steps = source_class(cfg, data, max_length, tokenizer.pad_token_id, dist)
+    compile_mode, why = resolve_compile(cfg, dist, precision, steps.total_steps)
+    padding = steps.padding = step_padding(cfg, compile_mode, max_length)  # (the plan of steps does not depend on it)
     resolved = replace(cfg, output_dir=str(out), tokenizer=cfg.tokenizer or cfg.model, max_length=max_length,
                        eval_batch_size=cfg.eval_batch_size or cfg.batch_size, precision=precision,
                        device=dist.device.type)
@@ -401,7 +401,7 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     loss_model = CausalLMLoss(model.to(dist.device))
-    if compile_mode != "off" or cfg.compile != "auto":  # (a CPU run says nothing: eager is all it has)
+    if compile_mode != "off" or cfg.compile != "auto" or dist.device.type == "cuda":  # (a CPU has only eager)
         log(f"step: {compile_mode} ({why})" + (f"; batches padded to multiples of {padding.multiple} tokens"
                                                 f"{f' and {padding.rows} rows' if padding.rows else ''}"
                                                 if padding.static else ""))
@@ -446,8 +446,12 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
 STATIC_MULTIPLE = 16  # graphs and compiled steps: widths rounded up to this (a handful of shapes on short data)
 
 
-def resolve_compile(cfg: SFTConfig, dist: Dist, precision: str) -> tuple[str, str]:
-    """(mode, why): graphs, torch or off, for `cfg.compile` on this device."""
+GRAPHS_MIN_STEPS = 50  # auto: shorter runs stay eager (capturing a shape costs about what ~10 eager steps do:
+# a prediction, to be measured on a GPU, benchmarks/NOTES.md try 22)
+
+
+def resolve_compile(cfg: SFTConfig, dist: Dist, precision: str, total_steps: int) -> tuple[str, str]:
+    """(mode, why): graphs, torch or off, for `cfg.compile` on this device and a run of `total_steps`."""
     from sftune.graphs import why_not_graphs
 
     blocker = why_not_graphs(dist.device, dist.world_size, precision, cfg.gradient_checkpointing)
@@ -464,7 +468,11 @@ def resolve_compile(cfg: SFTConfig, dist: Dist, precision: str) -> tuple[str, st
         return cfg.compile, f"--compile {cfg.compile}"
     if blocker:
         return "off", f"auto: eager, as CUDA graphs cannot run here: {blocker}"
-    return "graphs", "auto: one CUDA GPU, so each batch shape's forward and backward is a CUDA graph"
+    if total_steps < GRAPHS_MIN_STEPS:
+        return "off", (f"auto: eager, as {total_steps} steps would not repay capturing CUDA graphs (from "
+                       f"{GRAPHS_MIN_STEPS} steps on; --compile graphs forces them)")
+    return "graphs", ("auto: one CUDA GPU and a run long enough to repay the captures, so each batch shape's "
+                      "forward and backward is a CUDA graph")
 
 
 def step_padding(cfg: SFTConfig, compile_mode: str, max_length: int) -> Padding:
