@@ -11,8 +11,9 @@
 #                (real tok/s, ms/step, MFU, peak GPU memory, compile time apart), and the whole seed job
 #   runs   (300) benchmarks/gpu_check.py: whole runs --compile off/graphs/torch (fp32, bf16), SIGTERM resume
 #                under graphs (bitwise?), the non-finite guard under graphs
-#   peers  (420) TRL's SFTTrainer (benchmarks/trl_baseline.py) next to sftune: the seed's recipe (TRL's defaults,
-#                then without gradient checkpointing), and the 1B Llama packed, full and LoRA r16, both tools
+#   peers  (540) TRL's SFTTrainer (benchmarks/trl_baseline.py) next to sftune: the seed's recipe (TRL's defaults,
+#                then without gradient checkpointing), and the 1B Llama packed, full and LoRA r16, both tools;
+#                then sftune's 1B run with --attention flex_attention
 #   memory (240) benchmarks/memory.py: full / activation checkpointing / LoRA, GPT-2 small and the 1B Llama
 # A dry run of the same steps on a CPU, with tiny models and few steps, checks the script itself:
 #   DEVICE=cpu QUICK=1 OUT=/tmp/gpu-dry bash benchmarks/gpu_session.sh
@@ -68,7 +69,9 @@ for p in $PHASES; do
         phase "trl-1b$tag" 120 $py benchmarks/trl_baseline.py --device "$DEVICE" "${big_trl[@]}" --no-gradient-checkpointing $lora --json "$OUT/trl-1b$tag.json"
         phase "sftune-1b$tag" 120 $py -m sftune train --config configs/llama-1b.yaml --dataset ../shared/data/sst2 --device "$DEVICE" "${big_sftune[@]}" --log-every 1 --eval-every 1000 --report-to none --output-dir "/tmp/sftune-1b$tag" --overwrite $lora
         cp "/tmp/sftune-1b$tag/metrics.jsonl" "$OUT/sftune-1b$tag.metrics.jsonl" 2>/dev/null
-      done ;;
+      done
+      phase sftune-1b-flex 120 $py -m sftune train --config configs/llama-1b.yaml --dataset ../shared/data/sst2 --device "$DEVICE" "${big_sftune[@]}" --log-every 1 --eval-every 1000 --report-to none --output-dir /tmp/sftune-1b-flex --overwrite --attention flex_attention
+      cp /tmp/sftune-1b-flex/metrics.jsonl "$OUT/sftune-1b-flex.metrics.jsonl" 2>/dev/null ;;
     memory)
       phase memory-small 120 $py benchmarks/memory.py --device "$DEVICE" "${small[@]}" --json
       phase memory-big 120 $py benchmarks/memory.py --device "$DEVICE" "${big[@]}" --json ;;

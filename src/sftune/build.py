@@ -33,8 +33,8 @@ from sftune.data.formats import Layout
 from sftune.dist import Dist, init_dist
 from sftune.errors import SftuneError
 from sftune.loss import CausalLMLoss
-from sftune.modeling import context_length, enable_activation_checkpointing, load_model, load_model_config, \
-    load_tokenizer, save_model
+from sftune.modeling import check_attention, context_length, enable_activation_checkpointing, load_model, \
+    load_model_config, load_tokenizer, save_model
 from sftune.outputs import OutputLock, check_output_dir, clear_previous_run, finished_without_checkpoints, \
     publish_model, resolve_output_dir
 from sftune.run_report import DATA_FILE, data_summary
@@ -349,6 +349,10 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     tokenizer = build_tokenizer(cfg)
     model_config = load_model_config(cfg.model, cfg.trust_remote_code)
     check_model_fits(cfg, tokenizer, model_config)
+    check_attention(model_config, cfg.attention, cfg.trust_remote_code)  # (before the data is read)
+    if cfg.attention == "flex_attention" and dist.device.type != "cuda":
+        raise SftuneError("--attention flex_attention trains only on a CUDA GPU (torch has no CPU backward for "
+                          "it); use --attention auto or sdpa on a CPU")
     if cfg.lora_r:
         from sftune.lora import check_lora
 
@@ -381,7 +385,7 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     # else the base (a sharded or adapter checkpoint's weights are loaded into it by `restore`)
     from_checkpoint = checkpoint is not None and kind.full_weights
     model = load_model(str(checkpoint) if from_checkpoint else cfg.model, "pretrained" if from_checkpoint else cfg.init,
-                       cfg.trust_remote_code, cfg.seed)
+                       cfg.trust_remote_code, cfg.seed, attention=cfg.attention)
     base = base_name(cfg, out)
     if dist.is_main:  # every check has passed: from here on the directory is this run's
         if checkpoint is None and cfg.overwrite:

@@ -99,21 +99,40 @@ def load_model_config(name: str, trust_remote_code: bool = False, base: str | No
     )
 
 
+def check_attention(model_config, attention: str, trust_remote_code: bool = False) -> dict:
+    """The `from_pretrained`/`from_config` keywords for `--attention`, checked on a weightless (meta-device) copy of
+    the model first: an attention kernel the architecture lacks, or whose package is missing, is a clear error
+    before any weights load."""
+    if attention in (None, "auto"):
+        return {}
+    try:
+        with torch.device("meta"):
+            AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code,
+                                             attn_implementation=attention)
+    except (ValueError, ImportError) as e:
+        first = str(e).splitlines()[0].split(". ")[0].rstrip(".")  # (transformers adds links and examples)
+        raise SftuneError(f"--attention {attention}: {first[:300]}; use --attention auto or sdpa") from None
+    return {"attn_implementation": attention}
+
+
 def load_model(name: str, init: str = "pretrained", trust_remote_code: bool = False, seed: int = 0,
-               base: str | None = None):
+               base: str | None = None, attention: str = "auto"):
     """A causal LM in fp32 (master weights; lower precision is applied by autocast).
 
     init="random" builds the architecture from config.json with seeded fresh weights. A LoRA adapter directory
     (a LoRA run's output or checkpoint) gives its base (`base`, else the one it names) with the adapter merged.
+    `attention`: transformers' attn_implementation (auto: its default).
     """
     from sftune.lora import is_adapter_dir, load_adapter_model
 
     if init == "pretrained" and is_adapter_dir(name):
         return load_adapter_model(name, base, trust_remote_code)
+    config = load_model_config(name, trust_remote_code) if attention != "auto" or init == "random" else None
+    attn = check_attention(config, attention, trust_remote_code) if config is not None else {}
     if init == "random":
-        config = load_model_config(name, trust_remote_code)
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32,
+                                                 **attn)
         log(f"model: {name} initialised randomly (seed {seed}), {model.num_parameters() / 1e6:.1f}M parameters")
         return model
 
@@ -122,6 +141,7 @@ def load_model(name: str, init: str = "pretrained", trust_remote_code: bool = Fa
             name if not Path(name).expanduser().is_dir() else Path(name).expanduser(),
             trust_remote_code=trust_remote_code,
             dtype=torch.float32,
+            **attn,
             **kw,
         )
 
