@@ -14,7 +14,9 @@ shapes and fixed addresses, so:
 
 Dropout draws from the CUDA generator through its graph-safe state: a replay draws what the same eager step would.
 The warm-up and the capture run under a forked RNG with the step's scale at 0 (their gradients add nothing, their
-token counts are put back), so capturing a graph changes no number of the run.
+token counts are put back), so capturing a graph changes no number of the run. Once captured, the graph is
+replayed from the first warm-up's RNG state and must give that eager step's loss (to 1e-3): a graph that would
+compute something else is never used (the run goes on eagerly, or stops under `--compile graphs`).
 
     graphs = StepGraphs(loss_model, device, "bf16")
     total += graphs.run(batch, scale)   # None when graphs are off for good (a capture failed): run it eagerly
@@ -32,6 +34,7 @@ from sftune.console import log
 from sftune.runtime import autocast
 
 WARMUP_STEPS = 3  # eager runs on a side stream before a capture (cuBLAS handles, workspaces, lazy inits)
+REPLAY_RTOL = 1e-3  # the check replay's loss against the first warm-up's (same inputs and random draws)
 
 
 @dataclass
@@ -103,20 +106,27 @@ class StepGraphs:
         scale = torch.zeros((), device=self.device)  # 0 during warm-up: the gradients get + 0
         try:
             with torch.random.fork_rng(devices=[self.device]):
+                rng = torch.cuda.get_rng_state(self.device)
                 side = torch.cuda.Stream(self.device)
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):
-                    for _ in range(WARMUP_STEPS):
-                        self._step(inputs, scale)
+                    eager_loss = [self._step(inputs, scale) for _ in range(WARMUP_STEPS)][0]
                 torch.cuda.current_stream(self.device).wait_stream(side)
                 torch.cuda.empty_cache()  # the warm-up's activations, cached for the side stream, go back first
                 graph = torch.cuda.CUDAGraph()
                 # thread_local: the prefetching thread may pin host memory (a CUDA call) while this thread captures
                 with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
                     loss = self._step(inputs, scale)
+                # a check, once per shape: a replay from the first warm-up's RNG state computes its loss
+                torch.cuda.set_rng_state(rng, self.device)
+                graph.replay()
+                replayed, expected = float(loss), float(eager_loss)  # note: a sync, once per shape
         except Exception as e:  # noqa: BLE001 (any capture failure means: run this model eagerly)
             return self._give_up(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        counter.copy_(counted)  # the warm-up's argmax hits are not the run's
+        counter.copy_(counted)  # the warm-up's and the check's argmax hits are not the run's
+        both_nan = replayed != replayed and expected != expected  # (weights already broken: the guard's business)
+        if not (replayed == expected or abs(replayed - expected) <= REPLAY_RTOL * abs(expected) or both_nan):
+            return self._give_up(f"a replay gave the loss {replayed!r}, the eager step {expected!r}")
         captured = Captured(graph, inputs, scale, loss)
         self.graphs[key] = captured
         seconds = time.perf_counter() - started
