@@ -99,6 +99,7 @@ CASES = {  # name: (model, extra flags, single process (batch, accum), per rank 
     "fsdp-llama": ("llama", [], (32, 1), (16, 1), "fsdp"),
     "ddp-lora-llama": ("llama", ["--lora-r", "4", "--lora-modules-to-save", "lm_head",
                                  "--lr", "1e-2", "--gradient-checkpointing"], (16, 2), (8, 2), "ddp"),
+    "ddp-compiled": ("gpt2", ["--compile", "torch", "--compile-backend", "aot_eager"], (32, 1), (16, 1), "ddp"),
 }
 LONGER = ("--max-steps", "6", "--save-every", "4")  # the fault test's run
 
@@ -137,9 +138,9 @@ def launched(uneven_data, small_model_dir, tmp_path_factory):
 def test_ddp_and_fsdp_on_two_ranks_equal_one_process_and_fsdp_resumes_exactly(launched):
     """2 ranks at batch 16 = 1 process at batch 32, and at 8 x accum 2 = 16 x accum 2: DDP and FSDP (GPT-2 with
     its tied head, and a Llama-shaped model), and LoRA under DDP (the adapter and a fully trained head, with
-    activation checkpointing). The FSDP
-    run's sharded (DCP) checkpoint then resumes bitwise, and its final model is a whole Hugging Face model that
-    loads in one process."""
+    activation checkpointing), and DDP around a compiled step (static batch shapes: each rank's rows padded to its
+    own fixed shape). The FSDP run's sharded (DCP) checkpoint then resumes bitwise, and its final model is a whole
+    Hugging Face model that loads in one process."""
     root, output = launched
     assert "(DistributedDataParallel)" in output and "(FSDPCausalLMLoss)" in output and "per rank x 2 ranks" in output
     assert output.count("done: 3 steps") == len(CASES) + 1  # only rank 0 prints (+1: the FSDP resume)
