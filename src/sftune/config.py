@@ -168,7 +168,8 @@ class SFTConfig:
     compile: Compile = _f(
         "auto", "How the training step runs: graphs (the forward and backward of each batch shape captured once as "
         "a CUDA graph and replayed: one launch instead of hundreds; one CUDA GPU), torch (torch.compile of the "
-        "step: fused kernels, a compile per shape), off (eager). auto: graphs on one CUDA GPU, else off.", "train")
+        "step: fused kernels, a compile per shape), off (eager). auto: graphs on one CUDA GPU for runs of 50 "
+        "steps or more, else off.", "train")
     compile_backend: str = _f(
         "inductor", "--compile torch: the torch.compile backend (inductor; aot_eager traces without generating "
         "kernels).", "train")
