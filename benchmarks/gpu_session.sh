@@ -3,11 +3,12 @@
 # (a phase cut short by its time limit leaves the others' results). Prepare here first:
 # ../shared/tools/gpu-prep.sh (wheels in .whl/, ../shared copied to .gpu-shared/), then on the device, after the
 # line gpu-prep.sh prints, with carry [".whl", ".gpu-shared"]:
-#   bash benchmarks/gpu_session.sh                      # PHASES="check speed runs": about 9 minutes on an H100/H200
-#   PHASES="memory" bash benchmarks/gpu_session.sh      # one phase
+#   bash benchmarks/gpu_session.sh                      # PHASES="check speed": about 6 minutes on an H100/H200
+#   PHASES="runs" bash benchmarks/gpu_session.sh        # then, in a second call while the machine is warm
+# (one call may run 10 minutes at most: the phases' limits below add up to more, so split them over calls)
 # Phases (each under its own time limit, seconds):
 #   check  (120) benchmarks/gpu_check.py --quick: CUDA graph replays against eager steps (fp32/bf16, dropout)
-#   speed  (300) benchmarks/throughput.py --device cuda --quick --whole-job: the seed's loop vs sftune vs packed
+#   speed  (420) benchmarks/throughput.py --device cuda --quick --whole-job: the seed's loop vs sftune vs packed
 #                (real tok/s, ms/step, MFU, peak GPU memory, compile time apart), and the whole seed job
 #   runs   (300) benchmarks/gpu_check.py: whole runs --compile off/graphs/torch (fp32, bf16), SIGTERM resume
 #                under graphs (bitwise?), the non-finite guard under graphs
@@ -21,7 +22,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=${DEVICE:-cuda}
 OUT=${OUT:-benchmarks/results}
-PHASES=${PHASES:-check speed runs}
+PHASES=${PHASES:-check speed}
 mkdir -p "$OUT"
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -59,7 +60,7 @@ phase() {  # name, seconds, command...
 for p in $PHASES; do
   case $p in
     check) [ "$DEVICE" = cuda ] && phase check 120 $py benchmarks/gpu_check.py --quick --json "$OUT/gpu-check-quick.json" ;;
-    speed) phase speed 300 $py benchmarks/throughput.py --device "$DEVICE" "${speed[@]}" --json "$OUT/$card-$date.json" ;;
+    speed) phase speed 420 $py benchmarks/throughput.py --device "$DEVICE" "${speed[@]}" --json "$OUT/$card-$date.json" ;;
     runs) phase runs 300 $py benchmarks/gpu_check.py --device "$DEVICE" "${runs[@]}" --json "$OUT/gpu-check.json" ;;
     peers)
       phase trl-seed 90 $py benchmarks/trl_baseline.py --device "$DEVICE" "${seed_trl[@]}" --json "$OUT/trl-seed.json"

@@ -388,16 +388,28 @@ def main() -> None:
     args.seconds = args.seconds if args.seconds is not None else (60 if args.quick else 300)
 
     card, peak = card_and_peak(args.device)
-    results = {"seed": run_worker("seed", args), "sftune": run_worker("sftune", args)}
-    if gpu:
-        results["packed"] = run_worker("packed", args)
-    for name, r in results.items():
+    results: dict = {"card": card, "device": args.device, "partial": True}
+
+    def save() -> None:  # after each run, so a run cut short by a time limit still leaves the others' figures
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=2))
+
+    for name in ("seed", "sftune", "packed") if gpu else ("seed", "sftune"):
+        results[name] = run_worker(name, args)
+        save()
+    runs = {name: results[name] for name in ("seed", "sftune", "packed") if name in results}
+    for name, r in runs.items():
         add_mfu(r, peak, 1024 if name == "packed" else r["mean_row_tokens"])
     ratio = results["sftune"]["real_tok_s"] / results["seed"]["real_tok_s"]
+    results.update(ratio=ratio, compile=args.compile, packed_compile=args.packed_compile or args.compile,
+                   date=time.strftime("%Y-%m-%d"), torch=__import__("torch").__version__)
+    if gpu:
+        results["packed_mfu"] = results["packed"].get("mfu")
+    save()
     print(f"\nGPT-2 small on SST-2, {card}, torch {__import__('torch').__version__}, sftune --compile {args.compile}")
     print(f"{'run':<8}{'real tok/s':>12}{'ms/step':>9}{'MFU':>7}{'padded tok/s':>14}{'steps':>7}{'peak GPU MB':>13}"
           f"{'peak RSS MB':>13}{'compile s':>11}{'prep s':>8}{'cached s':>10}{'x seed':>8}")
-    for name, r in results.items():
+    for name, r in runs.items():
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
         gpu_mb = f"{r['peak_gpu_mb']:,.0f}" if r.get("peak_gpu_mb") else "-"
         print(f"{name:<8}{r['real_tok_s']:>12,.0f}{r['ms_per_step']:>9.1f}{mfu:>7}{r['padded_tok_s']:>14,.0f}"
@@ -405,8 +417,10 @@ def main() -> None:
               f"{r['prep_first_s']:>8.2f}{r['prep_cached_s']:>10.3f}"
               f"{r['real_tok_s'] / results['seed']['real_tok_s']:>7.2f}x")
     if args.quality:
-        q = {"seed": run_worker("quality-seed", args), "sftune": run_worker("quality-sftune", args)}
-        results["quality"] = q
+        results["quality"] = q = {}
+        for name in ("seed", "sftune"):
+            q[name] = run_worker(f"quality-{name}", args)
+            save()
         diff = (q["sftune"]["val_loss"] - q["seed"]["val_loss"]) / q["seed"]["val_loss"]
         size = "small" if gpu else f"{QUALITY['layers']} layers x {QUALITY['width']}"
         print(f"\nquality: {QUALITY['rows']:,} SST-2 rows, one epoch, lr {quality_lr(args)}, GPT-2 {size}; "
@@ -416,23 +430,20 @@ def main() -> None:
         print(f"sftune vs seed: {100 * diff:+.2f}% val loss")
         results["quality_diff"] = diff
     if args.whole_job:
-        jobs = {"seed": whole_job("seed", args), "sftune": whole_job("sftune", args)}
-        results["whole_job"] = jobs
+        results["whole_job"] = jobs = {}
+        for name in ("seed", "sftune"):
+            jobs[name] = whole_job(name, args)
+            save()
         results["whole_job_fraction"] = jobs["sftune"]["wall_s"] / jobs["seed"]["wall_s"]
         print(f"\nthe whole seed job, process start to exit: notebook {jobs['seed']['wall_s']:.1f} s (of which "
               f"{jobs['seed']['train_seconds']:.1f} s training; val {jobs['seed']['val_before']:.3f} -> "
               f"{jobs['seed']['val_after']:.3f}), sftune {jobs['sftune']['wall_s']:.1f} s (val "
               f"{jobs['sftune']['val_before']:.3f} -> {jobs['sftune']['val_after']:.3f}): "
               f"{results['whole_job_fraction']:.2f} of the notebook's time")
-    results.update(card=card, ratio=ratio, device=args.device, compile=args.compile,
-                   packed_compile=args.packed_compile or args.compile,
-                   date=time.strftime("%Y-%m-%d"), torch=__import__("torch").__version__)
-    if gpu:
-        results["packed_mfu"] = results["packed"].get("mfu")
     print(f"\nratio sftune/seed (real tokens/s): {ratio:.2f}x"
           + (f"; packed MFU {100 * results['packed_mfu']:.1f}%" if results.get("packed_mfu") else ""))
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    results["partial"] = False
+    save()
 
 
 if __name__ == "__main__":
