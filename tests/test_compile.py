@@ -191,7 +191,8 @@ def test_steps_made_ahead_in_a_thread_are_the_steps_of_the_loop(small_model_dir)
     data = prepare(QUICKSTART_DATA, tokenizer, 64)
     cfg = resolve_config({"model": str(small_model_dir), "dataset": str(QUICKSTART_DATA), "batch_size": 64,
                           "epochs": 3})
-    source = InMemorySteps(cfg, data, 64, tokenizer.pad_token_id, Dist(), STATIC)
+    source = InMemorySteps(cfg, data, 64, tokenizer.pad_token_id, Dist())
+    source.padding = STATIC  # (as `_build` sets it for graphs and compile)
     direct = [(s.epoch, s.micro_batches[0]["input_ids"]) for s in
               __import__("itertools").islice(source.remaining(TrainState(run_id="x")), source.total_steps)]
     state = TrainState(run_id="x")

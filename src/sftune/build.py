@@ -160,7 +160,7 @@ def step_of(examples: Examples, step_rows: list, dist: Dist, packed: bool, pad_i
         tokens += sum(sizes)
         padded += len(sizes) * max(sizes)  # (each rank pads its share only to its own longest: an upper bound)
     batches = [make_batch(examples, dist.shard(rows), pad_id, padding) for rows in step_rows]
-    if padding.static:  # what is computed: every rank's batches have this rank's static shapes
+    if padding.static:  # (what is computed instead: every rank's batches have the same static shapes)
         padded = dist.world_size * sum(b["input_ids"].numel() for b in batches)
     return Step(batches, epoch, last, tokens, padded, stream)
 
@@ -193,10 +193,9 @@ class InMemorySteps:
     """Steps over a prepared split: each epoch planned when it starts (only its index arrays are held),
     so `--epochs 1000000 --max-steps 2` plans one epoch, not a million."""
 
-    def __init__(self, cfg: SFTConfig, data: PreparedData, max_length: int, pad_id: int, dist: Dist,
-                 padding: Padding = EAGER):
+    def __init__(self, cfg: SFTConfig, data: PreparedData, max_length: int, pad_id: int, dist: Dist):
         self.cfg, self.train, self.max_length, self.pad_id, self.dist = cfg, data.train, max_length, pad_id, dist
-        self.padding = padding
+        self.padding = EAGER  # (static shapes for graphs and compile: set by `_build`)
         self.validation, self.layout, self.world_size = data.validation, data.layout, dist.world_size
         if len(self.train) < cfg.batch_size * cfg.grad_accum * dist.world_size:
             ranks = f" x {dist.world_size} ranks" if dist.distributed else ""
@@ -237,9 +236,9 @@ class StreamedSteps:
     """Steps over a stream, chunk by chunk (`data.streaming`); the number of epochs is `epochs`, or as many
     as `max_steps` needs; a stream that yields nothing in an epoch ends the run."""
 
-    def __init__(self, cfg: SFTConfig, data, max_length: int, pad_id: int, dist: Dist, padding: Padding = EAGER):
+    def __init__(self, cfg: SFTConfig, data, max_length: int, pad_id: int, dist: Dist):
         self.cfg, self.data, self.max_length, self.pad_id, self.dist = cfg, data, max_length, pad_id, dist
-        self.padding = padding
+        self.padding = EAGER  # (static shapes for graphs and compile: set by `_build`)
         self.validation, self.layout, self.world_size = data.validation, data.layout, dist.world_size
         self.total_steps, self.steps_per_epoch = cfg.max_steps, None
 
@@ -349,10 +348,7 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     tokenizer = build_tokenizer(cfg)
     model_config = load_model_config(cfg.model, cfg.trust_remote_code)
     check_model_fits(cfg, tokenizer, model_config)
-    check_attention(model_config, cfg.attention, cfg.trust_remote_code)  # (before the data is read)
-    if cfg.attention == "flex_attention" and dist.device.type != "cuda":
-        raise SftuneError("--attention flex_attention trains only on a CUDA GPU (torch has no CPU backward for "
-                          "it); use --attention auto or sdpa on a CPU")
+    check_attention(model_config, cfg.attention, cfg.trust_remote_code, dist.device)  # (before the data is read)
     if cfg.lora_r:
         from sftune.lora import check_lora
 
@@ -448,8 +444,6 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
 # --- how the step runs: eager, CUDA graphs or torch.compile ------------------------------
 
 STATIC_MULTIPLE = 16  # graphs and compiled steps: widths rounded up to this (a handful of shapes on short data)
-
-
 GRAPHS_MIN_STEPS = 50  # auto: shorter runs stay eager (capturing a shape costs about what ~10 eager steps do:
 # a prediction, to be measured on a GPU, benchmarks/NOTES.md try 22)
 

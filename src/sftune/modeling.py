@@ -99,10 +99,10 @@ def load_model_config(name: str, trust_remote_code: bool = False, base: str | No
     )
 
 
-def check_attention(model_config, attention: str, trust_remote_code: bool = False) -> dict:
+def check_attention(model_config, attention: str, trust_remote_code: bool = False, device=None) -> dict:
     """The `from_pretrained`/`from_config` keywords for `--attention`, checked on a weightless (meta-device) copy of
-    the model first: an attention kernel the architecture lacks, or whose package is missing, is a clear error
-    before any weights load."""
+    the model first: an attention kernel the architecture lacks, or whose package is missing, or that cannot train
+    on `device`, is a clear error before any weights load."""
     if attention in (None, "auto"):
         return {}
     try:
@@ -112,6 +112,9 @@ def check_attention(model_config, attention: str, trust_remote_code: bool = Fals
     except (ValueError, ImportError) as e:
         first = str(e).splitlines()[0].split(". ")[0].rstrip(".")  # (transformers adds links and examples)
         raise SftuneError(f"--attention {attention}: {first[:300]}; use --attention auto or sdpa") from None
+    if attention == "flex_attention" and device is not None and torch.device(device).type != "cuda":
+        raise SftuneError("--attention flex_attention trains only on a CUDA GPU (torch has no CPU backward for "
+                          "it); use --attention auto or sdpa on a CPU")
     return {"attn_implementation": attention}
 
 
