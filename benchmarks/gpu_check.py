@@ -15,6 +15,11 @@
 3. resume: --compile graphs, bf16, dropout on: SIGTERM after step 12 of 24, then --resume auto; the final weights
    against an uninterrupted run's (bitwise equal is the goal).
 4. guard: a NaN loss at step 3 under graphs (SFTUNE_FAULT_NAN_STEPS) is skipped, and the run finishes.
+5. varlen (`--attention varlen`, also under --quick): torch's variable-length flash kernel against the per-sequence
+   SDPA reference (output and the gradients of q, k, v; bf16 and fp16; 12 heads, and 8 query heads over 2 key/value
+   heads; static batches' trailing empty sequences included); GPT-2 small packed rows, varlen against
+   transformers' block mask (loss and gradients, bf16), eagerly and as a CUDA graph; and the attention alone,
+   forward + backward, ms: varlen against SDPA with the block mask, on 32 packed rows of 1,024.
 """
 
 from __future__ import annotations
@@ -98,6 +103,110 @@ def graph_vs_eager(precision: str, dropout: bool) -> dict:
                      "grad_rel_max": max(rel(a, b) for a, b in zip(gg, wg)),
                      "bitwise": bool(torch.equal(gl, wl) and all(torch.equal(a, b) for a, b in zip(gg, wg)))})
     return {"precision": precision, "dropout": dropout, "graphs": len(graphs.graphs), "batches": rows}
+
+
+def varlen_check() -> dict:
+    """`--attention varlen` on the GPU: the kernel, the packed loss, a graph of it, and the attention's time."""
+    import numpy as np
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sftune.attention import NAME, register, sequence_starts, varlen_kernel, varlen_reference
+    from sftune.batching import Padding, best_fit_decreasing, collate_packed, count_targets, to_device
+    from sftune.data import Examples
+    from sftune.graphs import StepGraphs
+    from sftune.loss import CausalLMLoss
+    from sftune.runtime import autocast
+
+    register()
+    device = torch.device("cuda")
+    rng = np.random.default_rng(0)
+    report: dict = {"torch": torch.__version__, "kernel": []}
+
+    def packed_lengths(rows: int, width: int) -> list[list[int]]:
+        out = []
+        for _ in range(rows):
+            row, room = [], width - int(rng.integers(0, 40))
+            while (n := int(rng.integers(6, 70))) <= room:
+                row.append(n)
+                room -= n
+            out.append(row)
+        return out
+
+    for dtype, heads, kv_heads in ((torch.bfloat16, 12, 12), (torch.float16, 12, 12), (torch.bfloat16, 8, 2)):
+        rows, width = 8, 256
+        cu, longest = sequence_starts(packed_lengths(rows - 1, width), width, rows, static=True)  # + an empty row
+        cu = torch.from_numpy(cu).to(device)
+        leaves = [torch.randn(rows * width, h, 64, device=device, dtype=dtype, requires_grad=True)
+                  for h in (heads, kv_heads, kv_heads)]
+        grad_out = torch.randn(rows * width, heads, 64, device=device, dtype=dtype)
+        results = []
+        for kernel in (varlen_kernel, varlen_reference):
+            out = kernel(*leaves, cu, longest, 0.125)
+            grads = torch.autograd.grad(out, leaves, grad_out)
+            results.append((out, grads))
+        (out, grads), (ref, ref_grads) = results
+        report["kernel"].append({"dtype": str(dtype), "heads": heads, "kv_heads": kv_heads, "sequences": len(cu) - 1,
+                                 "out_rel": rel(out, ref), "grad_rel_max": max(rel(a, b) for a, b in zip(grads, ref_grads))})
+
+    config = GPT2Config.from_pretrained(GPT2)
+    config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
+    torch.manual_seed(0)
+    loss_model = CausalLMLoss(GPT2LMHeadModel(config).to(device)).train()
+    ex = Examples.from_lists([rng.integers(0, 50257, int(n)).tolist() for n in rng.integers(6, 60, 800)])
+    rows = best_fit_decreasing(ex.lengths, 1024)
+    batch = collate_packed(ex, rows[:4], 50256, Padding(16, 4, 1024, static=True))
+
+    def step(model, graphs=None):
+        model.zero_grad(set_to_none=graphs is None)
+        if graphs is not None:
+            loss = graphs.run(batch, 1 / count_targets(batch)).clone()
+        else:
+            with autocast(device, "bf16"):
+                loss = model(to_device(batch, device))
+            (loss * (1 / count_targets(batch))).backward()
+        return loss.detach().clone(), [p.grad.clone() for p in model.parameters()]
+
+    mask_loss, mask_grads = step(loss_model)
+    loss_model.model.set_attn_implementation(NAME)
+    varlen_model = CausalLMLoss(loss_model.model).train()
+    var_loss, var_grads = step(varlen_model)
+    report["packed"] = {"loss_rel": rel(var_loss, mask_loss),
+                        "grad_rel_max": max(rel(a, b) for a, b in zip(var_grads, mask_grads))}
+    try:
+        graph_loss, graph_grads = step(varlen_model, StepGraphs(varlen_model, device, "bf16", required=True))
+        report["graph"] = {"loss_rel": rel(graph_loss, var_loss),
+                           "grad_rel_max": max(rel(a, b) for a, b in zip(graph_grads, var_grads))}
+    except Exception as e:  # noqa: BLE001
+        report["graph"] = {"error": repr(e)[:2000]}
+
+    # the attention alone: 32 packed rows of 1,024, 12 heads of 64, forward + backward
+    rows, width, heads = 32, 1024, 12
+    lengths = packed_lengths(rows, width)
+    cu, longest = sequence_starts(lengths, width, rows, static=False)
+    cu = torch.from_numpy(cu).to(device)
+    q, k, v = (torch.randn(rows * width, heads, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+               for _ in range(3))
+    seq = torch.repeat_interleave(torch.arange(len(cu) - 1, device=device), cu.diff().long()).view(rows, width)
+    mask = (seq[:, :, None] == seq[:, None, :]) & torch.ones(width, width, dtype=torch.bool, device=device).tril()
+
+    def sdpa_mask():
+        qs, ks, vs = (t.view(rows, width, heads, 64).transpose(1, 2) for t in (q, k, v))
+        return torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask[:, None], scale=0.125)
+
+    def timed(fn) -> float:
+        for _ in range(3):
+            fn().sum().backward()
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(20):
+            fn().sum().backward()
+        torch.cuda.synchronize()
+        return 1000 * (time.perf_counter() - started) / 20
+
+    report["attention_ms"] = {"varlen": timed(lambda: varlen_kernel(q, k, v, cu, longest, 0.125)),
+                              "sdpa_block_mask": timed(sdpa_mask), "sequences": len(cu) - 1, "longest": longest}
+    return report
 
 
 OPTIONS = {"model": str(GPT2), "tokenizer": None, "dataset": str(SST2), "device": "cuda", "steps": 30}  # (set by main)
@@ -207,6 +316,13 @@ def main() -> None:
             except Exception as e:  # noqa: BLE001 (report and go on: the other checks still tell something)
                 report["graphs"].append({"precision": precision, "dropout": dropout, "error": repr(e)[:2000]})
             save()
+    if gpu:
+        try:
+            report["varlen"] = varlen_check()
+        except Exception as e:  # noqa: BLE001
+            report["varlen"] = {"error": repr(e)[:2000]}
+        save()
+        print(f"varlen: {json.dumps(report['varlen'])}")
     print(f"graphs vs eager on {report['card']}:")
     for r in report["graphs"]:
         if "error" in r:

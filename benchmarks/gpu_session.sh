@@ -7,14 +7,16 @@
 #   PHASES="runs" bash benchmarks/gpu_session.sh        # then, in a second call while the machine is warm
 # (one call may run 10 minutes at most: the phases' limits below add up to more, so split them over calls)
 # Phases (each under its own time limit, seconds):
-#   check  (120) benchmarks/gpu_check.py --quick: CUDA graph replays against eager steps (fp32/bf16, dropout)
-#   speed  (420) benchmarks/throughput.py --device cuda --quick --whole-job: the seed's loop vs sftune vs packed
+#   check  (150) benchmarks/gpu_check.py --quick: CUDA graph replays against eager steps (fp32/bf16, dropout),
+#                --attention varlen: the kernel vs SDPA per sequence, the packed loss, a graph of it, its speed
+#   speed  (420) benchmarks/throughput.py --device cuda --quick --whole-job --packed-varlen: the seed's loop vs
+#                sftune vs packed (and packed under --attention varlen)
 #                (real tok/s, ms/step, MFU, peak GPU memory, compile time apart), and the whole seed job
 #   runs   (300) benchmarks/gpu_check.py: whole runs --compile off/graphs/torch (fp32, bf16), SIGTERM resume
 #                under graphs (bitwise?), the non-finite guard under graphs
 #   peers  (540) TRL's SFTTrainer (benchmarks/trl_baseline.py) next to sftune: the seed's recipe (TRL's defaults,
 #                then without gradient checkpointing), and the 1B Llama packed, full and LoRA r16, both tools;
-#                then sftune's 1B run with --attention flex_attention
+#                then sftune's 1B run with --attention flex_attention, and with --attention varlen
 #   memory (240) benchmarks/memory.py: full / activation checkpointing / LoRA, GPT-2 small and the 1B Llama
 # A dry run of the same steps on a CPU, with tiny models and few steps, checks the script itself:
 #   DEVICE=cpu QUICK=1 OUT=/tmp/gpu-dry bash benchmarks/gpu_session.sh
@@ -37,7 +39,7 @@ if [ -n "${QUICK:-}" ]; then
 else
   small=(--steps 5)
   big=(--model-config examples/llama-1b --batch-size 8 --words 700 --steps 5)
-  speed=(--quick --whole-job)  # (add --packed-compile torch to measure compile on the packed run)
+  speed=(--quick --whole-job --packed-varlen)  # (add --packed-compile torch to measure compile on the packed run)
   runs=()
   seed_trl=()
   big_trl=(--steps 10 --warmup 3 --model-config examples/llama-1b --tokenizer bundled:gpt2 --packing --max-length 1024 --batch-size 8 --lr 3e-4)
@@ -59,7 +61,7 @@ phase() {  # name, seconds, command...
 
 for p in $PHASES; do
   case $p in
-    check) [ "$DEVICE" = cuda ] && phase check 120 $py benchmarks/gpu_check.py --quick --json "$OUT/gpu-check-quick.json" ;;
+    check) [ "$DEVICE" = cuda ] && phase check 150 $py benchmarks/gpu_check.py --quick --json "$OUT/gpu-check-quick.json" ;;
     speed) phase speed 420 $py benchmarks/throughput.py --device "$DEVICE" "${speed[@]}" --json "$OUT/$card-$date.json" ;;
     runs) phase runs 300 $py benchmarks/gpu_check.py --device "$DEVICE" "${runs[@]}" --json "$OUT/gpu-check.json" ;;
     peers)
@@ -71,8 +73,10 @@ for p in $PHASES; do
         phase "sftune-1b$tag" 120 $py -m sftune train --config configs/llama-1b.yaml --dataset ../shared/data/sst2 --device "$DEVICE" "${big_sftune[@]}" --log-every 1 --eval-every 1000 --report-to none --output-dir "/tmp/sftune-1b$tag" --overwrite $lora
         cp "/tmp/sftune-1b$tag/metrics.jsonl" "$OUT/sftune-1b$tag.metrics.jsonl" 2>/dev/null
       done
-      phase sftune-1b-flex 120 $py -m sftune train --config configs/llama-1b.yaml --dataset ../shared/data/sst2 --device "$DEVICE" "${big_sftune[@]}" --log-every 1 --eval-every 1000 --report-to none --output-dir /tmp/sftune-1b-flex --overwrite --attention flex_attention
-      cp /tmp/sftune-1b-flex/metrics.jsonl "$OUT/sftune-1b-flex.metrics.jsonl" 2>/dev/null ;;
+      for attention in flex_attention varlen; do
+        phase "sftune-1b-$attention" 120 $py -m sftune train --config configs/llama-1b.yaml --dataset ../shared/data/sst2 --device "$DEVICE" "${big_sftune[@]}" --log-every 1 --eval-every 1000 --report-to none --output-dir "/tmp/sftune-1b-$attention" --overwrite --attention $attention
+        cp "/tmp/sftune-1b-$attention/metrics.jsonl" "$OUT/sftune-1b-$attention.metrics.jsonl" 2>/dev/null
+      done ;;
     memory)
       phase memory-small 120 $py benchmarks/memory.py --device "$DEVICE" "${small[@]}" --json
       phase memory-big 120 $py benchmarks/memory.py --device "$DEVICE" "${big[@]}" --json ;;

@@ -19,6 +19,8 @@ tokens per second over the steps after a warm-up.
           spends its time training): batch 32, lr 5e-5, length-grouped batches; on a GPU its default
           step (`--compile auto`: CUDA graphs), whose capture time is kept out of the measured window.
   packed: (--device cuda) sftune with --packing: 32 rows of 1,024 tokens a step.
+  packed-varlen: (--device cuda --packed-varlen) the same under --attention varlen (torch's variable-length flash
+          attention: no block mask), on GPT-2 with attention dropout 0 (the kernel has none).
 
 --whole-job times two processes from start to exit, each with empty caches: the notebook (the seed's pipeline,
 val loss before training, one epoch of its loop, val loss after, `save_pretrained`) and
@@ -53,11 +55,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def gpt2_small(layers: int | None = None, width: int | None = None):
+def gpt2_small(layers: int | None = None, width: int | None = None, attention_dropout: float | None = None):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(GPT2)
+    if attention_dropout is not None:
+        config.attn_pdrop = attention_dropout
     if layers:
         config.n_layer, config.n_embd, config.n_head = layers, width, max(1, width // 64)
     torch.manual_seed(0)
@@ -164,7 +168,8 @@ def worker_sftune(args) -> dict:
     import sftune
     from sftune.data import DataOptions, prepare_data
 
-    packed = args.worker == "packed"
+    packed = args.worker.startswith("packed")
+    varlen = args.worker == "packed-varlen"  # (torch's varlen kernel has no dropout: GPT-2's attn_pdrop 0.1 -> 0)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         dataset = small_val_dir(tmp, 64)
@@ -177,13 +182,14 @@ def worker_sftune(args) -> dict:
         prep_cached = time.perf_counter() - t0
 
         model_dir = tmp / "gpt2-small"
-        gpt2_small().save_pretrained(model_dir)
+        gpt2_small(attention_dropout=0.0 if varlen else None).save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
         options = {"model": str(model_dir), "dataset": str(dataset), "max_steps": args.warmup + args.steps,
                    "log_every": 1, "output_dir": str(tmp / "run"), "cache_dir": str(tmp / "cache"),
                    "device": args.device, "report_to": "none", "compile": args.compile}
         if packed:
-            options.update(packing=True, max_length=1024, compile=args.packed_compile or args.compile)
+            options.update(packing=True, max_length=1024, compile=args.packed_compile or args.compile,
+                           attention="varlen" if varlen else "auto")
         result = sftune.train(sftune.resolve_config(options))
         rows = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in rows if r["type"] == "train"]
@@ -370,6 +376,8 @@ def main() -> None:
                    help="sftune's --compile for its runs (default auto)")
     p.add_argument("--packed-compile", choices=["auto", "off", "graphs", "torch"],
                    help="--compile for the packed run only (default: --compile)")
+    p.add_argument("--packed-varlen", action="store_true",
+                   help="(GPU) also the packed run under --attention varlen (GPT-2 with attention dropout 0)")
     p.add_argument("--whole-job", action="store_true",
                    help="also time the whole seed job, process start to exit: the notebook vs sftune train")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -378,7 +386,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=None, help="seconds measured (at most)")
     args = p.parse_args()
     if args.worker:
-        fn = {"seed": worker_seed, "sftune": worker_sftune, "packed": worker_sftune,
+        fn = {"seed": worker_seed, "sftune": worker_sftune, "packed": worker_sftune, "packed-varlen": worker_sftune,
               "seed-job": worker_seed_job}.get(args.worker, worker_quality)
         print(json.dumps(fn(args)))
         return
@@ -394,25 +402,29 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
 
-    for name in ("seed", "sftune", "packed") if gpu else ("seed", "sftune"):
+    names = ("seed", "sftune", "packed", *(["packed-varlen"] if args.packed_varlen else [])) if gpu else (
+        "seed", "sftune")
+    for name in names:
         results[name] = run_worker(name, args)
         save()
-    runs = {name: results[name] for name in ("seed", "sftune", "packed") if name in results}
+    runs = {name: results[name] for name in names}
     for name, r in runs.items():
-        add_mfu(r, peak, 1024 if name == "packed" else r["mean_row_tokens"])
+        add_mfu(r, peak, 1024 if name.startswith("packed") else r["mean_row_tokens"])
     ratio = results["sftune"]["real_tok_s"] / results["seed"]["real_tok_s"]
     results.update(ratio=ratio, compile=args.compile, packed_compile=args.packed_compile or args.compile,
                    date=time.strftime("%Y-%m-%d"), torch=__import__("torch").__version__)
     if gpu:
         results["packed_mfu"] = results["packed"].get("mfu")
+        if args.packed_varlen:
+            results["packed_varlen_mfu"] = results["packed-varlen"].get("mfu")
     save()
     print(f"\nGPT-2 small on SST-2, {card}, torch {__import__('torch').__version__}, sftune --compile {args.compile}")
-    print(f"{'run':<8}{'real tok/s':>12}{'ms/step':>9}{'MFU':>7}{'padded tok/s':>14}{'steps':>7}{'peak GPU MB':>13}"
+    print(f"{'run':<14}{'real tok/s':>12}{'ms/step':>9}{'MFU':>7}{'padded tok/s':>14}{'steps':>7}{'peak GPU MB':>13}"
           f"{'peak RSS MB':>13}{'compile s':>11}{'prep s':>8}{'cached s':>10}{'x seed':>8}")
     for name, r in runs.items():
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
         gpu_mb = f"{r['peak_gpu_mb']:,.0f}" if r.get("peak_gpu_mb") else "-"
-        print(f"{name:<8}{r['real_tok_s']:>12,.0f}{r['ms_per_step']:>9.1f}{mfu:>7}{r['padded_tok_s']:>14,.0f}"
+        print(f"{name:<14}{r['real_tok_s']:>12,.0f}{r['ms_per_step']:>9.1f}{mfu:>7}{r['padded_tok_s']:>14,.0f}"
               f"{r['steps']:>7}{gpu_mb:>13}{r['peak_rss_mb']:>13,.0f}{r.get('compile_s', 0.0):>11.2f}"
               f"{r['prep_first_s']:>8.2f}{r['prep_cached_s']:>10.3f}"
               f"{r['real_tok_s'] / results['seed']['real_tok_s']:>7.2f}x")
@@ -441,7 +453,9 @@ def main() -> None:
               f"{jobs['sftune']['val_before']:.3f} -> {jobs['sftune']['val_after']:.3f}): "
               f"{results['whole_job_fraction']:.2f} of the notebook's time")
     print(f"\nratio sftune/seed (real tokens/s): {ratio:.2f}x"
-          + (f"; packed MFU {100 * results['packed_mfu']:.1f}%" if results.get("packed_mfu") else ""))
+          + (f"; packed MFU {100 * results['packed_mfu']:.1f}%" if results.get("packed_mfu") else "")
+          + (f"; packed varlen MFU {100 * results['packed_varlen_mfu']:.1f}%" if results.get("packed_varlen_mfu")
+             else ""))
     results["partial"] = False
     save()
 

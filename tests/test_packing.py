@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_gpt2
+from sftune.attention import NAME as VARLEN
+from sftune.attention import register, varlen_inputs
 from sftune.batching import IGNORE_INDEX, best_fit_decreasing, collate, collate_packed, packed_epoch_steps
 from sftune.data import Examples
 from sftune.loss import CausalLMLoss, model_inputs
@@ -75,24 +77,30 @@ def test_packed_losses_and_gradients_equal_separate_padded_examples(fused):
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-5)
 
 
-def test_no_token_attends_to_another_example():
-    """Changing one example's tokens changes nothing for the others in its row."""
+@pytest.mark.parametrize("varlen", [False, True], ids=["mask", "varlen"])
+def test_no_token_attends_to_another_example(varlen):
+    """Changing one example's tokens changes nothing for the others in its row: under transformers' block mask,
+    and under --attention varlen."""
     ex = _examples([7, 5, 9])
     rows = [np.array([0, 1, 2])]
     model = make_tiny_gpt2().eval()
+    if varlen:
+        register()
+        model.set_attn_implementation(VARLEN)
     base = collate_packed(ex, rows, EOS)
-    changed = {k: v.clone() for k, v in base.items()}
+    changed = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in base.items()}
     changed["input_ids"][0, 7:12] = torch.arange(100, 105)  # example 1 occupies positions 7..11
     with torch.no_grad():
-        a = model(**model_inputs(base)).logits
-        b = model(**model_inputs(changed)).logits
+        a = model(**model_inputs(base, varlen)).logits
+        b = model(**model_inputs(changed, varlen)).logits
     assert torch.equal(a[0, :7], b[0, :7])  # example 0: before, untouched
     assert torch.equal(a[0, 12:], b[0, 12:])  # example 2: after, untouched even though it comes later
     assert not torch.allclose(a[0, 7:12], b[0, 7:12])  # example 1 itself did change
 
     # and the same through gradients: example 2's loss does not depend on examples 0 and 1's embeddings
     emb = model.get_input_embeddings()(base["input_ids"]).detach().requires_grad_(True)
-    logits = model(inputs_embeds=emb, position_ids=base["position_ids"], use_cache=False).logits
+    logits = model(inputs_embeds=emb, position_ids=base["position_ids"], use_cache=False,
+                   **(varlen_inputs(base) if varlen else {})).logits
     labels = base["labels"].clone()
     labels[0, :12] = IGNORE_INDEX  # keep only example 2's targets
     _token_losses(logits, labels).sum().backward()

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from sftune.attention import sequence_starts
 from sftune.data.examples import Examples
 
 IGNORE_INDEX = -100  # label value cross-entropy skips
@@ -68,13 +69,16 @@ def with_targets(batch: dict[str, np.ndarray], static: bool = False) -> dict[str
     return {k: torch.from_numpy(np.ascontiguousarray(v, dtype=np.int64)) for k, v in batch.items()}
 
 
-DEVICE_KEYS = ("input_ids", "position_ids", "target_positions", "targets")  # what the loss module reads
+# what the loss module reads: tensors copied to the device, and (packed rows) the longest sequence, a host int
+DEVICE_KEYS = ("input_ids", "position_ids", "target_positions", "targets", "cu_seqlens")
+HOST_KEYS = ("max_seqlen",)
 
 
 def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
     """What the loss module reads, on `device` (`labels` and `attention_mask` stay on the host: the targets were
     taken from the labels, and right-padded rows need no mask, see `loss.model_inputs`)."""
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items() if k in DEVICE_KEYS}
+    return {k: v.to(device, non_blocking=True) if k in DEVICE_KEYS else v for k, v in batch.items()
+            if k in DEVICE_KEYS or k in HOST_KEYS}
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:
@@ -153,7 +157,7 @@ def prefetch(items: Iterator, depth: int = 2, prepare: Callable | None = None) -
 
 def pin(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The batch's tensors in page-locked memory, so that copies to the GPU run asynchronously."""
-    return {k: v.pin_memory() for k, v in batch.items()}
+    return {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 GROUP_CHUNK_STEPS = 64  # length grouping sorts chunks of this many optimizer steps' rows
@@ -300,6 +304,8 @@ def collate_packed(examples: Examples, rows: Sequence[np.ndarray], pad_id: int,
     mask, so transformers builds a block-diagonal causal mask from them (no token sees another
     example). The first token of each example has no label: it would be predicted from the
     previous example's last token. Padding forms its own block and has no labels.
+    The same boundaries as `cu_seqlens` (int32) and `max_seqlen` (an int), for `--attention varlen`
+    (`attention.sequence_starts`).
 
     >>> ex = Examples.from_lists([[5, 6, 9], [7, 9]])
     >>> b = collate_packed(ex, [np.array([0, 1])], pad_id=9)
@@ -328,5 +334,9 @@ def collate_packed(examples: Examples, rows: Sequence[np.ndarray], pad_id: int,
         attention_mask[row, :total] = 1
         position_ids[row, total:] = np.arange(width - total)  # padding: a block of its own
     position_ids[len(rows):] = np.arange(width)  # (rows added by `padding`: pad tokens, a block of their own)
-    return with_targets({"input_ids": input_ids, "position_ids": position_ids, "labels": labels,
-                         "attention_mask": attention_mask}, padding.static)
+    batch = with_targets({"input_ids": input_ids, "position_ids": position_ids, "labels": labels,
+                          "attention_mask": attention_mask}, padding.static)
+    cu_seqlens, batch["max_seqlen"] = sequence_starts([examples.lengths[r].tolist() for r in rows], width, shape[0],
+                                                      padding.static)
+    batch["cu_seqlens"] = torch.from_numpy(cu_seqlens)
+    return batch

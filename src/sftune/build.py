@@ -348,7 +348,7 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     tokenizer = build_tokenizer(cfg)
     model_config = load_model_config(cfg.model, cfg.trust_remote_code)
     check_model_fits(cfg, tokenizer, model_config)
-    check_attention(model_config, cfg.attention, cfg.trust_remote_code, dist.device)  # (before the data is read)
+    check_attention(model_config, cfg.attention, cfg.trust_remote_code, dist.device, precision)  # (before the data)
     if cfg.lora_r:
         from sftune.lora import check_lora
 

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from sftune.attention import generating
 from sftune.errors import SftuneError
 
 
@@ -71,7 +72,7 @@ def complete(
     model.eval()
     # the generators are seeded for this call only and restored after it: samples taken in the middle of training
     # must not move the training's random stream (dropout), or a run with sample prompts would differ from one without
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), generating(model):
         torch.manual_seed(seed)
         try:
             out = model.generate(

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sftune.batching import DEVICE_KEYS
+from sftune.batching import DEVICE_KEYS, HOST_KEYS, to_device
 from sftune.console import log
 from sftune.runtime import autocast
 
@@ -46,7 +46,10 @@ class Captured:
 
 
 def shape_key(batch: dict[str, torch.Tensor]) -> tuple:
-    return tuple((k, tuple(batch[k].shape)) for k in DEVICE_KEYS if k in batch)
+    """What a graph is captured for: the shapes of the tensors the step reads, and its host values (a packed
+    batch's longest sequence, which flash attention's grid is sized by)."""
+    return (tuple((k, tuple(batch[k].shape)) for k in DEVICE_KEYS if k in batch)
+            + tuple((k, batch[k]) for k in HOST_KEYS if k in batch))
 
 
 def why_not_graphs(device: torch.device, world_size: int, precision: str, gradient_checkpointing: bool) -> str | None:
@@ -84,7 +87,8 @@ class StepGraphs:
             if captured is None:
                 return None
         for name, buffer in captured.inputs.items():
-            buffer.copy_(batch[name], non_blocking=True)
+            if isinstance(buffer, torch.Tensor):
+                buffer.copy_(batch[name], non_blocking=True)
         captured.scale.fill_(scale)
         captured.graph.replay()
         return captured.loss
@@ -102,7 +106,7 @@ class StepGraphs:
                 p.grad = torch.zeros_like(p)
         counter = self.loss_model.correct_counter()
         counted = counter.clone()
-        inputs = {k: batch[k].to(self.device) for k in DEVICE_KEYS if k in batch}
+        inputs = to_device(batch, self.device)
         scale = torch.zeros((), device=self.device)  # 0 during warm-up: the gradients get + 0
         try:
             with torch.random.fork_rng(devices=[self.device]):

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sftune.attention import NAME as VARLEN
+from sftune.attention import varlen_inputs
 from sftune.batching import IGNORE_INDEX
 
 # Model types whose logits are exactly `last_hidden_state @ output_embeddings.weight.T` (no bias,
@@ -50,7 +52,7 @@ def supports_fused_ce(model) -> bool:
             and isinstance(head, torch.nn.Linear) and head.bias is None)
 
 
-def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
+def model_inputs(batch: dict[str, torch.Tensor], varlen: bool = False) -> dict:
     """The model's keyword arguments for a batch: no attention mask.
 
     Rows are right-padded, so under the causal mask a real token never sees padding: a mask would change only the
@@ -58,9 +60,11 @@ def model_inputs(batch: dict[str, torch.Tensor]) -> dict:
     attention on a GPU, and shapes that a CUDA graph can capture). Packed rows carry `position_ids`: transformers
     then builds a block-diagonal causal mask from the positions restarting at 0, so no token sees another example.
     That detection needs `use_cache=False` (with a cache it silently attends across examples), so it is always set.
+    `varlen` (a model under `--attention varlen`): the packed rows' sequence starts go along instead (no mask).
     """
     if "position_ids" in batch:
-        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False}
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False,
+                **(varlen_inputs(batch) if varlen else {})}
     return {"input_ids": batch["input_ids"], "use_cache": False}
 
 
@@ -76,6 +80,7 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.model = model
         self.fused = supports_fused_ce(model) if fused is None else fused
+        self.varlen = getattr(model.config, "_attn_implementation", None) == VARLEN
         self._cast: tuple | None = None  # ((weight version, address, dtype), cast copy) of the output head
         self.cache_cast = True  # off while CUDA graphs capture the step (the cast must be part of the graph)
         self.correct: torch.Tensor | None = None  # in training: targets predicted exactly (argmax), on the device
@@ -99,7 +104,7 @@ class CausalLMLoss(nn.Module):
         return self.correct_counter() if self.training else None
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = model_inputs(batch)
+        inputs = model_inputs(batch, self.varlen)
         positions, targets = batch["target_positions"], batch["targets"]
         if not self.fused:
             logits = self.model(**inputs).logits  # (B, T, V)

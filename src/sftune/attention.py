@@ -1,0 +1,167 @@
+"""Packed rows through torch's variable-length flash attention (`--attention varlen`).
+
+transformers keeps packed examples apart with a dense block-diagonal mask, built from the position ids at every
+forward, which takes SDPA off its flash kernel (and its check for packing reads a value back from the GPU). Here
+the (rows x width) tokens of a packed batch are one flat stream of sequences, each example one of them, and each
+row's padding cut into short ones of its own: the collate finds their starts on the host (`sequence_starts`) and
+`torch.nn.attention.varlen.varlen_attn` runs causal flash attention over them, with no mask and no sync.
+On a CPU, where torch has no such kernel, a causal SDPA per sequence computes the same thing (slowly: for checks).
+
+`attention_forward` is registered with transformers' AttentionInterface as NAME, so every layer of a model loaded
+with attn_implementation=NAME calls it, with the `sftune_cu_seqlens` / `sftune_max_seqlen` keywords the loss
+module passes (`varlen_inputs`). A batch without them (rows that are not packed are right-padded, where causal
+attention alone is exact) goes to transformers' own SDPA function. Generation needs masks (left padding, a
+cache): `generating` switches the model to SDPA meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from sftune.errors import SftuneError
+
+NAME = "sftune_varlen"  # the name transformers knows it by (`--attention varlen`)
+CU_MULTIPLE = 64  # static batches: sequence starts padded to a multiple of this count (with empty sequences)
+MAX_MULTIPLE = 128  # static batches: the longest sequence rounded up to this (flash's query block: the same grid)
+PAD_BLOCK = 128  # a row's padding is cut into sequences of at most this (it attends to nothing real anyway)
+DROPOUT_KEYS = ("attn_pdrop", "attention_dropout", "attention_probs_dropout_prob")  # model configs' names for it
+DROPOUT_ADVICE = "use --attention sdpa, or a model config whose attention dropout is 0"
+
+
+def sequence_starts(example_lengths: list[list[int]], width: int, rows: int, static: bool) -> tuple[np.ndarray, int]:
+    """`cu_seqlens` (int32, (S + 1,)) of the flattened (rows x width) tokens, and the longest sequence: each
+    example is a sequence; each row's padding (and each empty row) is cut into sequences of PAD_BLOCK.
+    `static` pads the starts to a multiple of CU_MULTIPLE with empty sequences at the end, and rounds the
+    longest up to MAX_MULTIPLE, so that a CUDA graph sees a handful of shapes.
+
+    >>> sequence_starts([[3, 2], [4]], width=5, rows=2, static=False)
+    (array([ 0,  3,  5,  9, 10], dtype=int32), 4)
+    """
+    lengths: list[int] = []
+    for row in range(rows):
+        examples = example_lengths[row] if row < len(example_lengths) else []
+        lengths += examples
+        pad = width - sum(examples)
+        lengths += [PAD_BLOCK] * (pad // PAD_BLOCK) + ([pad % PAD_BLOCK] if pad % PAD_BLOCK else [])
+    cu = np.concatenate([[0], np.cumsum(lengths)])
+    longest = max(lengths, default=0)
+    if static:
+        cu = np.pad(cu, (0, -len(cu) % CU_MULTIPLE), constant_values=cu[-1])
+        longest = min(-(-longest // MAX_MULTIPLE) * MAX_MULTIPLE, width)
+    return cu.astype(np.int32), int(longest)
+
+
+def varlen_inputs(batch: dict) -> dict:
+    """The keywords `attention_forward` reads, from a packed batch (nothing for other batches)."""
+    if "cu_seqlens" not in batch:
+        return {}
+    return {"sftune_cu_seqlens": batch["cu_seqlens"], "sftune_max_seqlen": batch["max_seqlen"]}
+
+
+_KERNEL: tuple | None = None  # torch's varlen_attn and its keyword names (set by `register`; None before 2.10)
+
+
+def register() -> None:
+    """Make NAME known to transformers (idempotent). No mask function is registered with it: transformers then
+    builds no mask at all for a model that uses it. The kernel's signature is read here, once, not in a traced
+    step."""
+    global _KERNEL
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, attention_forward)
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return
+    _KERNEL = (varlen_attn, frozenset(inspect.signature(varlen_attn).parameters))
+
+
+def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                      sftune_cu_seqlens=None, sftune_max_seqlen=None, **kwargs):
+    """transformers' attention-function contract: (B, H, T, D) query, (B, Hkv, T, D) key and value in; the
+    (B, T, H, D) output and no weights out."""
+    if sftune_cu_seqlens is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if dropout:
+        raise SftuneError(f"--attention varlen: torch's variable-length attention has no dropout, and this model "
+                          f"drops attention weights with p = {dropout:g}; {DROPOUT_ADVICE}")
+    batch, heads, width, dim = query.shape
+    flat = [t.transpose(1, 2).reshape(batch * width, t.shape[1], dim) for t in (query, key, value)]
+    scale = scaling if scaling is not None else 1 / math.sqrt(dim)
+    kernel = varlen_kernel if query.is_cuda else varlen_reference
+    out = kernel(*flat, sftune_cu_seqlens, sftune_max_seqlen, scale)
+    return out.view(batch, width, heads, dim), None
+
+
+def varlen_kernel(q, k, v, cu_seqlens, max_seqlen: int, scale: float) -> torch.Tensor:
+    """Causal flash attention over the sequences of `cu_seqlens` (torch >= 2.10, CUDA): the keywords differ
+    between torch releases (is_causal in 2.10, window_size after; scale and enable_gqa are not in all)."""
+    if _KERNEL is None:
+        raise SftuneError(f"--attention varlen needs torch 2.10 or later (this is {torch.__version__}); "
+                          f"use --attention sdpa")
+    varlen_attn, params = _KERNEL
+    options = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
+    if "scale" in params:
+        options["scale"] = scale
+    else:
+        q = q * (scale * math.sqrt(q.shape[-1]))  # (its default scale is 1 / sqrt(D))
+    if k.shape[1] != q.shape[1]:
+        if "enable_gqa" in params:
+            options["enable_gqa"] = True
+        else:
+            k, v = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (k, v))
+    return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **options)
+
+
+def varlen_reference(q, k, v, cu_seqlens, max_seqlen: int, scale: float) -> torch.Tensor:
+    """The same on any device: causal SDPA over each sequence in turn ((total, H, D) in and out)."""
+    bounds = cu_seqlens.tolist()
+    pieces = []
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end > start:
+            qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))  # (H, n, D)
+            pieces.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                                         enable_gqa=ks.shape[0] != qs.shape[0]).transpose(0, 1))
+    return torch.cat(pieces)
+
+
+def attention_dropout(model_config) -> float:
+    """The attention dropout a model config sets (0 when it names none)."""
+    return max((float(getattr(model_config, key, 0) or 0) for key in DROPOUT_KEYS), default=0.0)
+
+
+def check_varlen(model_config, device, precision: str | None) -> None:
+    """`--attention varlen` can train this model here, or a clear error."""
+    if (p := attention_dropout(model_config)) > 0:
+        key = next(k for k in DROPOUT_KEYS if float(getattr(model_config, k, 0) or 0) == p)
+        raise SftuneError(f"--attention varlen: torch's variable-length attention has no dropout, and this model's "
+                          f"config sets {key} = {p:g}; {DROPOUT_ADVICE}")
+    if device is not None and torch.device(device).type == "cuda":
+        if _KERNEL is None:
+            raise SftuneError(f"--attention varlen needs torch 2.10 or later (this is {torch.__version__}); "
+                              f"use --attention sdpa")
+        if precision not in ("bf16", "fp16"):
+            raise SftuneError(f"--attention varlen runs flash attention, which computes in bf16 or fp16, not "
+                              f"{precision}; use --precision bf16 (or --attention sdpa)")
+
+
+@contextlib.contextmanager
+def generating(model):
+    """SDPA while generating (left padding and the cache need masks), then NAME again."""
+    if getattr(model.config, "_attn_implementation", None) != NAME:
+        yield
+        return
+    model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(NAME)

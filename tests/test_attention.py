@@ -1,0 +1,97 @@
+"""`--attention varlen`: packed rows through variable-length attention, with the sequence starts from the host.
+
+torch's kernel (flash attention, CUDA) is checked against SDPA by `benchmarks/gpu_check.py` on a GPU. Here, on a
+CPU, the rest is: the sequence starts the collate finds, the layouts and keywords through transformers' attention
+interface (GPT-2, and Llama with grouped-query heads), the same loss and gradients as transformers' own
+block-diagonal mask, static batches, and whole runs through the CLI equal to the default attention's.
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import QUICKSTART_DATA, read_jsonl, run_main
+from sftune.attention import CU_MULTIPLE, NAME, PAD_BLOCK, register, sequence_starts
+from sftune.batching import EAGER
+from sftune.loss import CausalLMLoss
+from test_compile import STATIC, batch_of, loss_and_grads, tiny
+
+
+def test_sequence_starts_cut_padding_and_pad_static_batches():
+    cu, longest = sequence_starts([[3, 2], [4]], width=300, rows=3, static=False)
+    # row 0: 3, 2, then 295 of padding in blocks of PAD_BLOCK; row 1: 4, then 296; row 2 (empty): 300
+    lengths = np.diff(cu).tolist()
+    assert lengths == [3, 2, 128, 128, 39, 4, 128, 128, 40, 128, 128, 44]
+    assert cu[-1] == 3 * 300 and cu.dtype == np.int32 and longest == PAD_BLOCK
+    cu, longest = sequence_starts([[3, 2], [4]], width=300, rows=3, static=True)
+    assert len(cu) % CU_MULTIPLE == 0 and np.diff(cu).tolist()[:12] == lengths and set(cu[13:]) == {900}
+    assert longest == 128  # rounded up to MAX_MULTIPLE (the same grid for flash attention)
+    assert sequence_starts([[70]], width=100, rows=1, static=True)[1] == 100  # never past the width
+
+
+def test_packed_batches_carry_the_starts():
+    batch = batch_of(EAGER, packed=True)  # rows of examples [5, 9, 13] and [7, 11]: 27 wide
+    assert np.diff(batch["cu_seqlens"].numpy()).tolist() == [5, 9, 13, 7, 11, 9]  # (the second row's padding: 9)
+    assert batch["max_seqlen"] == 13
+    assert "cu_seqlens" not in batch_of(EAGER, packed=False)  # rows that are not packed need no starts
+
+
+@pytest.mark.parametrize("padding", [EAGER, STATIC], ids=["eager", "static"])
+@pytest.mark.parametrize("family", ["gpt2", "tiny-llama"])
+def test_varlen_gives_the_loss_and_gradients_of_the_block_mask(family, padding):
+    """fp64: the same loss and every gradient as transformers' SDPA with its block-diagonal mask (the model's
+    default), for GPT-2 and for Llama (grouped-query heads, rotary positions)."""
+    register()
+    loss_model = CausalLMLoss(tiny(family, torch.float64))
+    batch = batch_of(padding, packed=True)
+    want_loss, want = loss_and_grads(loss_model, batch)
+    loss_model.model.set_attn_implementation(NAME)
+    loss_model = CausalLMLoss(loss_model.model)
+    assert loss_model.varlen
+    got_loss, got = loss_and_grads(loss_model, batch)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-12, atol=0)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
+
+
+def test_varlen_refuses_attention_dropout(capsys, tmp_path, tiny_model_dir):
+    """GPT-2's own config drops attention weights (attn_pdrop 0.1): exit 2 with the fix, nothing written."""
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    model = tmp_path / "gpt2-dropout"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({**config, "attn_pdrop": 0.1}))
+    code, _, err = run_main(capsys, "train", "--model", str(model), "--init", "random", "--tokenizer",
+                            str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA), "--packing", "--attention",
+                            "varlen", "--output-dir", str(tmp_path / "run"))
+    assert code == 2
+    assert "--attention varlen" in err and "attn_pdrop = 0.1" in err and "--attention sdpa" in err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()
+
+
+def test_packed_run_with_varlen_equals_the_default(capsys, tmp_path, small_model_dir):
+    """A whole packed run (training, evaluations, sample prompts, the saved model) under --attention varlen has
+    the losses of the default attention's; the saved model names no sftune attention and loads anywhere."""
+    common = ["train", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA), "--packing",
+              "--max-length", "64", "--batch-size", "4", "--max-steps", "4", "--eval-every", "4", "--log-every", "1",
+              "--sample-prompts", "The movie", "--sample-max-new-tokens", "4", "--report-to", "none",
+              "--precision", "fp32"]
+    runs = {}
+    for attention in ("auto", "varlen"):
+        out = tmp_path / attention
+        code, _, err = run_main(capsys, *common, "--attention", attention, "--output-dir", str(out))
+        assert code == 0, err
+        runs[attention] = read_jsonl(out / "metrics.jsonl")
+    for kind, key in (("train", "loss"), ("eval", "val_loss")):
+        got = [r[key] for r in runs["varlen"] if r["type"] == kind]
+        want = [r[key] for r in runs["auto"] if r["type"] == kind]
+        assert len(got) == len(want) > 0
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+    samples = [r for r in runs["varlen"] if r["type"] == "sample"]
+    assert samples and samples == [r for r in runs["auto"] if r["type"] == "sample"]
+    saved = json.loads((tmp_path / "varlen" / "config.json").read_text())
+    assert NAME not in json.dumps(saved)
+    AutoModelForCausalLM.from_pretrained(tmp_path / "varlen")
+
