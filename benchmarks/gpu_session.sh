@@ -63,7 +63,7 @@ for p in $PHASES; do
   case $p in
     check) [ "$DEVICE" = cuda ] && phase check 150 $py benchmarks/gpu_check.py --quick --json "$OUT/gpu-check-quick.json" ;;
     speed) phase speed 420 $py benchmarks/throughput.py --device "$DEVICE" "${speed[@]}" --json "$OUT/$card-$date.json" ;;
-    runs) phase runs 300 $py benchmarks/gpu_check.py --device "$DEVICE" "${runs[@]}" --json "$OUT/gpu-check.json" ;;
+    runs) phase runs 300 $py benchmarks/gpu_check.py --device "$DEVICE" --runs-only "${runs[@]}" --json "$OUT/gpu-check.json" ;;
     peers)
       phase trl-seed 90 $py benchmarks/trl_baseline.py --device "$DEVICE" "${seed_trl[@]}" --json "$OUT/trl-seed.json"
       phase trl-seed-nogc 90 $py benchmarks/trl_baseline.py --device "$DEVICE" "${seed_trl[@]}" --no-gradient-checkpointing --json "$OUT/trl-seed-nogc.json"
