@@ -20,7 +20,7 @@ tokens per second over the steps after a warm-up.
           step (`--compile auto`: CUDA graphs), whose capture time is kept out of the measured window.
   packed: (--device cuda) sftune with --packing: 32 rows of 1,024 tokens a step.
   packed-varlen: (--device cuda --packed-varlen) the same under --attention varlen (torch's variable-length flash
-          attention: no block mask), on GPT-2 with attention dropout 0 (the kernel has none).
+          attention: no block mask), with --model-config-overrides attn_pdrop=0 (the kernel has no dropout).
 
 --whole-job times two processes from start to exit, each with empty caches: the notebook (the seed's pipeline,
 val loss before training, one epoch of its loop, val loss after, `save_pretrained`) and
@@ -55,13 +55,11 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def gpt2_small(layers: int | None = None, width: int | None = None, attention_dropout: float | None = None):
+def gpt2_small(layers: int | None = None, width: int | None = None):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(GPT2)
-    if attention_dropout is not None:
-        config.attn_pdrop = attention_dropout
     if layers:
         config.n_layer, config.n_embd, config.n_head = layers, width, max(1, width // 64)
     torch.manual_seed(0)
@@ -182,14 +180,15 @@ def worker_sftune(args) -> dict:
         prep_cached = time.perf_counter() - t0
 
         model_dir = tmp / "gpt2-small"
-        gpt2_small(attention_dropout=0.0 if varlen else None).save_pretrained(model_dir)
+        gpt2_small().save_pretrained(model_dir)
         tokenizer.save_pretrained(model_dir)
         options = {"model": str(model_dir), "dataset": str(dataset), "max_steps": args.warmup + args.steps,
                    "log_every": 1, "output_dir": str(tmp / "run"), "cache_dir": str(tmp / "cache"),
                    "device": args.device, "report_to": "none", "compile": args.compile}
         if packed:
             options.update(packing=True, max_length=1024, compile=args.packed_compile or args.compile,
-                           attention="varlen" if varlen else "auto")
+                           attention="varlen" if varlen else "auto",
+                           model_config_overrides={"attn_pdrop": 0.0} if varlen else {})
         result = sftune.train(sftune.resolve_config(options))
         rows = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in rows if r["type"] == "train"]

@@ -57,18 +57,37 @@ def test_varlen_gives_the_loss_and_gradients_of_the_block_mask(family, padding):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
 
 
-def test_varlen_refuses_attention_dropout(capsys, tmp_path, tiny_model_dir):
-    """GPT-2's own config drops attention weights (attn_pdrop 0.1): exit 2 with the fix, nothing written."""
-    config = json.loads((tiny_model_dir / "config.json").read_text())
+def test_varlen_refuses_attention_dropout_and_names_the_override(capsys, tmp_path, small_model_dir):
+    """GPT-2's own config drops attention weights (attn_pdrop 0.1): exit 2 naming the fix, nothing written; with
+    the fix (--model-config-overrides attn_pdrop=0) it trains, and the saved config has the overridden value."""
+    config = json.loads((small_model_dir / "config.json").read_text())
     model = tmp_path / "gpt2-dropout"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({**config, "attn_pdrop": 0.1}))
-    code, _, err = run_main(capsys, "train", "--model", str(model), "--init", "random", "--tokenizer",
-                            str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA), "--packing", "--attention",
-                            "varlen", "--output-dir", str(tmp_path / "run"))
-    assert code == 2
-    assert "--attention varlen" in err and "attn_pdrop = 0.1" in err and "--attention sdpa" in err
-    assert "Traceback" not in err and not (tmp_path / "run").exists()
+    common = ["train", "--model", str(model), "--init", "random", "--tokenizer", str(small_model_dir), "--dataset",
+              str(QUICKSTART_DATA), "--packing", "--max-length", "64", "--attention", "varlen", "--max-steps", "1",
+              "--eval-every", "null", "--report-to", "none"]
+    code, _, err = run_main(capsys, *common, "--output-dir", str(tmp_path / "refused"))
+    assert code == 2 and "Traceback" not in err and not (tmp_path / "refused").exists()
+    assert "--attention varlen" in err and "attn_pdrop = 0.1" in err
+    assert "--model-config-overrides attn_pdrop=0" in err and "--attention sdpa" in err
+    code, _, err = run_main(capsys, *common, "--model-config-overrides", "attn_pdrop=0", "--output-dir",
+                            str(tmp_path / "run"))
+    assert code == 0, err
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["attn_pdrop"] == 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ("attn_drop=0", "has no key 'attn_drop' (did you mean attn_pdrop"),
+    ("attn_pdrop", "KEY=VALUE pairs"),
+    ("attn_pdrop=[0]", "must be a number, true/false, null or text"),
+])
+def test_a_wrong_model_config_override_is_a_clear_error(capsys, tmp_path, small_model_dir, overrides, message):
+    code, _, err = run_main(capsys, "train", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA),
+                            "--model-config-overrides", overrides, "--output-dir", str(tmp_path / "run"))
+    assert code == 2 and message in err and "Traceback" not in err
+    assert "model-config-overrides" in err or "model_config_overrides" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_packed_run_with_varlen_equals_the_default(capsys, tmp_path, small_model_dir):

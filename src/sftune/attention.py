@@ -31,7 +31,7 @@ CU_MULTIPLE = 64  # static batches: sequence starts padded to a multiple of this
 MAX_MULTIPLE = 128  # static batches: the longest sequence rounded up to this (flash's query block: the same grid)
 PAD_BLOCK = 128  # a row's padding is cut into sequences of at most this (it attends to nothing real anyway)
 DROPOUT_KEYS = ("attn_pdrop", "attention_dropout", "attention_probs_dropout_prob")  # model configs' names for it
-DROPOUT_ADVICE = "use --attention sdpa, or a model config whose attention dropout is 0"
+DROPOUT_ADVICE = "set it to 0 with --model-config-overrides KEY=0, or use --attention sdpa"
 
 
 def sequence_starts(example_lengths: list[list[int]], width: int, rows: int, static: bool) -> tuple[np.ndarray, int]:
@@ -109,6 +109,8 @@ def varlen_kernel(q, k, v, cu_seqlens, max_seqlen: int, scale: float) -> torch.T
         raise SftuneError(f"--attention varlen needs torch 2.10 or later (this is {torch.__version__}); "
                           f"use --attention sdpa")
     varlen_attn, params = _KERNEL
+    half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else v.dtype
+    q, k, v = (t.to(half) for t in (q, k, v))  # (one dtype, as flash needs: a model may leave q/k in fp32)
     options = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
     if "scale" in params:
         options["scale"] = scale
@@ -144,7 +146,7 @@ def check_varlen(model_config, device, precision: str | None) -> None:
     if (p := attention_dropout(model_config)) > 0:
         key = next(k for k in DROPOUT_KEYS if float(getattr(model_config, k, 0) or 0) == p)
         raise SftuneError(f"--attention varlen: torch's variable-length attention has no dropout, and this model's "
-                          f"config sets {key} = {p:g}; {DROPOUT_ADVICE}")
+                          f"config sets {key} = {p:g}; {DROPOUT_ADVICE.replace('KEY', key)}")
     if device is not None and torch.device(device).type == "cuda":
         if _KERNEL is None:
             raise SftuneError(f"--attention varlen needs torch 2.10 or later (this is {torch.__version__}); "

@@ -34,7 +34,7 @@ from sftune.dist import Dist, init_dist
 from sftune.errors import SftuneError
 from sftune.loss import CausalLMLoss
 from sftune.modeling import check_attention, context_length, enable_activation_checkpointing, load_model, \
-    load_model_config, load_tokenizer, save_model
+    load_model_config, load_tokenizer, override_config, save_model
 from sftune.outputs import OutputLock, check_output_dir, clear_previous_run, finished_without_checkpoints, \
     publish_model, resolve_output_dir
 from sftune.run_report import DATA_FILE, data_summary
@@ -346,7 +346,7 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     precision = resolve_precision(cfg.precision, dist.device)
     log(f"device: {dist.device}, precision: {precision}" + (" (auto)" if cfg.precision == "auto" else ""))
     tokenizer = build_tokenizer(cfg)
-    model_config = load_model_config(cfg.model, cfg.trust_remote_code)
+    model_config = override_config(load_model_config(cfg.model, cfg.trust_remote_code), cfg.model_config_overrides)
     check_model_fits(cfg, tokenizer, model_config)
     check_attention(model_config, cfg.attention, cfg.trust_remote_code, dist.device, precision)  # (before the data)
     if cfg.lora_r:
@@ -381,7 +381,7 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     # else the base (a sharded or adapter checkpoint's weights are loaded into it by `restore`)
     from_checkpoint = checkpoint is not None and kind.full_weights
     model = load_model(str(checkpoint) if from_checkpoint else cfg.model, "pretrained" if from_checkpoint else cfg.init,
-                       cfg.trust_remote_code, cfg.seed, attention=cfg.attention)
+                       cfg.trust_remote_code, cfg.seed, attention=cfg.attention, overrides=cfg.model_config_overrides)
     base = base_name(cfg, out)
     if dist.is_main:  # every check has passed: from here on the directory is this run's
         if checkpoint is None and cfg.overwrite:

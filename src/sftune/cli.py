@@ -66,7 +66,7 @@ def add_config_flags(parser: argparse.ArgumentParser, keys: set[str] | None = No
             kwargs["nargs"] = "+"
             kwargs["metavar"] = "TEXT"
         elif typing.get_origin(base) is dict:
-            kwargs["metavar"] = "PART=COLUMN,..."
+            kwargs["metavar"] = "KEY=VALUE,..." if name == "model_config_overrides" else "PART=COLUMN,..."
         elif typing.get_origin(base) is Literal:
             kwargs["metavar"] = "{" + ",".join(typing.get_args(base)) + "}"
         else:

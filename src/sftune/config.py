@@ -62,6 +62,9 @@ class SFTConfig:
         "model",
     )
     trust_remote_code: bool = _f(False, "Allow model/tokenizer code from the Hub repo to run.", "model")
+    model_config_overrides: dict[str, Any] = _f(
+        {}, "Set model config values before the model is built, e.g. attn_pdrop=0,resid_pdrop=0 (values read as "
+        "YAML: numbers, true/false, null, text); the saved model's config.json has them.", "model")
     attention: str = _f(
         "auto", "Attention kernel (transformers' attn_implementation): auto (transformers' choice: sdpa where the "
         "model has it), sdpa, eager, flex_attention, flash_attention_2 (needs the flash-attn package), varlen "
@@ -272,6 +275,8 @@ def describe_type(name: str) -> str:
         text = " | ".join(repr(c) for c in typing.get_args(base))
     elif typing.get_origin(base) is list:
         text = "list of strings"
+    elif name == "model_config_overrides":
+        text = "mapping (KEY=VALUE,...)"
     elif typing.get_origin(base) is dict:
         text = "mapping (PART=COLUMN,...)"
     else:
@@ -287,6 +292,39 @@ def short(value: Any) -> str:
     """A value as an error message may show it: bounded, however large or deeply nested (a YAML alias bomb
     expands to billions of items when formatted in full)."""
     return _REPR.repr(value)
+
+
+def _scalar(text: str) -> Any:
+    """A flag's value as YAML reads it, and 1e-5 as a number (YAML 1.1 reads it as text)."""
+    value = yaml.safe_load(text) if text else ""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def parse_overrides(value: Any) -> dict[str, Any]:
+    """`"attn_pdrop=0,use_cache=false"` (or a YAML mapping) -> {"attn_pdrop": 0, "use_cache": False}: each value
+    read as YAML, and only plain values (a number, true/false, null, text).
+
+    >>> parse_overrides("attn_pdrop=0, resid_pdrop=0.05")
+    {'attn_pdrop': 0, 'resid_pdrop': 0.05}
+    """
+    if not value:
+        return {}
+    if isinstance(value, str):
+        pairs = [pair.partition("=") for pair in value.split(",") if pair.strip()]
+        if bad := [k for k, eq, _ in pairs if not eq or not k.strip()]:
+            raise ValueError(f"must be KEY=VALUE pairs separated by commas, e.g. attn_pdrop=0, got {short(bad[0])}")
+        value = {k.strip(): _scalar(v.strip()) for k, _, v in pairs}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise ValueError(f"must be a mapping of config key to value, e.g. attn_pdrop=0, got {short(value)}")
+    for key, v in value.items():
+        if v is not None and not isinstance(v, (bool, int, float, str)):
+            raise ValueError(f"{key}: must be a number, true/false, null or text, got {short(v)}")
+    return dict(value)
 
 
 def coerce(name: str, value: Any) -> Any:
@@ -310,6 +348,8 @@ def coerce(name: str, value: Any) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ValueError(f"must be a list of strings, got {short(value)}")
         return list(value)
+    if name == "model_config_overrides":
+        return parse_overrides(value)
     if typing.get_origin(base) is dict:
         from sftune.data.formats import parse_columns
 

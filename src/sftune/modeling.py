@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 from pathlib import Path
 
@@ -99,6 +100,20 @@ def load_model_config(name: str, trust_remote_code: bool = False, base: str | No
     )
 
 
+def override_config(model_config, overrides: dict | None):
+    """`model_config` with `--model-config-overrides` set on it (in place); a key the config does not have is a
+    clear error naming the nearest ones."""
+    known = model_config.to_dict()
+    for key, value in (overrides or {}).items():
+        if key not in known and not hasattr(model_config, key):
+            close = difflib.get_close_matches(key, list(known), n=3)
+            raise SftuneError(f"--model-config-overrides: the {model_config.model_type} config has no key {key!r}"
+                              + (f" (did you mean {' or '.join(close)}?)" if close else "")
+                              + "; fix it in --model-config-overrides (model_config_overrides in YAML)")
+        setattr(model_config, key, value)
+    return model_config
+
+
 def check_attention(model_config, attention: str, trust_remote_code: bool = False, device=None,
                     precision: str | None = None) -> dict:
     """The `from_pretrained`/`from_config` keywords for `--attention`, checked on a weightless (meta-device) copy of
@@ -130,7 +145,7 @@ def check_attention(model_config, attention: str, trust_remote_code: bool = Fals
 
 
 def load_model(name: str, init: str = "pretrained", trust_remote_code: bool = False, seed: int = 0,
-               base: str | None = None, attention: str = "auto"):
+               base: str | None = None, attention: str = "auto", overrides: dict | None = None):
     """A causal LM in fp32 (master weights; lower precision is applied by autocast).
 
     init="random" builds the architecture from config.json with seeded fresh weights. A LoRA adapter directory
@@ -141,8 +156,11 @@ def load_model(name: str, init: str = "pretrained", trust_remote_code: bool = Fa
 
     if init == "pretrained" and is_adapter_dir(name):
         return load_adapter_model(name, base, trust_remote_code)
-    config = load_model_config(name, trust_remote_code) if attention != "auto" or init == "random" else None
+    config = (override_config(load_model_config(name, trust_remote_code), overrides)
+              if attention != "auto" or init == "random" or overrides else None)
     attn = check_attention(config, attention, trust_remote_code) if config is not None else {}
+    if overrides and init == "pretrained":
+        attn["config"] = config  # (the pretrained weights, built with the overridden config)
     if init == "random":
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32,
