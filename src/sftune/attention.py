@@ -82,6 +82,14 @@ def register() -> None:
     _KERNEL = (varlen_attn, frozenset(inspect.signature(varlen_attn).parameters))
 
 
+def kernel() -> tuple:
+    """torch's varlen_attn and its keyword names, or a clear error on a torch without it."""
+    if _KERNEL is None:
+        raise SftuneError(f"--attention varlen needs torch 2.10 or later (this is {torch.__version__}); "
+                          f"use --attention sdpa")
+    return _KERNEL
+
+
 def attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                       sftune_cu_seqlens=None, sftune_max_seqlen=None, **kwargs):
     """transformers' attention-function contract: (B, H, T, D) query, (B, Hkv, T, D) key and value in; the
@@ -97,18 +105,15 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     batch, heads, width, dim = query.shape
     flat = [t.transpose(1, 2).reshape(batch * width, t.shape[1], dim) for t in (query, key, value)]
     scale = scaling if scaling is not None else 1 / math.sqrt(dim)
-    kernel = varlen_kernel if query.is_cuda else varlen_reference
-    out = kernel(*flat, sftune_cu_seqlens, sftune_max_seqlen, scale)
+    attend = varlen_kernel if query.is_cuda else varlen_reference
+    out = attend(*flat, sftune_cu_seqlens, sftune_max_seqlen, scale)
     return out.view(batch, width, heads, dim), None
 
 
 def varlen_kernel(q, k, v, cu_seqlens, max_seqlen: int, scale: float) -> torch.Tensor:
     """Causal flash attention over the sequences of `cu_seqlens` (torch >= 2.10, CUDA): the keywords differ
     between torch releases (is_causal in 2.10, window_size after; scale and enable_gqa are not in all)."""
-    if _KERNEL is None:
-        raise SftuneError(f"--attention varlen needs torch 2.10 or later (this is {torch.__version__}); "
-                          f"use --attention sdpa")
-    varlen_attn, params = _KERNEL
+    varlen_attn, params = kernel()
     half = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else v.dtype
     q, k, v = (t.to(half) for t in (q, k, v))  # (one dtype, as flash needs: a model may leave q/k in fp32)
     options = {"window_size": (-1, 0)} if "window_size" in params else {"is_causal": True}
@@ -148,9 +153,7 @@ def check_varlen(model_config, device, precision: str | None) -> None:
         raise SftuneError(f"--attention varlen: torch's variable-length attention has no dropout, and this model's "
                           f"config sets {key} = {p:g}; {DROPOUT_ADVICE.replace('KEY', key)}")
     if device is not None and torch.device(device).type == "cuda":
-        if _KERNEL is None:
-            raise SftuneError(f"--attention varlen needs torch 2.10 or later (this is {torch.__version__}); "
-                              f"use --attention sdpa")
+        kernel()
         if precision not in ("bf16", "fp16"):
             raise SftuneError(f"--attention varlen runs flash attention, which computes in bf16 or fp16, not "
                               f"{precision}; use --precision bf16 (or --attention sdpa)")
