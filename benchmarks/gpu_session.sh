@@ -4,7 +4,7 @@
 # ../shared/tools/gpu-prep.sh (wheels in .whl/, ../shared copied to .gpu-shared/), then on the device, after the
 # line gpu-prep.sh prints, with carry [".whl", ".gpu-shared"]:
 #   bash benchmarks/gpu_session.sh                      # PHASES="check speed": about 6 minutes on an H100/H200
-#   PHASES="runs" bash benchmarks/gpu_session.sh        # then, in a second call while the machine is warm
+#   PHASES="runs fusion" bash benchmarks/gpu_session.sh # then, in a second call while the machine is warm
 # (one call may run 10 minutes at most: the phases' limits below add up to more, so split them over calls)
 # Phases (each under its own time limit, seconds):
 #   check  (150) benchmarks/gpu_check.py --quick: CUDA graph replays against eager steps (fp32/bf16, dropout),
@@ -14,6 +14,8 @@
 #                (real tok/s, ms/step, MFU, peak GPU memory, compile time apart), and the whole seed job
 #   runs   (300) benchmarks/gpu_check.py: whole runs --compile off/graphs/torch (fp32, bf16), SIGTERM resume
 #                under graphs (bitwise?), the non-finite guard under graphs
+#   fusion (300) benchmarks/throughput.py --only packed,packed-varlen --packed-compile torch: the packed runs with
+#                inductor's fused kernels instead of graphs (for packed rows the step is compute, not launches)
 #   peers  (540) TRL's SFTTrainer (benchmarks/trl_baseline.py) next to sftune: the seed's recipe (TRL's defaults,
 #                then without gradient checkpointing), and the 1B Llama packed, full and LoRA r16, both tools;
 #                then sftune's 1B run with --attention flex_attention, and with --attention varlen
@@ -64,6 +66,7 @@ for p in $PHASES; do
     check) [ "$DEVICE" = cuda ] && phase check 150 $py benchmarks/gpu_check.py --quick --json "$OUT/gpu-check-quick.json" ;;
     speed) phase speed 420 $py benchmarks/throughput.py --device "$DEVICE" "${speed[@]}" --json "$OUT/$card-$date.json" ;;
     runs) phase runs 300 $py benchmarks/gpu_check.py --device "$DEVICE" --runs-only "${runs[@]}" --json "$OUT/gpu-check.json" ;;
+    fusion) [ "$DEVICE" = cuda ] && phase fusion 300 $py benchmarks/throughput.py --device cuda --quick --only packed,packed-varlen --packed-compile torch --json "$OUT/packed-compiled-$card-$date.json" ;;
     peers)
       phase trl-seed 90 $py benchmarks/trl_baseline.py --device "$DEVICE" "${seed_trl[@]}" --json "$OUT/trl-seed.json"
       phase trl-seed-nogc 90 $py benchmarks/trl_baseline.py --device "$DEVICE" "${seed_trl[@]}" --no-gradient-checkpointing --json "$OUT/trl-seed-nogc.json"
@@ -80,7 +83,7 @@ for p in $PHASES; do
     memory)
       phase memory-small 120 $py benchmarks/memory.py --device "$DEVICE" "${small[@]}" --json
       phase memory-big 120 $py benchmarks/memory.py --device "$DEVICE" "${big[@]}" --json ;;
-    *) echo "unknown phase $p (check, speed, runs, peers, memory)" ;;
+    *) echo "unknown phase $p (check, speed, runs, fusion, peers, memory)" ;;
   esac
 done
 ls -la "$OUT"

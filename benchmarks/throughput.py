@@ -377,6 +377,8 @@ def main() -> None:
                    help="--compile for the packed run only (default: --compile)")
     p.add_argument("--packed-varlen", action="store_true",
                    help="(GPU) also the packed run under --attention varlen (GPT-2 with attention dropout 0)")
+    p.add_argument("--only", metavar="RUN,RUN", help="run only these (seed, sftune, packed, packed-varlen): no ratio "
+                   "without seed and sftune")
     p.add_argument("--whole-job", action="store_true",
                    help="also time the whole seed job, process start to exit: the notebook vs sftune train")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -403,19 +405,22 @@ def main() -> None:
 
     names = ("seed", "sftune", "packed", *(["packed-varlen"] if args.packed_varlen else [])) if gpu else (
         "seed", "sftune")
+    if args.only:  # (no ratio without both seed and sftune)
+        names = tuple(args.only.split(","))
     for name in names:
         results[name] = run_worker(name, args)
         save()
     runs = {name: results[name] for name in names}
     for name, r in runs.items():
         add_mfu(r, peak, 1024 if name.startswith("packed") else r["mean_row_tokens"])
-    ratio = results["sftune"]["real_tok_s"] / results["seed"]["real_tok_s"]
+    both = {"seed", "sftune"} <= set(names)
+    ratio = results["sftune"]["real_tok_s"] / results["seed"]["real_tok_s"] if both else None
     results.update(ratio=ratio, compile=args.compile, packed_compile=args.packed_compile or args.compile,
                    date=time.strftime("%Y-%m-%d"), torch=__import__("torch").__version__)
-    if gpu:
+    if "packed" in results:
         results["packed_mfu"] = results["packed"].get("mfu")
-        if args.packed_varlen:
-            results["packed_varlen_mfu"] = results["packed-varlen"].get("mfu")
+    if "packed-varlen" in results:
+        results["packed_varlen_mfu"] = results["packed-varlen"].get("mfu")
     save()
     print(f"\nGPT-2 small on SST-2, {card}, torch {__import__('torch').__version__}, sftune --compile {args.compile}")
     print(f"{'run':<14}{'real tok/s':>12}{'ms/step':>9}{'MFU':>7}{'padded tok/s':>14}{'steps':>7}{'peak GPU MB':>13}"
@@ -426,7 +431,7 @@ def main() -> None:
         print(f"{name:<14}{r['real_tok_s']:>12,.0f}{r['ms_per_step']:>9.1f}{mfu:>7}{r['padded_tok_s']:>14,.0f}"
               f"{r['steps']:>7}{gpu_mb:>13}{r['peak_rss_mb']:>13,.0f}{r.get('compile_s', 0.0):>11.2f}"
               f"{r['prep_first_s']:>8.2f}{r['prep_cached_s']:>10.3f}"
-              f"{r['real_tok_s'] / results['seed']['real_tok_s']:>7.2f}x")
+              + (f"{r['real_tok_s'] / results['seed']['real_tok_s']:>7.2f}x" if "seed" in results else ""))
     if args.quality:
         results["quality"] = q = {}
         for name in ("seed", "sftune"):
@@ -451,7 +456,7 @@ def main() -> None:
               f"{jobs['seed']['val_after']:.3f}), sftune {jobs['sftune']['wall_s']:.1f} s (val "
               f"{jobs['sftune']['val_before']:.3f} -> {jobs['sftune']['val_after']:.3f}): "
               f"{results['whole_job_fraction']:.2f} of the notebook's time")
-    print(f"\nratio sftune/seed (real tokens/s): {ratio:.2f}x"
+    print((f"\nratio sftune/seed (real tokens/s): {ratio:.2f}x" if ratio else "\n")
           + (f"; packed MFU {100 * results['packed_mfu']:.1f}%" if results.get("packed_mfu") else "")
           + (f"; packed varlen MFU {100 * results['packed_varlen_mfu']:.1f}%" if results.get("packed_varlen_mfu")
              else ""))
