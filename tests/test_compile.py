@@ -206,3 +206,22 @@ def test_steps_made_ahead_in_a_thread_are_the_steps_of_the_loop(small_model_dir)
             break
     assert [e for e, _ in ahead] == [e for e, _ in direct] and len({e for e, _ in direct}) == 3
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(ahead, direct))
+
+
+def test_the_fused_loss_softmax_is_compiled_where_it_pays():
+    """Under CUDA graphs the fused loss's per-chunk softmax is compiled (`loss.ChunkMath`) when asked for with
+    --compile graphs, and under auto only for runs long enough to repay the compile (CHUNK_MATH_MIN_SLOTS)."""
+    from dataclasses import replace
+    from types import SimpleNamespace
+
+    from sftune.build import CHUNK_MATH_MIN_SLOTS, wants_chunk_math
+    from sftune.config import resolve_config
+
+    cfg = resolve_config({})  # batch 32, --compile auto
+    seed_job = SimpleNamespace(total_steps=1544, train=SimpleNamespace(lengths=np.full(100, 13)))
+    assert 1544 * 32 * 16 < CHUNK_MATH_MIN_SLOTS and not wants_chunk_math(cfg, "graphs", seed_job, 1024)
+    assert wants_chunk_math(replace(cfg, compile="graphs"), "graphs", seed_job, 1024)
+    packed, long = replace(cfg, packing=True), SimpleNamespace(total_steps=1000, train=None)
+    assert 1000 * 32 * 1024 >= CHUNK_MATH_MIN_SLOTS and wants_chunk_math(packed, "graphs", long, 1024)
+    assert not wants_chunk_math(packed, "torch", long, 1024)  # (the whole step is compiled there)
+    assert not wants_chunk_math(replace(packed, compile="off"), "off", long, 1024)

@@ -8,7 +8,7 @@ import torch
 from conftest import make_tiny_gpt2
 from sftune.batching import collate, collate_packed, best_fit_decreasing
 from sftune.data import Examples
-from sftune.loss import CausalLMLoss, sum_token_loss
+from sftune.loss import CE_CHUNK_ROWS, CausalLMLoss, ChunkMath, LinearCrossEntropySum, chunk_math_functional, sum_token_loss
 
 EOS = 50256
 
@@ -135,3 +135,50 @@ def test_flops_per_token_for_mfu():
     assert flops_per_token(model, 1024) == 6 * n + 12 * 12 * 768 * 1024
     assert flops_per_token(model, 100, frozen_base=True) == 4 * n + 12 * 12 * 768 * 100
     assert peak_flops(torch.device("cpu"), "bf16") is None  # MFU only on GPUs with a known peak
+
+
+def _head_inputs(rows: int, dtype=torch.float64):
+    """Hidden states, a head, and targets with ignored slots (IGNORE_INDEX), over more than one chunk."""
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(rows, 16, generator=gen, dtype=dtype, requires_grad=True)
+    weight = torch.randn(97, 16, generator=gen, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, 97, (rows,), generator=gen)
+    targets[::7] = -100
+    return hidden, weight, targets
+
+
+def _fused_sum(hidden, weight, targets, chunk_math):
+    correct = torch.zeros((), dtype=torch.long)
+    loss = LinearCrossEntropySum.apply(hidden, weight, targets, weight.detach(), correct, chunk_math)
+    grads = torch.autograd.grad(loss, (hidden, weight))
+    return loss.detach(), grads, int(correct)
+
+
+@pytest.mark.parametrize("how", ["functional", "compiled"])
+def test_the_chunk_math_for_the_compiler_is_the_same_math(how):
+    """`chunk_math_functional` (what a GPU run compiles into one or two passes over each chunk's logits) gives the
+    eager in-place path's loss, gradients and argmax hits, over two chunks and ignored slots (fp64); traced whole
+    by torch.compile (fullgraph, dynamic rows: the aot_eager backend here, inductor on a GPU) it still does."""
+    hidden, weight, targets = _head_inputs(CE_CHUNK_ROWS + 37)
+    chunk_math = chunk_math_functional if how == "functional" else ChunkMath(backend="aot_eager")
+    want_loss, want_grads, want_hits = _fused_sum(hidden, weight, targets, None)
+    got_loss, got_grads, got_hits = _fused_sum(hidden, weight, targets, chunk_math)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-12, atol=0)
+    for got, want in zip(got_grads, want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+    assert got_hits == want_hits > 0
+    if how == "compiled":
+        assert chunk_math.failed is None
+
+
+def test_a_chunk_math_that_fails_to_compile_runs_eagerly(capsys):
+    def broken(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    chunk_math = ChunkMath(backend=broken)
+    hidden, weight, targets = _head_inputs(50)
+    got = _fused_sum(hidden, weight, targets, chunk_math)
+    want = _fused_sum(hidden, weight, targets, None)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=0)
+    assert chunk_math.failed and "no compiler here" in chunk_math.failed
+    assert "runs eagerly" in capsys.readouterr().err

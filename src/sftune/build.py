@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator, Protocol
 
+import numpy as np
 import torch
 
 from sftune.batching import EAGER, Padding, chunk_rows_for, collate, collate_packed, epoch_steps, packed_epoch_steps
@@ -32,7 +33,7 @@ from sftune.data.cache import tokenizer_fingerprint
 from sftune.data.formats import Layout
 from sftune.dist import Dist, init_dist
 from sftune.errors import SftuneError
-from sftune.loss import CausalLMLoss
+from sftune.loss import CausalLMLoss, ChunkMath
 from sftune.modeling import check_attention, context_length, enable_activation_checkpointing, load_model, \
     load_model_config, load_tokenizer, override_config, save_model
 from sftune.outputs import OutputLock, check_output_dir, clear_previous_run, finished_without_checkpoints, \
@@ -401,10 +402,14 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     loss_model = CausalLMLoss(model.to(dist.device))
+    if loss_model.fused and wants_chunk_math(cfg, compile_mode, steps, max_length):
+        loss_model.chunk_math = ChunkMath()
     if compile_mode != "off" or cfg.compile != "auto" or dist.device.type == "cuda":  # (a CPU has only eager)
         log(f"step: {compile_mode} ({why})" + (f"; batches padded to multiples of {padding.multiple} tokens"
                                                 f"{f' and {padding.rows} rows' if padding.rows else ''}"
-                                                if padding.static else ""))
+                                                if padding.static else "")
+            + ("; the fused loss's softmax compiled (inductor, seconds at the first step)"
+               if loss_model.chunk_math else ""))
     wrapped = dist.wrap(loss_model, cfg.strategy)  # DDP under torchrun; the module itself in one process
     if compile_mode == "torch":  # (the training step only: evaluation runs `loss_model`, eagerly)
         wrapped = compile_step(wrapped, loss_model, padding, cfg.compile_backend, cfg.compile_mode)
@@ -471,6 +476,25 @@ def resolve_compile(cfg: SFTConfig, dist: Dist, precision: str, total_steps: int
                        f"{GRAPHS_MIN_STEPS} steps on; --compile graphs forces them)")
     return "graphs", ("auto: one CUDA GPU and a run long enough to repay the captures, so each batch shape's "
                       "forward and backward is a CUDA graph")
+
+
+CHUNK_MATH_MIN_SLOTS = 20_000_000  # auto: compile the fused loss's softmax for runs of at least this many target
+# slots (a prediction, to be measured: ~10 s of compiling against ~0.6 us saved per slot over GPT-2's vocabulary,
+# benchmarks/NOTES.md try 28)
+
+
+def wants_chunk_math(cfg: SFTConfig, compile_mode: str, steps: StepSource, max_length: int) -> bool:
+    """Whether the fused loss's per-chunk softmax is compiled (`loss.ChunkMath`): under CUDA graphs (under
+    `--compile torch` the whole step is compiled already), always when asked for with `--compile graphs`, and
+    under `auto` when the run is long enough to repay the compile."""
+    if compile_mode != "graphs":
+        return False
+    if cfg.compile == "graphs":
+        return True
+    lengths = getattr(getattr(steps, "train", None), "lengths", None)
+    width = max_length if cfg.packing or lengths is None or len(lengths) == 0 else min(
+        max_length, -(-int(np.mean(lengths)) // STATIC_MULTIPLE) * STATIC_MULTIPLE)
+    return steps.total_steps * cfg.batch_size * cfg.grad_accum * width >= CHUNK_MATH_MIN_SLOTS
 
 
 def step_padding(cfg: SFTConfig, compile_mode: str, max_length: int) -> Padding:

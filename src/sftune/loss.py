@@ -84,6 +84,7 @@ class CausalLMLoss(nn.Module):
         self._cast: tuple | None = None  # ((weight version, address, dtype), cast copy) of the output head
         self.cache_cast = True  # off while CUDA graphs capture the step (the cast must be part of the graph)
         self.correct: torch.Tensor | None = None  # in training: targets predicted exactly (argmax), on the device
+        self.chunk_math: ChunkMath | None = None  # the fused loss's per-chunk math compiled (GPU: `fuse_chunk_math`)
 
     def take_correct(self) -> int:
         """Targets whose argmax prediction was right since the last call (training forwards only). note: syncs.
@@ -119,7 +120,8 @@ class CausalLMLoss(nn.Module):
         device_type = hidden.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
         with torch.autocast(device_type, enabled=False):
-            return LinearCrossEntropySum.apply(hidden, weight, targets, self.cast_weight(weight, dtype), self._count())
+            return LinearCrossEntropySum.apply(hidden, weight, targets, self.cast_weight(weight, dtype), self._count(),
+                                               self.chunk_math)
 
     def cast_weight(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The head's weight in `dtype`, cast once per update, so the micro-batches of a step (and the batches
@@ -151,7 +153,7 @@ class LinearCrossEntropySum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, w, correct=None):
+    def forward(ctx, hidden, weight, targets, w, correct=None, chunk_math=None):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = None  # (V, D) fp32, created by the first chunk: no 150 MB zero-fill for GPT-2
@@ -162,15 +164,16 @@ class LinearCrossEntropySum(torch.autograd.Function):
             t = targets[i : i + CE_CHUNK_ROWS]
             trained = t != IGNORE_INDEX
             t = t.clamp(min=0)  # (an ignored row picks class 0, then counts for nothing)
-            logits = (h @ w.T).to(acc)  # (chunk, V) fp32: the only logits alive
-            lse = torch.logsumexp(logits, dim=-1)
-            total += torch.where(trained, lse - logits.gather(1, t[:, None]).squeeze(1), 0.0).sum()
-            if correct is not None:  # (counted in place: an accuracy for the log, no gradient)
-                correct += ((logits.argmax(-1) == t) & trained).sum()
-            if need_hidden or need_weight:
-                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
-                probs[torch.arange(len(t), device=t.device), t] -= 1.0
-                probs = probs.mul_(trained[:, None]).to(w.dtype)
+            if chunk_math is not None:  # the same math, fused by torch.compile: one or two passes over the logits
+                loss, hits, probs = chunk_math(h @ w.T, t, trained, acc, need_hidden or need_weight)
+                total += loss
+                if correct is not None:
+                    correct += hits
+            else:
+                logits = (h @ w.T).to(acc)  # (chunk, V) fp32: the only logits alive
+                probs = _chunk_in_place(logits, t, trained, total, correct, need_hidden or need_weight)
+            if probs is not None:
+                probs = probs.to(w.dtype)
                 if need_hidden:
                     grad_hidden[i : i + CE_CHUNK_ROWS] = probs @ w
                 if need_weight:
@@ -193,7 +196,57 @@ class LinearCrossEntropySum(torch.autograd.Function):
             grad_hidden = grad_hidden.mul_(grad_total)
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(grad_total).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None
+
+
+def _chunk_in_place(logits, t, trained, total, correct, want_grad: bool) -> torch.Tensor | None:
+    """One chunk eagerly, in place in its fp32 logits: adds its loss to `total` (and its argmax hits to
+    `correct`); returns d loss / d logits (softmax - onehot, 0 on untrained rows), or None."""
+    lse = torch.logsumexp(logits, dim=-1)
+    total += torch.where(trained, lse - logits.gather(1, t[:, None]).squeeze(1), 0.0).sum()
+    if correct is not None:  # (counted in place: an accuracy for the log, no gradient)
+        correct += ((logits.argmax(-1) == t) & trained).sum()
+    if not want_grad:
+        return None
+    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+    probs[torch.arange(len(t), device=t.device), t] -= 1.0
+    return probs.mul_(trained[:, None])
+
+
+def chunk_math_functional(logits, t, trained, acc: torch.dtype, want_grad: bool):
+    """One chunk's (loss sum, argmax hits, d loss / d logits or None) from its (rows, V) logits in the matmul's
+    dtype: the math of `_chunk_in_place` without in-place steps, so that torch.compile fuses it into a pass or two
+    over the logits (eagerly it would make about eight, most of them over an fp32 copy)."""
+    x = logits.to(acc)
+    lse = torch.logsumexp(x, dim=-1)
+    loss = torch.where(trained, lse - x.gather(1, t[:, None]).squeeze(1), 0.0).sum()
+    hits = ((x.argmax(-1) == t) & trained).sum()
+    if not want_grad:
+        return loss, hits, None
+    target = torch.arange(x.shape[-1], device=x.device)[None, :] == t[:, None]
+    grad = torch.where(trained[:, None], (x - lse[:, None]).exp() - target.to(acc), 0.0)
+    return loss, hits, grad.to(logits.dtype)
+
+
+class ChunkMath:
+    """`chunk_math_functional` under torch.compile (dynamic row counts: one compile serves every chunk size).
+    If compiling fails, it says so once and computes the same math eagerly."""
+
+    def __init__(self, backend: str = "inductor"):
+        self.compiled = torch.compile(chunk_math_functional, dynamic=True, fullgraph=True, backend=backend)
+        self.failed: str | None = None
+
+    def __call__(self, logits, t, trained, acc, want_grad):
+        if self.failed is None:
+            try:
+                return self.compiled(logits, t, trained, acc, want_grad)
+            except Exception as e:  # noqa: BLE001 (any compiler failure: the eager math is the same math)
+                lines = [line for line in str(e).splitlines() if line.strip()][:2]  # (a compiler error's cause)
+                self.failed = f"{type(e).__name__}: {' '.join(lines)}"[:300]
+                from sftune.console import log
+
+                log(f"warning: compiling the fused loss's chunk math failed ({self.failed}); it runs eagerly")
+        return chunk_math_functional(logits, t, trained, acc, want_grad)
 
 
 def sum_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
