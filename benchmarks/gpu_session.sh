@@ -41,7 +41,7 @@ if [ -n "${QUICK:-}" ]; then
 else
   small=(--steps 5)
   big=(--model-config examples/llama-1b --batch-size 8 --words 700 --steps 5)
-  speed=(--quick --whole-job --packed-varlen)  # (add --packed-compile torch to measure compile on the packed run)
+  speed=(--quick --whole-job --packed-varlen --packed-compile graphs)  # (explicit graphs: the loss softmax compiled too)
   runs=()
   seed_trl=()
   big_trl=(--steps 10 --warmup 3 --model-config examples/llama-1b --tokenizer bundled:gpt2 --packing --max-length 1024 --batch-size 8 --lr 3e-4)
