@@ -382,7 +382,8 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     # else the base (a sharded or adapter checkpoint's weights are loaded into it by `restore`)
     from_checkpoint = checkpoint is not None and kind.full_weights
     model = load_model(str(checkpoint) if from_checkpoint else cfg.model, "pretrained" if from_checkpoint else cfg.init,
-                       cfg.trust_remote_code, cfg.seed, attention=cfg.attention, overrides=cfg.model_config_overrides)
+                       cfg.trust_remote_code, cfg.seed, attention=cfg.attention, overrides=cfg.model_config_overrides,
+                       device=dist.device)
     base = base_name(cfg, out)
     if dist.is_main:  # every check has passed: from here on the directory is this run's
         if checkpoint is None and cfg.overwrite:
