@@ -12,6 +12,7 @@
 2. runs: whole `sftune train` runs (GPT-2 small, random init, SST-2, 30 steps of the seed's recipe) with
    --compile off and graphs in fp32, and off, graphs and torch (inductor) in bf16: the largest difference of the
    per-step losses from the eager run's.
+   Then LoRA r16 in bf16, eager against the default GPU step (graphs).
 3. resume: --compile graphs, bf16, dropout on: SIGTERM after step 12 of 24, then --resume auto; the final weights
    against an uninterrupted run's (bitwise equal is the goal).
 4. guard: a NaN loss at step 3 under graphs (SFTUNE_FAULT_NAN_STEPS) is skipped, and the run finishes.
@@ -297,6 +298,29 @@ def whole_runs(tmp: Path) -> list[dict]:
                     row["max_loss_diff"] = max(abs(a - b) for a, b in zip(got, base))
                     row["max_loss_rel"] = max(abs(a - b) / abs(b) for a, b in zip(got, base))
             rows.append(row)
+    rows += lora_runs(tmp)
+    return rows
+
+
+def lora_runs(tmp: Path) -> list[dict]:
+    """LoRA r16 (issue 11 on the GPU path): bf16 runs eager and under the default step (graphs on a GPU)."""
+    rows, base = [], None
+    for mode in ("off", "graphs" if OPTIONS["device"] == "cuda" else "torch"):
+        out = tmp / f"run-lora-{mode}"
+        started = time.perf_counter()
+        code, text = run(sftune_cmd(out, "--max-steps", str(OPTIONS["steps"]), "--precision", "bf16", "--compile", mode,
+                                    "--lora-r", "16", "--lr", "1e-3"))
+        row = {"precision": "bf16", "compile": f"{mode} (LoRA r16)", "exit": code,
+               "seconds": time.perf_counter() - started}
+        if code != 0:
+            row["log_tail"] = text[-3000:]
+        else:
+            got = losses(out)
+            base = got if mode == "off" else base
+            row["last_loss"] = got[-1]
+            if mode != "off" and base is not None:
+                row["max_loss_diff"] = max(abs(a - b) for a, b in zip(got, base))
+        rows.append(row)
     return rows
 
 
