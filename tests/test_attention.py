@@ -114,3 +114,18 @@ def test_packed_run_with_varlen_equals_the_default(capsys, tmp_path, small_model
     assert NAME not in json.dumps(saved)
     AutoModelForCausalLM.from_pretrained(tmp_path / "varlen")
 
+
+
+def test_only_a_varlen_model_captures_a_graph_per_sequence_count():
+    """The sequence starts are part of a CUDA graph's shape key only for a model that reads them: a packed batch
+    with more examples is the same graph for the block mask, another one under --attention varlen."""
+    from sftune.data import Examples
+    from sftune.batching import Padding, collate_packed
+    from sftune.graphs import shape_key
+
+    static = Padding(16, 2, 512, static=True)
+    few = collate_packed(Examples.from_lists([[1] * 200, [2] * 200]), [np.array([0]), np.array([1])], 0, static)
+    many = collate_packed(Examples.from_lists([[1] * 5] * 80), [np.arange(40), np.arange(40, 80)], 0, static)
+    assert few["input_ids"].shape == many["input_ids"].shape and few["cu_seqlens"].shape != many["cu_seqlens"].shape
+    assert shape_key(few) == shape_key(many)
+    assert shape_key(few, varlen=True) != shape_key(many, varlen=True)

@@ -72,6 +72,7 @@ def with_targets(batch: dict[str, np.ndarray], static: bool = False) -> dict[str
 # what the loss module reads: tensors copied to the device, and (packed rows) the longest sequence, a host int
 DEVICE_KEYS = ("input_ids", "position_ids", "target_positions", "targets", "cu_seqlens")
 HOST_KEYS = ("max_seqlen",)
+VARLEN_KEYS = ("cu_seqlens", "max_seqlen")  # read only by a model under `--attention varlen`
 
 
 def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:

@@ -307,7 +307,8 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         micro_batches = step_data.micro_batches
         started_step = time.perf_counter()
         loss_sum, step_targets = forward_backward(model, micro_batches, dist, precision, scaler, graphs)
-        if run.compile != "off" and not shapes_seen.issuperset(shapes := {shape_key(b) for b in micro_batches}):
+        shapes = {shape_key(b, run.loss_model.varlen) for b in micro_batches} if run.compile != "off" else set()
+        if not shapes_seen.issuperset(shapes):
             shapes_seen |= shapes  # (this step's time is mostly capture or compile: a one-off, not the run's pace)
             compile_s += time.perf_counter() - started_step
             window.exclude(time.perf_counter() - started_step)
