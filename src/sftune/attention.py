@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from sftune.errors import SftuneError
 
 NAME = "sftune_varlen"  # the name transformers knows it by (`--attention varlen`)
-CU_MULTIPLE = 64  # static batches: sequence starts padded to a multiple of this count (with empty sequences)
+CU_MULTIPLE = 256  # static batches: sequence starts padded to a multiple of this count (with empty sequences:
+# each costs flash attention a block that exits at once; fewer shapes mean fewer graphs and compiles)
 MAX_MULTIPLE = 128  # static batches: the longest sequence rounded up to this (flash's query block: the same grid)
 PAD_BLOCK = 128  # a row's padding is cut into sequences of at most this (it attends to nothing real anyway)
 DROPOUT_KEYS = ("attn_pdrop", "attention_dropout", "attention_probs_dropout_prob")  # model configs' names for it
