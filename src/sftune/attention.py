@@ -130,6 +130,7 @@ def varlen_kernel(q, k, v, cu_seqlens, max_seqlen: int, scale: float) -> torch.T
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **options)
 
 
+@torch.compiler.disable  # (a loop over host values: torch.compile would recompile it for every batch)
 def varlen_reference(q, k, v, cu_seqlens, max_seqlen: int, scale: float) -> torch.Tensor:
     """The same on any device: causal SDPA over each sequence in turn ((total, H, D) in and out)."""
     bounds = cu_seqlens.tolist()
