@@ -407,7 +407,19 @@ def main() -> None:
         "seed", "sftune")
     if args.only:  # (no ratio without both seed and sftune)
         names = tuple(args.only.split(","))
-    for name in names:
+    # the ratio's two runs first, then the whole job, then the packed runs: a run cut short by a time limit loses
+    # the least needed figures (the JSON is saved after each)
+    for name in [n for n in names if not n.startswith("packed")]:
+        results[name] = run_worker(name, args)
+        save()
+    if args.whole_job:
+        results["whole_job"] = jobs = {}
+        for name in ("seed", "sftune"):
+            jobs[name] = whole_job(name, args)
+            save()
+        results["whole_job_fraction"] = jobs["sftune"]["wall_s"] / jobs["seed"]["wall_s"]
+        save()
+    for name in [n for n in names if n.startswith("packed")]:
         results[name] = run_worker(name, args)
         save()
     runs = {name: results[name] for name in names}
@@ -446,11 +458,7 @@ def main() -> None:
         print(f"sftune vs seed: {100 * diff:+.2f}% val loss")
         results["quality_diff"] = diff
     if args.whole_job:
-        results["whole_job"] = jobs = {}
-        for name in ("seed", "sftune"):
-            jobs[name] = whole_job(name, args)
-            save()
-        results["whole_job_fraction"] = jobs["sftune"]["wall_s"] / jobs["seed"]["wall_s"]
+        jobs = results["whole_job"]
         print(f"\nthe whole seed job, process start to exit: notebook {jobs['seed']['wall_s']:.1f} s (of which "
               f"{jobs['seed']['train_seconds']:.1f} s training; val {jobs['seed']['val_before']:.3f} -> "
               f"{jobs['seed']['val_after']:.3f}), sftune {jobs['sftune']['wall_s']:.1f} s (val "
