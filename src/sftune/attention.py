@@ -106,9 +106,21 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     batch, heads, width, dim = query.shape
     flat = [t.transpose(1, 2).reshape(batch * width, t.shape[1], dim) for t in (query, key, value)]
     scale = scaling if scaling is not None else 1 / math.sqrt(dim)
-    attend = varlen_kernel if query.is_cuda else varlen_reference
+    attend = varlen_kernel if query.is_cuda else _reference_outside_compile()
     out = attend(*flat, sftune_cu_seqlens, sftune_max_seqlen, scale)
     return out.view(batch, width, heads, dim), None
+
+
+_REFERENCE = None
+
+
+def _reference_outside_compile():
+    """`varlen_reference`, run outside torch.compile (a loop over host values: compiled, it would recompile for
+    every batch). Wrapped on first use: importing torch._dynamo costs a second."""
+    global _REFERENCE
+    if _REFERENCE is None:
+        _REFERENCE = torch.compiler.disable(varlen_reference)
+    return _REFERENCE
 
 
 def varlen_kernel(q, k, v, cu_seqlens, max_seqlen: int, scale: float) -> torch.Tensor:
@@ -130,7 +142,6 @@ def varlen_kernel(q, k, v, cu_seqlens, max_seqlen: int, scale: float) -> torch.T
     return varlen_attn(q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, **options)
 
 
-@torch.compiler.disable  # (a loop over host values: torch.compile would recompile it for every batch)
 def varlen_reference(q, k, v, cu_seqlens, max_seqlen: int, scale: float) -> torch.Tensor:
     """The same on any device: causal SDPA over each sequence in turn ((total, H, D) in and out)."""
     bounds = cu_seqlens.tolist()
