@@ -252,7 +252,8 @@ def whole_job(name: str, args) -> dict:
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
         seconds = time.perf_counter() - started
         if proc.returncode != 0:
-            sys.exit(f"the whole {name} job failed:\n{proc.stderr[-4000:]}")
+            print(f"the whole {name} job failed (the other runs go on):\n{proc.stderr[-2000:]}", file=sys.stderr)
+            return {"error": proc.stderr[-4000:]}
         result = {"wall_s": seconds}
         if name == "seed":
             result.update(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -341,7 +342,10 @@ def run_worker(name: str, args) -> dict:
     print(f"running {name} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        sys.exit(f"{name} failed:\n{proc.stderr[-4000:]}")
+        if name in ("seed", "sftune"):  # (no ratio without them)
+            sys.exit(f"{name} failed:\n{proc.stderr[-4000:]}")
+        print(f"{name} failed (the other runs go on):\n{proc.stderr[-2000:]}", file=sys.stderr)
+        return {"error": proc.stderr[-4000:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -417,12 +421,13 @@ def main() -> None:
         for name in ("seed", "sftune"):
             jobs[name] = whole_job(name, args)
             save()
-        results["whole_job_fraction"] = jobs["sftune"]["wall_s"] / jobs["seed"]["wall_s"]
+        if not any("error" in job for job in jobs.values()):
+            results["whole_job_fraction"] = jobs["sftune"]["wall_s"] / jobs["seed"]["wall_s"]
         save()
     for name in [n for n in names if n.startswith("packed")]:
         results[name] = run_worker(name, args)
         save()
-    runs = {name: results[name] for name in names}
+    runs = {name: results[name] for name in names if "error" not in results[name]}
     for name, r in runs.items():
         add_mfu(r, peak, 1024 if name.startswith("packed") else r["mean_row_tokens"])
     both = {"seed", "sftune"} <= set(names)
@@ -457,7 +462,7 @@ def main() -> None:
             print(f"{name:<8} val loss {r['val_loss']:.4f} after {r['tokens']:,} tokens, {r['steps']} steps, {r['seconds']:.0f}s")
         print(f"sftune vs seed: {100 * diff:+.2f}% val loss")
         results["quality_diff"] = diff
-    if args.whole_job:
+    if "whole_job_fraction" in results:
         jobs = results["whole_job"]
         print(f"\nthe whole seed job, process start to exit: notebook {jobs['seed']['wall_s']:.1f} s (of which "
               f"{jobs['seed']['train_seconds']:.1f} s training; val {jobs['seed']['val_before']:.3f} -> "
