@@ -9,8 +9,8 @@
 # Phases (each under its own time limit, seconds):
 #   check  (150) benchmarks/gpu_check.py --quick: CUDA graph replays against eager steps (fp32/bf16, dropout),
 #                --attention varlen: the kernel vs SDPA per sequence, the packed loss, a graph of it, its speed
-#   speed  (420) benchmarks/throughput.py --device cuda --quick --whole-job --packed-varlen: the seed's loop vs
-#                sftune vs packed (and packed under --attention varlen)
+#   speed  (420) benchmarks/throughput.py --device cuda --quick --whole-job --varlen: the seed's loop vs
+#                sftune vs packed (and both under --attention varlen)
 #                (real tok/s, ms/step, MFU, peak GPU memory, compile time apart), and the whole seed job
 #   runs   (300) benchmarks/gpu_check.py: whole runs --compile off/graphs/torch (fp32, bf16), SIGTERM resume
 #                under graphs (bitwise?), the non-finite guard under graphs
@@ -41,7 +41,7 @@ if [ -n "${QUICK:-}" ]; then
 else
   small=(--steps 5)
   big=(--model-config examples/llama-1b --batch-size 8 --words 700 --steps 5)
-  speed=(--quick --whole-job --packed-varlen --packed-compile graphs)  # (explicit graphs: the loss softmax compiled too)
+  speed=(--quick --whole-job --varlen --packed-compile graphs)  # (explicit graphs: the loss softmax compiled too)
   runs=()
   seed_trl=()
   big_trl=(--steps 10 --warmup 3 --model-config examples/llama-1b --tokenizer bundled:gpt2 --packing --max-length 1024 --batch-size 8 --lr 3e-4)

@@ -19,8 +19,9 @@ tokens per second over the steps after a warm-up.
           spends its time training): batch 32, lr 5e-5, length-grouped batches; on a GPU its default
           step (`--compile auto`: CUDA graphs), whose capture time is kept out of the measured window.
   packed: (--device cuda) sftune with --packing: 32 rows of 1,024 tokens a step.
-  packed-varlen: (--device cuda --packed-varlen) the same under --attention varlen (torch's variable-length flash
-          attention: no block mask), with --model-config-overrides attn_pdrop=0 (the kernel has no dropout).
+  sftune-varlen, packed-varlen: (--device cuda --varlen) sftune and packed under --attention varlen (no mask
+          from transformers: SDPA's causal kernel for rows, torch's variable-length flash attention for packed
+          rows, there with --model-config-overrides attn_pdrop=0: that kernel has no dropout).
 
 --whole-job times two processes from start to exit, each with empty caches: the notebook (the seed's pipeline,
 val loss before training, one epoch of its loop, val loss after, `save_pretrained`) and
@@ -167,7 +168,7 @@ def worker_sftune(args) -> dict:
     from sftune.data import DataOptions, prepare_data
 
     packed = args.worker.startswith("packed")
-    varlen = args.worker == "packed-varlen"  # (torch's varlen kernel has no dropout: GPT-2's attn_pdrop 0.1 -> 0)
+    varlen = args.worker.endswith("-varlen")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         dataset = small_val_dir(tmp, 64)
@@ -184,11 +185,11 @@ def worker_sftune(args) -> dict:
         tokenizer.save_pretrained(model_dir)
         options = {"model": str(model_dir), "dataset": str(dataset), "max_steps": args.warmup + args.steps,
                    "log_every": 1, "output_dir": str(tmp / "run"), "cache_dir": str(tmp / "cache"),
-                   "device": args.device, "report_to": "none", "compile": args.compile}
+                   "device": args.device, "report_to": "none", "compile": args.compile,
+                   "attention": "varlen" if varlen else "auto"}
         if packed:
             options.update(packing=True, max_length=1024, compile=args.packed_compile or args.compile,
-                           attention="varlen" if varlen else "auto",
-                           model_config_overrides={"attn_pdrop": 0.0} if varlen else {})
+                           model_config_overrides={"attn_pdrop": 0.0} if varlen else {})  # (varlen: no dropout)
         result = sftune.train(sftune.resolve_config(options))
         rows = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in rows if r["type"] == "train"]
@@ -379,10 +380,10 @@ def main() -> None:
                    help="sftune's --compile for its runs (default auto)")
     p.add_argument("--packed-compile", choices=["auto", "off", "graphs", "torch"],
                    help="--compile for the packed run only (default: --compile)")
-    p.add_argument("--packed-varlen", action="store_true",
-                   help="(GPU) also the packed run under --attention varlen (GPT-2 with attention dropout 0)")
-    p.add_argument("--only", metavar="RUN,RUN", help="run only these (seed, sftune, packed, packed-varlen): no ratio "
-                   "without seed and sftune")
+    p.add_argument("--varlen", action="store_true",
+                   help="(GPU) also sftune and packed under --attention varlen (packed: GPT-2 with attention dropout 0)")
+    p.add_argument("--only", metavar="RUN,RUN", help="run only these (seed, sftune, packed, sftune-varlen, "
+                   "packed-varlen): no ratio without seed and sftune")
     p.add_argument("--whole-job", action="store_true",
                    help="also time the whole seed job, process start to exit: the notebook vs sftune train")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -391,8 +392,8 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=None, help="seconds measured (at most)")
     args = p.parse_args()
     if args.worker:
-        fn = {"seed": worker_seed, "sftune": worker_sftune, "packed": worker_sftune, "packed-varlen": worker_sftune,
-              "seed-job": worker_seed_job}.get(args.worker, worker_quality)
+        fn = {"seed": worker_seed, "sftune": worker_sftune, "sftune-varlen": worker_sftune, "packed": worker_sftune,
+              "packed-varlen": worker_sftune, "seed-job": worker_seed_job}.get(args.worker, worker_quality)
         print(json.dumps(fn(args)))
         return
     gpu = args.device == "cuda"
@@ -407,8 +408,8 @@ def main() -> None:
         if args.json:
             Path(args.json).write_text(json.dumps(results, indent=2))
 
-    names = ("seed", "sftune", "packed", *(["packed-varlen"] if args.packed_varlen else [])) if gpu else (
-        "seed", "sftune")
+    varlen = ["sftune-varlen", "packed-varlen"] if args.varlen else []
+    names = ("seed", "sftune", "packed", *varlen) if gpu else ("seed", "sftune")
     if args.only:  # (no ratio without both seed and sftune)
         names = tuple(args.only.split(","))
     # the ratio's two runs first, then the whole job, then the packed runs: a run cut short by a time limit loses

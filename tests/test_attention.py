@@ -77,6 +77,24 @@ def test_varlen_refuses_attention_dropout_and_names_the_override(capsys, tmp_pat
     assert json.loads((tmp_path / "run" / "config.json").read_text())["attn_pdrop"] == 0
 
 
+def test_rows_that_are_not_packed_take_sdpa_with_dropout(capsys, tmp_path, small_model_dir):
+    """Without --packing a model under varlen keeps its attention dropout (SDPA's causal kernel, no mask built):
+    the same losses as the default attention, bitwise (the same kernel, the same random draws)."""
+    config = json.loads((small_model_dir / "config.json").read_text())
+    model = tmp_path / "gpt2-dropout"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({**config, "attn_pdrop": 0.1}))
+    losses = {}
+    for attention in ("auto", "varlen"):
+        code, _, err = run_main(capsys, "train", "--model", str(model), "--init", "random", "--tokenizer",
+                                str(small_model_dir), "--dataset", str(QUICKSTART_DATA), "--attention", attention,
+                                "--max-steps", "3", "--eval-every", "null", "--log-every", "1", "--report-to", "none",
+                                "--output-dir", str(tmp_path / attention))
+        assert code == 0, err
+        losses[attention] = [r["loss"] for r in read_jsonl(tmp_path / attention / "metrics.jsonl") if r["type"] == "train"]
+    assert len(losses["auto"]) == 3 and losses["varlen"] == losses["auto"]
+
+
 @pytest.mark.parametrize("overrides, message", [
     ("attn_drop=0", "has no key 'attn_drop' (did you mean attn_pdrop"),
     ("attn_pdrop", "KEY=VALUE pairs"),

@@ -10,8 +10,10 @@ On a CPU, where torch has no such kernel, a causal SDPA per sequence computes th
 `attention_forward` is registered with transformers' AttentionInterface as NAME, so every layer of a model loaded
 with attn_implementation=NAME calls it, with the `sftune_cu_seqlens` / `sftune_max_seqlen` keywords the loss
 module passes (`varlen_inputs`). A batch without them (rows that are not packed are right-padded, where causal
-attention alone is exact) goes to transformers' own SDPA function. Generation needs masks (left padding, a
-cache): `generating` switches the model to SDPA meanwhile.
+attention alone is exact) goes to transformers' own SDPA function with no mask, so SDPA's causal (flash) kernel,
+dropout included; transformers itself builds an explicit causal mask while a CUDA graph is captured or a step
+compiled (benchmarks/NOTES.md try 30). Generation needs masks (left padding, a cache): `generating` switches the
+model to SDPA meanwhile.
 """
 
 from __future__ import annotations
@@ -159,8 +161,11 @@ def attention_dropout(model_config) -> float:
     return max((float(getattr(model_config, key, 0) or 0) for key in DROPOUT_KEYS), default=0.0)
 
 
-def check_varlen(model_config, device, precision: str | None) -> None:
-    """`--attention varlen` can train this model here, or a clear error."""
+def check_varlen(model_config, device, precision: str | None, packing: bool) -> None:
+    """`--attention varlen` can train this model here, or a clear error. Only packed rows use torch's kernel
+    (rows that are not packed take SDPA, with any dropout and precision)."""
+    if not packing:
+        return
     if (p := attention_dropout(model_config)) > 0:
         key = next(k for k in DROPOUT_KEYS if float(getattr(model_config, k, 0) or 0) == p)
         raise SftuneError(f"--attention varlen: torch's variable-length attention has no dropout, and this model's "

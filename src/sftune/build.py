@@ -349,7 +349,7 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     tokenizer = build_tokenizer(cfg)
     model_config = override_config(load_model_config(cfg.model, cfg.trust_remote_code), cfg.model_config_overrides)
     check_model_fits(cfg, tokenizer, model_config)
-    check_attention(model_config, cfg.attention, cfg.trust_remote_code, dist.device, precision)  # (before the data)
+    check_attention(model_config, cfg.attention, cfg.trust_remote_code, dist.device, precision, cfg.packing)
     if cfg.lora_r:
         from sftune.lora import check_lora
 

@@ -116,7 +116,7 @@ def override_config(model_config, overrides: dict | None):
 
 
 def check_attention(model_config, attention: str, trust_remote_code: bool = False, device=None,
-                    precision: str | None = None) -> dict:
+                    precision: str | None = None, packing: bool = False) -> dict:
     """The `from_pretrained`/`from_config` keywords for `--attention`, checked on a weightless (meta-device) copy of
     the model first: an attention kernel the architecture lacks, or whose package is missing, or that cannot train
     on `device` (in `precision`), is a clear error before any weights load. `varlen` is sftune's own
@@ -141,7 +141,7 @@ def check_attention(model_config, attention: str, trust_remote_code: bool = Fals
         raise SftuneError("--attention flex_attention trains only on a CUDA GPU (torch has no CPU backward for "
                           "it); use --attention auto or sdpa on a CPU")
     if attention == "varlen":
-        check_varlen(model_config, device, precision)
+        check_varlen(model_config, device, precision, packing)
     return {"attn_implementation": implementation}
 
 
