@@ -1,0 +1,38 @@
+"""The benchmark scripts CI never runs in full (they need a GPU or minutes): each parses its flags, and the GPU
+session script is valid bash with the phases its header names. A broken script would cost a GPU session's
+scarce device time to find."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+@pytest.mark.parametrize("script", ["throughput.py", "gpu_check.py", "trl_baseline.py", "memory.py"])
+def test_a_benchmark_script_answers_help(script):
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "usage:" in proc.stdout
+
+
+def test_the_gpu_session_script_is_valid_and_runs_every_phase_it_names():
+    script = BENCHMARKS / "gpu_session.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    named = set(re.findall(r"^#   (\w+) +\(\d+\)", text, flags=re.M))
+    cases = set(re.findall(r"^    (\w+)\)", text, flags=re.M))
+    assert named == cases == {"check", "speed", "runs", "fusion", "peers", "memory"}
+
+
+def test_no_undefined_or_unused_names_anywhere():
+    """pyflakes' checks (ruff's F rules) over the package, the tests and the benchmarks: the benchmark scripts'
+    GPU-only functions run nowhere in CI, so a misspelt name there would first fail on a GPU."""
+    root = BENCHMARKS.parent
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "F", "--no-cache", "src", "tests",
+                           "benchmarks"], capture_output=True, text=True, cwd=root, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
