@@ -277,49 +277,40 @@ def losses(out: Path) -> list[float]:
     return [r["loss"] for r in rows if r["type"] == "train"]
 
 
+def compared_run(out: Path, precision: str, mode: str, base: list[float] | None, *extra: str) -> tuple[dict, list]:
+    """One whole run; its row (exit, seconds, last loss, and the largest difference from `base`, the eager run's
+    losses) and its losses."""
+    started = time.perf_counter()
+    code, text = run(sftune_cmd(out, "--max-steps", str(OPTIONS["steps"]), "--precision", precision, "--compile", mode,
+                                *extra))
+    row = {"precision": precision, "compile": mode + (" (LoRA r16)" if extra else ""), "exit": code,
+           "seconds": time.perf_counter() - started}
+    if code != 0:
+        row["log_tail"] = text[-3000:]
+        return row, []
+    got = losses(out)
+    row["last_loss"] = got[-1]
+    if base and mode != "off":
+        row["max_loss_diff"] = max(abs(a - b) for a, b in zip(got, base))
+        row["max_loss_rel"] = max(abs(a - b) / abs(b) for a, b in zip(got, base))
+    return row, got
+
+
 def whole_runs(tmp: Path) -> list[dict]:
+    """Each --compile mode in fp32 and bf16 against the eager run's losses; then LoRA r16 (issue 11 on the GPU
+    path) in bf16, eager against the default GPU step (graphs)."""
     rows = []
     modes = ("off", "graphs", "torch") if OPTIONS["device"] == "cuda" else ("off", "torch")
     for precision in ("fp32", "bf16"):
         base = None
         for mode in modes if precision == "bf16" else modes[:-1]:  # (one inductor compile: about a minute)
-            out = tmp / f"run-{precision}-{mode}"
-            started = time.perf_counter()
-            code, text = run(sftune_cmd(out, "--max-steps", str(OPTIONS["steps"]), "--precision", precision,
-                                        "--compile", mode))
-            row = {"precision": precision, "compile": mode, "exit": code, "seconds": time.perf_counter() - started}
-            if code != 0:
-                row["log_tail"] = text[-3000:]
-            else:
-                got = losses(out)
-                base = got if mode == "off" else base
-                row["last_loss"] = got[-1]
-                if base is not None and mode != "off":
-                    row["max_loss_diff"] = max(abs(a - b) for a, b in zip(got, base))
-                    row["max_loss_rel"] = max(abs(a - b) / abs(b) for a, b in zip(got, base))
-            rows.append(row)
-    rows += lora_runs(tmp)
-    return rows
-
-
-def lora_runs(tmp: Path) -> list[dict]:
-    """LoRA r16 (issue 11 on the GPU path): bf16 runs eager and under the default step (graphs on a GPU)."""
-    rows, base = [], None
-    for mode in ("off", "graphs" if OPTIONS["device"] == "cuda" else "torch"):
-        out = tmp / f"run-lora-{mode}"
-        started = time.perf_counter()
-        code, text = run(sftune_cmd(out, "--max-steps", str(OPTIONS["steps"]), "--precision", "bf16", "--compile", mode,
-                                    "--lora-r", "16", "--lr", "1e-3"))
-        row = {"precision": "bf16", "compile": f"{mode} (LoRA r16)", "exit": code,
-               "seconds": time.perf_counter() - started}
-        if code != 0:
-            row["log_tail"] = text[-3000:]
-        else:
-            got = losses(out)
+            row, got = compared_run(tmp / f"run-{precision}-{mode}", precision, mode, base)
             base = got if mode == "off" else base
-            row["last_loss"] = got[-1]
-            if mode != "off" and base is not None:
-                row["max_loss_diff"] = max(abs(a - b) for a, b in zip(got, base))
+            rows.append(row)
+    base = None
+    for mode in ("off", "graphs" if OPTIONS["device"] == "cuda" else "torch"):
+        row, got = compared_run(tmp / f"run-lora-{mode}", "bf16", mode, base, "--lora-r", "16", "--lr", "1e-3")
+        base = got if mode == "off" else base
         rows.append(row)
     return rows
 
@@ -355,7 +346,7 @@ def guard_check(tmp: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", metavar="FILE", help="write every figure to FILE")
-    p.add_argument("--quick", action="store_true", help="the graph-vs-eager and varlen checks only (1 and 5)")
+    p.add_argument("--quick", action="store_true", help="the unit checks only (1, 5 and 6)")
     p.add_argument("--runs-only", action="store_true", help="the whole runs only (2-4: after a --quick call)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of the whole runs")
     p.add_argument("--model", default=str(GPT2), help="the runs' --model (config only: random init)")
