@@ -272,14 +272,16 @@ def run(cmd: list[str], env: dict | None = None, stop_after: str | None = None) 
     return proc.wait(), "".join(lines)
 
 
-def losses(out: Path) -> list[float]:
+def losses(out: Path, key: str = "loss") -> list[float]:
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in rows if r["type"] == "train"]
+    return [r[key] for r in rows if r["type"] == "train"]
 
 
-def compared_run(out: Path, precision: str, mode: str, base: list[float] | None, *extra: str) -> tuple[dict, list]:
+def compared_run(out: Path, precision: str, mode: str, base: dict | None, *extra: str) -> tuple[dict, dict]:
     """One whole run; its row (exit, seconds, last loss, and the largest difference from `base`, the eager run's
-    losses) and its losses."""
+    losses; the first step's gradient norm over the eager run's, which a loss alone hides: a compiled step that
+    drops its gradients, as torch.compile before 2.13 did to the fused loss, logs the eager losses and learns
+    nothing) and its losses and gradient norms."""
     started = time.perf_counter()
     code, text = run(sftune_cmd(out, "--max-steps", str(OPTIONS["steps"]), "--precision", precision, "--compile", mode,
                                 *extra))
@@ -287,12 +289,13 @@ def compared_run(out: Path, precision: str, mode: str, base: list[float] | None,
            "seconds": time.perf_counter() - started}
     if code != 0:
         row["log_tail"] = text[-3000:]
-        return row, []
-    got = losses(out)
-    row["last_loss"] = got[-1]
+        return row, {}
+    got = {"loss": losses(out), "grad_norm": losses(out, "grad_norm")}
+    row["last_loss"] = got["loss"][-1]
     if base and mode != "off":
-        row["max_loss_diff"] = max(abs(a - b) for a, b in zip(got, base))
-        row["max_loss_rel"] = max(abs(a - b) / abs(b) for a, b in zip(got, base))
+        row["max_loss_diff"] = max(abs(a - b) for a, b in zip(got["loss"], base["loss"]))
+        row["max_loss_rel"] = max(abs(a - b) / abs(b) for a, b in zip(got["loss"], base["loss"]))
+        row["first_grad_norm_ratio"] = got["grad_norm"][0] / base["grad_norm"][0]
     return row, got
 
 
@@ -403,6 +406,8 @@ def main() -> None:
         for r in report["runs"]:
             print(f"  run {r['precision']:<5} --compile {r['compile']:<9} exit {r['exit']} {r['seconds']:.0f}s "
                   f"last loss {r.get('last_loss', float('nan')):.4f} max diff vs eager {r.get('max_loss_diff', 0):.2e}"
+                  + (f" first grad norm / eager's {r['first_grad_norm_ratio']:.4f}"
+                     if "first_grad_norm_ratio" in r else "")
                   + (f"\n{r['log_tail']}" if r.get("log_tail") else ""))
         report["resume"] = resume_check(tmp)
         save()

@@ -158,6 +158,8 @@ class LinearCrossEntropySum(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = None  # (V, D) fp32, created by the first chunk: no 150 MB zero-fill for GPT-2
         acc = torch.promote_types(w.dtype, torch.float32)  # softmax and sums: fp32 (fp64 for an fp64 model)
+        # `total` is summed out of place: torch.compile before 2.13 (dynamo's autograd.Function tracing) hands the
+        # backward a zero gradient for an output that forward made with torch.zeros and then updated in place
         total = torch.zeros((), dtype=acc, device=hidden.device)
         for i in range(0, hidden.shape[0], CE_CHUNK_ROWS):
             h = hidden[i : i + CE_CHUNK_ROWS].to(w.dtype)
@@ -166,12 +168,12 @@ class LinearCrossEntropySum(torch.autograd.Function):
             t = t.clamp(min=0)  # (an ignored row picks class 0, then counts for nothing)
             if chunk_math is not None:  # the same math, fused by torch.compile: one or two passes over the logits
                 loss, hits, probs = chunk_math(h @ w.T, t, trained, acc, need_hidden or need_weight)
-                total += loss
                 if correct is not None:
                     correct += hits
             else:
                 logits = (h @ w.T).to(acc)  # (chunk, V) fp32: the only logits alive
-                probs = _chunk_in_place(logits, t, trained, total, correct, need_hidden or need_weight)
+                loss, probs = _chunk_in_place(logits, t, trained, correct, need_hidden or need_weight)
+            total = total + loss
             if probs is not None:
                 probs = probs.to(w.dtype)
                 if need_hidden:
@@ -199,18 +201,18 @@ class LinearCrossEntropySum(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None
 
 
-def _chunk_in_place(logits, t, trained, total, correct, want_grad: bool) -> torch.Tensor | None:
-    """One chunk eagerly, in place in its fp32 logits: adds its loss to `total` (and its argmax hits to
-    `correct`); returns d loss / d logits (softmax - onehot, 0 on untrained rows), or None."""
+def _chunk_in_place(logits, t, trained, correct, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk eagerly, in place in its fp32 logits: (its loss sum, d loss / d logits (softmax - onehot, 0 on
+    untrained rows) or None); its argmax hits are added to `correct`."""
     lse = torch.logsumexp(logits, dim=-1)
-    total += torch.where(trained, lse - logits.gather(1, t[:, None]).squeeze(1), 0.0).sum()
+    loss = torch.where(trained, lse - logits.gather(1, t[:, None]).squeeze(1), 0.0).sum()
     if correct is not None:  # (counted in place: an accuracy for the log, no gradient)
         correct += ((logits.argmax(-1) == t) & trained).sum()
     if not want_grad:
-        return None
+        return loss, None
     probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
     probs[torch.arange(len(t), device=t.device), t] -= 1.0
-    return probs.mul_(trained[:, None])
+    return loss, probs.mul_(trained[:, None])
 
 
 def chunk_math_functional(logits, t, trained, acc: torch.dtype, want_grad: bool):
