@@ -299,23 +299,21 @@ def compared_run(out: Path, precision: str, mode: str, base: dict | None, *extra
     return row, got
 
 
-def whole_runs(tmp: Path) -> list[dict]:
+def whole_runs(tmp: Path):
     """Each --compile mode in fp32 and bf16 against the eager run's losses; then LoRA r16 (issue 11 on the GPU
-    path) in bf16, eager against the default GPU step (graphs)."""
-    rows = []
+    path) in bf16, eager against the default GPU step (graphs). Yields each row as its run ends."""
     modes = ("off", "graphs", "torch") if OPTIONS["device"] == "cuda" else ("off", "torch")
     for precision in ("fp32", "bf16"):
         base = None
         for mode in modes if precision == "bf16" else modes[:-1]:  # (one inductor compile: about a minute)
             row, got = compared_run(tmp / f"run-{precision}-{mode}", precision, mode, base)
             base = got if mode == "off" else base
-            rows.append(row)
+            yield row
     base = None
     for mode in ("off", "graphs" if OPTIONS["device"] == "cuda" else "torch"):
         row, got = compared_run(tmp / f"run-lora-{mode}", "bf16", mode, base, "--lora-r", "16", "--lr", "1e-3")
         base = got if mode == "off" else base
-        rows.append(row)
-    return rows
+        yield row
 
 
 def resume_check(tmp: Path) -> dict:
@@ -401,20 +399,23 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        report["runs"] = whole_runs(tmp)
-        save()
-        for r in report["runs"]:
-            print(f"  run {r['precision']:<5} --compile {r['compile']:<9} exit {r['exit']} {r['seconds']:.0f}s "
-                  f"last loss {r.get('last_loss', float('nan')):.4f} max diff vs eager {r.get('max_loss_diff', 0):.2e}"
-                  + (f" first grad norm / eager's {r['first_grad_norm_ratio']:.4f}"
-                     if "first_grad_norm_ratio" in r else "")
-                  + (f"\n{r['log_tail']}" if r.get("log_tail") else ""))
+        # the resume and guard checks first (issue 9 asks for them on the GPU), then the runs, each saved as it
+        # ends: a call cut short by the session's device time keeps what finished
         report["resume"] = resume_check(tmp)
         save()
         print(f"  resume after SIGTERM (graphs, bf16, dropout): {report['resume']}")
         report["guard"] = guard_check(tmp)
         save()
         print(f"  non-finite guard under graphs: {report['guard']}")
+        report["runs"] = []
+        for r in whole_runs(tmp):
+            report["runs"].append(r)
+            save()
+            print(f"  run {r['precision']:<5} --compile {r['compile']:<9} exit {r['exit']} {r['seconds']:.0f}s "
+                  f"last loss {r.get('last_loss', float('nan')):.4f} max diff vs eager {r.get('max_loss_diff', 0):.2e}"
+                  + (f" first grad norm / eager's {r['first_grad_norm_ratio']:.4f}"
+                     if "first_grad_norm_ratio" in r else "")
+                  + (f"\n{r['log_tail']}" if r.get("log_tail") else ""), flush=True)
 
 
 if __name__ == "__main__":
