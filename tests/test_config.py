@@ -120,3 +120,20 @@ def test_the_1b_llama_example_is_1b_and_fits_its_tokenizer():
         model = AutoModelForCausalLM.from_config(model_config)
     assert 1.0e9 < sum(p.numel() for p in model.parameters()) < 1.3e9
     assert model_config.model_type == "llama" and model_config.vocab_size >= 50257  # GPT-2's tokenizer fits
+
+
+def test_versions_outside_the_tested_ranges_are_named():
+    """What a training run warns about (pip enforces pyproject's ranges; a --no-deps or conda install does not).
+    Read against the packages really installed here."""
+    from importlib import metadata
+
+    from sftune.runtime import untested_versions
+
+    torch_version = metadata.version("torch")
+    assert untested_versions() == []  # this environment is one the suite passes in
+    assert untested_versions(["torch>=2.10,<99", "pytest>=99; extra == 'test'", "no-such-package>=1"]) == []
+    assert untested_versions(["torch>=99", "numpy>=1.0"]) == [("torch", torch_version, ">=99")]
+    from packaging.requirements import Requirement
+
+    torch_range = next(Requirement(r).specifier for r in metadata.requires("sftune") if Requirement(r).name == "torch")
+    assert torch_version in torch_range and "2.9.1" not in torch_range  # pyproject's range, as installed

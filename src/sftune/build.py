@@ -39,7 +39,7 @@ from sftune.modeling import check_attention, context_length, enable_activation_c
 from sftune.outputs import OutputLock, check_output_dir, clear_previous_run, finished_without_checkpoints, \
     publish_model, resolve_output_dir
 from sftune.run_report import DATA_FILE, data_summary
-from sftune.runtime import resolve_precision, seed_everything
+from sftune.runtime import resolve_precision, seed_everything, untested_versions
 
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
@@ -346,6 +346,9 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     seed_everything(cfg.seed)
     precision = resolve_precision(cfg.precision, dist.device)
     log(f"device: {dist.device}, precision: {precision}" + (" (auto)" if cfg.precision == "auto" else ""))
+    for name, version, spec in untested_versions():  # (pip enforces these; a --no-deps or conda install does not)
+        log(f"warning: {name} {version} is outside the versions sftune is tested with ({spec}; older ones fail its "
+            f"tests: benchmarks/NOTES.md try 32); pip install '{name}{spec}'")
     tokenizer = build_tokenizer(cfg)
     model_config = override_config(load_model_config(cfg.model, cfg.trust_remote_code), cfg.model_config_overrides)
     check_model_fits(cfg, tokenizer, model_config)

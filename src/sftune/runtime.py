@@ -53,6 +53,33 @@ def autocast(device: torch.device, precision: str, cache: bool = True):
     return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
 
 
+def untested_versions(requirements: list[str] | None = None) -> list[tuple[str, str, str]]:
+    """The installed packages outside the ranges in `requirements` (default: the ones sftune's installed metadata
+    names, which are the versions its suite passes with), each as (name, version, range). Empty for a source tree
+    run without being installed (there is no metadata to read)."""
+    from importlib import metadata
+
+    from packaging.requirements import Requirement
+
+    if requirements is None:
+        try:
+            requirements = metadata.requires("sftune") or []
+        except metadata.PackageNotFoundError:
+            return []
+    found = []
+    for text in requirements:
+        req = Requirement(text)
+        if req.marker is not None and not req.marker.evaluate({"extra": ""}):
+            continue  # an extra's (the test tools)
+        try:
+            version = metadata.version(req.name)
+        except metadata.PackageNotFoundError:
+            continue  # (not installed: its import says so where it is needed)
+        if not req.specifier.contains(version, prereleases=True):
+            found.append((req.name, version, str(req.specifier)))
+    return found
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
