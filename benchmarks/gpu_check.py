@@ -383,18 +383,13 @@ def main() -> None:
             print(f"  {r['precision']:<5} dropout={str(r['dropout']):<5} batch {b['batch']} {b['shape']}: loss rel "
                   f"{b['loss_rel']:.2e}, grad rel max {b['grad_rel_max']:.2e}, bitwise {b['bitwise']}")
     if unit:  # after the graph checks, varlen last: a kernel fault (sticky in CUDA) leaves the others' figures
-        try:
-            report["chunk_math"] = chunk_math_check()
-        except Exception as e:  # noqa: BLE001
-            report["chunk_math"] = {"error": repr(e)[:2000]}
-        save()
-        print(f"chunk math: {json.dumps(report['chunk_math'])}")
-        try:
-            report["varlen"] = varlen_check()
-        except Exception as e:  # noqa: BLE001
-            report["varlen"] = {"error": repr(e)[:2000]}
-        save()
-        print(f"varlen: {json.dumps(report['varlen'])}")
+        for name, check in (("chunk_math", chunk_math_check), ("varlen", varlen_check)):
+            try:
+                report[name] = check()
+            except Exception as e:  # noqa: BLE001
+                report[name] = {"error": repr(e)[:2000]}
+            save()
+            print(f"{name.replace('_', ' ')}: {json.dumps(report[name])}")
     if args.quick:
         return
     with tempfile.TemporaryDirectory() as tmp:
