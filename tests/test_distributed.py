@@ -100,6 +100,8 @@ CASES = {  # name: (model, extra flags, single process (batch, accum), per rank 
     "ddp-lora-llama": ("llama", ["--lora-r", "4", "--lora-modules-to-save", "lm_head",
                                  "--lr", "1e-2", "--gradient-checkpointing"], (16, 2), (8, 2), "ddp"),
     "ddp-compiled": ("gpt2", ["--compile", "torch", "--compile-backend", "aot_eager"], (32, 1), (16, 1), "ddp"),
+    "fsdp-lora": ("gpt2", ["--lora-r", "4", "--lora-modules-to-save", "wte", "--lr", "1e-3", "--merge",
+                           "--save-every", "2"], (16, 2), (8, 2), "fsdp"),
 }
 LONGER = ("--max-steps", "6", "--save-every", "4")  # the fault test's run
 
@@ -131,6 +133,12 @@ def launched(uneven_data, small_model_dir, tmp_path_factory):
     # the FSDP run's sharded checkpoint of step 2, resumed into another directory
     runs.append(args(small_model_dir, uneven_data, root / "fsdp-resumed", 8, "--grad-accum", "2", "--strategy", "fsdp",
                      "--save-every", "2", "--resume", str(root / "fsdp-accum-two" / "checkpoints" / "step-2")))
+    lora = [*CASES["fsdp-lora"][1], "--strategy", "fsdp", "--grad-accum", "2"]
+    runs.append(args(small_model_dir, uneven_data, root / "fsdp-lora-resumed", 8, *lora,
+                     "--resume", str(root / "fsdp-lora-two" / "checkpoints" / "step-2")))
+    # lr 0.1: the val loss is best after step 1 (4.32), then 6.69 and 6.82, so the final model is step 1's
+    runs.append(args(small_model_dir, uneven_data, root / "fsdp-best", 16, "--strategy", "fsdp", "--lr", "1e-1",
+                     "--eval-every", "1", "--save-best", "--final-model", "best"))
     runs.append(args(small_model_dir, uneven_data, root / "fault-full", 16, *LONGER))
     return root, launch(runs, root)
 
@@ -143,7 +151,7 @@ def test_ddp_and_fsdp_on_two_ranks_equal_one_process_and_fsdp_resumes_exactly(la
     Hugging Face model that loads in one process."""
     root, output = launched
     assert "(DistributedDataParallel)" in output and "(FSDPCausalLMLoss)" in output and "per rank x 2 ranks" in output
-    assert output.count("done: 3 steps") == len(CASES) + 1  # only rank 0 prints (+1: the FSDP resume)
+    assert output.count("done: 3 steps") == len(CASES) + 3  # only rank 0 prints (+3: FSDP resumes, best model)
     assert "LoRA: r 4" in output
     for name in CASES:
         try:
@@ -162,6 +170,44 @@ def test_ddp_and_fsdp_on_two_ranks_equal_one_process_and_fsdp_resumes_exactly(la
     from transformers import AutoModelForCausalLM
 
     assert AutoModelForCausalLM.from_pretrained(full) is not None
+
+
+def test_fsdp_final_model_best_is_the_best_checkpoints_weights(launched, tmp_path):
+    """--final-model best under FSDP: every rank loads its shards of the best checkpoint, then they are gathered
+    into the final model, which equals that checkpoint's shards bitwise."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    root, output = launched
+    run = root / "fsdp-best"
+    assert "final model: the best evaluation's, step 1" in output
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1"]  # --save-best: the new bests only
+    dcp_to_torch_save(run / "checkpoints" / "step-1" / "dcp", tmp_path / "step-1.pt")
+    shards = {k.removeprefix("model."): v for k, v in torch.load(tmp_path / "step-1.pt")["model"].items()}
+    final = load_file(run / "model.safetensors")
+    assert final.keys() <= shards.keys() and all(torch.equal(final[k], shards[k]) for k in final)
+
+
+def test_lora_under_fsdp_checkpoints_the_adapter_only_and_resumes_exactly(launched):
+    """LoRA under FSDP (GPT-2's tied embedding/head trained in full beside the adapters): the adapter and the merged
+    model equal one process's (`test_ddp_and_fsdp_...` compares the adapters; here the merge too); a checkpoint holds
+    the trained tensors' shards and the adapter gathered whole, no base tensor; a resume from it is bitwise exact."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    root, output = launched
+    one, two, resumed = root / "fsdp-lora-one", root / "fsdp-lora-two", root / "fsdp-lora-resumed"
+    a, b = load_file(one / "merged" / "model.safetensors"), load_file(two / "merged" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
+    ckpt = two / "checkpoints" / "step-2"
+    shards = FileSystemReader(str(ckpt / "dcp")).read_metadata().state_dict_metadata
+    weights = [k for k in shards if k.startswith("model.")]
+    assert weights and all(".lora_" in k or ".modules_to_save." in k for k in weights), weights
+    assert (ckpt / "adapter_model.safetensors").is_file() and not (ckpt / "model.safetensors").exists()
+    assert f"resumed from {ckpt}" in output
+    for name in ("adapter_model.safetensors", "merged/model.safetensors"):
+        a, b = load_file(two / name), load_file(resumed / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
 
 
 def test_sigterm_to_the_launcher_and_kill_9_of_a_rank_then_resume_is_exact(launched, uneven_data, small_model_dir,

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from sftune.batching import EAGER, Padding, chunk_rows_for, collate, collate_packed, epoch_steps, packed_epoch_steps
-from sftune.checkpoint import AdapterCheckpointer, Checkpointer, FullCheckpointer, ShardedCheckpointer, TrainState, \
-    check_resume_compatible, check_same_inputs, check_same_world, find_resume_checkpoint
+from sftune.checkpoint import AdapterCheckpointer, Checkpointer, FullCheckpointer, ShardedAdapterCheckpointer, \
+    ShardedCheckpointer, TrainState, check_resume_compatible, check_same_inputs, check_same_world, find_resume_checkpoint
 from sftune.config import SFTConfig, dump_yaml, to_dict
 from sftune.console import log
 from sftune.data import DataOptions, Examples, PreparedData, prepare_data
@@ -372,7 +372,8 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
 
         fingerprints["base"] = base_identity(cfg.model)
     sharded = dist.distributed and cfg.strategy == "fsdp"
-    kind = AdapterCheckpointer if cfg.lora_r else ShardedCheckpointer if sharded else FullCheckpointer
+    kind = ((ShardedAdapterCheckpointer if sharded else AdapterCheckpointer) if cfg.lora_r else
+            ShardedCheckpointer if sharded else FullCheckpointer)
     if dist.is_main and lock.fd is None:
         lock.acquire()  # the directory is new: take it before the first write
     checkpoint = find_resume_checkpoint(out, cfg.resume) if cfg.resume else None
@@ -426,10 +427,8 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     scheduler = get_scheduler(SCHEDULES[cfg.lr_schedule], optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=steps.total_steps)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=precision == "fp16")  # loss scaling only for fp16
-    checkpointer: Checkpointer = (
-        AdapterCheckpointer(out / "checkpoints", dist, tokenizer, config_yaml, cfg.keep_last, cfg.checkpoint_hashes,
-                            cfg.save_best, adapter, base) if adapter is not None else
-        kind(out / "checkpoints", dist, tokenizer, config_yaml, cfg.keep_last, cfg.checkpoint_hashes, cfg.save_best))
+    checkpointer: Checkpointer = kind(out / "checkpoints", dist, tokenizer, config_yaml, cfg.keep_last,
+                                      cfg.checkpoint_hashes, cfg.save_best, *((adapter, base) if adapter is not None else ()))
     run_id = dist.gather(uuid.uuid4().hex)[0]  # rank 0's, on every rank
     state = TrainState(run_id=run_id, fingerprints=fingerprints, world_size=dist.world_size)
     if checkpoint is not None:

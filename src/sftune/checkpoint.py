@@ -14,7 +14,8 @@ off by default); a checkpoint that fails the check is skipped.
 
 The loop talks to a `Checkpointer` (save / restore) and does not care which kind:
 `FullCheckpointer` (the whole model, written by rank 0), `ShardedCheckpointer` (FSDP: each rank's
-shards with torch.distributed.checkpoint) or `AdapterCheckpointer` (LoRA: the adapter only).
+shards with torch.distributed.checkpoint), `AdapterCheckpointer` (LoRA: the adapter only) or
+`ShardedAdapterCheckpointer` (LoRA under FSDP: the adapter's shards, and the adapter gathered whole).
 
     sftune train --config configs/quickstart.yaml --output-dir runs/qs --save-every 50
     sftune train --config configs/quickstart.yaml --output-dir runs/qs --save-every 50 --resume auto
@@ -178,43 +179,69 @@ class AdapterCheckpointer(FullCheckpointer):
         save_adapter(self.peft_model, self.tokenizer, directory, self.base)
 
     def restore(self, path: Path, model, optimizer, scheduler, scaler) -> TrainState:
-        from sftune.lora import ADAPTER_WEIGHTS, load_adapter_weights
+        from sftune.lora import load_adapter_weights
 
-        if not (path / ADAPTER_WEIGHTS).is_file():
-            raise SftuneError(f"{path} holds no LoRA adapter (it was written by a full fine-tune); resume it "
-                              f"without --lora-r")
+        require_adapter(path)
         load_adapter_weights(self.peft_model, path)
         return super().restore(path, model, optimizer, scheduler, scaler)
 
 
 class ShardedCheckpointer(FullCheckpointer):
-    full_weights = False  # the model is built from the base, then `restore` loads the shards
-
     """FSDP: each rank writes its shards of the model and optimizer with torch.distributed.checkpoint (DCP) into
     the same staging directory; rank 0 adds the rest (scheduler, scaler, every rank's RNG, tokenizer, config,
     state.json last) and publishes by the same atomic rename. Resume loads the shards back into the sharded model,
     whatever the file layout, and the checkpoint holds no full copy of the model."""
 
+    full_weights = False  # the model is built from the base, then `restore` loads the shards
+    trainable_only = False  # LoRA (`ShardedAdapterCheckpointer`): the shards of the trained tensors only
+
+    def options(self):
+        """Loading only the trained tensors leaves the frozen ones as they are (`dcp.load` still fails on a trained
+        tensor the checkpoint lacks)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(ignore_frozen_params=self.trainable_only, strict=not self.trainable_only)
+
+    def model_shards(self, model) -> dict:
+        """The model's tensors in the shards: all of them, or only the trained ones (torch's `ignore_frozen_params`
+        keeps a frozen tensor's second name, as GPT-2's head is its input embedding: dropped here too)."""
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state = get_model_state_dict(model, options=self.options())
+        if self.trainable_only:
+            frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+            state = {name: tensor for name, tensor in state.items() if name not in frozen}
+        return state
+
+    def gather(self, model) -> dict | None:
+        """What rank 0 needs whole to write its files (a collective; nothing for a full model's shards)."""
+        return None
+
+    def write_files(self, directory: Path, gathered: dict | None) -> None:
+        """Rank 0's files beside the shards."""
+        self.tokenizer.save_pretrained(directory)
+
     def save(self, state: TrainState, model, optimizer, scheduler, scaler) -> Path:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
         self.check_finite(model, state)
         final = self.root / f"step-{state.step}"
         staging = new_staging(self.root, state.step) if self.dist.is_main else final.with_name(f".staging-{final.name}")
         self.dist.barrier()
         try:
-            shards = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+            shards = {"model": self.model_shards(model), "optim": get_optimizer_state_dict(model, optimizer)}
             dcp.save(shards, checkpoint_id=str(staging / DCP_DIR))
         except Exception as e:
             raise write_failed(final, e) from None
+        gathered = self.gather(model)
         rng_ranks = self.dist.gather(rng_state())
         if self.dist.is_main:
             try:
                 torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_ranks[0],
                             "rng_ranks": rng_ranks}, staging / TRAINING_STATE)
                 (staging / "config.yaml").write_text(self.config_yaml)
-                self.tokenizer.save_pretrained(staging)
+                self.write_files(staging, gathered)
                 publish(staging, final, state, self.hashes)
             except Exception as e:
                 shutil.rmtree(staging, ignore_errors=True)
@@ -225,17 +252,61 @@ class ShardedCheckpointer(FullCheckpointer):
 
     def restore(self, path: Path, model, optimizer, scheduler, scaler) -> TrainState:
         import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                             set_model_state_dict, set_optimizer_state_dict)
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
         if not (path / DCP_METADATA).is_file():
             raise SftuneError(f"{path} is a full checkpoint (written without --strategy fsdp); resume it with the "
                               f"strategy it was written with")
-        shards = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+        self.load_weights(path, model)
+        shards = {"optim": get_optimizer_state_dict(model, optimizer)}
         dcp.load(shards, checkpoint_id=str(path / DCP_DIR))
-        set_model_state_dict(model, shards["model"])
         set_optimizer_state_dict(model, optimizer, shards["optim"])
         return load_training_state(path, None, scheduler, scaler, self.dist.rank)
+
+    def load_weights(self, path: Path, model) -> None:
+        """Load checkpoint `path`'s model shards into the sharded `model` (a collective; `--final-model best` too)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+        shards = {"model": self.model_shards(model)}
+        dcp.load(shards, checkpoint_id=str(path / DCP_DIR))
+        set_model_state_dict(model, shards["model"], options=self.options())
+
+
+class ShardedAdapterCheckpointer(ShardedCheckpointer):
+    """LoRA under FSDP: the shards of the trained tensors (adapters, modules_to_save) and of their optimizer state in
+    DCP, as for a sharded full model but without the frozen base, which a resume loads from `--model`; and the adapter
+    gathered whole, as `AdapterCheckpointer` writes it, so `sftune eval` and `PeftModel.from_pretrained` load the
+    checkpoint too."""
+
+    trainable_only = True
+
+    def __init__(self, root: Path, dist: Dist, tokenizer, config_yaml: str, keep_last: int, hashes: bool,
+                 keep_best: bool, peft_model, base: str):
+        super().__init__(root, dist, tokenizer, config_yaml, keep_last, hashes, keep_best)
+        self.peft_model, self.base = peft_model, base
+
+    def gather(self, model) -> dict:
+        from sftune.lora import gathered_adapter
+
+        return gathered_adapter(model)
+
+    def write_files(self, directory: Path, gathered: dict | None) -> None:
+        from sftune.lora import save_adapter
+
+        save_adapter(self.peft_model, self.tokenizer, directory, self.base, gathered)
+
+    def restore(self, path: Path, model, optimizer, scheduler, scaler) -> TrainState:
+        require_adapter(path)
+        return super().restore(path, model, optimizer, scheduler, scaler)
+
+
+def require_adapter(path: Path) -> None:
+    from sftune.lora import ADAPTER_WEIGHTS
+
+    if not (path / ADAPTER_WEIGHTS).is_file():
+        raise SftuneError(f"{path} holds no LoRA adapter (it was written by a full fine-tune); resume it "
+                          f"without --lora-r")
 
 
 def weights_finite(model, dist: Dist | None = None) -> bool:

@@ -427,15 +427,11 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
     need(bool(cfg.lora_targets), "lora_targets", "must name at least one module, or all-linear")
     need(not cfg.merge or cfg.lora_r is not None, "merge", "merges a LoRA adapter into its base, but LoRA is off "
          "(set --lora-r); a full fine-tune's output is already a full model")
-    need(cfg.lora_r is None or cfg.strategy != "fsdp", "strategy", "fsdp is not supported with LoRA yet; use ddp "
-         "(the adapter and its optimizer state are small)")
     need(cfg.early_stopping_patience is None or cfg.early_stopping_patience >= 1, "early_stopping_patience",
          "must be at least 1 evaluation, or null for no early stopping")
     need(math.isfinite(cfg.early_stopping_min_delta) and cfg.early_stopping_min_delta >= 0,
          "early_stopping_min_delta", "must be 0 or more")
     need(cfg.final_model == "last" or cfg.save_best, "final_model", "best needs the best checkpoint: set --save-best")
-    need(cfg.final_model == "last" or cfg.strategy != "fsdp", "final_model",
-         "best is not supported with --strategy fsdp yet; use last")
     need(cfg.stream_val_rows >= 1, "stream_val_rows", "must be at least 1")
     need(cfg.chat_template is None or Path(cfg.chat_template).expanduser().is_file(), "chat_template",
          "no such file; give the path of a Jinja template file")

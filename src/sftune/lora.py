@@ -156,14 +156,33 @@ def adapter_weights(peft_model) -> dict[str, torch.Tensor]:
     return get_peft_model_state_dict(peft_model)
 
 
-def save_adapter(peft_model, tokenizer, directory: Path, base: str) -> None:
+def gathered_adapter(loss_model) -> dict[str, torch.Tensor]:
+    """An FSDP-sharded LoRA model's trained tensors (adapters, modules_to_save), whole, on rank 0's CPU (empty
+    elsewhere), under every name the peft model has for them (peft looks a tied head up by its own name): what
+    `save_adapter` writes. A collective: every rank calls it. The frozen base is never gathered."""
+    import torch.distributed
+
+    main, gathered, found = torch.distributed.get_rank() == 0, {}, {}
+    for name, p in loss_model.named_parameters(remove_duplicate=False):
+        if p.requires_grad:
+            if id(p) not in found:
+                whole = p.full_tensor() if hasattr(p, "full_tensor") else p  # (an all-gather of the shards)
+                found[id(p)] = whole.detach().cpu() if main else None
+            if main:
+                gathered[f"base_model.{name}"] = found[id(p)]  # model.X (the loss module's name) -> peft's
+    return gathered
+
+
+def save_adapter(peft_model, tokenizer, directory: Path, base: str, gathered: dict | None = None) -> None:
     """Write the adapter and the tokenizer (with its chat template) into `directory`: what
-    `PeftModel.from_pretrained(base_model, directory)` and `AutoPeftModelForCausalLM` load."""
+    `PeftModel.from_pretrained(base_model, directory)` and `AutoPeftModelForCausalLM` load. `gathered`: the
+    trained tensors of a sharded model (`gathered_adapter`), else they are read from `peft_model`."""
     settings = peft_model.peft_config["default"]
     settings.base_model_name_or_path = base
     # no full embedding matrices (peft's "auto" looks the base's vocabulary up, on the Hub for a Hub base, at every
     # save; sftune never resizes embeddings, and modules_to_save are saved either way)
-    peft_model.save_pretrained(directory, save_embedding_layers=False)
+    peft_model.save_pretrained(directory, save_embedding_layers=False,
+                               **({"state_dict": gathered} if gathered is not None else {}))
     requested = getattr(peft_model, "sftune_modules_to_save", None)
     if requested:  # the names as sftune gave them to peft (see `add_lora`)
         path = directory / ADAPTER_CONFIG

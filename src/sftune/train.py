@@ -397,27 +397,36 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
     if not weights_finite(run.loss_model, dist):
         raise TrainingDiverged(f"the weights after step {state.step} are not finite; the final model was not saved. "
                                f"Lower --lr and resume from {saved_at[-1] if saved_at else 'the start'}")
-    full = full_state_dict(run.loss_model) if dist.sharded else None  # FSDP: gathered on rank 0 (all ranks call)
-    if cfg.final_model == "best" and state.best_step not in (None, state.step) and dist.is_main:
+    if cfg.final_model == "best" and state.best_step not in (None, state.step):
         best_dir = out / "checkpoints" / f"step-{state.best_step}"  # kept through rotation (`checkpoint.rotate`)
-        if run.adapter is not None:
+        if dist.sharded:  # every rank loads its shards of the best weights (gathered below)
+            run.checkpointer.load_weights(best_dir, run.loss_model)
+        elif dist.is_main and run.adapter is not None:
             from sftune.lora import load_adapter_weights
 
             load_adapter_weights(run.adapter, best_dir)
-        else:
+        elif dist.is_main:
             from sftune.modeling import load_model
 
             hf_model = load_model(str(best_dir), "pretrained", cfg.trust_remote_code)
         best = best_eval()
         log(f"final model: the best evaluation's, step {best['step']:,} (val loss {best['val_loss']:.4f}), from "
             f"{best_dir} (--final-model best)")
-    if dist.is_main and run.adapter is not None:  # LoRA: the adapter, and with --merge a full model beside it
-        from sftune.lora import merged_model, save_adapter
+    full = None  # FSDP: the whole model, or a LoRA run's trained tensors, gathered on rank 0 (all ranks call)
+    if dist.sharded:
+        from sftune.lora import gathered_adapter
 
-        publish_model(out, lambda directory: save_adapter(run.adapter, run.tokenizer, directory, run.base))
-        if cfg.merge:  # (in place: from here on the model is the merged one, which computes the same)
-            hf_model = merged_model(run.adapter)
-            publish_model(out / "merged", lambda directory: save_model(hf_model, run.tokenizer, directory))
+        full = gathered_adapter(run.loss_model) if run.adapter is not None else full_state_dict(run.loss_model)
+    if dist.is_main and run.adapter is not None:  # LoRA: the adapter, and with --merge a full model beside it
+        from sftune.lora import load_adapter_model, merged_model, save_adapter
+
+        publish_model(out, lambda directory: save_adapter(run.adapter, run.tokenizer, directory, run.base, full))
+        if cfg.merge and dist.sharded:  # shards are not merged in place: the adapter just written, on a CPU copy
+            merged = load_adapter_model(out, run.base, cfg.trust_remote_code)  # of the base (as `sftune export`)
+        elif cfg.merge:  # (in place: from here on the model is the merged one, which computes the same)
+            hf_model = merged = merged_model(run.adapter)
+        if cfg.merge:
+            publish_model(out / "merged", lambda directory: save_model(merged, run.tokenizer, directory))
             log(f"merged model: {out / 'merged'} (AutoModelForCausalLM.from_pretrained loads it)")
     elif dist.is_main:
         publish_model(out, lambda directory: save_model(hf_model, run.tokenizer, directory, full))
