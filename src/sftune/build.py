@@ -415,7 +415,7 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
                                                 if padding.static else "")
             + ("; the fused loss's softmax compiled (inductor, seconds at the first step)"
                if loss_model.chunk_math else ""))
-    wrapped = dist.wrap(loss_model, cfg.strategy)  # DDP under torchrun; the module itself in one process
+    wrapped = dist.wrap(loss_model, cfg.strategy, precision)  # DDP or FSDP under torchrun; else the module itself
     if compile_mode == "torch":  # (the training step only: evaluation runs `loss_model`, eagerly)
         wrapped = compile_step(wrapped, loss_model, padding, cfg.compile_backend, cfg.compile_mode)
     # fused AdamW: one kernel over all parameters (measured 6x faster than foreach on CPU, benchmarks/NOTES.md)
@@ -444,7 +444,8 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     log(f"training: {describe_plan(cfg, steps, max_length)}, lr {cfg.lr:g} ({cfg.lr_schedule}, "
         f"{cfg.warmup_steps} warm-up), output {out}")
     log(f"loss: {'output projection fused with cross-entropy, ' if loss_model.fused else ''}token-weighted over "
-        f"each step" + (f"; {dist.world_size} ranks ({type(wrapped).__name__})" if dist.distributed else ""))
+        f"each step" + (f"; {dist.world_size} ranks ({type(wrapped).__name__}"
+                        f"{': ' + dist.mixed_precision if dist.mixed_precision else ''})" if dist.distributed else ""))
     return Run(resolved, dist, out, precision, tokenizer, wrapped, loss_model, adapter, base, steps, compile_mode,
                optimizer, scheduler, scaler, checkpointer, state, checkpoint, lock)
 

@@ -46,6 +46,7 @@ class Dist:
         return self.world_size > 1
 
     sharded: bool = False  # FSDP: parameters are DTensor shards (set by `wrap`)
+    mixed_precision: str = ""  # FSDP: how `wrap` gathers weights and reduces gradients, when not in their dtype
     owns_group: bool = False  # this run started the process group (and so ends it in `close`)
 
     def barrier(self) -> None:
@@ -104,24 +105,33 @@ class Dist:
         torch.distributed.all_gather_object(out, obj)
         return out
 
-    def wrap(self, module, strategy: str):
+    def wrap(self, module, strategy: str, precision: str = "fp32"):
         """The module as training sees it: itself in one process; under torchrun DDP-wrapped, or with
-        strategy fsdp sharded in place by FSDP2 (`fully_shard` on each transformer block, then the root)."""
+        strategy fsdp sharded in place by FSDP2 (`fully_shard` on each transformer block, then the root).
+
+        FSDP in bf16: the fp32 shards are all-gathered as bf16 (half the traffic and memory of the gathered
+        weights; the matrix products run in bf16 under autocast either way) and the gradients are reduce-scattered
+        and accumulated in fp32 (accelerate's bf16 policy reduces them in bf16: a sum over ranks that loses bits)."""
         if not self.distributed:
             return module
         if strategy == "fsdp":
+            import torch
             from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.fsdp import fully_shard
+            from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
             mesh = init_device_mesh(self.device.type, (self.world_size,))
+            policy = MixedPrecisionPolicy()
+            if precision == "bf16":
+                policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+                self.mixed_precision = "weights gathered in bf16, gradients reduced in fp32"
             block_types = set(getattr(module.model, "_no_split_modules", None) or [])
             blocks = [m for m in module.modules() if type(m).__name__ in block_types]
             if not blocks:
                 raise SftuneError(f"--strategy fsdp: cannot find the transformer blocks of "
                                   f"{type(module.model).__name__} to shard; use --strategy ddp")
             for block in blocks:
-                fully_shard(block, mesh=mesh)
-            fully_shard(module, mesh=mesh)  # the root: embeddings, final norm and the output head
+                fully_shard(block, mesh=mesh, mp_policy=policy)
+            fully_shard(module, mesh=mesh, mp_policy=policy)  # the root: embeddings, final norm and the output head
             self.sharded = True
             return module
         from torch.nn.parallel import DistributedDataParallel
