@@ -136,11 +136,14 @@ def launched(uneven_data, small_model_dir, tmp_path_factory):
     lora = [*CASES["fsdp-lora"][1], "--strategy", "fsdp", "--grad-accum", "2"]
     runs.append(args(small_model_dir, uneven_data, root / "fsdp-lora-resumed", 8, *lora,
                      "--resume", str(root / "fsdp-lora-two" / "checkpoints" / "step-2")))
-    # lr 0.1: the val loss is best after step 1 (4.32), then 6.69 and 6.82, so the final model is step 1's
+    # lr 0.1: the val loss is best after step 1 (4.32), then 6.69 and 6.82, so the final model is step 1's (in bf16:
+    # the weights are gathered in bf16 for the evaluations, and the final model must still be the fp32 shards)
     runs.append(args(small_model_dir, uneven_data, root / "fsdp-best", 16, "--strategy", "fsdp", "--lr", "1e-1",
-                     "--eval-every", "1", "--save-best", "--final-model", "best"))
-    # bf16 under FSDP (weights gathered in bf16, gradients reduced in fp32) against one process in bf16 (autocast)
-    bf16 = ["--precision", "bf16", "--lr", "3e-3"]
+                     "--eval-every", "1", "--save-best", "--final-model", "best", "--precision", "bf16"))
+    # bf16 under FSDP (weights gathered in bf16, gradients reduced in fp32) against one process in bf16 (autocast);
+    # LoRA, with the tied embedding/head trained in full: the adapter is gathered after the last evaluation, which
+    # leaves the root's weights unsharded (views of the bf16 all-gather)
+    bf16 = ["--precision", "bf16", "--lr", "3e-3", "--lora-r", "4", "--lora-modules-to-save", "wte"]
     code, _, err = run_captured(*args(small_model_dir, uneven_data, root / "bf16-one", 32, *bf16))
     assert code == 0, err
     runs.append(args(small_model_dir, uneven_data, root / "bf16-fsdp", 16, "--strategy", "fsdp", *bf16))
@@ -179,8 +182,8 @@ def test_ddp_and_fsdp_on_two_ranks_equal_one_process_and_fsdp_resumes_exactly(la
 
 def test_fsdp_in_bf16_gathers_bf16_reduces_fp32_and_keeps_fp32_weights(launched):
     """bf16 under FSDP: the fp32 shards are all-gathered as bf16 and the gradients reduce-scattered in fp32
-    (FSDP2's MixedPrecisionPolicy). The run matches one process in bf16 autocast to bf16's rounding (the layer norms'
-    weights are bf16 too), and the saved weights are the fp32 master weights."""
+    (FSDP2's MixedPrecisionPolicy). A LoRA run matches one process in bf16 autocast to bf16's rounding (the layer
+    norms' weights are bf16 too), and the saved adapter is the fp32 master weights."""
     root, output = launched
     assert "(FSDPCausalLMLoss: weights gathered in bf16, gradients reduced in fp32)" in output
     (train_a, evals_a), (train_b, evals_b) = metrics(root / "bf16-one"), metrics(root / "bf16-fsdp")
@@ -190,7 +193,7 @@ def test_fsdp_in_bf16_gathers_bf16_reduces_fp32_and_keeps_fp32_weights(launched)
     np.testing.assert_allclose([g for *_, g in train_b], [g for *_, g in train_a], rtol=1e-2)  # (a scale bug: 2x)
     # (weights are not compared element by element: Adam moves a weight whose gradient is near 0 by +-lr whatever
     # its size, so bf16's rounding flips some of those moves)
-    a, b = load_file(root / "bf16-one" / "model.safetensors"), load_file(root / "bf16-fsdp" / "model.safetensors")
+    a, b = (load_file(root / run / "adapter_model.safetensors") for run in ("bf16-one", "bf16-fsdp"))
     assert a.keys() == b.keys() and all(b[k].dtype == torch.float32 for k in b)
 
 
