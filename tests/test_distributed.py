@@ -95,7 +95,7 @@ def assert_same_training(single, double):
 CASES = {  # name: (model, extra flags, single process (batch, accum), per rank (batch, accum), strategy)
     "ddp": ("gpt2", [], (32, 1), (16, 1), "ddp"),
     "ddp-accum": ("gpt2", [], (16, 2), (8, 2), "ddp"),
-    "fsdp-accum": ("gpt2", ["--save-every", "2"], (16, 2), (8, 2), "fsdp"),
+    "fsdp-accum": ("gpt2", ["--save-every", "2", "--sample-prompts", "the film is"], (16, 2), (8, 2), "fsdp"),
     "fsdp-llama": ("llama", [], (32, 1), (16, 1), "fsdp"),
     "ddp-lora-llama": ("llama", ["--lora-r", "4", "--lora-modules-to-save", "lm_head",
                                  "--lr", "1e-2", "--gradient-checkpointing"], (16, 2), (8, 2), "ddp"),
@@ -166,6 +166,11 @@ def test_ddp_and_fsdp_on_two_ranks_equal_one_process_and_fsdp_resumes_exactly(la
             assert_same_training(root / f"{name}-one", root / f"{name}-two")
         except AssertionError as e:
             raise AssertionError(f"{name}: {e}") from None
+
+    # samples at each evaluation under FSDP (every rank generates in step) change nothing of the training above
+    samples = [(r["step"], r["prompt"]) for r in read_jsonl(root / "fsdp-accum-two" / "metrics.jsonl")
+               if r["type"] == "sample"]
+    assert samples == [(0, "the film is"), (3, "the film is")]
 
     # the sharded checkpoint: model and optimizer shards in DCP, no full model; resume from step 2 is exact
     full = root / "fsdp-accum-two"

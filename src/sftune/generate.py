@@ -27,6 +27,7 @@ def complete(
     chat: bool = False,
     system: str | None = None,
     rendered: bool = False,
+    synced: bool = False,
 ) -> list[str]:
     """`num_samples` continuations of `prompt` (the prompt itself not included).
 
@@ -34,7 +35,8 @@ def complete(
     is a user turn (after an optional `system` turn) rendered with the tokenizer's chat
     template and its generation prompt, as in training; generation also stops at the
     template's end-of-turn token. With `rendered` as well, the prompt is already rendered chat text (e.g. a
-    validation example's prompt), used as it is.
+    validation example's prompt), used as it is. `synced`: every rank of a sharded (FSDP) model calls this in step,
+    and each keeps running forwards until all have finished (their blocks all-gather their weights at each one).
     """
     if not math.isfinite(temperature) or temperature < 0:
         raise SftuneError(f"temperature must be 0 (greedy) or a positive number, got {temperature} (--temperature)")
@@ -85,6 +87,7 @@ def complete(
                 num_return_sequences=num_samples,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=stop,
+                **({"synced_gpus": True} if synced else {}),
             )
         except (RuntimeError, MemoryError) as e:
             if isinstance(e, MemoryError) or "memory" in str(e).lower():

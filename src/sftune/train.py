@@ -216,15 +216,19 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         window.exclude(time.perf_counter() - started)
 
     def write_samples(step: int) -> None:
-        """Greedy completions of the sample prompts, to see how the model changes (rank 0; not under FSDP, where
-        every rank would have to generate in step)."""
-        if not prompts or not dist.is_main or dist.sharded:
+        """Greedy completions of the sample prompts, to see how the model changes (rank 0; under FSDP every rank
+        generates in step, the root's weights gathered for it, and rank 0 writes)."""
+        if not prompts or not (dist.is_main or dist.sharded):
             return
+        if dist.sharded:
+            run.loss_model.unshard()
         for i, (prompt, rendered) in enumerate(prompts):
             text = complete(hf_model, run.tokenizer, prompt, cfg.sample_max_new_tokens, temperature=0.0,
-                            chat=chat, rendered=rendered)[0]
+                            chat=chat, rendered=rendered, synced=dist.sharded)[0]
             metrics.write({"type": "sample", "step": step, "index": i, "prompt": prompt, "completion": text})
             log(f"sample step {step:,}: {prompt!r} -> {text!r}")
+        if dist.sharded:
+            run.loss_model.reshard()
 
     def best_eval() -> dict | None:
         """The evaluation with the lowest val loss after training started (None before the first)."""
@@ -439,7 +443,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         run.loss_model.unshard()
     for prompt in cfg.sample_prompts if dist.is_main or dist.sharded else []:
         samples[prompt] = complete(hf_model, run.tokenizer, prompt, cfg.sample_max_new_tokens, seed=cfg.seed,
-                                   chat=run.steps.layout.format.startswith("chat"))[0]
+                                   chat=run.steps.layout.format.startswith("chat"), synced=dist.sharded)[0]
     return TrainResult(out, state.step, state.tokens, seconds, evals, samples)
 
 
