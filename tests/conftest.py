@@ -46,11 +46,16 @@ def isolated_env(tmp_path_factory):
     yield
 
 
-@pytest.fixture(scope="session")
-def gpt2_tokenizer():
+def load_gpt2_tokenizer():
     from sftune.modeling import load_tokenizer
 
     return load_tokenizer(str(GPT2_DIR) if GPT2_DIR.is_dir() else "bundled:gpt2")
+
+
+@pytest.fixture(scope="session")
+def gpt2_tokenizer():
+    """Shared: chat data sets sftune's default chat template on it (as on a run's tokenizer, so that it is saved)."""
+    return load_gpt2_tokenizer()
 
 
 def make_tiny_gpt2(seed: int = 0):
@@ -65,11 +70,11 @@ def make_tiny_gpt2(seed: int = 0):
 
 
 @pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory, gpt2_tokenizer):
+def tiny_model_dir(tmp_path_factory):
     """A saved tiny random GPT-2 with the real tokenizer: a --model PATH for the CLI."""
     path = tmp_path_factory.mktemp("tiny-gpt2")
     make_tiny_gpt2().save_pretrained(path)
-    gpt2_tokenizer.save_pretrained(path)
+    load_gpt2_tokenizer().save_pretrained(path)  # a fresh one: the shared one may have a chat template by now
     return path
 
 
