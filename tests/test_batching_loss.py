@@ -153,19 +153,28 @@ def test_grad_accumulation_equals_one_big_batch():
 
 
 def test_eval_loss_is_token_weighted_over_the_split():
-    ex = Examples.from_lists([[5, 6, 7, 8, 9, 10, 11, 12, EOS], [13, EOS], [14, 15, EOS]])
     model = make_tiny_gpt2()
+    with torch.no_grad():  # the first example is the model's own greedy continuation: its argmax hits 7 targets
+        greedy = model.generate(torch.tensor([[5]]), max_new_tokens=7, do_sample=False, pad_token_id=EOS)[0].tolist()
+    ex = Examples.from_lists([greedy + [EOS], [13, EOS], [14, 15, EOS]])
     cpu = torch.device("cpu")
-    result = evaluate(model, ex, batch_size=2, pad_id=EOS, device=cpu, precision="fp32")
-    sums, counts = [], []
+    loss_model = CausalLMLoss(model).train()
+    loss_model(collate(ex, [0, 1], EOS))  # a training forward before: its argmax hits stay the training log's
+    trained_hits = int(loss_model.correct)
+    result = evaluate(loss_model, ex, batch_size=2, pad_id=EOS, device=cpu, precision="fp32")
+    assert loss_model.take_correct() == trained_hits and loss_model.training
+    sums, counts, hits = [], [], 0
     with torch.no_grad():
         for i in range(3):
             b = collate(ex, [i], EOS)
-            sums.append(sum_token_loss(model(input_ids=b["input_ids"]).logits, b["labels"]).item())
+            logits = model(input_ids=b["input_ids"]).logits
+            sums.append(sum_token_loss(logits, b["labels"]).item())
             counts.append(len(b["targets"]))
+            hits += int((logits[0, :-1].argmax(-1) == b["labels"][0, 1:]).sum())  # (every label here is a target)
     assert result.targets == sum(counts) == 11
+    assert result.accuracy == hits / 11 and hits >= 7  # the argmax hits over the whole split
     assert result.loss == pytest.approx(sum(sums) / sum(counts), rel=1e-5)
     assert result.perplexity == pytest.approx(math.exp(result.loss))
     # differs from the mean of per-example means, so weighting matters here
     assert abs(result.loss - np.mean([s / c for s, c in zip(sums, counts)])) > 1e-3
-    assert model.training  # evaluate restores the mode it found
+    assert model.training and loss_model.eval_correct is None  # evaluate restores what it found

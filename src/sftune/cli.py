@@ -258,13 +258,14 @@ def cmd_eval(args) -> None:
     if not dist.is_main:  # under torchrun every rank evaluated its share; rank 0 reports the sum over sum
         return
     report = {"model": cfg.model, "dataset": cfg.dataset, "split": "validation", "val_loss": result.loss,
-              "val_ppl": result.perplexity, "examples": result.examples, "target_tokens": result.targets,
-              "precision": precision}
+              "val_ppl": result.perplexity, "val_token_accuracy": result.accuracy, "examples": result.examples,
+              "target_tokens": result.targets, "precision": precision}
     if args.json:
         print(json.dumps(report))
     else:
         print(f"{cfg.model} on {cfg.dataset} (validation, {result.examples:,} examples, {result.targets:,} target tokens): "
-              f"val_loss {result.loss:.4f}, perplexity {result.perplexity:,.2f} ({precision})")
+              f"val_loss {result.loss:.4f}, perplexity {result.perplexity:,.2f}, token accuracy {result.accuracy:.3f} "
+              f"({precision})")
 
 
 def trained_precision(cfg) -> str:

@@ -2,7 +2,7 @@
 
 val_loss = (sum of token losses over every target of the split, all ranks) / (number of
 targets), never a mean of per-batch means (which over-weights the tokens of short
-batches); perplexity = exp(val_loss).
+batches); perplexity = exp(val_loss); token accuracy = targets the argmax predicts / targets.
 
     sftune eval --model runs/quickstart --dataset examples/quickstart/data
 """
@@ -28,6 +28,7 @@ class EvalResult:
     perplexity: float
     targets: int  # tokens the loss averages over
     examples: int
+    accuracy: float = 0.0  # share of the targets that the argmax predicts
 
 
 @torch.no_grad()
@@ -42,6 +43,7 @@ def evaluate(model, examples: Examples, batch_size: int, pad_id: int, device: to
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    model.eval_correct = correct = torch.zeros((), dtype=torch.long, device=device)  # counted by the loss module
     n_targets = 0
     every = length_sorted_batches(examples.lengths, batch_size)
     batches = dist.shard(every)
@@ -50,6 +52,7 @@ def evaluate(model, examples: Examples, batch_size: int, pad_id: int, device: to
     for indices in batches:
         if stop is not None and stop():
             model.train(was_training)
+            model.eval_correct = None
             return None
         batch = collate(examples, indices, pad_id)
         n_targets += count_targets(batch)  # host-side count: no sync
@@ -57,6 +60,9 @@ def evaluate(model, examples: Examples, batch_size: int, pad_id: int, device: to
         with autocast(device, precision):
             loss_sum += model(batch).double()
     model.train(was_training)
+    model.eval_correct = None
     loss_sum, n_targets = dist.all_reduce_sum(loss_sum), dist.all_reduce_sum(n_targets)
+    hits = int(dist.all_reduce_sum(correct))
     loss = loss_sum.item() / max(n_targets, 1)  # note: .item() syncs once per evaluation, not per batch
-    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 700.0)), targets=n_targets, examples=len(examples))
+    return EvalResult(loss=loss, perplexity=math.exp(min(loss, 700.0)), targets=n_targets, examples=len(examples),
+                      accuracy=hits / max(n_targets, 1))

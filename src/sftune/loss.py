@@ -84,6 +84,7 @@ class CausalLMLoss(nn.Module):
         self._cast: tuple | None = None  # ((weight version, address, dtype), cast copy) of the output head
         self.cache_cast = True  # off while CUDA graphs capture the step (the cast must be part of the graph)
         self.correct: torch.Tensor | None = None  # in training: targets predicted exactly (argmax), on the device
+        self.eval_correct: torch.Tensor | None = None  # the same while `evaluate` runs (kept apart from training's)
         self.chunk_math: ChunkMath | None = None  # the fused loss's per-chunk math compiled (GPU: `fuse_chunk_math`)
 
     def take_correct(self) -> int:
@@ -102,7 +103,7 @@ class CausalLMLoss(nn.Module):
         return self.correct
 
     def _count(self) -> torch.Tensor | None:
-        return self.correct_counter() if self.training else None
+        return self.correct_counter() if self.training else self.eval_correct
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = model_inputs(batch, self.varlen)

@@ -179,8 +179,9 @@ def report_html(runs: list[dict]) -> str:
         parts.append(f"<h2>{html.escape(run['name'])}</h2>")
         parts.append("<h3>Summary</h3>" + _table(None, _summary(run)))
         parts.append("<h3>Evaluations</h3>" + _table(
-            ["step", "val loss", "val perplexity"],
-            [[f"{e['step']:,}", f"{e['val_loss']:.4f}", f"{e['val_ppl']:,.2f}"] for e in run["eval"]]))
+            ["step", "val loss", "val perplexity", "val token accuracy"],
+            [[f"{e['step']:,}", f"{e['val_loss']:.4f}", f"{e['val_ppl']:,.2f}",
+              f"{e['val_token_accuracy']:.3f}" if "val_token_accuracy" in e else "-"] for e in run["eval"]]))
         parts.append("<h3>Sample generations</h3>" + _samples_section(run))
         parts.append("<h3>Data</h3>" + _data_section(run["data"]))
         parts.append(f"<h3>Config</h3><pre>{html.escape(run['config'])}</pre>")

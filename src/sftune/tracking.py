@@ -23,7 +23,7 @@ SCALARS = {
     "train": {"loss": "train/loss", "token_accuracy": "train/token_accuracy", "lr": "train/lr",
               "grad_norm": "train/grad_norm", "tokens_per_s": "train/tokens_per_s", "tokens": "train/tokens_seen",
               "epoch": "train/epoch", "peak_memory_gb": "train/peak_memory_gb", "mfu": "train/mfu"},
-    "eval": {"val_loss": "eval/loss", "val_ppl": "eval/perplexity"},
+    "eval": {"val_loss": "eval/loss", "val_ppl": "eval/perplexity", "val_token_accuracy": "eval/token_accuracy"},
 }
 
 

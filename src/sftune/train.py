@@ -38,7 +38,7 @@ class TrainResult:
     steps: int
     tokens: int  # non-pad tokens trained on
     seconds: float
-    evals: list[dict] = field(default_factory=list)  # {"step", "val_loss", "val_ppl"} in order
+    evals: list[dict] = field(default_factory=list)  # {"step", "val_loss", "val_ppl", "val_token_accuracy"} in order
     samples: dict[str, str] = field(default_factory=dict)  # prompt -> completion
 
     @property
@@ -206,11 +206,13 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
                           precision, dist, stop=(lambda: stop.signum is not None) if interruptible else None)
         if result is None:  # a signal during the first evaluation: nothing trained, nothing to keep
             raise Preempted(stop.signum or 15, None)
-        record = {"step": step, "val_loss": result.loss, "val_ppl": result.perplexity}
+        record = {"step": step, "val_loss": result.loss, "val_ppl": result.perplexity,
+                  "val_token_accuracy": result.accuracy}
         evals.append(record)
         best = "" if step == 0 else track_best(record)
         metrics.write({"type": "eval", **record})
         log(f"eval  step {step:>6,} | val_loss {result.loss:.4f} | val_ppl {result.perplexity:,.2f} "
+            f"| acc {result.accuracy:.3f} "
             f"| {result.targets:,} target tokens{best}")
         write_samples(step)
         window.exclude(time.perf_counter() - started)
