@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from conftest import QUICKSTART_DATA, read_jsonl, run_main
+from conftest import QUICKSTART_DATA, ROOT, read_jsonl, run_main
 from sftune import __version__
 
 
@@ -88,3 +88,16 @@ def test_eval_and_data_stream_without_max_steps(tiny_model_dir, capsys):
     code, out, err = run_main(capsys, "data", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA),
                               "--streaming", "--json")
     assert code == 0, err
+
+
+def test_an_empty_string_empties_a_list_flag():
+    """`--sample-prompts ""` (a flag needs a value) turns the config file's prompts off; `--lora-targets ""` is then
+    the config error an empty list is."""
+    from sftune.cli import build_parser, config_from_args
+    from sftune.errors import SftuneError
+
+    config = str(ROOT / "configs" / "quickstart.yaml")
+    args = build_parser().parse_args(["train", "--config", config, "--sample-prompts", ""])
+    assert config_from_args(args).sample_prompts == []
+    with pytest.raises(SftuneError, match="lora_targets"):
+        config_from_args(build_parser().parse_args(["train", "--config", config, "--lora-r", "8", "--lora-targets", ""]))

@@ -81,6 +81,7 @@ def test_yaml_keys_that_are_not_names_and_files_that_are_not_utf8(tmp_path, caps
     (["--dataset", ","], ["--dataset ',' names no file", "--dataset"]),
     (["--sample-prompts", "the film", "--sample-max-new-tokens", "500"],
      ["sample_max_new_tokens 500 does not fit the model's context of 128", "--sample-max-new-tokens"]),
+    (["--sample-prompts", "the film", " "], ["sample_prompts", "must be non-empty texts", '--sample-prompts ""']),
 ])
 def test_train_mistakes(flags, words, tiny_model_dir, tmp_path, capsys):
     refused(capsys, *train(tiny_model_dir, tmp_path / "o", *flags), words=words)

@@ -415,6 +415,8 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
     need(cfg.keep_last >= 1, "keep_last", "must be at least 1")
     need(cfg.max_bad_steps >= 0, "max_bad_steps", "must be 0 or more")
     need(cfg.sample_max_new_tokens >= 1, "sample_max_new_tokens", "must be at least 1")
+    need(all(isinstance(p, str) and p.strip() for p in cfg.sample_prompts), "sample_prompts",
+         "must be non-empty texts; for none, use [] in YAML or --sample-prompts \"\"")
     need(bool(cfg.model), "model", "must name a Hub id or a local directory")
     need(bool(cfg.dataset), "dataset", "must name a Hub id, a directory or a file")
     need(not training or not cfg.streaming or cfg.max_steps is not None, "max_steps",
