@@ -385,9 +385,12 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     # the checkpoint's weights when resuming a full fine-tune (the checks above make sure it is the same model);
     # else the base (a sharded or adapter checkpoint's weights are loaded into it by `restore`)
     from_checkpoint = checkpoint is not None and kind.full_weights
+    # FSDP: the model stays in host memory until `fully_shard` moves each block to the GPU and shards it, one block
+    # at a time, so the whole model never sits on one GPU (it need not fit one)
+    load_device = torch.device("cpu") if sharded else dist.device
     model = load_model(str(checkpoint) if from_checkpoint else cfg.model, "pretrained" if from_checkpoint else cfg.init,
                        cfg.trust_remote_code, cfg.seed, attention=cfg.attention, overrides=cfg.model_config_overrides,
-                       device=dist.device)
+                       device=load_device)
     base = base_name(cfg, out)
     if dist.is_main:  # every check has passed: from here on the directory is this run's
         if checkpoint is None and cfg.overwrite:
@@ -406,7 +409,7 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
         adapter = add_lora(model, cfg)  # LoRA layers go into `model` itself; only they (and modules_to_save) train
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
-    loss_model = CausalLMLoss(model.to(dist.device))
+    loss_model = CausalLMLoss(model if sharded else model.to(dist.device))
     if loss_model.fused and wants_chunk_math(cfg, compile_mode, steps, max_length):
         loss_model.chunk_math = ChunkMath()
     if compile_mode != "off" or cfg.compile != "auto" or dist.device.type == "cuda":  # (a CPU has only eager)

@@ -58,7 +58,7 @@ class SFTConfig:
     init: Init = _f(
         "pretrained",
         "'pretrained' loads the model's weights; 'random' builds it from its config.json "
-        "with freshly initialised weights (seeded by `seed`; drawn on the GPU when training on one).",
+        "with freshly initialised weights (seeded by `seed`; drawn on the GPU when training on one, except under FSDP).",
         "model",
     )
     trust_remote_code: bool = _f(False, "Allow model/tokenizer code from the Hub repo to run.", "model")
