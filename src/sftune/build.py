@@ -25,7 +25,8 @@ import torch
 
 from sftune.batching import EAGER, Padding, chunk_rows_for, collate, collate_packed, epoch_steps, packed_epoch_steps
 from sftune.checkpoint import AdapterCheckpointer, Checkpointer, FullCheckpointer, ShardedAdapterCheckpointer, \
-    ShardedCheckpointer, TrainState, check_resume_compatible, check_same_inputs, check_same_world, find_resume_checkpoint
+    ShardedCheckpointer, TrainState, check_resume_compatible, check_same_inputs, check_same_world, \
+    find_resume_checkpoint
 from sftune.config import SFTConfig, dump_yaml, to_dict
 from sftune.console import log
 from sftune.data import DataOptions, Examples, PreparedData, prepare_data
@@ -430,8 +431,9 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     scheduler = get_scheduler(SCHEDULES[cfg.lr_schedule], optimizer, num_warmup_steps=cfg.warmup_steps,
                               num_training_steps=steps.total_steps)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=precision == "fp16")  # loss scaling only for fp16
+    lora_args = (adapter, base) if adapter is not None else ()  # (the adapter kinds write the adapter and its base)
     checkpointer: Checkpointer = kind(out / "checkpoints", dist, tokenizer, config_yaml, cfg.keep_last,
-                                      cfg.checkpoint_hashes, cfg.save_best, *((adapter, base) if adapter is not None else ()))
+                                      cfg.checkpoint_hashes, cfg.save_best, *lora_args)
     run_id = dist.gather(uuid.uuid4().hex)[0]  # rank 0's, on every rank
     state = TrainState(run_id=run_id, fingerprints=fingerprints, world_size=dist.world_size)
     if checkpoint is not None:
