@@ -160,6 +160,7 @@ def test_ddp_and_fsdp_on_two_ranks_equal_one_process_and_fsdp_resumes_exactly(la
     root, output = launched
     assert "(DistributedDataParallel)" in output and "(FSDPCausalLMLoss)" in output and "per rank x 2 ranks" in output
     assert output.count("done: 3 steps") == len(CASES) + 4  # only rank 0 prints (+4: FSDP resumes, best, bf16)
+    assert output.count("config: model ") == output.count("done: ")  # the config summary too, once a run
     assert "LoRA: r 4" in output
     for name in CASES:
         try:

@@ -180,9 +180,9 @@ def cmd_train(args) -> None:
     from sftune.config import dump_yaml
     from sftune.train import train
 
-    if args.verbose:
+    if args.verbose and is_main():  # (under torchrun, rank 0 alone)
         print("resolved config:\n" + "\n".join("  " + line for line in dump_yaml(cfg).splitlines()), file=sys.stderr)
-    else:
+    elif is_main():
         print(summarize_config(cfg), file=sys.stderr)
     result = train(cfg)
     if not is_main():
