@@ -36,7 +36,7 @@ from sftune.dist import Dist, init_dist
 from sftune.errors import SftuneError
 from sftune.loss import CausalLMLoss, ChunkMath
 from sftune.modeling import check_attention, context_length, enable_activation_checkpointing, load_model, \
-    load_model_config, load_tokenizer, override_config, save_model
+    load_model_config, load_tokenizer, model_skeleton, override_config, save_model
 from sftune.outputs import OutputLock, check_output_dir, clear_previous_run, finished_without_checkpoints, \
     publish_model, resolve_output_dir
 from sftune.run_report import DATA_FILE, data_summary
@@ -386,12 +386,18 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     # the checkpoint's weights when resuming a full fine-tune (the checks above make sure it is the same model);
     # else the base (a sharded or adapter checkpoint's weights are loaded into it by `restore`)
     from_checkpoint = checkpoint is not None and kind.full_weights
-    # FSDP: the model stays in host memory until `fully_shard` moves each block to the GPU and shards it, one block
-    # at a time, so the whole model never sits on one GPU (it need not fit one)
-    load_device = torch.device("cpu") if sharded else dist.device
-    model = load_model(str(checkpoint) if from_checkpoint else cfg.model, "pretrained" if from_checkpoint else cfg.init,
-                       cfg.trust_remote_code, cfg.seed, attention=cfg.attention, overrides=cfg.model_config_overrides,
-                       device=load_device)
+    # FSDP: rank 0 loads the model into host memory, and `fully_shard` moves it to the GPU one block at a time,
+    # sharding as it goes (the whole model never sits on one GPU); the other ranks build it without weights and
+    # receive their shards from rank 0 (`Dist.wrap`: only rank 0 ever holds the whole model)
+    from sftune.lora import is_adapter_dir
+
+    if sharded and not dist.is_main and not is_adapter_dir(cfg.model):
+        model = model_skeleton(cfg.model, cfg.trust_remote_code, cfg.attention, cfg.model_config_overrides)
+    else:
+        model = load_model(str(checkpoint) if from_checkpoint else cfg.model,
+                           "pretrained" if from_checkpoint else cfg.init, cfg.trust_remote_code, cfg.seed,
+                           attention=cfg.attention, overrides=cfg.model_config_overrides,
+                           device=torch.device("cpu") if sharded else dist.device)
     base = base_name(cfg, out)
     if dist.is_main:  # every check has passed: from here on the directory is this run's
         if checkpoint is None and cfg.overwrite:

@@ -129,14 +129,30 @@ class Dist:
             if not blocks:
                 raise SftuneError(f"--strategy fsdp: cannot find the transformer blocks of "
                                   f"{type(module.model).__name__} to shard; use --strategy ddp")
+            whole = module.state_dict() if self.is_main else {}  # (rank 0's weights; views, not copies)
             for block in blocks:
                 fully_shard(block, mesh=mesh, mp_policy=policy)
             fully_shard(module, mesh=mesh, mp_policy=policy)  # the root: embeddings, final norm and the output head
             self.sharded = True
+            self.from_rank0(module, whole)
             return module
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def from_rank0(self, module, whole: dict) -> None:
+        """Give every rank its shards of rank 0's weights (`whole`: rank 0's full state dict, empty elsewhere) and
+        rank 0's buffers. The other ranks' modules may be weightless (meta device): they get memory first."""
+        import torch
+        import torch.distributed
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        if not self.is_main:
+            module.to_empty(device=self.device)
+        set_model_state_dict(module, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        with torch.no_grad():
+            for buffer in module.buffers():  # (buffers are not sharded; those not in the state dict are not sent)
+                torch.distributed.broadcast(buffer, src=0)
 
     def close(self) -> None:
         import torch.distributed

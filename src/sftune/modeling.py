@@ -199,6 +199,15 @@ def load_model(name: str, init: str = "pretrained", trust_remote_code: bool = Fa
     return model
 
 
+def model_skeleton(name: str, trust_remote_code: bool = False, attention: str = "auto", overrides: dict | None = None):
+    """The model's modules without weights (on the meta device): what FSDP's ranks other than 0 shard, to receive
+    their shards of rank 0's weights (`Dist.wrap`), so that only rank 0 ever holds the whole model in memory."""
+    config = override_config(load_model_config(name, trust_remote_code), overrides)
+    attn = check_attention(config, attention, trust_remote_code)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32, **attn)
+
+
 def context_length(model_config, tokenizer) -> int:
     """The longest sequence the model accepts (positions), else the tokenizer's limit."""
     n = getattr(model_config, "max_position_embeddings", None)
