@@ -284,3 +284,13 @@ def test_sigterm_to_the_launcher_and_kill_9_of_a_rank_then_resume_is_exact(launc
     # another world size is refused: batch_size is per rank, so the steps would differ
     code, _, err = run_main(capsys, *args(small_model_dir, uneven_data, out, 16, *longer, "--resume", "auto"))
     assert code == 2 and "it was written by a run of 2" in err and "--nproc-per-node 2" in err
+
+
+def test_a_config_mistake_is_said_once_per_node(small_model_dir, uneven_data, tmp_path):
+    """A mistake found before the ranks meet (here a config value) is the same on every rank of a node: its first
+    rank says it, the others exit with the same status in silence."""
+    proc = torchrun(*args(small_model_dir, uneven_data, tmp_path / "o", 16, "--seed", "-5"), stderr=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and err.count("seed = -5: must be 0 or more") == 1, err
+    assert not (tmp_path / "o").exists()

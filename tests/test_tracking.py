@@ -98,7 +98,11 @@ def test_the_run_report_and_loss_png(small_model_dir, tmp_path, capsys):
     assert images and all(Image.open(io.BytesIO(base64.b64decode(i))).size[0] > 300 for i in images)
     rows = read_jsonl(out / "metrics.jsonl")
     for e in (r for r in rows if r["type"] == "eval"):  # the evaluations table
-        assert f"<td>{e['step']:,}</td><td>{e['val_loss']:.4f}</td><td>{e['val_ppl']:,.2f}</td>" in page
+        assert (f"<td>{e['step']:,}</td><td>{e['val_loss']:.4f}</td><td>{e['val_ppl']:,.2f}</td>"
+                f"<td>{e['val_token_accuracy']:.3f}</td>") in page
+    evals = [r for r in rows if r["type"] == "eval"]
+    assert (f"<td>val token accuracy: first -&gt; last</td><td>{evals[0]['val_token_accuracy']:.3f} -&gt; "
+            f"{evals[-1]['val_token_accuracy']:.3f}</td>") in page
     for s in (r for r in rows if r["type"] == "sample"):
         assert f"<td>{s['step']:,}</td><td>{html_escape(s['completion'])}</td>" in page
     data = json.loads((out / "data.json").read_text())

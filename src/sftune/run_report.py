@@ -127,6 +127,9 @@ def _summary(run: dict) -> list[list]:
         best = min((e for e in evals if e["step"] > 0), key=lambda e: e["val_loss"], default=evals[0])
         rows += [["val loss: first -> last", f"{evals[0]['val_loss']:.4f} -> {evals[-1]['val_loss']:.4f}"],
                  ["best val loss", f"{best['val_loss']:.4f} (step {best['step']:,})"]]
+        if "val_token_accuracy" in evals[-1]:
+            rows.append(["val token accuracy: first -> last",
+                         f"{evals[0].get('val_token_accuracy', 0):.3f} -> {evals[-1]['val_token_accuracy']:.3f}"])
     for stop in run["early_stop"]:
         rows.append(["early stopping", f"at step {stop['step']:,} (best: step {stop['best_step']:,})"])
     return rows
