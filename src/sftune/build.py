@@ -392,7 +392,7 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     from sftune.lora import is_adapter_dir
 
     if sharded and not dist.is_main and not is_adapter_dir(cfg.model):
-        model = model_skeleton(cfg.model, cfg.trust_remote_code, cfg.attention, cfg.model_config_overrides)
+        model = model_skeleton(cfg.model, cfg.trust_remote_code, cfg.seed, cfg.attention, cfg.model_config_overrides)
     else:
         model = load_model(str(checkpoint) if from_checkpoint else cfg.model,
                            "pretrained" if from_checkpoint else cfg.init, cfg.trust_remote_code, cfg.seed,

@@ -166,8 +166,8 @@ def load_model(name: str, init: str = "pretrained", trust_remote_code: bool = Fa
         attn["config"] = config  # (the pretrained weights, built with the overridden config)
     if init == "random":
         torch.manual_seed(seed)
-        on_gpu = device is not None and torch.device(device).type == "cuda"
-        with torch.device(device) if on_gpu else contextlib.nullcontext():
+        on_device = device is not None and torch.device(device).type in ("cuda", "meta")  # (meta: no weights at all)
+        with torch.device(device) if on_device else contextlib.nullcontext():
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code,
                                                      dtype=torch.float32, **attn)
         log(f"model: {name} initialised randomly (seed {seed}), {model.num_parameters() / 1e6:.1f}M parameters")
@@ -199,13 +199,11 @@ def load_model(name: str, init: str = "pretrained", trust_remote_code: bool = Fa
     return model
 
 
-def model_skeleton(name: str, trust_remote_code: bool = False, attention: str = "auto", overrides: dict | None = None):
+def model_skeleton(name: str, trust_remote_code: bool = False, seed: int = 0, attention: str = "auto",
+                   overrides: dict | None = None):
     """The model's modules without weights (on the meta device): what FSDP's ranks other than 0 shard, to receive
     their shards of rank 0's weights (`Dist.wrap`), so that only rank 0 ever holds the whole model in memory."""
-    config = override_config(load_model_config(name, trust_remote_code), overrides)
-    attn = check_attention(config, attention, trust_remote_code)
-    with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code, dtype=torch.float32, **attn)
+    return load_model(name, "random", trust_remote_code, seed, attention=attention, overrides=overrides, device="meta")
 
 
 def context_length(model_config, tokenizer) -> int:

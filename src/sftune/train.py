@@ -427,11 +427,11 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         from sftune.lora import load_adapter_model, merged_model, save_adapter
 
         publish_model(out, lambda directory: save_adapter(run.adapter, run.tokenizer, directory, run.base, full))
-        if cfg.merge and dist.sharded:  # shards are not merged in place: the adapter just written, on a CPU copy
-            merged = load_adapter_model(out, run.base, cfg.trust_remote_code)  # of the base (as `sftune export`)
-        elif cfg.merge:  # (in place: from here on the model is the merged one, which computes the same)
-            hf_model = merged = merged_model(run.adapter)
         if cfg.merge:
+            if dist.sharded:  # shards are not merged in place: the adapter just written, on a CPU copy of the base
+                merged = load_adapter_model(out, run.base, cfg.trust_remote_code)  # (as `sftune export` does)
+            else:  # (in place: from here on the model is the merged one, which computes the same)
+                hf_model = merged = merged_model(run.adapter)
             publish_model(out / "merged", lambda directory: save_model(merged, run.tokenizer, directory))
             log(f"merged model: {out / 'merged'} (AutoModelForCausalLM.from_pretrained loads it)")
     elif dist.is_main:
