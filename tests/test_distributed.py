@@ -10,6 +10,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 
@@ -294,3 +295,85 @@ def test_a_config_mistake_is_said_once_per_node(small_model_dir, uneven_data, tm
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and err.count("seed = -5: must be 0 or more") == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def two_nodes(argv: list[str], tmp_path, cwds=(ROOT, ROOT), caches=None) -> list[tuple[int, str]]:
+    """Two torchrun launches of one process each that meet through torchrun's c10d rendezvous on this machine, as
+    two nodes do (the README's two-node command); each node may have its own working directory and data cache.
+    Returns each node's (exit status, stderr)."""
+    with socket.socket() as s:  # a free port for the rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs, logs = [], []
+    for node, cwd in enumerate(cwds):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes",
+               "-m", "sftune", *argv]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **({"SFTUNE_CACHE": str(caches[node])} if caches else {})}
+        logs.append(open(tmp_path / f"node-{node}.log", "w+"))  # (files, not pipes: a full pipe would stall a rank)
+        procs.append(subprocess.Popen(cmd, cwd=cwd, text=True, env=env, stdout=subprocess.DEVNULL, stderr=logs[-1]))
+    results = []
+    for proc, log in zip(procs, logs):
+        code = proc.wait(timeout=300)
+        log.seek(0)
+        results.append((code, log.read()))
+        log.close()
+    return results
+
+
+def test_two_nodes_train_as_two_ranks_of_one_node_do(launched, uneven_data, small_model_dir, tmp_path):
+    """The README's two-node launch (c10d rendezvous), here two launchers on one machine: the run equals one
+    process at the same global batch, and each node prepares the data once into its own cache (node-local disks)."""
+    root, _ = launched
+    caches = (tmp_path / "cache-a", tmp_path / "cache-b")
+    (code_a, err_a), (code_b, err_b) = two_nodes(args(small_model_dir, uneven_data, tmp_path / "out", 16),
+                                                 tmp_path, caches=caches)
+    assert code_a == code_b == 0, err_a + err_b
+    assert_same_training(root / "ddp-one", tmp_path / "out")
+    assert all(any(cache.rglob("stats.json")) for cache in caches)  # each node's first rank tokenized once
+
+
+def test_an_output_directory_that_differs_between_nodes_is_refused(small_model_dir, uneven_data, tmp_path):
+    """Each node launched from its own directory with a relative --output-dir: the nodes would write into two
+    directories (checkpoint shards scattered, a resume finding other checkpoints on each node). Every rank learns
+    it before anything is written, the message names the ranks and hosts and the fix, and both runs stop."""
+    from sftune.outputs import LOCK_FILE
+
+    cwds = (tmp_path / "a", tmp_path / "b")
+    for cwd in cwds:  # a lock file left by an earlier run on each node's own disk (the directory counts as empty)
+        (cwd / "o").mkdir(parents=True)
+        (cwd / "o" / LOCK_FILE).write_text("123 on another-host\n")
+    results = two_nodes(args(small_model_dir, uneven_data, "o", 16), tmp_path, cwds)
+    assert all(code != 0 for code, _ in results)
+    said = "".join(err for _, err in results)
+    assert "output directory o is not the same directory on every node: rank 1 (on " in said, said
+    assert "every node mounts at the same path" in said and "src/sftune" not in said  # (torchrun adds its own)
+    assert [sorted(p.name for p in (cwd / "o").iterdir()) for cwd in cwds] == [[LOCK_FILE]] * 2  # nothing written
+
+
+def test_each_nodes_first_rank_prepares_after_rank_0_and_before_its_node(tmp_path):
+    """`Dist.main_first` on 2 nodes of 2 ranks (gloo, ranks started by hand): rank 0 prepares the data first, then
+    node 2's first rank (rank 2: its cache may be its own disk), then the others, who find a cache written."""
+    script = tmp_path / "order.py"
+    script.write_text(
+        "import os, sys, time\n"
+        "import torch.distributed\n"
+        "from sftune.dist import Dist\n"
+        "torch.distributed.init_process_group('gloo')\n"
+        "rank, local = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])\n"
+        "with Dist(rank, local, 4).main_first():\n"
+        "    with open(sys.argv[1], 'a') as f: f.write(f'in {rank}\\n')\n"
+        "    time.sleep(0.3)\n"
+        "    with open(sys.argv[1], 'a') as f: f.write(f'out {rank}\\n')\n"
+        "torch.distributed.destroy_process_group()\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "order.txt"
+    procs = [subprocess.Popen([sys.executable, str(script), str(log)], env={
+        **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "4", "RANK": str(rank),
+        "LOCAL_RANK": str(rank % 2), "OMP_NUM_THREADS": "1"}) for rank in range(4)]
+    assert [p.wait(timeout=120) for p in procs] == [0] * 4
+    events = log.read_text().split("\n")[:-1]
+    assert events[:4] == ["in 0", "out 0", "in 2", "out 2"], events
+    assert sorted(events[4:]) == ["in 1", "in 3", "out 1", "out 3"]

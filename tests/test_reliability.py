@@ -12,6 +12,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 
@@ -82,7 +83,8 @@ def test_a_second_run_into_the_same_directory_is_refused(small_model_dir, tmp_pa
             code, _, err = run_main(capsys, *args(small_model_dir, out, "--max-steps", "4000", "--save-every", "5",
                                                   *extra))
             assert code == 2, err
-            assert f"output directory {out} is in use by another sftune run (process {first.pid})" in err
+            owner = f"process {first.pid} on {socket.gethostname()}"
+            assert f"output directory {out} is in use by another sftune run ({owner})" in err
             assert "Traceback" not in err
         first.send_signal(signal.SIGKILL)  # a crash: the OS releases the lock, nothing stale is left
         first.wait(timeout=60)

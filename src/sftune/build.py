@@ -37,8 +37,8 @@ from sftune.errors import SftuneError
 from sftune.loss import CausalLMLoss, ChunkMath
 from sftune.modeling import check_attention, context_length, enable_activation_checkpointing, load_model, \
     load_model_config, load_tokenizer, model_skeleton, override_config, save_model
-from sftune.outputs import OutputLock, check_output_dir, clear_previous_run, finished_without_checkpoints, \
-    publish_model, resolve_output_dir
+from sftune.outputs import OutputLock, check_output_dir, check_shared, clear_previous_run, \
+    finished_without_checkpoints, publish_model, resolve_output_dir
 from sftune.run_report import DATA_FILE, data_summary
 from sftune.runtime import resolve_precision, seed_everything, untested_versions
 
@@ -377,6 +377,7 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
             ShardedCheckpointer if sharded else FullCheckpointer)
     if dist.is_main and lock.fd is None:
         lock.acquire()  # the directory is new: take it before the first write
+    check_shared(out, lock, dist)  # under torchrun: every node sees this directory (before any rank reads it)
     checkpoint = find_resume_checkpoint(out, cfg.resume) if cfg.resume else None
     if checkpoint is not None:
         check_resume_compatible(checkpoint, to_dict(resolved), cfg.resume_force)

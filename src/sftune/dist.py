@@ -57,12 +57,18 @@ class Dist:
 
     @contextlib.contextmanager
     def main_first(self):
-        """Rank 0 runs the block first (it prepares data and writes caches); the others wait,
-        then run it and find the cache written."""
+        """Rank 0 runs the block first (it prepares data and writes caches); then the first rank of each other
+        node (a node whose cache is its own disk prepares once, not once per GPU); then the rest, which find the
+        cache written. Every rank passes the same two barriers."""
         if not self.is_main:
-            self.barrier()
+            self.barrier()  # 1: rank 0 is done
+            if self.local_rank != 0:
+                self.barrier()  # 2: every node's first rank is done
         yield
         if self.is_main:
+            self.barrier()
+            self.barrier()
+        elif self.local_rank == 0:
             self.barrier()
 
     def all_reduce_sum(self, value):

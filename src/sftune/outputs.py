@@ -3,8 +3,9 @@
 Owns the rules that keep runs apart and work safe:
   - a non-empty directory is refused unless --resume or --overwrite says what to do with it;
   - it must be writable before anything is loaded (minutes of loading end in a clear error, not a traceback);
-  - one run at a time: an exclusive OS lock (`.sftune.lock`, holding the owner's PID) for the whole run,
+  - one run at a time: an exclusive OS lock (`.sftune.lock`, holding the owner's PID and host) for the whole run,
     released on any exit by the OS itself, so a crashed run leaves no stale lock;
+  - under torchrun, one directory for all nodes: every rank must see rank 0's lock file (`check_shared`);
   - --overwrite sets nothing of the old run aside for the new one: its checkpoints, metrics, model and
     report are removed (and listed) before the new run writes; other files are left alone;
   - the final model is staged and then published file by file with atomic renames; when that fails, the
@@ -17,7 +18,9 @@ import errno
 import fcntl
 import os
 import shutil
+import socket
 import tempfile
+import time
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
@@ -88,6 +91,7 @@ class OutputLock:
     def __init__(self, out: Path):
         self.out = out
         self.fd: int | None = None
+        self.owner = f"{os.getpid()} on {socket.gethostname()}"  # what the lock file says while this run holds it
 
     def acquire(self) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -103,13 +107,43 @@ class OutputLock:
                                   f"wait for it to finish, or choose another --output-dir") from None
             raise
         os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        os.pwrite(fd, f"{self.owner}\n".encode(), 0)
+        os.fsync(fd)  # (on NFS: what other nodes read when they check they see this directory)
         self.fd = fd
 
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)  # closing the descriptor releases the lock
             self.fd = None
+
+
+SHARED_WAIT_S = 15.0  # how long a rank that cannot see rank 0's lock file yet keeps looking (NFS caches lookups)
+
+
+def check_shared(out: Path, lock: OutputLock, dist) -> None:
+    """Under torchrun every rank must see the directory rank 0 locked, on a filesystem every node mounts: else each
+    node would write its own checkpoint shards, and a resume would find another checkpoint (or none) on each node.
+    A collective: every rank learns which ranks see another directory, and all stop together."""
+    if not dist.distributed:
+        return
+    owner = dist.gather(lock.owner)[0]  # rank 0's lock file names its process and host
+    deadline = time.monotonic() + SHARED_WAIT_S
+    while True:
+        try:
+            seen = (out / LOCK_FILE).read_text().strip()
+        except OSError:
+            seen = None  # not there (yet, on a filesystem slow to show a new file)
+        if seen == owner or seen or time.monotonic() > deadline:  # (another owner: a different directory)
+            break
+        time.sleep(0.5)
+    views = dist.gather((seen == owner, socket.gethostname()))
+    blind = [f"{rank} (on {host})" for rank, (sees, host) in enumerate(views) if not sees]
+    if blind:
+        raise SftuneError(
+            f"output directory {out} is not the same directory on every node: rank{'s' * (len(blind) > 1)} "
+            f"{', '.join(blind)} cannot see what rank 0 (on {views[0][1]}) wrote there, so checkpoints would be "
+            f"scattered over the nodes. Put --output-dir on a filesystem that every node mounts at the same path "
+            f"(an absolute path: a relative one depends on the directory each node was launched from)")
 
 
 def clear_previous_run(out: Path) -> list[str]:
