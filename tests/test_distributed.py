@@ -35,6 +35,19 @@ def uneven_data(tmp_path_factory):
     return d
 
 
+@pytest.fixture(scope="module")
+def many_rows(tmp_path_factory):
+    """More rows than one streamed chunk of 16 x 64 (so the chunks of 2 ranks at 16 and of 1 process at 32 differ
+    unless they count global rows)."""
+    rng = random.Random(1)
+    words = "a an the film story plot cast score slow quick warm cold long short".split()
+    d = tmp_path_factory.mktemp("many")
+    for split, n in (("train", 1200), ("validation", 20)):
+        rows = [" ".join(rng.choice(words) for _ in range(rng.randint(6, 30))) for _ in range(n)]
+        (d / f"{split}.jsonl").write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
+    return d
+
+
 def args(model_dir, data, out, batch, *extra):
     return ["train", "--model", str(model_dir), "--dataset", str(data), "--batch-size", str(batch), "--max-steps", "3",
             "--no-group-by-length", "--precision", "fp32", "--lr", "1e-4", "--log-every", "1",
@@ -108,7 +121,7 @@ LONGER = ("--max-steps", "6", "--save-every", "4")  # the fault test's run
 
 
 @pytest.fixture(scope="module")
-def launched(uneven_data, small_model_dir, tmp_path_factory):
+def launched(uneven_data, many_rows, small_model_dir, tmp_path_factory):
     """Each case in one process (in this one) and on 2 ranks, all in one torchrun launch (start-up paid once),
     with the uninterrupted 2-rank run the fault test compares against. The models have a 512-token vocabulary
     (`small_model_dir`'s tokenizer): the ranks' arithmetic is what is compared, not GPT-2's ids."""
@@ -149,6 +162,15 @@ def launched(uneven_data, small_model_dir, tmp_path_factory):
     assert code == 0, err
     runs.append(args(small_model_dir, uneven_data, root / "bf16-fsdp", 16, "--strategy", "fsdp", *bf16))
     runs.append(args(small_model_dir, uneven_data, root / "fault-full", 16, *LONGER))
+    # a checkpoint in the middle of a log window (step 2 of 3), resumed: the step-3 log line is the same
+    window = ["--log-every", "3", "--save-every", "2", "--keep-last", "2"]
+    runs.append(args(small_model_dir, uneven_data, root / "window", 16, *window))
+    runs.append(args(small_model_dir, uneven_data, root / "window-resumed", 16, *window,
+                     "--resume", str(root / "window" / "checkpoints" / "step-2")))
+    # streaming: the same steps as one process (chunks and shuffle buffer of global rows)
+    code, _, err = run_captured(*args(small_model_dir, many_rows, root / "stream-one", 32, "--streaming"))
+    assert code == 0, err
+    runs.append(args(small_model_dir, many_rows, root / "stream-two", 16, "--streaming"))
     return root, launch(runs, root)
 
 
@@ -160,7 +182,8 @@ def test_ddp_and_fsdp_on_two_ranks_equal_one_process_and_fsdp_resumes_exactly(la
     Hugging Face model that loads in one process."""
     root, output = launched
     assert "(DistributedDataParallel)" in output and "(FSDPCausalLMLoss)" in output and "per rank x 2 ranks" in output
-    assert output.count("done: 3 steps") == len(CASES) + 4  # only rank 0 prints (+4: FSDP resumes, best, bf16)
+    # only rank 0 prints (+7: the FSDP resumes, best, bf16, the log-window run and its resume, streaming)
+    assert output.count("done: 3 steps") == len(CASES) + 7
     assert output.count("config: model ") == output.count("done: ")  # the config summary too, once a run
     assert "LoRA: r 4" in output
     for name in CASES:
@@ -168,6 +191,8 @@ def test_ddp_and_fsdp_on_two_ranks_equal_one_process_and_fsdp_resumes_exactly(la
             assert_same_training(root / f"{name}-one", root / f"{name}-two")
         except AssertionError as e:
             raise AssertionError(f"{name}: {e}") from None
+
+    assert_same_training(root / "stream-one", root / "stream-two")  # streamed: the same steps too
 
     # samples at each evaluation under FSDP (every rank generates in step) change nothing of the training above
     samples = [(r["step"], r["prompt"]) for r in read_jsonl(root / "fsdp-accum-two" / "metrics.jsonl")
@@ -240,6 +265,19 @@ def test_lora_under_fsdp_checkpoints_the_adapter_only_and_resumes_exactly(launch
     for name in ("adapter_model.safetensors", "merged/model.safetensors"):
         a, b = load_file(two / name), load_file(resumed / name)
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_a_resume_in_the_middle_of_a_log_window_logs_what_the_run_would_have(launched):
+    """The log window's sums (loss, argmax hits) are per rank: a checkpoint keeps their sum over the ranks and the
+    resumed run gives it to rank 0 alone (each rank restoring rank 0's partial sum logged a loss of 6.37 for 6.16)."""
+    root, _ = launched
+    logged = [[{k: r[k] for k in ("step", "loss", "token_accuracy", "tokens", "grad_norm")}
+               for r in read_jsonl(root / run / "metrics.jsonl") if r["type"] == "train"]
+              for run in ("window", "window-resumed")]
+    assert [r["step"] for r in logged[0]] == [3] and len(logged[1]) == 1, logged
+    (full,), (resumed,) = logged
+    assert resumed.pop("loss") == pytest.approx(full.pop("loss"), rel=1e-6)  # (sums in another order: 6e-8 off)
+    assert resumed == full
 
 
 def test_sigterm_to_the_launcher_and_kill_9_of_a_rank_then_resume_is_exact(launched, uneven_data, small_model_dir,

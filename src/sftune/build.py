@@ -250,7 +250,8 @@ class StreamedSteps:
     def _steps(self, first_epoch: int, stream: dict | None) -> Iterator[Step]:
         from sftune.data.streaming import StreamPosition
 
-        chunk_rows = chunk_rows_for(self.cfg.batch_size, self.cfg.grad_accum)
+        # (global rows: the chunks, the shuffle buffer and so the steps are the same whatever the world size)
+        chunk_rows = chunk_rows_for(self.cfg.batch_size * self.dist.world_size, self.cfg.grad_accum)
         for epoch in itertools.count(first_epoch):
             position = StreamPosition(**stream) if epoch == first_epoch and stream else StreamPosition()
             steps = self.data.steps(epoch, position, chunk_rows,

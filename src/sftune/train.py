@@ -78,12 +78,17 @@ def forward_backward(model, micro_batches: list[dict], dist: Dist, precision: st
 
 class LogWindow:
     """What the log line reports: token-weighted loss, token accuracy and throughput since the last log line.
-    Time spent evaluating and saving is kept out of the throughput."""
+    Time spent evaluating and saving is kept out of the throughput.
 
-    def __init__(self, saved: dict, device, loss_model):
-        self.loss = torch.full((), saved.get("loss", 0.0), device=device)  # sum of token losses, on the device
+    Under torchrun each rank sums its own targets' losses and hits; a checkpoint keeps the sums over all ranks,
+    and a resumed run gives them back to rank 0 alone (the all-reduce at the next log line adds the rest)."""
+
+    def __init__(self, saved: dict, dist: Dist, loss_model):
+        mine = dist.is_main  # the saved sums are all ranks' together
+        self.loss = torch.full((), saved.get("loss", 0.0) if mine else 0.0, device=dist.device)  # on the device
         self.steps, self.targets, self.tokens = saved.get("steps", 0), saved.get("targets", 0), saved.get("tokens", 0)
-        self.correct, self.loss_model = saved.get("correct", 0), loss_model  # argmax hits (the loss module counts)
+        self.correct = saved.get("correct", 0) if mine else 0  # argmax hits (the loss module counts them)
+        self.loss_model = loss_model
         self.start = time.perf_counter()
 
     def add(self, loss_sum: torch.Tensor, targets: int, tokens: int) -> None:
@@ -105,11 +110,11 @@ class LogWindow:
         self.steps, self.targets, self.tokens, self.correct, self.start = 0, 0, 0, 0, time.perf_counter()
         return result
 
-    def saved(self) -> dict:
-        """What a checkpoint keeps (this rank's sums: each rank restores its own; rank 0's is written)."""
+    def saved(self, dist: Dist) -> dict:
+        """What a checkpoint keeps: the sums over all ranks (a collective; targets and tokens are global already)."""
         self.correct += self.loss_model.take_correct()
-        return {"loss": self.loss.item(), "steps": self.steps, "targets": self.targets, "tokens": self.tokens,
-                "correct": self.correct}
+        return {"loss": dist.all_reduce_sum(self.loss.clone()).item(), "steps": self.steps, "targets": self.targets,
+                "tokens": self.tokens, "correct": dist.all_reduce_sum(self.correct)}
 
 
 class NonFiniteGuard:
@@ -253,7 +258,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
     def checkpoint_now() -> Path:
         settle()  # (a skipped step is logged before the checkpoint that follows it)
         started = time.perf_counter()
-        state.evals, state.window, state.elapsed_s = evals, window.saved(), time.perf_counter() - start
+        state.evals, state.window, state.elapsed_s = evals, window.saved(dist), time.perf_counter() - start
         path = run.checkpointer.save(state, run.loss_model, optimizer, scheduler, scaler)
         log(f"checkpoint: {path}")
         saved_at.append(path)
@@ -262,7 +267,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
 
     # --- the loop -------------------------------------------------------------
     model.train()
-    window = LogWindow(state.window, dist.device, run.loss_model)  # a resumed run continues the window where it stopped
+    window = LogWindow(state.window, dist, run.loss_model)  # a resumed run continues the window where it stopped
     start = time.perf_counter() - state.elapsed_s
     if run.resumed_from is None:
         run_eval(0, interruptible=not dist.distributed)  # (several ranks would have to agree between batches)
