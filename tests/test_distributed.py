@@ -320,9 +320,19 @@ def test_sigterm_to_the_launcher_and_kill_9_of_a_rank_then_resume_is_exact(launc
     assert all(torch.equal(a[k], b[k]) for k in a)  # bitwise: same world size, same steps
     assert metrics(out) == metrics(full)
 
-    # another world size is refused: batch_size is per rank, so the steps would differ
+    # on another number of processes: refused where the steps would hold other rows (batch_size is per process)...
     code, _, err = run_main(capsys, *args(small_model_dir, uneven_data, out, 16, *longer, "--resume", "auto"))
-    assert code == 2 and "it was written by a run of 2" in err and "--nproc-per-node 2" in err
+    assert code == 2 and "written by a run of 2 process(es) x batch 16 x accum 1 (32 rows a step)" in err, err
+    assert "--nproc-per-node 2" in err and "--batch-size 32 --grad-accum 1" in err
+    # ... and continued where they hold the same rows: one process at 32 rows ends where the 2 ranks did
+    step_4, other = out / "checkpoints" / "step-4", tmp_path / "one-process"
+    code, _, err = run_main(capsys, *args(small_model_dir, uneven_data, other, 32, *longer, "--resume", str(step_4)))
+    assert code == 0 and "resuming a run of 2 process(es) x batch 16 x accum 1 as 1 process(es) x batch 32 x accum 1" in err, err
+    a, b = load_file(full / "model.safetensors"), load_file(other / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
+    (train_a, _), (train_b, _) = metrics(full), metrics(other)
+    np.testing.assert_allclose([l for *_, l, _, _ in train_b], [l for *_, l, _, _ in train_a[-2:]], rtol=1e-5)
 
 
 def test_a_config_mistake_is_said_once_per_node(small_model_dir, uneven_data, tmp_path):

@@ -118,6 +118,21 @@ def test_resume_refuses_changed_training_settings(copy_of, small_model_dir, caps
     assert code == 0, err
 
 
+def test_resume_with_another_split_of_the_same_steps(uninterrupted, copy_of, small_model_dir, capsys):
+    """batch_size and grad_accum may change on resume when each step keeps its rows (8 x 2 -> 16 x 1: e.g. a
+    micro-batch that no longer fits in memory, split in two); a change that puts other rows in the steps is refused
+    with the settings that would keep them."""
+    code, _, err = run_main(capsys, *train_args(small_model_dir, copy_of, "--resume", "auto", "--grad-accum", "1"))
+    assert code == 2 and "written by a run of 1 process(es) x batch 8 x accum 2 (16 rows a step)" in err, err
+    assert "--batch-size 16 --grad-accum 1" in err
+    code, _, err = run_main(capsys, *train_args(small_model_dir, copy_of, "--resume", "auto", "--batch-size", "16",
+                                                 "--grad-accum", "1"))
+    assert code == 0 and "as 1 process(es) x batch 16 x accum 1: the same 16 rows in each step" in err, err
+    a, b = load_file(uninterrupted / "model.safetensors"), load_file(copy_of / "model.safetensors")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
+
+
 def test_non_empty_output_needs_resume_or_overwrite(small_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()

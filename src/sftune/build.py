@@ -25,8 +25,8 @@ import torch
 
 from sftune.batching import EAGER, Padding, chunk_rows_for, collate, collate_packed, epoch_steps, packed_epoch_steps
 from sftune.checkpoint import AdapterCheckpointer, Checkpointer, FullCheckpointer, ShardedAdapterCheckpointer, \
-    ShardedCheckpointer, TrainState, check_resume_compatible, check_same_inputs, check_same_world, \
-    find_resume_checkpoint
+    ShardedCheckpointer, STATE_FILE, TrainState, check_resume_compatible, check_same_format, \
+    check_same_inputs, find_resume_checkpoint
 from sftune.config import SFTConfig, dump_yaml, to_dict
 from sftune.console import log
 from sftune.data import DataOptions, Examples, PreparedData, prepare_data
@@ -129,6 +129,52 @@ def plan_steps(lengths, cfg: SFTConfig, max_length: int, key: int, world_size: i
     if cfg.packing:
         return packed_epoch_steps(lengths, max_length, rows, cfg.grad_accum, cfg.seed, key, tokens)
     return epoch_steps(lengths, rows, cfg.grad_accum, cfg.seed, key, tokens, cfg.group_by_length)
+
+
+PLAN_KEYS = ("batch_size", "grad_accum", "batch_tokens")  # with the world size, what splits a step's rows
+
+
+def check_same_steps(checkpoint: Path, cfg: SFTConfig, steps: StepSource, max_length: int, world_size: int) -> tuple:
+    """A run resumes on another number of processes when the rest of it takes the same rows in each optimizer step:
+    `batch_size` is per process, so 2 ranks x 16 rows continue as 1 process x 32 rows, or x 16 rows x `grad_accum` 2
+    (the loss is token-weighted over the whole step: only the order of float sums changes). Compares the plans of
+    the epoch in progress and the next; returns the keys that may then differ from the checkpoint's config."""
+    import yaml
+
+    try:
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        written = yaml.safe_load((checkpoint / "config.yaml").read_text()) or {}
+    except (OSError, ValueError, yaml.YAMLError):
+        return ()  # (an unreadable checkpoint is reported where it is loaded)
+    saved_world, epoch = state.get("world_size", 1), state.get("epoch", 0)
+    saved = {k: written.get(k, getattr(cfg, k)) for k in PLAN_KEYS}
+    if saved_world == world_size and all(saved[k] == getattr(cfg, k) for k in PLAN_KEYS):
+        return ()  # nothing that splits the steps changed (any other change is `check_resume_compatible`'s)
+    rows = saved["batch_size"] * saved["grad_accum"] * saved_world
+    here = f"{world_size} process(es) x batch {cfg.batch_size} x accum {cfg.grad_accum}"
+    there = f"{saved_world} process(es) x batch {saved['batch_size']} x accum {saved['grad_accum']}"
+    then = replace(cfg, **saved)
+    same = isinstance(steps, InMemorySteps) and all(
+        [_rows(s) for s in plan_steps(steps.train.lengths, then, max_length, e, saved_world)]
+        == [_rows(s) for s in steps.plan(e)] for e in (epoch, epoch + 1))
+    if same:
+        log(f"resuming a run of {there} as {here}: the same {rows} rows in each step and the same optimizer state; "
+            f"only the order of float sums (and any dropout's random masks) differs")
+        return PLAN_KEYS
+    fix = (f"keep {rows} rows a step, e.g. --batch-size {rows // world_size} --grad-accum 1"
+           if rows % world_size == 0 and not cfg.streaming and not cfg.batch_tokens else "")
+    why = ("a stream's steps are not known ahead, so they cannot be compared" if cfg.streaming else
+           "the token cap --batch-tokens is per process" if cfg.batch_tokens else "")
+    raise SftuneError(f"cannot resume from {checkpoint} with {here}: it was written by a run of {there} "
+                      f"({rows} rows a step), and the rest of the run would take other rows in each step"
+                      f"{f' ({why})' if why else ''}. Resume with torchrun --nproc-per-node {saved_world}"
+                      f"{' (or without torchrun)' if saved_world == 1 else ''} and its settings"
+                      f"{f', or {fix}' if fix else ''}")
+
+
+def _rows(step: list) -> list[int]:
+    """The example indices of a planned step, sorted (micro-batches, packed rows and ranks split them anyhow)."""
+    return sorted(int(i) for micro in step for item in micro for i in np.atleast_1d(item))
 
 
 def check_batch_tokens(cfg: SFTConfig, examples: Examples) -> None:
@@ -381,9 +427,10 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     check_shared(out, lock, dist)  # under torchrun: every node sees this directory (before any rank reads it)
     checkpoint = find_resume_checkpoint(out, cfg.resume) if cfg.resume else None
     if checkpoint is not None:
-        check_resume_compatible(checkpoint, to_dict(resolved), cfg.resume_force)
+        check_same_format(checkpoint, sharded)
+        may_differ = check_same_steps(checkpoint, cfg, steps, max_length, dist.world_size)
+        check_resume_compatible(checkpoint, to_dict(resolved), cfg.resume_force, may_differ)
         check_same_inputs(checkpoint, fingerprints, cfg.resume_force)
-        check_same_world(checkpoint, dist.world_size)
 
     # the checkpoint's weights when resuming a full fine-tune (the checks above make sure it is the same model);
     # else the base (a sharded or adapter checkpoint's weights are loaded into it by `restore`)
@@ -446,7 +493,7 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     state = TrainState(run_id=run_id, fingerprints=fingerprints, world_size=dist.world_size)
     if checkpoint is not None:
         state = checkpointer.restore(checkpoint, loss_model, optimizer, scheduler, scaler)
-        state.fingerprints = fingerprints
+        state.fingerprints, state.world_size = fingerprints, dist.world_size
         log(f"resumed from {checkpoint}: step {state.step:,}, epoch {state.epoch}, "
             f"{state.step_in_epoch:,} steps into it")
     elif cfg.resume:

@@ -64,7 +64,7 @@ class TrainState:
     evals: list = field(default_factory=list)
     run_id: str = ""  # made at a fresh start and kept by resumes: checkpoint rotation touches only this run's
     fingerprints: dict = field(default_factory=dict)  # {"data": ..., "tokenizer": ...}: what resume must find again
-    world_size: int = 1  # ranks that trained it: batch_size is per rank, so another count makes other steps
+    world_size: int = 1  # ranks that trained it (batch_size is per rank: a resume on another count must keep the steps)
     best_step: int | None = None  # the evaluation (after step 0) with the lowest val loss so far
 
 
@@ -473,29 +473,27 @@ def check_same_inputs(checkpoint: Path, fingerprints: dict, force: bool) -> None
                       f"--output-dir, or pass --resume-force to continue anyway.")
 
 
-def check_same_world(checkpoint: Path, world_size: int) -> None:
-    """A run resumes with as many ranks as wrote the checkpoint: batch_size is per rank, so another world size
-    would put other rows in each step (the continuation would not be exact)."""
-    try:
-        saved = json.loads((checkpoint / STATE_FILE).read_text()).get("world_size", 1)
-    except (OSError, ValueError):
+def check_same_format(checkpoint: Path, sharded: bool) -> None:
+    """FSDP writes shards (DCP), one process and DDP a whole model: a run resumes the kind it writes."""
+    if (checkpoint / DCP_METADATA).is_file() == sharded:
         return
-    if saved != world_size:
-        raise SftuneError(f"cannot resume from {checkpoint} with {world_size} process(es): it was written by a run of "
-                          f"{saved}, and batch_size is per process, so every later step would hold other rows. "
-                          f"Resume with torchrun --nproc-per-node {saved}" + (" (or without torchrun)" if saved == 1
-                                                                              else ""))
+    if sharded:
+        raise SftuneError(f"cannot resume from {checkpoint} with --strategy fsdp: it holds a whole model (written by "
+                          f"one process or DDP); resume it without --strategy fsdp, on any number of processes")
+    raise SftuneError(f"cannot resume from {checkpoint}: it holds FSDP shards; resume it under torchrun with "
+                      f"--strategy fsdp (2 or more processes)")
 
 
-def check_resume_compatible(checkpoint: Path, resolved: dict, force: bool) -> None:
-    """Refuse to resume when a setting that changes training differs from the checkpoint's."""
+def check_resume_compatible(checkpoint: Path, resolved: dict, force: bool, may_differ: tuple = ()) -> None:
+    """Refuse to resume when a setting that changes training differs from the checkpoint's (but `may_differ`)."""
     import yaml
 
     from sftune.config import RUN_CONTROL_KEYS, SFTConfig, to_dict
 
     # keys added to sftune after the checkpoint was written count as their defaults
     saved = {**to_dict(SFTConfig()), **(yaml.safe_load((checkpoint / "config.yaml").read_text()) or {})}
-    differing = sorted(k for k, v in resolved.items() if k not in RUN_CONTROL_KEYS and saved.get(k) != v)
+    differing = sorted(k for k, v in resolved.items()
+                       if k not in RUN_CONTROL_KEYS and k not in may_differ and saved.get(k) != v)
     if not differing:
         return
     detail = ", ".join(f"{k}: {saved.get(k)!r} -> {resolved[k]!r}" for k in differing)
