@@ -125,6 +125,10 @@ def test_resume_with_another_split_of_the_same_steps(uninterrupted, copy_of, sma
     code, _, err = run_main(capsys, *train_args(small_model_dir, copy_of, "--resume", "auto", "--grad-accum", "1"))
     assert code == 2 and "written by a run of 1 process(es) x batch 8 x accum 2 (16 rows a step)" in err, err
     assert "--batch-size 16 --grad-accum 1" in err
+    code, _, err = run_main(capsys, *train_args(small_model_dir, copy_of.parent / "forced", "--resume",
+                                                 str(copy_of / "checkpoints" / "step-28"), "--grad-accum", "1",
+                                                 "--resume-force"))
+    assert code == 0 and "because --resume-force is set: the steps from here on hold other rows" in err, err
     code, _, err = run_main(capsys, *train_args(small_model_dir, copy_of, "--resume", "auto", "--batch-size", "16",
                                                  "--grad-accum", "1"))
     assert code == 0 and "as 1 process(es) x batch 16 x accum 1: the same 16 rows in each step" in err, err

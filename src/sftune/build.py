@@ -138,7 +138,8 @@ def check_same_steps(checkpoint: Path, cfg: SFTConfig, steps: StepSource, max_le
     """A run resumes on another number of processes when the rest of it takes the same rows in each optimizer step:
     `batch_size` is per process, so 2 ranks x 16 rows continue as 1 process x 32 rows, or x 16 rows x `grad_accum` 2
     (the loss is token-weighted over the whole step: only the order of float sums changes). Compares the plans of
-    the epoch in progress and the next; returns the keys that may then differ from the checkpoint's config."""
+    the epoch in progress and the next; returns the keys that may then differ from the checkpoint's config.
+    --resume-force continues with other steps, as it continues with other settings."""
     import yaml
 
     try:
@@ -160,6 +161,10 @@ def check_same_steps(checkpoint: Path, cfg: SFTConfig, steps: StepSource, max_le
     if same:
         log(f"resuming a run of {there} as {here}: the same {rows} rows in each step and the same optimizer state; "
             f"only the order of float sums (and any dropout's random masks) differs")
+        return PLAN_KEYS
+    if cfg.resume_force:
+        log(f"warning: resuming a run of {there} as {here} because --resume-force is set: the steps from here on "
+            f"hold other rows than the run's would have")
         return PLAN_KEYS
     fix = (f"keep {rows} rows a step, e.g. --batch-size {rows // world_size} --grad-accum 1"
            if rows % world_size == 0 and not cfg.streaming and not cfg.batch_tokens else "")
