@@ -254,10 +254,7 @@ class ShardedCheckpointer(FullCheckpointer):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
 
-        if not (path / DCP_METADATA).is_file():
-            raise SftuneError(f"{path} is a full checkpoint (written without --strategy fsdp); resume it with the "
-                              f"strategy it was written with")
-        self.load_weights(path, model)
+        self.load_weights(path, model)  # (a whole-model checkpoint was refused before: `check_same_format`)
         shards = {"optim": get_optimizer_state_dict(model, optimizer)}
         dcp.load(shards, checkpoint_id=str(path / DCP_DIR))
         set_optimizer_state_dict(model, optimizer, shards["optim"])

@@ -133,7 +133,7 @@ def check_shared(out: Path, lock: OutputLock, dist) -> None:
             seen = (out / LOCK_FILE).read_text().strip()
         except OSError:
             seen = None  # not there (yet, on a filesystem slow to show a new file)
-        if seen == owner or seen or time.monotonic() > deadline:  # (another owner: a different directory)
+        if seen or time.monotonic() > deadline:  # (another owner's file: a different directory)
             break
         time.sleep(0.5)
     views = dist.gather((seen == owner, socket.gethostname()))

@@ -102,19 +102,23 @@ class LogWindow:
         """(loss over all ranks' targets, token accuracy, tokens/s, ms/step), then start a new window.
         note: .item() syncs (and the all-reduce under torchrun); once per log line."""
         seconds = max(time.perf_counter() - self.start, 1e-9)
-        loss_sum = dist.all_reduce_sum(self.loss.clone()).item()  # targets and tokens are global already
-        correct = dist.all_reduce_sum(self.correct + self.loss_model.take_correct())
+        loss_sum, correct = self.totals(dist)
         targets = max(self.targets, 1)
         result = (loss_sum / targets, correct / targets, self.tokens / seconds, 1000 * seconds / max(self.steps, 1))
         self.loss.zero_()
         self.steps, self.targets, self.tokens, self.correct, self.start = 0, 0, 0, 0, time.perf_counter()
         return result
 
-    def saved(self, dist: Dist) -> dict:
-        """What a checkpoint keeps: the sums over all ranks (a collective; targets and tokens are global already)."""
+    def totals(self, dist: Dist) -> tuple[float, int]:
+        """(sum of token losses, argmax hits) over all ranks: a collective (targets and tokens are global already)."""
         self.correct += self.loss_model.take_correct()
-        return {"loss": dist.all_reduce_sum(self.loss.clone()).item(), "steps": self.steps, "targets": self.targets,
-                "tokens": self.tokens, "correct": dist.all_reduce_sum(self.correct)}
+        return dist.all_reduce_sum(self.loss.clone()).item(), dist.all_reduce_sum(self.correct)
+
+    def saved(self, dist: Dist) -> dict:
+        """What a checkpoint keeps: the sums over all ranks (a collective)."""
+        loss_sum, correct = self.totals(dist)
+        return {"loss": loss_sum, "steps": self.steps, "targets": self.targets, "tokens": self.tokens,
+                "correct": correct}
 
 
 class NonFiniteGuard:
