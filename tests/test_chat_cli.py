@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory):
-    """configs/chat.yaml (tiny GPT-2 from a config, bundled GPT-2 tokenizer), shortened to 40 steps."""
+    """configs/chat.yaml (tiny GPT-2 from a config, bundled GPT-2 tokenizer), shortened to 24 steps."""
     out = tmp_path_factory.mktemp("chat") / "out"
     from sftune.cli import main
 
@@ -23,7 +23,7 @@ def chat_run(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(ROOT)  # the config's paths are relative to the repository
         with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
-            code = main(["train", "--config", CHAT_CONFIG, "--max-steps", "40", "--eval-every", "20",
+            code = main(["train", "--config", CHAT_CONFIG, "--max-steps", "24", "--eval-every", "24",
                          "--sample-max-new-tokens", "8", "--output-dir", str(out)])
     assert code == 0, err.getvalue()
     return out, err.getvalue()

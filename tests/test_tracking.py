@@ -96,6 +96,7 @@ def test_the_run_report_and_loss_png(small_model_dir, tmp_path, capsys):
     page = (out / "report.html").read_text()
     images = re.findall(r"data:image/png;base64,([A-Za-z0-9+/=]+)", page)
     assert images and all(Image.open(io.BytesIO(base64.b64decode(i))).size[0] > 300 for i in images)
+    assert (out / "loss.png").read_bytes() == base64.b64decode(images[0])  # the same curves, drawn once
     rows = read_jsonl(out / "metrics.jsonl")
     for e in (r for r in rows if r["type"] == "eval"):  # the evaluations table
         assert (f"<td>{e['step']:,}</td><td>{e['val_loss']:.4f}</td><td>{e['val_ppl']:,.2f}</td>"

@@ -461,11 +461,10 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
 def write_run_report(out: Path) -> None:
     """`report.html` and `loss.png` (`sftune report` writes them again, or for several runs). A failure here is
     a warning: the model is already saved."""
-    from sftune.run_report import write_loss_png, write_report
+    from sftune.run_report import write_run_files
 
     try:
-        write_loss_png(out)
-        write_report([out], out / "report.html")
+        write_run_files(out)
         log(f"report: {out / 'report.html'} and {out / 'loss.png'}")
     except Exception as e:  # (a broken matplotlib install, a full disk): the run itself succeeded
         log(f"warning: the run report was not written ({type(e).__name__}: {e}); sftune report {out} retries")
