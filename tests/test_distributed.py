@@ -118,6 +118,8 @@ CASES = {  # name: (model, extra flags, single process (batch, accum), per rank 
                            "--save-every", "2"], (16, 2), (8, 2), "fsdp"),
 }
 LONGER = ("--max-steps", "6", "--save-every", "4")  # the fault test's run
+# lr 0.1: the val loss is best after step 1 (4.32), then 6.69 and 6.82, so the final model is step 1's
+BEST = ("--lr", "1e-1", "--eval-every", "1", "--save-best", "--final-model", "best")
 
 
 @pytest.fixture(scope="module")
@@ -147,13 +149,16 @@ def launched(uneven_data, many_rows, small_model_dir, tmp_path_factory):
     # the FSDP run's sharded checkpoint of step 2, resumed into another directory
     runs.append(args(small_model_dir, uneven_data, root / "fsdp-resumed", 8, "--grad-accum", "2", "--strategy", "fsdp",
                      "--save-every", "2", "--resume", str(root / "fsdp-accum-two" / "checkpoints" / "step-2")))
+    # ... and under DDP (DCP loads the shards as whole tensors)
+    runs.append(args(small_model_dir, uneven_data, root / "fsdp-as-ddp", 8, "--grad-accum", "2", "--strategy", "ddp",
+                     *CASES["fsdp-accum"][1], "--resume", str(root / "fsdp-accum-two" / "checkpoints" / "step-2")))
     lora = [*CASES["fsdp-lora"][1], "--strategy", "fsdp", "--grad-accum", "2"]
     runs.append(args(small_model_dir, uneven_data, root / "fsdp-lora-resumed", 8, *lora,
                      "--resume", str(root / "fsdp-lora-two" / "checkpoints" / "step-2")))
-    # lr 0.1: the val loss is best after step 1 (4.32), then 6.69 and 6.82, so the final model is step 1's (in bf16:
-    # the weights are gathered in bf16 for the evaluations, and the final model must still be the fp32 shards)
-    runs.append(args(small_model_dir, uneven_data, root / "fsdp-best", 16, "--strategy", "fsdp", "--lr", "1e-1",
-                     "--eval-every", "1", "--save-best", "--final-model", "best", "--precision", "bf16"))
+    # the final model is step 1's (in bf16: the weights are gathered in bf16 for the evaluations, and the final model
+    # must still be the fp32 shards)
+    runs.append(args(small_model_dir, uneven_data, root / "fsdp-best", 16, "--strategy", "fsdp", *BEST,
+                     "--precision", "bf16"))
     # bf16 under FSDP (weights gathered in bf16, gradients reduced in fp32) against one process in bf16 (autocast);
     # LoRA, with the tied embedding/head trained in full: the adapter is gathered after the last evaluation, which
     # leaves the root's weights unsharded (views of the bf16 all-gather)
@@ -162,6 +167,11 @@ def launched(uneven_data, many_rows, small_model_dir, tmp_path_factory):
     assert code == 0, err
     runs.append(args(small_model_dir, uneven_data, root / "bf16-fsdp", 16, "--strategy", "fsdp", *bf16))
     runs.append(args(small_model_dir, uneven_data, root / "fault-full", 16, *LONGER))
+    # a whole model's checkpoint (one process) resumed under FSDP, with --final-model best: the best is that checkpoint
+    code, _, err = run_captured(*args(small_model_dir, uneven_data, root / "best-one", 32, *BEST))
+    assert code == 0, err
+    runs.append(args(small_model_dir, uneven_data, root / "best-as-fsdp", 16, *BEST, "--strategy", "fsdp",
+                     "--resume", str(root / "best-one" / "checkpoints" / "step-1")))
     # a checkpoint in the middle of a log window (step 2 of 3), resumed: the step-3 log line is the same
     window = ["--log-every", "3", "--save-every", "2", "--keep-last", "2"]
     runs.append(args(small_model_dir, uneven_data, root / "window", 16, *window))
@@ -182,8 +192,9 @@ def test_ddp_and_fsdp_on_two_ranks_equal_one_process_and_fsdp_resumes_exactly(la
     Hugging Face model that loads in one process."""
     root, output = launched
     assert "(DistributedDataParallel)" in output and "(FSDPCausalLMLoss)" in output and "per rank x 2 ranks" in output
-    # only rank 0 prints (+7: the FSDP resumes, best, bf16, the log-window run and its resume, streaming)
-    assert output.count("done: 3 steps") == len(CASES) + 7
+    # only rank 0 prints (+9: the FSDP resumes (2 under FSDP, 1 under DDP), best and a whole model's best under FSDP,
+    # bf16, the log-window run and its resume, streaming)
+    assert output.count("done: 3 steps") == len(CASES) + 9
     assert output.count("config: model ") == output.count("done: ")  # the config summary too, once a run
     assert "LoRA: r 4" in output
     for name in CASES:
@@ -212,6 +223,90 @@ def test_ddp_and_fsdp_on_two_ranks_equal_one_process_and_fsdp_resumes_exactly(la
     assert AutoModelForCausalLM.from_pretrained(full) is not None
 
 
+def close_weights(a_dir, b_dir, name="model.safetensors"):
+    a, b = load_file(a_dir / name), load_file(b_dir / name)
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
+
+
+def test_an_fsdp_checkpoint_resumes_in_one_process_and_under_ddp(launched, small_model_dir, uneven_data, tmp_path,
+                                                                 capsys):
+    """DCP loads FSDP's shards into whole tensors, so a sharded checkpoint (2 ranks x 8 x accum 2) resumes where FSDP
+    is not used: in one process at 16 x accum 2 and under DDP at 8 x accum 2 per rank, each ending within 1e-5 of
+    the uninterrupted FSDP run (weights and the step-3 loss); LoRA's too (the adapter file, the optimizer's shards).
+    The best model of a run resumed from such a checkpoint is read from its shards."""
+    root, output = launched
+    full, lora = root / "fsdp-accum-two", root / "fsdp-lora-two"
+    assert f"resumed from {full / 'checkpoints' / 'step-2'}" in output
+    close_weights(full, root / "fsdp-as-ddp")
+    for name, run in (("fsdp-accum", full), ("fsdp-lora", lora)):
+        out = tmp_path / name
+        code, _, err = run_main(capsys, *args(small_model_dir, uneven_data, out, 16, "--grad-accum", "2",
+                                              *CASES[name][1], "--resume", str(run / "checkpoints" / "step-2")))
+        assert code == 0 and "as 1 process(es) x batch 16 x accum 2" in err, err
+        close_weights(run, out, "adapter_model.safetensors" if name == "fsdp-lora" else "model.safetensors")
+        assert metrics(out)[0][-1][1] == pytest.approx(metrics(run)[0][-1][1], rel=1e-5)  # the step-3 loss
+        assert [r["type"] for r in read_jsonl(out / "metrics.jsonl")][0] == "resume"
+
+    # --final-model best whose best checkpoint holds shards, in a run resumed in one process from it (lr 0.1: the
+    # steps after step 1 only make it worse): the final model is the shards of step 1, bitwise
+    best = root / "fsdp-best" / "checkpoints" / "step-1"
+    out = tmp_path / "best"
+    code, _, err = run_main(capsys, *args(small_model_dir, uneven_data, out, 32, *BEST, "--precision", "bf16",
+                                          "--resume", str(best)))
+    assert code == 0 and "final model: the best evaluation's, step 1" in err, err
+    shards = dcp_model(best, tmp_path)
+    final = load_file(out / "model.safetensors")
+    assert final.keys() <= shards.keys() and all(torch.equal(final[k], shards[k]) for k in final)
+
+
+def test_an_fsdp_checkpoint_is_a_model_to_evaluate_generate_and_export(launched, uneven_data, tmp_path, capsys):
+    """`sftune eval`, `generate` and `export --merge` read an FSDP checkpoint (no whole model in it) in one process:
+    the architecture from its run's --model, the weights from the shards. The export equals the shards bitwise."""
+    root, _ = launched
+    ckpt = root / "fsdp-accum-two" / "checkpoints" / "step-2"
+    out = tmp_path / "step-2"
+    code, stdout, err = run_main(capsys, "export", str(ckpt), "--merge", str(out))
+    assert code == 0 and f"AutoModelForCausalLM.from_pretrained('{out}')" in stdout, err
+    shards, whole = dcp_model(ckpt, tmp_path), load_file(out / "model.safetensors")
+    assert whole.keys() <= shards.keys() and all(torch.equal(whole[k], shards[k]) for k in whole)
+    losses = []
+    for model in (ckpt, out):
+        code, stdout, err = run_main(capsys, "eval", "--model", str(model), "--dataset", str(uneven_data), "--json",
+                                     "--precision", "fp32")
+        assert code == 0, err
+        losses.append(json.loads(stdout)["val_loss"])
+    assert losses[0] == losses[1]
+    code, stdout, err = run_main(capsys, "generate", "--model", str(ckpt), "--prompt", "the film", "--temperature",
+                                 "0", "--max-new-tokens", "4")
+    assert code == 0 and stdout.startswith("[0] the film"), err
+
+
+def test_a_whole_model_checkpoint_resumes_under_fsdp(launched):
+    """The other way: one process's checkpoint (a Hugging Face model; the optimizer state by parameter index) resumed
+    by 2 FSDP ranks, which shard the weights (rank 0 reads them) and the optimizer state (indexed by name): the
+    steps after it equal the one-process run's; with --final-model best, whose checkpoint is that whole model, every
+    rank loads its shards of it, and the final model equals it bitwise."""
+    root, output = launched
+    one, fsdp = root / "best-one", root / "best-as-fsdp"
+    assert f"resumed from {one / 'checkpoints' / 'step-1'}" in output
+    (train_one, evals_one), (train_fsdp, evals_fsdp) = metrics(one), metrics(fsdp)
+    assert [s for s, *_ in train_fsdp] == [2, 3]
+    np.testing.assert_allclose([l for _, l, _, _ in train_fsdp], [l for _, l, _, _ in train_one[1:]], rtol=1e-5)
+    np.testing.assert_allclose([v for _, v in evals_fsdp], [v for _, v in evals_one[2:]], rtol=1e-5)
+    a, b = load_file(one / "checkpoints" / "step-1" / "model.safetensors"), load_file(fsdp / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def dcp_model(checkpoint, tmp_path) -> dict:
+    """A sharded checkpoint's model tensors, whole, by their Hugging Face names."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(checkpoint / "dcp", tmp_path / "shards.pt")
+    return {k.removeprefix("model."): v for k, v in torch.load(tmp_path / "shards.pt")["model"].items()}
+
+
 def test_fsdp_in_bf16_gathers_bf16_reduces_fp32_and_keeps_fp32_weights(launched):
     """bf16 under FSDP: the fp32 shards are all-gathered as bf16 and the gradients reduce-scattered in fp32
     (FSDP2's MixedPrecisionPolicy). A LoRA run matches one process in bf16 autocast to bf16's rounding (the layer
@@ -232,14 +327,11 @@ def test_fsdp_in_bf16_gathers_bf16_reduces_fp32_and_keeps_fp32_weights(launched)
 def test_fsdp_final_model_best_is_the_best_checkpoints_weights(launched, tmp_path):
     """--final-model best under FSDP: every rank loads its shards of the best checkpoint, then they are gathered
     into the final model, which equals that checkpoint's shards bitwise."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
     root, output = launched
     run = root / "fsdp-best"
     assert "final model: the best evaluation's, step 1" in output
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1"]  # --save-best: the new bests only
-    dcp_to_torch_save(run / "checkpoints" / "step-1" / "dcp", tmp_path / "step-1.pt")
-    shards = {k.removeprefix("model."): v for k, v in torch.load(tmp_path / "step-1.pt")["model"].items()}
+    shards = dcp_model(run / "checkpoints" / "step-1", tmp_path)
     final = load_file(run / "model.safetensors")
     assert final.keys() <= shards.keys() and all(torch.equal(final[k], shards[k]) for k in final)
 

@@ -25,7 +25,7 @@ import torch
 
 from sftune.batching import EAGER, Padding, chunk_rows_for, collate, collate_packed, epoch_steps, packed_epoch_steps
 from sftune.checkpoint import AdapterCheckpointer, Checkpointer, FullCheckpointer, ShardedAdapterCheckpointer, \
-    ShardedCheckpointer, STATE_FILE, TrainState, check_resume_compatible, check_same_format, \
+    ShardedCheckpointer, STATE_FILE, TrainState, check_resume_compatible, check_same_format, holds_whole_model, \
     check_same_inputs, find_resume_checkpoint
 from sftune.config import SFTConfig, dump_yaml, to_dict
 from sftune.console import log
@@ -432,14 +432,14 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     check_shared(out, lock, dist)  # under torchrun: every node sees this directory (before any rank reads it)
     checkpoint = find_resume_checkpoint(out, cfg.resume) if cfg.resume else None
     if checkpoint is not None:
-        check_same_format(checkpoint, sharded)
+        check_same_format(checkpoint, sharded, bool(cfg.lora_r))
         may_differ = check_same_steps(checkpoint, cfg, steps, max_length, dist.world_size)
         check_resume_compatible(checkpoint, to_dict(resolved), cfg.resume_force, may_differ)
         check_same_inputs(checkpoint, fingerprints, cfg.resume_force)
 
-    # the checkpoint's weights when resuming a full fine-tune (the checks above make sure it is the same model);
-    # else the base (a sharded or adapter checkpoint's weights are loaded into it by `restore`)
-    from_checkpoint = checkpoint is not None and kind.full_weights
+    # the checkpoint's weights when resuming a full fine-tune from a whole model (the checks above make sure it is the
+    # same model; under FSDP rank 0 reads it); else the base (shards or an adapter are loaded into it by `restore`)
+    from_checkpoint = checkpoint is not None and holds_whole_model(checkpoint)
     # FSDP: rank 0 loads the model into host memory, and `fully_shard` moves it to the GPU one block at a time,
     # sharding as it goes (the whole model never sits on one GPU); the other ranks build it without weights and
     # receive their shards from rank 0 (`Dist.wrap`: only rank 0 ever holds the whole model)

@@ -37,14 +37,15 @@ import numpy as np
 import torch
 
 from sftune.console import log
-from sftune.dist import Dist
+from sftune.dist import Dist, reshard
 from sftune.errors import SftuneError, TrainingDiverged
 
 STATE_FILE = "state.json"
 DCP_DIR = "dcp"  # a sharded checkpoint's model and optimizer, written by torch.distributed.checkpoint
 DCP_METADATA = f"{DCP_DIR}/.metadata"
 TRAINING_STATE = "training_state.pt"
-WEIGHT_FILES = ("model.safetensors", DCP_METADATA, "adapter_model.safetensors")  # full, sharded (DCP), LoRA
+WHOLE_MODEL = "model.safetensors"  # a whole model's checkpoint (one process, DDP), loadable by from_pretrained
+WEIGHT_FILES = (WHOLE_MODEL, DCP_METADATA, "adapter_model.safetensors")  # whole, sharded (DCP), LoRA
 FORMAT_VERSION = 1
 
 
@@ -109,9 +110,8 @@ def _fsync_dir(path: Path) -> None:
 
 class Checkpointer(Protocol):
     """What the training loop needs from checkpoints, whatever their kind (full, sharded, adapter-only).
-    Finding the checkpoint to resume from is the same for all (`find_resume_checkpoint`)."""
-
-    full_weights: bool  # a checkpoint holds the whole model, loadable by from_pretrained (else `restore` loads it)
+    Finding the checkpoint to resume from is the same for all (`find_resume_checkpoint`). A checkpoint of one kind
+    resumes under another where the arithmetic allows: shards without FSDP, a whole model under FSDP."""
 
     def save(self, state: TrainState, model, optimizer, scheduler, scaler) -> Path:
         """Write a checkpoint of `state` and the given objects, atomically; called on every rank. `model` is the
@@ -120,11 +120,12 @@ class Checkpointer(Protocol):
     def restore(self, path: Path, model, optimizer, scheduler, scaler) -> TrainState:
         """Load everything the model was not already loaded with; return the run's position."""
 
+    def load_weights(self, path: Path, model) -> None:
+        """Load checkpoint `path`'s weights into the run's model, in place (every rank calls)."""
+
 
 class FullCheckpointer:
     """The whole model in each checkpoint, as a Hugging Face directory; rank 0 writes, the others wait."""
-
-    full_weights = True
 
     def __init__(self, root: Path, dist: Dist, tokenizer, config_yaml: str, keep_last: int, hashes: bool = False,
                  keep_best: bool = False):
@@ -146,6 +147,12 @@ class FullCheckpointer:
 
         save_model(getattr(model, "model", model), self.tokenizer, directory)
 
+    def load_weights(self, path: Path, model) -> None:
+        """An FSDP checkpoint's shards, loaded as whole tensors (DCP reshards; a collective under torchrun); a whole
+        model's checkpoint is read by `from_pretrained` instead (`holds_whole_model`)."""
+        if is_sharded(path):
+            load_model_shards(path, model, trainable_only=False)
+
     def save(self, state: TrainState, model, optimizer, scheduler, scaler) -> Path:
         self.check_finite(model, state)
         final = self.root / f"step-{state.step}"
@@ -158,6 +165,19 @@ class FullCheckpointer:
         return final
 
     def restore(self, path: Path, model, optimizer, scheduler, scaler) -> TrainState:
+        """Any kind of checkpoint, into any kind of run: shards (written under FSDP) into whole tensors or into
+        FSDP's shards on any number of ranks; a whole model's optimizer state into FSDP's shards."""
+        if not holds_whole_model(path):  # (else the run's model was built from it)
+            self.load_weights(path, model)
+        if is_sharded(path):  # the optimizer state is in the shards, not in training_state.pt
+            load_optimizer_shards(path, model, optimizer)
+            optimizer = None
+            if not self.dist.sharded:
+                log(f"{path} holds FSDP shards: loaded as whole tensors (torch.distributed.checkpoint)")
+        elif self.dist.sharded:
+            load_whole_optimizer(path, model, optimizer)
+            optimizer = None
+            log(f"{path} holds a whole model: sharded over {self.dist.world_size} ranks")
         return load_training_state(path, optimizer, scheduler, scaler, self.dist.rank)
 
 
@@ -165,8 +185,6 @@ class AdapterCheckpointer(FullCheckpointer):
     """LoRA: each checkpoint holds the adapter (as peft writes it, so `sftune eval` and `PeftModel.from_pretrained`
     load it too), the optimizer state of the adapter's weights, and the rest as a full checkpoint does; never a
     copy of the base, which a resume loads from `--model` as the run did."""
-
-    full_weights = False
 
     def __init__(self, root: Path, dist: Dist, tokenizer, config_yaml: str, keep_last: int, hashes: bool,
                  keep_best: bool, peft_model, base: str):
@@ -178,12 +196,12 @@ class AdapterCheckpointer(FullCheckpointer):
 
         save_adapter(self.peft_model, self.tokenizer, directory, self.base)
 
-    def restore(self, path: Path, model, optimizer, scheduler, scaler) -> TrainState:
+    def load_weights(self, path: Path, model) -> None:
+        """The adapter, which checkpoints written under FSDP hold whole too."""
         from sftune.lora import load_adapter_weights
 
         require_adapter(path)
         load_adapter_weights(self.peft_model, path)
-        return super().restore(path, model, optimizer, scheduler, scaler)
 
 
 class ShardedCheckpointer(FullCheckpointer):
@@ -192,26 +210,7 @@ class ShardedCheckpointer(FullCheckpointer):
     state.json last) and publishes by the same atomic rename. Resume loads the shards back into the sharded model,
     whatever the file layout, and the checkpoint holds no full copy of the model."""
 
-    full_weights = False  # the model is built from the base, then `restore` loads the shards
     trainable_only = False  # LoRA (`ShardedAdapterCheckpointer`): the shards of the trained tensors only
-
-    def options(self):
-        """Loading only the trained tensors leaves the frozen ones as they are (`dcp.load` still fails on a trained
-        tensor the checkpoint lacks)."""
-        from torch.distributed.checkpoint.state_dict import StateDictOptions
-
-        return StateDictOptions(ignore_frozen_params=self.trainable_only, strict=not self.trainable_only)
-
-    def model_shards(self, model) -> dict:
-        """The model's tensors in the shards: all of them, or only the trained ones (torch's `ignore_frozen_params`
-        keeps a frozen tensor's second name, as GPT-2's head is its input embedding: dropped here too)."""
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        state = get_model_state_dict(model, options=self.options())
-        if self.trainable_only:
-            frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
-            state = {name: tensor for name, tensor in state.items() if name not in frozen}
-        return state
 
     def gather(self, model) -> dict | None:
         """What rank 0 needs whole to write its files (a collective; nothing for a full model's shards)."""
@@ -230,7 +229,8 @@ class ShardedCheckpointer(FullCheckpointer):
         staging = new_staging(self.root, state.step) if self.dist.is_main else final.with_name(f".staging-{final.name}")
         self.dist.barrier()
         try:
-            shards = {"model": self.model_shards(model), "optim": get_optimizer_state_dict(model, optimizer)}
+            shards = {"model": model_state(model, self.trainable_only),
+                      "optim": get_optimizer_state_dict(model, optimizer)}
             dcp.save(shards, checkpoint_id=str(staging / DCP_DIR))
         except Exception as e:
             raise write_failed(final, e) from None
@@ -250,24 +250,14 @@ class ShardedCheckpointer(FullCheckpointer):
         self.dist.barrier()
         return final
 
-    def restore(self, path: Path, model, optimizer, scheduler, scaler) -> TrainState:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-
-        self.load_weights(path, model)  # (a whole-model checkpoint was refused before: `check_same_format`)
-        shards = {"optim": get_optimizer_state_dict(model, optimizer)}
-        dcp.load(shards, checkpoint_id=str(path / DCP_DIR))
-        set_optimizer_state_dict(model, optimizer, shards["optim"])
-        return load_training_state(path, None, scheduler, scaler, self.dist.rank)
-
     def load_weights(self, path: Path, model) -> None:
-        """Load checkpoint `path`'s model shards into the sharded `model` (a collective; `--final-model best` too)."""
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_model_state_dict
-
-        shards = {"model": self.model_shards(model)}
-        dcp.load(shards, checkpoint_id=str(path / DCP_DIR))
-        set_model_state_dict(model, shards["model"], options=self.options())
+        """Load checkpoint `path`'s weights into the sharded `model` (a collective; `--final-model best` too): its
+        shards, resharded to this run's ranks, or a whole model's tensors, each rank keeping its shards of them (a
+        LoRA checkpoint written without FSDP was refused before: `check_same_format`)."""
+        if is_sharded(path):
+            load_model_shards(path, model, self.trainable_only)
+        else:
+            load_whole_model(path, model)
 
 
 class ShardedAdapterCheckpointer(ShardedCheckpointer):
@@ -293,9 +283,108 @@ class ShardedAdapterCheckpointer(ShardedCheckpointer):
 
         save_adapter(self.peft_model, self.tokenizer, directory, self.base, gathered)
 
-    def restore(self, path: Path, model, optimizer, scheduler, scaler) -> TrainState:
+    def load_weights(self, path: Path, model) -> None:
         require_adapter(path)
-        return super().restore(path, model, optimizer, scheduler, scaler)
+        super().load_weights(path, model)
+
+
+# --- DCP shards (written under FSDP), loaded into a sharded model or a whole one --------------------
+
+
+def is_sharded(path: Path) -> bool:
+    """A checkpoint written under FSDP: model and optimizer state as DCP shards, no whole model."""
+    return (path / DCP_METADATA).is_file()
+
+
+def holds_whole_model(path: Path) -> bool:
+    """A full fine-tune's checkpoint written without FSDP: a Hugging Face model (the run's model is built from it)."""
+    return (path / WHOLE_MODEL).is_file()
+
+
+def shard_options(trainable_only: bool):
+    """Loading only the trained tensors (LoRA) leaves the frozen ones as they are (`dcp.load` still fails on a
+    trained tensor the checkpoint lacks)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(ignore_frozen_params=trainable_only, strict=not trainable_only)
+
+
+def model_state(model, trainable_only: bool) -> dict:
+    """The model's tensors as DCP saves and loads them (by name; shards under FSDP, whole tensors otherwise): all of
+    them, or only the trained ones (torch's `ignore_frozen_params` keeps a frozen tensor's second name, as GPT-2's
+    head is its input embedding: dropped here too)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    state = get_model_state_dict(model, options=shard_options(trainable_only))
+    if trainable_only:
+        frozen = {name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad}
+        state = {name: tensor for name, tensor in state.items() if name not in frozen}
+    return state
+
+
+def read_shards(state: dict, path: Path) -> None:
+    """`dcp.load` of checkpoint `path`'s shards into `state` (in one process too, which torch warns it assumes)."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
+        dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+
+
+def load_model_shards(path: Path, model, trainable_only: bool) -> None:
+    """Load checkpoint `path`'s DCP model state into `model`, resharded to whatever it holds: its own shards under
+    FSDP (any number of ranks), whole tensors in one process or under DDP (a collective under torchrun)."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    state = {"model": model_state(model, trainable_only)}
+    read_shards(state, path)
+    set_model_state_dict(model, state["model"], options=shard_options(trainable_only))
+
+
+def load_whole_model(path: Path, model) -> None:
+    """A whole model's checkpoint into FSDP's shards (every rank reads the file and keeps its shards of it)."""
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    whole = {f"model.{name}": tensor for name, tensor in load_file(path / WHOLE_MODEL).items()}  # (`CausalLMLoss`)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded = {id(params[name]) for name in whole if name in params}
+    missing = [name for name, p in params.items() if id(p) not in loaded]  # (a tied head is loaded with its twin)
+    if missing:
+        raise SftuneError(f"cannot load {path / WHOLE_MODEL} into this run's model: it lacks {', '.join(missing[:3])}")
+    reshard(model)  # (the root's parameters after an evaluation are not its shards)
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, strict=False))
+
+
+def load_whole_optimizer(path: Path, model, optimizer) -> None:
+    """A whole model's optimizer state (`optimizer.state_dict()`: parameters by their index in the groups) into
+    FSDP's shards: indexed by name (the groups list the same parameters in the same order: `param_groups`), then
+    each rank keeps its shards of it."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    saved = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)["optimizer"]
+    names = {id(p): name for name, p in model.named_parameters()}
+    here = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    there = [i for group in saved["param_groups"] for i in group["params"]]
+    if len(here) != len(there):
+        raise SftuneError(f"cannot resume from {path}: its optimizer holds {len(there)} tensors, this run trains "
+                          f"{len(here)}")
+    name_of = dict(zip(there, here))
+    named = {"state": {name_of[i]: state for i, state in saved["state"].items()},
+             "param_groups": [{**group, "params": [name_of[i] for i in group["params"]]}
+                              for group in saved["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, named, options=StateDictOptions(full_state_dict=True))
+
+
+def load_optimizer_shards(path: Path, model, optimizer) -> None:
+    """The optimizer state of checkpoint `path`'s DCP shards, resharded as `load_model_shards` does."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    state = {"optim": get_optimizer_state_dict(model, optimizer)}
+    read_shards(state, path)
+    set_optimizer_state_dict(model, optimizer, state["optim"])
 
 
 def require_adapter(path: Path) -> None:
@@ -431,8 +520,8 @@ def find_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
 
 
 def load_training_state(path: Path, optimizer, scheduler, scaler, rank: int = 0) -> TrainState:
-    """`optimizer` None: its state is not in training_state.pt (a sharded checkpoint keeps it in DCP)."""
-    """Restore optimizer, scheduler, scaler and RNG states from checkpoint `path`; return its TrainState."""
+    """Restore optimizer, scheduler, scaler and RNG states from checkpoint `path`; return its TrainState.
+    `optimizer` None: its state is not in training_state.pt (a sharded checkpoint keeps it in DCP)."""
     try:
         blob = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)
         raw = json.loads((path / STATE_FILE).read_text())
@@ -470,15 +559,12 @@ def check_same_inputs(checkpoint: Path, fingerprints: dict, force: bool) -> None
                       f"--output-dir, or pass --resume-force to continue anyway.")
 
 
-def check_same_format(checkpoint: Path, sharded: bool) -> None:
-    """FSDP writes shards (DCP), one process and DDP a whole model: a run resumes the kind it writes."""
-    if (checkpoint / DCP_METADATA).is_file() == sharded:
-        return
-    if sharded:
-        raise SftuneError(f"cannot resume from {checkpoint} with --strategy fsdp: it holds a whole model (written by "
-                          f"one process or DDP); resume it without --strategy fsdp, on any number of processes")
-    raise SftuneError(f"cannot resume from {checkpoint}: it holds FSDP shards; resume it under torchrun with "
-                      f"--strategy fsdp (2 or more processes)")
+def check_same_format(checkpoint: Path, sharded: bool, lora: bool) -> None:
+    """FSDP writes shards (DCP), one process and DDP a whole model; either resumes under the other (`restore`),
+    but for a LoRA adapter written without FSDP, which FSDP does not load (peft names its tensors otherwise)."""
+    if sharded and lora and not is_sharded(checkpoint):
+        raise SftuneError(f"cannot resume from {checkpoint} with --strategy fsdp: it holds a LoRA adapter written "
+                          f"without FSDP; resume it with --strategy ddp or in one process")
 
 
 def check_resume_compatible(checkpoint: Path, resolved: dict, force: bool, may_differ: tuple = ()) -> None:

@@ -160,10 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="FILE", help="where to write the page [default: RUN_DIR/report.html for one "
                    "run, report.html here for several]")
 
-    p = sub.add_parser("export", help="merge a LoRA run's adapter into its base: a full model", description=(
-        "Write the base model with the adapter of RUN merged into its weights (same outputs), with the tokenizer: "
-        "a directory AutoModelForCausalLM.from_pretrained loads, no peft needed."))
-    p.add_argument("run", metavar="RUN", help="a LoRA run's output directory, or one of its checkpoints")
+    p = sub.add_parser("export", help="merge a LoRA run's adapter into its base, or an FSDP checkpoint's shards: "
+                       "a full model", description=(
+        "Write one Hugging Face model directory that AutoModelForCausalLM.from_pretrained loads (no peft, no "
+        "torch.distributed needed), with the tokenizer: the base model with the adapter of a LoRA run merged into "
+        "its weights (same outputs), or the weights of an FSDP checkpoint's shards in one model."))
+    p.add_argument("run", metavar="RUN", help="a LoRA run's output directory or one of its checkpoints, or a "
+                   "checkpoint written under FSDP (checkpoints/step-N with dcp/)")
     p.add_argument("--merge", required=True, metavar="OUT", help="directory to write the merged model to")
     p.add_argument("--base", metavar="NAME_OR_PATH", help=BASE_HELP.replace("--model", "RUN"))
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty OUT")
@@ -351,23 +354,28 @@ def cmd_generate(args) -> None:
 
 def cmd_export(args) -> None:
     quiet_libraries()
+    from sftune.checkpoint import is_sharded
     from sftune.lora import is_adapter_dir, load_adapter_model
-    from sftune.modeling import load_tokenizer, save_model
+    from sftune.modeling import load_sharded_checkpoint, load_tokenizer, save_model
     from sftune.outputs import OutputLock, check_output_dir, publish_model, resolve_output_dir
 
     run = Path(args.run).expanduser()
-    if not is_adapter_dir(run):
+    adapter = is_adapter_dir(run)  # (a LoRA checkpoint written under FSDP holds its adapter whole: merged as one)
+    if not adapter and not is_sharded(run):
         what = "a full model (it is one already: use it as it is)" if (run / "config.json").is_file() else \
-            "no LoRA adapter" if run.is_dir() else "not a directory"
+            "no LoRA adapter and no FSDP shards" if run.is_dir() else "not a directory"
         raise SftuneError(f"{run} holds {what}; export --merge takes a LoRA run's output directory (with "
-                          f"adapter_config.json) or one of its checkpoints")
+                          f"adapter_config.json) or one of its checkpoints, or a checkpoint written under FSDP")
     out = resolve_output_dir(args.merge)
     if out.absolute() == run.absolute():
         raise SftuneError(f"--merge {out} is the run directory itself; write the merged model elsewhere, e.g. "
                           f"--merge {run / 'merged'}")
     check_output_dir(out, resume=False, overwrite=args.overwrite)
     tokenizer = load_tokenizer(str(run), args.trust_remote_code, flag="RUN")
-    model = load_adapter_model(run, args.base, args.trust_remote_code)
+    if adapter:
+        model = load_adapter_model(run, args.base, args.trust_remote_code)
+    else:
+        model = load_sharded_checkpoint(run, args.trust_remote_code)
     lock = OutputLock(out)
     lock.acquire()
     try:

@@ -253,6 +253,7 @@ RUN_CONTROL_KEYS = {
     "eval_every", "eval_batch_size", "log_every", "output_dir", "sample_prompts", "sample_max_new_tokens",
     "save_every", "keep_last", "checkpoint_hashes", "resume", "resume_force", "overwrite", "cache_dir", "trust_remote_code", "device",
     "max_bad_steps", "merge", "report_to", "early_stopping_patience", "early_stopping_min_delta", "save_best", "final_model",
+    "strategy", "gradient_checkpointing",  # how the same arithmetic is spread over ranks, or recomputed
 }
 
 

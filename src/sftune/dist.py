@@ -186,3 +186,13 @@ def init_dist(device_name: str) -> Dist:
         backend = "nccl" if device.type == "cuda" else "gloo"
         torch.distributed.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     return Dist(rank, local_rank, world_size, device, owns_group=owns)
+
+
+def reshard(model) -> None:
+    """FSDP: every FSDP module's parameters back to their shards. The root stays unsharded after a forward without
+    backward (an evaluation): its parameters are then views of the all-gather buffer, not shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()

@@ -161,11 +161,10 @@ def gathered_adapter(loss_model) -> dict[str, torch.Tensor]:
     elsewhere), under every name the peft model has for them (peft looks a tied head up by its own name): what
     `save_adapter` writes. A collective: every rank calls it. The frozen base is never gathered."""
     import torch.distributed
-    from torch.distributed.fsdp import FSDPModule
 
-    for module in loss_model.modules():  # the root stays unsharded after a forward without backward (an evaluation):
-        if isinstance(module, FSDPModule):  # its parameters are then views of a bf16 all-gather buffer, not shards
-            module.reshard()
+    from sftune.dist import reshard
+
+    reshard(loss_model)  # (after an evaluation the root's parameters are views of a bf16 all-gather buffer)
     main, gathered, found = torch.distributed.get_rank() == 0, {}, {}
     for name, p in loss_model.named_parameters(remove_duplicate=False):
         if p.requires_grad:

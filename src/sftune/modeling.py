@@ -87,10 +87,15 @@ def model_dir_advice(name: str) -> str:
 
 def load_model_config(name: str, trust_remote_code: bool = False, base: str | None = None):
     """A model's config; for a LoRA adapter directory, its base model's."""
+    from sftune.checkpoint import is_sharded
     from sftune.lora import adapter_base, is_adapter_dir
 
     if is_adapter_dir(name):
         return load_model_config(adapter_base(name, base), trust_remote_code)
+    if is_sharded(Path(name).expanduser()):  # an FSDP checkpoint: the run's --model, with its overrides
+        run = sharded_run(Path(name).expanduser())
+        return override_config(load_model_config(run["model"], trust_remote_code or run["trust_remote_code"]),
+                               run["overrides"])
     if Path(name).expanduser().is_dir():
         try:
             return AutoConfig.from_pretrained(Path(name).expanduser(), trust_remote_code=trust_remote_code)
@@ -155,10 +160,13 @@ def load_model(name: str, init: str = "pretrained", trust_remote_code: bool = Fa
     (a LoRA run's output or checkpoint) gives its base (`base`, else the one it names) with the adapter merged.
     `attention`: transformers' attn_implementation (auto: its default).
     """
+    from sftune.checkpoint import is_sharded
     from sftune.lora import is_adapter_dir, load_adapter_model
 
     if init == "pretrained" and is_adapter_dir(name):
         return load_adapter_model(name, base, trust_remote_code)
+    if init == "pretrained" and is_sharded(Path(name).expanduser()):
+        return load_sharded_checkpoint(Path(name).expanduser(), trust_remote_code, attention)
     config = (override_config(load_model_config(name, trust_remote_code), overrides)
               if attention != "auto" or init == "random" or overrides else None)
     attn = check_attention(config, attention, trust_remote_code) if config is not None else {}
@@ -196,6 +204,35 @@ def load_model(name: str, init: str = "pretrained", trust_remote_code: bool = Fa
         load_model_config(name, trust_remote_code)
         model = from_hub_or_cache(name, "model", "--model", load)
     log(f"model: {name}, {model.num_parameters() / 1e6:.1f}M parameters")
+    return model
+
+
+def sharded_run(path: Path) -> dict:
+    """What an FSDP checkpoint's run built its model from (its config.yaml): the architecture of its shards."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise SftuneError(f"{path} holds FSDP shards but no readable config.yaml ({e}); give a complete checkpoint") \
+            from None
+    return {"model": str(saved.get("model", "")), "overrides": saved.get("model_config_overrides") or {},
+            "trust_remote_code": bool(saved.get("trust_remote_code"))}
+
+
+def load_sharded_checkpoint(path: Path, trust_remote_code: bool = False, attention: str = "auto"):
+    """An FSDP checkpoint (DCP shards, no whole model) as a Hugging Face model in this process, for `sftune eval`,
+    `generate`, `export --merge` and `train --model`: the architecture of the run's --model (randomly initialised,
+    so that every buffer is set), then every weight read from the shards."""
+    from sftune.checkpoint import load_model_shards
+    from sftune.loss import CausalLMLoss
+
+    config = load_model_config(str(path), trust_remote_code)  # (the run's --model's, with its overrides)
+    trust = trust_remote_code or sharded_run(path)["trust_remote_code"]
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust, dtype=torch.float32,
+                                             **check_attention(config, attention, trust))
+    load_model_shards(path, CausalLMLoss(model, fused=False), trainable_only=False)  # (its names: `model.` + HF's)
+    log(f"model: {path}, FSDP shards loaded whole")
     return model
 
 

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from sftune.batching import count_targets, pin, prefetch, to_device
 from sftune.build import Run, build_run
-from sftune.checkpoint import weights_finite
+from sftune.checkpoint import is_sharded, weights_finite
 from sftune.config import SFTConfig
 from sftune.console import MetricsWriter, log
 from sftune.dist import Dist
@@ -412,14 +412,15 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
     if not weights_finite(run.loss_model, dist):
         raise TrainingDiverged(f"the weights after step {state.step} are not finite; the final model was not saved. "
                                f"Lower --lr and resume from {saved_at[-1] if saved_at else 'the start'}")
-    if cfg.final_model == "best" and state.best_step not in (None, state.step):
-        best_dir = out / "checkpoints" / f"step-{state.best_step}"  # kept through rotation (`checkpoint.rotate`)
-        if dist.sharded:  # every rank loads its shards of the best weights (gathered below)
-            run.checkpointer.load_weights(best_dir, run.loss_model)
-        elif dist.is_main and run.adapter is not None:
-            from sftune.lora import load_adapter_weights
-
-            load_adapter_weights(run.adapter, best_dir)
+    best_dir = out / "checkpoints" / f"step-{state.best_step}"  # kept through rotation (`checkpoint.rotate`)
+    if not best_dir.is_dir() and run.resumed_from is not None:  # resumed from another directory's checkpoint
+        best_dir = run.resumed_from.parent / best_dir.name
+    if cfg.final_model == "best" and state.best_step not in (None, state.step) and not best_dir.is_dir():
+        log(f"warning: the best evaluation's checkpoint (step {state.best_step:,}) is gone from {out / 'checkpoints'}; "
+            f"the final model is the last step's (--final-model best)")
+    elif cfg.final_model == "best" and state.best_step not in (None, state.step):
+        if dist.sharded or run.adapter is not None or is_sharded(best_dir):  # into the run's model, on every rank
+            run.checkpointer.load_weights(best_dir, run.loss_model)  # (FSDP: its shards, gathered below)
         elif dist.is_main:
             from sftune.modeling import load_model
 
