@@ -178,3 +178,26 @@ def test_eval_loss_is_token_weighted_over_the_split():
     # differs from the mean of per-example means, so weighting matters here
     assert abs(result.loss - np.mean([s / c for s, c in zip(sums, counts)])) > 1e-3
     assert model.training and loss_model.eval_correct is None  # evaluate restores what it found
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_padded_tokens_count_what_every_rank_computes(packed, static):
+    """A step's `padded_tokens` is what all ranks compute together, padding included: each rank pads its share of
+    each micro-batch to its own longest row (or to the static shapes of graphs and compiled steps), so on 2 or 3
+    ranks it is the sum of every rank's batch sizes, not the micro-batch padded as one."""
+    from sftune.batching import Padding
+    from sftune.build import step_of
+
+    rng = np.random.default_rng(0)
+    ex = Examples.from_lists([[7] * int(n) for n in rng.choice([3, 4, 30, 41], size=40)])
+    # two micro-batches of 7 examples, or of 3 packed rows of 2-3 examples each
+    micro = [list(range(0, 7)), list(range(7, 14))] if not packed else \
+        [[np.array([3 * i, 3 * i + 1]) for i in range(j, j + 3)] for j in (0, 3)]
+    padding = Padding(multiple=16, rows=4, max_width=128, static=True) if static else Padding()
+    for world in (1, 2, 3):
+        steps = [step_of(ex, micro, Dist(rank=r, world_size=world), packed, EOS, 0, False, padding=padding)
+                 for r in range(world)]
+        computed = sum(b["input_ids"].numel() for s in steps for b in s.micro_batches)
+        assert {s.padded_tokens for s in steps} == {computed}, world  # every rank counts the same, exactly
+        assert steps[0].tokens == sum(int(ex.lengths[r].sum()) for rows in micro for r in rows)

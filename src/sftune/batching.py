@@ -52,6 +52,18 @@ class Padding:
 EAGER = Padding()
 
 
+def batch_shape(sizes: Sequence[int], padding: Padding = EAGER) -> tuple[int, int]:
+    """(rows, width) of the batch `collate` or `collate_packed` makes of rows of these token counts; no rows: the
+    1 x 1 `idle_batch` (static shapes: empty rows of the fixed count).
+
+    >>> batch_shape([5, 9, 3]), batch_shape([5, 9, 3], Padding(multiple=16, rows=4, static=True)), batch_shape([])
+    ((3, 9), (4, 16), (1, 1))
+    """
+    if len(sizes) == 0 and not padding.static:
+        return 1, 1
+    return max(len(sizes), padding.rows or 1), padding.width(max(sizes, default=1))
+
+
 def with_targets(batch: dict[str, np.ndarray], static: bool = False) -> dict[str, torch.Tensor]:
     """Add `target_positions` and `targets` (both (N,) int64) from `labels`, and make tensors.
 
@@ -101,7 +113,7 @@ def collate(examples: Examples, indices: Sequence[int], pad_id: int, padding: Pa
     if len(indices) == 0 and not padding.static:
         return idle_batch(pad_id)
     lengths = [int(examples.offsets[i + 1] - examples.offsets[i]) for i in indices]
-    shape = (max(len(indices), padding.rows or 1), padding.width(max(lengths, default=1)))
+    shape = batch_shape(lengths, padding)
     input_ids = np.full(shape, pad_id, dtype=np.int64)
     labels = np.full(shape, IGNORE_INDEX, dtype=np.int64)
     attention_mask = np.zeros(shape, dtype=np.int64)
@@ -316,8 +328,8 @@ def collate_packed(examples: Examples, rows: Sequence[np.ndarray], pad_id: int,
     if len(rows) == 0 and not padding.static:
         return idle_batch(pad_id)
     totals = [int(examples.lengths[r].sum()) for r in rows]
-    width = padding.width(max(totals, default=1))
-    shape = (max(len(rows), padding.rows or 1), width)
+    shape = batch_shape(totals, padding)
+    width = shape[1]
     input_ids = np.full(shape, pad_id, dtype=np.int64)
     labels = np.full(shape, IGNORE_INDEX, dtype=np.int64)
     attention_mask = np.zeros(shape, dtype=np.int64)

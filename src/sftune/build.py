@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -23,7 +24,8 @@ from typing import Iterator, Protocol
 import numpy as np
 import torch
 
-from sftune.batching import EAGER, Padding, chunk_rows_for, collate, collate_packed, epoch_steps, packed_epoch_steps
+from sftune.batching import EAGER, Padding, batch_shape, chunk_rows_for, collate, collate_packed, epoch_steps, \
+    packed_epoch_steps
 from sftune.checkpoint import AdapterCheckpointer, Checkpointer, FullCheckpointer, ShardedAdapterCheckpointer, \
     ShardedCheckpointer, STATE_FILE, TrainState, check_resume_compatible, check_same_format, holds_whole_model, \
     check_same_inputs, find_resume_checkpoint
@@ -198,7 +200,7 @@ class Step:
     epoch: int
     last_in_epoch: bool
     tokens: int  # real (non-pad) tokens of the whole step, all ranks
-    padded_tokens: int  # tokens computed for the whole step, padding included (rows x width per micro-batch)
+    padded_tokens: int  # tokens computed for the whole step by all ranks, padding included (rows x width of each batch)
     stream: dict | None = None  # streaming: the position after this step
 
 
@@ -211,10 +213,9 @@ def step_of(examples: Examples, step_rows: list, dist: Dist, packed: bool, pad_i
     for rows in step_rows:  # a micro-batch: example indices, or packed rows of them
         sizes = [int(lengths[r].sum()) for r in rows] if packed else [int(lengths[r]) for r in rows]
         tokens += sum(sizes)
-        padded += len(sizes) * max(sizes)  # (each rank pads its share only to its own longest: an upper bound)
+        # what every rank computes: its share (`Dist.shard`), padded to its own longest row (or static shape)
+        padded += sum(math.prod(batch_shape(sizes[r :: dist.world_size], padding)) for r in range(dist.world_size))
     batches = [make_batch(examples, dist.shard(rows), pad_id, padding) for rows in step_rows]
-    if padding.static:  # (what is computed instead: every rank's batches have the same static shapes)
-        padded = dist.world_size * sum(b["input_ids"].numel() for b in batches)
     return Step(batches, epoch, last, tokens, padded, stream)
 
 
