@@ -505,14 +505,43 @@ def test_each_nodes_first_rank_prepares_after_rank_0_and_before_its_node(tmp_pat
         "    time.sleep(0.3)\n"
         "    with open(sys.argv[1], 'a') as f: f.write(f'out {rank}\\n')\n"
         "torch.distributed.destroy_process_group()\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     log = tmp_path / "order.txt"
-    procs = [subprocess.Popen([sys.executable, str(script), str(log)], env={
-        **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "4", "RANK": str(rank),
-        "LOCAL_RANK": str(rank % 2), "OMP_NUM_THREADS": "1"}) for rank in range(4)]
+    procs = start_ranks(script, 4, [str(log)], per_node=2)
     assert [p.wait(timeout=120) for p in procs] == [0] * 4
     events = log.read_text().split("\n")[:-1]
     assert events[:4] == ["in 0", "out 0", "in 2", "out 2"], events
     assert sorted(events[4:]) == ["in 1", "in 3", "out 1", "out 3"]
+
+
+def start_ranks(script, world: int, argv: list[str], per_node: int | None = None, **popen) -> list:
+    """`world` processes of `script` that meet as torchrun's ranks would (environment set by hand)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return [subprocess.Popen([sys.executable, str(script), *argv], env={
+        **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
+        "RANK": str(rank), "LOCAL_RANK": str(rank % (per_node or world)), "OMP_NUM_THREADS": "1"}, **popen)
+        for rank in range(world)]
+
+
+def test_a_rank_that_waits_past_dist_timeout_says_so(tmp_path):
+    """Rank 0 prepares the data while the others wait at a barrier; a wait past --dist-timeout (here 1 s) is one
+    clear message naming the flag, not torch's traceback."""
+    script = tmp_path / "slow.py"
+    script.write_text(
+        "import sys, time\n"
+        "from sftune.dist import init_dist\n"
+        "from sftune.errors import SftuneError\n"
+        "dist = init_dist('cpu', 1)\n"
+        "try:\n"
+        "    with dist.main_first():\n"
+        "        time.sleep(30 if dist.rank == 0 else 0)\n"
+        "except SftuneError as e:\n"
+        "    print(e)\n"
+        "    sys.exit(2)\n")
+    procs = start_ranks(script, 2, [], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    waiting = procs[1].communicate(timeout=120)[0]
+    procs[0].kill()  # (still preparing)
+    procs[0].communicate(timeout=120)
+    assert procs[1].returncode == 2, waiting
+    assert waiting.startswith("rank 1 waited more than 1 s for the other ranks") and "--dist-timeout" in waiting

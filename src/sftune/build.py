@@ -382,7 +382,7 @@ def build_run(cfg: SFTConfig) -> Run:
         raise SftuneError(f"nothing to resume in {out}: that run finished (its model is saved) and kept no "
                           f"checkpoints. Evaluate or use it as it is, continue training from it with --model {out} "
                           f"and another --output-dir, or pass --overwrite to start over there")
-    dist = init_dist(cfg.device)
+    dist = init_dist(cfg.device, cfg.dist_timeout)
     lock = OutputLock(out)
     if dist.is_main and out.exists():  # refuse a second run before loading anything (else: before writing)
         lock.acquire()

@@ -254,7 +254,7 @@ def cmd_eval(args) -> None:
     from sftune.modeling import load_model
     from sftune.runtime import resolve_precision
 
-    dist = init_dist(cfg.device)
+    dist = init_dist(cfg.device, cfg.dist_timeout)
     precision = resolve_precision(trained_precision(cfg), dist.device)
     tokenizer = build_tokenizer(cfg)
     model = load_model(cfg.model, cfg.init, cfg.trust_remote_code, cfg.seed, base=args.base).to(dist.device)

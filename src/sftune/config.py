@@ -167,6 +167,9 @@ class SFTConfig:
         "auto", "Under torchrun: ddp (each rank a full copy of the model) or fsdp (sharded); auto is ddp when the "
         "world size is above 1. batch_size is per rank: a step takes batch_size x grad_accum x world size rows.",
         "train")
+    dist_timeout: int = _f(
+        1800, "Under torchrun: seconds a rank waits for the others at a collective (while rank 0 prepares the data, "
+        "or writes a large model) before the run fails; torch's own default is 600 for NCCL.", "train")
     gradient_checkpointing: bool = _f(
         False, "Recompute each transformer block's activations in the backward pass: less memory, about a third "
         "more compute.", "train")
@@ -253,7 +256,7 @@ RUN_CONTROL_KEYS = {
     "eval_every", "eval_batch_size", "log_every", "output_dir", "sample_prompts", "sample_max_new_tokens",
     "save_every", "keep_last", "checkpoint_hashes", "resume", "resume_force", "overwrite", "cache_dir", "trust_remote_code", "device",
     "max_bad_steps", "merge", "report_to", "early_stopping_patience", "early_stopping_min_delta", "save_best", "final_model",
-    "strategy", "gradient_checkpointing",  # how the same arithmetic is spread over ranks, or recomputed
+    "strategy", "gradient_checkpointing", "dist_timeout",  # how the same arithmetic is spread over ranks, or recomputed
 }
 
 
@@ -414,6 +417,7 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
     need(cfg.log_every >= 1, "log_every", "must be at least 1")
     need(cfg.save_every is None or cfg.save_every >= 1, "save_every", "must be at least 1, or null for no checkpoints")
     need(cfg.keep_last >= 1, "keep_last", "must be at least 1")
+    need(cfg.dist_timeout >= 1, "dist_timeout", "must be at least 1 second (1800: 30 minutes)")
     need(cfg.max_bad_steps >= 0, "max_bad_steps", "must be 0 or more")
     need(cfg.sample_max_new_tokens >= 1, "sample_max_new_tokens", "must be at least 1")
     need(all(isinstance(p, str) and p.strip() for p in cfg.sample_prompts), "sample_prompts",

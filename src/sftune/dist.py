@@ -48,12 +48,23 @@ class Dist:
     sharded: bool = False  # FSDP: parameters are DTensor shards (set by `wrap`)
     mixed_precision: str = ""  # FSDP: how `wrap` gathers weights and reduces gradients, when not in their dtype
     owns_group: bool = False  # this run started the process group (and so ends it in `close`)
+    timeout_s: int = 1800  # how long a collective waits for the slowest rank (--dist-timeout)
 
     def barrier(self) -> None:
+        """Wait for every rank (rank 0 may be preparing data, or writing a model: a wait past --dist-timeout is a
+        clear error rather than torch's)."""
         if self.distributed:
             import torch.distributed
 
-            torch.distributed.barrier()
+            try:
+                torch.distributed.barrier()
+            except Exception as e:
+                if "timed out" not in str(e).lower() and "timeout" not in type(e).__name__.lower():
+                    raise
+                raise SftuneError(f"rank {self.rank} waited more than {self.timeout_s} s for the other ranks (rank "
+                                  f"0 preparing the data or writing a model takes longer, or a rank is stuck); "
+                                  f"raise --dist-timeout (dist_timeout in YAML), e.g. --dist-timeout "
+                                  f"{self.timeout_s * 4}") from None
 
     @contextlib.contextmanager
     def main_first(self):
@@ -167,9 +178,12 @@ class Dist:
             torch.distributed.destroy_process_group()
 
 
-def init_dist(device_name: str) -> Dist:
+def init_dist(device_name: str, timeout_s: int = 1800) -> Dist:
     """The run's `Dist`: the device (`cuda:LOCAL_RANK` under torchrun) and, with WORLD_SIZE > 1,
-    the process group. `device_name` is the config's device: auto, cpu or cuda."""
+    the process group, whose collectives wait `timeout_s` for the slowest rank. `device_name` is the config's
+    device: auto, cpu or cuda."""
+    import datetime
+
     import torch
     import torch.distributed
 
@@ -184,8 +198,9 @@ def init_dist(device_name: str) -> Dist:
     owns = world_size > 1 and not torch.distributed.is_initialized()  # else a caller's group is used, and kept
     if owns:
         backend = "nccl" if device.type == "cuda" else "gloo"
-        torch.distributed.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-    return Dist(rank, local_rank, world_size, device, owns_group=owns)
+        torch.distributed.init_process_group(backend, device_id=device if device.type == "cuda" else None,
+                                             timeout=datetime.timedelta(seconds=timeout_s))
+    return Dist(rank, local_rank, world_size, device, owns_group=owns, timeout_s=timeout_s)
 
 
 def reshard(model) -> None:
