@@ -63,13 +63,15 @@ def test_a_question_answer_pair_suggests_columns(tmp_path, tiny_model_dir, capsy
 @pytest.mark.slow
 def test_max_steps_beyond_an_epoch_runs_them_and_a_long_warmup_is_warned(tmp_path, small_model_dir, capsys):
     """400 rows at batch 100 are 4 steps an epoch; --max-steps 6 runs 6 (into the second epoch), as the HF
-    Trainer does, and a warm-up of 10 steps is longer than the run."""
+    Trainer does, and a warm-up of 10 steps is longer than the run. (--strategy without torchrun: warned too.)"""
     out = tmp_path / "run"
     code, stdout, err = run_main(capsys, "train", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA),
                                  "--batch-size", "100", "--max-steps", "6", "--warmup-steps", "10",
-                                 "--precision", "fp32", "--log-every", "1", "--output-dir", str(out))
+                                 "--precision", "fp32", "--log-every", "1", "--output-dir", str(out),
+                                 "--strategy", "fsdp")
     assert code == 0, err
     assert "warmup_steps 10 is longer than the run (6 steps)" in err
+    assert "warning: --strategy fsdp spreads a run over the processes torchrun starts; this is one process" in err
     assert "6 optimizer steps (4 per epoch, 1.50 epochs)" in err
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]

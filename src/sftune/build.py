@@ -400,6 +400,9 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     seed_everything(cfg.seed)
     precision = resolve_precision(cfg.precision, dist.device)
     log(f"device: {dist.device}, precision: {precision}" + (" (auto)" if cfg.precision == "auto" else ""))
+    if cfg.strategy != "auto" and not dist.distributed:
+        log(f"warning: --strategy {cfg.strategy} spreads a run over the processes torchrun starts; this is one "
+            f"process, which trains the whole model (torchrun --nproc-per-node N -m sftune train ...)")
     for name, version, spec in untested_versions():  # (pip enforces these; a --no-deps or conda install does not)
         log(f"warning: {name} {version} is outside the versions sftune is tested with ({spec}; older ones fail its "
             f"tests: benchmarks/NOTES.md try 32); pip install '{name}{spec}'")
