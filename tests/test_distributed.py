@@ -111,7 +111,7 @@ CASES = {  # name: (model, extra flags, single process (batch, accum), per rank 
     "ddp-accum": ("gpt2", [], (16, 2), (8, 2), "ddp"),
     "fsdp-accum": ("gpt2", ["--save-every", "2", "--sample-prompts", "the film is"], (16, 2), (8, 2), "fsdp"),
     "fsdp-llama": ("llama", [], (32, 1), (16, 1), "fsdp"),
-    "ddp-lora-llama": ("llama", ["--lora-r", "4", "--lora-modules-to-save", "lm_head",
+    "ddp-lora-llama": ("llama", ["--lora-r", "4", "--lora-modules-to-save", "lm_head", "--lora-use-dora",
                                  "--lr", "1e-2", "--gradient-checkpointing"], (16, 2), (8, 2), "ddp"),
     "ddp-compiled": ("gpt2", ["--compile", "torch", "--compile-backend", "aot_eager"], (32, 1), (16, 1), "ddp"),
     "fsdp-lora": ("gpt2", ["--lora-r", "4", "--lora-modules-to-save", "wte", "--lr", "1e-3", "--merge",
@@ -186,7 +186,7 @@ def launched(uneven_data, many_rows, small_model_dir, tmp_path_factory):
 
 def test_ddp_and_fsdp_on_two_ranks_equal_one_process_and_fsdp_resumes_exactly(launched):
     """2 ranks at batch 16 = 1 process at batch 32, and at 8 x accum 2 = 16 x accum 2: DDP and FSDP (GPT-2 with
-    its tied head, and a Llama-shaped model), and LoRA under DDP (the adapter and a fully trained head, with
+    its tied head, and a Llama-shaped model), and LoRA under DDP (DoRA's adapter and a fully trained head, with
     activation checkpointing), and DDP around a compiled step (static batch shapes: each rank's rows padded to its
     own fixed shape). The FSDP run's sharded (DCP) checkpoint then resumes bitwise, and its final model is a whole
     Hugging Face model that loads in one process."""
@@ -196,7 +196,7 @@ def test_ddp_and_fsdp_on_two_ranks_equal_one_process_and_fsdp_resumes_exactly(la
     # bf16, the log-window run and its resume, streaming)
     assert output.count("done: 3 steps") == len(CASES) + 9
     assert output.count("config: model ") == output.count("done: ")  # the config summary too, once a run
-    assert "LoRA: r 4" in output
+    assert "LoRA: r 4" in output and "DoRA: r 4" in output
     for name in CASES:
         try:
             assert_same_training(root / f"{name}-one", root / f"{name}-two")

@@ -47,13 +47,15 @@ def llama():
 # --- fast: building, saving, loading and merging adapters --------------------------------
 
 
-@pytest.mark.parametrize("make, save", [(make_tiny_gpt2, ["lm_head"]), (make_tiny_gpt2, ["wte"]),
-                                        (make_tiny_gpt2, []), (llama, ["embed_tokens", "lm_head"])],
-                         ids=["gpt2-head", "gpt2-embedding", "gpt2", "llama"])
-def test_the_merged_model_computes_what_the_adapter_does(make, save, gpt2_tokenizer, tmp_path):
+@pytest.mark.parametrize("make, save, variant", [
+    (make_tiny_gpt2, ["lm_head"], {}), (make_tiny_gpt2, ["wte"], {}), (make_tiny_gpt2, [], {}),
+    (llama, ["embed_tokens", "lm_head"], {}), (make_tiny_gpt2, [], {"lora_use_dora": True}),
+    (llama, [], {"lora_use_dora": True, "lora_use_rslora": True})],
+    ids=["gpt2-head", "gpt2-embedding", "gpt2", "llama", "gpt2-dora", "llama-dora-rslora"])
+def test_the_merged_model_computes_what_the_adapter_does(make, save, variant, gpt2_tokenizer, tmp_path):
     """Saved adapter -> base + strict load -> merge -> save_pretrained -> from_pretrained: the logits of the
     adapter model, within 1e-5 in fp32, and not the base's. GPT-2's tied wte/lm_head, named either way, trains
-    as one matrix and stays one after the merge."""
+    as one matrix and stays one after the merge. DoRA (its magnitudes saved and merged too) and rsLoRA's scale."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -62,7 +64,9 @@ def test_the_merged_model_computes_what_the_adapter_does(make, save, gpt2_tokeni
 
     base_dir = tmp_path / "base"
     save_model(make(), gpt2_tokenizer, base_dir)
-    peft_model = add_lora(AutoModelForCausalLM.from_pretrained(base_dir), lora_cfg(lora_modules_to_save=save))
+    peft_model = add_lora(AutoModelForCausalLM.from_pretrained(base_dir), lora_cfg(lora_modules_to_save=save,
+                                                                                   **variant))
+    assert all(getattr(peft_model.peft_config["default"], k.removeprefix("lora_")) for k in variant)
     randomize_adapter(peft_model)
     inner = peft_model.get_base_model()
     if make is make_tiny_gpt2 and save:  # one trained matrix is both the embedding and the head

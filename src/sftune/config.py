@@ -202,6 +202,12 @@ class SFTConfig:
     lora_modules_to_save: list[str] = _f(
         [], "Modules trained in full next to the adapter, e.g. embed_tokens lm_head (GPT-2's tied wte/lm_head is one "
         "matrix and stays one).", "lora")
+    lora_use_dora: bool = _f(
+        False, "DoRA (weight-decomposed LoRA): a trained magnitude per output feature beside the low-rank direction "
+        "update; closer to full fine-tuning at low ranks, slower steps.", "lora")
+    lora_use_rslora: bool = _f(
+        False, "rsLoRA: scale updates by alpha / sqrt(r) instead of alpha / r, which keeps high ranks learning.",
+        "lora")
     merge: bool = _f(False, "LoRA: also write the adapter merged into the base as a full model in "
                             "<output_dir>/merged (or later: sftune export RUN --merge OUT).", "lora")
 
@@ -432,6 +438,8 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
          "must be a positive number, or null for 2 x lora_r")
     need(0 <= cfg.lora_dropout < 1, "lora_dropout", "must be at least 0 and below 1")
     need(bool(cfg.lora_targets), "lora_targets", "must name at least one module, or all-linear")
+    for key in ("lora_use_dora", "lora_use_rslora"):
+        need(not getattr(cfg, key) or cfg.lora_r is not None, key, "is a LoRA option, but LoRA is off (set --lora-r)")
     need(not cfg.merge or cfg.lora_r is not None, "merge", "merges a LoRA adapter into its base, but LoRA is off "
          "(set --lora-r); a full fine-tune's output is already a full model")
     need(cfg.early_stopping_patience is None or cfg.early_stopping_patience >= 1, "early_stopping_patience",

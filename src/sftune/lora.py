@@ -104,7 +104,8 @@ def lora_config(cfg, model):
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_r,
         lora_dropout=cfg.lora_dropout, bias="none", task_type="CAUSAL_LM",
         target_modules="all-linear" if targets == ["all-linear"] else list(targets),
-        modules_to_save=list(save) or None, ensure_weight_tying=tie)  # (a copy: peft rewrites the list it gets)
+        modules_to_save=list(save) or None, ensure_weight_tying=tie,  # (a copy: peft rewrites the list it gets)
+        use_dora=cfg.lora_use_dora, use_rslora=cfg.lora_use_rslora)
 
 
 def add_lora(model, cfg, quiet: bool = False):
@@ -134,7 +135,9 @@ def add_lora(model, cfg, quiet: bool = False):
             if not isinstance(settings.target_modules, str) else settings.target_modules
         full = f"; trained in full: {', '.join(requested)}" if requested else ""
         tie = " (tied to the input embedding: one matrix)" if settings.ensure_weight_tying else ""
-        log(f"LoRA: r {settings.r}, alpha {settings.lora_alpha:g}, dropout {settings.lora_dropout:g} on "
+        variant = "DoRA" if settings.use_dora else "LoRA"
+        scale = " (scale alpha / sqrt(r), rsLoRA)" if settings.use_rslora else ""
+        log(f"{variant}: r {settings.r}, alpha {settings.lora_alpha:g}{scale}, dropout {settings.lora_dropout:g} on "
             f"{', '.join(adapted)}{full}{tie}: trains {trained:,} of {total:,} parameters ({100 * trained / total:.2f}%)")
     return peft_model
 
