@@ -3,7 +3,8 @@
 
     torchrun --standalone --nproc-per-node 2 tests/distributed_runs.py RUNS.json
 
-RUNS.json is a list of argument lists for `sftune`; the exit status is the first non-zero one, else 0.
+RUNS.json is a list of argument lists for `sftune`, or of {"argv": [...], "exit": N} for a run that must exit N (a
+refusal); the exit status is the first unexpected one, else 0.
 """
 
 import json
@@ -16,9 +17,10 @@ from sftune.cli import main
 if __name__ == "__main__":
     torch.distributed.init_process_group("gloo")
     try:
-        for argv in json.loads(open(sys.argv[1]).read()):
+        for run in json.loads(open(sys.argv[1]).read()):
+            argv, expected = (run["argv"], run["exit"]) if isinstance(run, dict) else (run, 0)
             code = main(argv)
-            if code:
-                sys.exit(code)
+            if code != expected:
+                sys.exit(code or 1)
     finally:
         torch.distributed.destroy_process_group()

@@ -125,6 +125,10 @@ def test_resume_with_another_split_of_the_same_steps(uninterrupted, copy_of, sma
     code, _, err = run_main(capsys, *train_args(small_model_dir, copy_of, "--resume", "auto", "--grad-accum", "1"))
     assert code == 2 and "written by a run of 1 process(es) x batch 8 x accum 2 (16 rows a step)" in err, err
     assert "--batch-size 16 --grad-accum 1" in err
+    new = copy_of.parent / "new" / "run"  # refused into a new directory: none is left behind (it held only the lock)
+    code, _, err = run_main(capsys, *train_args(small_model_dir, new, "--resume", str(copy_of / "checkpoints" /
+                                                                                      "step-28"), "--grad-accum", "1"))
+    assert code == 2 and "written by a run of 1 process(es)" in err and not (copy_of.parent / "new").exists()
     code, _, err = run_main(capsys, *train_args(small_model_dir, copy_of.parent / "forced", "--resume",
                                                  str(copy_of / "checkpoints" / "step-28"), "--grad-accum", "1",
                                                  "--resume-force"))

@@ -92,8 +92,10 @@ class OutputLock:
         self.out = out
         self.fd: int | None = None
         self.owner = f"{os.getpid()} on {socket.gethostname()}"  # what the lock file says while this run holds it
+        self.created: list[Path] = []  # the directories `acquire` made, deepest first
 
     def acquire(self) -> None:
+        self.created = [d for d in (self.out, *self.out.parents) if not d.exists()]
         self.out.mkdir(parents=True, exist_ok=True)
         path = self.out / LOCK_FILE
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -112,9 +114,19 @@ class OutputLock:
         self.fd = fd
 
     def release(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)  # closing the descriptor releases the lock
-            self.fd = None
+        """Release the lock; a directory this run made and left empty (it stopped before writing: a refused resume,
+        a config mistake found late) is removed again, so that no litter is left behind."""
+        if self.fd is None:
+            return
+        if self.created and [p.name for p in self.out.iterdir()] == [LOCK_FILE]:
+            (self.out / LOCK_FILE).unlink()  # (while the lock is still held)
+            for directory in self.created:
+                try:
+                    directory.rmdir()
+                except OSError:  # not empty (something else was written there meanwhile): kept
+                    break
+        os.close(self.fd)  # closing the descriptor releases the lock
+        self.fd = None
 
 
 SHARED_WAIT_S = 15.0  # how long a rank that cannot see rank 0's lock file yet keeps looking (NFS caches lookups)
