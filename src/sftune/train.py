@@ -412,13 +412,9 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
     if not weights_finite(run.loss_model, dist):
         raise TrainingDiverged(f"the weights after step {state.step} are not finite; the final model was not saved. "
                                f"Lower --lr and resume from {saved_at[-1] if saved_at else 'the start'}")
-    best_dir = out / "checkpoints" / f"step-{state.best_step}"  # kept through rotation (`checkpoint.rotate`)
-    if not best_dir.is_dir() and run.resumed_from is not None:  # resumed from another directory's checkpoint
-        best_dir = run.resumed_from.parent / best_dir.name
-    if cfg.final_model == "best" and state.best_step not in (None, state.step) and not best_dir.is_dir():
-        log(f"warning: the best evaluation's checkpoint (step {state.best_step:,}) is gone from {out / 'checkpoints'}; "
-            f"the final model is the last step's (--final-model best)")
-    elif cfg.final_model == "best" and state.best_step not in (None, state.step):
+    best_dir = best_checkpoint(run) if cfg.final_model == "best" and state.best_step not in (None, state.step) \
+        else None
+    if best_dir is not None:
         if dist.sharded or run.adapter is not None or is_sharded(best_dir):  # into the run's model, on every rank
             run.checkpointer.load_weights(best_dir, run.loss_model)  # (FSDP: its shards, gathered below)
         elif dist.is_main:
@@ -457,6 +453,18 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         samples[prompt] = complete(hf_model, run.tokenizer, prompt, cfg.sample_max_new_tokens, seed=cfg.seed,
                                    chat=run.steps.layout.format.startswith("chat"), synced=dist.sharded)[0]
     return TrainResult(out, state.step, state.tokens, seconds, evals, samples)
+
+
+def best_checkpoint(run: Run) -> Path | None:
+    """The checkpoint of the best evaluation (`--final-model best`): in the run's directory, where rotation keeps
+    it, or in the one the run resumed from (`--resume PATH` into a new directory). Gone: warned, None."""
+    name = f"step-{run.state.best_step}"
+    for root in (run.out / "checkpoints", run.resumed_from.parent if run.resumed_from else None):
+        if root is not None and (root / name).is_dir():
+            return root / name
+    log(f"warning: the best evaluation's checkpoint ({name}) is gone from {run.out / 'checkpoints'}; the final "
+        f"model is the last step's (--final-model best)")
+    return None
 
 
 def write_run_report(out: Path) -> None:
