@@ -208,7 +208,8 @@ class ShardedCheckpointer(FullCheckpointer):
     """FSDP: each rank writes its shards of the model and optimizer with torch.distributed.checkpoint (DCP) into
     the same staging directory; rank 0 adds the rest (scheduler, scaler, every rank's RNG, tokenizer, config,
     state.json last) and publishes by the same atomic rename. Resume loads the shards back into the sharded model,
-    whatever the file layout, and the checkpoint holds no full copy of the model."""
+    on any number of ranks (a whole model's checkpoint, written without FSDP, too), and the checkpoint holds no full
+    copy of the model."""
 
     trainable_only = False  # LoRA (`ShardedAdapterCheckpointer`): the shards of the trained tensors only
 
