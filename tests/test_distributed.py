@@ -382,8 +382,8 @@ def test_a_resume_in_the_middle_of_a_log_window_logs_what_the_run_would_have(lau
 def test_sigterm_to_the_launcher_and_kill_9_of_a_rank_then_resume_is_exact(launched, uneven_data, small_model_dir,
                                                                              tmp_path, capsys):
     """SIGTERM to torchrun: both ranks stop at one step and save once (torchrun itself exits 1 with its own
-    message; each rank exits 143). Then kill -9 of one rank: the run dies. Each time --resume auto continues,
-    and the end result is an uninterrupted 2-rank run's, bitwise."""
+    message; each rank exits 143). Then kill -9 of one rank: the run dies (the other rank says so, no traceback).
+    Each time --resume auto continues, and the end result is an uninterrupted 2-rank run's, bitwise."""
     longer, full = LONGER, launched[0] / "fault-full"
     out = tmp_path / "run"
     proc = torchrun(*args(small_model_dir, uneven_data, out, 16, *longer), stderr=subprocess.PIPE,
@@ -406,9 +406,12 @@ def test_sigterm_to_the_launcher_and_kill_9_of_a_rank_then_resume_is_exact(launc
             ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
             os.kill(int(ranks[-1]), signal.SIGKILL)
             break
-    proc.stderr.read()
+    err = proc.stderr.read()
     assert proc.wait(timeout=120) != 0
     assert not (out / "model.safetensors").exists()
+    # the rank left behind says what happened and what to do, without a traceback (torchrun prints its own)
+    assert "sftune train [rank 0]: error: a collective operation with the other ranks failed" in err, err
+    assert "continue with --resume auto" in err and "[rank0]: Traceback" not in err
 
     proc = torchrun(*args(small_model_dir, uneven_data, out, 16, *longer, "--resume", "auto"),
                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)

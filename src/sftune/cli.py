@@ -471,7 +471,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"sftune {args.command}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if args.debug or not collective_failed(e):
+            raise
+        first = (str(e).strip().splitlines() or [""])[0]
+        print(f"sftune {args.command} [rank {env_rank()}]: error: a collective operation with the other ranks failed "
+              f"({type(e).__name__}: {first}); usually another rank stopped or was killed (its own error, if any, "
+              f"is above). What was saved is intact: continue with --resume auto (--debug shows the traceback)",
+              file=sys.stderr)
+        return 1
     return 0
+
+
+def collective_failed(e: Exception) -> bool:
+    """Under torchrun: `e` is torch.distributed's error of a collective that could not complete (NCCL raises
+    `DistError`s; gloo a RuntimeError from its transport)."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is None or int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    return isinstance(e, distributed.DistError) or (isinstance(e, RuntimeError) and "gloo/transport" in str(e))
 
 
 if __name__ == "__main__":
