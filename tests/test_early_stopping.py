@@ -5,6 +5,7 @@ The runs are deterministic (fp32, the small-vocabulary GPT-2, lr 3e-2): their va
 """
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -61,6 +62,16 @@ def test_early_stopping_stops_when_the_val_loss_stops_improving(small_model_dir,
     assert max(r["step"] for r in rows if r["type"] == "train") == 9
     assert {"type": "early_stop", "step": 9, "best_step": 3} in rows
     assert same(weights(out), weights(out / "checkpoints" / "step-3"))
+
+    # resumed elsewhere from a copy of step 8 alone: the best checkpoint (step 3) is in neither directory, so the
+    # run says so and keeps its last weights instead of failing after training
+    shutil.copytree(out / "checkpoints" / "step-8", tmp_path / "copy" / "step-8")
+    other = tmp_path / "other"
+    code, _, err = run_main(capsys, *es_args(small_model_dir, other, "--early-stopping-patience", "2",
+                                             "--early-stopping-min-delta", "0.5", "--save-best",
+                                             "--final-model", "best", "--resume", str(tmp_path / "copy" / "step-8")))
+    assert code == 0 and "warning: the best evaluation's checkpoint (step-3) is gone" in err, err
+    assert "final model: the best evaluation's" not in err and (other / "model.safetensors").is_file()
 
 
 def test_early_stopping_and_the_best_model_resume_exactly(small_model_dir, tmp_path, capsys):
