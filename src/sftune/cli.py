@@ -414,16 +414,21 @@ COMMANDS = {"train": cmd_train, "data": cmd_data, "eval": cmd_eval, "tokenize": 
 
 
 def quiet_libraries() -> None:
-    """Keep library chatter (and non-TTY progress bars) out of our output."""
+    """Keep library chatter (and non-TTY progress bars) out of our output. `datasets` reads its settings from the
+    environment when first imported, which a run whose data come from sftune's cache never does (0.6 s saved)."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import datasets
+    os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    if not sys.stderr.isatty():
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "datasets" in sys.modules:  # (imported already: by a program that calls sftune)
+        datasets = sys.modules["datasets"]
+        datasets.logging.set_verbosity_error()
+        if not sys.stderr.isatty():
+            datasets.disable_progress_bars()
     import transformers
 
-    datasets.logging.set_verbosity_error()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars
-    if not sys.stderr.isatty():
-        datasets.disable_progress_bars()
 
 
 def check_flags(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
