@@ -23,6 +23,7 @@ shards with torch.distributed.checkpoint), `AdapterCheckpointer` (LoRA: the adap
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -127,6 +128,8 @@ class Checkpointer(Protocol):
 class FullCheckpointer:
     """The whole model in each checkpoint, as a Hugging Face directory; rank 0 writes, the others wait."""
 
+    trainable_only = False  # LoRA under FSDP (`ShardedAdapterCheckpointer`): the shards of the trained tensors only
+
     def __init__(self, root: Path, dist: Dist, tokenizer, config_yaml: str, keep_last: int, hashes: bool = False,
                  keep_best: bool = False):
         self.root, self.dist, self.tokenizer = root, dist, tokenizer
@@ -148,10 +151,13 @@ class FullCheckpointer:
         save_model(getattr(model, "model", model), self.tokenizer, directory)
 
     def load_weights(self, path: Path, model) -> None:
-        """An FSDP checkpoint's shards, loaded as whole tensors (DCP reshards; a collective under torchrun); a whole
-        model's checkpoint is read by `from_pretrained` instead (`holds_whole_model`)."""
+        """Checkpoint `path`'s weights into the run's `model`, in place, whatever wrote them (a collective: every rank
+        calls): DCP shards, resharded to what `model` holds (FSDP's shards on any number of ranks, or whole
+        tensors), or a whole model's tensors (every rank reads the file; under FSDP each keeps its shards)."""
         if is_sharded(path):
-            load_model_shards(path, model, trainable_only=False)
+            load_model_shards(path, model, self.trainable_only)
+        else:
+            load_whole_model(path, model)
 
     def save(self, state: TrainState, model, optimizer, scheduler, scaler) -> Path:
         self.check_finite(model, state)
@@ -169,16 +175,16 @@ class FullCheckpointer:
         FSDP's shards on any number of ranks; a whole model's optimizer state into FSDP's shards."""
         if not holds_whole_model(path):  # (else the run's model was built from it)
             self.load_weights(path, model)
+        load_optimizer = optimizer.load_state_dict  # (training_state.pt's optimizer state, by parameter index)
         if is_sharded(path):  # the optimizer state is in the shards, not in training_state.pt
             load_optimizer_shards(path, model, optimizer)
-            optimizer = None
+            load_optimizer = None
             if not self.dist.sharded:
                 log(f"{path} holds FSDP shards: loaded as whole tensors (torch.distributed.checkpoint)")
         elif self.dist.sharded:
-            load_whole_optimizer(path, model, optimizer)
-            optimizer = None
+            load_optimizer = functools.partial(load_whole_optimizer, path, model, optimizer)
             log(f"{path} holds a whole model: sharded over {self.dist.world_size} ranks")
-        return load_training_state(path, optimizer, scheduler, scaler, self.dist.rank)
+        return load_training_state(path, load_optimizer, scheduler, scaler, self.dist.rank)
 
 
 class AdapterCheckpointer(FullCheckpointer):
@@ -210,8 +216,6 @@ class ShardedCheckpointer(FullCheckpointer):
     state.json last) and publishes by the same atomic rename. Resume loads the shards back into the sharded model,
     on any number of ranks (a whole model's checkpoint, written without FSDP, too), and the checkpoint holds no full
     copy of the model."""
-
-    trainable_only = False  # LoRA (`ShardedAdapterCheckpointer`): the shards of the trained tensors only
 
     def gather(self, model) -> dict | None:
         """What rank 0 needs whole to write its files (a collective; nothing for a full model's shards)."""
@@ -251,14 +255,6 @@ class ShardedCheckpointer(FullCheckpointer):
         self.dist.barrier()
         return final
 
-    def load_weights(self, path: Path, model) -> None:
-        """Load checkpoint `path`'s weights into the sharded `model` (a collective; `--final-model best` too): its
-        shards, resharded to this run's ranks, or a whole model's tensors, each rank keeping its shards of them (a
-        LoRA checkpoint written without FSDP was refused before: `check_same_format`)."""
-        if is_sharded(path):
-            load_model_shards(path, model, self.trainable_only)
-        else:
-            load_whole_model(path, model)
 
 
 class ShardedAdapterCheckpointer(ShardedCheckpointer):
@@ -285,7 +281,7 @@ class ShardedAdapterCheckpointer(ShardedCheckpointer):
         save_adapter(self.peft_model, self.tokenizer, directory, self.base, gathered)
 
     def load_weights(self, path: Path, model) -> None:
-        require_adapter(path)
+        require_adapter(path)  # (one written without FSDP was refused before: `check_same_format`)
         super().load_weights(path, model)
 
 
@@ -345,7 +341,7 @@ def load_model_shards(path: Path, model, trainable_only: bool) -> None:
 
 
 def load_whole_model(path: Path, model) -> None:
-    """A whole model's checkpoint into FSDP's shards (every rank reads the file and keeps its shards of it)."""
+    """A whole model's checkpoint into `model` (the loss module), in place; under FSDP each rank keeps its shards."""
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
@@ -359,13 +355,12 @@ def load_whole_model(path: Path, model) -> None:
     set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, strict=False))
 
 
-def load_whole_optimizer(path: Path, model, optimizer) -> None:
-    """A whole model's optimizer state (`optimizer.state_dict()`: parameters by their index in the groups) into
-    FSDP's shards: indexed by name (the groups list the same parameters in the same order: `param_groups`), then
-    each rank keeps its shards of it."""
+def load_whole_optimizer(path: Path, model, optimizer, saved: dict) -> None:
+    """Checkpoint `path`'s whole optimizer state (`saved`, from `optimizer.state_dict()`: parameters by their index in
+    the groups) into FSDP's shards: indexed by name (the groups list the same parameters in the same order:
+    `param_groups`), then each rank keeps its shards of it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-    saved = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)["optimizer"]
     names = {id(p): name for name, p in model.named_parameters()}
     here = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     there = [i for group in saved["param_groups"] for i in group["params"]]
@@ -520,17 +515,18 @@ def find_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
     return None
 
 
-def load_training_state(path: Path, optimizer, scheduler, scaler, rank: int = 0) -> TrainState:
+def load_training_state(path: Path, load_optimizer, scheduler, scaler, rank: int = 0) -> TrainState:
     """Restore optimizer, scheduler, scaler and RNG states from checkpoint `path`; return its TrainState.
-    `optimizer` None: its state is not in training_state.pt (a sharded checkpoint keeps it in DCP)."""
+    `load_optimizer` is given the saved optimizer state (None: it is not in training_state.pt, as a sharded
+    checkpoint keeps it in DCP)."""
     try:
         blob = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)
         raw = json.loads((path / STATE_FILE).read_text())
     except Exception as e:  # a truncated or foreign file: say which and what to do
         raise SftuneError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
                           f"remove it or pass another --resume PATH") from None
-    if optimizer is not None:
-        optimizer.load_state_dict(blob["optimizer"])
+    if load_optimizer is not None:
+        load_optimizer(blob["optimizer"])
     scheduler.load_state_dict(blob["scheduler"])
     scaler.load_state_dict(blob["scaler"])
     ranks = blob.get("rng_ranks") or []

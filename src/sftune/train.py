@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from sftune.batching import count_targets, pin, prefetch, to_device
 from sftune.build import Run, build_run
-from sftune.checkpoint import is_sharded, weights_finite
+from sftune.checkpoint import weights_finite
 from sftune.config import SFTConfig
 from sftune.console import MetricsWriter, log
 from sftune.dist import Dist
@@ -414,13 +414,8 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
                                f"Lower --lr and resume from {saved_at[-1] if saved_at else 'the start'}")
     best_dir = best_checkpoint(run) if cfg.final_model == "best" and state.best_step not in (None, state.step) \
         else None
-    if best_dir is not None:
-        if dist.sharded or run.adapter is not None or is_sharded(best_dir):  # into the run's model, on every rank
-            run.checkpointer.load_weights(best_dir, run.loss_model)  # (FSDP: its shards, gathered below)
-        elif dist.is_main:
-            from sftune.modeling import load_model
-
-            hf_model = load_model(str(best_dir), "pretrained", cfg.trust_remote_code)
+    if best_dir is not None:  # into the run's model, on every rank (FSDP: its shards, gathered below)
+        run.checkpointer.load_weights(best_dir, run.loss_model)
         best = best_eval()
         log(f"final model: the best evaluation's, step {best['step']:,} (val loss {best['val_loss']:.4f}), from "
             f"{best_dir} (--final-model best)")
