@@ -153,9 +153,9 @@ def launched(uneven_data, many_rows, small_model_dir, tmp_path_factory):
     runs.append(args(small_model_dir, uneven_data, root / "fsdp-as-ddp", 8, "--grad-accum", "2", "--strategy", "ddp",
                      *CASES["fsdp-accum"][1], "--resume", str(root / "fsdp-accum-two" / "checkpoints" / "step-2")))
     lora = [*CASES["fsdp-lora"][1], "--strategy", "fsdp", "--grad-accum", "2"]
-    # a LoRA checkpoint written without FSDP, under FSDP: refused (peft names the adapter's tensors otherwise)
-    runs.append({"argv": args(small_model_dir, uneven_data, root / "lora-as-fsdp", 8, *lora,
-                              "--resume", str(root / "fsdp-lora-one" / "checkpoints" / "step-2")), "exit": 2})
+    # a LoRA checkpoint written without FSDP (the whole adapter, its optimizer state by index), under FSDP
+    runs.append(args(small_model_dir, uneven_data, root / "lora-as-fsdp", 8, *lora,
+                     "--resume", str(root / "fsdp-lora-one" / "checkpoints" / "step-2")))
     runs.append(args(small_model_dir, uneven_data, root / "fsdp-lora-resumed", 8, *lora,
                      "--resume", str(root / "fsdp-lora-two" / "checkpoints" / "step-2")))
     # the final model is step 1's (in bf16: the weights are gathered in bf16 for the evaluations, and the final model
@@ -195,10 +195,10 @@ def test_ddp_and_fsdp_on_two_ranks_equal_one_process_and_fsdp_resumes_exactly(la
     Hugging Face model that loads in one process."""
     root, output = launched
     assert "(DistributedDataParallel)" in output and "(FSDPCausalLMLoss)" in output and "per rank x 2 ranks" in output
-    # only rank 0 prints (+9: the FSDP resumes (2 under FSDP, 1 under DDP), best and a whole model's best under FSDP,
+    # only rank 0 prints (+10: the FSDP resumes (2 under FSDP, 1 under DDP, a LoRA adapter from one process), best and a whole model's best under FSDP,
     # bf16, the log-window run and its resume, streaming)
-    assert output.count("done: 3 steps") == len(CASES) + 9
-    assert output.count("config: model ") == output.count("done: ") + 1  # the config summary too, once a run (+1: a refusal)
+    assert output.count("done: 3 steps") == len(CASES) + 10
+    assert output.count("config: model ") == output.count("done: ")  # the config summary too, once a run
     assert "LoRA: r 4" in output and "DoRA: r 4" in output
     for name in CASES:
         try:
@@ -238,13 +238,16 @@ def test_an_fsdp_checkpoint_resumes_in_one_process_and_under_ddp(launched, small
     """DCP loads FSDP's shards into whole tensors, so a sharded checkpoint (2 ranks x 8 x accum 2) resumes where FSDP
     is not used: in one process at 16 x accum 2 and under DDP at 8 x accum 2 per rank, each ending within 1e-5 of
     the uninterrupted FSDP run (weights and the step-3 loss); LoRA's too (the adapter file, the optimizer's shards).
-    The best model of a run resumed from such a checkpoint is read from its shards. (The other way round, a LoRA
-    adapter written without FSDP is refused under FSDP, naming what to use.)"""
+    The best model of a run resumed from such a checkpoint is read from its shards. The other way round, a LoRA
+    adapter written in one process resumes under FSDP (the adapter sharded as it loads, its optimizer state by name)
+    and ends where the one-process run did."""
     root, output = launched
-    assert (f"cannot resume from {root / 'fsdp-lora-one' / 'checkpoints' / 'step-2'} with --strategy fsdp: it holds a "
-            f"LoRA adapter written without FSDP; resume it with --strategy ddp or in one process") in output
-    assert not (root / "lora-as-fsdp").exists()
     full, lora = root / "fsdp-accum-two", root / "fsdp-lora-two"
+    one_lora, lora_as_fsdp = root / "fsdp-lora-one", root / "lora-as-fsdp"
+    assert f"{one_lora / 'checkpoints' / 'step-2'} holds whole tensors: sharded over 2 ranks" in output
+    close_weights(one_lora, lora_as_fsdp, "adapter_model.safetensors")
+    assert metrics(lora_as_fsdp)[0][-1][1] == pytest.approx(metrics(one_lora)[0][-1][1], rel=1e-5)  # the step-3 loss
+    close_weights(one_lora / "merged", lora_as_fsdp / "merged")  # the merged models (--merge) too
     assert f"resumed from {full / 'checkpoints' / 'step-2'}" in output
     close_weights(full, root / "fsdp-as-ddp")
     for name, run in (("fsdp-accum", full), ("fsdp-lora", lora)):

@@ -27,7 +27,7 @@ import torch
 from sftune.batching import EAGER, Padding, batch_shape, chunk_rows_for, collate, collate_packed, epoch_steps, \
     packed_epoch_steps
 from sftune.checkpoint import AdapterCheckpointer, Checkpointer, FullCheckpointer, ShardedAdapterCheckpointer, \
-    ShardedCheckpointer, STATE_FILE, TrainState, check_resume_compatible, check_same_format, holds_whole_model, \
+    ShardedCheckpointer, STATE_FILE, TrainState, check_resume_compatible, holds_whole_model, \
     check_same_inputs, find_resume_checkpoint
 from sftune.config import SFTConfig, dump_yaml, to_dict
 from sftune.console import log
@@ -436,7 +436,6 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     check_shared(out, lock, dist)  # under torchrun: every node sees this directory (before any rank reads it)
     checkpoint = find_resume_checkpoint(out, cfg.resume) if cfg.resume else None
     if checkpoint is not None:
-        check_same_format(checkpoint, sharded, bool(cfg.lora_r))
         may_differ = check_same_steps(checkpoint, cfg, steps, max_length, dist.world_size)
         check_resume_compatible(checkpoint, to_dict(resolved), cfg.resume_force, may_differ)
         check_same_inputs(checkpoint, fingerprints, cfg.resume_force)

@@ -183,7 +183,7 @@ class FullCheckpointer:
                 log(f"{path} holds FSDP shards: loaded as whole tensors (torch.distributed.checkpoint)")
         elif self.dist.sharded:
             load_optimizer = functools.partial(load_whole_optimizer, path, model, optimizer)
-            log(f"{path} holds a whole model: sharded over {self.dist.world_size} ranks")
+            log(f"{path} holds whole tensors: sharded over {self.dist.world_size} ranks")
         return load_training_state(path, load_optimizer, scheduler, scaler, self.dist.rank)
 
 
@@ -281,8 +281,14 @@ class ShardedAdapterCheckpointer(ShardedCheckpointer):
         save_adapter(self.peft_model, self.tokenizer, directory, self.base, gathered)
 
     def load_weights(self, path: Path, model) -> None:
-        require_adapter(path)  # (one written without FSDP was refused before: `check_same_format`)
-        super().load_weights(path, model)
+        """The adapter's shards, or a whole adapter (written without FSDP) sharded as it loads."""
+        from sftune.lora import load_whole_adapter_into_shards
+
+        require_adapter(path)
+        if is_sharded(path):
+            load_model_shards(path, model, self.trainable_only)
+        else:
+            load_whole_adapter_into_shards(self.peft_model, model, path)
 
 
 # --- DCP shards (written under FSDP), loaded into a sharded model or a whole one --------------------
@@ -554,14 +560,6 @@ def check_same_inputs(checkpoint: Path, fingerprints: dict, force: bool) -> None
     raise SftuneError(f"cannot resume from {checkpoint}: {' and '.join(changed)} since it was written, so the "
                       f"rest of the run would not continue the same one. Restore them, start a new run in another "
                       f"--output-dir, or pass --resume-force to continue anyway.")
-
-
-def check_same_format(checkpoint: Path, sharded: bool, lora: bool) -> None:
-    """FSDP writes shards (DCP), one process and DDP a whole model; either resumes under the other (`restore`),
-    but for a LoRA adapter written without FSDP, which FSDP does not load (peft names its tensors otherwise)."""
-    if sharded and lora and not is_sharded(checkpoint):
-        raise SftuneError(f"cannot resume from {checkpoint} with --strategy fsdp: it holds a LoRA adapter written "
-                          f"without FSDP; resume it with --strategy ddp or in one process")
 
 
 def check_resume_compatible(checkpoint: Path, resolved: dict, force: bool, may_differ: tuple = ()) -> None:

@@ -197,26 +197,61 @@ def save_adapter(peft_model, tokenizer, directory: Path, base: str, gathered: di
     tokenizer.save_pretrained(directory)
 
 
-def load_adapter_weights(peft_model, directory: Path) -> None:
-    """Load `directory`'s adapter into `peft_model`, strictly: every tensor present, of the same shape, and
-    nothing left over (peft itself only warns, and the model is then its base)."""
-    from peft import set_peft_model_state_dict
+def read_adapter(directory: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     path = Path(directory) / ADAPTER_WEIGHTS
     try:
-        saved = load_file(path)
+        return load_file(path)
     except Exception as e:
         raise SftuneError(f"cannot read the adapter weights {path}: {e}") from None
-    expected = adapter_weights(peft_model)
+
+
+def check_fits(directory: Path, saved: dict, expected: dict) -> None:
+    """Every tensor of the model's adapter (`expected`: key -> shape, keyed as the file keys them) in the file
+    (`saved`), of the same shape, and nothing left over: peft itself only warns, and the model is then its base."""
     missing, unexpected = sorted(expected.keys() - saved.keys()), sorted(saved.keys() - expected.keys())
-    wrong = sorted(k for k in expected.keys() & saved.keys() if expected[k].shape != saved[k].shape)
+    wrong = sorted(k for k in expected.keys() & saved.keys() if tuple(expected[k]) != tuple(saved[k].shape))
     if missing or unexpected or wrong:
         detail = "; ".join(f"{what}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}" for what, keys in
                            (("missing", missing), ("not in the model", unexpected), ("other shapes", wrong)) if keys)
         raise SftuneError(f"the adapter in {directory} does not fit this base model ({detail}); it was trained on "
                           f"another base: give that one with --base")
+
+
+def load_adapter_weights(peft_model, directory: Path) -> None:
+    """Load `directory`'s adapter into `peft_model`, strictly (`check_fits`)."""
+    from peft import set_peft_model_state_dict
+
+    saved = read_adapter(directory)
+    check_fits(directory, saved, {k: v.shape for k, v in adapter_weights(peft_model).items()})
     set_peft_model_state_dict(peft_model, saved)
+
+
+def adapter_names(peft_model, loss_model) -> dict[str, str]:
+    """The adapter file's keys -> the names of the loss module's parameters they hold: peft's own renaming (the one
+    `save_adapter` writes through), applied to a probe that holds each parameter's index instead of its weights."""
+    from peft import get_peft_model_state_dict
+
+    names = [name for name, p in loss_model.named_parameters(remove_duplicate=False) if p.requires_grad]
+    probe = {f"base_model.{name}": torch.tensor(i) for i, name in enumerate(names)}  # model.X -> peft's name
+    keyed = get_peft_model_state_dict(peft_model, state_dict=probe, save_embedding_layers=False)
+    return {key: names[int(index)] for key, index in keyed.items()}
+
+
+def load_whole_adapter_into_shards(peft_model, loss_model, directory: Path) -> None:
+    """A whole adapter (as any LoRA run writes it) into an FSDP-sharded LoRA model, strictly: each rank keeps its
+    shards of each tensor (a collective: every rank calls it and reads the file, megabytes)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    from sftune.dist import reshard
+
+    saved, names = read_adapter(directory), adapter_names(peft_model, loss_model)
+    params = dict(loss_model.named_parameters(remove_duplicate=False))
+    check_fits(directory, saved, {key: params[name].shape for key, name in names.items()})
+    reshard(loss_model)  # (the root's parameters after an evaluation are not its shards)
+    set_model_state_dict(loss_model, {names[key]: tensor for key, tensor in saved.items()},
+                         options=StateDictOptions(full_state_dict=True, strict=False))
 
 
 def adapter_base(directory: str | Path, base: str | None = None) -> str:
