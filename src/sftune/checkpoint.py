@@ -181,10 +181,10 @@ class FullCheckpointer:
             load_optimizer = None
             if not self.dist.sharded:
                 log(f"{path} holds FSDP shards: loaded as whole tensors (torch.distributed.checkpoint)")
-        elif self.dist.sharded:
+        elif self.dist.sharded:  # every rank reads the whole optimizer state and keeps its shards of it
             load_optimizer = functools.partial(load_whole_optimizer, path, model, optimizer)
             log(f"{path} holds whole tensors: sharded over {self.dist.world_size} ranks")
-        return load_training_state(path, load_optimizer, scheduler, scaler, self.dist.rank)
+        return load_training_state(path, load_optimizer, scheduler, scaler, self.dist.rank, mmap=self.dist.sharded)
 
 
 class AdapterCheckpointer(FullCheckpointer):
@@ -521,12 +521,13 @@ def find_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
     return None
 
 
-def load_training_state(path: Path, load_optimizer, scheduler, scaler, rank: int = 0) -> TrainState:
+def load_training_state(path: Path, load_optimizer, scheduler, scaler, rank: int = 0, mmap: bool = False) -> TrainState:
     """Restore optimizer, scheduler, scaler and RNG states from checkpoint `path`; return its TrainState.
     `load_optimizer` is given the saved optimizer state (None: it is not in training_state.pt, as a sharded
-    checkpoint keeps it in DCP)."""
+    checkpoint keeps it in DCP). `mmap`: the tensors are read from the file as they are used, through the page
+    cache, which every rank of a node shares (rather than one private copy of the whole state per rank)."""
     try:
-        blob = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True)
+        blob = torch.load(path / TRAINING_STATE, map_location="cpu", weights_only=True, mmap=mmap)
         raw = json.loads((path / STATE_FILE).read_text())
     except Exception as e:  # a truncated or foreign file: say which and what to do
         raise SftuneError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); "
