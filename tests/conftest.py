@@ -185,3 +185,15 @@ def signal_at(argv: list[str], line_start: str, sig: int = signal.SIGTERM) -> tu
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def assert_ordinary_modes(*directories: Path) -> None:
+    """Every file sftune published in `directories` has the mode an ordinary new file gets (0o666 less the umask),
+    safetensors files included (safetensors 0.8 writes them 0o600: readable by their owner only)."""
+    umask = os.umask(0o077)
+    os.umask(umask)
+    for directory in directories:
+        files = [p for p in directory.rglob("*") if p.is_file() and p.name != ".sftune.lock"]
+        assert any(p.suffix == ".safetensors" for p in files), directory
+        modes = {str(p.relative_to(directory)): oct(p.stat().st_mode & 0o777) for p in files}
+        assert set(modes.values()) == {oct(0o666 & ~umask)}, modes

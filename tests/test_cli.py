@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import GPT2_DIR, QUICKSTART_DATA, ROOT, needs_gpt2_files, read_jsonl, run_cli, run_main
+from conftest import GPT2_DIR, QUICKSTART_DATA, assert_ordinary_modes, ROOT, needs_gpt2_files, read_jsonl, run_cli, run_main
 
 pytestmark = pytest.mark.slow
 
@@ -42,6 +42,7 @@ def test_train_writes_a_loadable_model_config_and_metrics(trained, tiny_model_di
                  "tokenizer_config.json", "config.yaml", "metrics.jsonl"):
         assert (out / name).is_file(), name
     assert not list(out.glob("*.bin"))  # safetensors only
+    assert_ordinary_modes(out)  # (checkpoints included) readable by whom config.json is, not by this user only
 
     before, after = load_file(tiny_model_dir / "model.safetensors"), load_file(out / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)  # weights changed

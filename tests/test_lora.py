@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import QUICKSTART_DATA, ROOT, make_tiny_gpt2, read_jsonl, run_captured, run_main, signal_at
+from conftest import QUICKSTART_DATA, assert_ordinary_modes, ROOT, make_tiny_gpt2, read_jsonl, run_captured, run_main, signal_at
 
 
 def lora_cfg(**overrides):
@@ -220,6 +220,7 @@ def test_a_lora_run_trains_only_the_adapter_and_writes_what_peft_loads(lora_run,
     assert sorted(p.name for p in ckpt.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
                                                       "config.yaml", "state.json", "tokenizer.json",
                                                       "tokenizer_config.json", "training_state.pt"]
+    assert_ordinary_modes(out, out / "merged", ckpt)
     optimizer = torch.load(ckpt / "training_state.pt", weights_only=True)["optimizer"]
     assert len(optimizer["state"]) == len(adapter)  # the optimizer holds the adapter's tensors, nothing of the base
 

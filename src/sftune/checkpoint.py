@@ -93,9 +93,15 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def fsync_tree(path: Path) -> None:
+def seal_tree(path: Path) -> None:
+    """Ready `path`'s files to be published: each with the mode an ordinary new file gets (0o666 less the umask,
+    as `open` gives config.json: safetensors 0.8 writes its files 0o600, so that another user or a container's
+    could not load the model or adapter; safetensors issue 782), then on disk (fsync)."""
+    umask = os.umask(0o077)
+    os.umask(umask)
     for p in sorted(path.rglob("*")):
         if p.is_file():
+            os.chmod(p, 0o666 & ~umask)
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
     _fsync_dir(path)
@@ -445,7 +451,7 @@ def publish(staging: Path, final: Path, state: TrainState, hashes: bool) -> None
     files = {str(f.relative_to(staging)): [f.stat().st_size, _sha256(f) if hashes else None]
              for f in sorted(staging.rglob("*")) if f.is_file()}
     (staging / STATE_FILE).write_text(json.dumps({"format": FORMAT_VERSION, "files": files, **asdict(state)}, indent=1))
-    fsync_tree(staging)
+    seal_tree(staging)
     if final.exists():  # a checkpoint of the same step from an earlier attempt: replace it
         shutil.rmtree(final)
     os.rename(staging, final)

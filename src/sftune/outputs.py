@@ -177,17 +177,17 @@ def clear_previous_run(out: Path) -> list[str]:
 
 def publish_model(out: Path, write: Callable[[Path], None]) -> Path:
     """Write a model into `out` like a checkpoint: `write(directory)` writes its files into `out/.staging-final`,
-    they are fsynced, then each is moved into `out` by an atomic rename. If that fails (a full disk), they are
-    written to a rescue directory under the system's temporary directory instead and the error says where;
-    files already in `out` are never left half-written."""
-    from sftune.checkpoint import fsync_tree
+    they are sealed (`seal_tree`: ordinary modes, fsync), then each is moved into `out` by an atomic rename. If that
+    fails (a full disk), they are written to a rescue directory under the system's temporary directory instead and
+    the error says where; files already in `out` are never left half-written."""
+    from sftune.checkpoint import seal_tree
 
     staging = out / ".staging-final"
     try:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         write(staging)
-        fsync_tree(staging)
+        seal_tree(staging)
         for f in sorted(staging.iterdir()):
             os.replace(f, out / f.name)
         staging.rmdir()
