@@ -187,7 +187,7 @@ def test_padded_tokens_count_what_every_rank_computes(packed, static):
     each micro-batch to its own longest row (or to the static shapes of graphs and compiled steps), so on 2 or 3
     ranks it is the sum of every rank's batch sizes, not the micro-batch padded as one."""
     from sftune.batching import Padding
-    from sftune.build import step_of
+    from sftune.steps import step_of
 
     rng = np.random.default_rng(0)
     ex = Examples.from_lists([[7] * int(n) for n in rng.choice([3, 4, 30, 41], size=40)])

@@ -180,7 +180,7 @@ def test_steps_made_ahead_in_a_thread_are_the_steps_of_the_loop(small_model_dir)
     epoch ends: the steps are those of a plain iteration, in order (the source reads the position once, when the
     iteration starts)."""
     from sftune.batching import prefetch
-    from sftune.build import InMemorySteps
+    from sftune.steps import InMemorySteps
     from sftune.checkpoint import TrainState
     from sftune.config import resolve_config
     from sftune.dist import Dist

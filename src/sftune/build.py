@@ -1,7 +1,7 @@
 """Building a run from a config: everything the training loop needs, and nothing it decides.
 
 Owns the setup that `train`, `data` and `eval` share: the tokenizer, the model (wrapped
-with its loss), the data and its step source (in-memory or streamed, one interface), the
+with its loss), the data and its step source (`steps.py`: in memory or streamed), the
 optimizer, scheduler and grad scaler, the distributed context, the checkpointer, and where
 a resumed run stands. Every command builds what it needs here, the same way; the loop in
 `train.py` only loops.
@@ -13,27 +13,21 @@ a resumed run stands. Every command builds what it needs here, the same way; the
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
-import math
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, Protocol
 
 import numpy as np
 import torch
 
-from sftune.batching import EAGER, Padding, batch_shape, chunk_rows_for, collate, collate_packed, epoch_steps, \
-    packed_epoch_steps
+from sftune.batching import Padding
 from sftune.checkpoint import AdapterCheckpointer, Checkpointer, FullCheckpointer, ShardedAdapterCheckpointer, \
-    ShardedCheckpointer, STATE_FILE, TrainState, check_resume_compatible, holds_whole_model, \
-    check_same_inputs, find_resume_checkpoint
+    ShardedCheckpointer, TrainState, find_resume_checkpoint, holds_whole_model
 from sftune.config import SFTConfig, dump_yaml, to_dict
 from sftune.console import log
-from sftune.data import DataOptions, Examples, PreparedData, prepare_data
+from sftune.data import DataOptions, prepare_data
 from sftune.data.cache import tokenizer_fingerprint
-from sftune.data.formats import Layout
 from sftune.dist import Dist, init_dist
 from sftune.errors import SftuneError
 from sftune.loss import CausalLMLoss, ChunkMath
@@ -41,8 +35,10 @@ from sftune.modeling import check_attention, context_length, enable_activation_c
     load_model_config, load_tokenizer, model_skeleton, override_config, save_model
 from sftune.outputs import OutputLock, check_output_dir, check_shared, clear_previous_run, \
     finished_without_checkpoints, publish_model, resolve_output_dir
+from sftune.resume import check_resume_compatible, check_same_inputs, check_same_steps
 from sftune.run_report import DATA_FILE, data_summary
 from sftune.runtime import resolve_precision, seed_everything, untested_versions
+from sftune.steps import InMemorySteps, StepSource, StreamedSteps
 
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
@@ -118,207 +114,6 @@ def build_data(cfg: SFTConfig, tokenizer, model_config, dist: Dist | None = None
             log(f"data: {len(data.train):,} train / {len(data.validation):,} validation examples, format "
                 f"{data.layout.describe()} ({'from cache' if data.from_cache else 'tokenized'} in {data.seconds:.1f}s)")
     return data, max_length
-
-
-def plan_steps(lengths, cfg: SFTConfig, max_length: int, key: int, world_size: int = 1) -> list[list]:
-    """Optimizer steps over examples of these lengths, each a list of micro-batches (rows of example
-    indices): packed, or cut from length-grouped (or shuffled) rows; `key` seeds the order.
-
-    The plan is global: a micro-batch holds `batch_size x world_size` rows (each rank then takes its share,
-    `Dist.shard`), so the same rows make each optimizer step whatever the world size."""
-    rows = cfg.batch_size * world_size
-    tokens = cfg.batch_tokens * world_size if cfg.batch_tokens else None
-    if cfg.packing:
-        return packed_epoch_steps(lengths, max_length, rows, cfg.grad_accum, cfg.seed, key, tokens)
-    return epoch_steps(lengths, rows, cfg.grad_accum, cfg.seed, key, tokens, cfg.group_by_length)
-
-
-PLAN_KEYS = ("batch_size", "grad_accum", "batch_tokens")  # with the world size, what splits a step's rows
-
-
-def check_same_steps(checkpoint: Path, cfg: SFTConfig, steps: StepSource, max_length: int, world_size: int) -> tuple:
-    """A run resumes on another number of processes when the rest of it takes the same rows in each optimizer step:
-    `batch_size` is per process, so 2 ranks x 16 rows continue as 1 process x 32 rows, or x 16 rows x `grad_accum` 2
-    (the loss is token-weighted over the whole step: only the order of float sums changes). Compares the plans of
-    the epoch in progress and the next; returns the keys that may then differ from the checkpoint's config.
-    --resume-force continues with other steps, as it continues with other settings."""
-    import yaml
-
-    try:
-        state = json.loads((checkpoint / STATE_FILE).read_text())
-        written = yaml.safe_load((checkpoint / "config.yaml").read_text()) or {}
-    except (OSError, ValueError, yaml.YAMLError):
-        return ()  # (an unreadable checkpoint is reported where it is loaded)
-    saved_world, epoch = state.get("world_size", 1), state.get("epoch", 0)
-    saved = {k: written.get(k, getattr(cfg, k)) for k in PLAN_KEYS}
-    if saved_world == world_size and all(saved[k] == getattr(cfg, k) for k in PLAN_KEYS):
-        return ()  # nothing that splits the steps changed (any other change is `check_resume_compatible`'s)
-    rows = saved["batch_size"] * saved["grad_accum"] * saved_world
-    here = f"{world_size} process(es) x batch {cfg.batch_size} x accum {cfg.grad_accum}"
-    there = f"{saved_world} process(es) x batch {saved['batch_size']} x accum {saved['grad_accum']}"
-    then = replace(cfg, **saved)
-    same = isinstance(steps, InMemorySteps) and all(
-        [_rows(s) for s in plan_steps(steps.train.lengths, then, max_length, e, saved_world)]
-        == [_rows(s) for s in steps.plan(e)] for e in (epoch, epoch + 1))
-    if same:
-        log(f"resuming a run of {there} as {here}: the same {rows} rows in each step and the same optimizer state; "
-            f"only the order of float sums (and any dropout's random masks) differs")
-        return PLAN_KEYS
-    if cfg.resume_force:
-        log(f"warning: resuming a run of {there} as {here} because --resume-force is set: the steps from here on "
-            f"hold other rows than the run's would have")
-        return PLAN_KEYS
-    fix = (f"keep {rows} rows a step, e.g. --batch-size {rows // world_size} --grad-accum 1"
-           if rows % world_size == 0 and not cfg.streaming and not cfg.batch_tokens else "")
-    why = ("a stream's steps are not known ahead, so they cannot be compared" if cfg.streaming else
-           "the token cap --batch-tokens is per process" if cfg.batch_tokens else "")
-    raise SftuneError(f"cannot resume from {checkpoint} with {here}: it was written by a run of {there} "
-                      f"({rows} rows a step), and the rest of the run would take other rows in each step"
-                      f"{f' ({why})' if why else ''}. Resume with torchrun --nproc-per-node {saved_world}"
-                      f"{' (or without torchrun)' if saved_world == 1 else ''} and its settings"
-                      f"{f', or {fix}' if fix else ''}")
-
-
-def _rows(step: list) -> list[int]:
-    """The example indices of a planned step, sorted (micro-batches, packed rows and ranks split them anyhow)."""
-    return sorted(int(i) for micro in step for item in micro for i in np.atleast_1d(item))
-
-
-def check_batch_tokens(cfg: SFTConfig, examples: Examples) -> None:
-    longest = int(examples.lengths.max()) if len(examples) else 0
-    if cfg.batch_tokens is not None and cfg.batch_tokens < longest:
-        raise SftuneError(f"batch_tokens {cfg.batch_tokens} is smaller than the longest training example ({longest} tokens); "
-                          f"raise --batch-tokens or lower --max-length")
-
-
-# --- step sources: where the optimizer steps come from -------------------------------
-
-
-@dataclass
-class Step:
-    micro_batches: list[dict]  # this rank's collated micro-batches (host tensors)
-    epoch: int
-    last_in_epoch: bool
-    tokens: int  # real (non-pad) tokens of the whole step, all ranks
-    padded_tokens: int  # tokens computed for the whole step by all ranks, padding included (rows x width of each batch)
-    stream: dict | None = None  # streaming: the position after this step
-
-
-def step_of(examples: Examples, step_rows: list, dist: Dist, packed: bool, pad_id: int, epoch: int, last: bool,
-            stream: dict | None = None, padding: Padding = EAGER) -> Step:
-    """Collate this rank's share of each micro-batch of a global step, and count the step's tokens."""
-    make_batch = collate_packed if packed else collate
-    lengths = examples.lengths
-    tokens = padded = 0
-    for rows in step_rows:  # a micro-batch: example indices, or packed rows of them
-        sizes = [int(lengths[r].sum()) for r in rows] if packed else [int(lengths[r]) for r in rows]
-        tokens += sum(sizes)
-        # what every rank computes: its share (`Dist.shard`), padded to its own longest row (or static shape)
-        padded += sum(math.prod(batch_shape(sizes[r :: dist.world_size], padding)) for r in range(dist.world_size))
-    batches = [make_batch(examples, dist.shard(rows), pad_id, padding) for rows in step_rows]
-    return Step(batches, epoch, last, tokens, padded, stream)
-
-
-class StepSource(Protocol):
-    """Optimizer steps in order, across epochs, from where a run stands."""
-
-    validation: Examples
-    layout: Layout
-    total_steps: int
-    steps_per_epoch: int | None  # None when streamed (unknown)
-    world_size: int
-
-    def remaining(self, state: TrainState) -> Iterator[Step]: ...
-
-
-def _mark_last(items: Iterator) -> Iterator[tuple[object, bool]]:
-    """(item, is_last) pairs: one item of look-ahead."""
-    items = iter(items)
-    prev = next(items, _END := object())
-    if prev is _END:
-        return
-    for item in items:
-        yield prev, False
-        prev = item
-    yield prev, True
-
-
-class InMemorySteps:
-    """Steps over a prepared split: each epoch planned when it starts (only its index arrays are held),
-    so `--epochs 1000000 --max-steps 2` plans one epoch, not a million."""
-
-    def __init__(self, cfg: SFTConfig, data: PreparedData, max_length: int, pad_id: int, dist: Dist):
-        self.cfg, self.train, self.max_length, self.pad_id, self.dist = cfg, data.train, max_length, pad_id, dist
-        self.padding = EAGER  # (static shapes for graphs and compile: set by `_build`)
-        self.validation, self.layout, self.world_size = data.validation, data.layout, dist.world_size
-        if len(self.train) < cfg.batch_size * cfg.grad_accum * dist.world_size:
-            ranks = f" x {dist.world_size} ranks" if dist.distributed else ""
-            raise SftuneError(f"the training split has {len(self.train):,} examples after filtering, fewer than one "
-                              f"optimizer step of {cfg.batch_size} x {cfg.grad_accum}{ranks}; lower --batch-size or "
-                              f"--grad-accum, or add data")
-        check_batch_tokens(cfg, self.train)
-        self._plans: dict[int, list] = {}
-        self.steps_per_epoch = len(self.plan(0))
-        self.total_steps = cfg.max_steps if cfg.max_steps is not None else self._count(cfg.epochs)
-
-    def plan(self, epoch: int) -> list:
-        if epoch not in self._plans:
-            self._plans = {epoch: plan_steps(self.train.lengths, self.cfg, self.max_length, epoch,
-                                             self.dist.world_size)}  # keep one epoch's plan
-        return self._plans[epoch]
-
-    def _count(self, epochs: int) -> int:
-        """Steps in `epochs` epochs. Only packing and a token cap make epochs differ in length."""
-        if not self.cfg.packing and self.cfg.batch_tokens is None:
-            return self.steps_per_epoch * epochs
-        return sum(len(plan_steps(self.train.lengths, self.cfg, self.max_length, e, self.dist.world_size))
-                   for e in range(epochs))
-
-    def remaining(self, state: TrainState) -> Iterator[Step]:
-        return self._steps(state.epoch, state.step_in_epoch)  # (read now: the steps may be made in another thread)
-
-    def _steps(self, first_epoch: int, first_step: int) -> Iterator[Step]:
-        for epoch in itertools.count(first_epoch):
-            start = first_step if epoch == first_epoch else 0
-            plan = self.plan(epoch)
-            for i in range(start, len(plan)):
-                yield step_of(self.train, plan[i], self.dist, self.cfg.packing, self.pad_id, epoch, i == len(plan) - 1,
-                              padding=self.padding)
-
-
-class StreamedSteps:
-    """Steps over a stream, chunk by chunk (`data.streaming`); the number of epochs is `epochs`, or as many
-    as `max_steps` needs; a stream that yields nothing in an epoch ends the run."""
-
-    def __init__(self, cfg: SFTConfig, data, max_length: int, pad_id: int, dist: Dist):
-        self.cfg, self.data, self.max_length, self.pad_id, self.dist = cfg, data, max_length, pad_id, dist
-        self.padding = EAGER  # (static shapes for graphs and compile: set by `_build`)
-        self.validation, self.layout, self.world_size = data.validation, data.layout, dist.world_size
-        self.total_steps, self.steps_per_epoch = cfg.max_steps, None
-
-    def remaining(self, state: TrainState) -> Iterator[Step]:
-        return self._steps(state.epoch, state.stream)  # (read now: the steps may be made in another thread)
-
-    def _steps(self, first_epoch: int, stream: dict | None) -> Iterator[Step]:
-        from sftune.data.streaming import StreamPosition
-
-        # (global rows: the chunks, the shuffle buffer and so the steps are the same whatever the world size)
-        chunk_rows = chunk_rows_for(self.cfg.batch_size * self.dist.world_size, self.cfg.grad_accum)
-        for epoch in itertools.count(first_epoch):
-            position = StreamPosition(**stream) if epoch == first_epoch and stream else StreamPosition()
-            steps = self.data.steps(epoch, position, chunk_rows,
-                                    lambda lengths, key: plan_steps(lengths, self.cfg, self.max_length, key,
-                                                                    self.dist.world_size))
-            empty, checked = True, None
-            for (examples, step_rows, after), last in _mark_last(steps):
-                empty = False
-                if examples is not checked:  # once per chunk (every step of a chunk shares its examples)
-                    check_batch_tokens(self.cfg, examples)
-                    checked = examples
-                yield step_of(examples, step_rows, self.dist, self.cfg.packing, self.pad_id, epoch, last, vars(after),
-                              self.padding)
-            if empty and position.rows == 0:
-                return  # the stream has no rows left to give
 
 
 # --- the run -----------------------------------------------------------------------

@@ -224,7 +224,8 @@ def summarize_config(cfg) -> str:
 
 def cmd_data(args) -> None:
     cfg = config_from_args(args)  # first: a config mistake is reported before the heavy imports
-    from sftune.build import build_data, build_tokenizer, plan_steps
+    from sftune.build import build_data, build_tokenizer
+    from sftune.steps import plan_steps
     from sftune.modeling import load_model_config
     from sftune.report import data_report, format_data_report
 

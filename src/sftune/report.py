@@ -25,7 +25,7 @@ def data_report(
     """A JSON-ready summary of a prepared dataset, with the first `show` training examples
     as they are batched (`labels` is IGNORE_INDEX where a token is not trained on).
 
-    `steps` are the first epoch's optimizer steps as training plans them (`build.plan_steps`):
+    `steps` are the first epoch's optimizer steps as training plans them (`steps.plan_steps`):
     rows of example indices, or of packed rows with `packing`."""
     splits = {}
     for name, examples in (("train", data.train), ("validation", data.validation)):
