@@ -190,8 +190,9 @@ def read_jsonl(path: Path) -> list[dict]:
 def assert_ordinary_modes(*directories: Path) -> None:
     """Every file sftune published in `directories` has the mode an ordinary new file gets (0o666 less the umask),
     safetensors files included (safetensors 0.8 writes them 0o600: readable by their owner only)."""
-    umask = os.umask(0o077)
-    os.umask(umask)
+    from sftune.checkpoint import current_umask
+
+    umask = current_umask()
     for directory in directories:
         files = [p for p in directory.rglob("*") if p.is_file() and p.name != ".sftune.lock"]
         assert any(p.suffix == ".safetensors" for p in files), directory

@@ -97,14 +97,25 @@ def seal_tree(path: Path) -> None:
     """Ready `path`'s files to be published: each with the mode an ordinary new file gets (0o666 less the umask,
     as `open` gives config.json: safetensors 0.8 writes its files 0o600, so that another user or a container's
     could not load the model or adapter; safetensors issue 782), then on disk (fsync)."""
-    umask = os.umask(0o077)
-    os.umask(umask)
+    mode = 0o666 & ~current_umask()
     for p in sorted(path.rglob("*")):
         if p.is_file():
-            os.chmod(p, 0o666 & ~umask)
+            os.chmod(p, mode)
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
     _fsync_dir(path)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it (Linux shows it in /proc; elsewhere it is set and restored,
+    which for an instant applies to every thread)."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError):
+        umask = os.umask(0o077)
+        os.umask(umask)
+        return umask
 
 
 def _fsync_dir(path: Path) -> None:
