@@ -1,6 +1,7 @@
 """Tier 2: any causal-LM family goes through the same path: tiny Llama-, Qwen2- and Mistral-shaped models
 (random init from the `config.json` files in tests/fixtures, GPT-2's tokenizer) train with the fused loss,
-evaluate, generate, checkpoint and resume exactly; the fused loss equals the plain one for each."""
+evaluate, generate, checkpoint and resume exactly; the fused loss equals the plain one for each, and for every
+model type it is used for, the loss on that type's own logits (scaled and soft-capped ones included)."""
 
 import shutil
 
@@ -9,6 +10,7 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import FIXTURES, QUICKSTART_DATA, read_jsonl, run_main
+from sftune.loss import LOGIT_MAPS
 
 FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-mistral"]
 
@@ -42,6 +44,45 @@ def test_the_fused_loss_equals_the_plain_one(name):
     torch.testing.assert_close(grads[1][0], grads[0][0], rtol=1e-6, atol=1e-4)
     for a, b in zip(grads[1][1], grads[0][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# tiny shapes every model type below accepts, and its logit maps made to matter (a cap of 0.5 bends tiny logits)
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, vocab_size=256, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            logit_scale=0.25, logits_scaling=8.0, final_logit_softcapping=0.5)
+
+
+@pytest.mark.parametrize("model_type", sorted(LOGIT_MAPS))
+def test_each_fused_model_type_computes_its_own_logits_loss(model_type):
+    """The fused loss is used for a model type only where its map from hidden states to logits is known
+    (`loss.LOGIT_MAPS`: plain, scaled as Cohere's and Granite's, soft-capped as Gemma 2's and 3's): for each, on a
+    tiny random model of that type, the fused loss and its gradients equal cross-entropy on the model's own logits
+    (fp32). A type whose head changed in transformers, or one listed by mistake, fails here."""
+    import torch.nn.functional as F
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sftune.batching import collate
+    from sftune.data import Examples
+    from sftune.loss import CausalLMLoss
+
+    config = (AutoConfig.for_model("gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=256) if model_type == "gpt2"
+              else AutoConfig.for_model(model_type, **TINY))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()  # (eval: no dropout)
+    loss_model = CausalLMLoss(model)
+    assert loss_model.fused
+    ex = Examples.from_lists([torch.randint(3, 256, (n,)).tolist() for n in (5, 17, 30)])
+    batch = collate(ex, [0, 1, 2], 2)
+    logits = model(input_ids=batch["input_ids"], use_cache=False).logits
+    want = F.cross_entropy(logits.flatten(0, 1)[batch["target_positions"]], batch["targets"], reduction="sum")
+    want_grads = torch.autograd.grad(want, list(model.parameters()), allow_unused=True)
+    got = loss_model(batch)
+    got_grads = torch.autograd.grad(got, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-4)
+    for (name, _), a, b in zip(model.named_parameters(), got_grads, want_grads):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.slow

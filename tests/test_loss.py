@@ -4,6 +4,7 @@ in fp32 and under bf16 autocast; a frozen head gets no gradient; the head's cast
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from conftest import make_tiny_gpt2
 from sftune.batching import collate, collate_packed, best_fit_decreasing
@@ -147,11 +148,34 @@ def _head_inputs(rows: int, dtype=torch.float64):
     return hidden, weight, targets
 
 
-def _fused_sum(hidden, weight, targets, chunk_math):
+def _fused_sum(hidden, weight, targets, chunk_math, scale=1.0, cap=None):
     correct = torch.zeros((), dtype=torch.long)
-    loss = LinearCrossEntropySum.apply(hidden, weight, targets, weight.detach(), correct, chunk_math)
+    loss = LinearCrossEntropySum.apply(hidden, weight, targets, weight.detach(), correct, chunk_math, scale, cap)
     grads = torch.autograd.grad(loss, (hidden, weight))
     return loss.detach(), grads, int(correct)
+
+
+@pytest.mark.parametrize("scale, cap, how", [(0.125, None, "in place"), (0.125, None, "functional"),
+                                             (1.0, 0.5, "in place"), (1.0, 0.5, "functional"), (1.0, 0.5, "compiled"),
+                                             (0.25, 3.0, "in place"), (0.25, 3.0, "functional")])
+def test_scaled_and_soft_capped_logits_give_autograds_loss_and_gradients(scale, cap, how):
+    """Models whose logits are h @ W.T times a constant (Cohere, Granite) and then soft-capped, cap * tanh(z / cap)
+    (Gemma 2 and 3): the fused loss's hand-written gradient (through the cap's 1 - tanh^2 and the scale) equals
+    autograd's through the plain formula, as do the loss and the argmax hits (fp64, over two chunks)."""
+    hidden, weight, targets = _head_inputs(CE_CHUNK_ROWS + 37)
+    z = (hidden @ weight.T) * scale
+    logits = cap * torch.tanh(z / cap) if cap is not None else z
+    trained = targets != -100
+    want_loss = F.cross_entropy(logits[trained], targets[trained], reduction="sum")
+    want_grads = torch.autograd.grad(want_loss, (hidden, weight))
+    want_hits = int((logits.argmax(-1)[trained] == targets[trained]).sum())
+    chunk_math = {"in place": None, "functional": chunk_math_functional,
+                  "compiled": ChunkMath(backend="aot_eager")}[how]
+    got_loss, got_grads, got_hits = _fused_sum(hidden, weight, targets, chunk_math, scale, cap)
+    torch.testing.assert_close(got_loss, want_loss.detach(), rtol=1e-12, atol=0)
+    for got, want in zip(got_grads, want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert got_hits == want_hits > 0
 
 
 @pytest.mark.parametrize("how", ["functional", "compiled"])

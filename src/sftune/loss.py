@@ -22,6 +22,8 @@ the host (`batching.with_targets`): no boolean indexing on the device, so no syn
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -30,9 +32,19 @@ from sftune.attention import NAME as VARLEN
 from sftune.attention import varlen_inputs
 from sftune.batching import IGNORE_INDEX
 
-# Model types whose logits are exactly `last_hidden_state @ output_embeddings.weight.T` (no bias,
-# soft-capping or scaling), so the projection can be fused with the loss.
-FUSED_CE_MODEL_TYPES = {"gpt2", "llama", "mistral", "qwen2", "qwen3", "gpt_neox", "phi3", "olmo2", "smollm3"}
+# How the logits of each model type whose projection is fused with the loss come from its final hidden states h
+# and its output head W (no bias): z = h @ W.T, times a constant (Cohere's `logit_scale`, 1 / Granite's
+# `logits_scaling`), then soft-capped as cap * tanh(z / cap) (Gemma 2 and 3's `final_logit_softcapping`; a 256k
+# vocabulary, where the (B, T, V) logits cost most). (scale, cap) from the model's config; every type is checked
+# against its own forward (tests/test_families.py). Other types compute their logits themselves.
+PLAIN_LOGITS = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gpt_neox", "phi3",
+                "olmo", "olmo2", "smollm3", "gemma", "starcoder2", "stablelm", "gpt_bigcode", "opt", "bloom")
+LOGIT_MAPS: dict[str, Callable[[object], tuple[float, float | None]]] = {
+    **{model_type: lambda config: (1.0, None) for model_type in PLAIN_LOGITS},
+    **{model_type: lambda config: (float(config.logit_scale), None) for model_type in ("cohere", "cohere2")},
+    **{model_type: lambda config: (1.0 / config.logits_scaling, None) for model_type in ("granite", "granitemoe")},
+    **{model_type: lambda config: (1.0, config.final_logit_softcapping) for model_type in ("gemma2", "gemma3_text")},
+}
 CE_CHUNK_ROWS = 1024  # rows of (rows, vocab) logits alive at once: 1024 x 50,257 x 4 B = 206 MB in fp32
 
 
@@ -48,8 +60,14 @@ def output_head(model) -> nn.Module:
 
 def supports_fused_ce(model) -> bool:
     head = output_head(model)
-    return (getattr(model.config, "model_type", None) in FUSED_CE_MODEL_TYPES
+    return (getattr(model.config, "model_type", None) in LOGIT_MAPS
             and isinstance(head, torch.nn.Linear) and head.bias is None)
+
+
+def logit_map(model) -> tuple[float, float | None]:
+    """(scale, soft cap) of a fused model's logits (`LOGIT_MAPS`)."""
+    scale, cap = LOGIT_MAPS[model.config.model_type](model.config)
+    return float(scale), (float(cap) if cap else None)
 
 
 def model_inputs(batch: dict[str, torch.Tensor], varlen: bool = False) -> dict:
@@ -80,6 +98,7 @@ class CausalLMLoss(nn.Module):
         super().__init__()
         self.model = model
         self.fused = supports_fused_ce(model) if fused is None else fused
+        self.scale, self.cap = logit_map(model) if self.fused else (1.0, None)  # z * scale, then cap * tanh(z / cap)
         self.varlen = getattr(model.config, "_attn_implementation", None) == VARLEN
         self._cast: tuple | None = None  # ((weight version, address, dtype), cast copy) of the output head
         self.cache_cast = True  # off while CUDA graphs capture the step (the cast must be part of the graph)
@@ -122,7 +141,7 @@ class CausalLMLoss(nn.Module):
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
         with torch.autocast(device_type, enabled=False):
             return LinearCrossEntropySum.apply(hidden, weight, targets, self.cast_weight(weight, dtype), self._count(),
-                                               self.chunk_math)
+                                               self.chunk_math, self.scale, self.cap)
 
     def cast_weight(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The head's weight in `dtype`, cast once per update, so the micro-batches of a step (and the batches
@@ -143,7 +162,8 @@ class CausalLMLoss(nn.Module):
 
 
 class LinearCrossEntropySum(torch.autograd.Function):
-    """sum_i CE(hidden_i @ weight.T, target_i), chunk by chunk, without the (N, vocab) logits.
+    """sum_i CE(logits_i, target_i), chunk by chunk, without the (N, vocab) logits: logits_i = hidden_i @ weight.T
+    times `scale`, then `cap * tanh(logits_i / cap)` if `cap` (the model's own map: `LOGIT_MAPS`).
 
     The gradients are computed in the forward pass, chunk by chunk (d loss / d logits =
     softmax - onehot), so neither pass ever holds more than CE_CHUNK_ROWS rows of logits.
@@ -154,7 +174,7 @@ class LinearCrossEntropySum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, w, correct=None, chunk_math=None):
+    def forward(ctx, hidden, weight, targets, w, correct=None, chunk_math=None, scale=1.0, cap=None):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = None  # (V, D) fp32, created by the first chunk: no 150 MB zero-fill for GPT-2
@@ -168,12 +188,12 @@ class LinearCrossEntropySum(torch.autograd.Function):
             trained = t != IGNORE_INDEX
             t = t.clamp(min=0)  # (an ignored row picks class 0, then counts for nothing)
             if chunk_math is not None:  # the same math, fused by torch.compile: one or two passes over the logits
-                loss, hits, probs = chunk_math(h @ w.T, t, trained, acc, need_hidden or need_weight)
+                loss, hits, probs = chunk_math(h @ w.T, t, trained, acc, need_hidden or need_weight, scale, cap)
                 if correct is not None:
                     correct += hits
             else:
                 logits = (h @ w.T).to(acc)  # (chunk, V) fp32: the only logits alive
-                loss, probs = _chunk_in_place(logits, t, trained, correct, need_hidden or need_weight)
+                loss, probs = _chunk_in_place(logits, t, trained, correct, need_hidden or need_weight, scale, cap)
             total = total + loss
             if probs is not None:
                 probs = probs.to(w.dtype)
@@ -199,12 +219,20 @@ class LinearCrossEntropySum(torch.autograd.Function):
             grad_hidden = grad_hidden.mul_(grad_total)
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(grad_total).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None, None
 
 
-def _chunk_in_place(logits, t, trained, correct, want_grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """One chunk eagerly, in place in its fp32 logits: (its loss sum, d loss / d logits (softmax - onehot, 0 on
-    untrained rows) or None); its argmax hits are added to `correct`."""
+def _chunk_in_place(logits, t, trained, correct, want_grad: bool, scale: float = 1.0,
+                    cap: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One chunk eagerly, in place in its fp32 logits z = h @ W.T: (its loss sum, d loss / d z (softmax - onehot,
+    0 on untrained rows, through the model's scale and soft cap) or None); its argmax hits are added to `correct`."""
+    slope = None  # the soft cap's derivative, 1 - tanh^2: one more (chunk, V) buffer, only for capped models
+    if scale != 1.0:
+        logits.mul_(scale)
+    if cap is not None:
+        logits.div_(cap).tanh_()
+        slope = 1.0 - logits.square() if want_grad else None
+        logits.mul_(cap)
     lse = torch.logsumexp(logits, dim=-1)
     loss = torch.where(trained, lse - logits.gather(1, t[:, None]).squeeze(1), 0.0).sum()
     if correct is not None:  # (counted in place: an accuracy for the log, no gradient)
@@ -213,14 +241,24 @@ def _chunk_in_place(logits, t, trained, correct, want_grad: bool) -> tuple[torch
         return loss, None
     probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
     probs[torch.arange(len(t), device=t.device), t] -= 1.0
+    if slope is not None:
+        probs.mul_(slope)
+    if scale != 1.0:
+        probs.mul_(scale)
     return loss, probs.mul_(trained[:, None])
 
 
-def chunk_math_functional(logits, t, trained, acc: torch.dtype, want_grad: bool):
+def chunk_math_functional(logits, t, trained, acc: torch.dtype, want_grad: bool, scale: float = 1.0,
+                          cap: float | None = None):
     """One chunk's (loss sum, argmax hits, d loss / d logits or None) from its (rows, V) logits in the matmul's
     dtype: the math of `_chunk_in_place` without in-place steps, so that torch.compile fuses it into a pass or two
     over the logits (eagerly it would make about eight, most of them over an fp32 copy)."""
     x = logits.to(acc)
+    if scale != 1.0:
+        x = x * scale
+    if cap is not None:
+        tanh = torch.tanh(x / cap)
+        x = tanh * cap
     lse = torch.logsumexp(x, dim=-1)
     loss = torch.where(trained, lse - x.gather(1, t[:, None]).squeeze(1), 0.0).sum()
     hits = ((x.argmax(-1) == t) & trained).sum()
@@ -228,6 +266,10 @@ def chunk_math_functional(logits, t, trained, acc: torch.dtype, want_grad: bool)
         return loss, hits, None
     target = torch.arange(x.shape[-1], device=x.device)[None, :] == t[:, None]
     grad = torch.where(trained[:, None], (x - lse[:, None]).exp() - target.to(acc), 0.0)
+    if cap is not None:
+        grad = grad * (1.0 - tanh * tanh)
+    if scale != 1.0:
+        grad = grad * scale
     return loss, hits, grad.to(logits.dtype)
 
 
@@ -239,17 +281,17 @@ class ChunkMath:
         self.compiled = torch.compile(chunk_math_functional, dynamic=True, fullgraph=True, backend=backend)
         self.failed: str | None = None
 
-    def __call__(self, logits, t, trained, acc, want_grad):
+    def __call__(self, logits, t, trained, acc, want_grad, scale=1.0, cap=None):
         if self.failed is None:
             try:
-                return self.compiled(logits, t, trained, acc, want_grad)
+                return self.compiled(logits, t, trained, acc, want_grad, scale, cap)
             except Exception as e:  # noqa: BLE001 (any compiler failure: the eager math is the same math)
                 lines = [line for line in str(e).splitlines() if line.strip()][:2]  # (a compiler error's cause)
                 self.failed = f"{type(e).__name__}: {' '.join(lines)}"[:300]
                 from sftune.console import log
 
                 log(f"warning: compiling the fused loss's chunk math failed ({self.failed}); it runs eagerly")
-        return chunk_math_functional(logits, t, trained, acc, want_grad)
+        return chunk_math_functional(logits, t, trained, acc, want_grad, scale, cap)
 
 
 def sum_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
