@@ -11,6 +11,7 @@ logged, and over the whole run. benchmarks/NOTES.md try 43 holds the figures.
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -38,6 +39,7 @@ def rss_anon_mib(pid: int) -> float:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         one = subprocess.run([sys.executable, "-m", "sftune", "train", *COMMON, "--batch-size", "4",

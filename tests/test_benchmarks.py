@@ -12,7 +12,8 @@ import pytest
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-@pytest.mark.parametrize("script", ["throughput.py", "gpu_check.py", "trl_baseline.py", "memory.py"])
+@pytest.mark.parametrize("script", ["throughput.py", "gpu_check.py", "trl_baseline.py", "memory.py",
+                                    "resume_memory.py"])
 def test_a_benchmark_script_answers_help(script):
     proc = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
                           timeout=120)
