@@ -47,7 +47,7 @@ def test_the_fused_loss_equals_the_plain_one(name):
 
 
 # tiny shapes every model type below accepts, and its logit maps made to matter (a cap of 0.5 bends tiny logits)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, vocab_size=256, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
             logit_scale=0.25, logits_scaling=8.0, final_logit_softcapping=0.5)
 
@@ -65,7 +65,7 @@ def test_each_fused_model_type_computes_its_own_logits_loss(model_type):
     from sftune.data import Examples
     from sftune.loss import CausalLMLoss
 
-    config = (AutoConfig.for_model("gpt2", n_embd=64, n_layer=2, n_head=4, vocab_size=256) if model_type == "gpt2"
+    config = (AutoConfig.for_model("gpt2", n_embd=64, n_layer=1, n_head=4, vocab_size=256) if model_type == "gpt2"
               else AutoConfig.for_model(model_type, **TINY))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()  # (eval: no dropout)
