@@ -85,6 +85,27 @@ def test_each_fused_model_type_computes_its_own_logits_loss(model_type):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
+def test_a_router_loss_the_config_asks_for_is_said_to_be_left_out():
+    """A mixture-of-experts config with `output_router_logits` (Hugging Face's Trainer then adds the router's
+    load-balancing loss): sftune's token loss does not add it, and says so with the override that turns it off;
+    the override it names, applied as given, silences it. A config that does not ask gets no notice."""
+    import shlex
+
+    from transformers import AutoConfig
+
+    from sftune.config import parse_overrides
+    from sftune.modeling import override_config, router_loss_notice
+
+    assert router_loss_notice(AutoConfig.for_model("mixtral")) is None  # (off by default, as in transformers)
+    assert router_loss_notice(AutoConfig.for_model("llama")) is None
+    config = AutoConfig.for_model("qwen2_moe", output_router_logits=True, router_aux_loss_coef=0.02)
+    notice = router_loss_notice(config)
+    assert "qwen2_moe" in notice and "output_router_logits, coefficient 0.02" in notice and "does not add it" in notice
+    flag, value = shlex.split(notice.split("Turn it off to skip computing it: ")[1])
+    assert flag == "--model-config-overrides"
+    assert router_loss_notice(override_config(config, parse_overrides(value))) is None
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_a_family_trains_evaluates_generates_and_resumes_exactly(name, tmp_path, capsys):

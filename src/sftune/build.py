@@ -32,7 +32,7 @@ from sftune.dist import Dist, init_dist
 from sftune.errors import SftuneError
 from sftune.loss import CausalLMLoss, ChunkMath
 from sftune.modeling import check_attention, context_length, enable_activation_checkpointing, load_model, \
-    load_model_config, load_tokenizer, model_skeleton, override_config, save_model
+    load_model_config, load_tokenizer, model_skeleton, override_config, router_loss_notice, save_model
 from sftune.outputs import OutputLock, check_output_dir, check_shared, clear_previous_run, \
     finished_without_checkpoints, publish_model, resolve_output_dir
 from sftune.resume import check_resume_compatible, check_same_inputs, check_same_steps
@@ -204,6 +204,8 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     tokenizer = build_tokenizer(cfg)
     model_config = override_config(load_model_config(cfg.model, cfg.trust_remote_code), cfg.model_config_overrides)
     check_model_fits(cfg, tokenizer, model_config)
+    if notice := router_loss_notice(model_config):
+        log(notice)
     check_attention(model_config, cfg.attention, cfg.trust_remote_code, dist.device, precision, cfg.packing)
     if cfg.lora_r:
         from sftune.lora import check_lora

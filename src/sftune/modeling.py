@@ -120,6 +120,19 @@ def override_config(model_config, overrides: dict | None):
     return model_config
 
 
+def router_loss_notice(model_config) -> str | None:
+    """A mixture-of-experts config that asks for its router's load-balancing loss (`output_router_logits`, which
+    Hugging Face's Trainer adds to the loss through the model's `labels`): sftune trains on the token loss alone,
+    so it says so rather than leave the user believing the loss is there. None when the config does not ask."""
+    if not getattr(model_config, "output_router_logits", False):
+        return None
+    coefficient = getattr(model_config, "router_aux_loss_coef", None)
+    return (f"warning: the {model_config.model_type} config asks for its router's load-balancing loss "
+            f"(output_router_logits{f', coefficient {coefficient:g}' if coefficient is not None else ''}); sftune "
+            f"trains on the token loss only and does not add it. Turn it off to skip computing it: "
+            f"--model-config-overrides output_router_logits=false")
+
+
 def check_attention(model_config, attention: str, trust_remote_code: bool = False, device=None,
                     precision: str | None = None, packing: bool = False) -> dict:
     """The `from_pretrained`/`from_config` keywords for `--attention`, checked on a weightless (meta-device) copy of
