@@ -138,6 +138,22 @@ def test_flops_per_token_for_mfu():
     assert peak_flops(torch.device("cpu"), "bf16") is None  # MFU only on GPUs with a known peak
 
 
+def test_flops_per_token_of_a_mixture_of_experts_counts_the_experts_a_token_uses():
+    """Mixtral-shaped, 8 experts and 2 a token: a quarter of the experts' weights count, the rest in full."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sftune.runtime import flops_per_token
+
+    config = AutoConfig.for_model("mixtral", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                  num_local_experts=8, num_experts_per_tok=2)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    experts = 2 * 8 * (2 * 128 * 64 + 64 * 128)  # per layer: 8 experts' gate/up (2 x 128 x 64) and down projections
+    rest = sum(p.numel() for p in model.parameters()) - experts - 256 * 64  # (the input embedding is a lookup)
+    assert flops_per_token(model, 100) == 6 * (rest + experts // 4) + 12 * 2 * 64 * 100
+
+
 def _head_inputs(rows: int, dtype=torch.float64):
     """Hidden states, a head, and targets with ignored slots (IGNORE_INDEX), over more than one chunk."""
     gen = torch.Generator().manual_seed(0)

@@ -104,7 +104,8 @@ def flops_per_token(model, seq_len: float, frozen_base: bool = False) -> float:
     """Training FLOPs per token (the PaLM appendix / nanoGPT estimate): 6 per weight of every matrix the token
     goes through (2 forward, 4 backward) plus 12 x layers x width x sequence length for attention. With a frozen
     base (LoRA) the weights' own gradients are not computed: 4 per weight. The input embedding is a lookup (no
-    FLOPs) unless it is also the output head."""
+    FLOPs) unless it is also the output head. A mixture of experts: a token goes through `num_experts_per_tok` of
+    the experts, so only that share of the experts' weights counts (the router and any shared expert in full)."""
     config = model.config
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 0)
     width = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
@@ -112,4 +113,9 @@ def flops_per_token(model, seq_len: float, frozen_base: bool = False) -> float:
     tied = head is not None and embedding is not None and head.weight is embedding.weight
     total = sum(p.numel() for p in model.parameters())
     matrices = total - (0 if tied else embedding.weight.numel())
+    experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    top_k = getattr(config, "num_experts_per_tok", None)
+    if experts and top_k:  # (the experts' weights: `experts.*`, one slice of the leading dimension per expert)
+        expert_weights = sum(p.numel() for name, p in model.named_parameters() if ".experts." in name)
+        matrices -= expert_weights * (experts - top_k) // experts
     return (4 if frozen_base else 6) * matrices + 12 * layers * width * seq_len
