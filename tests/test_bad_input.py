@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import QUICKSTART_DATA, run_cli, run_main
+from conftest import QUICKSTART_DATA, run_main
 
 
 
@@ -76,17 +76,9 @@ def test_bad_input(args, words, bad_files, tiny_model_dir, tmp_path, capsys):
     assert not out.exists()  # nothing written
 
 
-@pytest.mark.slow
-def test_a_user_mistake_in_a_real_process_shows_no_traceback(tiny_model_dir, tmp_path):
-    proc = run_cli("train", "--model", str(tiny_model_dir), "--dataset", "./missing.jsonl",
-                   "--output-dir", str(tmp_path / "o"))
-    assert proc.returncode == 2
-    assert "dataset path not found: './missing.jsonl'" in proc.stderr and "Traceback" not in proc.stderr
-
-
 def test_debug_shows_the_traceback(tiny_model_dir, tmp_path):
-    """--debug lets the error out of `main`, so Python prints its traceback (the real process without --debug
-    prints one line: above)."""
+    """--debug lets the error out of `main`, so Python prints its traceback (without --debug a real process prints
+    one line: tests/test_cli.py's offline and YAML-typo runs)."""
     from sftune.cli import main
     from sftune.errors import SftuneError
 
