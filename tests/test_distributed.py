@@ -50,7 +50,7 @@ def many_rows(tmp_path_factory):
 
 def args(model_dir, data, out, batch, *extra):
     return ["train", "--model", str(model_dir), "--dataset", str(data), "--batch-size", str(batch), "--max-steps", "3",
-            "--no-group-by-length", "--precision", "fp32", "--lr", "1e-4", "--log-every", "1",
+            "--no-group-by-length", "--precision", "fp32", "--lr", "1e-4", "--log-every", "1", "--no-run-report",
             "--output-dir", str(out), *extra]
 
 

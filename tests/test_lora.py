@@ -173,7 +173,7 @@ def train_args(model_dir, out, *extra):
     return ["train", "--model", str(model_dir), "--dataset", str(QUICKSTART_DATA), "--lora-r", "8",
             "--lora-dropout", "0.1", "--batch-size", "8", "--grad-accum", "2", "--max-steps", "16", "--lr", "3e-3",
             "--weight-decay", "0.1", "--lr-schedule", "cosine", "--precision", "fp32", "--log-every", "1",
-            "--eval-every", "8", "--save-every", "4", "--output-dir", str(out), *extra]
+            "--eval-every", "8", "--save-every", "4", "--no-run-report", "--output-dir", str(out), *extra]
 
 
 def adapter_of(run_dir):

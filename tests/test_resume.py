@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 def train_args(model_dir, out, *extra):
     return ["train", "--model", str(model_dir), "--dataset", str(QUICKSTART_DATA), "--batch-size", "8",
             "--grad-accum", "2", "--max-steps", "30", "--lr", "3e-3", "--lr-schedule", "cosine", "--precision", "fp32",
-            "--log-every", "1", "--eval-every", "10", "--save-every", "4", "--output-dir", str(out), *extra]
+            "--log-every", "1", "--eval-every", "10", "--save-every", "4", "--no-run-report", "--output-dir", str(out),
+            *extra]
 
 
 def train_losses(out):
@@ -57,6 +58,8 @@ def test_keep_last_rotates(uninterrupted):
     # one epoch is 25 steps (400 rows / 8 / 2) and --max-steps 30 runs into the second: saves at 4, 8, ..., 24,
     # at the epoch's end (25) and at 28; the last 2 stay
     assert sorted(p.name for p in (uninterrupted / "checkpoints").iterdir()) == ["step-25", "step-28"]
+    # (--no-run-report, which these runs pass: no report.html or loss.png; test_tracking.py checks the default)
+    assert not (uninterrupted / "report.html").exists() and not (uninterrupted / "loss.png").exists()
 
 
 def test_sigint_then_sigterm_then_resume_equals_an_uninterrupted_run(uninterrupted, small_model_dir, tmp_path,

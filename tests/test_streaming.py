@@ -37,7 +37,8 @@ def stream_args(model_dir, data, out, *extra):
     # is 64 + 6 steps; 76 steps cross a chunk boundary and an epoch boundary
     return ["train", "--model", str(model_dir), "--dataset", str(data), "--streaming", "--stream-val-rows", "20",
             "--batch-size", "1", "--epochs", "2", "--max-steps", "76", "--lr", "1e-3", "--precision", "fp32",
-            "--log-every", "1", "--eval-every", "40", "--save-every", "40", "--output-dir", str(out), *extra]
+            "--log-every", "1", "--eval-every", "40", "--save-every", "40", "--no-run-report", "--output-dir", str(out),
+            *extra]
 
 
 def test_streaming_resume_equals_an_uninterrupted_run(small_model_dir, tmp_path, capsys):

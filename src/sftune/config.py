@@ -225,6 +225,9 @@ class SFTConfig:
     report_to: Literal["tensorboard", "wandb", "none"] = _f(
         "tensorboard", "Where metrics go besides metrics.jsonl: tensorboard (<output_dir>/tensorboard), wandb "
         "(needs the wandb package), or none.", "log")
+    run_report: bool = _f(
+        True, "Write report.html and loss.png into output_dir at the end (about 0.3 s; `sftune report RUN` writes "
+        "them at any time from the run's files).", "log")
 
     early_stopping_patience: int | None = _f(
         None, "Stop when the val loss has not improved for this many evaluations (null: never).", "log")
@@ -261,7 +264,7 @@ class SFTConfig:
 RUN_CONTROL_KEYS = {
     "eval_every", "eval_batch_size", "log_every", "output_dir", "sample_prompts", "sample_max_new_tokens",
     "save_every", "keep_last", "checkpoint_hashes", "resume", "resume_force", "overwrite", "cache_dir", "trust_remote_code", "device",
-    "max_bad_steps", "merge", "report_to", "early_stopping_patience", "early_stopping_min_delta", "save_best", "final_model",
+    "max_bad_steps", "merge", "report_to", "run_report", "early_stopping_patience", "early_stopping_min_delta", "save_best", "final_model",
     "strategy", "gradient_checkpointing", "dist_timeout",  # how the same arithmetic is spread over ranks, or recomputed
 }
 

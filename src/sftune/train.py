@@ -439,7 +439,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         publish_model(out, lambda directory: save_model(hf_model, run.tokenizer, directory, full))
     dist.barrier()
     metrics.close()
-    if dist.is_main:
+    if dist.is_main and cfg.run_report:
         write_run_report(out)
     samples = {}
     if dist.sharded:  # every rank generates in step (the blocks all-gather); the root's weights are gathered first
