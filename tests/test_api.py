@@ -14,7 +14,7 @@ def test_batch_16_equals_batch_4_times_accum_4(small_model_dir, tmp_path):
     for batch_size, accum in ((16, 1), (4, 4)):
         cfg = sftune.resolve_config({
             "model": str(small_model_dir), "dataset": str(QUICKSTART_DATA), "batch_size": batch_size,
-            "grad_accum": accum, "max_steps": 3, "lr": 1e-3, "precision": "fp32", "log_every": 1,
+            "grad_accum": accum, "max_steps": 3, "lr": 1e-3, "precision": "fp32", "log_every": 1, "run_report": False,
             "output_dir": str(tmp_path / f"b{batch_size}"),
         })
         result = sftune.train(cfg)

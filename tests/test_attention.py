@@ -64,7 +64,7 @@ def test_varlen_refuses_attention_dropout_and_names_the_override(capsys, tmp_pat
     model = tmp_path / "gpt2-dropout"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({**config, "attn_pdrop": 0.1}))
-    common = ["train", "--model", str(model), "--init", "random", "--tokenizer", str(small_model_dir), "--dataset",
+    common = ["train", "--no-run-report", "--model", str(model), "--init", "random", "--tokenizer", str(small_model_dir), "--dataset",
               str(QUICKSTART_DATA), "--packing", "--max-length", "64", "--attention", "varlen", "--max-steps", "1",
               "--eval-every", "null", "--report-to", "none"]
     code, _, err = run_main(capsys, *common, "--output-dir", str(tmp_path / "refused"))
@@ -86,7 +86,7 @@ def test_rows_that_are_not_packed_take_sdpa_with_dropout(capsys, tmp_path, small
     (model / "config.json").write_text(json.dumps({**config, "attn_pdrop": 0.1}))
     losses = {}
     for attention in ("auto", "varlen"):
-        code, _, err = run_main(capsys, "train", "--model", str(model), "--init", "random", "--tokenizer",
+        code, _, err = run_main(capsys, "train", "--no-run-report", "--model", str(model), "--init", "random", "--tokenizer",
                                 str(small_model_dir), "--dataset", str(QUICKSTART_DATA), "--attention", attention,
                                 "--max-steps", "3", "--eval-every", "null", "--log-every", "1", "--report-to", "none",
                                 "--output-dir", str(tmp_path / attention))
@@ -101,7 +101,7 @@ def test_rows_that_are_not_packed_take_sdpa_with_dropout(capsys, tmp_path, small
     ("attn_pdrop=[0]", "must be a number, true/false, null or text"),
 ])
 def test_a_wrong_model_config_override_is_a_clear_error(capsys, tmp_path, small_model_dir, overrides, message):
-    code, _, err = run_main(capsys, "train", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA),
+    code, _, err = run_main(capsys, "train", "--no-run-report", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA),
                             "--model-config-overrides", overrides, "--output-dir", str(tmp_path / "run"))
     assert code == 2 and message in err and "Traceback" not in err
     assert "model-config-overrides" in err or "model_config_overrides" in err
@@ -111,7 +111,7 @@ def test_a_wrong_model_config_override_is_a_clear_error(capsys, tmp_path, small_
 def test_packed_run_with_varlen_equals_the_default(capsys, tmp_path, small_model_dir):
     """A whole packed run (training, evaluations, sample prompts, the saved model) under --attention varlen has
     the losses of the default attention's; the saved model names no sftune attention and loads anywhere."""
-    common = ["train", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA), "--packing",
+    common = ["train", "--no-run-report", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA), "--packing",
               "--max-length", "64", "--batch-size", "4", "--max-steps", "4", "--eval-every", "4", "--log-every", "1",
               "--sample-prompts", "The movie", "--sample-max-new-tokens", "4", "--report-to", "none",
               "--precision", "fp32"]

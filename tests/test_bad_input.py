@@ -13,7 +13,7 @@ from conftest import QUICKSTART_DATA, run_main
 
 
 @pytest.fixture(scope="module")
-def bad_files(tmp_path_factory, tiny_model_dir):
+def bad_files(tmp_path_factory, small_model_dir):
     d = tmp_path_factory.mktemp("bad")
     good = {"text": "a sentence that is long enough to keep", "label": 1}
     (d / "malformed.jsonl").write_text(json.dumps(good) + "\n" + '{"text": "broken\n' + json.dumps(good) + "\n")
@@ -23,7 +23,7 @@ def bad_files(tmp_path_factory, tiny_model_dir):
     no_tokenizer = d / "model-without-tokenizer"
     no_tokenizer.mkdir()
     for name in ("config.json", "model.safetensors"):
-        shutil.copy(tiny_model_dir / name, no_tokenizer / name)
+        shutil.copy(small_model_dir / name, no_tokenizer / name)
     (d / "typo.yaml").write_text("learning_rate: 1e-4\n")
     chat = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there, how are you?"}]
     (d / "bad_role.jsonl").write_text(json.dumps({"messages": chat}) + "\n" + json.dumps(
@@ -64,10 +64,10 @@ CASES = [
 
 
 @pytest.mark.parametrize("args, words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_bad_input(args, words, bad_files, tiny_model_dir, tmp_path, capsys):
+def test_bad_input(args, words, bad_files, small_model_dir, tmp_path, capsys):
     args = [a.replace("FILES", str(bad_files)) for a in args]
     out = tmp_path / "out"
-    code, _, err = run_main(capsys, "train", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA),
+    code, _, err = run_main(capsys, "train", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA),
                             "--output-dir", str(out), *args)
     assert code == 2, err
     for w in words:
@@ -76,12 +76,12 @@ def test_bad_input(args, words, bad_files, tiny_model_dir, tmp_path, capsys):
     assert not out.exists()  # nothing written
 
 
-def test_debug_shows_the_traceback(tiny_model_dir, tmp_path):
+def test_debug_shows_the_traceback(small_model_dir, tmp_path):
     """--debug lets the error out of `main`, so Python prints its traceback (without --debug a real process prints
     one line: tests/test_cli.py's offline and YAML-typo runs)."""
     from sftune.cli import main
     from sftune.errors import SftuneError
 
     with pytest.raises(SftuneError, match="dataset path not found: './missing.jsonl'"):
-        main(["--debug", "train", "--model", str(tiny_model_dir), "--dataset", "./missing.jsonl",
+        main(["--debug", "train", "--model", str(small_model_dir), "--dataset", "./missing.jsonl",
               "--output-dir", str(tmp_path / "o")])

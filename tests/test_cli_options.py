@@ -51,11 +51,11 @@ def test_the_config_is_summarised_in_a_few_lines():
     assert "batch 8 x 1" in text and "lr 0.001" in text and "packing=True" in text and "--verbose" in text
 
 
-def test_a_question_answer_pair_suggests_columns(tmp_path, tiny_model_dir, capsys):
+def test_a_question_answer_pair_suggests_columns(tmp_path, small_model_dir, capsys):
     data = tmp_path / "qa.jsonl"
     data.write_text("".join(json.dumps({"question": f"what is {i}?", "answer": f"it is {i}"}) + "\n"
                             for i in range(40)))
-    code, _, err = run_main(capsys, "data", "--model", str(tiny_model_dir), "--dataset", str(data))
+    code, _, err = run_main(capsys, "data", "--model", str(small_model_dir), "--dataset", str(data))
     assert code == 2
     assert "--columns prompt=question,completion=answer" in err and "Traceback" not in err
 
@@ -79,15 +79,15 @@ def test_max_steps_beyond_an_epoch_runs_them_and_a_long_warmup_is_warned(tmp_pat
     assert "done: 6 steps" in stdout
 
 
-def test_eval_and_data_stream_without_max_steps(tiny_model_dir, capsys):
+def test_eval_and_data_stream_without_max_steps(small_model_dir, capsys):
     """--streaming needs --max-steps to train (the schedule's end), not to evaluate or report."""
     from conftest import QUICKSTART_DATA
 
-    code, out, err = run_main(capsys, "eval", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA),
+    code, out, err = run_main(capsys, "eval", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA),
                               "--streaming", "--json")
     assert code == 0, err
     assert json.loads(out)["examples"] > 0
-    code, out, err = run_main(capsys, "data", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA),
+    code, out, err = run_main(capsys, "data", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA),
                               "--streaming", "--json")
     assert code == 0, err
 

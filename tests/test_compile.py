@@ -98,50 +98,72 @@ def test_the_training_step_is_one_graph_without_host_syncs(family, packed):
 
 def test_compile_graphs_without_a_gpu_is_refused_before_anything_is_written(capsys, tmp_path, small_model_dir):
     out = tmp_path / "run"
-    code, _, err = run_main(capsys, "train", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA),
+    code, _, err = run_main(capsys, "train", "--no-run-report", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA),
                             "--max-steps", "2", "--device", "cpu", "--compile", "graphs", "--output-dir", str(out))
     assert code == 2
     assert "--compile graphs" in err and "need a CUDA GPU" in err and "--compile off or torch" in err
     assert "Traceback" not in err and not out.exists()
-    code, _, err = run_main(capsys, "train", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA),
+    code, _, err = run_main(capsys, "train", "--no-run-report", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA),
                             "--pad-to-multiple-of", "0", "--output-dir", str(out))
     assert code == 2 and "pad_to_multiple_of = 0" in err and not out.exists()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("extra", [[], ["--lora-r", "4", "--lora-dropout", "0.1"]], ids=["full", "lora"])
+@pytest.mark.parametrize("extra", [[], ["--lora-r", "4", "--lora-dropout", "0.1"], ["mixtral"]],
+                         ids=["full", "lora", "moe"])
 def test_a_compiled_run_trains_what_the_eager_run_trains(extra, capsys, tmp_path, small_model_dir):
     """`--compile torch` on a CPU, fp32: per-step losses and final weights within 1e-5 of `--compile off`, through
     the whole command (static shapes, the compiled step, eager evaluation). The backend is aot_eager: dynamo's
     graph and AOTAutograd's functionalised forward and backward, which is where sftune's own code (the fused loss
     with its in-place softmax) meets the compiler. inductor's code generation for a CPU would add 20 s of C++
     builds to the suite on 2 cores; `benchmarks/gpu_check.py` compares inductor with eager (also `--device cpu`).
-    LoRA (peft's layers, dropout on: the same masks drawn in both runs) goes through the same compiled step."""
+    LoRA (peft's layers, dropout on: the same masks drawn in both runs) goes through the same compiled step. So
+    does a Mixtral with its routers' load-balancing loss, whose logged values match too although the compiled
+    step's batches are padded to 64 tokens and the eager ones to their longest row: the padding is left out of the
+    routers' statistics."""
     from safetensors.torch import load_file
 
+    model = small_model_dir
+    if extra == ["mixtral"]:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        from test_families import FIXTURES
+
+        config, extra = AutoConfig.from_pretrained(FIXTURES / "tiny-mixtral"), []
+        tokenizer = AutoTokenizer.from_pretrained(small_model_dir)
+        config.vocab_size, config.bos_token_id = len(tokenizer), tokenizer.eos_token_id
+        config.eos_token_id = tokenizer.eos_token_id
+        torch.manual_seed(0)
+        model = tmp_path / "mixtral"
+        AutoModelForCausalLM.from_config(config).save_pretrained(model)
+        tokenizer.save_pretrained(model)
     runs = {}
     weights = "adapter_model.safetensors" if extra else "model.safetensors"
-    for name, mode in (("off", ["--compile", "off"]), ("torch", ["--compile", "torch", "--compile-backend", "aot_eager"])):
+    # (LoRA's dropout draws its masks over the padded shape: the same padding in both runs; the MoE's eager batches
+    # are padded to their longest row)
+    padded = ["--pad-to-multiple-of", "64"]
+    for name, mode in (("off", ["--compile", "off", *(padded if model == small_model_dir else [])]),
+                       ("torch", ["--compile", "torch", "--compile-backend", "aot_eager", *padded])):
         out = tmp_path / name
-        code, _, err = run_main(capsys, "train", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA),
+        code, _, err = run_main(capsys, "train", "--no-run-report", "--model", str(model), "--dataset", str(QUICKSTART_DATA),
                                 "--max-steps", "3", "--batch-size", "8", "--log-every", "1", "--precision", "fp32",
-                                "--lr", "1e-3", "--pad-to-multiple-of", "64", "--report-to", "none", "--output-dir",
+                                "--lr", "1e-3", "--report-to", "none", "--output-dir",
                                 str(out), *mode, *extra)
         assert code == 0, err
-        runs[name] = ([r["loss"] for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "train"],
-                      load_file(out / weights))
+        runs[name] = ([(r["loss"], r.get("router_loss", 0.0)) for r in read_jsonl(out / "metrics.jsonl")
+                       if r["type"] == "train"], load_file(out / weights))
     assert "step: torch (--compile torch); batches padded to multiples of 64 tokens and 8 rows" in err
     assert "torch.compile (aot_eager)" in err
     (eager_losses, eager), (losses, compiled) = runs["off"], runs["torch"]
-    assert len(losses) == 3
-    np.testing.assert_allclose(losses, eager_losses, rtol=1e-5)
+    assert len(losses) == 3 and all((router > 1.9) == (model != small_model_dir) for _, router in losses)
+    np.testing.assert_allclose(losses, eager_losses, rtol=1e-5)  # (token loss, router loss) of each step
     for key, want in eager.items():
         torch.testing.assert_close(compiled[key], want, rtol=1e-5, atol=1e-5)
 
 
 def test_compile_options_are_checked(capsys, tmp_path, small_model_dir):
     out = tmp_path / "run"
-    common = ("train", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA), "--output-dir", str(out))
+    common = ("train", "--no-run-report", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA), "--output-dir", str(out))
     code, _, err = run_main(capsys, *common, "--compile", "torch", "--compile-backend", "turbo")
     assert code == 2 and "--compile-backend 'turbo' is not a torch.compile backend" in err and "inductor" in err
     code, _, err = run_main(capsys, *common, "--compile", "torch", "--compile-mode", "fastest")

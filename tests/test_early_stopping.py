@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 
 def es_args(model_dir, out, *extra):
-    return ["train", "--model", str(model_dir), "--dataset", str(QUICKSTART_DATA), "--max-steps", "24",
+    return ["train", "--no-run-report", "--model", str(model_dir), "--dataset", str(QUICKSTART_DATA), "--max-steps", "24",
             "--batch-size", "8", "--lr", "3e-2", "--precision", "fp32", "--eval-every", "3", "--log-every", "1",
             "--save-every", "4", "--keep-last", "1", "--output-dir", str(out), *extra]
 

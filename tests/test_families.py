@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 from conftest import FIXTURES, QUICKSTART_DATA, read_jsonl, run_main
 from sftune.loss import LOGIT_MAPS
 
-FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-mistral"]
+FAMILIES = ["tiny-llama", "tiny-qwen2", "tiny-mistral", "tiny-mixtral"]  # (the Mixtral with its router loss)
 
 
 def family_model(name: str, seed: int = 0):
@@ -85,31 +85,113 @@ def test_each_fused_model_type_computes_its_own_logits_loss(model_type):
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=lambda m, name=name: f"{name}: {m}")
 
 
-def test_a_router_loss_the_config_asks_for_is_said_to_be_left_out():
-    """A mixture-of-experts config with `output_router_logits` (Hugging Face's Trainer then adds the router's
-    load-balancing loss): sftune's token loss does not add it, and says so with the override that turns it off;
-    the override it names, applied as given, silences it. A config that does not ask gets no notice."""
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "granitemoe"])
+def test_the_router_load_balancing_loss_is_hugging_faces_with_padding_left_out(model_type):
+    """A mixture-of-experts config with `output_router_logits`: the step's gradient is that of Hugging Face's own
+    loss (token mean + coefficient x the load-balancing loss over the real tokens: its `attention_mask`), while the
+    value returned is the token loss alone, bitwise what the routers-off model returns (the router loss is counted
+    apart). The batch is padded, and the padding would change the routers' statistics."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sftune.batching import collate
+    from sftune.data import Examples
+    from sftune.loss import CausalLMLoss
+
+    experts = dict(num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32) \
+        if model_type in ("qwen2_moe", "qwen3_moe", "olmoe") else dict(num_local_experts=4)
+    config = AutoConfig.for_model(model_type, **TINY, num_experts_per_tok=2, output_router_logits=True,
+                                  router_aux_loss_coef=0.5, **experts)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).train()
+    loss_model = CausalLMLoss(model)
+    assert loss_model.router is not None and loss_model.router.coefficient == 0.5
+    ex = Examples.from_lists([torch.randint(3, 256, (n,)).tolist() for n in (5, 17, 30)])
+    batch = collate(ex, [0, 1, 2], 2)
+    targets = int((batch["targets"] != -100).sum())
+    got = loss_model(batch)
+    got_grads = torch.autograd.grad(got / targets, list(model.parameters()), allow_unused=True)
+    balance = loss_model.take_router_loss() / targets
+
+    if not model.base_model(input_ids=batch["input_ids"], output_router_logits=True).router_logits:
+        assert loss_model.router is None  # a release whose class records no router logits (Granite-MoE in
+        return  # transformers 5.17, whose own loss then fails): said once, then the token loss alone
+    hf = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+               use_cache=False)
+    want_grads = torch.autograd.grad(hf.loss, list(model.parameters()), allow_unused=True)
+    assert balance == pytest.approx(float(hf.aux_loss.detach()), rel=1e-6)
+    unmasked = model(input_ids=batch["input_ids"], use_cache=False).aux_loss.detach()
+    assert abs(float(unmasked) - balance) > 1e-4  # (the padding would have counted)
+    for (name, _), a, b in zip(model.named_parameters(), got_grads, want_grads):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+    model.config.output_router_logits = False
+    plain = CausalLMLoss(model)
+    assert plain.router is None and torch.equal(plain(batch), got.detach())
+    loss_model.eval()  # the validation loss is the token loss, and the routers' logits are not even asked for
+    assert torch.equal(loss_model(batch), plain.eval()(batch)) and loss_model.take_router_loss() == 0.0
+
+
+def test_the_eos_row_of_a_model_sftune_saved_trains(tmp_path):
+    """A saved model's config names its pad token, EOS where the tokenizer had none; a Llama-family class then
+    builds its embedding with `padding_idx` EOS, which freezes EOS's row (zero gradient) though EOS is a real input
+    (the end of each chat turn). `train_every_embedding_row` (what every run does on loading) lets it train, as
+    it did in the run that saved the model: without it, a resumed run diverged from the uninterrupted one."""
+    from sftune.batching import collate
+    from sftune.data import Examples
+    from sftune.loss import CausalLMLoss
+    from sftune.modeling import load_model, train_every_embedding_row
+
+    eos = 50256
+    model = family_model("tiny-llama")
+    model.config.pad_token_id = eos  # as `save_model` writes it
+    model.save_pretrained(tmp_path)
+    batch = collate(Examples.from_lists([[5, 6, eos, 7, 8, 9], [10, 11, 12]]), [0, 1], eos)  # EOS mid-row, and pad
+    rows = []
+    for release in (False, True):
+        model = load_model(str(tmp_path)).train()
+        if release:
+            train_every_embedding_row(model)
+        CausalLMLoss(model)(batch).backward()
+        rows.append(model.get_input_embeddings().weight.grad[eos].abs().max().item())
+    assert rows[0] == 0.0 and rows[1] > 0  # (transformers' trap, then the row trains)
+
+
+def test_a_router_loss_that_cannot_be_computed_is_said_to_be_left_out():
+    """A model class without Hugging Face's load-balancing function (here a Llama config given
+    `output_router_logits`, as a remote-code MoE may be) trains on the token loss, and says so with the override
+    that turns the routers' logits off; that override, applied as given, silences it. A config that does not
+    ask gets no notice; one that can be computed gets a line naming it."""
     import shlex
 
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     from sftune.config import parse_overrides
     from sftune.modeling import override_config, router_loss_notice
 
-    assert router_loss_notice(AutoConfig.for_model("mixtral")) is None  # (off by default, as in transformers)
-    assert router_loss_notice(AutoConfig.for_model("llama")) is None
-    config = AutoConfig.for_model("qwen2_moe", output_router_logits=True, router_aux_loss_coef=0.02)
-    notice = router_loss_notice(config)
-    assert "qwen2_moe" in notice and "output_router_logits, coefficient 0.02" in notice and "does not add it" in notice
-    flag, value = shlex.split(notice.split("Turn it off to skip computing it: ")[1])
+    def notice(model_type, **settings):
+        with torch.device("meta"):
+            return router_loss_notice(AutoModelForCausalLM.from_config(
+                AutoConfig.for_model(model_type, **{**TINY, "num_local_experts": 4, **settings})))
+
+    assert notice("mixtral") is None and notice("llama") is None  # (off by default, as in transformers)
+    assert notice("mixtral", output_router_logits=True).startswith(
+        "router load-balancing loss: coefficient 0.001 x the mixtral routers' loss (4 experts, 2 a token)")
+    said = notice("llama", output_router_logits=True, router_aux_loss_coef=0.02)
+    assert "llama" in said and "output_router_logits, coefficient 0.02" in said and "token loss only" in said
+    flag, value = shlex.split(said.split("computing the routers' logits: ")[1])
     assert flag == "--model-config-overrides"
-    assert router_loss_notice(override_config(config, parse_overrides(value))) is None
+    config = override_config(AutoConfig.for_model("llama", **TINY, output_router_logits=True), parse_overrides(value))
+    with torch.device("meta"):
+        assert router_loss_notice(AutoModelForCausalLM.from_config(config)) is None
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", FAMILIES)
 def test_a_family_trains_evaluates_generates_and_resumes_exactly(name, tmp_path, capsys):
-    """With a 512-token vocabulary (the BPE of `conftest.small_vocab_tokenizer`): the family's layers are what
+    """Mixtral with its routers' load-balancing loss too (`output_router_logits`, coefficient 0.02), logged apart
+    and continued exactly from a checkpoint in the middle of a log window. With a 512-token vocabulary (the BPE of `conftest.small_vocab_tokenizer`): the family's layers are what
     is tested here, and a 50,257-row head would be most of the compute."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -122,13 +204,19 @@ def test_a_family_trains_evaluates_generates_and_resumes_exactly(name, tmp_path,
     model_dir = tmp_path / "base"
     AutoModelForCausalLM.from_config(config).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    argv = ["train", "--model", str(model_dir), "--dataset", str(QUICKSTART_DATA),
+    argv = ["train", "--no-run-report", "--model", str(model_dir), "--dataset", str(QUICKSTART_DATA),
             "--batch-size", "16", "--max-steps", "6", "--save-every", "3", "--lr", "3e-3", "--precision", "fp32",
-            "--log-every", "1"]
+            "--log-every", "2"]
     full = tmp_path / "full"
     code, _, err = run_main(capsys, *argv, "--output-dir", str(full))
     assert code == 0, err
     assert "output projection fused with cross-entropy" in err
+    router = [r.get("router_loss") for r in read_jsonl(full / "metrics.jsonl") if r["type"] == "train"]
+    if getattr(config, "output_router_logits", False):  # logged apart, in every log line: near 2 (2 experts a
+        assert "router load-balancing loss: coefficient 0.02 x the mixtral routers' loss (4 experts" in err  # token,
+        assert "| router 2.0" in err and all(2.0 <= r < 2.1 for r in router), router  # balanced: 2)
+    else:
+        assert "router" not in err and router == [None] * 3
     evals = [r for r in read_jsonl(full / "metrics.jsonl") if r["type"] == "eval"]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 0.5
 
@@ -140,6 +228,12 @@ def test_a_family_trains_evaluates_generates_and_resumes_exactly(name, tmp_path,
     assert code == 0, err
     a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # the log line of step 4 adds steps 3 (kept in the checkpoint) and 4: the same figures as the uninterrupted run's
+    logged = [{k: v for k, v in r.items() if k in ("step", "loss", "token_accuracy", "router_loss")}
+              for r in read_jsonl(full / "metrics.jsonl") if r["type"] == "train"]
+    assert [r for r in logged if r["step"] > 3] == [
+        {k: v for k, v in r.items() if k in ("step", "loss", "token_accuracy", "router_loss")}
+        for r in read_jsonl(resumed / "metrics.jsonl") if r["type"] == "train"]
 
     code, out, err = run_main(capsys, "eval", "--model", str(full), "--dataset", str(QUICKSTART_DATA), "--json")
     assert code == 0, err
@@ -183,7 +277,7 @@ def test_attention_kernels_train_alike_and_a_missing_one_is_a_clear_error(small_
     losses = {}
     for attention in ("sdpa", "eager"):
         out = tmp_path / attention
-        code, _, err = run_main(capsys, "train", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA),
+        code, _, err = run_main(capsys, "train", "--no-run-report", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA),
                                 "--max-steps", "3", "--packing", "--max-length", "128", "--batch-size", "2",
                                 "--precision", "fp32", "--log-every", "1", "--report-to", "none", "--attention",
                                 attention, "--output-dir", str(out))
@@ -192,11 +286,11 @@ def test_attention_kernels_train_alike_and_a_missing_one_is_a_clear_error(small_
     assert len(losses["eager"]) == 3
     np.testing.assert_allclose(losses["eager"], losses["sdpa"], rtol=1e-5)
     out = tmp_path / "flex"
-    code, _, err = run_main(capsys, "train", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA),
+    code, _, err = run_main(capsys, "train", "--no-run-report", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA),
                             "--attention", "flex_attention", "--output-dir", str(out))
     assert code == 2 and "--attention flex_attention: GPT2LMHeadModel does not support" in err
     assert "use --attention auto or sdpa" in err and "Traceback" not in err and not out.exists()
-    code, _, err = run_main(capsys, "train", "--model", str(FIXTURES / "tiny-llama"), "--init", "random", "--tokenizer",
+    code, _, err = run_main(capsys, "train", "--no-run-report", "--model", str(FIXTURES / "tiny-llama"), "--init", "random", "--tokenizer",
                             str(small_model_dir), "--dataset", str(QUICKSTART_DATA), "--attention", "flex_attention",
                             "--device", "cpu", "--output-dir", str(out))  # (Llama has it, but not for a CPU backward)
     assert code == 2 and "flex_attention trains only on a CUDA GPU" in err and not out.exists()

@@ -38,21 +38,21 @@ def test_a_yaml_alias_bomb_gives_a_short_message(tmp_path, capsys):
     assert len(err) < 2000  # the value is shown bounded, not expanded
 
 
-def test_many_epochs_with_max_steps_plan_only_what_runs(tiny_model_dir, tmp_path, capsys):
-    code, _, err = run_main(capsys, *train(tiny_model_dir, tmp_path / "run", "--epochs", "1000000", "--max-steps", "2"))
+def test_many_epochs_with_max_steps_plan_only_what_runs(small_model_dir, tmp_path, capsys):
+    code, _, err = run_main(capsys, *train(small_model_dir, tmp_path / "run", "--epochs", "1000000", "--max-steps", "2"))
     assert code == 0, err
     assert "2 optimizer steps (13 per epoch, 0.15 epochs)" in err
 
 
-def test_an_overlong_jsonl_line_is_refused_before_loading(tiny_model_dir, tmp_path, capsys):
+def test_an_overlong_jsonl_line_is_refused_before_loading(small_model_dir, tmp_path, capsys):
     data = tmp_path / "big.jsonl"
     row = json.dumps({"text": "a warm film"})
     data.write_text(f"{row}\n{row}\n" + json.dumps({"text": "x " * (9 << 20)}) + f"\n{row}\n")  # line 3: 18 MiB
-    refused(capsys, *train(tiny_model_dir, tmp_path / "o", dataset=data),
+    refused(capsys, *train(small_model_dir, tmp_path / "o", dataset=data),
             words=[f"{data}:3: a line of more than 16 MiB", "split or remove it", "--dataset"])
 
 
-def test_a_chat_template_that_does_not_finish_is_stopped(tiny_model_dir, tmp_path, capsys, monkeypatch):
+def test_a_chat_template_that_does_not_finish_is_stopped(small_model_dir, tmp_path, capsys, monkeypatch):
     from sftune.data import formats
 
     monkeypatch.setattr(formats, "RENDER_LIMIT_S", 0.5)
@@ -62,7 +62,7 @@ def test_a_chat_template_that_does_not_finish_is_stopped(tiny_model_dir, tmp_pat
     chat = tmp_path / "chat.jsonl"
     row = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
     chat.write_text((row + "\n") * 4)
-    refused(capsys, *train(tiny_model_dir, tmp_path / "o", "--chat-template", str(template), dataset=chat),
+    refused(capsys, *train(small_model_dir, tmp_path / "o", "--chat-template", str(template), dataset=chat),
             words=["the chat template took more than 0.5 s", "--chat-template"])
 
 
@@ -83,8 +83,8 @@ def test_yaml_keys_that_are_not_names_and_files_that_are_not_utf8(tmp_path, caps
      ["sample_max_new_tokens 500 does not fit the model's context of 128", "--sample-max-new-tokens"]),
     (["--sample-prompts", "the film", " "], ["sample_prompts", "must be non-empty texts", '--sample-prompts ""']),
 ])
-def test_train_mistakes(flags, words, tiny_model_dir, tmp_path, capsys):
-    refused(capsys, *train(tiny_model_dir, tmp_path / "o", *flags), words=words)
+def test_train_mistakes(flags, words, small_model_dir, tmp_path, capsys):
+    refused(capsys, *train(small_model_dir, tmp_path / "o", *flags), words=words)
     assert not (tmp_path / "o").exists()
 
 
@@ -98,37 +98,37 @@ def test_a_tokenizer_larger_than_the_models_vocabulary(tmp_path, capsys):
             words=["the tokenizer has 50,257 tokens but the model's vocabulary only 1,000", "--tokenizer"])
 
 
-def test_an_empty_chat_template_file_is_an_error(tiny_model_dir, tmp_path, capsys):
+def test_an_empty_chat_template_file_is_an_error(small_model_dir, tmp_path, capsys):
     (tmp_path / "empty.jinja").write_text("\n")
-    refused(capsys, *train(tiny_model_dir, tmp_path / "o", "--chat-template", str(tmp_path / "empty.jinja")),
+    refused(capsys, *train(small_model_dir, tmp_path / "o", "--chat-template", str(tmp_path / "empty.jinja")),
             words=["the chat template", "is empty", "--chat-template"])
 
 
-def test_text_that_is_not_utf8_on_the_command_line(tiny_model_dir, tmp_path, capsys):
+def test_text_that_is_not_utf8_on_the_command_line(small_model_dir, tmp_path, capsys):
     bad = "caf\udce9"  # how Python passes the byte 0xe9 of a Latin-1 argument
     refused(capsys, "tokenize", "--tokenizer", "bundled:gpt2", bad, words=["is not UTF-8 text"])
-    refused(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", bad, words=["--prompt", "not UTF-8"])
+    refused(capsys, "generate", "--model", str(small_model_dir), "--prompt", bad, words=["--prompt", "not UTF-8"])
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("caf\xe9\n".encode("latin-1"))
     refused(capsys, "tokenize", "--tokenizer", "bundled:gpt2", "--file", str(latin1), words=["not UTF-8", "--file"])
 
 
-def test_generation_options(tiny_model_dir, capsys):
-    refused(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--temperature", "nan",
+def test_generation_options(small_model_dir, capsys):
+    refused(capsys, "generate", "--model", str(small_model_dir), "--prompt", "hi", "--temperature", "nan",
             words=["temperature must be 0 (greedy) or a positive number, got nan", "--temperature"])
-    refused(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", "hi", "--num-samples", str(10**12),
+    refused(capsys, "generate", "--model", str(small_model_dir), "--prompt", "hi", "--num-samples", str(10**12),
             words=["out of memory", "--num-samples"])
-    code, out, err = run_main(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", "the film is",
+    code, out, err = run_main(capsys, "generate", "--model", str(small_model_dir), "--prompt", "the film is",
                               "--max-new-tokens", "5000", "--temperature", "0", "--json")
     assert code == 0, err
     assert "exceed the model's context of 128; generating 125 (--max-new-tokens)" in err
 
 
-def test_a_truncated_model_file_in_eval_and_generate(tiny_model_dir, tmp_path, capsys):
+def test_a_truncated_model_file_in_eval_and_generate(small_model_dir, tmp_path, capsys):
     import shutil
 
     broken = tmp_path / "broken"
-    shutil.copytree(tiny_model_dir, broken)
+    shutil.copytree(small_model_dir, broken)
     data = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[: len(data) // 3])
     for argv in (["eval", "--model", str(broken), "--dataset", str(QUICKSTART_DATA)],
@@ -156,10 +156,10 @@ def test_sigterm_during_the_first_evaluation(tiny_model_dir, tmp_path):
 # --- 10. messages that point the right way -----------------------------------------------------------
 
 
-def test_generate_on_an_unfinished_run_points_at_its_checkpoints(tiny_model_dir, tmp_path, capsys):
+def test_generate_on_an_unfinished_run_points_at_its_checkpoints(small_model_dir, tmp_path, capsys):
     run = tmp_path / "run"
     (run / "checkpoints" / "step-4").mkdir(parents=True)
-    (run / "config.json").write_text((tiny_model_dir / "config.json").read_text())
+    (run / "config.json").write_text((small_model_dir / "config.json").read_text())
     err = refused(capsys, "generate", "--model", str(run), "--prompt", "hi",
                   words=["looks like an unfinished run", "checkpoints/step-N", "--resume auto"])
     assert "--tokenizer" not in err  # generate has no such option
@@ -175,29 +175,29 @@ def test_remote_code_names_the_flag(tmp_path, capsys):
     assert "trust_remote_code=True" not in err
 
 
-def test_integer_text_cells_are_text(tiny_model_dir, tmp_path, capsys):
+def test_integer_text_cells_are_text(small_model_dir, tmp_path, capsys):
     data = tmp_path / "numbers.jsonl"
     data.write_text("".join(json.dumps({"text": 10**9 + i}) + "\n" for i in range(40)))
-    code, out, err = run_main(capsys, "data", "--model", str(tiny_model_dir), "--dataset", str(data),
+    code, out, err = run_main(capsys, "data", "--model", str(small_model_dir), "--dataset", str(data),
                               "--min-tokens", "0", "--json")
     assert code == 0, err
     train_split = json.loads(out)["splits"]["train"]
     assert train_split["dropped"]["empty"] == 0 and train_split["kept"] == train_split["rows"]
 
 
-def test_mixed_formats_name_the_mix(tiny_model_dir, tmp_path, capsys):
+def test_mixed_formats_name_the_mix(small_model_dir, tmp_path, capsys):
     data = tmp_path / "mixed.jsonl"
     chat = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]}
     pair = {"prompt": "Q: 2+2?", "completion": " 4"}
     data.write_text("".join(json.dumps(r) + "\n" for r in [chat, chat, pair, chat] * 5))
-    refused(capsys, *train(tiny_model_dir, tmp_path / "o", dataset=data),
+    refused(capsys, *train(small_model_dir, tmp_path / "o", dataset=data),
             words=["the data mixes formats", "prompt/completion", "read as chat", "--format"])
 
 
-def test_a_csv_quote_never_closed_is_an_error_not_merged_rows(tiny_model_dir, tmp_path, capsys):
+def test_a_csv_quote_never_closed_is_an_error_not_merged_rows(small_model_dir, tmp_path, capsys):
     data = tmp_path / "reviews.csv"
     data.write_text('text\n"a warm film, well made\nthe plot drags\na fine cast\n' * 10)
-    refused(capsys, *train(tiny_model_dir, tmp_path / "o", dataset=data),
+    refused(capsys, *train(small_model_dir, tmp_path / "o", dataset=data),
             words=[f"{data}:", "never closed", "--dataset"])
 
 

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 
 
 def args(model_dir, out, *extra):
-    return ["train", "--model", str(model_dir), "--dataset", str(QUICKSTART_DATA), "--batch-size", "16",
+    return ["train", "--no-run-report", "--model", str(model_dir), "--dataset", str(QUICKSTART_DATA), "--batch-size", "16",
             "--lr", "3e-3", "--precision", "fp32", "--log-every", "1", "--output-dir", str(out), *extra]
 
 
@@ -95,9 +95,9 @@ def test_a_second_run_into_the_same_directory_is_refused(small_model_dir, tmp_pa
     assert code == 0, err
 
 
-def test_an_infinite_lr_is_a_config_error(tiny_model_dir, tmp_path, capsys):
+def test_an_infinite_lr_is_a_config_error(small_model_dir, tmp_path, capsys):
     for lr in ("inf", "nan"):
-        code, _, err = run_main(capsys, *args(tiny_model_dir, tmp_path / "o", "--lr", lr))
+        code, _, err = run_main(capsys, *args(small_model_dir, tmp_path / "o", "--lr", lr))
         assert code == 2 and "lr = " in err and "must be a positive, finite number" in err
         assert not (tmp_path / "o").exists()
 
@@ -106,11 +106,11 @@ def test_an_infinite_lr_is_a_config_error(tiny_model_dir, tmp_path, capsys):
     ([], "the update of step 1 made the weights non-finite"),  # caught by the next step's guard
     (["--save-every", "1"], "the weights at step 1 are not finite; no checkpoint was written"),  # by the save
 ])
-def test_an_update_that_breaks_the_weights_stops_the_run_and_nothing_bad_is_saved(save_every, message, tiny_model_dir,
+def test_an_update_that_breaks_the_weights_stops_the_run_and_nothing_bad_is_saved(save_every, message, small_model_dir,
                                                                                  tmp_path, capsys):
     """lr 1e39 is a finite double but overflows float32: the first update makes every weight infinite."""
     out = tmp_path / "run"
-    code, _, err = run_main(capsys, *args(tiny_model_dir, out, "--lr", "1e39", "--max-steps", "10",
+    code, _, err = run_main(capsys, *args(small_model_dir, out, "--lr", "1e39", "--max-steps", "10",
                                           "--max-grad-norm", "0", *save_every))
     assert code == 3, err
     assert message in err and "lower --lr" in err.lower()
@@ -158,31 +158,31 @@ def test_a_full_disk_at_the_final_save_keeps_the_weights_elsewhere(tiny_model_di
     shutil.rmtree(rescue)
 
 
-def test_an_unwritable_output_directory_is_refused_before_loading(tiny_model_dir, tmpfs, capsys):
+def test_an_unwritable_output_directory_is_refused_before_loading(small_model_dir, tmpfs, capsys):
     readonly = tmpfs("1M", readonly=True)
-    code, _, err = run_main(capsys, *args(tiny_model_dir, readonly / "run"))
+    code, _, err = run_main(capsys, *args(small_model_dir, readonly / "run"))
     assert code == 2 and f"cannot write into {readonly}" in err and "--output-dir" in err
     assert "model:" not in err and "data:" not in err  # nothing was loaded
 
 
-def test_resume_auto_on_a_finished_run_without_checkpoints_is_refused(tiny_model_dir, tmp_path, capsys):
+def test_resume_auto_on_a_finished_run_without_checkpoints_is_refused(small_model_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    code, _, err = run_main(capsys, *args(tiny_model_dir, out, "--max-steps", "2"))
+    code, _, err = run_main(capsys, *args(small_model_dir, out, "--max-steps", "2"))
     assert code == 0, err
     before = (out / "model.safetensors").read_bytes(), (out / "metrics.jsonl").read_text()
-    code, _, err = run_main(capsys, *args(tiny_model_dir, out, "--max-steps", "2", "--resume", "auto"))
+    code, _, err = run_main(capsys, *args(small_model_dir, out, "--max-steps", "2", "--resume", "auto"))
     assert code == 2, err
     assert f"nothing to resume in {out}" in err and "--overwrite" in err
     assert ((out / "model.safetensors").read_bytes(), (out / "metrics.jsonl").read_text()) == before
 
 
-def test_output_dir_mistakes_are_clear_errors(tiny_model_dir, tmp_path, capsys):
+def test_output_dir_mistakes_are_clear_errors(small_model_dir, tmp_path, capsys):
     dangling = tmp_path / "dangling"
     os.symlink(tmp_path / "nowhere", dangling)
     afile = tmp_path / "afile"
     afile.write_text("x")
     for out, words in ((dangling, "is a symbolic link to nothing"), (afile / "run", f"{afile} is a file")):
-        code, _, err = run_main(capsys, *args(tiny_model_dir, out))
+        code, _, err = run_main(capsys, *args(small_model_dir, out))
         assert code == 2 and words in err and "--output-dir" in err and "Traceback" not in err, err
 
 
@@ -207,7 +207,7 @@ def own_data(tmp_path):
 
 
 def resume_args(model_dir, data, out, *extra):
-    return ["train", "--model", str(model_dir), "--dataset", str(data), "--batch-size", "16", "--lr", "3e-3",
+    return ["train", "--no-run-report", "--model", str(model_dir), "--dataset", str(data), "--batch-size", "16", "--lr", "3e-3",
             "--precision", "fp32", "--max-steps", "4", "--save-every", "2", "--output-dir", str(out), *extra]
 
 

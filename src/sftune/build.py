@@ -32,7 +32,8 @@ from sftune.dist import Dist, init_dist
 from sftune.errors import SftuneError
 from sftune.loss import CausalLMLoss, ChunkMath
 from sftune.modeling import check_attention, context_length, enable_activation_checkpointing, load_model, \
-    load_model_config, load_tokenizer, model_skeleton, override_config, router_loss_notice, save_model
+    load_model_config, load_tokenizer, model_skeleton, override_config, router_loss_notice, save_model, \
+    train_every_embedding_row
 from sftune.outputs import OutputLock, check_output_dir, check_shared, clear_previous_run, \
     finished_without_checkpoints, publish_model, resolve_output_dir
 from sftune.resume import check_resume_compatible, check_same_inputs, check_same_steps
@@ -204,8 +205,6 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     tokenizer = build_tokenizer(cfg)
     model_config = override_config(load_model_config(cfg.model, cfg.trust_remote_code), cfg.model_config_overrides)
     check_model_fits(cfg, tokenizer, model_config)
-    if notice := router_loss_notice(model_config):
-        log(notice)
     check_attention(model_config, cfg.attention, cfg.trust_remote_code, dist.device, precision, cfg.packing)
     if cfg.lora_r:
         from sftune.lora import check_lora
@@ -252,6 +251,7 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
                            "pretrained" if from_checkpoint else cfg.init, cfg.trust_remote_code, cfg.seed,
                            attention=cfg.attention, overrides=cfg.model_config_overrides,
                            device=torch.device("cpu") if sharded else dist.device)
+    train_every_embedding_row(model)  # (the pad token of a model sftune saved is often EOS, a real token)
     base = base_name(cfg, out)
     if dist.is_main:  # every check has passed: from here on the directory is this run's
         if checkpoint is None and cfg.overwrite:
@@ -271,6 +271,8 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     loss_model = CausalLMLoss(model if sharded else model.to(dist.device))
+    if notice := router_loss_notice(model):
+        log(notice)
     if loss_model.fused and wants_chunk_math(cfg, compile_mode, steps, max_length):
         loss_model.chunk_math = ChunkMath()
     if compile_mode != "off" or cfg.compile != "auto" or dist.device.type == "cuda":  # (a CPU has only eager)

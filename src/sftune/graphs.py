@@ -105,8 +105,8 @@ class StepGraphs:
         for p in self.loss_model.parameters():  # fixed gradient tensors, added into by every replay
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
-        counter = self.loss_model.correct_counter()
-        counted = counter.clone()
+        counters = self.loss_model.counters()
+        counted = [counter.clone() for counter in counters]
         inputs = to_device(batch, self.device)
         scale = torch.zeros((), device=self.device)  # 0 during warm-up: the gradients get + 0
         try:
@@ -128,7 +128,8 @@ class StepGraphs:
                 replayed, expected = float(loss), float(eager_loss)  # note: a sync, once per shape
         except Exception as e:  # noqa: BLE001 (any capture failure means: run this model eagerly)
             return self._give_up(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-        counter.copy_(counted)  # the warm-up's and the check's argmax hits are not the run's
+        for counter, before in zip(counters, counted):  # the warm-up's and the check's argmax hits (and router
+            counter.copy_(before)  # losses) are not the run's
         both_nan = replayed != replayed and expected != expected  # (weights already broken: the guard's business)
         if not (replayed == expected or abs(replayed - expected) <= REPLAY_RTOL * abs(expected) or both_nan):
             return self._give_up(f"a replay gave the loss {replayed!r}, the eager step {expected!r}")

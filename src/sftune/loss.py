@@ -22,6 +22,9 @@ the host (`batching.with_targets`): no boolean indexing on the device, so no syn
 
 from __future__ import annotations
 
+import inspect
+import sys
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -70,6 +73,34 @@ def logit_map(model) -> tuple[float, float | None]:
     return float(scale), (float(cap) if cap else None)
 
 
+@dataclass(frozen=True)
+class RouterLoss:
+    """A mixture-of-experts model's load-balancing loss (Switch Transformer's, as its Hugging Face class computes it
+    from the routers' logits), added to the training loss with the config's `router_aux_loss_coef`."""
+
+    function: Callable  # transformers' `load_balancing_loss_func` of the model's own module
+    experts: int
+    top_k: int
+    coefficient: float
+
+
+def router_loss(model) -> RouterLoss | None:
+    """The load-balancing loss a model's config asks for (`output_router_logits`), where its Hugging Face class
+    computes one the usual way (`load_balancing_loss_func(router_logits, experts, top_k, attention_mask)` in its
+    module, with `num_experts`, `num_experts_per_tok` and `router_aux_loss_coef` on the model); None otherwise
+    (`modeling.router_loss_notice` then says it is left out)."""
+    if not getattr(model.config, "output_router_logits", False):
+        return None
+    function = getattr(sys.modules.get(type(model).__module__), "load_balancing_loss_func", None)
+    experts, top_k = getattr(model, "num_experts", None), getattr(model, "num_experts_per_tok", None)
+    coefficient = getattr(model, "router_aux_loss_coef", None)
+    if function is None or not experts or not top_k or coefficient is None:
+        return None
+    if list(inspect.signature(function).parameters)[:4] != ["gate_logits", "num_experts", "top_k", "attention_mask"]:
+        return None
+    return RouterLoss(function, int(experts), int(top_k), float(coefficient))
+
+
 def model_inputs(batch: dict[str, torch.Tensor], varlen: bool = False) -> dict:
     """The model's keyword arguments for a batch: no attention mask.
 
@@ -105,6 +136,8 @@ class CausalLMLoss(nn.Module):
         self.correct: torch.Tensor | None = None  # in training: targets predicted exactly (argmax), on the device
         self.eval_correct: torch.Tensor | None = None  # the same while `evaluate` runs (kept apart from training's)
         self.chunk_math: ChunkMath | None = None  # the fused loss's per-chunk math compiled (GPU: `fuse_chunk_math`)
+        self.router = router_loss(model)  # mixture of experts: the routers' load-balancing loss, in training
+        self.router_sum: torch.Tensor | None = None  # in training: sum over micro-batches of its loss x targets
 
     def take_correct(self) -> int:
         """Targets whose argmax prediction was right since the last call (training forwards only). note: syncs.
@@ -121,27 +154,76 @@ class CausalLMLoss(nn.Module):
             self.correct = torch.zeros((), dtype=torch.long, device=next(self.model.parameters()).device)
         return self.correct
 
+    def take_router_loss(self) -> float:
+        """Sum over the training micro-batches since the last call of (load-balancing loss x targets): divided by
+        their targets, the loss the routers were trained with (without the coefficient). note: syncs."""
+        if self.router_sum is None:
+            return 0.0
+        total = float(self.router_sum)
+        self.router_sum.zero_()
+        return total
+
+    def counters(self) -> list[torch.Tensor]:
+        """The device accumulators a training forward adds to (a CUDA graph's warm-up puts them back)."""
+        if self.router is not None and self.router_sum is None:
+            self.router_sum = torch.zeros((), device=self.correct_counter().device)
+        return [self.correct_counter()] + ([self.router_sum] if self.router is not None else [])
+
     def _count(self) -> torch.Tensor | None:
         return self.correct_counter() if self.training else self.eval_correct
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = model_inputs(batch, self.varlen)
+        if self.router is not None:  # the routers' logits in training only (the validation loss is the token loss)
+            inputs["output_router_logits"] = self.training
         positions, targets = batch["target_positions"], batch["targets"]
         if not self.fused:
-            logits = self.model(**inputs).logits  # (B, T, V)
+            outputs = self.model(**inputs)
+            logits = outputs.logits  # (B, T, V)
             picked = logits.reshape(-1, logits.shape[-1]).index_select(0, positions)  # (N, V): targets only
             if (correct := self._count()) is not None:  # (an ignored target, -100, is never an argmax)
                 correct += (picked.detach().argmax(-1) == targets).sum()
-            return F.cross_entropy(picked.to(torch.promote_types(picked.dtype, torch.float32)), targets,
+            loss = F.cross_entropy(picked.to(torch.promote_types(picked.dtype, torch.float32)), targets,
                                    ignore_index=IGNORE_INDEX, reduction="sum")
-        hidden = self.model.base_model(**inputs).last_hidden_state  # (B, T, D)
-        hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (N, D)
-        weight = output_head(self.model).weight
-        device_type = hidden.device.type
-        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-        with torch.autocast(device_type, enabled=False):
-            return LinearCrossEntropySum.apply(hidden, weight, targets, self.cast_weight(weight, dtype), self._count(),
-                                               self.chunk_math, self.scale, self.cap)
+        else:
+            outputs = self.model.base_model(**inputs)
+            hidden = outputs.last_hidden_state  # (B, T, D)
+            hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (N, D)
+            weight = output_head(self.model).weight
+            device_type = hidden.device.type
+            dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+            with torch.autocast(device_type, enabled=False):
+                loss = LinearCrossEntropySum.apply(hidden, weight, targets, self.cast_weight(weight, dtype),
+                                                   self._count(), self.chunk_math, self.scale, self.cap)
+        if self.router is not None and self.training:
+            if isinstance(outputs.router_logits, tuple) and outputs.router_logits:
+                loss = self.add_router_loss(loss, outputs.router_logits, batch, targets)
+            else:  # (transformers 5.17's Granite-MoE records none: its own class then adds 0)
+                from sftune.console import log
+
+                self.router = None
+                log(f"warning: the {self.model.config.model_type} model returned no router logits (its transformers "
+                    f"release does not record them), so it trains on the token loss only, without a load-balancing "
+                    f"loss")
+        return loss
+
+    def add_router_loss(self, loss, router_logits, batch, targets) -> torch.Tensor:
+        """`loss` (a sum over the batch's targets) whose gradient includes the routers' load-balancing loss times
+        the coefficient and the batch's target count, and whose value is still the token loss (logged apart).
+
+        The step divides the sum by all its targets, so the step trains on (token mean) + coefficient x (the
+        micro-batches' load-balancing losses weighted by their targets): the coefficient's meaning whatever the
+        accumulation, where Hugging Face's Trainer adds the coefficient once per micro-batch. Padding is left
+        out of the routers' statistics (`attention_mask`: 1 on real tokens); without it a padded batch's
+        padding would count as routed tokens."""
+        router = self.router
+        mask = batch.get("attention_mask")
+        balance = router.function(router_logits, router.experts, router.top_k, mask)
+        weighted = balance.float() * (targets != IGNORE_INDEX).sum()  # (no sync: counted on the device)
+        self.counters()
+        self.router_sum += weighted.detach()
+        term = router.coefficient * weighted
+        return loss + (term - term.detach())  # value: exactly `loss` (x - x is 0); gradient: also the term's
 
     def cast_weight(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The head's weight in `dtype`, cast once per update, so the micro-batches of a step (and the batches

@@ -120,17 +120,25 @@ def override_config(model_config, overrides: dict | None):
     return model_config
 
 
-def router_loss_notice(model_config) -> str | None:
-    """A mixture-of-experts config that asks for its router's load-balancing loss (`output_router_logits`, which
-    Hugging Face's Trainer adds to the loss through the model's `labels`): sftune trains on the token loss alone,
-    so it says so rather than leave the user believing the loss is there. None when the config does not ask."""
-    if not getattr(model_config, "output_router_logits", False):
+def router_loss_notice(model) -> str | None:
+    """What a mixture-of-experts config that asks for its router's load-balancing loss (`output_router_logits`)
+    gets: the loss, named with its coefficient (`loss.router_loss`), or, for a model class that does not compute it
+    the usual way, a warning that it is left out. None when the config does not ask."""
+    from sftune.loss import router_loss
+
+    config = model.config
+    if not getattr(config, "output_router_logits", False):
         return None
-    coefficient = getattr(model_config, "router_aux_loss_coef", None)
-    return (f"warning: the {model_config.model_type} config asks for its router's load-balancing loss "
-            f"(output_router_logits{f', coefficient {coefficient:g}' if coefficient is not None else ''}); sftune "
-            f"trains on the token loss only and does not add it. Turn it off to skip computing it: "
-            f"--model-config-overrides output_router_logits=false")
+    if (router := router_loss(model)) is not None:
+        return (f"router load-balancing loss: coefficient {router.coefficient:g} x the {config.model_type} routers' "
+                f"loss ({router.experts} experts, {router.top_k} a token), weighted by each micro-batch's targets, "
+                f"padding left out; logged as `router` (turn it off: --model-config-overrides "
+                f"output_router_logits=false)")
+    coefficient = getattr(config, "router_aux_loss_coef", None)
+    return (f"warning: the {config.model_type} config asks for its router's load-balancing loss "
+            f"(output_router_logits{f', coefficient {coefficient:g}' if coefficient is not None else ''}), which "
+            f"sftune cannot compute for this model class; it trains on the token loss only. Turn it off to skip "
+            f"computing the routers' logits: --model-config-overrides output_router_logits=false")
 
 
 def check_attention(model_config, attention: str, trust_remote_code: bool = False, device=None,
@@ -264,6 +272,21 @@ def context_length(model_config, tokenizer) -> int:
     if n is None:
         raise SftuneError("cannot tell the model's context length; set --max-length")
     return int(n)
+
+
+def train_every_embedding_row(model) -> None:
+    """Let the input embedding's `padding_idx` row train like the others.
+
+    Llama-family classes build `nn.Embedding(vocab, width, padding_idx=config.pad_token_id)`, whose backward
+    zeroes that row's gradient. sftune pads with EOS where a tokenizer has no pad token, and a saved model's config
+    names its pad token, so a model sftune wrote (a checkpoint being resumed, or a run's output trained further)
+    came back with the EOS row frozen, where the run that wrote it trained it: EOS ends each turn of a chat (an
+    input whose embedding matters) and a mixture of experts routes it. Resuming then diverged from the
+    uninterrupted run. Padding itself needs no frozen row: it sits after every real token, under the causal mask,
+    outside every target and the routers' statistics, so its gradient is zero anyway."""
+    embedding = model.get_input_embeddings()
+    if isinstance(embedding, torch.nn.Embedding):
+        embedding.padding_idx = None
 
 
 def save_model(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> None:

@@ -88,6 +88,7 @@ class LogWindow:
         self.loss = torch.full((), saved.get("loss", 0.0) if mine else 0.0, device=dist.device)  # on the device
         self.steps, self.targets, self.tokens = saved.get("steps", 0), saved.get("targets", 0), saved.get("tokens", 0)
         self.correct = saved.get("correct", 0) if mine else 0  # argmax hits (the loss module counts them)
+        self.router = saved.get("router", 0.0) if mine else 0.0  # load-balancing loss x targets (mixture of experts)
         self.loss_model = loss_model
         self.start = time.perf_counter()
 
@@ -98,27 +99,36 @@ class LogWindow:
     def exclude(self, seconds: float) -> None:
         self.start += seconds
 
-    def close(self, dist: Dist) -> tuple[float, float, float, float]:
-        """(loss over all ranks' targets, token accuracy, tokens/s, ms/step), then start a new window.
-        note: .item() syncs (and the all-reduce under torchrun); once per log line."""
+    def close(self, dist: Dist) -> dict:
+        """The window's figures: token-weighted `loss` over all ranks' targets, `token_accuracy`, `tokens_per_s`,
+        `ms_per_step`, and for a mixture of experts `router_loss` (its load-balancing loss, target-weighted, before
+        the coefficient); then a new window starts. note: .item() syncs (and the all-reduce under torchrun); once
+        per log line."""
         seconds = max(time.perf_counter() - self.start, 1e-9)
-        loss_sum, correct = self.totals(dist)
+        loss_sum, correct, router = self.totals(dist)
         targets = max(self.targets, 1)
-        result = (loss_sum / targets, correct / targets, self.tokens / seconds, 1000 * seconds / max(self.steps, 1))
+        result = {"loss": loss_sum / targets, "token_accuracy": correct / targets, "tokens_per_s": self.tokens / seconds,
+                  "ms_per_step": 1000 * seconds / max(self.steps, 1)}
+        if self.loss_model.router is not None:
+            result["router_loss"] = router / targets
         self.loss.zero_()
-        self.steps, self.targets, self.tokens, self.correct, self.start = 0, 0, 0, 0, time.perf_counter()
+        self.steps, self.targets, self.tokens, self.correct, self.router = 0, 0, 0, 0, 0.0
+        self.start = time.perf_counter()
         return result
 
-    def totals(self, dist: Dist) -> tuple[float, int]:
-        """(sum of token losses, argmax hits) over all ranks: a collective (targets and tokens are global already)."""
+    def totals(self, dist: Dist) -> tuple[float, int, float]:
+        """(sum of token losses, argmax hits, load-balancing loss x targets) over all ranks: a collective (targets
+        and tokens are global already)."""
         self.correct += self.loss_model.take_correct()
-        return dist.all_reduce_sum(self.loss.clone()).item(), dist.all_reduce_sum(self.correct)
+        self.router += self.loss_model.take_router_loss()
+        return (dist.all_reduce_sum(self.loss.clone()).item(), dist.all_reduce_sum(self.correct),
+                dist.all_reduce_sum(self.router) if self.loss_model.router is not None else 0.0)
 
     def saved(self, dist: Dist) -> dict:
         """What a checkpoint keeps: the sums over all ranks (a collective)."""
-        loss_sum, correct = self.totals(dist)
+        loss_sum, correct, router = self.totals(dist)
         return {"loss": loss_sum, "steps": self.steps, "targets": self.targets, "tokens": self.tokens,
-                "correct": correct}
+                "correct": correct, "router": router}
 
 
 class NonFiniteGuard:
@@ -354,11 +364,13 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
                 f"| {time.perf_counter() - window.start:.1f} s for the first step")
         if step % cfg.log_every == 0 or step == total_steps:
             settle()
-            loss, accuracy, rate, ms_per_step = window.close(dist)
+            figures = window.close(dist)
+            loss, accuracy, rate = figures["loss"], figures["token_accuracy"], figures["tokens_per_s"]
             lr = scheduler.get_last_lr()[0]
             epoch_at = round(step / per_epoch, 4) if per_epoch else step_data.epoch
             left = (time.perf_counter() - started_here) / max(step - first_step, 1) * (total_steps - step)
             record = {"type": "train", "step": step, "epoch": epoch_at, "loss": loss, "token_accuracy": accuracy,
+                      **({"router_loss": figures["router_loss"]} if "router_loss" in figures else {}),
                       "lr": lr, "grad_norm": float(grad_norm),  # this step's, before clipping
                       "tokens": state.tokens, "padded_tokens": state.padded_tokens,
                       "elapsed_s": round(time.perf_counter() - start, 3), "tokens_per_s": rate, "eta_s": round(left)}
@@ -370,7 +382,8 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
                 record["mfu"] = rate * token_flops / (peak * dist.world_size)
             metrics.write(record)
             log(f"step {step:>6,}/{total_steps:,} | epoch {epoch_at:.2f} | loss {loss:.4f} | acc {accuracy:.3f} "
-                f"| lr {lr:.2e} | {rate:,.0f} tok/s | {ms_per_step:.0f} ms/step | {state.tokens:,} tokens "
+                + (f"| router {figures['router_loss']:.4f} " if "router_loss" in figures else "")
+                + f"| lr {lr:.2e} | {rate:,.0f} tok/s | {figures['ms_per_step']:.0f} ms/step | {state.tokens:,} tokens "
                 f"| eta {eta(left)}" + (f" | {record['peak_memory_gb']:.1f} GiB peak" if "peak_memory_gb" in record
                                         else "") + (f" | MFU {100 * record['mfu']:.1f}%" if "mfu" in record else ""))
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{rate:,.0f}")
