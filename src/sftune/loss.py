@@ -41,7 +41,8 @@ from sftune.batching import IGNORE_INDEX
 # vocabulary, where the (B, T, V) logits cost most). (scale, cap) from the model's config; every type is checked
 # against its own forward (tests/test_families.py). Other types compute their logits themselves.
 PLAIN_LOGITS = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gpt_neox", "phi3",
-                "olmo", "olmo2", "smollm3", "gemma", "starcoder2", "stablelm", "gpt_bigcode", "opt", "bloom")
+                "olmo", "olmo2", "smollm3", "gemma", "starcoder2", "stablelm", "gpt_bigcode", "opt", "bloom", "olmoe",
+                "phimoe", "glm4_moe", "ernie4_5_moe", "jetmoe")
 LOGIT_MAPS: dict[str, Callable[[object], tuple[float, float | None]]] = {
     **{model_type: lambda config: (1.0, None) for model_type in PLAIN_LOGITS},
     **{model_type: lambda config: (float(config.logit_scale), None) for model_type in ("cohere", "cohere2")},
