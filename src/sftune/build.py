@@ -23,7 +23,7 @@ import torch
 
 from sftune.batching import Padding
 from sftune.checkpoint import AdapterCheckpointer, Checkpointer, FullCheckpointer, ShardedAdapterCheckpointer, \
-    ShardedCheckpointer, TrainState, find_resume_checkpoint, holds_whole_model
+    ShardedCheckpointer, TrainState, find_resume_checkpoint
 from sftune.config import SFTConfig, dump_yaml, to_dict
 from sftune.console import log
 from sftune.data import DataOptions, prepare_data
@@ -39,6 +39,7 @@ from sftune.outputs import OutputLock, check_output_dir, check_shared, clear_pre
 from sftune.resume import check_resume_compatible, check_same_inputs, check_same_steps
 from sftune.run_report import DATA_FILE, data_summary
 from sftune.runtime import resolve_precision, seed_everything, untested_versions
+from sftune.shards import holds_whole_model
 from sftune.steps import InMemorySteps, StepSource, StreamedSteps
 
 SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}

@@ -355,7 +355,7 @@ def cmd_generate(args) -> None:
 
 def cmd_export(args) -> None:
     quiet_libraries()
-    from sftune.checkpoint import is_sharded
+    from sftune.shards import is_sharded
     from sftune.lora import is_adapter_dir, load_adapter_model
     from sftune.modeling import load_sharded_checkpoint, load_tokenizer, save_model
     from sftune.outputs import OutputLock, check_output_dir, publish_model, resolve_output_dir

@@ -87,7 +87,7 @@ def model_dir_advice(name: str) -> str:
 
 def load_model_config(name: str, trust_remote_code: bool = False, base: str | None = None):
     """A model's config; for a LoRA adapter directory, its base model's."""
-    from sftune.checkpoint import is_sharded
+    from sftune.shards import is_sharded
     from sftune.lora import adapter_base, is_adapter_dir
 
     if is_adapter_dir(name):
@@ -181,7 +181,7 @@ def load_model(name: str, init: str = "pretrained", trust_remote_code: bool = Fa
     (a LoRA run's output or checkpoint) gives its base (`base`, else the one it names) with the adapter merged.
     `attention`: transformers' attn_implementation (auto: its default).
     """
-    from sftune.checkpoint import is_sharded
+    from sftune.shards import is_sharded
     from sftune.lora import is_adapter_dir, load_adapter_model
 
     if init == "pretrained" and is_adapter_dir(name):
@@ -245,7 +245,7 @@ def load_sharded_checkpoint(path: Path, trust_remote_code: bool = False, attenti
     """An FSDP checkpoint (DCP shards, no whole model) as a Hugging Face model in this process, for `sftune eval`,
     `generate`, `export --merge` and `train --model`: the architecture of the run's --model (randomly initialised,
     so that every buffer is set), then every weight read from the shards."""
-    from sftune.checkpoint import load_model_shards
+    from sftune.shards import load_model_shards
     from sftune.loss import CausalLMLoss
 
     config = load_model_config(str(path), trust_remote_code)  # (the run's --model's, with its overrides)
