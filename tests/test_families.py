@@ -1,7 +1,8 @@
-"""Tier 2: any causal-LM family goes through the same path: tiny Llama-, Qwen2- and Mistral-shaped models
+"""Tier 2: any causal-LM family goes through the same path: tiny Llama-, Qwen2-, Mistral- and Mixtral-shaped models
 (random init from the `config.json` files in tests/fixtures, GPT-2's tokenizer) train with the fused loss,
 evaluate, generate, checkpoint and resume exactly; the fused loss equals the plain one for each, and for every
-model type it is used for, the loss on that type's own logits (scaled and soft-capped ones included)."""
+model type it is used for, the loss on that type's own logits (scaled and soft-capped ones included). A mixture
+of experts' load-balancing loss equals its class's own, with padding left out."""
 
 import shutil
 

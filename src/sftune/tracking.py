@@ -22,7 +22,8 @@ TB_DIR = "tensorboard"
 SCALARS = {
     "train": {"loss": "train/loss", "token_accuracy": "train/token_accuracy", "lr": "train/lr",
               "grad_norm": "train/grad_norm", "tokens_per_s": "train/tokens_per_s", "tokens": "train/tokens_seen",
-              "epoch": "train/epoch", "peak_memory_gb": "train/peak_memory_gb", "mfu": "train/mfu"},
+              "epoch": "train/epoch", "peak_memory_gb": "train/peak_memory_gb", "mfu": "train/mfu",
+              "router_loss": "train/router_loss"},
     "eval": {"val_loss": "eval/loss", "val_ppl": "eval/perplexity", "val_token_accuracy": "eval/token_accuracy"},
 }
 
