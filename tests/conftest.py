@@ -171,16 +171,20 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subpro
 
 
 def signal_at(argv: list[str], line_start: str, sig: int = signal.SIGTERM) -> tuple[int, str]:
-    """Run the real `sftune ARGV` in a process and send it `sig` when a line of its stderr starts with
-    `line_start`: (exit status, the rest of its stderr)."""
-    proc = subprocess.Popen([sys.executable, "-m", "sftune", *argv], cwd=ROOT, stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL, text=True)
-    for line in proc.stderr:
-        if line.startswith(line_start):
-            proc.send_signal(sig)
-            break
-    err = proc.stderr.read()
-    return proc.wait(timeout=120), err
+    """Run `sftune ARGV` in a real process (forked ready-imported: `procs.py`) and send it `sig` when a line of
+    its stderr starts with `line_start`: (exit status, its whole stderr)."""
+    import tempfile
+
+    from procs import SftuneProcess
+
+    with tempfile.TemporaryDirectory() as scratch:
+        proc = SftuneProcess(argv, ROOT, Path(scratch) / "stderr")
+        for line in proc.lines():
+            if line.startswith(line_start):
+                proc.send_signal(sig)
+                break
+        code = proc.wait(timeout=120)
+        return code, proc.stderr()
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -14,7 +14,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -71,12 +70,13 @@ def test_rotation_never_removes_another_runs_checkpoints(tmp_path):
 
 
 def test_a_second_run_into_the_same_directory_is_refused(small_model_dir, tmp_path, capsys):
+    from procs import SftuneProcess
+
     out = tmp_path / "run"
-    first = subprocess.Popen([sys.executable, "-m", "sftune", *args(small_model_dir, out, "--max-steps", "4000",
-                                                                        "--save-every", "5")],
-                             cwd=ROOT, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    first = SftuneProcess(args(small_model_dir, out, "--max-steps", "4000", "--save-every", "5"), ROOT,
+                          tmp_path / "stderr")
     try:
-        for line in first.stderr:  # training: the directory is locked
+        for line in first.lines():  # training: the directory is locked
             if line.startswith("step      2/"):
                 break
         for extra in (["--overwrite"], ["--resume", "auto"]):
@@ -89,7 +89,8 @@ def test_a_second_run_into_the_same_directory_is_refused(small_model_dir, tmp_pa
         first.send_signal(signal.SIGKILL)  # a crash: the OS releases the lock, nothing stale is left
         first.wait(timeout=60)
     finally:
-        first.kill()
+        if first.poll() is None:
+            first.kill()
     code, _, err = run_main(capsys, *args(small_model_dir, out, "--max-steps", "6", "--save-every", "5",
                                           "--resume", "auto", "--resume-force"))
     assert code == 0, err

@@ -7,7 +7,6 @@ every resume test. Signals and kills go to real processes; the rest calls the CL
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -194,21 +193,20 @@ def test_kill_9_mid_save_and_mid_training_then_resume_equals_uninterrupted(unint
     staging directory left behind proves the kill landed inside it), once mid-training; each time the run is
     resumed with --resume auto. No partial checkpoint ever appears under a final name, and the end result is
     the uninterrupted run's, bitwise."""
+    from procs import SftuneProcess
+
     out = tmp_path / "run"
-    args = [sys.executable, "-m", "sftune", *train_args(small_model_dir, out, "--resume", "auto")]
     ckpts = out / "checkpoints"
 
     def kill_when(condition, env=None, limit=120):
-        proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                                env={**__import__("os").environ, **(env or {})})
+        proc = SftuneProcess(train_args(small_model_dir, out, "--resume", "auto"), ROOT, tmp_path / "stderr", env)
         deadline = time.monotonic() + limit
         while proc.poll() is None and time.monotonic() < deadline:
             if condition():
                 proc.kill()  # SIGKILL: no handler runs
                 break
             time.sleep(0.01)
-        proc.wait()
-        return proc.returncode
+        return proc.wait()
 
     def staging():
         return sorted(p.name for p in ckpts.iterdir() if p.name.startswith(".staging-")) if ckpts.is_dir() else []
