@@ -23,6 +23,8 @@
    forward + backward, ms: varlen against SDPA with the block mask, on 32 packed rows of 1,024.
 6. chunk math (also under --quick): the fused loss over 32,768 rows of GPT-2 small's head in bf16, eager against
    its softmax compiled (`loss.ChunkMath`, inductor): loss and gradients, ms per call, the compile's seconds.
+7. moe (with 2): a tiny Mixtral with its routers' load-balancing loss, bf16, graphs against eager (token and
+   router losses).
 """
 
 from __future__ import annotations
@@ -316,6 +318,29 @@ def whole_runs(tmp: Path):
         yield row
 
 
+def moe_runs(tmp: Path):
+    """A tiny Mixtral (tests/fixtures/tiny-mixtral, random init) with its routers' load-balancing loss, bf16: the
+    default GPU step (graphs) against eager, the token losses and the logged router losses (the loss takes the
+    routers' logits and the batch's real-token mask inside the captured step). Yields each row as its run ends."""
+    model = {"model": str(ROOT / "tests" / "fixtures" / "tiny-mixtral"), "tokenizer": OPTIONS["tokenizer"] or str(GPT2)}
+    saved = {k: OPTIONS[k] for k in model}
+    OPTIONS.update(model)
+    try:
+        base = None
+        for mode in ("off", "graphs" if OPTIONS["device"] == "cuda" else "torch"):
+            row, got = compared_run(tmp / f"run-moe-{mode}", "bf16", mode, base)
+            row["compile"] += " (Mixtral, router loss)"
+            if got:
+                got["router_loss"] = losses(tmp / f"run-moe-{mode}", "router_loss")
+                if base:
+                    row["max_router_loss_diff"] = max(abs(a - b) for a, b in zip(got["router_loss"],
+                                                                                  base["router_loss"]))
+            base = got if mode == "off" else base
+            yield row
+    finally:
+        OPTIONS.update(saved)
+
+
 def resume_check(tmp: Path) -> dict:
     from safetensors.torch import load_file
 
@@ -403,13 +428,14 @@ def main() -> None:
         save()
         print(f"  non-finite guard under graphs: {report['guard']}")
         report["runs"] = []
-        for r in whole_runs(tmp):
+        for r in [*whole_runs(tmp), *moe_runs(tmp)]:
             report["runs"].append(r)
             save()
             print(f"  run {r['precision']:<5} --compile {r['compile']:<9} exit {r['exit']} {r['seconds']:.0f}s "
                   f"last loss {r.get('last_loss', float('nan')):.4f} max diff vs eager {r.get('max_loss_diff', 0):.2e}"
                   + (f" first grad norm / eager's {r['first_grad_norm_ratio']:.4f}"
                      if "first_grad_norm_ratio" in r else "")
+                  + (f" router loss diff {r['max_router_loss_diff']:.2e}" if "max_router_loss_diff" in r else "")
                   + (f"\n{r['log_tail']}" if r.get("log_tail") else ""), flush=True)
 
 
