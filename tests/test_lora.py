@@ -44,18 +44,25 @@ def llama():
     return family_model("tiny-llama")
 
 
+def mixtral():
+    from test_families import family_model
+
+    return family_model("tiny-mixtral")
+
+
 # --- fast: building, saving, loading and merging adapters --------------------------------
 
 
 @pytest.mark.parametrize("make, save, variant", [
     (make_tiny_gpt2, ["lm_head"], {}), (make_tiny_gpt2, ["wte"], {}), (make_tiny_gpt2, [], {}),
     (llama, ["embed_tokens", "lm_head"], {}), (make_tiny_gpt2, [], {"lora_use_dora": True}),
-    (llama, [], {"lora_use_dora": True, "lora_use_rslora": True})],
-    ids=["gpt2-head", "gpt2-embedding", "gpt2", "llama", "gpt2-dora", "llama-dora-rslora"])
+    (llama, [], {"lora_use_dora": True, "lora_use_rslora": True}), (mixtral, [], {})],
+    ids=["gpt2-head", "gpt2-embedding", "gpt2", "llama", "gpt2-dora", "llama-dora-rslora", "mixtral"])
 def test_the_merged_model_computes_what_the_adapter_does(make, save, variant, gpt2_tokenizer, tmp_path):
     """Saved adapter -> base + strict load -> merge -> save_pretrained -> from_pretrained: the logits of the
     adapter model, within 1e-5 in fp32, and not the base's. GPT-2's tied wte/lm_head, named either way, trains
-    as one matrix and stays one after the merge. DoRA (its magnitudes saved and merged too) and rsLoRA's scale."""
+    as one matrix and stays one after the merge. DoRA (its magnitudes saved and merged too) and rsLoRA's scale.
+    Mixtral's fused experts (3-D tensors, which peft adapts as parameters, not modules) too."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -69,6 +76,9 @@ def test_the_merged_model_computes_what_the_adapter_does(make, save, variant, gp
     assert all(getattr(peft_model.peft_config["default"], k.removeprefix("lora_")) for k in variant)
     randomize_adapter(peft_model)
     inner = peft_model.get_base_model()
+    if make is mixtral:  # all-linear reaches the experts and the router
+        adapted = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+        assert any(".experts." in n for n in adapted) and any(".mlp.gate." in n for n in adapted), adapted
     if make is make_tiny_gpt2 and save:  # one trained matrix is both the embedding and the head
         trained = [p for p in inner.get_input_embeddings().parameters() if p.requires_grad]
         assert len(trained) == 1 and any(p is trained[0] for p in inner.get_output_embeddings().parameters())

@@ -31,8 +31,11 @@ BASE_DIR = "base"  # a run on a randomly initialised base writes that base here:
 
 
 # peft's notices that say nothing to an sftune user: it sets fan_in_fan_out for GPT-2's Conv1D itself, it reads a
-# deprecated transformers attribute, and a given --base renames the base an adapter config names
-PEFT_NOTICES = (".*fan_in_fan_out.*", ".*is_gradient_checkpointing.*", ".*base_model_name_or_path. was renamed.*")
+# deprecated transformers attribute, a given --base renames the base an adapter config names, and its conversion
+# for transformers 5's fused experts (Mixtral, Qwen-MoE) says the rank and alpha patterns it adds for gate/up
+# matched no module, though the adapter gets them (rank 2r per expert; sftune sets no pattern of its own)
+PEFT_NOTICES = (".*fan_in_fan_out.*", ".*is_gradient_checkpointing.*", ".*base_model_name_or_path. was renamed.*",
+                r".*(rank|alpha)_pattern keys did not match any targeted module.*")
 
 
 def wrap_with_peft(model, settings):
@@ -132,7 +135,9 @@ def add_lora(model, cfg, quiet: bool = False):
         trained = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         total = sum(p.numel() for n, p in peft_model.named_parameters() if ".original_module." not in n)
         adapted = sorted({n.rsplit(".", 1)[-1] for n in settings.target_modules}) \
-            if not isinstance(settings.target_modules, str) else settings.target_modules
+            if not isinstance(settings.target_modules, str) else [settings.target_modules]
+        if parameters := sorted(getattr(settings, "target_parameters", None) or []):  # (a mixture of experts'
+            adapted = [*adapted[:-1], f"{adapted[-1]} and the parameters {', '.join(parameters)}"]  # fused experts)
         full = f"; trained in full: {', '.join(requested)}" if requested else ""
         tie = " (tied to the input embedding: one matrix)" if settings.ensure_weight_tying else ""
         variant = "DoRA" if settings.use_dora else "LoRA"
