@@ -216,6 +216,12 @@ def test_a_family_trains_evaluates_generates_and_resumes_exactly(name, tmp_path,
     if getattr(config, "output_router_logits", False):  # logged apart, in every log line: near 2 (2 experts a
         assert "router load-balancing loss: coefficient 0.02 x the mixtral routers' loss (4 experts" in err  # token,
         assert "| router 2.0" in err and all(2.0 <= r < 2.1 for r in router), router  # balanced: 2)
+        from tensorboard.util import tensor_util
+
+        from test_tracking import events
+
+        curve = [float(tensor_util.make_ndarray(e.tensor_proto)) for e in events(full).Tensors("train/router_loss")]
+        assert curve == [pytest.approx(r, rel=1e-6) for r in router]  # TensorBoard's curve too
     else:
         assert "router" not in err and router == [None] * 3
     evals = [r for r in read_jsonl(full / "metrics.jsonl") if r["type"] == "eval"]
