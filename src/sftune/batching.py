@@ -82,17 +82,19 @@ def with_targets(batch: dict[str, np.ndarray], static: bool = False) -> dict[str
 
 
 # what the loss module reads: tensors copied to the device, and (packed rows) the longest sequence, a host int.
-# `attention_mask` (1 on real tokens) is not given to the model (see `loss.model_inputs`): a mixture of experts'
-# load-balancing loss reads it, to leave padding out of the routers' statistics.
-DEVICE_KEYS = ("input_ids", "position_ids", "target_positions", "targets", "cu_seqlens", "attention_mask")
+# `attention_mask` (1 on real tokens) is never given to the model (see `loss.model_inputs`): only a mixture of
+# experts' load-balancing loss reads it, to leave padding out of the routers' statistics (`ROUTER_KEYS`).
+DEVICE_KEYS = ("input_ids", "position_ids", "target_positions", "targets", "cu_seqlens")
+ROUTER_KEYS = DEVICE_KEYS + ("attention_mask",)
 HOST_KEYS = ("max_seqlen",)
 VARLEN_KEYS = ("cu_seqlens", "max_seqlen")  # read only by a model under `--attention varlen`
 
 
-def to_device(batch: dict[str, torch.Tensor], device) -> dict[str, torch.Tensor]:
-    """What the loss module reads, on `device` (`labels` stay on the host: the targets were taken from them)."""
-    return {k: v.to(device, non_blocking=True) if k in DEVICE_KEYS else v for k, v in batch.items()
-            if k in DEVICE_KEYS or k in HOST_KEYS}
+def to_device(batch: dict[str, torch.Tensor], device, keys: tuple[str, ...] = DEVICE_KEYS) -> dict[str, torch.Tensor]:
+    """What the loss module reads (`keys`: its `device_keys`), on `device` (`labels` and, unless a router loss reads
+    it, `attention_mask` stay on the host: the targets were taken from the labels)."""
+    return {k: v.to(device, non_blocking=True) if k in keys else v for k, v in batch.items()
+            if k in keys or k in HOST_KEYS}
 
 
 def count_targets(batch: dict[str, torch.Tensor]) -> int:

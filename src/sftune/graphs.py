@@ -107,7 +107,7 @@ class StepGraphs:
                 p.grad = torch.zeros_like(p)
         counters = self.loss_model.counters()
         counted = [counter.clone() for counter in counters]
-        inputs = to_device(batch, self.device)
+        inputs = to_device(batch, self.device, self.loss_model.device_keys)
         scale = torch.zeros((), device=self.device)  # 0 during warm-up: the gradients get + 0
         try:
             with torch.random.fork_rng(devices=[self.device]):

@@ -33,7 +33,7 @@ from torch import nn
 
 from sftune.attention import NAME as VARLEN
 from sftune.attention import varlen_inputs
-from sftune.batching import IGNORE_INDEX
+from sftune.batching import DEVICE_KEYS, IGNORE_INDEX, ROUTER_KEYS
 
 # How the logits of each model type whose projection is fused with the loss come from its final hidden states h
 # and its output head W (no bias): z = h @ W.T, times a constant (Cohere's `logit_scale`, 1 / Granite's
@@ -139,6 +139,7 @@ class CausalLMLoss(nn.Module):
         self.chunk_math: ChunkMath | None = None  # the fused loss's per-chunk math compiled (GPU: `fuse_chunk_math`)
         self.router = router_loss(model)  # mixture of experts: the routers' load-balancing loss, in training
         self.router_sum: torch.Tensor | None = None  # in training: sum over micro-batches of its loss x targets
+        self.device_keys = ROUTER_KEYS if self.router is not None else DEVICE_KEYS  # what a batch brings along
 
     def take_correct(self) -> int:
         """Targets whose argmax prediction was right since the last call (training forwards only). note: syncs.
@@ -164,11 +165,15 @@ class CausalLMLoss(nn.Module):
         self.router_sum.zero_()
         return total
 
+    def router_counter(self) -> torch.Tensor:
+        """The device sum of (load-balancing loss x targets) (made on first use, then the same tensor)."""
+        if self.router_sum is None:
+            self.router_sum = torch.zeros((), device=self.correct_counter().device)
+        return self.router_sum
+
     def counters(self) -> list[torch.Tensor]:
         """The device accumulators a training forward adds to (a CUDA graph's warm-up puts them back)."""
-        if self.router is not None and self.router_sum is None:
-            self.router_sum = torch.zeros((), device=self.correct_counter().device)
-        return [self.correct_counter()] + ([self.router_sum] if self.router is not None else [])
+        return [self.correct_counter()] + ([self.router_counter()] if self.router is not None else [])
 
     def _count(self) -> torch.Tensor | None:
         return self.correct_counter() if self.training else self.eval_correct
@@ -221,8 +226,7 @@ class CausalLMLoss(nn.Module):
         mask = batch.get("attention_mask")
         balance = router.function(router_logits, router.experts, router.top_k, mask)
         weighted = balance.float() * (targets != IGNORE_INDEX).sum()  # (no sync: counted on the device)
-        self.counters()
-        self.router_sum += weighted.detach()
+        self.router_counter().add_(weighted.detach())
         term = router.coefficient * weighted
         return loss + (term - term.detach())  # value: exactly `loss` (x - x is 0); gradient: also the term's
 

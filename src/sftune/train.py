@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from sftune.batching import count_targets, pin, prefetch, to_device
+from sftune.batching import DEVICE_KEYS, count_targets, pin, prefetch, to_device
 from sftune.build import Run, build_run
 from sftune.checkpoint import weights_finite
 from sftune.config import SFTConfig
@@ -51,14 +51,15 @@ class TrainResult:
 
 
 def forward_backward(model, micro_batches: list[dict], dist: Dist, precision: str, scaler,
-                     graphs: StepGraphs | None = None) -> tuple[torch.Tensor, int]:
+                     graphs: StepGraphs | None = None, keys: tuple[str, ...] = DEVICE_KEYS) -> tuple[torch.Tensor, int]:
     """Accumulate one optimizer step's gradients; returns (sum of this rank's token losses, step targets).
 
     The step's loss is sum(token losses) / (targets of ALL its micro-batches on ALL ranks): each
     micro-batch's sum is divided by the global step total before backward, so the gradients add up
     to those of the step's token mean however the rows are split into micro-batches and ranks.
     (DDP averages gradients over ranks: the factor world_size undoes that average.)
-    With `graphs`, each micro-batch's forward and backward is a CUDA graph replay (`graphs.py`).
+    With `graphs`, each micro-batch's forward and backward is a CUDA graph replay (`graphs.py`). `keys`: what the
+    loss module reads from a batch (its `device_keys`), copied to the device.
     """
     step_targets = dist.all_reduce_sum(sum(count_targets(b) for b in micro_batches))  # host counts: no device sync
     scale = dist.world_size / max(step_targets, 1)
@@ -67,7 +68,7 @@ def forward_backward(model, micro_batches: list[dict], dist: Dist, precision: st
         if graphs is not None and (loss_sum := graphs.run(batch, scale)) is not None:
             total += loss_sum
             continue
-        batch = to_device(batch, dist.device)
+        batch = to_device(batch, dist.device, keys)
         with dist.no_sync(model, last_micro_batch=i == len(micro_batches) - 1):  # all-reduce once per step
             with autocast(dist.device, precision):
                 loss_sum = model(batch)
@@ -331,7 +332,8 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         settle()  # the previous step's verdict: read now that this step's batches are ready (no wait by then)
         micro_batches = step_data.micro_batches
         started_step = time.perf_counter()
-        loss_sum, step_targets = forward_backward(model, micro_batches, dist, precision, scaler, graphs)
+        loss_sum, step_targets = forward_backward(model, micro_batches, dist, precision, scaler, graphs,
+                                                   run.loss_model.device_keys)
         shapes = {shape_key(b, run.loss_model.varlen) for b in micro_batches} if run.compile != "off" else set()
         if not shapes_seen.issuperset(shapes):
             shapes_seen |= shapes  # (this step's time is mostly capture or compile: a one-off, not the run's pace)
