@@ -259,6 +259,84 @@ def test_template_that_rewrites_earlier_turns_is_an_error(gpt2_tokenizer):
         row_segments(CHAT, Layout("chat", {"messages": "messages"}), template, where="train row 1")
 
 
+# Hand-written templates with the properties of real families' templates (each checked against the family's own
+# template by hand, NOTES try 48): a closing EOS after the last turn (Phi-3), a generation prompt that opens the
+# turn with more than the rendered turn has (DeepSeek-R1's "<think>\n"), a refusal to render a conversation without
+# a user turn (Qwen3.5), and earlier assistant turns written without their thinking (Qwen3, GLM-4.5, Nemotron).
+CLOSING_EOS = CHATML.replace("{% endif %}", "{% else %}{{ eos_token }}{% endif %}")
+THINK_PROMPT = CHATML.replace("'<|im_start|>assistant\n'", "'<|im_start|>assistant\n<think>\n'")
+NEEDS_A_USER = ("{% if messages and 'user' not in messages | map(attribute='role') | list %}"
+                "{{ raise_exception('No user query found in messages.') }}{% endif %}" + CHATML)
+DROPS_OLD_THINKING = (
+    "{% set ns = namespace(last_user=-1) %}"
+    "{% for m in messages %}{% if m['role'] == 'user' %}{% set ns.last_user = loop.index0 %}{% endif %}{% endfor %}"
+    "{% for m in messages %}{% set content = m['content'] %}"
+    "{% if m['role'] == 'assistant' %}{% set thought = '' %}"
+    "{% if '</think>' in content %}{% set thought = content.split('</think>')[0].split('<think>')[-1].strip() %}"
+    "{% set content = content.split('</think>')[-1].lstrip() %}{% endif %}"
+    "{% if loop.index0 > ns.last_user %}{% set content = '<think>' + thought + '</think>\n' + content %}{% endif %}"
+    "{% endif %}{{ '<|im_start|>' + m['role'] + '\n' + content + '<|im_end|>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+THINKING = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>greet</think>\nHello."},
+            {"role": "user", "content": "Again?"}, {"role": "assistant", "content": "Yes."}]
+
+
+def split(template_source, tok, messages, **kw):
+    template = ChatTemplate(template_source, tok)
+    return row_segments({"messages": messages}, Layout("chat", {"messages": "messages"}), template, **kw)
+
+
+def test_a_template_that_closes_the_conversation_keeps_its_closing_text_at_the_end(gpt2_tokenizer):
+    parts = split(CLOSING_EOS, gpt2_tokenizer, CHAT["messages"])
+    assert [t for t, trained in parts if trained] == ["Blue.<|im_end|>\n", "Red.<|im_end|>\n<|endoftext|>"]
+    assert "".join(t for t, _ in parts) == ChatTemplate(CLOSING_EOS, gpt2_tokenizer).render(CHAT["messages"])
+
+
+def test_a_generation_prompt_longer_than_the_rendered_header_trains_what_follows_the_common_part(gpt2_tokenizer):
+    parts = split(THINK_PROMPT, gpt2_tokenizer, CHAT["messages"])
+    assert [t for t, trained in parts if trained] == ["Blue.<|im_end|>\n", "Red.<|im_end|>\n"]
+    # the header is the part of "<|im_start|>assistant\n<think>\n" the rendered turn opens with
+    assert parts[-3:] == [("<|im_start|>user\nAnother?<|im_end|>\n", False), ("<|im_start|>assistant\n", False),
+                          ("Red.<|im_end|>\n", True)]
+
+
+def test_a_template_that_cannot_render_a_partial_conversation_is_split_where_it_can(gpt2_tokenizer):
+    parts = split(NEEDS_A_USER, gpt2_tokenizer, CHAT["messages"])
+    # the system turn alone cannot be rendered: it goes with the user turn, untrained
+    assert parts[0] == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n", False)
+    assert [t for t, trained in parts if trained] == ["Blue.<|im_end|>\n", "Red.<|im_end|>\n"]
+    with pytest.raises(SftuneError, match="rendering message 0 changes"):  # but a trained turn must have its own part
+        split(NEEDS_A_USER, gpt2_tokenizer, CHAT["messages"], train_on_all_turns=True)
+
+
+def test_earlier_assistant_turns_a_template_rewrites_are_trained_as_generated(tmp_path, gpt2_tokenizer, capsys):
+    parts = split(DROPS_OLD_THINKING, gpt2_tokenizer, THINKING)
+    assert parts == [
+        ("<|im_start|>user\nHi<|im_end|>\n", False), ("<|im_start|>assistant\n", False),
+        ("<think>greet</think>\nHello.<|im_end|>\n", True),  # with its thinking, as when it was the last turn
+        ("<|im_start|>user\nAgain?<|im_end|>\n", False), ("<|im_start|>assistant\n", False),
+        ("<think></think>\nYes.<|im_end|>\n", True)]
+    template = ChatTemplate(DROPS_OLD_THINKING, gpt2_tokenizer)
+    for i, part in ((1, 2), (3, 5)):  # each trained turn with its header: the template's render of it as the last
+        assert template.render(THINKING[: i + 1]).endswith("".join(t for t, _ in parts[part - 1: part + 1]))
+    assert "Hello.<|im_end|>" in template.render(THINKING) and "greet" not in template.render(THINKING)
+    assert template.rewrites_earlier_turns() and not ChatTemplate(CHATML, gpt2_tokenizer).rewrites_earlier_turns()
+    tok = copy.deepcopy(gpt2_tokenizer)
+    tok.chat_template = DROPS_OLD_THINKING
+    ids, labels = labels_of(prep(tmp_path, tok, [{"messages": THINKING}]))
+    assert tok.decode([i for i, lab in zip(ids, labels) if lab != X]) == "".join(t for t, trained in parts if trained)
+    assert tok.decode(ids) == "".join(t for t, _ in parts)
+    assert "each assistant turn is trained as the template writes it when it is the last one" in capsys.readouterr().err
+
+
+def test_a_template_that_refuses_a_conversation_says_so(gpt2_tokenizer):
+    no_system = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                 "{% endif %}" + CHATML)
+    with pytest.raises(SftuneError, match=r"train row 1: the chat template refuses this conversation \(System role "
+                                          r"not supported\); fix or remove the row, or use another template"):
+        split(no_system, gpt2_tokenizer, CHAT["messages"], where="train row 1")
+
+
 def test_detection_from_columns():
     from datasets import List, Value
 

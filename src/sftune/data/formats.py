@@ -154,6 +154,11 @@ def time_limit(seconds: float):
         signal.signal(signal.SIGALRM, previous)
 
 
+class TemplateRefusal(ValueError):
+    """The chat template raised on a whole conversation: the data do not fit it (e.g. a system turn for a model
+    without one)."""
+
+
 class ChatTemplate:
     """A Jinja chat template, compiled once, rendered exactly as transformers'
     `apply_chat_template` renders it (same sandboxed environment, `{% generation %}`
@@ -184,45 +189,141 @@ class ChatTemplate:
                                   f"(--chat-template)") from None
 
     def render_empty(self) -> str:
-        """What the template writes before any message (e.g. a BOS), '' if it needs a message."""
+        """What the template writes for no message at all (a BOS before the first, or Phi-3's closing EOS after
+        the last), '' if it needs a message."""
         try:
             return self.render([])
         except Exception:
             return ""
 
     def segments(self, messages: list[dict], trained: Callable[[int, dict], bool]) -> list[tuple[str, bool]]:
-        """Cut the rendered conversation into turns: each turn's text is what rendering it adds
-        (what the template writes before any message, such as a BOS, comes first, untrained).
+        """Cut the rendered conversation into turns, each `(text, trained)`.
 
-        An assistant turn is split once more: its header (what `add_generation_prompt`
-        adds) is never trained; the rest, its content and end-of-turn marker, is trained
-        when `trained(i, message)` says so. Raises ValueError when a template rewrites
-        earlier turns (its renders are not prefixes of each other).
+        The text is the conversation as the template renders it (`apply_chat_template`'s text): each message's
+        part is what rendering it adds to the messages before it, and what the template writes before any
+        message (a BOS) comes first, untrained. An assistant turn is split once more: its header (what
+        `add_generation_prompt` writes, as far as the rendered turn opens with it) is never trained; the rest,
+        its content and end-of-turn marker, is trained when `trained(i, message)` says so. An untrained message
+        that the template cannot render on its own (some templates need a user turn first) joins the next part.
+
+        Templates that write something after the last message (Phi-3's EOS) keep it at the end. Templates that
+        render an earlier assistant turn differently from the last one (Qwen3 and other reasoning models drop
+        earlier turns' thinking) get each assistant turn as the template renders it when it is the last one,
+        that is as the model generates it, with the rest of the conversation as rendered (what TRL's training
+        templates do by hand). Raises ValueError when the renders cannot be matched up that way.
         """
-        before = self.render_empty()  # e.g. a BOS the template writes first: never trained
-        out: list[tuple[str, bool]] = [(before, False)]
+        try:
+            full = self.render(messages)
+        except SftuneError:
+            raise
+        except Exception as e:  # the template's own raise_exception ("System role not supported"), or a Jinja error
+            raise TemplateRefusal(str(e)) from None
+        if messages and not full:
+            raise ValueError("the template renders nothing")
+        empty = self.render_empty()
+        closing = empty if empty and not full.startswith(empty) and full.endswith(empty) else ""
+        out: list[tuple[str, bool]] = []
+        pos = 0  # how much of `full` the parts so far cover
+        if empty and full.startswith(empty):
+            out.append((empty, False))
+            pos = len(empty)
         for i, message in enumerate(messages):
             train = trained(i, message)
-            if message["role"] == "assistant":
-                header = self.render(messages[:i], add_generation_prompt=True)
-                if not header.startswith(before):
-                    raise ValueError(f"the generation prompt before message {i} changes earlier text")
-                out.append((header[len(before):], False))
-                before = header
-            full = self.render(messages[: i + 1])
-            if not full.startswith(before):
-                raise ValueError(f"rendering message {i} changes the text of earlier messages")
-            out.append((full[len(before):], train))
-            before = full
-        if before == "" and messages:
-            raise ValueError("the template renders nothing")
+            if message["role"] != "assistant":
+                end = self._prefix_end(messages[: i + 1], full, closing, pos)
+                if end is not None:
+                    out.append((full[pos:end], train))
+                    pos = end
+                elif train:
+                    raise ValueError(f"rendering message {i} changes the text of earlier messages")
+                continue
+            header = self.render(messages[:i], add_generation_prompt=True)
+            start = _common_prefix(header, full)
+            if start < pos:
+                raise ValueError(f"the generation prompt before message {i} changes earlier text")
+            out.append((full[pos:start], False))
+            pos = start
+            end = self._prefix_end(messages[: i + 1], full, closing, pos)
+            if end is not None:
+                out.append((full[pos:end], train))
+                pos = end
+            else:  # the template writes this turn otherwise when another follows: train it as generated
+                pos, rest_of_header, text = self._as_generated(messages, i, header, full, closing, start)
+                out += [(rest_of_header, False), (text, train)]
+        out.append((full[pos:], False))  # nothing, unless the last messages could not be split off
         return [(text, train) for text, train in out if text]
+
+    def _prefix_end(self, messages: list[dict], full: str, closing: str, pos: int) -> int | None:
+        """Where the render of `messages` (the first few of the conversation) ends in `full`, else None."""
+        try:
+            part = self.render(messages)
+        except Exception:
+            return None
+        if closing and part.endswith(closing) and len(part) < len(full):
+            part = part[: len(part) - len(closing)]
+        return len(part) if len(part) >= pos and full.startswith(part) else None
+
+    def _as_generated(self, messages: list[dict], i: int, header: str, full: str, closing: str,
+                      start: int) -> tuple[int, str, str]:
+        """Assistant turn i of a template that writes it otherwise once other turns follow: the rest of its
+        header and its text as rendered when it is the last turn (the generation prompt, then what the model
+        generates), and where its rewritten form ends in `full` (found by appending a marker to its content:
+        the end-of-turn text that follows the content must be the same in both). `full[:start]` is the
+        conversation up to this turn, as far as it agrees with the generation prompt."""
+        alone = self.render(messages[: i + 1])
+        if closing and alone.endswith(closing):
+            alone = alone[: len(alone) - len(closing)]
+        try:
+            context = self.render(messages[:i])
+        except Exception:
+            context = ""
+        if closing and context.endswith(closing):
+            context = context[: len(context) - len(closing)]
+        opened = _common_prefix(header, alone)  # the generation prompt, as far as the turn opens with it
+        if opened < start or not (full.startswith(context) and header.startswith(context)):
+            raise ValueError(f"the text before message {i} changes when it is the last message")
+        marked = [*messages[:i], {**messages[i], "content": messages[i]["content"] + CONTENT_MARK}]
+        content_end = _common_prefix(alone, self.render(marked))
+        full_content_end = _common_prefix(full, self.render(marked + messages[i + 1:]))
+        end_of_turn = alone[content_end:]
+        if content_end < opened or full_content_end < start or not full.startswith(end_of_turn, full_content_end):
+            raise ValueError(f"rendering the messages after message {i} changes its text beyond recognition")
+        return full_content_end + len(end_of_turn), header[start:opened], alone[opened:]
+
+    def rewrites_earlier_turns(self) -> bool:
+        """Whether the template writes an assistant turn otherwise once more messages follow (Qwen3 drops an
+        earlier turn's thinking), so that `segments` trains such turns as generated rather than as rendered."""
+        probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "<think>\nhmm\n</think>\n\nHello"},
+                 {"role": "user", "content": "Again?"}, {"role": "assistant", "content": "Yes"}]
+        try:
+            parts = self.segments(probe, lambda i, m: m["role"] == "assistant")
+            return "".join(text for text, _ in parts) != self.render(probe)
+        except Exception:
+            return False
 
     def end_of_turn(self) -> str:
         """What the template writes after an assistant's content ('' when nothing)."""
         probe = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
         turn = "".join(t for t, trained in self.segments(probe, lambda i, m: m["role"] == "assistant") if trained)
         return turn.split("Hello", 1)[1] if "Hello" in turn else ""
+
+
+CONTENT_MARK = "\ue000sftune\ue000"  # appended to a turn's content to find where the content ends in a render
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """The length of the longest common prefix of two strings."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _compile(source: str):
@@ -324,9 +425,13 @@ def row_segments(row: dict, layout: Layout, template: ChatTemplate | None = None
         return template.segments(messages, trained)
     except SftuneError:
         raise
+    except TemplateRefusal as e:
+        raise SftuneError(f"{where}: the chat template refuses this conversation ({e}); fix or remove the row, "
+                          f"or use another template (--chat-template FILE)") from None
     except Exception as e:  # a Jinja error or a template that rewrites earlier turns
         raise SftuneError(f"{where}: the chat template cannot be split into turns exactly ({e}); "
-                          f"use a template whose renders extend each other (--chat-template FILE)") from None
+                          f"use a template that writes each assistant turn the same way whatever follows it "
+                          f"(--chat-template FILE)") from None
 
 
 FORMAT_PARTS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "chat": ("messages",),

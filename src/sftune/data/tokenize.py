@@ -214,6 +214,10 @@ def check_end_of_turn(template: ChatTemplate) -> None:
     except Exception as e:
         raise SftuneError(f"the chat template cannot render a simple user/assistant exchange: {e} "
                           f"(check --chat-template)") from None
+    if template.rewrites_earlier_turns():
+        log("chat: the template writes an assistant turn otherwise once more messages follow (e.g. it drops the "
+            "turn's thinking); each assistant turn is trained as the template writes it when it is the last one, "
+            "that is as the model generates it (README: Chat templates)")
     if not end.strip():
         log("warning: the chat template writes no end-of-turn marker after an assistant's answer, so the model "
             "will not learn where an answer ends; use a template that ends turns (e.g. with EOS) via --chat-template")
