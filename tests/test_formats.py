@@ -337,6 +337,93 @@ def test_a_template_that_refuses_a_conversation_says_so(gpt2_tokenizer):
         split(no_system, gpt2_tokenizer, CHAT["messages"], where="train row 1")
 
 
+TOOLS_CHATML = (
+    "{% if tools %}{{ '<|im_start|>system\nTools:' }}{% for t in tools %}{{ '\n' + (t | tojson) }}{% endfor %}"
+    "{{ '<|im_end|>\n' }}{% endif %}"
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + (m['content'] or '') }}"
+    "{% if m['tool_calls'] is defined %}{% for c in m['tool_calls'] %}{{ '<tool_call>' + ({'name': c['function']"
+    "['name'], 'arguments': c['function']['arguments']} | tojson) + '</tool_call>' }}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def tool_row(tool, arguments, answer):
+    schema = {"type": "function", "function": {"name": tool, "description": f"{tool}.", "parameters": {
+        "type": "object", "properties": {k: {"type": "string"} for k in arguments}, "required": list(arguments)}}}
+    call = {"type": "function", "function": {"name": tool, "arguments": arguments}}
+    return {"messages": [{"role": "user", "content": f"Use {tool}."},
+                         {"role": "assistant", "content": None, "tool_calls": [call]},
+                         {"role": "tool", "name": tool, "content": "done"},
+                         {"role": "assistant", "content": answer}], "tools": [schema]}
+
+
+# rows whose tools and arguments have different keys: a table must not fill one row's keys into another's
+TOOL_ROWS = [tool_row("get_weather", {"city": "Paris"}, "Sunny."), tool_row("search", {"query": "cats", "page": "2"},
+                                                                             "Found."),
+             {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}]
+
+
+def test_tool_calling_rows_train_the_calls_and_answers_with_the_rows_own_tools(tmp_path, gpt2_tokenizer):
+    tok = copy.deepcopy(gpt2_tokenizer)
+    tok.chat_template = TOOLS_CHATML
+    data = prep(tmp_path, tok, TOOL_ROWS, max_length=512)
+    assert data.layout == Layout("chat", {"messages": "messages", "tools": "tools"})
+    examples = {tok.decode(ids): labels for ids, labels in (labels_of(data, i) for i in range(len(TOOL_ROWS)))}
+    for i, row in enumerate(TOOL_ROWS):
+        # each row is exactly what the model is given at inference, with no key of another row
+        rendered = tok.apply_chat_template(row["messages"], tools=row.get("tools"), tokenize=False)
+        labels = examples[rendered]
+        trained = tok.decode([t for t, lab in zip(tok(rendered)["input_ids"], labels) if lab != X])
+        if i < 2:
+            call = row["messages"][1]["tool_calls"][0]["function"]
+            assert trained == (f"<tool_call>{json.dumps({'name': call['name'], 'arguments': call['arguments']})}"
+                               f"</tool_call><|im_end|>\n{row['messages'][3]['content']}<|im_end|>\n")
+            assert "done" not in trained and "null" not in rendered  # the tool's answer is input, not trained
+    as_text = [{**row, "tools": json.dumps(row["tools"])} for row in TOOL_ROWS[:2]]  # older datasets' JSON text
+    (tmp_path / "text").mkdir()
+    again = prep(tmp_path / "text", tok, as_text, max_length=512)
+    assert sorted(map(str, (labels_of(again, i) for i in range(2)))) == \
+        sorted(str(labels_of(data, i)) for i in range(3) if "Tools:" in tok.decode(labels_of(data, i)[0]))
+
+
+def test_sftunes_default_template_writes_tools_and_tool_calls(gpt2_tokenizer):
+    parts = row_segments(TOOL_ROWS[0], Layout("chat", {"messages": "messages", "tools": "tools"}),
+                         ChatTemplate(DEFAULT_CHAT_TEMPLATE, gpt2_tokenizer))
+    schema = json.dumps(TOOL_ROWS[0]["tools"][0])
+    assert parts == [
+        (f"<|tools|>\n{schema}<|endoftext|>", False), ("<|user|>\nUse get_weather.<|endoftext|>", False),
+        ("<|assistant|>\n", False),
+        ('<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call><|endoftext|>', True),
+        ("<|tool|>\ndone<|endoftext|>", False), ("<|assistant|>\n", False), ("Sunny.<|endoftext|>", True)]
+
+
+def test_a_template_that_drops_tool_calls_or_tools_is_an_error(gpt2_tokenizer):
+    layout = Layout("chat", {"messages": "messages", "tools": "tools"})
+    with pytest.raises(SftuneError, match=r"train row 1, message 1: the chat template does not write tool calls, "
+                                          r"so the model would learn empty answers; use a template that does"):
+        row_segments(TOOL_ROWS[0], layout, ChatTemplate(CHATML.replace("m['content']", "(m['content'] or '')"),
+                                                       gpt2_tokenizer), where="train row 1")
+    no_tools = TOOLS_CHATML[TOOLS_CHATML.index("{% for m in messages %}"):]
+    with pytest.raises(SftuneError, match=r"train row 1: the chat template does not write the row's tools"):
+        row_segments(TOOL_ROWS[0], layout, ChatTemplate(no_tools, gpt2_tokenizer), where="train row 1")
+    bad = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "", "tool_calls": "f()"}]}
+    with pytest.raises(SftuneError, match=r"train row 1, message 1: tool_calls must be a list"):
+        row_segments(bad, layout, ChatTemplate(TOOLS_CHATML, gpt2_tokenizer), where="train row 1")
+    with pytest.raises(SftuneError, match=r"train row 1: the tools column is text but not JSON"):
+        row_segments({**TOOL_ROWS[0], "tools": "[{"}, layout, ChatTemplate(TOOLS_CHATML, gpt2_tokenizer),
+                     where="train row 1")
+
+
+def test_messages_keep_tool_and_reasoning_fields_and_lose_the_empty_ones():
+    from sftune.data.formats import validate_messages
+
+    messages = validate_messages([
+        {"role": "user", "content": "Hi", "tool_calls": None, "name": None},  # keys a table filled in
+        {"role": "assistant", "content": "Hello.", "reasoning": "greet back", "weight": 1}], "row")
+    assert messages == [{"role": "user", "content": "Hi"},
+                        {"role": "assistant", "content": "Hello.", "reasoning": "greet back",
+                         "thinking": "greet back", "reasoning_content": "greet back"}]
+
+
 def test_detection_from_columns():
     from datasets import List, Value
 

@@ -19,6 +19,7 @@ what the model sees at generation time: the prompt is tokenized alone).
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import threading
 from dataclasses import dataclass
@@ -27,16 +28,27 @@ from typing import Any, Callable
 from sftune.errors import SftuneError
 
 FORMATS = ("text", "prompt_completion", "chat", "chat_prompt_completion")
-COLUMN_KEYS = ("text", "prompt", "completion", "input", "messages")
-ROLES = ("system", "user", "assistant")
+COLUMN_KEYS = ("text", "prompt", "completion", "input", "messages", "tools")
+ROLES = ("system", "user", "assistant", "tool")
+# What a message may hold besides role and content, passed to the template as given (OpenAI's and TRL's names).
+MESSAGE_KEYS = ("tool_calls", "name", "tool_call_id", "reasoning_content", "thinking", "reasoning")
+REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")  # one field under its several names
 ROW_COLUMN = "__row__"  # the row's number in its source split, added by load_rows for error messages
 
 # GPT-2 and other base models ship no chat template. This one is deliberately plain:
 #   <|system|>\n{content}<|endoftext|><|user|>\n{content}<|endoftext|><|assistant|>\n{content}<|endoftext|>
-# Each turn ends with the EOS token, so a model trained on it stops after its answer.
+# Each turn ends with the EOS token, so a model trained on it stops after its answer. Tools, when a row has
+# them, come first as a `<|tools|>` turn of JSON schemas; an assistant's tool calls follow its content, one
+# `<tool_call>{"name": ..., "arguments": ...}</tool_call>` line each; a tool's answer is a `<|tool|>` turn.
 DEFAULT_CHAT_TEMPLATE = (
+    "{% if tools %}{{ '<|tools|>\n' }}{% for tool in tools %}{{ tool | tojson }}{{ '\n' if not loop.last }}"
+    "{% endfor %}{{ eos_token }}{% endif %}"
     "{% for message in messages %}"
-    "{{ '<|' + message['role'] + '|>\n' + message['content'] + eos_token }}"
+    "{{ '<|' + message['role'] + '|>\n' + (message['content'] or '') }}"
+    "{% for call in message['tool_calls'] or [] %}{% set call = call['function'] or call %}"
+    "{{ '\n' if loop.first and message['content'] }}{{ '\n' if not loop.first }}"
+    "{{ '<tool_call>' + ({'name': call['name'], 'arguments': call['arguments']} | tojson) + '</tool_call>' }}"
+    "{% endfor %}{{ eos_token }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
@@ -127,6 +139,8 @@ def detect_layout(features: dict[str, Any], requested: str = "auto", columns: di
     chosen = {k: col[k] for k in needed}
     if fmt == "prompt_completion" and col["input"] in features:
         chosen["input"] = col["input"]
+    if fmt.startswith("chat") and col["tools"] in features:
+        chosen["tools"] = col["tools"]
     return Layout(fmt, chosen)
 
 
@@ -178,25 +192,27 @@ class ChatTemplate:
         self.source = source
         self.variables = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
+        """The template's text, with what `apply_chat_template` passes it (tools, no documents)."""
         with time_limit(RENDER_LIMIT_S):
             try:
                 return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            **self.variables)
+                                            tools=tools, documents=None, **self.variables)
             except TimeoutError:
                 raise SftuneError(f"the chat template took more than {RENDER_LIMIT_S:g} s to render one conversation "
                                   f"of {len(messages)} message(s): does it loop without bound? Fix the template "
                                   f"(--chat-template)") from None
 
-    def render_empty(self) -> str:
+    def render_empty(self, tools: list[dict] | None = None) -> str:
         """What the template writes for no message at all (a BOS before the first, or Phi-3's closing EOS after
         the last), '' if it needs a message."""
         try:
-            return self.render([])
+            return self.render([], tools=tools)
         except Exception:
             return ""
 
-    def segments(self, messages: list[dict], trained: Callable[[int, dict], bool]) -> list[tuple[str, bool]]:
+    def segments(self, messages: list[dict], trained: Callable[[int, dict], bool],
+                 tools: list[dict] | None = None) -> list[tuple[str, bool]]:
         """Cut the rendered conversation into turns, each `(text, trained)`.
 
         The text is the conversation as the template renders it (`apply_chat_template`'s text): each message's
@@ -211,16 +227,17 @@ class ChatTemplate:
         earlier turns' thinking) get each assistant turn as the template renders it when it is the last one,
         that is as the model generates it, with the rest of the conversation as rendered (what TRL's training
         templates do by hand). Raises ValueError when the renders cannot be matched up that way.
+        `tools` (JSON schemas) go to every render, as `apply_chat_template(..., tools=...)` passes them.
         """
         try:
-            full = self.render(messages)
+            full = self.render(messages, tools=tools)
         except SftuneError:
             raise
         except Exception as e:  # the template's own raise_exception ("System role not supported"), or a Jinja error
             raise TemplateRefusal(str(e)) from None
         if messages and not full:
             raise ValueError("the template renders nothing")
-        empty = self.render_empty()
+        empty = self.render_empty(tools)
         closing = empty if empty and not full.startswith(empty) and full.endswith(empty) else ""
         out: list[tuple[str, bool]] = []
         pos = 0  # how much of `full` the parts so far cover
@@ -230,33 +247,34 @@ class ChatTemplate:
         for i, message in enumerate(messages):
             train = trained(i, message)
             if message["role"] != "assistant":
-                end = self._prefix_end(messages[: i + 1], full, closing, pos)
+                end = self._prefix_end(messages[: i + 1], full, closing, pos, tools)
                 if end is not None:
                     out.append((full[pos:end], train))
                     pos = end
                 elif train:
                     raise ValueError(f"rendering message {i} changes the text of earlier messages")
                 continue
-            header = self.render(messages[:i], add_generation_prompt=True)
+            header = self.render(messages[:i], add_generation_prompt=True, tools=tools)
             start = _common_prefix(header, full)
             if start < pos:
                 raise ValueError(f"the generation prompt before message {i} changes earlier text")
             out.append((full[pos:start], False))
             pos = start
-            end = self._prefix_end(messages[: i + 1], full, closing, pos)
+            end = self._prefix_end(messages[: i + 1], full, closing, pos, tools)
             if end is not None:
                 out.append((full[pos:end], train))
                 pos = end
             else:  # the template writes this turn otherwise when another follows: train it as generated
-                pos, rest_of_header, text = self._as_generated(messages, i, header, full, closing, start)
+                pos, rest_of_header, text = self._as_generated(messages, i, header, full, closing, start, tools)
                 out += [(rest_of_header, False), (text, train)]
         out.append((full[pos:], False))  # nothing, unless the last messages could not be split off
         return [(text, train) for text, train in out if text]
 
-    def _prefix_end(self, messages: list[dict], full: str, closing: str, pos: int) -> int | None:
+    def _prefix_end(self, messages: list[dict], full: str, closing: str, pos: int,
+                    tools: list[dict] | None) -> int | None:
         """Where the render of `messages` (the first few of the conversation) ends in `full`, else None."""
         try:
-            part = self.render(messages)
+            part = self.render(messages, tools=tools)
         except Exception:
             return None
         if closing and part.endswith(closing) and len(part) < len(full):
@@ -264,17 +282,17 @@ class ChatTemplate:
         return len(part) if len(part) >= pos and full.startswith(part) else None
 
     def _as_generated(self, messages: list[dict], i: int, header: str, full: str, closing: str,
-                      start: int) -> tuple[int, str, str]:
+                      start: int, tools: list[dict] | None) -> tuple[int, str, str]:
         """Assistant turn i of a template that writes it otherwise once other turns follow: the rest of its
         header and its text as rendered when it is the last turn (the generation prompt, then what the model
         generates), and where its rewritten form ends in `full` (found by appending a marker to its content:
         the end-of-turn text that follows the content must be the same in both). `full[:start]` is the
         conversation up to this turn, as far as it agrees with the generation prompt."""
-        alone = self.render(messages[: i + 1])
+        alone = self.render(messages[: i + 1], tools=tools)
         if closing and alone.endswith(closing):
             alone = alone[: len(alone) - len(closing)]
         try:
-            context = self.render(messages[:i])
+            context = self.render(messages[:i], tools=tools)
         except Exception:
             context = ""
         if closing and context.endswith(closing):
@@ -282,9 +300,9 @@ class ChatTemplate:
         opened = _common_prefix(header, alone)  # the generation prompt, as far as the turn opens with it
         if opened < start or not (full.startswith(context) and header.startswith(context)):
             raise ValueError(f"the text before message {i} changes when it is the last message")
-        marked = [*messages[:i], {**messages[i], "content": messages[i]["content"] + CONTENT_MARK}]
-        content_end = _common_prefix(alone, self.render(marked))
-        full_content_end = _common_prefix(full, self.render(marked + messages[i + 1:]))
+        marked = [*messages[:i], {**messages[i], "content": (messages[i]["content"] or "") + CONTENT_MARK}]
+        content_end = _common_prefix(alone, self.render(marked, tools=tools))
+        full_content_end = _common_prefix(full, self.render(marked + messages[i + 1:], tools=tools))
         end_of_turn = alone[content_end:]
         if content_end < opened or full_content_end < start or not full.startswith(end_of_turn, full_content_end):
             raise ValueError(f"rendering the messages after message {i} changes its text beyond recognition")
@@ -346,21 +364,70 @@ def _compile(source: str):
 
 def validate_messages(messages: Any, where: str, final_assistant: bool = True) -> list[dict]:
     """Check a conversation: a non-empty list of {role, content} with known roles, ending with
-    the assistant (when `final_assistant`). Errors name the row and the message."""
+    the assistant (when `final_assistant`). Errors name the row and the message.
+
+    A message keeps the MESSAGE_KEYS it has (tool calls, a tool's name, reasoning) for the template; keys whose
+    value is None are dropped (a table fills them in for every message that lacks them, and templates test
+    `'tool_calls' in message`); reasoning is passed under each of its names, as transformers does."""
     if not isinstance(messages, list) or not messages:
         raise SftuneError(f"{where}: empty conversation (no messages); remove the row or fix the data")
     messages = [_from_sharegpt(m) for m in messages]
+    out = []
     for k, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+        if not isinstance(m, dict) or "role" not in m or ("content" not in m and not m.get("tool_calls")):
             raise SftuneError(f"{where}, message {k}: expected {{role, content}}, got {m!r:.80}")
         if m["role"] not in ROLES:
             raise SftuneError(f"{where}, message {k}: unknown role {m['role']!r}; roles are {', '.join(ROLES)}")
-        if not isinstance(m["content"], str):
-            raise SftuneError(f"{where}, message {k}: content must be text, got {type(m['content']).__name__}")
-    if final_assistant and messages[-1]["role"] != "assistant":
-        raise SftuneError(f"{where}: the conversation ends with a {messages[-1]['role']} turn, not an assistant turn "
-                          f"(message {len(messages) - 1}); nothing to train on after it. Fix or remove the row")
-    return [{"role": m["role"], "content": m["content"]} for m in messages]
+        calls = m.get("tool_calls")
+        if calls is not None and (not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls)):
+            raise SftuneError(f"{where}, message {k}: tool_calls must be a list of {{type, function: {{name, "
+                              f"arguments}}}}, got {calls!r:.80}")
+        if not isinstance(m.get("content"), str) and not (m.get("content") is None and calls):
+            raise SftuneError(f"{where}, message {k}: content must be text, got {type(m.get('content')).__name__}")
+        message = {"role": m["role"], "content": m.get("content")}
+        message.update({key: m[key] for key in MESSAGE_KEYS if m.get(key) is not None})
+        reasoning = next((message[key] for key in REASONING_KEYS if key in message), None)
+        if reasoning is not None:
+            message.update({"thinking": reasoning, "reasoning_content": reasoning})
+        out.append(message)
+    if final_assistant and out[-1]["role"] != "assistant":
+        raise SftuneError(f"{where}: the conversation ends with a {out[-1]['role']} turn, not an assistant turn "
+                          f"(message {len(out) - 1}); nothing to train on after it. Fix or remove the row")
+    return out
+
+
+def row_tools(value: Any, where: str) -> list[dict] | None:
+    """A row's tools: JSON schemas, as a list (or the JSON text of one, as older datasets stored them)."""
+    if value is None or value == "" or value == []:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise SftuneError(f"{where}: the tools column is text but not JSON ({e}); give a list of JSON "
+                              f"schemas") from None
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise SftuneError(f"{where}: tools must be a list of JSON schemas ({{type: function, function: {{name, "
+                          f"description, parameters}}}}), got {value!r:.80}")
+    return value
+
+
+def check_template_writes(template: ChatTemplate, messages: list[dict], tools: list[dict] | None,
+                          where: str) -> None:
+    """A template that drops a row's tool calls or tools would train answers on text without them."""
+    calls = [k for k, m in enumerate(messages) if m.get("tool_calls")]
+    if calls:
+        bare = [{key: value for key, value in m.items() if key != "tool_calls"} for m in messages]
+        if template.render(bare, tools=tools) == template.render(messages, tools=tools):
+            raise SftuneError(f"{where}, message {calls[0]}: the chat template does not write tool calls, so the "
+                              f"model would learn empty answers; use a template that does (--chat-template FILE; "
+                              f"sftune's default writes them)")
+    if tools and template.render(messages) == template.render(messages, tools=tools):
+        raise SftuneError(f"{where}: the chat template does not write the row's tools, so the model would learn "
+                          f"calls to tools it was never shown; use a template that does (--chat-template FILE; "
+                          f"sftune's default writes them)")
 
 
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
@@ -415,6 +482,7 @@ def row_segments(row: dict, layout: Layout, template: ChatTemplate | None = None
         prompt = validate_messages(row[c["prompt"]], f"{where} (prompt)", final_assistant=False)
         completion = validate_messages(row[c["completion"]], f"{where} (completion)")
         messages, n_prompt = prompt + completion, len(prompt)
+    tools = row_tools(row.get(c["tools"]), where) if "tools" in c else None
 
     def trained(i: int, message: dict) -> bool:
         if train_on_all_turns or (train_on_prompt and i < n_prompt):
@@ -422,7 +490,10 @@ def row_segments(row: dict, layout: Layout, template: ChatTemplate | None = None
         return message["role"] == "assistant" and i >= n_prompt
 
     try:
-        return template.segments(messages, trained)
+        parts = template.segments(messages, trained, tools)
+        if tools or any("tool_calls" in m for m in messages):
+            check_template_writes(template, messages, tools, where)
+        return parts
     except SftuneError:
         raise
     except TemplateRefusal as e:
