@@ -418,10 +418,29 @@ def test_messages_keep_tool_and_reasoning_fields_and_lose_the_empty_ones():
 
     messages = validate_messages([
         {"role": "user", "content": "Hi", "tool_calls": None, "name": None},  # keys a table filled in
-        {"role": "assistant", "content": "Hello.", "reasoning": "greet back", "weight": 1}], "row")
+        {"role": "assistant", "content": "Hello.", "reasoning": "greet back", "score": 1}], "row")
     assert messages == [{"role": "user", "content": "Hi"},
                         {"role": "assistant", "content": "Hello.", "reasoning": "greet back",
                          "thinking": "greet back", "reasoning_content": "greet back"}]
+
+
+def test_an_assistant_turn_of_weight_0_is_shown_but_not_trained(tmp_path, gpt2_tokenizer):
+    """OpenAI's fine-tuning format: `"weight": 0` on an assistant message leaves that turn out of the loss."""
+    messages = [dict(m) for m in CHAT["messages"]]
+    messages[2]["weight"] = 0
+    messages[4]["weight"] = 1
+    for options in ({}, {"train_on_all_turns": True}):
+        parts = row_segments({"messages": messages}, Layout("chat", {"messages": "messages"}),
+                             ChatTemplate(DEFAULT_CHAT_TEMPLATE, gpt2_tokenizer), **options)
+        assert ("Blue.<|endoftext|>", False) in parts and ("Red.<|endoftext|>", True) in parts
+    ids, labels = labels_of(prep(tmp_path, gpt2_tokenizer, [{"messages": messages}]))
+    assert gpt2_tokenizer.decode([t for t, lab in zip(ids, labels) if lab != X]) == "Red.<|endoftext|>"
+    for k, weight in ((2, 0.5), (1, 0)):
+        bad = [dict(m) for m in CHAT["messages"]]
+        bad[k]["weight"] = weight
+        with pytest.raises(SftuneError, match=rf"row, message {k}: weight {weight} on a \w+ message; weight is 0"):
+            row_segments({"messages": bad}, Layout("chat", {"messages": "messages"}),
+                         ChatTemplate(DEFAULT_CHAT_TEMPLATE, gpt2_tokenizer))
 
 
 def test_detection_from_columns():

@@ -384,7 +384,13 @@ def validate_messages(messages: Any, where: str, final_assistant: bool = True) -
                               f"arguments}}}}, got {calls!r:.80}")
         if not isinstance(m.get("content"), str) and not (m.get("content") is None and calls):
             raise SftuneError(f"{where}, message {k}: content must be text, got {type(m.get('content')).__name__}")
+        weight = m.get("weight")
+        if weight is not None and (m["role"] != "assistant" or weight not in (0, 1) or isinstance(weight, str)):
+            raise SftuneError(f"{where}, message {k}: weight {weight!r} on a {m['role']} message; weight is 0 (do "
+                              f"not train this assistant turn) or 1 (train it), on assistant messages only")
         message = {"role": m["role"], "content": m.get("content")}
+        if weight is not None:
+            message["weight"] = int(weight)
         message.update({key: m[key] for key in MESSAGE_KEYS if m.get(key) is not None})
         reasoning = next((message[key] for key in REASONING_KEYS if key in message), None)
         if reasoning is not None:
@@ -485,6 +491,8 @@ def row_segments(row: dict, layout: Layout, template: ChatTemplate | None = None
     tools = row_tools(row.get(c["tools"]), where) if "tools" in c else None
 
     def trained(i: int, message: dict) -> bool:
+        if message.get("weight") == 0:  # OpenAI's fine-tuning format: an assistant turn shown but not trained
+            return False
         if train_on_all_turns or (train_on_prompt and i < n_prompt):
             return True
         return message["role"] == "assistant" and i >= n_prompt
