@@ -85,3 +85,49 @@ def test_data_show_marks_the_trained_tokens(capsys, monkeypatch):
 def test_generate_without_a_template_is_a_clear_error(tiny_model_dir, capsys):
     code, _, err = run_main(capsys, "generate", "--model", str(tiny_model_dir), "--chat", "hi")
     assert code == 2 and "has no chat template" in err and "Traceback" not in err
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
+          "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def test_a_saved_chat_model_stops_at_its_templates_end_of_turn(tmp_path, capsys):
+    """A base model whose chat template ends turns with its own special token (Qwen2.5 base: <|im_end|>, EOS
+    <|endoftext|>): the saved generation config stops at both, so transformers' generate and vLLM end the answer."""
+    import torch
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, GenerationConfig
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    from conftest import small_vocab_tokenizer
+
+    tok = small_vocab_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=128, vocab_size=len(tok),
+                               bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)).save_pretrained(base)
+    tok.save_pretrained(base)
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [{"messages": [{"role": "user", "content": f"Film {i}?"}, {"role": "assistant", "content": "Fine."}]}
+            for i in range(8)]
+    for split in ("train", "validation"):
+        (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = run_main(capsys, "train", "--no-run-report", "--model", str(base), "--dataset", str(data),
+                            "--max-steps", "1", "--batch-size", "4", "--min-tokens", "0", "--sample-prompts", "",
+                            "--output-dir", str(tmp_path / "out"))
+    assert code == 0, err
+    end_of_turn = tok.convert_tokens_to_ids("<|im_end|>")
+    assert GenerationConfig.from_pretrained(tmp_path / "out").eos_token_id == [tok.eos_token_id, end_of_turn]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    prompt = tok.apply_chat_template([{"role": "user", "content": "Film 1?"}], add_generation_prompt=True,
+                                     return_tensors="pt", return_dict=True)
+
+    class EndTheTurn(LogitsProcessor):  # the model answers at once and ends its turn: generation must stop there
+        def __call__(self, input_ids, scores):
+            scores[:, end_of_turn] = scores.max() + 100.0
+            return scores
+
+    out = model.generate(**prompt, max_new_tokens=5, do_sample=False, logits_processor=LogitsProcessorList([EndTheTurn()]))
+    assert out[0, prompt["input_ids"].shape[1]:].tolist() == [end_of_turn]

@@ -289,12 +289,29 @@ def train_every_embedding_row(model) -> None:
         embedding.padding_idx = None
 
 
+def stop_token_ids(tokenizer, existing: int | list[int] | None) -> int | list[int]:
+    """What generation must stop at: the ids the model's generation config already names (Llama 3.1 Instruct's
+    three), the tokenizer's EOS, and the chat template's end-of-turn token. A base model trained on chat data
+    whose template ends turns with another token than EOS (Qwen2.5 base: `<|im_end|>`, not `<|endoftext|>`)
+    otherwise keeps talking past its answer in `generate`, vLLM and the next RLHF stage."""
+    ids = [existing] if isinstance(existing, int) else list(existing or [])
+    ids.append(tokenizer.eos_token_id)
+    if isinstance(tokenizer.chat_template, str) and tokenizer.chat_template:
+        from sftune.generate import end_of_turn_ids
+
+        with contextlib.suppress(Exception):  # a template that cannot render a probe has no marker to add
+            ids += end_of_turn_ids(tokenizer)
+    ids = list(dict.fromkeys(i for i in ids if i is not None))
+    return ids[0] if len(ids) == 1 else ids
+
+
 def save_model(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> None:
     """Write a directory `AutoModelForCausalLM.from_pretrained(out_dir)` loads: safetensors,
-    config, generation config (EOS and pad set so generation stops) and tokenizer. Call on rank 0 only."""
+    config, generation config (EOS, the chat template's end of turn and pad set so generation stops) and
+    tokenizer. Call on rank 0 only."""
     model.config.pad_token_id = tokenizer.pad_token_id
     gen = model.generation_config if model.generation_config is not None else GenerationConfig()
-    gen.eos_token_id = tokenizer.eos_token_id
+    gen.eos_token_id = stop_token_ids(tokenizer, gen.eos_token_id)
     gen.pad_token_id = tokenizer.pad_token_id
     if tokenizer.bos_token_id is not None:
         gen.bos_token_id = tokenizer.bos_token_id
