@@ -292,6 +292,17 @@ def test_a_template_that_closes_the_conversation_keeps_its_closing_text_at_the_e
     assert "".join(t for t, _ in parts) == ChatTemplate(CLOSING_EOS, gpt2_tokenizer).render(CHAT["messages"])
 
 
+def test_a_closing_that_only_follows_an_assistant_turn_is_found_from_the_special_tokens(gpt2_tokenizer):
+    # as TRL's Phi-3 training template: no closing for no message, so it is told apart by being special tokens only
+    closing_after_answer = CHATML.replace(
+        "{% endif %}", "{% elif messages and messages[-1]['role'] == 'assistant' %}{{ eos_token }}{% endif %}")
+    template = ChatTemplate(closing_after_answer, gpt2_tokenizer)
+    assert template.render_empty() == ""
+    parts = split(closing_after_answer, gpt2_tokenizer, CHAT["messages"])
+    assert [t for t, trained in parts if trained] == ["Blue.<|im_end|>\n", "Red.<|im_end|>\n<|endoftext|>"]
+    assert "".join(t for t, _ in parts) == template.render(CHAT["messages"])
+
+
 def test_a_generation_prompt_longer_than_the_rendered_header_trains_what_follows_the_common_part(gpt2_tokenizer):
     parts = split(THINK_PROMPT, gpt2_tokenizer, CHAT["messages"])
     assert [t for t, trained in parts if trained] == ["Blue.<|im_end|>\n", "Red.<|im_end|>\n"]

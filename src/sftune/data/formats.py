@@ -191,6 +191,10 @@ class ChatTemplate:
             raise SftuneError(f"the chat template does not compile: {e} (check --chat-template)") from None
         self.source = source
         self.variables = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        self.special_tokens = {t for t in [*self.variables.values(), *getattr(tokenizer, "all_special_tokens", []),
+                                           *(getattr(a, "content", a) for a in added.values())]
+                               if isinstance(t, str) and t}
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
         """The template's text, with what `apply_chat_template` passes it (tools, no documents)."""
@@ -279,7 +283,27 @@ class ChatTemplate:
             return None
         if closing and part.endswith(closing) and len(part) < len(full):
             part = part[: len(part) - len(closing)]
+        elif not full.startswith(part):
+            part = part[: self._closing_start(part, full)]
         return len(part) if len(part) >= pos and full.startswith(part) else None
+
+    def _closing_start(self, part: str, full: str) -> int:
+        """Where `part` (a render of the first messages) stops agreeing with `full`, when what follows there is
+        only special tokens that also end `full`: a closing the template writes after the last message (Phi-3's
+        EOS) that rendering no message at all did not show. Else len(part)."""
+        k = _common_prefix(part, full)
+        for token in self.special_tokens:  # back to the start of a special token the agreement ends inside
+            for j in range(max(0, k - len(token) + 1), k):
+                if part.startswith(token, j):
+                    k = j
+                    break
+        rest = part[k:]
+        while rest:
+            token = next((t for t in self.special_tokens if rest.startswith(t)), None)
+            if token is None and not rest[0].isspace():
+                return len(part)
+            rest = rest[len(token) if token else 1:]
+        return k if part[k:] and full.endswith(part[k:]) else len(part)
 
     def _as_generated(self, messages: list[dict], i: int, header: str, full: str, closing: str,
                       start: int, tools: list[dict] | None) -> tuple[int, str, str]:
