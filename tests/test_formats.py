@@ -435,6 +435,14 @@ def test_messages_keep_tool_and_reasoning_fields_and_lose_the_empty_ones():
                          "thinking": "greet back", "reasoning_content": "greet back"}]
 
 
+def test_a_conversation_stored_as_json_text_reads_as_its_messages(gpt2_tokenizer):
+    layout, template = Layout("chat", {"messages": "messages"}), ChatTemplate(DEFAULT_CHAT_TEMPLATE, gpt2_tokenizer)
+    assert row_segments({"messages": json.dumps(CHAT["messages"])}, layout, template) == \
+        row_segments(CHAT, layout, template)
+    with pytest.raises(SftuneError, match="row: column 'messages' holds text that is not a JSON list of messages"):
+        row_segments({"messages": "Hi there"}, layout, template)
+
+
 def test_an_assistant_turn_of_weight_0_is_shown_but_not_trained(tmp_path, gpt2_tokenizer):
     """OpenAI's fine-tuning format: `"weight": 0` on an assistant message leaves that turn out of the loss."""
     messages = [dict(m) for m in CHAT["messages"]]

@@ -32,6 +32,25 @@ def test_streamed_examples_have_the_in_memory_masks(tmp_path, gpt2_tokenizer):
     assert stream.layout == memory.layout
 
 
+def test_streamed_tool_calls_keep_only_their_own_keys(tmp_path, gpt2_tokenizer):
+    """A stream's chunks become tables: the tool rows' arguments and schemas must not gain each other's keys."""
+    from test_formats import TOOL_ROWS
+
+    d = tmp_path / "tools"
+    d.mkdir()
+    for split in ("train", "validation"):
+        (d / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in TOOL_ROWS))
+    memory = prepare(str(d), gpt2_tokenizer, 512, min_tokens=0, cache_dir=tmp_path / "c")
+    stream = StreamedData(DataOptions(str(d), 512, min_tokens=0), gpt2_tokenizer)
+    chunk, _ = stream.first_chunk(8)
+
+    def texts(ex):
+        return sorted(gpt2_tokenizer.decode(ex.example(i)[0]) for i in range(len(ex)))
+
+    assert texts(chunk) == texts(stream.validation) == texts(memory.train)
+    assert not any("null" in t for t in texts(chunk))
+
+
 def stream_args(model_dir, data, out, *extra):
     # 90 rows: the first 20 held out for validation, 70 streamed in chunks of 1 x 64 rows, so an epoch
     # is 64 + 6 steps; 76 steps cross a chunk boundary and an epoch boundary

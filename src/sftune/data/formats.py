@@ -33,6 +33,7 @@ ROLES = ("system", "user", "assistant", "tool")
 # What a message may hold besides role and content, passed to the template as given (OpenAI's and TRL's names).
 MESSAGE_KEYS = ("tool_calls", "name", "tool_call_id", "reasoning_content", "thinking", "reasoning")
 REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")  # one field under its several names
+CHAT_COLUMNS = ("messages", "prompt", "completion", "tools")  # a chat layout's columns of structured data
 ROW_COLUMN = "__row__"  # the row's number in its source split, added by load_rows for error messages
 
 # GPT-2 and other base models ship no chat template. This one is deliberately plain:
@@ -428,14 +429,14 @@ def validate_messages(messages: Any, where: str, final_assistant: bool = True) -
 
 def row_tools(value: Any, where: str) -> list[dict] | None:
     """A row's tools: JSON schemas, as a list (or the JSON text of one, as older datasets stored them)."""
-    if value is None or value == "" or value == []:
-        return None
-    if isinstance(value, str):
+    if isinstance(value, str) and value:
         try:
             value = json.loads(value)
         except json.JSONDecodeError as e:
             raise SftuneError(f"{where}: the tools column is text but not JSON ({e}); give a list of JSON "
                               f"schemas") from None
+    if value is None or value == "" or value == []:
+        return None
     if isinstance(value, dict):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
@@ -506,11 +507,13 @@ def row_segments(row: dict, layout: Layout, template: ChatTemplate | None = None
     if template is None:
         raise AssertionError("chat formats need a ChatTemplate")
     if layout.format == "chat":
-        messages = validate_messages(row[c["messages"]], where)
+        messages = validate_messages(_structured(row[c["messages"]], c["messages"], where), where)
         n_prompt = 0
     else:
-        prompt = validate_messages(row[c["prompt"]], f"{where} (prompt)", final_assistant=False)
-        completion = validate_messages(row[c["completion"]], f"{where} (completion)")
+        prompt = validate_messages(_structured(row[c["prompt"]], c["prompt"], where), f"{where} (prompt)",
+                                   final_assistant=False)
+        completion = validate_messages(_structured(row[c["completion"]], c["completion"], where),
+                                       f"{where} (completion)")
         messages, n_prompt = prompt + completion, len(prompt)
     tools = row_tools(row.get(c["tools"]), where) if "tools" in c else None
 
@@ -535,6 +538,18 @@ def row_segments(row: dict, layout: Layout, template: ChatTemplate | None = None
         raise SftuneError(f"{where}: the chat template cannot be split into turns exactly ({e}); "
                           f"use a template that writes each assistant turn the same way whatever follows it "
                           f"(--chat-template FILE)") from None
+
+
+def _structured(cell: Any, column: str, where: str) -> Any:
+    """A conversation cell: as stored, or parsed from the JSON text of one (how some datasets store them, and how
+    a stream's chunks carry them)."""
+    if not isinstance(cell, str):
+        return cell
+    try:
+        return json.loads(cell)
+    except json.JSONDecodeError:
+        raise SftuneError(f"{where}: column {column!r} holds text that is not a JSON list of messages; give "
+                          f"messages as [{{role, content}}, ...] (check --format and --columns)") from None
 
 
 FORMAT_PARTS = {"text": ("text",), "prompt_completion": ("prompt", "completion"), "chat": ("messages",),

@@ -17,6 +17,7 @@ validation split, else the first `stream_val_rows` rows, which training skips.
 from __future__ import annotations
 
 import itertools
+import json
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -25,7 +26,7 @@ import numpy as np
 from sftune.console import log
 from sftune.data.cache import source_fingerprint
 from sftune.data.examples import Examples, SplitStats
-from sftune.data.formats import ROW_COLUMN, ChatTemplate, Layout, detect_layout
+from sftune.data.formats import CHAT_COLUMNS, ROW_COLUMN, ChatTemplate, Layout, detect_layout
 from sftune.data.pipeline import DataOptions
 from sftune.data.sources import VALIDATION_NAMES, open_stream
 from sftune.data.tokenize import chat_template_for, check_end_of_turn, tokenize_split, warn_about
@@ -41,6 +42,19 @@ class StreamPosition:
     rows: int = 0  # training rows read before the current chunk
     chunk: int = 0  # index of the current chunk in the epoch
     steps_done: int = 0  # optimizer steps of the current chunk already taken
+
+
+def table(rows: list[dict], layout: Layout):
+    """Streamed rows as a Dataset to tokenize. A chat layout's message and tool columns go in as JSON text (read
+    back by `row_segments`): a table built from Python rows gives every message, tool call and tool schema every
+    key that any of them has, null where it had none, and a template writes those nulls (a call to `search`
+    with `"city": null`)."""
+    import datasets
+
+    if layout.format.startswith("chat"):
+        columns = [layout.columns[k] for k in CHAT_COLUMNS if k in layout.columns]
+        rows = [{**row, **{c: json.dumps(row[c]) for c in columns if c in row}} for row in rows]
+    return datasets.Dataset.from_list(rows)
 
 
 class StreamedData:
@@ -66,9 +80,9 @@ class StreamedData:
                 f"held out for validation (--stream-val-rows)")
         if not val_rows_list:
             raise SftuneError(f"dataset {dataset} has no rows to validate on (--dataset)")
-        validation_rows = datasets.Dataset.from_list(val_rows_list)
-        self.layout: Layout = detect_layout(validation_rows.features, options.format, options.columns,
-                                            options.text_column)
+        self.layout: Layout = detect_layout(datasets.Dataset.from_list(val_rows_list[:100]).features, options.format,
+                                            options.columns, options.text_column)
+        validation_rows = table(val_rows_list, self.layout)
         self.template = None
         if self.layout.format.startswith("chat"):
             self.template = ChatTemplate(chat_template_for(tokenizer), tokenizer)
@@ -82,11 +96,9 @@ class StreamedData:
                               f"check --min-tokens, --max-length and --format")
 
     def chunk(self, rows: list[dict]) -> tuple[Examples, SplitStats]:
-        import datasets
-
         if not rows:
             return Examples.from_lists([]), SplitStats()
-        return tokenize_split(datasets.Dataset.from_list(rows), self.tokenizer, self.layout, self.options,
+        return tokenize_split(table(rows, self.layout), self.tokenizer, self.layout, self.options,
                               self.template, source=self.split)
 
     def steps(self, epoch: int, position: StreamPosition, chunk_rows: int,
