@@ -87,6 +87,22 @@ def test_generate_without_a_template_is_a_clear_error(tiny_model_dir, capsys):
     assert code == 2 and "has no chat template" in err and "Traceback" not in err
 
 
+def test_generate_with_a_system_message_the_template_refuses_is_a_clear_error(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.chat_template = ("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}" + CHATML)
+    tok.save_pretrained(model)
+    code, _, err = run_main(capsys, "generate", "--model", str(model), "--chat", "hi", "--system", "Be brief.")
+    assert code == 2 and "Traceback" not in err
+    assert "the model's chat template refuses this prompt: System role not supported; leave out --system" in err
+
+
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}"
           "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 

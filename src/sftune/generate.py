@@ -107,7 +107,11 @@ def render_chat_prompt(tokenizer, user: str, system: str | None = None) -> tuple
         raise SftuneError("this model's tokenizer has no chat template (it was not trained on chat data by sftune); "
                           "use --prompt for plain text, or --chat-template FILE")
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except Exception as e:  # the template's own raise_exception, e.g. "System role not supported"
+        fix = "leave out --system" if system else "check the model's chat template"
+        raise SftuneError(f"the model's chat template refuses this prompt: {e}; {fix}") from None
     return text, end_of_turn_ids(tokenizer)
 
 
