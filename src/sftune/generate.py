@@ -119,6 +119,10 @@ def end_of_turn_ids(tokenizer) -> list[int]:
     """The chat template's end-of-turn special token, as ids (empty when it ends turns with plain text)."""
     from sftune.data.formats import ChatTemplate
 
-    end = tokenizer(ChatTemplate(tokenizer.chat_template, tokenizer).end_of_turn(), add_special_tokens=False)["input_ids"]
+    try:
+        marker = ChatTemplate(tokenizer.chat_template, tokenizer).end_of_turn()
+    except Exception:  # a template that cannot render the probe exchange: stop at EOS only
+        return []
+    end = tokenizer(marker, add_special_tokens=False)["input_ids"]
     special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}))
     return [i for i in end[:1] if i in special]

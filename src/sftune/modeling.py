@@ -299,8 +299,7 @@ def stop_token_ids(tokenizer, existing: int | list[int] | None) -> int | list[in
     if isinstance(tokenizer.chat_template, str) and tokenizer.chat_template:
         from sftune.generate import end_of_turn_ids
 
-        with contextlib.suppress(Exception):  # a template that cannot render a probe has no marker to add
-            ids += end_of_turn_ids(tokenizer)
+        ids += end_of_turn_ids(tokenizer)
     ids = list(dict.fromkeys(i for i in ids if i is not None))
     return ids[0] if len(ids) == 1 else ids
 
