@@ -17,7 +17,7 @@ import argparse
 from pathlib import Path
 from types import SimpleNamespace
 
-from sftune.data.formats import ChatTemplate
+from sftune.data.templates import ChatTemplate
 
 CONVERSATIONS = {
     "one turn": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello there"}],

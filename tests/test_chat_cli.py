@@ -32,7 +32,7 @@ def chat_run(tmp_path_factory):
 def test_chat_training_learns_and_saves_its_template(chat_run):
     from transformers import AutoTokenizer
 
-    from sftune.data.formats import DEFAULT_CHAT_TEMPLATE
+    from sftune.data.templates import DEFAULT_CHAT_TEMPLATE
 
     out, err = chat_run
     assert "format chat (messages=messages)" in err

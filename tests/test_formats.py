@@ -12,7 +12,8 @@ import pytest
 from sftune.batching import IGNORE_INDEX, best_fit_decreasing, collate, collate_packed, epoch_steps
 from conftest import prepare
 from sftune.errors import SftuneError
-from sftune.data.formats import DEFAULT_CHAT_TEMPLATE, ChatTemplate, Layout, detect_layout, parse_columns, row_segments
+from sftune.data.formats import Layout, detect_layout, parse_columns, row_segments
+from sftune.data.templates import DEFAULT_CHAT_TEMPLATE, ChatTemplate
 
 EOS = 50256
 X = IGNORE_INDEX

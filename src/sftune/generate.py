@@ -117,7 +117,7 @@ def render_chat_prompt(tokenizer, user: str, system: str | None = None) -> tuple
 
 def end_of_turn_ids(tokenizer) -> list[int]:
     """The chat template's end-of-turn special token, as ids (empty when it ends turns with plain text)."""
-    from sftune.data.formats import ChatTemplate
+    from sftune.data.templates import ChatTemplate
 
     try:
         marker = ChatTemplate(tokenizer.chat_template, tokenizer).end_of_turn()

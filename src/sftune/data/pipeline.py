@@ -19,8 +19,9 @@ from pathlib import Path
 from sftune.data.cache import PIPELINE_VERSION, default_cache_dir, entry_path, read_entry, source_fingerprint, \
     tokenizer_fingerprint, write_entry
 from sftune.data.examples import Examples, SplitStats
-from sftune.data.formats import ROW_COLUMN, ChatTemplate, Layout, detect_layout
+from sftune.data.formats import ROW_COLUMN, Layout, detect_layout
 from sftune.data.sources import load_rows
+from sftune.data.templates import ChatTemplate
 from sftune.data.tokenize import EncodeOptions, chat_template_for, check_end_of_turn, tokenize_split, warn_about
 from sftune.errors import SftuneError
 

@@ -26,9 +26,10 @@ import numpy as np
 from sftune.console import log
 from sftune.data.cache import source_fingerprint
 from sftune.data.examples import Examples, SplitStats
-from sftune.data.formats import CHAT_COLUMNS, ROW_COLUMN, ChatTemplate, Layout, detect_layout
+from sftune.data.formats import CHAT_COLUMNS, ROW_COLUMN, Layout, detect_layout
 from sftune.data.pipeline import DataOptions
 from sftune.data.sources import VALIDATION_NAMES, open_stream
+from sftune.data.templates import ChatTemplate
 from sftune.data.tokenize import chat_template_for, check_end_of_turn, tokenize_split, warn_about
 from sftune.errors import SftuneError
 

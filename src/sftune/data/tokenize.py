@@ -19,7 +19,8 @@ import numpy as np
 
 from sftune.console import log
 from sftune.data.examples import DROP_REASONS, Examples, SplitStats, count_targets, drop_untrained, length_summary
-from sftune.data.formats import DEFAULT_CHAT_TEMPLATE, ROW_COLUMN, ChatTemplate, Layout, row_segments
+from sftune.data.formats import ROW_COLUMN, Layout, row_segments
+from sftune.data.templates import DEFAULT_CHAT_TEMPLATE, ChatTemplate
 from sftune.errors import SftuneError
 
 MAP_BATCH_SIZE = 512  # rows per tokenizer call in datasets.map, as in the seed
