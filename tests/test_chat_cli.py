@@ -64,6 +64,30 @@ def test_generate_renders_the_chat_with_the_same_template(chat_run, capsys):
     assert result["chat"] == "Should I see the remake?" and result["completions"][0].strip()
 
 
+def test_generate_shows_the_model_its_tools(chat_run, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from sftune.generate import render_chat_prompt
+
+    out, _ = chat_run
+    schema = {"type": "function", "function": {"name": "find_film", "description": "Find a film.",
+                                               "parameters": {"type": "object", "properties": {}}}}
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([schema]))
+    text, _ = render_chat_prompt(AutoTokenizer.from_pretrained(out), "Find Heat.", tools=[schema])
+    assert text == f"<|tools|>\n{json.dumps(schema)}<|endoftext|><|user|>\nFind Heat.<|endoftext|><|assistant|>\n"
+    code, stdout, err = run_main(capsys, "generate", "--model", str(out), "--chat", "Find Heat.", "--tools",
+                                 str(tools), "--temperature", "0", "--max-new-tokens", "4", "--json")
+    assert code == 0, err
+    bad = tmp_path / "bad.json"
+    bad.write_text('["find_film"]')
+    for args, message in ((["--chat", "Hi", "--tools", str(tmp_path / "none.json")], "--tools: cannot read"),
+                          (["--prompt", "Hi", "--tools", str(tools)], "--tools goes with --chat"),
+                          (["--chat", "Hi", "--tools", str(bad)], "tools must be a list of JSON schemas")):
+        code, _, err = run_main(capsys, "generate", "--model", str(out), *args)
+        assert code == 2 and message in err and "Traceback" not in err, err
+
+
 def test_data_show_marks_the_trained_tokens(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     code, stdout, err = run_main(capsys, "data", "--config", CHAT_CONFIG, "--show", "1")

@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="append", default=[], metavar="MESSAGE",
                    help="a user message, rendered with the model's chat template (repeat for several)")
     p.add_argument("--system", help="system message before each --chat message [default: none]")
+    p.add_argument("--tools", metavar="FILE", help="JSON file of tool schemas (a list of {type: function, function: "
+                   "{name, description, parameters}}) given to the chat template with each --chat message, as a "
+                   "tools column is in training [default: none]")
     p.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate at most [default: 40]")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature; 0 for greedy decoding "
                    "[default: 0.8]")
@@ -326,6 +329,20 @@ def cmd_tokenize(args) -> None:
         print(f"decoded: {row['decoded']!r} ({same})\n")
 
 
+def read_tools(path: str) -> list[dict]:
+    """`generate --tools FILE`: the JSON schemas, checked as a row's tools column is."""
+    from sftune.data.formats import row_tools
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SftuneError(f"--tools: cannot read {path}: {e}") from None
+    tools = row_tools(text, f"--tools {path}")
+    if not tools:
+        raise SftuneError(f"--tools {path} holds no tool schema; give a JSON list of them")
+    return tools
+
+
 def cmd_generate(args) -> None:
     quiet_libraries()
     from sftune.generate import complete
@@ -337,13 +354,16 @@ def cmd_generate(args) -> None:
     args.prompt = [utf8(p, "--prompt") for p in args.prompt]
     args.chat = [utf8(p, "--chat") for p in args.chat]
     args.system = args.system and utf8(args.system, "--system")
+    tools = read_tools(args.tools) if args.tools else None
+    if tools and not args.chat:
+        raise SftuneError("--tools goes with --chat MESSAGE (a plain --prompt has no chat template to show them)")
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code, flag="--model", advice=model_dir_advice(args.model))
     model = load_model(args.model, "pretrained", args.trust_remote_code, base=args.base).to(device)
     results = []
     for prompt, chat in [(p, False) for p in args.prompt] + [(c, True) for c in args.chat]:
         texts = complete(model, tokenizer, prompt, args.max_new_tokens, args.temperature, args.top_p,
-                         args.num_samples, args.seed, chat=chat, system=args.system)
+                         args.num_samples, args.seed, chat=chat, system=args.system, tools=tools)
         results.append({"prompt" if not chat else "chat": prompt, "completions": texts})
     if args.json:
         print(json.dumps(results if len(results) > 1 else results[0], ensure_ascii=False))

@@ -26,6 +26,7 @@ def complete(
     seed: int = 0,
     chat: bool = False,
     system: str | None = None,
+    tools: list[dict] | None = None,
     rendered: bool = False,
     synced: bool = False,
 ) -> list[str]:
@@ -50,7 +51,7 @@ def complete(
         if rendered:
             end_of_turn = end_of_turn_ids(tokenizer)
         else:
-            prompt, end_of_turn = render_chat_prompt(tokenizer, prompt, system)
+            prompt, end_of_turn = render_chat_prompt(tokenizer, prompt, system, tools)
         stop += [i for i in end_of_turn if i != tokenizer.eos_token_id]
         encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
     else:
@@ -100,18 +101,23 @@ def complete(
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
 
-def render_chat_prompt(tokenizer, user: str, system: str | None = None) -> tuple[str, list[int]]:
-    """The text to generate from for one user turn, and the template's end-of-turn special token ids."""
+def render_chat_prompt(tokenizer, user: str, system: str | None = None,
+                       tools: list[dict] | None = None) -> tuple[str, list[int]]:
+    """The text to generate from for one user turn (with the tools the model may call), and the template's
+    end-of-turn special token ids."""
     template = tokenizer.chat_template
     if not isinstance(template, str) or not template:
         raise SftuneError("this model's tokenizer has no chat template (it was not trained on chat data by sftune); "
                           "use --prompt for plain text, or --chat-template FILE")
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
     except Exception as e:  # the template's own raise_exception, e.g. "System role not supported"
         fix = "leave out --system" if system else "check the model's chat template"
         raise SftuneError(f"the model's chat template refuses this prompt: {e}; {fix}") from None
+    if tools and text == tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True):
+        raise SftuneError("the model's chat template does not write tools, so the model would not see them; "
+                          "leave out --tools")
     return text, end_of_turn_ids(tokenizer)
 
 
