@@ -408,6 +408,22 @@ def test_sftunes_default_template_writes_tools_and_tool_calls(gpt2_tokenizer):
         ("<|tool|>\ndone<|endoftext|>", False), ("<|assistant|>\n", False), ("Sunny.<|endoftext|>", True)]
 
 
+def test_sharegpt_tool_turns_read_as_tool_calls_and_answers(gpt2_tokenizer):
+    """LLaMA-Factory's ShareGPT layout: function_call and observation turns, tools as JSON text."""
+    row = TOOL_ROWS[1]
+    call = row["messages"][1]["tool_calls"][0]["function"]
+    sharegpt = {"conversations": [{"from": "human", "value": "Use search."},
+                                  {"from": "function_call", "value": json.dumps(call)},
+                                  {"from": "observation", "value": "done"}, {"from": "gpt", "value": "Found."}],
+                "tools": json.dumps(row["tools"])}
+    template = ChatTemplate(TOOLS_CHATML, gpt2_tokenizer)
+    assert row_segments(sharegpt, Layout("chat", {"messages": "conversations", "tools": "tools"}), template) == \
+        row_segments(row, Layout("chat", {"messages": "messages", "tools": "tools"}), template)
+    sharegpt["conversations"][1]["value"] = "search(cats)"
+    with pytest.raises(SftuneError, match="message 1: tool_calls must be a list"):
+        row_segments(sharegpt, Layout("chat", {"messages": "conversations", "tools": "tools"}), template)
+
+
 def test_a_template_that_drops_tool_calls_or_tools_is_an_error(gpt2_tokenizer):
     layout = Layout("chat", {"messages": "messages", "tools": "tools"})
     with pytest.raises(SftuneError, match=r"train row 1, message 1: the chat template does not write tool calls, "

@@ -184,14 +184,25 @@ def row_tools(value: Any, where: str) -> list[dict] | None:
     return value
 
 
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant",
+                  "observation": "tool"}
 
 
 def _from_sharegpt(message: Any) -> Any:
-    """A ShareGPT message {from: human|gpt|system, value} as {role, content}; others unchanged."""
-    if isinstance(message, dict) and message.get("role") is None and "from" in message and "value" in message:
-        return {"role": SHAREGPT_ROLES.get(message["from"], message["from"]), "content": message["value"]}
-    return message
+    """A ShareGPT message {from: human|gpt|system, value} as {role, content}; others unchanged. LLaMA-Factory's tool
+    turns: `function_call` (value: the JSON of a call {name, arguments}, or of a list of them) is an assistant
+    message with those tool calls, `observation` a tool's answer."""
+    if not (isinstance(message, dict) and message.get("role") is None and "from" in message and "value" in message):
+        return message
+    if message["from"] == "function_call":
+        try:
+            calls = json.loads(message["value"])
+        except (TypeError, json.JSONDecodeError):
+            return {"role": "assistant", "content": None, "tool_calls": message["value"]}  # refused as malformed
+        calls = calls if isinstance(calls, list) else [calls]
+        return {"role": "assistant", "content": None,
+                "tool_calls": [{"type": "function", "function": c} if isinstance(c, dict) else c for c in calls]}
+    return {"role": SHAREGPT_ROLES.get(message["from"], message["from"]), "content": message["value"]}
 
 
 def _as_text(value: Any) -> Any:
