@@ -53,9 +53,9 @@ def test_an_overlong_jsonl_line_is_refused_before_loading(small_model_dir, tmp_p
 
 
 def test_a_chat_template_that_does_not_finish_is_stopped(small_model_dir, tmp_path, capsys, monkeypatch):
-    from sftune.data import formats
+    from sftune.data import templates
 
-    monkeypatch.setattr(formats, "RENDER_LIMIT_S", 0.5)
+    monkeypatch.setattr(templates, "RENDER_LIMIT_S", 0.5)
     template = tmp_path / "slow.jinja"
     template.write_text("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
                         "{% for m in messages %}{{ m['content'] }}{% endfor %}")
