@@ -397,6 +397,18 @@ def test_tool_calling_rows_train_the_calls_and_answers_with_the_rows_own_tools(t
         sorted(str(labels_of(data, i)) for i in range(3) if "Tools:" in tok.decode(labels_of(data, i)[0]))
 
 
+def test_a_tokenizers_tool_use_template_renders_the_rows_with_tools(tmp_path, gpt2_tokenizer):
+    """Tokenizers that name several templates (Hermes, Command R): rows with tools get `tool_use`, as in
+    `apply_chat_template(..., tools=...)`; the others get `default`."""
+    tok = copy.deepcopy(gpt2_tokenizer)
+    tok.chat_template = {"default": CHATML.replace("m['content']", "(m['content'] or '')"), "tool_use": TOOLS_CHATML}
+    data = prep(tmp_path, tok, TOOL_ROWS, max_length=512)
+    texts = sorted(tok.decode(labels_of(data, i)[0]) for i in range(len(TOOL_ROWS)))
+    assert texts == sorted(tok.apply_chat_template(r["messages"], tools=r.get("tools"), tokenize=False)
+                           for r in TOOL_ROWS)
+    assert sum("Tools:" in t for t in texts) == 2
+
+
 def test_sftunes_default_template_writes_tools_and_tool_calls(gpt2_tokenizer):
     parts = row_segments(TOOL_ROWS[0], Layout("chat", {"messages": "messages", "tools": "tools"}),
                          ChatTemplate(DEFAULT_CHAT_TEMPLATE, gpt2_tokenizer))

@@ -250,6 +250,8 @@ def row_segments(row: dict, layout: Layout, template: ChatTemplate | None = None
                                        f"{where} (completion)")
         messages, n_prompt = prompt + completion, len(prompt)
     tools = row_tools(row.get(c["tools"]), where) if "tools" in c else None
+    if tools and template.tool_use is not None:
+        template = template.tool_use
 
     def trained(i: int, message: dict) -> bool:
         if message.get("weight") == 0:  # OpenAI's fine-tuning format: an assistant turn shown but not trained

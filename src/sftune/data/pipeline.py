@@ -21,8 +21,8 @@ from sftune.data.cache import PIPELINE_VERSION, default_cache_dir, entry_path, r
 from sftune.data.examples import Examples, SplitStats
 from sftune.data.formats import ROW_COLUMN, Layout, detect_layout
 from sftune.data.sources import load_rows
-from sftune.data.templates import ChatTemplate
-from sftune.data.tokenize import EncodeOptions, chat_template_for, check_end_of_turn, tokenize_split, warn_about
+from sftune.data.tokenize import EncodeOptions, chat_template_for, check_end_of_turn, load_chat_template, \
+    tokenize_split, warn_about
 from sftune.errors import SftuneError
 
 
@@ -84,7 +84,7 @@ def prepare_data(options: DataOptions, tokenizer) -> PreparedData:
     settings = {
         "version": PIPELINE_VERSION,
         "tokenizer": tokenizer_fingerprint(tokenizer),
-        "chat_template": tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None,
+        "chat_template": tokenizer.chat_template if isinstance(tokenizer.chat_template, (str, dict)) else None,
         "text_column": o.text_column,
         "format": o.format,
         "columns": o.columns,
@@ -115,7 +115,7 @@ def prepare_data(options: DataOptions, tokenizer) -> PreparedData:
         names = [c for c in rows["validation"].column_names if c != ROW_COLUMN]
         raise SftuneError(f"the validation split has no column {missing[0]!r} (columns: {', '.join(names)}); "
                           f"give both splits the same columns (--dataset)")
-    template = ChatTemplate(chat_template_for(tokenizer), tokenizer) if layout.format.startswith("chat") else None
+    template = load_chat_template(tokenizer) if layout.format.startswith("chat") else None
     if template is not None:
         check_end_of_turn(template)
     splits, stats = {}, {}

@@ -29,8 +29,7 @@ from sftune.data.examples import Examples, SplitStats
 from sftune.data.formats import CHAT_COLUMNS, ROW_COLUMN, Layout, detect_layout
 from sftune.data.pipeline import DataOptions
 from sftune.data.sources import VALIDATION_NAMES, open_stream
-from sftune.data.templates import ChatTemplate
-from sftune.data.tokenize import chat_template_for, check_end_of_turn, tokenize_split, warn_about
+from sftune.data.tokenize import check_end_of_turn, load_chat_template, tokenize_split, warn_about
 from sftune.errors import SftuneError
 
 SHUFFLE_BUFFER_CHUNKS = 4  # the shuffle buffer holds this many chunks of rows
@@ -86,7 +85,7 @@ class StreamedData:
         validation_rows = table(val_rows_list, self.layout)
         self.template = None
         if self.layout.format.startswith("chat"):
-            self.template = ChatTemplate(chat_template_for(tokenizer), tokenizer)
+            self.template = load_chat_template(tokenizer)
             check_end_of_turn(self.template)
         self.tokenizer, self.options, self.seed, self.split = tokenizer, options.encode, options.seed, split
         self.validation, self.validation_stats = tokenize_split(

@@ -77,6 +77,7 @@ class ChatTemplate:
         except TemplateError as e:
             raise SftuneError(f"the chat template does not compile: {e} (check --chat-template)") from None
         self.source = source
+        self.tool_use: ChatTemplate | None = None  # a tokenizer's named `tool_use` template, for rows with tools
         self.variables = {k: getattr(tokenizer, k, None) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         added = getattr(tokenizer, "added_tokens_decoder", None) or {}
         self.special_tokens = {t for t in [*self.variables.values(), *getattr(tokenizer, "all_special_tokens", []),

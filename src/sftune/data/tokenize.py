@@ -209,6 +209,17 @@ def chat_template_for(tokenizer) -> str:
     return template
 
 
+def load_chat_template(tokenizer) -> ChatTemplate:
+    """What chat rows are rendered with: `chat_template_for`'s template and, where the tokenizer names a `tool_use`
+    template beside its default (Hermes, Command R), that one for rows with tools, as `apply_chat_template(...,
+    tools=...)` picks it."""
+    template = ChatTemplate(chat_template_for(tokenizer), tokenizer)
+    named = tokenizer.chat_template
+    if isinstance(named, dict) and named.get("tool_use"):
+        template.tool_use = ChatTemplate(named["tool_use"], tokenizer)
+    return template
+
+
 def check_end_of_turn(template: ChatTemplate) -> None:
     try:
         end = template.end_of_turn()
