@@ -171,3 +171,19 @@ def test_a_saved_chat_model_stops_at_its_templates_end_of_turn(tmp_path, capsys)
 
     out = model.generate(**prompt, max_new_tokens=5, do_sample=False, logits_processor=LogitsProcessorList([EndTheTurn()]))
     assert out[0, prompt["input_ids"].shape[1]:].tolist() == [end_of_turn]
+
+
+def test_generate_renders_with_a_tokenizers_named_templates(gpt2_tokenizer):
+    """Several named templates (Hermes, Command R): `default`, or `tool_use` when tools are given."""
+    import copy
+
+    from sftune.generate import end_of_turn_ids, render_chat_prompt
+    from test_formats import TOOLS_CHATML
+
+    tok = copy.deepcopy(gpt2_tokenizer)
+    tok.chat_template = {"default": CHATML, "tool_use": TOOLS_CHATML}
+    schema = {"type": "function", "function": {"name": "f", "description": "F.", "parameters": {}}}
+    assert render_chat_prompt(tok, "Hi")[0] == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert render_chat_prompt(tok, "Hi", tools=[schema])[0].startswith(f"<|im_start|>system\nTools:\n{json.dumps(schema)}")
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    assert end_of_turn_ids(tok) == [tok.convert_tokens_to_ids("<|im_end|>")]

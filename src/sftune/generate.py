@@ -105,10 +105,9 @@ def render_chat_prompt(tokenizer, user: str, system: str | None = None,
                        tools: list[dict] | None = None) -> tuple[str, list[int]]:
     """The text to generate from for one user turn (with the tools the model may call), and the template's
     end-of-turn special token ids."""
-    template = tokenizer.chat_template
-    if not isinstance(template, str) or not template:
+    if not default_template(tokenizer):
         raise SftuneError("this model's tokenizer has no chat template (it was not trained on chat data by sftune); "
-                          "use --prompt for plain text, or --chat-template FILE")
+                          "use --prompt for plain text")
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
     try:
         text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
@@ -121,12 +120,20 @@ def render_chat_prompt(tokenizer, user: str, system: str | None = None,
     return text, end_of_turn_ids(tokenizer)
 
 
+def default_template(tokenizer) -> str:
+    """The tokenizer's chat template ('' if none); of several named ones, the default."""
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        template = template.get("default")
+    return template if isinstance(template, str) else ""
+
+
 def end_of_turn_ids(tokenizer) -> list[int]:
     """The chat template's end-of-turn special token, as ids (empty when it ends turns with plain text)."""
     from sftune.data.templates import ChatTemplate
 
     try:
-        marker = ChatTemplate(tokenizer.chat_template, tokenizer).end_of_turn()
+        marker = ChatTemplate(default_template(tokenizer), tokenizer).end_of_turn()
     except Exception:  # a template that cannot render the probe exchange: stop at EOS only
         return []
     end = tokenizer(marker, add_special_tokens=False)["input_ids"]

@@ -296,9 +296,9 @@ def stop_token_ids(tokenizer, existing: int | list[int] | None) -> int | list[in
     otherwise keeps talking past its answer in `generate`, vLLM and the next RLHF stage."""
     ids = [existing] if isinstance(existing, int) else list(existing or [])
     ids.append(tokenizer.eos_token_id)
-    if isinstance(tokenizer.chat_template, str) and tokenizer.chat_template:
-        from sftune.generate import end_of_turn_ids
+    from sftune.generate import default_template, end_of_turn_ids
 
+    if default_template(tokenizer):
         ids += end_of_turn_ids(tokenizer)
     ids = list(dict.fromkeys(i for i in ids if i is not None))
     return ids[0] if len(ids) == 1 else ids
