@@ -472,6 +472,16 @@ def test_a_conversation_stored_as_json_text_reads_as_its_messages(gpt2_tokenizer
         row_segments({"messages": "Hi there"}, layout, template)
 
 
+def test_content_given_as_text_blocks_is_the_text_they_hold(gpt2_tokenizer):
+    layout, template = Layout("chat", {"messages": "messages"}), ChatTemplate(DEFAULT_CHAT_TEMPLATE, gpt2_tokenizer)
+    blocks = [{**m, "content": [{"type": "text", "text": m["content"][:3]}, {"type": "text", "text": m["content"][3:]}]}
+              for m in CHAT["messages"]]
+    assert row_segments({"messages": blocks}, layout, template) == row_segments(CHAT, layout, template)
+    blocks[1]["content"].append({"type": "image", "url": "cat.png"})
+    with pytest.raises(SftuneError, match="row, message 1: content block 'image' is not text; sftune trains"):
+        row_segments({"messages": blocks}, layout, template)
+
+
 def test_an_assistant_turn_of_weight_0_is_shown_but_not_trained(tmp_path, gpt2_tokenizer):
     """OpenAI's fine-tuning format: `"weight": 0` on an assistant message leaves that turn out of the loss."""
     messages = [dict(m) for m in CHAT["messages"]]

@@ -146,13 +146,14 @@ def validate_messages(messages: Any, where: str, final_assistant: bool = True) -
         if calls is not None and (not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls)):
             raise SftuneError(f"{where}, message {k}: tool_calls must be a list of {{type, function: {{name, "
                               f"arguments}}}}, got {calls!r:.80}")
-        if not isinstance(m.get("content"), str) and not (m.get("content") is None and calls):
-            raise SftuneError(f"{where}, message {k}: content must be text, got {type(m.get('content')).__name__}")
+        content = _text_blocks(m.get("content"), f"{where}, message {k}")
+        if not isinstance(content, str) and not (content is None and calls):
+            raise SftuneError(f"{where}, message {k}: content must be text, got {type(content).__name__}")
         weight = m.get("weight")
         if weight is not None and (m["role"] != "assistant" or weight not in (0, 1) or isinstance(weight, str)):
             raise SftuneError(f"{where}, message {k}: weight {weight!r} on a {m['role']} message; weight is 0 (do "
                               f"not train this assistant turn) or 1 (train it), on assistant messages only")
-        message = {"role": m["role"], "content": m.get("content")}
+        message = {"role": m["role"], "content": content}
         if weight is not None:
             message["weight"] = int(weight)
         message.update({key: m[key] for key in MESSAGE_KEYS if m.get(key) is not None})
@@ -164,6 +165,20 @@ def validate_messages(messages: Any, where: str, final_assistant: bool = True) -
         raise SftuneError(f"{where}: the conversation ends with a {out[-1]['role']} turn, not an assistant turn "
                           f"(message {len(out) - 1}); nothing to train on after it. Fix or remove the row")
     return out
+
+
+def _text_blocks(content: Any, where: str) -> Any:
+    """Content given as a list of text blocks (`[{"type": "text", "text": ...}]`, the multimodal layout) as the
+    text they hold, joined as vision templates join them: many text templates would write the list's Python repr
+    (Llama 3.1) or nothing (Qwen3) instead. Other content is returned as it is."""
+    if not isinstance(content, list):
+        return content
+    for block in content:
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind != "text" or not isinstance(block.get("text"), str):
+            raise SftuneError(f"{where}: content block {str(kind or block)!r:.40} is not text; sftune trains "
+                              f"language models on text: give content as text or text blocks")
+    return "".join(block["text"] for block in content)
 
 
 def row_tools(value: Any, where: str) -> list[dict] | None:
