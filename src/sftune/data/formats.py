@@ -128,43 +128,42 @@ def detect_layout(features: dict[str, Any], requested: str = "auto", columns: di
 
 def validate_messages(messages: Any, where: str, final_assistant: bool = True) -> list[dict]:
     """Check a conversation: a non-empty list of {role, content} with known roles, ending with
-    the assistant (when `final_assistant`). Errors name the row and the message.
-
-    A message keeps the MESSAGE_KEYS it has (tool calls, a tool's name, reasoning) for the template; keys whose
-    value is None are dropped (a table fills them in for every message that lacks them, and templates test
-    `'tool_calls' in message`); reasoning is passed under each of its names, as transformers does."""
+    the assistant (when `final_assistant`). Errors name the row and the message."""
     if not isinstance(messages, list) or not messages:
         raise SftuneError(f"{where}: empty conversation (no messages); remove the row or fix the data")
-    messages = [_from_sharegpt(m) for m in messages]
-    out = []
-    for k, m in enumerate(messages):
-        if not isinstance(m, dict) or "role" not in m or ("content" not in m and not m.get("tool_calls")):
-            raise SftuneError(f"{where}, message {k}: expected {{role, content}}, got {m!r:.80}")
-        if m["role"] not in ROLES:
-            raise SftuneError(f"{where}, message {k}: unknown role {m['role']!r}; roles are {', '.join(ROLES)}")
-        calls = m.get("tool_calls")
-        if calls is not None and (not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls)):
-            raise SftuneError(f"{where}, message {k}: tool_calls must be a list of {{type, function: {{name, "
-                              f"arguments}}}}, got {calls!r:.80}")
-        content = _text_blocks(m.get("content"), f"{where}, message {k}")
-        if not isinstance(content, str) and not (content is None and calls):
-            raise SftuneError(f"{where}, message {k}: content must be text, got {type(content).__name__}")
-        weight = m.get("weight")
-        if weight is not None and (m["role"] != "assistant" or weight not in (0, 1) or isinstance(weight, str)):
-            raise SftuneError(f"{where}, message {k}: weight {weight!r} on a {m['role']} message; weight is 0 (do "
-                              f"not train this assistant turn) or 1 (train it), on assistant messages only")
-        message = {"role": m["role"], "content": content}
-        if weight is not None:
-            message["weight"] = int(weight)
-        message.update({key: m[key] for key in MESSAGE_KEYS if m.get(key) is not None})
-        reasoning = next((message[key] for key in REASONING_KEYS if key in message), None)
-        if reasoning is not None:
-            message.update({"thinking": reasoning, "reasoning_content": reasoning})
-        out.append(message)
+    out = [_message(_from_sharegpt(m), f"{where}, message {k}") for k, m in enumerate(messages)]
     if final_assistant and out[-1]["role"] != "assistant":
         raise SftuneError(f"{where}: the conversation ends with a {out[-1]['role']} turn, not an assistant turn "
                           f"(message {len(out) - 1}); nothing to train on after it. Fix or remove the row")
     return out
+
+
+def _message(m: Any, where: str) -> dict:
+    """One message, checked, as the template gets it: role and content, and the MESSAGE_KEYS it has (tool calls,
+    a tool's name, reasoning). Keys whose value is None are dropped (a table fills them in for every message that
+    lacks them, and templates test `'tool_calls' in message`); reasoning goes under each of its names, as
+    transformers passes it; an assistant turn's `weight` (0 or 1) is kept for `row_segments`."""
+    if not isinstance(m, dict) or "role" not in m or ("content" not in m and not m.get("tool_calls")):
+        raise SftuneError(f"{where}: expected {{role, content}}, got {m!r:.80}")
+    if m["role"] not in ROLES:
+        raise SftuneError(f"{where}: unknown role {m['role']!r}; roles are {', '.join(ROLES)}")
+    calls = m.get("tool_calls")
+    if calls is not None and (not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls)):
+        raise SftuneError(f"{where}: tool_calls must be a list of {{type, function: {{name, arguments}}}}, "
+                          f"got {calls!r:.80}")
+    content = _text_blocks(m.get("content"), where)
+    if not isinstance(content, str) and not (content is None and calls):
+        raise SftuneError(f"{where}: content must be text, got {type(content).__name__}")
+    weight = m.get("weight")
+    if weight is not None and (m["role"] != "assistant" or weight not in (0, 1) or isinstance(weight, str)):
+        raise SftuneError(f"{where}: weight {weight!r} on a {m['role']} message; weight is 0 (do not train this "
+                          f"assistant turn) or 1 (train it), on assistant messages only")
+    message = {"role": m["role"], "content": content, **({"weight": int(weight)} if weight is not None else {})}
+    message.update({key: m[key] for key in MESSAGE_KEYS if m.get(key) is not None})
+    reasoning = next((message[key] for key in REASONING_KEYS if key in message), None)
+    if reasoning is not None:
+        message.update({"thinking": reasoning, "reasoning_content": reasoning})
+    return message
 
 
 def _text_blocks(content: Any, where: str) -> Any:
