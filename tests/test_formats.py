@@ -407,6 +407,11 @@ def test_a_tokenizers_tool_use_template_renders_the_rows_with_tools(tmp_path, gp
     assert texts == sorted(tok.apply_chat_template(r["messages"], tools=r.get("tools"), tokenize=False)
                            for r in TOOL_ROWS)
     assert sum("Tools:" in t for t in texts) == 2
+    tok.chat_template = {"tool_use": TOOLS_CHATML, "rag": CHATML}
+    with pytest.raises(SftuneError, match=r"names several chat templates \(tool_use, rag\) and none is 'default'; "
+                                          r"give the one to train with: --chat-template FILE"):
+        (tmp_path / "named").mkdir()
+        prep(tmp_path / "named", tok, TOOL_ROWS, max_length=512)
 
 
 def test_sftunes_default_template_writes_tools_and_tool_calls(gpt2_tokenizer):

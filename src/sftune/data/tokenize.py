@@ -201,7 +201,10 @@ def chat_template_for(tokenizer) -> str:
     """The tokenizer's chat template, else sftune's default (set on the tokenizer, so it is saved with the model)."""
     template = tokenizer.chat_template
     if isinstance(template, dict):  # several named templates: the default one
-        template = template.get("default")
+        if not template.get("default"):
+            raise SftuneError(f"the tokenizer names several chat templates ({', '.join(map(str, template))}) and "
+                              f"none is 'default'; give the one to train with: --chat-template FILE")
+        template = template["default"]
     if not template:
         tokenizer.chat_template = template = DEFAULT_CHAT_TEMPLATE
         log("chat: the tokenizer has no chat template; using sftune's default "
