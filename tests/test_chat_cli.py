@@ -187,3 +187,37 @@ def test_generate_renders_with_a_tokenizers_named_templates(gpt2_tokenizer):
     assert render_chat_prompt(tok, "Hi", tools=[schema])[0].startswith(f"<|im_start|>system\nTools:\n{json.dumps(schema)}")
     tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
     assert end_of_turn_ids(tok) == [tok.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_chat_template_from_another_models_tokenizer(small_model_dir, tmp_path, capsys, monkeypatch):
+    """`--chat-template DIR_OR_HUB_ID` takes that tokenizer's template (an instruct model's, for its base)."""
+    from transformers import AutoTokenizer
+
+    instruct = tmp_path / "instruct"
+    tok = AutoTokenizer.from_pretrained(small_model_dir)
+    tok.chat_template = CHATML.replace("<|im_start|>", "<|endoftext|>").replace("<|im_end|>", "<|endoftext|>")
+    tok.save_pretrained(instruct)
+    data = tmp_path / "chat.jsonl"
+    data.write_text((json.dumps({"messages": [{"role": "user", "content": "a film"},
+                                              {"role": "assistant", "content": "a fine film"}]}) + "\n") * 20)
+    code, stdout, err = run_main(capsys, "data", "--model", str(small_model_dir), "--dataset", str(data),
+                                 "--chat-template", str(instruct), "--min-tokens", "0", "--show", "1")
+    assert code == 0, err
+    assert "<|endoftext|>user\na film<|endoftext|>\n<|endoftext|>assistant\n[[a fine film<|endoftext|>\n]]" in stdout
+    assert "splits into several tokens" not in err  # its markers are this tokenizer's tokens
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, _, err = run_main(capsys, "data", "--model", str(small_model_dir), "--dataset", str(data),
+                            "--chat-template", "some-org/some-instruct-model")
+    assert code == 2 and "--chat-template" in err and "Traceback" not in err, err
+
+
+def test_a_template_whose_markers_the_tokenizer_splits_is_warned_about(small_model_dir, tmp_path, capsys):
+    template = tmp_path / "chatml.jinja"
+    template.write_text(CHATML)
+    data = tmp_path / "chat.jsonl"
+    data.write_text((json.dumps({"messages": [{"role": "user", "content": "a film"},
+                                              {"role": "assistant", "content": "a fine film"}]}) + "\n") * 20)
+    code, _, err = run_main(capsys, "data", "--model", str(small_model_dir), "--dataset", str(data),
+                            "--chat-template", str(template), "--min-tokens", "0")
+    assert code == 0, err
+    assert "the chat template writes <|im_end|>, <|im_start|>, which this tokenizer splits into several" in err

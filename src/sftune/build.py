@@ -24,12 +24,13 @@ import torch
 from sftune.batching import Padding
 from sftune.checkpoint import AdapterCheckpointer, Checkpointer, FullCheckpointer, ShardedAdapterCheckpointer, \
     ShardedCheckpointer, TrainState, find_resume_checkpoint
-from sftune.config import SFTConfig, dump_yaml, to_dict
+from sftune.config import TEMPLATE_SUFFIXES, SFTConfig, dump_yaml, to_dict
 from sftune.console import log
 from sftune.data import DataOptions, prepare_data
 from sftune.data.cache import tokenizer_fingerprint
 from sftune.dist import Dist, init_dist
 from sftune.errors import SftuneError
+from sftune.hub import looks_like_path
 from sftune.loss import CausalLMLoss, ChunkMath
 from sftune.modeling import check_attention, context_length, enable_activation_checkpointing, load_model, \
     load_model_config, load_tokenizer, model_skeleton, override_config, router_loss_notice, save_model, \
@@ -54,16 +55,33 @@ def build_tokenizer(cfg: SFTConfig):
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code,
                                flag="--tokenizer" if cfg.tokenizer else "--model")
     if cfg.chat_template:
-        path = Path(cfg.chat_template).expanduser()
-        try:
-            template = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise SftuneError(f"cannot read the chat template {path}: {e} (--chat-template)") from None
-        if not template.strip():
-            raise SftuneError(f"the chat template {path} is empty; give a Jinja template (or leave out --chat-template "
-                              f"for the tokenizer's own, or sftune's default)")
-        tokenizer.chat_template = template
+        tokenizer.chat_template = read_chat_template(cfg.chat_template, cfg.trust_remote_code)
     return tokenizer
+
+
+def template_on_the_hub(value: str) -> bool:
+    """`--chat-template org/name`: a Hub model's (`chatml.jinja` or `templates/chatml.jinja` is a file)."""
+    return value.count("/") == 1 and not looks_like_path(value) and Path(value).suffix.lower() not in TEMPLATE_SUFFIXES
+
+
+def read_chat_template(value: str, trust_remote_code: bool = False) -> str:
+    """`--chat-template`: a Jinja file, or the template of another model's tokenizer (a directory or a Hub id: an
+    instruct model's template for its base model, whose vocabulary has the same markers)."""
+    path = Path(value).expanduser()
+    if path.is_dir() or (not path.exists() and template_on_the_hub(value)):
+        named = load_tokenizer(value, trust_remote_code, flag="--chat-template").chat_template
+        template = named.get("default") if isinstance(named, dict) else named
+        if not template:
+            raise SftuneError(f"the tokenizer of {value} has no chat template to use (--chat-template)")
+        return template
+    try:
+        template = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SftuneError(f"cannot read the chat template {path}: {e} (--chat-template)") from None
+    if not template.strip():
+        raise SftuneError(f"the chat template {path} is empty; give a Jinja template (or leave out --chat-template "
+                          f"for the tokenizer's own, or sftune's default)")
+    return template
 
 
 def check_model_fits(cfg: SFTConfig, tokenizer, model_config) -> None:

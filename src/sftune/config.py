@@ -25,6 +25,8 @@ import yaml
 
 from sftune.errors import SftuneError
 
+TEMPLATE_SUFFIXES = (".jinja", ".j2", ".jinja2", ".tmpl", ".txt")  # --chat-template FILE, not a Hub id
+
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Overlong = Literal["truncate", "drop", "error"]
 Schedule = Literal["constant", "linear", "cosine"]
@@ -100,7 +102,8 @@ class SFTConfig:
     train_on_all_turns: bool = _f(False, "Chat: train on every turn, not only the assistant's.", "data")
     chat_template: str | None = _f(
         None,
-        "Jinja chat template file for chat data (default: the tokenizer's; sftune's documented default when it has none).",
+        "Chat template for chat data: a Jinja file, or a model (directory or Hub id) whose tokenizer's template to "
+        "use (default: the tokenizer's; sftune's documented default when it has none).",
         "data",
     )
     val_fraction: float = _f(
@@ -451,8 +454,10 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
          "early_stopping_min_delta", "must be 0 or more")
     need(cfg.final_model == "last" or cfg.save_best, "final_model", "best needs the best checkpoint: set --save-best")
     need(cfg.stream_val_rows >= 1, "stream_val_rows", "must be at least 1")
-    need(cfg.chat_template is None or Path(cfg.chat_template).expanduser().is_file(), "chat_template",
-         "no such file; give the path of a Jinja template file")
+    need(cfg.chat_template is None or Path(cfg.chat_template).expanduser().exists()
+         or ("/" in cfg.chat_template and Path(cfg.chat_template).suffix.lower() not in TEMPLATE_SUFFIXES),
+         "chat_template", "no such file; give a Jinja template file, or a model (directory or Hub id) whose "
+         "tokenizer has the template")
     return problems
 
 

@@ -12,6 +12,7 @@ should see about the result. Imports `examples` and `formats` only.
 
 from __future__ import annotations
 
+import re
 import uuid
 from dataclasses import dataclass
 
@@ -220,7 +221,26 @@ def load_chat_template(tokenizer) -> ChatTemplate:
     named = tokenizer.chat_template
     if isinstance(named, dict) and named.get("tool_use"):
         template.tool_use = ChatTemplate(named["tool_use"], tokenizer)
+    warn_about_split_markers(template, tokenizer)
     return template
+
+
+MARKER = re.compile(r"<\|[^<>|\s]{1,40}\|>|<｜[^<>｜]{1,40}｜>")  # <|im_start|>, DeepSeek's <｜Assistant｜>
+
+
+def warn_about_split_markers(template: ChatTemplate, tokenizer) -> None:
+    """Markers a template writes (`<|im_start|>`) that are not tokens of this tokenizer: each is then learned as
+    several pieces of text, and generation cannot stop at an end-of-turn marker that is not one token. (A ChatML
+    template on GPT-2's tokenizer; sftune's default template uses plain-text headers and EOS on purpose.)"""
+    if template.source == DEFAULT_CHAT_TEMPLATE:
+        return
+    split = sorted({m for m in MARKER.findall(template.source)
+                    if len(tokenizer(m, add_special_tokens=False)["input_ids"]) > 1})
+    if split:
+        log(f"warning: the chat template writes {', '.join(split[:4])}{' ...' if len(split) > 4 else ''}, which "
+            f"this tokenizer splits into several tokens each: the model learns them as text, and generation cannot "
+            f"stop at an end-of-turn marker that is not one token. Use the template's own model family (--model, "
+            f"--tokenizer), or a template written with this tokenizer's tokens (--chat-template)")
 
 
 def check_end_of_turn(template: ChatTemplate) -> None:
