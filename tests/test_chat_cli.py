@@ -221,3 +221,14 @@ def test_a_template_whose_markers_the_tokenizer_splits_is_warned_about(small_mod
                             "--chat-template", str(template), "--min-tokens", "0")
     assert code == 0, err
     assert "the chat template writes <|im_end|>, <|im_start|>, which this tokenizer splits into several" in err
+
+
+def test_the_tool_calling_example_trains_the_calls_and_answers(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    code, stdout, err = run_main(capsys, "data", "--config", str(ROOT / "configs" / "chat-tools.yaml"), "--show", "1")
+    assert code == 0, err
+    assert "format chat (messages=messages, tools=tools)" in err
+    shown = stdout[stdout.index("--- train example 0"):]
+    assert '<|tools|>\n{"type": "function", "function": {"name": "showtimes"' in shown
+    assert '[[<tool_call>{"name": "showtimes", "arguments": {"film": ' in shown  # the call is trained
+    assert "<|tool|>\n" in shown and "[[<|tool|>" not in shown  # the tool's answer is not

@@ -96,6 +96,17 @@ def test_eval_reproduces_the_final_val_loss(trained, capsys):
     assert report["examples"] == 60
 
 
+def test_eval_with_a_training_config_evaluates_the_trained_model(trained, capsys):
+    """A config that trains from random weights (`init: random`) still evaluates the run's trained ones."""
+    out, _ = trained
+    code, stdout, err = run_main(capsys, "eval", "--config", str(ROOT / "configs" / "quickstart.yaml"), "--model",
+                                 str(out), "--dataset", str(QUICKSTART_DATA), "--json")
+    assert code == 0, err
+    assert "holds trained weights: evaluating them" in err
+    last = [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "eval"][-1]
+    assert json.loads(stdout)["val_loss"] == pytest.approx(last["val_loss"], rel=1e-5)
+
+
 def test_generate_from_the_run(trained, capsys):
     out, _ = trained
     code, stdout, err = run_main(capsys, "generate", "--model", str(out), "--prompt", "the film is", "--num-samples",

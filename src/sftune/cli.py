@@ -229,11 +229,12 @@ def cmd_data(args) -> None:
     cfg = config_from_args(args)  # first: a config mistake is reported before the heavy imports
     from sftune.build import build_data, build_tokenizer
     from sftune.steps import plan_steps
-    from sftune.modeling import load_model_config
+    from sftune.modeling import load_model_config, override_config
     from sftune.report import data_report, format_data_report
 
-    tokenizer = build_tokenizer(cfg)
-    data, max_length = build_data(cfg, tokenizer, load_model_config(cfg.model, cfg.trust_remote_code))
+    tokenizer = build_tokenizer(cfg)  # (the model's context as training sees it: with model_config_overrides)
+    model_config = override_config(load_model_config(cfg.model, cfg.trust_remote_code), cfg.model_config_overrides)
+    data, max_length = build_data(cfg, tokenizer, model_config)
     if cfg.streaming:  # report on the validation split and the stream's first chunk
         from sftune.batching import chunk_rows_for
         from sftune.data import PreparedData
@@ -261,7 +262,12 @@ def cmd_eval(args) -> None:
     dist = init_dist(cfg.device, cfg.dist_timeout)
     precision = resolve_precision(trained_precision(cfg), dist.device)
     tokenizer = build_tokenizer(cfg)
-    model = load_model(cfg.model, cfg.init, cfg.trust_remote_code, cfg.seed, base=args.base).to(dist.device)
+    init = cfg.init
+    if init == "random" and has_weights(cfg.model):  # a training config's `init: random` with a trained --model
+        init = "pretrained"
+        log(f"eval: {cfg.model} holds trained weights: evaluating them (init: random is how training starts)")
+    model = load_model(cfg.model, init, cfg.trust_remote_code, cfg.seed, base=args.base,
+                       overrides=cfg.model_config_overrides).to(dist.device)
     data, _ = build_data(cfg, tokenizer, model.config, dist)  # streaming: only the validation split is read
     result = evaluate(model, data.validation, cfg.eval_batch_size or cfg.batch_size, tokenizer.pad_token_id,
                       dist.device, precision, dist)
@@ -276,6 +282,16 @@ def cmd_eval(args) -> None:
         print(f"{cfg.model} on {cfg.dataset} (validation, {result.examples:,} examples, {result.targets:,} target tokens): "
               f"val_loss {result.loss:.4f}, perplexity {result.perplexity:,.2f}, token accuracy {result.accuracy:.3f} "
               f"({precision})")
+
+
+def has_weights(model: str) -> bool:
+    """A local model directory with weights: a Hugging Face model, an adapter, or an FSDP checkpoint."""
+    from sftune.lora import is_adapter_dir
+    from sftune.shards import is_sharded
+
+    path = Path(model).expanduser()
+    return path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin")) or is_adapter_dir(path)
+                              or is_sharded(path))
 
 
 def trained_precision(cfg) -> str:
