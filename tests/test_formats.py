@@ -173,6 +173,23 @@ def test_chat_trains_assistant_turns_with_their_end_of_turn(tmp_path, gpt2_token
     assert gpt2_tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE  # set, so it is saved with the model
 
 
+def test_a_long_conversation_is_cut_after_its_last_whole_turn(tmp_path, gpt2_tokenizer, capsys):
+    """--overlong truncate on chat data keeps whole turns: each answer kept ends with its end-of-turn marker."""
+    ids, _ = labels_of(prep(tmp_path, gpt2_tokenizer, [CHAT]))
+    first_answer_end = ids.index(EOS, ids.index(EOS, ids.index(EOS) + 1) + 1) + 1  # system, user, then Blue.<eos>
+    (tmp_path / "cut").mkdir()
+    data = prep(tmp_path / "cut", gpt2_tokenizer, [CHAT], max_length=len(ids) - 2, overlong="truncate")
+    cut, labels = labels_of(data)
+    assert cut == ids[:first_answer_end]  # the second exchange is left out, not cut inside its answer
+    assert gpt2_tokenizer.decode([t for t, lab in zip(cut, labels) if lab != X]) == "Blue.<|endoftext|>"
+    assert (data.stats["train"].turns_cut, data.stats["train"].truncated) == (1, 0)
+    assert "end after their last whole turn that fits" in capsys.readouterr().err
+    (tmp_path / "short").mkdir()  # not even the first answer fits: cut inside it, as before, and said so
+    data = prep(tmp_path / "short", gpt2_tokenizer, [CHAT], max_length=first_answer_end - 1, overlong="truncate")
+    assert labels_of(data)[0] == ids[: first_answer_end - 1]
+    assert (data.stats["train"].turns_cut, data.stats["train"].truncated) == (0, 1)
+
+
 def test_sharegpt_conversations_are_chat(tmp_path, gpt2_tokenizer):
     sharegpt = {"conversations": [{"from": "system" if m["role"] == "system" else "human" if m["role"] == "user"
                                    else "gpt", "value": m["content"]} for m in CHAT["messages"]]}

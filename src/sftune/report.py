@@ -100,8 +100,8 @@ def format_data_report(report: dict, tokenizer, color: bool = False) -> str:
         d, ln = st["dropped"], st["length"]
         lines.append(
             f"{name:<11}{st['rows']:>9,}{st['kept']:>9,}{d['too_short']:>11,}{d['overlong']:>10,}{d['empty']:>7,}"
-            f"{d['no_targets']:>11,}"
-            f"{st['truncated']:>11,}{st['tokens']:>11,}{ln.get('mean', 0):>7.1f}{ln.get('p50', 0):>6.0f}"
+            f"{d['no_targets']:>11,}{st['truncated'] + st.get('turns_cut', 0):>11,}"  # (shortened either way)
+            f"{st['tokens']:>11,}{ln.get('mean', 0):>7.1f}{ln.get('p50', 0):>6.0f}"
             f"{ln.get('p95', 0):>6.0f}{ln.get('max', 0):>6}{st['supervised_tokens']:>11,}{st['untrained_tokens']:>11,}"
         )
     t = s["train"]

@@ -96,6 +96,7 @@ class SplitStats:
     rows: int = 0
     kept: int = 0
     truncated: int = 0
+    turns_cut: int = 0  # chat examples cut after their last whole turn that fits (--overlong truncate)
     dropped: dict[str, int] = field(default_factory=lambda: {r: 0 for r in DROP_REASONS})
     tokens: int = 0  # tokens of kept examples, EOS included
     supervised_tokens: int = 0  # training targets: supervised tokens after the first of each example

@@ -12,6 +12,7 @@ should see about the result. Imports `examples` and `formats` only.
 
 from __future__ import annotations
 
+import itertools
 import re
 import uuid
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ def encode_example(
     overlong: str,
     truncation_side: str = "right",
     prefix: list[int] | tuple[int, ...] = (),
+    whole_turns: bool = False,
 ) -> tuple[list[int], list[bool], str]:
     """Join one example's tokenized parts, mark the trained tokens, and decide its fate.
 
@@ -48,9 +50,11 @@ def encode_example(
     trained like the last part. `min_tokens` is compared with the parts' tokens, like the
     seed's `len(input_ids) > 5`. If the example is longer than `max_length`, "truncate"
     cuts from `truncation_side` ("right" loses the end, EOS included: none is added back;
-    "left" loses the start after the prefix), "drop" and "error" report it as overlong.
+    "left" loses the start after the prefix), "drop" and "error" report it as overlong. With `whole_turns`
+    (chat), "right" first tries to keep whole turns: the longest start that ends where a trained part ends
+    (status turns_cut), so that every answer kept has its end-of-turn marker.
     Returns (input_ids, supervised mask, status) with status in
-    kept | truncated | empty | too_short | overlong.
+    kept | truncated | turns_cut | empty | too_short | overlong.
 
     >>> encode_example([[5, 6, 7], [8, 9]], [False, True], eos_id=0, min_tokens=0, max_length=16, overlong="drop")
     ([5, 6, 7, 8, 9, 0], [False, False, False, True, True, True], 'kept')
@@ -59,6 +63,9 @@ def encode_example(
     >>> encode_example([[5, 6, 7], [8, 9]], [False, True], eos_id=0, min_tokens=0, max_length=4, overlong="truncate",
     ...                truncation_side="left")
     ([7, 8, 9, 0], [False, True, True, True], 'truncated')
+    >>> encode_example([[5], [6, 7], [8], [9, 10]], [False, True, False, True], eos_id=None, min_tokens=0,
+    ...                max_length=4, overlong="truncate", whole_turns=True)
+    ([5, 6, 7], [False, True, True], 'turns_cut')
     """
     ids = [t for p in parts for t in p]
     if not ids:
@@ -74,8 +81,13 @@ def encode_example(
     if len(ids) > room:
         if overlong != "truncate":
             return [], [], "overlong"
-        cut = slice(None, room) if truncation_side == "right" else slice(len(ids) - room, None)
-        ids, mask, status = ids[cut], mask[cut], "truncated"
+        ends = list(itertools.accumulate(len(p) for p in parts))
+        turn_ends = [end for end, flag in zip(ends, trained) if flag and end <= room] if whole_turns else []
+        if truncation_side == "right" and turn_ends:
+            ids, mask, status = ids[: turn_ends[-1]], mask[: turn_ends[-1]], "turns_cut"
+        else:
+            cut = slice(None, room) if truncation_side == "right" else slice(len(ids) - room, None)
+            ids, mask, status = ids[cut], mask[cut], "truncated"
     return [*prefix, *ids], [False] * len(prefix) + mask, status
 
 
@@ -137,7 +149,8 @@ def tokenize_split(rows, tokenizer, layout: Layout, options: EncodeOptions, temp
         for i, segs in enumerate(segments):
             parts, at = flat[at : at + len(segs)], at + len(segs)
             ids, mask, status = encode_example(parts, [t for _, t in segs], eos_id if plain else None, o.min_tokens,
-                                               o.max_length, o.overlong, o.truncation_side, prefix)
+                                               o.max_length, o.overlong, o.truncation_side, prefix,
+                                               whole_turns=not plain)
             joined_parts = [t for p in parts for t in p]
             out["input_ids"].append(ids)
             out["supervised"].append(mask)
@@ -163,6 +176,7 @@ def tokenize_split(rows, tokenizer, layout: Layout, options: EncodeOptions, temp
     for reason in DROP_REASONS:
         stats.dropped[reason] = int((status == reason).sum())
     stats.truncated = int((status == "truncated").sum())
+    stats.turns_cut = int((status == "turns_cut").sum())
     if o.overlong == "error" and stats.dropped["overlong"]:
         longest = int(table.column("n_tokens").to_numpy()[status == "overlong"].max())
         raise SftuneError(
@@ -170,7 +184,7 @@ def tokenize_split(rows, tokenizer, layout: Layout, options: EncodeOptions, temp
             f"(longest: about {longest}). "
             f"Raise --max-length, or set --overlong drop or --overlong truncate."
         )
-    keep = np.flatnonzero((status == "kept") | (status == "truncated"))
+    keep = np.flatnonzero((status == "kept") | (status == "truncated") | (status == "turns_cut"))
     stats.boundary_merges = int(table.column("merged").to_numpy(zero_copy_only=False)[keep].sum())
     kept = table.select(["input_ids", "supervised"]).take(keep)
     flat, offsets = _flat_lists(kept.column("input_ids"), np.int32)
@@ -265,6 +279,10 @@ def warn_about(stats: dict[str, SplitStats], layout: Layout, options: EncodeOpti
             log(f"warning: {st.dropped['no_targets']:,} {name} example(s) have no trained tokens and were dropped "
                 f"({'truncation cut their answer' if st.truncated else 'empty answer'}); "
                 f"see `sftune data --show N`")
+        if st.turns_cut:
+            log(f"data: {st.turns_cut:,} {name} conversation(s) longer than max_length end after their last whole "
+                f"turn that fits: the turns after it are left out, and every answer kept ends with its end-of-turn "
+                f"marker (--overlong truncate)")
         if st.truncated and options.truncation_side == "right":
             log(f"warning: {st.truncated:,} {name} example(s) were truncated on the right: they do not end with "
                 f"EOS{'/end-of-turn' if layout.format.startswith('chat') else ''}, so they do not teach the model "
