@@ -13,7 +13,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.mark.parametrize("script", ["throughput.py", "gpu_check.py", "trl_baseline.py", "memory.py",
-                                    "resume_memory.py"])
+                                    "resume_memory.py", "chat_templates.py"])
 def test_a_benchmark_script_answers_help(script):
     proc = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
                           timeout=120)
@@ -37,3 +37,21 @@ def test_no_undefined_or_unused_names_anywhere():
     proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--select", "F", "--no-cache", "src", "tests",
                            "benchmarks"], capture_output=True, text=True, cwd=root, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_chat_template_survey_tells_rendered_generated_and_refused(tmp_path):
+    from test_formats import CHATML, DROPS_OLD_THINKING
+
+    (tmp_path / "chatml.jinja").write_text(CHATML)
+    (tmp_path / "drops_thinking.jinja").write_text(DROPS_OLD_THINKING)
+    (tmp_path / "no_system.jinja").write_text("{% if messages[0]['role'] == 'system' %}{{ raise_exception('System "
+                                              "role not supported') }}{% endif %}" + CHATML)
+    (tmp_path / "chatml_training.jinja").write_text(CHATML)  # skipped without --all
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "chat_templates.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split(" | ")[0].strip("| "): line for line in proc.stdout.splitlines() if line.startswith("| ")}
+    assert rows["chatml"].count("rendered") == 3
+    assert "generated" in rows["drops_thinking"]
+    assert "error: System role not supported" in rows["no_system"] and "chatml_training" not in rows
+    assert "3 templates x 3 conversations" in proc.stdout
