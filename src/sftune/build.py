@@ -24,13 +24,12 @@ import torch
 from sftune.batching import Padding
 from sftune.checkpoint import AdapterCheckpointer, Checkpointer, FullCheckpointer, ShardedAdapterCheckpointer, \
     ShardedCheckpointer, TrainState, find_resume_checkpoint
-from sftune.config import TEMPLATE_SUFFIXES, SFTConfig, dump_yaml, to_dict
+from sftune.config import SFTConfig, dump_yaml, template_on_the_hub, to_dict
 from sftune.console import log
 from sftune.data import DataOptions, prepare_data
 from sftune.data.cache import tokenizer_fingerprint
 from sftune.dist import Dist, init_dist
 from sftune.errors import SftuneError
-from sftune.hub import looks_like_path
 from sftune.loss import CausalLMLoss, ChunkMath
 from sftune.modeling import check_attention, context_length, enable_activation_checkpointing, load_model, \
     load_model_config, load_tokenizer, model_skeleton, override_config, router_loss_notice, save_model, \
@@ -59,18 +58,14 @@ def build_tokenizer(cfg: SFTConfig):
     return tokenizer
 
 
-def template_on_the_hub(value: str) -> bool:
-    """`--chat-template org/name`: a Hub model's (`chatml.jinja` or `templates/chatml.jinja` is a file)."""
-    return value.count("/") == 1 and not looks_like_path(value) and Path(value).suffix.lower() not in TEMPLATE_SUFFIXES
-
-
 def read_chat_template(value: str, trust_remote_code: bool = False) -> str:
     """`--chat-template`: a Jinja file, or the template of another model's tokenizer (a directory or a Hub id: an
     instruct model's template for its base model, whose vocabulary has the same markers)."""
     path = Path(value).expanduser()
     if path.is_dir() or (not path.exists() and template_on_the_hub(value)):
-        named = load_tokenizer(value, trust_remote_code, flag="--chat-template").chat_template
-        template = named.get("default") if isinstance(named, dict) else named
+        from sftune.generate import default_template
+
+        template = default_template(load_tokenizer(value, trust_remote_code, flag="--chat-template"))
         if not template:
             raise SftuneError(f"the tokenizer of {value} has no chat template to use (--chat-template)")
         return template

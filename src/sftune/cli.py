@@ -285,13 +285,12 @@ def cmd_eval(args) -> None:
 
 
 def has_weights(model: str) -> bool:
-    """A local model directory with weights: a Hugging Face model, an adapter, or an FSDP checkpoint."""
-    from sftune.lora import is_adapter_dir
+    """A local model directory with weights: a Hugging Face model or an adapter (safetensors or .bin files), or an
+    FSDP checkpoint."""
     from sftune.shards import is_sharded
 
     path = Path(model).expanduser()
-    return path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin")) or is_adapter_dir(path)
-                              or is_sharded(path))
+    return path.is_dir() and (any(path.glob("*.safetensors")) or any(path.glob("*.bin")) or is_sharded(path))
 
 
 def trained_precision(cfg) -> str:

@@ -24,8 +24,14 @@ from typing import Any, Literal
 import yaml
 
 from sftune.errors import SftuneError
+from sftune.hub import looks_like_path
 
 TEMPLATE_SUFFIXES = (".jinja", ".j2", ".jinja2", ".tmpl", ".txt")  # --chat-template FILE, not a Hub id
+
+
+def template_on_the_hub(value: str) -> bool:
+    """`--chat-template org/name`: a Hub model's (`chatml.jinja` or `templates/chatml.jinja` is a file)."""
+    return value.count("/") == 1 and not looks_like_path(value) and Path(value).suffix.lower() not in TEMPLATE_SUFFIXES
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Overlong = Literal["truncate", "drop", "error"]
@@ -455,7 +461,7 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
     need(cfg.final_model == "last" or cfg.save_best, "final_model", "best needs the best checkpoint: set --save-best")
     need(cfg.stream_val_rows >= 1, "stream_val_rows", "must be at least 1")
     need(cfg.chat_template is None or Path(cfg.chat_template).expanduser().exists()
-         or ("/" in cfg.chat_template and Path(cfg.chat_template).suffix.lower() not in TEMPLATE_SUFFIXES),
+         or template_on_the_hub(cfg.chat_template),
          "chat_template", "no such file; give a Jinja template file, or a model (directory or Hub id) whose "
          "tokenizer has the template")
     return problems
