@@ -116,6 +116,11 @@ CASES = {  # name: (model, extra flags, single process (batch, accum), per rank 
     "ddp-compiled": ("gpt2", ["--compile", "torch", "--compile-backend", "aot_eager"], (32, 1), (16, 1), "ddp"),
     "fsdp-lora": ("gpt2", ["--lora-r", "4", "--lora-modules-to-save", "wte", "--lr", "1e-3", "--merge",
                            "--save-every", "2"], (16, 2), (8, 2), "fsdp"),
+    # --add-tokens: the embedding and the untied head grown (on rank 1 without weights, from rank 0's), and under
+    # LoRA their new rows trained as peft trainable tokens, sharded
+    "fsdp-tokens-llama": ("llama", ["--add-tokens", "<|a|>", "<|b|>"], (32, 1), (16, 1), "fsdp"),
+    "fsdp-lora-tokens-llama": ("llama", ["--add-tokens", "<|a|>", "--lora-r", "4", "--lr", "1e-2"], (16, 2), (8, 2),
+                               "fsdp"),
 }
 LONGER = ("--max-steps", "6", "--save-every", "4")  # the fault test's run
 # lr 0.1: the val loss is best after step 1 (4.32), then 6.69 and 6.82, so the final model is step 1's
@@ -207,6 +212,10 @@ def test_ddp_and_fsdp_on_two_ranks_equal_one_process_and_fsdp_resumes_exactly(la
             raise AssertionError(f"{name}: {e}") from None
 
     assert_same_training(root / "stream-one", root / "stream-two")  # streamed: the same steps too
+    grown = load_file(root / "fsdp-tokens-llama-two" / "model.safetensors")  # (512 tokens + 2 added)
+    assert grown["model.embed_tokens.weight"].shape[0] == grown["lm_head.weight"].shape[0] == 514
+    rows = [k for k in load_file(root / "fsdp-lora-tokens-llama-two" / "adapter_model.safetensors") if "token" in k]
+    assert len(rows) == 2, rows  # the new row of the embedding and of the head
 
     # samples at each evaluation under FSDP (every rank generates in step) change nothing of the training above
     samples = [(r["step"], r["prompt"]) for r in read_jsonl(root / "fsdp-accum-two" / "metrics.jsonl")

@@ -31,9 +31,9 @@ from sftune.data.cache import tokenizer_fingerprint
 from sftune.dist import Dist, init_dist
 from sftune.errors import SftuneError
 from sftune.loss import CausalLMLoss, ChunkMath
-from sftune.modeling import check_attention, context_length, enable_activation_checkpointing, load_model, \
-    load_model_config, load_tokenizer, model_skeleton, override_config, router_loss_notice, save_model, \
-    train_every_embedding_row
+from sftune.modeling import add_tokens, check_attention, context_length, enable_activation_checkpointing, \
+    fit_embeddings, load_model, load_model_config, load_tokenizer, model_skeleton, override_config, \
+    router_loss_notice, save_model, token_ids, train_every_embedding_row
 from sftune.outputs import OutputLock, check_output_dir, check_shared, clear_previous_run, \
     finished_without_checkpoints, publish_model, resolve_output_dir
 from sftune.resume import check_resume_compatible, check_same_inputs, check_same_steps
@@ -55,6 +55,11 @@ def build_tokenizer(cfg: SFTConfig):
                                flag="--tokenizer" if cfg.tokenizer else "--model")
     if cfg.chat_template:
         tokenizer.chat_template = read_chat_template(cfg.chat_template, cfg.trust_remote_code)
+    if cfg.add_tokens:
+        added = add_tokens(tokenizer, cfg.add_tokens)
+        present = [t for t in cfg.add_tokens if t not in added]
+        log(f"tokens: {', '.join(added) or 'none'} added" + (f" ({', '.join(present)} already in the vocabulary)"
+                                                             if present else "") + f"; {len(tokenizer):,} in all")
     return tokenizer
 
 
@@ -82,7 +87,8 @@ def read_chat_template(value: str, trust_remote_code: bool = False) -> str:
 def check_model_fits(cfg: SFTConfig, tokenizer, model_config) -> None:
     """The tokenizer's ids must all be rows of the model's embedding, and the samples must fit the context."""
     vocab = getattr(model_config, "vocab_size", None)
-    if vocab is not None and len(tokenizer) > vocab:
+    grown = sum(i >= vocab for i in token_ids(tokenizer, cfg.add_tokens)) if vocab is not None else 0
+    if vocab is not None and len(tokenizer) - grown > vocab:  # (rows for --add-tokens are added: `fit_embeddings`)
         raise SftuneError(f"the tokenizer has {len(tokenizer):,} tokens but the model's vocabulary only {vocab:,}: ids "
                           f"past {vocab - 1:,} have no embedding. Use the model's own tokenizer (--tokenizer), or "
                           f"a model whose embeddings were resized for this tokenizer (--model)")
@@ -223,7 +229,8 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     if cfg.lora_r:
         from sftune.lora import check_lora
 
-        check_lora(cfg, model_config, cfg.trust_remote_code)  # a wrong target is reported before anything loads
+        check_lora(cfg, model_config, len(tokenizer), token_ids(tokenizer, cfg.add_tokens),
+                   cfg.trust_remote_code)  # a wrong target is reported before anything loads
     data, max_length = build_data(cfg, tokenizer, model_config, dist)
     source_class = StreamedSteps if cfg.streaming else InMemorySteps
     steps = source_class(cfg, data, max_length, tokenizer.pad_token_id, dist)
@@ -265,6 +272,9 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
                            "pretrained" if from_checkpoint else cfg.init, cfg.trust_remote_code, cfg.seed,
                            attention=cfg.attention, overrides=cfg.model_config_overrides,
                            device=torch.device("cpu") if sharded else dist.device)
+    if grown := fit_embeddings(model, len(tokenizer)):  # --add-tokens
+        log(f"embeddings: {grown} rows added for the new tokens ({len(tokenizer):,} in all), each starting at the "
+            f"mean of the others")
     train_every_embedding_row(model)  # (the pad token of a model sftune saved is often EOS, a real token)
     base = base_name(cfg, out)
     if dist.is_main:  # every check has passed: from here on the directory is this run's
@@ -281,7 +291,8 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     if cfg.lora_r:
         from sftune.lora import add_lora
 
-        adapter = add_lora(model, cfg)  # LoRA layers go into `model` itself; only they (and modules_to_save) train
+        # LoRA layers go into `model` itself; only they, modules_to_save and the --add-tokens rows train
+        adapter = add_lora(model, cfg, token_ids(tokenizer, cfg.add_tokens))
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     loss_model = CausalLMLoss(model if sharded else model.to(dist.device))

@@ -256,7 +256,7 @@ def cmd_eval(args) -> None:
     from sftune.build import build_data, build_tokenizer
     from sftune.dist import init_dist
     from sftune.evaluate import evaluate
-    from sftune.modeling import load_model
+    from sftune.modeling import fit_embeddings, load_model
     from sftune.runtime import resolve_precision
 
     dist = init_dist(cfg.device, cfg.dist_timeout)
@@ -268,6 +268,7 @@ def cmd_eval(args) -> None:
         log(f"eval: {cfg.model} holds trained weights: evaluating them (init: random is how training starts)")
     model = load_model(cfg.model, init, cfg.trust_remote_code, cfg.seed, base=args.base,
                        overrides=cfg.model_config_overrides).to(dist.device)
+    fit_embeddings(model, len(tokenizer))  # (--add-tokens on a model that lacks them: their rows as training starts)
     data, _ = build_data(cfg, tokenizer, model.config, dist)  # streaming: only the validation split is read
     result = evaluate(model, data.validation, cfg.eval_batch_size or cfg.batch_size, tokenizer.pad_token_id,
                       dist.device, precision, dist)

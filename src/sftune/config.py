@@ -70,6 +70,11 @@ class SFTConfig:
         "model",
     )
     trust_remote_code: bool = _f(False, "Allow model/tokenizer code from the Hub repo to run.", "model")
+    add_tokens: list[str] = _f(
+        [], "Tokens to add to the tokenizer where it lacks them, e.g. <|im_start|> <|im_end|> for a ChatML template "
+        "on a base model: each becomes one special token (never split), the embeddings grow to fit (new rows start "
+        "at the mean of the others), and under LoRA their rows train too (peft trainable tokens: the adapter holds "
+        "them).", "model")
     model_config_overrides: dict[str, Any] = _f(
         {}, "Set model config values before the model is built, e.g. attn_pdrop=0,resid_pdrop=0 (values read as "
         "YAML: numbers, true/false, null, text); the saved model's config.json has them.", "model")
@@ -441,6 +446,9 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
     need(all(isinstance(p, str) and p.strip() for p in cfg.sample_prompts), "sample_prompts",
          "must be non-empty texts; for none, use [] in YAML or --sample-prompts \"\"")
     need(bool(cfg.model), "model", "must name a Hub id or a local directory")
+    need(all(isinstance(t, str) and t.strip() == t and t for t in cfg.add_tokens), "add_tokens",
+         "must be non-empty tokens without leading or trailing spaces, e.g. <|im_start|> <|im_end|>")
+    need(len(set(cfg.add_tokens)) == len(cfg.add_tokens), "add_tokens", "names a token twice; list each once")
     need(bool(cfg.dataset), "dataset", "must name a Hub id, a directory or a file")
     need(not training or not cfg.streaming or cfg.max_steps is not None, "max_steps",
          "must be set with streaming: a stream's length is unknown up front, and so is the schedule's end")

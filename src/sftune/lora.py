@@ -97,13 +97,34 @@ def modules_to_save(model, names: list[str]) -> tuple[list[str], bool]:
     return [n for n in names if n not in tied_names] + [head_name.rsplit(".", 1)[-1]], True
 
 
-def lora_config(cfg, model):
-    """The peft `LoraConfig` for this run's options and model."""
+def trainable_tokens(model, ids: list[int], trained_in_full: list[str]) -> dict[str, list[int]] | None:
+    """peft's `trainable_token_indices` for the rows of `ids` (the --add-tokens): in the input embedding, and in the
+    output head unless it is the same matrix (peft ties that one itself) or a module trained in full. The adapter
+    then holds these rows whole, so it works on any copy of the base grown to the tokenizer's length, however that
+    copy's new rows were initialised (`PeftModel.from_pretrained` after `resize_token_embeddings`)."""
+    if not ids:
+        return None
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    full = set(trained_in_full)
+    layers = {}
+    for module in (embedding, head):
+        name = _module_name(model, module) if module is not None else None
+        if name is None or {name, name.rsplit(".", 1)[-1]} & full:
+            continue
+        if module is head and head.weight is embedding.weight:
+            continue
+        layers[name.rsplit(".", 1)[-1]] = sorted(set(ids))
+    return layers or None
+
+
+def lora_config(cfg, model, token_ids: list[int] = ()):
+    """The peft `LoraConfig` for this run's options and model; `token_ids`: rows trained too (`trainable_tokens`)."""
     from peft import LoraConfig
 
     targets = cfg.lora_targets
     save, tie = modules_to_save(model, cfg.lora_modules_to_save)
     return LoraConfig(
+        trainable_token_indices=trainable_tokens(model, list(token_ids), save),
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_r,
         lora_dropout=cfg.lora_dropout, bias="none", task_type="CAUSAL_LM",
         target_modules="all-linear" if targets == ["all-linear"] else list(targets),
@@ -111,10 +132,11 @@ def lora_config(cfg, model):
         use_dora=cfg.lora_use_dora, use_rslora=cfg.lora_use_rslora)
 
 
-def add_lora(model, cfg, quiet: bool = False):
+def add_lora(model, cfg, token_ids: list[int] = (), quiet: bool = False):
     """Wrap `model` (in place: its layers get LoRA branches) in a peft model; only adapter weights (and any
-    `lora_modules_to_save`) train. Errors name the option to fix and the layers that exist."""
-    settings = lora_config(cfg, model)
+    `lora_modules_to_save`, and the rows of `token_ids`) train. Errors name the option to fix and the layers
+    that exist."""
+    settings = lora_config(cfg, model, token_ids)
     requested = list(settings.modules_to_save or [])  # peft renames these in place: a tied head becomes the
     # embedding's name in its config, and a config saved that way reloads untied (peft's own round trip)
     try:
@@ -139,6 +161,9 @@ def add_lora(model, cfg, quiet: bool = False):
         if parameters := sorted(getattr(settings, "target_parameters", None) or []):  # (a mixture of experts'
             adapted = [*adapted[:-1], f"{adapted[-1]} and the parameters {', '.join(parameters)}"]  # fused experts)
         full = f"; trained in full: {', '.join(requested)}" if requested else ""
+        if rows := settings.trainable_token_indices:
+            full += (f"; the rows of {len(token_ids)} token{'s' if len(token_ids) > 1 else ''} (--add-tokens) in "
+                     f"{' and '.join(rows)}")
         tie = " (tied to the input embedding: one matrix)" if settings.ensure_weight_tying else ""
         variant = "DoRA" if settings.use_dora else "LoRA"
         scale = " (scale alpha / sqrt(r), rsLoRA)" if settings.use_rslora else ""
@@ -147,21 +172,24 @@ def add_lora(model, cfg, quiet: bool = False):
     return peft_model
 
 
-def check_lora(cfg, model_config, trust_remote_code: bool = False) -> None:
-    """Add the adapter to a weightless (meta-device) copy of the model: a wrong target is reported in a second,
-    before any weights load or any file is written."""
+def check_lora(cfg, model_config, vocabulary: int, token_ids: list[int] = (), trust_remote_code: bool = False) -> None:
+    """Add the adapter to a weightless (meta-device) copy of the model, grown to the tokenizer's `vocabulary`: a
+    wrong target is reported in a second, before any weights load or any file is written."""
     from transformers import AutoModelForCausalLM
+
+    from sftune.modeling import fit_embeddings
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
-    add_lora(skeleton, cfg, quiet=True)
+        fit_embeddings(skeleton, vocabulary)
+    add_lora(skeleton, cfg, token_ids, quiet=True)
 
 
 def adapter_weights(peft_model) -> dict[str, torch.Tensor]:
     """The adapter's tensors, keyed as `adapter_model.safetensors` keys them."""
     from peft import get_peft_model_state_dict
 
-    return get_peft_model_state_dict(peft_model)
+    return get_peft_model_state_dict(peft_model, save_embedding_layers=False)  # (as `save_adapter` writes it)
 
 
 def gathered_adapter(loss_model) -> dict[str, torch.Tensor]:
@@ -191,7 +219,7 @@ def save_adapter(peft_model, tokenizer, directory: Path, base: str, gathered: di
     settings = peft_model.peft_config["default"]
     settings.base_model_name_or_path = base
     # no full embedding matrices (peft's "auto" looks the base's vocabulary up, on the Hub for a Hub base, at every
-    # save; sftune never resizes embeddings, and modules_to_save are saved either way)
+    # save): modules_to_save are saved either way, and after --add-tokens the adapter holds the new rows
     peft_model.save_pretrained(directory, save_embedding_layers=False,
                                **({"state_dict": gathered} if gathered is not None else {}))
     requested = getattr(peft_model, "sftune_modules_to_save", None)
@@ -298,6 +326,7 @@ def load_adapter_model(directory: str | Path, base: str | None = None, trust_rem
     except SftuneError as e:
         raise SftuneError(f"the base model {base_name!r} of the adapter in {directory} could not be loaded: "
                           f"{str(e).replace('--model', '--base')}") from None
+    grow_for_adapter(model, directory, trust_remote_code)
     settings.inference_mode = True
     try:
         peft_model = wrap_with_peft(model, settings)
@@ -307,6 +336,15 @@ def load_adapter_model(directory: str | Path, base: str | None = None, trust_rem
     load_adapter_weights(peft_model, directory)
     log(f"adapter: {directory} on base {base_name}")
     return merged_model(peft_model) if merge else peft_model
+
+
+def grow_for_adapter(model, directory: Path, trust_remote_code: bool = False) -> None:
+    """A base grown to the adapter's tokenizer (a run with --add-tokens): the adapter holds the new tokens' rows
+    (`trainable_tokens`) or whole embedding matrices (`modules_to_save`), which need that many rows to load into."""
+    from sftune.modeling import fit_embeddings, load_tokenizer
+
+    if any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        fit_embeddings(model, len(load_tokenizer(str(directory), trust_remote_code, flag="the adapter's directory")))
 
 
 def merged_model(peft_model):

@@ -54,7 +54,9 @@ CE_CHUNK_ROWS = 1024  # rows of (rows, vocab) logits alive at once: 1024 x 50,25
 
 def output_head(model) -> nn.Module:
     """The module that computes the logits: the output embedding, or, when peft trains it as a `modules_to_save`
-    module, the trained copy its wrapper forwards to (so a LoRA run that trains the head keeps the fused loss)."""
+    module, the trained copy its wrapper forwards to (so a LoRA run that trains the head keeps the fused loss).
+    peft's trainable-tokens wrapper (--add-tokens under LoRA) is returned itself: its `weight` is the head's with
+    the trained rows in place."""
     head = model.get_output_embeddings()
     copies, active = getattr(head, "modules_to_save", None), getattr(head, "active_adapters", None)
     if isinstance(copies, nn.ModuleDict) and active and len(active) == 1 and not head.disable_adapters:
@@ -64,8 +66,9 @@ def output_head(model) -> nn.Module:
 
 def supports_fused_ce(model) -> bool:
     head = output_head(model)
+    layer = head.original_module if hasattr(head, "token_adapter") else head  # (under peft's trainable tokens)
     return (getattr(model.config, "model_type", None) in LOGIT_MAPS
-            and isinstance(head, torch.nn.Linear) and head.bias is None)
+            and isinstance(layer, torch.nn.Linear) and layer.bias is None)
 
 
 def logit_map(model) -> tuple[float, float | None]:

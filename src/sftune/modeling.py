@@ -252,6 +252,7 @@ def load_sharded_checkpoint(path: Path, trust_remote_code: bool = False, attenti
     trust = trust_remote_code or sharded_run(path)["trust_remote_code"]
     model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust, dtype=torch.float32,
                                              **check_attention(config, attention, trust))
+    fit_embeddings(model, len(load_tokenizer(str(path), trust, flag="RUN")))  # (a run with --add-tokens)
     load_model_shards(path, CausalLMLoss(model, fused=False), trainable_only=False)  # (its names: `model.` + HF's)
     log(f"model: {path}, FSDP shards loaded whole")
     return model
@@ -287,6 +288,49 @@ def train_every_embedding_row(model) -> None:
     embedding = model.get_input_embeddings()
     if isinstance(embedding, torch.nn.Embedding):
         embedding.padding_idx = None
+
+
+def add_tokens(tokenizer, tokens: list[str]) -> list[str]:
+    """`--add-tokens`: each of `tokens` the tokenizer lacks becomes one special token (never split, never
+    normalised, left out of text decoded with skip_special_tokens), as TRL's `setup_chat_format` adds ChatML's
+    markers. Returns the tokens added (the others were already in the vocabulary)."""
+    from transformers import AddedToken
+
+    vocab = tokenizer.get_vocab()
+    missing = [t for t in tokens if t not in vocab]
+    if missing:
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+    for token in tokens:
+        if len(tokenizer(token, add_special_tokens=False)["input_ids"]) != 1:  # (a slow tokenizer's own rules)
+            raise SftuneError(f"the tokenizer still splits {token!r} after adding it as a token; use a fast "
+                              f"tokenizer (--tokenizer) or leave it out of --add-tokens")
+    return missing
+
+
+def token_ids(tokenizer, tokens: list[str]) -> list[int]:
+    return [tokenizer.convert_tokens_to_ids(t) for t in tokens]
+
+
+def fit_embeddings(model, size: int) -> int:
+    """Grow the model's input embedding, and its output head unless the two are one matrix, to `size` rows (the
+    tokenizer's length after `add_tokens`); returns the rows added. A new row starts at the mean of the old rows,
+    the same on every load (transformers' default draws it at random around that mean): its logit is then near the
+    average of the others, so a new token is neither favoured nor ruled out before it is trained (Hewitt, 2021,
+    "Initializing new word embeddings for pretrained language models")."""
+    embedding = model.get_input_embeddings()
+    old = embedding.weight.shape[0]
+    if size <= old:
+        return 0
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is embedding.weight
+    model.resize_token_embeddings(size, mean_resizing=False)
+    grown = [model.get_input_embeddings().weight]
+    if head is not None and not tied:
+        grown.append(model.get_output_embeddings().weight)
+    with torch.no_grad():
+        for weight in grown:
+            weight[old:] = weight[:old].mean(0, dtype=torch.float32).to(weight.dtype)
+    return size - old
 
 
 def stop_token_ids(tokenizer, existing: int | list[int] | None) -> int | list[int]:

@@ -253,8 +253,9 @@ def warn_about_split_markers(template: ChatTemplate, tokenizer) -> None:
     if split:
         log(f"warning: the chat template writes {', '.join(split[:4])}{' ...' if len(split) > 4 else ''}, which "
             f"this tokenizer splits into several tokens each: the model learns them as text, and generation cannot "
-            f"stop at an end-of-turn marker that is not one token. Use the template's own model family (--model, "
-            f"--tokenizer), or a template written with this tokenizer's tokens (--chat-template)")
+            f"stop at an end-of-turn marker that is not one token. Add them as tokens (--add-tokens "
+            f"{' '.join(repr(m) for m in split)}), or use the template's own model family (--model, --tokenizer), or "
+            f"a template written with this tokenizer's tokens (--chat-template)")
 
 
 def check_end_of_turn(template: ChatTemplate) -> None:
