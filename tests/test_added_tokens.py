@@ -176,6 +176,25 @@ def test_a_lora_adapter_holds_the_new_rows_and_loads_on_any_grown_base(make, tmp
                                atol=1e-5)
 
 
+def test_rows_of_a_matrix_trained_in_full_are_not_trained_twice():
+    """`--lora-modules-to-save` trains a whole matrix: its new rows need no trainable tokens (GPT-2's tied
+    embedding/head named either way is one such matrix; peft failed in the forward when given both)."""
+    from sftune.config import resolve_config
+    from sftune.lora import add_lora, trainable_tokens
+    from sftune.modeling import fit_embeddings
+
+    gpt2, llama_model = make_tiny_gpt2(), llama()
+    for model in (gpt2, llama_model):
+        fit_embeddings(model, 50259)
+    assert trainable_tokens(gpt2, [50257, 50258], []) == {"wte": [50257, 50258]}
+    assert trainable_tokens(gpt2, [50257], ["lm_head"]) is None and trainable_tokens(gpt2, [50257], ["wte"]) is None
+    assert trainable_tokens(llama_model, [50258, 50257], []) == {"embed_tokens": [50257, 50258],
+                                                                 "lm_head": [50257, 50258]}
+    assert trainable_tokens(llama_model, [50257], ["lm_head"]) == {"embed_tokens": [50257]}
+    peft_model = add_lora(gpt2, resolve_config({"lora_r": 4, "lora_modules_to_save": ["lm_head"]}), [50257, 50258])
+    assert logits(peft_model, torch.tensor([[50257, 5, 50258]])).shape == (1, 3, 50259)
+
+
 # --- slow: through the CLI --------------------------------------------------------------------
 
 

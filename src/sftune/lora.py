@@ -105,16 +105,13 @@ def trainable_tokens(model, ids: list[int], trained_in_full: list[str]) -> dict[
     if not ids:
         return None
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    full = set(trained_in_full)
-    layers = {}
-    for module in (embedding, head):
-        name = _module_name(model, module) if module is not None else None
-        if name is None or {name, name.rsplit(".", 1)[-1]} & full:
-            continue
-        if module is head and head.weight is embedding.weight:
-            continue
-        layers[name.rsplit(".", 1)[-1]] = sorted(set(ids))
-    return layers or None
+    tied = head is not None and head.weight is embedding.weight
+    names = {module: _module_name(model, module) for module in (embedding, head) if module is not None}
+    full = {module for module, name in names.items() if {name, name.rsplit(".", 1)[-1]} & set(trained_in_full)}
+    if tied and full:  # one matrix, trained in full already
+        return None
+    return {name.rsplit(".", 1)[-1]: sorted(set(ids)) for module, name in names.items()
+            if name and module not in full and not (tied and module is head)} or None
 
 
 def lora_config(cfg, model, token_ids: list[int] = ()):

@@ -64,6 +64,17 @@ def output_head(model) -> nn.Module:
     return head
 
 
+def trained_rows(head) -> tuple[list[int], nn.Parameter] | None:
+    """(indices, trained values) of the rows peft trains in a head that is otherwise frozen (its trainable tokens:
+    --add-tokens under LoRA); None for any other head. The fused loss then computes the gradient of those rows
+    alone, not of the whole (V, D) matrix (one (V x N) @ (N x D) product fewer a step)."""
+    adapter = getattr(head, "token_adapter", None)
+    if adapter is None or adapter.disable_adapters or adapter.merged or len(adapter.active_adapters) != 1:
+        return None
+    name = adapter.active_adapters[0]
+    return adapter.token_indices[name], adapter.trainable_tokens_delta[name]
+
+
 def supports_fused_ce(model) -> bool:
     head = output_head(model)
     layer = head.original_module if hasattr(head, "token_adapter") else head  # (under peft's trainable tokens)
@@ -136,6 +147,7 @@ class CausalLMLoss(nn.Module):
         self.scale, self.cap = logit_map(model) if self.fused else (1.0, None)  # z * scale, then cap * tanh(z / cap)
         self.varlen = getattr(model.config, "_attn_implementation", None) == VARLEN
         self._cast: tuple | None = None  # ((weight version, address, dtype), cast copy) of the output head
+        self._rows: tuple | None = None  # ((indices, device), index tensor) of the head's trained rows (`head_rows`)
         self.cache_cast = True  # off while CUDA graphs capture the step (the cast must be part of the graph)
         self.correct: torch.Tensor | None = None  # in training: targets predicted exactly (argmax), on the device
         self.eval_correct: torch.Tensor | None = None  # the same while `evaluate` runs (kept apart from training's)
@@ -198,12 +210,18 @@ class CausalLMLoss(nn.Module):
             outputs = self.model.base_model(**inputs)
             hidden = outputs.last_hidden_state  # (B, T, D)
             hidden = hidden.reshape(-1, hidden.shape[-1]).index_select(0, positions)  # (N, D)
-            weight = output_head(self.model).weight
+            head = output_head(self.model)
+            rows, values = self.head_rows(head, hidden.device)
+            if rows is None:
+                weight = head.weight
+            else:  # only these rows train: the head's weight with them in place, as a constant
+                with torch.no_grad():
+                    weight = head.weight
             device_type = hidden.device.type
             dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
             with torch.autocast(device_type, enabled=False):
                 loss = LinearCrossEntropySum.apply(hidden, weight, targets, self.cast_weight(weight, dtype),
-                                                   self._count(), self.chunk_math, self.scale, self.cap)
+                                                   self._count(), self.chunk_math, self.scale, self.cap, rows, values)
         if self.router is not None and self.training:
             if isinstance(outputs.router_logits, tuple) and outputs.router_logits:
                 loss = self.add_router_loss(loss, outputs.router_logits, batch, targets)
@@ -233,6 +251,17 @@ class CausalLMLoss(nn.Module):
         term = router.coefficient * weighted
         return loss + (term - term.detach())  # value: exactly `loss` (x - x is 0); gradient: also the term's
 
+    def head_rows(self, head, device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(indices on `device`, trained values) of the head's trained rows (`trained_rows`), or (None, None). The
+        index tensor is made once (a CUDA graph cannot capture a copy from the host)."""
+        found = trained_rows(head)
+        if found is None:
+            return None, None
+        indices, values = found
+        if self._rows is None or self._rows[0] != (tuple(indices), device):
+            self._rows = ((tuple(indices), device), torch.tensor(indices, device=device))
+        return self._rows[1], values
+
     def cast_weight(self, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The head's weight in `dtype`, cast once per update, so the micro-batches of a step (and the batches
         of an evaluation) share one cast. The optimizer must call `forget_cast` after each step (build.py
@@ -260,14 +289,19 @@ class LinearCrossEntropySum(torch.autograd.Function):
     Matrix products run in `w`'s dtype (the weight cast to bf16 under autocast); softmax and
     sums in fp32. No gradient is computed for an input that does not need one (a frozen head). `correct`, when
     given, counts the targets the argmax predicts (for the logged token accuracy). A target of IGNORE_INDEX (a
-    static batch's position that trains nothing) adds nothing to the loss, its gradient or the count.
+    static batch's position that trains nothing) adds nothing to the loss, its gradient or the count. `rows` and
+    `values`: the head is `weight` (a constant) except that its rows `rows` are `values`, which get the gradient
+    (`values[j]`'s is row `rows[j]`'s), computed for those rows alone.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, w, correct=None, chunk_math=None, scale=1.0, cap=None):
+    def forward(ctx, hidden, weight, targets, w, correct=None, chunk_math=None, scale=1.0, cap=None, rows=None,
+                values=None):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_rows = rows is not None and ctx.needs_input_grad[9]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = None  # (V, D) fp32, created by the first chunk: no 150 MB zero-fill for GPT-2
+        grad_rows = torch.zeros_like(values, dtype=torch.promote_types(w.dtype, torch.float32)) if need_rows else None
         acc = torch.promote_types(w.dtype, torch.float32)  # softmax and sums: fp32 (fp64 for an fp64 model)
         # `total` is summed out of place: torch.compile before 2.13 (dynamo's autograd.Function tracing) hands the
         # backward a zero gradient for an output that forward made with torch.zeros and then updated in place
@@ -278,12 +312,14 @@ class LinearCrossEntropySum(torch.autograd.Function):
             trained = t != IGNORE_INDEX
             t = t.clamp(min=0)  # (an ignored row picks class 0, then counts for nothing)
             if chunk_math is not None:  # the same math, fused by torch.compile: one or two passes over the logits
-                loss, hits, probs = chunk_math(h @ w.T, t, trained, acc, need_hidden or need_weight, scale, cap)
+                loss, hits, probs = chunk_math(h @ w.T, t, trained, acc, need_hidden or need_weight or need_rows,
+                                               scale, cap)
                 if correct is not None:
                     correct += hits
             else:
                 logits = (h @ w.T).to(acc)  # (chunk, V) fp32: the only logits alive
-                loss, probs = _chunk_in_place(logits, t, trained, correct, need_hidden or need_weight, scale, cap)
+                loss, probs = _chunk_in_place(logits, t, trained, correct, need_hidden or need_weight or need_rows,
+                                              scale, cap)
             total = total + loss
             if probs is not None:
                 probs = probs.to(w.dtype)
@@ -295,21 +331,25 @@ class LinearCrossEntropySum(torch.autograd.Function):
                         grad_weight = chunk_grad.to(acc)
                     else:
                         grad_weight += chunk_grad
+                if need_rows:
+                    grad_rows += probs.index_select(1, rows).T @ h
         if need_weight and grad_weight is None:  # no targets at all
             grad_weight = torch.zeros_like(weight, dtype=acc)
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_rows)
+        ctx.weight_dtype, ctx.values_dtype = weight.dtype, values.dtype if values is not None else None
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
-        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden, grad_weight, grad_rows = ctx.saved_tensors
         # in place: the saved gradients are used once (scaled by 1 / the step's target count)
         if grad_hidden is not None:
             grad_hidden = grad_hidden.mul_(grad_total)
         if grad_weight is not None:
             grad_weight = grad_weight.mul_(grad_total).to(ctx.weight_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None
+        if grad_rows is not None:
+            grad_rows = grad_rows.mul_(grad_total).to(ctx.values_dtype)
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, grad_rows
 
 
 def _chunk_in_place(logits, t, trained, correct, want_grad: bool, scale: float = 1.0,
