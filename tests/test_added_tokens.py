@@ -90,10 +90,12 @@ def test_a_tokenizer_larger_than_the_model_is_only_accepted_for_tokens_it_adds()
 
 
 def test_add_tokens_mistakes_are_named(capsys, tmp_path):
-    for tokens, problem in [(["<a>", "<a>"], "names a token twice"), (["<a>", " <b>"], "without leading or trailing")]:
+    for flags, problem in [(["--add-tokens", "<a>", "<a>"], "names a token twice"),
+                           (["--add-tokens", "<a>", " <b>"], "without leading or trailing"),
+                           (["--pad-token", "<pad> "], "without leading or trailing")]:
         code, _, err = run_main(capsys, "train", "--dataset", str(QUICKSTART_DATA), "--output-dir",
-                                str(tmp_path / "run"), "--add-tokens", *tokens)
-        assert code == 2 and problem in err and "--add-tokens" in err and "Traceback" not in err, err
+                                str(tmp_path / "run"), *flags)
+        assert code == 2 and problem in err and flags[0] in err and "Traceback" not in err, err
         assert not (tmp_path / "run").exists()
 
 
@@ -288,3 +290,27 @@ def test_a_lora_run_with_added_tokens_resumes_evaluates_generates_and_merges(tin
     assert len(AutoTokenizer.from_pretrained(tmp_path / "merged")) == merged.config.vocab_size == 50259
     torch.testing.assert_close(logits(merged, ids), logits(AutoPeftModelForCausalLM.from_pretrained(out), ids),
                                rtol=0, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_pad_token_of_its_own_is_what_the_saved_config_names(tmp_path, capsys):
+    """--pad-token on a Llama-shaped model: added, the embeddings grown, and the saved config names it, so that the
+    Llama class built from it (as the next RLHF stage builds it) freezes the pad row (padding_idx), not EOS's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sftune.modeling import save_model
+
+    base = tmp_path / "llama"
+    save_model(llama(), fresh_tokenizer(), base)
+    assert AutoModelForCausalLM.from_pretrained(base).model.embed_tokens.padding_idx == 50256  # EOS's row: frozen
+    out = tmp_path / "run"
+    capsys.readouterr()
+    code, _, err = run_main(capsys, "train", "--model", str(base), "--dataset", str(QUICKSTART_DATA), "--pad-token",
+                            "<|pad|>", "--max-steps", "2", "--batch-size", "4", "--output-dir", str(out),
+                            "--no-run-report", "--report-to", "none")
+    assert code == 0, err
+    assert "pad token: '<|pad|>' (id 50257, added; --pad-token)" in err and "padding with EOS" not in err
+    assert "embeddings: 1 row added" in err
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(out), AutoTokenizer.from_pretrained(out)
+    assert tokenizer.pad_token == "<|pad|>" and model.config.pad_token_id == 50257
+    assert model.model.embed_tokens.padding_idx == 50257 and model.config.vocab_size == 50258

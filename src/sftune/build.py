@@ -52,7 +52,7 @@ def build_tokenizer(cfg: SFTConfig):
     """The run's tokenizer: `tokenizer`, else the model's; errors name the flag the user set.
     A `chat_template` file replaces the tokenizer's template (and is saved with the model)."""
     tokenizer = load_tokenizer(cfg.tokenizer or cfg.model, cfg.trust_remote_code,
-                               flag="--tokenizer" if cfg.tokenizer else "--model")
+                               flag="--tokenizer" if cfg.tokenizer else "--model", pad_token=cfg.pad_token)
     if cfg.chat_template:
         tokenizer.chat_template = read_chat_template(cfg.chat_template, cfg.trust_remote_code)
     if cfg.add_tokens:
@@ -87,7 +87,8 @@ def read_chat_template(value: str, trust_remote_code: bool = False) -> str:
 def check_model_fits(cfg: SFTConfig, tokenizer, model_config) -> None:
     """The tokenizer's ids must all be rows of the model's embedding, and the samples must fit the context."""
     vocab = getattr(model_config, "vocab_size", None)
-    grown = sum(i >= vocab for i in token_ids(tokenizer, cfg.add_tokens)) if vocab is not None else 0
+    new = [*cfg.add_tokens, *([cfg.pad_token] if cfg.pad_token and cfg.pad_token not in cfg.add_tokens else [])]
+    grown = sum(i >= vocab for i in token_ids(tokenizer, new)) if vocab is not None else 0
     if vocab is not None and len(tokenizer) - grown > vocab:  # (rows for --add-tokens are added: `fit_embeddings`)
         raise SftuneError(f"the tokenizer has {len(tokenizer):,} tokens but the model's vocabulary only {vocab:,}: ids "
                           f"past {vocab - 1:,} have no embedding. Use the model's own tokenizer (--tokenizer), or "
@@ -272,9 +273,9 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
                            "pretrained" if from_checkpoint else cfg.init, cfg.trust_remote_code, cfg.seed,
                            attention=cfg.attention, overrides=cfg.model_config_overrides,
                            device=torch.device("cpu") if sharded else dist.device)
-    if grown := fit_embeddings(model, len(tokenizer)):  # --add-tokens
-        log(f"embeddings: {grown} rows added for the new tokens ({len(tokenizer):,} in all), each starting at the "
-            f"mean of the others")
+    if grown := fit_embeddings(model, len(tokenizer)):  # --add-tokens, --pad-token
+        log(f"embeddings: {grown} row{'s' if grown > 1 else ''} added for the new tokens ({len(tokenizer):,} in "
+            f"all), each starting at the mean of the others")
     train_every_embedding_row(model)  # (the pad token of a model sftune saved is often EOS, a real token)
     base = base_name(cfg, out)
     if dist.is_main:  # every check has passed: from here on the directory is this run's

@@ -70,6 +70,11 @@ class SFTConfig:
         "model",
     )
     trust_remote_code: bool = _f(False, "Allow model/tokenizer code from the Hub repo to run.", "model")
+    pad_token: str | None = _f(
+        None, "The tokenizer's pad token, added as --add-tokens adds tokens if it lacks it (default: its own, else "
+        "EOS). Padding never reaches the loss either way; a pad token of its own is what the saved config names, so "
+        "tools that build nn.Embedding(padding_idx=pad_token_id) (Llama-family classes) keep EOS's row trainable in "
+        "the next RLHF stage.", "model")
     add_tokens: list[str] = _f(
         [], "Tokens to add to the tokenizer where it lacks them, e.g. <|im_start|> <|im_end|> for a ChatML template "
         "on a base model: each becomes one special token (never split), the embeddings grow to fit (new rows start "
@@ -449,6 +454,8 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
     need(all(isinstance(t, str) and t.strip() == t and t for t in cfg.add_tokens), "add_tokens",
          "must be non-empty tokens without leading or trailing spaces, e.g. <|im_start|> <|im_end|>")
     need(len(set(cfg.add_tokens)) == len(cfg.add_tokens), "add_tokens", "names a token twice; list each once")
+    need(cfg.pad_token is None or (cfg.pad_token.strip() == cfg.pad_token and bool(cfg.pad_token)), "pad_token",
+         "must be a non-empty token without leading or trailing spaces, e.g. <|pad|>, or null for the default")
     need(bool(cfg.dataset), "dataset", "must name a Hub id, a directory or a file")
     need(not training or not cfg.streaming or cfg.max_steps is not None, "max_steps",
          "must be set with streaming: a stream's length is unknown up front, and so is the schedule's end")

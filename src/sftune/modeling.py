@@ -36,11 +36,12 @@ def _bundled_gpt2() -> PreTrainedTokenizerBase:
 
 
 def load_tokenizer(name: str, trust_remote_code: bool = False, flag: str = "--tokenizer",
-                   advice: str | None = None) -> PreTrainedTokenizerBase:
+                   advice: str | None = None, pad_token: str | None = None) -> PreTrainedTokenizerBase:
     """Load a tokenizer and make sure it can pad and end a text.
 
     A tokenizer without a pad token gets pad = EOS (padding is excluded from
-    the loss by the attention mask, so EOS itself is still trained).
+    the loss by the attention mask, so EOS itself is still trained), unless `pad_token` names one (added if the
+    tokenizer lacks it: `add_tokens`).
     """
     if name == BUNDLED_GPT2:
         tok = _bundled_gpt2()
@@ -66,7 +67,11 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, flag: str = "--to
             f"tokenizer {name!r} has no EOS token, so examples cannot be ended; "
             f"use a tokenizer that defines eos_token (--tokenizer)."
         )
-    if tok.pad_token is None:
+    if pad_token is not None:
+        added = add_tokens(tok, [pad_token])
+        tok.pad_token = pad_token
+        log(f"pad token: {pad_token!r} (id {tok.pad_token_id}{', added' if added else ''}; --pad-token)")
+    elif tok.pad_token is None:
         tok.pad_token = tok.eos_token
         log(f"tokenizer has no pad token: padding with EOS {tok.eos_token!r} (id {tok.eos_token_id}); "
             "padding is masked out of the loss by the attention mask, EOS is trained")
