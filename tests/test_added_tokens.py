@@ -85,8 +85,12 @@ def test_a_tokenizer_larger_than_the_model_is_only_accepted_for_tokens_it_adds()
     tokenizer = fresh_tokenizer()
     add_tokens(tokenizer, MARKERS)
     check_model_fits(resolve_config({"add_tokens": MARKERS}), tokenizer, config)  # rows for these are added
-    with pytest.raises(SftuneError, match="50,259 tokens but the model's vocabulary only 50,257"):
+    with pytest.raises(SftuneError, match="50,259 tokens but the model's vocabulary only 50,257") as e:
         check_model_fits(resolve_config({"add_tokens": MARKERS[:1]}), tokenizer, config)
+    assert "1 token past id 50,256 ('<|im_end|>') has no embedding" in str(e.value)
+    assert str(e.value).endswith("--add-tokens '<|im_end|>'")  # a few tokens: their rows can be added
+    # tokens a tokenizer already has beyond the model's rows (an instruct model's tokenizer on its base) get rows too
+    check_model_fits(resolve_config({"add_tokens": MARKERS[1:], "pad_token": MARKERS[0]}), tokenizer, config)
 
 
 def test_add_tokens_mistakes_are_named(capsys, tmp_path):
@@ -193,8 +197,9 @@ def test_rows_of_a_matrix_trained_in_full_are_not_trained_twice():
     assert trainable_tokens(llama_model, [50258, 50257], []) == {"embed_tokens": [50257, 50258],
                                                                  "lm_head": [50257, 50258]}
     assert trainable_tokens(llama_model, [50257], ["lm_head"]) == {"embed_tokens": [50257]}
-    peft_model = add_lora(gpt2, resolve_config({"lora_r": 4, "lora_modules_to_save": ["lm_head"]}), [50257, 50258])
-    assert logits(peft_model, torch.tensor([[50257, 5, 50258]])).shape == (1, 3, 50259)
+    for model, full in ((gpt2, ["lm_head"]), (llama_model, ["lm_head"])):
+        peft_model = add_lora(model, resolve_config({"lora_r": 4, "lora_modules_to_save": full}), [50257, 50258])
+        assert logits(peft_model, torch.tensor([[50257, 5, 50258]])).shape == (1, 3, 50259)
 
 
 # --- slow: through the CLI --------------------------------------------------------------------

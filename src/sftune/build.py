@@ -87,12 +87,18 @@ def read_chat_template(value: str, trust_remote_code: bool = False) -> str:
 def check_model_fits(cfg: SFTConfig, tokenizer, model_config) -> None:
     """The tokenizer's ids must all be rows of the model's embedding, and the samples must fit the context."""
     vocab = getattr(model_config, "vocab_size", None)
-    new = [*cfg.add_tokens, *([cfg.pad_token] if cfg.pad_token and cfg.pad_token not in cfg.add_tokens else [])]
-    grown = sum(i >= vocab for i in token_ids(tokenizer, new)) if vocab is not None else 0
-    if vocab is not None and len(tokenizer) - grown > vocab:  # (rows for --add-tokens are added: `fit_embeddings`)
-        raise SftuneError(f"the tokenizer has {len(tokenizer):,} tokens but the model's vocabulary only {vocab:,}: ids "
-                          f"past {vocab - 1:,} have no embedding. Use the model's own tokenizer (--tokenizer), or "
-                          f"a model whose embeddings were resized for this tokenizer (--model)")
+    if vocab is not None and len(tokenizer) > vocab:  # rows for --add-tokens and --pad-token are added
+        named = {*cfg.add_tokens, *([cfg.pad_token] if cfg.pad_token else [])}
+        beyond = sorted((i, t) for t, i in tokenizer.get_vocab().items() if i >= vocab and t not in named)
+        if beyond:
+            listed = " ".join(repr(t) for _, t in beyond[:8]) + (" ..." if len(beyond) > 8 else "")
+            grow = (f", or give them rows (starting untrained, at the mean of the others): --add-tokens {listed}"
+                    if len(beyond) <= 16 else "")
+            raise SftuneError(f"the tokenizer has {len(tokenizer):,} tokens but the model's vocabulary only "
+                              f"{vocab:,}: {len(beyond):,} token{'s' if len(beyond) > 1 else ''} past id {vocab - 1:,} "
+                              f"({listed}) {'have' if len(beyond) > 1 else 'has'} no embedding. Use the model's own "
+                              f"tokenizer (--tokenizer), or a model whose embeddings were resized for this tokenizer "
+                              f"(--model){grow}")
     context = context_length(model_config, tokenizer)
     if cfg.sample_prompts and cfg.sample_max_new_tokens >= context:
         raise SftuneError(f"sample_max_new_tokens {cfg.sample_max_new_tokens} does not fit the model's context of "
