@@ -301,8 +301,8 @@ class LinearCrossEntropySum(torch.autograd.Function):
         need_rows = rows is not None and ctx.needs_input_grad[9]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         grad_weight = None  # (V, D) fp32, created by the first chunk: no 150 MB zero-fill for GPT-2
-        grad_rows = torch.zeros_like(values, dtype=torch.promote_types(w.dtype, torch.float32)) if need_rows else None
         acc = torch.promote_types(w.dtype, torch.float32)  # softmax and sums: fp32 (fp64 for an fp64 model)
+        grad_rows = torch.zeros_like(values, dtype=acc) if need_rows else None
         # `total` is summed out of place: torch.compile before 2.13 (dynamo's autograd.Function tracing) hands the
         # backward a zero gradient for an output that forward made with torch.zeros and then updated in place
         total = torch.zeros((), dtype=acc, device=hidden.device)
