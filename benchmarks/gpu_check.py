@@ -287,7 +287,7 @@ def compared_run(out: Path, precision: str, mode: str, base: dict | None, *extra
     started = time.perf_counter()
     code, text = run(sftune_cmd(out, "--max-steps", str(OPTIONS["steps"]), "--precision", precision, "--compile", mode,
                                 *extra))
-    row = {"precision": precision, "compile": mode + (" (LoRA r16)" if extra else ""), "exit": code,
+    row = {"precision": precision, "compile": mode + (" (LoRA r16, 2 added tokens)" if extra else ""), "exit": code,
            "seconds": time.perf_counter() - started}
     if code != 0:
         row["log_tail"] = text[-3000:]
@@ -303,7 +303,8 @@ def compared_run(out: Path, precision: str, mode: str, base: dict | None, *extra
 
 def whole_runs(tmp: Path):
     """Each --compile mode in fp32 and bf16 against the eager run's losses; then LoRA r16 (issue 11 on the GPU
-    path) in bf16, eager against the default GPU step (graphs). Yields each row as its run ends."""
+    path) with two added tokens (their rows trained, the fused loss computing their gradient alone) in bf16, eager
+    against the default GPU step (graphs). Yields each row as its run ends."""
     modes = ("off", "graphs", "torch") if OPTIONS["device"] == "cuda" else ("off", "torch")
     for precision in ("fp32", "bf16"):
         base = None
@@ -313,7 +314,8 @@ def whole_runs(tmp: Path):
             yield row
     base = None
     for mode in ("off", "graphs" if OPTIONS["device"] == "cuda" else "torch"):
-        row, got = compared_run(tmp / f"run-lora-{mode}", "bf16", mode, base, "--lora-r", "16", "--lr", "1e-3")
+        row, got = compared_run(tmp / f"run-lora-{mode}", "bf16", mode, base, "--lora-r", "16", "--lr", "1e-3",
+                                "--add-tokens", "<|x|>", "<|y|>")
         base = got if mode == "off" else base
         yield row
 

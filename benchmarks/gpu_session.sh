@@ -13,7 +13,7 @@
 #                sftune vs packed (and both under --attention varlen)
 #                (real tok/s, ms/step, MFU, peak GPU memory, compile time apart), and the whole seed job
 #   runs   (300) benchmarks/gpu_check.py: SIGTERM resume under graphs (bitwise?), the non-finite guard under
-#                graphs, then whole runs --compile off/graphs/torch (fp32, bf16) and LoRA, each saved as it ends
+#                graphs, then whole runs --compile off/graphs/torch (fp32, bf16) and LoRA (with 2 added tokens), each saved as it ends
 #   fusion (300) benchmarks/throughput.py --only packed,packed-varlen --packed-compile torch: the packed runs with
 #                inductor's fused kernels instead of graphs (for packed rows the step is compute, not launches)
 #   peers  (540) TRL's SFTTrainer (benchmarks/trl_baseline.py) next to sftune: the seed's recipe (TRL's defaults,
