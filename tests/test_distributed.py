@@ -121,6 +121,8 @@ CASES = {  # name: (model, extra flags, single process (batch, accum), per rank 
     "fsdp-tokens-llama": ("llama", ["--add-tokens", "<|a|>", "<|b|>"], (32, 1), (16, 1), "fsdp"),
     "fsdp-lora-tokens-llama": ("llama", ["--add-tokens", "<|a|>", "--lora-r", "4", "--lr", "1e-2"], (16, 2), (8, 2),
                                "fsdp"),
+    "ddp-lora-tokens": ("gpt2", ["--add-tokens", "<|a|>", "<|b|>", "--lora-r", "4", "--lr", "1e-2"], (32, 1), (16, 1),
+                        "ddp"),  # (GPT-2: one trained-rows tensor serves the tied embedding and head)
 }
 LONGER = ("--max-steps", "6", "--save-every", "4")  # the fault test's run
 # lr 0.1: the val loss is best after step 1 (4.32), then 6.69 and 6.82, so the final model is step 1's
