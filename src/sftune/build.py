@@ -305,6 +305,10 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     loss_model = CausalLMLoss(model if sharded else model.to(dist.device))
     if notice := router_loss_notice(model):
         log(notice)
+    if cfg.neftune_alpha:
+        loss_model.add_noise(cfg.neftune_alpha)
+        log(f"NEFTune: noise on the input embeddings in training, alpha {cfg.neftune_alpha:g} / sqrt(each example's "
+            f"length x {model.get_input_embeddings().weight.shape[-1]})")
     if loss_model.fused and wants_chunk_math(cfg, compile_mode, steps, max_length):
         loss_model.chunk_math = ChunkMath()
     if compile_mode != "off" or cfg.compile != "auto" or dist.device.type == "cuda":  # (a CPU has only eager)

@@ -176,6 +176,11 @@ class SFTConfig:
     lr_schedule: Schedule = _f("constant", "Learning-rate schedule after warm-up.", "train")
     warmup_steps: int = _f(0, "Optimizer steps of linear warm-up from 0 to lr.", "train")
     max_grad_norm: float | None = _f(1.0, "Clip the global gradient norm to this; null or 0 disables.", "train")
+    neftune_alpha: float | None = _f(
+        None, "NEFTune: uniform noise on the input embeddings in training, scaled alpha / sqrt(L x width) with L each "
+        "example's own length (TRL's neftune_noise_alpha; the paper uses 5-15). Padding gets none, and each example "
+        "of a packed row its own scale (transformers' hook uses the padded or packed row's length). null: off.",
+        "train")
     seed: int = _f(42, "Seed for weight init, data order and the validation hold-out.", "train")
     precision: Precision = _f(
         "auto", "Compute precision: auto (bf16 where the hardware has it; else fp16 on a CUDA GPU, fp32 on a CPU), "
@@ -437,6 +442,8 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
     need(math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", "must be 0 or more, and finite")
     need(cfg.warmup_steps >= 0, "warmup_steps", "must be 0 or more")
     need(cfg.max_grad_norm is None or cfg.max_grad_norm >= 0, "max_grad_norm", "must be 0 or more (0/null: no clipping)")
+    need(cfg.neftune_alpha is None or (math.isfinite(cfg.neftune_alpha) and cfg.neftune_alpha > 0), "neftune_alpha",
+         "must be a positive number (5 is usual), or null for no noise")
     need(0 < cfg.val_fraction < 1, "val_fraction", "must be between 0 and 1, e.g. 0.05")
     need(cfg.min_tokens >= 0, "min_tokens", "must be 0 or more")
     need(cfg.max_length is None or cfg.max_length >= 2, "max_length", "must be at least 2 tokens, or null for the model's context")

@@ -34,6 +34,7 @@ from torch import nn
 from sftune.attention import NAME as VARLEN
 from sftune.attention import varlen_inputs
 from sftune.batching import DEVICE_KEYS, IGNORE_INDEX, ROUTER_KEYS
+from sftune.neftune import NoisyEmbeddings, example_lengths
 
 # How the logits of each model type whose projection is fused with the loss come from its final hidden states h
 # and its output head W (no bias): z = h @ W.T, times a constant (Cohere's `logit_scale`, 1 / Granite's
@@ -155,6 +156,12 @@ class CausalLMLoss(nn.Module):
         self.router = router_loss(model)  # mixture of experts: the routers' load-balancing loss, in training
         self.router_sum: torch.Tensor | None = None  # in training: sum over micro-batches of its loss x targets
         self.device_keys = ROUTER_KEYS if self.router is not None else DEVICE_KEYS  # what a batch brings along
+        self.noise: NoisyEmbeddings | None = None  # NEFTune (`add_noise`): noise on the input embeddings in training
+
+    def add_noise(self, alpha: float) -> None:
+        """NEFTune: in training forwards, noise scaled alpha / sqrt(L x d), L each example's length (`neftune.py`)."""
+        self.noise = NoisyEmbeddings(self.model, alpha)
+        self.device_keys = ROUTER_KEYS  # (its lengths come from the attention mask)
 
     def take_correct(self) -> int:
         """Targets whose argmax prediction was right since the last call (training forwards only). note: syncs.
@@ -194,6 +201,15 @@ class CausalLMLoss(nn.Module):
         return self.correct_counter() if self.training else self.eval_correct
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.noise is None or not self.training:
+            return self.batch_loss(batch)
+        self.noise.lengths = example_lengths(batch)
+        try:
+            return self.batch_loss(batch)
+        finally:
+            self.noise.lengths = None  # (generation between steps runs the embeddings without it)
+
+    def batch_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = model_inputs(batch, self.varlen)
         if self.router is not None:  # the routers' logits in training only (the validation loss is the token loss)
             inputs["output_router_logits"] = self.training
