@@ -56,6 +56,11 @@ def test_range_checks_name_the_flag():
     msg = str(e.value)
     assert "batch_size = 0: must be at least 1 (set `batch_size` in YAML or --batch-size)" in msg
     assert "val_fraction = 1.5" in msg and "max_length = 1" in msg
+    with pytest.raises(SftuneError) as e:
+        resolve_config({"split": "train_sft", "val_split": "train_sft", "neftune_alpha": 0})
+    msg = str(e.value)
+    assert "val_split = 'train_sft': must name another split than the training split ('train_sft')" in msg
+    assert "neftune_alpha = 0: must be a positive number" in msg and "--neftune-alpha" in msg
 
 
 def test_flags_override_yaml(tmp_path):

@@ -116,6 +116,33 @@ def test_hold_out_is_deterministic(tmp_path):
     assert list(a) == list(b) and list(a) != list(c)
 
 
+def test_val_split_names_the_split_to_validate_on(tmp_path, gpt2_tokenizer, capsys):
+    """A dataset whose held-out split is `test` (trl-lib/Capybara, ultrachat's test_sft): by default it is not a
+    validation name, so a part of train is held out; --val-split test validates on it, in memory and streamed."""
+    from sftune.data import DataOptions
+    from sftune.data.streaming import StreamedData
+
+    d = tmp_path / "data"
+    d.mkdir()
+    for split, n in (("train", 30), ("test", 7)):
+        (d / f"{split}.jsonl").write_text("".join(json.dumps({"text": f"{split} row {i} of the set"}) + "\n"
+                                                  for i in range(n)))
+    held = load_rows(str(d), seed=1, val_fraction=0.2)
+    assert (len(held["train"]), len(held["validation"])) == (24, 6)  # test is not a validation name: held out
+    rows = load_rows(str(d), seed=1, val_fraction=0.2, val_split="test")
+    assert (len(rows["train"]), len(rows["validation"])) == (30, 7) and rows.sources["validation"] == "test"
+    data = prepare(d, gpt2_tokenizer, 64, min_tokens=0, val_split="test", cache_dir=tmp_path / "c")
+    assert len(data.validation) == 7 and len(data.train) == 30
+    assert len(prepare(d, gpt2_tokenizer, 64, min_tokens=0, val_fraction=0.2, cache_dir=tmp_path / "c").validation) \
+        == 6  # (its own cache entry)
+    stream = StreamedData(DataOptions(str(d), 64, min_tokens=0, val_split="test"), gpt2_tokenizer)
+    assert len(stream.validation) == 7
+    with pytest.raises(SftuneError, match=r"has no 'dev' split to validate on \(it has: train, test\).*--val-split"):
+        load_rows(str(d), 1, 0.2, val_split="dev")
+    with pytest.raises(SftuneError, match="files given as --dataset are one split"):
+        load_rows(str(d / "train.jsonl"), 1, 0.2, val_split="test")
+
+
 def test_bad_inputs_are_clear_errors(tmp_path):
     bad = tmp_path / "data.xml"
     bad.write_text("<x/>")

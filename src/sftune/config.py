@@ -122,6 +122,9 @@ class SFTConfig:
         "use (default: the tokenizer's; sftune's documented default when it has none).",
         "data",
     )
+    val_split: str | None = _f(
+        None, "Split to validate on, e.g. test (default: the dataset's validation, valid, val or dev split, else "
+        "val_fraction of the training split held out).", "data")
     val_fraction: float = _f(
         0.05, "Fraction of train held out (with `seed`) when the dataset has no validation split.", "data"
     )
@@ -445,6 +448,8 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
     need(cfg.neftune_alpha is None or (math.isfinite(cfg.neftune_alpha) and cfg.neftune_alpha > 0), "neftune_alpha",
          "must be a positive number (5 is usual), or null for no noise")
     need(0 < cfg.val_fraction < 1, "val_fraction", "must be between 0 and 1, e.g. 0.05")
+    need(cfg.val_split is None or (bool(cfg.val_split) and cfg.val_split != cfg.split), "val_split",
+         f"must name another split than the training split ({cfg.split!r}), or null for the default")
     need(cfg.min_tokens >= 0, "min_tokens", "must be 0 or more")
     need(cfg.max_length is None or cfg.max_length >= 2, "max_length", "must be at least 2 tokens, or null for the model's context")
     need(cfg.eval_every is None or cfg.eval_every >= 1, "eval_every", "must be at least 1, or null")

@@ -43,6 +43,7 @@ class DataOptions:
     train_on_prompt: bool = False
     train_on_all_turns: bool = False
     val_fraction: float = 0.05
+    val_split: str | None = None  # the split to validate on (else the dataset's validation split, else a hold-out)
     seed: int = 42
     cache_dir: str | Path | None = None
     stream_val_rows: int = 1000
@@ -90,6 +91,7 @@ def prepare_data(options: DataOptions, tokenizer) -> PreparedData:
         "columns": o.columns,
         "options": asdict(o.encode),
         "val_fraction": o.val_fraction,
+        **({"val_split": o.val_split} if o.val_split else {}),  # (cache keys written before it stay valid)
         "seed": o.seed,
         "dataset_config": o.dataset_config,
         "split": o.split,
@@ -97,7 +99,7 @@ def prepare_data(options: DataOptions, tokenizer) -> PreparedData:
     source = source_fingerprint(o.dataset)
     rows = None
     if source is None:  # a Hub dataset: its fingerprint is known only once loaded (from the datasets cache)
-        rows = load_rows(o.dataset, o.seed, o.val_fraction, o.dataset_config, o.split)
+        rows = load_rows(o.dataset, o.seed, o.val_fraction, o.dataset_config, o.split, o.val_split)
         source = rows["train"]._fingerprint + rows["validation"]._fingerprint
     path = entry_path(cache_root, source, settings)
     cached = read_entry(path, len(tokenizer))
@@ -108,7 +110,7 @@ def prepare_data(options: DataOptions, tokenizer) -> PreparedData:
         return PreparedData(splits["train"], splits["validation"], stats, layout, path, True,
                             time.perf_counter() - start, source)
     if rows is None:
-        rows = load_rows(o.dataset, o.seed, o.val_fraction, o.dataset_config, o.split)
+        rows = load_rows(o.dataset, o.seed, o.val_fraction, o.dataset_config, o.split, o.val_split)
     layout = detect_layout(rows["train"].features, o.format, o.columns, o.text_column)
     missing = [c for c in layout.columns.values() if c not in rows["validation"].features]
     if missing:

@@ -55,12 +55,13 @@ def local_files(dataset: str) -> list[Path] | None:
     return files
 
 
-def load_rows(dataset: str, seed: int, val_fraction: float, config_name: str | None = None, split: str = "train"):
+def load_rows(dataset: str, seed: int, val_fraction: float, config_name: str | None = None, split: str = "train",
+              val_split: str | None = None):
     """Load a dataset as a DatasetDict with 'train' and 'validation' splits.
 
     `dataset` is a file, several (comma-separated or a glob), a directory laid out
     like a Hub repo, or a Hub id (with `config_name`). Train is its `split`;
-    validation is its own split when it has one (validation, valid, val or dev),
+    validation is `val_split` when given, else its own split when it has one (validation, valid, val or dev),
     else `val_fraction` of train held out with `seed`. Every row carries its number
     in the source split (column `__row__`) so errors can point at it.
     """
@@ -96,7 +97,7 @@ def load_rows(dataset: str, seed: int, val_fraction: float, config_name: str | N
     if split not in ds:
         raise SftuneError(f"dataset {dataset} has no {split!r} split (it has: {', '.join(ds)}); set --split")
     numbered = {name: ds[name].add_column(ROW_COLUMN, np.arange(len(ds[name]))) for name in ds}
-    val_name = next((n for n in VALIDATION_NAMES if n in ds and n != split), None)
+    val_name = validation_split(ds, dataset, split, val_split)
     if val_name is not None:
         result = datasets.DatasetDict(train=numbered[split], validation=numbered[val_name])
         result.sources = {"train": split, "validation": val_name}
@@ -109,6 +110,19 @@ def load_rows(dataset: str, seed: int, val_fraction: float, config_name: str | N
     result = datasets.DatasetDict(train=held["train"], validation=held["test"])
     result.sources = {"train": split, "validation": split}  # held-out rows keep their numbers in `split`
     return result
+
+
+def validation_split(splits, dataset: str, split: str, val_split: str | None) -> str | None:
+    """The split to validate on: `val_split` (which must exist), else the dataset's own validation split (validation,
+    valid, val or dev), else None (a hold-out of the training split)."""
+    if val_split is None:
+        return next((n for n in VALIDATION_NAMES if n in splits and n != split), None)
+    if val_split not in splits:
+        hint = (" (files given as --dataset are one split; put each split's files in a directory, named after their "
+                "split, e.g. train.jsonl and test.jsonl)" if list(splits) == ["train"] else "")
+        raise SftuneError(f"dataset {dataset} has no {val_split!r} split to validate on (it has: {', '.join(splits)})"
+                          f"{hint}; set --val-split, or leave it out to hold out --val-fraction of the training split")
+    return val_split
 
 
 def file_loader(files: list[Path]) -> tuple[str, dict]:

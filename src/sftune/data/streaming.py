@@ -28,7 +28,7 @@ from sftune.data.cache import source_fingerprint
 from sftune.data.examples import Examples, SplitStats
 from sftune.data.formats import CHAT_COLUMNS, ROW_COLUMN, Layout, detect_layout
 from sftune.data.pipeline import DataOptions
-from sftune.data.sources import VALIDATION_NAMES, open_stream
+from sftune.data.sources import open_stream, validation_split
 from sftune.data.tokenize import check_end_of_turn, load_chat_template, tokenize_split, warn_about
 from sftune.errors import SftuneError
 
@@ -69,7 +69,7 @@ class StreamedData:
         if split not in streams:
             raise SftuneError(f"dataset {dataset} has no {split!r} split (it has: {', '.join(streams)}); set --split")
         numbered = streams[split].map(lambda _, i: {ROW_COLUMN: i}, with_indices=True)
-        val_name = next((n for n in VALIDATION_NAMES if n in streams and n != split), None)
+        val_name = validation_split(streams, dataset, split, options.val_split)
         if val_name is not None:
             val_rows_list = list(streams[val_name].map(lambda _, i: {ROW_COLUMN: i}, with_indices=True))
             self.train_stream = numbered
