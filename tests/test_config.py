@@ -60,7 +60,7 @@ def test_range_checks_name_the_flag():
         resolve_config({"split": "train_sft", "val_split": "train_sft", "neftune_alpha": 0})
     msg = str(e.value)
     assert "val_split = 'train_sft': must name another split than the training split ('train_sft')" in msg
-    assert "neftune_alpha = 0: must be a positive number" in msg and "--neftune-alpha" in msg
+    assert "neftune_alpha = 0.0: must be a positive number" in msg and "--neftune-alpha" in msg
 
 
 def test_flags_override_yaml(tmp_path):
