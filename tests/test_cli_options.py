@@ -79,6 +79,31 @@ def test_max_steps_beyond_an_epoch_runs_them_and_a_long_warmup_is_warned(tmp_pat
     assert "done: 6 steps" in stdout
 
 
+def test_warmup_ratio_and_adams_settings(tmp_path, small_model_dir, capsys):
+    """--warmup-ratio 0.3 of 6 steps is ceil(1.8) = 2 warm-up steps: the same run as --warmup-steps 2; the betas and
+    epsilon reach AdamW (its state in the checkpoint) and change the training."""
+    import torch
+
+    def run(name, *flags):
+        out = tmp_path / name
+        code, _, err = run_main(capsys, "train", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA),
+                                "--batch-size", "16", "--max-steps", "6", "--lr", "1e-2", "--precision", "fp32",
+                                "--log-every", "1", "--save-every", "6", "--no-run-report", "--report-to", "none",
+                                "--output-dir", str(out), *flags)
+        assert code == 0, err
+        return [(r["loss"], r["lr"]) for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "train"], err
+
+    by_ratio, err = run("ratio", "--warmup-ratio", "0.3")
+    assert "2 warm-up = ceil(0.3 x 6)" in err
+    assert by_ratio == run("steps", "--warmup-steps", "2")[0]
+    assert by_ratio[0][1] == pytest.approx(5e-3)  # (step 1 of 2)
+    betas, _ = run("betas", "--warmup-ratio", "0.3", "--adam-beta2", "0.95", "--adam-epsilon", "1e-6")
+    assert betas != by_ratio
+    state = torch.load(tmp_path / "betas" / "checkpoints" / "step-6" / "training_state.pt", weights_only=True)
+    group = state["optimizer"]["param_groups"][0]
+    assert tuple(group["betas"]) == (0.9, 0.95) and group["eps"] == 1e-6
+
+
 def test_eval_and_data_stream_without_max_steps(small_model_dir, capsys):
     """--streaming needs --max-steps to train (the schedule's end), not to evaluate or report."""
     from conftest import QUICKSTART_DATA

@@ -61,6 +61,11 @@ def test_range_checks_name_the_flag():
     msg = str(e.value)
     assert "val_split = 'train_sft': must name another split than the training split ('train_sft')" in msg
     assert "neftune_alpha = 0.0: must be a positive number" in msg and "--neftune-alpha" in msg
+    with pytest.raises(SftuneError) as e:
+        resolve_config({"warmup_steps": 10, "warmup_ratio": 0.1, "adam_beta2": 1.0, "adam_epsilon": 0})
+    msg = str(e.value)
+    assert "warmup_ratio = 0.1: is set with warmup_steps 10: set one of them" in msg
+    assert "adam_beta2 = 1.0: must be at least 0 and below 1" in msg and "adam_epsilon = 0.0" in msg
 
 
 def test_flags_override_yaml(tmp_path):

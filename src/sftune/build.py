@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -145,6 +146,11 @@ def build_data(cfg: SFTConfig, tokenizer, model_config, dist: Dist | None = None
 
 
 # --- the run -----------------------------------------------------------------------
+
+
+def warmup_steps(cfg: SFTConfig, total_steps: int) -> int:
+    """`warmup_steps`, or `warmup_ratio` of the run's steps rounded up (the HF Trainer's rule)."""
+    return math.ceil(cfg.warmup_ratio * total_steps) if cfg.warmup_ratio is not None else cfg.warmup_steps
 
 
 def param_groups(model, weight_decay: float) -> list[dict]:
@@ -322,11 +328,13 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
         wrapped = compile_step(wrapped, loss_model, padding, cfg.compile_backend, cfg.compile_mode)
     # fused AdamW: one kernel over all parameters (measured 6x faster than foreach on CPU, benchmarks/NOTES.md)
     optimizer = torch.optim.AdamW(param_groups(loss_model, cfg.weight_decay), lr=cfg.lr,
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                                   fused=dist.device.type in ("cpu", "cuda"))
     optimizer.register_step_post_hook(loss_model.forget_cast)  # the weights changed: recast the head next time
     from transformers import get_scheduler
 
-    scheduler = get_scheduler(SCHEDULES[cfg.lr_schedule], optimizer, num_warmup_steps=cfg.warmup_steps,
+    warmup = warmup_steps(cfg, steps.total_steps)
+    scheduler = get_scheduler(SCHEDULES[cfg.lr_schedule], optimizer, num_warmup_steps=warmup,
                               num_training_steps=steps.total_steps)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=precision == "fp16")  # loss scaling only for fp16
     lora_args = (adapter, base) if adapter is not None else ()  # (the adapter kinds write the adapter and its base)
@@ -341,11 +349,12 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
             f"{state.step_in_epoch:,} steps into it")
     elif cfg.resume:
         log(f"--resume {cfg.resume}: no checkpoint in {out / 'checkpoints'}, starting fresh")
-    if cfg.warmup_steps > steps.total_steps:
-        log(f"warning: warmup_steps {cfg.warmup_steps} is longer than the run ({steps.total_steps:,} steps): the "
+    if warmup > steps.total_steps:
+        log(f"warning: warmup_steps {warmup} is longer than the run ({steps.total_steps:,} steps): the "
             f"learning rate never reaches --lr {cfg.lr:g}; lower --warmup-steps")
     log(f"training: {describe_plan(cfg, steps, max_length)}, lr {cfg.lr:g} ({cfg.lr_schedule}, "
-        f"{cfg.warmup_steps} warm-up), output {out}")
+        f"{warmup} warm-up{f' = ceil({cfg.warmup_ratio:g} x {steps.total_steps:,})' if cfg.warmup_ratio else ''}), "
+        f"output {out}")
     log(f"loss: {'output projection fused with cross-entropy, ' if loss_model.fused else ''}token-weighted over "
         f"each step" + (f"; {dist.world_size} ranks ({type(wrapped).__name__}"
                         f"{': ' + dist.mixed_precision if dist.mixed_precision else ''})" if dist.distributed else ""))

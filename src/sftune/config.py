@@ -178,6 +178,12 @@ class SFTConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay (the seed uses 0).", "train")
     lr_schedule: Schedule = _f("constant", "Learning-rate schedule after warm-up.", "train")
     warmup_steps: int = _f(0, "Optimizer steps of linear warm-up from 0 to lr.", "train")
+    warmup_ratio: float | None = _f(
+        None, "Warm-up as a fraction of the run's optimizer steps, rounded up (as in the HF Trainer; 0.03 is common); "
+        "instead of warmup_steps.", "train")
+    adam_beta1: float = _f(0.9, "AdamW's beta1 (torch's and the HF Trainer's default).", "train")
+    adam_beta2: float = _f(0.999, "AdamW's beta2 (0.95 is common for large models).", "train")
+    adam_epsilon: float = _f(1e-8, "AdamW's epsilon.", "train")
     max_grad_norm: float | None = _f(1.0, "Clip the global gradient norm to this; null or 0 disables.", "train")
     neftune_alpha: float | None = _f(
         None, "NEFTune: uniform noise on the input embeddings in training, scaled alpha / sqrt(L x width) with L each "
@@ -444,6 +450,14 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
     need(math.isfinite(cfg.lr) and cfg.lr > 0, "lr", "must be a positive, finite number, e.g. 5e-5")
     need(math.isfinite(cfg.weight_decay) and cfg.weight_decay >= 0, "weight_decay", "must be 0 or more, and finite")
     need(cfg.warmup_steps >= 0, "warmup_steps", "must be 0 or more")
+    need(cfg.warmup_ratio is None or 0 <= cfg.warmup_ratio < 1, "warmup_ratio", "must be at least 0 and below 1, "
+         "e.g. 0.03, or null")
+    need(cfg.warmup_ratio is None or cfg.warmup_steps == 0, "warmup_ratio", "is set with warmup_steps "
+         f"{cfg.warmup_steps}: set one of them")
+    for key in ("adam_beta1", "adam_beta2"):
+        need(0 <= getattr(cfg, key) < 1, key, "must be at least 0 and below 1")
+    need(math.isfinite(cfg.adam_epsilon) and cfg.adam_epsilon > 0, "adam_epsilon", "must be a positive number, e.g. "
+         "1e-8")
     need(cfg.max_grad_norm is None or cfg.max_grad_norm >= 0, "max_grad_norm", "must be 0 or more (0/null: no clipping)")
     need(cfg.neftune_alpha is None or (math.isfinite(cfg.neftune_alpha) and cfg.neftune_alpha > 0), "neftune_alpha",
          "must be a positive number (5 is usual), or null for no noise")
