@@ -151,6 +151,20 @@ def test_the_fused_loss_reaches_a_head_peft_trains_in_full():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_loraplus_gives_the_b_matrices_their_own_learning_rate():
+    from sftune.build import param_groups
+    from sftune.lora import add_lora
+
+    peft_model = add_lora(make_tiny_gpt2(), lora_cfg(loraplus_lr_ratio=16))
+    groups = param_groups(peft_model, 0.1, 1e-3, 16)
+    names = {id(p): n for n, p in peft_model.named_parameters()}
+    assert [g.get("lr") for g in groups] == [None, None, 1.6e-2]
+    assert groups[2]["weight_decay"] == 0.1 and all(".lora_B." in names[id(p)] for p in groups[2]["params"])
+    assert groups[0]["params"] and all(".lora_A." in names[id(p)] for p in groups[0]["params"])
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in peft_model.parameters())
+    assert len(param_groups(peft_model, 0.1, 1e-3)) == 2  # without LoRA+: one learning rate
+
+
 def mistake(capsys, tiny_model_dir, out, *flags):
     code, _, err = run_main(capsys, "train", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA),
                             "--max-steps", "2", "--output-dir", str(out), *flags)
@@ -168,7 +182,8 @@ def test_lora_mistakes_are_clear_errors_that_write_nothing(tiny_model_dir, tmp_p
     err = mistake(capsys, tiny_model_dir, out, "--merge")
     assert "LoRA is off (set --lora-r)" in err
     for flags, key in [(("--lora-r", "0"), "lora_r"), (("--lora-r", "4", "--lora-dropout", "1"), "lora_dropout"),
-                       (("--lora-r", "4", "--lora-alpha", "-1"), "lora_alpha")]:
+                       (("--lora-r", "4", "--lora-alpha", "-1"), "lora_alpha"),
+                       (("--loraplus-lr-ratio", "16",), "loraplus_lr_ratio")]:
         assert f"--{key.replace('_', '-')}" in mistake(capsys, tiny_model_dir, out, *flags)
     code, _, err = run_main(capsys, "export", str(tiny_model_dir), "--merge", str(out))
     assert code == 2 and "holds a full model" in err and not out.exists()

@@ -153,13 +153,20 @@ def warmup_steps(cfg: SFTConfig, total_steps: int) -> int:
     return math.ceil(cfg.warmup_ratio * total_steps) if cfg.warmup_ratio is not None else cfg.warmup_steps
 
 
-def param_groups(model, weight_decay: float) -> list[dict]:
-    """Decay matrices only: biases and norm gains (1-D) are not decayed (as in HF/TRL, nanoGPT)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return [
+def param_groups(model, weight_decay: float, lr: float, b_ratio: float | None = None) -> list[dict]:
+    """Decay matrices only: biases and norm gains (1-D) are not decayed (as in HF/TRL, nanoGPT). LoRA+ (`b_ratio`):
+    the adapters' B matrices learn at `b_ratio` times `lr` (Hayou et al., 2024; peft's `create_loraplus_optimizer`)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    faster = {id(p) for n, p in named if b_ratio and (".lora_B." in n or ".lora_embedding_B." in n)}
+    params = [p for _, p in named if id(p) not in faster]
+    groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
+    if faster:
+        groups.append({"params": [p for _, p in named if id(p) in faster], "weight_decay": weight_decay,
+                       "lr": lr * b_ratio})
+    return groups
 
 
 @dataclass
@@ -327,7 +334,7 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     if compile_mode == "torch":  # (the training step only: evaluation runs `loss_model`, eagerly)
         wrapped = compile_step(wrapped, loss_model, padding, cfg.compile_backend, cfg.compile_mode)
     # fused AdamW: one kernel over all parameters (measured 6x faster than foreach on CPU, benchmarks/NOTES.md)
-    optimizer = torch.optim.AdamW(param_groups(loss_model, cfg.weight_decay), lr=cfg.lr,
+    optimizer = torch.optim.AdamW(param_groups(loss_model, cfg.weight_decay, cfg.lr, cfg.loraplus_lr_ratio), lr=cfg.lr,
                                   betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                                   fused=dist.device.type in ("cpu", "cuda"))
     optimizer.register_step_post_hook(loss_model.forget_cast)  # the weights changed: recast the head next time

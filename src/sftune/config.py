@@ -238,6 +238,9 @@ class SFTConfig:
     lora_use_dora: bool = _f(
         False, "DoRA (weight-decomposed LoRA): a trained magnitude per output feature beside the low-rank direction "
         "update; closer to full fine-tuning at low ranks, slower steps.", "lora")
+    loraplus_lr_ratio: float | None = _f(
+        None, "LoRA+: the adapters' B matrices learn at this many times lr (16 in the paper; peft's "
+        "create_loraplus_optimizer, Axolotl's loraplus_lr_ratio). null: one learning rate.", "lora")
     lora_use_rslora: bool = _f(
         False, "rsLoRA: scale updates by alpha / sqrt(r) instead of alpha / r, which keeps high ranks learning.",
         "lora")
@@ -491,6 +494,10 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
          "must be a positive number, or null for 2 x lora_r")
     need(0 <= cfg.lora_dropout < 1, "lora_dropout", "must be at least 0 and below 1")
     need(bool(cfg.lora_targets), "lora_targets", "must name at least one module, or all-linear")
+    need(cfg.loraplus_lr_ratio is None or (math.isfinite(cfg.loraplus_lr_ratio) and cfg.loraplus_lr_ratio > 0),
+         "loraplus_lr_ratio", "must be a positive number (16 is usual), or null")
+    need(cfg.loraplus_lr_ratio is None or cfg.lora_r is not None, "loraplus_lr_ratio",
+         "is a LoRA option, but LoRA is off (set --lora-r)")
     for key in ("lora_use_dora", "lora_use_rslora"):
         need(not getattr(cfg, key) or cfg.lora_r is not None, key, "is a LoRA option, but LoRA is off (set --lora-r)")
     need(not cfg.merge or cfg.lora_r is not None, "merge", "merges a LoRA adapter into its base, but LoRA is off "

@@ -165,7 +165,8 @@ def add_lora(model, cfg, token_ids: list[int] = (), quiet: bool = False):
         variant = "DoRA" if settings.use_dora else "LoRA"
         scale = " (scale alpha / sqrt(r), rsLoRA)" if settings.use_rslora else ""
         log(f"{variant}: r {settings.r}, alpha {settings.lora_alpha:g}{scale}, dropout {settings.lora_dropout:g} on "
-            f"{', '.join(adapted)}{full}{tie}: trains {trained:,} of {total:,} parameters ({100 * trained / total:.2f}%)")
+            f"{', '.join(adapted)}{full}{tie}: trains {trained:,} of {total:,} parameters ({100 * trained / total:.2f}%)"
+            + (f"; LoRA+: the B matrices at {cfg.loraplus_lr_ratio:g} x lr" if cfg.loraplus_lr_ratio else ""))
     return peft_model
 
 
