@@ -121,8 +121,9 @@ def data_options(cfg: SFTConfig, max_length: int) -> DataOptions:
     return DataOptions(cfg.dataset, max_length, dataset_config=cfg.dataset_config, split=cfg.split,
                        format=cfg.format, columns=cfg.columns, text_column=cfg.text_column, min_tokens=cfg.min_tokens,
                        overlong=cfg.overlong, truncation_side=cfg.truncation_side, train_on_prompt=cfg.train_on_prompt,
-                       train_on_all_turns=cfg.train_on_all_turns, val_fraction=cfg.val_fraction, val_split=cfg.val_split, seed=cfg.seed,
-                       cache_dir=cfg.cache_dir, stream_val_rows=cfg.stream_val_rows)
+                       train_on_all_turns=cfg.train_on_all_turns, val_fraction=cfg.val_fraction,
+                       val_split=cfg.val_split, seed=cfg.seed, cache_dir=cfg.cache_dir,
+                       stream_val_rows=cfg.stream_val_rows)
 
 
 def build_data(cfg: SFTConfig, tokenizer, model_config, dist: Dist | None = None):
@@ -334,8 +335,8 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     if compile_mode == "torch":  # (the training step only: evaluation runs `loss_model`, eagerly)
         wrapped = compile_step(wrapped, loss_model, padding, cfg.compile_backend, cfg.compile_mode)
     # fused AdamW: one kernel over all parameters (measured 6x faster than foreach on CPU, benchmarks/NOTES.md)
-    optimizer = torch.optim.AdamW(param_groups(loss_model, cfg.weight_decay, cfg.lr, cfg.loraplus_lr_ratio), lr=cfg.lr,
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+    groups = param_groups(loss_model, cfg.weight_decay, cfg.lr, cfg.loraplus_lr_ratio)
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                                   fused=dist.device.type in ("cpu", "cuda"))
     optimizer.register_step_post_hook(loss_model.forget_cast)  # the weights changed: recast the head next time
     from transformers import get_scheduler
