@@ -143,6 +143,40 @@ def test_val_split_names_the_split_to_validate_on(tmp_path, gpt2_tokenizer, caps
         load_rows(str(d / "train.jsonl"), 1, 0.2, val_split="test")
 
 
+def test_val_dataset_validates_on_another_dataset(tmp_path, gpt2_tokenizer):
+    """--val-dataset: a file (all of it), or a directory (its validation split, or --val-split); the training split
+    is used whole; in memory and streamed; a change to either file is a new cache entry."""
+    from sftune.data import DataOptions
+    from sftune.data.streaming import StreamedData
+
+    def write(path, name, n):
+        path.write_text("".join(json.dumps({"text": f"{name} row {i} of the set"}) + "\n" for i in range(n)))
+
+    write(tmp_path / "train.jsonl", "train", 30)
+    write(tmp_path / "held.jsonl", "held", 5)
+    other = tmp_path / "other"
+    other.mkdir()
+    write(other / "train.jsonl", "other train", 9)
+    write(other / "validation.jsonl", "other validation", 4)
+    write(other / "test.jsonl", "other test", 3)
+    train = str(tmp_path / "train.jsonl")
+    rows = load_rows(train, 1, 0.2, val_dataset=str(tmp_path / "held.jsonl"))
+    assert (len(rows["train"]), len(rows["validation"])) == (30, 5)
+    assert rows.sources["validation"] == f"train of {tmp_path / 'held.jsonl'}"
+    assert len(load_rows(train, 1, 0.2, val_dataset=str(other))["validation"]) == 4
+    assert len(load_rows(train, 1, 0.2, val_dataset=str(other), val_split="test")["validation"]) == 3
+    options = dict(min_tokens=0, cache_dir=tmp_path / "c", val_dataset=str(tmp_path / "held.jsonl"))
+    data = prepare(train, gpt2_tokenizer, 64, **options)
+    assert (len(data.train), len(data.validation)) == (30, 5)
+    write(tmp_path / "held.jsonl", "held", 6)
+    again = prepare(train, gpt2_tokenizer, 64, **options)
+    assert not again.from_cache and len(again.validation) == 6
+    stream = StreamedData(DataOptions(train, 64, min_tokens=0, val_dataset=str(other)), gpt2_tokenizer)
+    assert len(stream.validation) == 4
+    with pytest.raises(SftuneError, match=r"\(check --val-dataset\)"):
+        load_rows(train, 1, 0.2, val_dataset=str(tmp_path / "missing.jsonl"))
+
+
 def test_bad_inputs_are_clear_errors(tmp_path):
     bad = tmp_path / "data.xml"
     bad.write_text("<x/>")

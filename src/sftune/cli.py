@@ -44,7 +44,7 @@ EVAL_KEYS = {
     "model", "tokenizer", "init", "trust_remote_code", "dataset", "dataset_config", "split", "format", "columns",
     "text_column", "train_on_prompt", "train_on_all_turns", "chat_template", "val_fraction", "min_tokens",
     "max_length", "overlong", "truncation_side", "streaming", "stream_val_rows", "cache_dir", "seed", "precision",
-    "device", "batch_size", "eval_batch_size", "val_split", "add_tokens", "pad_token",
+    "device", "batch_size", "eval_batch_size", "val_split", "val_dataset", "add_tokens", "pad_token",
 }
 
 

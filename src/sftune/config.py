@@ -124,7 +124,10 @@ class SFTConfig:
     )
     val_split: str | None = _f(
         None, "Split to validate on, e.g. test (default: the dataset's validation, valid, val or dev split, else "
-        "val_fraction of the training split held out).", "data")
+        "val_fraction of the training split held out); with val_dataset, that dataset's split.", "data")
+    val_dataset: str | None = _f(
+        None, "A dataset to validate on, in any form dataset takes (a file, files, a directory, a Hub id): its "
+        "val_split, else its validation split, else all of it; the training split is then used whole.", "data")
     val_fraction: float = _f(
         0.05, "Fraction of train held out (with `seed`) when the dataset has no validation split.", "data"
     )
@@ -465,7 +468,7 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
     need(cfg.neftune_alpha is None or (math.isfinite(cfg.neftune_alpha) and cfg.neftune_alpha > 0), "neftune_alpha",
          "must be a positive number (5 is usual), or null for no noise")
     need(0 < cfg.val_fraction < 1, "val_fraction", "must be between 0 and 1, e.g. 0.05")
-    need(cfg.val_split is None or (bool(cfg.val_split) and cfg.val_split != cfg.split), "val_split",
+    need(cfg.val_split is None or (bool(cfg.val_split) and (cfg.val_split != cfg.split or cfg.val_dataset)), "val_split",
          f"must name another split than the training split ({cfg.split!r}), or null for the default")
     need(cfg.min_tokens >= 0, "min_tokens", "must be 0 or more")
     need(cfg.max_length is None or cfg.max_length >= 2, "max_length", "must be at least 2 tokens, or null for the model's context")
@@ -486,6 +489,8 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
     need(cfg.pad_token is None or (cfg.pad_token.strip() == cfg.pad_token and bool(cfg.pad_token)), "pad_token",
          "must be a non-empty token without leading or trailing spaces, e.g. <|pad|>, or null for the default")
     need(bool(cfg.dataset), "dataset", "must name a Hub id, a directory or a file")
+    need(cfg.val_dataset is None or bool(cfg.val_dataset.strip()), "val_dataset",
+         "must name a Hub id, a directory or a file, or null to validate on a split of dataset")
     need(not training or not cfg.streaming or cfg.max_steps is not None, "max_steps",
          "must be set with streaming: a stream's length is unknown up front, and so is the schedule's end")
     need(cfg.lora_r is None or cfg.lora_r >= 1, "lora_r", "must be at least 1 (8-64 is usual), or null for full "

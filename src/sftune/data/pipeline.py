@@ -44,6 +44,7 @@ class DataOptions:
     train_on_all_turns: bool = False
     val_fraction: float = 0.05
     val_split: str | None = None  # the split to validate on (else the dataset's validation split, else a hold-out)
+    val_dataset: str | None = None  # a dataset to validate on instead (its val_split, validation split, or all)
     seed: int = 42
     cache_dir: str | Path | None = None
     stream_val_rows: int = 1000
@@ -91,15 +92,19 @@ def prepare_data(options: DataOptions, tokenizer) -> PreparedData:
         "columns": o.columns,
         "options": asdict(o.encode),
         "val_fraction": o.val_fraction,
-        **({"val_split": o.val_split} if o.val_split else {}),  # (cache keys written before it stay valid)
+        **({"val_split": o.val_split} if o.val_split else {}),  # (cache keys written before these stay valid)
+        **({"val_dataset": o.val_dataset} if o.val_dataset else {}),
         "seed": o.seed,
         "dataset_config": o.dataset_config,
         "split": o.split,
     }
     source = source_fingerprint(o.dataset)
+    if o.val_dataset is not None and source is not None:
+        other = source_fingerprint(o.val_dataset)
+        source = source + other if other is not None else None
     rows = None
     if source is None:  # a Hub dataset: its fingerprint is known only once loaded (from the datasets cache)
-        rows = load_rows(o.dataset, o.seed, o.val_fraction, o.dataset_config, o.split, o.val_split)
+        rows = load_rows(o.dataset, o.seed, o.val_fraction, o.dataset_config, o.split, o.val_split, o.val_dataset)
         source = rows["train"]._fingerprint + rows["validation"]._fingerprint
     path = entry_path(cache_root, source, settings)
     cached = read_entry(path, len(tokenizer))
@@ -110,13 +115,13 @@ def prepare_data(options: DataOptions, tokenizer) -> PreparedData:
         return PreparedData(splits["train"], splits["validation"], stats, layout, path, True,
                             time.perf_counter() - start, source)
     if rows is None:
-        rows = load_rows(o.dataset, o.seed, o.val_fraction, o.dataset_config, o.split, o.val_split)
+        rows = load_rows(o.dataset, o.seed, o.val_fraction, o.dataset_config, o.split, o.val_split, o.val_dataset)
     layout = detect_layout(rows["train"].features, o.format, o.columns, o.text_column)
     missing = [c for c in layout.columns.values() if c not in rows["validation"].features]
     if missing:
         names = [c for c in rows["validation"].column_names if c != ROW_COLUMN]
         raise SftuneError(f"the validation split has no column {missing[0]!r} (columns: {', '.join(names)}); "
-                          f"give both splits the same columns (--dataset)")
+                          f"give both splits the same columns ({'--val-dataset' if o.val_dataset else '--dataset'})")
     template = load_chat_template(tokenizer) if layout.format.startswith("chat") else None
     if template is not None:
         check_end_of_turn(template)

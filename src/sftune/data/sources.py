@@ -31,15 +31,15 @@ FILE_BUILDERS = {
 VALIDATION_NAMES = ("validation", "valid", "val", "dev")
 
 
-def local_files(dataset: str) -> list[Path] | None:
+def local_files(dataset: str, flag: str = "--dataset") -> list[Path] | None:
     """The files `dataset` names: one file, a comma-separated list, or a glob; None when it
     names no file (a directory or a Hub id)."""
     import glob
 
     names = [n.strip() for n in dataset.split(",") if n.strip()]
     if not names:
-        raise SftuneError(f"--dataset {dataset!r} names no file, directory or Hub id; give one, e.g. "
-                          f"--dataset data/train.jsonl")
+        raise SftuneError(f"{flag} {dataset!r} names no file, directory or Hub id; give one, e.g. "
+                          f"{flag} data/train.jsonl")
     if len(names) == 1 and not glob.has_magic(names[0]):
         path = Path(names[0]).expanduser()
         return [path] if path.is_file() else None
@@ -47,56 +47,37 @@ def local_files(dataset: str) -> list[Path] | None:
     for name in names:
         matches = sorted(glob.glob(str(Path(name).expanduser()), recursive=True)) if glob.has_magic(name) else [name]
         if not matches:
-            raise SftuneError(f"no file matches {name!r} (--dataset)")
+            raise SftuneError(f"no file matches {name!r} ({flag})")
         for m in matches:
             if not Path(m).is_file():
-                raise SftuneError(f"{m} is not a file (--dataset: give files, a glob, a directory or a Hub id)")
+                raise SftuneError(f"{m} is not a file ({flag}: give files, a glob, a directory or a Hub id)")
             files.append(Path(m))
     return files
 
 
 def load_rows(dataset: str, seed: int, val_fraction: float, config_name: str | None = None, split: str = "train",
-              val_split: str | None = None):
+              val_split: str | None = None, val_dataset: str | None = None):
     """Load a dataset as a DatasetDict with 'train' and 'validation' splits.
 
     `dataset` is a file, several (comma-separated or a glob), a directory laid out
     like a Hub repo, or a Hub id (with `config_name`). Train is its `split`;
-    validation is `val_split` when given, else its own split when it has one (validation, valid, val or dev),
+    validation is `val_dataset` when given (its `val_split`, else its own validation split, else all of it),
+    else `val_split` of `dataset`, else its own split when it has one (validation, valid, val or dev),
     else `val_fraction` of train held out with `seed`. Every row carries its number
     in the source split (column `__row__`) so errors can point at it.
     """
     import datasets
 
-    files = local_files(dataset)
-    path = Path(dataset).expanduser()
-    if files is not None:
-        builder, kwargs = file_loader(files)
-        for f in files:  # what `datasets` would read wrongly, or with unbounded memory: say so first
-            problem = precheck_file(f)
-            if problem:
-                raise SftuneError(problem)
-        try:
-            ds = datasets.load_dataset(builder, data_files={"train": [str(f) for f in files]}, **kwargs)
-        except Exception as e:  # datasets wraps parse errors in its own types: find the bad line ourselves
-            bad = next((m for f in files for m in [diagnose_file(f)] if m), None)
-            raise SftuneError(bad or f"could not read {dataset}: {_root_cause(e)} (check --dataset)") from None
-        if builder == "csv":
-            ds = datasets.DatasetDict({k: _integer_columns(v) for k, v in ds.items()})
-        split = "train"
-    elif path.is_dir():
-        try:
-            ds = datasets.load_dataset(str(path), config_name)
-        except Exception as e:
-            bad = next((m for f in sorted(path.rglob("*")) if f.is_file() and f.suffix in FILE_BUILDERS
-                        for m in [diagnose_file(f)] if m), None)
-            raise SftuneError(bad or f"could not read a dataset from directory {dataset}: {_root_cause(e)} "
-                              f"(check --dataset, --dataset-config)") from None
-    else:
-        ds = from_hub_or_cache(dataset, "dataset", "--dataset",
-                               lambda local_files_only: _load_hub(dataset, config_name, local_files_only))
+    ds, files = read_splits(dataset, config_name, "--dataset")
+    split = "train" if files else split
     if split not in ds:
         raise SftuneError(f"dataset {dataset} has no {split!r} split (it has: {', '.join(ds)}); set --split")
     numbered = {name: ds[name].add_column(ROW_COLUMN, np.arange(len(ds[name]))) for name in ds}
+    if val_dataset is not None:
+        validation, name = rows_to_validate_on(val_dataset, val_split)
+        result = datasets.DatasetDict(train=numbered[split], validation=validation)
+        result.sources = {"train": split, "validation": name}
+        return result
     val_name = validation_split(ds, dataset, split, val_split)
     if val_name is not None:
         result = datasets.DatasetDict(train=numbered[split], validation=numbered[val_name])
@@ -112,14 +93,57 @@ def load_rows(dataset: str, seed: int, val_fraction: float, config_name: str | N
     return result
 
 
-def validation_split(splits, dataset: str, split: str, val_split: str | None) -> str | None:
+def rows_to_validate_on(val_dataset: str, val_split: str | None):
+    """(`--val-dataset`'s rows to validate on, numbered; what to call them): its `val_split`, else its validation
+    split, else its training split (or only split), whole."""
+    other, _ = read_splits(val_dataset, None, "--val-dataset")
+    name = validation_split(other, val_dataset, None, val_split, flag="--val-dataset") or \
+        ("train" if "train" in other else next(iter(other)))
+    return other[name].add_column(ROW_COLUMN, np.arange(len(other[name]))), f"{name} of {val_dataset}"
+
+
+def read_splits(dataset: str, config_name: str | None, flag: str):
+    """(DatasetDict of every split of `dataset`, whether it was given as files: then its one split is 'train').
+    Errors name `flag`."""
+    import datasets
+
+    files = local_files(dataset, flag)
+    path = Path(dataset).expanduser()
+    if files is not None:
+        builder, kwargs = file_loader(files)
+        for f in files:  # what `datasets` would read wrongly, or with unbounded memory: say so first
+            problem = precheck_file(f)
+            if problem:
+                raise SftuneError(problem)
+        try:
+            ds = datasets.load_dataset(builder, data_files={"train": [str(f) for f in files]}, **kwargs)
+        except Exception as e:  # datasets wraps parse errors in its own types: find the bad line ourselves
+            bad = next((m for f in files for m in [diagnose_file(f)] if m), None)
+            raise SftuneError(bad or f"could not read {dataset}: {_root_cause(e)} (check {flag})") from None
+        if builder == "csv":
+            ds = datasets.DatasetDict({k: _integer_columns(v) for k, v in ds.items()})
+        return ds, True
+    if path.is_dir():
+        try:
+            return datasets.load_dataset(str(path), config_name), False
+        except Exception as e:
+            bad = next((m for f in sorted(path.rglob("*")) if f.is_file() and f.suffix in FILE_BUILDERS
+                        for m in [diagnose_file(f)] if m), None)
+            raise SftuneError(bad or f"could not read a dataset from directory {dataset}: {_root_cause(e)} "
+                              f"(check {flag}{', --dataset-config' if flag == '--dataset' else ''})") from None
+    return from_hub_or_cache(dataset, "dataset", flag,
+                             lambda local_files_only: _load_hub(dataset, config_name, local_files_only)), False
+
+
+def validation_split(splits, dataset: str, split: str | None, val_split: str | None,
+                     flag: str = "--dataset") -> str | None:
     """The split to validate on: `val_split` (which must exist), else the dataset's own validation split (validation,
-    valid, val or dev), else None (a hold-out of the training split)."""
+    valid, val or dev), else None (a hold-out of the training split, or all of a --val-dataset)."""
     if val_split is None:
         return next((n for n in VALIDATION_NAMES if n in splits and n != split), None)
     if val_split not in splits:
-        hint = (" (files given as --dataset are one split; put each split's files in a directory, named after their "
-                "split, e.g. train.jsonl and test.jsonl)" if list(splits) == ["train"] else "")
+        hint = (f" (files given as {flag} are one split; put each split's files in a directory, named after their "
+                f"split, e.g. train.jsonl and test.jsonl)" if list(splits) == ["train"] else "")
         raise SftuneError(f"dataset {dataset} has no {val_split!r} split to validate on (it has: {', '.join(splits)})"
                           f"{hint}; set --val-split, or leave it out to hold out --val-fraction of the training split")
     return val_split

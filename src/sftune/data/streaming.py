@@ -28,7 +28,7 @@ from sftune.data.cache import source_fingerprint
 from sftune.data.examples import Examples, SplitStats
 from sftune.data.formats import CHAT_COLUMNS, ROW_COLUMN, Layout, detect_layout
 from sftune.data.pipeline import DataOptions
-from sftune.data.sources import open_stream, validation_split
+from sftune.data.sources import open_stream, rows_to_validate_on, validation_split
 from sftune.data.tokenize import check_end_of_turn, load_chat_template, tokenize_split, warn_about
 from sftune.errors import SftuneError
 
@@ -65,12 +65,18 @@ class StreamedData:
 
         dataset, split, val_rows = options.dataset, options.split, options.stream_val_rows
         self.fingerprint = source_fingerprint(dataset)  # local files by content; None for a Hub stream
+        if options.val_dataset is not None and self.fingerprint is not None:
+            other = source_fingerprint(options.val_dataset)
+            self.fingerprint = self.fingerprint + other if other is not None else None
         streams = open_stream(dataset, options.dataset_config, split)
         if split not in streams:
             raise SftuneError(f"dataset {dataset} has no {split!r} split (it has: {', '.join(streams)}); set --split")
         numbered = streams[split].map(lambda _, i: {ROW_COLUMN: i}, with_indices=True)
-        val_name = validation_split(streams, dataset, split, options.val_split)
-        if val_name is not None:
+        if options.val_dataset is not None:  # (read whole, as a validation split is)
+            validation, val_name = rows_to_validate_on(options.val_dataset, options.val_split)
+            val_rows_list = list(validation)
+            self.train_stream = numbered
+        elif (val_name := validation_split(streams, dataset, split, options.val_split)) is not None:
             val_rows_list = list(streams[val_name].map(lambda _, i: {ROW_COLUMN: i}, with_indices=True))
             self.train_stream = numbered
         else:
