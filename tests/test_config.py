@@ -64,7 +64,7 @@ def test_range_checks_name_the_flag():
     with pytest.raises(SftuneError) as e:
         resolve_config({"warmup_steps": 10, "warmup_ratio": 0.1, "adam_beta2": 1.0, "adam_epsilon": 0})
     msg = str(e.value)
-    assert "warmup_ratio = 0.1: is set with warmup_steps 10: set one of them" in msg
+    assert "warmup_ratio = 0.1: is set with warmup_steps 10: set one of them (warmup_steps 0, --warmup-steps 0" in msg
     assert "adam_beta2 = 1.0: must be at least 0 and below 1" in msg and "adam_epsilon = 0.0" in msg
 
 

@@ -459,7 +459,7 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
     need(cfg.warmup_ratio is None or 0 <= cfg.warmup_ratio < 1, "warmup_ratio", "must be at least 0 and below 1, "
          "e.g. 0.03, or null")
     need(cfg.warmup_ratio is None or cfg.warmup_steps == 0, "warmup_ratio", "is set with warmup_steps "
-         f"{cfg.warmup_steps}: set one of them")
+         f"{cfg.warmup_steps}: set one of them (warmup_steps 0, --warmup-steps 0, to warm up by the ratio)")
     for key in ("adam_beta1", "adam_beta2"):
         need(0 <= getattr(cfg, key) < 1, key, "must be at least 0 and below 1")
     need(math.isfinite(cfg.adam_epsilon) and cfg.adam_epsilon > 0, "adam_epsilon", "must be a positive number, e.g. "
