@@ -328,7 +328,12 @@ def fit_embeddings(model, size: int) -> int:
         return 0
     head = model.get_output_embeddings()
     tied = head is not None and head.weight is embedding.weight
-    model.resize_token_embeddings(size, mean_resizing=False)
+    try:
+        model.resize_token_embeddings(size, mean_resizing=False)
+    except (NotImplementedError, AttributeError, TypeError, ValueError) as e:
+        raise SftuneError(f"the model ({type(model).__name__}) cannot grow its embeddings from {old:,} to {size:,} "
+                          f"rows for the new tokens ({type(e).__name__}: {e}); leave out --add-tokens and "
+                          f"--pad-token, or use a tokenizer whose tokens the model has") from None
     grown = [model.get_input_embeddings().weight]
     if head is not None and not tied:
         grown.append(model.get_output_embeddings().weight)
