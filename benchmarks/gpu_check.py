@@ -30,6 +30,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import signal
@@ -305,10 +306,7 @@ def compared_run(out: Path, precision: str, mode: str, base: dict | None, *extra
 
 def whole_runs(tmp: Path):
     """Each --compile mode in fp32 and bf16 against the eager run's losses; then LoRA r16 (issue 11 on the GPU
-    path) in bf16, eager against the default GPU step (graphs); then the same with two added tokens (their rows
-    trained as peft trainable tokens, the fused loss computing their gradient alone: peft builds an index tensor
-    from a list in each forward, a host-to-device copy that a capture may refuse, and sftune then runs the step
-    eagerly; the log tail says which). Yields each row as its run ends."""
+    path) in bf16, eager against the default GPU step (graphs). Yields each row as its run ends."""
     modes = ("off", "graphs", "torch") if OPTIONS["device"] == "cuda" else ("off", "torch")
     for precision in ("fp32", "bf16"):
         base = None
@@ -316,13 +314,20 @@ def whole_runs(tmp: Path):
             row, got = compared_run(tmp / f"run-{precision}-{mode}", precision, mode, base)
             base = got if mode == "off" else base
             yield row
-    for tokens in ([], ["--add-tokens", "<|x|>", "<|y|>"]):
-        base = None
-        for mode in ("off", "graphs" if OPTIONS["device"] == "cuda" else "torch"):
-            out = tmp / f"run-lora{'-tokens' if tokens else ''}-{mode}"
-            row, got = compared_run(out, "bf16", mode, base, "--lora-r", "16", "--lr", "1e-3", *tokens)
-            base = got if mode == "off" else base
-            yield row
+    yield from lora_runs(tmp)
+
+
+def lora_runs(tmp: Path, *tokens: str):
+    """LoRA r16 in bf16, eager against the default GPU step (graphs), with `tokens` (e.g. two added tokens: their
+    rows trained as peft trainable tokens, the fused loss computing their gradient alone; peft builds an index
+    tensor from a list in each forward, a host-to-device copy a capture may refuse, and sftune then trains eagerly,
+    which each row's `step_log` shows)."""
+    base = None
+    for mode in ("off", "graphs" if OPTIONS["device"] == "cuda" else "torch"):
+        out = tmp / f"run-lora{'-tokens' if tokens else ''}-{mode}"
+        row, got = compared_run(out, "bf16", mode, base, "--lora-r", "16", "--lr", "1e-3", *tokens)
+        base = got if mode == "off" else base
+        yield row
 
 
 def moe_runs(tmp: Path):
@@ -435,7 +440,8 @@ def main() -> None:
         save()
         print(f"  non-finite guard under graphs: {report['guard']}")
         report["runs"] = []
-        for r in [*whole_runs(tmp), *moe_runs(tmp)]:
+        # (generators: each run starts only when the one before is reported; the newest check comes last)
+        for r in itertools.chain(whole_runs(tmp), moe_runs(tmp), lora_runs(tmp, "--add-tokens", "<|x|>", "<|y|>")):
             report["runs"].append(r)
             save()
             print(f"  run {r['precision']:<5} --compile {r['compile']:<9} exit {r['exit']} {r['seconds']:.0f}s "
