@@ -47,6 +47,13 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
+def sources_fingerprint(dataset: str, val_dataset: str | None = None) -> str | None:
+    """`source_fingerprint` of the dataset and of the one validated on (`--val-dataset`), if any: None when either is
+    a Hub id."""
+    fingerprints = [source_fingerprint(d) for d in (dataset, val_dataset) if d is not None]
+    return None if None in fingerprints else "".join(fingerprints)
+
+
 def source_fingerprint(dataset: str) -> str | None:
     """Identity of local data files by their content (path, size and the bytes: a file rewritten with the same
     size and modification time still changes it); None for a Hub id."""

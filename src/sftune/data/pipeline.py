@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from sftune.data.cache import PIPELINE_VERSION, default_cache_dir, entry_path, read_entry, source_fingerprint, \
+from sftune.data.cache import PIPELINE_VERSION, default_cache_dir, entry_path, read_entry, sources_fingerprint, \
     tokenizer_fingerprint, write_entry
 from sftune.data.examples import Examples, SplitStats
 from sftune.data.formats import ROW_COLUMN, Layout, detect_layout
@@ -98,10 +98,7 @@ def prepare_data(options: DataOptions, tokenizer) -> PreparedData:
         "dataset_config": o.dataset_config,
         "split": o.split,
     }
-    source = source_fingerprint(o.dataset)
-    if o.val_dataset is not None and source is not None:
-        other = source_fingerprint(o.val_dataset)
-        source = source + other if other is not None else None
+    source = sources_fingerprint(o.dataset, o.val_dataset)
     rows = None
     if source is None:  # a Hub dataset: its fingerprint is known only once loaded (from the datasets cache)
         rows = load_rows(o.dataset, o.seed, o.val_fraction, o.dataset_config, o.split, o.val_split, o.val_dataset)

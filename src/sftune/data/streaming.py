@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 import numpy as np
 
 from sftune.console import log
-from sftune.data.cache import source_fingerprint
+from sftune.data.cache import sources_fingerprint
 from sftune.data.examples import Examples, SplitStats
 from sftune.data.formats import CHAT_COLUMNS, ROW_COLUMN, Layout, detect_layout
 from sftune.data.pipeline import DataOptions
@@ -64,10 +64,7 @@ class StreamedData:
         import datasets
 
         dataset, split, val_rows = options.dataset, options.split, options.stream_val_rows
-        self.fingerprint = source_fingerprint(dataset)  # local files by content; None for a Hub stream
-        if options.val_dataset is not None and self.fingerprint is not None:
-            other = source_fingerprint(options.val_dataset)
-            self.fingerprint = self.fingerprint + other if other is not None else None
+        self.fingerprint = sources_fingerprint(dataset, options.val_dataset)  # local files by content; None: Hub
         streams = open_stream(dataset, options.dataset_config, split)
         if split not in streams:
             raise SftuneError(f"dataset {dataset} has no {split!r} split (it has: {', '.join(streams)}); set --split")
