@@ -123,7 +123,7 @@ def data_options(cfg: SFTConfig, max_length: int) -> DataOptions:
                        overlong=cfg.overlong, truncation_side=cfg.truncation_side, train_on_prompt=cfg.train_on_prompt,
                        train_on_all_turns=cfg.train_on_all_turns, val_fraction=cfg.val_fraction,
                        val_split=cfg.val_split, val_dataset=cfg.val_dataset, seed=cfg.seed, cache_dir=cfg.cache_dir,
-                       stream_val_rows=cfg.stream_val_rows)
+                       stream_val_rows=cfg.stream_val_rows, mixture=tuple(cfg.datasets))
 
 
 def build_data(cfg: SFTConfig, tokenizer, model_config, dist: Dist | None = None):
@@ -303,7 +303,7 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
             clear_previous_run(out)  # nothing of an older run may mix with this one
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_yaml)
-        (out / DATA_FILE).write_text(json.dumps(data_summary(data, cfg.dataset, max_length), indent=1))
+        (out / DATA_FILE).write_text(json.dumps(data_summary(data, cfg.data_name, max_length), indent=1))
         if cfg.lora_r and cfg.init == "random" and not (Path(base) / "model.safetensors").is_file():
             publish_model(Path(base), lambda directory: save_model(model, tokenizer, directory))
             log(f"LoRA on a randomly initialised base: the base is saved in {base} (the adapter needs it)")

@@ -215,8 +215,8 @@ def summarize_config(cfg) -> str:
 
     defaults = SFTConfig()
     changed = [k for k in FIELDS if getattr(cfg, k) != getattr(defaults, k)
-               and k not in ("model", "dataset", "sample_prompts")]
-    lines = [f"config: model {cfg.model} | data {cfg.dataset} | {cfg.epochs if cfg.max_steps is None else cfg.max_steps}"
+               and k not in ("model", "dataset", "datasets", "sample_prompts")]
+    lines = [f"config: model {cfg.model} | data {cfg.data_name} | {cfg.epochs if cfg.max_steps is None else cfg.max_steps}"
              f" {'epoch(s)' if cfg.max_steps is None else 'steps'} | batch {cfg.batch_size} x {cfg.grad_accum} "
              f"| lr {cfg.lr:g} {cfg.lr_schedule} | precision {cfg.precision} | seed {cfg.seed}"]
     if changed:
@@ -245,7 +245,7 @@ def cmd_data(args) -> None:
                             data.layout, None, False, time.perf_counter() - start)
         log(f"data: streaming: 'train' below is the stream's first chunk ({train_stats.rows:,} rows)")
     steps = plan_steps(data.train.lengths, cfg, max_length, 0)  # the first epoch, as training plans it
-    report = data_report(data, cfg.dataset, max_length, cfg.batch_size, cfg.grad_accum,
+    report = data_report(data, cfg.data_name, max_length, cfg.batch_size, cfg.grad_accum,
                          cfg.eval_batch_size or cfg.batch_size, steps, cfg.batch_tokens, cfg.group_by_length,
                          cfg.packing, show=args.show)
     print(json.dumps(report, indent=2) if args.json else format_data_report(report, tokenizer, color=sys.stdout.isatty()))
@@ -270,19 +270,24 @@ def cmd_eval(args) -> None:
                        overrides=cfg.model_config_overrides).to(dist.device)
     fit_embeddings(model, len(tokenizer))  # (--add-tokens on a model that lacks them: their rows as training starts)
     data, _ = build_data(cfg, tokenizer, model.config, dist)  # streaming: only the validation split is read
+    groups = getattr(data, "validation_groups", [])  # a mixture's datasets: each one's loss too
     result = evaluate(model, data.validation, cfg.eval_batch_size or cfg.batch_size, tokenizer.pad_token_id,
-                      dist.device, precision, dist)
+                      dist.device, precision, dist, groups=[size for _, size in groups] or None)
     if not dist.is_main:  # under torchrun every rank evaluated its share; rank 0 reports the sum over sum
         return
-    report = {"model": cfg.model, "dataset": cfg.dataset, "split": "validation", "val_loss": result.loss,
+    report = {"model": cfg.model, "dataset": cfg.data_name, "split": "validation", "val_loss": result.loss,
               "val_ppl": result.perplexity, "val_token_accuracy": result.accuracy, "examples": result.examples,
               "target_tokens": result.targets, "precision": precision}
+    if groups:
+        report["val_loss_by_dataset"] = {name: loss for (name, _), loss in zip(groups, result.group_losses)}
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"{cfg.model} on {cfg.dataset} (validation, {result.examples:,} examples, {result.targets:,} target tokens): "
+        print(f"{cfg.model} on {cfg.data_name} (validation, {result.examples:,} examples, {result.targets:,} target tokens): "
               f"val_loss {result.loss:.4f}, perplexity {result.perplexity:,.2f}, token accuracy {result.accuracy:.3f} "
               f"({precision})")
+        for name, loss in report.get("val_loss_by_dataset", {}).items():
+            print(f"  {name}: val_loss {loss:.4f}")
 
 
 def has_weights(model: str) -> bool:

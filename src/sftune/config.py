@@ -42,6 +42,9 @@ Format = Literal["auto", "text", "prompt_completion", "chat", "chat_prompt_compl
 Side = Literal["right", "left"]
 Strategy = Literal["auto", "ddp", "fsdp"]
 Compile = Literal["auto", "off", "graphs", "torch"]
+# what one entry of `datasets` may set: where its rows come from and how they read (the rest is the run's)
+MIXTURE_KEYS = ("dataset", "dataset_config", "split", "format", "columns", "text_column", "val_split",
+                "train_on_prompt", "train_on_all_turns")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -97,6 +100,12 @@ class SFTConfig:
         "(.jsonl .json .csv .tsv .parquet .txt): one, several comma-separated, or a glob.",
         "data",
     )
+    datasets: list[dict[str, Any]] = _f(
+        [], "Several datasets trained on together, in place of `dataset`: each a dataset (as `dataset` takes it) or a "
+        "mapping of `dataset` and any of " + ", ".join(f"`{k}`" for k in MIXTURE_KEYS[1:]) + " (the top-level keys "
+        "are their defaults). Each is read, formatted, held out for validation and cached on its own; training and "
+        "validation take their examples together. Flag: --datasets a.jsonl '{dataset: b.jsonl, format: chat}'.",
+        "data")
     dataset_config: str | None = _f(None, "Configuration (subset) name of a Hub dataset.", "data")
     split: str = _f("train", "Split to train on (validation: the dataset's own, else held out of it).", "data")
     format: Format = _f(
@@ -298,6 +307,11 @@ class SFTConfig:
     resume_force: bool = _f(False, "Resume even if training settings differ from the checkpoint's.", "ckpt")
     overwrite: bool = _f(False, "Allow writing into a non-empty output_dir (files there may be replaced).", "ckpt")
 
+    @property
+    def data_name(self) -> str:
+        """What the run trains on, as logs and reports name it: `dataset`, or the `datasets` joined by " + "."""
+        return " + ".join(entry["dataset"] for entry in self.datasets) or self.dataset
+
 
 # Keys that do not change what is computed: they may differ between a checkpoint and its resume.
 RUN_CONTROL_KEYS = {
@@ -326,6 +340,8 @@ def describe_type(name: str) -> str:
     base, optional = field_type(name)
     if typing.get_origin(base) is Literal:
         text = " | ".join(repr(c) for c in typing.get_args(base))
+    elif name == "datasets":
+        text = "list of datasets or mappings"
     elif typing.get_origin(base) is list:
         text = "list of strings"
     elif name == "model_config_overrides":
@@ -380,6 +396,48 @@ def parse_overrides(value: Any) -> dict[str, Any]:
     return dict(value)
 
 
+def parse_mixture(value: Any) -> list[dict[str, Any]]:
+    """`datasets`: each entry a dataset (text) or a mapping of `dataset` and other MIXTURE_KEYS; a flag's entry
+    written as a YAML mapping ("{dataset: b.jsonl, format: chat}") is read as one. Each value checked as the
+    top-level key of that name checks it.
+
+    >>> parse_mixture(["a.jsonl", "{dataset: b.jsonl, format: chat}"])
+    [{'dataset': 'a.jsonl'}, {'dataset': 'b.jsonl', 'format': 'chat'}]
+    """
+    if isinstance(value, (str, dict)):
+        value = [value]
+    if not isinstance(value, list):
+        raise ValueError(f"must be a list of datasets or mappings, e.g. [a.jsonl, {{dataset: b.jsonl, format: chat}}], "
+                         f"got {short(value)}")
+    entries = []
+    for i, entry in enumerate(value):
+        if isinstance(entry, str) and entry.lstrip().startswith("{"):
+            try:
+                entry = yaml.safe_load(entry)
+            except yaml.YAMLError as e:
+                raise ValueError(f"entry {i}: not a YAML mapping ({short(entry)}): {str(e).splitlines()[0]}") from None
+        if isinstance(entry, str):
+            entry = {"dataset": entry}
+        if not isinstance(entry, dict):
+            raise ValueError(f"entry {i}: must be a dataset or a mapping with `dataset`, got {short(entry)}")
+        unknown = [k for k in entry if k not in MIXTURE_KEYS]
+        if unknown:
+            name = short(str(unknown[0]))[1:-1]
+            close = ["dataset"] if name in ("path", "name") else difflib.get_close_matches(name, MIXTURE_KEYS, n=1)
+            raise ValueError(f"entry {i}: unknown key `{name}`{f' (did you mean `{close[0]}`?)' if close else ''}; "
+                             f"an entry may set {', '.join(MIXTURE_KEYS)}")
+        if not isinstance(entry.get("dataset"), str) or not entry["dataset"].strip():
+            raise ValueError(f"entry {i}: names no `dataset`, e.g. {{dataset: data/b.jsonl}}, got {short(entry)}")
+        checked = {}
+        for key, v in entry.items():
+            try:
+                checked[key] = coerce(key, v)
+            except ValueError as e:
+                raise ValueError(f"entry {i} ({entry['dataset']}): `{key}` {e}") from None
+        entries.append(checked)
+    return entries
+
+
 def coerce(name: str, value: Any) -> Any:
     """Check (and gently convert) one value for field `name`; raise ValueError with the reason.
 
@@ -395,6 +453,8 @@ def coerce(name: str, value: Any) -> Any:
         if value not in typing.get_args(base):
             raise ValueError(f"must be one of {describe_type(name)}, got {short(value)}")
         return value
+    if name == "datasets":
+        return parse_mixture(value)
     if typing.get_origin(base) is list:
         if isinstance(value, str):
             return [value]
@@ -489,6 +549,12 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
     need(cfg.pad_token is None or (cfg.pad_token.strip() == cfg.pad_token and bool(cfg.pad_token)), "pad_token",
          "must be a non-empty token without leading or trailing spaces, e.g. <|pad|>, or null for the default")
     need(bool(cfg.dataset), "dataset", "must name a Hub id, a directory or a file")
+    need(not cfg.datasets or not cfg.streaming, "datasets", "cannot be streamed yet: mix them in memory (without "
+         "--streaming), or stream one dataset (--dataset)")
+    for i, entry in enumerate(cfg.datasets):
+        split, val_split = entry.get("split", cfg.split), entry.get("val_split", cfg.val_split)
+        need(val_split is None or val_split != split or bool(cfg.val_dataset), "datasets",
+             f"entry {i} ({entry['dataset']}) validates on its training split {split!r}: name another val_split")
     need(cfg.val_dataset is None or bool(cfg.val_dataset.strip()), "val_dataset",
          "must name a Hub id, a directory or a file, or null to validate on a split of dataset")
     need(not training or not cfg.streaming or cfg.max_steps is not None, "max_steps",
@@ -528,6 +594,13 @@ def resolve_config(*layers: dict[str, Any], source: str = "config", training: bo
     values: dict[str, Any] = {}
     problems: list[str] = []
     for layer in layers:
+        if layer.get("dataset") is not None and layer.get("datasets"):
+            problems.append("`dataset` and `datasets` are both set: give one dataset (`dataset`, --dataset) or a list "
+                            "of them (`datasets`, --datasets)")
+        elif layer.get("datasets"):  # a later layer's choice replaces an earlier one's (flags over the YAML file)
+            values.pop("dataset", None)
+        elif layer.get("dataset") is not None:
+            values.pop("datasets", None)
         for key, value in layer.items():
             if not isinstance(key, str):
                 problems.append(f"key {short(key)} is not a name: keys are config names such as `batch_size`")
@@ -575,7 +648,11 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> SFTConfig:
 
 
 def to_dict(cfg: SFTConfig) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+    """Every key's value; `dataset` left out when `datasets` replaces it (the dict reads back as the same config)."""
+    values = dataclasses.asdict(cfg)
+    if cfg.datasets:
+        del values["dataset"]
+    return values
 
 
 def dump_yaml(cfg: SFTConfig) -> str:

@@ -65,6 +65,10 @@ def data_report(
         "cache": {"path": str(data.cache_path) if data.cache_path else None, "hit": data.from_cache},
         "seconds": round(data.seconds, 3),
         "splits": splits,
+        "datasets": [{"dataset": name, "format": part.layout.format, "columns": part.layout.columns,
+                      "cache": {"path": str(part.cache_path) if part.cache_path else None, "hit": part.from_cache},
+                      "splits": {split: asdict(part.stats[split]) for split in ("train", "validation")}}
+                     for name, part in data.parts],  # a mixture's datasets (the splits above: their totals)
         "examples": examples,
     }
 
@@ -90,13 +94,17 @@ def format_data_report(report: dict, tokenizer, color: bool = False) -> str:
     s = report["splits"]
     columns = ", ".join(f"{k}={v}" for k, v in report["columns"].items())
     lines = [
-        f"dataset {report['dataset']}: format {report['format']} ({columns}), max_length {report['max_length']}; "
+        f"dataset {report['dataset']}: format {report['format']}{f' ({columns})' if columns else ''}, "
+        f"max_length {report['max_length']}; "
         f"{'read from cache' if report['cache']['hit'] else 'tokenized'} in {report['seconds']:.2f}s",
         "",
         f"{'split':<11}{'rows':>9}{'kept':>9}{'too_short':>11}{'overlong':>10}{'empty':>7}{'no_targets':>11}{'truncated':>11}"
         f"{'tokens':>11}{'mean':>7}{'p50':>6}{'p95':>6}{'max':>6}{'trained':>11}{'untrained':>11}",
     ]
-    for name, st in s.items():
+    rows = list(s.items())
+    for i, part in enumerate(report.get("datasets", []), 1):  # a mixture: each dataset's rows below the totals
+        rows += [(f"{i}:{'val' if name == 'validation' else name}", st) for name, st in part["splits"].items()]
+    for name, st in rows:
         d, ln = st["dropped"], st["length"]
         lines.append(
             f"{name:<11}{st['rows']:>9,}{st['kept']:>9,}{d['too_short']:>11,}{d['overlong']:>10,}{d['empty']:>7,}"
@@ -104,6 +112,10 @@ def format_data_report(report: dict, tokenizer, color: bool = False) -> str:
             f"{st['tokens']:>11,}{ln.get('mean', 0):>7.1f}{ln.get('p50', 0):>6.0f}"
             f"{ln.get('p95', 0):>6.0f}{ln.get('max', 0):>6}{st['supervised_tokens']:>11,}{st['untrained_tokens']:>11,}"
         )
+    for i, part in enumerate(report.get("datasets", []), 1):
+        columns = ", ".join(f"{k}={v}" for k, v in part["columns"].items())
+        lines.append(f"{i}: {part['dataset']}, format {part['format']} ({columns}), "
+                     f"{'read from cache' if part['cache']['hit'] else 'tokenized'}")
     t = s["train"]
     lines += [
         "(trained: tokens the loss is computed on; untrained: prompt, template and other tokens it never sees)",

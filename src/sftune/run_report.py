@@ -29,8 +29,11 @@ def data_summary(data, dataset: str, max_length: int) -> dict:
     from dataclasses import asdict
 
     stats = getattr(data, "stats", None) or {"validation": data.validation_stats}
-    return {"dataset": dataset, "format": data.layout.format, "columns": data.layout.columns, "max_length": max_length,
-            "splits": {name: asdict(split) for name, split in stats.items()}}
+    summary = {"dataset": dataset, "format": data.layout.format, "columns": data.layout.columns,
+               "max_length": max_length, "splits": {name: asdict(split) for name, split in stats.items()}}
+    if getattr(data, "parts", None):  # a mixture: each dataset's own layout and counts, the totals above
+        summary["datasets"] = [data_summary(part, name, max_length) for name, part in data.parts]
+    return summary
 
 
 def read_run(run_dir: Path) -> dict:
@@ -86,6 +89,10 @@ def figure_png(runs: list[dict], panels: tuple[str, ...] = PANELS, width: float 
                         label=f"{label + ': ' if label else ''}train")
                 ax.plot(x_eval, [e["val_loss"] for e in evals], "o--", color=color, markersize=4,
                         label=f"{label + ': ' if label else ''}validation")
+                for j, name in enumerate(evals[0].get("val_loss_by_dataset", {}) if evals else []):
+                    ax.plot(x_eval, [e.get("val_loss_by_dataset", {}).get(name, float("nan")) for e in evals], ":", color=color,
+                            marker="xs^v<>"[j % 6], markersize=4, alpha=0.7,
+                            label=f"{label + ': ' if label else ''}validation, {name}")
                 ax.set_xlabel("optimizer step" if panel == "loss_step" else "tokens trained on")
                 ax.set_ylabel("loss (token-weighted)")
             elif panel == "lr":

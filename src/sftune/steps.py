@@ -78,6 +78,7 @@ class StepSource(Protocol):
     """Optimizer steps in order, across epochs, from where a run stands."""
 
     validation: Examples
+    validation_groups: list[tuple[str, int]]  # a mixture's datasets: (name, validation examples), in order
     layout: Layout
     total_steps: int
     steps_per_epoch: int | None  # None when streamed (unknown)
@@ -106,6 +107,7 @@ class InMemorySteps:
         self.cfg, self.train, self.max_length, self.pad_id, self.dist = cfg, data.train, max_length, pad_id, dist
         self.padding = EAGER  # (static shapes for graphs and compile: set by `_build`)
         self.validation, self.layout, self.world_size = data.validation, data.layout, dist.world_size
+        self.validation_groups = getattr(data, "validation_groups", [])
         if len(self.train) < cfg.batch_size * cfg.grad_accum * dist.world_size:
             ranks = f" x {dist.world_size} ranks" if dist.distributed else ""
             raise SftuneError(f"the training split has {len(self.train):,} examples after filtering, fewer than one "
@@ -149,6 +151,7 @@ class StreamedSteps:
         self.cfg, self.data, self.max_length, self.pad_id, self.dist = cfg, data, max_length, pad_id, dist
         self.padding = EAGER  # (static shapes for graphs and compile: set by `_build`)
         self.validation, self.layout, self.world_size = data.validation, data.layout, dist.world_size
+        self.validation_groups = getattr(data, "validation_groups", [])
         self.total_steps, self.steps_per_epoch = cfg.max_steps, None
 
     def remaining(self, state: TrainState) -> Iterator[Step]:

@@ -57,6 +57,8 @@ class Tracker:
     def write(self, record: dict) -> None:
         step = record.get("step")
         scalars = {tag: record[key] for key, tag in SCALARS.get(record.get("type"), {}).items() if key in record}
+        for name, loss in record.get("val_loss_by_dataset", {}).items():  # a mixture's datasets, one curve each
+            scalars[f"eval/loss/{name}"] = loss
         text = None
         if record.get("type") == "sample":  # markdown: the prompt in bold, then the completion
             text = (f"samples/{record['index']}", f"**{record['prompt']}** {record['completion']}")

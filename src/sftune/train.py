@@ -210,7 +210,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         tracker = Tracker(cfg.report_to, out, state.run_id, to_dict(cfg), state.step if run.resumed_from else -1)
     metrics = MetricsWriter(out / "metrics.jsonl" if dist.is_main else None, tracker)
     run.closers.append(metrics.close)  # (closed here at the end; by `Run.close` after an error)
-    chat = run.steps.layout.format.startswith("chat")
+    chat = run.steps.layout.is_chat
     peak = peak_flops(dist.device, precision)  # MFU on known GPUs: model FLOPs of the real tokens / the peak rate
     if peak:
         lengths = run.steps.train.lengths if hasattr(run.steps, "train") else run.steps.validation.lengths
@@ -222,18 +222,25 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
 
     def run_eval(step: int, interruptible: bool = False) -> None:
         started = time.perf_counter()
+        groups = run.steps.validation_groups  # a mixture's datasets: each one's val loss too
         result = evaluate(run.loss_model, run.steps.validation, cfg.eval_batch_size, run.tokenizer.pad_token_id, dist.device,
-                          precision, dist, stop=(lambda: stop.signum is not None) if interruptible else None)
+                          precision, dist, stop=(lambda: stop.signum is not None) if interruptible else None,
+                          groups=[size for _, size in groups] or None)
         if result is None:  # a signal during the first evaluation: nothing trained, nothing to keep
             raise Preempted(stop.signum or 15, None)
         record = {"step": step, "val_loss": result.loss, "val_ppl": result.perplexity,
                   "val_token_accuracy": result.accuracy}
+        if groups:
+            record["val_loss_by_dataset"] = {name: loss for (name, _), loss in zip(groups, result.group_losses)}
         evals.append(record)
         best = "" if step == 0 else track_best(record)
         metrics.write({"type": "eval", **record})
         log(f"eval  step {step:>6,} | val_loss {result.loss:.4f} | val_ppl {result.perplexity:,.2f} "
             f"| acc {result.accuracy:.3f} "
             f"| {result.targets:,} target tokens{best}")
+        if groups:
+            log("      by dataset: " + " | ".join(f"{name} {loss:.4f}" for name, loss in
+                                                  record["val_loss_by_dataset"].items()))
         write_samples(step)
         window.exclude(time.perf_counter() - started)
 
@@ -461,7 +468,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         run.loss_model.unshard()
     for prompt in cfg.sample_prompts if dist.is_main or dist.sharded else []:
         samples[prompt] = complete(hf_model, run.tokenizer, prompt, cfg.sample_max_new_tokens, seed=cfg.seed,
-                                   chat=run.steps.layout.format.startswith("chat"), synced=dist.sharded)[0]
+                                   chat=run.steps.layout.is_chat, synced=dist.sharded)[0]
     return TrainResult(out, state.step, state.tokens, seconds, evals, samples)
 
 

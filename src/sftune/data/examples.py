@@ -59,6 +59,19 @@ class Examples:
         return cls(*(np.load(f"{prefix}.{k}.npy", mmap_mode="r") for k in ("input_ids", "supervised", "offsets")))
 
 
+def concat_examples(parts: list[Examples]) -> Examples:
+    """The examples of `parts`, one after the other.
+
+    >>> ex = concat_examples([Examples.from_lists([[1, 2]]), Examples.from_lists([[3], [4, 5]], [[False], [True, False]])])
+    >>> (ex.lengths.tolist(), ex.example(2)[0].tolist(), ex.supervised.tolist())
+    ([2, 1, 2], [4, 5], [True, True, False, True, False])
+    """
+    starts = np.cumsum([0] + [len(p.input_ids) for p in parts[:-1]])
+    offsets = np.concatenate([[0]] + [p.offsets[1:] + start for p, start in zip(parts, starts)]).astype(np.int64)
+    return Examples(np.concatenate([p.input_ids for p in parts]).astype(np.int32, copy=False),
+                    np.concatenate([p.supervised for p in parts]).astype(bool, copy=False), offsets)
+
+
 def count_targets(examples: Examples) -> int:
     """Tokens the loss is computed on: supervised tokens that have a previous token to predict them from."""
     firsts = examples.supervised[examples.offsets[:-1]].sum() if len(examples) else 0
@@ -103,6 +116,16 @@ class SplitStats:
     untrained_tokens: int = 0  # tokens of kept examples the loss never sees (prompts, headers, BOS)
     boundary_merges: int = 0  # examples whose parts tokenize differently when joined (see tokenize_split)
     length: dict[str, float] = field(default_factory=dict)  # mean, p50, p90, p95, p99, max of kept examples
+
+
+def sum_stats(parts: list[SplitStats], lengths: np.ndarray) -> SplitStats:
+    """One split's statistics over several datasets: counts added, lengths summarised over all kept `lengths`."""
+    total = SplitStats(dropped={r: sum(p.dropped.get(r, 0) for p in parts) for r in DROP_REASONS},
+                       length=length_summary(lengths))
+    for name in ("rows", "kept", "truncated", "turns_cut", "tokens", "supervised_tokens", "untrained_tokens",
+                 "boundary_merges"):
+        setattr(total, name, sum(getattr(p, name) for p in parts))
+    return total
 
 
 def length_summary(lengths: np.ndarray) -> dict[str, float]:

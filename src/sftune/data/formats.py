@@ -47,7 +47,24 @@ class Layout:
 
     def describe(self) -> str:
         parts = ", ".join(f"{k}={v}" for k, v in self.columns.items())
-        return f"{self.format} ({parts})"
+        return f"{self.format} ({parts})" if parts else self.format
+
+    @property
+    def is_chat(self) -> bool:
+        """Chat data (rendered with a chat template), alone or among the datasets of a mixture."""
+        return any(f.startswith("chat") for f in self.format.split("+"))
+
+
+def mixture_layout(layouts: list[Layout]) -> Layout:
+    """The layout of several datasets trained together: their formats joined by "+" (once each), and their
+    columns where all agree.
+
+    >>> mixture_layout([Layout("chat", {"messages": "m"}), Layout("text", {"text": "t"})]).describe()
+    'chat+text'
+    """
+    formats = list(dict.fromkeys(layout.format for layout in layouts))
+    columns = layouts[0].columns if all(layout.columns == layouts[0].columns for layout in layouts) else {}
+    return Layout("+".join(formats), dict(columns))
 
 
 def parse_columns(value: str | dict[str, str] | None) -> dict[str, str]:

@@ -13,13 +13,15 @@ It calls `sources`, `formats`, `tokenize` and `cache`; nothing in the package im
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+import hashlib
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from sftune.data.cache import PIPELINE_VERSION, default_cache_dir, entry_path, read_entry, sources_fingerprint, \
     tokenizer_fingerprint, write_entry
-from sftune.data.examples import Examples, SplitStats
-from sftune.data.formats import ROW_COLUMN, Layout, detect_layout
+from sftune.console import log
+from sftune.data.examples import Examples, SplitStats, concat_examples, sum_stats
+from sftune.data.formats import ROW_COLUMN, Layout, detect_layout, mixture_layout
 from sftune.data.sources import load_rows
 from sftune.data.tokenize import EncodeOptions, chat_template_for, check_end_of_turn, load_chat_template, \
     tokenize_split, warn_about
@@ -48,6 +50,9 @@ class DataOptions:
     seed: int = 42
     cache_dir: str | Path | None = None
     stream_val_rows: int = 1000
+    mixture: tuple[dict, ...] = ()  # several datasets (`datasets`): each entry's keys replace the ones above
+    only: str | None = None  # (a mixture's parts) "train": the training split whole, no validation; "validation":
+    # the rows --val-dataset would give, no training split
 
     @property
     def encode(self) -> EncodeOptions:
@@ -65,10 +70,22 @@ class PreparedData:
     from_cache: bool
     seconds: float  # wall time of prepare_data
     fingerprint: str | None = None  # the source data's identity (content of local files; the Hub's fingerprint)
+    parts: list[tuple[str, PreparedData]] = field(default_factory=list)  # a mixture's datasets, each prepared alone
 
     @property
     def text_column(self) -> str | None:
         return self.layout.columns.get("text")
+
+    @property
+    def validation_groups(self) -> list[tuple[str, int]]:
+        """A mixture's datasets as (name, validation examples), in the order of `validation` (empty for one
+        dataset, or when a --val-dataset is the whole validation). A name listed twice is numbered."""
+        sizes = [len(p.validation) for _, p in self.parts]
+        if not self.parts or sum(sizes) != len(self.validation):
+            return []
+        names = [name if [n for n, _ in self.parts].count(name) == 1 else f"{name} ({i + 1})"
+                 for i, (name, _) in enumerate(self.parts)]
+        return list(zip(names, sizes))
 
 
 def prepare_data(options: DataOptions, tokenizer) -> PreparedData:
@@ -80,6 +97,8 @@ def prepare_data(options: DataOptions, tokenizer) -> PreparedData:
     covers the data files (or the Hub dataset's fingerprint), the tokenizer, its chat
     template and every setting that changes the result.
     """
+    if options.mixture:
+        return prepare_mixture(options, tokenizer)
     start = time.perf_counter()
     o = options
     cache_root = Path(o.cache_dir).expanduser() if o.cache_dir else default_cache_dir()
@@ -94,6 +113,7 @@ def prepare_data(options: DataOptions, tokenizer) -> PreparedData:
         "val_fraction": o.val_fraction,
         **({"val_split": o.val_split} if o.val_split else {}),  # (cache keys written before these stay valid)
         **({"val_dataset": o.val_dataset} if o.val_dataset else {}),
+        **({"only": o.only} if o.only else {}),
         "seed": o.seed,
         "dataset_config": o.dataset_config,
         "split": o.split,
@@ -101,29 +121,33 @@ def prepare_data(options: DataOptions, tokenizer) -> PreparedData:
     source = sources_fingerprint(o.dataset, o.val_dataset)
     rows = None
     if source is None:  # a Hub dataset: its fingerprint is known only once loaded (from the datasets cache)
-        rows = load_rows(o.dataset, o.seed, o.val_fraction, o.dataset_config, o.split, o.val_split, o.val_dataset)
+        rows = load_rows(o.dataset, o.seed, o.val_fraction, o.dataset_config, o.split, o.val_split, o.val_dataset, o.only)
         source = rows["train"]._fingerprint + rows["validation"]._fingerprint
     path = entry_path(cache_root, source, settings)
     cached = read_entry(path, len(tokenizer))
     if cached is not None:
         splits, stats, layout = cached
-        if layout.format.startswith("chat"):
+        if layout.is_chat:
             chat_template_for(tokenizer)
         return PreparedData(splits["train"], splits["validation"], stats, layout, path, True,
                             time.perf_counter() - start, source)
     if rows is None:
-        rows = load_rows(o.dataset, o.seed, o.val_fraction, o.dataset_config, o.split, o.val_split, o.val_dataset)
-    layout = detect_layout(rows["train"].features, o.format, o.columns, o.text_column)
+        rows = load_rows(o.dataset, o.seed, o.val_fraction, o.dataset_config, o.split, o.val_split, o.val_dataset, o.only)
+    layout = detect_layout(rows["validation" if o.only == "validation" else "train"].features, o.format, o.columns,
+                           o.text_column)
     missing = [c for c in layout.columns.values() if c not in rows["validation"].features]
     if missing:
         names = [c for c in rows["validation"].column_names if c != ROW_COLUMN]
         raise SftuneError(f"the validation split has no column {missing[0]!r} (columns: {', '.join(names)}); "
                           f"give both splits the same columns ({'--val-dataset' if o.val_dataset else '--dataset'})")
-    template = load_chat_template(tokenizer) if layout.format.startswith("chat") else None
+    template = load_chat_template(tokenizer) if layout.is_chat else None
     if template is not None:
         check_end_of_turn(template)
     splits, stats = {}, {}
     for name in ("train", "validation"):
+        if o.only not in (None, name):  # (a mixture's part: the split it does not give)
+            splits[name], stats[name] = Examples.from_lists([]), SplitStats()
+            continue
         splits[name], stats[name] = tokenize_split(rows[name], tokenizer, layout, o.encode, template,
                                                    source=getattr(rows, "sources", {}).get(name, name))
         if len(splits[name]) == 0:
@@ -137,3 +161,38 @@ def prepare_data(options: DataOptions, tokenizer) -> PreparedData:
     write_entry(path, splits, stats, layout)
     return PreparedData(splits["train"], splits["validation"], stats, layout, path, False, time.perf_counter() - start,
                         source)
+
+
+def prepare_mixture(options: DataOptions, tokenizer) -> PreparedData:
+    """Several datasets trained together (`options.mixture`): each prepared (read, formatted, held out, cached) as
+    `prepare_data` prepares one, under its entry's keys; then their examples concatenated, split by split. With
+    `val_dataset`, the entries' training splits are used whole and the validation is that dataset alone, read with
+    the top-level format and columns (the entries may differ from it and from each other)."""
+    start = time.perf_counter()
+    parts = []
+    only = "train" if options.val_dataset else None
+    for i, entry in enumerate(options.mixture):
+        try:
+            part = prepare_data(replace(options, mixture=(), val_dataset=None, only=only, **entry), tokenizer)
+        except SftuneError as e:
+            raise SftuneError(f"datasets entry {i} ({entry['dataset']}): {e}") from None
+        log(f"data: {i + 1}/{len(options.mixture)} {entry['dataset']}: {len(part.train):,} train / "
+            f"{len(part.validation):,} validation examples, format {part.layout.describe()} "
+            f"({'from cache' if part.from_cache else 'tokenized'} in {part.seconds:.1f}s)")
+        parts.append((entry["dataset"], part))
+    validated = [p for _, p in parts]
+    if options.val_dataset:  # read with the top-level format and columns, as a dataset of its own
+        held = prepare_data(replace(options, mixture=(), dataset=options.val_dataset, val_dataset=None,
+                                    only="validation"), tokenizer)
+        log(f"data: validating on {options.val_dataset}: {len(held.validation):,} examples, format "
+            f"{held.layout.describe()}")
+        validated = [held]
+    train = concat_examples([p.train for _, p in parts])
+    validation = concat_examples([p.validation for p in validated])
+    stats = {"train": sum_stats([p.stats["train"] for _, p in parts], train.lengths),
+             "validation": sum_stats([p.stats["validation"] for p in validated], validation.lengths)}
+    fingerprint = hashlib.sha256("|".join(f"{name}={p.fingerprint}" for name, p in parts).encode()
+                                 + (f"|validation={validated[0].fingerprint}".encode() if options.val_dataset else b"")
+                                 ).hexdigest()
+    return PreparedData(train, validation, stats, mixture_layout([p.layout for _, p in parts]), None,
+                        all(p.from_cache for _, p in parts), time.perf_counter() - start, fingerprint, parts)

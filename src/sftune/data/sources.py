@@ -56,7 +56,7 @@ def local_files(dataset: str, flag: str = "--dataset") -> list[Path] | None:
 
 
 def load_rows(dataset: str, seed: int, val_fraction: float, config_name: str | None = None, split: str = "train",
-              val_split: str | None = None, val_dataset: str | None = None):
+              val_split: str | None = None, val_dataset: str | None = None, only: str | None = None):
     """Load a dataset as a DatasetDict with 'train' and 'validation' splits.
 
     `dataset` is a file, several (comma-separated or a glob), a directory laid out
@@ -64,15 +64,25 @@ def load_rows(dataset: str, seed: int, val_fraction: float, config_name: str | N
     validation is `val_dataset` when given (its `val_split`, else its own validation split, else all of it),
     else `val_split` of `dataset`, else its own split when it has one (validation, valid, val or dev),
     else `val_fraction` of train held out with `seed`. Every row carries its number
-    in the source split (column `__row__`) so errors can point at it.
+    in the source split (column `__row__`) so errors can point at it. `only` ("train" or "validation"; for
+    `datasets`): that split alone (the train split whole; the rows `--val-dataset` would give), the other empty.
     """
     import datasets
 
+    if only == "validation":
+        validation, name = rows_to_validate_on(dataset, val_split)
+        result = datasets.DatasetDict(train=validation.select([]), validation=validation)
+        result.sources = {"train": name, "validation": name}
+        return result
     ds, files = read_splits(dataset, config_name, "--dataset")
     split = "train" if files else split
     if split not in ds:
         raise SftuneError(f"dataset {dataset} has no {split!r} split (it has: {', '.join(ds)}); set --split")
     numbered = {name: ds[name].add_column(ROW_COLUMN, np.arange(len(ds[name]))) for name in ds}
+    if only == "train":
+        result = datasets.DatasetDict(train=numbered[split], validation=numbered[split].select([]))
+        result.sources = {"train": split, "validation": split}
+        return result
     if val_dataset is not None:
         validation, name = rows_to_validate_on(val_dataset, val_split)
         result = datasets.DatasetDict(train=numbered[split], validation=validation)

@@ -51,7 +51,7 @@ def table(rows: list[dict], layout: Layout):
     with `"city": null`)."""
     import datasets
 
-    if layout.format.startswith("chat"):
+    if layout.is_chat:
         columns = [layout.columns[k] for k in CHAT_COLUMNS if k in layout.columns]
         rows = [{**row, **{c: json.dumps(row[c]) for c in columns if c in row}} for row in rows]
     return datasets.Dataset.from_list(rows)
@@ -87,7 +87,7 @@ class StreamedData:
                                             options.columns, options.text_column)
         validation_rows = table(val_rows_list, self.layout)
         self.template = None
-        if self.layout.format.startswith("chat"):
+        if self.layout.is_chat:
             self.template = load_chat_template(tokenizer)
             check_end_of_turn(self.template)
         self.tokenizer, self.options, self.seed, self.split = tokenizer, options.encode, options.seed, split

@@ -286,7 +286,7 @@ def warn_about(stats: dict[str, SplitStats], layout: Layout, options: EncodeOpti
                 f"marker (--overlong truncate)")
         if st.truncated and options.truncation_side == "right":
             log(f"warning: {st.truncated:,} {name} example(s) were truncated on the right: they do not end with "
-                f"EOS{'/end-of-turn' if layout.format.startswith('chat') else ''}, so they do not teach the model "
+                f"EOS{'/end-of-turn' if layout.is_chat else ''}, so they do not teach the model "
                 f"to stop (raise --max-length, or --overlong drop)")
         if st.boundary_merges:
             log(f"data: {st.boundary_merges:,} {name} example(s) tokenize differently as one text than as parts "

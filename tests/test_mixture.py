@@ -1,0 +1,188 @@
+"""Several datasets trained together (`datasets`): each prepared as if alone, their examples concatenated."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+from conftest import QUICKSTART_DATA, prepare, read_jsonl, run_main
+
+from sftune.config import resolve_config
+from sftune.errors import SftuneError
+
+
+def write_jsonl(path, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def three_datasets(tmp_path):
+    """A text directory with its own validation split, a chat file under another column name, a prompt/completion
+    file (the last two held out)."""
+    lines = [json.loads(x) for x in QUICKSTART_DATA.joinpath("train.jsonl").read_text().splitlines()]
+    text = tmp_path / "reviews"
+    write_jsonl(text / "train.jsonl", lines[:40])
+    write_jsonl(text / "validation.jsonl", lines[40:46])
+    chat = write_jsonl(tmp_path / "chat.jsonl", [
+        {"conversation": [{"role": "user", "content": f"Is film {i} good?"},
+                          {"role": "assistant", "content": f"Film {i} is {'good' if i % 2 else 'dull'}."}]}
+        for i in range(30)])
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"q": f"Rate film {i}:", "a": f" {i % 5} stars"} for i in range(30)])
+    entries = ({"dataset": str(text)}, {"dataset": str(chat), "columns": {"messages": "conversation"}},
+               {"dataset": str(pairs), "format": "prompt_completion", "columns": {"prompt": "q", "completion": "a"}})
+    return entries
+
+
+def test_a_mixture_is_its_datasets_each_prepared_alone(tmp_path, gpt2_tokenizer, three_datasets):
+    """Train and validation are the datasets' own examples one after the other (each read with its entry's format
+    and columns, each held out on its own); the counts add up; each dataset has its own cache entry, so a change
+    to one re-tokenizes it alone."""
+    from sftune.data import DataOptions, prepare_data
+
+    options = dict(min_tokens=0, cache_dir=tmp_path / "cache", val_fraction=0.2)
+    data = prepare_data(DataOptions("unused", 64, mixture=three_datasets, **options), gpt2_tokenizer)
+    alone = [prepare(entry.pop("dataset"), gpt2_tokenizer, 64, **options, **entry)
+             for entry in [dict(e) for e in three_datasets]]
+    for split in ("train", "validation"):
+        ours, theirs = getattr(data, split), [getattr(a, split) for a in alone]
+        assert len(ours) == sum(map(len, theirs)) and len(ours) > 0
+        np.testing.assert_array_equal(ours.input_ids, np.concatenate([t.input_ids for t in theirs]))
+        np.testing.assert_array_equal(ours.supervised, np.concatenate([t.supervised for t in theirs]))
+        np.testing.assert_array_equal(ours.lengths, np.concatenate([t.lengths for t in theirs]))
+        stats = data.stats[split]
+        for key in ("rows", "kept", "tokens", "supervised_tokens", "untrained_tokens"):
+            assert getattr(stats, key) == sum(getattr(a.stats[split], key) for a in alone), key
+        assert stats.length["max"] == max(a.stats[split].length["max"] for a in alone)
+    assert len(data.validation) == 6 + 6 + 6  # its own split, then a fifth of each file held out
+    assert [p.layout.format for _, p in data.parts] == ["text", "chat", "prompt_completion"]
+    assert data.layout.format == "text+chat+prompt_completion" and data.layout.is_chat
+    assert data.fingerprint and not any(p.from_cache for _, p in data.parts)
+    again = prepare_data(DataOptions("unused", 64, mixture=three_datasets, **options), gpt2_tokenizer)
+    assert all(p.from_cache for _, p in again.parts) and again.fingerprint == data.fingerprint
+
+    write_jsonl(tmp_path / "pairs.jsonl", [{"q": f"Rate film {i}:", "a": f" {i % 4} stars"} for i in range(30)])
+    again = prepare_data(DataOptions("unused", 64, mixture=three_datasets, **options), gpt2_tokenizer)
+    assert [p.from_cache for _, p in again.parts] == [True, True, False]
+    assert again.fingerprint != data.fingerprint
+
+
+def test_a_mixture_validates_on_val_dataset_once(tmp_path, gpt2_tokenizer, three_datasets):
+    from sftune.data import DataOptions, prepare_data
+
+    held = write_jsonl(tmp_path / "held.jsonl", [{"text": f"held out sentence number {i}"} for i in range(7)])
+    data = prepare_data(DataOptions("unused", 64, mixture=three_datasets[:2], min_tokens=0, val_dataset=str(held),
+                                    cache_dir=tmp_path / "cache"), gpt2_tokenizer)
+    assert len(data.validation) == 7 and data.stats["validation"].rows == 7  # read as text, the chat entry aside
+    assert len(data.train) == 40 + 30  # the training splits whole
+    np.testing.assert_array_equal(data.validation.input_ids, prepare(held, gpt2_tokenizer, 64, min_tokens=0,
+                                                                     val_fraction=0.5).train.input_ids[:0].tolist()
+                                  + [t for i in range(7) for t in gpt2_tokenizer(f"held out sentence number {i}")
+                                     ["input_ids"] + [gpt2_tokenizer.eos_token_id]])
+
+
+def test_an_entry_that_fails_is_named(tmp_path, gpt2_tokenizer, three_datasets):
+    from sftune.data import DataOptions, prepare_data
+
+    entries = (three_datasets[0], {"dataset": str(tmp_path / "missing.jsonl")})
+    with pytest.raises(SftuneError, match=r"^datasets entry 1 \(.*missing.jsonl\): dataset path not found"):
+        prepare_data(DataOptions("unused", 64, mixture=entries, cache_dir=tmp_path / "cache"), gpt2_tokenizer)
+
+
+def test_datasets_config():
+    """Entries are datasets or mappings (a flag's entry may be a YAML mapping); each value is checked as the top-level
+    key of its name; a later layer's `dataset` or `datasets` replaces an earlier one's; both in one layer is an
+    error, and so is streaming them."""
+    cfg = resolve_config({"datasets": ["a.jsonl", "{dataset: b, split: all, columns: prompt=q}"]})
+    assert cfg.datasets == [{"dataset": "a.jsonl"}, {"dataset": "b", "split": "all", "columns": {"prompt": "q"}}]
+    assert cfg.data_name == "a.jsonl + b"
+    assert resolve_config({"dataset": "x.jsonl"}, {"datasets": ["a.jsonl"]}).data_name == "a.jsonl"
+    assert resolve_config({"datasets": ["a.jsonl"]}, {"dataset": "x.jsonl"}).data_name == "x.jsonl"
+    problems = {
+        "unknown key `path` (did you mean `dataset`?)": {"datasets": [{"path": "a.jsonl"}]},
+        "entry 1 (b): `format` must be one of": {"datasets": ["a", {"dataset": "b", "format": "chatml"}]},
+        "entry 0: names no `dataset`": {"datasets": [{"split": "train"}]},
+        "`dataset` and `datasets` are both set": {"dataset": "x", "datasets": ["a"]},
+        "cannot be streamed yet": {"datasets": ["a"], "streaming": True, "max_steps": 5},
+        "entry 0 (a) validates on its training split 'train'": {"datasets": [{"dataset": "a", "val_split": "train"}]},
+        "must be a list of datasets or mappings": {"datasets": 3},
+    }
+    for message, layer in problems.items():
+        with pytest.raises(SftuneError, match=re.escape(message)):
+            resolve_config(layer)
+
+
+def test_a_bad_entry_on_the_command_line_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, _, err = run_main(capsys, "train", "--datasets", "a.jsonl", "{path: b.jsonl}", "--output-dir", str(out))
+    assert code == 2 and "Traceback" not in err
+    assert "`datasets` entry 1: unknown key `path` (did you mean `dataset`?)" in err
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_a_mixture_trains_as_its_rows_in_one_dataset(tmp_path, small_model_dir, capsys):
+    """Two datasets trained together = one dataset holding their rows in the same order (weights bitwise equal,
+    the same losses); the run's data.json and `sftune data` show each dataset; the saved config reads back and
+    resumes."""
+    import torch
+    from safetensors.torch import load_file
+
+    lines = QUICKSTART_DATA.joinpath("train.jsonl").read_text().splitlines(keepends=True)
+    val = QUICKSTART_DATA.joinpath("validation.jsonl").read_text().splitlines(keepends=True)
+    parts = {"a": (lines[:120], val[:10]), "b": (lines[120:200], val[10:20]), "ab": (lines[:200], val[:20])}
+    for name, (train, validation) in parts.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train.jsonl").write_text("".join(train))
+        (tmp_path / name / "validation.jsonl").write_text("".join(validation))
+
+    def run(name, *data_flags):
+        out = tmp_path / f"run-{name}"
+        code, _, err = run_main(capsys, "train", "--model", str(small_model_dir), *data_flags, "--batch-size", "16",
+                                "--max-steps", "8", "--lr", "1e-2", "--precision", "fp32", "--log-every", "1",
+                                "--save-every", "4", "--no-run-report", "--report-to", "none", "--sample-prompts", "",
+                                "--output-dir", str(out))
+        assert code == 0, err
+        return out, err
+
+    mixed, err = run("mixed", "--datasets", str(tmp_path / "a"), str(tmp_path / "b"))
+    assert "data: 2/2" in err and "200 train / 20 validation examples" in err
+    one, _ = run("one", "--dataset", str(tmp_path / "ab"))
+    ours, theirs = load_file(mixed / "model.safetensors"), load_file(one / "model.safetensors")
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    rows = [read_jsonl(d / "metrics.jsonl") for d in (mixed, one)]
+    assert [r["loss"] for r in rows[0] if r["type"] == "train"] == [r["loss"] for r in rows[1] if r["type"] == "train"]
+    evals = [[r for r in run if r["type"] == "eval"] for run in rows]
+    for mixed_eval, one_eval in zip(*evals):  # (each dataset's validation batched apart: the same sum, another order)
+        assert mixed_eval["val_loss"] == pytest.approx(one_eval["val_loss"], rel=1e-6)
+        assert list(mixed_eval["val_loss_by_dataset"]) == [str(tmp_path / "a"), str(tmp_path / "b")]
+    # each dataset's val loss is what `sftune eval` gives on that dataset alone
+    for name in ("a", "b"):
+        code, out, err = run_main(capsys, "eval", "--model", str(mixed), "--dataset", str(tmp_path / name),
+                                  "--precision", "fp32", "--json")
+        assert code == 0, err
+        assert json.loads(out)["val_loss"] == evals[0][-1]["val_loss_by_dataset"][str(tmp_path / name)]
+    summary = json.loads((mixed / "data.json").read_text())
+    assert [d["splits"]["train"]["kept"] for d in summary["datasets"]] == [120, 80]
+    assert summary["splits"]["train"]["kept"] == 200
+
+    code, out, err = run_main(capsys, "data", "--config", str(mixed / "config.yaml"), "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    code, out, err = run_main(capsys, "eval", "--config", str(mixed / "config.yaml"), "--model", str(mixed), "--json")
+    assert code == 0, err
+    assert json.loads(out)["val_loss_by_dataset"] == evals[0][-1]["val_loss_by_dataset"]
+    assert [d["dataset"] for d in report["datasets"]] == [str(tmp_path / "a"), str(tmp_path / "b")]
+    assert report["dataset"] == f"{tmp_path / 'a'} + {tmp_path / 'b'}"
+
+    import shutil
+
+    (mixed / "model.safetensors").unlink()
+    shutil.rmtree(mixed / "checkpoints" / "step-8")
+    code, _, err = run_main(capsys, "train", "--config", str(mixed / "config.yaml"), "--resume", "auto")
+    assert code == 0, err
+    assert f"resumed from {mixed / 'checkpoints' / 'step-4'}" in err
+    assert all(torch.equal(load_file(mixed / "model.safetensors")[k], theirs[k]) for k in theirs)
