@@ -186,3 +186,12 @@ def test_a_mixture_trains_as_its_rows_in_one_dataset(tmp_path, small_model_dir, 
     assert code == 0, err
     assert f"resumed from {mixed / 'checkpoints' / 'step-4'}" in err
     assert all(torch.equal(load_file(mixed / "model.safetensors")[k], theirs[k]) for k in theirs)
+
+
+def test_the_shipped_mixture_config_reads_both_datasets(capsys):
+    code, out, err = run_main(capsys, "data", "--config", "configs/mixture.yaml", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert [d["dataset"] for d in report["datasets"]] == ["examples/chat/data", "examples/tools/data"]
+    assert [d["splits"]["train"]["kept"] for d in report["datasets"]] == [400, 320]
+    assert report["format"] == "chat" and report["splits"]["validation"]["kept"] == 60 + 40
