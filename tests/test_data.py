@@ -1,16 +1,17 @@
 """Tier 1: the data pipeline, step by step, with exact expected values."""
 
 import json
+import re
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import SST2_DIR, needs_sst2, prepare
+from conftest import QUICKSTART_DATA, SST2_DIR, needs_sst2, prepare
 from sftune.batching import epoch_steps
 from sftune.data import Examples, count_targets, encode_example
-from sftune.data.formats import find_text_column
+from sftune.data.formats import ROW_COLUMN, find_text_column
 from sftune.data.sources import load_rows
 from sftune.errors import SftuneError
 
@@ -292,3 +293,32 @@ def test_examples_without_targets_are_dropped_and_counted():
     assert [kept.example(i)[0].tolist() for i in range(len(kept))] == [[4, 5, 6], [7, 8]]
     assert [kept.example(i)[1].tolist() for i in range(len(kept))] == [[True, False, True], [False, True]]
     assert count_targets(kept) == 2
+
+
+def test_split_slices_as_datasets_writes_them(tmp_path, gpt2_tokenizer):
+    """--split / --val-split take slices (train[:80%], train[80%:], train[:10]+validation): the rows they name, with
+    their numbers in the source split; a dataset's own validation split is still found beside a slice of train (not
+    when the slice trains on it); a bad slice, or one that selects nothing, is an error naming the flag; streaming refuses slices."""
+    from sftune.config import resolve_config
+
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"text": f"row number {i} of the set"}) + "\n" for i in range(100)))
+    rows = load_rows(str(data), 0, 0.1, split="train[:80%]", val_split="train[80%:]")
+    assert (len(rows["train"]), len(rows["validation"])) == (80, 20)
+    assert rows["validation"][0] == {"text": "row number 80 of the set", ROW_COLUMN: 80}
+    held = load_rows(str(data), 0, 0.2, split="train[-50:]")  # no validation split: a fifth of the slice held out
+    assert (len(held["train"]), len(held["validation"])) == (40, 10)
+    assert min([*held["train"][ROW_COLUMN], *held["validation"][ROW_COLUMN]]) == 50
+    some = load_rows(str(QUICKSTART_DATA), 0, 0.1, split="train[:10]")
+    assert len(some["train"]) == 10 and len(some["validation"]) == 60  # the directory's validation split, whole
+    both = load_rows(str(QUICKSTART_DATA), 0, 0.2, split="train[:10]+validation[:5]")
+    assert (len(both["train"]), len(both["validation"])) == (12, 3)  # validation is trained on: a hold-out instead
+    for spec, message in (("train[:x]", "not a split of"), ("tain[:5]", "not a split of"),
+                          ("train[200:]", "selects no row")):
+        with pytest.raises(SftuneError, match=re.escape(f"--split {spec!r}") + ".*" + message):
+            load_rows(str(data), 0, 0.1, split=spec)
+    prepared = prepare(str(data), gpt2_tokenizer, 64, split="train[:30]", val_split="train[30:40]", min_tokens=0,
+                       cache_dir=tmp_path / "c")
+    assert (len(prepared.train), len(prepared.validation)) == (30, 10)
+    with pytest.raises(SftuneError, match="split = 'train\\[:10\\]': is a slice, which needs the data in memory"):
+        resolve_config({"split": "train[:10]", "streaming": True, "max_steps": 3})

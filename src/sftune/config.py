@@ -107,7 +107,8 @@ class SFTConfig:
         "validation take their examples together. Flag: --datasets a.jsonl '{dataset: b.jsonl, format: chat}'.",
         "data")
     dataset_config: str | None = _f(None, "Configuration (subset) name of a Hub dataset.", "data")
-    split: str = _f("train", "Split to train on (validation: the dataset's own, else held out of it).", "data")
+    split: str = _f("train", "Split to train on (validation: the dataset's own, else held out of it), or a slice "
+                    "of splits as datasets writes one: train[:1000], train[:10%], train[10%:]+validation.", "data")
     format: Format = _f(
         "auto",
         "Data format: text, prompt_completion (prompt + completion columns), chat (a messages column), "
@@ -132,7 +133,7 @@ class SFTConfig:
         "data",
     )
     val_split: str | None = _f(
-        None, "Split to validate on, e.g. test (default: the dataset's validation, valid, val or dev split, else "
+        None, "Split (or slice, e.g. train[95%:] with split train[:95%]) to validate on, e.g. test (default: the dataset's validation, valid, val or dev split, else "
         "val_fraction of the training split held out); with val_dataset, that dataset's split.", "data")
     val_dataset: str | None = _f(
         None, "A dataset to validate on, in any form dataset takes (a file, files, a directory, a Hub id): its "
@@ -549,6 +550,9 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
     need(cfg.pad_token is None or (cfg.pad_token.strip() == cfg.pad_token and bool(cfg.pad_token)), "pad_token",
          "must be a non-empty token without leading or trailing spaces, e.g. <|pad|>, or null for the default")
     need(bool(cfg.dataset), "dataset", "must name a Hub id, a directory or a file")
+    for key in ("split", "val_split"):
+        need(not cfg.streaming or "[" not in (getattr(cfg, key) or ""), key, "is a slice, which needs the data in "
+             "memory: a stream is read from its start (drop --streaming, or give a whole split)")
     need(not cfg.datasets or not cfg.streaming, "datasets", "cannot be streamed yet: mix them in memory (without "
          "--streaming), or stream one dataset (--dataset)")
     for i, entry in enumerate(cfg.datasets):

@@ -75,29 +75,30 @@ def load_rows(dataset: str, seed: int, val_fraction: float, config_name: str | N
         result.sources = {"train": name, "validation": name}
         return result
     ds, files = read_splits(dataset, config_name, "--dataset")
-    split = "train" if files else split
-    if split not in ds:
+    split = "train" if files and not is_slice(split) else split
+    if split not in ds and not is_slice(split):
         raise SftuneError(f"dataset {dataset} has no {split!r} split (it has: {', '.join(ds)}); set --split")
     numbered = {name: ds[name].add_column(ROW_COLUMN, np.arange(len(ds[name]))) for name in ds}
+    train = pick_split(numbered, split, dataset, "--split")
     if only == "train":
-        result = datasets.DatasetDict(train=numbered[split], validation=numbered[split].select([]))
+        result = datasets.DatasetDict(train=train, validation=train.select([]))
         result.sources = {"train": split, "validation": split}
         return result
     if val_dataset is not None:
         validation, name = rows_to_validate_on(val_dataset, val_split)
-        result = datasets.DatasetDict(train=numbered[split], validation=validation)
+        result = datasets.DatasetDict(train=train, validation=validation)
         result.sources = {"train": split, "validation": name}
         return result
     val_name = validation_split(ds, dataset, split, val_split)
     if val_name is not None:
-        result = datasets.DatasetDict(train=numbered[split], validation=numbered[val_name])
+        result = datasets.DatasetDict(train=train, validation=pick_split(numbered, val_name, dataset, "--val-split"))
         result.sources = {"train": split, "validation": val_name}
         return result
-    if len(ds[split]) < 2:
-        raise SftuneError(f"dataset {dataset} has {len(ds[split])} row(s): too few to hold out a validation set")
-    held = numbered[split].train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
+    if len(train) < 2:
+        raise SftuneError(f"dataset {dataset} has {len(train)} row(s) in {split}: too few to hold out a validation set")
+    held = train.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
     log(f"data: no validation split in {dataset}; holding out {len(held['test']):,} of "
-        f"{len(ds[split]):,} {split} rows (val_fraction {val_fraction}, seed {seed})")
+        f"{len(train):,} {split} rows (val_fraction {val_fraction}, seed {seed})")
     result = datasets.DatasetDict(train=held["train"], validation=held["test"])
     result.sources = {"train": split, "validation": split}  # held-out rows keep their numbers in `split`
     return result
@@ -109,7 +110,31 @@ def rows_to_validate_on(val_dataset: str, val_split: str | None):
     other, _ = read_splits(val_dataset, None, "--val-dataset")
     name = validation_split(other, val_dataset, None, val_split, flag="--val-dataset") or \
         ("train" if "train" in other else next(iter(other)))
-    return other[name].add_column(ROW_COLUMN, np.arange(len(other[name]))), f"{name} of {val_dataset}"
+    numbered = {n: other[n].add_column(ROW_COLUMN, np.arange(len(other[n]))) for n in other}
+    return pick_split(numbered, name, val_dataset, "--val-split"), f"{name} of {val_dataset}"
+
+
+def is_slice(split: str) -> bool:
+    """A slice of splits as `datasets` writes one (train[:1000], train[:10%], train[:5%]+validation), not a name."""
+    return "[" in split or "+" in split
+
+
+def pick_split(splits: dict, spec: str, dataset: str, flag: str):
+    """The rows `spec` names in `splits`: a split, or a slice of splits (`is_slice`), rows keeping their numbers."""
+    if not is_slice(spec):
+        return splits[spec]
+    import datasets
+
+    try:
+        parts = datasets.ReadInstruction.from_spec(spec).to_absolute({n: len(rows) for n, rows in splits.items()})
+    except (ValueError, AssertionError) as e:
+        raise SftuneError(f"{flag} {spec!r}: not a split of {dataset} or a slice of one ({e}); write e.g. "
+                          f"train[:1000], train[:10%] or train[10%:20%]") from None
+    picked = [splits[p.splitname].select(range(p.from_, max(p.from_, p.to)) if p.from_ < p.to else [])
+              for p in parts]
+    if not sum(map(len, picked)):
+        raise SftuneError(f"{flag} {spec!r} selects no row of {dataset} ({', '.join(f'{n}: {len(r):,} rows' for n, r in splits.items())})")
+    return picked[0] if len(picked) == 1 else datasets.concatenate_datasets(picked)
 
 
 def read_splits(dataset: str, config_name: str | None, flag: str):
@@ -150,8 +175,9 @@ def validation_split(splits, dataset: str, split: str | None, val_split: str | N
     """The split to validate on: `val_split` (which must exist), else the dataset's own validation split (validation,
     valid, val or dev), else None (a hold-out of the training split, or all of a --val-dataset)."""
     if val_split is None:
-        return next((n for n in VALIDATION_NAMES if n in splits and n != split), None)
-    if val_split not in splits:
+        trained = {part.split("[")[0].strip() for part in (split or "").split("+")}  # (a slice's splits too)
+        return next((n for n in VALIDATION_NAMES if n in splits and n not in trained), None)
+    if val_split not in splits and not is_slice(val_split):
         hint = (f" (files given as {flag} are one split; put each split's files in a directory, named after their "
                 f"split, e.g. train.jsonl and test.jsonl)" if list(splits) == ["train"] else "")
         raise SftuneError(f"dataset {dataset} has no {val_split!r} split to validate on (it has: {', '.join(splits)})"
