@@ -72,7 +72,7 @@ def add_config_flags(parser: argparse.ArgumentParser, keys: set[str] | None = No
             kwargs["metavar"] = "{" + ",".join(typing.get_args(base)) + "}"
         else:
             kwargs["metavar"] = name.split("_")[-1].upper()
-        groups[f.metadata["group"]].add_argument(flag, help=help_text, **kwargs)
+        groups[f.metadata["group"]].add_argument(flag, help=help_text.replace("%", "%%"), **kwargs)  # (argparse's %)
 
 
 def _default(f: dataclasses.Field) -> Any:
