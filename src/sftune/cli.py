@@ -272,14 +272,14 @@ def cmd_eval(args) -> None:
     data, _ = build_data(cfg, tokenizer, model.config, dist)  # streaming: only the validation split is read
     groups = getattr(data, "validation_groups", [])  # a mixture's datasets: each one's loss too
     result = evaluate(model, data.validation, cfg.eval_batch_size or cfg.batch_size, tokenizer.pad_token_id,
-                      dist.device, precision, dist, groups=[size for _, size in groups] or None)
+                      dist.device, precision, dist, groups=groups)
     if not dist.is_main:  # under torchrun every rank evaluated its share; rank 0 reports the sum over sum
         return
     report = {"model": cfg.model, "dataset": cfg.data_name, "split": "validation", "val_loss": result.loss,
               "val_ppl": result.perplexity, "val_token_accuracy": result.accuracy, "examples": result.examples,
               "target_tokens": result.targets, "precision": precision}
     if groups:
-        report["val_loss_by_dataset"] = {name: loss for (name, _), loss in zip(groups, result.group_losses)}
+        report["val_loss_by_dataset"] = result.group_losses
     if args.json:
         print(json.dumps(report))
     else:

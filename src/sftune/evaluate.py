@@ -30,24 +30,24 @@ class EvalResult:
     targets: int  # tokens the loss averages over
     examples: int
     accuracy: float = 0.0  # share of the targets that the argmax predicts
-    group_losses: list[float] | None = None  # (with `groups`) each group's own token-weighted loss
+    group_losses: dict[str, float] | None = None  # (with `groups`) each group's own token-weighted loss, by name
 
 
 @torch.no_grad()
 def evaluate(model, examples: Examples, batch_size: int, pad_id: int, device: torch.device, precision: str,
              dist: Dist | None = None, stop: Callable[[], bool] | None = None,
-             groups: list[int] | None = None) -> EvalResult | None:
+             groups: list[tuple[str, int]] | None = None) -> EvalResult | None:
     """Token-weighted loss of `model` (a causal LM, or one wrapped in `CausalLMLoss`) over all `examples`,
     batched by length (less padding, same result); each rank evaluates its share of the batches.
     `stop()` is asked between batches: when it says True, the evaluation is abandoned and None returned.
-    `groups`: the sizes of consecutive runs of examples (a mixture's datasets), batched apart, each one's loss
+    `groups`: (name, size) of consecutive runs of examples (a mixture's datasets), batched apart, each one's loss
     returned too; the total is still the sum over all targets / their count."""
     dist = dist or Dist(device=device)
     if not isinstance(model, CausalLMLoss):
         model = CausalLMLoss(model)
     was_training = model.training
     model.eval()
-    sizes = groups or [len(examples)]
+    sizes = [size for _, size in groups] if groups else [len(examples)]
     loss_sums = torch.zeros(len(sizes), dtype=torch.float64, device=device)
     model.eval_correct = correct = torch.zeros((), dtype=torch.long, device=device)  # counted by the loss module
     n_targets = [0] * len(sizes)
@@ -72,7 +72,8 @@ def evaluate(model, examples: Examples, batch_size: int, pad_id: int, device: to
     n_targets = dist.all_reduce_sum(torch.tensor(n_targets, dtype=torch.int64, device=device)).tolist()
     hits = int(dist.all_reduce_sum(correct))
     total = sum(n_targets)
-    loss = sum(loss_sums) / max(total, 1)  # (the one host sync of an evaluation)
+    loss = sum(loss_sums) / max(total, 1)  # (the host syncs with the device once per evaluation, not per batch)
     return EvalResult(loss=loss, perplexity=math.exp(min(loss, 700.0)), targets=total, examples=len(examples),
                       accuracy=hits / max(total, 1),
-                      group_losses=[s / max(n, 1) for s, n in zip(loss_sums, n_targets)] if groups else None)
+                      group_losses={name: s / max(n, 1) for (name, _), s, n in zip(groups, loss_sums, n_targets)}
+                      if groups else None)

@@ -225,13 +225,13 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         groups = run.steps.validation_groups  # a mixture's datasets: each one's val loss too
         result = evaluate(run.loss_model, run.steps.validation, cfg.eval_batch_size, run.tokenizer.pad_token_id, dist.device,
                           precision, dist, stop=(lambda: stop.signum is not None) if interruptible else None,
-                          groups=[size for _, size in groups] or None)
+                          groups=groups)
         if result is None:  # a signal during the first evaluation: nothing trained, nothing to keep
             raise Preempted(stop.signum or 15, None)
         record = {"step": step, "val_loss": result.loss, "val_ppl": result.perplexity,
                   "val_token_accuracy": result.accuracy}
         if groups:
-            record["val_loss_by_dataset"] = {name: loss for (name, _), loss in zip(groups, result.group_losses)}
+            record["val_loss_by_dataset"] = result.group_losses
         evals.append(record)
         best = "" if step == 0 else track_best(record)
         metrics.write({"type": "eval", **record})

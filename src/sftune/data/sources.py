@@ -130,8 +130,7 @@ def pick_split(splits: dict, spec: str, dataset: str, flag: str):
     except (ValueError, AssertionError) as e:
         raise SftuneError(f"{flag} {spec!r}: not a split of {dataset} or a slice of one ({e}); write e.g. "
                           f"train[:1000], train[:10%] or train[10%:20%]") from None
-    picked = [splits[p.splitname].select(range(p.from_, max(p.from_, p.to)) if p.from_ < p.to else [])
-              for p in parts]
+    picked = [splits[p.splitname].select(range(p.from_, p.to) if p.from_ < p.to else []) for p in parts]
     if not sum(map(len, picked)):
         raise SftuneError(f"{flag} {spec!r} selects no row of {dataset} ({', '.join(f'{n}: {len(r):,} rows' for n, r in splits.items())})")
     return picked[0] if len(picked) == 1 else datasets.concatenate_datasets(picked)
