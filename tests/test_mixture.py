@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import re
+from itertools import islice
 
 import numpy as np
 import pytest
+import torch
 from conftest import QUICKSTART_DATA, prepare, read_jsonl, run_main
 
 from sftune.config import resolve_config
@@ -84,6 +86,66 @@ def test_a_mixture_validates_on_val_dataset_once(tmp_path, gpt2_tokenizer, three
                                      ["input_ids"] + [gpt2_tokenizer.eos_token_id]])
 
 
+def _epoch_rows(source, epoch: int) -> list[int]:
+    """Every example index the epoch's steps hold (packed rows and micro-batches flattened)."""
+    return [int(i) for step in source.plan(epoch) for micro in step for item in micro for i in np.atleast_1d(item)]
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_weights_give_each_dataset_its_share_of_an_epoch(tmp_path, gpt2_tokenizer, three_datasets, packing):
+    """`weight` 2: each example twice an epoch; 0.5: half of them, the other half the next epoch; 1: once. The
+    validation is unchanged, and a resumed epoch continues with the same steps."""
+    from sftune.checkpoint import TrainState
+    from sftune.data import DataOptions, prepare_data
+    from sftune.dist import Dist
+    from sftune.steps import InMemorySteps
+
+    entries = tuple({**e, "weight": w} for e, w in zip(three_datasets, (2, 0.5, 1)))
+    options = dict(min_tokens=0, cache_dir=tmp_path / "cache", val_fraction=0.2)
+    data = prepare_data(DataOptions("unused", 64, mixture=entries, **options), gpt2_tokenizer)
+    plain = prepare_data(DataOptions("unused", 64, mixture=three_datasets, **options), gpt2_tokenizer)
+    np.testing.assert_array_equal(data.train.input_ids, plain.train.input_ids)  # (the same examples, the same cache)
+    np.testing.assert_array_equal(data.validation.input_ids, plain.validation.input_ids)
+    sizes = [len(p.train) for _, p in data.parts]
+    assert sizes == [40, 24, 24]
+    cfg = resolve_config({"batch_size": 4, "packing": packing, "epochs": 2})
+    source = InMemorySteps(cfg, data, 64, gpt2_tokenizer.eos_token_id, Dist())
+    starts = np.cumsum([0] + sizes)
+    epochs = [np.bincount(_epoch_rows(source, e), minlength=starts[-1]) for e in (0, 1)]
+    for counts in epochs:
+        assert (counts[: starts[1]] == 2).all() and (counts[starts[2]:] == 1).all()
+        assert counts[starts[1]: starts[2]].sum() == 12 and counts[starts[1]: starts[2]].max() == 1
+    assert (epochs[0] + epochs[1])[starts[1]: starts[2]].tolist() == [1] * 24  # the other half the next epoch
+    if not packing:
+        assert source.steps_per_epoch == (80 + 12 + 24) // 4 and source.total_steps == 2 * source.steps_per_epoch
+    # a resumed run continues with the steps the straight run takes
+    straight = [s.micro_batches[0]["input_ids"] for s in islice(source.remaining(TrainState()), source.total_steps)]
+    again = InMemorySteps(cfg, data, 64, gpt2_tokenizer.eos_token_id, Dist())
+    resumed = again.remaining(TrainState(epoch=1, step_in_epoch=3, step=len(source.plan(0)) + 3))
+    for ours, theirs in zip(resumed, straight[len(source.plan(0)) + 3:]):
+        assert torch.equal(ours.micro_batches[0]["input_ids"], theirs)
+
+
+def test_weight_two_trains_the_steps_of_a_dataset_listed_twice(tmp_path, gpt2_tokenizer, three_datasets):
+    from sftune.checkpoint import TrainState
+    from sftune.data import DataOptions, prepare_data
+    from sftune.dist import Dist
+    from sftune.steps import InMemorySteps
+
+    options = dict(min_tokens=0, cache_dir=tmp_path / "cache", val_fraction=0.2)
+    cfg = resolve_config({"batch_size": 8, "epochs": 2})
+    steps = []
+    for entries in ((three_datasets[0], three_datasets[0], three_datasets[1]),
+                    ({**three_datasets[0], "weight": 2.0}, three_datasets[1])):
+        data = prepare_data(DataOptions("unused", 64, mixture=entries, **options), gpt2_tokenizer)
+        source = InMemorySteps(cfg, data, 64, gpt2_tokenizer.eos_token_id, Dist())
+        steps.append([(s.micro_batches[0]["input_ids"], s.micro_batches[0]["labels"])
+                      for s in islice(source.remaining(TrainState()), source.total_steps)])
+    assert len(steps[0]) == len(steps[1]) == 2 * (80 + 24) // 8
+    for (ids, labels), (ids2, labels2) in zip(*steps):
+        assert torch.equal(ids, ids2) and torch.equal(labels, labels2)
+
+
 def test_an_entry_that_fails_is_named(tmp_path, gpt2_tokenizer, three_datasets):
     from sftune.data import DataOptions, prepare_data
 
@@ -96,8 +158,9 @@ def test_datasets_config():
     """Entries are datasets or mappings (a flag's entry may be a YAML mapping); each value is checked as the top-level
     key of its name; a later layer's `dataset` or `datasets` replaces an earlier one's; both in one layer is an
     error, and so is streaming them."""
-    cfg = resolve_config({"datasets": ["a.jsonl", "{dataset: b, split: all, columns: prompt=q}"]})
-    assert cfg.datasets == [{"dataset": "a.jsonl"}, {"dataset": "b", "split": "all", "columns": {"prompt": "q"}}]
+    cfg = resolve_config({"datasets": ["a.jsonl", "{dataset: b, split: all, columns: prompt=q, weight: '0.5'}"]})
+    assert cfg.datasets == [{"dataset": "a.jsonl"},
+                            {"dataset": "b", "split": "all", "columns": {"prompt": "q"}, "weight": 0.5}]
     assert cfg.data_name == "a.jsonl + b"
     assert resolve_config({"dataset": "x.jsonl"}, {"datasets": ["a.jsonl"]}).data_name == "a.jsonl"
     assert resolve_config({"datasets": ["a.jsonl"]}, {"dataset": "x.jsonl"}).data_name == "x.jsonl"
@@ -106,9 +169,16 @@ def test_datasets_config():
         "entry 1 (b): `format` must be one of": {"datasets": ["a", {"dataset": "b", "format": "chatml"}]},
         "entry 0: names no `dataset`": {"datasets": [{"split": "train"}]},
         "`dataset` and `datasets` are both set": {"dataset": "x", "datasets": ["a"]},
-        "cannot be streamed yet": {"datasets": ["a"], "streaming": True, "max_steps": 5},
+        "entry 0 (a) has a slice as its split, which needs the data in memory":
+            {"datasets": [{"dataset": "a", "split": "train[:10]"}], "streaming": True, "max_steps": 5},
         "entry 0 (a) validates on its training split 'train'": {"datasets": [{"dataset": "a", "val_split": "train"}]},
         "must be a list of datasets or mappings": {"datasets": 3},
+        "entry 1 (b): `weight` must be a positive number (2: its examples twice an epoch, 0.5: half of them), got 0":
+            {"datasets": ["a", {"dataset": "b", "weight": 0}]},
+        "`weight` must be a positive number (2: its examples twice an epoch, 0.5: half of them), got 'lots'":
+            {"datasets": ["{dataset: b, weight: lots}"]},
+        "`weight` must be a positive number (2: its examples twice an epoch, 0.5: half of them), got True":
+            {"datasets": [{"dataset": "b", "weight": True}]},
     }
     for message, layer in problems.items():
         with pytest.raises(SftuneError, match=re.escape(message)):
@@ -195,3 +265,41 @@ def test_the_shipped_mixture_config_reads_both_datasets(capsys):
     assert [d["dataset"] for d in report["datasets"]] == ["examples/chat/data", "examples/tools/data"]
     assert [d["splits"]["train"]["kept"] for d in report["datasets"]] == [400, 320]
     assert report["format"] == "chat" and report["splits"]["validation"]["kept"] == 60 + 40
+
+
+@pytest.mark.slow
+def test_a_weighted_mixture_trains_reports_and_resumes_exactly(tmp_path, small_model_dir, capsys):
+    """`weight: 0.5` on one of two datasets: the log and `sftune data` say how many examples an epoch takes, and a
+    run resumed in its second epoch (where the other half of that dataset is drawn) ends bitwise as the straight
+    run."""
+    from safetensors.torch import load_file
+
+    lines = [json.loads(r) for r in QUICKSTART_DATA.joinpath("train.jsonl").read_text().splitlines()]
+    for name, train, validation in (("a", lines[:120], lines[200:206]), ("b", lines[120:200], lines[206:210])):
+        write_jsonl(tmp_path / name / "train.jsonl", train)
+        write_jsonl(tmp_path / name / "validation.jsonl", validation)
+    out = tmp_path / "run"
+    flags = ("train", "--model", str(small_model_dir), "--datasets", str(tmp_path / "a"),
+             f"{{dataset: {tmp_path / 'b'}, weight: 0.5}}", "--batch-size", "16", "--max-steps", "14",
+             "--lr", "1e-2", "--precision", "fp32", "--save-every", "6", "--no-run-report", "--report-to", "none",
+             "--sample-prompts", "", "--output-dir", str(out))
+    code, _, err = run_main(capsys, *flags)
+    assert code == 0, err
+    assert "80 train (weight 0.5: 40 an epoch)" in err
+    code, report, err = run_main(capsys, "data", "--config", str(out / "config.yaml"), "--json")
+    assert code == 0, err
+    report = json.loads(report)
+    assert [(d["weight"], d["train_per_epoch"]) for d in report["datasets"]] == [(1.0, 120), (0.5, 40)]
+    assert report["splits"]["train"]["examples_per_epoch"] == 160
+    assert report["splits"]["train"]["optimizer_steps_per_epoch"] == 10
+    assert [d.get("weight") for d in json.loads((out / "data.json").read_text())["datasets"]] == [1.0, 0.5]
+    code, text, err = run_main(capsys, "data", "--config", str(out / "config.yaml"))
+    assert "weight 0.5: 40 train examples an epoch" in text
+    straight = load_file(out / "model.safetensors")
+
+    (out / "model.safetensors").unlink()  # (the checkpoints: steps 6, 10 at the epoch's end, and 12)
+    code, _, err = run_main(capsys, "train", "--config", str(out / "config.yaml"), "--resume", "auto")
+    assert code == 0, err
+    assert f"resumed from {out / 'checkpoints' / 'step-12'}" in err
+    resumed = load_file(out / "model.safetensors")
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)

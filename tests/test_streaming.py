@@ -86,3 +86,83 @@ def test_streaming_needs_max_steps(tiny_model_dir, tmp_path, capsys):
     code, _, err = run_main(capsys, "train", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA),
                             "--streaming", "--output-dir", str(tmp_path / "o"))
     assert code == 2 and "must be set with streaming" in err and "--max-steps" in err
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_mixed_streams_take_each_row_once_drawn_by_weight(tmp_path, gpt2_tokenizer):
+    """Two streams of other formats at weights 3 and 1: each chunk draws about three rows of the first for one of
+    the second until the first runs out; over the epoch every training row of each comes once, tokenized as its
+    own dataset alone; a run resumed from a position after the first ran out continues with the same chunks."""
+    from sftune.data.streaming import MixedStreams
+
+    reviews = [json.loads(x) for x in (QUICKSTART_DATA / "train.jsonl").read_text().splitlines()[:70]]
+    a = _write(tmp_path / "a.jsonl", reviews)  # the first 10 rows held out: 60 to train on
+    (tmp_path / "b").mkdir()
+    _write(tmp_path / "b" / "train.jsonl", [{"prompt": f"Q: {i} x 3?\nA:", "completion": f" {3 * i}."}
+                                            for i in range(200)])
+    _write(tmp_path / "b" / "validation.jsonl", [{"prompt": f"Q: {i} x 4?\nA:", "completion": f" {4 * i}."}
+                                                 for i in range(5)])
+    options = DataOptions("unused", 64, min_tokens=0, stream_val_rows=10,
+                          mixture=({"dataset": str(a), "weight": 3.0}, {"dataset": str(tmp_path / "b")}))
+    mixed = MixedStreams(options, gpt2_tokenizer)
+    assert mixed.validation_groups == [(str(a), 10), (str(tmp_path / "b"), 5)]
+    assert mixed.layout.format == "text+prompt_completion"
+
+    def one_step(lengths, key):
+        return [[list(range(len(lengths)))]]
+
+    def ids(ex):
+        return sorted(tuple(ex.example(i)[0].tolist()) for i in range(len(ex)))
+
+    chunks = list(mixed.steps(0, StreamPosition(), 32, one_step))
+    assert sum(len(ex) for ex, _, _ in chunks) == 260 and len(chunks) == 9  # 8 chunks of 32, then 4 rows
+    assert 40 <= chunks[2][2].streams[0] <= 56  # (rows read before the third chunk) of the first 64, about 3 in 4 drawn from the first stream
+    alone = [prepare(d, gpt2_tokenizer, 64, min_tokens=0, cache_dir=tmp_path / "c", val_fraction=10 / 70)
+             for d in (tmp_path / "b",)]
+    seen = sorted(t for ex, _, _ in chunks for t in ids(ex))
+    assert [t for t in seen if t in set(ids(alone[0].train))] == ids(alone[0].train)  # every row of b, once
+    assert len(seen) == 260 and len(set(seen) - set(ids(alone[0].train))) == 60  # and 60 others: a's
+    ended_at = next(k for k, (_, _, after) in enumerate(chunks) if after.ended[0])
+    assert 0 < ended_at < 8 and chunks[ended_at][2].streams[0] == 60 and not chunks[-1][2].ended[1]
+    resumed = list(mixed.steps(0, chunks[ended_at + 1][2], 32, one_step))  # from the first chunk after a ran out
+    assert [ids(ex) for ex, _, _ in resumed] == [ids(ex) for ex, _, _ in chunks[ended_at + 2:]]
+
+
+def test_a_streamed_mixture_resumes_exactly_after_sigterm(small_model_dir, tmp_path, capsys):
+    """Two streams (30 and 70 training rows, weights 2 and 1, chunks of 64 rows): the first runs out in the
+    epoch's first chunk; a run stopped in the second chunk and resumed ends bitwise as an uninterrupted one."""
+    lines = (QUICKSTART_DATA / "train.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "a.jsonl").write_text("".join(lines[:40]))
+    (tmp_path / "b.jsonl").write_text("".join(lines[40:120]))
+
+    def args(out, *extra):
+        return ["train", "--model", str(small_model_dir), "--datasets", f"{{dataset: {tmp_path / 'a.jsonl'}, weight: 2}}",
+                str(tmp_path / "b.jsonl"), "--streaming", "--stream-val-rows", "10", "--batch-size", "1",
+                "--max-steps", "110", "--lr", "1e-3", "--precision", "fp32", "--log-every", "1", "--eval-every", "60",
+                "--save-every", "60", "--no-run-report", "--report-to", "none", "--sample-prompts", "",
+                "--output-dir", str(out), *extra]
+
+    full = tmp_path / "full"
+    code, _, err = run_main(capsys, *args(full))
+    assert code == 0, err
+    assert "by dataset:" in err
+    out = tmp_path / "run"
+    code, err = signal_at(args(out), "step     80/")  # in the epoch's second chunk, the first stream ended
+    assert code == 143, err
+    from sftune.checkpoint import STATE_FILE
+
+    saved = max((out / "checkpoints").iterdir(), key=lambda p: int(p.name.split("-")[1]))
+    position = json.loads((saved / STATE_FILE).read_text())["stream"]
+    assert position["chunk"] == 1 and position["ended"] == [True, False] and position["streams"][0] == 30
+    code, _, err = run_main(capsys, *args(out, "--resume", "auto"))
+    assert code == 0, err
+    assert f"resumed from {saved}" in err
+    a, b = load_file(full / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = [[(r["step"], r["loss"]) for r in read_jsonl(o / "metrics.jsonl") if r["type"] == "train"]
+              for o in (full, out)]
+    assert losses[0] == losses[1] and len(losses[0]) == 110

@@ -134,11 +134,11 @@ def build_data(cfg: SFTConfig, tokenizer, model_config, dist: Dist | None = None
     options = data_options(cfg, max_length)
     with dist.main_first():
         if cfg.streaming:
-            from sftune.data.streaming import StreamedData
+            from sftune.data.streaming import MixedStreams, StreamedData
 
-            data = StreamedData(options, tokenizer)
-            log(f"data: streaming {cfg.dataset} ({cfg.split}), {len(data.validation):,} validation examples, "
-                f"format {data.layout.describe()}")
+            data = MixedStreams(options, tokenizer) if cfg.datasets else StreamedData(options, tokenizer)
+            log(f"data: streaming {cfg.data_name}{'' if cfg.datasets else f' ({cfg.split})'}, "
+                f"{len(data.validation):,} validation examples, format {data.layout.describe()}")
         else:
             data = prepare_data(options, tokenizer)
             log(f"data: {len(data.train):,} train / {len(data.validation):,} validation examples, format "

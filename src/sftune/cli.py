@@ -42,7 +42,7 @@ GROUPS = {"model": "model", "data": "data", "train": "optimisation", "lora": "Lo
 # The keys `sftune eval` uses: the model, the data pipeline (validation split) and where it runs.
 EVAL_KEYS = {
     "model", "tokenizer", "init", "trust_remote_code", "dataset", "dataset_config", "split", "format", "columns",
-    "text_column", "train_on_prompt", "train_on_all_turns", "chat_template", "val_fraction", "min_tokens",
+    "datasets", "text_column", "train_on_prompt", "train_on_all_turns", "chat_template", "val_fraction", "min_tokens",
     "max_length", "overlong", "truncation_side", "streaming", "stream_val_rows", "cache_dir", "seed", "precision",
     "device", "batch_size", "eval_batch_size", "val_split", "val_dataset", "add_tokens", "pad_token",
 }
@@ -228,7 +228,7 @@ def summarize_config(cfg) -> str:
 def cmd_data(args) -> None:
     cfg = config_from_args(args)  # first: a config mistake is reported before the heavy imports
     from sftune.build import build_data, build_tokenizer
-    from sftune.steps import plan_steps
+    from sftune.steps import epoch_plan
     from sftune.modeling import load_model_config, override_config
     from sftune.report import data_report, format_data_report
 
@@ -244,7 +244,7 @@ def cmd_data(args) -> None:
         data = PreparedData(train, data.validation, {"train": train_stats, "validation": data.validation_stats},
                             data.layout, None, False, time.perf_counter() - start)
         log(f"data: streaming: 'train' below is the stream's first chunk ({train_stats.rows:,} rows)")
-    steps = plan_steps(data.train.lengths, cfg, max_length, 0)  # the first epoch, as training plans it
+    steps = epoch_plan(data, cfg, max_length, 0)  # the first epoch, as training plans it
     report = data_report(data, cfg.data_name, max_length, cfg.batch_size, cfg.grad_accum,
                          cfg.eval_batch_size or cfg.batch_size, steps, cfg.batch_tokens, cfg.group_by_length,
                          cfg.packing, show=args.show)

@@ -44,7 +44,7 @@ Strategy = Literal["auto", "ddp", "fsdp"]
 Compile = Literal["auto", "off", "graphs", "torch"]
 # what one entry of `datasets` may set: where its rows come from and how they read (the rest is the run's)
 MIXTURE_KEYS = ("dataset", "dataset_config", "split", "format", "columns", "text_column", "val_split",
-                "train_on_prompt", "train_on_all_turns")
+                "train_on_prompt", "train_on_all_turns", "weight")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -104,7 +104,9 @@ class SFTConfig:
         [], "Several datasets trained on together, in place of `dataset`: each a dataset (as `dataset` takes it) or a "
         "mapping of `dataset` and any of " + ", ".join(f"`{k}`" for k in MIXTURE_KEYS[1:]) + " (the top-level keys "
         "are their defaults). Each is read, formatted, held out for validation and cached on its own; training and "
-        "validation take their examples together. Flag: --datasets a.jsonl '{dataset: b.jsonl, format: chat}'.",
+        "validation take their examples together. `weight` (1): an epoch trains on weight x the dataset's examples "
+        "(2: each twice; 0.5: half of them, the other half the next epoch); with streaming, the share of rows drawn "
+        "from each stream. Flag: --datasets a.jsonl '{dataset: b.jsonl, format: chat, weight: 2}'.",
         "data")
     dataset_config: str | None = _f(None, "Configuration (subset) name of a Hub dataset.", "data")
     split: str = _f("train", "Split to train on (validation: the dataset's own, else held out of it), or a slice "
@@ -432,11 +434,27 @@ def parse_mixture(value: Any) -> list[dict[str, Any]]:
         checked = {}
         for key, v in entry.items():
             try:
-                checked[key] = coerce(key, v)
+                checked[key] = mixture_weight(v) if key == "weight" else coerce(key, v)
             except ValueError as e:
                 raise ValueError(f"entry {i} ({entry['dataset']}): `{key}` {e}") from None
         entries.append(checked)
     return entries
+
+
+def mixture_weight(value: Any) -> float:
+    """A `datasets` entry's `weight`: a positive number (YAML may give it as text).
+
+    >>> mixture_weight("0.5"), mixture_weight(2)
+    (0.5, 2.0)
+    """
+    try:
+        weight = float(value) if not isinstance(value, bool) else math.nan
+    except (TypeError, ValueError):
+        weight = math.nan
+    if not (math.isfinite(weight) and weight > 0):
+        raise ValueError(f"must be a positive number (2: its examples twice an epoch, 0.5: half of them), "
+                         f"got {short(value)}")
+    return weight
 
 
 def coerce(name: str, value: Any) -> Any:
@@ -553,9 +571,11 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
     for key in ("split", "val_split"):
         need(not cfg.streaming or "[" not in (getattr(cfg, key) or ""), key, "is a slice, which needs the data in "
              "memory: a stream is read from its start (drop --streaming, or give a whole split)")
-    need(not cfg.datasets or not cfg.streaming, "datasets", "cannot be streamed yet: mix them in memory (without "
-         "--streaming), or stream one dataset (--dataset)")
     for i, entry in enumerate(cfg.datasets):
+        for key in ("split", "val_split"):
+            need(not cfg.streaming or "[" not in (entry.get(key) or ""), "datasets", f"entry {i} ({entry['dataset']}) "
+                 f"has a slice as its {key}, which needs the data in memory: a stream is read from its start (drop "
+                 f"--streaming, or give a whole split)")
         split, val_split = entry.get("split", cfg.split), entry.get("val_split", cfg.val_split)
         need(val_split is None or val_split != split or bool(cfg.val_dataset), "datasets",
              f"entry {i} ({entry['dataset']}) validates on its training split {split!r}: name another val_split")

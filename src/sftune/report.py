@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict
 
 from sftune.batching import IGNORE_INDEX, collate, length_sorted_batches, padding_efficiency
+from sftune.data.examples import weighted_count
 from sftune.data.pipeline import PreparedData
 
 
@@ -35,15 +36,17 @@ def data_report(
     if packing:
         micro = [b for step in steps for b in step]
         rows = [r for b in micro for r in b]
-        splits["train"]["packed_rows"] = len(rows)
-        splits["train"]["pack_fill_rate"] = int(lengths.sum()) / (len(rows) * max_length)
-        # a micro-batch of packed rows is padded to its fullest row
         real = sum(int(lengths[r].sum()) for b in micro for r in b)
+        splits["train"]["packed_rows"] = len(rows)
+        splits["train"]["pack_fill_rate"] = real / (len(rows) * max_length)
+        # a micro-batch of packed rows is padded to its fullest row
         padded = sum(len(b) * max(int(lengths[r].sum()) for r in b) for b in micro)
         splits["train"]["padding_efficiency"] = real / padded
     else:
         micro = [b for step in steps for b in step]
         splits["train"]["padding_efficiency"] = padding_efficiency(lengths, micro)
+    # (other than `kept` in a weighted mixture)
+    splits["train"]["examples_per_epoch"] = sum(len(r) for b in micro for r in b) if packing else sum(map(len, micro))
     splits["train"]["micro_batches_per_epoch"] = len(micro)
     splits["train"]["optimizer_steps_per_epoch"] = len(steps)
     splits["validation"]["padding_efficiency"] = padding_efficiency(
@@ -66,9 +69,11 @@ def data_report(
         "seconds": round(data.seconds, 3),
         "splits": splits,
         "datasets": [{"dataset": name, "format": part.layout.format, "columns": part.layout.columns,
+                      "weight": weight, "train_per_epoch": weighted_count(len(part.train), weight),
                       "cache": {"path": str(part.cache_path) if part.cache_path else None, "hit": part.from_cache},
                       "splits": {split: asdict(part.stats[split]) for split in ("train", "validation")}}
-                     for name, part in data.parts],  # a mixture's datasets (the splits above: their totals)
+                     for (name, part), weight in zip(data.parts, data.weights or [1.0] * len(data.parts))],
+        # a mixture's datasets (the splits above: their totals)
         "examples": examples,
     }
 
@@ -114,8 +119,10 @@ def format_data_report(report: dict, tokenizer, color: bool = False) -> str:
         )
     for i, part in enumerate(report.get("datasets", []), 1):
         columns = ", ".join(f"{k}={v}" for k, v in part["columns"].items())
+        weighted = (f", weight {part['weight']:g}: {part['train_per_epoch']:,} train examples an epoch"
+                    if part.get("weight", 1) != 1 else "")
         lines.append(f"{i}: {part['dataset']}, format {part['format']} ({columns}), "
-                     f"{'read from cache' if part['cache']['hit'] else 'tokenized'}")
+                     f"{'read from cache' if part['cache']['hit'] else 'tokenized'}{weighted}")
     t = s["train"]
     lines += [
         "(trained: tokens the loss is computed on; untrained: prompt, template and other tokens it never sees)",

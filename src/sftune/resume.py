@@ -19,7 +19,7 @@ from sftune.checkpoint import STATE_FILE
 from sftune.config import SFTConfig
 from sftune.console import log
 from sftune.errors import SftuneError
-from sftune.steps import InMemorySteps, StepSource, plan_steps
+from sftune.steps import InMemorySteps, StepSource, epoch_plan
 
 
 PLAN_KEYS = ("batch_size", "grad_accum", "batch_tokens")  # with the world size, what splits a step's rows
@@ -47,7 +47,7 @@ def check_same_steps(checkpoint: Path, cfg: SFTConfig, steps: StepSource, max_le
     there = f"{saved_world} process(es) x batch {saved['batch_size']} x accum {saved['grad_accum']}"
     then = replace(cfg, **saved)
     same = isinstance(steps, InMemorySteps) and all(
-        [_rows(s) for s in plan_steps(steps.train.lengths, then, max_length, e, saved_world)]
+        [_rows(s) for s in epoch_plan(steps.data, then, max_length, e, saved_world)]
         == [_rows(s) for s in steps.plan(e)] for e in (epoch, epoch + 1))
     if same:
         log(f"resuming a run of {there} as {here}: the same {rows} rows in each step and the same optimizer state; "

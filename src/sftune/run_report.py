@@ -33,6 +33,8 @@ def data_summary(data, dataset: str, max_length: int) -> dict:
                "max_length": max_length, "splits": {name: asdict(split) for name, split in stats.items()}}
     if getattr(data, "parts", None):  # a mixture: each dataset's own layout and counts, the totals above
         summary["datasets"] = [data_summary(part, name, max_length) for name, part in data.parts]
+        for part, weight in zip(summary["datasets"], getattr(data, "weights", None) or []):
+            part["weight"] = weight
     return summary
 
 

@@ -39,6 +39,18 @@ def plan_steps(lengths, cfg: SFTConfig, max_length: int, key: int, world_size: i
     return epoch_steps(lengths, rows, cfg.grad_accum, cfg.seed, key, tokens, cfg.group_by_length)
 
 
+def epoch_plan(data: PreparedData, cfg: SFTConfig, max_length: int, epoch: int, world_size: int = 1) -> list[list]:
+    """`plan_steps` over the examples an epoch trains on: all of them, or a weighted mixture's selection
+    (`PreparedData.epoch_selection`); the steps hold indices into `data.train` either way."""
+    picked = data.epoch_selection(epoch, cfg.seed)
+    if picked is None:
+        return plan_steps(data.train.lengths, cfg, max_length, epoch, world_size)
+    plan = plan_steps(data.train.lengths[picked], cfg, max_length, epoch, world_size)
+    if cfg.packing:  # micro-batches of packed rows, each an array of example indices
+        return [[[picked[row] for row in micro] for micro in step] for step in plan]
+    return [[picked[micro] for micro in step] for step in plan]
+
+
 def check_batch_tokens(cfg: SFTConfig, examples: Examples) -> None:
     longest = int(examples.lengths.max()) if len(examples) else 0
     if cfg.batch_tokens is not None and cfg.batch_tokens < longest:
@@ -104,15 +116,19 @@ class InMemorySteps:
     so `--epochs 1000000 --max-steps 2` plans one epoch, not a million."""
 
     def __init__(self, cfg: SFTConfig, data: PreparedData, max_length: int, pad_id: int, dist: Dist):
-        self.cfg, self.train, self.max_length, self.pad_id, self.dist = cfg, data.train, max_length, pad_id, dist
+        self.cfg, self.data, self.train, self.max_length = cfg, data, data.train, max_length
+        self.pad_id, self.dist = pad_id, dist
         self.padding = EAGER  # (static shapes for graphs and compile: set by `_build`)
         self.validation, self.layout, self.world_size = data.validation, data.layout, dist.world_size
         self.validation_groups = getattr(data, "validation_groups", [])
-        if len(self.train) < cfg.batch_size * cfg.grad_accum * dist.world_size:
+        picked = data.epoch_selection(0, cfg.seed)
+        per_epoch = len(self.train) if picked is None else len(picked)
+        if per_epoch < cfg.batch_size * cfg.grad_accum * dist.world_size:
             ranks = f" x {dist.world_size} ranks" if dist.distributed else ""
-            raise SftuneError(f"the training split has {len(self.train):,} examples after filtering, fewer than one "
-                              f"optimizer step of {cfg.batch_size} x {cfg.grad_accum}{ranks}; lower --batch-size or "
-                              f"--grad-accum, or add data")
+            weighted = "" if picked is None else f" (the datasets' weights give {per_epoch:,} an epoch)"
+            raise SftuneError(f"the training split has {len(self.train):,} examples after filtering{weighted}, fewer "
+                              f"than one optimizer step of {cfg.batch_size} x {cfg.grad_accum}{ranks}; lower "
+                              f"--batch-size or --grad-accum, or add data")
         check_batch_tokens(cfg, self.train)
         self._plans: dict[int, list] = {}
         self.steps_per_epoch = len(self.plan(0))
@@ -120,7 +136,7 @@ class InMemorySteps:
 
     def plan(self, epoch: int) -> list:
         if epoch not in self._plans:
-            self._plans = {epoch: plan_steps(self.train.lengths, self.cfg, self.max_length, epoch,
+            self._plans = {epoch: epoch_plan(self.data, self.cfg, self.max_length, epoch,
                                              self.dist.world_size)}  # keep one epoch's plan
         return self._plans[epoch]
 
@@ -128,7 +144,7 @@ class InMemorySteps:
         """Steps in `epochs` epochs. Only packing and a token cap make epochs differ in length."""
         if not self.cfg.packing and self.cfg.batch_tokens is None:
             return self.steps_per_epoch * epochs
-        return sum(len(plan_steps(self.train.lengths, self.cfg, self.max_length, e, self.dist.world_size))
+        return sum(len(epoch_plan(self.data, self.cfg, self.max_length, e, self.dist.world_size))
                    for e in range(epochs))
 
     def remaining(self, state: TrainState) -> Iterator[Step]:

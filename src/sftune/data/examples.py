@@ -72,6 +72,38 @@ def concat_examples(parts: list[Examples]) -> Examples:
                     np.concatenate([p.supervised for p in parts]).astype(bool, copy=False), offsets)
 
 
+def weighted_count(size: int, weight: float) -> int:
+    """Examples an epoch takes of a dataset of `size` examples at `weight` (rounded half up)."""
+    return int(np.floor(weight * size + 0.5))
+
+
+def weighted_selection(sizes: list[int], weights: list[float], seed: int, epoch: int) -> np.ndarray:
+    """The examples one epoch trains on, of datasets laid end to end (`sizes`), each `weight` times its size
+    (rounded): whole copies for whole weights; otherwise the epoch takes the next stretch of an endless sequence of
+    the dataset's shuffled copies (seeded by seed and copy), so over epochs each example comes as often as any other
+    (0.5: half of them in one epoch, the other half in the next).
+
+    >>> weighted_selection([3, 2], [2, 1], seed=0, epoch=0).tolist()
+    [0, 1, 2, 0, 1, 2, 3, 4]
+    >>> halves = [weighted_selection([4], [0.5], seed=0, epoch=e).tolist() for e in (0, 1)]
+    >>> sorted(halves[0] + halves[1]), len(halves[0])
+    ([0, 1, 2, 3], 2)
+    """
+    picked, start = [], 0
+    for i, (size, weight) in enumerate(zip(sizes, weights)):
+        count = weighted_count(size, weight)
+        if count % max(size, 1) == 0:
+            picked.append(np.tile(np.arange(start, start + size), count // max(size, 1)))
+        else:
+            first, last = epoch * count, (epoch + 1) * count  # this epoch's stretch of the endless sequence
+            copies = [np.random.default_rng([seed, i, c]).permutation(size) for c in range(first // size,
+                                                                                            (last - 1) // size + 1)]
+            offset = first - (first // size) * size
+            picked.append(start + np.concatenate(copies)[offset:offset + count])
+        start += size
+    return np.concatenate(picked).astype(np.int64) if picked else np.zeros(0, dtype=np.int64)
+
+
 def count_targets(examples: Examples) -> int:
     """Tokens the loss is computed on: supervised tokens that have a previous token to predict them from."""
     firsts = examples.supervised[examples.offsets[:-1]].sum() if len(examples) else 0

@@ -17,10 +17,13 @@ import hashlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import numpy as np
+
 from sftune.data.cache import PIPELINE_VERSION, default_cache_dir, entry_path, read_entry, sources_fingerprint, \
     tokenizer_fingerprint, write_entry
 from sftune.console import log
-from sftune.data.examples import Examples, SplitStats, concat_examples, sum_stats
+from sftune.data.examples import Examples, SplitStats, concat_examples, sum_stats, weighted_count, \
+    weighted_selection
 from sftune.data.formats import ROW_COLUMN, Layout, detect_layout, mixture_layout
 from sftune.data.sources import load_rows
 from sftune.data.tokenize import EncodeOptions, chat_template_for, check_end_of_turn, load_chat_template, \
@@ -71,21 +74,32 @@ class PreparedData:
     seconds: float  # wall time of prepare_data
     fingerprint: str | None = None  # the source data's identity (content of local files; the Hub's fingerprint)
     parts: list[tuple[str, PreparedData]] = field(default_factory=list)  # a mixture's datasets, each prepared alone
+    weights: list[float] = field(default_factory=list)  # the parts' `weight`s (1: each example once an epoch)
 
     @property
     def text_column(self) -> str | None:
         return self.layout.columns.get("text")
 
+    def epoch_selection(self, epoch: int, seed: int) -> np.ndarray | None:
+        """The training examples (indices, with repeats) the epoch takes when a mixture's datasets are weighted;
+        None: each example once."""
+        if all(w == 1 for w in self.weights):
+            return None
+        return weighted_selection([len(p.train) for _, p in self.parts], self.weights, seed, epoch)
+
     @property
     def validation_groups(self) -> list[tuple[str, int]]:
-        """A mixture's datasets as (name, validation examples), in the order of `validation` (empty for one
-        dataset, or when a --val-dataset is the whole validation). A name listed twice is numbered."""
-        sizes = [len(p.validation) for _, p in self.parts]
-        if not self.parts or sum(sizes) != len(self.validation):
-            return []
-        names = [name if [n for n, _ in self.parts].count(name) == 1 else f"{name} ({i + 1})"
-                 for i, (name, _) in enumerate(self.parts)]
-        return list(zip(names, sizes))
+        return validation_groups(self.parts, len(self.validation))
+
+
+def validation_groups(parts: list[tuple[str, object]], total: int) -> list[tuple[str, int]]:
+    """A mixture's datasets as (name, validation examples), in the order of the validation (empty for one
+    dataset, or when a --val-dataset of `total` examples is the whole validation). A name listed twice is numbered."""
+    sizes = [len(p.validation) for _, p in parts]
+    if not parts or sum(sizes) != total:
+        return []
+    names = [name if [n for n, _ in parts].count(name) == 1 else f"{name} ({i + 1})" for i, (name, _) in enumerate(parts)]
+    return list(zip(names, sizes))
 
 
 def prepare_data(options: DataOptions, tokenizer) -> PreparedData:
@@ -169,17 +183,22 @@ def prepare_mixture(options: DataOptions, tokenizer) -> PreparedData:
     `val_dataset`, the entries' training splits are used whole and the validation is that dataset alone, read with
     the top-level format and columns (the entries may differ from it and from each other)."""
     start = time.perf_counter()
-    parts = []
+    parts, weights = [], []
     only = "train" if options.val_dataset else None
     for i, entry in enumerate(options.mixture):
+        keys = {k: v for k, v in entry.items() if k != "weight"}
         try:
-            part = prepare_data(replace(options, mixture=(), val_dataset=None, only=only, **entry), tokenizer)
+            part = prepare_data(replace(options, mixture=(), val_dataset=None, only=only, **keys), tokenizer)
         except SftuneError as e:
             raise SftuneError(f"datasets entry {i} ({entry['dataset']}): {e}") from None
-        log(f"data: {i + 1}/{len(options.mixture)} {entry['dataset']}: {len(part.train):,} train / "
+        weight = entry.get("weight", 1.0)
+        weighted = (f" (weight {weight:g}: {weighted_count(len(part.train), weight):,} an epoch)"
+                    if weight != 1 else "")
+        log(f"data: {i + 1}/{len(options.mixture)} {entry['dataset']}: {len(part.train):,} train{weighted} / "
             f"{len(part.validation):,} validation examples, format {part.layout.describe()} "
             f"({'from cache' if part.from_cache else 'tokenized'} in {part.seconds:.1f}s)")
         parts.append((entry["dataset"], part))
+        weights.append(weight)
     validated = [p for _, p in parts]
     if options.val_dataset:  # read with the top-level format and columns, as a dataset of its own
         held = prepare_data(replace(options, mixture=(), dataset=options.val_dataset, val_dataset=None,
@@ -195,4 +214,4 @@ def prepare_mixture(options: DataOptions, tokenizer) -> PreparedData:
                                  + (f"|validation={validated[0].fingerprint}".encode() if options.val_dataset else b"")
                                  ).hexdigest()
     return PreparedData(train, validation, stats, mixture_layout([p.layout for _, p in parts]), None,
-                        all(p.from_cache for _, p in parts), time.perf_counter() - start, fingerprint, parts)
+                        all(p.from_cache for _, p in parts), time.perf_counter() - start, fingerprint, parts, weights)

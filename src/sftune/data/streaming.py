@@ -16,18 +16,19 @@ validation split, else the first `stream_val_rows` rows, which training skips.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
 import numpy as np
 
 from sftune.console import log
 from sftune.data.cache import sources_fingerprint
-from sftune.data.examples import Examples, SplitStats
-from sftune.data.formats import CHAT_COLUMNS, ROW_COLUMN, Layout, detect_layout
-from sftune.data.pipeline import DataOptions
+from sftune.data.examples import Examples, SplitStats, concat_examples, sum_stats
+from sftune.data.formats import CHAT_COLUMNS, ROW_COLUMN, Layout, detect_layout, mixture_layout
+from sftune.data.pipeline import DataOptions, prepare_data, validation_groups
 from sftune.data.sources import open_stream, rows_to_validate_on, validation_split
 from sftune.data.tokenize import check_end_of_turn, load_chat_template, tokenize_split, warn_about
 from sftune.errors import SftuneError
@@ -42,6 +43,8 @@ class StreamPosition:
     rows: int = 0  # training rows read before the current chunk
     chunk: int = 0  # index of the current chunk in the epoch
     steps_done: int = 0  # optimizer steps of the current chunk already taken
+    streams: list[int] | None = None  # (several datasets) rows read from each stream before the current chunk
+    ended: list[bool] | None = None  # (several datasets) the streams found empty before the current chunk
 
 
 def table(rows: list[dict], layout: Layout):
@@ -69,7 +72,11 @@ class StreamedData:
         if split not in streams:
             raise SftuneError(f"dataset {dataset} has no {split!r} split (it has: {', '.join(streams)}); set --split")
         numbered = streams[split].map(lambda _, i: {ROW_COLUMN: i}, with_indices=True)
-        if options.val_dataset is not None:  # (read whole, as a validation split is)
+        self.held_out = False  # (validating on the stream's first rows)
+        if options.only == "train":  # (a mixture's stream, validated on a --val-dataset of its own)
+            val_rows_list, val_name = [], None
+            self.train_stream = numbered
+        elif options.val_dataset is not None:  # (read whole, as a validation split is)
             validation, val_name = rows_to_validate_on(options.val_dataset, options.val_split)
             val_rows_list = list(validation)
             self.train_stream = numbered
@@ -79,30 +86,33 @@ class StreamedData:
         else:
             val_rows_list = list(itertools.islice(numbered, val_rows))
             self.train_stream = numbered.skip(len(val_rows_list))
+            self.held_out = True
             log(f"data: streaming {dataset} with no validation split: its first {len(val_rows_list):,} rows are "
                 f"held out for validation (--stream-val-rows)")
-        if not val_rows_list:
+        if not val_rows_list and options.only != "train":
             raise SftuneError(f"dataset {dataset} has no rows to validate on (--dataset)")
-        self.layout: Layout = detect_layout(datasets.Dataset.from_list(val_rows_list[:100]).features, options.format,
+        sample = val_rows_list[:100] or list(itertools.islice(numbered, 100))
+        if not sample:
+            raise SftuneError(f"dataset {dataset} has no rows in its {split!r} split (--dataset, --split)")
+        self.layout: Layout = detect_layout(datasets.Dataset.from_list(sample).features, options.format,
                                             options.columns, options.text_column)
-        validation_rows = table(val_rows_list, self.layout)
         self.template = None
         if self.layout.is_chat:
             self.template = load_chat_template(tokenizer)
             check_end_of_turn(self.template)
         self.tokenizer, self.options, self.seed, self.split = tokenizer, options.encode, options.seed, split
-        self.validation, self.validation_stats = tokenize_split(
-            validation_rows, tokenizer, self.layout, self.options, self.template, source=val_name or split)
-        warn_about({"validation": self.validation_stats}, self.layout, self.options)  # train chunks are like it
-        if len(self.validation) == 0:
+        self.validation, self.validation_stats = self.chunk(val_rows_list, source=val_name or split)
+        if val_rows_list:
+            warn_about({"validation": self.validation_stats}, self.layout, self.options)  # train chunks are like it
+        if len(self.validation) == 0 and options.only != "train":
             raise SftuneError(f"no validation example is left after filtering ({self.validation_stats.dropped}); "
                               f"check --min-tokens, --max-length and --format")
 
-    def chunk(self, rows: list[dict]) -> tuple[Examples, SplitStats]:
+    def chunk(self, rows: list[dict], source: str | None = None) -> tuple[Examples, SplitStats]:
         if not rows:
             return Examples.from_lists([]), SplitStats()
         return tokenize_split(table(rows, self.layout), self.tokenizer, self.layout, self.options,
-                              self.template, source=self.split)
+                              self.template, source=source or self.split)
 
     def steps(self, epoch: int, position: StreamPosition, chunk_rows: int,
               plan: Callable[[np.ndarray, int], list]) -> Iterator[tuple[Examples, list, StreamPosition]]:
@@ -129,3 +139,91 @@ class StreamedData:
         stream.set_epoch(epoch)
         return stream
 
+
+
+class MixedStreams:
+    """Several datasets streamed together (`datasets` with `--streaming`). Each is a `StreamedData` of its own (its
+    format, columns, shuffle buffer and validation); each chunk's rows are drawn from the streams at random, in
+    proportion to their `weight`s (equal shares by default), seeded by (seed, epoch, chunk). A stream that runs out
+    drops out of the draw; the epoch ends when all have. Each stream's rows are tokenized by its own part, and the
+    chunk's examples are then cut into steps together. A checkpoint records the rows read from each stream."""
+
+    def __init__(self, options: DataOptions, tokenizer):
+        self.parts: list[tuple[str, StreamedData]] = []
+        self.weights: list[float] = []
+        only = "train" if options.val_dataset else None
+        for i, entry in enumerate(options.mixture):
+            keys = {k: v for k, v in entry.items() if k != "weight"}
+            try:
+                part = StreamedData(replace(options, mixture=(), val_dataset=None, only=only, **keys), tokenizer)
+            except SftuneError as e:
+                raise SftuneError(f"datasets entry {i} ({entry['dataset']}): {e}") from None
+            log(f"data: {i + 1}/{len(options.mixture)} streaming {entry['dataset']} ({part.split}), weight "
+                f"{entry.get('weight', 1.0):g}, {len(part.validation):,} validation examples, format "
+                f"{part.layout.describe()}")
+            self.parts.append((entry["dataset"], part))
+            self.weights.append(entry.get("weight", 1.0))
+        validated = [(part.validation, part.validation_stats) for _, part in self.parts]
+        prints = [part.fingerprint for _, part in self.parts]
+        if options.val_dataset:  # read with the top-level format and columns, as a dataset of its own
+            held = prepare_data(replace(options, mixture=(), dataset=options.val_dataset, val_dataset=None,
+                                        only="validation"), tokenizer)
+            validated, prints = [(held.validation, held.stats["validation"])], prints + [held.fingerprint]
+        self.validation = concat_examples([examples for examples, _ in validated])
+        self.validation_stats = sum_stats([stats for _, stats in validated], self.validation.lengths)
+        self.validation_groups = validation_groups(self.parts, len(self.validation))
+        self.layout = mixture_layout([part.layout for _, part in self.parts])
+        self.fingerprint = None if None in prints else hashlib.sha256("|".join(prints).encode()).hexdigest()
+        self.seed, self.warned = options.seed, set()
+
+    def steps(self, epoch: int, position: StreamPosition, chunk_rows: int,
+              plan: Callable[[np.ndarray, int], list]) -> Iterator[tuple[Examples, list, StreamPosition]]:
+        """As `StreamedData.steps`, over the streams drawn together."""
+        counts = list(position.streams or [0] * len(self.parts))
+        ended = list(position.ended or [False] * len(self.parts))
+        rows_iters = [iter(part.shuffled(epoch, chunk_rows).skip(n) if n else part.shuffled(epoch, chunk_rows))
+                      for (_, part), n in zip(self.parts, counts)]
+        chunk, skip = position.chunk, position.steps_done
+        while True:
+            before = StreamPosition(sum(counts), chunk, 0, list(counts), list(ended))
+            drawn = self._draw(rows_iters, counts, ended, chunk_rows, epoch, chunk)
+            if not any(drawn):
+                return
+            examples = self._tokenize(drawn)
+            steps = plan(examples.lengths, epoch * 1_000_000 + chunk) if len(examples) else []
+            for j in range(skip, len(steps)):
+                yield examples, steps[j], replace(before, steps_done=j + 1)
+            chunk, skip = chunk + 1, 0
+
+    def _draw(self, rows_iters: list, counts: list[int], ended: list[bool], chunk_rows: int, epoch: int,
+              chunk: int) -> list[list[dict]]:
+        """A chunk's rows, per stream: `chunk_rows` draws (fewer once every stream has ended), each from a stream
+        picked by weight among those not ended; `counts` and `ended` are updated."""
+        rng = np.random.default_rng([self.seed, epoch, chunk])
+        drawn: list[list[dict]] = [[] for _ in self.parts]
+        weights = np.asarray(self.weights)
+        while sum(map(len, drawn)) < chunk_rows and not all(ended):
+            live = np.where(ended, 0.0, weights)
+            i = int(rng.choice(len(live), p=live / live.sum()))
+            row = next(rows_iters[i], None)
+            if row is None:
+                ended[i] = True
+                if counts[i] == 0 and epoch == 0 and chunk == 0 and i not in self.warned:
+                    self.warned.add(i)
+                    log(f"warning: datasets entry {i} ({self.parts[i][0]}) streams no training rows"
+                        f"{' (its first --stream-val-rows rows are its validation)' if self.parts[i][1].held_out else ''}")
+                continue
+            drawn[i].append(row)
+            counts[i] += 1
+        return drawn
+
+    def _tokenize(self, drawn: list[list[dict]]) -> Examples:
+        return concat_examples([part.chunk(rows)[0] for (_, part), rows in zip(self.parts, drawn)])
+
+    def first_chunk(self, chunk_rows: int) -> tuple[Examples, SplitStats]:
+        """The first chunk of the first epoch, tokenized (what `sftune data --streaming` reports on)."""
+        rows_iters = [iter(part.shuffled(0, chunk_rows)) for _, part in self.parts]
+        drawn = self._draw(rows_iters, [0] * len(self.parts), [False] * len(self.parts), chunk_rows, 0, 0)
+        tokenized = [part.chunk(rows) for (_, part), rows in zip(self.parts, drawn)]
+        examples = concat_examples([ex for ex, _ in tokenized])
+        return examples, sum_stats([stats for _, stats in tokenized], examples.lengths)
