@@ -104,6 +104,61 @@ def test_warmup_ratio_and_adams_settings(tmp_path, small_model_dir, capsys):
     assert tuple(group["betas"]) == (0.9, 0.95) and group["eps"] == 1e-6
 
 
+def test_lr_schedules_decay_to_min_lr_ratio():
+    """Each step's learning rate: linear and cosine end at min_lr_ratio x lr (0: as transformers' own linear and
+    cosine); wsd holds lr after warm-up, then decays over the last decay_ratio of the steps."""
+    import math
+
+    import torch
+    from transformers import get_scheduler
+
+    from sftune.build import build_scheduler
+    from sftune.config import resolve_config
+
+    def walk(make, total):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-2)
+        scheduler, seen = make(optimizer), []
+        for _ in range(total + 1):
+            seen.append(scheduler.get_last_lr()[0])
+            optimizer.step()
+            scheduler.step()
+        return seen
+
+    def lrs(total=10, warmup=2, **keys):
+        return walk(lambda opt: build_scheduler(resolve_config({"lr": 1e-2, **keys}), opt, warmup, total), total)
+
+    def theirs(name, total=10, warmup=2):
+        return walk(lambda opt: get_scheduler(name, opt, num_warmup_steps=warmup, num_training_steps=total), total)
+
+    assert lrs(lr_schedule="linear") == theirs("linear") and lrs(lr_schedule="cosine") == theirs("cosine")
+    linear = lrs(lr_schedule="linear", min_lr_ratio=0.1)
+    assert linear[:3] == pytest.approx([0, 5e-3, 1e-2]) and linear[-1] == pytest.approx(1e-3)
+    assert linear[6] == pytest.approx(1e-3 + 9e-3 * 4 / 8)  # a straight line from lr to the floor
+    cosine = lrs(lr_schedule="cosine", min_lr_ratio=0.1)
+    assert cosine[-1] == pytest.approx(1e-3) and cosine[6] == pytest.approx(1e-3 + 9e-3 * 0.5)
+    wsd = lrs(total=20, lr_schedule="wsd", decay_ratio=0.2, min_lr_ratio=0.1)  # decay: the last 4 steps
+    assert wsd[2:17] == pytest.approx([1e-2] * 15) and wsd[-1] == pytest.approx(1e-3)
+    assert wsd[18] == pytest.approx(1e-3 + 9e-3 * 0.5 * (1 + math.cos(math.pi * 2 / 4)))
+    assert lrs(total=20, lr_schedule="wsd")[-1] == 0  # (min_lr_ratio 0: down to 0)
+
+
+def test_schedule_mistakes_are_named(tmp_path, small_model_dir, capsys):
+    out = tmp_path / "run"
+    base = ("train", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA), "--output-dir", str(out))
+    for flags, message in (
+            (("--min-lr-ratio", "0.1"), "min_lr_ratio = 0.1: is 0.1, but lr_schedule constant does not decay; choose "
+                                        "--lr-schedule linear, cosine or wsd"),
+            (("--lr-schedule", "wsd", "--decay-ratio", "0"), "decay_ratio = 0.0: must be above 0 and at most 1"),
+            (("--lr-schedule", "cosine", "--min-lr-ratio", "1"), "min_lr_ratio = 1.0: must be at least 0 and below 1"),
+            (("--lr-schedule", "wsd", "--max-steps", "10", "--warmup-steps", "9", "--decay-ratio", "0.2"),
+             "lr_schedule wsd: 9 warm-up and 2 decay steps (decay_ratio 0.2) do not fit the run's 10 steps; lower "
+             "--warmup-steps or --decay-ratio")):
+        code, _, err = run_main(capsys, *base, *flags)
+        assert code == 2 and "Traceback" not in err, err
+        assert message in err, err
+        assert not (out / "checkpoints").exists() and not (out / "model.safetensors").exists()
+
+
 def test_eval_and_data_stream_without_max_steps(small_model_dir, capsys):
     """--streaming needs --max-steps to train (the schedule's end), not to evaluate or report."""
     from conftest import QUICKSTART_DATA

@@ -43,7 +43,6 @@ from sftune.runtime import resolve_precision, seed_everything, untested_versions
 from sftune.shards import holds_whole_model
 from sftune.steps import InMemorySteps, StepSource, StreamedSteps
 
-SCHEDULES = {"constant": "constant_with_warmup", "linear": "linear", "cosine": "cosine"}
 
 
 # --- tokenizer and data ------------------------------------------------------------
@@ -152,6 +151,30 @@ def build_data(cfg: SFTConfig, tokenizer, model_config, dist: Dist | None = None
 def warmup_steps(cfg: SFTConfig, total_steps: int) -> int:
     """`warmup_steps`, or `warmup_ratio` of the run's steps rounded up (the HF Trainer's rule)."""
     return math.ceil(cfg.warmup_ratio * total_steps) if cfg.warmup_ratio is not None else cfg.warmup_steps
+
+
+def build_scheduler(cfg: SFTConfig, optimizer, warmup: int, total_steps: int):
+    """transformers' schedule for `lr_schedule`: linear warm-up over `warmup` steps, then constant, a linear or
+    cosine decay to `min_lr_ratio` x lr at `total_steps`, or wsd: constant, then a cosine decay to it over the last
+    `decay_ratio` of the steps."""
+    from transformers import get_scheduler
+
+    name, extra, floor = cfg.lr_schedule, {}, cfg.min_lr_ratio
+    if name == "constant":
+        name = "constant_with_warmup"
+    elif name == "linear" and floor:  # (a linear decay that ends above 0: polynomial of power 1)
+        name, extra = "polynomial", {"lr_end": floor * cfg.lr, "power": 1.0}
+    elif name == "cosine" and floor:
+        name, extra = "cosine_with_min_lr", {"min_lr_rate": floor}
+    elif name == "wsd":
+        decay = math.ceil(cfg.decay_ratio * total_steps)
+        if warmup + decay > total_steps:
+            raise SftuneError(f"lr_schedule wsd: {warmup} warm-up and {decay} decay steps (decay_ratio "
+                              f"{cfg.decay_ratio:g}) do not fit the run's {total_steps:,} steps; lower --warmup-steps "
+                              f"or --decay-ratio")
+        name, extra = "warmup_stable_decay", {"num_decay_steps": decay, "min_lr_ratio": floor}  # (stable: the rest)
+    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
+                         scheduler_specific_kwargs=extra)
 
 
 def param_groups(model, weight_decay: float, lr: float, b_ratio: float | None = None) -> list[dict]:
@@ -339,11 +362,8 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
                                   fused=dist.device.type in ("cpu", "cuda"))
     optimizer.register_step_post_hook(loss_model.forget_cast)  # the weights changed: recast the head next time
-    from transformers import get_scheduler
-
     warmup = warmup_steps(cfg, steps.total_steps)
-    scheduler = get_scheduler(SCHEDULES[cfg.lr_schedule], optimizer, num_warmup_steps=warmup,
-                              num_training_steps=steps.total_steps)
+    scheduler = build_scheduler(cfg, optimizer, warmup, steps.total_steps)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=precision == "fp16")  # loss scaling only for fp16
     lora_args = (adapter, base) if adapter is not None else ()  # (the adapter kinds write the adapter and its base)
     checkpointer: Checkpointer = kind(out / "checkpoints", dist, tokenizer, config_yaml, cfg.keep_last,
@@ -360,7 +380,9 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     if warmup > steps.total_steps:
         log(f"warning: warmup_steps {warmup} is longer than the run ({steps.total_steps:,} steps): the "
             f"learning rate never reaches --lr {cfg.lr:g}; lower --warmup-steps")
-    log(f"training: {describe_plan(cfg, steps, max_length)}, lr {cfg.lr:g} ({cfg.lr_schedule}, "
+    decays = (f" to {cfg.min_lr_ratio:g} x lr" if cfg.min_lr_ratio else "") + \
+        (f" over the last {math.ceil(cfg.decay_ratio * steps.total_steps):,} steps" if cfg.lr_schedule == "wsd" else "")
+    log(f"training: {describe_plan(cfg, steps, max_length)}, lr {cfg.lr:g} ({cfg.lr_schedule}{decays}, "
         f"{warmup} warm-up{f' = ceil({cfg.warmup_ratio:g} x {steps.total_steps:,})' if cfg.warmup_ratio else ''}), "
         f"output {out}")
     log(f"loss: {'output projection fused with cross-entropy, ' if loss_model.fused else ''}token-weighted over "

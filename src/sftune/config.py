@@ -35,7 +35,7 @@ def template_on_the_hub(value: str) -> bool:
 
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Overlong = Literal["truncate", "drop", "error"]
-Schedule = Literal["constant", "linear", "cosine"]
+Schedule = Literal["constant", "linear", "cosine", "wsd"]
 Init = Literal["pretrained", "random"]
 Device = Literal["auto", "cpu", "cuda"]
 Format = Literal["auto", "text", "prompt_completion", "chat", "chat_prompt_completion"]
@@ -191,7 +191,14 @@ class SFTConfig:
     )
     lr: float = _f(5e-5, "Peak learning rate of AdamW.", "train")
     weight_decay: float = _f(0.0, "AdamW weight decay (the seed uses 0).", "train")
-    lr_schedule: Schedule = _f("constant", "Learning-rate schedule after warm-up.", "train")
+    lr_schedule: Schedule = _f(
+        "constant", "Learning-rate schedule after warm-up: constant; linear or cosine decay to min_lr_ratio x lr at the "
+        "run's end; wsd (warm-up, stable, decay: constant, then a cosine decay over the last decay_ratio of the run).",
+        "train")
+    min_lr_ratio: float = _f(0.0, "Where linear, cosine and wsd decay to, as a fraction of lr (0.1: lr / 10; "
+                             "Axolotl's cosine_min_lr_ratio, TRL's cosine_with_min_lr).", "train")
+    decay_ratio: float = _f(0.1, "wsd: the fraction of the run's optimizer steps, at its end, over which the learning "
+                            "rate decays (rounded up).", "train")
     warmup_steps: int = _f(0, "Optimizer steps of linear warm-up from 0 to lr.", "train")
     warmup_ratio: float | None = _f(
         None, "Warm-up as a fraction of the run's optimizer steps, rounded up (as in the HF Trainer; 0.03 is common); "
@@ -539,6 +546,10 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
          "e.g. 0.03, or null")
     need(cfg.warmup_ratio is None or cfg.warmup_steps == 0, "warmup_ratio", "is set with warmup_steps "
          f"{cfg.warmup_steps}: set one of them (warmup_steps 0, --warmup-steps 0, to warm up by the ratio)")
+    need(0 <= cfg.min_lr_ratio < 1, "min_lr_ratio", "must be at least 0 and below 1, e.g. 0.1")
+    need(cfg.min_lr_ratio == 0 or cfg.lr_schedule != "constant", "min_lr_ratio", f"is {cfg.min_lr_ratio:g}, but "
+         "lr_schedule constant does not decay; choose --lr-schedule linear, cosine or wsd, or leave min_lr_ratio 0")
+    need(0 < cfg.decay_ratio <= 1, "decay_ratio", "must be above 0 and at most 1, e.g. 0.1 (the last tenth of the run)")
     for key in ("adam_beta1", "adam_beta2"):
         need(0 <= getattr(cfg, key) < 1, key, "must be at least 0 and below 1")
     need(math.isfinite(cfg.adam_epsilon) and cfg.adam_epsilon > 0, "adam_epsilon", "must be a positive number, e.g. "
