@@ -166,3 +166,11 @@ def test_a_streamed_mixture_resumes_exactly_after_sigterm(small_model_dir, tmp_p
     losses = [[(r["step"], r["loss"]) for r in read_jsonl(o / "metrics.jsonl") if r["type"] == "train"]
               for o in (full, out)]
     assert losses[0] == losses[1] and len(losses[0]) == 110
+
+    code, report, err = run_main(capsys, "data", "--config", str(out / "config.yaml"), "--json")  # the first chunk
+    assert code == 0, err
+    report = json.loads(report)
+    parts = [(d["weight"], d["train_per_epoch"], d["splits"]["train"]["kept"], d["splits"]["validation"]["kept"])
+             for d in report["datasets"]]
+    assert parts == [(2.0, None, 30, 10), (1.0, None, 34, 10)]  # a's 30 rows ran out in the chunk's 64 draws
+    assert report["splits"]["train"]["kept"] == 64 and report["streaming"]

@@ -238,16 +238,26 @@ def cmd_data(args) -> None:
     if cfg.streaming:  # report on the validation split and the stream's first chunk
         from sftune.batching import chunk_rows_for
         from sftune.data import PreparedData
+        from sftune.data.examples import concat_examples, sum_stats
 
-        start = time.perf_counter()
-        train, train_stats = data.first_chunk(chunk_rows_for(cfg.batch_size, cfg.grad_accum))
-        data = PreparedData(train, data.validation, {"train": train_stats, "validation": data.validation_stats},
-                            data.layout, None, False, time.perf_counter() - start)
+        start, chunk_rows = time.perf_counter(), chunk_rows_for(cfg.batch_size, cfg.grad_accum)
+        streamed, parts = data, []
+        if cfg.datasets:  # each stream's rows of the first chunk, beside its validation
+            for (name, part), (train, stats) in zip(streamed.parts, streamed.first_chunks(chunk_rows)):
+                parts.append((name, PreparedData(train, part.validation, {"train": stats, "validation":
+                                                 part.validation_stats}, part.layout, None, False, 0.0)))
+            train = concat_examples([p.train for _, p in parts])
+            train_stats = sum_stats([p.stats["train"] for _, p in parts], train.lengths)
+        else:
+            train, train_stats = streamed.first_chunk(chunk_rows)
+        data = PreparedData(train, streamed.validation, {"train": train_stats, "validation": streamed.validation_stats},
+                            streamed.layout, None, False, time.perf_counter() - start, parts=parts,
+                            weights=getattr(streamed, "weights", []))
         log(f"data: streaming: 'train' below is the stream's first chunk ({train_stats.rows:,} rows)")
     steps = epoch_plan(data, cfg, max_length, 0)  # the first epoch, as training plans it
     report = data_report(data, cfg.data_name, max_length, cfg.batch_size, cfg.grad_accum,
                          cfg.eval_batch_size or cfg.batch_size, steps, cfg.batch_tokens, cfg.group_by_length,
-                         cfg.packing, show=args.show)
+                         cfg.packing, show=args.show, streaming=cfg.streaming)
     print(json.dumps(report, indent=2) if args.json else format_data_report(report, tokenizer, color=sys.stdout.isatty()))
 
 

@@ -22,6 +22,7 @@ def data_report(
     group_by_length: bool = True,
     packing: bool = False,
     show: int = 0,
+    streaming: bool = False,
 ) -> dict:
     """A JSON-ready summary of a prepared dataset, with the first `show` training examples
     as they are batched (`labels` is IGNORE_INDEX where a token is not trained on).
@@ -65,11 +66,12 @@ def data_report(
         "batch_tokens": batch_tokens,
         "group_by_length": group_by_length,
         "packing": packing,
+        "streaming": streaming,
         "cache": {"path": str(data.cache_path) if data.cache_path else None, "hit": data.from_cache},
         "seconds": round(data.seconds, 3),
         "splits": splits,
         "datasets": [{"dataset": name, "format": part.layout.format, "columns": part.layout.columns,
-                      "weight": weight, "train_per_epoch": weighted_count(len(part.train), weight),
+                      "weight": weight, "train_per_epoch": None if streaming else weighted_count(len(part.train), weight),
                       "cache": {"path": str(part.cache_path) if part.cache_path else None, "hit": part.from_cache},
                       "splits": {split: asdict(part.stats[split]) for split in ("train", "validation")}}
                      for (name, part), weight in zip(data.parts, data.weights or [1.0] * len(data.parts))],
@@ -119,8 +121,9 @@ def format_data_report(report: dict, tokenizer, color: bool = False) -> str:
         )
     for i, part in enumerate(report.get("datasets", []), 1):
         columns = ", ".join(f"{k}={v}" for k, v in part["columns"].items())
-        weighted = (f", weight {part['weight']:g}: {part['train_per_epoch']:,} train examples an epoch"
-                    if part.get("weight", 1) != 1 else "")
+        weighted = ("" if part.get("weight", 1) == 1 else f", weight {part['weight']:g} (its share of the rows drawn)"
+                    if part.get("train_per_epoch") is None else
+                    f", weight {part['weight']:g}: {part['train_per_epoch']:,} train examples an epoch")
         lines.append(f"{i}: {part['dataset']}, format {part['format']} ({columns}), "
                      f"{'read from cache' if part['cache']['hit'] else 'tokenized'}{weighted}")
     t = s["train"]

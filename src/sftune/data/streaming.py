@@ -220,10 +220,9 @@ class MixedStreams:
     def _tokenize(self, drawn: list[list[dict]]) -> Examples:
         return concat_examples([part.chunk(rows)[0] for (_, part), rows in zip(self.parts, drawn)])
 
-    def first_chunk(self, chunk_rows: int) -> tuple[Examples, SplitStats]:
-        """The first chunk of the first epoch, tokenized (what `sftune data --streaming` reports on)."""
+    def first_chunks(self, chunk_rows: int) -> list[tuple[Examples, SplitStats]]:
+        """The first chunk of the first epoch: each stream's rows in it, tokenized by its part (what `sftune data
+        --streaming` reports on)."""
         rows_iters = [iter(part.shuffled(0, chunk_rows)) for _, part in self.parts]
         drawn = self._draw(rows_iters, [0] * len(self.parts), [False] * len(self.parts), chunk_rows, 0, 0)
-        tokenized = [part.chunk(rows) for (_, part), rows in zip(self.parts, drawn)]
-        examples = concat_examples([ex for ex, _ in tokenized])
-        return examples, sum_stats([stats for _, stats in tokenized], examples.lengths)
+        return [part.chunk(rows) for (_, part), rows in zip(self.parts, drawn)]
