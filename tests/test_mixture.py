@@ -166,6 +166,8 @@ def test_datasets_config():
     assert resolve_config({"datasets": ["a.jsonl"]}, {"dataset": "x.jsonl"}).data_name == "x.jsonl"
     problems = {
         "unknown key `path` (did you mean `dataset`?)": {"datasets": [{"path": "a.jsonl"}]},
+        "entry 0: unknown key `dataset:b.jsonl`: YAML needs a space after each colon, e.g. {dataset: b.jsonl}":
+            {"datasets": ["{dataset:b.jsonl,weight:0.5}"]},
         "entry 1 (b): `format` must be one of": {"datasets": ["a", {"dataset": "b", "format": "chatml"}]},
         "entry 0: names no `dataset`": {"datasets": [{"split": "train"}]},
         "`dataset` and `datasets` are both set": {"dataset": "x", "datasets": ["a"]},

@@ -433,6 +433,10 @@ def parse_mixture(value: Any) -> list[dict[str, Any]]:
         unknown = [k for k in entry if k not in MIXTURE_KEYS]
         if unknown:
             name = short(str(unknown[0]))[1:-1]
+            if ":" in name:  # {dataset:b.jsonl}: YAML reads a colon without a space after it as part of a key
+                key, _, value = name.partition(":")
+                raise ValueError(f"entry {i}: unknown key `{name}`: YAML needs a space after each colon, e.g. "
+                                 f"{{{key}: {value}}}")
             close = ["dataset"] if name in ("path", "name") else difflib.get_close_matches(name, MIXTURE_KEYS, n=1)
             raise ValueError(f"entry {i}: unknown key `{name}`{f' (did you mean `{close[0]}`?)' if close else ''}; "
                              f"an entry may set {', '.join(MIXTURE_KEYS)}")
