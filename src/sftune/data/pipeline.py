@@ -16,6 +16,7 @@ import time
 import hashlib
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -177,6 +178,19 @@ def prepare_data(options: DataOptions, tokenizer) -> PreparedData:
                         source)
 
 
+def mixture_entries(options: DataOptions, make: Callable[[DataOptions], object]) -> Iterator[tuple]:
+    """(index, dataset, weight, `make(its options)`) for each of a mixture's datasets, made as if alone (with a
+    `val_dataset`: its training split whole); an error in one names it."""
+    only = "train" if options.val_dataset else None
+    for i, entry in enumerate(options.mixture):
+        keys = {k: v for k, v in entry.items() if k != "weight"}
+        try:
+            part = make(replace(options, mixture=(), val_dataset=None, only=only, **keys))
+        except SftuneError as e:
+            raise SftuneError(f"datasets entry {i} ({entry['dataset']}): {e}") from None
+        yield i, entry["dataset"], entry.get("weight", 1.0), part
+
+
 def prepare_mixture(options: DataOptions, tokenizer) -> PreparedData:
     """Several datasets trained together (`options.mixture`): each prepared (read, formatted, held out, cached) as
     `prepare_data` prepares one, under its entry's keys; then their examples concatenated, split by split. With
@@ -184,20 +198,13 @@ def prepare_mixture(options: DataOptions, tokenizer) -> PreparedData:
     the top-level format and columns (the entries may differ from it and from each other)."""
     start = time.perf_counter()
     parts, weights = [], []
-    only = "train" if options.val_dataset else None
-    for i, entry in enumerate(options.mixture):
-        keys = {k: v for k, v in entry.items() if k != "weight"}
-        try:
-            part = prepare_data(replace(options, mixture=(), val_dataset=None, only=only, **keys), tokenizer)
-        except SftuneError as e:
-            raise SftuneError(f"datasets entry {i} ({entry['dataset']}): {e}") from None
-        weight = entry.get("weight", 1.0)
+    for i, name, weight, part in mixture_entries(options, lambda entry: prepare_data(entry, tokenizer)):
         weighted = (f" (weight {weight:g}: {weighted_count(len(part.train), weight):,} an epoch)"
                     if weight != 1 else "")
-        log(f"data: {i + 1}/{len(options.mixture)} {entry['dataset']}: {len(part.train):,} train{weighted} / "
+        log(f"data: {i + 1}/{len(options.mixture)} {name}: {len(part.train):,} train{weighted} / "
             f"{len(part.validation):,} validation examples, format {part.layout.describe()} "
             f"({'from cache' if part.from_cache else 'tokenized'} in {part.seconds:.1f}s)")
-        parts.append((entry["dataset"], part))
+        parts.append((name, part))
         weights.append(weight)
     validated = [p for _, p in parts]
     if options.val_dataset:  # read with the top-level format and columns, as a dataset of its own

@@ -28,7 +28,7 @@ from sftune.console import log
 from sftune.data.cache import sources_fingerprint
 from sftune.data.examples import Examples, SplitStats, concat_examples, sum_stats
 from sftune.data.formats import CHAT_COLUMNS, ROW_COLUMN, Layout, detect_layout, mixture_layout
-from sftune.data.pipeline import DataOptions, prepare_data, validation_groups
+from sftune.data.pipeline import DataOptions, mixture_entries, prepare_data, validation_groups
 from sftune.data.sources import open_stream, rows_to_validate_on, validation_split
 from sftune.data.tokenize import check_end_of_turn, load_chat_template, tokenize_split, warn_about
 from sftune.errors import SftuneError
@@ -151,18 +151,11 @@ class MixedStreams:
     def __init__(self, options: DataOptions, tokenizer):
         self.parts: list[tuple[str, StreamedData]] = []
         self.weights: list[float] = []
-        only = "train" if options.val_dataset else None
-        for i, entry in enumerate(options.mixture):
-            keys = {k: v for k, v in entry.items() if k != "weight"}
-            try:
-                part = StreamedData(replace(options, mixture=(), val_dataset=None, only=only, **keys), tokenizer)
-            except SftuneError as e:
-                raise SftuneError(f"datasets entry {i} ({entry['dataset']}): {e}") from None
-            log(f"data: {i + 1}/{len(options.mixture)} streaming {entry['dataset']} ({part.split}), weight "
-                f"{entry.get('weight', 1.0):g}, {len(part.validation):,} validation examples, format "
-                f"{part.layout.describe()}")
-            self.parts.append((entry["dataset"], part))
-            self.weights.append(entry.get("weight", 1.0))
+        for i, name, weight, part in mixture_entries(options, lambda entry: StreamedData(entry, tokenizer)):
+            log(f"data: {i + 1}/{len(options.mixture)} streaming {name} ({part.split}), weight {weight:g}, "
+                f"{len(part.validation):,} validation examples, format {part.layout.describe()}")
+            self.parts.append((name, part))
+            self.weights.append(weight)
         validated = [(part.validation, part.validation_stats) for _, part in self.parts]
         prints = [part.fingerprint for _, part in self.parts]
         if options.val_dataset:  # read with the top-level format and columns, as a dataset of its own
