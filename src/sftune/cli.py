@@ -71,7 +71,7 @@ def add_config_flags(parser: argparse.ArgumentParser, keys: set[str] | None = No
         elif typing.get_origin(base) is Literal:
             kwargs["metavar"] = "{" + ",".join(typing.get_args(base)) + "}"
         else:
-            kwargs["metavar"] = name.split("_")[-1].upper()
+            kwargs["metavar"] = "REPO_ID" if name == "push_to_hub" else name.split("_")[-1].upper()
         groups[f.metadata["group"]].add_argument(flag, help=help_text.replace("%", "%%"), **kwargs)  # (argparse's %)
 
 
@@ -163,6 +163,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", metavar="FILE", help="where to write the page [default: RUN_DIR/report.html for one "
                    "run, report.html here for several]")
 
+    p = sub.add_parser("push", help="upload a finished run to the Hugging Face Hub", description=(
+        "Upload a run's model (or LoRA adapter), tokenizer, config.yaml, metrics, report and a model card to a Hub "
+        "repo in one commit, creating it (private unless --public) if needed; checkpoints stay local. What "
+        "--push-to-hub does at the end of training."))
+    p.add_argument("run", metavar="RUN_DIR", help="the output directory of sftune train")
+    p.add_argument("repo_id", metavar="REPO_ID", help="name, user/name or org/name")
+    p.add_argument("--public", action="store_true", help="create the repo public [default: private]")
+
     p = sub.add_parser("export", help="merge a LoRA run's adapter into its base, or an FSDP checkpoint's shards: "
                        "a full model", description=(
         "Write one Hugging Face model directory that AutoModelForCausalLM.from_pretrained loads (no peft, no "
@@ -190,6 +198,10 @@ def cmd_train(args) -> None:
         print("resolved config:\n" + "\n".join("  " + line for line in dump_yaml(cfg).splitlines()), file=sys.stderr)
     elif is_main():
         print(summarize_config(cfg), file=sys.stderr)
+    if cfg.push_to_hub:  # (every rank: a refusal is the same everywhere, before the ranks meet)
+        from sftune.hub import check_push
+
+        check_push(cfg.push_to_hub)
     result = train(cfg)
     if not is_main():
         return
@@ -198,6 +210,10 @@ def cmd_train(args) -> None:
           f"({result.tokens / max(result.seconds, 1e-9):,.0f} tok/s)")
     print(f"val loss {first:.4f} -> {last:.4f} ({'fell' if last < first else 'did not fall'}); "
           f"val ppl {result.evals[0]['val_ppl']:,.2f} -> {result.evals[-1]['val_ppl']:,.2f}")
+    if cfg.push_to_hub:
+        from sftune.hub import push_run
+
+        print(f"pushed to {push_run(result.output_dir, cfg.push_to_hub, cfg.hub_private)}")
     if cfg.lora_r:
         print(f"adapter saved to {result.output_dir} (peft: AutoPeftModelForCausalLM.from_pretrained("
               f"'{result.output_dir}'); sftune eval/generate --model {result.output_dir})")
@@ -437,6 +453,18 @@ def cmd_export(args) -> None:
     print(f"merged model written to {out} (AutoModelForCausalLM.from_pretrained('{out}'))")
 
 
+def cmd_push(args) -> None:
+    from sftune.hub import check_push, push_run
+
+    run = Path(args.run).expanduser()
+    if not (run / "metrics.jsonl").is_file() or not any((run / f).is_file() for f in ("config.json",
+                                                                                     "adapter_config.json")):
+        raise SftuneError(f"{run} is not the output directory of a finished sftune run (it needs metrics.jsonl and a "
+                          f"model or adapter); give the --output-dir of sftune train")
+    check_push(args.repo_id, flag="sftune push")
+    print(f"pushed {run} to {push_run(run, args.repo_id, not args.public, flag='sftune push')}")
+
+
 def cmd_report(args) -> None:
     from sftune.run_report import write_report
 
@@ -462,7 +490,7 @@ def utf8(text: str, flag: str) -> str:
 
 
 COMMANDS = {"train": cmd_train, "data": cmd_data, "eval": cmd_eval, "tokenize": cmd_tokenize, "generate": cmd_generate,
-            "export": cmd_export, "report": cmd_report}
+            "export": cmd_export, "report": cmd_report, "push": cmd_push}
 
 
 def quiet_libraries() -> None:

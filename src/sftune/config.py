@@ -298,6 +298,12 @@ class SFTConfig:
         "last", "What the run writes as its model: the last weights, or the best evaluated ones (needs "
         "save_best).", "ckpt")
 
+    push_to_hub: str | None = _f(
+        None, "Hub repo id (name, user/name or org/name) to upload the run to when it ends: the model (or a LoRA "
+        "run's adapter), tokenizer, config.yaml, metrics, report and a model card, in one commit; checkpoints stay "
+        "local. The token and the Hub are checked before training starts.", "ckpt")
+    hub_private: bool = _f(True, "Create the push_to_hub repo private (when it does not exist yet).", "ckpt")
+
     max_bad_steps: int = _f(
         5, "Optimizer steps in a row with a non-finite loss or gradient norm (each skipped) before the run stops.", "train"
     )
@@ -328,6 +334,7 @@ RUN_CONTROL_KEYS = {
     "eval_every", "eval_batch_size", "log_every", "output_dir", "sample_prompts", "sample_max_new_tokens",
     "save_every", "keep_last", "checkpoint_hashes", "resume", "resume_force", "overwrite", "cache_dir", "trust_remote_code", "device",
     "max_bad_steps", "merge", "report_to", "run_report", "early_stopping_patience", "early_stopping_min_delta", "save_best", "final_model",
+    "push_to_hub", "hub_private",
     "strategy", "gradient_checkpointing", "dist_timeout",  # how the same arithmetic is spread over ranks, or recomputed
 }
 

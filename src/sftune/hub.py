@@ -78,3 +78,88 @@ def from_hub_or_cache(name: str, what: str, flag: str, load: Callable[..., T]) -
             f"{what} {name!r} is not a local path, {why}, and it is not in the local cache.\n"
             f"Pass {flag} PATH to a local copy, or connect to the Hub."
         ) from None
+
+
+# --- pushing a run to the Hub (--push-to-hub, `sftune push`) ----------------------------
+
+PUSH_IGNORE = ["checkpoints/**", ".*", ".*/**", "**/.*", "*.lock"]  # what stays local: checkpoints, staging, the lock
+
+
+def check_push(repo_id: str, flag: str = "--push-to-hub") -> None:
+    """Before training (on every rank, as the config is): the repo id is valid, a token is at hand and the Hub
+    accepts it, so that a run of hours does not fail at its end for want of a login."""
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        raise SftuneError(f"{flag} {repo_id!r} is not a Hub repo id: write name, user/name or org/name (letters, "
+                          f"digits, '-', '_' and '.')") from None
+    later = (f"or leave out {flag} and upload the run later with `sftune push RUN_DIR {repo_id}`"
+             if flag.startswith("--") else "then run it again")
+    if offline_forced():
+        raise SftuneError(f"{flag} {repo_id}: HF_HUB_OFFLINE is set, so nothing can be uploaded; unset it, {later}")
+    token = get_token()
+    if not token:
+        raise SftuneError(f"{flag} {repo_id}: no Hugging Face token; log in with `hf auth login` (or set HF_TOKEN), "
+                          f"{later}")
+    if not hub_reachable():
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+        raise SftuneError(f"{flag} {repo_id}: the Hugging Face Hub ({endpoint}) cannot be reached; connect, {later}")
+    try:
+        HfApi().whoami(token=token)
+    except Exception as e:  # (an expired or revoked token: HTTP 401)
+        raise SftuneError(f"{flag} {repo_id}: the Hub did not accept the token ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:200]}); log in again with `hf auth login`, {later}") from None
+
+
+def model_card(run_dir: Path) -> str:
+    """A README.md for the Hub: what was trained from what, and the run's evaluations (from its config.yaml and
+    metrics.jsonl)."""
+    import yaml
+
+    from sftune import __version__
+    from sftune.run_report import read_run
+
+    run = read_run(run_dir)
+    config = yaml.safe_load(run["config"]) or {}
+    base = config.get("model") if config.get("init", "pretrained") == "pretrained" else None
+    data = [e["dataset"] for e in config.get("datasets") or []] or [config.get("dataset")]
+    meta = {"library_name": "peft" if (run_dir / "adapter_config.json").is_file() else "transformers",
+            "tags": ["sftune", "sft"], **({"base_model": base} if base and not looks_like_path(base) else {}),
+            **({"datasets": [d for d in data if d and not looks_like_path(d)]} if any(
+                d and not looks_like_path(d) for d in data) else {})}
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
+             f"# {run_dir.resolve().name}", "",
+             f"Supervised fine-tuning of `{config.get('model')}`{' (from random weights)' if not base else ''} on "
+             f"{', '.join(f'`{d}`' for d in data)} with sftune {__version__}.", ""]
+    if run["eval"]:
+        first, last = run["eval"][0], run["eval"][-1]
+        lines += [f"Validation loss {first['val_loss']:.4f} at step {first['step']:,}, {last['val_loss']:.4f} at "
+                  f"step {last['step']:,}.", ""]
+    files = [f"`{name}` ({what})" for name, what in (("config.yaml", "the training configuration"),
+                                                     ("metrics.jsonl", "every logged step and evaluation"),
+                                                     ("report.html", "curves, samples and the data summary"))
+             if (run_dir / name).is_file()]
+    return "\n".join(lines + ([f"Also here: {', '.join(files)}.", ""] if files else []))
+
+
+def push_run(run_dir: Path, repo_id: str, private: bool, flag: str = "--push-to-hub") -> str:
+    """Upload a run's model (or adapter), tokenizer, config and report to `repo_id`, created if needed (private by
+    default), in one commit; checkpoints stay local. A README.md model card is written first unless the run has one.
+    Returns the repo's URL. A failure is an error that says the run is safe where it is and how to retry."""
+    from huggingface_hub import HfApi
+
+    card = run_dir / "README.md"
+    if not card.exists():
+        card.write_text(model_card(run_dir), encoding="utf-8")
+    api = HfApi()
+    try:
+        url = api.create_repo(repo_id, private=private, exist_ok=True)
+        api.upload_folder(repo_id=url.repo_id, folder_path=run_dir, ignore_patterns=PUSH_IGNORE,
+                          commit_message=f"sftune: {run_dir.resolve().name}")
+    except Exception as e:
+        raise SftuneError(f"{flag} {repo_id}: the upload failed ({type(e).__name__}: {str(e).splitlines()[0][:300]}). "
+                          f"The run is saved in {run_dir}; retry with `sftune push {run_dir} {repo_id}`") from None
+    return str(url)

@@ -31,7 +31,7 @@ from sftune.errors import SftuneError
 LOCK_FILE = ".sftune.lock"
 # what an sftune run writes into its output directory (besides the model files, which come from save_pretrained)
 RUN_FILES = ("checkpoints", "metrics.jsonl", "metrics.tmp", "config.yaml", "report.html", "loss.png", "tensorboard",
-             ".staging-final", "base", "merged", "data.json")
+             ".staging-final", "base", "merged", "data.json", "README.md")
 MODEL_FILES = ("config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json",
                "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
                "added_tokens.json", "chat_template.jinja", "tokenizer.model", "adapter_config.json",
