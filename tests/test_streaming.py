@@ -131,6 +131,13 @@ def test_mixed_streams_take_each_row_once_drawn_by_weight(tmp_path, gpt2_tokeniz
     resumed = list(mixed.steps(0, chunks[ended_at + 1][2], 32, one_step))  # from the first chunk after a ran out
     assert [ids(ex) for ex, _, _ in resumed] == [ids(ex) for ex, _, _ in chunks[ended_at + 2:]]
 
+    # with --val-dataset: every stream's rows are trained on, and validation is that dataset alone, as text
+    held = _write(tmp_path / "held.jsonl", [{"text": f"held out sentence number {i}"} for i in range(7)])
+    mixed = MixedStreams(DataOptions("unused", 64, min_tokens=0, stream_val_rows=10, val_dataset=str(held),
+                                     cache_dir=tmp_path / "c", mixture=options.mixture), gpt2_tokenizer)
+    assert len(mixed.validation) == 7 and mixed.validation_groups == [] and mixed.layout.format == "text+prompt_completion"
+    assert sum(len(ex) for ex, _, _ in mixed.steps(0, StreamPosition(), 32, one_step)) == 70 + 200
+
 
 def test_a_streamed_mixture_resumes_exactly_after_sigterm(small_model_dir, tmp_path, capsys):
     """Two streams (30 and 70 training rows, weights 2 and 1, chunks of 64 rows): the first runs out in the
