@@ -142,6 +142,39 @@ def test_lr_schedules_decay_to_min_lr_ratio():
     assert lrs(total=20, lr_schedule="wsd")[-1] == 0  # (min_lr_ratio 0: down to 0)
 
 
+@pytest.mark.slow
+def test_adafactor_trains_keeps_factored_state_and_resumes_exactly(tmp_path, small_model_dir, capsys):
+    """--optimizer adafactor: torch's Adafactor gets the parameter groups (no decay on 1-D ones), keeps a row and a
+    column of second moments per matrix in the checkpoint, and a resumed run ends bitwise as the straight one."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    flags = ("train", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA), "--batch-size", "16",
+             "--max-steps", "6", "--save-every", "3", "--optimizer", "adafactor", "--lr", "1e-2", "--weight-decay",
+             "0.1", "--precision", "fp32", "--no-run-report", "--report-to", "none", "--sample-prompts", "",
+             "--output-dir", str(out))
+    code, _, err = run_main(capsys, *flags)
+    assert code == 0, err
+    evals = [r["val_loss"] for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "eval"]
+    assert evals[-1] < evals[0]
+    state = torch.load(out / "checkpoints" / "step-3" / "training_state.pt", weights_only=True)["optimizer"]
+    assert [g["weight_decay"] for g in state["param_groups"]] == [0.1, 0.0]
+    kinds = {tuple(sorted(k for k in s if k != "step")) for s in state["state"].values()}
+    assert kinds == {("col_var", "row_var"), ("variance",)}  # (matrices factored; vectors kept whole)
+    straight = load_file(out / "model.safetensors")
+
+    (out / "model.safetensors").unlink()
+    shutil.rmtree(out / "checkpoints" / "step-6")
+    code, _, err = run_main(capsys, "train", "--config", str(out / "config.yaml"), "--resume", "auto")
+    assert code == 0, err
+    assert f"resumed from {out / 'checkpoints' / 'step-3'}" in err
+    resumed = load_file(out / "model.safetensors")
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
 def test_schedule_mistakes_are_named(tmp_path, small_model_dir, capsys):
     out = tmp_path / "run"
     base = ("train", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA), "--output-dir", str(out))
@@ -150,6 +183,11 @@ def test_schedule_mistakes_are_named(tmp_path, small_model_dir, capsys):
                                         "--lr-schedule linear, cosine or wsd"),
             (("--lr-schedule", "wsd", "--decay-ratio", "0"), "decay_ratio = 0.0: must be above 0 and at most 1"),
             (("--lr-schedule", "cosine", "--min-lr-ratio", "1"), "min_lr_ratio = 1.0: must be at least 0 and below 1"),
+            (("--optimizer", "adafactor", "--adam-epsilon", "1e-6"), "adam_epsilon = 1e-06: is an AdamW setting, but "
+                                                                     "optimizer is adafactor; leave it out, or use "
+                                                                     "--optimizer adamw"),
+            (("--optimizer", "adafactor", "--strategy", "fsdp"), "optimizer = 'adafactor': adafactor does not run on "
+                                                                  "FSDP's sharded parameters"),
             (("--lr-schedule", "wsd", "--max-steps", "10", "--warmup-steps", "9", "--decay-ratio", "0.2"),
              "lr_schedule wsd: 9 warm-up and 2 decay steps (decay_ratio 0.2) do not fit the run's 10 steps; lower "
              "--warmup-steps or --decay-ratio")):

@@ -36,6 +36,7 @@ def template_on_the_hub(value: str) -> bool:
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 Overlong = Literal["truncate", "drop", "error"]
 Schedule = Literal["constant", "linear", "cosine", "wsd"]
+Optimizer = Literal["adamw", "adafactor"]
 Init = Literal["pretrained", "random"]
 Device = Literal["auto", "cpu", "cuda"]
 Format = Literal["auto", "text", "prompt_completion", "chat", "chat_prompt_completion"]
@@ -189,7 +190,11 @@ class SFTConfig:
     group_by_length: bool = _f(
         True, "Batch rows of similar length together (shuffled in chunks), so almost no compute goes to padding.", "train"
     )
-    lr: float = _f(5e-5, "Peak learning rate of AdamW.", "train")
+    optimizer: Optimizer = _f(
+        "adamw", "adamw: AdamW (one fused kernel on CPU and CUDA); adafactor: torch's Adafactor, which keeps no first "
+        "moment and each matrix's second moment as a row and a column, so its state is kilobytes where AdamW's is "
+        "twice the trained weights (tune lr for it: torch's default is 1e-2).", "train")
+    lr: float = _f(5e-5, "Peak learning rate.", "train")
     weight_decay: float = _f(0.0, "AdamW weight decay (the seed uses 0).", "train")
     lr_schedule: Schedule = _f(
         "constant", "Learning-rate schedule after warm-up: constant; linear or cosine decay to min_lr_ratio x lr at the "
@@ -563,6 +568,12 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
     need(0 < cfg.decay_ratio <= 1, "decay_ratio", "must be above 0 and at most 1, e.g. 0.1 (the last tenth of the run)")
     for key in ("adam_beta1", "adam_beta2"):
         need(0 <= getattr(cfg, key) < 1, key, "must be at least 0 and below 1")
+    need(cfg.optimizer != "adafactor" or cfg.strategy != "fsdp", "optimizer", "adafactor does not run on FSDP's "
+         "sharded parameters (torch's Adafactor reduces each whole matrix to a row and a column: an in-place "
+         "operation on a shard fails); use --strategy ddp, or --optimizer adamw with FSDP")
+    for key in ("adam_beta1", "adam_beta2", "adam_epsilon"):
+        need(cfg.optimizer == "adamw" or getattr(cfg, key) == getattr(SFTConfig, key), key,
+             f"is an AdamW setting, but optimizer is {cfg.optimizer}; leave it out, or use --optimizer adamw")
     need(math.isfinite(cfg.adam_epsilon) and cfg.adam_epsilon > 0, "adam_epsilon", "must be a positive number, e.g. "
          "1e-8")
     need(cfg.max_grad_norm is None or cfg.max_grad_norm >= 0, "max_grad_norm", "must be 0 or more (0/null: no clipping)")
