@@ -305,3 +305,61 @@ def test_a_weighted_mixture_trains_reports_and_resumes_exactly(tmp_path, small_m
     assert f"resumed from {out / 'checkpoints' / 'step-12'}" in err
     resumed = load_file(out / "model.safetensors")
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
+def test_val_datasets_are_each_validated_alone(tmp_path, gpt2_tokenizer, three_datasets):
+    """`val_datasets`: the training split is used whole; the validation is each dataset's own (its validation split,
+    else all of it), read with the top-level format, in order, each a group of its own; a change to one of them
+    changes the data's fingerprint."""
+    from sftune.data import DataOptions, prepare_data
+
+    held = write_jsonl(tmp_path / "held.jsonl", [{"text": f"held out sentence number {i}"} for i in range(7)])
+    text = three_datasets[0]["dataset"]  # (a directory with a validation split of 6)
+    options = dict(min_tokens=0, cache_dir=tmp_path / "cache")
+    data = prepare_data(DataOptions(text, 64, val_datasets=(str(held), text), **options), gpt2_tokenizer)
+    assert len(data.train) == 40 and len(data.validation) == 7 + 6
+    assert data.validation_groups == [(str(held), 7), (text, 6)] and [n for n, _ in data.held_out] == [str(held), text]
+    alone = prepare(text, gpt2_tokenizer, 64, **options)
+    np.testing.assert_array_equal(data.validation.input_ids[-len(alone.validation.input_ids):],
+                                  alone.validation.input_ids)
+    mixed = prepare_data(DataOptions("unused", 64, mixture=three_datasets[:2], val_datasets=(str(held), text),
+                                     **options), gpt2_tokenizer)
+    assert len(mixed.train) == 40 + 30 and mixed.validation_groups == [(str(held), 7), (text, 6)]
+    write_jsonl(held, [{"text": f"held out sentence number {i}"} for i in range(8)])
+    again = prepare_data(DataOptions("unused", 64, mixture=three_datasets[:2], val_datasets=(str(held), text),
+                                     **options), gpt2_tokenizer)
+    assert len(again.validation) == 8 + 6 and again.fingerprint != mixed.fingerprint
+
+    assert resolve_config({"val_dataset": "x"}, {"val_datasets": ["a", "b"]}).val_dataset is None
+    assert resolve_config({"val_datasets": ["a", "b"]}, {"val_dataset": "x"}).val_datasets == []
+    with pytest.raises(SftuneError, match=re.escape("`val_dataset` and `val_datasets` are both set: give one dataset "
+                                                    "(`val_dataset`, --val-dataset) or a list of them")):
+        resolve_config({"val_dataset": "x", "val_datasets": ["a"]})
+
+
+@pytest.mark.slow
+def test_val_datasets_in_a_run_match_sftune_eval_on_each(tmp_path, small_model_dir, capsys):
+    lines = [json.loads(x) for x in QUICKSTART_DATA.joinpath("train.jsonl").read_text().splitlines()]
+    paths = [write_jsonl(tmp_path / f"{name}.jsonl", rows)
+             for name, rows in (("train", lines[:200]), ("b", lines[200:230]), ("c", lines[230:250]))]
+    out = tmp_path / "run"
+    common = ("--model", str(small_model_dir), "--batch-size", "16", "--precision", "fp32", "--report-to", "none",
+              "--no-run-report", "--sample-prompts", "")
+    code, _, err = run_main(capsys, "train", *common, "--dataset", str(paths[0]), "--val-datasets", str(paths[1]),
+                            str(paths[2]), "--max-steps", "4", "--output-dir", str(out))
+    assert code == 0, err
+    assert "data: 200 train / 50 validation examples" in err
+    last = [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "eval"][-1]
+    assert list(last["val_loss_by_dataset"]) == [str(paths[1]), str(paths[2])]
+    for path in paths[1:]:
+        code, text, err = run_main(capsys, "eval", "--model", str(out), "--dataset", str(paths[0]), "--val-dataset",
+                                   str(path), "--precision", "fp32", "--batch-size", "16", "--json")
+        assert code == 0, err
+        assert json.loads(text)["val_loss"] == last["val_loss_by_dataset"][str(path)]  # (the same batches)
+    code, text, err = run_main(capsys, "eval", "--config", str(out / "config.yaml"), "--model", str(out), "--json")
+    assert code == 0, err
+    assert json.loads(text)["val_loss_by_dataset"] == last["val_loss_by_dataset"]
+    code, _, err = run_main(capsys, "train", *common, "--dataset", str(paths[0]), "--val-datasets", str(paths[1]),
+                            str(paths[2]), "--streaming", "--max-steps", "3", "--output-dir", str(tmp_path / "s"))
+    assert code == 0, err
+    assert "by dataset:" in err and "50 validation examples" in err

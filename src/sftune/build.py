@@ -122,7 +122,8 @@ def data_options(cfg: SFTConfig, max_length: int) -> DataOptions:
                        overlong=cfg.overlong, truncation_side=cfg.truncation_side, train_on_prompt=cfg.train_on_prompt,
                        train_on_all_turns=cfg.train_on_all_turns, val_fraction=cfg.val_fraction,
                        val_split=cfg.val_split, val_dataset=cfg.val_dataset, seed=cfg.seed, cache_dir=cfg.cache_dir,
-                       stream_val_rows=cfg.stream_val_rows, mixture=tuple(cfg.datasets))
+                       stream_val_rows=cfg.stream_val_rows, mixture=tuple(cfg.datasets),
+                       val_datasets=tuple(cfg.val_datasets))
 
 
 def build_data(cfg: SFTConfig, tokenizer, model_config, dist: Dist | None = None):
@@ -135,7 +136,8 @@ def build_data(cfg: SFTConfig, tokenizer, model_config, dist: Dist | None = None
         if cfg.streaming:
             from sftune.data.streaming import MixedStreams, StreamedData
 
-            data = MixedStreams(options, tokenizer) if cfg.datasets else StreamedData(options, tokenizer)
+            data = MixedStreams(options, tokenizer) if cfg.datasets or cfg.val_datasets else \
+                StreamedData(options, tokenizer)
             log(f"data: streaming {cfg.data_name}{'' if cfg.datasets else f' ({cfg.split})'}, "
                 f"{len(data.validation):,} validation examples, format {data.layout.describe()}")
         else:

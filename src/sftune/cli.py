@@ -44,7 +44,7 @@ EVAL_KEYS = {
     "model", "tokenizer", "init", "trust_remote_code", "dataset", "dataset_config", "split", "format", "columns",
     "datasets", "text_column", "train_on_prompt", "train_on_all_turns", "chat_template", "val_fraction", "min_tokens",
     "max_length", "overlong", "truncation_side", "streaming", "stream_val_rows", "cache_dir", "seed", "precision",
-    "device", "batch_size", "eval_batch_size", "val_split", "val_dataset", "add_tokens", "pad_token",
+    "device", "batch_size", "eval_batch_size", "val_split", "val_dataset", "val_datasets", "add_tokens", "pad_token",
 }
 
 
@@ -258,7 +258,7 @@ def cmd_data(args) -> None:
 
         start, chunk_rows = time.perf_counter(), chunk_rows_for(cfg.batch_size, cfg.grad_accum)
         streamed, parts = data, []
-        if cfg.datasets:  # each stream's rows of the first chunk, beside its validation
+        if cfg.datasets or cfg.val_datasets:  # each stream's rows of the first chunk, beside its validation
             for (name, part), (train, stats) in zip(streamed.parts, streamed.first_chunks(chunk_rows)):
                 parts.append((name, PreparedData(train, part.validation, {"train": stats, "validation":
                                                  part.validation_stats}, part.layout, None, False, 0.0)))
@@ -268,7 +268,8 @@ def cmd_data(args) -> None:
             train, train_stats = streamed.first_chunk(chunk_rows)
         data = PreparedData(train, streamed.validation, {"train": train_stats, "validation": streamed.validation_stats},
                             streamed.layout, None, False, time.perf_counter() - start, parts=parts,
-                            weights=getattr(streamed, "weights", []))
+                            weights=getattr(streamed, "weights", []), val_parts=getattr(streamed, "held_out", [])
+                            or parts)
         log(f"data: streaming: 'train' below is the stream's first chunk ({train_stats.rows:,} rows)")
     steps = epoch_plan(data, cfg, max_length, 0)  # the first epoch, as training plans it
     report = data_report(data, cfg.data_name, max_length, cfg.batch_size, cfg.grad_accum,

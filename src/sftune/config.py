@@ -141,6 +141,10 @@ class SFTConfig:
     val_dataset: str | None = _f(
         None, "A dataset to validate on, in any form dataset takes (a file, files, a directory, a Hub id): its "
         "val_split, else its validation split, else all of it; the training split is then used whole.", "data")
+    val_datasets: list[str] = _f(
+        [], "Several datasets to validate on, in place of val_dataset, each read as val_dataset reads one; every "
+        "evaluation gives each one's val loss too (TRL's eval_dataset dict, Axolotl's test_datasets). Flag: "
+        "--val-datasets a.jsonl b.jsonl.", "data")
     val_fraction: float = _f(
         0.05, "Fraction of train held out (with `seed`) when the dataset has no validation split.", "data"
     )
@@ -580,7 +584,8 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
     need(cfg.neftune_alpha is None or (math.isfinite(cfg.neftune_alpha) and cfg.neftune_alpha > 0), "neftune_alpha",
          "must be a positive number (5 is usual), or null for no noise")
     need(0 < cfg.val_fraction < 1, "val_fraction", "must be between 0 and 1, e.g. 0.05")
-    need(cfg.val_split is None or (bool(cfg.val_split) and (cfg.val_split != cfg.split or cfg.val_dataset)), "val_split",
+    need(cfg.val_split is None or (bool(cfg.val_split) and (cfg.val_split != cfg.split or cfg.val_dataset
+                                                             or cfg.val_datasets)), "val_split",
          f"must name another split than the training split ({cfg.split!r}), or null for the default")
     need(cfg.min_tokens >= 0, "min_tokens", "must be 0 or more")
     need(cfg.max_length is None or cfg.max_length >= 2, "max_length", "must be at least 2 tokens, or null for the model's context")
@@ -610,10 +615,12 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
                  f"has a slice as its {key}, which needs the data in memory: a stream is read from its start (drop "
                  f"--streaming, or give a whole split)")
         split, val_split = entry.get("split", cfg.split), entry.get("val_split", cfg.val_split)
-        need(val_split is None or val_split != split or bool(cfg.val_dataset), "datasets",
+        need(val_split is None or val_split != split or bool(cfg.val_dataset or cfg.val_datasets), "datasets",
              f"entry {i} ({entry['dataset']}) validates on its training split {split!r}: name another val_split")
     need(cfg.val_dataset is None or bool(cfg.val_dataset.strip()), "val_dataset",
          "must name a Hub id, a directory or a file, or null to validate on a split of dataset")
+    need(all(isinstance(v, str) and v.strip() for v in cfg.val_datasets), "val_datasets",
+         "must be datasets (Hub ids, directories or files), e.g. --val-datasets a.jsonl b.jsonl")
     need(not training or not cfg.streaming or cfg.max_steps is not None, "max_steps",
          "must be set with streaming: a stream's length is unknown up front, and so is the schedule's end")
     need(cfg.lora_r is None or cfg.lora_r >= 1, "lora_r", "must be at least 1 (8-64 is usual), or null for full "
@@ -651,13 +658,15 @@ def resolve_config(*layers: dict[str, Any], source: str = "config", training: bo
     values: dict[str, Any] = {}
     problems: list[str] = []
     for layer in layers:
-        if layer.get("dataset") is not None and layer.get("datasets"):
-            problems.append("`dataset` and `datasets` are both set: give one dataset (`dataset`, --dataset) or a list "
-                            "of them (`datasets`, --datasets)")
-        elif layer.get("datasets"):  # a later layer's choice replaces an earlier one's (flags over the YAML file)
-            values.pop("dataset", None)
-        elif layer.get("dataset") is not None:
-            values.pop("datasets", None)
+        for one, several in (("dataset", "datasets"), ("val_dataset", "val_datasets")):
+            flag = several.replace("_", "-")
+            if layer.get(one) is not None and layer.get(several):
+                problems.append(f"`{one}` and `{several}` are both set: give one dataset (`{one}`, "
+                                f"--{one.replace('_', '-')}) or a list of them (`{several}`, --{flag})")
+            elif layer.get(several):  # a later layer's choice replaces an earlier one's (flags over the YAML file)
+                values.pop(one, None)
+            elif layer.get(one) is not None:
+                values.pop(several, None)
         for key, value in layer.items():
             if not isinstance(key, str):
                 problems.append(f"key {short(key)} is not a name: keys are config names such as `batch_size`")

@@ -74,8 +74,12 @@ def data_report(
                       "weight": weight, "train_per_epoch": None if streaming else weighted_count(len(part.train), weight),
                       "cache": {"path": str(part.cache_path) if part.cache_path else None, "hit": part.from_cache},
                       "splits": {split: asdict(part.stats[split]) for split in ("train", "validation")}}
-                     for (name, part), weight in zip(data.parts, data.weights or [1.0] * len(data.parts))],
+                     for (name, part), weight in zip(data.parts, data.weights or [1.0] * len(data.parts))
+                     if len(data.parts) > 1],
         # a mixture's datasets (the splits above: their totals)
+        "validation_datasets": [{"dataset": name, "format": part.layout.format, "columns": part.layout.columns,
+                                 "splits": {"validation": asdict(part.stats["validation"])}}
+                                for name, part in data.held_out],  # validated on alone
         "examples": examples,
     }
 
@@ -109,8 +113,12 @@ def format_data_report(report: dict, tokenizer, color: bool = False) -> str:
         f"{'tokens':>11}{'mean':>7}{'p50':>6}{'p95':>6}{'max':>6}{'trained':>11}{'untrained':>11}",
     ]
     rows = list(s.items())
+    held = report.get("validation_datasets", [])  # (then the trained datasets give no validation rows)
     for i, part in enumerate(report.get("datasets", []), 1):  # a mixture: each dataset's rows below the totals
-        rows += [(f"{i}:{'val' if name == 'validation' else name}", st) for name, st in part["splits"].items()]
+        rows += [(f"{i}:{'val' if name == 'validation' else name}", st) for name, st in part["splits"].items()
+                 if not (held and name == "validation")]
+    for i, part in enumerate(report.get("validation_datasets", []), 1):
+        rows.append((f"v{i}:val", part["splits"]["validation"]))
     for name, st in rows:
         d, ln = st["dropped"], st["length"]
         lines.append(
@@ -126,6 +134,9 @@ def format_data_report(report: dict, tokenizer, color: bool = False) -> str:
                     f", weight {part['weight']:g}: {part['train_per_epoch']:,} train examples an epoch")
         lines.append(f"{i}: {part['dataset']}, format {part['format']} ({columns}), "
                      f"{'read from cache' if part['cache']['hit'] else 'tokenized'}{weighted}")
+    for i, part in enumerate(report.get("validation_datasets", []), 1):
+        columns = ", ".join(f"{k}={v}" for k, v in part["columns"].items())
+        lines.append(f"v{i}: {part['dataset']}, format {part['format']} ({columns}), validated on")
     t = s["train"]
     lines += [
         "(trained: tokens the loss is computed on; untrained: prompt, template and other tokens it never sees)",

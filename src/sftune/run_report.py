@@ -31,10 +31,12 @@ def data_summary(data, dataset: str, max_length: int) -> dict:
     stats = getattr(data, "stats", None) or {"validation": data.validation_stats}
     summary = {"dataset": dataset, "format": data.layout.format, "columns": data.layout.columns,
                "max_length": max_length, "splits": {name: asdict(split) for name, split in stats.items()}}
-    if getattr(data, "parts", None):  # a mixture: each dataset's own layout and counts, the totals above
+    if len(getattr(data, "parts", None) or []) > 1:  # a mixture: each dataset's own layout and counts, the totals above
         summary["datasets"] = [data_summary(part, name, max_length) for name, part in data.parts]
         for part, weight in zip(summary["datasets"], getattr(data, "weights", None) or []):
             part["weight"] = weight
+    if getattr(data, "held_out", None):  # datasets validated on alone (val_dataset, val_datasets)
+        summary["validation_datasets"] = [data_summary(part, name, max_length) for name, part in data.held_out]
     return summary
 
 

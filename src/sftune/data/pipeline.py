@@ -51,6 +51,7 @@ class DataOptions:
     val_fraction: float = 0.05
     val_split: str | None = None  # the split to validate on (else the dataset's validation split, else a hold-out)
     val_dataset: str | None = None  # a dataset to validate on instead (its val_split, validation split, or all)
+    val_datasets: tuple[str, ...] = ()  # several, each read as val_dataset is (its val loss reported apart)
     seed: int = 42
     cache_dir: str | Path | None = None
     stream_val_rows: int = 1000
@@ -76,6 +77,7 @@ class PreparedData:
     fingerprint: str | None = None  # the source data's identity (content of local files; the Hub's fingerprint)
     parts: list[tuple[str, PreparedData]] = field(default_factory=list)  # a mixture's datasets, each prepared alone
     weights: list[float] = field(default_factory=list)  # the parts' `weight`s (1: each example once an epoch)
+    val_parts: list[tuple[str, PreparedData]] = field(default_factory=list)  # what `validation` is made of, in order
 
     @property
     def text_column(self) -> str | None:
@@ -90,17 +92,30 @@ class PreparedData:
 
     @property
     def validation_groups(self) -> list[tuple[str, int]]:
-        return validation_groups(self.parts, len(self.validation))
+        return validation_groups(self.val_parts)
+
+    @property
+    def held_out(self) -> list[tuple[str, PreparedData]]:
+        """The datasets validated on but not trained on (`val_dataset` or `val_datasets` with `datasets`)."""
+        return [(name, part) for name, part in self.val_parts if not any(part is p for _, p in self.parts)]
 
 
-def validation_groups(parts: list[tuple[str, object]], total: int) -> list[tuple[str, int]]:
-    """A mixture's datasets as (name, validation examples), in the order of the validation (empty for one
-    dataset, or when a --val-dataset of `total` examples is the whole validation). A name listed twice is numbered."""
-    sizes = [len(p.validation) for _, p in parts]
-    if not parts or sum(sizes) != total:
+def validation_groups(val_parts: list[tuple[str, object]]) -> list[tuple[str, int]]:
+    """The datasets the validation is made of, as (name, validation examples) in its order: a mixture's, or
+    `val_datasets`; empty when there is one. A name listed twice is numbered."""
+    if len(val_parts) < 2:
         return []
-    names = [name if [n for n, _ in parts].count(name) == 1 else f"{name} ({i + 1})" for i, (name, _) in enumerate(parts)]
-    return list(zip(names, sizes))
+    names = [n for n, _ in val_parts]
+    return [(name if names.count(name) == 1 else f"{name} ({i + 1})", len(part.validation))
+            for i, (name, part) in enumerate(val_parts)]
+
+
+def held_out_datasets(options: DataOptions, make: Callable[[DataOptions], object]) -> list[tuple[str, object]]:
+    """(name, `make(its options)`) for each dataset to validate on (`val_datasets`, or `val_dataset`): read as a
+    dataset of its own, with the top-level format and columns, for its validation alone."""
+    names = list(options.val_datasets) or ([options.val_dataset] if options.val_dataset else [])
+    return [(name, make(replace(options, mixture=(), dataset=name, val_dataset=None, val_datasets=(),
+                                only="validation"))) for name in names]
 
 
 def prepare_data(options: DataOptions, tokenizer) -> PreparedData:
@@ -112,7 +127,7 @@ def prepare_data(options: DataOptions, tokenizer) -> PreparedData:
     covers the data files (or the Hub dataset's fingerprint), the tokenizer, its chat
     template and every setting that changes the result.
     """
-    if options.mixture:
+    if options.mixture or options.val_datasets:
         return prepare_mixture(options, tokenizer)
     start = time.perf_counter()
     o = options
@@ -179,46 +194,43 @@ def prepare_data(options: DataOptions, tokenizer) -> PreparedData:
 
 
 def mixture_entries(options: DataOptions, make: Callable[[DataOptions], object]) -> Iterator[tuple]:
-    """(index, dataset, weight, `make(its options)`) for each of a mixture's datasets, made as if alone (with a
-    `val_dataset`: its training split whole); an error in one names it."""
-    only = "train" if options.val_dataset else None
-    for i, entry in enumerate(options.mixture):
+    """(index, dataset, weight, `make(its options)`) for each of a mixture's datasets (or the one `dataset`), made as
+    if alone (with datasets to validate on: its training split whole); an error in one names it."""
+    only = "train" if options.val_dataset or options.val_datasets else None
+    for i, entry in enumerate(options.mixture or ({"dataset": options.dataset},)):
         keys = {k: v for k, v in entry.items() if k != "weight"}
         try:
-            part = make(replace(options, mixture=(), val_dataset=None, only=only, **keys))
+            part = make(replace(options, mixture=(), val_dataset=None, val_datasets=(), only=only, **keys))
         except SftuneError as e:
             raise SftuneError(f"datasets entry {i} ({entry['dataset']}): {e}") from None
         yield i, entry["dataset"], entry.get("weight", 1.0), part
 
 
 def prepare_mixture(options: DataOptions, tokenizer) -> PreparedData:
-    """Several datasets trained together (`options.mixture`): each prepared (read, formatted, held out, cached) as
-    `prepare_data` prepares one, under its entry's keys; then their examples concatenated, split by split. With
-    `val_dataset`, the entries' training splits are used whole and the validation is that dataset alone, read with
-    the top-level format and columns (the entries may differ from it and from each other)."""
+    """Several datasets trained together (`options.mixture`), or validated on (`val_datasets`): each prepared (read,
+    formatted, held out, cached) as `prepare_data` prepares one, under its entry's keys; then their examples
+    concatenated, split by split. With `val_dataset` or `val_datasets`, the training splits are used whole and the
+    validation is those datasets, each read alone with the top-level format and columns (the entries may differ
+    from it and from each other)."""
     start = time.perf_counter()
     parts, weights = [], []
     for i, name, weight, part in mixture_entries(options, lambda entry: prepare_data(entry, tokenizer)):
         weighted = (f" (weight {weight:g}: {weighted_count(len(part.train), weight):,} an epoch)"
                     if weight != 1 else "")
-        log(f"data: {i + 1}/{len(options.mixture)} {name}: {len(part.train):,} train{weighted} / "
+        log(f"data: {i + 1}/{len(options.mixture) or 1} {name}: {len(part.train):,} train{weighted} / "
             f"{len(part.validation):,} validation examples, format {part.layout.describe()} "
             f"({'from cache' if part.from_cache else 'tokenized'} in {part.seconds:.1f}s)")
         parts.append((name, part))
         weights.append(weight)
-    validated = [p for _, p in parts]
-    if options.val_dataset:  # read with the top-level format and columns, as a dataset of its own
-        held = prepare_data(replace(options, mixture=(), dataset=options.val_dataset, val_dataset=None,
-                                    only="validation"), tokenizer)
-        log(f"data: validating on {options.val_dataset}: {len(held.validation):,} examples, format "
-            f"{held.layout.describe()}")
-        validated = [held]
+    val_parts = held_out_datasets(options, lambda held: prepare_data(held, tokenizer)) or parts
+    for name, held in val_parts if val_parts is not parts else []:
+        log(f"data: validating on {name}: {len(held.validation):,} examples, format {held.layout.describe()}")
     train = concat_examples([p.train for _, p in parts])
-    validation = concat_examples([p.validation for p in validated])
+    validation = concat_examples([p.validation for _, p in val_parts])
     stats = {"train": sum_stats([p.stats["train"] for _, p in parts], train.lengths),
-             "validation": sum_stats([p.stats["validation"] for p in validated], validation.lengths)}
-    fingerprint = hashlib.sha256("|".join(f"{name}={p.fingerprint}" for name, p in parts).encode()
-                                 + (f"|validation={validated[0].fingerprint}".encode() if options.val_dataset else b"")
-                                 ).hexdigest()
+             "validation": sum_stats([p.stats["validation"] for _, p in val_parts], validation.lengths)}
+    fingerprint = hashlib.sha256("|".join(f"{name}={p.fingerprint}" for name, p in parts).encode() + b"".join(
+        f"|validation={p.fingerprint}".encode() for _, p in (val_parts if val_parts is not parts else []))).hexdigest()
     return PreparedData(train, validation, stats, mixture_layout([p.layout for _, p in parts]), None,
-                        all(p.from_cache for _, p in parts), time.perf_counter() - start, fingerprint, parts, weights)
+                        all(p.from_cache for _, p in parts), time.perf_counter() - start, fingerprint, parts, weights,
+                        val_parts)

@@ -28,7 +28,7 @@ from sftune.console import log
 from sftune.data.cache import sources_fingerprint
 from sftune.data.examples import Examples, SplitStats, concat_examples, sum_stats
 from sftune.data.formats import CHAT_COLUMNS, ROW_COLUMN, Layout, detect_layout, mixture_layout
-from sftune.data.pipeline import DataOptions, mixture_entries, prepare_data, validation_groups
+from sftune.data.pipeline import DataOptions, held_out_datasets, mixture_entries, prepare_data, validation_groups
 from sftune.data.sources import open_stream, rows_to_validate_on, validation_split
 from sftune.data.tokenize import check_end_of_turn, load_chat_template, tokenize_split, warn_about
 from sftune.errors import SftuneError
@@ -72,7 +72,7 @@ class StreamedData:
         if split not in streams:
             raise SftuneError(f"dataset {dataset} has no {split!r} split (it has: {', '.join(streams)}); set --split")
         numbered = streams[split].map(lambda _, i: {ROW_COLUMN: i}, with_indices=True)
-        self.held_out = False  # (validating on the stream's first rows)
+        self.validates_on_first_rows = False  # (its first rows held out: no validation split)
         if options.only == "train":  # (a mixture's stream, validated on a --val-dataset of its own)
             val_rows_list, val_name = [], None
             self.train_stream = numbered
@@ -86,7 +86,7 @@ class StreamedData:
         else:
             val_rows_list = list(itertools.islice(numbered, val_rows))
             self.train_stream = numbered.skip(len(val_rows_list))
-            self.held_out = True
+            self.validates_on_first_rows = True
             log(f"data: streaming {dataset} with no validation split: its first {len(val_rows_list):,} rows are "
                 f"held out for validation (--stream-val-rows)")
         if not val_rows_list and options.only != "train":
@@ -142,7 +142,7 @@ class StreamedData:
 
 
 class MixedStreams:
-    """Several datasets streamed together (`datasets` with `--streaming`). Each is a `StreamedData` of its own (its
+    """Several datasets streamed together (`datasets` with `--streaming`; or one, validated on `val_datasets`). Each is a `StreamedData` of its own (its
     format, columns, shuffle buffer and validation); each chunk's rows are drawn from the streams at random, in
     proportion to their `weight`s (equal shares by default), seeded by (seed, epoch, chunk). A stream that runs out
     drops out of the draw; the epoch ends when all have. Each stream's rows are tokenized by its own part, and the
@@ -152,19 +152,17 @@ class MixedStreams:
         self.parts: list[tuple[str, StreamedData]] = []
         self.weights: list[float] = []
         for i, name, weight, part in mixture_entries(options, lambda entry: StreamedData(entry, tokenizer)):
-            log(f"data: {i + 1}/{len(options.mixture)} streaming {name} ({part.split}), weight {weight:g}, "
+            log(f"data: {i + 1}/{len(options.mixture) or 1} streaming {name} ({part.split}), weight {weight:g}, "
                 f"{len(part.validation):,} validation examples, format {part.layout.describe()}")
             self.parts.append((name, part))
             self.weights.append(weight)
-        validated = [(part.validation, part.validation_stats) for _, part in self.parts]
-        prints = [part.fingerprint for _, part in self.parts]
-        if options.val_dataset:  # read with the top-level format and columns, as a dataset of its own
-            held = prepare_data(replace(options, mixture=(), dataset=options.val_dataset, val_dataset=None,
-                                        only="validation"), tokenizer)
-            validated, prints = [(held.validation, held.stats["validation"])], prints + [held.fingerprint]
-        self.validation = concat_examples([examples for examples, _ in validated])
-        self.validation_stats = sum_stats([stats for _, stats in validated], self.validation.lengths)
-        self.validation_groups = validation_groups(self.parts, len(self.validation))
+        held = held_out_datasets(options, lambda entry: prepare_data(entry, tokenizer))  # (read whole, in memory)
+        self.val_parts, self.held_out = held or self.parts, held
+        self.validation = concat_examples([part.validation for _, part in self.val_parts])
+        self.validation_stats = sum_stats([p.stats["validation"] for _, p in held] or
+                                          [p.validation_stats for _, p in self.parts], self.validation.lengths)
+        self.validation_groups = validation_groups(self.val_parts)
+        prints = [part.fingerprint for _, part in self.parts] + [part.fingerprint for _, part in held]
         self.layout = mixture_layout([part.layout for _, part in self.parts])
         self.fingerprint = None if None in prints else hashlib.sha256("|".join(prints).encode()).hexdigest()
         self.seed, self.warned = options.seed, set()
@@ -203,8 +201,9 @@ class MixedStreams:
                 ended[i] = True
                 if counts[i] == 0 and epoch == 0 and chunk == 0 and i not in self.warned:
                     self.warned.add(i)
-                    log(f"warning: datasets entry {i} ({self.parts[i][0]}) streams no training rows"
-                        f"{' (its first --stream-val-rows rows are its validation)' if self.parts[i][1].held_out else ''}")
+                    why = " (its first --stream-val-rows rows are its validation)" \
+                        if self.parts[i][1].validates_on_first_rows else ""
+                    log(f"warning: datasets entry {i} ({self.parts[i][0]}) streams no training rows{why}")
                 continue
             drawn[i].append(row)
             counts[i] += 1
