@@ -187,6 +187,21 @@ def signal_at(argv: list[str], line_start: str, sig: int = signal.SIGTERM) -> tu
         return code, proc.stderr()
 
 
+def assert_resumes_bitwise(capsys, out: Path, checkpoint: str) -> None:
+    """Remove OUT's final model, `sftune train --config OUT/config.yaml --resume auto`: the run resumes from
+    OUT/checkpoints/CHECKPOINT and writes the same model, bitwise."""
+    import torch
+    from safetensors.torch import load_file
+
+    straight = load_file(out / "model.safetensors")
+    (out / "model.safetensors").unlink()
+    code, _, err = run_main(capsys, "train", "--config", str(out / "config.yaml"), "--resume", "auto")
+    assert code == 0, err
+    assert f"resumed from {out / 'checkpoints' / checkpoint}" in err
+    resumed = load_file(out / "model.safetensors")
+    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

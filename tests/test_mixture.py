@@ -9,7 +9,7 @@ from itertools import islice
 import numpy as np
 import pytest
 import torch
-from conftest import QUICKSTART_DATA, prepare, read_jsonl, run_main
+from conftest import QUICKSTART_DATA, assert_resumes_bitwise, prepare, read_jsonl, run_main
 
 from sftune.config import resolve_config
 from sftune.errors import SftuneError
@@ -274,8 +274,6 @@ def test_a_weighted_mixture_trains_reports_and_resumes_exactly(tmp_path, small_m
     """`weight: 0.5` on one of two datasets: the log and `sftune data` say how many examples an epoch takes, and a
     run resumed in its second epoch (where the other half of that dataset is drawn) ends bitwise as the straight
     run."""
-    from safetensors.torch import load_file
-
     lines = [json.loads(r) for r in QUICKSTART_DATA.joinpath("train.jsonl").read_text().splitlines()]
     for name, train, validation in (("a", lines[:120], lines[200:206]), ("b", lines[120:200], lines[206:210])):
         write_jsonl(tmp_path / name / "train.jsonl", train)
@@ -297,14 +295,7 @@ def test_a_weighted_mixture_trains_reports_and_resumes_exactly(tmp_path, small_m
     assert [d.get("weight") for d in json.loads((out / "data.json").read_text())["datasets"]] == [1.0, 0.5]
     code, text, err = run_main(capsys, "data", "--config", str(out / "config.yaml"))
     assert "weight 0.5: 40 train examples an epoch" in text
-    straight = load_file(out / "model.safetensors")
-
-    (out / "model.safetensors").unlink()  # (the checkpoints: steps 6, 10 at the epoch's end, and 12)
-    code, _, err = run_main(capsys, "train", "--config", str(out / "config.yaml"), "--resume", "auto")
-    assert code == 0, err
-    assert f"resumed from {out / 'checkpoints' / 'step-12'}" in err
-    resumed = load_file(out / "model.safetensors")
-    assert all(torch.equal(resumed[k], straight[k]) for k in straight)
+    assert_resumes_bitwise(capsys, out, "step-12")  # (the checkpoints: steps 6, 10 at the epoch's end, and 12)
 
 
 def test_val_datasets_are_each_validated_alone(tmp_path, gpt2_tokenizer, three_datasets):
