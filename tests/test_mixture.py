@@ -307,20 +307,30 @@ def test_val_datasets_are_each_validated_alone(tmp_path, gpt2_tokenizer, three_d
     held = write_jsonl(tmp_path / "held.jsonl", [{"text": f"held out sentence number {i}"} for i in range(7)])
     text = three_datasets[0]["dataset"]  # (a directory with a validation split of 6)
     options = dict(min_tokens=0, cache_dir=tmp_path / "cache")
-    data = prepare_data(DataOptions(text, 64, val_datasets=(str(held), text), **options), gpt2_tokenizer)
-    assert len(data.train) == 40 and len(data.validation) == 7 + 6
-    assert data.validation_groups == [(str(held), 7), (text, 6)] and [n for n, _ in data.held_out] == [str(held), text]
+    pairs = three_datasets[2]  # (its own format and columns: an entry's keys)
+    data = prepare_data(DataOptions(text, 64, val_datasets=({"dataset": str(held)}, {"dataset": text}, pairs),
+                                    **options), gpt2_tokenizer)
+    assert len(data.train) == 40 and len(data.validation) == 7 + 6 + 30  # (pairs has no validation split: all)
+    assert data.validation_groups == [(str(held), 7), (text, 6), (pairs["dataset"], 30)]
+    assert [n for n, _ in data.held_out] == [str(held), text, pairs["dataset"]]
+    assert [p.layout.format for _, p in data.held_out] == ["text", "text", "prompt_completion"]
     alone = prepare(text, gpt2_tokenizer, 64, **options)
-    np.testing.assert_array_equal(data.validation.input_ids[-len(alone.validation.input_ids):],
-                                  alone.validation.input_ids)
-    mixed = prepare_data(DataOptions("unused", 64, mixture=three_datasets[:2], val_datasets=(str(held), text),
-                                     **options), gpt2_tokenizer)
+    np.testing.assert_array_equal(data.validation.input_ids[7 * 6: 7 * 6 + len(alone.validation.input_ids)],
+                                  alone.validation.input_ids)  # (after the 7 held-out sentences of 6 tokens)
+    two = ({"dataset": str(held)}, {"dataset": text})
+    mixed = prepare_data(DataOptions("unused", 64, mixture=three_datasets[:2], val_datasets=two, **options),
+                         gpt2_tokenizer)
     assert len(mixed.train) == 40 + 30 and mixed.validation_groups == [(str(held), 7), (text, 6)]
     write_jsonl(held, [{"text": f"held out sentence number {i}"} for i in range(8)])
-    again = prepare_data(DataOptions("unused", 64, mixture=three_datasets[:2], val_datasets=(str(held), text),
-                                     **options), gpt2_tokenizer)
+    again = prepare_data(DataOptions("unused", 64, mixture=three_datasets[:2], val_datasets=two, **options),
+                         gpt2_tokenizer)
     assert len(again.validation) == 8 + 6 and again.fingerprint != mixed.fingerprint
 
+    assert resolve_config({"val_datasets": ["a", "{dataset: b, format: chat}"]}).val_datasets == [
+        {"dataset": "a"}, {"dataset": "b", "format": "chat"}]
+    with pytest.raises(SftuneError, match=re.escape("`val_datasets` entry 0: unknown key `split` (did you mean "
+                                                    "`val_split`?)")):
+        resolve_config({"val_datasets": [{"dataset": "a", "split": "test"}]})
     assert resolve_config({"val_dataset": "x"}, {"val_datasets": ["a", "b"]}).val_dataset is None
     assert resolve_config({"val_datasets": ["a", "b"]}, {"val_dataset": "x"}).val_datasets == []
     with pytest.raises(SftuneError, match=re.escape("`val_dataset` and `val_datasets` are both set: give one dataset "

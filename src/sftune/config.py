@@ -46,6 +46,9 @@ Compile = Literal["auto", "off", "graphs", "torch"]
 # what one entry of `datasets` may set: where its rows come from and how they read (the rest is the run's)
 MIXTURE_KEYS = ("dataset", "dataset_config", "split", "format", "columns", "text_column", "val_split",
                 "train_on_prompt", "train_on_all_turns", "weight")
+# what one entry of `val_datasets` may set (its `val_split`: the split to validate on)
+VAL_KEYS = ("dataset", "dataset_config", "format", "columns", "text_column", "val_split", "train_on_prompt",
+            "train_on_all_turns")
 COMPILE_MODES = (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -141,10 +144,11 @@ class SFTConfig:
     val_dataset: str | None = _f(
         None, "A dataset to validate on, in any form dataset takes (a file, files, a directory, a Hub id): its "
         "val_split, else its validation split, else all of it; the training split is then used whole.", "data")
-    val_datasets: list[str] = _f(
-        [], "Several datasets to validate on, in place of val_dataset, each read as val_dataset reads one; every "
-        "evaluation gives each one's val loss too (TRL's eval_dataset dict, Axolotl's test_datasets). Flag: "
-        "--val-datasets a.jsonl b.jsonl.", "data")
+    val_datasets: list[dict[str, Any]] = _f(
+        [], "Several datasets to validate on, in place of val_dataset, each read as val_dataset reads one: a dataset, "
+        "or a mapping of `dataset` and any of " + ", ".join(f"`{k}`" for k in VAL_KEYS[1:]) + " (the top-level "
+        "keys are their defaults); every evaluation gives each one's val loss too (TRL's eval_dataset dict, Axolotl's "
+        "test_datasets). Flag: --val-datasets a.jsonl '{dataset: b.jsonl, format: chat}'.", "data")
     val_fraction: float = _f(
         0.05, "Fraction of train held out (with `seed`) when the dataset has no validation split.", "data"
     )
@@ -366,7 +370,7 @@ def describe_type(name: str) -> str:
     base, optional = field_type(name)
     if typing.get_origin(base) is Literal:
         text = " | ".join(repr(c) for c in typing.get_args(base))
-    elif name == "datasets":
+    elif name in ("datasets", "val_datasets"):
         text = "list of datasets or mappings"
     elif typing.get_origin(base) is list:
         text = "list of strings"
@@ -422,7 +426,7 @@ def parse_overrides(value: Any) -> dict[str, Any]:
     return dict(value)
 
 
-def parse_mixture(value: Any) -> list[dict[str, Any]]:
+def parse_mixture(value: Any, allowed: tuple[str, ...] = MIXTURE_KEYS) -> list[dict[str, Any]]:
     """`datasets`: each entry a dataset (text) or a mapping of `dataset` and other MIXTURE_KEYS; a flag's entry
     written as a YAML mapping ("{dataset: b.jsonl, format: chat}") is read as one. Each value checked as the
     top-level key of that name checks it.
@@ -446,16 +450,16 @@ def parse_mixture(value: Any) -> list[dict[str, Any]]:
             entry = {"dataset": entry}
         if not isinstance(entry, dict):
             raise ValueError(f"entry {i}: must be a dataset or a mapping with `dataset`, got {short(entry)}")
-        unknown = [k for k in entry if k not in MIXTURE_KEYS]
+        unknown = [k for k in entry if k not in allowed]
         if unknown:
             name = short(str(unknown[0]))[1:-1]
             if ":" in name:  # {dataset:b.jsonl}: YAML reads a colon without a space after it as part of a key
                 key, _, value = name.partition(":")
                 raise ValueError(f"entry {i}: unknown key `{name}`: YAML needs a space after each colon, e.g. "
                                  f"{{{key}: {value}}}")
-            close = ["dataset"] if name in ("path", "name") else difflib.get_close_matches(name, MIXTURE_KEYS, n=1)
+            close = ["dataset"] if name in ("path", "name") else difflib.get_close_matches(name, allowed, n=1)
             raise ValueError(f"entry {i}: unknown key `{name}`{f' (did you mean `{close[0]}`?)' if close else ''}; "
-                             f"an entry may set {', '.join(MIXTURE_KEYS)}")
+                             f"an entry may set {', '.join(allowed)}")
         if not isinstance(entry.get("dataset"), str) or not entry["dataset"].strip():
             raise ValueError(f"entry {i}: names no `dataset`, e.g. {{dataset: data/b.jsonl}}, got {short(entry)}")
         checked = {}
@@ -499,8 +503,8 @@ def coerce(name: str, value: Any) -> Any:
         if value not in typing.get_args(base):
             raise ValueError(f"must be one of {describe_type(name)}, got {short(value)}")
         return value
-    if name == "datasets":
-        return parse_mixture(value)
+    if name in ("datasets", "val_datasets"):
+        return parse_mixture(value, MIXTURE_KEYS if name == "datasets" else VAL_KEYS)
     if typing.get_origin(base) is list:
         if isinstance(value, str):
             return [value]
@@ -619,8 +623,6 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
              f"entry {i} ({entry['dataset']}) validates on its training split {split!r}: name another val_split")
     need(cfg.val_dataset is None or bool(cfg.val_dataset.strip()), "val_dataset",
          "must name a Hub id, a directory or a file, or null to validate on a split of dataset")
-    need(all(isinstance(v, str) and v.strip() for v in cfg.val_datasets), "val_datasets",
-         "must be datasets (Hub ids, directories or files), e.g. --val-datasets a.jsonl b.jsonl")
     need(not training or not cfg.streaming or cfg.max_steps is not None, "max_steps",
          "must be set with streaming: a stream's length is unknown up front, and so is the schedule's end")
     need(cfg.lora_r is None or cfg.lora_r >= 1, "lora_r", "must be at least 1 (8-64 is usual), or null for full "

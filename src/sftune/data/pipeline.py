@@ -51,7 +51,8 @@ class DataOptions:
     val_fraction: float = 0.05
     val_split: str | None = None  # the split to validate on (else the dataset's validation split, else a hold-out)
     val_dataset: str | None = None  # a dataset to validate on instead (its val_split, validation split, or all)
-    val_datasets: tuple[str, ...] = ()  # several, each read as val_dataset is (its val loss reported apart)
+    val_datasets: tuple[dict, ...] = ()  # several, each read as val_dataset is, under its entry's keys (its val
+    # loss reported apart)
     seed: int = 42
     cache_dir: str | Path | None = None
     stream_val_rows: int = 1000
@@ -112,10 +113,17 @@ def validation_groups(val_parts: list[tuple[str, object]]) -> list[tuple[str, in
 
 def held_out_datasets(options: DataOptions, make: Callable[[DataOptions], object]) -> list[tuple[str, object]]:
     """(name, `make(its options)`) for each dataset to validate on (`val_datasets`, or `val_dataset`): read as a
-    dataset of its own, with the top-level format and columns, for its validation alone."""
-    names = list(options.val_datasets) or ([options.val_dataset] if options.val_dataset else [])
-    return [(name, make(replace(options, mixture=(), dataset=name, val_dataset=None, val_datasets=(),
-                                only="validation"))) for name in names]
+    dataset of its own, under its entry's keys (the top-level ones by default), for its validation alone."""
+    entries = list(options.val_datasets) or ([{"dataset": options.val_dataset}] if options.val_dataset else [])
+    held = []
+    for i, entry in enumerate(entries):
+        try:
+            held.append((entry["dataset"], make(replace(options, mixture=(), val_dataset=None, val_datasets=(),
+                                                        only="validation", **entry))))
+        except SftuneError as e:
+            raise SftuneError(f"val_datasets entry {i} ({entry['dataset']}): {e}" if options.val_datasets else
+                              str(e)) from None
+    return held
 
 
 def prepare_data(options: DataOptions, tokenizer) -> PreparedData:
