@@ -181,3 +181,4 @@ def test_a_streamed_mixture_resumes_exactly_after_sigterm(small_model_dir, tmp_p
              for d in report["datasets"]]
     assert parts == [(2.0, None, 30, 10), (1.0, None, 34, 10)]  # a's 30 rows ran out in the chunk's 64 draws
     assert report["splits"]["train"]["kept"] == 64 and report["streaming"]
+    assert report["splits"]["train"]["examples_per_epoch"] == 64  # (the weights drew the rows: the chunk is planned whole)

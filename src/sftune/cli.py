@@ -19,7 +19,6 @@ import functools
 import json
 import os
 import sys
-import time
 import typing
 from pathlib import Path
 from typing import Any, Literal
@@ -244,7 +243,7 @@ def summarize_config(cfg) -> str:
 def cmd_data(args) -> None:
     cfg = config_from_args(args)  # first: a config mistake is reported before the heavy imports
     from sftune.build import build_data, build_tokenizer
-    from sftune.steps import epoch_plan
+    from sftune.steps import epoch_plan, plan_steps
     from sftune.modeling import load_model_config, override_config
     from sftune.report import data_report, format_data_report
 
@@ -253,25 +252,12 @@ def cmd_data(args) -> None:
     data, max_length = build_data(cfg, tokenizer, model_config)
     if cfg.streaming:  # report on the validation split and the stream's first chunk
         from sftune.batching import chunk_rows_for
-        from sftune.data import PreparedData
-        from sftune.data.examples import concat_examples, sum_stats
 
-        start, chunk_rows = time.perf_counter(), chunk_rows_for(cfg.batch_size, cfg.grad_accum)
-        streamed, parts = data, []
-        if cfg.datasets or cfg.val_datasets:  # each stream's rows of the first chunk, beside its validation
-            for (name, part), (train, stats) in zip(streamed.parts, streamed.first_chunks(chunk_rows)):
-                parts.append((name, PreparedData(train, part.validation, {"train": stats, "validation":
-                                                 part.validation_stats}, part.layout, None, False, 0.0)))
-            train = concat_examples([p.train for _, p in parts])
-            train_stats = sum_stats([p.stats["train"] for _, p in parts], train.lengths)
-        else:
-            train, train_stats = streamed.first_chunk(chunk_rows)
-        data = PreparedData(train, streamed.validation, {"train": train_stats, "validation": streamed.validation_stats},
-                            streamed.layout, None, False, time.perf_counter() - start, parts=parts,
-                            weights=getattr(streamed, "weights", []), val_parts=getattr(streamed, "held_out", [])
-                            or parts)
-        log(f"data: streaming: 'train' below is the stream's first chunk ({train_stats.rows:,} rows)")
-    steps = epoch_plan(data, cfg, max_length, 0)  # the first epoch, as training plans it
+        data = data.first_chunk_data(chunk_rows_for(cfg.batch_size, cfg.grad_accum))
+        log(f"data: streaming: 'train' below is the stream's first chunk ({data.stats['train'].rows:,} rows)")
+        steps = plan_steps(data.train.lengths, cfg, max_length, 0)  # (as training plans a chunk: weights drew it)
+    else:
+        steps = epoch_plan(data, cfg, max_length, 0)  # the first epoch, as training plans it
     report = data_report(data, cfg.data_name, max_length, cfg.batch_size, cfg.grad_accum,
                          cfg.eval_batch_size or cfg.batch_size, steps, cfg.batch_tokens, cfg.group_by_length,
                          cfg.packing, show=args.show, streaming=cfg.streaming)

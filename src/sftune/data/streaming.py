@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import time
 from dataclasses import dataclass, replace
 from typing import Callable, Iterator
 
@@ -28,7 +29,8 @@ from sftune.console import log
 from sftune.data.cache import sources_fingerprint
 from sftune.data.examples import Examples, SplitStats, concat_examples, sum_stats
 from sftune.data.formats import CHAT_COLUMNS, ROW_COLUMN, Layout, detect_layout, mixture_layout
-from sftune.data.pipeline import DataOptions, held_out_datasets, mixture_entries, prepare_data, validation_groups
+from sftune.data.pipeline import DataOptions, PreparedData, held_out_datasets, mixture_entries, prepare_data, \
+    validation_groups
 from sftune.data.sources import open_stream, rows_to_validate_on, validation_split
 from sftune.data.tokenize import check_end_of_turn, load_chat_template, tokenize_split, warn_about
 from sftune.errors import SftuneError
@@ -130,8 +132,15 @@ class StreamedData:
             rows_before, chunk, skip = rows_before + len(rows), chunk + 1, 0
 
     def first_chunk(self, chunk_rows: int) -> tuple[Examples, SplitStats]:
-        """The first chunk of the first epoch, tokenized (what `sftune data --streaming` reports on)."""
+        """The first chunk of the first epoch, tokenized."""
         return self.chunk(list(itertools.islice(self.shuffled(0, chunk_rows), chunk_rows)))
+
+    def first_chunk_data(self, chunk_rows: int) -> PreparedData:
+        """The first chunk as the training split beside the validation: what `sftune data --streaming` reports on."""
+        start = time.perf_counter()
+        train, stats = self.first_chunk(chunk_rows)
+        return PreparedData(train, self.validation, {"train": stats, "validation": self.validation_stats},
+                            self.layout, None, False, time.perf_counter() - start)
 
     def shuffled(self, epoch: int, chunk_rows: int):
         """The training stream in the epoch's order (shuffle buffer seeded by seed and epoch)."""
@@ -212,9 +221,19 @@ class MixedStreams:
     def _tokenize(self, drawn: list[list[dict]]) -> Examples:
         return concat_examples([part.chunk(rows)[0] for (_, part), rows in zip(self.parts, drawn)])
 
-    def first_chunks(self, chunk_rows: int) -> list[tuple[Examples, SplitStats]]:
-        """The first chunk of the first epoch: each stream's rows in it, tokenized by its part (what `sftune data
-        --streaming` reports on)."""
+    def first_chunk_data(self, chunk_rows: int) -> PreparedData:
+        """The first chunk of the first epoch as the training split beside the validation, with each stream's rows
+        in it and its validation as the parts: what `sftune data --streaming` reports on."""
+        start = time.perf_counter()
         rows_iters = [iter(part.shuffled(0, chunk_rows)) for _, part in self.parts]
         drawn = self._draw(rows_iters, [0] * len(self.parts), [False] * len(self.parts), chunk_rows, 0, 0)
-        return [part.chunk(rows) for (_, part), rows in zip(self.parts, drawn)]
+        parts = []
+        for (name, part), rows in zip(self.parts, drawn):
+            train, stats = part.chunk(rows)
+            parts.append((name, PreparedData(train, part.validation, {"train": stats, "validation":
+                                             part.validation_stats}, part.layout, None, False, 0.0)))
+        train = concat_examples([p.train for _, p in parts])
+        stats = {"train": sum_stats([p.stats["train"] for _, p in parts], train.lengths),
+                 "validation": self.validation_stats}
+        return PreparedData(train, self.validation, stats, self.layout, None, False, time.perf_counter() - start,
+                            parts=parts, weights=self.weights, val_parts=self.held_out or parts)
