@@ -82,7 +82,8 @@ def from_hub_or_cache(name: str, what: str, flag: str, load: Callable[..., T]) -
 
 # --- pushing a run to the Hub (--push-to-hub, `sftune push`) ----------------------------
 
-PUSH_IGNORE = ["checkpoints/**", ".*", ".*/**", "**/.*", "*.lock"]  # what stays local: checkpoints, staging, the lock
+PUSH_IGNORE = ["checkpoints/**", ".*", ".*/**", "**/.*", "*.lock", "metrics.tmp"]  # what stays local: checkpoints,
+# staging directories, the lock, a metrics file being rewritten
 
 
 def check_push(repo_id: str, flag: str = "--push-to-hub") -> None:
