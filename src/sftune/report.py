@@ -142,7 +142,8 @@ def format_data_report(report: dict, tokenizer, color: bool = False) -> str:
         "(trained: tokens the loss is computed on; untrained: prompt, template and other tokens it never sees)",
         "",
         f"train: {t['micro_batches_per_epoch']:,} batches of up to {report['batch_size']} "
-        f"{'packed rows' if report['packing'] else 'rows'} per epoch = "
+        f"{'packed rows' if report['packing'] else 'rows'} "
+        f"{'in the first chunk' if report.get('streaming') else 'per epoch'} = "
         f"{t['optimizer_steps_per_epoch']:,} optimizer steps (grad_accum {report['grad_accum']}); "
         f"padding efficiency {100 * t['padding_efficiency']:.1f}% (real / computed tokens, "
         f"{'packed' if report['packing'] else 'length-grouped' if report['group_by_length'] else 'shuffled'} batches)"
