@@ -28,9 +28,8 @@ def data_summary(data, dataset: str, max_length: int) -> dict:
     (a stream: its validation split only; the training rows are counted as they stream)."""
     from dataclasses import asdict
 
-    stats = getattr(data, "stats", None) or {"validation": data.validation_stats}
     summary = {"dataset": dataset, "format": data.layout.format, "columns": data.layout.columns,
-               "max_length": max_length, "splits": {name: asdict(split) for name, split in stats.items()}}
+               "max_length": max_length, "splits": {name: asdict(split) for name, split in data.stats.items()}}
     if len(getattr(data, "parts", None) or []) > 1:  # a mixture: each dataset's own layout and counts, the totals above
         summary["datasets"] = [data_summary(part, name, max_length) for name, part in data.parts]
         for part, weight in zip(summary["datasets"], getattr(data, "weights", None) or []):

@@ -230,15 +230,16 @@ def prepare_mixture(options: DataOptions, tokenizer) -> PreparedData:
             f"({'from cache' if part.from_cache else 'tokenized'} in {part.seconds:.1f}s)")
         parts.append((name, part))
         weights.append(weight)
-    val_parts = held_out_datasets(options, lambda held: prepare_data(held, tokenizer)) or parts
-    for name, held in val_parts if val_parts is not parts else []:
-        log(f"data: validating on {name}: {len(held.validation):,} examples, format {held.layout.describe()}")
+    held = held_out_datasets(options, lambda entry: prepare_data(entry, tokenizer))
+    for name, part in held:
+        log(f"data: validating on {name}: {len(part.validation):,} examples, format {part.layout.describe()}")
+    val_parts = held or parts
     train = concat_examples([p.train for _, p in parts])
     validation = concat_examples([p.validation for _, p in val_parts])
     stats = {"train": sum_stats([p.stats["train"] for _, p in parts], train.lengths),
              "validation": sum_stats([p.stats["validation"] for _, p in val_parts], validation.lengths)}
     fingerprint = hashlib.sha256("|".join(f"{name}={p.fingerprint}" for name, p in parts).encode() + b"".join(
-        f"|validation={p.fingerprint}".encode() for _, p in (val_parts if val_parts is not parts else []))).hexdigest()
+        f"|validation={p.fingerprint}".encode() for _, p in held)).hexdigest()
     return PreparedData(train, validation, stats, mixture_layout([p.layout for _, p in parts]), None,
                         all(p.from_cache for _, p in parts), time.perf_counter() - start, fingerprint, parts, weights,
                         val_parts)

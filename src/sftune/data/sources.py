@@ -78,7 +78,7 @@ def load_rows(dataset: str, seed: int, val_fraction: float, config_name: str | N
     split = "train" if files and not is_slice(split) else split
     if split not in ds and not is_slice(split):
         raise SftuneError(f"dataset {dataset} has no {split!r} split (it has: {', '.join(ds)}); set --split")
-    numbered = {name: ds[name].add_column(ROW_COLUMN, np.arange(len(ds[name]))) for name in ds}
+    numbered = numbered_splits(ds)
     train = pick_split(numbered, split, dataset, "--split")
     if only == "train":
         result = datasets.DatasetDict(train=train, validation=train.select([]))
@@ -110,8 +110,13 @@ def rows_to_validate_on(val_dataset: str, val_split: str | None):
     other, _ = read_splits(val_dataset, None, "--val-dataset")
     name = validation_split(other, val_dataset, None, val_split, flag="--val-dataset") or \
         ("train" if "train" in other else next(iter(other)))
-    numbered = {n: other[n].add_column(ROW_COLUMN, np.arange(len(other[n]))) for n in other}
+    numbered = numbered_splits(other)
     return pick_split(numbered, name, val_dataset, "--val-split"), f"{name} of {val_dataset}"
+
+
+def numbered_splits(splits) -> dict:
+    """Each split with its rows' numbers in it (column `__row__`), so that errors can point at a row."""
+    return {name: rows.add_column(ROW_COLUMN, np.arange(len(rows))) for name, rows in splits.items()}
 
 
 def is_slice(split: str) -> bool:

@@ -105,10 +105,15 @@ class StreamedData:
         self.tokenizer, self.options, self.seed, self.split = tokenizer, options.encode, options.seed, split
         self.validation, self.validation_stats = self.chunk(val_rows_list, source=val_name or split)
         if val_rows_list:
-            warn_about({"validation": self.validation_stats}, self.layout, self.options)  # train chunks are like it
+            warn_about(self.stats, self.layout, self.options)  # (the training chunks are like it)
         if len(self.validation) == 0 and options.only != "train":
             raise SftuneError(f"no validation example is left after filtering ({self.validation_stats.dropped}); "
                               f"check --min-tokens, --max-length and --format")
+
+    @property
+    def stats(self) -> dict[str, SplitStats]:
+        """As `PreparedData.stats`, for the split held in memory (the training rows are counted as they stream)."""
+        return {"validation": self.validation_stats}
 
     def chunk(self, rows: list[dict], source: str | None = None) -> tuple[Examples, SplitStats]:
         if not rows:
@@ -139,8 +144,8 @@ class StreamedData:
         """The first chunk as the training split beside the validation: what `sftune data --streaming` reports on."""
         start = time.perf_counter()
         train, stats = self.first_chunk(chunk_rows)
-        return PreparedData(train, self.validation, {"train": stats, "validation": self.validation_stats},
-                            self.layout, None, False, time.perf_counter() - start)
+        return PreparedData(train, self.validation, {"train": stats, **self.stats}, self.layout, None, False,
+                            time.perf_counter() - start)
 
     def shuffled(self, epoch: int, chunk_rows: int):
         """The training stream in the epoch's order (shuffle buffer seeded by seed and epoch)."""
@@ -168,13 +173,14 @@ class MixedStreams:
         held = held_out_datasets(options, lambda entry: prepare_data(entry, tokenizer))  # (read whole, in memory)
         self.val_parts, self.held_out = held or self.parts, held
         self.validation = concat_examples([part.validation for _, part in self.val_parts])
-        self.validation_stats = sum_stats([p.stats["validation"] for _, p in held] or
-                                          [p.validation_stats for _, p in self.parts], self.validation.lengths)
+        self.validation_stats = sum_stats([p.stats["validation"] for _, p in self.val_parts], self.validation.lengths)
         self.validation_groups = validation_groups(self.val_parts)
         prints = [part.fingerprint for _, part in self.parts] + [part.fingerprint for _, part in held]
         self.layout = mixture_layout([part.layout for _, part in self.parts])
         self.fingerprint = None if None in prints else hashlib.sha256("|".join(prints).encode()).hexdigest()
         self.seed, self.warned = options.seed, set()
+
+    stats = StreamedData.stats  # (the validation split's counts, as one stream's)
 
     def steps(self, epoch: int, position: StreamPosition, chunk_rows: int,
               plan: Callable[[np.ndarray, int], list]) -> Iterator[tuple[Examples, list, StreamPosition]]:
@@ -230,10 +236,9 @@ class MixedStreams:
         parts = []
         for (name, part), rows in zip(self.parts, drawn):
             train, stats = part.chunk(rows)
-            parts.append((name, PreparedData(train, part.validation, {"train": stats, "validation":
-                                             part.validation_stats}, part.layout, None, False, 0.0)))
+            parts.append((name, PreparedData(train, part.validation, {"train": stats, **part.stats}, part.layout,
+                                             None, False, 0.0)))
         train = concat_examples([p.train for _, p in parts])
-        stats = {"train": sum_stats([p.stats["train"] for _, p in parts], train.lengths),
-                 "validation": self.validation_stats}
+        stats = {"train": sum_stats([p.stats["train"] for _, p in parts], train.lengths), **self.stats}
         return PreparedData(train, self.validation, stats, self.layout, None, False, time.perf_counter() - start,
                             parts=parts, weights=self.weights, val_parts=self.held_out or parts)
