@@ -20,6 +20,9 @@
 #                then without gradient checkpointing), and the 1B Llama packed, full and LoRA r16, both tools;
 #                then sftune's 1B run with --attention flex_attention, and with --attention varlen
 #   memory (240) benchmarks/memory.py: full / activation checkpointing / LoRA, GPT-2 small and the 1B Llama
+# One call for a whole lease: DEADLINE=SECONDS caps every phase at what is left (a phase with under 20 s left is
+# skipped), and BUNDLE=DIR keeps DIR/results.tgz up to date after each phase, e.g. on the device
+#   OUT=/tmp/gpu BUNDLE=$OUT DEADLINE=560 PHASES="speed check runs fusion" bash benchmarks/gpu_session.sh
 # A dry run of the same steps on a CPU, with tiny models and few steps, checks the script itself:
 #   DEVICE=cpu QUICK=1 OUT=/tmp/gpu-dry bash benchmarks/gpu_session.sh
 set -uo pipefail
@@ -51,14 +54,26 @@ fi
 date=$(date +%Y-%m-%d)
 card=$($py -c "import torch; print(torch.cuda.get_device_name(0).replace(' ', '-') if torch.cuda.is_available() else 'cpu')")
 
-phase() {  # name, seconds, command...
+phase() {  # name, seconds, command...: under the phase's limit, or what is left of DEADLINE if that is less
   local name=$1 limit=$2; shift 2
+  if [ -n "${DEADLINE:-}" ]; then
+    local left=$((DEADLINE - SECONDS))
+    [ "$left" -lt 20 ] && { echo "=== $name: skipped, ${left}s left of DEADLINE ==="; return; }
+    [ "$left" -lt "$limit" ] && limit=$left
+  fi
   echo "=== $name (limit ${limit}s) ==="
   local started=$SECONDS
-  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
   local code=$?
   echo "=== $name: exit $code after $((SECONDS - started)) s ==="
   tail -n 25 "$OUT/$name.log"
+  bundle
+}
+
+bundle() {  # BUNDLE=DIR: everything in $OUT also as DIR/results.tgz, renewed after each phase (the device tool
+  # brings back at most 8 files from its $OUT)
+  [ -n "${BUNDLE:-}" ] || return 0
+  tar czf "$BUNDLE/results-new.tgz" -C "$OUT" . && mv "$BUNDLE/results-new.tgz" "$BUNDLE/results.tgz"
 }
 
 for p in $PHASES; do
