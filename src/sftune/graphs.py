@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sftune.batching import DEVICE_KEYS, HOST_KEYS, VARLEN_KEYS, to_device
+from sftune.batching import HOST_KEYS, to_device
 from sftune.console import log
 from sftune.runtime import autocast
 
@@ -45,12 +45,14 @@ class Captured:
     loss: torch.Tensor  # () fp32: the batch's summed token loss, written by each replay
 
 
-def shape_key(batch: dict[str, torch.Tensor], varlen: bool = False) -> tuple:
-    """What a graph is captured for (and a compiled step compiled for): the shapes of the tensors the step reads,
-    and, for a model under `--attention varlen`, its sequence starts' count and longest sequence (flash
-    attention's grid is sized by it); other models ignore those, so they make no new shapes."""
-    return (tuple((k, tuple(batch[k].shape)) for k in DEVICE_KEYS if k in batch and (varlen or k not in VARLEN_KEYS))
-            + (tuple((k, batch[k]) for k in HOST_KEYS if k in batch) if varlen else ()))
+def shape_key(batch: dict[str, torch.Tensor], keys: tuple[str, ...]) -> tuple:
+    """What a graph is captured for (and a compiled step compiled for): the shapes of the tensors the step reads
+    (`keys`: the loss module's `device_keys`, the very tensors a replay copies into its buffers), and for a model
+    that reads the packed rows' sequence starts (`--attention varlen`) their longest sequence too (flash
+    attention's grid is sized by it). Other models do not read the starts, whose count changes from batch to
+    batch, so those make no new shapes."""
+    return (tuple((k, tuple(batch[k].shape)) for k in keys if k in batch)
+            + (tuple((k, batch[k]) for k in HOST_KEYS if k in batch) if "cu_seqlens" in keys else ()))
 
 
 def why_not_graphs(device: torch.device, world_size: int, precision: str, gradient_checkpointing: bool) -> str | None:
@@ -81,7 +83,7 @@ class StepGraphs:
         the same shape overwrites: use it at once); None when graphs are off (the caller runs the batch eagerly)."""
         if self.failed:
             return None
-        key = shape_key(batch, self.loss_model.varlen)
+        key = shape_key(batch, self.loss_model.device_keys)
         captured = self.graphs.get(key)
         if captured is None:
             captured = self._capture(key, batch)

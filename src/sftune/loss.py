@@ -33,7 +33,7 @@ from torch import nn
 
 from sftune.attention import NAME as VARLEN
 from sftune.attention import varlen_inputs
-from sftune.batching import DEVICE_KEYS, IGNORE_INDEX, ROUTER_KEYS
+from sftune.batching import DEVICE_KEYS, IGNORE_INDEX, ROUTER_KEYS, VARLEN_KEYS
 from sftune.neftune import NoisyEmbeddings, example_lengths
 
 # How the logits of each model type whose projection is fused with the loss come from its final hidden states h
@@ -155,13 +155,19 @@ class CausalLMLoss(nn.Module):
         self.chunk_math: ChunkMath | None = None  # the fused loss's per-chunk math compiled (GPU: `fuse_chunk_math`)
         self.router = router_loss(model)  # mixture of experts: the routers' load-balancing loss, in training
         self.router_sum: torch.Tensor | None = None  # in training: sum over micro-batches of its loss x targets
-        self.device_keys = ROUTER_KEYS if self.router is not None else DEVICE_KEYS  # what a batch brings along
         self.noise: NoisyEmbeddings | None = None  # NEFTune (`add_noise`): noise on the input embeddings in training
 
     def add_noise(self, alpha: float) -> None:
         """NEFTune: in training forwards, noise scaled alpha / sqrt(L x d), L each example's length (`neftune.py`)."""
         self.noise = NoisyEmbeddings(self.model, alpha)
-        self.device_keys = ROUTER_KEYS  # (its lengths come from the attention mask)
+
+    @property
+    def device_keys(self) -> tuple[str, ...]:
+        """What a batch brings to the device: the attention mask too for a router loss or NEFTune (its lengths), and
+        the packed rows' sequence starts only under `--attention varlen` (the one reader: a CUDA graph of another
+        model must not take them, their count changes from batch to batch)."""
+        keys = ROUTER_KEYS if self.router is not None or self.noise is not None else DEVICE_KEYS
+        return keys if self.varlen else tuple(k for k in keys if k not in VARLEN_KEYS)
 
     def take_correct(self) -> int:
         """Targets whose argmax prediction was right since the last call (training forwards only). note: syncs.

@@ -341,7 +341,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         started_step = time.perf_counter()
         loss_sum, step_targets = forward_backward(model, micro_batches, dist, precision, scaler, graphs,
                                                    run.loss_model.device_keys)
-        shapes = {shape_key(b, run.loss_model.varlen) for b in micro_batches} if run.compile != "off" else set()
+        shapes = {shape_key(b, run.loss_model.device_keys) for b in micro_batches} if run.compile != "off" else set()
         if not shapes_seen.issuperset(shapes):
             shapes_seen |= shapes  # (this step's time is mostly capture or compile: a one-off, not the run's pace)
             compile_s += time.perf_counter() - started_step
