@@ -20,6 +20,8 @@
 #                then without gradient checkpointing), and the 1B Llama packed, full and LoRA r16, both tools;
 #                then sftune's 1B run with --attention flex_attention, and with --attention varlen
 #   memory (240) benchmarks/memory.py: full / activation checkpointing / LoRA, GPT-2 small and the 1B Llama
+#   profile (240) --profile-steps: torch.profiler over 10 steps of the seed's recipe (after its graphs are captured)
+#                and 4 packed steps; their summaries (wall and GPU-busy ms a step, top kernels) as profile-*.txt
 # One call for a whole lease: DEADLINE=SECONDS caps every phase at what is left (a phase with under 20 s left is
 # skipped), and BUNDLE=DIR keeps DIR/results.tgz up to date after each phase, e.g. on the device
 #   OUT=/tmp/gpu BUNDLE=$OUT DEADLINE=560 PHASES="speed check runs fusion" bash benchmarks/gpu_session.sh
@@ -41,6 +43,8 @@ if [ -n "${QUICK:-}" ]; then
   seed_trl=(--steps 3 --warmup 1 --model-config tests/fixtures/tiny-llama --tokenizer bundled:gpt2 --batch-size 4 --max-length 64)
   big_trl=(--steps 2 --warmup 1 --model-config tests/fixtures/tiny-llama --tokenizer bundled:gpt2 --packing --max-length 128 --batch-size 2 --lr 3e-4)
   big_sftune=(--model tests/fixtures/tiny-llama --max-length 128 --batch-size 2 --max-steps 3)
+  prof_seed=(--model tests/fixtures/tiny-llama --tokenizer bundled:gpt2 --dataset examples/quickstart/data --text-column text --max-steps 4 --profile-steps 3-4)
+  prof_packed=(--model tests/fixtures/tiny-llama --tokenizer bundled:gpt2 --dataset examples/quickstart/data --text-column text --max-length 128 --max-steps 3 --profile-steps 2-3)
 else
   small=(--steps 5)
   big=(--model-config examples/llama-1b --batch-size 8 --words 700 --steps 5)
@@ -49,6 +53,8 @@ else
   seed_trl=()
   big_trl=(--steps 10 --warmup 3 --model-config examples/llama-1b --tokenizer bundled:gpt2 --packing --max-length 1024 --batch-size 8 --lr 3e-4)
   big_sftune=(--max-steps 13)
+  prof_seed=(--model ../shared/models/gpt2 --dataset ../shared/data/sst2 --max-steps 230 --profile-steps 221-230)
+  prof_packed=(--model ../shared/models/gpt2 --dataset ../shared/data/sst2 --max-length 1024 --max-steps 14 --profile-steps 11-14)
 fi
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv > "$OUT/gpu.txt"
 date=$(date +%Y-%m-%d)
@@ -98,7 +104,16 @@ for p in $PHASES; do
     memory)
       phase memory-small 120 $py benchmarks/memory.py --device "$DEVICE" "${small[@]}" --json
       phase memory-big 120 $py benchmarks/memory.py --device "$DEVICE" "${big[@]}" --json ;;
-    *) echo "unknown phase $p (check, speed, runs, fusion, peers, memory)" ;;
+    profile)
+      for kind in seed packed; do
+        [ $kind = seed ] && args=("${prof_seed[@]}") || args=("${prof_packed[@]}" --packing)
+        phase "profile-$kind" 120 $py -m sftune train --config configs/gpt2-sst2.yaml --init random --device "$DEVICE" \
+          "${args[@]}" --eval-every 100000 --sample-prompts "" --report-to none --no-run-report \
+          --output-dir "/tmp/sftune-profile-$kind" --overwrite
+        cp "/tmp/sftune-profile-$kind/profile/summary.txt" "$OUT/profile-$kind.txt" 2>/dev/null
+      done
+      bundle ;;
+    *) echo "unknown phase $p (check, speed, runs, fusion, peers, memory, profile)" ;;
   esac
 done
 ls -la "$OUT"

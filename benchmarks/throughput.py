@@ -25,7 +25,8 @@ tokens per second over the steps after a warm-up.
 
 --whole-job times two processes from start to exit, each with empty caches: the notebook (the seed's pipeline,
 val loss before training, one epoch of its loop, val loss after, `save_pretrained`) and
-`sftune train --config configs/gpt2-sst2.yaml` on the local GPT-2 config (random init) and SST-2 copy.
+`sftune train --config configs/gpt2-sst2.yaml` on the local GPT-2 config (random init) and SST-2 copy; the JSON
+keeps each one's log lines with the seconds since its start (`timeline`): where the time goes.
 
 MFU (GPU only) = real tok/s x FLOPs per token / the card's dense bf16 peak, FLOPs per token = 6N + 12 x layers x
 context x width (PaLM, appendix B; nanoGPT's estimate): N = the parameters of every matrix product, the tied
@@ -43,6 +44,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -214,9 +216,15 @@ def worker_seed_job(args) -> dict:
     """The notebook from start to end: data, val loss before, one epoch, val loss after, the saved model."""
     import torch
 
+    def note(what: str) -> None:  # (a line in the whole job's timeline)
+        print(what, file=sys.stderr, flush=True)
+
+    note("seed job: started")
     tokenizer, data = seed_data(str(SST2 / "data" / "train-00000-of-00001.parquet"),
                                 str(SST2 / "data" / "validation-00000-of-00001.parquet"))
+    note("seed job: data ready")
     model = gpt2_small().to(args.device)
+    note("seed job: model ready")
 
     def val_loss() -> float:  # the seed's way: the mean of per-batch mean losses, padding ignored by the collator
         from torch.utils.data import DataLoader
@@ -230,11 +238,34 @@ def worker_seed_job(args) -> dict:
         return sum(losses) / len(losses)
 
     before = val_loss()
+    note("seed job: val loss before training")
     real, _, secs, steps = seed_loop(model, tokenizer, data["train"], 5e-5, 0, 10**9, 10**9, device=args.device)
+    note("seed job: trained one epoch")
     after = val_loss()
+    note("seed job: val loss after training")
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
+    note("seed job: model saved")
     return {"val_before": before, "val_after": after, "train_seconds": secs, "steps": steps}
+
+
+def timed_process(cmd: list[str], env: dict) -> tuple[int, str, list[str], float]:
+    """Run `cmd` from the project root: (exit code, stdout, its stderr lines each with the seconds since the start,
+    wall seconds)."""
+    started = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    timeline: list[str] = []
+
+    def read_log() -> None:
+        for line in proc.stderr:
+            timeline.append(f"{time.perf_counter() - started:7.2f} {line.rstrip()[:200]}")
+
+    reader = threading.Thread(target=read_log)
+    reader.start()
+    stdout = proc.stdout.read()
+    code = proc.wait()
+    reader.join()
+    return code, stdout, timeline, time.perf_counter() - started
 
 
 def whole_job(name: str, args) -> dict:
@@ -249,19 +280,18 @@ def whole_job(name: str, args) -> dict:
                    "--model", str(GPT2), "--init", "random", "--dataset", str(SST2), "--device", args.device,
                    "--compile", args.compile, "--output-dir", f"{tmp}/run"]
         print(f"running the whole {name} job ...", file=sys.stderr, flush=True)
-        started = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT)
-        seconds = time.perf_counter() - started
-        if proc.returncode != 0:
-            print(f"the whole {name} job failed (the other runs go on):\n{proc.stderr[-2000:]}", file=sys.stderr)
-            return {"error": proc.stderr[-4000:]}
-        result = {"wall_s": seconds}
+        code, stdout, timeline, seconds = timed_process(cmd, env)
+        if code != 0:
+            tail = "\n".join(timeline[-40:])
+            print(f"the whole {name} job failed (the other runs go on):\n{tail}", file=sys.stderr)
+            return {"error": tail}
+        result = {"wall_s": seconds, "timeline": timeline}
         if name == "seed":
-            result.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+            result.update(json.loads(stdout.strip().splitlines()[-1]))
         else:
             evals = [json.loads(line) for line in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()
                      if '"eval"' in line]
-            result.update(val_before=evals[0]["val_loss"], val_after=evals[-1]["val_loss"], log_tail=proc.stderr[-1500:])
+            result.update(val_before=evals[0]["val_loss"], val_after=evals[-1]["val_loss"])
         return result
 
 

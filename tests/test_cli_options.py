@@ -213,3 +213,26 @@ def test_an_empty_string_empties_a_list_flag():
     assert config_from_args(args).sample_prompts == []
     with pytest.raises(SftuneError, match="lora_targets"):
         config_from_args(build_parser().parse_args(["train", "--config", config, "--lora-r", "8", "--lora-targets", ""]))
+
+
+def test_profile_steps_write_a_trace_and_a_summary(tmp_path, small_model_dir, capsys):
+    """--profile-steps 2-3: torch.profiler over those optimizer steps; a Chrome trace and a summary with the wall time
+    a step and the operators that took the most time (on a GPU also its busy time), named in the log."""
+    import gzip
+
+    out = tmp_path / "run"
+    code, _, err = run_main(capsys, "train", "--no-run-report", "--model", str(small_model_dir), "--dataset",
+                            str(QUICKSTART_DATA), "--max-steps", "4", "--batch-size", "4", "--report-to", "none",
+                            "--profile-steps", "2-3", "--output-dir", str(out))
+    assert code == 0, err
+    summary = (out / "profile" / "summary.txt").read_text()
+    assert summary.startswith("steps 2-3 (2 optimizer steps)") and "ms a step" in summary
+    assert "by CPU time (self):" in summary and "aten::" in summary
+    trace = json.loads(gzip.open(out / "profile" / "trace.json.gz").read())
+    assert any(event.get("name", "").startswith("aten::") for event in trace["traceEvents"])
+    assert f"profile of steps 2-3: {out / 'profile'}" in err
+    for bad in ("5", "3-2", "0-4", "a-b"):
+        code, _, err = run_main(capsys, "train", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA),
+                                "--profile-steps", bad, "--output-dir", str(tmp_path / "bad"))
+        assert code == 2 and "Traceback" not in err, err
+        assert f"profile_steps = '{bad}': must be two step numbers A-B with 1 <= A <= B, e.g. 20-30" in err, err

@@ -93,7 +93,7 @@ def test_the_heads_cast_is_made_once_per_update():
         w.add_(1.0)  # an in-place change autograd sees
     second = loss.cast_weight(w, torch.bfloat16)
     assert second is not first
-    torch.testing.assert_close(second, w.detach().to(torch.bfloat16))
+    torch.testing.assert_close(second[: len(w)], w.detach().to(torch.bfloat16))  # (then zero rows: aligned_cast)
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.1, fused=True)
     optimizer.register_step_post_hook(loss.forget_cast)  # as build.py does
@@ -101,7 +101,7 @@ def test_the_heads_cast_is_made_once_per_update():
     CausalLMLoss(model)(_batch()).backward()
     optimizer.step()
     assert w._version == version  # fused AdamW: the version counter did not move ...
-    torch.testing.assert_close(loss.cast_weight(w, torch.bfloat16), w.detach().to(torch.bfloat16))  # ... yet recast
+    torch.testing.assert_close(loss.cast_weight(w, torch.bfloat16)[: len(w)], w.detach().to(torch.bfloat16))  # recast
 
 
 def test_token_accuracy_counts_the_argmax_hits_of_training_forwards():
@@ -164,9 +164,10 @@ def _head_inputs(rows: int, dtype=torch.float64):
     return hidden, weight, targets
 
 
-def _fused_sum(hidden, weight, targets, chunk_math, scale=1.0, cap=None):
+def _fused_sum(hidden, weight, targets, chunk_math, scale=1.0, cap=None, w=None):
     correct = torch.zeros((), dtype=torch.long)
-    loss = LinearCrossEntropySum.apply(hidden, weight, targets, weight.detach(), correct, chunk_math, scale, cap)
+    w = weight.detach() if w is None else w
+    loss = LinearCrossEntropySum.apply(hidden, weight, targets, w, correct, chunk_math, scale, cap)
     grads = torch.autograd.grad(loss, (hidden, weight))
     return loss.detach(), grads, int(correct)
 
@@ -189,6 +190,34 @@ def test_scaled_and_soft_capped_logits_give_autograds_loss_and_gradients(scale, 
                   "compiled": ChunkMath(backend="aot_eager")}[how]
     got_loss, got_grads, got_hits = _fused_sum(hidden, weight, targets, chunk_math, scale, cap)
     torch.testing.assert_close(got_loss, want_loss.detach(), rtol=1e-12, atol=0)
+    for got, want in zip(got_grads, want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert got_hits == want_hits > 0
+
+
+@pytest.mark.parametrize("scale, cap, how", [(1.0, None, "in place"), (1.0, None, "functional"),
+                                             (1.0, None, "compiled"), (0.25, 3.0, "in place"),
+                                             (0.25, 3.0, "functional")])
+def test_a_head_padded_to_aligned_rows_changes_no_loss_gradient_or_hit(scale, cap, how):
+    """The head's cast with zero rows up to a multiple of 64 (97 -> 128 here, GPT-2's 50,257 -> 50,304: aligned
+    rows for the GPU's bf16 products): the extra logits count as -inf, so the loss, the gradients (of the real
+    rows only) and the argmax hits are autograd's on the plain formula (fp64, two chunks, ignored slots)."""
+    from sftune.loss import aligned_cast
+
+    hidden, weight, targets = _head_inputs(CE_CHUNK_ROWS + 37)
+    w = aligned_cast(weight, torch.float64)
+    assert w.shape == (128, 16) and torch.equal(w[:97], weight.detach()) and not w[97:].any()
+    z = (hidden @ weight.T) * scale
+    logits = cap * torch.tanh(z / cap) if cap is not None else z
+    trained = targets != -100
+    want_loss = F.cross_entropy(logits[trained], targets[trained], reduction="sum")
+    want_grads = torch.autograd.grad(want_loss, (hidden, weight))
+    want_hits = int((logits.argmax(-1)[trained] == targets[trained]).sum())
+    chunk_math = {"in place": None, "functional": chunk_math_functional,
+                  "compiled": ChunkMath(backend="aot_eager")}[how]
+    got_loss, got_grads, got_hits = _fused_sum(hidden, weight, targets, chunk_math, scale, cap, w)
+    torch.testing.assert_close(got_loss, want_loss.detach(), rtol=1e-12, atol=0)
+    assert got_grads[1].shape == weight.shape
     for got, want in zip(got_grads, want_grads):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert got_hits == want_hits > 0

@@ -300,6 +300,11 @@ class SFTConfig:
         True, "Write report.html and loss.png into output_dir at the end (about 0.3 s; `sftune report RUN` writes "
         "them at any time from the run's files).", "log")
 
+    profile_steps: str | None = _f(
+        None, "Profile optimizer steps A-B (e.g. 20-30) with torch.profiler: <output_dir>/profile gets trace.json.gz "
+        "(open it in Perfetto or chrome://tracing) and summary.txt (the operators that took the most GPU and CPU "
+        "time, and how busy the GPU was). Keep it to a few steps: a trace grows by megabytes a step.", "log")
+
     early_stopping_patience: int | None = _f(
         None, "Stop when the val loss has not improved for this many evaluations (null: never).", "log")
     early_stopping_min_delta: float = _f(
@@ -347,9 +352,18 @@ RUN_CONTROL_KEYS = {
     "eval_every", "eval_batch_size", "log_every", "output_dir", "sample_prompts", "sample_max_new_tokens",
     "save_every", "keep_last", "checkpoint_hashes", "resume", "resume_force", "overwrite", "cache_dir", "trust_remote_code", "device",
     "max_bad_steps", "merge", "report_to", "run_report", "early_stopping_patience", "early_stopping_min_delta", "save_best", "final_model",
-    "push_to_hub", "hub_private",
+    "push_to_hub", "hub_private", "profile_steps",
     "strategy", "gradient_checkpointing", "dist_timeout",  # how the same arithmetic is spread over ranks, or recomputed
 }
+
+
+def profile_range(spec: str) -> tuple[int, int] | None:
+    """`profile_steps` "A-B" as (A, B), or None when it is not two step numbers with 1 <= A <= B."""
+    first, dash, last = str(spec).strip().partition("-")
+    if not (dash and first.strip().isdigit() and last.strip().isdigit()):
+        return None
+    first, last = int(first), int(last)
+    return (first, last) if 1 <= first <= last else None
 
 
 FIELDS: dict[str, dataclasses.Field] = {f.name: f for f in dataclasses.fields(SFTConfig)}
@@ -596,6 +610,8 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
     need(cfg.eval_every is None or cfg.eval_every >= 1, "eval_every", "must be at least 1, or null")
     need(cfg.eval_batch_size is None or cfg.eval_batch_size >= 1, "eval_batch_size", "must be at least 1, or null")
     need(cfg.log_every >= 1, "log_every", "must be at least 1")
+    need(cfg.profile_steps is None or profile_range(cfg.profile_steps) is not None, "profile_steps",
+         "must be two step numbers A-B with 1 <= A <= B, e.g. 20-30 (the steps to profile), or null")
     need(cfg.save_every is None or cfg.save_every >= 1, "save_every", "must be at least 1, or null for no checkpoints")
     need(cfg.keep_last >= 1, "keep_last", "must be at least 1")
     need(cfg.dist_timeout >= 1, "dist_timeout", "must be at least 1 second (1800: 30 minutes)")

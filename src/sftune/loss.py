@@ -51,6 +51,7 @@ LOGIT_MAPS: dict[str, Callable[[object], tuple[float, float | None]]] = {
     **{model_type: lambda config: (1.0, config.final_logit_softcapping) for model_type in ("gemma2", "gemma3_text")},
 }
 CE_CHUNK_ROWS = 1024  # rows of (rows, vocab) logits alive at once: 1024 x 50,257 x 4 B = 206 MB in fp32
+VOCAB_ALIGN = 64  # the head's cast gets zero rows up to a multiple of this (50,257 -> 50,304): aligned products
 
 
 def output_head(model) -> nn.Module:
@@ -291,15 +292,32 @@ class CausalLMLoss(nn.Module):
         if weight.dtype == dtype:
             return weight.detach()
         if not self.cache_cast:
-            return weight.detach().to(dtype)
+            return aligned_cast(weight, dtype)
         key = (weight._version, weight.data_ptr(), dtype)  # catches in-place changes that autograd sees
         if self._cast is None or self._cast[0] != key:
-            self._cast = (key, weight.detach().to(dtype))
+            self._cast = (key, aligned_cast(weight, dtype))
         return self._cast[1]
 
     def forget_cast(self, *_) -> None:
         """Drop the cached cast of the head's weight (an optimizer step hook: `(optimizer, args, kwargs)`)."""
         self._cast = None
+
+
+def aligned_cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The head's weight (V, D) cast to `dtype`, with zero rows after its V up to a multiple of VOCAB_ALIGN.
+
+    With V = 50,257 (GPT-2) every (rows, V) logits tensor has an odd row stride, and no product that reads or
+    writes one has the 16-byte aligned rows a GPU's bf16 matrix kernels want. `LinearCrossEntropySum` takes the
+    extra columns as logits of -inf: they add nothing to the softmax, the loss or any gradient (tested).
+    """
+    vocab = weight.shape[0]
+    rows = -(-vocab // VOCAB_ALIGN) * VOCAB_ALIGN
+    if rows == vocab:
+        return weight.detach().to(dtype)
+    cast = weight.new_empty((rows, weight.shape[1]), dtype=dtype)
+    cast[:vocab].copy_(weight.detach())
+    cast[vocab:].zero_()
+    return cast
 
 
 class LinearCrossEntropySum(torch.autograd.Function):
@@ -309,7 +327,7 @@ class LinearCrossEntropySum(torch.autograd.Function):
     The gradients are computed in the forward pass, chunk by chunk (d loss / d logits =
     softmax - onehot), so neither pass ever holds more than CE_CHUNK_ROWS rows of logits.
     Matrix products run in `w`'s dtype (the weight cast to bf16 under autocast); softmax and
-    sums in fp32. No gradient is computed for an input that does not need one (a frozen head). `correct`, when
+    sums in fp32. `w` may have more rows than `weight` (`aligned_cast`): their logits count as -inf. No gradient is computed for an input that does not need one (a frozen head). `correct`, when
     given, counts the targets the argmax predicts (for the logged token accuracy). A target of IGNORE_INDEX (a
     static batch's position that trains nothing) adds nothing to the loss, its gradient or the count. `rows` and
     `values`: the head is `weight` (a constant) except that its rows `rows` are `values`, which get the gradient
@@ -328,6 +346,7 @@ class LinearCrossEntropySum(torch.autograd.Function):
         # `total` is summed out of place: torch.compile before 2.13 (dynamo's autograd.Function tracing) hands the
         # backward a zero gradient for an output that forward made with torch.zeros and then updated in place
         total = torch.zeros((), dtype=acc, device=hidden.device)
+        vocab = weight.shape[0] if w.shape[0] != weight.shape[0] else None  # (padded: the real columns)
         for i in range(0, hidden.shape[0], CE_CHUNK_ROWS):
             h = hidden[i : i + CE_CHUNK_ROWS].to(w.dtype)
             t = targets[i : i + CE_CHUNK_ROWS]
@@ -335,20 +354,20 @@ class LinearCrossEntropySum(torch.autograd.Function):
             t = t.clamp(min=0)  # (an ignored row picks class 0, then counts for nothing)
             if chunk_math is not None:  # the same math, fused by torch.compile: one or two passes over the logits
                 loss, hits, probs = chunk_math(h @ w.T, t, trained, acc, need_hidden or need_weight or need_rows,
-                                               scale, cap)
+                                               scale, cap, vocab)
                 if correct is not None:
                     correct += hits
             else:
                 logits = (h @ w.T).to(acc)  # (chunk, V) fp32: the only logits alive
                 loss, probs = _chunk_in_place(logits, t, trained, correct, need_hidden or need_weight or need_rows,
-                                              scale, cap)
+                                              scale, cap, vocab)
             total = total + loss
             if probs is not None:
                 probs = probs.to(w.dtype)
                 if need_hidden:
                     grad_hidden[i : i + CE_CHUNK_ROWS] = probs @ w
                 if need_weight:
-                    chunk_grad = probs.T @ h
+                    chunk_grad = (probs.T @ h)[: weight.shape[0]]  # (the padding's rows: zero, dropped)
                     if grad_weight is None:
                         grad_weight = chunk_grad.to(acc)
                     else:
@@ -375,9 +394,10 @@ class LinearCrossEntropySum(torch.autograd.Function):
 
 
 def _chunk_in_place(logits, t, trained, correct, want_grad: bool, scale: float = 1.0,
-                    cap: float | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                    cap: float | None = None, vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One chunk eagerly, in place in its fp32 logits z = h @ W.T: (its loss sum, d loss / d z (softmax - onehot,
-    0 on untrained rows, through the model's scale and soft cap) or None); its argmax hits are added to `correct`."""
+    0 on untrained rows, through the model's scale and soft cap) or None); its argmax hits are added to `correct`.
+    `vocab`: the real columns when W was padded (`aligned_cast`); the others become -inf."""
     slope = None  # the soft cap's derivative, 1 - tanh^2: one more (chunk, V) buffer, only for capped models
     if scale != 1.0:
         logits.mul_(scale)
@@ -385,6 +405,8 @@ def _chunk_in_place(logits, t, trained, correct, want_grad: bool, scale: float =
         logits.div_(cap).tanh_()
         slope = 1.0 - logits.square() if want_grad else None
         logits.mul_(cap)
+    if vocab is not None:
+        logits[:, vocab:] = float("-inf")
     lse = torch.logsumexp(logits, dim=-1)
     loss = torch.where(trained, lse - logits.gather(1, t[:, None]).squeeze(1), 0.0).sum()
     if correct is not None:  # (counted in place: an accuracy for the log, no gradient)
@@ -401,7 +423,7 @@ def _chunk_in_place(logits, t, trained, correct, want_grad: bool, scale: float =
 
 
 def chunk_math_functional(logits, t, trained, acc: torch.dtype, want_grad: bool, scale: float = 1.0,
-                          cap: float | None = None):
+                          cap: float | None = None, vocab: int | None = None):
     """One chunk's (loss sum, argmax hits, d loss / d logits or None) from its (rows, V) logits in the matmul's
     dtype: the math of `_chunk_in_place` without in-place steps, so that torch.compile fuses it into a pass or two
     over the logits (eagerly it would make about eight, most of them over an fp32 copy)."""
@@ -411,12 +433,15 @@ def chunk_math_functional(logits, t, trained, acc: torch.dtype, want_grad: bool,
     if cap is not None:
         tanh = torch.tanh(x / cap)
         x = tanh * cap
+    columns = torch.arange(x.shape[-1], device=x.device)[None, :]
+    if vocab is not None:  # (a padded head: its extra columns are -inf)
+        x = torch.where(columns < vocab, x, float("-inf"))
     lse = torch.logsumexp(x, dim=-1)
     loss = torch.where(trained, lse - x.gather(1, t[:, None]).squeeze(1), 0.0).sum()
     hits = ((x.argmax(-1) == t) & trained).sum()
     if not want_grad:
         return loss, hits, None
-    target = torch.arange(x.shape[-1], device=x.device)[None, :] == t[:, None]
+    target = columns == t[:, None]
     grad = torch.where(trained[:, None], (x - lse[:, None]).exp() - target.to(acc), 0.0)
     if cap is not None:
         grad = grad * (1.0 - tanh * tanh)
@@ -433,17 +458,17 @@ class ChunkMath:
         self.compiled = torch.compile(chunk_math_functional, dynamic=True, fullgraph=True, backend=backend)
         self.failed: str | None = None
 
-    def __call__(self, logits, t, trained, acc, want_grad, scale=1.0, cap=None):
+    def __call__(self, logits, t, trained, acc, want_grad, scale=1.0, cap=None, vocab=None):
         if self.failed is None:
             try:
-                return self.compiled(logits, t, trained, acc, want_grad, scale, cap)
+                return self.compiled(logits, t, trained, acc, want_grad, scale, cap, vocab)
             except Exception as e:  # noqa: BLE001 (any compiler failure: the eager math is the same math)
                 lines = [line for line in str(e).splitlines() if line.strip()][:2]  # (a compiler error's cause)
                 self.failed = f"{type(e).__name__}: {' '.join(lines)}"[:300]
                 from sftune.console import log
 
                 log(f"warning: compiling the fused loss's chunk math failed ({self.failed}); it runs eagerly")
-        return chunk_math_functional(logits, t, trained, acc, want_grad, scale, cap)
+        return chunk_math_functional(logits, t, trained, acc, want_grad, scale, cap, vocab)
 
 
 def sum_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

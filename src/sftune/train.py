@@ -305,6 +305,13 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         else None
     shapes_seen: set[tuple] = set()  # graphs and compile: a step with a new batch shape captures or compiles it
     guard = NonFiniteGuard(optimizer, scaler, precision, dist)
+    profiler = None  # --profile-steps A-B
+    if cfg.profile_steps:
+        from sftune.config import profile_range
+        from sftune.profiling import StepProfiler
+
+        profiler = StepProfiler(profile_range(cfg.profile_steps), out / "profile", dist)
+        run.closers.append(profiler.close)  # (an error: dropped, nothing written)
 
     def settle() -> None:
         """Act on the last step's verdict: the guard decided on the device whether to apply its update; the host
@@ -336,6 +343,8 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
     if dist.device.type == "cuda":  # the next step's batches are made and pinned while the GPU runs this one
         steps = prefetch(steps, prepare=lambda s: replace(s, micro_batches=[pin(b) for b in s.micro_batches]))
     for step_data in steps:
+        if profiler is not None:
+            profiler.before(state.step + 1)
         settle()  # the previous step's verdict: read now that this step's batches are ready (no wait by then)
         micro_batches = step_data.micro_batches
         started_step = time.perf_counter()
@@ -365,6 +374,8 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         window.add(loss_sum, step_targets, step_tokens)
         step = state.step
         bar.update(1)
+        if profiler is not None:
+            profiler.after(step)
 
         if step == 1 and cfg.log_every > 1:  # a first sign of life within seconds, even without a terminal
             settle()
@@ -421,6 +432,8 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         if step >= total_steps:
             break
     settle()
+    if profiler is not None:
+        profiler.close(state.step)  # (a run that ended inside the range: what was profiled)
     if hasattr(steps, "close"):
         steps.close()  # (a prefetching thread stops)
     if evals[-1]["step"] != state.step:
