@@ -15,7 +15,8 @@
 #   runs   (300) benchmarks/gpu_check.py: SIGTERM resume under graphs (bitwise?), the non-finite guard under
 #                graphs, then whole runs --compile off/graphs/torch (fp32, bf16) and LoRA (with 2 added tokens), each saved as it ends
 #   fusion (300) benchmarks/throughput.py --only packed,packed-varlen --packed-compile torch: the packed runs with
-#                inductor's fused kernels instead of graphs (for packed rows the step is compute, not launches)
+#                inductor's fused kernels instead of graphs (for packed rows the step is compute, not launches);
+#                then the seed's recipe under --compile torch --compile-mode reduce-overhead (fusion and graphs)
 #   peers  (540) TRL's SFTTrainer (benchmarks/trl_baseline.py) next to sftune: the seed's recipe (TRL's defaults,
 #                then without gradient checkpointing), and the 1B Llama packed, full and LoRA r16, both tools;
 #                then sftune's 1B run with --attention flex_attention, and with --attention varlen
@@ -87,7 +88,8 @@ for p in $PHASES; do
     check) [ "$DEVICE" = cuda ] && phase check 150 $py benchmarks/gpu_check.py --quick --json "$OUT/gpu-check-quick.json" ;;
     speed) phase speed 420 $py benchmarks/throughput.py --device "$DEVICE" "${speed[@]}" --json "$OUT/$card-$date.json" ;;
     runs) phase runs 300 $py benchmarks/gpu_check.py --device "$DEVICE" --runs-only "${runs[@]}" --json "$OUT/gpu-check.json" ;;
-    fusion) [ "$DEVICE" = cuda ] && phase fusion 300 $py benchmarks/throughput.py --device cuda --quick --only packed,packed-varlen --packed-compile torch --json "$OUT/packed-compiled-$card-$date.json" ;;
+    fusion) [ "$DEVICE" = cuda ] && phase fusion 300 $py benchmarks/throughput.py --device cuda --quick --only packed,packed-varlen --packed-compile torch --json "$OUT/packed-compiled-$card-$date.json"
+      [ "$DEVICE" = cuda ] && phase fusion-seed 300 $py benchmarks/throughput.py --device cuda --quick --only sftune --compile torch --compile-mode reduce-overhead --json "$OUT/seed-compiled-$card-$date.json" ;;
     peers)
       phase trl-seed 90 $py benchmarks/trl_baseline.py --device "$DEVICE" "${seed_trl[@]}" --json "$OUT/trl-seed.json"
       phase trl-seed-nogc 90 $py benchmarks/trl_baseline.py --device "$DEVICE" "${seed_trl[@]}" --no-gradient-checkpointing --json "$OUT/trl-seed-nogc.json"

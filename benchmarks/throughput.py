@@ -188,7 +188,7 @@ def worker_sftune(args) -> dict:
         options = {"model": str(model_dir), "dataset": str(dataset), "max_steps": args.warmup + args.steps,
                    "log_every": 1, "output_dir": str(tmp / "run"), "cache_dir": str(tmp / "cache"),
                    "device": args.device, "report_to": "none", "compile": args.compile,
-                   "attention": "varlen" if varlen else "auto"}
+                   "attention": "varlen" if varlen else "auto", "compile_mode": args.compile_mode}
         if packed:
             options.update(packing=True, max_length=1024, compile=args.packed_compile or args.compile,
                            model_config_overrides={"attn_pdrop": 0.0} if varlen else {})  # (varlen: no dropout)
@@ -368,7 +368,8 @@ def worker_quality(args) -> dict:
 def run_worker(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--warmup", str(args.warmup), "--steps", str(args.steps),
            "--seconds", str(args.seconds), "--device", args.device, "--compile", args.compile,
-           *(["--packed-compile", args.packed_compile] if args.packed_compile else [])]
+           *(["--packed-compile", args.packed_compile] if args.packed_compile else []),
+           *(["--compile-mode", args.compile_mode] if args.compile_mode else [])]
     env = {**os.environ, "HF_DATASETS_CACHE": tempfile.mkdtemp(prefix="bench-hf-"), "TOKENIZERS_PARALLELISM": "false"}
     print(f"running {name} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -410,6 +411,9 @@ def main() -> None:
                    help="sftune's --compile for its runs (default auto)")
     p.add_argument("--packed-compile", choices=["auto", "off", "graphs", "torch"],
                    help="--compile for the packed run only (default: --compile)")
+    p.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune",
+                                              "max-autotune-no-cudagraphs"],
+                   help="sftune's --compile-mode for its runs under --compile torch (default: torch.compile's)")
     p.add_argument("--varlen", action="store_true",
                    help="(GPU) also sftune and packed under --attention varlen (packed: GPT-2 with attention dropout 0)")
     p.add_argument("--only", metavar="RUN,RUN", help="run only these (seed, sftune, packed, sftune-varlen, "
