@@ -270,10 +270,12 @@ def cmd_eval(args) -> None:
     from sftune.dist import init_dist
     from sftune.evaluate import evaluate
     from sftune.modeling import fit_embeddings, load_model
-    from sftune.runtime import resolve_precision
+    from sftune.runtime import keep_freed_memory, resolve_precision
 
     dist = init_dist(cfg.device, cfg.dist_timeout)
     precision = resolve_precision(trained_precision(cfg), dist.device)
+    if dist.device.type == "cpu":
+        keep_freed_memory()
     tokenizer = build_tokenizer(cfg)
     init = cfg.init
     if init == "random" and has_weights(cfg.model):  # a training config's `init: random` with a trained --model

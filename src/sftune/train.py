@@ -28,7 +28,7 @@ from sftune.generate import complete
 from sftune.graphs import StepGraphs, shape_key
 from sftune.modeling import save_model
 from sftune.outputs import publish_model
-from sftune.runtime import autocast, flops_per_token, peak_flops
+from sftune.runtime import autocast, flops_per_token, keep_freed_memory, peak_flops
 from sftune.signals import Preempted, StopFlag, stop_on_signals
 
 
@@ -288,6 +288,8 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         return path
 
     # --- the loop -------------------------------------------------------------
+    if dist.device.type == "cpu":
+        keep_freed_memory()  # each step's big temporaries reuse freed memory instead of faulting in new pages
     model.train()
     window = LogWindow(state.window, dist, run.loss_model)  # a resumed run continues the window where it stopped
     start = time.perf_counter() - state.elapsed_s
