@@ -251,3 +251,27 @@ def test_a_chunk_math_that_fails_to_compile_runs_eagerly(capsys):
     torch.testing.assert_close(got[0], want[0], rtol=1e-12, atol=0)
     assert chunk_math.failed and "no compiler here" in chunk_math.failed
     assert "runs eagerly" in capsys.readouterr().err
+
+
+def test_gpt2s_python_gelu_runs_as_torchs_fused_one_computing_the_same(tmp_path):
+    """`fuse_activations`: GPT-2's gelu_new (tanh GELU written out in Python, about eight kernels) becomes torch's
+    fused tanh GELU, one per layer: the logits agree to float rounding (fp32), the saved config still names
+    gelu_new, and a model with another activation (Llama's SiLU) is left alone."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.activations import GELUTanh, NewGELUActivation
+
+    from conftest import FIXTURES
+    from sftune.modeling import fuse_activations
+
+    model = make_tiny_gpt2().eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    want = model(ids).logits
+    assert fuse_activations(model) == model.config.n_layer
+    assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+    assert sum(isinstance(m, GELUTanh) for m in model.modules()) == model.config.n_layer
+    got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    model.save_pretrained(tmp_path)
+    assert AutoConfig.from_pretrained(tmp_path).activation_function == "gelu_new"
+    llama = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(FIXTURES / "tiny-llama"))
+    assert fuse_activations(llama) == 0
