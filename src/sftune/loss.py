@@ -397,7 +397,9 @@ def _chunk_in_place(logits, t, trained, correct, want_grad: bool, scale: float =
                     cap: float | None = None, vocab: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One chunk eagerly, in place in its fp32 logits z = h @ W.T: (its loss sum, d loss / d z (softmax - onehot,
     0 on untrained rows, through the model's scale and soft cap) or None); its argmax hits are added to `correct`.
-    `vocab`: the real columns when W was padded (`aligned_cast`); the others become -inf."""
+    `vocab`: the real columns when W was padded (`aligned_cast`); the others become -inf. One `max` pass gives the
+    argmax and the shift of the log-sum-exp, max + log(sum(exp(z - max))), whose exponentials are kept for the
+    softmax: on a CPU a third of the time of `logsumexp`, `argmax` and the softmax's own exp (NOTES try 61)."""
     slope = None  # the soft cap's derivative, 1 - tanh^2: one more (chunk, V) buffer, only for capped models
     if scale != 1.0:
         logits.mul_(scale)
@@ -407,13 +409,16 @@ def _chunk_in_place(logits, t, trained, correct, want_grad: bool, scale: float =
         logits.mul_(cap)
     if vocab is not None:
         logits[:, vocab:] = float("-inf")
-    lse = torch.logsumexp(logits, dim=-1)
-    loss = torch.where(trained, lse - logits.gather(1, t[:, None]).squeeze(1), 0.0).sum()
+    top, best = logits.max(dim=-1)  # (the first largest on ties, as argmax)
+    target = logits.gather(1, t[:, None]).squeeze(1)
     if correct is not None:  # (counted in place: an accuracy for the log, no gradient)
-        correct += ((logits.argmax(-1) == t) & trained).sum()
+        correct += ((best == t) & trained).sum()
+    exp = logits.sub_(top[:, None]).exp_()  # exp(z - max), in place
+    total = exp.sum(dim=-1)
+    loss = torch.where(trained, top + total.log() - target, 0.0).sum()
     if not want_grad:
         return loss, None
-    probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+    probs = exp.div_(total[:, None])  # softmax, in place
     probs[torch.arange(len(t), device=t.device), t] -= 1.0
     if slope is not None:
         probs.mul_(slope)
