@@ -172,41 +172,23 @@ def _fused_sum(hidden, weight, targets, chunk_math, scale=1.0, cap=None, w=None)
     return loss.detach(), grads, int(correct)
 
 
+@pytest.mark.parametrize("padded", [False, True])
 @pytest.mark.parametrize("scale, cap, how", [(0.125, None, "in place"), (0.125, None, "functional"),
                                              (1.0, 0.5, "in place"), (1.0, 0.5, "functional"), (1.0, 0.5, "compiled"),
                                              (0.25, 3.0, "in place"), (0.25, 3.0, "functional")])
-def test_scaled_and_soft_capped_logits_give_autograds_loss_and_gradients(scale, cap, how):
+def test_scaled_and_soft_capped_logits_give_autograds_loss_and_gradients(scale, cap, how, padded):
     """Models whose logits are h @ W.T times a constant (Cohere, Granite) and then soft-capped, cap * tanh(z / cap)
     (Gemma 2 and 3): the fused loss's hand-written gradient (through the cap's 1 - tanh^2 and the scale) equals
-    autograd's through the plain formula, as do the loss and the argmax hits (fp64, over two chunks)."""
-    hidden, weight, targets = _head_inputs(CE_CHUNK_ROWS + 37)
-    z = (hidden @ weight.T) * scale
-    logits = cap * torch.tanh(z / cap) if cap is not None else z
-    trained = targets != -100
-    want_loss = F.cross_entropy(logits[trained], targets[trained], reduction="sum")
-    want_grads = torch.autograd.grad(want_loss, (hidden, weight))
-    want_hits = int((logits.argmax(-1)[trained] == targets[trained]).sum())
-    chunk_math = {"in place": None, "functional": chunk_math_functional,
-                  "compiled": ChunkMath(backend="aot_eager")}[how]
-    got_loss, got_grads, got_hits = _fused_sum(hidden, weight, targets, chunk_math, scale, cap)
-    torch.testing.assert_close(got_loss, want_loss.detach(), rtol=1e-12, atol=0)
-    for got, want in zip(got_grads, want_grads):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-    assert got_hits == want_hits > 0
-
-
-@pytest.mark.parametrize("scale, cap, how", [(1.0, None, "in place"), (1.0, None, "functional"),
-                                             (1.0, None, "compiled"), (0.25, 3.0, "in place"),
-                                             (0.25, 3.0, "functional")])
-def test_a_head_padded_to_aligned_rows_changes_no_loss_gradient_or_hit(scale, cap, how):
-    """The head's cast with zero rows up to a multiple of 64 (97 -> 128 here, GPT-2's 50,257 -> 50,304: aligned
-    rows for the GPU's bf16 products): the extra logits count as -inf, so the loss, the gradients (of the real
-    rows only) and the argmax hits are autograd's on the plain formula (fp64, two chunks, ignored slots)."""
+    autograd's through the plain formula, as do the loss and the argmax hits (fp64, over two chunks). `padded`: the
+    head's cast with zero rows up to a multiple of 64 (97 -> 128 here, GPT-2's 50,257 -> 50,304: aligned rows for
+    the GPU's bf16 products), whose extra logits count as -inf: the same loss, hits and gradients (of the real rows
+    only)."""
     from sftune.loss import aligned_cast
 
     hidden, weight, targets = _head_inputs(CE_CHUNK_ROWS + 37)
-    w = aligned_cast(weight, torch.float64)
-    assert w.shape == (128, 16) and torch.equal(w[:97], weight.detach()) and not w[97:].any()
+    w = aligned_cast(weight, torch.float64) if padded else None
+    if padded:
+        assert w.shape == (128, 16) and torch.equal(w[:97], weight.detach()) and not w[97:].any()
     z = (hidden @ weight.T) * scale
     logits = cap * torch.tanh(z / cap) if cap is not None else z
     trained = targets != -100
