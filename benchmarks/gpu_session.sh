@@ -21,8 +21,9 @@
 #                then without gradient checkpointing), and the 1B Llama packed, full and LoRA r16, both tools;
 #                then sftune's 1B run with --attention flex_attention, and with --attention varlen
 #   memory (240) benchmarks/memory.py: full / activation checkpointing / LoRA, GPT-2 small and the 1B Llama
-#   profile (240) --profile-steps: torch.profiler over 10 steps of the seed's recipe (after its graphs are captured)
-#                and 4 packed steps; their summaries (wall and GPU-busy ms a step, top kernels) as profile-*.txt
+#   profile (240) --profile-steps: torch.profiler over 10 steps of the seed's recipe (after its graphs are captured;
+#                then eagerly) and 4 packed steps; their summaries (wall and GPU-busy ms a step, top kernels) as
+#                profile-*.txt
 # One call for a whole lease: DEADLINE=SECONDS caps every phase at what is left (a phase with under 20 s left is
 # skipped), and BUNDLE=DIR keeps DIR/results.tgz up to date after each phase, e.g. on the device
 #   OUT=/tmp/gpu BUNDLE=$OUT DEADLINE=560 PHASES="speed check runs fusion" bash benchmarks/gpu_session.sh
@@ -107,8 +108,10 @@ for p in $PHASES; do
       phase memory-small 120 $py benchmarks/memory.py --device "$DEVICE" "${small[@]}" --json
       phase memory-big 120 $py benchmarks/memory.py --device "$DEVICE" "${big[@]}" --json ;;
     profile)
-      for kind in seed packed; do
-        [ $kind = seed ] && args=("${prof_seed[@]}") || args=("${prof_packed[@]}" --packing)
+      for kind in seed seed-eager packed; do  # (seed-eager: every kernel launched on its own, in case the profiler
+        # does not see the kernels inside a replayed graph)
+        case $kind in seed) args=("${prof_seed[@]}") ;; seed-eager) args=("${prof_seed[@]}" --compile off) ;;
+          packed) args=("${prof_packed[@]}" --packing) ;; esac
         phase "profile-$kind" 120 $py -m sftune train --config configs/gpt2-sst2.yaml --init random --device "$DEVICE" \
           "${args[@]}" --eval-every 100000 --sample-prompts "" --report-to none --no-run-report \
           --output-dir "/tmp/sftune-profile-$kind" --overwrite
