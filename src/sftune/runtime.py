@@ -41,7 +41,7 @@ def keep_freed_memory() -> bool:
     pages, zero-filled by the kernel one fault at a time: 0.9 GB and 330-390 ms of system time a step for GPT-2 small
     at the seed's recipe on a 2-core Xeon, and -17% step time without them (benchmarks/NOTES.md try 59). With mmap
     off and a high trim threshold the freed blocks are reused; the process keeps its peak memory until it exits
-    (+60-180 MB peak RSS measured). Returns whether it was applied."""
+    (peak RSS measured +0.1 to +0.8 GB, and 0.9 GB less in a 100-step run). Returns whether it was applied."""
     import ctypes
     import sys
 
