@@ -9,8 +9,15 @@ checks answer without loading torch and transformers (3 s of imports on 2 cores)
 """
 
 import importlib
+import os
 import sys
 import types
+
+# oneDNN (torch's CPU matrix kernels) keeps up to 1,024 compiled primitives with their buffers, a set per batch
+# shape: a CPU run of GPT-2 small at the seed's recipe reached 16.8 GB of RSS in 300 steps, 10.5 GB with 256 kept,
+# at the same speed and with the same losses (benchmarks/NOTES.md try 63). Read when torch first computes on a
+# CPU; a value set in the environment wins.
+os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "256")
 
 _EXPORTS = {
     "IGNORE_INDEX": "sftune.batching", "collate": "sftune.batching",
