@@ -44,7 +44,6 @@ from sftune.shards import holds_whole_model
 from sftune.steps import InMemorySteps, StepSource, StreamedSteps
 
 
-
 # --- tokenizer and data ------------------------------------------------------------
 
 

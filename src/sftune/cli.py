@@ -274,8 +274,7 @@ def cmd_eval(args) -> None:
 
     dist = init_dist(cfg.device, cfg.dist_timeout)
     precision = resolve_precision(trained_precision(cfg), dist.device)
-    if dist.device.type == "cpu":
-        keep_freed_memory()
+    keep_freed_memory(dist.device)
     tokenizer = build_tokenizer(cfg)
     init = cfg.init
     if init == "random" and has_weights(cfg.model):  # a training config's `init: random` with a trained --model

@@ -327,11 +327,12 @@ class LinearCrossEntropySum(torch.autograd.Function):
     The gradients are computed in the forward pass, chunk by chunk (d loss / d logits =
     softmax - onehot), so neither pass ever holds more than CE_CHUNK_ROWS rows of logits.
     Matrix products run in `w`'s dtype (the weight cast to bf16 under autocast); softmax and
-    sums in fp32. `w` may have more rows than `weight` (`aligned_cast`): their logits count as -inf. No gradient is computed for an input that does not need one (a frozen head). `correct`, when
-    given, counts the targets the argmax predicts (for the logged token accuracy). A target of IGNORE_INDEX (a
-    static batch's position that trains nothing) adds nothing to the loss, its gradient or the count. `rows` and
-    `values`: the head is `weight` (a constant) except that its rows `rows` are `values`, which get the gradient
-    (`values[j]`'s is row `rows[j]`'s), computed for those rows alone.
+    sums in fp32. `w` may have more rows than `weight` (`aligned_cast`): their logits count as -inf. No gradient
+    is computed for an input that does not need one (a frozen head). `correct`, when given, counts the targets the
+    argmax predicts (for the logged token accuracy). A target of IGNORE_INDEX (a static batch's position that
+    trains nothing) adds nothing to the loss, its gradient or the count. `rows` and `values`: the head is `weight`
+    (a constant) except that its rows `rows` are `values`, which get the gradient (`values[j]`'s is row
+    `rows[j]`'s), computed for those rows alone.
     """
 
     @staticmethod

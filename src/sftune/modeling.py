@@ -207,8 +207,8 @@ def load_model(name: str, init: str = "pretrained", trust_remote_code: bool = Fa
     model = _load_model(name, init, trust_remote_code, seed, base, attention, overrides, device)
     fused = fuse_activations(model)
     if fused:
-        log(f"activation: {model.config.to_dict().get('activation_function', 'gelu_new')} runs as torch's fused tanh "
-            f"GELU ({fused} modules; the same function to float rounding)")
+        log(f"activation: the tanh GELU written out in Python runs as torch's fused kernel ({fused} modules; the "
+            f"same function to float rounding)")
     return model
 
 

@@ -33,8 +33,8 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def keep_freed_memory() -> bool:
-    """On a CPU, let freed tensors' memory stay in the process (glibc's malloc; elsewhere nothing happens).
+def keep_freed_memory(device: torch.device) -> bool:
+    """On a CPU `device`, let freed tensors' memory stay in the process (glibc's malloc; elsewhere nothing happens).
 
     glibc serves every block over 32 MB with a fresh mmap and unmaps it when freed, so each step's big temporaries
     (GPT-2's 154 MB head gradient and its casts, the weights' bf16 copies, the logits chunks) come back as new
@@ -45,7 +45,7 @@ def keep_freed_memory() -> bool:
     import ctypes
     import sys
 
-    if not sys.platform.startswith("linux"):
+    if device.type != "cpu" or not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")

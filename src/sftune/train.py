@@ -288,8 +288,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         return path
 
     # --- the loop -------------------------------------------------------------
-    if dist.device.type == "cpu":
-        keep_freed_memory()  # each step's big temporaries reuse freed memory instead of faulting in new pages
+    keep_freed_memory(dist.device)  # a CPU's: each step's big temporaries reuse freed memory, not new pages
     model.train()
     window = LogWindow(state.window, dist, run.loss_model)  # a resumed run continues the window where it stopped
     start = time.perf_counter() - state.elapsed_s
