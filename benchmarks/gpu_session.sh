@@ -116,6 +116,7 @@ for p in $PHASES; do
           "${args[@]}" --eval-every 100000 --sample-prompts "" --report-to none --no-run-report \
           --output-dir "/tmp/sftune-profile-$kind" --overwrite
         cp "/tmp/sftune-profile-$kind/profile/summary.txt" "$OUT/profile-$kind.txt" 2>/dev/null
+        cp "/tmp/sftune-profile-$kind/profile/trace.json.gz" "$OUT/profile-$kind.trace.json.gz" 2>/dev/null
       done
       bundle ;;
     *) echo "unknown phase $p (check, speed, runs, fusion, peers, memory, profile)" ;;
