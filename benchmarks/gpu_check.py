@@ -21,8 +21,9 @@
    heads; static batches' trailing empty sequences included); GPT-2 small packed rows, varlen against
    transformers' block mask (loss and gradients, bf16), eagerly and as a CUDA graph; and the attention alone,
    forward + backward, ms: varlen against SDPA with the block mask, on 32 packed rows of 1,024.
-6. chunk math (also under --quick): the fused loss over 32,768 rows of GPT-2 small's head in bf16, eager against
-   its softmax compiled (`loss.ChunkMath`, inductor): loss and gradients, ms per call, the compile's seconds.
+6. chunk math (also under --quick; alone with --loss-only): the fused loss over 32,768 rows of GPT-2 small's head
+   in bf16 (the aligned cast), eager against its softmax compiled (`loss.ChunkMath`, inductor): loss and
+   gradients, the compile's seconds, and ms per call of each way with chunks of 1,024 rows and of `chunk_rows`.
 7. moe (with 2): a tiny Mixtral with its routers' load-balancing loss, bf16, graphs against eager (token and
    router losses).
 """
@@ -216,11 +217,13 @@ def varlen_check() -> dict:
 
 
 def chunk_math_check() -> dict:
-    """The fused loss with its per-chunk softmax compiled, against eager, on a packed step's worth of rows."""
+    """The fused loss on a packed step's worth of rows (32 x 1,024, GPT-2 small's head, bf16 products on the
+    aligned cast as training makes it): its softmax compiled against eager (loss and gradients), and ms per forward
+    + backward for each way: eager or compiled, chunks of 1,024 rows (a CPU's) or `chunk_rows` (a GPU's)."""
     import torch
 
     from sftune.batching import IGNORE_INDEX
-    from sftune.loss import ChunkMath, LinearCrossEntropySum
+    from sftune.loss import CE_CHUNK_ROWS, ChunkMath, LinearCrossEntropySum, aligned_cast, chunk_rows
 
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)
@@ -228,16 +231,19 @@ def chunk_math_check() -> dict:
     weight = (0.02 * torch.randn(50257, 768, device=device, generator=gen)).requires_grad_(True)
     targets = torch.randint(0, 50257, (32 * 1024,), device=device, generator=gen)
     targets[::9] = IGNORE_INDEX
+    gpu_rows = chunk_rows(device, weight.shape[0])
 
-    def call(chunk_math):
-        loss = LinearCrossEntropySum.apply(hidden, weight, targets, weight.detach().bfloat16(), None, chunk_math)
+    def call(chunk_math, rows=CE_CHUNK_ROWS):
+        w = aligned_cast(weight, torch.bfloat16)
+        loss = LinearCrossEntropySum.apply(hidden, weight, targets, w, None, chunk_math, 1.0, None, None, None, rows)
         return loss, torch.autograd.grad(loss, (hidden, weight))
 
-    def timed(chunk_math) -> float:
+    def timed(chunk_math, rows) -> float:
+        call(chunk_math, rows)
         torch.cuda.synchronize()
         started = time.perf_counter()
         for _ in range(10):
-            call(chunk_math)
+            call(chunk_math, rows)
         torch.cuda.synchronize()
         return 1000 * (time.perf_counter() - started) / 10
 
@@ -247,9 +253,15 @@ def chunk_math_check() -> dict:
     got_loss, got_grads = call(chunk_math)
     torch.cuda.synchronize()
     first_call_s = time.perf_counter() - started
-    return {"failed": chunk_math.failed, "first_call_s": first_call_s, "loss_rel": rel(got_loss, want_loss),
-            "grad_rel_max": max(rel(a, b) for a, b in zip(got_grads, want_grads)),
-            "ms_eager": timed(None), "ms_compiled": timed(chunk_math)}
+    big_loss, big_grads = call(None, gpu_rows)
+    report = {"failed": chunk_math.failed, "first_call_s": first_call_s, "loss_rel": rel(got_loss, want_loss),
+              "grad_rel_max": max(rel(a, b) for a, b in zip(got_grads, want_grads)), "gpu_chunk_rows": gpu_rows,
+              "gpu_chunks_loss_rel": rel(big_loss, want_loss),
+              "gpu_chunks_grad_rel_max": max(rel(a, b) for a, b in zip(big_grads, want_grads))}
+    for name, math in (("eager", None), ("compiled", chunk_math)):
+        for rows in (CE_CHUNK_ROWS, gpu_rows):
+            report[f"ms_{name}_{rows}"] = timed(math, rows)
+    return report
 
 
 OPTIONS = {"model": str(GPT2), "tokenizer": None, "dataset": str(SST2), "device": "cuda", "steps": 30}  # (set by main)
@@ -399,6 +411,7 @@ def main() -> None:
     p.add_argument("--json", metavar="FILE", help="write every figure to FILE")
     p.add_argument("--quick", action="store_true", help="the unit checks only (1, 5 and 6)")
     p.add_argument("--runs-only", action="store_true", help="the whole runs only (2-4: after a --quick call)")
+    p.add_argument("--loss-only", action="store_true", help="check 6 only (the fused loss: ways and chunk sizes)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of the whole runs")
     p.add_argument("--model", default=str(GPT2), help="the runs' --model (config only: random init)")
     p.add_argument("--tokenizer", help="the runs' --tokenizer (default: the model's)")
@@ -416,6 +429,11 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(report, indent=1))
 
     unit = gpu and not args.runs_only
+    if args.loss_only:
+        report["chunk_math"] = chunk_math_check()
+        save()
+        print(f"chunk math: {json.dumps(report['chunk_math'])}")
+        return
     for precision in ("fp32", "bf16") if unit else ():
         for dropout in (False, True):
             try:

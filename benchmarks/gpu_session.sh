@@ -23,7 +23,10 @@
 #   memory (240) benchmarks/memory.py: full / activation checkpointing / LoRA, GPT-2 small and the 1B Llama
 #   profile (240) --profile-steps: torch.profiler over 10 steps of the seed's recipe (after its graphs are captured;
 #                then eagerly) and 4 packed steps; their summaries (wall and GPU-busy ms a step, top kernels) as
-#                profile-*.txt
+#                profile-*.txt, their traces as profile-*.trace.json.gz (PROFILE_KINDS="seed seed-eager packed
+#                packed-varlen": which runs; packed-varlen as the speed phase's, graphs and compiled loss included)
+#   loss    (90) benchmarks/gpu_check.py --loss-only: the fused loss on 32,768 rows, eager/compiled x chunk sizes
+#   speed-steps (300) the speed phase without the whole job; fusion-seed (200) the second half of fusion alone
 # One call for a whole lease: DEADLINE=SECONDS caps every phase at what is left (a phase with under 20 s left is
 # skipped), and BUNDLE=DIR keeps DIR/results.tgz up to date after each phase, e.g. on the device
 #   OUT=/tmp/gpu BUNDLE=$OUT DEADLINE=560 PHASES="speed check runs fusion" bash benchmarks/gpu_session.sh
@@ -41,21 +44,25 @@ if [ -n "${QUICK:-}" ]; then
   small=(--model-config tests/fixtures/tiny-llama --batch-size 4 --words 30 --steps 2)
   big=(--model-config tests/fixtures/tiny-llama --batch-size 2 --words 60 --steps 2)
   speed=(--steps 4 --warmup 2)
+  speed_steps=("${speed[@]}")
   runs=(--model tests/fixtures/tiny-llama --tokenizer bundled:gpt2 --dataset examples/quickstart/data --steps 3)
   seed_trl=(--steps 3 --warmup 1 --model-config tests/fixtures/tiny-llama --tokenizer bundled:gpt2 --batch-size 4 --max-length 64)
   big_trl=(--steps 2 --warmup 1 --model-config tests/fixtures/tiny-llama --tokenizer bundled:gpt2 --packing --max-length 128 --batch-size 2 --lr 3e-4)
   big_sftune=(--model tests/fixtures/tiny-llama --max-length 128 --batch-size 2 --max-steps 3)
   prof_seed=(--model tests/fixtures/tiny-llama --tokenizer bundled:gpt2 --dataset examples/quickstart/data --text-column text --max-steps 4 --profile-steps 3-4)
+  no_attention_dropout=attention_dropout=0
   prof_packed=(--model tests/fixtures/tiny-llama --tokenizer bundled:gpt2 --dataset examples/quickstart/data --text-column text --max-length 128 --max-steps 3 --profile-steps 2-3)
 else
   small=(--steps 5)
   big=(--model-config examples/llama-1b --batch-size 8 --words 700 --steps 5)
   speed=(--quick --whole-job --varlen --packed-compile graphs)  # (explicit graphs: the loss softmax compiled too)
+  speed_steps=(--quick --varlen --packed-compile graphs)
   runs=()
   seed_trl=()
   big_trl=(--steps 10 --warmup 3 --model-config examples/llama-1b --tokenizer bundled:gpt2 --packing --max-length 1024 --batch-size 8 --lr 3e-4)
   big_sftune=(--max-steps 13)
   prof_seed=(--model ../shared/models/gpt2 --dataset ../shared/data/sst2 --max-steps 230 --profile-steps 221-230)
+  no_attention_dropout=attn_pdrop=0
   prof_packed=(--model ../shared/models/gpt2 --dataset ../shared/data/sst2 --max-length 1024 --max-steps 14 --profile-steps 11-14)
 fi
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv > "$OUT/gpu.txt"
@@ -81,16 +88,20 @@ phase() {  # name, seconds, command...: under the phase's limit, or what is left
 bundle() {  # BUNDLE=DIR: everything in $OUT also as DIR/results.tgz, renewed after each phase (the device tool
   # brings back at most 8 files from its $OUT)
   [ -n "${BUNDLE:-}" ] || return 0
-  tar czf "$BUNDLE/results-new.tgz" -C "$OUT" . && mv "$BUNDLE/results-new.tgz" "$BUNDLE/results.tgz"
+  # (written outside $OUT, then moved: a tar of a folder it writes into fails, "file changed as we read it")
+  tar czf /tmp/results-new.tgz --exclude=results.tgz -C "$OUT" . && mv /tmp/results-new.tgz "$BUNDLE/results.tgz"
 }
 
 for p in $PHASES; do
   case $p in
     check) [ "$DEVICE" = cuda ] && phase check 150 $py benchmarks/gpu_check.py --quick --json "$OUT/gpu-check-quick.json" ;;
+    loss) [ "$DEVICE" = cuda ] && phase loss 90 $py benchmarks/gpu_check.py --loss-only --json "$OUT/gpu-check-loss.json" ;;
     speed) phase speed 420 $py benchmarks/throughput.py --device "$DEVICE" "${speed[@]}" --json "$OUT/$card-$date.json" ;;
+    speed-steps) phase speed-steps 300 $py benchmarks/throughput.py --device "$DEVICE" "${speed_steps[@]}" --json "$OUT/$card-$date.json" ;;
     runs) phase runs 300 $py benchmarks/gpu_check.py --device "$DEVICE" --runs-only "${runs[@]}" --json "$OUT/gpu-check.json" ;;
     fusion) [ "$DEVICE" = cuda ] && phase fusion 300 $py benchmarks/throughput.py --device cuda --quick --only packed,packed-varlen --packed-compile torch --json "$OUT/packed-compiled-$card-$date.json"
       [ "$DEVICE" = cuda ] && phase fusion-seed 300 $py benchmarks/throughput.py --device cuda --quick --only sftune --compile torch --compile-mode reduce-overhead --json "$OUT/seed-compiled-$card-$date.json" ;;
+    fusion-seed) [ "$DEVICE" = cuda ] && phase fusion-seed 200 $py benchmarks/throughput.py --device cuda --quick --only sftune --compile torch --compile-mode reduce-overhead --json "$OUT/seed-compiled-$card-$date.json" ;;
     peers)
       phase trl-seed 90 $py benchmarks/trl_baseline.py --device "$DEVICE" "${seed_trl[@]}" --json "$OUT/trl-seed.json"
       phase trl-seed-nogc 90 $py benchmarks/trl_baseline.py --device "$DEVICE" "${seed_trl[@]}" --no-gradient-checkpointing --json "$OUT/trl-seed-nogc.json"
@@ -108,10 +119,12 @@ for p in $PHASES; do
       phase memory-small 120 $py benchmarks/memory.py --device "$DEVICE" "${small[@]}" --json
       phase memory-big 120 $py benchmarks/memory.py --device "$DEVICE" "${big[@]}" --json ;;
     profile)
-      for kind in seed seed-eager packed; do  # (seed-eager: every kernel launched on its own, in case the profiler
-        # does not see the kernels inside a replayed graph)
+      for kind in ${PROFILE_KINDS:-seed seed-eager packed}; do  # (seed-eager: every kernel launched on its own;
+        # packed-varlen: as the speed phase's packed-varlen run, CUDA graphs and the compiled loss included)
         case $kind in seed) args=("${prof_seed[@]}") ;; seed-eager) args=("${prof_seed[@]}" --compile off) ;;
-          packed) args=("${prof_packed[@]}" --packing) ;; esac
+          packed) args=("${prof_packed[@]}" --packing) ;;
+          packed-varlen) args=("${prof_packed[@]}" --packing --attention varlen --model-config-overrides
+                               "$no_attention_dropout" $([ "$DEVICE" = cuda ] && echo --compile graphs)) ;; esac
         phase "profile-$kind" 120 $py -m sftune train --config configs/gpt2-sst2.yaml --init random --device "$DEVICE" \
           "${args[@]}" --eval-every 100000 --sample-prompts "" --report-to none --no-run-report \
           --output-dir "/tmp/sftune-profile-$kind" --overwrite
@@ -119,7 +132,7 @@ for p in $PHASES; do
         cp "/tmp/sftune-profile-$kind/profile/trace.json.gz" "$OUT/profile-$kind.trace.json.gz" 2>/dev/null
       done
       bundle ;;
-    *) echo "unknown phase $p (check, speed, runs, fusion, peers, memory, profile)" ;;
+    *) echo "unknown phase $p (check, loss, speed, speed-steps, runs, fusion, fusion-seed, peers, memory, profile)" ;;
   esac
 done
 ls -la "$OUT"

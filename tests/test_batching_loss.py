@@ -201,3 +201,38 @@ def test_padded_tokens_count_what_every_rank_computes(packed, static):
         computed = sum(b["input_ids"].numel() for s in steps for b in s.micro_batches)
         assert {s.padded_tokens for s in steps} == {computed}, world  # every rank counts the same, exactly
         assert steps[0].tokens == sum(int(ex.lengths[r].sum()) for rows in micro for r in rows)
+
+
+@pytest.mark.parametrize("max_norm", [None, 1e9, 0.05])
+def test_clipping_inside_the_fused_update_is_torchs_clip(max_norm):
+    """With fused AdamW the clip is the divisor its kernel applies as it reads the gradients (no pass of its own):
+    five steps of a small model end at torch's `clip_grad_norm_` + step to the bit when no step is clipped, and
+    within a rounding per update when every step is (max_norm 0.05); the norm reported is the same."""
+    from sftune.train import clip_gradients
+
+    def run(into_update: bool):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+        x, norms = torch.randn(8, 16, generator=torch.Generator().manual_seed(1)), []
+        for _ in range(5):
+            model(x).pow(2).sum().backward()
+            norm, divisor = clip_gradients(model, max_norm, into_update)
+            assert (divisor is None) == (not into_update or not max_norm)
+            optimizer.found_inf = torch.zeros(())
+            if divisor is not None:
+                optimizer.grad_scale = divisor
+            optimizer.step()
+            optimizer.__dict__.pop("grad_scale", None)
+            optimizer.zero_grad()
+            norms.append(float(norm))
+        return [p.detach().clone() for p in model.parameters()], norms
+
+    (want, want_norms), (got, got_norms) = run(False), run(True)
+    assert got_norms == want_norms if max_norm != 0.05 else got_norms == pytest.approx(want_norms, rel=1e-5)
+    for a, b in zip(got, want):
+        if max_norm == 0.05:
+            assert min(want_norms) > 0.05  # (every step clipped)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(a, b)

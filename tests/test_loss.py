@@ -164,10 +164,11 @@ def _head_inputs(rows: int, dtype=torch.float64):
     return hidden, weight, targets
 
 
-def _fused_sum(hidden, weight, targets, chunk_math, scale=1.0, cap=None, w=None):
+def _fused_sum(hidden, weight, targets, chunk_math, scale=1.0, cap=None, w=None, rows_per_chunk=CE_CHUNK_ROWS):
     correct = torch.zeros((), dtype=torch.long)
     w = weight.detach() if w is None else w
-    loss = LinearCrossEntropySum.apply(hidden, weight, targets, w, correct, chunk_math, scale, cap)
+    loss = LinearCrossEntropySum.apply(hidden, weight, targets, w, correct, chunk_math, scale, cap, None, None,
+                                       rows_per_chunk)
     grads = torch.autograd.grad(loss, (hidden, weight))
     return loss.detach(), grads, int(correct)
 
@@ -220,6 +221,23 @@ def test_the_chunk_math_for_the_compiler_is_the_same_math(how):
     assert got_hits == want_hits > 0
     if how == "compiled":
         assert chunk_math.failed is None
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 100, 4 * CE_CHUNK_ROWS])
+def test_the_chunk_size_changes_no_loss_or_gradient(rows_per_chunk):
+    """A GPU's chunks are larger than a CPU's (`chunk_rows`: as many rows as fit 1 GiB of fp32 logits, so fewer
+    passes that add a chunk's head gradient into its fp32 sum): any chunk size, down to a row at a time, gives the
+    same loss, gradients and argmax hits (fp64; the sums only grouped differently)."""
+    from sftune.loss import chunk_rows
+
+    assert chunk_rows(torch.device("cpu"), 50_257) == CE_CHUNK_ROWS
+    hidden, weight, targets = _head_inputs(CE_CHUNK_ROWS + 37)
+    want_loss, want_grads, want_hits = _fused_sum(hidden, weight, targets, None)
+    got_loss, got_grads, got_hits = _fused_sum(hidden, weight, targets, None, rows_per_chunk=rows_per_chunk)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-12, atol=0)
+    for got, want in zip(got_grads, want_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-13)
+    assert got_hits == want_hits > 0
 
 
 def test_a_chunk_math_that_fails_to_compile_runs_eagerly(capsys):

@@ -31,7 +31,7 @@ from sftune.data import DataOptions, prepare_data
 from sftune.data.cache import tokenizer_fingerprint
 from sftune.dist import Dist, init_dist
 from sftune.errors import SftuneError
-from sftune.loss import CausalLMLoss, ChunkMath
+from sftune.loss import CausalLMLoss, ChunkMath, chunk_rows, output_head
 from sftune.modeling import add_tokens, check_attention, context_length, enable_activation_checkpointing, \
     fit_embeddings, load_model, load_model_config, load_tokenizer, model_skeleton, override_config, \
     router_loss_notice, save_model, token_ids, train_every_embedding_row
@@ -347,6 +347,8 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
         loss_model.add_noise(cfg.neftune_alpha)
         log(f"NEFTune: noise on the input embeddings in training, alpha {cfg.neftune_alpha:g} / sqrt(each example's "
             f"length x {model.get_input_embeddings().weight.shape[-1]})")
+    if loss_model.fused:
+        loss_model.chunk_rows = chunk_rows(dist.device, output_head(model).weight.shape[0])
     if loss_model.fused and wants_chunk_math(cfg, compile_mode, steps, max_length):
         loss_model.chunk_math = ChunkMath()
     if compile_mode != "off" or cfg.compile != "auto" or dist.device.type == "cuda":  # (a CPU has only eager)

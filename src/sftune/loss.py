@@ -51,6 +51,7 @@ LOGIT_MAPS: dict[str, Callable[[object], tuple[float, float | None]]] = {
     **{model_type: lambda config: (1.0, config.final_logit_softcapping) for model_type in ("gemma2", "gemma3_text")},
 }
 CE_CHUNK_ROWS = 1024  # rows of (rows, vocab) logits alive at once: 1024 x 50,257 x 4 B = 206 MB in fp32
+GPU_CHUNK_BYTES = 1 << 30  # on a GPU, chunks of up to this many bytes of fp32 logits (and 1/64 of its memory)
 VOCAB_ALIGN = 64  # the head's cast gets zero rows up to a multiple of this (50,257 -> 50,304): aligned products
 
 
@@ -154,6 +155,7 @@ class CausalLMLoss(nn.Module):
         self.correct: torch.Tensor | None = None  # in training: targets predicted exactly (argmax), on the device
         self.eval_correct: torch.Tensor | None = None  # the same while `evaluate` runs (kept apart from training's)
         self.chunk_math: ChunkMath | None = None  # the fused loss's per-chunk math compiled (GPU: `fuse_chunk_math`)
+        self.chunk_rows = CE_CHUNK_ROWS  # rows of logits per chunk of the fused loss (set by `build`: `chunk_rows`)
         self.router = router_loss(model)  # mixture of experts: the routers' load-balancing loss, in training
         self.router_sum: torch.Tensor | None = None  # in training: sum over micro-batches of its loss x targets
         self.noise: NoisyEmbeddings | None = None  # NEFTune (`add_noise`): noise on the input embeddings in training
@@ -244,7 +246,8 @@ class CausalLMLoss(nn.Module):
             dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
             with torch.autocast(device_type, enabled=False):
                 loss = LinearCrossEntropySum.apply(hidden, weight, targets, self.cast_weight(weight, dtype),
-                                                   self._count(), self.chunk_math, self.scale, self.cap, rows, values)
+                                                   self._count(), self.chunk_math, self.scale, self.cap, rows, values,
+                                                   self.chunk_rows)
         if self.router is not None and self.training:
             if isinstance(outputs.router_logits, tuple) and outputs.router_logits:
                 loss = self.add_router_loss(loss, outputs.router_logits, batch, targets)
@@ -320,24 +323,35 @@ def aligned_cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return cast
 
 
+def chunk_rows(device: torch.device, vocab: int) -> int:
+    """Rows of logits per chunk of the fused loss: CE_CHUNK_ROWS on a CPU (where larger chunks are no faster);
+    on a GPU, as many multiples of it as fit GPU_CHUNK_BYTES of fp32 logits (GPT-2: 5,120 rows), since each chunk
+    adds its (vocab x width) head gradient into the fp32 sum in a pass of its own, and a larger chunk makes larger
+    products (a packed step of 32,768 rows: 7 chunks instead of 32)."""
+    if device.type != "cuda":
+        return CE_CHUNK_ROWS
+    budget = min(GPU_CHUNK_BYTES, torch.cuda.get_device_properties(device).total_memory // 64)
+    return max(1, budget // (vocab * 4 * CE_CHUNK_ROWS)) * CE_CHUNK_ROWS
+
+
 class LinearCrossEntropySum(torch.autograd.Function):
     """sum_i CE(logits_i, target_i), chunk by chunk, without the (N, vocab) logits: logits_i = hidden_i @ weight.T
     times `scale`, then `cap * tanh(logits_i / cap)` if `cap` (the model's own map: `LOGIT_MAPS`).
 
     The gradients are computed in the forward pass, chunk by chunk (d loss / d logits =
-    softmax - onehot), so neither pass ever holds more than CE_CHUNK_ROWS rows of logits.
+    softmax - onehot), so neither pass ever holds more than `chunk_rows` rows of logits.
     Matrix products run in `w`'s dtype (the weight cast to bf16 under autocast); softmax and
     sums in fp32. `w` may have more rows than `weight` (`aligned_cast`): their logits count as -inf. No gradient
     is computed for an input that does not need one (a frozen head). `correct`, when given, counts the targets the
     argmax predicts (for the logged token accuracy). A target of IGNORE_INDEX (a static batch's position that
     trains nothing) adds nothing to the loss, its gradient or the count. `rows` and `values`: the head is `weight`
     (a constant) except that its rows `rows` are `values`, which get the gradient (`values[j]`'s is row
-    `rows[j]`'s), computed for those rows alone.
+    `rows[j]`'s), computed for those rows alone. `rows_per_chunk`: `chunk_rows`.
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, w, correct=None, chunk_math=None, scale=1.0, cap=None, rows=None,
-                values=None):
+                values=None, rows_per_chunk=CE_CHUNK_ROWS):
         need_hidden, need_weight = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_rows = rows is not None and ctx.needs_input_grad[9]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
@@ -348,9 +362,9 @@ class LinearCrossEntropySum(torch.autograd.Function):
         # backward a zero gradient for an output that forward made with torch.zeros and then updated in place
         total = torch.zeros((), dtype=acc, device=hidden.device)
         vocab = weight.shape[0] if w.shape[0] != weight.shape[0] else None  # (padded: the real columns)
-        for i in range(0, hidden.shape[0], CE_CHUNK_ROWS):
-            h = hidden[i : i + CE_CHUNK_ROWS].to(w.dtype)
-            t = targets[i : i + CE_CHUNK_ROWS]
+        for i in range(0, hidden.shape[0], rows_per_chunk):
+            h = hidden[i : i + rows_per_chunk].to(w.dtype)
+            t = targets[i : i + rows_per_chunk]
             trained = t != IGNORE_INDEX
             t = t.clamp(min=0)  # (an ignored row picks class 0, then counts for nothing)
             if chunk_math is not None:  # the same math, fused by torch.compile: one or two passes over the logits
@@ -366,7 +380,7 @@ class LinearCrossEntropySum(torch.autograd.Function):
             if probs is not None:
                 probs = probs.to(w.dtype)
                 if need_hidden:
-                    grad_hidden[i : i + CE_CHUNK_ROWS] = probs @ w
+                    grad_hidden[i : i + rows_per_chunk] = probs @ w
                 if need_weight:
                     chunk_grad = (probs.T @ h)[: weight.shape[0]]  # (the padding's rows: zero, dropped)
                     if grad_weight is None:
@@ -391,7 +405,7 @@ class LinearCrossEntropySum(torch.autograd.Function):
             grad_weight = grad_weight.mul_(grad_total).to(ctx.weight_dtype)
         if grad_rows is not None:
             grad_rows = grad_rows.mul_(grad_total).to(ctx.values_dtype)
-        return grad_hidden, grad_weight, None, None, None, None, None, None, None, grad_rows
+        return grad_hidden, grad_weight, None, None, None, None, None, None, None, grad_rows, None
 
 
 def _chunk_in_place(logits, t, trained, correct, want_grad: bool, scale: float = 1.0,
