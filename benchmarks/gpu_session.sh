@@ -15,8 +15,8 @@
 #   runs   (300) benchmarks/gpu_check.py: SIGTERM resume under graphs (bitwise?), the non-finite guard under
 #                graphs, then whole runs --compile off/graphs/torch (fp32, bf16) and LoRA (with 2 added tokens), each saved as it ends
 #   fusion (300) benchmarks/throughput.py --only packed,packed-varlen --packed-compile torch: the packed runs with
-#                inductor's fused kernels instead of graphs (for packed rows the step is compute, not launches);
-#                then the seed's recipe under --compile torch --compile-mode reduce-overhead (fusion and graphs)
+#                inductor's fused kernels instead of graphs (for packed rows the step is compute, not launches)
+#   fusion-seed (200) the seed's recipe under --compile torch --compile-mode reduce-overhead (fusion and graphs)
 #   peers  (540) TRL's SFTTrainer (benchmarks/trl_baseline.py) next to sftune: the seed's recipe (TRL's defaults,
 #                then without gradient checkpointing), and the 1B Llama packed, full and LoRA r16, both tools;
 #                then sftune's 1B run with --attention flex_attention, and with --attention varlen
@@ -26,7 +26,7 @@
 #                profile-*.txt, their traces as profile-*.trace.json.gz (PROFILE_KINDS="seed seed-eager packed
 #                packed-varlen": which runs; packed-varlen as the speed phase's, graphs and compiled loss included)
 #   loss    (90) benchmarks/gpu_check.py --loss-only: the fused loss on 32,768 rows, eager/compiled x chunk sizes
-#   speed-steps (300) the speed phase without the whole job; fusion-seed (200) the second half of fusion alone
+#   speed-steps (300) the speed phase without the whole job
 # One call for a whole lease: DEADLINE=SECONDS caps every phase at what is left (a phase with under 20 s left is
 # skipped), and BUNDLE=DIR keeps DIR/results.tgz up to date after each phase, e.g. on the device
 #   OUT=/tmp/gpu BUNDLE=$OUT DEADLINE=560 PHASES="speed check runs fusion" bash benchmarks/gpu_session.sh
@@ -100,7 +100,7 @@ for p in $PHASES; do
     speed-steps) phase speed-steps 300 $py benchmarks/throughput.py --device "$DEVICE" "${speed_steps[@]}" --json "$OUT/$card-$date.json" ;;
     runs) phase runs 300 $py benchmarks/gpu_check.py --device "$DEVICE" --runs-only "${runs[@]}" --json "$OUT/gpu-check.json" ;;
     fusion) [ "$DEVICE" = cuda ] && phase fusion 300 $py benchmarks/throughput.py --device cuda --quick --only packed,packed-varlen --packed-compile torch --json "$OUT/packed-compiled-$card-$date.json"
-      [ "$DEVICE" = cuda ] && phase fusion-seed 300 $py benchmarks/throughput.py --device cuda --quick --only sftune --compile torch --compile-mode reduce-overhead --json "$OUT/seed-compiled-$card-$date.json" ;;
+      ;;
     fusion-seed) [ "$DEVICE" = cuda ] && phase fusion-seed 200 $py benchmarks/throughput.py --device cuda --quick --only sftune --compile torch --compile-mode reduce-overhead --json "$OUT/seed-compiled-$card-$date.json" ;;
     peers)
       phase trl-seed 90 $py benchmarks/trl_baseline.py --device "$DEVICE" "${seed_trl[@]}" --json "$OUT/trl-seed.json"
