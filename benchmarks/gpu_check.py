@@ -20,7 +20,9 @@
    SDPA reference (output and the gradients of q, k, v; bf16 and fp16; 12 heads, and 8 query heads over 2 key/value
    heads; static batches' trailing empty sequences included); GPT-2 small packed rows, varlen against
    transformers' block mask (loss and gradients, bf16), eagerly and as a CUDA graph; and the attention alone,
-   forward + backward, ms: varlen against SDPA with the block mask, on 32 packed rows of 1,024.
+   forward + backward, ms: varlen against SDPA with the block mask, on 32 packed rows of 1,024. Then
+   `--attention flex` (compiled flex attention under the host-made block tables): the packed loss and gradients
+   against the mask's, as a CUDA graph against eager, and its time beside the others'.
 6. chunk math (also under --quick; alone with --loss-only): the fused loss over 32,768 rows of GPT-2 small's head
    in bf16 (the aligned cast), eager against its softmax compiled (`loss.ChunkMath`, inductor): loss and
    gradients, the compile's seconds, and ms per call of each way with chunks of 1,024 rows and of `chunk_rows`.
@@ -113,12 +115,16 @@ def graph_vs_eager(precision: str, dropout: bool) -> dict:
 
 
 def varlen_check() -> dict:
-    """`--attention varlen` on the GPU: the kernel, the packed loss, a graph of it, and the attention's time."""
+    """`--attention varlen` on the GPU: the kernel, the packed loss, a graph of it, and the attention's time; then
+    `--attention flex` the same way (its packed loss against the mask's, a graph of it, its time)."""
     import numpy as np
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from sftune.attention import NAME, register, sequence_starts, varlen_kernel, varlen_reference
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from sftune.attention import FLEX_NAME, NAME, block_tables, flex_inputs, register, register_flex, \
+        sequence_starts, varlen_kernel, varlen_reference
     from sftune.batching import Padding, best_fit_decreasing, collate_packed, count_targets, to_device
     from sftune.data import Examples
     from sftune.graphs import StepGraphs
@@ -186,6 +192,19 @@ def varlen_check() -> dict:
                            "grad_rel_max": max(rel(a, b) for a, b in zip(graph_grads, var_grads))}
     except Exception as e:  # noqa: BLE001
         report["graph"] = {"error": repr(e)[:2000]}
+    try:  # --attention flex: flex attention (compiled) under the block tables, eagerly and as a CUDA graph
+        register_flex()
+        loss_model.model.set_attn_implementation(FLEX_NAME)
+        flex_model = CausalLMLoss(loss_model.model).train()
+        started = time.perf_counter()
+        flex_loss, flex_grads = step(flex_model)
+        report["flex_packed"] = {"loss_rel": rel(flex_loss, mask_loss), "first_step_s": time.perf_counter() - started,
+                                 "grad_rel_max": max(rel(a, b) for a, b in zip(flex_grads, mask_grads))}
+        graph_loss, graph_grads = step(flex_model, StepGraphs(flex_model, device, "bf16", required=True))
+        report["flex_graph"] = {"loss_rel": rel(graph_loss, flex_loss),
+                                "grad_rel_max": max(rel(a, b) for a, b in zip(graph_grads, flex_grads))}
+    except Exception as e:  # noqa: BLE001
+        report["flex_error"] = repr(e)[:2000]
 
     # the attention alone: 32 packed rows of 1,024, 12 heads of 64, forward + backward
     rows, width, heads = 32, 1024, 12
@@ -213,6 +232,19 @@ def varlen_check() -> dict:
 
     report["attention_ms"] = {"varlen": timed(lambda: varlen_kernel(q, k, v, cu, longest, 0.125)),
                               "sdpa_block_mask": timed(sdpa_mask), "sequences": len(cu) - 1, "longest": longest}
+    try:
+        tables = {k: torch.from_numpy(a).to(device) for k, a in block_tables(lengths, width, rows).items()}
+        block_mask = flex_inputs(tables)["sftune_block_mask"]
+        flex = torch.compile(flex_attention, dynamic=False)
+
+        def flex_blocks():
+            qs, ks, vs = (t.view(rows, width, heads, 64).transpose(1, 2) for t in (q, k, v))
+            return flex(qs, ks, vs, block_mask=block_mask, scale=0.125)
+
+        report["attention_ms"]["flex"] = timed(flex_blocks)
+        report["attention_ms"]["flex_rel"] = rel(flex_blocks().float(), sdpa_mask().float())
+    except Exception as e:  # noqa: BLE001
+        report["attention_ms"]["flex_error"] = repr(e)[:2000]
     return report
 
 

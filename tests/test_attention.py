@@ -4,6 +4,8 @@ torch's kernel (flash attention, CUDA) is checked against SDPA by `benchmarks/gp
 CPU, the rest is: the sequence starts the collate finds, the layouts and keywords through transformers' attention
 interface (GPT-2, and Llama with grouped-query heads), the same loss and gradients as transformers' own
 block-diagonal mask, static batches, and whole runs through the CLI equal to the default attention's.
+`--attention flex` too: its block tables against the dense mask, tile by tile, and flex attention's own forward
+under them; its loss and gradients against the block mask's (on a CPU the backward runs through SDPA).
 """
 
 import json
@@ -50,26 +52,28 @@ def test_varlen_gives_the_loss_and_gradients_of_the_block_mask(family, padding):
     want_loss, want = loss_and_grads(loss_model, batch)
     loss_model.model.set_attn_implementation(NAME)
     loss_model = CausalLMLoss(loss_model.model)
-    assert loss_model.varlen
+    assert loss_model.attention == "varlen"
     got_loss, got = loss_and_grads(loss_model, batch)
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-12, atol=0)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
 
 
-def test_varlen_refuses_attention_dropout_and_names_the_override(capsys, tmp_path, small_model_dir):
+@pytest.mark.parametrize("attention", ["varlen", "flex"])
+def test_varlen_refuses_attention_dropout_and_names_the_override(capsys, tmp_path, small_model_dir, attention):
     """GPT-2's own config drops attention weights (attn_pdrop 0.1): exit 2 naming the fix, nothing written; with
-    the fix (--model-config-overrides attn_pdrop=0) it trains, and the saved config has the overridden value."""
+    the fix (--model-config-overrides attn_pdrop=0) it trains, and the saved config has the overridden value.
+    The same for `--attention flex` (flex attention has no dropout either)."""
     config = json.loads((small_model_dir / "config.json").read_text())
     model = tmp_path / "gpt2-dropout"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({**config, "attn_pdrop": 0.1}))
     common = ["train", "--no-run-report", "--model", str(model), "--init", "random", "--tokenizer", str(small_model_dir), "--dataset",
-              str(QUICKSTART_DATA), "--packing", "--max-length", "64", "--attention", "varlen", "--max-steps", "1",
+              str(QUICKSTART_DATA), "--packing", "--max-length", "64", "--attention", attention, "--max-steps", "1",
               "--eval-every", "null", "--report-to", "none"]
     code, _, err = run_main(capsys, *common, "--output-dir", str(tmp_path / "refused"))
     assert code == 2 and "Traceback" not in err and not (tmp_path / "refused").exists()
-    assert "--attention varlen" in err and "attn_pdrop = 0.1" in err
+    assert f"--attention {attention}" in err and "attn_pdrop = 0.1" in err
     assert "--model-config-overrides attn_pdrop=0" in err and "--attention sdpa" in err
     code, _, err = run_main(capsys, *common, "--model-config-overrides", "attn_pdrop=0", "--output-dir",
                             str(tmp_path / "run"))
@@ -148,11 +152,81 @@ def test_only_a_varlen_model_captures_a_graph_per_sequence_count():
     many = collate_packed(Examples.from_lists([[1]] * 400), [np.arange(200), np.arange(200, 400)], 0, static)
     assert few["input_ids"].shape == many["input_ids"].shape and few["cu_seqlens"].shape != many["cu_seqlens"].shape
     loss = CausalLMLoss(tiny("gpt2"))
-    assert not loss.varlen and "cu_seqlens" not in loss.device_keys
+    assert loss.attention is None and "cu_seqlens" not in loss.device_keys
     assert shape_key(few, loss.device_keys) == shape_key(many, loss.device_keys)
     copied = [{k: v.shape for k, v in to_device(b, "cpu", loss.device_keys).items() if torch.is_tensor(v)}
               for b in (few, many)]
     assert copied[0] == copied[1]
-    loss.varlen = True  # (as under --attention varlen)
+    loss.attention = "varlen"  # (as under --attention varlen)
     assert "cu_seqlens" in loss.device_keys
     assert shape_key(few, loss.device_keys) != shape_key(many, loss.device_keys)
+    loss.attention = "flex"  # (--attention flex: block tables of fixed shapes, one graph per rows x width)
+    assert "cu_seqlens" not in loss.device_keys and "kv_indices" in loss.device_keys
+    assert shape_key(few, loss.device_keys) == shape_key(many, loss.device_keys)
+
+
+# --- `--attention flex`: flex attention with a block mask made on the host ------------------------------------
+
+
+@pytest.mark.parametrize("lengths, width", [([[100, 100], [300]], 300), ([[5, 9, 13], [7, 11]], 27),
+                                            ([[130, 2, 250, 1], [512], [40] * 12, []], 512),
+                                            ([[17] * 60, [1000]], 1024)])
+def test_flex_block_tables_list_exactly_the_tiles_an_example_reaches(lengths, width):
+    """The tiles `block_tables` lists are those where some token sees another of its own example up to itself
+    (partial or full), and its full tiles those where every pair is one example's and causal: compared with the
+    dense mask tile by tile (rows of padding and empty rows included). Then flex attention itself (its CPU forward,
+    which follows the tables and the mask function) gives what SDPA gives under the dense mask."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    from sftune.attention import FLEX_BLOCK, block_tables, document_causal
+
+    rows = len(lengths)
+    tables = {k: torch.from_numpy(v) for k, v in block_tables(lengths, width, rows).items()}
+    doc = tables["doc_ids"]
+    positions = torch.arange(width)
+    dense = (positions[None, :, None] >= positions[None, None, :]) & (doc[:, :, None] == doc[:, None, :])
+    tiles = -(-width // FLEX_BLOCK)
+    padded = torch.zeros(rows, tiles * FLEX_BLOCK, tiles * FLEX_BLOCK, dtype=torch.int32)
+    padded[:, :width, :width] = dense
+    per_tile = padded.view(rows, tiles, FLEX_BLOCK, tiles, FLEX_BLOCK).sum((2, 4))
+    sizes = torch.tensor([min(FLEX_BLOCK, width - t * FLEX_BLOCK) for t in range(tiles)])
+    full = per_tile == sizes[:, None] * sizes[None, :]  # every pair of the tile allowed
+    listed = torch.zeros(rows, tiles, tiles, dtype=torch.bool)
+    listed_full = torch.zeros_like(listed)
+    for r in range(rows):
+        for q in range(tiles):
+            listed[r, q, tables["kv_indices"][r, 0, q, : tables["kv_num_blocks"][r, 0, q]]] = True
+            listed_full[r, q, tables["full_kv_indices"][r, 0, q, : tables["full_kv_num_blocks"][r, 0, q]]] = True
+    assert not (listed & listed_full).any()
+    assert torch.equal(listed | listed_full, per_tile > 0)
+    assert torch.equal(listed_full, full & (torch.arange(tiles)[:, None] > torch.arange(tiles)[None, :]))
+
+    mask = BlockMask.from_kv_blocks(tables["kv_num_blocks"], tables["kv_indices"], tables["full_kv_num_blocks"],
+                                    tables["full_kv_indices"], BLOCK_SIZE=FLEX_BLOCK,
+                                    mask_mod=document_causal(doc), seq_lengths=(width, width))
+    q, k, v = torch.randn(3, rows, 2, width, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    got = flex_attention(q, k, v, block_mask=mask)
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense[:, None])
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("padding", [EAGER, STATIC], ids=["eager", "static"])
+@pytest.mark.parametrize("family", ["gpt2", "tiny-llama"])
+def test_flex_gives_the_loss_and_gradients_of_the_block_mask(family, padding):
+    """fp64 on a CPU (SDPA under the block tables' example ids: torch has no CPU backward for flex attention): the
+    same loss and every gradient as transformers' own block-diagonal mask, for GPT-2 and for Llama; the loss module
+    takes the tables to the device, and not the varlen starts."""
+    from sftune.attention import FLEX_KEYS, FLEX_NAME, register_flex
+
+    register_flex()
+    loss_model = CausalLMLoss(tiny(family, torch.float64))
+    batch = batch_of(padding, packed=True)
+    want_loss, want = loss_and_grads(loss_model, batch)
+    loss_model.model.set_attn_implementation(FLEX_NAME)
+    loss_model = CausalLMLoss(loss_model.model)
+    assert loss_model.attention == "flex"
+    assert set(FLEX_KEYS) <= set(loss_model.device_keys) and "cu_seqlens" not in loss_model.device_keys
+    got_loss, got = loss_and_grads(loss_model, batch)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-12, atol=0)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)

@@ -91,8 +91,8 @@ def test_no_token_attends_to_another_example(varlen):
     changed = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in base.items()}
     changed["input_ids"][0, 7:12] = torch.arange(100, 105)  # example 1 occupies positions 7..11
     with torch.no_grad():
-        a = model(**model_inputs(base, varlen)).logits
-        b = model(**model_inputs(changed, varlen)).logits
+        a = model(**model_inputs(base, "varlen" if varlen else None)).logits
+        b = model(**model_inputs(changed, "varlen" if varlen else None)).logits
     assert torch.equal(a[0, :7], b[0, :7])  # example 0: before, untouched
     assert torch.equal(a[0, 12:], b[0, 12:])  # example 2: after, untouched even though it comes later
     assert not torch.allclose(a[0, 7:12], b[0, 7:12])  # example 1 itself did change

@@ -14,6 +14,12 @@ attention alone is exact) goes to transformers' own SDPA function with no mask, 
 dropout included; transformers itself builds an explicit causal mask while a CUDA graph is captured or a step
 compiled (benchmarks/NOTES.md try 30). Generation needs masks (left padding, a cache): `generating` switches the
 model to SDPA meanwhile.
+
+`--attention flex` (FLEX_NAME, `flex_forward`) keeps packed rows' examples apart with flex attention instead: the
+collate lists, per row, which 128 x 128 tiles of the attention matrix hold any pair of one example's tokens
+(`block_tables`, on the host), and flex attention computes those tiles alone. Varlen's flash kernel gives every
+sequence whole tiles of its own, which for short examples (SST-2's ~20 tokens) is mostly padding: on an H100 it
+spent 37 of a packed GPT-2 step's 112 ms in attention (benchmarks/NOTES.md try 65).
 """
 
 from __future__ import annotations
@@ -29,6 +35,9 @@ import torch.nn.functional as F
 from sftune.errors import SftuneError
 
 NAME = "sftune_varlen"  # the name transformers knows it by (`--attention varlen`)
+FLEX_NAME = "sftune_flex"  # ... and `--attention flex` (flex attention with a block mask made on the host)
+FLEX_BLOCK = 128  # flex attention's tile (its default sparse block size): the block mask lists tiles of this side
+FLEX_KEYS = ("doc_ids", "kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices")  # (`block_tables`)
 CU_MULTIPLE = 256  # static batches: sequence starts padded to a multiple of this count (with empty sequences:
 # each costs flash attention a block that exits at once; fewer shapes mean fewer graphs and compiles)
 MAX_MULTIPLE = 128  # static batches: the longest sequence rounded up to this (flash's query block: the same grid)
@@ -60,6 +69,74 @@ def sequence_starts(example_lengths: list[list[int]], width: int, rows: int, sta
     return cu.astype(np.int32), int(longest)
 
 
+def block_tables(example_lengths: list[list[int]], width: int, rows: int) -> dict[str, np.ndarray]:
+    """flex attention's block mask of packed rows, made on the host from the examples' lengths (no sync, and fixed
+    shapes for a given (rows, width): CUDA graphs and compiled steps take it like any other input).
+
+    A token sees the tokens of its own example up to itself. A row's padding is an example of its own (nothing
+    reads its outputs). In FLEX_BLOCK tiles: a query tile sees key tiles from the one where its first token's
+    example starts up to itself; those below the diagonal that lie wholly inside the example of its last token
+    are full (no mask evaluated), the others partial (`document_causal` decides per pair), and every other tile is
+    skipped. With examples of ~20 tokens (SST-2), a 1,024-token row computes ~1.5 tiles per query tile instead of
+    the 4.5 of plain causal attention, and no work on padding of per-sequence tiles (varlen's cost, NOTES try 65).
+
+    Returns `doc_ids` (rows, width) int32, each token's example within its row, and flex's `kv_num_blocks`
+    (rows, 1, Q), `kv_indices` (rows, 1, Q, K), `full_kv_num_blocks`, `full_kv_indices` (int32; Q = K = tiles).
+
+    >>> t = block_tables([[100, 100], [300]], width=300, rows=2)
+    >>> t["kv_num_blocks"][:, 0].tolist(), t["full_kv_num_blocks"][:, 0].tolist()
+    ([[1, 2, 2], [1, 1, 1]], [[0, 0, 0], [0, 1, 2]])
+    >>> t["kv_indices"][0, 0].tolist(), t["full_kv_indices"][1, 0].tolist()
+    ([[0, 0, 0], [0, 1, 0], [1, 2, 0]], [[0, 0, 0], [0, 0, 0], [0, 1, 0]])
+    """
+    doc = np.empty((rows, width), dtype=np.int32)
+    start = np.empty((rows, width), dtype=np.int64)  # where each token's example starts
+    for row in range(rows):
+        lengths = list(example_lengths[row]) if row < len(example_lengths) else []
+        pad = width - sum(lengths)
+        lengths += [pad] if pad else []
+        doc[row] = np.repeat(np.arange(len(lengths)), lengths)
+        start[row] = np.repeat(np.cumsum([0] + lengths[:-1]), lengths)
+    tiles = -(-width // FLEX_BLOCK)
+    tile = np.arange(tiles)
+    first_q = tile * FLEX_BLOCK
+    last_q = np.minimum(first_q + FLEX_BLOCK, width) - 1
+    lo = start[:, first_q] // FLEX_BLOCK  # (rows, Q): the first key tile a query tile sees
+    full_lo = np.minimum(-(-start[:, last_q] // FLEX_BLOCK), tile)  # full: full_lo .. diagonal - 1
+    partial = full_lo - lo + 1  # partial: lo .. full_lo - 1, and the diagonal
+    slot = np.arange(tiles)[None, None, :]
+    kv_indices = np.where(slot < (partial - 1)[..., None], lo[..., None] + slot,
+                          np.where(slot == (partial - 1)[..., None], tile[None, :, None], 0))
+    full = tile[None, :] - full_lo
+    full_indices = np.where(slot < full[..., None], full_lo[..., None] + slot, 0)
+    as_tables = (lambda a: a[:, None].astype(np.int32))  # (rows, 1 head: every head the same, ...)
+    return {"doc_ids": doc, "kv_num_blocks": as_tables(partial), "kv_indices": as_tables(kv_indices),
+            "full_kv_num_blocks": as_tables(full), "full_kv_indices": as_tables(full_indices)}
+
+
+def document_causal(doc_ids: torch.Tensor):
+    """flex attention's mask function for packed rows: causal, and within each example (`doc_ids`: (rows, width))."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (doc_ids[b, q_idx] == doc_ids[b, kv_idx])
+
+    return mask_mod
+
+
+def flex_inputs(batch: dict) -> dict:
+    """The keyword `flex_forward` reads: the block mask of a packed batch's rows, built on the device from the
+    tables the collate made (`block_tables`); nothing for other batches."""
+    if "kv_num_blocks" not in batch:
+        return {}
+    from torch.nn.attention.flex_attention import BlockMask
+
+    width = batch["doc_ids"].shape[1]
+    mask = BlockMask.from_kv_blocks(batch["kv_num_blocks"], batch["kv_indices"], batch["full_kv_num_blocks"],
+                                    batch["full_kv_indices"], BLOCK_SIZE=FLEX_BLOCK,
+                                    mask_mod=document_causal(batch["doc_ids"]), seq_lengths=(width, width))
+    return {"sftune_block_mask": mask, "sftune_doc_ids": batch["doc_ids"]}
+
+
 def varlen_inputs(batch: dict) -> dict:
     """The keywords `attention_forward` reads, from a packed batch (nothing for other batches)."""
     if "cu_seqlens" not in batch:
@@ -83,6 +160,51 @@ def register() -> None:
     except ImportError:
         return
     _KERNEL = (varlen_attn, frozenset(inspect.signature(varlen_attn).parameters))
+
+
+def register_flex() -> None:
+    """Make FLEX_NAME known to transformers (idempotent; no mask function: transformers builds none)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(FLEX_NAME, flex_forward)
+
+
+_FLEX = None  # flex_attention under torch.compile (made on first use on a GPU)
+
+
+def flex_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sftune_block_mask=None,
+                 sftune_doc_ids=None, **kwargs):
+    """`--attention flex`: transformers' attention-function contract, as `attention_forward`. Packed rows go through
+    flex attention with their block mask (`flex_inputs`), compiled on a GPU; on a CPU, where torch has no backward
+    for flex attention, SDPA with the same mask made dense computes the same thing (slowly: for checks). Other
+    batches take transformers' SDPA, causal and unmasked."""
+    if sftune_block_mask is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    if dropout:
+        raise SftuneError(f"--attention flex: flex attention has no dropout, and this model drops attention weights "
+                          f"with p = {dropout:g}; {DROPOUT_ADVICE}")
+    device = query.device.type
+    common = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else value.dtype
+    query, key, value = (t.to(common) for t in (query, key, value))
+    gqa = key.shape[1] != query.shape[1]
+    if query.is_cuda:
+        global _FLEX
+        if _FLEX is None:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            _FLEX = torch.compile(flex_attention, dynamic=False)
+        out = _FLEX(query, key, value, block_mask=sftune_block_mask, scale=scaling, enable_gqa=gqa)
+    else:
+        width = query.shape[2]
+        positions = torch.arange(width, device=query.device)
+        mask = (positions[None, :, None] >= positions[None, None, :]) & (
+            sftune_doc_ids[:, :, None] == sftune_doc_ids[:, None, :])
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None], scale=scaling,
+                                             enable_gqa=gqa)
+    return out.transpose(1, 2).contiguous(), None
 
 
 def kernel() -> tuple:
@@ -161,16 +283,17 @@ def attention_dropout(model_config) -> float:
     return max((float(getattr(model_config, key, 0) or 0) for key in DROPOUT_KEYS), default=0.0)
 
 
-def check_varlen(model_config, device, precision: str | None, packing: bool) -> None:
-    """`--attention varlen` can train this model here, or a clear error. Only packed rows use torch's kernel
-    (rows that are not packed take SDPA, with any dropout and precision)."""
+def check_varlen(model_config, device, precision: str | None, packing: bool, attention: str = "varlen") -> None:
+    """`--attention varlen` (or `flex`) can train this model here, or a clear error. Only packed rows use torch's
+    kernel (rows that are not packed take SDPA, with any dropout and precision)."""
     if not packing:
         return
     if (p := attention_dropout(model_config)) > 0:
         key = next(k for k in DROPOUT_KEYS if float(getattr(model_config, k, 0) or 0) == p)
-        raise SftuneError(f"--attention varlen: torch's variable-length attention has no dropout, and this model's "
+        kernel_name = "torch's variable-length attention" if attention == "varlen" else "flex attention"
+        raise SftuneError(f"--attention {attention}: {kernel_name} has no dropout, and this model's "
                           f"config sets {key} = {p:g}; {DROPOUT_ADVICE.replace('KEY', key)}")
-    if device is not None and torch.device(device).type == "cuda":
+    if attention == "varlen" and device is not None and torch.device(device).type == "cuda":
         kernel()
         if precision not in ("bf16", "fp16"):
             raise SftuneError(f"--attention varlen runs flash attention, which computes in bf16 or fp16, not "
@@ -179,12 +302,13 @@ def check_varlen(model_config, device, precision: str | None, packing: bool) -> 
 
 @contextlib.contextmanager
 def generating(model):
-    """SDPA while generating (left padding and the cache need masks), then NAME again."""
-    if getattr(model.config, "_attn_implementation", None) != NAME:
+    """SDPA while generating (left padding and the cache need masks), then NAME (or FLEX_NAME) again."""
+    own = getattr(model.config, "_attn_implementation", None)
+    if own not in (NAME, FLEX_NAME):
         yield
         return
     model.set_attn_implementation("sdpa")
     try:
         yield
     finally:
-        model.set_attn_implementation(NAME)
+        model.set_attn_implementation(own)

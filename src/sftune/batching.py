@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sftune.attention import sequence_starts
+from sftune.attention import FLEX_KEYS, block_tables, sequence_starts
 from sftune.data.examples import Examples
 
 IGNORE_INDEX = -100  # label value cross-entropy skips
@@ -84,10 +84,11 @@ def with_targets(batch: dict[str, np.ndarray], static: bool = False) -> dict[str
 # what the loss module reads: tensors copied to the device, and (packed rows) the longest sequence, a host int.
 # `attention_mask` (1 on real tokens) is never given to the model (see `loss.model_inputs`): only a mixture of
 # experts' load-balancing loss reads it, to leave padding out of the routers' statistics (`ROUTER_KEYS`).
-DEVICE_KEYS = ("input_ids", "position_ids", "target_positions", "targets", "cu_seqlens")
+DEVICE_KEYS = ("input_ids", "position_ids", "target_positions", "targets", "cu_seqlens") + FLEX_KEYS
 ROUTER_KEYS = DEVICE_KEYS + ("attention_mask",)
 HOST_KEYS = ("max_seqlen",)
 VARLEN_KEYS = ("cu_seqlens", "max_seqlen")  # read only by a model under `--attention varlen`
+ATTENTION_KEYS = {"varlen": VARLEN_KEYS, "flex": FLEX_KEYS}  # ... and under `--attention flex`
 
 
 def to_device(batch: dict[str, torch.Tensor], device, keys: tuple[str, ...] = DEVICE_KEYS) -> dict[str, torch.Tensor]:
@@ -321,7 +322,8 @@ def collate_packed(examples: Examples, rows: Sequence[np.ndarray], pad_id: int,
     example). The first token of each example has no label: it would be predicted from the
     previous example's last token. Padding forms its own block and has no labels.
     The same boundaries as `cu_seqlens` (int32) and `max_seqlen` (an int), for `--attention varlen`
-    (`attention.sequence_starts`).
+    (`attention.sequence_starts`), and as flex attention's block mask tables, for `--attention flex`
+    (`attention.block_tables`: `doc_ids` and the `*kv_*` tiles).
 
     >>> ex = Examples.from_lists([[5, 6, 9], [7, 9]])
     >>> b = collate_packed(ex, [np.array([0, 1])], pad_id=9)
@@ -352,7 +354,8 @@ def collate_packed(examples: Examples, rows: Sequence[np.ndarray], pad_id: int,
     position_ids[len(rows):] = np.arange(width)  # (rows added by `padding`: pad tokens, a block of their own)
     batch = with_targets({"input_ids": input_ids, "position_ids": position_ids, "labels": labels,
                           "attention_mask": attention_mask}, padding.static)
-    cu_seqlens, batch["max_seqlen"] = sequence_starts([examples.lengths[r].tolist() for r in rows], width, shape[0],
-                                                      padding.static)
+    lengths = [examples.lengths[r].tolist() for r in rows]
+    cu_seqlens, batch["max_seqlen"] = sequence_starts(lengths, width, shape[0], padding.static)
     batch["cu_seqlens"] = torch.from_numpy(cu_seqlens)
+    batch.update({k: torch.from_numpy(v) for k, v in block_tables(lengths, width, shape[0]).items()})
     return batch

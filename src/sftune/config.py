@@ -94,8 +94,9 @@ class SFTConfig:
         "auto", "Attention kernel (transformers' attn_implementation): auto (transformers' choice: sdpa where the "
         "model has it), sdpa, eager, flex_attention, flash_attention_2 (needs the flash-attn package), varlen "
         "(sftune's: no mask from transformers; packed rows through torch's variable-length flash attention, which "
-        "needs bf16 on a GPU and attention dropout 0; other rows through SDPA's causal kernel). Packed rows stay "
-        "apart under each.", "model")
+        "needs bf16 on a GPU and attention dropout 0; other rows through SDPA's causal kernel), flex (sftune's: "
+        "packed rows through flex attention with a block mask made from the examples' bounds, compiled on a GPU, "
+        "attention dropout 0; other rows through SDPA's causal kernel). Packed rows stay apart under each.", "model")
 
     # --- data ------------------------------------------------------------
     dataset: str = _f(

@@ -31,9 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sftune.attention import FLEX_NAME
 from sftune.attention import NAME as VARLEN
-from sftune.attention import varlen_inputs
-from sftune.batching import DEVICE_KEYS, IGNORE_INDEX, ROUTER_KEYS, VARLEN_KEYS
+from sftune.attention import flex_inputs, varlen_inputs
+from sftune.batching import ATTENTION_KEYS, DEVICE_KEYS, IGNORE_INDEX, ROUTER_KEYS
 from sftune.neftune import NoisyEmbeddings, example_lengths
 
 # How the logits of each model type whose projection is fused with the loss come from its final hidden states h
@@ -119,7 +120,7 @@ def router_loss(model) -> RouterLoss | None:
     return RouterLoss(function, int(experts), int(top_k), float(coefficient))
 
 
-def model_inputs(batch: dict[str, torch.Tensor], varlen: bool = False) -> dict:
+def model_inputs(batch: dict[str, torch.Tensor], attention: str | None = None) -> dict:
     """The model's keyword arguments for a batch: no attention mask.
 
     Rows are right-padded, so under the causal mask a real token never sees padding: a mask would change only the
@@ -127,11 +128,12 @@ def model_inputs(batch: dict[str, torch.Tensor], varlen: bool = False) -> dict:
     attention on a GPU, and shapes that a CUDA graph can capture). Packed rows carry `position_ids`: transformers
     then builds a block-diagonal causal mask from the positions restarting at 0, so no token sees another example.
     That detection needs `use_cache=False` (with a cache it silently attends across examples), so it is always set.
-    `varlen` (a model under `--attention varlen`): the packed rows' sequence starts go along instead (no mask).
+    `attention` "varlen" or "flex" (a model under `--attention varlen` or `flex`): the packed rows' sequence starts,
+    or their block mask, go along instead (no mask from transformers).
     """
     if "position_ids" in batch:
-        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False,
-                **(varlen_inputs(batch) if varlen else {})}
+        own = {"varlen": varlen_inputs, "flex": flex_inputs}[attention](batch) if attention else {}
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"], "use_cache": False, **own}
     return {"input_ids": batch["input_ids"], "use_cache": False}
 
 
@@ -148,7 +150,8 @@ class CausalLMLoss(nn.Module):
         self.model = model
         self.fused = supports_fused_ce(model) if fused is None else fused
         self.scale, self.cap = logit_map(model) if self.fused else (1.0, None)  # z * scale, then cap * tanh(z / cap)
-        self.varlen = getattr(model.config, "_attn_implementation", None) == VARLEN
+        implementation = getattr(model.config, "_attn_implementation", None)
+        self.attention = {VARLEN: "varlen", FLEX_NAME: "flex"}.get(implementation)  # sftune's own (attention.py)
         self._cast: tuple | None = None  # ((weight version, address, dtype), cast copy) of the output head
         self._rows: tuple | None = None  # ((indices, device), index tensor) of the head's trained rows (`head_rows`)
         self.cache_cast = True  # off while CUDA graphs capture the step (the cast must be part of the graph)
@@ -166,11 +169,12 @@ class CausalLMLoss(nn.Module):
 
     @property
     def device_keys(self) -> tuple[str, ...]:
-        """What a batch brings to the device: the attention mask too for a router loss or NEFTune (its lengths), and
-        the packed rows' sequence starts only under `--attention varlen` (the one reader: a CUDA graph of another
-        model must not take them, their count changes from batch to batch)."""
+        """What a batch brings to the device: the attention mask too for a router loss or NEFTune (its lengths), the
+        packed rows' sequence starts only under `--attention varlen` (the one reader: a CUDA graph of another model
+        must not take them, their count changes from batch to batch), their block mask tables only under `flex`."""
         keys = ROUTER_KEYS if self.router is not None or self.noise is not None else DEVICE_KEYS
-        return keys if self.varlen else tuple(k for k in keys if k not in VARLEN_KEYS)
+        others = {k for name, own in ATTENTION_KEYS.items() if name != self.attention for k in own}
+        return tuple(k for k in keys if k not in others)
 
     def take_correct(self) -> int:
         """Targets whose argmax prediction was right since the last call (training forwards only). note: syncs.
@@ -219,7 +223,7 @@ class CausalLMLoss(nn.Module):
             self.noise.lengths = None  # (generation between steps runs the embeddings without it)
 
     def batch_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = model_inputs(batch, self.varlen)
+        inputs = model_inputs(batch, self.attention)
         if self.router is not None:  # the routers' logits in training only (the validation loss is the token loss)
             inputs["output_router_logits"] = self.training
         positions, targets = batch["target_positions"], batch["targets"]

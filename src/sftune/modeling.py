@@ -150,29 +150,30 @@ def check_attention(model_config, attention: str, trust_remote_code: bool = Fals
                     precision: str | None = None, packing: bool = False) -> dict:
     """The `from_pretrained`/`from_config` keywords for `--attention`, checked on a weightless (meta-device) copy of
     the model first: an attention kernel the architecture lacks, or whose package is missing, or that cannot train
-    on `device` (in `precision`), is a clear error before any weights load. `varlen` is sftune's own
+    on `device` (in `precision`), is a clear error before any weights load. `varlen` and `flex` are sftune's own
     (`attention.py`), registered with transformers here."""
     if attention in (None, "auto"):
         return {}
-    implementation = attention
-    if attention == "varlen":
-        from sftune.attention import NAME, check_varlen, register
+    from sftune.attention import FLEX_NAME, NAME, check_varlen, register, register_flex
 
+    implementation = {"varlen": NAME, "flex": FLEX_NAME}.get(attention, attention)  # (sftune's own: attention.py)
+    if attention == "varlen":
         register()
-        implementation = NAME
+    elif attention == "flex":
+        register_flex()
     try:
         with torch.device("meta"):
             AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code,
                                              attn_implementation=implementation)
     except (ValueError, ImportError) as e:
         first = str(e).splitlines()[0].split(". ")[0].rstrip(".")  # (transformers adds links and examples)
-        first = first.replace(f"`{NAME}`", "`varlen`") if attention == "varlen" else first
+        first = first.replace(f"`{implementation}`", f"`{attention}`")
         raise SftuneError(f"--attention {attention}: {first[:300]}; use --attention auto or sdpa") from None
     if attention == "flex_attention" and device is not None and torch.device(device).type != "cuda":
         raise SftuneError("--attention flex_attention trains only on a CUDA GPU (torch has no CPU backward for "
                           "it); use --attention auto or sdpa on a CPU")
-    if attention == "varlen":
-        check_varlen(model_config, device, precision, packing)
+    if attention in ("varlen", "flex"):
+        check_varlen(model_config, device, precision, packing, attention)
     return {"attn_implementation": implementation}
 
 
