@@ -7,8 +7,10 @@
 1. graphs: a CUDA graph replay (`StepGraphs.run`) against the same micro-batch run eagerly, for GPT-2 small (random
    init): the summed loss and every gradient, fp32 (TF32 off) and bf16, with dropout off and on (the same seed
    before each: graph-safe RNG should draw what the eager step draws), over two batches of one shape (the second
-   refills the graph's input buffers) and a third of another shape. Relative errors: |a - b| / |b| for the loss,
-   max over tensors of ||a - b|| / ||b|| for the gradients.
+   refills the graph's input buffers) and a third of another shape, then two steps of two micro-batches each (the
+   same shape twice, and two shapes: their gradients summed); each with graphs that assign their own gradients
+   (the default for a model this small) and with graphs that add into one set. Relative errors: |a - b| / |b|
+   for the loss, max over tensors of ||a - b|| / ||b|| for the gradients.
 2. runs: whole `sftune train` runs (GPT-2 small, random init, SST-2, 30 steps of the seed's recipe) with
    --compile off and graphs in fp32, and off, graphs and torch (inductor) in bf16: the largest difference of the
    per-step losses from the eager run's.
@@ -94,24 +96,47 @@ def graph_vs_eager(precision: str, dropout: bool) -> dict:
         (loss * (1 / count_targets(batch))).backward()
         return loss.detach().clone(), [p.grad.clone() for p in loss_model.parameters()]
 
+    def eager_step(pair, seed):  # two micro-batches of one step, their gradients summed (grad accumulation)
+        loss_model.zero_grad(set_to_none=True)
+        total = 0
+        for j, batch in enumerate(pair):
+            torch.manual_seed(seed + j)
+            with autocast(device, precision):
+                loss = loss_model(to_device(batch, device))
+            (loss * (1 / 1000)).backward()
+            total = total + loss.detach()
+        return total, [p.grad.clone() for p in loss_model.parameters()]
+
     want = [eager(b, 100 + i) for i, b in enumerate(batches)]
-    loss_model.zero_grad(set_to_none=True)
-    graphs = StepGraphs(loss_model, device, precision, required=True)
-    got = []
-    for i, b in enumerate(batches):
-        for p in loss_model.parameters():
-            if p.grad is not None:
-                p.grad.zero_()
-        torch.manual_seed(100 + i)
-        loss = graphs.run(b, 1 / count_targets(b)).clone()
-        got.append((loss, [p.grad.clone() for p in loss_model.parameters()]))
-    torch.cuda.synchronize()
-    rows = []
-    for i, ((gl, gg), (wl, wg)) in enumerate(zip(got, want)):
-        rows.append({"batch": i, "shape": list(batches[i]["input_ids"].shape), "loss_rel": rel(gl, wl),
-                     "grad_rel_max": max(rel(a, b) for a, b in zip(gg, wg)),
-                     "bitwise": bool(torch.equal(gl, wl) and all(torch.equal(a, b) for a, b in zip(gg, wg)))})
-    return {"precision": precision, "dropout": dropout, "graphs": len(graphs.graphs), "batches": rows}
+    pairs = [(batches[0], batches[1]), (batches[0], batches[2])]  # (the same shape twice; two shapes)
+    want += [eager_step(pair, 200 + 10 * i) for i, pair in enumerate(pairs)]
+    report = {"precision": precision, "dropout": dropout, "modes": []}
+    for assign in (True, False):  # each graph's own gradients, assigned; or one set, added into
+        loss_model.zero_grad(set_to_none=True)
+        graphs = StepGraphs(loss_model, device, precision, required=True, assign=assign)
+        got = []
+        for i, b in enumerate(batches):
+            loss_model.zero_grad(set_to_none=assign)
+            torch.manual_seed(100 + i)
+            loss = graphs.run(b, 1 / count_targets(b)).clone()
+            got.append((loss, [p.grad.clone() for p in loss_model.parameters()]))
+        for i, pair in enumerate(pairs):
+            loss_model.zero_grad(set_to_none=assign)
+            total = 0
+            for j, batch in enumerate(pair):
+                torch.manual_seed(200 + 10 * i + j)
+                total = total + graphs.run(batch, 1 / 1000, first=j == 0).clone()
+            got.append((total, [p.grad.clone() for p in loss_model.parameters()]))
+        torch.cuda.synchronize()
+        rows = []
+        for i, ((gl, gg), (wl, wg)) in enumerate(zip(got, want)):
+            shape = (list(batches[i]["input_ids"].shape) if i < len(batches)
+                     else [list(b["input_ids"].shape) for b in pairs[i - len(batches)]])
+            rows.append({"batch": i, "shape": shape, "loss_rel": rel(gl, wl),
+                         "grad_rel_max": max(rel(a, b) for a, b in zip(gg, wg)),
+                         "bitwise": bool(torch.equal(gl, wl) and all(torch.equal(a, b) for a, b in zip(gg, wg)))})
+        report["modes"].append({"assign": assign, "graphs": len(graphs.graphs), "batches": rows})
+    return report
 
 
 def varlen_check() -> dict:
@@ -479,9 +504,11 @@ def main() -> None:
         if "error" in r:
             print(f"  {r['precision']} dropout={r['dropout']}: ERROR {r['error'][:300]}")
             continue
-        for b in r["batches"]:
-            print(f"  {r['precision']:<5} dropout={str(r['dropout']):<5} batch {b['batch']} {b['shape']}: loss rel "
-                  f"{b['loss_rel']:.2e}, grad rel max {b['grad_rel_max']:.2e}, bitwise {b['bitwise']}")
+        for mode in r["modes"]:
+            for b in mode["batches"]:
+                print(f"  {r['precision']:<5} dropout={str(r['dropout']):<5} {'assign' if mode['assign'] else 'add':<6} "
+                      f"batch {b['batch']} {b['shape']}: loss rel {b['loss_rel']:.2e}, grad rel max "
+                      f"{b['grad_rel_max']:.2e}, bitwise {b['bitwise']}")
     if unit:  # after the graph checks, varlen last: a kernel fault (sticky in CUDA) leaves the others' figures
         for name, check in (("chunk_math", chunk_math_check), ("varlen", varlen_check)):
             try:

@@ -7,9 +7,11 @@
 #   PHASES="runs fusion" bash benchmarks/gpu_session.sh # then, in a second call while the machine is warm
 # (one call may run 10 minutes at most: the phases' limits below add up to more, so split them over calls)
 # Phases (each under its own time limit, seconds):
-#   check  (150) benchmarks/gpu_check.py --quick: CUDA graph replays against eager steps (fp32/bf16, dropout),
-#                --attention varlen: the kernel vs SDPA per sequence, the packed loss, a graph of it, its speed
-#   speed  (420) benchmarks/throughput.py --device cuda --quick --whole-job --varlen: the seed's loop vs
+#   check  (200) benchmarks/gpu_check.py --quick: CUDA graph replays against eager steps (fp32/bf16, dropout;
+#                graphs that assign their gradients and graphs that add them; steps of two micro-batches),
+#                --attention varlen: the kernel vs SDPA per sequence, the packed loss, a graph of it, its speed;
+#                --attention flex the same; the fused loss's chunk math
+#   speed  (540) benchmarks/throughput.py --device cuda --quick --whole-job --varlen --flex: the seed's loop vs
 #                sftune vs packed (and both under --attention varlen)
 #                (real tok/s, ms/step, MFU, peak GPU memory, compile time apart), and the whole seed job
 #   runs   (300) benchmarks/gpu_check.py: SIGTERM resume under graphs (bitwise?), the non-finite guard under
@@ -24,9 +26,12 @@
 #   profile (240) --profile-steps: torch.profiler over 10 steps of the seed's recipe (after its graphs are captured;
 #                then eagerly) and 4 packed steps; their summaries (wall and GPU-busy ms a step, top kernels) as
 #                profile-*.txt, their traces as profile-*.trace.json.gz (PROFILE_KINDS="seed seed-eager packed
-#                packed-varlen": which runs; packed-varlen as the speed phase's, graphs and compiled loss included)
+#                packed-varlen packed-flex": which runs; the last two as the speed phase's, graphs and compiled
+#                loss included)
 #   loss    (90) benchmarks/gpu_check.py --loss-only: the fused loss on 32,768 rows, eager/compiled x chunk sizes
-#   speed-steps (300) the speed phase without the whole job
+#   startup (60) python -X importtime -c "import sftune.train", twice: where a job's first seconds go (the whole
+#                job spent 14 s before its first line on the H100 machine, 1.8 s on a 2-core CPU; try 64)
+#   speed-steps (360) the speed phase without the whole job (about 6 minutes with --flex on an H100)
 # One call for a whole lease: DEADLINE=SECONDS caps every phase at what is left (a phase with under 20 s left is
 # skipped), and BUNDLE=DIR keeps DIR/results.tgz up to date after each phase, e.g. on the device
 #   OUT=/tmp/gpu BUNDLE=$OUT DEADLINE=560 PHASES="speed check runs fusion" bash benchmarks/gpu_session.sh
@@ -55,8 +60,8 @@ if [ -n "${QUICK:-}" ]; then
 else
   small=(--steps 5)
   big=(--model-config examples/llama-1b --batch-size 8 --words 700 --steps 5)
-  speed=(--quick --whole-job --varlen --packed-compile graphs)  # (explicit graphs: the loss softmax compiled too)
-  speed_steps=(--quick --varlen --packed-compile graphs)
+  speed=(--quick --whole-job --varlen --flex --packed-compile graphs)  # (explicit graphs: the loss softmax compiled)
+  speed_steps=(--quick --varlen --flex --packed-compile graphs)
   runs=()
   seed_trl=()
   big_trl=(--steps 10 --warmup 3 --model-config examples/llama-1b --tokenizer bundled:gpt2 --packing --max-length 1024 --batch-size 8 --lr 3e-4)
@@ -94,10 +99,11 @@ bundle() {  # BUNDLE=DIR: everything in $OUT also as DIR/results.tgz, renewed af
 
 for p in $PHASES; do
   case $p in
-    check) [ "$DEVICE" = cuda ] && phase check 150 $py benchmarks/gpu_check.py --quick --json "$OUT/gpu-check-quick.json" ;;
+    check) [ "$DEVICE" = cuda ] && phase check 200 $py benchmarks/gpu_check.py --quick --json "$OUT/gpu-check-quick.json" ;;
     loss) [ "$DEVICE" = cuda ] && phase loss 90 $py benchmarks/gpu_check.py --loss-only --json "$OUT/gpu-check-loss.json" ;;
-    speed) phase speed 420 $py benchmarks/throughput.py --device "$DEVICE" "${speed[@]}" --json "$OUT/$card-$date.json" ;;
-    speed-steps) phase speed-steps 300 $py benchmarks/throughput.py --device "$DEVICE" "${speed_steps[@]}" --json "$OUT/$card-$date.json" ;;
+    startup) phase startup 60 bash -c "for i in 1 2; do $py -X importtime -c 'import time; t = time.perf_counter(); import sftune.train; print(f\"import sftune.train: {time.perf_counter() - t:.2f} s\")' 2> \"$OUT/importtime-\$i.txt\"; done; sort -t'|' -k2 -n \"$OUT/importtime-1.txt\" | tail -25" ;;
+    speed) phase speed 540 $py benchmarks/throughput.py --device "$DEVICE" "${speed[@]}" --json "$OUT/$card-$date.json" ;;
+    speed-steps) phase speed-steps 360 $py benchmarks/throughput.py --device "$DEVICE" "${speed_steps[@]}" --json "$OUT/$card-$date.json" ;;
     runs) phase runs 300 $py benchmarks/gpu_check.py --device "$DEVICE" --runs-only "${runs[@]}" --json "$OUT/gpu-check.json" ;;
     fusion) [ "$DEVICE" = cuda ] && phase fusion 300 $py benchmarks/throughput.py --device cuda --quick --only packed,packed-varlen --packed-compile torch --json "$OUT/packed-compiled-$card-$date.json"
       ;;
@@ -123,8 +129,9 @@ for p in $PHASES; do
         # packed-varlen: as the speed phase's packed-varlen run, CUDA graphs and the compiled loss included)
         case $kind in seed) args=("${prof_seed[@]}") ;; seed-eager) args=("${prof_seed[@]}" --compile off) ;;
           packed) args=("${prof_packed[@]}" --packing) ;;
-          packed-varlen) args=("${prof_packed[@]}" --packing --attention varlen --model-config-overrides
-                               "$no_attention_dropout" $([ "$DEVICE" = cuda ] && echo --compile graphs)) ;; esac
+          packed-varlen|packed-flex) args=("${prof_packed[@]}" --packing --attention "${kind#packed-}"
+                               --model-config-overrides "$no_attention_dropout"
+                               $([ "$DEVICE" = cuda ] && echo --compile graphs)) ;; esac
         phase "profile-$kind" 120 $py -m sftune train --config configs/gpt2-sst2.yaml --init random --device "$DEVICE" \
           "${args[@]}" --eval-every 100000 --sample-prompts "" --report-to none --no-run-report \
           --output-dir "/tmp/sftune-profile-$kind" --overwrite
@@ -132,7 +139,7 @@ for p in $PHASES; do
         cp "/tmp/sftune-profile-$kind/profile/trace.json.gz" "$OUT/profile-$kind.trace.json.gz" 2>/dev/null
       done
       bundle ;;
-    *) echo "unknown phase $p (check, loss, speed, speed-steps, runs, fusion, fusion-seed, peers, memory, profile)" ;;
+    *) echo "unknown phase $p (check, loss, startup, speed, speed-steps, runs, fusion, fusion-seed, peers, memory, profile)" ;;
   esac
 done
 ls -la "$OUT"

@@ -24,6 +24,8 @@ tokens per second over the steps after a warm-up.
   sftune-varlen, packed-varlen: (--device cuda --varlen) sftune and packed under --attention varlen (no mask
           from transformers: SDPA's causal kernel for rows, torch's variable-length flash attention for packed
           rows, there with --model-config-overrides attn_pdrop=0: that kernel has no dropout).
+  packed-flex: (--device cuda --flex) packed under --attention flex (compiled flex attention under a block mask
+          made on the host; attn_pdrop=0 too).
 
 --whole-job times two processes from start to exit, each with empty caches: the notebook (the seed's pipeline,
 val loss before training, one epoch of its loop, val loss after, `save_pretrained`) and
@@ -172,7 +174,7 @@ def worker_sftune(args) -> dict:
     from sftune.data import DataOptions, prepare_data
 
     packed = args.worker.startswith("packed")
-    varlen = args.worker.endswith("-varlen")
+    attention = next((a for a in ("varlen", "flex") if args.worker.endswith(f"-{a}")), "auto")
     # a log line every 10 steps, as a user's run writes them (each costs the GPU its run-ahead: the loss is read),
     # when the window's ends fall on them; else every step
     log_every = 10 if args.warmup % 10 == 0 and args.steps % 10 == 0 else 1
@@ -193,10 +195,10 @@ def worker_sftune(args) -> dict:
         options = {"model": str(model_dir), "dataset": str(dataset), "max_steps": args.warmup + args.steps,
                    "log_every": log_every, "output_dir": str(tmp / "run"), "cache_dir": str(tmp / "cache"),
                    "device": args.device, "report_to": "none", "compile": args.compile,
-                   "attention": "varlen" if varlen else "auto", "compile_mode": args.compile_mode}
-        if packed:
+                   "attention": attention, "compile_mode": args.compile_mode}
+        if packed:  # (varlen and flex: no attention dropout)
             options.update(packing=True, max_length=1024, compile=args.packed_compile or args.compile,
-                           model_config_overrides={"attn_pdrop": 0.0} if varlen else {})  # (varlen: no dropout)
+                           model_config_overrides={"attn_pdrop": 0.0} if attention != "auto" else {})
         result = sftune.train(sftune.resolve_config(options))
         rows = [json.loads(line) for line in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
         steps = [r for r in rows if r["type"] == "train"]
@@ -422,8 +424,10 @@ def main() -> None:
                    help="sftune's --compile-mode for its runs under --compile torch (default: torch.compile's)")
     p.add_argument("--varlen", action="store_true",
                    help="(GPU) also sftune and packed under --attention varlen (packed: GPT-2 with attention dropout 0)")
+    p.add_argument("--flex", action="store_true",
+                   help="(GPU) also packed under --attention flex (GPT-2 with attention dropout 0)")
     p.add_argument("--only", metavar="RUN,RUN", help="run only these (seed, sftune, packed, sftune-varlen, "
-                   "packed-varlen): no ratio without seed and sftune")
+                   "packed-varlen, packed-flex): no ratio without seed and sftune")
     p.add_argument("--whole-job", action="store_true",
                    help="also time the whole seed job, process start to exit: the notebook vs sftune train")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -433,7 +437,7 @@ def main() -> None:
     args = p.parse_args()
     if args.worker:
         fn = {"seed": worker_seed, "sftune": worker_sftune, "sftune-varlen": worker_sftune, "packed": worker_sftune,
-              "packed-varlen": worker_sftune, "seed-job": worker_seed_job}.get(args.worker, worker_quality)
+              "packed-varlen": worker_sftune, "packed-flex": worker_sftune, "seed-job": worker_seed_job}.get(args.worker, worker_quality)
         print(json.dumps(fn(args)))
         return
     gpu = args.device == "cuda"
@@ -449,7 +453,8 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(results, indent=2))
 
     varlen = ["sftune-varlen", "packed-varlen"] if args.varlen else []
-    names = ("seed", "sftune", "packed", *varlen) if gpu else ("seed", "sftune")
+    flex = ["packed-flex"] if args.flex else []
+    names = ("seed", "sftune", "packed", *varlen, *flex) if gpu else ("seed", "sftune")
     if args.only:  # (no ratio without both seed and sftune)
         names = tuple(args.only.split(","))
     # the ratio's two runs first, then the whole job, then the packed runs: a run cut short by a time limit loses
@@ -477,8 +482,9 @@ def main() -> None:
                    date=time.strftime("%Y-%m-%d"), torch=__import__("torch").__version__)
     if "packed" in results:
         results["packed_mfu"] = results["packed"].get("mfu")
-    if "packed-varlen" in results:
-        results["packed_varlen_mfu"] = results["packed-varlen"].get("mfu")
+    for name in ("packed-varlen", "packed-flex"):
+        if name in results:
+            results[f"{name.replace('-', '_')}_mfu"] = results[name].get("mfu")
     save()
     print(f"\nGPT-2 small on SST-2, {card}, torch {__import__('torch').__version__}, sftune --compile {args.compile}")
     print(f"{'run':<14}{'real tok/s':>12}{'ms/step':>9}{'MFU':>7}{'padded tok/s':>14}{'steps':>7}{'peak GPU MB':>13}"

@@ -27,8 +27,8 @@ def test_the_gpu_session_script_is_valid_and_runs_every_phase_it_names():
     text = script.read_text()
     named = set(re.findall(r"^#   ([\w-]+) +\(\d+\)", text, flags=re.M))
     cases = set(re.findall(r"^    ([\w-]+)\)", text, flags=re.M))
-    assert named == cases == {"check", "loss", "speed", "speed-steps", "runs", "fusion", "fusion-seed", "peers",
-                              "memory", "profile"}
+    assert named == cases == {"check", "loss", "startup", "speed", "speed-steps", "runs", "fusion", "fusion-seed",
+                              "peers", "memory", "profile"}
 
 
 def test_no_undefined_or_unused_names_anywhere():

@@ -19,7 +19,7 @@ model to SDPA meanwhile.
 collate lists, per row, which 128 x 128 tiles of the attention matrix hold any pair of one example's tokens
 (`block_tables`, on the host), and flex attention computes those tiles alone. Varlen's flash kernel gives every
 sequence whole tiles of its own, which for short examples (SST-2's ~20 tokens) is mostly padding: on an H100 it
-spent 37 of a packed GPT-2 step's 112 ms in attention (benchmarks/NOTES.md try 65).
+spent 37 of a packed GPT-2 step's 112 ms in attention (benchmarks/NOTES.md try 67).
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def block_tables(example_lengths: list[list[int]], width: int, rows: int) -> dic
     example starts up to itself; those below the diagonal that lie wholly inside the example of its last token
     are full (no mask evaluated), the others partial (`document_causal` decides per pair), and every other tile is
     skipped. With examples of ~20 tokens (SST-2), a 1,024-token row computes ~1.5 tiles per query tile instead of
-    the 4.5 of plain causal attention, and no work on padding of per-sequence tiles (varlen's cost, NOTES try 65).
+    the 4.5 of plain causal attention, and no work on padding of per-sequence tiles (varlen's cost, NOTES try 67).
 
     Returns `doc_ids` (rows, width) int32, each token's example within its row, and flex's `kv_num_blocks`
     (rows, 1, Q), `kv_indices` (rows, 1, Q, K), `full_kv_num_blocks`, `full_kv_indices` (int32; Q = K = tiles).

@@ -65,7 +65,7 @@ def forward_backward(model, micro_batches: list[dict], dist: Dist, precision: st
     scale = dist.world_size / max(step_targets, 1)
     total = torch.zeros((), device=dist.device)
     for i, batch in enumerate(micro_batches):
-        if graphs is not None and (loss_sum := graphs.run(batch, scale)) is not None:
+        if graphs is not None and (loss_sum := graphs.run(batch, scale, first=i == 0)) is not None:
             total += loss_sum
             continue
         batch = to_device(batch, dist.device, keys)
@@ -192,7 +192,7 @@ def clip_gradients(model, max_norm: float | None, into_update: bool) -> tuple[to
 
     `into_update` (fused AdamW, which divides the gradients by its `grad_scale` as it reads them): the clip is that
     divisor, max(1, (norm + 1e-6) / max_norm), so no pass of its own over the gradients (on a GPU at the seed's
-    recipe, 0.37 of a step's 8.6 ms; benchmarks/NOTES.md try 64). An unclipped step is the same to the bit as
+    recipe, 0.37 of a step's 8.6 ms; benchmarks/NOTES.md try 65). An unclipped step is the same to the bit as
     `clip_grad_norm_` (x / 1 = x); a clipped one within a rounding of each gradient (x / (1 / c) against x * c).
     Otherwise torch's `clip_grad_norm_` clips in place (FSDP: its norm is a DTensor, made whole here)."""
     if not into_update:
@@ -387,7 +387,8 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         grad_norm, divisor = clip_gradients(model, cfg.max_grad_norm, into_update=guard.on_device and not dist.sharded)
         loss_sum = guard.step(loss_sum, grad_norm, state.step + 1, divisor)  # the update, unless non-finite
         scaler.update()
-        optimizer.zero_grad(set_to_none=graphs is None)  # (a graph adds into the same gradient tensors each step)
+        # (an adding graph adds into the same gradient tensors each step; an assigning one writes its own)
+        optimizer.zero_grad(set_to_none=graphs is None or graphs.assign)
         scheduler.step()
         state.step += 1
         state.step_in_epoch += 1
