@@ -279,8 +279,8 @@ def timed_process(cmd: list[str], env: dict) -> tuple[int, str, list[str], float
 def whole_job(name: str, args) -> dict:
     """Wall time of one process, start to exit, with empty caches."""
     with tempfile.TemporaryDirectory() as tmp:
-        env = {**os.environ, "HF_DATASETS_CACHE": f"{tmp}/hf", "SFTUNE_CACHE": f"{tmp}/sftune",
-               "TOKENIZERS_PARALLELISM": "false"}
+        env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}  # (each job's own default)
+        env.update(HF_DATASETS_CACHE=f"{tmp}/hf", SFTUNE_CACHE=f"{tmp}/sftune")
         if name == "seed":
             cmd = [sys.executable, __file__, "--worker", "seed-job", "--device", args.device]
         else:

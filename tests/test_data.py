@@ -1,6 +1,7 @@
 """Tier 1: the data pipeline, step by step, with exact expected values."""
 
 import json
+import os
 import re
 
 import numpy as np
@@ -218,6 +219,38 @@ def test_prepare_data_keeps_and_counts(tmp_path, gpt2_tokenizer):
     assert ids[-1] == EOS and supervised.all()
     assert data.stats["train"].tokens == int(data.train.lengths.sum())
     assert data.stats["train"].supervised_tokens == int(data.train.lengths.sum()) - len(data.train)
+
+
+def test_the_tokenizers_threads_tokenize_as_one_thread_does(tmp_path, gpt2_tokenizer, monkeypatch):
+    """Where the user has not set TOKENIZERS_PARALLELISM, sftune sets it false (no warning from `tokenizers` at a
+    later fork) and turns the tokenizer's threads on while a dataset is tokenized: the same examples as one thread
+    makes, and the variable false again after. A user's own setting is left alone."""
+    from sftune import console
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"text": f"sentence number {i} " + "word " * (i % 37)}) + "\n"
+                            for i in range(3000)))
+    serial = prepare(str(path), gpt2_tokenizer, cache_dir=tmp_path / "serial")
+    monkeypatch.delenv(console.PARALLELISM)
+    monkeypatch.setattr(console, "_parallelism_ours", False)
+    console.quiet_tokenizers()
+    assert console._parallelism_ours and os.environ[console.PARALLELISM] == "false"
+    seen = []
+    real_call = type(gpt2_tokenizer).__call__
+    monkeypatch.setattr(type(gpt2_tokenizer), "__call__",
+                        lambda self, *a, **k: seen.append(os.environ[console.PARALLELISM]) or real_call(self, *a, **k))
+    threaded = prepare(str(path), gpt2_tokenizer, cache_dir=tmp_path / "threaded")
+    assert "true" in seen and os.environ[console.PARALLELISM] == "false"  # (the batches; small calls outside)
+    for split in ("train", "validation"):
+        a, b = getattr(serial, split), getattr(threaded, split)
+        assert np.array_equal(a.input_ids, b.input_ids) and np.array_equal(a.supervised, b.supervised)
+        assert np.array_equal(a.lengths, b.lengths)
+    monkeypatch.setenv(console.PARALLELISM, "false")  # the user's own setting: untouched, no threads
+    monkeypatch.setattr(console, "_parallelism_ours", False)
+    console.quiet_tokenizers()
+    seen.clear()
+    prepare(str(path), gpt2_tokenizer, cache_dir=tmp_path / "user")
+    assert "true" not in seen and not console._parallelism_ours
 
 
 def test_overlong_error_names_the_fix(tmp_path, gpt2_tokenizer):

@@ -8,7 +8,9 @@ Only rank 0 prints or writes, so a later multi-process run needs no
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,34 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from sftune.dist import env_rank
+
+
+PARALLELISM = "TOKENIZERS_PARALLELISM"
+_parallelism_ours = False  # sftune set PARALLELISM (the user had not)
+
+
+def quiet_tokenizers() -> None:
+    """`tokenizers` warns when a process forks after its threads were used, unless PARALLELISM is set: set it
+    (false) where the user has not. `tokenizer_threads` turns the threads on while a dataset is tokenized."""
+    global _parallelism_ours
+    if PARALLELISM not in os.environ:
+        os.environ[PARALLELISM] = "false"
+        _parallelism_ours = True
+
+
+@contextlib.contextmanager
+def tokenizer_threads():
+    """`tokenizers`' own threads for a batch tokenization (it reads PARALLELISM at each call), unless the user set
+    PARALLELISM; off again after, and set, so a later fork makes no warning. SST-2 on 2 cores: 2.8 -> 2.4 s; on
+    many cores most of the tokenizer's share goes (benchmarks/NOTES.md try 69)."""
+    if not _parallelism_ours:
+        yield
+        return
+    os.environ[PARALLELISM] = "true"
+    try:
+        yield
+    finally:
+        os.environ[PARALLELISM] = "false"
 
 
 def is_main() -> bool:

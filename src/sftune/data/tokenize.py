@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sftune.console import log
+from sftune.console import log, tokenizer_threads
 from sftune.data.examples import DROP_REASONS, Examples, SplitStats, count_targets, drop_untrained, length_summary
 from sftune.data.formats import ROW_COLUMN, Layout, row_segments
 from sftune.data.templates import DEFAULT_CHAT_TEMPLATE, ChatTemplate
@@ -159,17 +159,18 @@ def tokenize_split(rows, tokenizer, layout: Layout, options: EncodeOptions, temp
             out["n_tokens"].append(len(prefix) + len(joined_parts) + int(plain))
         return out
 
-    mapped = rows.map(
-        encode_batch,
-        batched=True,
-        batch_size=MAP_BATCH_SIZE,
-        with_indices=True,
-        remove_columns=rows.column_names,
-        keep_in_memory=True,  # our own cache holds the result; no second copy in the datasets cache
-        # no hashing of encode_batch for a fingerprint: it pickles the tokenizer (about 1.5 s a call; NOTES try 12)
-        new_fingerprint=uuid.uuid4().hex,
-        desc="tokenizing",
-    )
+    with tokenizer_threads():
+        mapped = rows.map(
+            encode_batch,
+            batched=True,
+            batch_size=MAP_BATCH_SIZE,
+            with_indices=True,
+            remove_columns=rows.column_names,
+            keep_in_memory=True,  # our own cache holds the result; no second copy in the datasets cache
+            # no hashing of encode_batch for a fingerprint: it pickles the tokenizer (~1.5 s a call; NOTES try 12)
+            new_fingerprint=uuid.uuid4().hex,
+            desc="tokenizing",
+        )
     table = mapped.data.table  # pyarrow: read columns without building Python lists
     status = table.column("status").to_numpy(zero_copy_only=False).astype(str)
     stats = SplitStats(rows=len(rows))
