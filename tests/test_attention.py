@@ -114,27 +114,33 @@ def test_a_wrong_model_config_override_is_a_clear_error(capsys, tmp_path, small_
 
 def test_packed_run_with_varlen_equals_the_default(capsys, tmp_path, small_model_dir):
     """A whole packed run (training, evaluations, sample prompts, the saved model) under --attention varlen has
-    the losses of the default attention's; the saved model names no sftune attention and loads anywhere."""
+    the losses of the default attention's; the saved model names no sftune attention and loads anywhere. So do
+    --attention flex, and flex in a compiled step (--compile torch, the aot_eager backend: the block mask built
+    inside the traced step)."""
     common = ["train", "--no-run-report", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA), "--packing",
               "--max-length", "64", "--batch-size", "4", "--max-steps", "4", "--eval-every", "4", "--log-every", "1",
               "--sample-prompts", "The movie", "--sample-max-new-tokens", "4", "--report-to", "none",
               "--precision", "fp32"]
+    from sftune.attention import FLEX_NAME
+
     runs = {}
-    for attention in ("auto", "varlen"):
-        out = tmp_path / attention
-        code, _, err = run_main(capsys, *common, "--attention", attention, "--output-dir", str(out))
+    compiled = ["--compile", "torch", "--compile-backend", "aot_eager"]
+    for name, extra in (("auto", []), ("varlen", []), ("flex", []), ("flex-compiled", compiled)):
+        out = tmp_path / name
+        code, _, err = run_main(capsys, *common, "--attention", name.split("-")[0], *extra, "--output-dir", str(out))
         assert code == 0, err
-        runs[attention] = read_jsonl(out / "metrics.jsonl")
-    for kind, key in (("train", "loss"), ("eval", "val_loss")):
-        got = [r[key] for r in runs["varlen"] if r["type"] == kind]
-        want = [r[key] for r in runs["auto"] if r["type"] == kind]
-        assert len(got) == len(want) > 0
-        np.testing.assert_allclose(got, want, rtol=1e-5)
-    samples = [r for r in runs["varlen"] if r["type"] == "sample"]
-    assert samples and samples == [r for r in runs["auto"] if r["type"] == "sample"]
-    saved = json.loads((tmp_path / "varlen" / "config.json").read_text())
-    assert NAME not in json.dumps(saved)
-    AutoModelForCausalLM.from_pretrained(tmp_path / "varlen")
+        runs[name] = read_jsonl(out / "metrics.jsonl")
+    for name in ("varlen", "flex", "flex-compiled"):
+        for kind, key in (("train", "loss"), ("eval", "val_loss")):
+            got = [r[key] for r in runs[name] if r["type"] == kind]
+            want = [r[key] for r in runs["auto"] if r["type"] == kind]
+            assert len(got) == len(want) > 0
+            np.testing.assert_allclose(got, want, rtol=1e-5)
+        samples = [r for r in runs[name] if r["type"] == "sample"]
+        assert samples and samples == [r for r in runs["auto"] if r["type"] == "sample"]
+        saved = json.dumps(json.loads((tmp_path / name / "config.json").read_text()))
+        assert NAME not in saved and FLEX_NAME not in saved
+    AutoModelForCausalLM.from_pretrained(tmp_path / "flex")
 
 
 
