@@ -43,16 +43,22 @@ def test_packed_batches_carry_the_starts():
 
 @pytest.mark.parametrize("padding", [EAGER, STATIC], ids=["eager", "static"])
 @pytest.mark.parametrize("family", ["gpt2", "tiny-llama"])
-def test_varlen_gives_the_loss_and_gradients_of_the_block_mask(family, padding):
+@pytest.mark.parametrize("attention", ["varlen", "flex"])
+def test_varlen_gives_the_loss_and_gradients_of_the_block_mask(family, padding, attention):
     """fp64: the same loss and every gradient as transformers' SDPA with its block-diagonal mask (the model's
-    default), for GPT-2 and for Llama (grouped-query heads, rotary positions)."""
-    register()
+    default), for GPT-2 and for Llama (grouped-query heads, rotary positions); the loss module takes its own
+    attention's keys to the device and not the other's. Under flex on a CPU the backward runs through SDPA under
+    the block tables' example ids (torch has no CPU backward for flex attention)."""
+    from sftune.attention import FLEX_NAME, register_flex
+
+    register() if attention == "varlen" else register_flex()
     loss_model = CausalLMLoss(tiny(family, torch.float64))
     batch = batch_of(padding, packed=True)
     want_loss, want = loss_and_grads(loss_model, batch)
-    loss_model.model.set_attn_implementation(NAME)
+    loss_model.model.set_attn_implementation(NAME if attention == "varlen" else FLEX_NAME)
     loss_model = CausalLMLoss(loss_model.model)
-    assert loss_model.attention == "varlen"
+    assert loss_model.attention == attention
+    assert ("cu_seqlens" in loss_model.device_keys) == (attention == "varlen") != ("kv_indices" in loss_model.device_keys)
     got_loss, got = loss_and_grads(loss_model, batch)
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-12, atol=0)
     for g, w in zip(got, want):
@@ -214,25 +220,3 @@ def test_flex_block_tables_list_exactly_the_tiles_an_example_reaches(lengths, wi
     got = flex_attention(q, k, v, block_mask=mask)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense[:, None])
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
-
-
-@pytest.mark.parametrize("padding", [EAGER, STATIC], ids=["eager", "static"])
-@pytest.mark.parametrize("family", ["gpt2", "tiny-llama"])
-def test_flex_gives_the_loss_and_gradients_of_the_block_mask(family, padding):
-    """fp64 on a CPU (SDPA under the block tables' example ids: torch has no CPU backward for flex attention): the
-    same loss and every gradient as transformers' own block-diagonal mask, for GPT-2 and for Llama; the loss module
-    takes the tables to the device, and not the varlen starts."""
-    from sftune.attention import FLEX_KEYS, FLEX_NAME, register_flex
-
-    register_flex()
-    loss_model = CausalLMLoss(tiny(family, torch.float64))
-    batch = batch_of(padding, packed=True)
-    want_loss, want = loss_and_grads(loss_model, batch)
-    loss_model.model.set_attn_implementation(FLEX_NAME)
-    loss_model = CausalLMLoss(loss_model.model)
-    assert loss_model.attention == "flex"
-    assert set(FLEX_KEYS) <= set(loss_model.device_keys) and "cu_seqlens" not in loss_model.device_keys
-    got_loss, got = loss_and_grads(loss_model, batch)
-    torch.testing.assert_close(got_loss, want_loss, rtol=1e-12, atol=0)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
