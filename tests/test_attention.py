@@ -9,6 +9,7 @@ under them; its loss and gradients against the block mask's (on a CPU the backwa
 """
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -188,7 +189,7 @@ def test_flex_block_tables_list_exactly_the_tiles_an_example_reaches(lengths, wi
     (partial or full), and its full tiles those where every pair is one example's and causal: compared with the
     dense mask tile by tile (rows of padding and empty rows included). Then flex attention itself (its CPU forward,
     which follows the tables and the mask function) gives what SDPA gives under the dense mask."""
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
     from sftune.attention import FLEX_BLOCK, block_tables, document_causal
 
@@ -213,10 +214,41 @@ def test_flex_block_tables_list_exactly_the_tiles_an_example_reaches(lengths, wi
     assert torch.equal(listed | listed_full, per_tile > 0)
     assert torch.equal(listed_full, full & (torch.arange(tiles)[:, None] > torch.arange(tiles)[None, :]))
 
+    assert all(t.is_contiguous() and t.dtype == torch.int32 for t in tables.values())
     mask = BlockMask.from_kv_blocks(tables["kv_num_blocks"], tables["kv_indices"], tables["full_kv_num_blocks"],
                                     tables["full_kv_indices"], BLOCK_SIZE=FLEX_BLOCK,
                                     mask_mod=document_causal(doc), seq_lengths=(width, width))
+    if width % FLEX_BLOCK == 0:  # flex's own tables from the mask function (it evaluates every pair): the same
+        own = create_block_mask(document_causal(doc), rows, 1, width, width, device="cpu", BLOCK_SIZE=FLEX_BLOCK)
+        for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                     "q_indices", "full_q_num_blocks", "full_q_indices"):
+            assert torch.equal(getattr(mask, name), getattr(own, name)), name
     q, k, v = torch.randn(3, rows, 2, width, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     got = flex_attention(q, k, v, block_mask=mask)
     want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense[:, None])
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="inductor's CPU kernels need a C++ compiler")
+def test_compiled_flex_attention_follows_the_block_tables():
+    """flex attention compiled (inductor's CPU kernel: unlike the eager forward, it computes only the tiles the
+    tables list, and reads them as laid out) under `block_tables`' mask: SDPA's output under the dense mask, for
+    rows of ~20-token examples and a width off the tile size. (A transposed count table, as numpy first laid it
+    out, gave outputs off by 3.)"""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+    from sftune.attention import FLEX_BLOCK, block_tables, document_causal
+
+    compiled = torch.compile(flex_attention, dynamic=False)
+    for lengths, width in (([[17] * 60, [1000], [300, 300]], 1024), ([[100, 100], [300]], 300)):
+        rows = len(lengths)
+        tables = {k: torch.from_numpy(v) for k, v in block_tables(lengths, width, rows).items()}
+        doc = tables["doc_ids"]
+        mask = BlockMask.from_kv_blocks(tables["kv_num_blocks"], tables["kv_indices"], tables["full_kv_num_blocks"],
+                                        tables["full_kv_indices"], BLOCK_SIZE=FLEX_BLOCK,
+                                        mask_mod=document_causal(doc), seq_lengths=(width, width))
+        q, k, v = torch.randn(3, rows, 2, width, 16, generator=torch.Generator().manual_seed(0))
+        positions = torch.arange(width)
+        dense = (positions[None, :, None] >= positions[None, None, :]) & (doc[:, :, None] == doc[:, None, :])
+        want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense[:, None])
+        torch.testing.assert_close(compiled(q, k, v, block_mask=mask), want, rtol=1e-4, atol=1e-5)

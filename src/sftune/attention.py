@@ -86,8 +86,8 @@ def block_tables(example_lengths: list[list[int]], width: int, rows: int) -> dic
     >>> t = block_tables([[100, 100], [300]], width=300, rows=2)
     >>> t["kv_num_blocks"][:, 0].tolist(), t["full_kv_num_blocks"][:, 0].tolist()
     ([[1, 2, 2], [1, 1, 1]], [[0, 0, 0], [0, 1, 2]])
-    >>> t["kv_indices"][0, 0].tolist(), t["full_kv_indices"][1, 0].tolist()
-    ([[0, 0, 0], [0, 1, 0], [1, 2, 0]], [[0, 0, 0], [0, 0, 0], [0, 1, 0]])
+    >>> t["kv_indices"][0, 0].tolist(), t["full_kv_indices"][1, 0].tolist()  # (listed tiles first, then the rest)
+    ([[0, 1, 2], [0, 1, 2], [1, 2, 0]], [[0, 1, 2], [0, 1, 2], [0, 1, 2]])
     """
     doc = np.empty((rows, width), dtype=np.int32)
     start = np.empty((rows, width), dtype=np.int64)  # where each token's example starts
@@ -103,15 +103,18 @@ def block_tables(example_lengths: list[list[int]], width: int, rows: int) -> dic
     last_q = np.minimum(first_q + FLEX_BLOCK, width) - 1
     lo = start[:, first_q] // FLEX_BLOCK  # (rows, Q): the first key tile a query tile sees
     full_lo = np.minimum(-(-start[:, last_q] // FLEX_BLOCK), tile)  # full: full_lo .. diagonal - 1
-    partial = full_lo - lo + 1  # partial: lo .. full_lo - 1, and the diagonal
-    slot = np.arange(tiles)[None, None, :]
-    kv_indices = np.where(slot < (partial - 1)[..., None], lo[..., None] + slot,
-                          np.where(slot == (partial - 1)[..., None], tile[None, :, None], 0))
-    full = tile[None, :] - full_lo
-    full_indices = np.where(slot < full[..., None], full_lo[..., None] + slot, 0)
-    as_tables = (lambda a: a[:, None].astype(np.int32))  # (rows, 1 head: every head the same, ...)
-    return {"doc_ids": doc, "kv_num_blocks": as_tables(partial), "kv_indices": as_tables(kv_indices),
-            "full_kv_num_blocks": as_tables(full), "full_kv_indices": as_tables(full_indices)}
+    key = tile[None, None, :]  # (1, 1, K) against (rows, Q, 1)
+    seen = (key >= lo[..., None]) & (key <= tile[None, :, None])
+    full = (key >= full_lo[..., None]) & (key < tile[None, :, None])
+    tables = {"doc_ids": doc}
+    for prefix, listed in (("", seen & ~full), ("full_", full)):
+        # flex's own layout (`_dense_to_ordered`): the listed tiles in order, then every other tile in order
+        order = np.argsort(~listed, axis=-1, kind="stable")
+        tables[f"{prefix}kv_num_blocks"] = listed.sum(-1)[:, None]  # (rows, 1 head: all alike, Q)
+        tables[f"{prefix}kv_indices"] = order[:, None]
+    # C order: numpy may lay a broadcast result out otherwise, and flex's compiled kernels read the tables as
+    # contiguous (a transposed count table gave wrong outputs, NOTES try 67)
+    return {k: np.ascontiguousarray(v, dtype=np.int32) for k, v in tables.items()}
 
 
 def document_causal(doc_ids: torch.Tensor):
