@@ -208,7 +208,7 @@ def test_clipping_inside_the_fused_update_is_torchs_clip(max_norm):
     """With fused AdamW the clip is the divisor its kernel applies as it reads the gradients (no pass of its own):
     five steps of a small model end at torch's `clip_grad_norm_` + step to the bit when no step is clipped, and
     within a rounding per update when every step is (max_norm 0.05); the norm reported is the same."""
-    from sftune.train import clip_gradients
+    from sftune.update import clip_gradients
 
     def run(into_update: bool):
         torch.manual_seed(0)
