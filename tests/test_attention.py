@@ -252,3 +252,29 @@ def test_compiled_flex_attention_follows_the_block_tables():
         dense = (positions[None, :, None] >= positions[None, None, :]) & (doc[:, :, None] == doc[:, None, :])
         want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense[:, None])
         torch.testing.assert_close(compiled(q, k, v, block_mask=mask), want, rtol=1e-4, atol=1e-5)
+
+
+def test_flex_attention_that_fails_to_compile_runs_uncompiled(monkeypatch, capsys):
+    """A GPU whose compiler fails (no Triton, say): `--attention flex` says so once and goes on with flex attention
+    uncompiled, which computes the same attention (here on a CPU forward, against SDPA under the dense mask)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    from sftune import attention
+    from sftune.attention import FLEX_BLOCK, block_tables, compiled_flex, document_causal
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(attention, "_FLEX", [broken])  # (as torch.compile(flex_attention) would be, failing)
+    tables = {k: torch.from_numpy(v) for k, v in block_tables([[5, 9, 13], [7, 11]], 27, 2).items()}
+    doc = tables["doc_ids"]
+    mask = BlockMask.from_kv_blocks(tables["kv_num_blocks"], tables["kv_indices"], tables["full_kv_num_blocks"],
+                                    tables["full_kv_indices"], BLOCK_SIZE=FLEX_BLOCK, mask_mod=document_causal(doc),
+                                    seq_lengths=(27, 27))
+    q, k, v = torch.randn(3, 2, 2, 27, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(27)
+    dense = (positions[None, :, None] >= positions[None, None, :]) & (doc[:, :, None] == doc[:, None, :])
+    want = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=dense[:, None])
+    for _ in range(2):
+        torch.testing.assert_close(compiled_flex(q, k, v, block_mask=mask), want, rtol=1e-10, atol=1e-12)
+    assert capsys.readouterr().err.count("compiling flex attention failed (RuntimeError: no compiler here)") == 1

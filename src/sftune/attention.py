@@ -172,7 +172,7 @@ def register_flex() -> None:
     AttentionInterface.register(FLEX_NAME, flex_forward)
 
 
-_FLEX = None  # flex_attention under torch.compile (made on first use on a GPU)
+_FLEX: list = []  # [flex_attention under torch.compile, or itself if compiling failed] (made on first GPU use)
 
 
 def flex_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, sftune_block_mask=None,
@@ -194,12 +194,7 @@ def flex_forward(module, query, key, value, attention_mask, scaling=None, dropou
     query, key, value = (t.to(common) for t in (query, key, value))
     gqa = key.shape[1] != query.shape[1]
     if query.is_cuda:
-        global _FLEX
-        if _FLEX is None:
-            from torch.nn.attention.flex_attention import flex_attention
-
-            _FLEX = torch.compile(flex_attention, dynamic=False)
-        out = _FLEX(query, key, value, block_mask=sftune_block_mask, scale=scaling, enable_gqa=gqa)
+        out = compiled_flex(query, key, value, block_mask=sftune_block_mask, scale=scaling, enable_gqa=gqa)
     else:
         width = query.shape[2]
         positions = torch.arange(width, device=query.device)
@@ -208,6 +203,27 @@ def flex_forward(module, query, key, value, attention_mask, scaling=None, dropou
         out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None], scale=scaling,
                                              enable_gqa=gqa)
     return out.transpose(1, 2).contiguous(), None
+
+
+def compiled_flex(*args, **kwargs) -> torch.Tensor:
+    """flex attention under torch.compile (its fused kernels); if compiling fails, says so once and goes on with
+    flex attention uncompiled (the same attention, materializing each row's scores: slow, not wrong)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if not _FLEX:
+        _FLEX.append(torch.compile(flex_attention, dynamic=False))
+    try:
+        return _FLEX[0](*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 (any compiler failure: the uncompiled kernel computes the same)
+        if _FLEX[0] is flex_attention:
+            raise
+        from sftune.console import log
+
+        lines = [line for line in str(e).splitlines() if line.strip()][:2]
+        log(f"warning: compiling flex attention failed ({type(e).__name__}: {' '.join(lines)[:300]}); "
+            f"--attention flex goes on uncompiled (slow: each row's scores materialized)")
+        _FLEX[0] = flex_attention
+        return flex_attention(*args, **kwargs)
 
 
 def kernel() -> tuple:
