@@ -9,7 +9,7 @@ shapes and fixed addresses, so:
   slot at every position); padding is never in the loss, so the loss is the eager step's;
 - each shape has input buffers that a batch is copied into, and its own graph, captured when the shape first comes
   (all graphs share one memory pool: a graph's intermediates live only inside its replay);
-- gradients: for a small model (`ASSIGN_MAX_BYTES` of them), each graph writes its own fixed gradient tensors and
+- gradients: for a model small for its card (`ASSIGN_SHAPES`), each graph writes its own fixed gradient tensors and
   the parameters' `.grad` point at the ones of the graph just replayed, so no pass zeroes them between steps and
   none adds them into a running sum (the eager step's `backward` into empty gradients does the same); a step of
   several micro-batches copies the first into a sum of its own and adds the others' there (the eager step's
@@ -42,7 +42,7 @@ from sftune.runtime import autocast
 
 WARMUP_STEPS = 3  # eager runs on a side stream before a capture (cuBLAS handles, workspaces, lazy inits)
 REPLAY_RTOL = 1e-3  # the check replay's loss (and gradient norm) against the first warm-up's (same inputs and draws)
-ASSIGN_MAX_BYTES = 1 << 30  # trained weights' gradients up to this: a set per graph, assigned (GPT-2 small: 0.5 GB)
+ASSIGN_SHAPES = 8  # graphs assign their own gradients when this many sets of them fit in a quarter of the card
 
 
 @dataclass
@@ -92,8 +92,10 @@ class StepGraphs:
         self.loss_model, self.device, self.precision, self.required = loss_model, device, precision, required
         self.params = [p for p in loss_model.parameters() if p.requires_grad]
         grad_bytes = sum(p.numel() * p.element_size() for p in self.params)
-        # (None: by size) each graph writes gradients of its own, assigned to the parameters after its replay
-        self.assign = grad_bytes <= ASSIGN_MAX_BYTES if assign is None else assign
+        # (None: by size) each graph writes gradients of its own, assigned to the parameters after its replay: GPT-2
+        # small's 0.5 GB a set on an 80 GB card, not a 1B model's 4.4 GB, nor GPT-2 small's on an 8 GB card
+        card = torch.cuda.get_device_properties(device).total_memory
+        self.assign = grad_bytes * ASSIGN_SHAPES <= card // 4 if assign is None else assign
         self.sums: list[torch.Tensor] | None = None  # assigning, a step of several micro-batches: their sum
         self.graphs: dict[tuple, Captured] = {}
         self.pool = torch.cuda.graph_pool_handle()
