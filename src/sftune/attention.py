@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from sftune.errors import SftuneError
+from sftune.errors import SftuneError, compiler_error
 
 NAME = "sftune_varlen"  # the name transformers knows it by (`--attention varlen`)
 FLEX_NAME = "sftune_flex"  # ... and `--attention flex` (flex attention with a block mask made on the host)
@@ -219,9 +219,8 @@ def compiled_flex(*args, **kwargs) -> torch.Tensor:
             raise
         from sftune.console import log
 
-        lines = [line for line in str(e).splitlines() if line.strip()][:2]
-        log(f"warning: compiling flex attention failed ({type(e).__name__}: {' '.join(lines)[:300]}); "
-            f"--attention flex goes on uncompiled (slow: each row's scores materialized)")
+        log(f"warning: compiling flex attention failed ({compiler_error(e)}); --attention flex goes on uncompiled "
+            f"(slow: each row's scores materialized)")
         _FLEX[0] = flex_attention
         return flex_attention(*args, **kwargs)
 

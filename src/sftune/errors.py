@@ -25,3 +25,10 @@ def remote_code_hint(e: Exception) -> str:
         return ("this model's code lives in its repository and runs only when allowed: pass --trust-remote-code "
                 "if you trust its source (or set trust_remote_code: true in the YAML config)")
     return text
+
+
+def compiler_error(e: Exception) -> str:
+    """A compiler failure in a line: its type and the first two lines of its message (their cause), at most 300
+    characters (torch.compile's own errors run to pages)."""
+    lines = [line for line in str(e).splitlines() if line.strip()][:2]
+    return f"{type(e).__name__}: {' '.join(lines)}"[:300]

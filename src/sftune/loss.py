@@ -487,9 +487,10 @@ class ChunkMath:
             try:
                 return self.compiled(logits, t, trained, acc, want_grad, scale, cap, vocab)
             except Exception as e:  # noqa: BLE001 (any compiler failure: the eager math is the same math)
-                lines = [line for line in str(e).splitlines() if line.strip()][:2]  # (a compiler error's cause)
-                self.failed = f"{type(e).__name__}: {' '.join(lines)}"[:300]
                 from sftune.console import log
+                from sftune.errors import compiler_error
+
+                self.failed = compiler_error(e)
 
                 log(f"warning: compiling the fused loss's chunk math failed ({self.failed}); it runs eagerly")
         return chunk_math_functional(logits, t, trained, acc, want_grad, scale, cap, vocab)
