@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import sys
 import time
 from pathlib import Path
 
@@ -37,9 +36,9 @@ def _run(argv: list[str], cwd: str, env: dict, stderr: str) -> None:
         opened = os.open(path, flags, 0o644)
         os.dup2(opened, fd)
         os.close(opened)
-    from sftune.cli import main
+    from sftune.cli import main, quick_exit
 
-    sys.exit(main(argv))
+    quick_exit(main(argv))
 
 
 class SftuneProcess:

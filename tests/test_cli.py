@@ -212,6 +212,27 @@ def test_quickstart_config_runs(tmp_path, capsys, monkeypatch):
     assert stdout.count("sample: ") == 3
 
 
+def test_a_real_process_has_written_everything_when_it_exits(tiny_model_dir, tmp_path):
+    """`python -m sftune` ends in `os._exit` (`cli.quick_exit`, skipping the interpreter's teardown): the final
+    lines, every metric, TensorBoard's events of the last step and the report are all there by then."""
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    proc = run_cli("train", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA), "--max-steps", "6",
+                   "--batch-size", "8", "--eval-every", "3", "--log-every", "1", "--precision", "fp32",
+                   "--report-to", "tensorboard", "--sample-prompts", "the film is", "--output-dir", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert f"model saved to {out}" in proc.stdout and proc.stdout.rstrip().splitlines()[-1].startswith("sample: ")
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in rows if r["type"] == "eval"] == [0, 3, 6]
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0})
+    events.Reload()
+    assert [e.step for e in events.Tensors("train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert [e.step for e in events.Tensors("eval/loss")] == [0, 3, 6]
+    assert (out / "report.html").stat().st_size > 0 and (out / "loss.png").stat().st_size > 0
+
+
 def test_python_dash_m_help():
     proc = run_cli("--help")
     assert proc.returncode == 0 and "train" in proc.stdout and "tokenize" in proc.stdout

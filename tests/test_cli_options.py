@@ -23,6 +23,19 @@ def test_a_misspelt_flag_suggests_the_right_one(capsys, flag, suggestion):
         assert f"did you mean {suggestion}?" in err
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["train", "--sample-prompts"], "sftune train: error: argument --sample-prompts: expected at least one argument "
+                                    "(sftune train --help lists the options)"),
+    (["eval", "--max-length"], "sftune eval: error: argument --max-length: expected one argument"),
+    (["bogus"], "sftune: error: argument COMMAND: invalid choice: 'bogus'"),
+    ([], "sftune: error: the following arguments are required: COMMAND (sftune --help lists the commands)"),
+])
+def test_a_flag_mistake_is_one_line_not_the_whole_usage(capsys, argv, says):
+    code, out, err = run_main(capsys, *argv)
+    assert code == 2 and says in err
+    assert "usage:" not in err + out and len(err.strip().splitlines()) == 1, err
+
+
 def test_eval_help_lists_only_what_eval_uses(capsys):
     code, out, _ = run_main(capsys, "eval", "--help")
     assert code == 0

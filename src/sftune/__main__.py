@@ -1,7 +1,5 @@
 """`python -m sftune ...` is the same as the `sftune` command."""
 
-import sys
+from sftune.cli import entry
 
-from sftune.cli import main
-
-sys.exit(main())
+entry()
