@@ -233,6 +233,20 @@ def test_a_real_process_has_written_everything_when_it_exits(tiny_model_dir, tmp
     assert (out / "report.html").stat().st_size > 0 and (out / "loss.png").stat().st_size > 0
 
 
+def test_no_library_chatter_for_a_local_dataset_with_a_plain_readme(tiny_model_dir, tmp_path):
+    """A dataset directory whose README has no metadata block (as ../shared/data/sst2's): huggingface_hub's
+    'Repo card metadata block was not found' stays out of sftune's output (a real process: its own loggers)."""
+    data = tmp_path / "films"
+    (data / "data").mkdir(parents=True)
+    (data / "README.md").write_text("# Film sentences\n\nA few sentences about films.\n")
+    rows = [json.dumps({"text": f"a film that is good number {i}"}) for i in range(40)]
+    (data / "data" / "train.jsonl").write_text("\n".join(rows) + "\n")
+    proc = run_cli("data", "--model", str(tiny_model_dir), "--dataset", str(data), "--val-fraction", "0.1")
+    assert proc.returncode == 0, proc.stderr
+    assert "format text" in proc.stdout + proc.stderr
+    assert "Repo card" not in proc.stderr and "CardData" not in proc.stderr, proc.stderr
+
+
 def test_python_dash_m_help():
     proc = run_cli("--help")
     assert proc.returncode == 0 and "train" in proc.stdout and "tokenize" in proc.stdout

@@ -506,9 +506,11 @@ def quiet_libraries() -> None:
         if not sys.stderr.isatty():
             datasets.disable_progress_bars()
     import transformers
+    from huggingface_hub.utils import logging as hub_logging
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars
+    hub_logging.set_verbosity_error()  # ("Repo card metadata block was not found", for a local dataset's README)
 
 
 def check_flags(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
