@@ -215,8 +215,8 @@ def cmd_train(args) -> None:
     if not is_main():
         return
     first, last = result.first_val_loss, result.last_val_loss
-    print(f"\ndone: {result.steps:,} steps, {result.tokens:,} tokens in {result.seconds:.1f}s "
-          f"({result.tokens / max(result.seconds, 1e-9):,.0f} tok/s)")
+    print(f"\ndone: {result.steps:,} steps, {result.tokens:,} tokens in {result.seconds:.1f}s with evaluations and "
+          f"samples ({result.tokens / max(result.seconds, 1e-9):,.0f} tok/s; the step lines give training's own pace)")
     print(f"val loss {first:.4f} -> {last:.4f} ({'fell' if last < first else 'did not fall'}); "
           f"val ppl {result.evals[0]['val_ppl']:,.2f} -> {result.evals[-1]['val_ppl']:,.2f}")
     if cfg.push_to_hub:
