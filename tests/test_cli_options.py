@@ -25,7 +25,7 @@ def test_a_misspelt_flag_suggests_the_right_one(capsys, flag, suggestion):
 
 @pytest.mark.parametrize("argv, says", [
     (["train", "--sample-prompts"], "sftune train: error: argument --sample-prompts: expected at least one argument "
-                                    "(sftune train --help lists the options)"),
+                                    '(give "" for an empty list) (sftune train --help lists the options)'),
     (["eval", "--max-length"], "sftune eval: error: argument --max-length: expected one argument"),
     (["bogus"], "sftune: error: argument COMMAND: invalid choice: 'bogus'"),
     ([], "sftune: error: the following arguments are required: COMMAND (sftune --help lists the commands)"),

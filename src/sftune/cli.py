@@ -100,6 +100,8 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> typing.NoReturn:
         hint = f"{self.prog} --help lists the {'commands' if self.prog == 'sftune' else 'options'}"
+        if message.endswith("expected at least one argument"):  # a list flag (add_config_flags) given nothing
+            message += ' (give "" for an empty list)'
         self.exit(2, f"{self.prog}: error: {message}{'' if hint in message else f' ({hint})'}\n")
 
 
