@@ -102,7 +102,7 @@ class Parser(argparse.ArgumentParser):
         hint = f"{self.prog} --help lists the {'commands' if self.prog == 'sftune' else 'options'}"
         if message.endswith("expected at least one argument"):  # a list flag (add_config_flags) given nothing
             message += ' (give "" for an empty list)'
-        self.exit(2, f"{self.prog}: error: {message}{'' if hint in message else f' ({hint})'}\n")
+        self.exit(2, f"{self.prog}: error: {message} ({hint})\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -534,7 +534,7 @@ def check_flags(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Na
                 continue
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
             problems.append(f"unknown option {name}" + (f"; did you mean {close[0]}?" if close else ""))
-        sub.error("; ".join(problems) + f" (sftune {args.command} --help lists the options)")
+        sub.error("; ".join(problems))  # (`Parser.error` adds where the options are listed)
     return args
 
 
