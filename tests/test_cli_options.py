@@ -249,3 +249,29 @@ def test_profile_steps_write_a_trace_and_a_summary(tmp_path, small_model_dir, ca
                                 "--profile-steps", bad, "--output-dir", str(tmp_path / "bad"))
         assert code == 2 and "Traceback" not in err, err
         assert f"profile_steps = '{bad}': must be two step numbers A-B with 1 <= A <= B, e.g. 20-30" in err, err
+
+
+def test_the_quick_exit_ends_like_a_normal_exit_with_a_thread_pool_alive(tmp_path):
+    """`cli.quick_exit` (how `python -m sftune` ends) in a real process that holds what a run can leave behind: an
+    idle thread pool (inductor compiles in one: a `--compile torch` run hung at its exit waiting for its workers),
+    a thread that is not a daemon and still working, and an atexit handler. It exits at once with its code, after
+    the thread's work and the handler, as the interpreter's own exit does."""
+    import subprocess
+    import sys
+
+    script = f"""
+import atexit, threading, time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from sftune.cli import quick_exit
+
+pool = ThreadPoolExecutor(2)
+pool.submit(print, "pooled work", flush=True).result()
+threading.Thread(target=lambda: (time.sleep(0.5), Path({str(tmp_path / "thread")!r}).write_text("done"))).start()
+atexit.register(print, "atexit handler")
+quick_exit(7)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert proc.returncode == 7, proc.stderr
+    assert proc.stdout.splitlines() == ["pooled work", "atexit handler"]
+    assert (tmp_path / "thread").read_text() == "done"

@@ -581,11 +581,16 @@ def quick_exit(code: int) -> typing.NoReturn:
     """Exit with `code`, skipping the interpreter's teardown of every module and object (freeing a model, its
     optimizer state and CUDA's context one by one: 1.1 s after a GPT-2 run on a 2-core CPU, 2.5 s on an H100
     machine; benchmarks/NOTES.md try 71). Nothing is lost by it: what sftune writes is written, synced and closed
-    before `main` returns, threads that are not daemons are waited for as at a normal exit, and the atexit
-    handlers (logging, wandb, datasets' temporary files, ...) still run."""
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    before `main` returns, and the exit's first steps run as at a normal exit: threading's own exit hooks (which
+    tell thread pools to stop: inductor compiles in one), every thread that is not a daemon waited for, then the
+    atexit handlers (logging, wandb, datasets' temporary files, ...)."""
+    shutdown = getattr(threading, "_shutdown", None)  # what the interpreter itself calls first at exit (3.10-3.14)
+    if shutdown is not None:
+        shutdown()
+    else:
+        for thread in threading.enumerate():
+            if thread is not threading.current_thread() and not thread.daemon:
+                thread.join()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         try:
