@@ -18,6 +18,7 @@ import dataclasses
 import difflib
 import functools
 import json
+import logging
 import os
 import sys
 import threading
@@ -513,6 +514,10 @@ def quiet_libraries() -> None:
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # "Loading weights" / "Writing model shards" bars
     hub_logging.set_verbosity_error()  # ("Repo card metadata block was not found", for a local dataset's README)
+    for name in ("torch._dynamo.variables.ctx_manager", "torch._dynamo.variables.torch"):
+        # torch.compile around DDP, on every rank: "Profiler record function <class ...> will be ignored" (DDP's
+        # forward names itself for the profiler; --profile-steps profiles compiled steps all the same)
+        logging.getLogger(name).addFilter(lambda record: "will be ignored" not in str(record.msg))
 
 
 def check_flags(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
