@@ -16,7 +16,7 @@
 #                (real tok/s, ms/step, MFU, peak GPU memory, compile time apart), and the whole seed job
 #   runs   (300) benchmarks/gpu_check.py: SIGTERM resume under graphs (bitwise?), the non-finite guard under
 #                graphs, then whole runs --compile off/graphs/torch (fp32, bf16) and LoRA (with 2 added tokens), each saved as it ends
-#   fusion (300) benchmarks/throughput.py --only packed,packed-varlen --packed-compile torch: the packed runs with
+#   fusion (300) benchmarks/throughput.py --only packed,packed-flex --packed-compile torch: the packed runs with
 #                inductor's fused kernels instead of graphs (for packed rows the step is compute, not launches)
 #   fusion-seed (200) the seed's recipe under --compile torch --compile-mode reduce-overhead (fusion and graphs)
 #   peers  (540) TRL's SFTTrainer (benchmarks/trl_baseline.py) next to sftune: the seed's recipe (TRL's defaults,
@@ -105,7 +105,7 @@ for p in $PHASES; do
     speed) phase speed 540 $py benchmarks/throughput.py --device "$DEVICE" "${speed[@]}" --json "$OUT/$card-$date.json" ;;
     speed-steps) phase speed-steps 360 $py benchmarks/throughput.py --device "$DEVICE" "${speed_steps[@]}" --json "$OUT/$card-$date.json" ;;
     runs) phase runs 300 $py benchmarks/gpu_check.py --device "$DEVICE" --runs-only "${runs[@]}" --json "$OUT/gpu-check.json" ;;
-    fusion) [ "$DEVICE" = cuda ] && phase fusion 300 $py benchmarks/throughput.py --device cuda --quick --only packed,packed-varlen --packed-compile torch --json "$OUT/packed-compiled-$card-$date.json"
+    fusion) [ "$DEVICE" = cuda ] && phase fusion 300 $py benchmarks/throughput.py --device cuda --quick --only packed,packed-flex --packed-compile torch --json "$OUT/packed-compiled-$card-$date.json"
       ;;
     fusion-seed) [ "$DEVICE" = cuda ] && phase fusion-seed 200 $py benchmarks/throughput.py --device cuda --quick --only sftune --compile torch --compile-mode reduce-overhead --json "$OUT/seed-compiled-$card-$date.json" ;;
     peers)
