@@ -32,6 +32,18 @@ def train_losses(out):
     return losses, [(r["step"], r["val_loss"]) for r in rows if r["type"] == "eval"]
 
 
+def assert_same_record(out, uninterrupted):
+    """Every step's loss and every evaluation equal the uninterrupted run's, nothing duplicated. The evaluation
+    before training, made by a forked process in these tests, once in several runs of the suite came out 4.7e-7
+    apart (6.2424509 against 6.2424480: the same odd value each time, never later evaluations or any training
+    step; benchmarks/NOTES.md try 74): it is compared to 1e-6, the rest exactly."""
+    (steps, evals), (steps_u, evals_u) = train_losses(out), train_losses(uninterrupted)
+    assert steps == steps_u
+    assert [s for s, _ in evals] == [s for s, _ in evals_u]
+    for (step, loss), (_, loss_u) in zip(evals, evals_u):
+        assert loss == (pytest.approx(loss_u, rel=1e-6) if step == 0 else loss_u), (step, loss, loss_u)
+
+
 def same_weights(a_dir, b_dir) -> bool:
     a, b = load_file(a_dir / "model.safetensors"), load_file(b_dir / "model.safetensors")
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise, fp32 on CPU
@@ -80,8 +92,46 @@ def test_sigint_then_sigterm_then_resume_equals_an_uninterrupted_run(uninterrupt
     assert code == 0, err
     assert "resumed from" in err
     assert same_weights(uninterrupted, out)
-    assert train_losses(out) == train_losses(uninterrupted)  # every step's loss, every eval; nothing duplicated
+    assert_same_record(out, uninterrupted)
     assert [r["type"] for r in read_jsonl(out / "metrics.jsonl")].count("resume") == 2  # one per resume
+
+
+def test_a_terminal_that_hangs_up_stops_the_run_with_a_checkpoint_and_resume_is_exact(uninterrupted, small_model_dir,
+                                                                                       tmp_path, capsys):
+    """`python -m sftune train` writing to a terminal (a pseudo-terminal here), which then goes away (a dropped SSH
+    session): the terminal is closed, so writing to it fails, and SIGHUP comes. The run saves at the step it
+    stopped and exits 129 (by default SIGHUP killed it and every step since the last checkpoint), and `--resume
+    auto` continues exactly."""
+    import os
+    import pty
+    import sys
+
+    out = tmp_path / "run"
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "sftune", *train_args(small_model_dir, out)], cwd=ROOT,
+                            stdin=subprocess.DEVNULL, stdout=follower, stderr=follower)
+    os.close(follower)
+    seen = b""
+    while b"step      3/" not in seen:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # (EIO: it ended)
+            chunk = b""
+        assert chunk, f"ended before step 3 (exit {proc.poll()}):\n{seen.decode(errors='replace')}"
+        seen += chunk
+    os.close(leader)  # the terminal is gone: its writes now fail with EIO
+    proc.send_signal(signal.SIGHUP)
+    assert proc.wait(timeout=120) == 129
+    saved = sorted((out / "checkpoints").glob("step-*"))
+    assert len(saved) == 1 and checkpoint_ok(saved[0]), saved  # saved at the step it stopped
+    stopped = int(saved[0].name[5:])
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "train"] == list(range(1, stopped + 1))
+
+    code, _, err = run_main(capsys, *train_args(small_model_dir, out, "--resume", "auto"))
+    assert code == 0, err
+    assert f"resumed from {saved[0]}" in err
+    assert same_weights(uninterrupted, out)
+    assert_same_record(out, uninterrupted)
 
 
 def test_a_corrupted_checkpoint_is_skipped_for_the_one_before(uninterrupted, copy_of, small_model_dir, capsys):
@@ -220,13 +270,14 @@ def test_kill_9_mid_save_and_mid_training_then_resume_equals_uninterrupted(unint
     assert staging() == [".staging-step-4"] and not any(p.name.startswith("step-") for p in ckpts.iterdir())
     # 2. mid-training, after some checkpoints (the stale staging directory is cleared by the next save)
     assert kill_when(lambda: past_step(14)) == -signal.SIGKILL
-    assert staging() == []
+    # (step 4's is gone; on a busy machine the kill can land late, inside step 16's save: that one may be there)
+    assert staging() in ([], [".staging-step-16"])
     for p in ckpts.iterdir():
         assert checkpoint_ok(p), p  # published = complete
     code, _, err = run_main(capsys, *train_args(small_model_dir, out, "--resume", "auto"))
     assert code == 0, err
     assert same_weights(uninterrupted, out)
-    assert train_losses(out) == train_losses(uninterrupted)
+    assert_same_record(out, uninterrupted)
 
 
 @pytest.fixture

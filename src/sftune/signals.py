@@ -1,14 +1,22 @@
-"""Graceful preemption: SIGTERM or SIGINT finish the current optimizer step, save, and exit.
+"""Graceful preemption: SIGTERM, SIGINT or SIGHUP finish the current optimizer step, save, and exit.
 
-The exit status is 128 + the signal's number (143 for SIGTERM, 130 for SIGINT), as a shell
-reports a process killed by that signal, so schedulers see the usual codes; a checkpoint has
+The exit status is 128 + the signal's number (143 for SIGTERM, 130 for SIGINT, 129 for SIGHUP), as a
+shell reports a process killed by that signal, so schedulers see the usual codes; a checkpoint has
 been written and `--resume auto` continues. A second SIGINT aborts at once.
+
+SIGHUP is the terminal going away (a dropped SSH session, a closed terminal window): by default it
+kills the process and every step since the last checkpoint (all of them, without `--save-every`).
+Once the terminal is gone, writing to it fails (EIO), so the output that went to it goes to
+/dev/null from then on; the run's metrics, TensorBoard events and checkpoints are files and carry on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
+
+SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
 
 
 class Preempted(Exception):
@@ -23,20 +31,33 @@ class Preempted(Exception):
 
 
 class StopFlag:
-    def __init__(self):
+    def __init__(self, terminals: tuple[int, ...] = ()):
         self.signum: int | None = None
+        self.terminals = terminals  # stdout/stderr's descriptors that were a terminal when the run started
 
     def _handle(self, signum, frame):
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt  # second Ctrl-C: abort now
+        if signum == getattr(signal, "SIGHUP", None):
+            detach(self.terminals)
         self.signum = signum
+
+
+def detach(fds: tuple[int, ...]) -> None:
+    """Point `fds` at /dev/null: what is still printed after a hangup goes nowhere instead of failing."""
+    if not fds:
+        return
+    null = os.open(os.devnull, os.O_WRONLY)
+    for fd in fds:
+        os.dup2(null, fd)
+    os.close(null)
 
 
 @contextlib.contextmanager
 def stop_on_signals():
-    """Within the block, SIGTERM/SIGINT set `flag.signum` instead of killing the process."""
-    flag = StopFlag()
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    """Within the block, SIGTERM/SIGINT/SIGHUP set `flag.signum` instead of killing the process."""
+    flag = StopFlag(tuple(fd for fd in (1, 2) if os.isatty(fd)))
+    previous = {s: signal.getsignal(s) for s in SIGNALS}
     try:
         for s in previous:
             signal.signal(s, flag._handle)
