@@ -202,6 +202,25 @@ def assert_resumes_bitwise(capsys, out: Path, checkpoint: str) -> None:
     assert all(torch.equal(resumed[k], straight[k]) for k in straight)
 
 
+def assert_same_losses(out: Path, reference: Path) -> None:
+    """OUT's metrics.jsonl has every step's loss and every evaluation of REFERENCE's, nothing duplicated: exactly,
+    but for the evaluation before training, compared to 1e-6. Made by a forked test process (`procs.py`), it once
+    in several runs of the suite came out 4.7e-7 apart (the same odd value each time, never a later evaluation or a
+    training step, cause not found: benchmarks/NOTES.md try 74)."""
+    import pytest
+
+    def record(path):
+        rows = read_jsonl(path / "metrics.jsonl")
+        return ([(r["step"], r["loss"]) for r in rows if r["type"] == "train"],
+                [(r["step"], r["val_loss"]) for r in rows if r["type"] == "eval"])
+
+    (steps, evals), (steps_ref, evals_ref) = record(out), record(reference)
+    assert steps == steps_ref
+    assert [s for s, _ in evals] == [s for s, _ in evals_ref]
+    for (step, loss), (_, loss_ref) in zip(evals, evals_ref):
+        assert loss == (pytest.approx(loss_ref, rel=1e-6) if step == 0 else loss_ref), (step, loss, loss_ref)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 

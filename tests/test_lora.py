@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import QUICKSTART_DATA, assert_ordinary_modes, ROOT, make_tiny_gpt2, read_jsonl, run_captured, run_main, signal_at
+from conftest import QUICKSTART_DATA, assert_ordinary_modes, assert_same_losses, ROOT, make_tiny_gpt2, read_jsonl, run_captured, run_main, signal_at
 
 
 def lora_cfg(**overrides):
@@ -210,11 +210,6 @@ def same_adapter(a_dir, b_dir) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def losses(out):
-    rows = read_jsonl(out / "metrics.jsonl")
-    return [(r["step"], r.get("loss"), r.get("val_loss")) for r in rows if r["type"] in ("train", "eval")]
-
-
 @pytest.fixture(scope="module")
 def lora_run(small_model_dir, tmp_path_factory):
     """16 LoRA steps (dropout on, weight decay on, checkpoints every 4), merged."""
@@ -318,7 +313,7 @@ def test_sigterm_and_kill_9_then_resume_equal_an_uninterrupted_lora_run(lora_run
     assert code == 0, err
     assert f"resumed from {out / 'checkpoints' / 'step-8'}" in err
     assert same_adapter(uninterrupted, out)
-    assert losses(out) == losses(uninterrupted)
+    assert_same_losses(out, uninterrupted)
     # resuming as a full fine-tune is refused: the settings differ
     code, _, err = run_main(capsys, *train_args(small_model_dir, out, "--resume", "auto", "--lora-r", "null"))
     assert code == 2 and "lora_r: 8 -> None" in err
