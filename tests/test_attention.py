@@ -137,6 +137,9 @@ def test_packed_run_with_varlen_equals_the_default(capsys, tmp_path, small_model
         code, _, err = run_main(capsys, *common, "--attention", name.split("-")[0], *extra, "--output-dir", str(out))
         assert code == 0, err
         runs[name] = read_jsonl(out / "metrics.jsonl")
+        said = {"auto": None, "varlen": "each packed example goes through SDPA on its own",
+                "flex": "packed rows go through SDPA with the same mask made dense"}[name.split("-")[0]]
+        assert (said in err) if said else "is for a CUDA GPU" not in err  # (on a CPU: the log says what runs)
     for name in ("varlen", "flex", "flex-compiled"):
         for kind, key in (("train", "loss"), ("eval", "val_loss")):
             got = [r[key] for r in runs[name] if r["type"] == kind]

@@ -153,7 +153,7 @@ def test_a_compiled_run_trains_what_the_eager_run_trains(extra, capsys, tmp_path
         runs[name] = ([(r["loss"], r.get("router_loss", 0.0)) for r in read_jsonl(out / "metrics.jsonl")
                        if r["type"] == "train"], load_file(out / weights))
     assert "step: torch (--compile torch); batches padded to multiples of 64 tokens and 8 rows" in err
-    assert "torch.compile (aot_eager)" in err
+    assert "torch.compile (aot_eager)" in err and "(add --compile torch)" not in err
     (eager_losses, eager), (losses, compiled) = runs["off"], runs["torch"]
     assert len(losses) == 3 and all((router > 1.9) == (model != small_model_dir) for _, router in losses)
     np.testing.assert_allclose(losses, eager_losses, rtol=1e-5)  # (token loss, router loss) of each step
@@ -169,6 +169,12 @@ def test_compile_options_are_checked(capsys, tmp_path, small_model_dir):
     code, _, err = run_main(capsys, *common, "--compile", "torch", "--compile-mode", "fastest")
     assert code == 2 and "compile_mode = 'fastest'" in err and "max-autotune" in err
     assert "Traceback" not in err and not out.exists()
+    # given, but the step is not compiled (a CPU's auto is eager): said, not silently dropped
+    code, _, err = run_main(capsys, *common, "--max-steps", "1", "--sample-prompts", "", "--compile-mode",
+                            "max-autotune", "--compile-backend", "aot_eager")
+    assert code == 0, err
+    assert ("warning: --compile-mode max-autotune and --compile-backend aot_eager apply to --compile torch only; this "
+            "run's step is eager") in err and "(add --compile torch)" in err
 
 
 def test_prefetch_keeps_order_raises_in_place_and_stops_when_closed():

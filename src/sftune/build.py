@@ -271,6 +271,12 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     model_config = override_config(load_model_config(cfg.model, cfg.trust_remote_code), cfg.model_config_overrides)
     check_model_fits(cfg, tokenizer, model_config)
     check_attention(model_config, cfg.attention, cfg.trust_remote_code, dist.device, precision, cfg.packing)
+    if cfg.attention in ("varlen", "flex") and cfg.packing and dist.device.type != "cuda":
+        log(f"attention: --attention {cfg.attention} is for a CUDA GPU; " + (
+            "a CPU has no variable-length kernel, so each packed example goes through SDPA on its own: the same "
+            "results, slower than the default (--attention auto: SDPA with a block mask)" if cfg.attention == "varlen"
+            else "a CPU has no flex attention backward, so packed rows go through SDPA with the same mask made dense: "
+            "the same results, as --attention auto computes them"))
     if cfg.lora_r:
         from sftune.lora import check_lora
 
@@ -357,6 +363,13 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
                                                 if padding.static else "")
             + ("; the fused loss's softmax compiled (inductor, seconds at the first step)"
                if loss_model.chunk_math else ""))
+    unused = [f"--{k.replace('_', '-')} {v}" for k, v in (("compile_mode", cfg.compile_mode),
+                                                          ("compile_backend", cfg.compile_backend))
+              if v not in (None, "inductor")]
+    if unused and compile_mode != "torch":
+        log(f"warning: {' and '.join(unused)} {'apply' if len(unused) > 1 else 'applies'} to --compile torch only; "
+            f"this run's step is {'eager' if compile_mode == 'off' else compile_mode} ({why}), so "
+            f"{'they are' if len(unused) > 1 else 'it is'} not used (add --compile torch)")
     wrapped = dist.wrap(loss_model, cfg.strategy, precision)  # DDP or FSDP under torchrun; else the module itself
     if compile_mode == "torch":  # (the training step only: evaluation runs `loss_model`, eagerly)
         wrapped = compile_step(wrapped, loss_model, padding, cfg.compile_backend, cfg.compile_mode)
