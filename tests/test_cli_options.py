@@ -29,6 +29,11 @@ def test_a_misspelt_flag_suggests_the_right_one(capsys, flag, suggestion):
     (["eval", "--max-length"], "sftune eval: error: argument --max-length: expected one argument"),
     (["bogus"], "sftune: error: argument COMMAND: invalid choice: 'bogus'"),
     ([], "sftune: error: the following arguments are required: COMMAND (sftune --help lists the commands)"),
+    # a yes/no flag given a value, each way it can be written
+    (["train", "--packing=yes"], "sftune train: error: unexpected value 'yes': --packing takes no value (--packing to "
+                                 "turn it on, --no-packing to turn it off)"),
+    (["train", "--no-packing", "yes"], "unexpected value 'yes': --no-packing takes no value (--packing to turn it on, "
+                                       "--no-packing to turn it off)"),
 ])
 def test_a_flag_mistake_is_one_line_not_the_whole_usage(capsys, argv, says):
     code, out, err = run_main(capsys, *argv)

@@ -20,6 +20,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import typing
@@ -103,6 +104,8 @@ class Parser(argparse.ArgumentParser):
         hint = f"{self.prog} --help lists the {'commands' if self.prog == 'sftune' else 'options'}"
         if message.endswith("expected at least one argument"):  # a list flag (add_config_flags) given nothing
             message += ' (give "" for an empty list)'
+        if match := re.fullmatch(r"argument (--[\w-]+)/--no-[\w-]+: ignored explicit argument (.*)", message):
+            message = f"unexpected value {match[2]}: {yes_no_hint(match[1])}"  # --packing=yes
         self.exit(2, f"{self.prog}: error: {message} ({hint})\n")
 
 
@@ -520,6 +523,11 @@ def quiet_libraries() -> None:
         logging.getLogger(name).addFilter(lambda record: "will be ignored" not in str(record.msg))
 
 
+def yes_no_hint(on: str, given: str | None = None) -> str:
+    """For a yes/no flag given a value: how it is said instead."""
+    return f"{given or on} takes no value ({on} to turn it on, --no-{on[2:]} to turn it off)"
+
+
 def check_flags(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """Parse; an unknown flag is an error that suggests the closest one (as unknown YAML keys do)."""
     args, extra = parser.parse_known_args(argv)
@@ -532,10 +540,9 @@ def check_flags(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Na
             if not name.startswith("-"):  # a stray value, most often after a yes/no option
                 at = argv.index(flag) if flag in argv else 0
                 before = argv[at - 1] if at else ""
-                yes_no = f"--no-{before[2:]}" in known
-                problems.append(f"unexpected value {flag!r}" + (
-                    f": {before} takes no value ({before} to turn it on, --no-{before[2:]} to turn it off)"
-                    if yes_no else ""))
+                on = "--" + before[5:] if before.startswith("--no-") else before  # (--no-packing yes)
+                yes_no = f"--no-{on[2:]}" in known
+                problems.append(f"unexpected value {flag!r}" + (f": {yes_no_hint(on, before)}" if yes_no else ""))
                 continue
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
             problems.append(f"unknown option {name}" + (f"; did you mean {close[0]}?" if close else ""))
