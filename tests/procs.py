@@ -37,7 +37,9 @@ def _run(argv: list[str], cwd: str, env: dict, stderr: str) -> None:
         os.dup2(opened, fd)
         os.close(opened)
     from sftune.cli import main, quick_exit
+    from sftune.console import keep_writing
 
+    keep_writing()  # (as `cli.entry`)
     quick_exit(main(argv))
 
 

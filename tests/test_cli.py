@@ -233,6 +233,28 @@ def test_a_real_process_has_written_everything_when_it_exits(tiny_model_dir, tmp
     assert (out / "report.html").stat().st_size > 0 and (out / "loss.png").stat().st_size > 0
 
 
+def test_a_log_reader_that_goes_away_does_not_end_the_run(tiny_model_dir, tmp_path):
+    """`sftune train ... 2>&1 | head` (or a `tee` that dies with its terminal): the reader closes the pipe after step
+    3, so every later write to it fails (EPIPE). The run goes on to its end with its output pointed at /dev/null:
+    exit 0, every step in metrics.jsonl, the model saved. (It ended at the next log line with exit 1 before.)"""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "sftune", "train", "--model", str(tiny_model_dir), "--dataset",
+                             str(QUICKSTART_DATA), "--max-steps", "12", "--batch-size", "8", "--log-every", "1",
+                             "--eval-every", "6", "--precision", "fp32", "--sample-prompts", "the film is",
+                             "--output-dir", str(out)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if line.startswith("step      3/"):
+            break
+    proc.stdout.close()  # the reader is gone
+    assert proc.wait(timeout=120) == 0
+    assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "train"] == list(range(1, 13))
+    assert (out / "model.safetensors").is_file()
+
+
 def test_no_library_chatter_for_a_local_dataset_with_a_plain_readme(tiny_model_dir, tmp_path):
     """A dataset directory whose README has no metadata block (as ../shared/data/sst2's): huggingface_hub's
     'Repo card metadata block was not found' stays out of sftune's output (a real process: its own loggers)."""

@@ -585,7 +585,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
-    """The `sftune` command and `python -m sftune`: `main`, then `quick_exit`."""
+    """The `sftune` command and `python -m sftune`: `main` with an output that survives its reader
+    (`console.keep_writing`), then `quick_exit`."""
+    from sftune.console import keep_writing
+
+    keep_writing()
     quick_exit(main())
 
 

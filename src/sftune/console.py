@@ -9,6 +9,7 @@ Only rank 0 prints or writes, so a later multi-process run needs no
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -46,6 +47,63 @@ def tokenizer_threads():
         yield
     finally:
         os.environ[PARALLELISM] = "false"
+
+
+GONE = (errno.EPIPE, errno.EIO)  # a write whose reader went away: a closed pipe, a terminal that hung up
+
+
+def to_devnull(fd: int) -> None:
+    """Point the descriptor `fd` at /dev/null (what is written there from then on goes nowhere)."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, fd)
+    finally:
+        os.close(null)
+
+
+class KeepsWriting:
+    """sys.stdout or sys.stderr, except that losing its reader does not end the run: a pipe closed by the reader
+    (`sftune train 2>&1 | head`, a `tee` or log shipper that died) or a terminal that hung up makes a write fail
+    (EPIPE, EIO), which would raise in the middle of a step or a save. Here the descriptor is pointed at
+    /dev/null and the write made again: that output is lost, the training is not (metrics, TensorBoard and
+    checkpoints are files). `keep_writing` installs it for the `sftune` process."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except OSError as e:
+            self._lost(e)
+            return self._stream.write(text)
+
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as e:
+            self._lost(e)
+            self._stream.flush()
+
+    def _lost(self, e: OSError) -> None:
+        if e.errno not in GONE:
+            raise e
+        to_devnull(self._stream.fileno())
+
+
+def keep_writing() -> None:
+    """Wrap this process's sys.stdout and sys.stderr in `KeepsWriting` (once)."""
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        if stream is not None and not isinstance(stream, KeepsWriting):
+            setattr(sys, name, KeepsWriting(stream))
 
 
 def is_main() -> bool:

@@ -44,13 +44,12 @@ class StopFlag:
 
 
 def detach(fds: tuple[int, ...]) -> None:
-    """Point `fds` at /dev/null: what is still printed after a hangup goes nowhere instead of failing."""
-    if not fds:
-        return
-    null = os.open(os.devnull, os.O_WRONLY)
+    """Point `fds` at /dev/null: what is still printed after a hangup goes nowhere instead of failing (also what
+    C code prints, which `console.KeepsWriting` does not see)."""
+    from sftune.console import to_devnull
+
     for fd in fds:
-        os.dup2(null, fd)
-    os.close(null)
+        to_devnull(fd)
 
 
 @contextlib.contextmanager
