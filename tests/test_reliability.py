@@ -11,9 +11,11 @@
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -154,9 +156,43 @@ def test_a_full_disk_at_the_final_save_keeps_the_weights_elsewhere(tiny_model_di
     assert AutoModelForCausalLM.from_pretrained(rescue) is not None
     assert not (out / "model.safetensors").exists() and not (out / ".staging-final").exists()
     assert train_steps(out) == [1, 2, 3]  # the metrics are kept
-    import shutil
 
     shutil.rmtree(rescue)
+
+
+def test_a_disk_that_fills_up_mid_run_stops_the_metrics_not_the_training(tiny_model_dir, tmpfs, tmp_path):
+    """Another process fills the run's disk after step 3 (a shared disk). Writing the metrics and TensorBoard's
+    events then fails: that is said in one line each, no traceback, and the training goes on to its last step; the
+    final model cannot be written there either, so it goes to a rescue directory (exit 2, said), as a full disk at
+    the final save does. (A traceback and exit 1 at the next metrics line before: every step since the last
+    checkpoint lost.) A real process: TensorBoard's writer thread and the process's own error output included."""
+    from procs import SftuneProcess
+
+    disk = tmpfs("30M")
+    out = disk / "run"
+    proc = SftuneProcess(args(tiny_model_dir, out, "--max-steps", "40", "--eval-every", "20", "--sample-prompts", ""),
+                         ROOT, tmp_path / "stderr")
+    for line in proc.lines():
+        if line.startswith("step      3/"):
+            with open(disk / "filler", "wb") as filler:  # another process's file takes what is left
+                try:
+                    while True:
+                        filler.write(b"\0" * (1 << 20))
+                        filler.flush()
+                except OSError:
+                    pass
+            break
+    assert proc.wait(timeout=120) == 2
+    err = proc.stderr()
+    assert "warning: the metrics cannot be written any more (No space left on device" in err
+    assert "the training goes on without them" in err and "Traceback" not in err
+    assert "eval  step     40 |" in err  # trained to the end, evaluated
+    rescue = err.split("the trained model was written to ")[1].split(" instead")[0]
+    assert (Path(rescue) / "model.safetensors").is_file()
+    shutil.rmtree(rescue)
+    steps = train_steps(out)
+    assert steps == list(range(1, len(steps) + 1)) and 3 <= len(steps) < 40  # the record ends where the disk did
+    (disk / "filler").unlink()
 
 
 def test_an_unwritable_output_directory_is_refused_before_loading(small_model_dir, tmpfs, capsys):
@@ -200,7 +236,6 @@ def test_a_lock_file_alone_does_not_make_a_directory_non_empty(tmp_path):
 @pytest.fixture
 def own_data(tmp_path):
     """A copy of the quickstart's data that a test may change."""
-    import shutil
 
     d = tmp_path / "data"
     shutil.copytree(QUICKSTART_DATA, d)
@@ -231,7 +266,6 @@ def _rewrite_same_size(path):
     ("tokenizer", "the tokenizer (--tokenizer/--model) changed"),
 ])
 def test_resume_refuses_changed_data_or_tokenizer(change, what, small_model_dir, own_data, tmp_path, capsys):
-    import shutil
 
     model = tmp_path / "model"
     shutil.copytree(small_model_dir, model)

@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ def tokenizer_threads():
 
 
 GONE = (errno.EPIPE, errno.EIO)  # a write whose reader went away: a closed pipe, a terminal that hung up
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)  # a file that cannot be written: the disk
 
 
 def to_devnull(fd: int) -> None:
@@ -98,8 +100,20 @@ class KeepsWriting:
         to_devnull(self._stream.fileno())
 
 
+def thread_error(args) -> None:
+    """`threading.excepthook` for the `sftune` process: a background thread of a library that fails to write a
+    file (TensorBoard's event writer on a full disk) is one line, not a traceback; the main thread meets the same
+    error and says what it means for the run. Anything else is printed as Python prints it."""
+    if isinstance(args.exc_value, OSError) and args.exc_value.errno in WRITE_ERRORS:
+        print(f"warning: {args.thread.name if args.thread else 'a thread'}: {args.exc_value}", file=sys.stderr)
+    else:
+        threading.__excepthook__(args)
+
+
 def keep_writing() -> None:
-    """Wrap this process's sys.stdout and sys.stderr in `KeepsWriting` (once)."""
+    """Wrap this process's sys.stdout and sys.stderr in `KeepsWriting` (once); background threads' write errors
+    in one line (`thread_error`)."""
+    threading.excepthook = thread_error
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
         if stream is not None and not isinstance(stream, KeepsWriting):
@@ -118,23 +132,40 @@ def log(msg: str) -> None:
 
 class MetricsWriter:
     """Appends one JSON object per line to `path` (and hands it to a tracker); a no-op off rank 0 or without a
-    path."""
+    path. The metrics are the run's record, not its work: when they cannot be written any more (a disk that
+    filled up mid-run), that is said once and the training goes on without them; the checkpoints and the final
+    model are written on their own (and say so if they cannot be)."""
 
     def __init__(self, path: Path | None, tracker=None):
+        self.path = path
         self._file = open(path, "a", encoding="utf-8") if (path is not None and is_main()) else None
         self.tracker = tracker  # also sent there (`tracking.Tracker`: TensorBoard or W&B)
 
     def write(self, record: dict[str, Any]) -> None:
         if self._file is not None:
-            self._file.write(json.dumps(record) + "\n")
-            self._file.flush()
-            if self.tracker is not None:
-                self.tracker.write(record)
+            try:
+                self._file.write(json.dumps(record) + "\n")
+                self._file.flush()
+                if self.tracker is not None:
+                    self.tracker.write(record)
+            except OSError as e:
+                self._give_up(e, f"before step {record.get('step')}")
+
+    def _give_up(self, e: OSError, when: str) -> None:
+        log(f"warning: the metrics cannot be written any more ({e.strerror or e}: {e.filename or self.path}); "
+            f"metrics.jsonl and the tracker end {when}, and the training goes on without them")
+        self._file, self.tracker, closing = None, None, (self._file, self.tracker)
+        for thing in closing:
+            with contextlib.suppress(Exception):  # (closing flushes: it fails the same way)
+                if thing is not None:
+                    thing.close()
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self.tracker is not None:
-            self.tracker.close()
-            self.tracker = None
+        try:
+            if self._file is not None:
+                self._file.close()
+            if self.tracker is not None:
+                self.tracker.close()
+        except OSError as e:
+            self._give_up(e, "at the end")
+        self._file, self.tracker = None, None
