@@ -17,7 +17,8 @@
    Then LoRA r16 in bf16, eager against the default GPU step (graphs).
 3. resume: --compile graphs, bf16, dropout on: SIGTERM after step 12 of 24, then --resume auto; the final weights
    against an uninterrupted run's (bitwise equal is the goal).
-4. guard: a NaN loss at step 3 under graphs (SFTUNE_FAULT_NAN_STEPS) is skipped, and the run finishes.
+4. guard: a NaN loss at step 3 under graphs (SFTUNE_FAULT_NAN_STEPS) is skipped, and the run finishes. Then a
+   real out-of-memory step (micro-batches of a million tokens): exit 2 with sftune's message, no traceback.
 5. varlen (`--attention varlen`, also under --quick): torch's variable-length flash kernel against the per-sequence
    SDPA reference (output and the gradients of q, k, v; bf16 and fp16; 12 heads, and 8 query heads over 2 key/value
    heads; static batches' trailing empty sequences included); GPT-2 small packed rows, varlen against
@@ -463,6 +464,15 @@ def guard_check(tmp: Path) -> dict:
             "log_tail": text[-1500:] if code != 0 else ""}
 
 
+def oom_check(tmp: Path) -> dict:
+    """A real out-of-memory step: GPT-2 small on micro-batches of 1,024 packed rows of 1,024 tokens (about a
+    million tokens: far past any card) ends with sftune's one-line error, exit 2, and no traceback."""
+    code, text = run(sftune_cmd(tmp / "oom", "--max-steps", "2", "--packing", "--max-length", "1024", "--batch-size",
+                                "1024", "--eval-batch-size", "8", "--compile", "off", "--sample-prompts", ""))
+    return {"exit": code, "said": "out of memory in step 1 (micro-batches of up to" in text,
+            "traceback": "Traceback" in text, "log_tail": text[-1500:]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", metavar="FILE", help="write every figure to FILE")
@@ -529,6 +539,10 @@ def main() -> None:
         report["guard"] = guard_check(tmp)
         save()
         print(f"  non-finite guard under graphs: {report['guard']}")
+        if gpu:
+            report["oom"] = oom_check(tmp)
+            save()
+            print(f"  out of memory at step 1: {report['oom']}")
         report["runs"] = []
         # (generators: each run starts only when the one before is reported; the newest check comes last)
         for r in itertools.chain(whole_runs(tmp), moe_runs(tmp), lora_runs(tmp, "--add-tokens", "<|x|>", "<|y|>"),

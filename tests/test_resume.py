@@ -116,6 +116,58 @@ def test_a_terminal_that_hangs_up_stops_the_run_with_a_checkpoint_and_resume_is_
     assert_same_losses(out, uninterrupted)
 
 
+def test_a_step_that_runs_out_of_memory_is_undone_and_the_run_resumes_exactly(small_model_dir, tmp_path, capsys,
+                                                                               monkeypatch):
+    """Step 7 runs out of memory after its forward and backward (a test hook raises torch's OutOfMemoryError there:
+    no CPU runs out as a GPU does). The step is undone (its gradients dropped, its dropout draws given back), the
+    state after step 6 is saved, and the message says what keeps the steps; `--resume auto` then ends bitwise
+    where an uninterrupted run does (dropout on: the draws must be the same)."""
+    run = ("--model-config-overrides", "resid_pdrop=0.1,embd_pdrop=0.1,attn_pdrop=0.1", "--max-steps", "10")
+    straight = tmp_path / "straight"
+    code, _, err = run_main(capsys, *train_args(small_model_dir, straight, *run))
+    assert code == 0, err
+
+    out = tmp_path / "run"
+    monkeypatch.setenv("SFTUNE_FAULT_OOM", "step 7")
+    code, _, err = run_main(capsys, *train_args(small_model_dir, out, *run))
+    assert code == 2, err
+    assert "out of memory in step 7 (micro-batches of up to 8 rows x " in err and "Traceback" not in err
+    assert f"the state after step 6 is saved in {out / 'checkpoints' / 'step-6'}" in err
+    assert "--resume auto: --batch-size 4 --grad-accum 4 (the same rows in each step) or --gradient-checkpointing" in err
+    monkeypatch.delenv("SFTUNE_FAULT_OOM")
+    code, _, err = run_main(capsys, *train_args(small_model_dir, out, *run, "--resume", "auto"))
+    assert code == 0, err
+    assert f"resumed from {out / 'checkpoints' / 'step-6'}" in err
+    assert same_weights(straight, out)
+    assert_same_losses(out, straight)
+
+
+def test_an_evaluation_that_runs_out_of_memory_saves_the_steps_before_it(small_model_dir, tmp_path, capsys,
+                                                                         monkeypatch):
+    """The evaluation before training runs out of memory: nothing to save, said. The final one (step 10): the
+    state after step 10 is saved, and the resume makes the evaluation and writes the model the uninterrupted run
+    writes. (Under the same test hook as above.)"""
+    run = ("--max-steps", "10")
+    straight = tmp_path / "straight"
+    code, _, err = run_main(capsys, *train_args(small_model_dir, straight, *run))
+    assert code == 0, err
+    out = tmp_path / "run"
+    monkeypatch.setenv("SFTUNE_FAULT_OOM", "eval 0")
+    code, _, err = run_main(capsys, *train_args(small_model_dir, out, *run))
+    assert code == 2 and "out of memory evaluating at step 0 (batches of up to 8 rows" in err, err
+    assert "nothing was trained yet, so nothing was saved. Lower --eval-batch-size" in err and "Traceback" not in err
+    monkeypatch.setenv("SFTUNE_FAULT_OOM", "eval 10")
+    code, _, err = run_main(capsys, *train_args(small_model_dir, out, *run, "--overwrite"))
+    assert code == 2 and "out of memory evaluating at step 10" in err, err
+    assert f"the state after step 10 is saved in {out / 'checkpoints' / 'step-10'} (the resume makes this" in err
+    monkeypatch.delenv("SFTUNE_FAULT_OOM")
+    code, _, err = run_main(capsys, *train_args(small_model_dir, out, *run, "--resume", "auto", "--eval-batch-size", "4"))
+    assert code == 0, err
+    assert same_weights(straight, out)
+    evals = [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "eval"]
+    assert [r["step"] for r in evals] == [0, 10]
+
+
 def test_a_corrupted_checkpoint_is_skipped_for_the_one_before(uninterrupted, copy_of, small_model_dir, capsys):
     newest = copy_of / "checkpoints" / "step-28"
     data = (newest / "model.safetensors").read_bytes()

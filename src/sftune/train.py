@@ -22,7 +22,7 @@ from sftune.checkpoint import weights_finite
 from sftune.config import SFTConfig
 from sftune.console import MetricsWriter, log
 from sftune.dist import Dist
-from sftune.errors import TrainingDiverged
+from sftune.errors import SftuneError, TrainingDiverged
 from sftune.evaluate import evaluate
 from sftune.generate import complete
 from sftune.graphs import StepGraphs, shape_key
@@ -173,12 +173,32 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         metrics.write({"type": "resume", "step": state.step, "checkpoint": str(run.resumed_from)})
     evals: list[dict] = state.evals
 
+    fault = os.environ.get("SFTUNE_FAULT_OOM", "").split()  # test hook: "step N" or "eval N" runs out of memory
+    oom_fault = (fault[0], int(fault[1])) if len(fault) == 2 else None
+
     def run_eval(step: int, interruptible: bool = False) -> None:
         started = time.perf_counter()
         groups = run.steps.validation_groups  # a mixture's datasets: each one's val loss too
-        result = evaluate(run.loss_model, run.steps.validation, cfg.eval_batch_size, run.tokenizer.pad_token_id, dist.device,
-                          precision, dist, stop=(lambda: stop.signum is not None) if interruptible else None,
-                          groups=groups)
+        try:
+            result = evaluate(run.loss_model, run.steps.validation, cfg.eval_batch_size, run.tokenizer.pad_token_id,
+                              dist.device, precision, dist,
+                              stop=(lambda: stop.signum is not None) if interruptible else None, groups=groups)
+            if oom_fault == ("eval", step):
+                raise torch.OutOfMemoryError("CUDA out of memory (test hook SFTUNE_FAULT_OOM)")
+        except RuntimeError as e:  # (torch.OutOfMemoryError is one)
+            if dist.distributed or not is_out_of_memory(e):
+                raise
+            failed = str(e).splitlines()[0][:200]
+        else:
+            failed = None
+        if failed is not None:  # (out of the `except`: the evaluation's tensors are freed by now)
+            if dist.device.type == "cuda":
+                torch.cuda.empty_cache()
+            resumed = ("" if step == 0 else " (the resume makes this evaluation)" if step == total_steps else
+                       " (the resume goes on without this evaluation)")
+            raise SftuneError(f"out of memory evaluating at step {step} (batches of up to {cfg.eval_batch_size} rows: "
+                              f"{failed}); {keep_the_steps()}{resumed}. Lower --eval-batch-size (it changes no "
+                              f"training step), then --resume auto")
         if result is None:  # a signal during the first evaluation: nothing trained, nothing to keep
             raise Preempted(stop.signum or 15, None)
         record = {"step": step, "val_loss": result.loss, "val_ppl": result.perplexity,
@@ -229,6 +249,14 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         if not cfg.early_stopping_patience or state.best_step is None:
             return False
         return sum(e["step"] > state.best_step for e in evals) >= cfg.early_stopping_patience
+
+    def keep_the_steps() -> str:
+        """Before a run stops on an error it can name: the state after its last step saved (unless it is already),
+        and where."""
+        if state.step == 0:
+            return "nothing was trained yet, so nothing was saved"
+        done = saved_at[-1] if saved_at and saved_at[-1].name == f"step-{state.step}" else checkpoint_now()
+        return f"the state after step {state.step} is saved in {done}"
 
     def checkpoint_now() -> Path:
         settle()  # (a skipped step is logged before the checkpoint that follows it)
@@ -293,6 +321,26 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
                 f"stopped with the last good state saved in {path}. Lower --lr, set --max-grad-norm, use "
                 f"--precision fp32 or bf16, or raise --max-bad-steps; then --resume auto.")
 
+    def out_of_memory(step_data, what: str, rng: tuple) -> SftuneError:
+        """A step that ran out of memory is undone (its gradients dropped, its random draws given back), the state
+        after the step before is saved, and what to change is said."""
+        optimizer.zero_grad(set_to_none=True)  # (the memory they held, for the save)
+        if dist.device.type == "cuda":
+            torch.cuda.empty_cache()
+        set_step_rng(rng, dist.device)  # the resumed step draws its dropout masks again, as this one did
+        saved = keep_the_steps()
+        rows, width = max((tuple(b["input_ids"].shape) for b in step_data.micro_batches), key=lambda s: s[0] * s[1])
+        peak = (f", {torch.cuda.max_memory_allocated(dist.device) / 2**30:.1f} of "
+                f"{torch.cuda.get_device_properties(dist.device).total_memory / 2**30:.1f} GiB at the peak"
+                if dist.device.type == "cuda" else "")
+        split = (f"--batch-size {cfg.batch_size // 2} --grad-accum {cfg.grad_accum * 2} (the same rows in each step) "
+                 f"or " if cfg.batch_size > 1 and cfg.batch_tokens is None else "")
+        return SftuneError(
+            f"out of memory in step {state.step + 1} (micro-batches of up to {rows} rows x {width} tokens{peak}: "
+            f"{what}); {saved}. Make the step fit, then --resume auto: {split}--gradient-checkpointing keep the "
+            f"steps, so the run continues exactly (a lower --max-length or --batch-tokens makes other steps: a new "
+            f"run)")
+
     steps = run.steps.remaining(state) if state.step < total_steps else iter(())
     if dist.device.type == "cuda":  # the next step's batches are made and pinned while the GPU runs this one
         steps = prefetch(steps, prepare=lambda s: replace(s, micro_batches=[pin(b) for b in s.micro_batches]))
@@ -302,8 +350,20 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         settle()  # the previous step's verdict: read now that this step's batches are ready (no wait by then)
         micro_batches = step_data.micro_batches
         started_step = time.perf_counter()
-        loss_sum, step_targets = forward_backward(model, micro_batches, dist, precision, scaler, graphs,
-                                                   run.loss_model.device_keys)
+        rng = step_rng(dist.device) if not dist.distributed else None  # (to undo a step that runs out of memory)
+        try:
+            loss_sum, step_targets = forward_backward(model, micro_batches, dist, precision, scaler, graphs,
+                                                       run.loss_model.device_keys)
+            if oom_fault == ("step", state.step + 1):  # (after the step's draws and gradients: a real one may fail late)
+                raise torch.OutOfMemoryError("CUDA out of memory (test hook SFTUNE_FAULT_OOM)")
+        except RuntimeError as e:  # (torch.OutOfMemoryError is one)
+            if rng is None or not is_out_of_memory(e):  # (under torchrun the other ranks are in a collective)
+                raise
+            failed = str(e).splitlines()[0][:200]
+        else:
+            failed = None
+        if failed is not None:  # (out of the `except`: the failed step's tensors are freed by now)
+            raise out_of_memory(step_data, failed, rng)
         shapes = {shape_key(b, run.loss_model.device_keys) for b in micro_batches} if run.compile != "off" else set()
         if not shapes_seen.issuperset(shapes):
             shapes_seen |= shapes  # (this step's time is mostly capture or compile: a one-off, not the run's pace)
@@ -436,6 +496,22 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         samples[prompt] = complete(hf_model, run.tokenizer, prompt, cfg.sample_max_new_tokens, seed=cfg.seed,
                                    chat=run.steps.layout.is_chat, synced=dist.sharded)[0]
     return TrainResult(out, state.step, state.tokens, seconds, evals, samples)
+
+
+def is_out_of_memory(e: RuntimeError) -> bool:
+    """A GPU's out-of-memory error, or a CPU allocation that failed."""
+    return isinstance(e, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(e)
+
+
+def step_rng(device: torch.device) -> tuple:
+    """The generators a step draws from (dropout, NEFTune: torch's, on its device), before the step."""
+    return torch.get_rng_state(), (torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+
+def set_step_rng(rng: tuple, device: torch.device) -> None:
+    torch.set_rng_state(rng[0])
+    if rng[1] is not None:
+        torch.cuda.set_rng_state(rng[1], device)
 
 
 def best_checkpoint(run: Run) -> Path | None:
