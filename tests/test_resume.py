@@ -168,6 +168,33 @@ def test_an_evaluation_that_runs_out_of_memory_saves_the_steps_before_it(small_m
     assert [r["step"] for r in evals] == [0, 10]
 
 
+def test_checkpoints_by_time_survive_a_kill_and_go_once_the_model_is_saved(uninterrupted, small_model_dir, tmp_path,
+                                                                            capsys):
+    """No --save-every: --save-minutes (30 by default; 3.6 ms here, so after every step) still writes checkpoints,
+    so a kill -9 after step 10 loses at most the step in flight, and `--resume auto` ends bitwise as the
+    uninterrupted run. Once the final model is saved those checkpoints are removed: they were only for a crash."""
+    from procs import SftuneProcess
+
+    out = tmp_path / "run"
+    by_time = ("--save-every", "null", "--save-minutes", "0.00006")
+    proc = SftuneProcess(train_args(small_model_dir, out, *by_time), ROOT, tmp_path / "stderr")
+    for line in proc.lines():
+        if line.startswith("step     10/"):
+            proc.kill()
+            break
+    assert proc.wait() == -signal.SIGKILL
+    left = sorted(int(p.name[5:]) for p in (out / "checkpoints").glob("step-*"))
+    assert len(left) == 2 and left[-1] >= 9, left  # keep_last 2, the newest within a step of the kill
+
+    code, _, err = run_main(capsys, *train_args(small_model_dir, out, *by_time, "--resume", "auto"))
+    assert code == 0, err
+    assert f"resumed from {out / 'checkpoints' / f'step-{left[-1]}'}" in err
+    assert same_weights(uninterrupted, out)
+    assert_same_losses(out, uninterrupted)
+    assert "checkpoints: 2 written for safety (--save-minutes) removed, now that the model is saved" in err
+    assert not (out / "checkpoints").exists()
+
+
 def test_a_corrupted_checkpoint_is_skipped_for_the_one_before(uninterrupted, copy_of, small_model_dir, capsys):
     newest = copy_of / "checkpoints" / "step-28"
     data = (newest / "model.safetensors").read_bytes()

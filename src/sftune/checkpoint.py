@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import contextlib
 import json
 import os
 import random
@@ -140,6 +141,9 @@ class Checkpointer(Protocol):
     def load_weights(self, path: Path, model) -> None:
         """Load checkpoint `path`'s weights into the run's model, in place (every rank calls)."""
 
+    def remove_own(self, run_id: str) -> int:
+        """Remove run `run_id`'s checkpoints (rank 0, once the final model is saved); how many."""
+
 
 class FullCheckpointer:
     """The whole model in each checkpoint, as a Hugging Face directory; rank 0 writes, the others wait."""
@@ -150,6 +154,10 @@ class FullCheckpointer:
                  keep_best: bool = False):
         self.root, self.dist, self.tokenizer = root, dist, tokenizer
         self.config_yaml, self.keep_last, self.hashes, self.keep_best = config_yaml, keep_last, hashes, keep_best
+
+    def remove_own(self, run_id: str) -> int:
+        """Remove run `run_id`'s checkpoints (rank 0, once the final model is saved); how many."""
+        return remove_run_checkpoints(self.root, run_id)
 
     def protected(self, state: TrainState) -> int | None:
         """The step whose checkpoint rotation keeps (--save-best: the best evaluation's)."""
@@ -368,6 +376,16 @@ def publish(staging: Path, final: Path, state: TrainState, hashes: bool) -> None
         shutil.rmtree(final)
     os.rename(staging, final)
     _fsync_dir(final.parent)
+
+
+def remove_run_checkpoints(root: Path, run_id: str) -> int:
+    """Remove every complete checkpoint of run `run_id` under `root` (never another run's); how many."""
+    ours = [c for c in complete_checkpoints(root) if run_id_of(c) == run_id] if root.is_dir() else []
+    for checkpoint in ours:
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    with contextlib.suppress(OSError):  # (empty now, unless another run's are there)
+        root.rmdir()
+    return len(ours)
 
 
 def rotate(root: Path, run_id: str, keep_last: int, protected: int | None = None) -> None:

@@ -331,6 +331,10 @@ class SFTConfig:
     save_every: int | None = _f(
         None, "Write a resumable checkpoint every N optimizer steps (also at each epoch's end when set).", "ckpt"
     )
+    save_minutes: float | None = _f(
+        30.0, "Also write a checkpoint once this many minutes have passed since the last one, so that a crash, a "
+        "kill -9 or a lost machine costs at most that much training. Without --save-every or --save-best they are "
+        "only for that: removed once the final model is saved. null: none.", "ckpt")
     keep_last: int = _f(2, "Checkpoints kept in <output_dir>/checkpoints (older ones are removed).", "ckpt")
     checkpoint_hashes: bool = _f(
         False, "Record each checkpoint file's SHA-256 and check it on resume (sizes are always checked; hashing "
@@ -351,7 +355,7 @@ class SFTConfig:
 # Keys that do not change what is computed: they may differ between a checkpoint and its resume.
 RUN_CONTROL_KEYS = {
     "eval_every", "eval_batch_size", "log_every", "output_dir", "sample_prompts", "sample_max_new_tokens",
-    "save_every", "keep_last", "checkpoint_hashes", "resume", "resume_force", "overwrite", "cache_dir", "trust_remote_code", "device",
+    "save_every", "save_minutes", "keep_last", "checkpoint_hashes", "resume", "resume_force", "overwrite", "cache_dir", "trust_remote_code", "device",
     "max_bad_steps", "merge", "report_to", "run_report", "early_stopping_patience", "early_stopping_min_delta", "save_best", "final_model",
     "push_to_hub", "hub_private", "profile_steps",
     "strategy", "gradient_checkpointing", "dist_timeout",  # how the same arithmetic is spread over ranks, or recomputed
@@ -614,6 +618,8 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
     need(cfg.profile_steps is None or profile_range(cfg.profile_steps) is not None, "profile_steps",
          "must be two step numbers A-B with 1 <= A <= B, e.g. 20-30 (the steps to profile), or null")
     need(cfg.save_every is None or cfg.save_every >= 1, "save_every", "must be at least 1, or null for no checkpoints")
+    need(cfg.save_minutes is None or cfg.save_minutes > 0, "save_minutes",
+         "must be above 0 (minutes), or null for no checkpoints by time")
     need(cfg.keep_last >= 1, "keep_last", "must be at least 1")
     need(cfg.dist_timeout >= 1, "dist_timeout", "must be at least 1 second (1800: 30 minutes)")
     need(cfg.max_bad_steps >= 0, "max_bad_steps", "must be 0 or more")

@@ -100,6 +100,15 @@ class Dist:
         same step)."""
         return bool(self.all_reduce_sum(int(flag))) if self.distributed else flag
 
+    def any_each(self, *flags: bool) -> list[bool]:
+        """`any` for several flags, in one collective."""
+        if not self.distributed:
+            return list(flags)
+        import torch
+
+        summed = self.all_reduce_sum(torch.tensor([int(f) for f in flags], dtype=torch.int64, device=self.device))
+        return [bool(v) for v in summed.tolist()]
+
     def no_sync(self, model, last_micro_batch: bool):
         """Reduce gradients on the step's last micro-batch only (DDP's `no_sync`; FSDP's gradient sync switch)."""
         if self.distributed and hasattr(model, "set_requires_gradient_sync"):  # FSDP2

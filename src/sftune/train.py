@@ -265,6 +265,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         path = run.checkpointer.save(state, run.loss_model, optimizer, scheduler, scaler)
         log(f"checkpoint: {path}")
         saved_at.append(path)
+        clock["saved"] = time.perf_counter()
         window.exclude(time.perf_counter() - started)
         return path
 
@@ -281,6 +282,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=None if dist.is_main else True,
                dynamic_ncols=True, mininterval=1.0)
     bad_in_a_row, saved_at, stopped_early = 0, [run.resumed_from] if run.resumed_from else [], False
+    clock = {"saved": time.perf_counter()}  # --save-minutes counts from this process's start or its last save
     compile_s = 0.0  # seconds of steps that captured a CUDA graph or compiled a new batch shape (this process)
     nan_steps = {int(x) for x in os.environ.get("SFTUNE_FAULT_NAN_STEPS", "").split(",") if x.strip()}
     graphs = StepGraphs(run.loss_model, dist.device, precision, cfg.compile == "graphs") if run.compile == "graphs" \
@@ -430,10 +432,12 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             if cfg.save_every:
                 checkpoint_now()
                 saved = True
-        if dist.any(stop.signum is not None):  # all ranks stop at the same step
+        due = cfg.save_minutes is not None and time.perf_counter() - clock["saved"] >= cfg.save_minutes * 60
+        stopping, due = dist.any_each(stop.signum is not None, due)  # all ranks stop (or save) at the same step
+        if stopping:
             raise Preempted(stop.signum or 15, checkpoint_now())
         new_best = cfg.save_best and state.best_step == step  # (set by an evaluation of this step)
-        if (cfg.save_every and step % cfg.save_every == 0 or new_best) and not saved:
+        if (cfg.save_every and step % cfg.save_every == 0 or new_best or due) and not saved:
             checkpoint_now()
         if patience_spent():
             best = best_eval()
@@ -486,6 +490,10 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
     elif dist.is_main:
         publish_model(out, lambda directory: save_model(hf_model, run.tokenizer, directory, full))
     dist.barrier()
+    if dist.is_main and not (cfg.save_every or cfg.save_best):  # the checkpoints were --save-minutes' alone: for
+        # a crash, which can no longer lose anything (another run's in the same directory stay)
+        if gone := run.checkpointer.remove_own(state.run_id):
+            log(f"checkpoints: {gone} written for safety (--save-minutes) removed, now that the model is saved")
     metrics.close()
     if dist.is_main and cfg.run_report:
         write_run_report(out)
