@@ -195,6 +195,18 @@ def test_a_disk_that_fills_up_mid_run_stops_the_metrics_not_the_training(tiny_mo
     (disk / "filler").unlink()
 
 
+def test_a_checkpoint_for_safety_that_does_not_fit_does_not_stop_the_run(tiny_model_dir, tmpfs, capsys):
+    """A run that asked for no checkpoints, on a 30 MB disk: --save-minutes' checkpoints (about 40 MB: weights and
+    AdamW state) cannot be written there, which is a warning, not the end of the run; the final model (13 MB) fits."""
+    out = tmpfs("30M") / "run"
+    code, _, err = run_main(capsys, *args(tiny_model_dir, out, "--max-steps", "4", "--save-minutes", "0.00006"))
+    assert code == 0, err
+    assert "warning: no checkpoint for safety at step 1 (" in err and "training goes on" in err
+    assert "Traceback" not in err and (out / "model.safetensors").is_file()
+    assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())  # no staging left
+    assert train_steps(out) == [1, 2, 3, 4]
+
+
 def test_an_unwritable_output_directory_is_refused_before_loading(small_model_dir, tmpfs, capsys):
     readonly = tmpfs("1M", readonly=True)
     code, _, err = run_main(capsys, *args(small_model_dir, readonly / "run"))

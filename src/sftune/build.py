@@ -384,7 +384,9 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     scheduler = build_scheduler(cfg, optimizer, warmup, steps.total_steps)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=precision == "fp16")  # loss scaling only for fp16
     lora_args = (adapter, base) if adapter is not None else ()  # (the adapter kinds write the adapter and its base)
-    checkpointer: Checkpointer = kind(out / "checkpoints", dist, tokenizer, config_yaml, cfg.keep_last,
+    # (checkpoints nobody asked for, --save-minutes' alone, are for a crash: the newest one is all that serves)
+    keep_last = cfg.keep_last if cfg.save_every or cfg.save_best else 1
+    checkpointer: Checkpointer = kind(out / "checkpoints", dist, tokenizer, config_yaml, keep_last,
                                       cfg.checkpoint_hashes, cfg.save_best, *lora_args)
     run_id = dist.gather(uuid.uuid4().hex)[0]  # rank 0's, on every rank
     state = TrainState(run_id=run_id, fingerprints=fingerprints, world_size=dist.world_size)

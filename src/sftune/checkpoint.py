@@ -395,9 +395,17 @@ def rotate(root: Path, run_id: str, keep_last: int, protected: int | None = None
         shutil.rmtree(old, ignore_errors=True)
 
 
+class CheckpointNotWritten(SftuneError):
+    """A checkpoint that could not be written (a full disk): nothing of it is left, the earlier ones are intact."""
+
+    def __init__(self, final: Path, cause: Exception):
+        self.cause = cause
+        super().__init__(f"could not write checkpoint {final}: {cause}. Earlier checkpoints are intact; "
+                         f"free disk space and resume with --resume auto")
+
+
 def write_failed(final: Path, e: Exception) -> SftuneError:
-    return SftuneError(f"could not write checkpoint {final}: {e}. Earlier checkpoints are intact; "
-                       f"free disk space and resume with --resume auto")
+    return CheckpointNotWritten(final, e)
 
 
 def run_id_of(path: Path) -> str | None:

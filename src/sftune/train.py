@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from sftune.batching import DEVICE_KEYS, count_targets, pin, prefetch, to_device
 from sftune.build import Run, build_run
-from sftune.checkpoint import weights_finite
+from sftune.checkpoint import CheckpointNotWritten, weights_finite
 from sftune.config import SFTConfig
 from sftune.console import MetricsWriter, log
 from sftune.dist import Dist
@@ -250,6 +250,18 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             return False
         return sum(e["step"] > state.best_step for e in evals) >= cfg.early_stopping_patience
 
+    def safety_checkpoint() -> None:
+        """--save-minutes': a checkpoint for a crash. In one process, one that cannot be written (a full disk: a
+        run that asked for no checkpoints should not stop for them) is a warning, and the next is tried later."""
+        try:
+            checkpoint_now()
+        except CheckpointNotWritten as e:
+            if dist.distributed or cfg.save_every or cfg.save_best:
+                raise
+            clock["saved"] = time.perf_counter()
+            log(f"warning: no checkpoint for safety at step {state.step} ({e.cause}); training goes on, and the "
+                f"next is tried in {cfg.save_minutes:g} minutes (--save-minutes null: none)")
+
     def keep_the_steps() -> str:
         """Before a run stops on an error it can name: the state after its last step saved (unless it is already),
         and where."""
@@ -437,8 +449,10 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         if stopping:
             raise Preempted(stop.signum or 15, checkpoint_now())
         new_best = cfg.save_best and state.best_step == step  # (set by an evaluation of this step)
-        if (cfg.save_every and step % cfg.save_every == 0 or new_best or due) and not saved:
+        if (cfg.save_every and step % cfg.save_every == 0 or new_best) and not saved:
             checkpoint_now()
+        elif due and not saved:
+            safety_checkpoint()
         if patience_spent():
             best = best_eval()
             log(f"early stopping at step {step:,}: the val loss has not improved on {best['val_loss']:.4f} (step "
