@@ -26,6 +26,16 @@ def train_args(model_dir, out, *extra):
             *extra]
 
 
+def resumed_equals(capsys, model_dir, out, reference, checkpoint, *run) -> str:
+    """`--resume auto` in OUT continues from CHECKPOINT and ends as REFERENCE did: weights bitwise, every loss."""
+    code, _, err = run_main(capsys, *train_args(model_dir, out, *run, "--resume", "auto"))
+    assert code == 0, err
+    assert f"resumed from {checkpoint}" in err
+    assert same_weights(reference, out)
+    assert_same_losses(out, reference)
+    return err
+
+
 def same_weights(a_dir, b_dir) -> bool:
     a, b = load_file(a_dir / "model.safetensors"), load_file(b_dir / "model.safetensors")
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bitwise, fp32 on CPU
@@ -109,11 +119,7 @@ def test_a_terminal_that_hangs_up_stops_the_run_with_a_checkpoint_and_resume_is_
     stopped = int(saved[0].name[5:])
     assert [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "train"] == list(range(1, stopped + 1))
 
-    code, _, err = run_main(capsys, *train_args(small_model_dir, out, "--resume", "auto"))
-    assert code == 0, err
-    assert f"resumed from {saved[0]}" in err
-    assert same_weights(uninterrupted, out)
-    assert_same_losses(out, uninterrupted)
+    resumed_equals(capsys, small_model_dir, out, uninterrupted, saved[0])
 
 
 def test_a_step_that_runs_out_of_memory_is_undone_and_the_run_resumes_exactly(small_model_dir, tmp_path, capsys,
@@ -135,11 +141,7 @@ def test_a_step_that_runs_out_of_memory_is_undone_and_the_run_resumes_exactly(sm
     assert f"the state after step 6 is saved in {out / 'checkpoints' / 'step-6'}" in err
     assert "--resume auto: --batch-size 4 --grad-accum 4 (the same rows in each step) or --gradient-checkpointing" in err
     monkeypatch.delenv("SFTUNE_FAULT_OOM")
-    code, _, err = run_main(capsys, *train_args(small_model_dir, out, *run, "--resume", "auto"))
-    assert code == 0, err
-    assert f"resumed from {out / 'checkpoints' / 'step-6'}" in err
-    assert same_weights(straight, out)
-    assert_same_losses(out, straight)
+    resumed_equals(capsys, small_model_dir, out, straight, out / "checkpoints" / "step-6", *run)
 
 
 def test_an_evaluation_that_runs_out_of_memory_saves_the_steps_before_it(small_model_dir, tmp_path, capsys,
@@ -186,11 +188,7 @@ def test_checkpoints_by_time_survive_a_kill_and_go_once_the_model_is_saved(unint
     left = sorted(int(p.name[5:]) for p in (out / "checkpoints").glob("step-*"))
     assert len(left) == 1 and left[-1] >= 9, left  # the newest alone (it serves), within a step of the kill
 
-    code, _, err = run_main(capsys, *train_args(small_model_dir, out, *by_time, "--resume", "auto"))
-    assert code == 0, err
-    assert f"resumed from {out / 'checkpoints' / f'step-{left[-1]}'}" in err
-    assert same_weights(uninterrupted, out)
-    assert_same_losses(out, uninterrupted)
+    err = resumed_equals(capsys, small_model_dir, out, uninterrupted, out / "checkpoints" / f"step-{left[-1]}", *by_time)
     assert "checkpoints: 1 written for safety (--save-minutes) removed, now that the model is saved" in err
     assert not (out / "checkpoints").exists()
 
