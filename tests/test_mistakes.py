@@ -124,6 +124,22 @@ def test_generation_options(small_model_dir, capsys):
     assert "exceed the model's context of 128; generating 125 (--max-new-tokens)" in err
 
 
+def test_sftune_eval_out_of_memory_names_the_batch_size(small_model_dir, capsys, monkeypatch):
+    """A GPU's out-of-memory error while `sftune eval` runs (raised in place of the evaluation: a CPU does not run
+    out that way) is one line naming --eval-batch-size, exit 2."""
+    import importlib
+
+    import torch
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(importlib.import_module("sftune.evaluate"), "evaluate", out_of_memory)
+    refused(capsys, "eval", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA), "--eval-batch-size", "64",
+            words=["out of memory evaluating batches of up to 64 rows (CUDA out of memory. Tried to allocate 20.00 GiB)",
+                   "lower --eval-batch-size"])
+
+
 def test_a_truncated_model_file_in_eval_and_generate(small_model_dir, tmp_path, capsys):
     import shutil
 

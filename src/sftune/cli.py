@@ -301,8 +301,17 @@ def cmd_eval(args) -> None:
     fit_embeddings(model, len(tokenizer))  # (--add-tokens on a model that lacks them: their rows as training starts)
     data, _ = build_data(cfg, tokenizer, model.config, dist)  # streaming: only the validation split is read
     groups = getattr(data, "validation_groups", [])  # a mixture's datasets: each one's loss too
-    result = evaluate(model, data.validation, cfg.eval_batch_size or cfg.batch_size, tokenizer.pad_token_id,
-                      dist.device, precision, dist, groups=groups)
+    batch_size = cfg.eval_batch_size or cfg.batch_size
+    try:
+        result = evaluate(model, data.validation, batch_size, tokenizer.pad_token_id, dist.device, precision, dist,
+                          groups=groups)
+    except RuntimeError as e:
+        from sftune.train import is_out_of_memory
+
+        if not is_out_of_memory(e):
+            raise
+        raise SftuneError(f"out of memory evaluating batches of up to {batch_size} rows ({str(e).splitlines()[0][:200]}); "
+                          f"lower --eval-batch-size (or --max-length)") from None
     if not dist.is_main:  # under torchrun every rank evaluated its share; rank 0 reports the sum over sum
         return
     report = {"model": cfg.model, "dataset": cfg.data_name, "split": "validation", "val_loss": result.loss,
