@@ -310,8 +310,9 @@ def cmd_eval(args) -> None:
 
         if not is_out_of_memory(e):
             raise
-        raise SftuneError(f"out of memory evaluating batches of up to {batch_size} rows ({str(e).splitlines()[0][:200]}); "
-                          f"lower --eval-batch-size (or --max-length)") from None
+        first = str(e).splitlines()[0][:200]
+        raise SftuneError(f"out of memory evaluating batches of up to {batch_size} rows ({first}); lower "
+                          f"--eval-batch-size (or --max-length)") from None
     if not dist.is_main:  # under torchrun every rank evaluated its share; rank 0 reports the sum over sum
         return
     report = {"model": cfg.model, "dataset": cfg.data_name, "split": "validation", "val_loss": result.loss,

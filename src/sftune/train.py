@@ -368,7 +368,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         try:
             loss_sum, step_targets = forward_backward(model, micro_batches, dist, precision, scaler, graphs,
                                                        run.loss_model.device_keys)
-            if oom_fault == ("step", state.step + 1):  # (after the step's draws and gradients: a real one may fail late)
+            if oom_fault == ("step", state.step + 1):  # (after the step's draws and gradients, as a real one can)
                 raise torch.OutOfMemoryError("CUDA out of memory (test hook SFTUNE_FAULT_OOM)")
         except RuntimeError as e:  # (torch.OutOfMemoryError is one)
             if rng is None or not is_out_of_memory(e):  # (under torchrun the other ranks are in a collective)
@@ -428,7 +428,9 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             if peak:
                 record["mfu"] = rate * token_flops / (peak * dist.world_size)
             metrics.write(record)
-            log(f"step {step:>6,}/{total_steps:,} | epoch {epoch_at:.2f} | loss {loss:.4f} | acc {accuracy:.3f} "
+            # (a stream's epochs have no known length: which one)
+            where = f"epoch {epoch_at:.2f}" if per_epoch else f"epoch {step_data.epoch + 1} (streamed)"
+            log(f"step {step:>6,}/{total_steps:,} | {where} | loss {loss:.4f} | acc {accuracy:.3f} "
                 + (f"| router {figures['router_loss']:.4f} " if "router_loss" in figures else "")
                 + f"| lr {lr:.2e} | {rate:,.0f} tok/s | {figures['ms_per_step']:.0f} ms/step | {state.tokens:,} tokens "
                 f"| eta {eta(left)}" + (f" | {record['peak_memory_gb']:.1f} GiB peak" if "peak_memory_gb" in record
