@@ -134,6 +134,7 @@ def test_sftune_eval_out_of_memory_names_the_batch_size(small_model_dir, capsys,
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
 
+    importlib.import_module("sftune.train")  # (it binds the real evaluate for the tests after this one)
     monkeypatch.setattr(importlib.import_module("sftune.evaluate"), "evaluate", out_of_memory)
     refused(capsys, "eval", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA), "--eval-batch-size", "64",
             words=["out of memory evaluating batches of up to 64 rows (CUDA out of memory. Tried to allocate 20.00 GiB)",

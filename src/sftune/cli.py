@@ -306,7 +306,7 @@ def cmd_eval(args) -> None:
         result = evaluate(model, data.validation, batch_size, tokenizer.pad_token_id, dist.device, precision, dist,
                           groups=groups)
     except RuntimeError as e:
-        from sftune.train import is_out_of_memory
+        from sftune.runtime import is_out_of_memory
 
         if not is_out_of_memory(e):
             raise

@@ -56,6 +56,11 @@ def keep_freed_memory(device: torch.device) -> bool:
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**30))
 
 
+def is_out_of_memory(e: BaseException) -> bool:
+    """A GPU's out-of-memory error, or a CPU allocation that failed."""
+    return isinstance(e, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(e)
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
     """'auto' -> bf16 where the hardware computes it natively, else fp16 on older GPUs, else fp32."""
     if name == "auto":

@@ -28,7 +28,7 @@ from sftune.generate import complete
 from sftune.graphs import StepGraphs, shape_key
 from sftune.modeling import save_model
 from sftune.outputs import publish_model
-from sftune.runtime import autocast, flops_per_token, keep_freed_memory, peak_flops
+from sftune.runtime import autocast, flops_per_token, is_out_of_memory, keep_freed_memory, peak_flops
 from sftune.signals import Preempted, StopFlag, stop_on_signals
 from sftune.update import NonFiniteGuard, clip_gradients
 
@@ -520,11 +520,6 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         samples[prompt] = complete(hf_model, run.tokenizer, prompt, cfg.sample_max_new_tokens, seed=cfg.seed,
                                    chat=run.steps.layout.is_chat, synced=dist.sharded)[0]
     return TrainResult(out, state.step, state.tokens, seconds, evals, samples)
-
-
-def is_out_of_memory(e: RuntimeError) -> bool:
-    """A GPU's out-of-memory error, or a CPU allocation that failed."""
-    return isinstance(e, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(e)
 
 
 def step_rng(device: torch.device) -> tuple:
