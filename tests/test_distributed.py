@@ -108,7 +108,8 @@ def assert_same_training(single, double):
 
 CASES = {  # name: (model, extra flags, single process (batch, accum), per rank (batch, accum), strategy)
     "ddp": ("gpt2", [], (32, 1), (16, 1), "ddp"),
-    "ddp-accum": ("gpt2", [], (16, 2), (8, 2), "ddp"),
+    # (--save-minutes: a checkpoint after every step, the ranks agreeing on when; removed at the end)
+    "ddp-accum": ("gpt2", ["--save-minutes", "0.00006"], (16, 2), (8, 2), "ddp"),
     "fsdp-accum": ("gpt2", ["--save-every", "2", "--sample-prompts", "the film is"], (16, 2), (8, 2), "fsdp"),
     "fsdp-llama": ("llama", [], (32, 1), (16, 1), "fsdp"),
     "ddp-lora-llama": ("llama", ["--lora-r", "4", "--lora-modules-to-save", "lm_head", "--lora-use-dora",
@@ -215,6 +216,8 @@ def test_ddp_and_fsdp_on_two_ranks_equal_one_process_and_fsdp_resumes_exactly(la
             raise AssertionError(f"{name}: {e}") from None
 
     assert_same_training(root / "stream-one", root / "stream-two")  # streamed: the same steps too
+    assert "checkpoints: the 1 kept for safety (--save-minutes) removed" in output
+    assert not (root / "ddp-accum-two" / "checkpoints").exists()
     grown = load_file(root / "fsdp-tokens-llama-two" / "model.safetensors")  # (512 tokens + 2 added)
     assert grown["model.embed_tokens.weight"].shape[0] == grown["lm_head.weight"].shape[0] == 514
     rows = [k for k in load_file(root / "fsdp-lora-tokens-llama-two" / "adapter_model.safetensors") if "token" in k]

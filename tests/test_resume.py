@@ -189,7 +189,7 @@ def test_checkpoints_by_time_survive_a_kill_and_go_once_the_model_is_saved(unint
     assert len(left) == 1 and left[-1] >= 9, left  # the newest alone (it serves), within a step of the kill
 
     err = resumed_equals(capsys, small_model_dir, out, uninterrupted, out / "checkpoints" / f"step-{left[-1]}", *by_time)
-    assert "checkpoints: 1 written for safety (--save-minutes) removed, now that the model is saved" in err
+    assert "checkpoints: the 1 kept for safety (--save-minutes) removed, now that the model is saved" in err
     assert not (out / "checkpoints").exists()
 
 

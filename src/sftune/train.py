@@ -509,7 +509,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
     if dist.is_main and not (cfg.save_every or cfg.save_best):  # the checkpoints were --save-minutes' alone: for
         # a crash, which can no longer lose anything (another run's in the same directory stay)
         if gone := run.checkpointer.remove_own(state.run_id):
-            log(f"checkpoints: {gone} written for safety (--save-minutes) removed, now that the model is saved")
+            log(f"checkpoints: the {gone} kept for safety (--save-minutes) removed, now that the model is saved")
     metrics.close()
     if dist.is_main and cfg.run_report:
         write_run_report(out)
