@@ -23,9 +23,9 @@ shards with torch.distributed.checkpoint), `AdapterCheckpointer` (LoRA: the adap
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
-import contextlib
 import json
 import os
 import random

@@ -306,12 +306,11 @@ def cmd_eval(args) -> None:
         result = evaluate(model, data.validation, batch_size, tokenizer.pad_token_id, dist.device, precision, dist,
                           groups=groups)
     except RuntimeError as e:
-        from sftune.runtime import is_out_of_memory
+        from sftune.runtime import out_of_memory
 
-        if not is_out_of_memory(e):
+        if (what := out_of_memory(e)) is None:
             raise
-        first = str(e).splitlines()[0][:200]
-        raise SftuneError(f"out of memory evaluating batches of up to {batch_size} rows ({first}); lower "
+        raise SftuneError(f"out of memory evaluating batches of up to {batch_size} rows ({what}); lower "
                           f"--eval-batch-size (or --max-length)") from None
     if not dist.is_main:  # under torchrun every rank evaluated its share; rank 0 reports the sum over sum
         return

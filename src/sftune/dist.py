@@ -98,7 +98,7 @@ class Dist:
     def any(self, flag: bool) -> bool:
         """True on every rank when any rank says True (a stop signal seen by one rank stops all at the
         same step)."""
-        return bool(self.all_reduce_sum(int(flag))) if self.distributed else flag
+        return self.any_each(flag)[0]
 
     def any_each(self, *flags: bool) -> list[bool]:
         """`any` for several flags, in one collective."""

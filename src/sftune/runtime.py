@@ -56,9 +56,12 @@ def keep_freed_memory(device: torch.device) -> bool:
     return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**30))
 
 
-def is_out_of_memory(e: BaseException) -> bool:
-    """A GPU's out-of-memory error, or a CPU allocation that failed."""
-    return isinstance(e, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(e)
+def out_of_memory(e: BaseException) -> str | None:
+    """The first line of `e` (200 characters at most) if it is a GPU's out-of-memory error or a CPU allocation that
+    failed; else None."""
+    if isinstance(e, torch.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(e):
+        return (str(e).splitlines() or [""])[0][:200]
+    return None
 
 
 def resolve_precision(name: str, device: torch.device) -> str:

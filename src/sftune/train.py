@@ -28,7 +28,7 @@ from sftune.generate import complete
 from sftune.graphs import StepGraphs, shape_key
 from sftune.modeling import save_model
 from sftune.outputs import publish_model
-from sftune.runtime import autocast, flops_per_token, is_out_of_memory, keep_freed_memory, peak_flops
+from sftune.runtime import autocast, flops_per_token, keep_freed_memory, out_of_memory, peak_flops
 from sftune.signals import Preempted, StopFlag, stop_on_signals
 from sftune.update import NonFiniteGuard, clip_gradients
 
@@ -186,9 +186,8 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             if oom_fault == ("eval", step):
                 raise torch.OutOfMemoryError("CUDA out of memory (test hook SFTUNE_FAULT_OOM)")
         except RuntimeError as e:  # (torch.OutOfMemoryError is one)
-            if dist.distributed or not is_out_of_memory(e):
+            if dist.distributed or (failed := out_of_memory(e)) is None:
                 raise
-            failed = str(e).splitlines()[0][:200]
         else:
             failed = None
         if failed is not None:  # (out of the `except`: the evaluation's tensors are freed by now)
@@ -253,12 +252,13 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
     def safety_checkpoint() -> None:
         """--save-minutes': a checkpoint for a crash. In one process, one that cannot be written (a full disk: a
         run that asked for no checkpoints should not stop for them) is a warning, and the next is tried later."""
+        nonlocal last_saved
         try:
             checkpoint_now()
         except CheckpointNotWritten as e:
             if dist.distributed or cfg.save_every or cfg.save_best:
                 raise
-            clock["saved"] = time.perf_counter()
+            last_saved = time.perf_counter()
             log(f"warning: no checkpoint for safety at step {state.step} ({e.cause}); training goes on, and the "
                 f"next is tried in {cfg.save_minutes:g} minutes (--save-minutes null: none)")
 
@@ -271,13 +271,14 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         return f"the state after step {state.step} is saved in {done}"
 
     def checkpoint_now() -> Path:
+        nonlocal last_saved
         settle()  # (a skipped step is logged before the checkpoint that follows it)
         started = time.perf_counter()
         state.evals, state.window, state.elapsed_s = evals, window.saved(dist), time.perf_counter() - start
         path = run.checkpointer.save(state, run.loss_model, optimizer, scheduler, scaler)
         log(f"checkpoint: {path}")
         saved_at.append(path)
-        clock["saved"] = time.perf_counter()
+        last_saved = time.perf_counter()
         window.exclude(time.perf_counter() - started)
         return path
 
@@ -294,7 +295,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=None if dist.is_main else True,
                dynamic_ncols=True, mininterval=1.0)
     bad_in_a_row, saved_at, stopped_early = 0, [run.resumed_from] if run.resumed_from else [], False
-    clock = {"saved": time.perf_counter()}  # --save-minutes counts from this process's start or its last save
+    last_saved = time.perf_counter()  # --save-minutes counts from this process's start or its last save
     compile_s = 0.0  # seconds of steps that captured a CUDA graph or compiled a new batch shape (this process)
     nan_steps = {int(x) for x in os.environ.get("SFTUNE_FAULT_NAN_STEPS", "").split(",") if x.strip()}
     graphs = StepGraphs(run.loss_model, dist.device, precision, cfg.compile == "graphs") if run.compile == "graphs" \
@@ -335,7 +336,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
                 f"stopped with the last good state saved in {path}. Lower --lr, set --max-grad-norm, use "
                 f"--precision fp32 or bf16, or raise --max-bad-steps; then --resume auto.")
 
-    def out_of_memory(step_data, what: str, rng: tuple) -> SftuneError:
+    def undo_out_of_memory(step_data, what: str, rng: tuple) -> SftuneError:
         """A step that ran out of memory is undone (its gradients dropped, its random draws given back), the state
         after the step before is saved, and what to change is said."""
         optimizer.zero_grad(set_to_none=True)  # (the memory they held, for the save)
@@ -371,13 +372,12 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             if oom_fault == ("step", state.step + 1):  # (after the step's draws and gradients, as a real one can)
                 raise torch.OutOfMemoryError("CUDA out of memory (test hook SFTUNE_FAULT_OOM)")
         except RuntimeError as e:  # (torch.OutOfMemoryError is one)
-            if rng is None or not is_out_of_memory(e):  # (under torchrun the other ranks are in a collective)
+            if rng is None or (failed := out_of_memory(e)) is None:  # (torchrun: the other ranks are in a collective)
                 raise
-            failed = str(e).splitlines()[0][:200]
         else:
             failed = None
         if failed is not None:  # (out of the `except`: the failed step's tensors are freed by now)
-            raise out_of_memory(step_data, failed, rng)
+            raise undo_out_of_memory(step_data, failed, rng)
         shapes = {shape_key(b, run.loss_model.device_keys) for b in micro_batches} if run.compile != "off" else set()
         if not shapes_seen.issuperset(shapes):
             shapes_seen |= shapes  # (this step's time is mostly capture or compile: a one-off, not the run's pace)
@@ -446,7 +446,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             if cfg.save_every:
                 checkpoint_now()
                 saved = True
-        due = cfg.save_minutes is not None and time.perf_counter() - clock["saved"] >= cfg.save_minutes * 60
+        due = cfg.save_minutes is not None and time.perf_counter() - last_saved >= cfg.save_minutes * 60
         stopping, due = dist.any_each(stop.signum is not None, due)  # all ranks stop (or save) at the same step
         if stopping:
             raise Preempted(stop.signum or 15, checkpoint_now())
