@@ -54,10 +54,10 @@ def args(model_dir, data, out, batch, *extra):
             "--output-dir", str(out), *extra]
 
 
-def torchrun(*argv, ranks=2, **popen):
+def torchrun(*argv, ranks=2, env=(), **popen):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
            "-m", "sftune", *argv]
-    return subprocess.Popen(cmd, cwd=ROOT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, **popen)
+    return subprocess.Popen(cmd, cwd=ROOT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **dict(env)}, **popen)
 
 
 def metrics(out):
@@ -457,6 +457,34 @@ def test_sigterm_to_the_launcher_and_kill_9_of_a_rank_then_resume_is_exact(launc
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5)
     (train_a, _), (train_b, _) = metrics(full), metrics(other)
     np.testing.assert_allclose([l for *_, l, _, _ in train_b], [l for *_, l, _, _ in train_a[-2:]], rtol=1e-5)
+
+
+def test_a_rank_out_of_memory_says_so_names_the_newest_checkpoint_and_the_run_resumes_exactly(
+        launched, uneven_data, small_model_dir, tmp_path):
+    """Under torchrun a rank that runs out of memory cannot undo its step and save (the other ranks wait for it in a
+    collective): it says so once, without a traceback, naming the newest checkpoint and the changes that keep the
+    steps, and exits 2; the other rank says a collective failed. --resume auto then ends where an uninterrupted
+    run does, bitwise. (Test hook: rank 1's step 6 raises torch's out-of-memory error after its backward.)"""
+    full, out = launched[0] / "fault-full", tmp_path / "run"
+    proc = torchrun(*args(small_model_dir, uneven_data, out, 16, *LONGER), env={"SFTUNE_FAULT_OOM": "step 6 rank 1"},
+                    stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "exitcode  : 2" in err, err
+    said = [line for line in err.splitlines() if "out of memory" in line]
+    assert len(said) == 1 and said[0].startswith("sftune train [rank 1]: error: out of memory in step 6 on rank 1 "), err
+    assert f"the newest checkpoint is {out / 'checkpoints' / 'step-4'} (--resume auto trains the 1 step(s)" in said[0]
+    assert "--batch-size 8 --grad-accum 2 (the same rows in each step)" in said[0]
+    assert "sftune train [rank 0]: error: a collective operation with the other ranks failed" in err
+    assert "[rank1]: Traceback" not in err and "[rank0]: Traceback" not in err  # (torchrun prints its own)
+    assert not (out / "model.safetensors").exists()
+
+    proc = torchrun(*args(small_model_dir, uneven_data, out, 16, *LONGER, "--resume", "auto"),
+                    stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and f"resumed from {out / 'checkpoints' / 'step-4'}" in err, err
+    a, b = load_file(full / "model.safetensors"), load_file(out / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert metrics(out) == metrics(full)
 
 
 def test_a_config_mistake_is_said_once_per_node(small_model_dir, uneven_data, tmp_path):

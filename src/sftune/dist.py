@@ -186,6 +186,11 @@ class Dist:
         if self.owns_group and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
+    def abandon(self) -> None:
+        """This rank leaves the other ranks waiting in a collective it cannot join (it ran out of memory): its process
+        group is left to the process's exit, not ended by `close` (which would wait for them)."""
+        self.owns_group = False
+
 
 def init_dist(device_name: str, timeout_s: int = 1800) -> Dist:
     """The run's `Dist`: the device (`cuda:LOCAL_RANK` under torchrun) and, with WORLD_SIZE > 1,

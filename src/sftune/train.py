@@ -174,7 +174,8 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
     evals: list[dict] = state.evals
 
     fault = os.environ.get("SFTUNE_FAULT_OOM", "").split()  # test hook: "step N" or "eval N" runs out of memory
-    oom_fault = (fault[0], int(fault[1])) if len(fault) == 2 else None
+    # ("... rank R": on rank R alone)
+    oom_fault = (fault[0], int(fault[1])) if fault and (len(fault) == 2 or int(fault[3]) == dist.rank) else None
 
     def run_eval(step: int, interruptible: bool = False) -> None:
         started = time.perf_counter()
@@ -186,7 +187,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             if oom_fault == ("eval", step):
                 raise torch.OutOfMemoryError("CUDA out of memory (test hook SFTUNE_FAULT_OOM)")
         except RuntimeError as e:  # (torch.OutOfMemoryError is one)
-            if dist.distributed or (failed := out_of_memory(e)) is None:
+            if (failed := out_of_memory(e)) is None:
                 raise
         else:
             failed = None
@@ -195,9 +196,9 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
                 torch.cuda.empty_cache()
             resumed = ("" if step == 0 else " (the resume makes this evaluation)" if step == total_steps else
                        " (the resume goes on without this evaluation)")
-            raise SftuneError(f"out of memory evaluating at step {step} (batches of up to {cfg.eval_batch_size} rows: "
-                              f"{failed}); {keep_the_steps()}{resumed}. Lower --eval-batch-size (it changes no "
-                              f"training step), then --resume auto")
+            raise SftuneError(f"out of memory evaluating at step {step}{on_rank()} (batches of up to "
+                              f"{cfg.eval_batch_size} rows: {failed}); {keep_the_steps(after_oom=True)}{resumed}. "
+                              f"Lower --eval-batch-size (it changes no training step), then --resume auto")
         if result is None:  # a signal during the first evaluation: nothing trained, nothing to keep
             raise Preempted(stop.signum or 15, None)
         record = {"step": step, "val_loss": result.loss, "val_ppl": result.perplexity,
@@ -262,13 +263,26 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             log(f"warning: no checkpoint for safety at step {state.step} ({e.cause}); training goes on, and the "
                 f"next is tried in {cfg.save_minutes:g} minutes (--save-minutes null: none)")
 
-    def keep_the_steps() -> str:
+    def keep_the_steps(after_oom: bool = False) -> str:
         """Before a run stops on an error it can name: the state after its last step saved (unless it is already),
-        and where."""
+        and where. Under torchrun a rank that ran out of memory cannot save: the other ranks wait for it in a
+        collective (a step's gradient all-reduce, FSDP's gathers), so it names the newest checkpoint instead."""
         if state.step == 0:
             return "nothing was trained yet, so nothing was saved"
-        done = saved_at[-1] if saved_at and saved_at[-1].name == f"step-{state.step}" else checkpoint_now()
-        return f"the state after step {state.step} is saved in {done}"
+        if saved_at and saved_at[-1].name == f"step-{state.step}":
+            return f"the state after step {state.step} is saved in {saved_at[-1]}"
+        if not (after_oom and dist.distributed):
+            return f"the state after step {state.step} is saved in {checkpoint_now()}"
+        dist.abandon()  # (its collectives cannot complete: the process group is left to the process's exit)
+        newest = (f"the newest checkpoint is {saved_at[-1]} (--resume auto trains the "
+                  f"{state.step - int(saved_at[-1].name[5:])} step(s) after it again)" if saved_at
+                  else "no checkpoint was written yet")
+        every = f"--save-minutes {cfg.save_minutes:g}" if cfg.save_minutes is not None else "--save-every N"
+        return (f"the other ranks wait for this one in a collective, so this state cannot be saved (torchrun ends "
+                f"them): {newest} ({every} saves more often)")
+
+    def on_rank() -> str:
+        return f" on rank {dist.rank}" if dist.distributed else ""
 
     def checkpoint_now() -> Path:
         nonlocal last_saved
@@ -336,14 +350,15 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
                 f"stopped with the last good state saved in {path}. Lower --lr, set --max-grad-norm, use "
                 f"--precision fp32 or bf16, or raise --max-bad-steps; then --resume auto.")
 
-    def undo_out_of_memory(step_data, what: str, rng: tuple) -> SftuneError:
+    def undo_out_of_memory(step_data, what: str, rng: tuple | None) -> SftuneError:
         """A step that ran out of memory is undone (its gradients dropped, its random draws given back), the state
-        after the step before is saved, and what to change is said."""
+        after the step before is saved (in one process), and what to change is said."""
         optimizer.zero_grad(set_to_none=True)  # (the memory they held, for the save)
         if dist.device.type == "cuda":
             torch.cuda.empty_cache()
-        set_step_rng(rng, dist.device)  # the resumed step draws its dropout masks again, as this one did
-        saved = keep_the_steps()
+        if rng is not None:
+            set_step_rng(rng, dist.device)  # the resumed step draws its dropout masks again, as this one did
+        saved = keep_the_steps(after_oom=True)
         rows, width = max((tuple(b["input_ids"].shape) for b in step_data.micro_batches), key=lambda s: s[0] * s[1])
         peak = (f", {torch.cuda.max_memory_allocated(dist.device) / 2**30:.1f} of "
                 f"{torch.cuda.get_device_properties(dist.device).total_memory / 2**30:.1f} GiB at the peak"
@@ -351,7 +366,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         split = (f"--batch-size {cfg.batch_size // 2} --grad-accum {cfg.grad_accum * 2} (the same rows in each step) "
                  f"or " if cfg.batch_size > 1 and cfg.batch_tokens is None else "")
         return SftuneError(
-            f"out of memory in step {state.step + 1} (micro-batches of up to {rows} rows x {width} tokens{peak}: "
+            f"out of memory in step {state.step + 1}{on_rank()} (micro-batches of up to {rows} rows x {width} tokens{peak}: "
             f"{what}); {saved}. Make the step fit, then --resume auto: {split}--gradient-checkpointing keep the "
             f"steps, so the run continues exactly (a lower --max-length or --batch-tokens makes other steps: a new "
             f"run)")
@@ -372,7 +387,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             if oom_fault == ("step", state.step + 1):  # (after the step's draws and gradients, as a real one can)
                 raise torch.OutOfMemoryError("CUDA out of memory (test hook SFTUNE_FAULT_OOM)")
         except RuntimeError as e:  # (torch.OutOfMemoryError is one)
-            if rng is None or (failed := out_of_memory(e)) is None:  # (torchrun: the other ranks are in a collective)
+            if (failed := out_of_memory(e)) is None:
                 raise
         else:
             failed = None
