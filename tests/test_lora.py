@@ -278,6 +278,11 @@ def test_a_lora_run_trains_only_the_adapter_and_writes_what_peft_loads(lora_run,
     exported = load_file(tmp_path / "exported" / "model.safetensors")
     assert all(torch.equal(exported[k], merged[k]) for k in merged)
     assert (tmp_path / "exported" / "tokenizer.json").is_file()
+    # a merged model is evaluated as its adapter is: in the run's precision (its config.yaml beside it), the same loss
+    for model in (out / "merged", tmp_path / "exported"):
+        code, stdout, err = run_main(capsys, "eval", "--model", str(model), "--dataset", str(QUICKSTART_DATA), "--json")
+        assert code == 0 and json.loads(stdout)["precision"] == "fp32", err
+        assert json.loads(stdout)["val_loss"] == pytest.approx(evals[-1], abs=1e-5)
 
 
 @pytest.mark.slow

@@ -460,7 +460,7 @@ def cmd_export(args) -> None:
     lock = OutputLock(out)
     lock.acquire()
     try:
-        publish_model(out, lambda directory: save_model(model, tokenizer, directory))
+        publish_model(out, lambda directory: save_model(model, tokenizer, directory, run_config=run / "config.yaml"))
     finally:
         lock.release()
     print(f"merged model written to {out} (AutoModelForCausalLM.from_pretrained('{out}'))")

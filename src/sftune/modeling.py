@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import importlib.util
+import shutil
 from pathlib import Path
 
 import torch
@@ -387,10 +388,11 @@ def stop_token_ids(tokenizer, existing: int | list[int] | None) -> int | list[in
     return ids[0] if len(ids) == 1 else ids
 
 
-def save_model(model, tokenizer, out_dir: Path, state_dict: dict | None = None) -> None:
+def save_model(model, tokenizer, out_dir: Path, state_dict: dict | None = None, run_config: Path | None = None) -> None:
     """Write a directory `AutoModelForCausalLM.from_pretrained(out_dir)` loads: safetensors,
     config, generation config (EOS, the chat template's end of turn and pad set so generation stops) and
-    tokenizer. Call on rank 0 only."""
+    tokenizer. Call on rank 0 only. `run_config`: the `config.yaml` of the run that trained it, copied beside it
+    (a merged model's: `sftune eval` then evaluates it in the run's precision, as it does the run's adapter)."""
     model.config.pad_token_id = tokenizer.pad_token_id
     gen = model.generation_config if model.generation_config is not None else GenerationConfig()
     gen.eos_token_id = stop_token_ids(tokenizer, gen.eos_token_id)
@@ -400,6 +402,8 @@ def save_model(model, tokenizer, out_dir: Path, state_dict: dict | None = None) 
     model.generation_config = gen
     model.save_pretrained(out_dir, state_dict=state_dict)  # safetensors: the only format transformers 5 writes
     tokenizer.save_pretrained(out_dir)
+    if run_config is not None and run_config.is_file():
+        shutil.copyfile(run_config, out_dir / "config.yaml")
 
 
 def enable_activation_checkpointing(model) -> None:

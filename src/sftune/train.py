@@ -516,7 +516,8 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
                 merged = load_adapter_model(out, run.base, cfg.trust_remote_code)  # (as `sftune export` does)
             else:  # (in place: from here on the model is the merged one, which computes the same)
                 hf_model = merged = merged_model(run.adapter)
-            publish_model(out / "merged", lambda directory: save_model(merged, run.tokenizer, directory))
+            publish_model(out / "merged", lambda directory: save_model(merged, run.tokenizer, directory,
+                                                                       run_config=out / "config.yaml"))
             log(f"merged model: {out / 'merged'} (AutoModelForCausalLM.from_pretrained loads it)")
     elif dist.is_main:
         publish_model(out, lambda directory: save_model(hf_model, run.tokenizer, directory, full))
