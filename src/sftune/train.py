@@ -177,21 +177,29 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
     # ("... rank R": on rank R alone)
     oom_fault = (fault[0], int(fault[1])) if fault and (len(fault) == 2 or int(fault[3]) == dist.rank) else None
 
-    def run_eval(step: int, interruptible: bool = False) -> None:
-        started = time.perf_counter()
-        groups = run.steps.validation_groups  # a mixture's datasets: each one's val loss too
+    def within_memory(work, where: tuple[str, int]) -> tuple:
+        """(work(), None), or (None, the error's first line) when it runs out of memory; its tensors are freed by
+        the time this returns. The test hook raises torch's error after the work (a step's draws and gradients are
+        made by then, as a real one can fail)."""
         try:
-            result = evaluate(run.loss_model, run.steps.validation, cfg.eval_batch_size, run.tokenizer.pad_token_id,
-                              dist.device, precision, dist,
-                              stop=(lambda: stop.signum is not None) if interruptible else None, groups=groups)
-            if oom_fault == ("eval", step):
+            result = work()
+            if oom_fault == where:
                 raise torch.OutOfMemoryError("CUDA out of memory (test hook SFTUNE_FAULT_OOM)")
         except RuntimeError as e:  # (torch.OutOfMemoryError is one)
             if (failed := out_of_memory(e)) is None:
                 raise
-        else:
-            failed = None
-        if failed is not None:  # (out of the `except`: the evaluation's tensors are freed by now)
+            return None, failed
+        return result, None
+
+    def run_eval(step: int, interruptible: bool = False) -> None:
+        started = time.perf_counter()
+        groups = run.steps.validation_groups  # a mixture's datasets: each one's val loss too
+        result, failed = within_memory(
+            lambda: evaluate(run.loss_model, run.steps.validation, cfg.eval_batch_size, run.tokenizer.pad_token_id,
+                             dist.device, precision, dist,
+                             stop=(lambda: stop.signum is not None) if interruptible else None, groups=groups),
+            ("eval", step))
+        if failed is not None:
             if dist.device.type == "cuda":
                 torch.cuda.empty_cache()
             resumed = ("" if step == 0 else " (the resume makes this evaluation)" if step == total_steps else
@@ -381,18 +389,11 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         micro_batches = step_data.micro_batches
         started_step = time.perf_counter()
         rng = step_rng(dist.device) if not dist.distributed else None  # (to undo a step that runs out of memory)
-        try:
-            loss_sum, step_targets = forward_backward(model, micro_batches, dist, precision, scaler, graphs,
-                                                       run.loss_model.device_keys)
-            if oom_fault == ("step", state.step + 1):  # (after the step's draws and gradients, as a real one can)
-                raise torch.OutOfMemoryError("CUDA out of memory (test hook SFTUNE_FAULT_OOM)")
-        except RuntimeError as e:  # (torch.OutOfMemoryError is one)
-            if (failed := out_of_memory(e)) is None:
-                raise
-        else:
-            failed = None
-        if failed is not None:  # (out of the `except`: the failed step's tensors are freed by now)
+        done, failed = within_memory(lambda: forward_backward(model, micro_batches, dist, precision, scaler, graphs,
+                                                              run.loss_model.device_keys), ("step", state.step + 1))
+        if failed is not None:
             raise undo_out_of_memory(step_data, failed, rng)
+        loss_sum, step_targets = done
         shapes = {shape_key(b, run.loss_model.device_keys) for b in micro_batches} if run.compile != "off" else set()
         if not shapes_seen.issuperset(shapes):
             shapes_seen |= shapes  # (this step's time is mostly capture or compile: a one-off, not the run's pace)
