@@ -473,6 +473,21 @@ def oom_check(tmp: Path) -> dict:
             "traceback": "Traceback" in text, "log_tail": text[-1500:]}
 
 
+def ranks_check(tmp: Path) -> dict:
+    """torchrun with one process more than the node's GPUs: the first process without one says so (sftune's line,
+    no traceback from it) and the launch fails within seconds."""
+    import torch
+
+    gpus = torch.cuda.device_count()
+    cmd = sftune_cmd(tmp / "ranks", "--max-steps", "1")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={gpus + 1}"]
+    started = time.perf_counter()
+    code, text = run(launcher + cmd[1:])  # (`python -m sftune ...` becomes `torchrun ... -m sftune ...`)
+    return {"exit": code, "seconds": round(time.perf_counter() - started, 1),
+            "said": f"LOCAL_RANK {gpus}, and {gpus} GPU(s) are visible" in text,
+            "traceback": f"[rank{gpus}]: Traceback" in text, "log_tail": text[-1500:]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", metavar="FILE", help="write every figure to FILE")
@@ -543,6 +558,9 @@ def main() -> None:
             report["oom"] = oom_check(tmp)
             save()
             print(f"  out of memory at step 1: {report['oom']}")
+            report["ranks"] = ranks_check(tmp)
+            save()
+            print(f"  more processes than GPUs: {report['ranks']}")
         report["runs"] = []
         # (generators: each run starts only when the one before is reported; the newest check comes last)
         for r in itertools.chain(whole_runs(tmp), moe_runs(tmp), lora_runs(tmp, "--add-tokens", "<|x|>", "<|y|>"),

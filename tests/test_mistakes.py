@@ -141,6 +141,30 @@ def test_sftune_eval_out_of_memory_names_the_batch_size(small_model_dir, capsys,
                    "lower --eval-batch-size"])
 
 
+def test_more_processes_than_gpus_on_a_node_is_said_once(small_model_dir, tmp_path, capsys, monkeypatch):
+    """torchrun --nproc-per-node 3 on a node with one GPU: local rank 1 is the first without a GPU and says so (torch
+    says "invalid device ordinal"); local rank 2 exits with the same status in silence (a CPU stands in for the
+    node: torch.cuda reports one GPU; gpu_check.py runs the real one)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    argv = train(small_model_dir, tmp_path / "o", "--device", "cuda")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    refused(capsys, *argv, words=[
+        "sftune train [rank 1]: error: torchrun started more processes on this node than it has GPUs: this is "
+        "LOCAL_RANK 1, and 1 GPU(s) are visible (CUDA_VISIBLE_DEVICES=3); launch one process a GPU: torchrun "
+        "--nproc-per-node 1 (or --device cpu)"])
+    monkeypatch.setenv("RANK", "2")
+    monkeypatch.setenv("LOCAL_RANK", "2")
+    code, _, err = run_main(capsys, *argv)
+    assert code == 2 and err == ""
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_truncated_model_file_in_eval_and_generate(small_model_dir, tmp_path, capsys):
     import shutil
 

@@ -207,6 +207,7 @@ def init_dist(device_name: str, timeout_s: int = 1800) -> Dist:
     rank, local_rank = env_rank(), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name)
     if device.type == "cuda":
+        check_gpu_count(local_rank, torch.cuda.device_count())
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     owns = world_size > 1 and not torch.distributed.is_initialized()  # else a caller's group is used, and kept
@@ -215,6 +216,20 @@ def init_dist(device_name: str, timeout_s: int = 1800) -> Dist:
         torch.distributed.init_process_group(backend, device_id=device if device.type == "cuda" else None,
                                              timeout=datetime.timedelta(seconds=timeout_s))
     return Dist(rank, local_rank, world_size, device, owns_group=owns, timeout_s=timeout_s)
+
+
+def check_gpu_count(local_rank: int, gpus: int) -> None:
+    """Each process of a node trains on GPU LOCAL_RANK: more processes than GPUs is a clear error (torch's is
+    "invalid device ordinal"), said by the first process without one."""
+    if local_rank < gpus:
+        return
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    error = SftuneError(f"torchrun started more processes on this node than it has GPUs: this is LOCAL_RANK "
+                        f"{local_rank}, and {gpus} GPU(s) are visible"
+                        f"{f' (CUDA_VISIBLE_DEVICES={visible})' if visible is not None else ''}; launch one process "
+                        f"a GPU: torchrun --nproc-per-node {gpus} (or --device cpu)")
+    error.this_rank_only = local_rank == gpus  # (the others beyond it exit in silence)
+    raise error
 
 
 def reshard(model) -> None:

@@ -10,6 +10,9 @@ class SftuneError(Exception):
     """A problem the user can fix; the message says how."""
 
     exit_code = 2
+    # under torchrun a mistake found before the ranks meet is said by the node's first rank alone (it is the same on
+    # every rank); one that is this rank's own says so, and is said by it
+    this_rank_only = False
 
 
 class TrainingDiverged(SftuneError):
