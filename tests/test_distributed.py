@@ -487,6 +487,22 @@ def test_a_rank_out_of_memory_says_so_names_the_newest_checkpoint_and_the_run_re
     assert metrics(out) == metrics(full)
 
 
+def test_without_an_output_dir_the_ranks_write_one_run_named_by_rank_0(small_model_dir, uneven_data, tmp_path):
+    """The default output directory is runs/<time>, and each rank gets there at its own time (here rank 1 starts 1.5
+    s after rank 0): every rank uses rank 0's (each took its own, and a launch whose ranks crossed a second failed,
+    its ranks in two directories: 1 launch in 3 by hand)."""
+    late = tmp_path / "late.py"
+    late.write_text("import os, sys, time\nfrom sftune.cli import main\nif os.environ['RANK'] == '1':\n"
+                    "    time.sleep(1.5)\nsys.exit(main(sys.argv[1:]))\n")
+    argv = args(small_model_dir, uneven_data, "unused", 16)[:-2]  # (no --output-dir)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(late), *argv]
+    proc = subprocess.run(cmd, cwd=tmp_path, text=True, capture_output=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    runs = list((tmp_path / "runs").iterdir())
+    assert len(runs) == 1 and (runs[0] / "model.safetensors").is_file(), runs
+
+
 def test_a_config_mistake_is_said_once_per_node(small_model_dir, uneven_data, tmp_path):
     """A mistake found before the ranks meet (here a config value) is the same on every rank of a node: its first
     rank says it, the others exit with the same status in silence."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -237,13 +238,18 @@ def build_run(cfg: SFTConfig) -> Run:
     Nothing is written before every check has passed: the output directory is checked (writable, empty unless
     --resume or --overwrite, not in use by another run) before anything is loaded, and locked before the first
     file is written or removed."""
-    out = resolve_output_dir(cfg.output_dir)
+    dist = None
+    if not cfg.output_dir and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # runs/<time>: the ranks reach this
+        dist = init_dist(cfg.device, cfg.dist_timeout)  # seconds apart, so rank 0's time names the run
+        out = resolve_output_dir(str(dist.from_main(resolve_output_dir(None))))
+    else:
+        out = resolve_output_dir(cfg.output_dir)
     check_output_dir(out, resume=bool(cfg.resume), overwrite=cfg.overwrite)
     if cfg.resume == "auto" and not cfg.overwrite and finished_without_checkpoints(out):
         raise SftuneError(f"nothing to resume in {out}: that run finished (its model is saved) and kept no "
                           f"checkpoints. Evaluate or use it as it is, continue training from it with --model {out} "
                           f"and another --output-dir, or pass --overwrite to start over there")
-    dist = init_dist(cfg.device, cfg.dist_timeout)
+    dist = dist or init_dist(cfg.device, cfg.dist_timeout)
     lock = OutputLock(out)
     if dist.is_main and out.exists():  # refuse a second run before loading anything (else: before writing)
         lock.acquire()

@@ -131,6 +131,16 @@ class Dist:
         torch.distributed.all_gather_object(out, obj)
         return out
 
+    def from_main(self, obj):
+        """Rank 0's `obj` (picklable), on every rank."""
+        if not self.distributed:
+            return obj
+        import torch.distributed
+
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
     def wrap(self, module, strategy: str, precision: str = "fp32"):
         """The module as training sees it: itself in one process; under torchrun DDP-wrapped, or with
         strategy fsdp sharded in place by FSDP2 (`fully_shard` on each transformer block, then the root).
