@@ -186,6 +186,26 @@ def test_data_report_table(tiny_model_dir, capsys):
     assert "<|endoftext|>" in out
 
 
+def test_one_process_commands_under_torchrun_run_once_and_data_plans_the_ranks_steps(tiny_model_dir, capsys,
+                                                                                      monkeypatch):
+    """`torchrun ... -m sftune data` (or generate, tokenize, report, export, push) does the work once, on rank 0
+    (each rank did it, printing it N times, and two ranks' exports raced for one directory); `sftune data` plans
+    the steps as the ranks would train them: 2 ranks x 16 rows a step over 400 rows = 13 steps, as training says."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = ["data", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA), "--batch-size", "16"]
+    monkeypatch.setenv("RANK", "1")
+    assert run_main(capsys, *argv) == (0, "", "")
+    monkeypatch.setenv("RANK", "0")
+    code, out, err = run_main(capsys, *argv, "--json")
+    assert code == 0 and "sftune data: one process's work: rank 0 does it, the other 1 rank(s) exit" in err, err
+    report = json.loads(out)
+    assert report["ranks"] == 2 and report["splits"]["train"]["optimizer_steps_per_epoch"] == 13
+    code, out, err = run_main(capsys, *argv)
+    assert "13 batches of up to 32 rows (16 a rank x 2 ranks) per epoch = 13 optimizer steps" in out, out
+    code, out, err = run_main(capsys, "tokenize", "--tokenizer", "bundled:gpt2", "Hello")
+    assert code == 0 and out.count("ids:") == 1
+
+
 @needs_gpt2_files
 def test_tokenize(tmp_path, capsys):
     text = "Hello, this is the first step of RLHF training."

@@ -266,17 +266,18 @@ def cmd_data(args) -> None:
     tokenizer = build_tokenizer(cfg)  # (the model's context as training sees it: with model_config_overrides)
     model_config = override_config(load_model_config(cfg.model, cfg.trust_remote_code), cfg.model_config_overrides)
     data, max_length = build_data(cfg, tokenizer, model_config)
+    ranks = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: the steps as its ranks would train them
     if cfg.streaming:  # report on the validation split and the stream's first chunk
         from sftune.batching import chunk_rows_for
 
-        data = data.first_chunk_data(chunk_rows_for(cfg.batch_size, cfg.grad_accum))
+        data = data.first_chunk_data(chunk_rows_for(cfg.batch_size * ranks, cfg.grad_accum))
         log(f"data: streaming: 'train' below is the stream's first chunk ({data.stats['train'].rows:,} rows)")
-        steps = plan_steps(data.train.lengths, cfg, max_length, 0)  # (as training plans a chunk: weights drew it)
+        steps = plan_steps(data.train.lengths, cfg, max_length, 0, ranks)  # (as training plans a chunk)
     else:
-        steps = epoch_plan(data, cfg, max_length, 0)  # the first epoch, as training plans it
+        steps = epoch_plan(data, cfg, max_length, 0, ranks)  # the first epoch, as training plans it
     report = data_report(data, cfg.data_name, max_length, cfg.batch_size, cfg.grad_accum,
                          cfg.eval_batch_size or cfg.batch_size, steps, cfg.batch_tokens, cfg.group_by_length,
-                         cfg.packing, show=args.show, streaming=cfg.streaming)
+                         cfg.packing, show=args.show, streaming=cfg.streaming, ranks=ranks)
     print(json.dumps(report, indent=2) if args.json else format_data_report(report, tokenizer, color=sys.stdout.isatty()))
 
 
@@ -559,9 +560,18 @@ def check_flags(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Na
     return args
 
 
+ONE_PROCESS = ("data", "generate", "tokenize", "report", "export", "push")  # (train and eval use every rank)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = check_flags(parser, sys.argv[1:] if argv is None else argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.command in ONE_PROCESS and world_size > 1:  # under torchrun: one copy of the work, not one a rank
+        if not is_main():
+            return 0
+        print(f"sftune {args.command}: one process's work: rank 0 does it, the other {world_size - 1} rank(s) exit "
+              f"(torchrun spreads sftune train and sftune eval)", file=sys.stderr)
     try:
         COMMANDS[args.command](args)
     except SftuneError as e:

@@ -23,29 +23,30 @@ def data_report(
     packing: bool = False,
     show: int = 0,
     streaming: bool = False,
+    ranks: int = 1,
 ) -> dict:
     """A JSON-ready summary of a prepared dataset, with the first `show` training examples
     as they are batched (`labels` is IGNORE_INDEX where a token is not trained on).
 
-    `steps` are the first epoch's optimizer steps as training plans them (`steps.plan_steps`):
-    rows of example indices, or of packed rows with `packing`."""
+    `steps` are the first epoch's optimizer steps as training plans them (`steps.plan_steps`) on `ranks` processes:
+    rows of example indices, or of packed rows with `packing`; each rank pads its share of a micro-batch."""
     splits = {}
     for name, examples in (("train", data.train), ("validation", data.validation)):
         splits[name] = asdict(data.stats[name])
     # padding efficiency of the batching in use: the first epoch's training batches, length-sorted for validation
     lengths = data.train.lengths
+    micro = [b for step in steps for b in step]
+    shares = [b[rank::ranks] for b in micro for rank in range(ranks) if len(b[rank::ranks])]  # (`Dist.shard`)
     if packing:
-        micro = [b for step in steps for b in step]
         rows = [r for b in micro for r in b]
         real = sum(int(lengths[r].sum()) for b in micro for r in b)
         splits["train"]["packed_rows"] = len(rows)
         splits["train"]["pack_fill_rate"] = real / (len(rows) * max_length)
         # a micro-batch of packed rows is padded to its fullest row
-        padded = sum(len(b) * max(int(lengths[r].sum()) for r in b) for b in micro)
+        padded = sum(len(b) * max(int(lengths[r].sum()) for r in b) for b in shares)
         splits["train"]["padding_efficiency"] = real / padded
     else:
-        micro = [b for step in steps for b in step]
-        splits["train"]["padding_efficiency"] = padding_efficiency(lengths, micro)
+        splits["train"]["padding_efficiency"] = padding_efficiency(lengths, shares)
     # (other than `kept` in a weighted mixture)
     splits["train"]["examples_per_epoch"] = sum(len(r) for b in micro for r in b) if packing else sum(map(len, micro))
     splits["train"]["micro_batches_per_epoch"] = len(micro)
@@ -62,6 +63,7 @@ def data_report(
         "columns": data.layout.columns,
         "max_length": max_length,
         "batch_size": batch_size,
+        "ranks": ranks,
         "grad_accum": grad_accum,
         "batch_tokens": batch_tokens,
         "group_by_length": group_by_length,
@@ -141,8 +143,9 @@ def format_data_report(report: dict, tokenizer, color: bool = False) -> str:
     lines += [
         "(trained: tokens the loss is computed on; untrained: prompt, template and other tokens it never sees)",
         "",
-        f"train: {t['micro_batches_per_epoch']:,} batches of up to {report['batch_size']} "
+        f"train: {t['micro_batches_per_epoch']:,} batches of up to {report['batch_size'] * report['ranks']} "
         f"{'packed rows' if report['packing'] else 'rows'} "
+        + (f"({report['batch_size']} a rank x {report['ranks']} ranks) " if report["ranks"] > 1 else "") +
         f"{'in the first chunk' if report.get('streaming') else 'per epoch'} = "
         f"{t['optimizer_steps_per_epoch']:,} optimizer steps (grad_accum {report['grad_accum']}); "
         f"padding efficiency {100 * t['padding_efficiency']:.1f}% (real / computed tokens, "
