@@ -31,6 +31,8 @@
    gradients, the compile's seconds, and ms per call of each way with chunks of 1,024 rows and of `chunk_rows`.
 7. moe (with 2): a tiny Mixtral with its routers' load-balancing loss, bf16, graphs against eager (token and
    router losses).
+8. syncs (also under --quick): host-device syncs in an eager micro-batch (torch's sync debug mode), with and
+   without transformers' padding check, which GPT-2's forward runs when its config names a pad token.
 """
 
 from __future__ import annotations
@@ -137,6 +139,50 @@ def graph_vs_eager(precision: str, dropout: bool) -> dict:
                          "grad_rel_max": max(rel(a, b) for a, b in zip(gg, wg)),
                          "bitwise": bool(torch.equal(gl, wl) and all(torch.equal(a, b) for a, b in zip(gg, wg)))})
         report["modes"].append({"assign": assign, "graphs": len(graphs.graphs), "batches": rows})
+    return report
+
+
+def sync_check() -> dict:
+    """Host-device syncs in an eager micro-batch (forward and backward of the loss module, bf16, GPT-2 small whose
+    config names a pad token, as a model sftune saved does), counted by torch's sync debug mode: with the loss
+    module's `skip_padding_check`, and with transformers' padding check put back (a sync each forward)."""
+    import warnings
+
+    import numpy as np
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from sftune.batching import collate, to_device
+    from sftune.data import Examples
+    from sftune.loss import CausalLMLoss
+    from sftune.runtime import autocast
+
+    device = torch.device("cuda")
+    config = GPT2Config.from_pretrained(GPT2)
+    config.pad_token_id = 50256
+    rng = np.random.default_rng(0)
+    ex = Examples.from_lists([rng.integers(0, 50257, int(n)).tolist() for n in rng.integers(10, 40, 32)])
+    batch = to_device(collate(ex, list(range(32)), 50256), device)
+    report = {}
+    for fused in (True, False):
+        loss_model = CausalLMLoss(GPT2LMHeadModel(config).to(device), fused=fused).train()
+        for check in ("skipped", "transformers'"):
+            if check != "skipped":
+                for module in loss_model.modules():
+                    module.__dict__.pop("warn_if_padding_and_no_attention_mask", None)
+            for warm in (True, False):  # (the first pass allocates and caches: not counted)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    torch.cuda.set_sync_debug_mode(0 if warm else 1)
+                    try:
+                        with autocast(device, "bf16"):
+                            loss = loss_model(batch)
+                        loss.backward()
+                    finally:
+                        torch.cuda.set_sync_debug_mode(0)
+            syncs = [str(w.message).splitlines()[0][:160] for w in caught if "synchroniz" in str(w.message)]
+            report[f"{'fused' if fused else 'plain'} loss, padding check {check}"] = {"syncs": len(syncs),
+                                                                                     "first": syncs[:3]}
     return report
 
 
@@ -535,7 +581,7 @@ def main() -> None:
                       f"batch {b['batch']} {b['shape']}: loss rel {b['loss_rel']:.2e}, grad rel max "
                       f"{b['grad_rel_max']:.2e}, bitwise {b['bitwise']}")
     if unit:  # after the graph checks, varlen last: a kernel fault (sticky in CUDA) leaves the others' figures
-        for name, check in (("chunk_math", chunk_math_check), ("varlen", varlen_check)):
+        for name, check in (("syncs", sync_check), ("chunk_math", chunk_math_check), ("varlen", varlen_check)):
             try:
                 report[name] = check()
             except Exception as e:  # noqa: BLE001

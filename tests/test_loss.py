@@ -54,6 +54,25 @@ def test_the_loss_is_the_reference_sum_over_targets():
     assert len(batch["targets"]) == int((batch["labels"][:, 1:] != -100).sum())
 
 
+def test_no_padding_check_runs_in_the_loss_forward(monkeypatch):
+    """GPT-2's forward checks for padding without a mask when its config names a pad token (any model sftune saved):
+    a read back from the GPU at each micro-batch. The loss module passes no mask on purpose and turns the check off
+    for its model; the model itself still computes the same loss."""
+    from transformers import PreTrainedModel
+
+    calls = []
+    monkeypatch.setattr(PreTrainedModel, "warn_if_padding_and_no_attention_mask", lambda *args: calls.append(args))
+    model = make_tiny_gpt2()
+    model.config.pad_token_id = EOS
+    batch = _batch()
+    model(input_ids=batch["input_ids"])  # (the check runs in GPT-2's forward: this test can see it)
+    assert len(calls) == 1
+    with torch.no_grad():
+        before = CausalLMLoss(make_tiny_gpt2(), fused=False)(batch)  # (the same seeded weights)
+        assert torch.equal(CausalLMLoss(model, fused=False)(batch), before)
+    assert len(calls) == 1
+
+
 def test_fused_equals_plain_under_bf16_autocast():
     """bf16 rounds differently on the two paths (the plain one rounds the logits, the fused one keeps
     them in fp32): the loss agrees to about 1e-3 relative, gradients to a few percent of their scale."""

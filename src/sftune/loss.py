@@ -137,6 +137,24 @@ def model_inputs(batch: dict[str, torch.Tensor], attention: str | None = None) -
     return {"input_ids": batch["input_ids"], "use_cache": False}
 
 
+def skip_padding_check(model: nn.Module) -> None:
+    """Turn off transformers' check for padding without an attention mask in `model`'s forward.
+
+    GPT-2-family classes (GPT-2, OpenAI GPT, ...) run it at every forward given no mask while the config names a pad
+    token (as every model sftune saved does): `pad_token_id in input_ids[:, [-1, 0]]`, which reads the answer back
+    from the GPU, a sync in each micro-batch's forward, and warns that padding may be attended to. Here no mask is
+    passed on purpose (`model_inputs`: right padding under causal attention is exact), so the check only costs."""
+    from transformers import PreTrainedModel
+
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):  # (an instance attribute: nothing of it is saved)
+            module.warn_if_padding_and_no_attention_mask = _no_padding_check
+
+
+def _no_padding_check(input_ids, attention_mask) -> None:
+    return None
+
+
 class CausalLMLoss(nn.Module):
     """A causal LM whose forward returns the sum of next-token losses over a batch's targets.
 
@@ -148,6 +166,7 @@ class CausalLMLoss(nn.Module):
     def __init__(self, model: nn.Module, fused: bool | None = None):
         super().__init__()
         self.model = model
+        skip_padding_check(model)
         self.fused = supports_fused_ce(model) if fused is None else fused
         self.scale, self.cap = logit_map(model) if self.fused else (1.0, None)  # z * scale, then cap * tanh(z / cap)
         implementation = getattr(model.config, "_attn_implementation", None)
