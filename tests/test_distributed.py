@@ -9,6 +9,7 @@ sentences of 5 and of 40-55 words in a shuffled order, so the two ranks hold ver
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -306,6 +307,13 @@ def test_an_fsdp_checkpoint_is_a_model_to_evaluate_generate_and_export(launched,
     code, stdout, err = run_main(capsys, "generate", "--model", str(ckpt), "--prompt", "the film", "--temperature",
                                  "0", "--max-new-tokens", "4")
     assert code == 0 and stdout.startswith("[0] the film"), err
+    # a damaged shard: one line, no traceback (torch's was a page of it)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(ckpt, damaged)
+    shard = sorted((damaged / "dcp").glob("*.distcp"))[0]
+    shard.write_bytes(shard.read_bytes()[:1000])
+    code, _, err = run_main(capsys, "eval", "--model", str(damaged), "--dataset", str(uneven_data))
+    assert code == 2 and f"could not read the shards of checkpoint {damaged} (" in err and "Traceback" not in err
 
 
 def test_a_whole_model_checkpoint_resumes_under_fsdp(launched):

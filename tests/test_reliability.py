@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -202,9 +203,29 @@ def test_a_checkpoint_for_safety_that_does_not_fit_does_not_stop_the_run(tiny_mo
     code, _, err = run_main(capsys, *args(tiny_model_dir, out, "--max-steps", "4", "--save-minutes", "0.00006"))
     assert code == 0, err
     assert "warning: no checkpoint for safety at step 1 (" in err and "training goes on" in err
+    assert "(the disk is full: " in err  # (torch.save says only "unexpected pos ...")
     assert "Traceback" not in err and (out / "model.safetensors").is_file()
     assert not (out / "checkpoints").exists() or not any((out / "checkpoints").iterdir())  # no staging left
     assert train_steps(out) == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_under_torchrun_a_checkpoint_for_safety_that_does_not_fit_does_not_stop_the_run(tiny_model_dir, tmpfs,
+                                                                                        strategy):
+    """The same on 2 ranks: rank 0 writes a DDP checkpoint and every rank learns that it failed (each went on while
+    rank 0 stopped with exit 2 and the others with 'a collective operation failed'); under FSDP every rank writes
+    its shards, and all learn the same. The run ends with its model, one warning a checkpoint."""
+    out = tmpfs("30M") / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "sftune",
+           *args(tiny_model_dir, out, "--max-steps", "3", "--save-minutes", "0.00006", "--batch-size", "8",
+                 "--strategy", strategy, "--sample-prompts", "")]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("warning: no checkpoint for safety at step") == 3, proc.stderr
+    assert proc.stderr.count("(the disk is full: ") == 3
+    assert "Traceback" not in proc.stderr and (out / "model.safetensors").is_file()
+    assert train_steps(out) == [1, 2, 3]
 
 
 def test_an_unwritable_output_directory_is_refused_before_loading(small_model_dir, tmpfs, capsys):

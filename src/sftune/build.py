@@ -25,7 +25,7 @@ import torch
 
 from sftune.batching import Padding
 from sftune.checkpoint import AdapterCheckpointer, Checkpointer, FullCheckpointer, ShardedAdapterCheckpointer, \
-    ShardedCheckpointer, TrainState, find_resume_checkpoint
+    ShardedCheckpointer, TrainState, complete_checkpoints, find_resume_checkpoint
 from sftune.config import SFTConfig, dump_yaml, template_on_the_hub, to_dict
 from sftune.console import log
 from sftune.data import DataOptions, prepare_data
@@ -402,7 +402,10 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
         log(f"resumed from {checkpoint}: step {state.step:,}, epoch {state.epoch}, "
             f"{state.step_in_epoch:,} steps into it")
     elif cfg.resume:
-        log(f"--resume {cfg.resume}: no checkpoint in {out / 'checkpoints'}, starting fresh")
+        skipped = complete_checkpoints(out / "checkpoints")  # (each warned about as it was passed over)
+        log(f"--resume {cfg.resume}: " + (f"none of the {len(skipped)} checkpoint(s) in {out / 'checkpoints'} is "
+                                          f"whole (above), starting fresh" if skipped else
+                                          f"no checkpoint in {out / 'checkpoints'}, starting fresh"))
     if warmup > steps.total_steps:
         log(f"warning: warmup_steps {warmup} is longer than the run ({steps.total_steps:,} steps): the "
             f"learning rate never reaches --lr {cfg.lr:g}; lower --warmup-steps")

@@ -24,6 +24,7 @@ shards with torch.distributed.checkpoint), `AdapterCheckpointer` (LoRA: the adap
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -41,8 +42,8 @@ import torch
 from sftune.console import log
 from sftune.dist import Dist
 from sftune.errors import SftuneError, TrainingDiverged
-from sftune.shards import DCP_DIR, DCP_METADATA, WHOLE_MODEL, holds_whole_model, is_sharded, load_model_shards, \
-    load_optimizer_shards, load_whole_model, load_whole_optimizer, model_state
+from sftune.shards import DCP_DIR, DCP_METADATA, WHOLE_MODEL, first_failure, holds_whole_model, is_sharded, \
+    load_model_shards, load_optimizer_shards, load_whole_model, load_whole_optimizer, model_state
 
 STATE_FILE = "state.json"
 TRAINING_STATE = "training_state.pt"
@@ -187,12 +188,23 @@ class FullCheckpointer:
         self.check_finite(model, state)
         final = self.root / f"step-{state.step}"
         rng_ranks = self.dist.gather(rng_state())  # each rank's generators: all are restored on resume
+        failed = None
         if self.dist.is_main:
-            save_checkpoint(self.root, lambda directory: self.write_model(model, directory), optimizer, scheduler,
-                            scaler, state, self.config_yaml, self.keep_last, self.hashes, rng_ranks,
-                            self.protected(state))
-        self.dist.barrier()
+            try:
+                save_checkpoint(self.root, lambda directory: self.write_model(model, directory), optimizer, scheduler,
+                                scaler, state, self.config_yaml, self.keep_last, self.hashes, rng_ranks,
+                                self.protected(state))
+            except CheckpointNotWritten as e:
+                failed = e
+        self.agree(failed, final)
         return final
+
+    def agree(self, failed: CheckpointNotWritten | None, final: Path) -> None:
+        """Once rank 0 has written its part (the others wait): raise on every rank if it could not, so that all ranks
+        stop, or go on without the checkpoint (`--save-minutes`'), alike."""
+        self.dist.barrier()
+        if self.dist.any(failed is not None):
+            raise failed or CheckpointNotWritten(final, "rank 0 could not write it (its message says why)")
 
     def restore(self, path: Path, model, optimizer, scheduler, scaler) -> TrainState:
         """Any kind of checkpoint, into any kind of run: shards (written under FSDP) into whole tensors or into
@@ -261,10 +273,13 @@ class ShardedCheckpointer(FullCheckpointer):
             shards = {"model": model_state(model, self.trainable_only),
                       "optim": get_optimizer_state_dict(model, optimizer)}
             dcp.save(shards, checkpoint_id=str(staging / DCP_DIR))
-        except Exception as e:
+        except (Exception, dcp.CheckpointException) as e:  # (DCP's is a BaseException, raised on every rank)
+            if self.dist.is_main:  # (the shards that were written take the disk the final model needs)
+                shutil.rmtree(staging, ignore_errors=True)
             raise write_failed(final, e) from None
         gathered = self.gather(model)
         rng_ranks = self.dist.gather(rng_state())
+        failed = None
         if self.dist.is_main:
             try:
                 torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_ranks[0],
@@ -274,9 +289,10 @@ class ShardedCheckpointer(FullCheckpointer):
                 publish(staging, final, state, self.hashes)
             except Exception as e:
                 shutil.rmtree(staging, ignore_errors=True)
-                raise write_failed(final, e) from None
-            rotate(self.root, state.run_id, self.keep_last, self.protected(state))
-        self.dist.barrier()
+                failed = write_failed(final, e)
+            else:
+                rotate(self.root, state.run_id, self.keep_last, self.protected(state))
+        self.agree(failed, final)
         return final
 
 
@@ -396,16 +412,26 @@ def rotate(root: Path, run_id: str, keep_last: int, protected: int | None = None
 
 
 class CheckpointNotWritten(SftuneError):
-    """A checkpoint that could not be written (a full disk): nothing of it is left, the earlier ones are intact."""
+    """A checkpoint that could not be written (a full disk): nothing of it is left, the earlier ones are intact.
+    `cause`: what failed, in a line."""
 
-    def __init__(self, final: Path, cause: Exception):
+    def __init__(self, final: Path, cause: str):
         self.cause = cause
         super().__init__(f"could not write checkpoint {final}: {cause}. Earlier checkpoints are intact; "
                          f"free disk space and resume with --resume auto")
 
 
-def write_failed(final: Path, e: Exception) -> SftuneError:
-    return CheckpointNotWritten(final, e)
+def write_failed(final: Path, e: BaseException) -> CheckpointNotWritten:
+    """`e` in a line (DCP's error: the first failing rank's), saying so when the disk is full (torch.save on a full
+    disk says only "unexpected pos 704 vs 598"). Called once the partial checkpoint is removed."""
+    prefix, e = first_failure(e)
+    text = str(e)
+    cause = prefix + ((text.strip().splitlines() or [type(e).__name__])[0][:300])
+    full = getattr(e, "errno", None) == errno.ENOSPC or "No space left" in text or "unexpected pos" in text
+    where = next((p for p in (final, *final.parents) if p.exists()), None)
+    if full and where is not None:
+        cause += f" (the disk is full: {shutil.disk_usage(where).free / 2**20:,.1f} MB free there without it)"
+    return CheckpointNotWritten(final, cause)
 
 
 def run_id_of(path: Path) -> str | None:

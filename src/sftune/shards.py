@@ -56,7 +56,24 @@ def read_shards(state: dict, path: Path) -> None:
 
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "torch.distributed is disabled", UserWarning)
-        dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+        try:
+            dcp.load(state, checkpoint_id=str(path / DCP_DIR))
+        except (Exception, dcp.CheckpointException) as e:  # (DCP's is a BaseException, raised on every rank)
+            where, e = first_failure(e)
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            raise SftuneError(f"could not read the shards of checkpoint {path} ({where}{type(e).__name__}: {first}): "
+                              f"it is damaged, incomplete or not of this model; use another checkpoint (--resume auto "
+                              f"passes over damaged ones)") from None
+
+
+def first_failure(e: BaseException) -> tuple[str, BaseException]:
+    """torch.distributed.checkpoint's CheckpointException holds every failing rank's error: ("rank R: ", the first
+    one's); any other error as it is ("", e)."""
+    failures = getattr(e, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, (error, _) = next(iter(failures.items()))
+        return f"rank {rank}: ", error
+    return "", e
 
 
 def load_model_shards(path: Path, model, trainable_only: bool) -> None:

@@ -259,13 +259,14 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         return sum(e["step"] > state.best_step for e in evals) >= cfg.early_stopping_patience
 
     def safety_checkpoint() -> None:
-        """--save-minutes': a checkpoint for a crash. In one process, one that cannot be written (a full disk: a
-        run that asked for no checkpoints should not stop for them) is a warning, and the next is tried later."""
+        """--save-minutes': a checkpoint for a crash. One that cannot be written (a full disk: a run that asked for
+        no checkpoints should not stop for them) is a warning, and the next is tried later (every rank learns it
+        from rank 0: `Checkpointer.save` raises on all)."""
         nonlocal last_saved
         try:
             checkpoint_now()
         except CheckpointNotWritten as e:
-            if dist.distributed or cfg.save_every or cfg.save_best:
+            if cfg.save_every or cfg.save_best:
                 raise
             last_saved = time.perf_counter()
             log(f"warning: no checkpoint for safety at step {state.step} ({e.cause}); training goes on, and the "
