@@ -144,6 +144,39 @@ def test_a_step_that_runs_out_of_memory_is_undone_and_the_run_resumes_exactly(sm
     resumed_equals(capsys, small_model_dir, out, straight, out / "checkpoints" / "step-6", *run)
 
 
+def test_the_memory_check_changes_no_step_and_one_out_of_memory_stops_the_run_at_its_start(small_model_dir, tmp_path,
+                                                                                              capsys, monkeypatch):
+    """--memory-check (auto: on a GPU) runs the heaviest micro-batch a step can hold once after the first step, and
+    undoes it: with dropout on, every figure of metrics.jsonl but the times and the weights are those of a run
+    without it. When it runs out of memory (the test hook), the run stops right there, the state after step 1 saved
+    and the fix named; --resume auto (which checks again after its own first step) ends as the others do."""
+    run = ("--model-config-overrides", "resid_pdrop=0.1,embd_pdrop=0.1,attn_pdrop=0.1", "--max-steps", "10")
+    off, on = tmp_path / "off", tmp_path / "on"
+    for out, mode in ((off, "off"), (on, "on")):
+        code, _, err = run_main(capsys, *train_args(small_model_dir, out, *run, "--memory-check", mode))
+        assert code == 0, err
+    assert "memory check: the heaviest micro-batch a step can hold (8 rows x " in err
+    assert same_weights(off, on)
+
+    def figures(out):
+        timing = {"elapsed_s", "tokens_per_s", "eta_s"}
+        return [{k: v for k, v in r.items() if k not in timing} for r in read_jsonl(out / "metrics.jsonl")]
+
+    assert figures(on) == figures(off)
+
+    out = tmp_path / "run"
+    monkeypatch.setenv("SFTUNE_FAULT_OOM", "check 1")
+    code, _, err = run_main(capsys, *train_args(small_model_dir, out, *run, "--memory-check", "on"))
+    assert code == 2 and "out of memory in the memory check after step 1 (the heaviest micro-batch" in err, err
+    assert f"the state after step 1 is saved in {out / 'checkpoints' / 'step-1'}" in err and "Traceback" not in err
+    monkeypatch.delenv("SFTUNE_FAULT_OOM")
+    resumed_equals(capsys, small_model_dir, out, off, out / "checkpoints" / "step-1", *run, "--memory-check", "on")
+
+    code, _, err = run_main(capsys, *train_args(small_model_dir, tmp_path / "packed", "--max-steps", "2", "--packing",
+                                                "--memory-check", "on"))
+    assert code == 0 and "memory check: not made: packed micro-batches all have one shape" in err, err
+
+
 def test_an_evaluation_that_runs_out_of_memory_saves_the_steps_before_it(small_model_dir, tmp_path, capsys,
                                                                          monkeypatch):
     """The evaluation before training runs out of memory: nothing to save, said. The final one (step 10): the

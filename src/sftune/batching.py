@@ -218,14 +218,14 @@ def epoch_steps(
         parts = [p[np.argsort(-lengths[p], kind="stable")] for p in parts]
     else:
         parts = [order]
-    micro = [b for p in parts for b in _cut(p, lengths, batch_size, batch_tokens)]
+    micro = [b for p in parts for b in cut_rows(p, lengths, batch_size, batch_tokens)]
     steps = [micro[i : i + grad_accum] for i in range(0, len(micro), grad_accum)]
     if group_by_length:
         steps = [steps[i] for i in rng.permutation(len(steps))]
     return steps
 
 
-def _cut(rows: np.ndarray, lengths: np.ndarray, batch_size: int, batch_tokens: int | None) -> list[np.ndarray]:
+def cut_rows(rows: np.ndarray, lengths: np.ndarray, batch_size: int, batch_tokens: int | None) -> list[np.ndarray]:
     """Cut `rows` in order into micro-batches of at most batch_size rows and batch_tokens padded tokens."""
     if batch_tokens is None:
         return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]

@@ -43,6 +43,7 @@ Format = Literal["auto", "text", "prompt_completion", "chat", "chat_prompt_compl
 Side = Literal["right", "left"]
 Strategy = Literal["auto", "ddp", "fsdp"]
 Compile = Literal["auto", "off", "graphs", "torch"]
+MemoryCheck = Literal["auto", "on", "off"]
 # what one entry of `datasets` may set: where its rows come from and how they read (the rest is the run's)
 MIXTURE_KEYS = ("dataset", "dataset_config", "split", "format", "columns", "text_column", "val_split",
                 "train_on_prompt", "train_on_all_turns", "weight")
@@ -242,6 +243,12 @@ class SFTConfig:
     gradient_checkpointing: bool = _f(
         False, "Recompute each transformer block's activations in the backward pass: less memory, about a third "
         "more compute.", "train")
+    memory_check: MemoryCheck = _f(
+        "auto", "After the first optimizer step, run the heaviest micro-batch any step can hold (the batch_size "
+        "longest examples, within --batch-tokens) once, forward and backward, then undo it: a run that would run out "
+        "of memory late in an epoch stops at its start instead, and the log gives the peak against the GPU's "
+        "memory (the room left for a larger --batch-size). Changes no step. auto: on a CUDA GPU, without packing "
+        "(packed micro-batches all have one shape) or streaming (its longest rows are not known ahead).", "train")
     compile: Compile = _f(
         "auto", "How the training step runs: graphs (the forward and backward of each batch shape captured once as "
         "a CUDA graph and replayed: one launch instead of hundreds; one CUDA GPU), torch (torch.compile of the "
@@ -357,7 +364,7 @@ RUN_CONTROL_KEYS = {
     "eval_every", "eval_batch_size", "log_every", "output_dir", "sample_prompts", "sample_max_new_tokens",
     "save_every", "save_minutes", "keep_last", "checkpoint_hashes", "resume", "resume_force", "overwrite", "cache_dir", "trust_remote_code", "device",
     "max_bad_steps", "merge", "report_to", "run_report", "early_stopping_patience", "early_stopping_min_delta", "save_best", "final_model",
-    "push_to_hub", "hub_private", "profile_steps",
+    "push_to_hub", "hub_private", "profile_steps", "memory_check",
     "strategy", "gradient_checkpointing", "dist_timeout",  # how the same arithmetic is spread over ranks, or recomputed
 }
 

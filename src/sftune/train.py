@@ -359,27 +359,60 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
                 f"stopped with the last good state saved in {path}. Lower --lr, set --max-grad-norm, use "
                 f"--precision fp32 or bf16, or raise --max-bad-steps; then --resume auto.")
 
-    def undo_out_of_memory(step_data, what: str, rng: tuple | None) -> SftuneError:
-        """A step that ran out of memory is undone (its gradients dropped, its random draws given back), the state
-        after the step before is saved (in one process), and what to change is said."""
+    def undo_out_of_memory(micro_batches: list[dict], what: str, rng: tuple | None, where: str = "") -> SftuneError:
+        """A step (or `check_memory`'s micro-batch) that ran out of memory is undone (its gradients dropped, its random
+        draws given back), the state after the step before is saved (in one process), and what to change is said."""
         optimizer.zero_grad(set_to_none=True)  # (the memory they held, for the save)
         if dist.device.type == "cuda":
             torch.cuda.empty_cache()
         if rng is not None:
             set_step_rng(rng, dist.device)  # the resumed step draws its dropout masks again, as this one did
         saved = keep_the_steps(after_oom=True)
-        rows, width = max((tuple(b["input_ids"].shape) for b in step_data.micro_batches), key=lambda s: s[0] * s[1])
+        rows, width = max((tuple(b["input_ids"].shape) for b in micro_batches), key=lambda s: s[0] * s[1])
         peak = (f", {torch.cuda.max_memory_allocated(dist.device) / 2**30:.1f} of "
                 f"{torch.cuda.get_device_properties(dist.device).total_memory / 2**30:.1f} GiB at the peak"
                 if dist.device.type == "cuda" else "")
         split = (f"--batch-size {cfg.batch_size // 2} --grad-accum {cfg.grad_accum * 2} (the same rows in each step) "
                  f"or " if cfg.batch_size > 1 and cfg.batch_tokens is None else "")
         return SftuneError(
-            f"out of memory in step {state.step + 1}{on_rank()} (micro-batches of up to {rows} rows x {width} tokens{peak}: "
+            f"out of memory {where or f'in step {state.step + 1}'}{on_rank()} (micro-batches of up to {rows} rows x "
+            f"{width} tokens{peak}: "
             f"{what}); {saved}. Make the step fit, then --resume auto: {split}--gradient-checkpointing keep the "
             f"steps, so the run continues exactly (a lower --max-length or --batch-tokens makes other steps: a new "
             f"run)")
 
+    def check_memory() -> None:
+        """--memory-check, after this process's first step (the optimizer's state exists by then): the heaviest
+        micro-batch a step of the run can hold, forward and backward once, then undone (its gradients dropped, the
+        generators set back, its counts out of the log window), so a run that cannot fit it stops now rather than
+        late in an epoch; the log gives the peak memory, the room for a larger --batch-size."""
+        started = time.perf_counter()
+        batch = run.steps.heaviest()
+        rng = step_rng(dist.device)
+        _, failed = within_memory(lambda: forward_backward(model, [batch], dist, precision, scaler, graphs,
+                                                           run.loss_model.device_keys), ("check", state.step))
+        if failed is not None:
+            raise undo_out_of_memory([batch], failed, rng, where=f"in the memory check after step {state.step} (the "
+                                     f"heaviest micro-batch a step of this run can hold: --memory-check)")
+        optimizer.zero_grad(set_to_none=graphs is None or graphs.assign)
+        set_step_rng(rng, dist.device)
+        run.loss_model.take_correct(), run.loss_model.take_router_loss()  # (its counts are not the run's)
+        if run.compile != "off":
+            shapes_seen.add(shape_key(batch, run.loss_model.device_keys))
+        window.exclude(time.perf_counter() - started)
+        rows, width = batch["input_ids"].shape
+        fits = (f"fits: {torch.cuda.max_memory_allocated(dist.device) / 2**30:.1f} of "
+                f"{torch.cuda.get_device_properties(dist.device).total_memory / 2**30:.1f} GiB at the peak"
+                if dist.device.type == "cuda" else "ran (a CPU's memory is not measured)")
+        log(f"memory check: the heaviest micro-batch a step can hold ({rows} rows x {width} tokens"
+            f"{' per rank' if dist.distributed else ''}) {fits} (--memory-check)")
+
+    memory_check = cfg.memory_check == "on" or (cfg.memory_check == "auto" and dist.device.type == "cuda")
+    if memory_check and (cfg.packing or cfg.streaming):
+        if cfg.memory_check == "on":
+            log("memory check: not made: " + ("packed micro-batches all have one shape (the first step's)"
+                                               if cfg.packing else "a stream's longest rows are not known ahead"))
+        memory_check = False
     steps = run.steps.remaining(state) if state.step < total_steps else iter(())
     if dist.device.type == "cuda":  # the next step's batches are made and pinned while the GPU runs this one
         steps = prefetch(steps, prepare=lambda s: replace(s, micro_batches=[pin(b) for b in s.micro_batches]))
@@ -393,7 +426,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         done, failed = within_memory(lambda: forward_backward(model, micro_batches, dist, precision, scaler, graphs,
                                                               run.loss_model.device_keys), ("step", state.step + 1))
         if failed is not None:
-            raise undo_out_of_memory(step_data, failed, rng)
+            raise undo_out_of_memory(micro_batches, failed, rng)
         loss_sum, step_targets = done
         shapes = {shape_key(b, run.loss_model.device_keys) for b in micro_batches} if run.compile != "off" else set()
         if not shapes_seen.issuperset(shapes):
@@ -481,6 +514,9 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             break
         if step >= total_steps:
             break
+        if memory_check:  # (once this process's first step is logged and saved as asked)
+            memory_check = False
+            check_memory()
     settle()
     if profiler is not None:
         profiler.close(state.step)  # (a run that ended inside the range: what was profiled)
