@@ -196,15 +196,19 @@ class FullCheckpointer:
                                 self.protected(state))
             except CheckpointNotWritten as e:
                 failed = e
-        self.agree(failed, final)
+        if self.agree(failed is not None):
+            try:
+                raise failed or CheckpointNotWritten(final, "rank 0 could not write it (its message says why)")
+            finally:
+                failed = None  # (a frame of the traceback holding the error would keep the failed write's files
+                # open until a garbage collection: its disk could not be unmounted)
         return final
 
-    def agree(self, failed: CheckpointNotWritten | None, final: Path) -> None:
-        """Once rank 0 has written its part (the others wait): raise on every rank if it could not, so that all ranks
-        stop, or go on without the checkpoint (`--save-minutes`'), alike."""
+    def agree(self, failed: bool) -> bool:
+        """Once rank 0 has written its part (the others wait): whether it failed, on every rank, so that all ranks
+        raise (and stop, or go on without the checkpoint: `--save-minutes`') alike."""
         self.dist.barrier()
-        if self.dist.any(failed is not None):
-            raise failed or CheckpointNotWritten(final, "rank 0 could not write it (its message says why)")
+        return self.dist.any(failed)
 
     def restore(self, path: Path, model, optimizer, scheduler, scaler) -> TrainState:
         """Any kind of checkpoint, into any kind of run: shards (written under FSDP) into whole tensors or into
@@ -292,7 +296,12 @@ class ShardedCheckpointer(FullCheckpointer):
                 failed = write_failed(final, e)
             else:
                 rotate(self.root, state.run_id, self.keep_last, self.protected(state))
-        self.agree(failed, final)
+        if self.agree(failed is not None):
+            try:
+                raise failed or CheckpointNotWritten(final, "rank 0 could not write it (its message says why)")
+            finally:
+                failed = None  # (a frame of the traceback holding the error would keep the failed write's files
+                # open until a garbage collection: its disk could not be unmounted)
         return final
 
 
