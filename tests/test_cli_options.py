@@ -41,6 +41,17 @@ def test_a_flag_mistake_is_one_line_not_the_whole_usage(capsys, argv, says):
     assert "usage:" not in err + out and len(err.strip().splitlines()) == 1, err
 
 
+def test_a_flag_mistake_under_torchrun_is_said_by_the_nodes_first_rank(capsys, monkeypatch):
+    """Every rank parses the same command line: local rank 0 says the mistake, the others exit 2 in silence (each
+    rank printed it)."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, said in (("1", False), ("0", True)):
+        monkeypatch.setenv("LOCAL_RANK", rank)
+        monkeypatch.setenv("RANK", rank)
+        code, _, err = run_main(capsys, "eval", "--strategy", "fsdp")
+        assert code == 2 and ("sftune eval: error: unknown option --strategy" in err) == said and bool(err) == said
+
+
 def test_eval_help_lists_only_what_eval_uses(capsys):
     code, out, _ = run_main(capsys, "eval", "--help")
     assert code == 0

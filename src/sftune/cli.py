@@ -106,7 +106,8 @@ class Parser(argparse.ArgumentParser):
             message += ' (give "" for an empty list)'
         if match := re.fullmatch(r"argument (--[\w-]+)/--no-[\w-]+: ignored explicit argument (.*)", message):
             message = f"unexpected value {match[2]}: {yes_no_hint(match[1])}"  # --packing=yes
-        self.exit(2, f"{self.prog}: error: {message} ({hint})\n")
+        # under torchrun every rank has the same command line: the node's first rank says it
+        self.exit(2, None if os.environ.get("LOCAL_RANK", "0") != "0" else f"{self.prog}: error: {message} ({hint})\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
