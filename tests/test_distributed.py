@@ -486,6 +486,11 @@ def test_a_rank_out_of_memory_says_so_names_the_newest_checkpoint_and_the_run_re
     assert "[rank1]: Traceback" not in err and "[rank0]: Traceback" not in err  # (torchrun prints its own)
     assert not (out / "model.safetensors").exists()
 
+    # a resume with another learning rate is refused, said once (by rank 0: every rank refuses it alike)
+    proc = torchrun(*args(small_model_dir, uneven_data, out, 16, *LONGER, "--resume", "auto", "--lr", "1e-3"),
+                    stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and err.count("training settings differ (lr: 0.0001 -> 0.001)") == 1, err
     proc = torchrun(*args(small_model_dir, uneven_data, out, 16, *LONGER, "--resume", "auto"),
                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
     _, err = proc.communicate(timeout=300)

@@ -580,6 +580,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         who = "" if is_main() else f" [rank {env_rank()}]"  # under torchrun: rank 0 speaks, others only add
         distributed = sys.modules.get("torch.distributed")
+        if who and e.every_rank:  # raised alike by every rank after they met: rank 0 says it
+            return e.exit_code
         if who and os.environ.get("LOCAL_RANK", "0") != "0" and not (distributed and distributed.is_initialized()) \
                 and not e.this_rank_only:
             return e.exit_code  # a mistake found before the ranks met: the same on this node's first rank, said there

@@ -13,6 +13,15 @@ class SftuneError(Exception):
     # under torchrun a mistake found before the ranks meet is said by the node's first rank alone (it is the same on
     # every rank); one that is this rank's own says so, and is said by it
     this_rank_only = False
+    # after the ranks met, each says its own error, unless every rank raises this one alike (from the command line
+    # and the shared checkpoint: a refused resume): then rank 0 alone
+    every_rank = False
+
+
+def on_every_rank(error: SftuneError) -> SftuneError:
+    """`error`, marked as one that every rank raises alike (`SftuneError.every_rank`)."""
+    error.every_rank = True
+    return error
 
 
 class TrainingDiverged(SftuneError):

@@ -18,7 +18,7 @@ import numpy as np
 from sftune.checkpoint import STATE_FILE
 from sftune.config import SFTConfig
 from sftune.console import log
-from sftune.errors import SftuneError
+from sftune.errors import SftuneError, on_every_rank
 from sftune.steps import InMemorySteps, StepSource, epoch_plan
 
 
@@ -61,11 +61,11 @@ def check_same_steps(checkpoint: Path, cfg: SFTConfig, steps: StepSource, max_le
            if rows % world_size == 0 and not cfg.streaming and not cfg.batch_tokens else "")
     why = ("a stream's steps are not known ahead, so they cannot be compared" if cfg.streaming else
            "the token cap --batch-tokens is per process" if cfg.batch_tokens else "")
-    raise SftuneError(f"cannot resume from {checkpoint} with {here}: it was written by a run of {there} "
-                      f"({rows} rows a step), and the rest of the run would take other rows in each step"
-                      f"{f' ({why})' if why else ''}. Resume with torchrun --nproc-per-node {saved_world}"
-                      f"{' (or without torchrun)' if saved_world == 1 else ''} and its settings"
-                      f"{f', or {fix}' if fix else ''}")
+    raise on_every_rank(SftuneError(
+        f"cannot resume from {checkpoint} with {here}: it was written by a run of {there} ({rows} rows a step), and "
+        f"the rest of the run would take other rows in each step{f' ({why})' if why else ''}. Resume with torchrun "
+        f"--nproc-per-node {saved_world}{' (or without torchrun)' if saved_world == 1 else ''} and its settings"
+        f"{f', or {fix}' if fix else ''}"))
 
 
 def _rows(step: list) -> list[int]:
@@ -109,5 +109,5 @@ def check_resume_compatible(checkpoint: Path, resolved: dict, force: bool, may_d
     if force:
         log(f"warning: resuming with changed training settings ({detail}) because --resume-force is set")
         return
-    raise SftuneError(f"cannot resume from {checkpoint}: training settings differ ({detail}). "
-                      f"Restore them, or pass --resume-force to continue anyway.")
+    raise on_every_rank(SftuneError(f"cannot resume from {checkpoint}: training settings differ ({detail}). "
+                                    f"Restore them, or pass --resume-force to continue anyway."))
