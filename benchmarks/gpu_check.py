@@ -16,7 +16,8 @@
    per-step losses from the eager run's.
    Then LoRA r16 in bf16, eager against the default GPU step (graphs).
 3. resume: --compile graphs, bf16, dropout on: SIGTERM after step 12 of 24, then --resume auto; the final weights
-   against an uninterrupted run's (bitwise equal is the goal).
+   against an uninterrupted run's (bitwise equal is the goal); and the uninterrupted run against one with
+   --memory-check off (the check, on by default on a GPU, must change nothing).
 4. guard: a NaN loss at step 3 under graphs (SFTUNE_FAULT_NAN_STEPS) is skipped, and the run finishes. Then a
    real out-of-memory step (micro-batches of a million tokens): exit 2 with sftune's message, no traceback.
 5. varlen (`--attention varlen`, also under --quick): torch's variable-length flash kernel against the per-sequence
@@ -497,6 +498,14 @@ def resume_check(tmp: Path) -> dict:
         result["bitwise"] = all(__import__("torch").equal(a[k], b[k]) for k in a)
         result["max_rel"] = max(rel(b[k], a[k]) for k in a)
         result["losses_equal"] = losses(whole)[12:] == losses(cut)[-12:]
+        # --memory-check (on by default on a GPU: after each process's first step, undone) against a run without it:
+        # the same losses and weights, its generators set back under graphs too
+        unchecked = tmp / "resume-unchecked"
+        result["exit_unchecked"], _ = run(sftune_cmd(unchecked, *common, "--memory-check", "off"))
+        if result["exit_unchecked"] == 0:
+            c = load_file(unchecked / "model.safetensors")
+            result["memory_check_bitwise"] = all(__import__("torch").equal(a[k], c[k]) for k in a)
+            result["memory_check_losses_equal"] = losses(whole) == losses(unchecked)
     else:
         result["log_tail"] = text[-3000:]
     return result
