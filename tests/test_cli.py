@@ -171,6 +171,7 @@ def test_data_report_json_with_examples(tiny_model_dir, capsys):
     train = report["splits"]["train"]
     assert (train["rows"], train["kept"], report["splits"]["validation"]["kept"]) == (400, 400, 60)
     assert train["micro_batches_per_epoch"] == 25 and train["optimizer_steps_per_epoch"] == 13
+    assert train["heaviest_micro_batch"] == [16, train["length"]["max"]]  # the 16 longest rows (--memory-check's)
     assert 0 < train["padding_efficiency"] <= 1
     assert set(train["length"]) == {"mean", "p50", "p90", "p95", "p99", "max"}
     assert len(report["examples"]) == 2
@@ -200,6 +201,7 @@ def test_one_process_commands_under_torchrun_run_once_and_data_plans_the_ranks_s
     assert code == 0 and "sftune data: one process's work: rank 0 does it, the other 1 rank(s) exit" in err, err
     report = json.loads(out)
     assert report["ranks"] == 2 and report["splits"]["train"]["optimizer_steps_per_epoch"] == 13
+    assert report["splits"]["train"]["heaviest_micro_batch"][0] == 16  # each rank's share of the 32 longest
     code, out, err = run_main(capsys, *argv)
     assert "13 batches of up to 32 rows (16 a rank x 2 ranks) per epoch = 13 optimizer steps" in out, out
     code, out, err = run_main(capsys, "tokenize", "--tokenizer", "bundled:gpt2", "Hello")

@@ -242,6 +242,13 @@ def cut_rows(rows: np.ndarray, lengths: np.ndarray, batch_size: int, batch_token
     return batches
 
 
+def heaviest_rows(lengths: np.ndarray, rows: int, batch_tokens: int | None) -> np.ndarray:
+    """The heaviest micro-batch a step can hold (every rank's rows): the `rows` longest examples, longest first, as
+    many as `batch_tokens` allows. A micro-batch is padded to its longest row, so none needs more memory."""
+    longest = np.argsort(-np.asarray(lengths), kind="stable")[:rows]
+    return cut_rows(longest, lengths, len(longest), batch_tokens)[0] if len(longest) else longest
+
+
 def chunk_rows_for(batch_size: int, grad_accum: int) -> int:
     """Rows per streamed chunk: as many as one length-grouping chunk of in-memory training."""
     return batch_size * grad_accum * GROUP_CHUNK_STEPS

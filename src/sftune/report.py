@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import asdict
 
-from sftune.batching import IGNORE_INDEX, collate, length_sorted_batches, padding_efficiency
+from sftune.batching import IGNORE_INDEX, collate, heaviest_rows, length_sorted_batches, padding_efficiency
 from sftune.data.examples import weighted_count
 from sftune.data.pipeline import PreparedData
 
@@ -51,6 +51,8 @@ def data_report(
     splits["train"]["examples_per_epoch"] = sum(len(r) for b in micro for r in b) if packing else sum(map(len, micro))
     splits["train"]["micro_batches_per_epoch"] = len(micro)
     splits["train"]["optimizer_steps_per_epoch"] = len(steps)
+    splits["train"]["heaviest_micro_batch"] = heaviest_shape(lengths, batch_size, ranks, batch_tokens, packing,
+                                                             max_length)
     splits["validation"]["padding_efficiency"] = padding_efficiency(
         data.validation.lengths, length_sorted_batches(data.validation.lengths, eval_batch_size))
     examples = []
@@ -103,6 +105,17 @@ def marked_text(tokenizer, input_ids: list[int], labels: list[int], color: bool 
     return "".join(open_ + tokenizer.decode(ids) + close if trained else tokenizer.decode(ids) for trained, ids in runs)
 
 
+def heaviest_shape(lengths, batch_size: int, ranks: int, batch_tokens: int | None, packing: bool,
+                   max_length: int) -> list[int]:
+    """(rows, width) of the heaviest micro-batch a step can hold, per rank, as `--memory-check` makes it: the
+    batch_size x ranks longest examples cut by --batch-tokens (each rank's share padded to its longest), or
+    batch_size packed rows of max_length."""
+    if packing:
+        return [batch_size, max_length]
+    rows = heaviest_rows(lengths, batch_size * ranks, batch_tokens * ranks if batch_tokens else None)
+    return [len(rows[0::ranks]), int(lengths[rows[0]])] if len(rows) else [0, 0]
+
+
 def format_data_report(report: dict, tokenizer, color: bool = False) -> str:
     s = report["splits"]
     columns = ", ".join(f"{k}={v}" for k, v in report["columns"].items())
@@ -153,6 +166,9 @@ def format_data_report(report: dict, tokenizer, color: bool = False) -> str:
         + (f"; {t['packed_rows']:,} packed rows of {report['max_length']}, {100 * t['pack_fill_rate']:.1f}% full"
            if report["packing"] else ""),
         f"validation: padding efficiency {100 * s['validation']['padding_efficiency']:.1f}% (length-sorted batches)",
+        "heaviest micro-batch a step can hold: {} rows x {} tokens{} (its memory decides the batch size: "
+        "--memory-check runs it after the first step, on a GPU by default)".format(
+            *t["heaviest_micro_batch"], " a rank" if report["ranks"] > 1 else ""),
     ]
     if report["examples"]:
         lines.append("\ntrained tokens are " + ("shown in green" if color else "in [[double brackets]]") + ":")

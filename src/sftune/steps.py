@@ -16,10 +16,8 @@ import math
 from dataclasses import dataclass
 from typing import Iterator, Protocol
 
-import numpy as np
-
-from sftune.batching import EAGER, Padding, batch_shape, chunk_rows_for, collate, collate_packed, cut_rows, \
-    epoch_steps, packed_epoch_steps
+from sftune.batching import EAGER, Padding, batch_shape, chunk_rows_for, collate, collate_packed, epoch_steps, \
+    heaviest_rows, packed_epoch_steps
 from sftune.checkpoint import TrainState
 from sftune.config import SFTConfig
 from sftune.data import Examples, PreparedData
@@ -155,10 +153,8 @@ class InMemorySteps:
         """This rank's share of the heaviest micro-batch a step can hold: the batch_size x world size longest
         training examples (as many of them as --batch-tokens allows), collated as a step's are (`--memory-check`).
         A micro-batch is padded to its longest row, so none is larger."""
-        lengths = self.train.lengths
-        rows = np.argsort(-lengths, kind="stable")[: self.cfg.batch_size * self.dist.world_size]
         tokens = self.cfg.batch_tokens * self.dist.world_size if self.cfg.batch_tokens else None
-        rows = cut_rows(rows, lengths, len(rows), tokens)[0]
+        rows = heaviest_rows(self.train.lengths, self.cfg.batch_size * self.dist.world_size, tokens)
         return collate(self.train, self.dist.shard(rows), self.pad_id, self.padding)
 
     def _steps(self, first_epoch: int, first_step: int) -> Iterator[Step]:
