@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -209,23 +208,21 @@ def test_a_checkpoint_for_safety_that_does_not_fit_does_not_stop_the_run(tiny_mo
     assert train_steps(out) == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_under_torchrun_a_checkpoint_for_safety_that_does_not_fit_does_not_stop_the_run(tiny_model_dir, tmpfs,
-                                                                                        strategy):
+                                                                                        tmp_path):
     """The same on 2 ranks: rank 0 writes a DDP checkpoint and every rank learns that it failed (each went on while
     rank 0 stopped with exit 2 and the others with 'a collective operation failed'); under FSDP every rank writes
-    its shards, and all learn the same. The run ends with its model, one warning a checkpoint."""
-    out = tmpfs("30M") / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "sftune",
-           *args(tiny_model_dir, out, "--max-steps", "3", "--save-minutes", "0.00006", "--batch-size", "8",
-                 "--strategy", strategy, "--sample-prompts", "")]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.count("warning: no checkpoint for safety at step") == 3, proc.stderr
-    assert proc.stderr.count("(the disk is full: ") == 3
-    assert "Traceback" not in proc.stderr and (out / "model.safetensors").is_file()
-    assert train_steps(out) == [1, 2, 3]
+    its shards, and all learn the same (DCP's error escaped as a traceback). Each run ends with its model, one
+    warning a checkpoint. (Both in one torchrun launch: tests/distributed_runs.py.)"""
+    from test_distributed import launch
+
+    outs = {strategy: tmpfs("30M") / "run" for strategy in ("ddp", "fsdp")}
+    log = launch([args(tiny_model_dir, out, "--max-steps", "3", "--save-minutes", "0.00006", "--batch-size", "8",
+                       "--strategy", strategy, "--sample-prompts", "") for strategy, out in outs.items()], tmp_path)
+    assert log.count("warning: no checkpoint for safety at step") == 6, log
+    assert log.count("(the disk is full: ") == 6 and "Traceback" not in log
+    for out in outs.values():
+        assert (out / "model.safetensors").is_file() and train_steps(out) == [1, 2, 3]
 
 
 def test_an_unwritable_output_directory_is_refused_before_loading(small_model_dir, tmpfs, capsys):
