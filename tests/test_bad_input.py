@@ -44,6 +44,8 @@ CASES = [
                                                         "--text-column"]),
     ("all-filtered", ["--min-tokens", "500"], ["no train example is left after filtering", "too_short",
                                                "--min-tokens"]),
+    ("all-overlong", ["--max-length", "4"], ["no train example is left after filtering", "Raise --max-length (4) or "
+                                             "keep them, cut, with --overlong truncate"]),
     ("fewer-rows-than-a-batch", ["--batch-size", "300", "--grad-accum", "2"], ["400 examples", "--batch-size"]),
     ("lr-zero", ["--lr", "0"], ["lr = 0.0: must be a positive, finite number", "--lr"]),
     ("batch-size-zero", ["--batch-size", "0"], ["batch_size = 0: must be at least 1", "--batch-size"]),

@@ -190,10 +190,13 @@ def prepare_data(options: DataOptions, tokenizer) -> PreparedData:
                                                    source=getattr(rows, "sources", {}).get(name, name))
         if len(splits[name]) == 0:
             s = stats[name]
+            fixes = {"overlong": f"raise --max-length ({o.max_length}) or keep them, cut, with --overlong truncate",
+                     "too_short": f"lower --min-tokens ({o.min_tokens})"}
+            first = [fixes[k] for k, n in sorted(s.dropped.items(), key=lambda kv: -kv[1]) if n and k in fixes]
             raise SftuneError(
                 f"no {name} example is left after filtering ({s.rows:,} rows; dropped: {s.dropped}). "
-                f"Lower --min-tokens ({o.min_tokens}) or raise --max-length ({o.max_length}), or check the data's "
-                f"format: {layout.describe()} (--format, --columns)."
+                f"{'; '.join(first).capitalize() + ', or c' if first else 'C'}heck the data's format: "
+                f"{layout.describe()} (--format, --columns)."
             )
     warn_about(stats, layout, o.encode)
     write_entry(path, splits, stats, layout)
