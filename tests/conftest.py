@@ -206,7 +206,9 @@ def assert_same_losses(out: Path, reference: Path) -> None:
     """OUT's metrics.jsonl has every step's loss and every evaluation of REFERENCE's, nothing duplicated: exactly,
     but for the evaluation before training, compared to 1e-6. Made by a forked test process (`procs.py`), it once
     in several runs of the suite came out 4.7e-7 apart (the same odd value each time, never a later evaluation or a
-    training step, cause not found: benchmarks/NOTES.md try 74)."""
+    training step: benchmarks/NOTES.md try 74). The cause, found in try 86, is MKL's first exp in a process, when
+    two threads made it at once; `runtime.prime_cpu_math` now makes it on one thread first (0 in 95 processes; 25
+    in 410 before). The tolerance stays until many CI runs agree."""
     import pytest
 
     def record(path):

@@ -36,6 +36,9 @@ from sftune.attention import NAME as VARLEN
 from sftune.attention import flex_inputs, varlen_inputs
 from sftune.batching import ATTENTION_KEYS, DEVICE_KEYS, IGNORE_INDEX, ROUTER_KEYS
 from sftune.neftune import NoisyEmbeddings, example_lengths
+from sftune.runtime import prime_cpu_math
+
+prime_cpu_math()  # (before anything computes a loss: its exp is the first large one a CPU run makes)
 
 # How the logits of each model type whose projection is fused with the loss come from its final hidden states h
 # and its output head W (no bias): z = h @ W.T, times a constant (Cohere's `logit_scale`, 1 / Granite's

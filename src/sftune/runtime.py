@@ -33,6 +33,19 @@ def cpu_has_bf16() -> bool:
         return False
 
 
+def prime_cpu_math() -> None:
+    """Call each of MKL's vector math functions that torch uses on a CPU (exp, log, tanh, ...) once, on this thread
+    alone. MKL sets itself up on its first call; when that first call is two threads' at once (a tensor large
+    enough for torch to split over its threads), one thread's half was sometimes computed far less accurately (exp
+    1e-4 off instead of 5e-8): a process's first loss then differed, in about one process in 15 (GPT-2's quick start:
+    val loss 10.839513 instead of 10.839508; benchmarks/NOTES.md try 86). Microseconds; idempotent."""
+    for dtype in (torch.float32, torch.float64):
+        x = torch.full((8,), 0.5, dtype=dtype)  # (8 elements: under torch's grain size, computed on this thread)
+        for f in (torch.exp, torch.log, torch.tanh, torch.erf, torch.erfc, torch.sqrt, torch.sin, torch.cos,
+                  torch.tan, torch.log2, torch.log10, torch.asin, torch.acos, torch.atan, torch.erfinv, torch.trunc):
+            f(x)
+
+
 def keep_freed_memory(device: torch.device) -> bool:
     """On a CPU `device`, let freed tensors' memory stay in the process (glibc's malloc; elsewhere nothing happens).
 
