@@ -603,19 +603,14 @@ def main() -> None:
         tmp = Path(tmp)
         # the resume and guard checks first (issue 9 asks for them on the GPU), then the runs, each saved as it
         # ends: a call cut short by the session's device time keeps what finished
-        report["resume"] = resume_check(tmp)
-        save()
-        print(f"  resume after SIGTERM (graphs, bf16, dropout): {report['resume']}")
-        report["guard"] = guard_check(tmp)
-        save()
-        print(f"  non-finite guard under graphs: {report['guard']}")
+        checks = [("resume", "resume after SIGTERM (graphs, bf16, dropout)", resume_check),
+                  ("guard", "non-finite guard under graphs", guard_check)]
         if gpu:
-            report["oom"] = oom_check(tmp)
+            checks += [("oom", "out of memory at step 1", oom_check), ("ranks", "more processes than GPUs", ranks_check)]
+        for key, what, check in checks:
+            report[key] = check(tmp)
             save()
-            print(f"  out of memory at step 1: {report['oom']}")
-            report["ranks"] = ranks_check(tmp)
-            save()
-            print(f"  more processes than GPUs: {report['ranks']}")
+            print(f"  {what}: {report[key]}")
         report["runs"] = []
         # (generators: each run starts only when the one before is reported; the newest check comes last)
         for r in itertools.chain(whole_runs(tmp), moe_runs(tmp), lora_runs(tmp, "--add-tokens", "<|x|>", "<|y|>"),

@@ -396,7 +396,8 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
                                      f"heaviest micro-batch a step of this run can hold: --memory-check)")
         optimizer.zero_grad(set_to_none=graphs is None or graphs.assign)
         set_step_rng(rng, dist.device)
-        run.loss_model.take_correct(), run.loss_model.take_router_loss()  # (its counts are not the run's)
+        run.loss_model.take_correct()  # (its counts are not the run's)
+        run.loss_model.take_router_loss()
         if run.compile != "off":
             shapes_seen.add(shape_key(batch, run.loss_model.device_keys))
         window.exclude(time.perf_counter() - started)
