@@ -243,6 +243,19 @@ def test_resume_auto_on_a_finished_run_without_checkpoints_is_refused(small_mode
     assert ((out / "model.safetensors").read_bytes(), (out / "metrics.jsonl").read_text()) == before
 
 
+def test_resume_auto_on_a_finished_run_with_checkpoints_says_so_and_trains_nothing(small_model_dir, tmp_path,
+                                                                                     capsys):
+    out = tmp_path / "run"
+    code, _, err = run_main(capsys, *args(small_model_dir, out, "--max-steps", "2", "--save-every", "1"))
+    assert code == 0, err
+    model = (out / "model.safetensors").read_bytes()
+    code, _, err = run_main(capsys, *args(small_model_dir, out, "--max-steps", "2", "--save-every", "1",
+                                          "--resume", "auto"))
+    assert code == 0, err
+    assert "the training had finished; nothing is trained again" in err and "step      1" not in err
+    assert train_steps(out) == [1, 2] and (out / "model.safetensors").read_bytes() == model
+
+
 def test_output_dir_mistakes_are_clear_errors(small_model_dir, tmp_path, capsys):
     dangling = tmp_path / "dangling"
     os.symlink(tmp_path / "nowhere", dangling)

@@ -401,6 +401,9 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
         state.fingerprints, state.world_size = fingerprints, dist.world_size
         log(f"resumed from {checkpoint}: step {state.step:,}, epoch {state.epoch}, "
             f"{state.step_in_epoch:,} steps into it")
+        if state.step >= steps.total_steps:
+            log(f"resume: that checkpoint is at the run's last step ({steps.total_steps:,}): the training had "
+                f"finished; nothing is trained again, the final model is written again")
     elif cfg.resume:
         skipped = complete_checkpoints(out / "checkpoints")  # (each warned about as it was passed over)
         log(f"--resume {cfg.resume}: " + (f"none of the {len(skipped)} checkpoint(s) in {out / 'checkpoints'} is "
