@@ -650,3 +650,32 @@ def test_bos_goes_first_untrained_and_is_never_doubled(tmp_path, bos_tokenizer):
     ids, labels = labels_of(data)
     assert ids[0] == EOS and ids[1] != EOS and labels[0] == X
     assert bos_tokenizer.decode(ids) == bos_tokenizer.apply_chat_template(CHAT["messages"], tokenize=False)
+
+
+TEXTS = ["the film is", " a clever , tender sequel", "", "  two  spaces\n\nand lines\t", "café naïve 日本語 🎬",
+         "ends with<|endoftext|>and on", "<|endoftext|>", "x" * 300]
+
+
+def test_the_direct_encoder_gives_what_transformers_gives(gpt2_tokenizer, bos_tokenizer):
+    """`text_encoder` calls the Rust tokenizer itself (NOTES try 87): the ids must be transformers' ids, also for a
+    BOS-adding tokenizer, added tokens, `split_special_tokens`, and an encoder left truncating and padding by its
+    tokenizer.json or by an earlier call."""
+    from sftune.data.tokenize import text_encoder
+    from sftune.modeling import add_tokens
+
+    grown = copy.deepcopy(gpt2_tokenizer)
+    add_tokens(grown, ["<|tool|>"])
+    split = copy.deepcopy(gpt2_tokenizer)
+    split.split_special_tokens = True
+    texts = TEXTS + ["a <|tool|> call"]
+    for tok in (gpt2_tokenizer, bos_tokenizer, grown, split):
+        encode = text_encoder(tok)
+        assert encode.__name__ == "encode"  # the direct path, not the fallback
+        assert encode(texts) == tok(texts, add_special_tokens=False)["input_ids"]
+    left = copy.deepcopy(gpt2_tokenizer)
+    left.backend_tokenizer.enable_truncation(3)
+    left.backend_tokenizer.enable_padding(length=400)
+    encode = text_encoder(left)
+    want = gpt2_tokenizer(texts, add_special_tokens=False)["input_ids"]
+    assert encode(texts) == want and encode(texts) == want  # (the first call through transformers, then direct)
+    assert left.backend_tokenizer.truncation is None and encode(["x" * 300]) == want[7:8]

@@ -91,6 +91,32 @@ def encode_example(
     return [*prefix, *ids], [False] * len(prefix) + mask, status
 
 
+def text_encoder(tokenizer):
+    """`encode(texts) -> ids`, what `tokenizer(texts, add_special_tokens=False)["input_ids"]` gives, faster: a
+    fast tokenizer's Rust encoder is called directly (`encode_batch_fast`: no offsets), without the per-text
+    dicts transformers builds around it (0.6 s of SST-2's 2.7 s of tokenizing here: benchmarks/NOTES.md try
+    87). Only while the encoder is set as transformers sets it for such a call (no truncation, no padding, its
+    `split_special_tokens`); otherwise, and for tokenizers whose class encodes in Python, through transformers."""
+    from transformers import PreTrainedTokenizerBase, TokenizersBackend
+
+    def through_transformers(texts: list[str]) -> list[list[int]]:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+    backend = getattr(tokenizer, "_tokenizer", None)
+    kind = type(tokenizer)
+    if (not hasattr(backend, "encode_batch_fast") or kind._encode_plus is not TokenizersBackend._encode_plus
+            or kind.__call__ is not PreTrainedTokenizerBase.__call__):
+        return through_transformers
+
+    def encode(texts: list[str]) -> list[list[int]]:
+        if (backend.truncation is None and backend.padding is None
+                and backend.encode_special_tokens == bool(tokenizer.split_special_tokens)):
+            return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=False)]
+        return through_transformers(texts)  # (which also sets the encoder as it needs it, for the next call)
+
+    return encode
+
+
 def special_prefix(tokenizer) -> list[int]:
     """The ids the tokenizer puts before a text by itself (a BOS for Llama-style tokenizers; none for GPT-2)."""
     with_specials = tokenizer("a")["input_ids"]
@@ -129,6 +155,7 @@ def tokenize_split(rows, tokenizer, layout: Layout, options: EncodeOptions, temp
     eos_id = tokenizer.eos_token_id
     plain = layout.format in ("text", "prompt_completion")  # these get BOS/EOS from us; chat templates write their own
     prefix = special_prefix(tokenizer) if plain else []
+    encode = text_encoder(tokenizer)
     o = options
 
     def encode_batch(batch: dict[str, list], indices: list[int]) -> dict[str, list]:
@@ -139,10 +166,9 @@ def tokenize_split(rows, tokenizer, layout: Layout, options: EncodeOptions, temp
                          o.train_on_all_turns, where=f"{source} row {numbers[i] + 1}")
             for i in range(len(numbers))
         ]
-        flat = tokenizer([text for segs in segments for text, _ in segs], add_special_tokens=False)["input_ids"]
+        flat = encode([text for segs in segments for text, _ in segs])
         multi = [i for i, segs in enumerate(segments) if len(segs) > 1]
-        joined = tokenizer(["".join(text for text, _ in segments[i]) for i in multi], add_special_tokens=False)[
-            "input_ids"] if multi else []
+        joined = encode(["".join(text for text, _ in segments[i]) for i in multi]) if multi else []
         whole = dict(zip(multi, joined))
         out: dict[str, list] = {"input_ids": [], "supervised": [], "status": [], "merged": [], "n_tokens": []}
         at = 0
