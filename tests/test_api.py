@@ -42,3 +42,20 @@ def test_training_at_the_default_precision(tiny_model_dir, tmp_path):
     assert result.last_val_loss < result.first_val_loss - 1.0
     weights = load_file(result.output_dir / "model.safetensors")
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
+
+
+def test_transformers_bars_stay_out_of_an_api_run_and_the_programs_setting_stays(small_model_dir, tmp_path, capfd):
+    """The command line turns transformers' "Loading weights" / "Writing model shards" bars off for the process; a
+    program that calls sftune gets them off during the call and its own setting back after."""
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.enable_progress_bar()
+    cfg = sftune.resolve_config({"model": str(small_model_dir), "dataset": str(QUICKSTART_DATA), "max_steps": 1,
+                                 "precision": "fp32", "sample_prompts": [], "run_report": False,
+                                 "output_dir": str(tmp_path / "run")})
+    result = sftune.train(cfg)
+    sftune.save_model(sftune.load_model(str(result.output_dir)), sftune.load_tokenizer(str(result.output_dir)),
+                      tmp_path / "copy")
+    err = capfd.readouterr().err
+    assert "training: 1 optimizer steps" in err and "Writing model shards" not in err and "Loading weights" not in err
+    assert transformers_logging.is_progress_bar_enabled()

@@ -50,6 +50,22 @@ def tokenizer_threads():
         os.environ[PARALLELISM] = "false"
 
 
+@contextlib.contextmanager
+def no_library_bars():
+    """transformers' own progress bars ("Loading weights", "Writing model shards") off for a call, as the command
+    line has them off throughout (sftune logs each load and save itself); a program's setting is restored after.
+    Also a decorator: `sftune.train`, `load_model` and `save_model` called from Python."""
+    from transformers.utils import logging as transformers_logging
+
+    was_on = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            transformers_logging.enable_progress_bar()
+
+
 GONE = (errno.EPIPE, errno.EIO)  # a write whose reader went away: a closed pipe, a terminal that hung up
 WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)  # a file that cannot be written: the disk
 

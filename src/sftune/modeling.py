@@ -17,7 +17,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 from transformers import GPT2Tokenizer
 
-from sftune.console import log
+from sftune.console import log, no_library_bars
 from sftune.errors import SftuneError, remote_code_hint
 from sftune.hub import from_hub_or_cache
 
@@ -195,6 +195,7 @@ def fuse_activations(model) -> int:
     return replaced
 
 
+@no_library_bars()
 def load_model(name: str, init: str = "pretrained", trust_remote_code: bool = False, seed: int = 0,
                base: str | None = None, attention: str = "auto", overrides: dict | None = None, device=None):
     """A causal LM in fp32 (master weights; lower precision is applied by autocast), its Python GELU run as torch's
@@ -388,6 +389,7 @@ def stop_token_ids(tokenizer, existing: int | list[int] | None) -> int | list[in
     return ids[0] if len(ids) == 1 else ids
 
 
+@no_library_bars()
 def save_model(model, tokenizer, out_dir: Path, state_dict: dict | None = None, run_config: Path | None = None) -> None:
     """Write a directory `AutoModelForCausalLM.from_pretrained(out_dir)` loads: safetensors,
     config, generation config (EOS, the chat template's end of turn and pad set so generation stops) and

@@ -20,7 +20,7 @@ from sftune.batching import DEVICE_KEYS, count_targets, pin, prefetch, to_device
 from sftune.build import Run, build_run
 from sftune.checkpoint import CheckpointNotWritten, weights_finite
 from sftune.config import SFTConfig
-from sftune.console import MetricsWriter, log
+from sftune.console import MetricsWriter, log, no_library_bars
 from sftune.dist import Dist
 from sftune.errors import SftuneError, TrainingDiverged
 from sftune.evaluate import evaluate
@@ -138,6 +138,7 @@ def eta(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
+@no_library_bars()
 def train(cfg: SFTConfig) -> TrainResult:
     """Fine-tune `cfg.model` on `cfg.dataset` and write the model, config and metrics to the output dir."""
     with stop_on_signals() as stop:  # from the start: a SIGTERM while loading is acted on at the first check
