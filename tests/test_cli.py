@@ -132,6 +132,7 @@ def test_existing_output_is_never_overwritten(trained, tiny_model_dir, capsys):
     (["--batch-size", "eight"], "`batch_size` must be an integer, got 'eight'"),
     (["--lr", "-1"], "lr = -1.0: must be a positive, finite number"),
     (["--dataset", "./nope.jsonl"], "dataset path not found: './nope.jsonl' (check --dataset)"),
+    (["--model", "./no-model"], "model path not found: './no-model' (check --model)"),
     (["--text-column", "body"], "text column 'body' not in the dataset"),
     (["--max-length", "4096"], "max_length 4096 exceeds the model's context of 128 tokens"),
 ])

@@ -278,6 +278,8 @@ def test_a_lora_run_trains_only_the_adapter_and_writes_what_peft_loads(lora_run,
     exported = load_file(tmp_path / "exported" / "model.safetensors")
     assert all(torch.equal(exported[k], merged[k]) for k in merged)
     assert (tmp_path / "exported" / "tokenizer.json").is_file()
+    code, _, err = run_main(capsys, "export", str(out), "--merge", str(tmp_path / "exported"))  # again: refused
+    assert code == 2 and "choose another --merge or pass --overwrite" in err and "--resume" not in err
     # a merged model is evaluated as its adapter is: in the run's precision (its config.yaml beside it), the same loss
     for model in (out / "merged", tmp_path / "exported"):
         code, stdout, err = run_main(capsys, "eval", "--model", str(model), "--dataset", str(QUICKSTART_DATA), "--json")

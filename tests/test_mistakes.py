@@ -116,6 +116,9 @@ def test_text_that_is_not_utf8_on_the_command_line(small_model_dir, tmp_path, ca
 def test_generation_options(small_model_dir, capsys):
     refused(capsys, "generate", "--model", str(small_model_dir), "--prompt", "hi", "--temperature", "nan",
             words=["temperature must be 0 (greedy) or a positive number, got nan", "--temperature"])
+    code, _, err = run_main(capsys, "generate", "--model", str(small_model_dir), "--prompt", "hi",
+                            "--max-new-tokens", "-1")
+    assert code == 2 and "--max-new-tokens must be at least 1, got -1" in err and "activation:" not in err  # (early)
     refused(capsys, "generate", "--model", str(small_model_dir), "--prompt", "hi", "--num-samples", str(10**12),
             words=["out of memory", "--num-samples"])
     code, out, err = run_main(capsys, "generate", "--model", str(small_model_dir), "--prompt", "the film is",

@@ -407,12 +407,13 @@ def read_tools(path: str) -> list[dict]:
 
 def cmd_generate(args) -> None:
     quiet_libraries()
-    from sftune.generate import complete
+    from sftune.generate import check_sampling, complete
     from sftune.modeling import load_model, load_tokenizer, model_dir_advice
     from sftune.runtime import resolve_device
 
     if not args.prompt and not args.chat:
         raise SftuneError("nothing to complete: give --prompt TEXT or --chat MESSAGE")
+    check_sampling(args.temperature, args.top_p, args.max_new_tokens, args.num_samples)
     args.prompt = [utf8(p, "--prompt") for p in args.prompt]
     args.chat = [utf8(p, "--chat") for p in args.chat]
     args.system = args.system and utf8(args.system, "--system")
@@ -453,7 +454,7 @@ def cmd_export(args) -> None:
     if out.absolute() == run.absolute():
         raise SftuneError(f"--merge {out} is the run directory itself; write the merged model elsewhere, e.g. "
                           f"--merge {run / 'merged'}")
-    check_output_dir(out, resume=False, overwrite=args.overwrite)
+    check_output_dir(out, resume=False, overwrite=args.overwrite, flag="--merge")
     tokenizer = load_tokenizer(str(run), args.trust_remote_code, flag="RUN")
     if adapter:
         model = load_adapter_model(run, args.base, args.trust_remote_code)

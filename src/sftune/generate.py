@@ -15,6 +15,17 @@ from sftune.errors import SftuneError
 
 
 @torch.no_grad()
+def check_sampling(temperature: float, top_p: float, max_new_tokens: int, num_samples: int) -> None:
+    """The sampling settings' mistakes, said before a model is loaded (`sftune generate`) or used."""
+    if not math.isfinite(temperature) or temperature < 0:
+        raise SftuneError(f"temperature must be 0 (greedy) or a positive number, got {temperature} (--temperature)")
+    if not 0 < top_p <= 1:
+        raise SftuneError(f"top_p must be in (0, 1], got {top_p} (--top-p)")
+    for value, flag in ((max_new_tokens, "--max-new-tokens"), (num_samples, "--num-samples")):
+        if value < 1:
+            raise SftuneError(f"{flag} must be at least 1, got {value}")
+
+
 def complete(
     model,
     tokenizer,
@@ -39,12 +50,7 @@ def complete(
     validation example's prompt), used as it is. `synced`: every rank of a sharded (FSDP) model calls this in step,
     and each keeps running forwards until all have finished (their blocks all-gather their weights at each one).
     """
-    if not math.isfinite(temperature) or temperature < 0:
-        raise SftuneError(f"temperature must be 0 (greedy) or a positive number, got {temperature} (--temperature)")
-    if not 0 < top_p <= 1:
-        raise SftuneError(f"top_p must be in (0, 1], got {top_p} (--top-p)")
-    if max_new_tokens < 1 or num_samples < 1:
-        raise SftuneError("--max-new-tokens and --num-samples must be at least 1")
+    check_sampling(temperature, top_p, max_new_tokens, num_samples)
     device = next(model.parameters()).device
     stop = [tokenizer.eos_token_id]
     if chat:

@@ -55,7 +55,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, flag: str = "--to
     else:
         tok = from_hub_or_cache(
             name,
-            "tokenizer",
+            "model" if flag == "--model" else "tokenizer",  # (the tokenizer is the first thing read of a --model)
             flag,
             lambda **kw: AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code, **kw),
         )

@@ -65,15 +65,17 @@ def is_empty(out: Path) -> bool:
     return not out.exists() or all(p.name == LOCK_FILE for p in out.iterdir())
 
 
-def check_output_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse a non-empty directory unless `resume` or `overwrite`, and one we could not write into."""
+def check_output_dir(out: Path, resume: bool, overwrite: bool, flag: str = "--output-dir") -> None:
+    """Refuse a non-empty directory unless `resume` or `overwrite`, and one we could not write into. `flag`: the
+    option that named it (`sftune export`'s is --merge, and it has nothing to resume)."""
     if not is_empty(out) and not (resume or overwrite):
-        raise SftuneError(f"output directory {out} already exists and is not empty; choose another --output-dir, "
-                          f"continue it with --resume auto, or pass --overwrite")
+        again = ", continue it with --resume auto," if flag == "--output-dir" else ""
+        raise SftuneError(f"output directory {out} already exists and is not empty; choose another {flag}{again} "
+                          f"or pass --overwrite")
     existing = next(p for p in [out, *out.absolute().parents] if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise SftuneError(f"cannot write into {existing} (permission denied), so the run could not be saved; "
-                          f"choose another --output-dir")
+        raise SftuneError(f"cannot write into {existing} (permission denied), so nothing could be saved there; "
+                          f"choose another {flag}")
 
 
 def finished_without_checkpoints(out: Path) -> bool:
