@@ -238,8 +238,9 @@ def test_an_empty_string_empties_a_list_flag():
     from sftune.errors import SftuneError
 
     config = str(ROOT / "configs" / "quickstart.yaml")
-    args = build_parser().parse_args(["train", "--config", config, "--sample-prompts", ""])
-    assert config_from_args(args).sample_prompts == []
+    for empty in ("", "[]"):  # ([] as YAML writes it)
+        args = build_parser().parse_args(["train", "--config", config, "--sample-prompts", empty])
+        assert config_from_args(args).sample_prompts == []
     with pytest.raises(SftuneError, match="lora_targets"):
         config_from_args(build_parser().parse_args(["train", "--config", config, "--lora-r", "8", "--lora-targets", ""]))
 

@@ -68,7 +68,7 @@ def add_config_flags(parser: argparse.ArgumentParser, keys: set[str] | None = No
         elif typing.get_origin(base) is list:
             kwargs["nargs"] = "+"
             kwargs["metavar"] = "TEXT"
-            help_text += ' ("" for an empty list)'
+            help_text += ' ("" or [] for an empty list)'
         elif typing.get_origin(base) is dict:
             kwargs["metavar"] = "KEY=VALUE,..." if name == "model_config_overrides" else "PART=COLUMN,..."
         elif typing.get_origin(base) is Literal:
@@ -86,8 +86,8 @@ def config_from_args(args: argparse.Namespace):
     """YAML file (if any) under flags, validated once."""
     file_values = read_yaml(args.config) if args.config else {}
     flags = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
-    # a list flag given one empty string is the empty list (`--sample-prompts ""`: none; a flag needs a value)
-    flags = {name: [] if value == [""] else value for name, value in flags.items()}
+    # a list flag given one empty string (or `[]`, as YAML writes it) is the empty list: a flag needs a value
+    flags = {name: [] if value in ([""], ["[]"]) else value for name, value in flags.items()}
     source = f"config ({args.config} + flags)" if args.config else "flags"
     cfg = resolve_config(file_values, flags, source=source, training=args.command == "train")
     quiet_libraries()  # the heavy imports come after the config is known to be valid: its errors are instant
