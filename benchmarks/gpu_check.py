@@ -9,8 +9,10 @@
    before each: graph-safe RNG should draw what the eager step draws), over two batches of one shape (the second
    refills the graph's input buffers) and a third of another shape, then two steps of two micro-batches each (the
    same shape twice, and two shapes: their gradients summed); each with graphs that assign their own gradients
-   (the default for a model this small) and with graphs that add into one set. Relative errors: |a - b| / |b|
-   for the loss, max over tensors of ||a - b|| / ||b|| for the gradients.
+   (the default for a model this small) and with graphs that add into one set; in bf16 also assigning with the
+   matrix products' weights cast in one pass (`casts.py`, the graphs' default in bf16 since try 88), and each mode's time
+   for a replay of the seed recipe's 32 x 48 micro-batch. Relative errors: |a - b| / |b| for the loss, max over
+   tensors of ||a - b|| / ||b|| for the gradients.
 2. runs: whole `sftune train` runs (GPT-2 small, random init, SST-2, 30 steps of the seed's recipe) with
    --compile off and graphs in fp32, and off, graphs and torch (inductor) in bf16: the largest difference of the
    per-step losses from the eager run's.
@@ -69,6 +71,7 @@ def graph_vs_eager(precision: str, dropout: bool) -> dict:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from sftune.batching import Padding, best_fit_decreasing, collate, collate_packed, count_targets, to_device
+    from sftune.casts import MatmulCasts
     from sftune.data import Examples
     from sftune.graphs import StepGraphs
     from sftune.loss import CausalLMLoss
@@ -115,9 +118,12 @@ def graph_vs_eager(precision: str, dropout: bool) -> dict:
     pairs = [(batches[0], batches[1]), (batches[0], batches[2])]  # (the same shape twice; two shapes)
     want += [eager_step(pair, 200 + 10 * i) for i, pair in enumerate(pairs)]
     report = {"precision": precision, "dropout": dropout, "modes": []}
-    for assign in (True, False):  # each graph's own gradients, assigned; or one set, added into
+    # each graph's own gradients, assigned, or one set, added into; in bf16 also with the matrix products' weights
+    # cast in one pass (`casts.py`: the same numbers as autocast's own casts, bitwise on a CPU)
+    for assign, cast in ((True, False), (False, False)) + (((True, True),) if precision == "bf16" else ()):
         loss_model.zero_grad(set_to_none=True)
-        graphs = StepGraphs(loss_model, device, precision, required=True, assign=assign)
+        casts = MatmulCasts.for_model(loss_model, torch.bfloat16) if cast else None
+        graphs = StepGraphs(loss_model, device, precision, required=True, assign=assign, casts=casts)
         got = []
         for i, b in enumerate(batches):
             loss_model.zero_grad(set_to_none=assign)
@@ -139,7 +145,16 @@ def graph_vs_eager(precision: str, dropout: bool) -> dict:
             rows.append({"batch": i, "shape": shape, "loss_rel": rel(gl, wl),
                          "grad_rel_max": max(rel(a, b) for a, b in zip(gg, wg)),
                          "bitwise": bool(torch.equal(gl, wl) and all(torch.equal(a, b) for a, b in zip(gg, wg)))})
-        report["modes"].append({"assign": assign, "graphs": len(graphs.graphs), "batches": rows})
+        # the replay's own time (the seed recipe's micro-batch, 32 x 48): what the one-pass casts save, if anything
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        for _ in range(50):
+            loss_model.zero_grad(set_to_none=assign)
+            graphs.run(batches[0], 1 / count_targets(batches[0]))
+        torch.cuda.synchronize()
+        replay_ms = (time.perf_counter() - started) / 50 * 1e3
+        report["modes"].append({"assign": assign, "casts": graphs.casts is not None, "graphs": len(graphs.graphs),
+                                "replay_ms": replay_ms, "batches": rows})
     return report
 
 
@@ -585,10 +600,13 @@ def main() -> None:
             print(f"  {r['precision']} dropout={r['dropout']}: ERROR {r['error'][:300]}")
             continue
         for mode in r["modes"]:
+            kind = f"{'assign' if mode['assign'] else 'add'}{'+casts' if mode['casts'] else ''}"
             for b in mode["batches"]:
-                print(f"  {r['precision']:<5} dropout={str(r['dropout']):<5} {'assign' if mode['assign'] else 'add':<6} "
+                print(f"  {r['precision']:<5} dropout={str(r['dropout']):<5} {kind:<12} "
                       f"batch {b['batch']} {b['shape']}: loss rel {b['loss_rel']:.2e}, grad rel max "
                       f"{b['grad_rel_max']:.2e}, bitwise {b['bitwise']}")
+            print(f"  {r['precision']:<5} dropout={str(r['dropout']):<5} {kind:<12} replay of 32 x 48: "
+                  f"{mode['replay_ms']:.3f} ms")
     if unit:  # after the graph checks, varlen last: a kernel fault (sticky in CUDA) leaves the others' figures
         for name, check in (("syncs", sync_check), ("chunk_math", chunk_math_check), ("varlen", varlen_check)):
             try:

@@ -253,3 +253,42 @@ def test_the_fused_loss_softmax_is_compiled_where_it_pays():
     assert 1000 * 32 * 1024 >= CHUNK_MATH_MIN_SLOTS and wants_chunk_math(packed, "graphs", long, 1024)
     assert not wants_chunk_math(packed, "torch", long, 1024)  # (the whole step is compiled there)
     assert not wants_chunk_math(replace(packed, compile="off"), "off", long, 1024)
+
+
+# --- the matrix products' weights cast in one pass (`casts.py`, used by the CUDA graphs) -------------------------
+
+
+@pytest.mark.parametrize("family", ["gpt2", "tiny-llama", "tiny-qwen2", "tiny-mixtral"])
+def test_weights_cast_in_one_pass_give_autocasts_loss_and_gradients_bitwise(family):
+    """bf16 autocast on a CPU: the loss and every gradient (dropout on, for GPT-2) are the ones autocast's own
+    casts give, bit for bit; cast are exactly the `Linear`/`Conv1D` weights and biases, not the output head nor
+    GPT-2's tied embedding. A model with LoRA layers gets none (peft would sum its inputs' gradients in bf16)."""
+    from peft import LoraConfig, get_peft_model
+
+    from sftune.casts import MatmulCasts
+    from sftune.runtime import autocast
+
+    model = tiny(family)
+    if family == "gpt2":
+        model.config.resid_pdrop = model.config.attn_pdrop = 0.1
+        model = GPT2LMHeadModel(model.config)
+    loss_model = CausalLMLoss(model).train()
+    casts = MatmulCasts.for_model(loss_model, torch.bfloat16)
+    linear = {f"model.{name}.{kind}" for name, m in model.named_modules() if m is not model.get_output_embeddings()
+              and type(m).__name__ in ("Linear", "Conv1D") for kind in ("weight", "bias") if getattr(m, kind, None)
+              is not None}
+    assert set(casts.names) == linear and casts.names
+    batch = collate(examples(), range(5), 0)
+    got = []
+    for cast in (False, True):
+        loss_model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        with autocast(torch.device("cpu"), "bf16"):
+            loss = casts.call(loss_model, batch) if cast else loss_model(batch)
+        loss.backward()
+        got.append((loss.detach(), {n: p.grad for n, p in loss_model.named_parameters() if p.grad is not None}))
+    (plain, plain_grads), (cast, cast_grads) = got
+    assert torch.equal(plain, cast) and plain_grads.keys() == cast_grads.keys()
+    assert all(torch.equal(plain_grads[n], cast_grads[n]) for n in plain_grads)
+    get_peft_model(model, LoraConfig(r=2, target_modules="all-linear", fan_in_fan_out=family == "gpt2"))
+    assert MatmulCasts.for_model(CausalLMLoss(model), torch.bfloat16) is None

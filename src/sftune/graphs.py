@@ -15,7 +15,10 @@ shapes and fixed addresses, so:
   several micro-batches copies the first into a sum of its own and adds the others' there (the eager step's
   sums). A larger model keeps one set of gradient tensors that each replay adds into, zeroed in place between
   steps: one set of gradients, not one per batch shape;
-- the step's scale (1 / its target count) is a device scalar the graph reads.
+- the step's scale (1 / its target count) is a device scalar the graph reads;
+- in bf16 the matrix products' weights can be cast in one pass rather than one kernel each (`casts.py`: given by the
+  training loop); the check below then compares the graph with an eager step made with autocast's own casts, and a
+  graph that fails or differs is captured again without them.
 
 Dropout draws from the CUDA generator through its graph-safe state: a replay draws what the same eager step would.
 The warm-up and the capture run under a forked RNG (their token counts are put back; adding, with the step's scale
@@ -37,6 +40,7 @@ from dataclasses import dataclass
 import torch
 
 from sftune.batching import HOST_KEYS, to_device
+from sftune.casts import MatmulCasts
 from sftune.console import log
 from sftune.runtime import autocast
 
@@ -88,8 +92,9 @@ class StepGraphs:
     """Captures and replays one micro-batch's forward + backward per batch shape."""
 
     def __init__(self, loss_model, device: torch.device, precision: str, required: bool = False,
-                 assign: bool | None = None):
+                 assign: bool | None = None, casts: MatmulCasts | None = None):
         self.loss_model, self.device, self.precision, self.required = loss_model, device, precision, required
+        self.casts = casts  # the matrix products' weights cast in one pass (`casts.py`; checked at each capture)
         self.params = [p for p in loss_model.parameters() if p.requires_grad]
         grad_bytes = sum(p.numel() * p.element_size() for p in self.params)
         # (None: by size) each graph writes gradients of its own, assigned to the parameters after its replay: GPT-2
@@ -145,9 +150,9 @@ class StepGraphs:
                 total.copy_(held)
             p.grad = total
 
-    def _step(self, inputs: dict[str, torch.Tensor], scale: torch.Tensor) -> torch.Tensor:
+    def _step(self, inputs: dict[str, torch.Tensor], scale: torch.Tensor, casts: bool = True) -> torch.Tensor:
         with autocast(self.device, self.precision, cache=False):  # (a cached cast would outlive the capture)
-            loss = self.loss_model(inputs)
+            loss = self.casts.call(self.loss_model, inputs) if casts and self.casts else self.loss_model(inputs)
         (loss * scale).backward()
         return loss.detach()
 
@@ -169,7 +174,8 @@ class StepGraphs:
                 side = torch.cuda.Stream(self.device)
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):
-                    eager_loss = self._step(inputs, scale)
+                    eager_loss = self._step(inputs, scale, casts=False)  # (the eager step's own casts: the check's
+                    # reference for a graph whose weights are cast in one pass)
                     eager_norm = self._grad_norm() if self.assign else None
                     for _ in range(WARMUP_STEPS - 1):
                         self._step(inputs, scale)
@@ -191,14 +197,15 @@ class StepGraphs:
                 norms = (float(self._grad_norm()), float(eager_norm)) if self.assign else None
         except Exception as e:  # noqa: BLE001 (any capture failure means: run this model eagerly)
             self._put_back(held)
-            return self._give_up(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            return self._without_casts(key, batch, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         self._put_back(held)
         for counter, before in zip(counters, counted):  # the warm-up's and the check's argmax hits (and router
             counter.copy_(before)  # losses) are not the run's
         if not close(replayed, expected):
-            return self._give_up(f"a replay gave the loss {replayed!r}, the eager step {expected!r}")
+            return self._without_casts(key, batch, f"a replay gave the loss {replayed!r}, the eager step {expected!r}")
         if norms is not None and not close(*norms):
-            return self._give_up(f"a replay's gradients have the norm {norms[0]!r}, the eager step's {norms[1]!r}")
+            return self._without_casts(key, batch, f"a replay's gradients have the norm {norms[0]!r}, the eager "
+                                                   f"step's {norms[1]!r}")
         captured = Captured(graph, inputs, scale, loss, grads)
         self.graphs[key] = captured
         seconds = time.perf_counter() - started
@@ -216,6 +223,16 @@ class StepGraphs:
         if self.assign:
             for p, grad in zip(self.params, held):
                 p.grad = grad
+
+    def _without_casts(self, key: tuple, batch: dict[str, torch.Tensor], reason: str) -> Captured | None:
+        """A capture that failed, or whose replay differs from the eager step: with the one-pass casts, captured
+        again with autocast's own (they are what is new; said once); without, graphs are given up."""
+        if self.casts is None:
+            return self._give_up(reason)
+        self.casts = None
+        log(f"warning: a CUDA graph with the matrix products' weights cast in one pass failed ({reason}); capturing "
+            f"with autocast's own casts from now on")
+        return self._capture(key, batch)
 
     def _give_up(self, reason: str) -> None:
         from sftune.errors import SftuneError

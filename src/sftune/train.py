@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from sftune.batching import DEVICE_KEYS, count_targets, pin, prefetch, to_device
 from sftune.build import Run, build_run
+from sftune.casts import MatmulCasts
 from sftune.checkpoint import CheckpointNotWritten, weights_finite
 from sftune.config import SFTConfig
 from sftune.console import MetricsWriter, log, no_library_bars
@@ -322,8 +323,10 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
     last_saved = time.perf_counter()  # --save-minutes counts from this process's start or its last save
     compile_s = 0.0  # seconds of steps that captured a CUDA graph or compiled a new batch shape (this process)
     nan_steps = {int(x) for x in os.environ.get("SFTUNE_FAULT_NAN_STEPS", "").split(",") if x.strip()}
-    graphs = StepGraphs(run.loss_model, dist.device, precision, cfg.compile == "graphs") if run.compile == "graphs" \
-        else None
+    graphs = None
+    if run.compile == "graphs":  # (bf16: the matrix products' weights cast in one pass, checked at each capture)
+        casts = MatmulCasts.for_model(run.loss_model, torch.bfloat16) if precision == "bf16" else None
+        graphs = StepGraphs(run.loss_model, dist.device, precision, cfg.compile == "graphs", casts=casts)
     shapes_seen: set[tuple] = set()  # graphs and compile: a step with a new batch shape captures or compiles it
     guard = NonFiniteGuard(optimizer, scaler, precision, dist)
     profiler = None  # --profile-steps A-B
