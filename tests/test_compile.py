@@ -261,7 +261,7 @@ def test_the_fused_loss_softmax_is_compiled_where_it_pays():
 @pytest.mark.parametrize("family", ["gpt2", "tiny-llama", "tiny-qwen2", "tiny-mixtral"])
 def test_weights_cast_in_one_pass_give_autocasts_loss_and_gradients_bitwise(family):
     """bf16 autocast on a CPU: the loss and every gradient (dropout on, for GPT-2) are the ones autocast's own
-    casts give, bit for bit; cast are exactly the `Linear`/`Conv1D` weights and biases, not the output head nor
+    casts give, bit for bit; the tensors cast are the `Linear`/`Conv1D` weights and biases, not the output head nor
     GPT-2's tied embedding. A model with LoRA layers gets none (peft would sum its inputs' gradients in bf16)."""
     from peft import LoraConfig, get_peft_model
 
@@ -279,6 +279,9 @@ def test_weights_cast_in_one_pass_give_autocasts_loss_and_gradients_bitwise(fami
               is not None}
     assert set(casts.names) == linear and casts.names
     batch = collate(examples(), range(5), 0)
+    layer = loss_model.get_submodule(casts.names[0].rsplit(".", 1)[0])
+    seen = []  # the dtype of the weight the first cast layer reads: the copy's (bf16), not the parameter (fp32)
+    layer.register_forward_pre_hook(lambda module, args: seen.append(module.weight.dtype))
     got = []
     for cast in (False, True):
         loss_model.zero_grad(set_to_none=True)
@@ -287,6 +290,7 @@ def test_weights_cast_in_one_pass_give_autocasts_loss_and_gradients_bitwise(fami
             loss = casts.call(loss_model, batch) if cast else loss_model(batch)
         loss.backward()
         got.append((loss.detach(), {n: p.grad for n, p in loss_model.named_parameters() if p.grad is not None}))
+    assert seen == [torch.float32, torch.bfloat16]
     (plain, plain_grads), (cast, cast_grads) = got
     assert torch.equal(plain, cast) and plain_grads.keys() == cast_grads.keys()
     assert all(torch.equal(plain_grads[n], cast_grads[n]) for n in plain_grads)
