@@ -6,6 +6,7 @@ prompt tokens -100, answer tokens trained, EOS / end-of-turn trained, padding -1
 
 import copy
 import json
+import re
 
 import pytest
 
@@ -534,6 +535,12 @@ def test_detection_from_columns():
     assert detect_layout({"prompt": msg, "completion": msg}).format == "chat_prompt_completion"
     assert detect_layout({"conversation": msg}, columns={"messages": "conversation"}).format == "chat"
     assert detect_layout({"prompt": s, "completion": s}, "text", text_column="completion").columns == {"text": "completion"}
+    # a part the format does not use is a mistake (half a prompt/completion pair; a chat's input), not ignored
+    for features, columns, words in (({"text": s}, {"prompt": "text"}, "--columns prompt=text: format text does not "
+                                      "use prompt (its parts: text)"),
+                                     ({"messages": msg}, {"input": "messages"}, "format chat does not use input")):
+        with pytest.raises(SftuneError, match=re.escape(words)):
+            detect_layout(features, columns=columns)
 
 
 # --- masks survive batching --------------------------------------------------------------

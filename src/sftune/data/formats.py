@@ -129,6 +129,14 @@ def detect_layout(features: dict[str, Any], requested: str = "auto", columns: di
         fmt = "chat_prompt_completion"
     needed = {"text": [], "prompt_completion": ["prompt", "completion"], "chat": ["messages"],
               "chat_prompt_completion": ["prompt", "completion"]}[fmt]
+    uses = {"text": ("text",), "prompt_completion": ("prompt", "completion", "input"), "chat": ("messages", "tools"),
+            "chat_prompt_completion": ("prompt", "completion", "tools")}[fmt]
+    unused = [f"{k}={columns[k]}" for k in columns if k not in uses and not (k == "text" and text_column)]
+    if unused:  # (a part mapped for another format: a mistake, or a half-mapped pair)
+        raise SftuneError(f"--columns {','.join(unused)}: format {fmt} does not use "
+                          f"{' or '.join(k.split('=')[0] for k in unused)} (its parts: {', '.join(uses)}); for "
+                          f"prompt/completion data map both, e.g. --columns prompt=instruction,completion=output, or "
+                          f"set --format")
     missing = [f"{k} (column {col[k]!r})" for k in needed if col[k] not in features]
     if missing:
         raise SftuneError(f"format {fmt} needs {', '.join(missing)}, not in the dataset (columns: {', '.join(names)}); "
