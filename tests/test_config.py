@@ -66,6 +66,9 @@ def test_range_checks_name_the_flag():
     msg = str(e.value)
     assert "warmup_ratio = 0.1: is set with warmup_steps 10: set one of them (warmup_steps 0, --warmup-steps 0" in msg
     assert "adam_beta2 = 1.0: must be at least 0 and below 1" in msg and "adam_epsilon = 0.0" in msg
+    with pytest.raises(SftuneError, match=r"val_split = '0.1': names a split \(e.g. test\), not a fraction; to hold "
+                                          r"out 0.1 of the training split, set val_fraction 0.1 \(--val-fraction\)"):
+        resolve_config({"val_split": "0.1"})
 
 
 def test_flags_override_yaml(tmp_path):

@@ -514,6 +514,15 @@ def mixture_weight(value: Any) -> float:
     return weight
 
 
+def is_number(value: Any) -> bool:
+    """A text that reads as a number (a split name that is a fraction by mistake)."""
+    try:
+        float(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
 def coerce(name: str, value: Any) -> Any:
     """Check (and gently convert) one value for field `name`; raise ValueError with the reason.
 
@@ -617,6 +626,8 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
     need(cfg.val_split is None or (bool(cfg.val_split) and (cfg.val_split != cfg.split or cfg.val_dataset
                                                              or cfg.val_datasets)), "val_split",
          f"must name another split than the training split ({cfg.split!r}), or null for the default")
+    need(not is_number(cfg.val_split), "val_split", f"names a split (e.g. test), not a fraction; to hold out "
+         f"{cfg.val_split} of the training split, set val_fraction {cfg.val_split} (--val-fraction) instead")
     need(cfg.min_tokens >= 0, "min_tokens", "must be 0 or more")
     need(cfg.max_length is None or cfg.max_length >= 2, "max_length", "must be at least 2 tokens, or null for the model's context")
     need(cfg.eval_every is None or cfg.eval_every >= 1, "eval_every", "must be at least 1, or null")
