@@ -161,6 +161,28 @@ def test_a_compiled_run_trains_what_the_eager_run_trains(extra, capsys, tmp_path
         torch.testing.assert_close(compiled[key], want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
+def test_a_run_resumes_under_another_compile_mode(capsys, tmp_path, small_model_dir):
+    """--compile (and the attention kernel) may change on resume, as the batch split may: the same steps, other
+    kernels (a compile that fails on the resumed machine can be left out). Eager to step 2, then compiled to 3:
+    within 1e-5 of the eager run's weights."""
+    from safetensors.torch import load_file
+
+    common = ["train", "--no-run-report", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA),
+              "--max-steps", "3", "--batch-size", "8", "--precision", "fp32", "--lr", "1e-3", "--report-to", "none",
+              "--pad-to-multiple-of", "64", "--save-every", "1", "--sample-prompts", ""]
+    eager, resumed = tmp_path / "eager", tmp_path / "resumed"
+    code, _, err = run_main(capsys, *common, "--output-dir", str(eager))
+    assert code == 0, err
+    code, _, err = run_main(capsys, *common, "--output-dir", str(resumed), "--resume",
+                            str(eager / "checkpoints" / "step-2"), "--compile", "torch", "--compile-backend",
+                            "aot_eager", "--attention", "eager")
+    assert code == 0 and "resumed from" in err and "torch.compile (aot_eager)" in err, err
+    want, got = load_file(eager / "model.safetensors"), load_file(resumed / "model.safetensors")
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-5, atol=1e-5)
+
+
 def test_compile_options_are_checked(capsys, tmp_path, small_model_dir):
     out = tmp_path / "run"
     common = ("train", "--no-run-report", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA), "--output-dir", str(out))

@@ -366,6 +366,8 @@ RUN_CONTROL_KEYS = {
     "max_bad_steps", "merge", "report_to", "run_report", "early_stopping_patience", "early_stopping_min_delta", "save_best", "final_model",
     "push_to_hub", "hub_private", "profile_steps", "memory_check",
     "strategy", "gradient_checkpointing", "dist_timeout",  # how the same arithmetic is spread over ranks, or recomputed
+    "compile", "compile_mode", "compile_backend", "attention",  # ... or which kernels run it (a compile that fails
+    # on resume can be left out; only float rounding changes, as with another batch-size / grad-accum split)
 }
 
 
