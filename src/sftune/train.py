@@ -533,16 +533,24 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         log(f"the stream ran out at step {state.step:,}, before max_steps {total_steps:,}")
     bar.close()
     seconds = time.perf_counter() - start
+    samples = write_outputs(run, evals, metrics, saved_at[-1] if saved_at else None)  # the model, the report
+    return TrainResult(out, state.step, state.tokens, seconds, evals, samples)
 
-    # --- outputs ----------------------------------------------------------------
+
+def write_outputs(run: Run, evals: list[dict], metrics: MetricsWriter, last_saved: Path | None) -> dict[str, str]:
+    """After the loop: the final model written (the best evaluation's with --final-model best; LoRA: the adapter,
+    and with --merge the merged model beside it), the checkpoints kept only for safety removed, the metrics closed,
+    the run's report, and the samples of the sample prompts (returned: prompt -> completion)."""
+    cfg, dist, state, out = run.cfg, run.dist, run.state, run.out
+    hf_model = run.loss_model.model
     if not weights_finite(run.loss_model, dist):
         raise TrainingDiverged(f"the weights after step {state.step} are not finite; the final model was not saved. "
-                               f"Lower --lr and resume from {saved_at[-1] if saved_at else 'the start'}")
+                               f"Lower --lr and resume from {last_saved or 'the start'}")
     best_dir = best_checkpoint(run) if cfg.final_model == "best" and state.best_step not in (None, state.step) \
         else None
     if best_dir is not None:  # into the run's model, on every rank (FSDP: its shards, gathered below)
         run.checkpointer.load_weights(best_dir, run.loss_model)
-        best = best_eval()
+        best = next(e for e in evals if e["step"] == state.best_step)
         log(f"final model: the best evaluation's, step {best['step']:,} (val loss {best['val_loss']:.4f}), from "
             f"{best_dir} (--final-model best)")
     full = None  # FSDP: the whole model, or a LoRA run's trained tensors, gathered on rank 0 (all ranks call)
@@ -578,7 +586,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
     for prompt in cfg.sample_prompts if dist.is_main or dist.sharded else []:
         samples[prompt] = complete(hf_model, run.tokenizer, prompt, cfg.sample_max_new_tokens, seed=cfg.seed,
                                    chat=run.steps.layout.is_chat, synced=dist.sharded)[0]
-    return TrainResult(out, state.step, state.tokens, seconds, evals, samples)
+    return samples
 
 
 def step_rng(device: torch.device) -> tuple:
