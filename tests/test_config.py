@@ -27,6 +27,19 @@ def test_yaml_scientific_notation_and_null_are_accepted(tmp_path):
     assert cfg.max_steps is None and cfg.batch_size == 8 and cfg.sample_prompts == ["a", "b"]
 
 
+def test_a_key_set_twice_in_yaml_is_an_error(tmp_path):
+    """PyYAML keeps the second value silently; which one was meant is the user's to say (nested mappings too)."""
+    path = tmp_path / "c.yaml"
+    path.write_text("lr: 5e-5\nbatch_size: 8\nlr: 1e-4\n")
+    with pytest.raises(SftuneError, match=r"sets 'lr' twice \(lines 1 and 3\); keep one \(--config\)"):
+        load_config(path)
+    path.write_text("datasets:\n  - dataset: a\n    weight: 1\n    weight: 2\n")
+    with pytest.raises(SftuneError, match=r"sets 'weight' twice \(lines 3 and 4\)"):
+        load_config(path)
+    path.write_text("datasets:\n  - dataset: a\n  - dataset: b\n")  # the same key in two mappings is fine
+    assert [d["dataset"] for d in load_config(path).datasets] == ["a", "b"]
+
+
 def test_unknown_key_is_an_error_with_a_suggestion():
     with pytest.raises(SftuneError) as e:
         resolve_config({"learning_rate": 1e-4, "batch_szie": 4})

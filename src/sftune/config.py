@@ -733,13 +733,32 @@ def resolve_config(*layers: dict[str, Any], source: str = "config", training: bo
     return cfg
 
 
+class _OnceEach(yaml.SafeLoader):
+    """PyYAML keeps the last value of a key written twice in a mapping; in a config that is a mistake (which of the
+    two was meant?), so `read_yaml` says so, as it does of an unknown key."""
+
+    path = ""
+
+    def construct_mapping(self, node, deep=False):
+        lines: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if isinstance(key, (str, int, float, bool)) and key in lines:
+                raise SftuneError(f"config file {self.path} sets {key!r} twice (lines {lines[key]} and {line}); keep "
+                                  f"one (--config)")
+            lines[key] = line
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config file into a dict (keys are checked by resolve_config)."""
+    """Read a YAML config file into a dict (keys are checked by resolve_config; a key set twice is an error)."""
     path = Path(path)
     if not path.is_file():
         raise SftuneError(f"config file not found: {path} (check --config)")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        loader = type("OnceEach", (_OnceEach,), {"path": str(path)})
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)  # (a SafeLoader: no Python objects)
     except UnicodeDecodeError as e:
         raise SftuneError(f"config file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
                           f"{e.start}); save it as UTF-8 (--config)") from None
