@@ -79,6 +79,21 @@ def to_devnull(fd: int) -> None:
         os.close(null)
 
 
+@contextlib.contextmanager
+def stderr_muted():
+    """The process's descriptor 2 at /dev/null for a C++ call that writes its own lines there (kineto's "USDT: ...
+    profiler_start" at each profiler start and stop, whatever KINETO_LOG_LEVEL says); restored after, errors
+    included. Python's own stderr is flushed first, so nothing of ours is lost."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        to_devnull(2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class KeepsWriting:
     """sys.stdout or sys.stderr, except that losing its reader does not end the run: a pipe closed by the reader
     (`sftune train 2>&1 | head`, a `tee` or log shipper that died) or a terminal that hung up makes a write fail

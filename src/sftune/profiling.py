@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from sftune.console import log
+from sftune.console import log, stderr_muted
 from sftune.dist import Dist
 
 
@@ -38,7 +38,8 @@ class StepProfiler:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         self.profiler = torch.profiler.profile(activities=activities)
         self.sync()
-        self.profiler.start()
+        with stderr_muted():  # (kineto's "USDT: ... profiler_start" line)
+            self.profiler.start()
         self.started, self.from_step = time.perf_counter(), step
 
     def after(self, step: int) -> None:
@@ -50,7 +51,8 @@ class StepProfiler:
         if self.profiler is None:
             return
         if step is None:
-            self.profiler.stop()
+            with stderr_muted():
+                self.profiler.stop()
             self.profiler = None
             return
         self.finish(step)
@@ -63,7 +65,8 @@ class StepProfiler:
         self.sync()
         seconds = time.perf_counter() - self.started
         profiler, self.profiler = self.profiler, None
-        profiler.stop()
+        with stderr_muted():
+            profiler.stop()
         self.directory.mkdir(parents=True, exist_ok=True)
         suffix = f"-rank{self.dist.rank}" if self.dist.distributed else ""
         trace = self.directory / f"trace{suffix}.json.gz"
