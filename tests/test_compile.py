@@ -284,10 +284,11 @@ def test_the_fused_loss_softmax_is_compiled_where_it_pays():
 def test_weights_cast_in_one_pass_give_autocasts_loss_and_gradients_bitwise(family):
     """bf16 autocast on a CPU: the loss and every gradient (dropout on, for GPT-2) are the ones autocast's own
     casts give, bit for bit; the tensors cast are the `Linear`/`Conv1D` weights and biases, not the output head nor
-    GPT-2's tied embedding. A model with LoRA layers gets none (peft would sum its inputs' gradients in bf16)."""
+    GPT-2's tied embedding. A model with LoRA layers gets none (peft would sum its inputs' gradients in bf16), nor
+    does a layer registered twice."""
     from peft import LoraConfig, get_peft_model
 
-    from sftune.casts import MatmulCasts
+    from sftune.casts import MatmulCasts, matmul_parameters
     from sftune.runtime import autocast
 
     model = tiny(family)
@@ -318,3 +319,7 @@ def test_weights_cast_in_one_pass_give_autocasts_loss_and_gradients_bitwise(fami
     assert all(torch.equal(plain_grads[n], cast_grads[n]) for n in plain_grads)
     get_peft_model(model, LoraConfig(r=2, target_modules="all-linear", fan_in_fan_out=family == "gpt2"))
     assert MatmulCasts.for_model(CausalLMLoss(model), torch.bfloat16) is None
+    shared = torch.nn.Module()  # a layer registered twice (shared by two positions): its gradients would be summed
+    shared.a = shared.b = torch.nn.Linear(4, 4)  # in bf16 through one copy, so it keeps autocast's casts
+    shared.c = torch.nn.Linear(4, 4)
+    assert sorted(matmul_parameters(shared, None)) == ["c.bias", "c.weight"]

@@ -12,7 +12,8 @@ fp32 gradient of a bf16 copy is its bf16 gradient, converted (tested bitwise on 
 
 Only the parameters that autocast hands to bf16 products are cast: the weight and bias of `Linear` and `Conv1D`
 modules, not the output head (the fused loss casts it its own way), nor a tensor another kind of module reads too
-(GPT-2's tied embedding, layer norms: those run in fp32 under autocast), and none in a model with LoRA layers
+(GPT-2's tied embedding, layer norms: those run in fp32 under autocast), nor a layer registered twice (shared by
+two positions: its uses' gradients would be summed in bf16), and none in a model with LoRA layers
 (`MatmulCasts.for_model`). The gradients reach the parameters when the whole backward is done rather than as
 each is made, so this is for one process (CUDA graphs), not DDP, whose reductions start as gradients arrive.
 
@@ -60,9 +61,14 @@ def matmul_parameters(model: nn.Module, head: nn.Module | None) -> dict[str, nn.
             type(module).__name__
         for p in module.parameters(recurse=False):
             readers.setdefault(id(p), set()).add(kind)
+    # a tensor registered under several names (a layer shared by several positions) would be read through one copy
+    # whose gradients autograd sums in bf16; autocast's cast at each use sums them in fp32: left to autocast
+    names: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        names[id(p)] = names.get(id(p), 0) + 1
     found: dict[str, nn.Parameter] = {}
-    for name, p in model.named_parameters():  # (tied tensors come once)
-        if p.requires_grad and p.dtype == torch.float32 and readers[id(p)] == {"matmul"}:
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.dtype == torch.float32 and readers[id(p)] == {"matmul"} and names[id(p)] == 1:
             found[name] = p
     return found
 
