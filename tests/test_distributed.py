@@ -635,3 +635,17 @@ def test_a_rank_that_waits_past_dist_timeout_says_so(tmp_path):
     procs[0].communicate(timeout=120)
     assert procs[1].returncode == 2, waiting
     assert waiting.startswith("rank 1 waited more than 1 s for the other ranks") and "--dist-timeout" in waiting
+
+
+def test_a_launch_with_restarts_through_torchruns_shared_store_is_warned_about():
+    """torchrun --max-restarts N shares its store with the ranks unless TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (then
+    TORCHELASTIC_USE_AGENT_STORE is False): 1 restart in 4 hung here that way, 10 of 10 resumed with it (README).
+    The ranks see torchrun's environment, so sftune says it at the start (tried by hand under torchrun: once)."""
+    from sftune.dist import restart_warning
+
+    shared = {"TORCHELASTIC_MAX_RESTARTS": "2", "TORCHELASTIC_USE_AGENT_STORE": "True"}
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in restart_warning(shared)
+    assert "--max-restarts 2" in restart_warning(shared)
+    assert restart_warning({**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
+    assert restart_warning({**shared, "TORCHELASTIC_MAX_RESTARTS": "0"}) is None
+    assert restart_warning({}) is None

@@ -30,7 +30,7 @@ from sftune.config import SFTConfig, dump_yaml, template_on_the_hub, to_dict
 from sftune.console import log
 from sftune.data import DataOptions, prepare_data
 from sftune.data.cache import tokenizer_fingerprint
-from sftune.dist import Dist, init_dist
+from sftune.dist import Dist, init_dist, restart_warning
 from sftune.errors import SftuneError
 from sftune.loss import CausalLMLoss, ChunkMath, chunk_rows, output_head
 from sftune.modeling import add_tokens, check_attention, context_length, enable_activation_checkpointing, \
@@ -267,6 +267,8 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     seed_everything(cfg.seed)
     precision = resolve_precision(cfg.precision, dist.device)
     log(f"device: {dist.device}, precision: {precision}" + (" (auto)" if cfg.precision == "auto" else ""))
+    if (warning := restart_warning()) and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+        log(warning)  # (said at the first launch, where it can still be acted on)
     if cfg.strategy != "auto" and not dist.distributed:
         log(f"warning: --strategy {cfg.strategy} spreads a run over the processes torchrun starts; this is one "
             f"process, which trains the whole model (torchrun --nproc-per-node N -m sftune train ...)")

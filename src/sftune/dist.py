@@ -228,6 +228,20 @@ def init_dist(device_name: str, timeout_s: int = 1800) -> Dist:
     return Dist(rank, local_rank, world_size, device, owns_group=owns, timeout_s=timeout_s)
 
 
+def restart_warning(env: dict[str, str] | None = None) -> str | None:
+    """torchrun --max-restarts N with torchrun's shared store: after a restart the new ranks can wait for each
+    other for ever before they meet (a stale address in that store, torch issue 135712): 1 in 4 restarts on CPU
+    here, 2 in 4 under load; with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 given to torchrun, 10 of 10 resumed
+    (README, "Several GPUs and nodes"). A warning for such a launch (the ranks see torchrun's environment)."""
+    env = os.environ if env is None else env
+    restarts = int(env.get("TORCHELASTIC_MAX_RESTARTS") or 0)
+    if restarts < 1 or env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    return (f"warning: torchrun --max-restarts {restarts} shares its rendezvous store with the ranks, and after a "
+            f"restart the new ranks can wait for each other for ever (torch issue 135712: 1 in 4 restarts here); "
+            f"start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment")
+
+
 def check_gpu_count(local_rank: int, gpus: int) -> None:
     """Each process of a node trains on GPU LOCAL_RANK: more processes than GPUs is a clear error (torch's is
     "invalid device ordinal"), said by the first process without one."""
