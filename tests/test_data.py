@@ -109,6 +109,19 @@ def test_every_file_format_loads_with_a_held_out_validation_split(tmp_path, suff
     assert texts == {r["review"] for r in ROWS}  # nothing lost or duplicated by the hold-out
 
 
+@pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".tsv", ".txt"])
+def test_a_file_that_starts_with_a_byte_order_mark_reads_as_without(tmp_path, suffix):
+    """Excel's "CSV UTF-8" and Notepad write a UTF-8 byte-order mark first: a CSV's first column was then not found
+    (its name began with U+FEFF), and a text file's first row began with it (a token trained on)."""
+    path = tmp_path / f"data{suffix}"
+    write_format(path, suffix)
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    rows = load_rows(str(path), seed=1, val_fraction=0.25)
+    column = "text" if suffix == ".txt" else "review"
+    assert find_text_column(rows["train"].features, None) == column
+    assert set(rows["train"][column]) | set(rows["validation"][column]) == {r["review"] for r in ROWS}
+
+
 def test_hold_out_is_deterministic(tmp_path):
     path = tmp_path / "d.jsonl"
     write_format(path, ".jsonl")

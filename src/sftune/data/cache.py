@@ -26,7 +26,7 @@ from sftune.data.examples import Examples, SplitStats
 from sftune.data.formats import Layout
 from sftune.data.sources import local_files
 
-PIPELINE_VERSION = 7  # bump when tokenization, filtering or the entry format changes, to invalidate caches
+PIPELINE_VERSION = 8  # bump when tokenization, filtering or the entry format changes, to invalidate caches
 SPLITS = ("train", "validation")
 
 

@@ -8,7 +8,9 @@ column) and `hub`.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -22,11 +24,13 @@ from sftune.hub import from_hub_or_cache
 FILE_BUILDERS = {
     ".jsonl": ("json", {}),
     ".json": ("json", {}),
-    # CSV cells stay text as written (" 4" is not the number 4; an empty cell is "", not NaN): see _csv_as_text
-    ".csv": ("csv", {"keep_default_na": False}),
-    ".tsv": ("csv", {"delimiter": "\t", "keep_default_na": False}),
+    # CSV cells stay text as written (" 4" is not the number 4; an empty cell is "", not NaN): see _csv_as_text.
+    # utf-8-sig: a file that starts with a byte-order mark (Excel's "CSV UTF-8", Notepad) reads without it; as
+    # plain UTF-8 its first column's name began with U+FEFF (not found), or a text file's first row did (trained)
+    ".csv": ("csv", {"keep_default_na": False, "encoding": "utf-8-sig"}),
+    ".tsv": ("csv", {"delimiter": "\t", "keep_default_na": False, "encoding": "utf-8-sig"}),
     ".parquet": ("parquet", {}),
-    ".txt": ("text", {}),
+    ".txt": ("text", {"encoding": "utf-8-sig"}),
 }
 VALIDATION_NAMES = ("validation", "valid", "val", "dev")
 
@@ -155,7 +159,8 @@ def read_splits(dataset: str, config_name: str | None, flag: str):
             if problem:
                 raise SftuneError(problem)
         try:
-            ds = datasets.load_dataset(builder, data_files={"train": [str(f) for f in files]}, **kwargs)
+            with datasets_errors_unsaid():
+                ds = datasets.load_dataset(builder, data_files={"train": [str(f) for f in files]}, **kwargs)
         except Exception as e:  # datasets wraps parse errors in its own types: find the bad line ourselves
             bad = next((m for f in files for m in [diagnose_file(f)] if m), None)
             raise SftuneError(bad or f"could not read {dataset}: {_root_cause(e)} (check {flag})") from None
@@ -202,6 +207,20 @@ def file_loader(files: list[Path]) -> tuple[str, dict]:
     return builder, kwargs
 
 
+@contextlib.contextmanager
+def datasets_errors_unsaid():
+    """`datasets` logs a file it cannot parse ("Failed to load JSON from file ... with error <class
+    'pyarrow.lib.ArrowInvalid'>") before raising; sftune's own error names the file and line, so that log line is
+    left out while a file is read."""
+    logger = logging.getLogger("datasets")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _csv_as_text(path: Path, delimiter: str):
     """Features reading every column of a CSV file as text (pandas would turn " 4" into 4)."""
     import csv
@@ -209,7 +228,7 @@ def _csv_as_text(path: Path, delimiter: str):
     import datasets
 
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # (as the builder reads it: FILE_BUILDERS)
             header = next(csv.reader(f, delimiter=delimiter), [])
     except (OSError, UnicodeDecodeError):
         return None  # load_dataset fails next, and diagnose_file names the problem
@@ -262,7 +281,7 @@ def precheck_file(path: Path) -> str | None:
         elif suffix in (".csv", ".tsv"):
             import csv
 
-            with open(path, newline="", encoding="utf-8") as f:
+            with open(path, newline="", encoding="utf-8-sig") as f:
                 reader = csv.reader(f, delimiter="\t" if suffix == ".tsv" else ",", strict=True)
                 try:
                     for _ in reader:
@@ -291,6 +310,8 @@ def diagnose_file(path: Path) -> str | None:
                 f"re-encode the file as UTF-8 (--dataset)")
     if not text.strip():
         return f"{path} is empty: no rows to train on (--dataset)"
+    if path.suffix.lower() in (".csv", ".tsv") and len([line for line in text.splitlines() if line.strip()]) == 1:
+        return f"{path} holds a header line and no rows: nothing to train on (--dataset)"
     if path.suffix.lower() == ".jsonl":
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
