@@ -122,6 +122,17 @@ def test_a_file_that_starts_with_a_byte_order_mark_reads_as_without(tmp_path, su
     assert set(rows["train"][column]) | set(rows["validation"][column]) == {r["review"] for r in ROWS}
 
 
+def test_a_csv_separated_by_semicolons_reads_as_its_columns(tmp_path, capsys):
+    """Spreadsheets in many locales write CSV with ';': read with ',' its one column held whole lines ("text;label"),
+    labels trained as text. A header without a comma and with semicolons is read with ';', and said."""
+    path = tmp_path / "data.csv"
+    path.write_text("review;stars\r\n" + "".join(f"{r['review']};{r['stars']}\r\n" for r in ROWS))
+    rows = load_rows(str(path), seed=1, val_fraction=0.25)
+    assert rows["train"].column_names[:2] == ["review", "stars"]
+    assert set(rows["train"]["review"]) | set(rows["validation"]["review"]) == {r["review"] for r in ROWS}
+    assert "its fields are read as separated by ';'" in capsys.readouterr().err
+
+
 def test_hold_out_is_deterministic(tmp_path):
     path = tmp_path / "d.jsonl"
     write_format(path, ".jsonl")

@@ -203,8 +203,23 @@ def file_loader(files: list[Path]) -> tuple[str, dict]:
     builder, kwargs = builders.pop()
     kwargs = dict(kwargs)
     if builder == "csv":
+        if "delimiter" not in kwargs and (header := _semicolon_header(files[0])):
+            kwargs["delimiter"] = ";"  # (as some spreadsheets write CSV: read with commas, one column held it all)
+            log(f"data: the header of {files[0].name} ({header!r}) has no comma and has semicolons: its fields are "
+                f"read as separated by ';'")
         kwargs["features"] = _csv_as_text(files[0], kwargs.get("delimiter", ","))
     return builder, kwargs
+
+
+def _semicolon_header(path: Path) -> str | None:
+    """The first line of a .csv file whose fields are separated by ';' rather than ',' (none of its header's
+    names holds a comma, and there are several), else None."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            header = f.readline().strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return header if "," not in header and ";" in header else None
 
 
 @contextlib.contextmanager
