@@ -79,11 +79,13 @@ def test_generate_shows_the_model_its_tools(chat_run, tmp_path, capsys):
     code, stdout, err = run_main(capsys, "generate", "--model", str(out), "--chat", "Find Heat.", "--tools",
                                  str(tools), "--temperature", "0", "--max-new-tokens", "4", "--json")
     assert code == 0, err
-    bad = tmp_path / "bad.json"
+    bad, nameless = tmp_path / "bad.json", tmp_path / "nameless.json"
     bad.write_text('["find_film"]')
+    nameless.write_text('{"not": "a schema"}')
     for args, message in ((["--chat", "Hi", "--tools", str(tmp_path / "none.json")], "--tools: cannot read"),
                           (["--prompt", "Hi", "--tools", str(tools)], "--tools goes with --chat"),
-                          (["--chat", "Hi", "--tools", str(bad)], "tools must be a list of JSON schemas")):
+                          (["--chat", "Hi", "--tools", str(bad)], "tools must be a list of JSON schemas"),
+                          (["--chat", "Hi", "--tools", str(nameless)], "tool 0 has no name")):
         code, _, err = run_main(capsys, "generate", "--model", str(out), *args)
         assert code == 2 and message in err and "Traceback" not in err, err
 

@@ -402,6 +402,11 @@ def read_tools(path: str) -> list[dict]:
     tools = row_tools(text, f"--tools {path}")
     if not tools:
         raise SftuneError(f"--tools {path} holds no tool schema; give a JSON list of them")
+    for i, tool in enumerate(tools):  # (a function schema, or one wrapped as {type: function, function: ...})
+        if not isinstance((tool.get("function") if isinstance(tool.get("function"), dict) else tool).get("name"), str):
+            raise SftuneError(f"--tools {path}: tool {i} has no name ({json.dumps(tool)[:80]}); each is a JSON schema "
+                              f'like {{"type": "function", "function": {{"name": ..., "description": ..., '
+                              f'"parameters": {{...}}}}}}')
     return tools
 
 
