@@ -131,6 +131,11 @@ def test_a_csv_separated_by_semicolons_reads_as_its_columns(tmp_path, capsys):
     assert rows["train"].column_names[:2] == ["review", "stars"]
     assert set(rows["train"]["review"]) | set(rows["validation"]["review"]) == {r["review"] for r in ROWS}
     assert "its fields are read as separated by ';'" in capsys.readouterr().err
+    # quoted cells holding the delimiter: the quoting check reads the file with ';' too (with ',' it refused it)
+    path.write_text('review;stars\n"long; and dull";0\n"a clever, tender film";1\n"fine";1\n"a gem";1\n')
+    rows = load_rows(str(path), seed=1, val_fraction=0.25)
+    assert set(rows["train"]["review"]) | set(rows["validation"]["review"]) == {
+        "long; and dull", "a clever, tender film", "fine", "a gem"}
 
 
 def test_hold_out_is_deterministic(tmp_path):

@@ -155,7 +155,7 @@ def read_splits(dataset: str, config_name: str | None, flag: str):
     if files is not None:
         builder, kwargs = file_loader(files)
         for f in files:  # what `datasets` would read wrongly, or with unbounded memory: say so first
-            problem = precheck_file(f)
+            problem = precheck_file(f, kwargs.get("delimiter", ","))
             if problem:
                 raise SftuneError(problem)
         try:
@@ -274,9 +274,10 @@ def _root_cause(e: BaseException) -> str:
 MAX_LINE_BYTES = 16 << 20  # one JSONL row over 16 MiB is refused: datasets would need ~100x that to parse it
 
 
-def precheck_file(path: Path) -> str | None:
+def precheck_file(path: Path, delimiter: str = ",") -> str | None:
     """Problems found by one cheap pass over a text data file: a JSONL line too long to parse within
-    bounded memory, a CSV/TSV quote that is never closed (pandas would silently merge the rows after it)."""
+    bounded memory, a CSV/TSV quote that is never closed (pandas would silently merge the rows after it).
+    `delimiter`: the one the file is read with (`file_loader`: a tab for .tsv, ';' for a semicolon CSV)."""
     suffix = path.suffix.lower()
     try:
         if suffix == ".jsonl":
@@ -297,7 +298,7 @@ def precheck_file(path: Path) -> str | None:
             import csv
 
             with open(path, newline="", encoding="utf-8-sig") as f:
-                reader = csv.reader(f, delimiter="\t" if suffix == ".tsv" else ",", strict=True)
+                reader = csv.reader(f, delimiter=delimiter, strict=True)
                 try:
                     for _ in reader:
                         pass
