@@ -267,8 +267,8 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     seed_everything(cfg.seed)
     precision = resolve_precision(cfg.precision, dist.device)
     log(f"device: {dist.device}, precision: {precision}" + (" (auto)" if cfg.precision == "auto" else ""))
-    if (warning := restart_warning()) and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-        log(warning)  # (said at the first launch, where it can still be acted on)
+    if warning := restart_warning():
+        log(warning)
     if cfg.strategy != "auto" and not dist.distributed:
         log(f"warning: --strategy {cfg.strategy} spreads a run over the processes torchrun starts; this is one "
             f"process, which trains the whole model (torchrun --nproc-per-node N -m sftune train ...)")

@@ -737,7 +737,9 @@ class _OnceEach(yaml.SafeLoader):
     """PyYAML keeps the last value of a key written twice in a mapping; in a config that is a mistake (which of the
     two was meant?), so `read_yaml` says so, as it does of an unknown key."""
 
-    path = ""
+    def __init__(self, text: str, path: Path):
+        super().__init__(text)
+        self.path = path
 
     def construct_mapping(self, node, deep=False):
         lines: dict[Any, int] = {}
@@ -757,8 +759,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise SftuneError(f"config file not found: {path} (check --config)")
     try:
-        loader = type("OnceEach", (_OnceEach,), {"path": str(path)})
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=loader)  # (a SafeLoader: no Python objects)
+        loader = _OnceEach(path.read_text(encoding="utf-8"), path)  # (a SafeLoader: no Python objects)
+        try:
+            data = loader.get_single_data()  # (what yaml.safe_load does with its loader)
+        finally:
+            loader.dispose()
     except UnicodeDecodeError as e:
         raise SftuneError(f"config file {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset "
                           f"{e.start}); save it as UTF-8 (--config)") from None

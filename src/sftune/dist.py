@@ -232,10 +232,12 @@ def restart_warning(env: dict[str, str] | None = None) -> str | None:
     """torchrun --max-restarts N with torchrun's shared store: after a restart the new ranks can wait for each
     other for ever before they meet (a stale address in that store, torch issue 135712): 1 in 4 restarts on CPU
     here, 2 in 4 under load; with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 given to torchrun, 10 of 10 resumed
-    (README, "Several GPUs and nodes"). A warning for such a launch (the ranks see torchrun's environment)."""
+    (README, "Several GPUs and nodes"). A warning for such a launch (the ranks see torchrun's environment), at its
+    first start, where it can still be acted on."""
     env = os.environ if env is None else env
     restarts = int(env.get("TORCHELASTIC_MAX_RESTARTS") or 0)
-    if restarts < 1 or env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+    if restarts < 1 or env.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or \
+            env.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         return None
     return (f"warning: torchrun --max-restarts {restarts} shares its rendezvous store with the ranks, and after a "
             f"restart the new ranks can wait for each other for ever (torch issue 135712: 1 in 4 restarts here); "

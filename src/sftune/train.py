@@ -373,9 +373,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             set_step_rng(rng, dist.device)  # the resumed step draws its dropout masks again, as this one did
         saved = keep_the_steps(after_oom=True)
         rows, width = max((tuple(b["input_ids"].shape) for b in micro_batches), key=lambda s: s[0] * s[1])
-        peak = (f", {torch.cuda.max_memory_allocated(dist.device) / 2**30:.1f} of "
-                f"{torch.cuda.get_device_properties(dist.device).total_memory / 2**30:.1f} GiB at the peak"
-                if dist.device.type == "cuda" else "")
+        peak = f", {peak_memory(dist.device)}" if dist.device.type == "cuda" else ""
         split = (f"--batch-size {cfg.batch_size // 2} --grad-accum {cfg.grad_accum * 2} (the same rows in each step) "
                  f"or " if cfg.batch_size > 1 and cfg.batch_tokens is None else "")
         return SftuneError(
@@ -406,9 +404,8 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             shapes_seen.add(shape_key(batch, run.loss_model.device_keys))
         window.exclude(time.perf_counter() - started)
         rows, width = batch["input_ids"].shape
-        fits = (f"fits: {torch.cuda.max_memory_allocated(dist.device) / 2**30:.1f} of "
-                f"{torch.cuda.get_device_properties(dist.device).total_memory / 2**30:.1f} GiB at the peak"
-                if dist.device.type == "cuda" else "ran (a CPU's memory is not measured)")
+        fits = f"fits: {peak_memory(dist.device)}" if dist.device.type == "cuda" else \
+            "ran (a CPU's memory is not measured)"
         log(f"memory check: the heaviest micro-batch a step can hold ({rows} rows x {width} tokens"
             f"{' per rank' if dist.distributed else ''}) {fits} (--memory-check)")
 
@@ -587,6 +584,12 @@ def write_outputs(run: Run, evals: list[dict], metrics: MetricsWriter, last_save
         samples[prompt] = complete(hf_model, run.tokenizer, prompt, cfg.sample_max_new_tokens, seed=cfg.seed,
                                    chat=run.steps.layout.is_chat, synced=dist.sharded)[0]
     return samples
+
+
+def peak_memory(device: torch.device) -> str:
+    """A CUDA device's peak allocated memory against its size, for the out-of-memory and memory-check lines."""
+    return (f"{torch.cuda.max_memory_allocated(device) / 2**30:.1f} of "
+            f"{torch.cuda.get_device_properties(device).total_memory / 2**30:.1f} GiB at the peak")
 
 
 def step_rng(device: torch.device) -> tuple:
