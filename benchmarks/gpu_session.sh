@@ -18,10 +18,14 @@
 #                graphs, then whole runs --compile off/graphs/torch (fp32, bf16) and LoRA (with 2 added tokens), each saved as it ends
 #   fusion (300) benchmarks/throughput.py --only packed,packed-flex --packed-compile torch: the packed runs with
 #                inductor's fused kernels instead of graphs (for packed rows the step is compute, not launches)
+#   blocks (300) benchmarks/throughput.py --compile-blocks --only seed,sftune,packed-flex: the seed's loop, then
+#                sftune's seed recipe and packed flex with each transformer block compiled by inductor inside the
+#                CUDA graphs (try 89: the packed step's norms, residual adds, GELU, dropout and casts as fused kernels)
 #   fusion-seed (200) the seed's recipe under --compile torch --compile-mode reduce-overhead (fusion and graphs)
 #   peers  (540) TRL's SFTTrainer (benchmarks/trl_baseline.py) next to sftune: the seed's recipe (TRL's defaults,
 #                then without gradient checkpointing), and the 1B Llama packed, full and LoRA r16, both tools;
 #                then sftune's 1B run with --attention flex_attention, and with --attention varlen
+#   peers-1b (480) the peers phase's 1B Llama runs only (TRL and sftune, full and LoRA r16: issues 10 and 11)
 #   memory (240) benchmarks/memory.py: full / activation checkpointing / LoRA, GPT-2 small and the 1B Llama
 #   profile (240) --profile-steps: torch.profiler over 10 steps of the seed's recipe (after its graphs are captured;
 #                then eagerly) and 4 packed steps; their summaries (wall and GPU-busy ms a step, top kernels) as
@@ -50,6 +54,7 @@ if [ -n "${QUICK:-}" ]; then
   big=(--model-config tests/fixtures/tiny-llama --batch-size 2 --words 60 --steps 2)
   speed=(--steps 4 --warmup 2)
   speed_steps=("${speed[@]}")
+  blocks=("${speed[@]}" --only seed,sftune)
   runs=(--model tests/fixtures/tiny-llama --tokenizer bundled:gpt2 --dataset examples/quickstart/data --steps 3)
   seed_trl=(--steps 3 --warmup 1 --model-config tests/fixtures/tiny-llama --tokenizer bundled:gpt2 --batch-size 4 --max-length 64)
   big_trl=(--steps 2 --warmup 1 --model-config tests/fixtures/tiny-llama --tokenizer bundled:gpt2 --packing --max-length 128 --batch-size 2 --lr 3e-4)
@@ -62,6 +67,7 @@ else
   big=(--model-config examples/llama-1b --batch-size 8 --words 700 --steps 5)
   speed=(--quick --whole-job --varlen --flex --packed-compile graphs)  # (explicit graphs: the loss softmax compiled)
   speed_steps=(--quick --varlen --flex --packed-compile graphs)
+  blocks=(--quick --only seed,sftune,packed-flex --packed-compile graphs)
   runs=()
   seed_trl=()
   big_trl=(--steps 10 --warmup 3 --model-config examples/llama-1b --tokenizer bundled:gpt2 --packing --max-length 1024 --batch-size 8 --lr 3e-4)
@@ -107,17 +113,20 @@ for p in $PHASES; do
     runs) phase runs 300 $py benchmarks/gpu_check.py --device "$DEVICE" --runs-only "${runs[@]}" --json "$OUT/gpu-check.json" ;;
     fusion) [ "$DEVICE" = cuda ] && phase fusion 300 $py benchmarks/throughput.py --device cuda --quick --only packed,packed-flex --packed-compile torch --json "$OUT/packed-compiled-$card-$date.json"
       ;;
+    blocks) phase blocks 300 $py benchmarks/throughput.py --device "$DEVICE" "${blocks[@]}" --compile-blocks --json "$OUT/blocks-$card-$date.json" ;;
     fusion-seed) [ "$DEVICE" = cuda ] && phase fusion-seed 200 $py benchmarks/throughput.py --device cuda --quick --only sftune --compile torch --compile-mode reduce-overhead --json "$OUT/seed-compiled-$card-$date.json" ;;
-    peers)
-      phase trl-seed 90 $py benchmarks/trl_baseline.py --device "$DEVICE" "${seed_trl[@]}" --json "$OUT/trl-seed.json"
-      phase trl-seed-nogc 90 $py benchmarks/trl_baseline.py --device "$DEVICE" "${seed_trl[@]}" --no-gradient-checkpointing --json "$OUT/trl-seed-nogc.json"
+    peers|peers-1b)
+      if [ "$p" = peers ]; then
+        phase trl-seed 90 $py benchmarks/trl_baseline.py --device "$DEVICE" "${seed_trl[@]}" --json "$OUT/trl-seed.json"
+        phase trl-seed-nogc 90 $py benchmarks/trl_baseline.py --device "$DEVICE" "${seed_trl[@]}" --no-gradient-checkpointing --json "$OUT/trl-seed-nogc.json"
+      fi
       for lora in "" "--lora-r 16"; do
         tag=${lora:+-lora}
         phase "trl-1b$tag" 120 $py benchmarks/trl_baseline.py --device "$DEVICE" "${big_trl[@]}" --no-gradient-checkpointing $lora --json "$OUT/trl-1b$tag.json"
         phase "sftune-1b$tag" 120 $py -m sftune train --config configs/llama-1b.yaml --dataset ../shared/data/sst2 --device "$DEVICE" "${big_sftune[@]}" --log-every 1 --eval-every 1000 --report-to none --output-dir "/tmp/sftune-1b$tag" --overwrite $lora
         cp "/tmp/sftune-1b$tag/metrics.jsonl" "$OUT/sftune-1b$tag.metrics.jsonl" 2>/dev/null
       done
-      for attention in flex_attention varlen; do
+      [ "$p" = peers ] && for attention in flex_attention varlen; do
         phase "sftune-1b-$attention" 120 $py -m sftune train --config configs/llama-1b.yaml --dataset ../shared/data/sst2 --device "$DEVICE" "${big_sftune[@]}" --log-every 1 --eval-every 1000 --report-to none --output-dir "/tmp/sftune-1b-$attention" --overwrite --attention $attention
         cp "/tmp/sftune-1b-$attention/metrics.jsonl" "$OUT/sftune-1b-$attention.metrics.jsonl" 2>/dev/null
       done ;;
@@ -139,7 +148,7 @@ for p in $PHASES; do
         cp "/tmp/sftune-profile-$kind/profile/trace.json.gz" "$OUT/profile-$kind.trace.json.gz" 2>/dev/null
       done
       bundle ;;
-    *) echo "unknown phase $p (check, loss, startup, speed, speed-steps, runs, fusion, fusion-seed, peers, memory, profile)" ;;
+    *) echo "unknown phase $p (check, loss, startup, speed, speed-steps, blocks, runs, fusion, fusion-seed, peers, peers-1b, memory, profile)" ;;
   esac
 done
 ls -la "$OUT"

@@ -195,7 +195,7 @@ def worker_sftune(args) -> dict:
         options = {"model": str(model_dir), "dataset": str(dataset), "max_steps": args.warmup + args.steps,
                    "log_every": log_every, "output_dir": str(tmp / "run"), "cache_dir": str(tmp / "cache"),
                    "device": args.device, "report_to": "none", "compile": args.compile,
-                   "attention": attention, "compile_mode": args.compile_mode}
+                   "attention": attention, "compile_mode": args.compile_mode, "compile_blocks": args.compile_blocks}
         if packed:  # (varlen and flex: no attention dropout)
             options.update(packing=True, max_length=1024, compile=args.packed_compile or args.compile,
                            model_config_overrides={"attn_pdrop": 0.0} if attention != "auto" else {})
@@ -377,7 +377,8 @@ def run_worker(name: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", name, "--warmup", str(args.warmup), "--steps", str(args.steps),
            "--seconds", str(args.seconds), "--device", args.device, "--compile", args.compile,
            *(["--packed-compile", args.packed_compile] if args.packed_compile else []),
-           *(["--compile-mode", args.compile_mode] if args.compile_mode else [])]
+           *(["--compile-mode", args.compile_mode] if args.compile_mode else []),
+           *(["--compile-blocks"] if args.compile_blocks else [])]
     env = {**os.environ, "HF_DATASETS_CACHE": tempfile.mkdtemp(prefix="bench-hf-"), "TOKENIZERS_PARALLELISM": "false"}
     print(f"running {name} ...", file=sys.stderr, flush=True)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -422,6 +423,8 @@ def main() -> None:
     p.add_argument("--compile-mode", choices=["default", "reduce-overhead", "max-autotune",
                                               "max-autotune-no-cudagraphs"],
                    help="sftune's --compile-mode for its runs under --compile torch (default: torch.compile's)")
+    p.add_argument("--compile-blocks", action="store_true",
+                   help="sftune's runs with --compile-blocks (each transformer block compiled by inductor)")
     p.add_argument("--varlen", action="store_true",
                    help="(GPU) also sftune and packed under --attention varlen (packed: GPT-2 with attention dropout 0)")
     p.add_argument("--flex", action="store_true",

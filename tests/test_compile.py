@@ -323,3 +323,72 @@ def test_weights_cast_in_one_pass_give_autocasts_loss_and_gradients_bitwise(fami
     shared.a = shared.b = torch.nn.Linear(4, 4)  # in bf16 through one copy, so it keeps autocast's casts
     shared.c = torch.nn.Linear(4, 4)
     assert sorted(matmul_parameters(shared, None)) == ["c.bias", "c.weight"]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "tiny-llama"])
+def test_compiled_blocks_share_one_compile_per_shape_and_change_nothing(family):
+    """`--compile-blocks`: every transformer block under torch.compile (aot_eager here: dynamo's graph and
+    AOTAutograd's functional forward and backward; inductor's kernels are `gpu_check.py`'s to compare). fp32 loss
+    and gradients bitwise those of the blocks as they are; one compile per batch shape serves every block (the
+    weights are inputs); evaluation (no gradients) runs the blocks as they are, compiling nothing; the state dict's
+    names do not change (checkpoints and saved models read as before)."""
+    import torch._dynamo
+
+    from sftune.errors import SftuneError
+    from sftune.modeling import compile_blocks
+
+    def two_layers():
+        model = tiny(family)
+        config = model.config
+        config.num_hidden_layers = config.n_layer = 2  # (one of the two is the family's own name)
+        torch.manual_seed(0)
+        return type(model)(config)
+
+    plain, compiled = two_layers(), two_layers()
+    compiled.load_state_dict(plain.state_dict())
+    names = list(compiled.state_dict())
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    assert compile_blocks(compiled, "aot_eager", STATIC.shapes) == 2
+    for padding in (STATIC, Padding(multiple=32, rows=6, max_width=64, static=True), STATIC):  # widths 16, 32, 16
+        batch = batch_of(padding, packed=False)
+        (want, want_grads), (got, got_grads) = (loss_and_grads(CausalLMLoss(m), batch) for m in (plain, compiled))
+        assert torch.equal(got, want) and all(torch.equal(g, w) for g, w in zip(got_grads, want_grads))
+    assert counters["stats"]["unique_graphs"] == 2  # two widths, two blocks: two compiles
+    compiled.eval()
+    with torch.no_grad():
+        compiled(input_ids=torch.ones(3, 7, dtype=torch.long))
+    assert counters["stats"]["unique_graphs"] == 2 and list(compiled.state_dict()) == names
+    with pytest.raises(SftuneError, match="cannot find the transformer blocks of Linear"):
+        compile_blocks(torch.nn.Linear(2, 2), "aot_eager", 4)
+
+
+def test_compiled_blocks_through_the_command(capsys, tmp_path, small_model_dir):
+    """The CLI with --compile-blocks (aot_eager on a CPU; dropout on: the compiled blocks draw the same masks, as
+    both runs pad alike): the losses and saved weights of the same run without it, to 1e-6 (fp32); the log says
+    what was compiled. With
+    --compile torch (the whole step compiled already) it is a config error, before anything is written."""
+    from safetensors.torch import load_file
+
+    common = ["train", "--no-run-report", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA),
+              "--max-steps", "3", "--batch-size", "8", "--log-every", "1", "--precision", "fp32", "--lr", "1e-3",
+              "--report-to", "none", "--sample-prompts", "", "--pad-to-multiple-of", "16",
+              "--model-config-overrides", "resid_pdrop=0.1,attn_pdrop=0.1"]
+    runs = {}
+    for name, extra in (("plain", []), ("blocks", ["--compile-blocks", "--compile-backend", "aot_eager"])):
+        code, _, err = run_main(capsys, *common, "--output-dir", str(tmp_path / name), *extra)
+        assert code == 0, err
+        steps = [r for r in read_jsonl(tmp_path / name / "metrics.jsonl") if r["type"] == "train"]
+        runs[name] = ([r["loss"] for r in steps], load_file(tmp_path / name / "model.safetensors"))
+        # (the seconds of steps that compiled a new shape: kept out of the pace, as a graph's capture is)
+        assert ("compile_s" in steps[-1]) == (name == "blocks") and steps[-1].get("compile_s", 1) > 0
+    assert "transformer blocks compiled (aot_eager: one compile per batch shape" in err
+    assert "batches padded to multiples of 16 tokens and 8 rows" in err and "warning" not in err
+    np.testing.assert_allclose(runs["blocks"][0], runs["plain"][0], rtol=1e-6)
+    for key, want in runs["plain"][1].items():
+        torch.testing.assert_close(runs["blocks"][1][key], want, rtol=1e-6, atol=1e-6)
+    code, _, err = run_main(capsys, *common, "--output-dir", str(tmp_path / "refused"), "--compile", "torch",
+                            "--compile-blocks")
+    assert code == 2 and "compile_blocks = True: with --compile torch the whole step is compiled already" in err
+    assert "Traceback" not in err and not (tmp_path / "refused").exists()

@@ -44,6 +44,11 @@ class Padding:
     max_width: int | None = None
     static: bool = False
 
+    @property
+    def shapes(self) -> int:
+        """How many widths a batch can have (at most), so how many compiles a shape-specialised step can need."""
+        return -(-(self.max_width or 1024) // self.multiple)
+
     def width(self, longest: int) -> int:
         rounded = -(-longest // self.multiple) * self.multiple
         return max(longest, min(rounded, self.max_width or rounded))

@@ -33,9 +33,9 @@ from sftune.data.cache import tokenizer_fingerprint
 from sftune.dist import Dist, init_dist, restart_warning
 from sftune.errors import SftuneError
 from sftune.loss import CausalLMLoss, ChunkMath, chunk_rows, output_head
-from sftune.modeling import add_tokens, check_attention, context_length, enable_activation_checkpointing, \
-    fit_embeddings, load_model, load_model_config, load_tokenizer, model_skeleton, override_config, \
-    router_loss_notice, save_model, token_ids, train_every_embedding_row
+from sftune.modeling import add_tokens, check_attention, compile_blocks, context_length, \
+    enable_activation_checkpointing, fit_embeddings, load_model, load_model_config, load_tokenizer, model_skeleton, \
+    override_config, router_loss_notice, save_model, token_ids, train_every_embedding_row
 from sftune.outputs import OutputLock, check_output_dir, check_shared, clear_previous_run, \
     finished_without_checkpoints, publish_model, resolve_output_dir
 from sftune.resume import check_resume_compatible, check_same_inputs, check_same_steps
@@ -354,6 +354,7 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
         adapter = add_lora(model, cfg, token_ids(tokenizer, cfg.add_tokens))
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
+    blocks = compile_blocks(model, cfg.compile_backend, padding.shapes) if cfg.compile_blocks else 0
     loss_model = CausalLMLoss(model if sharded else model.to(dist.device))
     if notice := router_loss_notice(model):
         log(notice)
@@ -365,15 +366,17 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
         loss_model.chunk_rows = chunk_rows(dist.device, output_head(model).weight.shape[0])
     if loss_model.fused and wants_chunk_math(cfg, compile_mode, steps, max_length):
         loss_model.chunk_math = ChunkMath()
-    if compile_mode != "off" or cfg.compile != "auto" or dist.device.type == "cuda":  # (a CPU has only eager)
+    if compile_mode != "off" or cfg.compile != "auto" or dist.device.type == "cuda" or blocks:  # (a CPU: eager)
         log(f"step: {compile_mode} ({why})" + (f"; batches padded to multiples of {padding.multiple} tokens"
                                                 f"{f' and {padding.rows} rows' if padding.rows else ''}"
                                                 if padding.static else "")
             + ("; the fused loss's softmax compiled (inductor, seconds at the first step)"
-               if loss_model.chunk_math else ""))
+               if loss_model.chunk_math else "")
+            + (f"; its {blocks} transformer blocks compiled ({cfg.compile_backend}: one compile per batch shape "
+               f"serves them all, seconds to a minute at each shape's first step)" if blocks else ""))
     unused = [f"--{k.replace('_', '-')} {v}" for k, v in (("compile_mode", cfg.compile_mode),
-                                                          ("compile_backend", cfg.compile_backend))
-              if v not in (None, "inductor")]
+                                                          ("compile_backend", None if blocks else cfg.compile_backend))
+              if v not in (None, "inductor")]  # (the blocks' compile takes the backend)
     if unused and compile_mode != "torch":
         log(f"warning: {' and '.join(unused)} {'apply' if len(unused) > 1 else 'applies'} to --compile torch only; "
             f"this run's step is {'eager' if compile_mode == 'off' else compile_mode} ({why}), so "
@@ -480,7 +483,7 @@ def wants_chunk_math(cfg: SFTConfig, compile_mode: str, steps: StepSource, max_l
 def step_padding(cfg: SFTConfig, compile_mode: str, max_length: int) -> Padding:
     """Eager steps pad to each batch's longest row (or `pad_to_multiple_of`); graphs and compiled steps need few,
     fixed shapes: widths rounded up, `batch_size` rows (unless a token cap sets the rows), targets at every slot."""
-    if compile_mode == "off":
+    if compile_mode == "off" and not cfg.compile_blocks:
         return Padding(multiple=cfg.pad_to_multiple_of or 1, max_width=max_length)
     rows = cfg.batch_size if cfg.batch_tokens is None else None
     return Padding(cfg.pad_to_multiple_of or STATIC_MULTIPLE, rows, max_length, static=True)
@@ -492,8 +495,7 @@ def compile_step(wrapped: torch.nn.Module, loss_model: CausalLMLoss, padding: Pa
     sizes, and a handful of shapes). Checkpoints still read `loss_model`, whose names are unchanged."""
     import torch._dynamo
 
-    shapes = -(-(padding.max_width or 1024) // padding.multiple)
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * shapes)
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * padding.shapes)
     loss_model.cache_cast = False  # (the cast is fused into the compiled graph; the cache's checks would break it)
     loss_model.correct_counter()  # made now: made inside the first compiled call, it would cost a recompile
     log(f"torch.compile ({backend}{f', {mode}' if mode else ''}): the first step of each batch shape compiles it "

@@ -255,11 +255,17 @@ class SFTConfig:
         "step: fused kernels, a compile per shape), off (eager). auto: graphs on one CUDA GPU for runs of 50 "
         "steps or more, else off.", "train")
     compile_backend: str = _f(
-        "inductor", "--compile torch: the torch.compile backend (inductor; aot_eager traces without generating "
+        "inductor", "--compile torch and --compile-blocks: the torch.compile backend (inductor; aot_eager traces without generating "
         "kernels).", "train")
     compile_mode: str | None = _f(
         None, "--compile torch: the torch.compile mode: default, reduce-overhead, max-autotune or "
         "max-autotune-no-cudagraphs (null: torch's default).", "train")
+    compile_blocks: bool = _f(
+        False, "Compile each transformer block with torch.compile (--compile-backend, static shapes): its norms, "
+        "residual adds, activation and dropout run as a few fused kernels, and every block reuses one compile per "
+        "batch shape (seconds to a minute at each shape's first step; widths rounded up as under --compile graphs). "
+        "With --compile graphs the compiled blocks run inside each captured step; with off, eagerly. Evaluation and "
+        "samples run the blocks uncompiled.", "train")
     pad_to_multiple_of: int | None = _f(
         None, "Round each batch's width up to a multiple of this, so that a graphed or compiled step sees few "
         "shapes (padding is never in the loss). Default: 16 with --compile graphs or torch, else no rounding.",
@@ -366,7 +372,7 @@ RUN_CONTROL_KEYS = {
     "max_bad_steps", "merge", "report_to", "run_report", "early_stopping_patience", "early_stopping_min_delta", "save_best", "final_model",
     "push_to_hub", "hub_private", "profile_steps", "memory_check",
     "strategy", "gradient_checkpointing", "dist_timeout",  # how the same arithmetic is spread over ranks, or recomputed
-    "compile", "compile_mode", "compile_backend", "attention",  # ... or which kernels run it (a compile that fails
+    "compile", "compile_mode", "compile_backend", "compile_blocks", "attention",  # ... or which kernels run it (a compile that fails
     # on resume can be left out; only float rounding changes, as with another batch-size / grad-accum split)
 }
 
@@ -597,6 +603,9 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
     need(cfg.grad_accum >= 1, "grad_accum", "must be at least 1")
     need(cfg.compile_mode in COMPILE_MODES, "compile_mode",
          f"must be one of {', '.join(m for m in COMPILE_MODES if m)}, or null for torch.compile's default")
+    need(not (cfg.compile_blocks and cfg.compile == "torch"), "compile_blocks",
+         "with --compile torch the whole step is compiled already; use --compile graphs (or off) with "
+         "--compile-blocks, or leave --compile-blocks out")
     need(cfg.pad_to_multiple_of is None or cfg.pad_to_multiple_of >= 1, "pad_to_multiple_of",
          "must be at least 1 (1: no rounding), or null for the default")
     need(cfg.batch_tokens is None or cfg.batch_tokens >= 2, "batch_tokens", "must be at least 2, or null for no cap")

@@ -160,8 +160,9 @@ class Dist:
             if precision == "bf16":
                 policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                 self.mixed_precision = "weights gathered in bf16, gradients reduced in fp32"
-            block_types = set(getattr(module.model, "_no_split_modules", None) or [])
-            blocks = [m for m in module.modules() if type(m).__name__ in block_types]
+            from sftune.modeling import transformer_blocks
+
+            blocks = transformer_blocks(module.model)
             if not blocks:
                 raise SftuneError(f"--strategy fsdp: cannot find the transformer blocks of "
                                   f"{type(module.model).__name__} to shard; use --strategy ddp")

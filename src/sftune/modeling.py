@@ -416,3 +416,39 @@ def enable_activation_checkpointing(model) -> None:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
+def transformer_blocks(model) -> list:
+    """The model's repeated transformer blocks: the module classes transformers names in `_no_split_modules`."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def compile_blocks(model, backend: str, shapes: int) -> int:
+    """Each transformer block under torch.compile with static shapes, in place (as `Module.compile`: the state
+    dict's names unchanged). The blocks run the same code and dynamo takes their weights as inputs, so one compile
+    per batch shape serves them all (`shapes`: how many the step can see). In training only: evaluation and
+    generation run the blocks as they are. Returns the number of blocks compiled."""
+    import torch._dynamo
+
+    blocks = transformer_blocks(model)
+    if not blocks:
+        raise SftuneError(f"--compile-blocks: cannot find the transformer blocks of {type(model).__name__} (its "
+                          f"_no_split_modules names none); leave --compile-blocks out")
+    # (x 2: blocks of one class that differ in a setting, e.g. sliding-window layers)
+    limit = 2 * shapes * len({type(block) for block in blocks})
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
+    for block in blocks:
+        block._compiled_call_impl = _when_training(block, torch.compile(block._call_impl, backend=backend,
+                                                                         dynamic=False))
+    return len(blocks)
+
+
+def _when_training(block, compiled):
+    """`block`'s call (what `Module.compile` sets): the compiled one in training, with gradients; its own in
+    evaluation and generation, whose batches have every width (a compile for each would be minutes for nothing)."""
+    def call(*args, **kwargs):
+        if block.training and torch.is_grad_enabled():
+            return compiled(*args, **kwargs)
+        return block._call_impl(*args, **kwargs)
+    return call

@@ -324,8 +324,10 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
     compile_s = 0.0  # seconds of steps that captured a CUDA graph or compiled a new batch shape (this process)
     nan_steps = {int(x) for x in os.environ.get("SFTUNE_FAULT_NAN_STEPS", "").split(",") if x.strip()}
     graphs = None
-    if run.compile == "graphs":  # (bf16: the matrix products' weights cast in one pass, checked at each capture)
-        casts = MatmulCasts.for_model(run.loss_model, torch.bfloat16) if precision == "bf16" else None
+    if run.compile == "graphs":  # (bf16: the matrix products' weights cast in one pass, checked at each capture;
+        # not with compiled blocks, which would compile each shape twice: for fp32 weights, then their bf16 copies)
+        one_pass = precision == "bf16" and not cfg.compile_blocks
+        casts = MatmulCasts.for_model(run.loss_model, torch.bfloat16) if one_pass else None
         graphs = StepGraphs(run.loss_model, dist.device, precision, cfg.compile == "graphs", casts=casts)
     shapes_seen: set[tuple] = set()  # graphs and compile: a step with a new batch shape captures or compiles it
     guard = NonFiniteGuard(optimizer, scaler, precision, dist)
@@ -430,7 +432,8 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         if failed is not None:
             raise undo_out_of_memory(micro_batches, failed, rng)
         loss_sum, step_targets = done
-        shapes = {shape_key(b, run.loss_model.device_keys) for b in micro_batches} if run.compile != "off" else set()
+        shapes = ({shape_key(b, run.loss_model.device_keys) for b in micro_batches}
+                  if run.compile != "off" or cfg.compile_blocks else set())
         if not shapes_seen.issuperset(shapes):
             shapes_seen |= shapes  # (this step's time is mostly capture or compile: a one-off, not the run's pace)
             compile_s += time.perf_counter() - started_step
@@ -473,7 +476,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
                       "lr": lr, "grad_norm": float(grad_norm),  # this step's, before clipping
                       "tokens": state.tokens, "padded_tokens": state.padded_tokens,
                       "elapsed_s": round(time.perf_counter() - start, 3), "tokens_per_s": rate, "eta_s": round(left)}
-            if run.compile != "off":
+            if run.compile != "off" or cfg.compile_blocks:
                 record["compile_s"] = round(compile_s, 3)
             if dist.device.type == "cuda":
                 record["peak_memory_gb"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
