@@ -281,3 +281,37 @@ def test_flex_attention_that_fails_to_compile_runs_uncompiled(monkeypatch, capsy
     for _ in range(2):
         torch.testing.assert_close(compiled_flex(q, k, v, block_mask=mask), want, rtol=1e-10, atol=1e-12)
     assert capsys.readouterr().err.count("compiling flex attention failed (RuntimeError: no compiler here)") == 1
+
+
+def test_auto_takes_flex_for_long_packed_runs_on_a_gpu_that_can_compile_it(monkeypatch):
+    """`--attention auto` picks flex attention where it pays (try 89 on an H100: a packed GPT-2 step 86 ms against
+    105 under SDPA's block mask, ~8 s of compiling once): packed rows, a CUDA GPU, a run of at least FLEX_MIN_TOKENS
+    packed slots, a model without attention dropout (GPT-2's 0.1 keeps SDPA, and the log names the override that
+    would allow flex), and Triton to compile its kernels. (The decision alone: this CPU cannot train on CUDA, so
+    `has_triton` is set as a GPU machine's would be.)"""
+    from dataclasses import replace
+
+    import torch.utils._triton
+    from transformers import AutoConfig
+
+    from conftest import FIXTURES
+    from sftune.build import FLEX_MIN_TOKENS, resolve_attention
+    from sftune.config import SFTConfig
+    from sftune.dist import Dist
+
+    gpu, cpu = Dist(device=torch.device("cuda")), Dist(device=torch.device("cpu"))
+    llama = AutoConfig.from_pretrained(FIXTURES / "tiny-llama")
+    gpt2 = AutoConfig.from_pretrained(FIXTURES.parent.parent / "examples" / "quickstart" / "model", attn_pdrop=0.1)
+    packed = SFTConfig(model="m", packing=True, batch_size=32)
+    long = FLEX_MIN_TOKENS // 32  # (total steps x row width; x 32 rows a step: just long enough)
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
+    attention, said = resolve_attention(packed, llama, gpu, long)
+    assert attention == "flex" and "attention: flex for the packed rows (auto: a CUDA GPU and 16M packed slots" in said
+    assert resolve_attention(packed, llama, gpu, long - 1) == ("auto", None)  # too short to repay the compile
+    assert resolve_attention(packed, llama, cpu, long) == ("auto", None)
+    assert resolve_attention(replace(packed, packing=False), llama, gpu, long) == ("auto", None)
+    assert resolve_attention(replace(packed, attention="sdpa"), llama, gpu, long) == ("sdpa", None)
+    attention, said = resolve_attention(packed, gpt2, gpu, long)
+    assert attention == "auto" and "config sets attn_pdrop = 0.1 (--model-config-overrides attn_pdrop=0" in said
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
+    assert resolve_attention(packed, llama, gpu, long) == ("auto", None)

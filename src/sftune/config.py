@@ -93,7 +93,7 @@ class SFTConfig:
         "YAML: numbers, true/false, null, text); the saved model's config.json has them.", "model")
     attention: str = _f(
         "auto", "Attention kernel (transformers' attn_implementation): auto (transformers' choice: sdpa where the "
-        "model has it), sdpa, eager, flex_attention, flash_attention_2 (needs the flash-attn package), varlen "
+        "model has it; flex for packed runs of 16M slots or more on a CUDA GPU, without attention dropout), sdpa, eager, flex_attention, flash_attention_2 (needs the flash-attn package), varlen "
         "(sftune's: no mask from transformers; packed rows through torch's variable-length flash attention, which "
         "needs bf16 on a GPU and attention dropout 0; other rows through SDPA's causal kernel), flex (sftune's: "
         "packed rows through flex attention with a block mask made from the examples' bounds, compiled on a GPU, "
