@@ -303,15 +303,15 @@ def test_auto_takes_flex_for_long_packed_runs_on_a_gpu_that_can_compile_it(monke
     llama = AutoConfig.from_pretrained(FIXTURES / "tiny-llama")
     gpt2 = AutoConfig.from_pretrained(FIXTURES.parent.parent / "examples" / "quickstart" / "model", attn_pdrop=0.1)
     packed = SFTConfig(model="m", packing=True, batch_size=32)
-    long = FLEX_MIN_TOKENS // 32  # (total steps x row width; x 32 rows a step: just long enough)
+    long = -(-FLEX_MIN_TOKENS // (32 * 1024))  # steps of 32 rows of 1,024: just long enough
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
-    attention, said = resolve_attention(packed, llama, gpu, long)
+    attention, said = resolve_attention(packed, llama, gpu, long, 1024)
     assert attention == "flex" and "attention: flex for the packed rows (auto: a CUDA GPU and 16M packed slots" in said
-    assert resolve_attention(packed, llama, gpu, long - 1) == ("auto", None)  # too short to repay the compile
-    assert resolve_attention(packed, llama, cpu, long) == ("auto", None)
-    assert resolve_attention(replace(packed, packing=False), llama, gpu, long) == ("auto", None)
-    assert resolve_attention(replace(packed, attention="sdpa"), llama, gpu, long) == ("sdpa", None)
-    attention, said = resolve_attention(packed, gpt2, gpu, long)
+    assert resolve_attention(packed, llama, gpu, long - 1, 1024) == ("auto", None)  # too short to repay the compile
+    assert resolve_attention(packed, llama, cpu, long, 1024) == ("auto", None)
+    assert resolve_attention(replace(packed, packing=False), llama, gpu, long, 1024) == ("auto", None)
+    assert resolve_attention(replace(packed, attention="sdpa"), llama, gpu, long, 1024) == ("sdpa", None)
+    attention, said = resolve_attention(packed, gpt2, gpu, long, 1024)
     assert attention == "auto" and "config sets attn_pdrop = 0.1 (--model-config-overrides attn_pdrop=0" in said
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
-    assert resolve_attention(packed, llama, gpu, long) == ("auto", None)
+    assert resolve_attention(packed, llama, gpu, long, 1024) == ("auto", None)

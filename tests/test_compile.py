@@ -391,4 +391,7 @@ def test_compiled_blocks_through_the_command(capsys, tmp_path, small_model_dir):
     code, _, err = run_main(capsys, *common, "--output-dir", str(tmp_path / "refused"), "--compile", "torch",
                             "--compile-blocks")
     assert code == 2 and "compile_blocks = True: with --compile torch the whole step is compiled already" in err
+    code, _, err = run_main(capsys, *common, "--output-dir", str(tmp_path / "refused"), "--compile-blocks",
+                            "--compile-backend", "turbo")
+    assert code == 2 and "--compile-backend 'turbo' is not a torch.compile backend" in err
     assert "Traceback" not in err and not (tmp_path / "refused").exists()

@@ -295,7 +295,7 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     steps = source_class(cfg, data, max_length, tokenizer.pad_token_id, dist)
     compile_mode, why = resolve_compile(cfg, dist, precision, steps.total_steps)
     padding = steps.padding = step_padding(cfg, compile_mode, max_length)  # (the plan of steps does not depend on it)
-    attention, notice = resolve_attention(cfg, model_config, dist, steps.total_steps * max_length)
+    attention, notice = resolve_attention(cfg, model_config, dist, steps.total_steps, max_length)
     if notice:
         log(notice)
     resolved = replace(cfg, output_dir=str(out), tokenizer=cfg.tokenizer or cfg.model, max_length=max_length,
@@ -447,7 +447,7 @@ def resolve_compile(cfg: SFTConfig, dist: Dist, precision: str, total_steps: int
     blocker = why_not_graphs(dist.device, dist.world_size, precision, cfg.gradient_checkpointing)
     if cfg.compile == "graphs" and blocker:
         raise SftuneError(f"--compile graphs: CUDA graphs cannot run here: {blocker}; use --compile off or torch")
-    if cfg.compile == "torch":
+    if cfg.compile == "torch" or cfg.compile_blocks:
         import torch._dynamo
 
         backends = torch._dynamo.list_backends(exclude_tags=())
@@ -470,15 +470,15 @@ FLEX_MIN_TOKENS = 16_000_000  # auto: packed rows through flex attention on a CU
 # against ~8 s of compiling its kernels once: repaid after ~13M)
 
 
-def resolve_attention(cfg: SFTConfig, model_config, dist: Dist, packed_slots_per_step: int) -> tuple[str, str | None]:
+def resolve_attention(cfg: SFTConfig, model_config, dist: Dist, total_steps: int,
+                      width: int) -> tuple[str, str | None]:
     """(attention, what to log): `cfg.attention`, except under `auto` for packed rows on a CUDA GPU, where flex
     attention (`--attention flex`: only the tiles of each example's own tokens) is taken for runs long enough to
     repay its compile, for a model it can train (no attention dropout: said, with the fix, if that is all that
-    stands in the way) and with Triton there to compile it. `packed_slots_per_step`: total steps x row width (the
-    rows a step holds are multiplied in here)."""
+    stands in the way) and with Triton there to compile it. `width`: the packed rows' width."""
     if cfg.attention != "auto" or not cfg.packing or dist.device.type != "cuda":
         return cfg.attention, None
-    slots = packed_slots_per_step * cfg.batch_size * cfg.grad_accum * dist.world_size
+    slots = total_steps * cfg.batch_size * cfg.grad_accum * dist.world_size * width
     if slots < FLEX_MIN_TOKENS:
         return "auto", None
     from torch.utils._triton import has_triton

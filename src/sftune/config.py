@@ -93,7 +93,8 @@ class SFTConfig:
         "YAML: numbers, true/false, null, text); the saved model's config.json has them.", "model")
     attention: str = _f(
         "auto", "Attention kernel (transformers' attn_implementation): auto (transformers' choice: sdpa where the "
-        "model has it; flex for packed runs of 16M slots or more on a CUDA GPU, without attention dropout), sdpa, eager, flex_attention, flash_attention_2 (needs the flash-attn package), varlen "
+        "model has it; flex for packed runs of 16M slots or more on a CUDA GPU, without attention dropout), sdpa, "
+        "eager, flex_attention, flash_attention_2 (needs the flash-attn package), varlen "
         "(sftune's: no mask from transformers; packed rows through torch's variable-length flash attention, which "
         "needs bf16 on a GPU and attention dropout 0; other rows through SDPA's causal kernel), flex (sftune's: "
         "packed rows through flex attention with a block mask made from the examples' bounds, compiled on a GPU, "
@@ -255,8 +256,8 @@ class SFTConfig:
         "step: fused kernels, a compile per shape), off (eager). auto: graphs on one CUDA GPU for runs of 50 "
         "steps or more, else off.", "train")
     compile_backend: str = _f(
-        "inductor", "--compile torch and --compile-blocks: the torch.compile backend (inductor; aot_eager traces without generating "
-        "kernels).", "train")
+        "inductor", "--compile torch and --compile-blocks: the torch.compile backend (inductor; aot_eager traces "
+        "without generating kernels).", "train")
     compile_mode: str | None = _f(
         None, "--compile torch: the torch.compile mode: default, reduce-overhead, max-autotune or "
         "max-autotune-no-cudagraphs (null: torch's default).", "train")
