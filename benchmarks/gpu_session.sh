@@ -7,10 +7,11 @@
 #   PHASES="runs fusion" bash benchmarks/gpu_session.sh # then, in a second call while the machine is warm
 # (one call may run 10 minutes at most: the phases' limits below add up to more, so split them over calls)
 # Phases (each under its own time limit, seconds):
-#   check  (200) benchmarks/gpu_check.py --quick: CUDA graph replays against eager steps (fp32/bf16, dropout;
+#   check  (260) benchmarks/gpu_check.py --quick: CUDA graph replays against eager steps (fp32/bf16, dropout;
 #                graphs that assign their gradients and graphs that add them; steps of two micro-batches),
 #                --attention varlen: the kernel vs SDPA per sequence, the packed loss, a graph of it, its speed;
-#                --attention flex the same; the fused loss's chunk math
+#                --attention flex the same; the fused loss's chunk math; --compile-blocks (inductor) against the
+#                plain blocks, its graph against its eager step, replay times (96 s in try 89, before the blocks)
 #   speed  (540) benchmarks/throughput.py --device cuda --quick --whole-job --varlen --flex: the seed's loop vs
 #                sftune vs packed (and both under --attention varlen)
 #                (real tok/s, ms/step, MFU, peak GPU memory, compile time apart), and the whole seed job
@@ -105,7 +106,7 @@ bundle() {  # BUNDLE=DIR: everything in $OUT also as DIR/results.tgz, renewed af
 
 for p in $PHASES; do
   case $p in
-    check) [ "$DEVICE" = cuda ] && phase check 200 $py benchmarks/gpu_check.py --quick --json "$OUT/gpu-check-quick.json" ;;
+    check) [ "$DEVICE" = cuda ] && phase check 260 $py benchmarks/gpu_check.py --quick --json "$OUT/gpu-check-quick.json" ;;
     loss) [ "$DEVICE" = cuda ] && phase loss 90 $py benchmarks/gpu_check.py --loss-only --json "$OUT/gpu-check-loss.json" ;;
     startup) phase startup 60 bash -c "for i in 1 2; do $py -X importtime -c 'import time; t = time.perf_counter(); import sftune.train; print(f\"import sftune.train: {time.perf_counter() - t:.2f} s\")' 2> \"$OUT/importtime-\$i.txt\"; done; sort -t'|' -k2 -n \"$OUT/importtime-1.txt\" | tail -25" ;;
     speed) phase speed 540 $py benchmarks/throughput.py --device "$DEVICE" "${speed[@]}" --json "$OUT/$card-$date.json" ;;
