@@ -77,6 +77,16 @@ def out_of_memory(e: BaseException) -> str | None:
     return None
 
 
+def compile_failure(e: BaseException) -> str | None:
+    """The first line of `e` (300 characters at most) if a torch.compile backend failed to compile (inductor with no
+    working C++ compiler on a CPU, or no Triton on a GPU, say); else None."""
+    from torch._dynamo.exc import BackendCompilerFailed
+
+    if isinstance(e, BackendCompilerFailed):
+        return (str(e).strip().splitlines() or [""])[0][:300]
+    return None
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
     """'auto' -> bf16 where the hardware computes it natively, else fp16 on older GPUs, else fp32."""
     if name == "auto":

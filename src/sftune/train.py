@@ -29,7 +29,7 @@ from sftune.generate import complete
 from sftune.graphs import StepGraphs, shape_key
 from sftune.modeling import save_model
 from sftune.outputs import publish_model
-from sftune.runtime import autocast, flops_per_token, keep_freed_memory, out_of_memory, peak_flops
+from sftune.runtime import autocast, compile_failure, flops_per_token, keep_freed_memory, out_of_memory, peak_flops
 from sftune.signals import Preempted, StopFlag, stop_on_signals
 from sftune.update import NonFiniteGuard, clip_gradients
 
@@ -207,7 +207,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             resumed = ("" if step == 0 else " (the resume makes this evaluation)" if step == total_steps else
                        " (the resume goes on without this evaluation)")
             raise SftuneError(f"out of memory evaluating at step {step}{on_rank()} (batches of up to "
-                              f"{cfg.eval_batch_size} rows: {failed}); {keep_the_steps(after_oom=True)}{resumed}. "
+                              f"{cfg.eval_batch_size} rows: {failed}); {keep_the_steps(alone=True)}{resumed}. "
                               f"Lower --eval-batch-size (it changes no training step), then --resume auto")
         if result is None:  # a signal during the first evaluation: nothing trained, nothing to keep
             raise Preempted(stop.signum or 15, None)
@@ -274,15 +274,16 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             log(f"warning: no checkpoint for safety at step {state.step} ({e.cause}); training goes on, and the "
                 f"next is tried in {cfg.save_minutes:g} minutes (--save-minutes null: none)")
 
-    def keep_the_steps(after_oom: bool = False) -> str:
+    def keep_the_steps(alone: bool = False) -> str:
         """Before a run stops on an error it can name: the state after its last step saved (unless it is already),
-        and where. Under torchrun a rank that ran out of memory cannot save: the other ranks wait for it in a
-        collective (a step's gradient all-reduce, FSDP's gathers), so it names the newest checkpoint instead."""
+        and where. Under torchrun a rank that failed `alone` (ran out of memory, or its compile failed) cannot save:
+        the other ranks wait for it in a collective (a step's gradient all-reduce, FSDP's gathers), so it names the
+        newest checkpoint instead."""
         if state.step == 0:
             return "nothing was trained yet, so nothing was saved"
         if saved_at and saved_at[-1].name == f"step-{state.step}":
             return f"the state after step {state.step} is saved in {saved_at[-1]}"
-        if not (after_oom and dist.distributed):
+        if not (alone and dist.distributed):
             return f"the state after step {state.step} is saved in {checkpoint_now()}"
         dist.abandon()  # (its collectives cannot complete: the process group is left to the process's exit)
         newest = (f"the newest checkpoint is {saved_at[-1]} (--resume auto trains the "
@@ -373,7 +374,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             torch.cuda.empty_cache()
         if rng is not None:
             set_step_rng(rng, dist.device)  # the resumed step draws its dropout masks again, as this one did
-        saved = keep_the_steps(after_oom=True)
+        saved = keep_the_steps(alone=True)
         rows, width = max((tuple(b["input_ids"].shape) for b in micro_batches), key=lambda s: s[0] * s[1])
         peak = f", {peak_memory(dist.device)}" if dist.device.type == "cuda" else ""
         split = (f"--batch-size {cfg.batch_size // 2} --grad-accum {cfg.grad_accum * 2} (the same rows in each step) "
@@ -385,6 +386,24 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             f"steps, so the run continues exactly (a lower --max-length or --batch-tokens makes other steps: a new "
             f"run)")
 
+    def compiled(work, rng: tuple | None):
+        """work(), or, when torch.compile's backend fails on a batch shape it meets (a step of a new shape compiles),
+        the step undone as one that ran out of memory is, the steps before kept, and the way on said."""
+        try:
+            return work()
+        except RuntimeError as e:
+            if (failed := compile_failure(e)) is None or not (run.compile == "torch" or cfg.compile_blocks):
+                raise
+        optimizer.zero_grad(set_to_none=True)
+        if rng is not None:
+            set_step_rng(rng, dist.device)
+        instead = ("with --compile graphs or off instead of --compile torch" if run.compile == "torch"
+                   else "without --compile-blocks")
+        raise SftuneError(
+            f"torch.compile ({cfg.compile_backend}) failed in step {state.step + 1}{on_rank()}: {failed}; "
+            f"{keep_the_steps(alone=True)}. Run again {instead} and --resume auto: the same steps; or make the "
+            f"compiler work (inductor needs a C++ compiler on a CPU, Triton on a GPU)") from None
+
     def check_memory() -> None:
         """--memory-check, after this process's first step (the optimizer's state exists by then): the heaviest
         micro-batch a step of the run can hold, forward and backward once, then undone (its gradients dropped, the
@@ -393,8 +412,8 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         started = time.perf_counter()
         batch = run.steps.heaviest()
         rng = step_rng(dist.device)
-        _, failed = within_memory(lambda: forward_backward(model, [batch], dist, precision, scaler, graphs,
-                                                           run.loss_model.device_keys), ("check", state.step))
+        _, failed = compiled(lambda: within_memory(lambda: forward_backward(
+            model, [batch], dist, precision, scaler, graphs, run.loss_model.device_keys), ("check", state.step)), rng)
         if failed is not None:
             raise undo_out_of_memory([batch], failed, rng, where=f"in the memory check after step {state.step} (the "
                                      f"heaviest micro-batch a step of this run can hold: --memory-check)")
@@ -427,8 +446,9 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         micro_batches = step_data.micro_batches
         started_step = time.perf_counter()
         rng = step_rng(dist.device) if not dist.distributed else None  # (to undo a step that runs out of memory)
-        done, failed = within_memory(lambda: forward_backward(model, micro_batches, dist, precision, scaler, graphs,
-                                                              run.loss_model.device_keys), ("step", state.step + 1))
+        done, failed = compiled(lambda: within_memory(lambda: forward_backward(
+            model, micro_batches, dist, precision, scaler, graphs, run.loss_model.device_keys),
+            ("step", state.step + 1)), rng)
         if failed is not None:
             raise undo_out_of_memory(micro_batches, failed, rng)
         loss_sum, step_targets = done
