@@ -40,7 +40,7 @@ from sftune.outputs import OutputLock, check_output_dir, check_shared, clear_pre
     finished_without_checkpoints, publish_model, resolve_output_dir
 from sftune.resume import check_resume_compatible, check_same_inputs, check_same_steps
 from sftune.run_report import DATA_FILE, data_summary
-from sftune.runtime import resolve_precision, seed_everything, untested_versions
+from sftune.runtime import resolve_precision, seed_everything, untested_versions, warm_up
 from sftune.shards import holds_whole_model
 from sftune.steps import InMemorySteps, StepSource, StreamedSteps
 
@@ -267,6 +267,7 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     seed_everything(cfg.seed)
     precision = resolve_precision(cfg.precision, dist.device)
     log(f"device: {dist.device}, precision: {precision}" + (" (auto)" if cfg.precision == "auto" else ""))
+    warming = warm_up(dist.device, precision)  # (a GPU's libraries start while the data is prepared)
     if warning := restart_warning():
         log(warning)
     if cfg.strategy != "auto" and not dist.distributed:
@@ -291,6 +292,8 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
         check_lora(cfg, model_config, len(tokenizer), token_ids(tokenizer, cfg.add_tokens),
                    cfg.trust_remote_code)  # a wrong target is reported before anything loads
     data, max_length = build_data(cfg, tokenizer, model_config, dist)
+    if warming is not None:
+        warming.join()
     source_class = StreamedSteps if cfg.streaming else InMemorySteps
     steps = source_class(cfg, data, max_length, tokenizer.pad_token_id, dist)
     compile_mode, why = resolve_compile(cfg, dist, precision, steps.total_steps)

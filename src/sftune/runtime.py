@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import threading
 
 import numpy as np
 import torch
@@ -85,6 +86,33 @@ def compile_failure(e: BaseException) -> str | None:
     if isinstance(e, BackendCompilerFailed):
         return (str(e).strip().splitlines() or [""])[0][:300]
     return None
+
+
+def warm_up(device: torch.device, precision: str) -> threading.Thread | None:
+    """On a CUDA GPU: a thread that makes the first calls of the libraries a step uses (cuBLAS's products, SDPA's
+    flash kernel, a norm, the loss, their backward) on tiny tensors, so that their start-up (most of the 2.8 s of
+    the first evaluation on an H100, `benchmarks/NOTES.md` try 64) overlaps the host's data preparation; join it
+    before the model is built (a CUDA graph captured while it runs would fail). No random numbers are drawn; an
+    error here is left for the real call to meet and report."""
+    if device.type != "cuda":
+        return None
+
+    def first_calls() -> None:
+        try:
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+            x = torch.ones(64, 64, device=device, dtype=dtype, requires_grad=True)
+            q = torch.ones(1, 2, 16, 64, device=device, dtype=dtype, requires_grad=True)
+            attention = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+            hidden = torch.nn.functional.layer_norm((x @ x).float(), (64,))
+            targets = torch.zeros(64, dtype=torch.long, device=device)
+            (torch.nn.functional.cross_entropy(hidden, targets) + attention.float().sum()).backward()
+            torch.cuda.synchronize(device)
+        except Exception:  # noqa: BLE001 (a warm-up only)
+            pass
+
+    thread = threading.Thread(target=first_calls, name="sftune-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
