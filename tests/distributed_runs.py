@@ -12,15 +12,24 @@ import sys
 
 import torch.distributed
 
-from sftune.cli import main
+from sftune.cli import main, quick_exit
 
 if __name__ == "__main__":
     torch.distributed.init_process_group("gloo")
+    status = 1
     try:
         for run in json.loads(open(sys.argv[1]).read()):
             argv, expected = (run["argv"], run["exit"]) if isinstance(run, dict) else (run, 0)
             code = main(argv)
             if code != expected:
-                sys.exit(code or 1)
+                status = code or 1
+                break
+        else:
+            status = 0
     finally:
         torch.distributed.destroy_process_group()
+    # as `python -m sftune` ends (`cli.quick_exit`): without the interpreter's teardown of every object, which
+    # `python -m sftune` never does. (A rank aborted in 3 of ~60 launches of one test, "terminate called without an
+    # active exception", exit -6, after the last run's final evaluation: a C++ thread destroyed unjoined, as at a
+    # teardown; not seen again in 46 launches, so where exactly is not known: NOTES try 94)
+    quick_exit(status)
