@@ -64,6 +64,21 @@ def rel(a, b) -> float:
     return float(torch.linalg.vector_norm(a - b) / max(float(torch.linalg.vector_norm(b)), 1e-30))
 
 
+def eager_loss_and_grads(loss_model, batch: dict, seed: int, device, precision: str) -> tuple:
+    """One eager micro-batch from a fresh seed: its loss and every gradient (of the loss over the batch's targets)."""
+    import torch
+
+    from sftune.batching import count_targets, to_device
+    from sftune.runtime import autocast
+
+    loss_model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    with autocast(device, precision):
+        loss = loss_model(to_device(batch, device))
+    (loss * (1 / count_targets(batch))).backward()
+    return loss.detach().clone(), [p.grad.clone() for p in loss_model.parameters()]
+
+
 def graph_vs_eager(precision: str, dropout: bool) -> dict:
     """One precision and dropout setting: eager and graphed micro-batches from the same weights and seeds."""
     import numpy as np
@@ -96,12 +111,7 @@ def graph_vs_eager(precision: str, dropout: bool) -> dict:
     batches.append(collate_packed(ex, rows[:8], 50256, Padding(256, 8, 256, static=True)))
 
     def eager(batch, seed):
-        loss_model.zero_grad(set_to_none=True)
-        torch.manual_seed(seed)
-        with autocast(device, precision):
-            loss = loss_model(to_device(batch, device))
-        (loss * (1 / count_targets(batch))).backward()
-        return loss.detach().clone(), [p.grad.clone() for p in loss_model.parameters()]
+        return eager_loss_and_grads(loss_model, batch, seed, device, precision)
 
     def eager_step(pair, seed):  # two micro-batches of one step, their gradients summed (grad accumulation)
         loss_model.zero_grad(set_to_none=True)
@@ -169,12 +179,11 @@ def blocks_check() -> dict:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from sftune.batching import Padding, best_fit_decreasing, collate, collate_packed, count_targets, to_device
+    from sftune.batching import Padding, best_fit_decreasing, collate, collate_packed, count_targets
     from sftune.graphs import StepGraphs
     from sftune.data import Examples
     from sftune.loss import CausalLMLoss
     from sftune.modeling import compile_blocks, fuse_activations
-    from sftune.runtime import autocast
 
     device = torch.device("cuda")
     config = GPT2Config.from_pretrained(GPT2)
@@ -194,12 +203,7 @@ def blocks_check() -> dict:
     batches["8 x 1024 packed"] = collate_packed(ex, rows[:8], 50256, Padding(1024, 8, 1024, static=True))
 
     def eager(loss_model, batch, seed):
-        loss_model.zero_grad(set_to_none=True)
-        torch.manual_seed(seed)
-        with autocast(device, "bf16"):
-            loss = loss_model(to_device(batch, device))
-        (loss * (1 / count_targets(batch))).backward()
-        return loss.detach().clone(), [p.grad.clone() for p in loss_model.parameters()]
+        return eager_loss_and_grads(loss_model, batch, seed, device, "bf16")
 
     report = {"compile_s": {}, "batches": {}}
     compile_blocks(compiled, "inductor", 64)

@@ -296,9 +296,10 @@ def varlen_reference(q, k, v, cu_seqlens, max_seqlen: int, scale: float) -> torc
     return torch.cat(pieces)
 
 
-def attention_dropout(model_config) -> float:
-    """The attention dropout a model config sets (0 when it names none)."""
-    return max((float(getattr(model_config, key, 0) or 0) for key in DROPOUT_KEYS), default=0.0)
+def attention_dropout(model_config) -> tuple[str, float] | None:
+    """(config key, value) of the attention dropout a model config sets (the largest), or None when it sets none."""
+    key, p = max(((k, float(getattr(model_config, k, 0) or 0)) for k in DROPOUT_KEYS), key=lambda kv: kv[1])
+    return (key, p) if p > 0 else None
 
 
 def check_varlen(model_config, device, precision: str | None, packing: bool, attention: str = "varlen") -> None:
@@ -306,8 +307,8 @@ def check_varlen(model_config, device, precision: str | None, packing: bool, att
     kernel (rows that are not packed take SDPA, with any dropout and precision)."""
     if not packing:
         return
-    if (p := attention_dropout(model_config)) > 0:
-        key = next(k for k in DROPOUT_KEYS if float(getattr(model_config, k, 0) or 0) == p)
+    if dropout := attention_dropout(model_config):
+        key, p = dropout
         kernel_name = "torch's variable-length attention" if attention == "varlen" else "flex attention"
         raise SftuneError(f"--attention {attention}: {kernel_name} has no dropout, and this model's "
                           f"config sets {key} = {p:g}; {DROPOUT_ADVICE.replace('KEY', key)}")

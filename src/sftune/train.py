@@ -331,6 +331,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         casts = MatmulCasts.for_model(run.loss_model, torch.bfloat16) if one_pass else None
         graphs = StepGraphs(run.loss_model, dist.device, precision, cfg.compile == "graphs", casts=casts)
     shapes_seen: set[tuple] = set()  # graphs and compile: a step with a new batch shape captures or compiles it
+    static = run.steps.padding.static  # (graphs, --compile torch or compiled blocks: the shapes that need it)
     guard = NonFiniteGuard(optimizer, scaler, precision, dist)
     profiler = None  # --profile-steps A-B
     if cfg.profile_steps:
@@ -386,11 +387,13 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             f"steps, so the run continues exactly (a lower --max-length or --batch-tokens makes other steps: a new "
             f"run)")
 
-    def compiled(work, rng: tuple | None):
-        """work(), or, when torch.compile's backend fails on a batch shape it meets (a step of a new shape compiles),
-        the step undone as one that ran out of memory is, the steps before kept, and the way on said."""
+    def forward_backward_guarded(micro_batches: list[dict], where: tuple[str, int], rng: tuple | None) -> tuple:
+        """`within_memory` of the micro-batches' forward and backward; when torch.compile's backend fails on a batch
+        shape it meets (a step of a new shape compiles), the step undone as one that ran out of memory is, the steps
+        before kept, and the way on said."""
         try:
-            return work()
+            return within_memory(lambda: forward_backward(model, micro_batches, dist, precision, scaler, graphs,
+                                                          run.loss_model.device_keys), where)
         except RuntimeError as e:
             if (failed := compile_failure(e)) is None or not (run.compile == "torch" or cfg.compile_blocks):
                 raise
@@ -412,8 +415,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         started = time.perf_counter()
         batch = run.steps.heaviest()
         rng = step_rng(dist.device)
-        _, failed = compiled(lambda: within_memory(lambda: forward_backward(
-            model, [batch], dist, precision, scaler, graphs, run.loss_model.device_keys), ("check", state.step)), rng)
+        _, failed = forward_backward_guarded([batch], ("check", state.step), rng)
         if failed is not None:
             raise undo_out_of_memory([batch], failed, rng, where=f"in the memory check after step {state.step} (the "
                                      f"heaviest micro-batch a step of this run can hold: --memory-check)")
@@ -421,7 +423,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         set_step_rng(rng, dist.device)
         run.loss_model.take_correct()  # (its counts are not the run's)
         run.loss_model.take_router_loss()
-        if run.compile != "off":
+        if static:
             shapes_seen.add(shape_key(batch, run.loss_model.device_keys))
         window.exclude(time.perf_counter() - started)
         rows, width = batch["input_ids"].shape
@@ -446,14 +448,11 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         micro_batches = step_data.micro_batches
         started_step = time.perf_counter()
         rng = step_rng(dist.device) if not dist.distributed else None  # (to undo a step that runs out of memory)
-        done, failed = compiled(lambda: within_memory(lambda: forward_backward(
-            model, micro_batches, dist, precision, scaler, graphs, run.loss_model.device_keys),
-            ("step", state.step + 1)), rng)
+        done, failed = forward_backward_guarded(micro_batches, ("step", state.step + 1), rng)
         if failed is not None:
             raise undo_out_of_memory(micro_batches, failed, rng)
         loss_sum, step_targets = done
-        shapes = ({shape_key(b, run.loss_model.device_keys) for b in micro_batches}
-                  if run.compile != "off" or cfg.compile_blocks else set())
+        shapes = {shape_key(b, run.loss_model.device_keys) for b in micro_batches} if static else set()
         if not shapes_seen.issuperset(shapes):
             shapes_seen |= shapes  # (this step's time is mostly capture or compile: a one-off, not the run's pace)
             compile_s += time.perf_counter() - started_step
@@ -496,7 +495,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
                       "lr": lr, "grad_norm": float(grad_norm),  # this step's, before clipping
                       "tokens": state.tokens, "padded_tokens": state.padded_tokens,
                       "elapsed_s": round(time.perf_counter() - start, 3), "tokens_per_s": rate, "eta_s": round(left)}
-            if run.compile != "off" or cfg.compile_blocks:
+            if static:
                 record["compile_s"] = round(compile_s, 3)
             if dist.device.type == "cuda":
                 record["peak_memory_gb"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
