@@ -320,6 +320,23 @@ def test_cache_hit_and_invalidation(tmp_path, gpt2_tokenizer, text_file):
     assert not changed.from_cache and len(changed.train) + len(changed.validation) == 121
 
 
+def test_a_cache_entry_interrupted_while_it_is_written_leaves_nothing(tmp_path):
+    """A signal (here Ctrl-C's KeyboardInterrupt) in the middle of writing an entry: no temporary directory stays
+    beside the entries, no entry is there, and the interruption goes on up (an OSError is said and skipped)."""
+    from sftune.data.cache import read_entry, write_entry
+
+    class Interrupted(Examples):
+        def save(self, prefix):
+            super().save(prefix)
+            raise KeyboardInterrupt
+
+    ex = Examples.from_lists([[1, 2, 3]], [[False, True, True]])
+    interrupted = Interrupted(ex.input_ids, ex.supervised, ex.offsets)
+    with pytest.raises(KeyboardInterrupt):
+        write_entry(tmp_path / "entry", {"train": ex, "validation": interrupted}, {}, None)
+    assert list(tmp_path.iterdir()) == [] and read_entry(tmp_path / "entry", 10) is None
+
+
 def test_examples_round_trip(tmp_path):
     ex = Examples.from_lists([[1, 2, 3], [4]], [[False, True, True], [True]])
     ex.save(tmp_path / "x")

@@ -193,6 +193,10 @@ def launched(uneven_data, many_rows, small_model_dir, tmp_path_factory):
     code, _, err = run_captured(*args(small_model_dir, many_rows, root / "stream-one", 32, "--streaming"))
     assert code == 0, err
     runs.append(args(small_model_dir, many_rows, root / "stream-two", 16, "--streaming"))
+    # a resume with another learning rate: refused by every rank alike, said once (last: the ranks leave the run)
+    runs.append({"argv": args(small_model_dir, uneven_data, root / "refused", 8, "--grad-accum", "2", "--strategy",
+                              "fsdp", *CASES["fsdp-accum"][1], "--lr", "1e-3",
+                              "--resume", str(root / "fsdp-accum-two" / "checkpoints" / "step-2")), "exit": 2})
     return root, launch(runs, root)
 
 
@@ -207,7 +211,8 @@ def test_ddp_and_fsdp_on_two_ranks_equal_one_process_and_fsdp_resumes_exactly(la
     # only rank 0 prints (+10: the FSDP resumes (2 under FSDP, 1 under DDP, a LoRA adapter from one process), best and a whole model's best under FSDP,
     # bf16, the log-window run and its resume, streaming)
     assert output.count("done: 3 steps") == len(CASES) + 10
-    assert output.count("config: model ") == output.count("done: ")  # the config summary too, once a run
+    assert output.count("config: model ") == output.count("done: ") + 1  # the config summary too, once a run (+1: a
+    # refused resume's)
     assert "will be ignored" not in output  # (torch.compile around DDP: a warning from dynamo on every rank)
     assert "LoRA: r 4" in output and "DoRA: r 4" in output
     for name in CASES:
@@ -467,12 +472,13 @@ def test_sigterm_to_the_launcher_and_kill_9_of_a_rank_then_resume_is_exact(launc
     np.testing.assert_allclose([l for *_, l, _, _ in train_b], [l for *_, l, _, _ in train_a[-2:]], rtol=1e-5)
 
 
-def test_a_rank_out_of_memory_says_so_names_the_newest_checkpoint_and_the_run_resumes_exactly(
-        launched, uneven_data, small_model_dir, tmp_path):
+def test_a_rank_out_of_memory_says_so_names_the_newest_checkpoint_and_the_run_continues(
+        launched, uneven_data, small_model_dir, tmp_path, capsys):
     """Under torchrun a rank that runs out of memory cannot undo its step and save (the other ranks wait for it in a
     collective): it says so once, without a traceback, naming the newest checkpoint and the changes that keep the
-    steps, and exits 2; the other rank says a collective failed. --resume auto then ends where an uninterrupted
-    run does, bitwise. (Test hook: rank 1's step 6 raises torch's out-of-memory error after its backward.)"""
+    steps, and exits 2; the other rank says a collective failed. The named checkpoint continues (here in one process
+    at the same 32 rows a step; a 2-rank resume after a fault is bitwise: the test above) to where an uninterrupted
+    run ends. (Test hook: rank 1's step 6 raises torch's out-of-memory error after its backward.)"""
     full, out = launched[0] / "fault-full", tmp_path / "run"
     proc = torchrun(*args(small_model_dir, uneven_data, out, 16, *LONGER), env={"SFTUNE_FAULT_OOM": "step 6 rank 1"},
                     stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
@@ -486,18 +492,19 @@ def test_a_rank_out_of_memory_says_so_names_the_newest_checkpoint_and_the_run_re
     assert "[rank1]: Traceback" not in err and "[rank0]: Traceback" not in err  # (torchrun prints its own)
     assert not (out / "model.safetensors").exists()
 
-    # a resume with another learning rate is refused, said once (by rank 0: every rank refuses it alike)
-    proc = torchrun(*args(small_model_dir, uneven_data, out, 16, *LONGER, "--resume", "auto", "--lr", "1e-3"),
-                    stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode != 0 and err.count("training settings differ (lr: 0.0001 -> 0.001)") == 1, err
-    proc = torchrun(*args(small_model_dir, uneven_data, out, 16, *LONGER, "--resume", "auto"),
-                    stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0 and f"resumed from {out / 'checkpoints' / 'step-4'}" in err, err
-    a, b = load_file(full / "model.safetensors"), load_file(out / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    assert metrics(out) == metrics(full)
+    other = tmp_path / "one-process"
+    code, _, err = run_main(capsys, *args(small_model_dir, uneven_data, other, 32, *LONGER,
+                                          "--resume", str(out / "checkpoints" / "step-4")))
+    assert code == 0, err
+    close_weights(full, other)
+    (train_a, _), (train_b, _) = metrics(full), metrics(other)
+    np.testing.assert_allclose([l for _, l, _, _ in train_b], [l for _, l, _, _ in train_a[-2:]], rtol=1e-5)
+
+
+def test_a_refused_resume_is_said_once(launched):
+    """A resume with another learning rate is refused by every rank alike; rank 0 says it."""
+    _, output = launched
+    assert output.count("training settings differ (lr: 0.0001 -> 0.001)") == 1, output
 
 
 def test_without_an_output_dir_the_ranks_write_one_run_named_by_rank_0(small_model_dir, uneven_data, tmp_path):
@@ -526,10 +533,12 @@ def test_a_config_mistake_is_said_once_per_node(small_model_dir, uneven_data, tm
     assert not (tmp_path / "o").exists()
 
 
-def two_nodes(argv: list[str], tmp_path, cwds=(ROOT, ROOT), caches=None) -> list[tuple[int, str]]:
+def two_nodes(runs: list, tmp_path, cwds, caches) -> list[tuple[int, str]]:
     """Two torchrun launches of one process each that meet through torchrun's c10d rendezvous on this machine, as
-    two nodes do (the README's two-node command); each node may have its own working directory and data cache.
-    Returns each node's (exit status, stderr)."""
+    two nodes do (the README's two-node command), each node with its own working directory and data cache, running
+    `runs` in turn (tests/distributed_runs.py). Returns each node's (exit status, stderr)."""
+    spec = tmp_path / "runs.json"
+    spec.write_text(json.dumps(runs))
     with socket.socket() as s:  # a free port for the rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -537,10 +546,10 @@ def two_nodes(argv: list[str], tmp_path, cwds=(ROOT, ROOT), caches=None) -> list
     for node, cwd in enumerate(cwds):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes",
-               "-m", "sftune", *argv]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", **({"SFTUNE_CACHE": str(caches[node])} if caches else {})}
+               str(ROOT / "tests" / "distributed_runs.py"), str(spec)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "SFTUNE_CACHE": str(caches[node])}
         logs.append(open(tmp_path / f"node-{node}.log", "w+"))  # (files, not pipes: a full pipe would stall a rank)
-        procs.append(subprocess.Popen(cmd, cwd=cwd, text=True, env=env, stdout=subprocess.DEVNULL, stderr=logs[-1]))
+        procs.append(subprocess.Popen(cmd, cwd=cwd, text=True, env=env, stdout=logs[-1], stderr=subprocess.STDOUT))
     results = []
     for proc, log in zip(procs, logs):
         code = proc.wait(timeout=300)
@@ -550,33 +559,29 @@ def two_nodes(argv: list[str], tmp_path, cwds=(ROOT, ROOT), caches=None) -> list
     return results
 
 
-def test_two_nodes_train_as_two_ranks_of_one_node_do(launched, uneven_data, small_model_dir, tmp_path):
-    """The README's two-node launch (c10d rendezvous), here two launchers on one machine: the run equals one
-    process at the same global batch, and each node prepares the data once into its own cache (node-local disks)."""
-    root, _ = launched
-    caches = (tmp_path / "cache-a", tmp_path / "cache-b")
-    (code_a, err_a), (code_b, err_b) = two_nodes(args(small_model_dir, uneven_data, tmp_path / "out", 16),
-                                                 tmp_path, caches=caches)
-    assert code_a == code_b == 0, err_a + err_b
-    assert_same_training(root / "ddp-one", tmp_path / "out")
-    assert all(any(cache.rglob("stats.json")) for cache in caches)  # each node's first rank tokenized once
-
-
-def test_an_output_directory_that_differs_between_nodes_is_refused(small_model_dir, uneven_data, tmp_path):
-    """Each node launched from its own directory with a relative --output-dir: the nodes would write into two
-    directories (checkpoint shards scattered, a resume finding other checkpoints on each node). Every rank learns
-    it before anything is written, the message names the ranks and hosts and the fix, and both runs stop."""
+def test_two_nodes_train_as_two_ranks_of_one_node_do_and_must_share_the_output_directory(
+        launched, uneven_data, small_model_dir, tmp_path):
+    """The README's two-node launch (c10d rendezvous), here two launchers on one machine, each in its own working
+    directory: the run equals one process at the same global batch, and each node prepares the data once into its
+    own cache (node-local disks). Then a relative --output-dir, which names another directory on each node (checkpoint
+    shards scattered, a resume finding other checkpoints on each node): every rank learns it before anything is
+    written, the message names the ranks and hosts and the fix, and the run stops (exit 2 on both nodes)."""
     from sftune.outputs import LOCK_FILE
 
-    cwds = (tmp_path / "a", tmp_path / "b")
+    root, _ = launched
+    cwds, caches = (tmp_path / "a", tmp_path / "b"), (tmp_path / "cache-a", tmp_path / "cache-b")
     for cwd in cwds:  # a lock file left by an earlier run on each node's own disk (the directory counts as empty)
         (cwd / "o").mkdir(parents=True)
         (cwd / "o" / LOCK_FILE).write_text("123 on another-host\n")
-    results = two_nodes(args(small_model_dir, uneven_data, "o", 16), tmp_path, cwds)
-    assert all(code != 0 for code, _ in results)
-    said = "".join(err for _, err in results)
+    runs = [args(small_model_dir, uneven_data, tmp_path / "out", 16),
+            {"argv": args(small_model_dir, uneven_data, "o", 16), "exit": 2}]
+    (code_a, log_a), (code_b, log_b) = two_nodes(runs, tmp_path, cwds, caches)
+    assert code_a == code_b == 0, log_a + log_b
+    assert_same_training(root / "ddp-one", tmp_path / "out")
+    assert all(any(cache.rglob("stats.json")) for cache in caches)  # each node's first rank tokenized once
+    said = log_a + log_b
     assert "output directory o is not the same directory on every node: rank 1 (on " in said, said
-    assert "every node mounts at the same path" in said and "src/sftune" not in said  # (torchrun adds its own)
+    assert "every node mounts at the same path" in said and "src/sftune" not in said and "Traceback" not in said
     assert [sorted(p.name for p in (cwd / "o").iterdir()) for cwd in cwds] == [[LOCK_FILE]] * 2  # nothing written
 
 

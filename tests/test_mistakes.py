@@ -3,6 +3,7 @@ items 8-10). Each gets one message naming the value and the fix, exit status 2, 
 In-process (`cli.main`), except the signal test."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -195,6 +196,25 @@ def test_sigterm_during_the_first_evaluation(tiny_model_dir, tmp_path):
     assert "stopped by SIGTERM; before the first step: nothing was trained or saved" in err
     assert "start again with --resume auto" in err and "Traceback" not in err
     assert not (out / "model.safetensors").exists() and not (out / "checkpoints").exists()
+
+
+def test_a_signal_while_the_data_is_prepared_stops_at_once(tiny_model_dir, tmp_path):
+    """Reading and tokenizing a large dataset takes minutes, and a single process has nothing to save then: SIGTERM
+    (or Ctrl-C) stops it where it is (it finished the preparation and loaded the model first before), exit 143,
+    and neither the run's directory nor a half-written data cache entry is left."""
+    import os
+
+    rows = [json.dumps({"text": f"review {i}: a long and winding story of a film, told slowly and with care"})
+            for i in range(150_000)]  # (about 3 s of tokenizing on 2 cores; the signal comes before it starts)
+    (tmp_path / "big.jsonl").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "run"
+    code, err = signal_at(train(tiny_model_dir, out, "--dataset", str(tmp_path / "big.jsonl")), "max_length:")
+    assert code == 143, err
+    assert "stopped by SIGTERM; before the first step: nothing was trained or saved" in err and "Traceback" not in err
+    assert "\ndata:" not in err and "\nmodel:" not in err, err  # stopped in the preparation, not after it
+    assert not out.exists()
+    cache = os.environ["SFTUNE_CACHE"]
+    assert not [p for p in Path(cache).rglob(".tmp-*")], "a half-written cache entry was left"
 
 
 # --- 10. messages that point the right way -----------------------------------------------------------

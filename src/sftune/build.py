@@ -12,6 +12,7 @@ a resumed run stands. Every command builds what it needs here, the same way; the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -42,6 +43,7 @@ from sftune.resume import check_resume_compatible, check_same_inputs, check_same
 from sftune.run_report import DATA_FILE, data_summary
 from sftune.runtime import resolve_precision, seed_everything, untested_versions, warm_up
 from sftune.shards import holds_whole_model
+from sftune.signals import StopFlag
 from sftune.steps import InMemorySteps, StepSource, StreamedSteps
 
 
@@ -232,7 +234,7 @@ class Run:
         self.dist.close()
 
 
-def build_run(cfg: SFTConfig) -> Run:
+def build_run(cfg: SFTConfig, stop: StopFlag | None = None) -> Run:
     """Resolve what the config leaves open (and say what was inferred), load and build everything.
 
     Nothing is written before every check has passed: the output directory is checked (writable, empty unless
@@ -254,13 +256,13 @@ def build_run(cfg: SFTConfig) -> Run:
     if dist.is_main and out.exists():  # refuse a second run before loading anything (else: before writing)
         lock.acquire()
     try:
-        return _build(cfg, out, dist, lock)
+        return _build(cfg, out, dist, lock, stop)
     except BaseException:
         lock.release()
         raise
 
 
-def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
+def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock, stop: StopFlag | None) -> Run:
     from sftune.tracking import check_report_to
 
     check_report_to(cfg.report_to)
@@ -276,26 +278,29 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     for name, version, spec in untested_versions():  # (pip enforces these; a --no-deps or conda install does not)
         log(f"warning: {name} {version} is outside the versions sftune is tested with ({spec}; older ones fail its "
             f"tests: benchmarks/NOTES.md try 32); pip install '{name}{spec}'")
-    tokenizer = build_tokenizer(cfg)
-    model_config = override_config(load_model_config(cfg.model, cfg.trust_remote_code), cfg.model_config_overrides)
-    check_model_fits(cfg, tokenizer, model_config)
-    check_attention(model_config, cfg.attention, cfg.trust_remote_code, dist.device, precision, cfg.packing)
-    if cfg.attention in ("varlen", "flex") and cfg.packing and dist.device.type != "cuda":
-        log(f"attention: --attention {cfg.attention} is for a CUDA GPU; " + (
-            "a CPU has no variable-length kernel, so each packed example goes through SDPA on its own: the same "
-            "results, slower than the default (--attention auto: SDPA with a block mask)" if cfg.attention == "varlen"
-            else "a CPU has no flex attention backward, so packed rows go through SDPA with the same mask made dense: "
-            "the same results, as --attention auto computes them"))
-    if cfg.lora_r:
-        from sftune.lora import check_lora
+    # a signal while one process reads, tokenizes or loads stops it at once (nothing to save, nothing written yet)
+    at_once = stop.stops_at_once if stop is not None and not dist.distributed else contextlib.nullcontext
+    with at_once():
+        tokenizer = build_tokenizer(cfg)
+        model_config = override_config(load_model_config(cfg.model, cfg.trust_remote_code), cfg.model_config_overrides)
+        check_model_fits(cfg, tokenizer, model_config)
+        check_attention(model_config, cfg.attention, cfg.trust_remote_code, dist.device, precision, cfg.packing)
+        if cfg.attention in ("varlen", "flex") and cfg.packing and dist.device.type != "cuda":
+            log(f"attention: --attention {cfg.attention} is for a CUDA GPU; " + (
+                "a CPU has no variable-length kernel, so each packed example goes through SDPA on its own: the "
+                "same results, slower than the default (--attention auto: SDPA with a block mask)"
+                if cfg.attention == "varlen" else "a CPU has no flex attention backward, so packed rows go through "
+                "SDPA with the same mask made dense: the same results, as --attention auto computes them"))
+        if cfg.lora_r:
+            from sftune.lora import check_lora
 
-        check_lora(cfg, model_config, len(tokenizer), token_ids(tokenizer, cfg.add_tokens),
-                   cfg.trust_remote_code)  # a wrong target is reported before anything loads
-    data, max_length = build_data(cfg, tokenizer, model_config, dist)
-    if warming is not None:
-        warming.join()
-    source_class = StreamedSteps if cfg.streaming else InMemorySteps
-    steps = source_class(cfg, data, max_length, tokenizer.pad_token_id, dist)
+            check_lora(cfg, model_config, len(tokenizer), token_ids(tokenizer, cfg.add_tokens),
+                       cfg.trust_remote_code)  # a wrong target is reported before anything loads
+        data, max_length = build_data(cfg, tokenizer, model_config, dist)
+        if warming is not None:
+            warming.join()
+        source_class = StreamedSteps if cfg.streaming else InMemorySteps
+        steps = source_class(cfg, data, max_length, tokenizer.pad_token_id, dist)
     compile_mode, why = resolve_compile(cfg, dist, precision, steps.total_steps)
     padding = steps.padding = step_padding(cfg, compile_mode, max_length)  # (the plan of steps does not depend on it)
     attention, notice = resolve_attention(cfg, model_config, dist, steps.total_steps, max_length)
@@ -331,13 +336,14 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock) -> Run:
     # receive their shards from rank 0 (`Dist.wrap`: only rank 0 ever holds the whole model)
     from sftune.lora import is_adapter_dir
 
-    if sharded and not dist.is_main and not is_adapter_dir(cfg.model):
-        model = model_skeleton(cfg.model, cfg.trust_remote_code, cfg.seed, attention, cfg.model_config_overrides)
-    else:
-        model = load_model(str(checkpoint) if from_checkpoint else cfg.model,
-                           "pretrained" if from_checkpoint else cfg.init, cfg.trust_remote_code, cfg.seed,
-                           attention=attention, overrides=cfg.model_config_overrides,
-                           device=torch.device("cpu") if sharded else dist.device)
+    with at_once():
+        if sharded and not dist.is_main and not is_adapter_dir(cfg.model):
+            model = model_skeleton(cfg.model, cfg.trust_remote_code, cfg.seed, attention, cfg.model_config_overrides)
+        else:
+            model = load_model(str(checkpoint) if from_checkpoint else cfg.model,
+                               "pretrained" if from_checkpoint else cfg.init, cfg.trust_remote_code, cfg.seed,
+                               attention=attention, overrides=cfg.model_config_overrides,
+                               device=torch.device("cpu") if sharded else dist.device)
     if grown := fit_embeddings(model, len(tokenizer)):  # --add-tokens, --pad-token
         log(f"embeddings: {grown} row{'s' if grown > 1 else ''} added for the new tokens ({len(tokenizer):,} in "
             f"all), each starting at the mean of the others")

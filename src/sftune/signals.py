@@ -34,6 +34,10 @@ class StopFlag:
     def __init__(self, terminals: tuple[int, ...] = ()):
         self.signum: int | None = None
         self.terminals = terminals  # stdout/stderr's descriptors that were a terminal when the run started
+        # while set, a signal stops the process where it is (`Preempted` raised from the handler, as Ctrl-C's
+        # KeyboardInterrupt is): for a single process's preparation (reading, tokenizing, loading), which can take
+        # minutes and has nothing to save; the run's directory is not written yet
+        self.at_once = False
 
     def _handle(self, signum, frame):
         if self.signum == signal.SIGINT and signum == signal.SIGINT:
@@ -41,6 +45,20 @@ class StopFlag:
         if signum == getattr(signal, "SIGHUP", None):
             detach(self.terminals)
         self.signum = signum
+        if self.at_once:
+            self.at_once = False
+            raise Preempted(signum, None)
+
+    @contextlib.contextmanager
+    def stops_at_once(self, when: bool = True):
+        """Within the block (when `when`), a signal stops at once; one that came before stops here."""
+        if when and self.signum is not None:
+            raise Preempted(self.signum, None)
+        self.at_once = when
+        try:
+            yield
+        finally:
+            self.at_once = False
 
 
 def detach(fds: tuple[int, ...]) -> None:

@@ -150,7 +150,9 @@ def write_entry(path: Path, splits: dict[str, Examples], stats: dict[str, SplitS
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # (a signal that stops the run while it writes leaves no half-written entry either)
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        if not isinstance(e, OSError):
+            raise
         log(f"data: could not write the cache at {path} ({e}); continuing without it")
