@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import QUICKSTART_DATA, ROOT, make_tiny_gpt2, run_main
+from conftest import QUICKSTART_DATA, ROOT, make_tiny_gpt2, read_jsonl, run_main
 
 MARKERS = ["<|im_start|>", "<|im_end|>"]
 CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>' + '\\n' }}"
@@ -209,7 +209,8 @@ def chat_args(model_dir, out, template, *extra):
     return ["train", "--model", str(model_dir), "--dataset", str(CHAT_DATA), "--chat-template", str(template),
             "--add-tokens", *MARKERS, "--min-tokens", "0", "--batch-size", "8", "--max-steps", "4", "--lr", "3e-3",
             "--precision", "fp32", "--log-every", "1", "--save-every", "2", "--keep-last", "2", "--no-run-report",
-            "--report-to", "none", "--output-dir", str(out), *extra]
+            "--report-to", "none", "--sample-prompts", "", "--output-dir", str(out), *extra]  # ("": no samples, not even
+    # chat's validation prompts)
 
 
 def resumed_from_step_2(capsys, args, out, tmp_path):
@@ -244,6 +245,7 @@ def test_a_full_fine_tune_with_added_tokens_saves_a_grown_model_and_resumes_exac
     assert code == 0, err
     assert "tokens: <|im_start|>, <|im_end|> added; 50,259 in all" in err and "splits" not in err
     assert "embeddings: 2 rows added for the new tokens" in err and "output projection fused" in err
+    assert "sample step" not in err and "sample" not in {r["type"] for r in read_jsonl(out / "metrics.jsonl")}
     tokenizer, model = AutoTokenizer.from_pretrained(out), AutoModelForCausalLM.from_pretrained(out)
     assert len(tokenizer) == model.config.vocab_size == model.get_input_embeddings().weight.shape[0] == 50259
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")

@@ -304,9 +304,10 @@ class SFTConfig:
     eval_batch_size: int | None = _f(None, "Rows per validation batch (default: batch_size).", "log")
     log_every: int = _f(10, "Write a log line and a metrics.jsonl line every N optimizer steps.", "log")
     output_dir: str | None = _f(None, "Where the run is written (default: runs/<timestamp>).", "log")
-    sample_prompts: list[str] = _f(
-        [], "Prompts to complete greedily at each evaluation (metrics, log, TensorBoard) and, sampled, at the end "
-        "of the run; with chat data, the first validation prompts are completed too.", "log")
+    sample_prompts: list[str] | None = _f(
+        None, "Prompts to complete greedily at each evaluation (metrics, log, TensorBoard) and, sampled, at the end "
+        "of the run; with chat data, the first 2 validation prompts are completed too unless this is [] (\"\" on the "
+        "command line): no samples at all.", "log")
     sample_max_new_tokens: int = _f(24, "Tokens generated for each sample prompt.", "log")
     report_to: Literal["tensorboard", "wandb", "none"] = _f(
         "tensorboard", "Where metrics go besides metrics.jsonl: tensorboard (<output_dir>/tensorboard), wandb "
@@ -654,7 +655,7 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
     need(cfg.dist_timeout >= 1, "dist_timeout", "must be at least 1 second (1800: 30 minutes)")
     need(cfg.max_bad_steps >= 0, "max_bad_steps", "must be 0 or more")
     need(cfg.sample_max_new_tokens >= 1, "sample_max_new_tokens", "must be at least 1")
-    need(all(isinstance(p, str) and p.strip() for p in cfg.sample_prompts), "sample_prompts",
+    need(all(isinstance(p, str) and p.strip() for p in cfg.sample_prompts or []), "sample_prompts",
          "must be non-empty texts; for none, use [] in YAML or --sample-prompts \"\"")
     need(bool(cfg.model), "model", "must name a Hub id or a local directory")
     need(all(isinstance(t, str) and t.strip() == t and t for t in cfg.add_tokens), "add_tokens",

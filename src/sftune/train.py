@@ -170,7 +170,8 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
     if peak:
         lengths = run.steps.train.lengths if hasattr(run.steps, "train") else run.steps.validation.lengths
         token_flops = flops_per_token(hf_model, float(lengths.mean()), frozen_base=run.adapter is not None)
-    prompts = [(p, False) for p in cfg.sample_prompts] + [(p, True) for p in validation_prompts(run, chat)]
+    prompts = [(p, False) for p in cfg.sample_prompts or []] + [
+        (p, True) for p in validation_prompts(run, chat and cfg.sample_prompts != [])]  # ([]: no samples at all)
     if run.resumed_from is not None:
         metrics.write({"type": "resume", "step": state.step, "checkpoint": str(run.resumed_from)})
     evals: list[dict] = state.evals
@@ -602,7 +603,7 @@ def write_outputs(run: Run, evals: list[dict], metrics: MetricsWriter, last_save
     samples = {}
     if dist.sharded:  # every rank generates in step (the blocks all-gather); the root's weights are gathered first
         run.loss_model.unshard()
-    for prompt in cfg.sample_prompts if dist.is_main or dist.sharded else []:
+    for prompt in (cfg.sample_prompts or []) if dist.is_main or dist.sharded else []:
         samples[prompt] = complete(hf_model, run.tokenizer, prompt, cfg.sample_max_new_tokens, seed=cfg.seed,
                                    chat=run.steps.layout.is_chat, synced=dist.sharded)[0]
     return samples
