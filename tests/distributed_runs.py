@@ -3,12 +3,15 @@
 
     torchrun --standalone --nproc-per-node 2 tests/distributed_runs.py RUNS.json
 
-RUNS.json is a list of argument lists for `sftune`, or of {"argv": [...], "exit": N} for a run that must exit N (a
-refusal); the exit status is the first unexpected one, else 0.
+RUNS.json is a list of argument lists for `sftune`, or of {"argv": [...], "exit": N, "late": [RANK, SECONDS]} for a
+run that must exit N (a refusal) and, with "late", whose rank RANK starts it SECONDS after the others; the exit
+status is the first unexpected one, else 0.
 """
 
 import json
+import os
 import sys
+import time
 
 import torch.distributed
 
@@ -19,7 +22,9 @@ if __name__ == "__main__":
     status = 1
     try:
         for run in json.loads(open(sys.argv[1]).read()):
-            argv, expected = (run["argv"], run["exit"]) if isinstance(run, dict) else (run, 0)
+            argv, expected = (run["argv"], run.get("exit", 0)) if isinstance(run, dict) else (run, 0)
+            if isinstance(run, dict) and "late" in run and int(os.environ["RANK"]) == run["late"][0]:
+                time.sleep(run["late"][1])
             code = main(argv)
             if code != expected:
                 status = code or 1

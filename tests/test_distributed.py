@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import ROOT, read_jsonl, run_captured, run_main
+from conftest import QUICKSTART_DATA, ROOT, read_jsonl, run_captured, run_main
 
 pytestmark = pytest.mark.slow
 
@@ -79,13 +79,13 @@ def test_the_two_ranks_hold_rows_of_very_different_lengths(uneven_data, gpt2_tok
     assert abs(per_rank[0] - per_rank[1]) > 0.1 * max(per_rank)  # the ranks' shares differ in tokens
 
 
-def launch(runs: list[list[str]], tmp_path, ranks: int = 2) -> str:
-    """One torchrun launch that runs each `sftune` argument list in turn (tests/distributed_runs.py)."""
-    spec = tmp_path / f"runs-{len(list(tmp_path.glob('runs-*')))}.json"
+def launch(runs: list, tmp_path, ranks: int = 2) -> str:
+    """One torchrun launch, in `tmp_path`, that runs each `sftune` argument list in turn (tests/distributed_runs.py)."""
+    spec = tmp_path / f"spec-{len(list(tmp_path.glob('spec-*')))}.json"
     spec.write_text(json.dumps(runs))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
            str(ROOT / "tests" / "distributed_runs.py"), str(spec)]
-    proc = subprocess.run(cmd, cwd=ROOT, text=True, capture_output=True, timeout=600,
+    proc = subprocess.run(cmd, cwd=tmp_path, text=True, capture_output=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr
     return proc.stdout + proc.stderr
@@ -132,7 +132,7 @@ BEST = ("--lr", "1e-1", "--eval-every", "1", "--save-best", "--final-model", "be
 
 
 @pytest.fixture(scope="module")
-def launched(uneven_data, many_rows, small_model_dir, tmp_path_factory):
+def launched(uneven_data, many_rows, small_model_dir, tiny_model_dir, tmp_path_factory):
     """Each case in one process (in this one) and on 2 ranks, all in one torchrun launch (start-up paid once),
     with the uninterrupted 2-rank run the fault test compares against. The models have a 512-token vocabulary
     (`small_model_dir`'s tokenizer): the ranks' arithmetic is what is compared, not GPT-2's ids."""
@@ -193,11 +193,30 @@ def launched(uneven_data, many_rows, small_model_dir, tmp_path_factory):
     code, _, err = run_captured(*args(small_model_dir, many_rows, root / "stream-one", 32, "--streaming"))
     assert code == 0, err
     runs.append(args(small_model_dir, many_rows, root / "stream-two", 16, "--streaming"))
+    # no --output-dir: runs/<time> (here in `root`, the launch's directory), where rank 1 starts 1.5 s after rank 0
+    runs.append({"argv": args(small_model_dir, uneven_data, "unused", 16)[:-2], "late": [1, 1.5]})
+    # checkpoints for safety (one after every step) on a disk of 30 MB, where the 13 MB model fits and a checkpoint
+    # (model and optimizer) does not, under DDP and FSDP (each on a tmpfs of its own; left out where none can be made)
+    disks = [d for d in (root / "disk-ddp", root / "disk-fsdp") if mount_tmpfs(d, "30M")]
+    for disk in disks:
+        runs.append(["train", "--no-run-report", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA),
+                     "--batch-size", "8", "--lr", "3e-3", "--precision", "fp32", "--log-every", "1", "--max-steps",
+                     "3", "--save-minutes", "0.00006", "--sample-prompts", "", "--strategy", disk.name[5:],
+                     "--output-dir", str(disk / "run")])
     # a resume with another learning rate: refused by every rank alike, said once (last: the ranks leave the run)
     runs.append({"argv": args(small_model_dir, uneven_data, root / "refused", 8, "--grad-accum", "2", "--strategy",
                               "fsdp", *CASES["fsdp-accum"][1], "--lr", "1e-3",
                               "--resume", str(root / "fsdp-accum-two" / "checkpoints" / "step-2")), "exit": 2})
-    return root, launch(runs, root)
+    yield root, launch(runs, root)
+    for disk in disks:  # (a run that left a file open in its directory would make this fail)
+        done = subprocess.run(["umount", str(disk)], capture_output=True, text=True)
+        assert done.returncode == 0, f"a file in the run's directory is still open after the run: {done.stderr}"
+
+
+def mount_tmpfs(path, size: str) -> bool:
+    path.mkdir()
+    return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                          capture_output=True).returncode == 0
 
 
 def test_ddp_and_fsdp_on_two_ranks_equal_one_process_and_fsdp_resumes_exactly(launched):
@@ -208,9 +227,10 @@ def test_ddp_and_fsdp_on_two_ranks_equal_one_process_and_fsdp_resumes_exactly(la
     Hugging Face model that loads in one process."""
     root, output = launched
     assert "(DistributedDataParallel)" in output and "(FSDPCausalLMLoss)" in output and "per rank x 2 ranks" in output
-    # only rank 0 prints (+10: the FSDP resumes (2 under FSDP, 1 under DDP, a LoRA adapter from one process), best and a whole model's best under FSDP,
-    # bf16, the log-window run and its resume, streaming)
-    assert output.count("done: 3 steps") == len(CASES) + 10
+    # only rank 0 prints (+11: the FSDP resumes (2 under FSDP, 1 under DDP, a LoRA adapter from one process), best and
+    # a whole model's best under FSDP, bf16, the log-window run and its resume, streaming, runs/<time>)
+    disks = sum((root / d).is_mount() for d in ("disk-ddp", "disk-fsdp"))  # (2 runs on small disks, where allowed)
+    assert output.count("done: 3 steps") == len(CASES) + 11 + disks
     assert output.count("config: model ") == output.count("done: ") + 1  # the config summary too, once a run (+1: a
     # refused resume's)
     assert "will be ignored" not in output  # (torch.compile around DDP: a warning from dynamo on every rank)
@@ -507,20 +527,29 @@ def test_a_refused_resume_is_said_once(launched):
     assert output.count("training settings differ (lr: 0.0001 -> 0.001)") == 1, output
 
 
-def test_without_an_output_dir_the_ranks_write_one_run_named_by_rank_0(small_model_dir, uneven_data, tmp_path):
+def test_without_an_output_dir_the_ranks_write_one_run_named_by_rank_0(launched):
     """The default output directory is runs/<time>, and each rank gets there at its own time (here rank 1 starts 1.5
     s after rank 0): every rank uses rank 0's (each took its own, and a launch whose ranks crossed a second failed,
     its ranks in two directories: 1 launch in 3 by hand)."""
-    late = tmp_path / "late.py"
-    late.write_text("import os, sys, time\nfrom sftune.cli import main\nif os.environ['RANK'] == '1':\n"
-                    "    time.sleep(1.5)\nsys.exit(main(sys.argv[1:]))\n")
-    argv = args(small_model_dir, uneven_data, "unused", 16)[:-2]  # (no --output-dir)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(late), *argv]
-    proc = subprocess.run(cmd, cwd=tmp_path, text=True, capture_output=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stderr
-    runs = list((tmp_path / "runs").iterdir())
+    root, _ = launched
+    runs = list((root / "runs").iterdir())
     assert len(runs) == 1 and (runs[0] / "model.safetensors").is_file(), runs
+
+
+def test_under_torchrun_a_checkpoint_for_safety_that_does_not_fit_does_not_stop_the_run(launched):
+    """On 2 ranks: rank 0 writes a DDP checkpoint and every rank learns that it failed (each went on while rank 0
+    stopped with exit 2 and the others with 'a collective operation failed'); under FSDP every rank writes its shards,
+    and all learn the same (DCP's error escaped as a traceback). Each run ends with its model, one warning a
+    checkpoint (test_reliability.py: the same in one process)."""
+    root, output = launched
+    if not (root / "disk-ddp").is_mount():
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    assert output.count("warning: no checkpoint for safety at step") == 6, output
+    assert output.count("(the disk is full: ") == 6 and "Traceback" not in output
+    for strategy in ("ddp", "fsdp"):
+        out = root / f"disk-{strategy}" / "run"
+        steps = [r["step"] for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "train"]
+        assert (out / "model.safetensors").is_file() and steps == [1, 2, 3]
 
 
 def test_a_config_mistake_is_said_once_per_node(small_model_dir, uneven_data, tmp_path):

@@ -208,23 +208,6 @@ def test_a_checkpoint_for_safety_that_does_not_fit_does_not_stop_the_run(tiny_mo
     assert train_steps(out) == [1, 2, 3, 4]
 
 
-def test_under_torchrun_a_checkpoint_for_safety_that_does_not_fit_does_not_stop_the_run(tiny_model_dir, tmpfs,
-                                                                                        tmp_path):
-    """The same on 2 ranks: rank 0 writes a DDP checkpoint and every rank learns that it failed (each went on while
-    rank 0 stopped with exit 2 and the others with 'a collective operation failed'); under FSDP every rank writes
-    its shards, and all learn the same (DCP's error escaped as a traceback). Each run ends with its model, one
-    warning a checkpoint. (Both in one torchrun launch: tests/distributed_runs.py.)"""
-    from test_distributed import launch
-
-    outs = {strategy: tmpfs("30M") / "run" for strategy in ("ddp", "fsdp")}
-    log = launch([args(tiny_model_dir, out, "--max-steps", "3", "--save-minutes", "0.00006", "--batch-size", "8",
-                       "--strategy", strategy, "--sample-prompts", "") for strategy, out in outs.items()], tmp_path)
-    assert log.count("warning: no checkpoint for safety at step") == 6, log
-    assert log.count("(the disk is full: ") == 6 and "Traceback" not in log
-    for out in outs.values():
-        assert (out / "model.safetensors").is_file() and train_steps(out) == [1, 2, 3]
-
-
 def test_an_unwritable_output_directory_is_refused_before_loading(small_model_dir, tmpfs, capsys):
     readonly = tmpfs("1M", readonly=True)
     code, _, err = run_main(capsys, *args(small_model_dir, readonly / "run"))
