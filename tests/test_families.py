@@ -53,6 +53,13 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_atte
             logit_scale=0.25, logits_scaling=8.0, final_logit_softcapping=0.5)
 
 
+SHAPES = {  # a tiny config's own sizes, where a type's defaults do not fit TINY's
+    "deepseek_v3": dict(kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=16, v_head_dim=16, qk_nope_head_dim=8,
+                        num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                        n_group=1, topk_group=1),  # (multi-head latent attention: as many key/value heads as heads)
+}
+
+
 @pytest.mark.parametrize("model_type", sorted(LOGIT_MAPS))
 def test_each_fused_model_type_computes_its_own_logits_loss(model_type):
     """The fused loss is used for a model type only where its map from hidden states to logits is known
@@ -67,7 +74,7 @@ def test_each_fused_model_type_computes_its_own_logits_loss(model_type):
     from sftune.loss import CausalLMLoss
 
     config = (AutoConfig.for_model("gpt2", n_embd=64, n_layer=1, n_head=4, vocab_size=256) if model_type == "gpt2"
-              else AutoConfig.for_model(model_type, **TINY))
+              else AutoConfig.for_model(model_type, **{**TINY, **SHAPES.get(model_type, {})}))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()  # (eval: no dropout)
     loss_model = CausalLMLoss(model)

@@ -48,7 +48,7 @@ prime_cpu_math()  # (before anything computes a loss: its exp is the first large
 PLAIN_LOGITS = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gpt_neox", "phi3",
                 "olmo", "olmo2", "smollm3", "gemma", "starcoder2", "stablelm", "gpt_bigcode", "opt", "bloom", "olmoe",
                 "phimoe", "glm4_moe", "ernie4_5_moe", "jetmoe", "gpt_oss", "olmo3", "qwen3_next", "exaone4", "glm",
-                "glm4", "seed_oss", "arcee", "lfm2", "ernie4_5", "minimax")
+                "glm4", "seed_oss", "arcee", "lfm2", "ernie4_5", "minimax", "deepseek_v3")
 LOGIT_MAPS: dict[str, Callable[[object], tuple[float, float | None]]] = {
     **{model_type: lambda config: (1.0, None) for model_type in PLAIN_LOGITS},
     **{model_type: lambda config: (float(config.logit_scale), None) for model_type in ("cohere", "cohere2")},
