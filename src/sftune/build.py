@@ -43,7 +43,7 @@ from sftune.resume import check_resume_compatible, check_same_inputs, check_same
 from sftune.run_report import DATA_FILE, data_summary
 from sftune.runtime import resolve_precision, seed_everything, untested_versions, warm_up
 from sftune.shards import holds_whole_model
-from sftune.signals import StopFlag
+from sftune.signals import Preempted, StopFlag
 from sftune.steps import InMemorySteps, StepSource, StreamedSteps
 
 
@@ -301,6 +301,8 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock, stop: StopFl
             warming.join()
         source_class = StreamedSteps if cfg.streaming else InMemorySteps
         steps = source_class(cfg, data, max_length, tokenizer.pad_token_id, dist)
+    if stop is not None and dist.any(stop.signum is not None):  # (under torchrun: the ranks agree, before loading)
+        raise Preempted(stop.signum or 15, None)
     compile_mode, why = resolve_compile(cfg, dist, precision, steps.total_steps)
     padding = steps.padding = step_padding(cfg, compile_mode, max_length)  # (the plan of steps does not depend on it)
     attention, notice = resolve_attention(cfg, model_config, dist, steps.total_steps, max_length)
