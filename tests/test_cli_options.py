@@ -231,6 +231,25 @@ def test_eval_and_data_stream_without_max_steps(small_model_dir, capsys):
     assert code == 0, err
 
 
+def test_eval_evaluates_the_split_it_is_given(small_model_dir, capsys):
+    """`sftune eval --val-split train` (or `--split train`: eval trains nothing) evaluates the training rows, and
+    reads no other split; without either, the validation split. It was refused ("must name another split than the
+    training split"), and --split was silently ignored."""
+    base = ("eval", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA), "--json")
+    reports = {}
+    for flags in ([], ["--val-split", "train"], ["--split", "train"], ["--split", "train[:40]"]):
+        code, out, err = run_main(capsys, *base, *flags)
+        assert code == 0, err
+        reports[" ".join(flags)] = json.loads(out)
+    assert (reports[""]["split"], reports[""]["examples"]) == ("validation", 60)
+    assert (reports["--val-split train"]["split"], reports["--val-split train"]["examples"]) == ("train", 400)
+    assert reports["--split train"] == reports["--val-split train"]
+    assert reports["--split train[:40]"]["examples"] == 40
+    assert "data: 0 train / 400 validation examples" in run_main(capsys, *base, "--split", "train")[2]
+    code, _, err = run_main(capsys, *base, "--split", "train", "--val-split", "validation")
+    assert code == 2 and "sftune eval evaluates one split" in err and "give --val-split alone" in err
+
+
 def test_an_empty_string_empties_a_list_flag():
     """`--sample-prompts ""` (a flag needs a value) turns the config file's prompts off; `--lora-targets ""` is then
     the config error an empty list is."""

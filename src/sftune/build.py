@@ -128,12 +128,15 @@ def data_options(cfg: SFTConfig, max_length: int) -> DataOptions:
                        val_datasets=tuple(cfg.val_datasets))  # (entries: dicts, as `datasets`' are)
 
 
-def build_data(cfg: SFTConfig, tokenizer, model_config, dist: Dist | None = None):
+def build_data(cfg: SFTConfig, tokenizer, model_config, dist: Dist | None = None, validation_only: bool = False):
     """(PreparedData or StreamedData, max_length). Rank 0 prepares first and writes the cache;
-    the other ranks then read it."""
+    the other ranks then read it. `validation_only` (`sftune eval` of a named split): `val_split` of the
+    dataset alone, no training split."""
     dist = dist or Dist()
     max_length = resolve_max_length(cfg, tokenizer, model_config)
     options = data_options(cfg, max_length)
+    if validation_only and not cfg.streaming:
+        options = replace(options, only="validation")
     with dist.main_first():
         if cfg.streaming:
             from sftune.data.streaming import MixedStreams, StreamedData

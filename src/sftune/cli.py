@@ -282,8 +282,26 @@ def cmd_data(args) -> None:
     print(json.dumps(report, indent=2) if args.json else format_data_report(report, tokenizer, color=sys.stdout.isatty()))
 
 
+def evaluated_split(args) -> str | None:
+    """The split `sftune eval` was asked for on its command line: --val-split, or --split (eval trains nothing, so the
+    split it reads is the one it evaluates); both flags are taken out of `args`. None: the config's validation (the
+    dataset's own split, or the rows a training run held out)."""
+    named = {flag: args.__dict__.pop(key) for key, flag in (("split", "--split"), ("val_split", "--val-split"))
+             if key in args.__dict__}
+    if len(named) == 2:
+        raise SftuneError(f"sftune eval evaluates one split: --split {named['--split']} and --val-split "
+                          f"{named['--val-split']} both name one; give --val-split alone")
+    if named and (getattr(args, "datasets", None) or getattr(args, "val_dataset", None)):
+        raise SftuneError(f"{next(iter(named))} with --datasets or --val-dataset: name the split to evaluate as "
+                          f"val_split of each dataset (or --val-split with --val-dataset), in a config file")
+    return next(iter(named.values()), None)
+
+
 def cmd_eval(args) -> None:
+    split = evaluated_split(args)
     cfg = config_from_args(args)  # first: a config mistake is reported before the heavy imports
+    if split is not None:
+        cfg = dataclasses.replace(cfg, val_split=split)
     from sftune.build import build_data, build_tokenizer
     from sftune.dist import init_dist
     from sftune.evaluate import evaluate
@@ -301,7 +319,8 @@ def cmd_eval(args) -> None:
     model = load_model(cfg.model, init, cfg.trust_remote_code, cfg.seed, base=args.base,
                        overrides=cfg.model_config_overrides).to(dist.device)
     fit_embeddings(model, len(tokenizer))  # (--add-tokens on a model that lacks them: their rows as training starts)
-    data, _ = build_data(cfg, tokenizer, model.config, dist)  # streaming: only the validation split is read
+    # that split alone when one is named (the training split is not read), as streaming reads only the validation
+    data, _ = build_data(cfg, tokenizer, model.config, dist, validation_only=split is not None)
     groups = getattr(data, "validation_groups", [])  # a mixture's datasets: each one's loss too
     batch_size = cfg.eval_batch_size or cfg.batch_size
     try:
@@ -316,7 +335,7 @@ def cmd_eval(args) -> None:
                           f"--eval-batch-size (or --max-length)") from None
     if not dist.is_main:  # under torchrun every rank evaluated its share; rank 0 reports the sum over sum
         return
-    report = {"model": cfg.model, "dataset": cfg.data_name, "split": "validation", "val_loss": result.loss,
+    report = {"model": cfg.model, "dataset": cfg.data_name, "split": cfg.val_split or "validation", "val_loss": result.loss,
               "val_ppl": result.perplexity, "val_token_accuracy": result.accuracy, "examples": result.examples,
               "target_tokens": result.targets, "precision": precision}
     if groups:
@@ -324,7 +343,8 @@ def cmd_eval(args) -> None:
     if args.json:
         print(json.dumps(report))
     else:
-        print(f"{cfg.model} on {cfg.data_name} (validation, {result.examples:,} examples, {result.targets:,} target tokens): "
+        print(f"{cfg.model} on {cfg.data_name} ({report['split']}, {result.examples:,} examples, {result.targets:,} target "
+              f"tokens): "
               f"val_loss {result.loss:.4f}, perplexity {result.perplexity:,.2f}, token accuracy {result.accuracy:.3f} "
               f"({precision})")
         for name, loss in report.get("val_loss_by_dataset", {}).items():
