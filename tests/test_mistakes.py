@@ -181,6 +181,24 @@ def test_a_truncated_model_file_in_eval_and_generate(small_model_dir, tmp_path, 
         refused(capsys, *argv, words=[f"could not load model weights from {broken}", "truncated"])
 
 
+def test_an_override_that_changes_a_weights_shape_names_it(small_model_dir, tmp_path, capsys):
+    """--model-config-overrides n_positions=256 (a training config's, for a model built fresh) on trained weights
+    of 128 positions: transformers' "ignore_mismatched_sizes ... see the above report" (a report nobody saw) became
+    the tensor, both shapes and the fix; a config.json edited after its weights were written is named too."""
+    import shutil
+
+    refused(capsys, *train(small_model_dir, tmp_path / "run"), "--model-config-overrides", "n_positions=256",
+            words=[f"the weights in {small_model_dir} do not fit its config with model_config_overrides n_positions=256",
+                   "transformer.wpe.weight (128, 64) in the file, (256, 64) in the config", "--init random"])
+    edited = tmp_path / "edited"
+    shutil.copytree(small_model_dir, edited)
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(json.dumps({**config, "n_embd": 128}))
+    refused(capsys, *train(edited, tmp_path / "run"), words=[f"the weights in {edited} do not fit its config: ",
+                                                             "Its config.json was changed after the weights"])
+    assert not (tmp_path / "run").exists()
+
+
 def test_sigterm_during_the_first_evaluation(tiny_model_dir, tmp_path):
     """A validation split of 2,000 long rows makes the first evaluation last many seconds; SIGTERM stops it
     within a batch, with exit 143 and a message, and nothing half-written is left (no model, no checkpoint)."""

@@ -252,6 +252,14 @@ def _load_model(name: str, init: str, trust_remote_code: bool, seed: int, base: 
             model = load()
         except Exception as e:  # a missing, truncated or foreign weights file fails in many ways (OSError,
             # SafetensorError, ValueError ...): all mean the same to a user
+            if "mismatched_sizes" in str(e) and (differ := mismatched_shapes(Path(name).expanduser(), config)):
+                changed = (f" with model_config_overrides {format_overrides(overrides)} (--model-config-overrides)"
+                           if overrides else "")
+                raise SftuneError(
+                    f"the weights in {name} do not fit its config{changed}: {differ}. "
+                    + ("An override that changes a weight's shape (positions, vocabulary, widths) is for a model "
+                       "built with --init random; leave it out to load these weights" if overrides else
+                       "Its config.json was changed after the weights were written: restore it")) from None
             raise SftuneError(
                 f"could not load model weights from {name}: {remote_code_hint(e)}\n"
                 f"Check --model (a truncated model.safetensors needs a fresh copy), or pass --init random to "
@@ -262,6 +270,31 @@ def _load_model(name: str, init: str, trust_remote_code: bool, seed: int, base: 
         model = from_hub_or_cache(name, "model", "--model", load)
     log(f"model: {name}, {model.num_parameters() / 1e6:.1f}M parameters")
     return model
+
+
+def mismatched_shapes(path: Path, config, limit: int = 3) -> str:
+    """The first tensors whose shape in `path`'s safetensors files differs from the model `config` builds (the
+    config.json there when None), as "name (file) vs (config)"; "" when none differs or the files cannot be read."""
+    from safetensors import safe_open
+
+    try:
+        config = config if config is not None else AutoConfig.from_pretrained(path)
+        with torch.device("meta"):
+            wanted = {k: tuple(v.shape) for k, v in AutoModelForCausalLM.from_config(config).state_dict().items()}
+        differ = []
+        for file in sorted(path.glob("*.safetensors")):
+            with safe_open(str(file), "pt") as f:
+                for key in f.keys():
+                    shape = tuple(f.get_slice(key).get_shape())
+                    if key in wanted and wanted[key] != shape:
+                        differ.append(f"{key} {shape} in the file, {wanted[key]} in the config")
+    except Exception:  # noqa: BLE001 (only a better message is lost)
+        return ""
+    return "; ".join(differ[:limit]) + (f"; {len(differ) - limit} more" if len(differ) > limit else "")
+
+
+def format_overrides(overrides: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in overrides.items())
 
 
 def sharded_run(path: Path) -> dict:
