@@ -305,6 +305,22 @@ def test_nothing_left_is_a_clear_error(tmp_path, gpt2_tokenizer):
         prepare(str(path), gpt2_tokenizer, max_length=64, cache_dir=tmp_path)
 
 
+def test_a_datasets_cache_that_cannot_be_written_is_not_blamed_on_the_data(tmp_path, monkeypatch):
+    """HF_HOME (or HF_DATASETS_CACHE) where no directory can be made: `datasets` fails before it reads a row, and the
+    message said "could not read a dataset from directory ... (check --dataset)". It now names the cache and its
+    setting, for a directory and for files."""
+    import datasets
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(blocker / "datasets"))  # (as HF_HOME=a-file sets it)
+    for source in (QUICKSTART_DATA, QUICKSTART_DATA / "train.jsonl"):
+        with pytest.raises(SftuneError) as e:
+            load_rows(str(source), seed=1, val_fraction=0.25)
+        assert f"the datasets library cannot write its cache at {blocker / 'datasets'}" in str(e.value)
+        assert "HF_DATASETS_CACHE (or HF_HOME)" in str(e.value) and "check --dataset" not in str(e.value)
+
+
 def test_cache_hit_and_invalidation(tmp_path, gpt2_tokenizer, text_file):
     cache = tmp_path / "cache"
     first = prepare(str(text_file), gpt2_tokenizer, 64, cache_dir=cache)

@@ -162,7 +162,7 @@ def read_splits(dataset: str, config_name: str | None, flag: str):
             with datasets_errors_unsaid():
                 ds = datasets.load_dataset(builder, data_files={"train": [str(f) for f in files]}, **kwargs)
         except Exception as e:  # datasets wraps parse errors in its own types: find the bad line ourselves
-            bad = next((m for f in files for m in [diagnose_file(f)] if m), None)
+            bad = unwritable_cache(e) or next((m for f in files for m in [diagnose_file(f)] if m), None)
             raise SftuneError(bad or f"could not read {dataset}: {_root_cause(e)} (check {flag})") from None
         if builder == "csv":
             ds = datasets.DatasetDict({k: _integer_columns(v) for k, v in ds.items()})
@@ -171,8 +171,8 @@ def read_splits(dataset: str, config_name: str | None, flag: str):
         try:
             return datasets.load_dataset(str(path), config_name), False
         except Exception as e:
-            bad = next((m for f in sorted(path.rglob("*")) if f.is_file() and f.suffix in FILE_BUILDERS
-                        for m in [diagnose_file(f)] if m), None)
+            bad = unwritable_cache(e) or next((m for f in sorted(path.rglob("*")) if f.is_file() and f.suffix in
+                                               FILE_BUILDERS for m in [diagnose_file(f)] if m), None)
             raise SftuneError(bad or f"could not read a dataset from directory {dataset}: {_root_cause(e)} "
                               f"(check {flag}{', --dataset-config' if flag == '--dataset' else ''})") from None
     return from_hub_or_cache(dataset, "dataset", flag,
@@ -263,6 +263,22 @@ def _integer_columns(rows):
                 v is not None and INTEGER.fullmatch(v) for v in rows[name]):
             rows = rows.cast_column(name, datasets.Value("int64"))
     return rows
+
+
+def unwritable_cache(e: BaseException) -> str | None:
+    """The message for a `datasets` failure that is its own cache directory (HF_DATASETS_CACHE, under HF_HOME) that
+    cannot be made or written, not the data; None for any other failure."""
+    import datasets
+
+    while e.__cause__ is not None:
+        e = e.__cause__
+    if not isinstance(e, OSError) or not e.filename:
+        return None
+    cache, failed = Path(datasets.config.HF_DATASETS_CACHE), Path(str(e.filename))
+    if not (cache.is_relative_to(failed) or failed.is_relative_to(cache)):
+        return None
+    return (f"the datasets library cannot write its cache at {cache} ({e.strerror or type(e).__name__}: {failed}); "
+            f"the data is fine. Point HF_DATASETS_CACHE (or HF_HOME) at a directory you can write to")
 
 
 def _root_cause(e: BaseException) -> str:
