@@ -109,8 +109,12 @@ def test_data_show_marks_the_trained_tokens(capsys, monkeypatch):
 
 
 def test_generate_without_a_template_is_a_clear_error(tiny_model_dir, capsys):
+    """Said before the model is loaded (minutes for a large one), as an empty prompt is."""
     code, _, err = run_main(capsys, "generate", "--model", str(tiny_model_dir), "--chat", "hi")
     assert code == 2 and "has no chat template" in err and "Traceback" not in err
+    assert "activation:" not in err  # (the model's load line)
+    code, _, err = run_main(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", "")
+    assert code == 2 and "the prompt is empty" in err and "activation:" not in err
 
 
 def test_generate_with_a_system_message_the_template_refuses_is_a_clear_error(tiny_model_dir, tmp_path, capsys):

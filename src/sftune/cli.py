@@ -432,7 +432,7 @@ def read_tools(path: str) -> list[dict]:
 
 def cmd_generate(args) -> None:
     quiet_libraries()
-    from sftune.generate import check_sampling, complete
+    from sftune.generate import check_prompts, check_sampling, complete
     from sftune.modeling import load_model, load_tokenizer, model_dir_advice
     from sftune.runtime import resolve_device
 
@@ -447,6 +447,7 @@ def cmd_generate(args) -> None:
         raise SftuneError("--tools goes with --chat MESSAGE (a plain --prompt has no chat template to show them)")
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code, flag="--model", advice=model_dir_advice(args.model))
+    check_prompts(tokenizer, args.prompt, args.chat, args.system, tools)  # (before loading the model)
     model = load_model(args.model, "pretrained", args.trust_remote_code, base=args.base).to(device)
     results = []
     for prompt, chat in [(p, False) for p in args.prompt] + [(c, True) for c in args.chat]:

@@ -26,6 +26,16 @@ def check_sampling(temperature: float, top_p: float, max_new_tokens: int, num_sa
             raise SftuneError(f"{flag} must be at least 1, got {value}")
 
 
+def check_prompts(tokenizer, prompts: list[str], chats: list[str], system: str | None = None,
+                  tools: list[dict] | None = None) -> None:
+    """The prompts' own mistakes that `complete` refuses (a prompt with no tokens; a chat message for a tokenizer
+    without a chat template), said before a model is loaded (`sftune generate`: minutes for a large one)."""
+    for message in chats:
+        render_chat_prompt(tokenizer, message, system, tools)
+    if any(not tokenizer(p)["input_ids"] for p in prompts):
+        raise SftuneError("the prompt is empty after tokenization; give some text with --prompt")
+
+
 def complete(
     model,
     tokenizer,
