@@ -248,6 +248,8 @@ def test_eval_evaluates_the_split_it_is_given(small_model_dir, capsys):
     assert "data: 0 train / 400 validation examples" in run_main(capsys, *base, "--split", "train")[2]
     code, _, err = run_main(capsys, *base, "--split", "train", "--val-split", "validation")
     assert code == 2 and "sftune eval evaluates one split" in err and "give --val-split alone" in err
+    code, _, err = run_main(capsys, *base, "--split", "nope")  # said before the model is loaded (its GELU line)
+    assert code == 2 and "has no 'nope' split" in err and "activation:" not in err
 
 
 def test_an_empty_string_empties_a_list_flag():

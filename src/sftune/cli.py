@@ -305,7 +305,7 @@ def cmd_eval(args) -> None:
     from sftune.build import build_data, build_tokenizer
     from sftune.dist import init_dist
     from sftune.evaluate import evaluate
-    from sftune.modeling import fit_embeddings, load_model
+    from sftune.modeling import fit_embeddings, load_model, load_model_config, override_config
     from sftune.runtime import keep_freed_memory, resolve_precision
 
     dist = init_dist(cfg.device, cfg.dist_timeout)
@@ -316,11 +316,14 @@ def cmd_eval(args) -> None:
     if init == "random" and has_weights(cfg.model):  # a training config's `init: random` with a trained --model
         init = "pretrained"
         log(f"eval: {cfg.model} holds trained weights: evaluating them (init: random is how training starts)")
+    # the data before the model (a mistake in it is said before minutes of loading a large model): that split alone
+    # when one is named (the training split is not read), as streaming reads only the validation split
+    model_config = override_config(load_model_config(cfg.model, cfg.trust_remote_code, base=args.base),
+                                   cfg.model_config_overrides)
+    data, _ = build_data(cfg, tokenizer, model_config, dist, validation_only=split is not None)
     model = load_model(cfg.model, init, cfg.trust_remote_code, cfg.seed, base=args.base,
                        overrides=cfg.model_config_overrides).to(dist.device)
     fit_embeddings(model, len(tokenizer))  # (--add-tokens on a model that lacks them: their rows as training starts)
-    # that split alone when one is named (the training split is not read), as streaming reads only the validation
-    data, _ = build_data(cfg, tokenizer, model.config, dist, validation_only=split is not None)
     groups = getattr(data, "validation_groups", [])  # a mixture's datasets: each one's loss too
     batch_size = cfg.eval_batch_size or cfg.batch_size
     try:
