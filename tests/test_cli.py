@@ -301,9 +301,10 @@ def test_packed_training_runs_and_learns(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "packed"
     code, _, err = run_main(capsys, "train", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA),
                             "--packing", "--max-length", "64", "--batch-size", "2", "--max-steps", "12", "--lr", "3e-3",
-                            "--precision", "fp32", "--output-dir", str(out))
+                            "--precision", "fp32", "--group-by-length", "--output-dir", str(out))
     assert code == 0, err
     assert "1 x 2 packed rows of 64" in err
+    assert "warning: --group-by-length does nothing with --packing" in err  # (said, not silently ignored)
     evals = [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "eval"]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0
 

@@ -214,6 +214,9 @@ def cmd_train(args) -> None:
         print("resolved config:\n" + "\n".join("  " + line for line in dump_yaml(cfg).splitlines()), file=sys.stderr)
     elif is_main():
         print(summarize_config(cfg), file=sys.stderr)
+    if getattr(args, "group_by_length", False) and cfg.packing and is_main():  # (the flag itself: it is the default)
+        print("warning: --group-by-length does nothing with --packing: packed rows are filled best-fit by length "
+              "already, and the rows are shuffled", file=sys.stderr)
     if cfg.push_to_hub:  # (every rank: a refusal is the same everywhere, before the ranks meet)
         from sftune.hub import check_push
 
