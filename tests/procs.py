@@ -91,3 +91,31 @@ class SftuneProcess:
                 return
             if not chunk:
                 time.sleep(poll)
+
+
+def _rank(target: str, env: dict, argv: list[str]) -> None:
+    """A child: `target` ("module:function") called with `argv`, in the environment torchrun would give a rank."""
+    import importlib
+    import sys
+
+    os.environ.update(env)
+    module, function = target.split(":")
+    sys.exit(getattr(importlib.import_module(module), function)(*argv) or 0)
+
+
+def start_ranks(target: str, world: int, argv: list[str], per_node: int | None = None) -> list:
+    """`world` forked processes calling `target` ("module:function", importable here) that meet as torchrun's ranks
+    would (MASTER_ADDR, MASTER_PORT, WORLD_SIZE, RANK and LOCAL_RANK set by hand): multiprocessing Processes with
+    `exitcode`, `join`, `kill`."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(world):
+        env = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world), "RANK": str(rank),
+               "LOCAL_RANK": str(rank % (per_node or world)), "OMP_NUM_THREADS": "1"}
+        procs.append(_context().Process(target=_rank, args=(target, env, list(argv))))
+        procs[-1].start()
+    return procs

@@ -614,60 +614,70 @@ def test_two_nodes_train_as_two_ranks_of_one_node_do_and_must_share_the_output_d
     assert [sorted(p.name for p in (cwd / "o").iterdir()) for cwd in cwds] == [[LOCK_FILE]] * 2  # nothing written
 
 
+def prepare_in_order(log: str) -> None:
+    """A rank of `test_each_nodes_first_rank_prepares...`: writes when it enters and leaves `main_first`."""
+    import time
+
+    import torch.distributed
+
+    from sftune.dist import Dist
+
+    torch.distributed.init_process_group("gloo")
+    rank, local = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    with Dist(rank, local, 4).main_first():
+        with open(log, "a") as f:
+            f.write(f"in {rank}\n")
+        time.sleep(0.3)
+        with open(log, "a") as f:
+            f.write(f"out {rank}\n")
+    torch.distributed.destroy_process_group()
+
+
 def test_each_nodes_first_rank_prepares_after_rank_0_and_before_its_node(tmp_path):
     """`Dist.main_first` on 2 nodes of 2 ranks (gloo, ranks started by hand): rank 0 prepares the data first, then
     node 2's first rank (rank 2: its cache may be its own disk), then the others, who find a cache written."""
-    script = tmp_path / "order.py"
-    script.write_text(
-        "import os, sys, time\n"
-        "import torch.distributed\n"
-        "from sftune.dist import Dist\n"
-        "torch.distributed.init_process_group('gloo')\n"
-        "rank, local = int(os.environ['RANK']), int(os.environ['LOCAL_RANK'])\n"
-        "with Dist(rank, local, 4).main_first():\n"
-        "    with open(sys.argv[1], 'a') as f: f.write(f'in {rank}\\n')\n"
-        "    time.sleep(0.3)\n"
-        "    with open(sys.argv[1], 'a') as f: f.write(f'out {rank}\\n')\n"
-        "torch.distributed.destroy_process_group()\n")
+    from procs import start_ranks
+
     log = tmp_path / "order.txt"
-    procs = start_ranks(script, 4, [str(log)], per_node=2)
-    assert [p.wait(timeout=120) for p in procs] == [0] * 4
+    procs = start_ranks("test_distributed:prepare_in_order", 4, [str(log)], per_node=2)
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0] * 4
     events = log.read_text().split("\n")[:-1]
     assert events[:4] == ["in 0", "out 0", "in 2", "out 2"], events
     assert sorted(events[4:]) == ["in 1", "in 3", "out 1", "out 3"]
 
 
-def start_ranks(script, world: int, argv: list[str], per_node: int | None = None, **popen) -> list:
-    """`world` processes of `script` that meet as torchrun's ranks would (environment set by hand)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return [subprocess.Popen([sys.executable, str(script), *argv], env={
-        **os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": str(world),
-        "RANK": str(rank), "LOCAL_RANK": str(rank % (per_node or world)), "OMP_NUM_THREADS": "1"}, **popen)
-        for rank in range(world)]
+def wait_for_rank_0(said: str) -> int:
+    """A rank of `test_a_rank_that_waits_past_dist_timeout...`: rank 0 prepares for 30 s, the others wait 1 s."""
+    import time
+
+    from sftune.dist import init_dist
+    from sftune.errors import SftuneError
+
+    dist = init_dist("cpu", 1)
+    try:
+        with dist.main_first():
+            time.sleep(30 if dist.rank == 0 else 0)
+    except SftuneError as e:
+        with open(said, "w") as f:
+            f.write(str(e))
+        return 2
+    return 0
 
 
 def test_a_rank_that_waits_past_dist_timeout_says_so(tmp_path):
     """Rank 0 prepares the data while the others wait at a barrier; a wait past --dist-timeout (here 1 s) is one
     clear message naming the flag, not torch's traceback."""
-    script = tmp_path / "slow.py"
-    script.write_text(
-        "import sys, time\n"
-        "from sftune.dist import init_dist\n"
-        "from sftune.errors import SftuneError\n"
-        "dist = init_dist('cpu', 1)\n"
-        "try:\n"
-        "    with dist.main_first():\n"
-        "        time.sleep(30 if dist.rank == 0 else 0)\n"
-        "except SftuneError as e:\n"
-        "    print(e)\n"
-        "    sys.exit(2)\n")
-    procs = start_ranks(script, 2, [], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    waiting = procs[1].communicate(timeout=120)[0]
+    from procs import start_ranks
+
+    said = tmp_path / "said.txt"
+    procs = start_ranks("test_distributed:wait_for_rank_0", 2, [str(said)])
+    procs[1].join(timeout=120)
     procs[0].kill()  # (still preparing)
-    procs[0].communicate(timeout=120)
-    assert procs[1].returncode == 2, waiting
+    procs[0].join(timeout=120)
+    assert procs[1].exitcode == 2
+    waiting = said.read_text()
     assert waiting.startswith("rank 1 waited more than 1 s for the other ranks") and "--dist-timeout" in waiting
 
 
