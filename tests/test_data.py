@@ -321,6 +321,29 @@ def test_a_datasets_cache_that_cannot_be_written_is_not_blamed_on_the_data(tmp_p
         assert "HF_DATASETS_CACHE (or HF_HOME)" in str(e.value) and "check --dataset" not in str(e.value)
 
 
+def test_a_signal_inside_a_library_call_is_not_taken_for_its_failure(tmp_path, monkeypatch):
+    """While one process prepares, a signal stops it where it is (`StopFlag.stops_at_once`): inside `datasets`' load
+    the handler's exception went through sftune's `except Exception` around it, and a SIGTERM read "could not read
+    ...: Preempted" (exit 2, blaming the data). Here a real SIGTERM arrives while the load runs Python code."""
+    import signal
+
+    import datasets
+
+    from sftune.signals import Preempted, stop_on_signals
+
+    def load_dataset(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(1000):  # (the handler runs between two bytecodes of this loop)
+            pass
+        raise AssertionError("the signal did not stop the load")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    with stop_on_signals() as stop, pytest.raises(Preempted) as e:
+        with stop.stops_at_once():
+            load_rows(str(QUICKSTART_DATA / "train.jsonl"), seed=1, val_fraction=0.25)
+    assert e.value.code == 143
+
+
 def test_cache_hit_and_invalidation(tmp_path, gpt2_tokenizer, text_file):
     cache = tmp_path / "cache"
     first = prepare(str(text_file), gpt2_tokenizer, 64, cache_dir=cache)

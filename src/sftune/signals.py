@@ -19,8 +19,10 @@ import signal
 SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
 
 
-class Preempted(Exception):
-    """Raised after the checkpoint is written; `code` is the process exit status to use."""
+class Preempted(BaseException):
+    """Raised after the checkpoint is written (or, before the first step, where the signal found the process);
+    `code` is the process exit status to use. A BaseException, as KeyboardInterrupt is: raised from the signal
+    handler inside a library call, it must not be caught as that call's failure (`except Exception`)."""
 
     def __init__(self, signum: int, checkpoint):
         self.signum = signum
