@@ -245,7 +245,7 @@ def test_eval_evaluates_the_split_it_is_given(small_model_dir, capsys):
     assert (reports["--val-split train"]["split"], reports["--val-split train"]["examples"]) == ("train", 400)
     assert reports["--split train"] == reports["--val-split train"]
     assert reports["--split train[:40]"]["examples"] == 40
-    assert "data: 0 train / 400 validation examples" in run_main(capsys, *base, "--split", "train")[2]
+    assert "data: 400 examples of train to evaluate" in run_main(capsys, *base, "--split", "train")[2]
     code, _, err = run_main(capsys, *base, "--split", "train", "--val-split", "validation")
     assert code == 2 and "sftune eval evaluates one split" in err and "give --val-split alone" in err
     code, _, err = run_main(capsys, *base, "--split", "nope")  # said before the model is loaded (its GELU line)
