@@ -49,9 +49,11 @@ def test_overwrite_removes_the_older_run_first(small_model_dir, tmp_path, capsys
     assert train_steps(out) == [1, 2, 3, 4, 5, 6]  # no line of the old run
     assert (out / "notes.txt").read_text() == "mine"  # files that are not a run's are left alone
     code, _, err = run_main(capsys, *args(small_model_dir, out, "--max-steps", "6", "--save-every", "2",
-                                          "--seed", "7", "--resume", "auto"))
+                                          "--seed", "7", "--resume", "auto", "--overwrite"))
     assert code == 0, err
     assert f"resumed from {out / 'checkpoints' / 'step-6'}" in err  # the new run continues, not the old one
+    # (with --overwrite too: a resume wins, and that is said, not silently ignored)
+    assert f"warning: --overwrite is not used: --resume auto continues {out / 'checkpoints' / 'step-6'}" in err
 
 
 def test_rotation_never_removes_another_runs_checkpoints(tmp_path):

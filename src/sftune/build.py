@@ -334,6 +334,9 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock, stop: StopFl
         may_differ = check_same_steps(checkpoint, cfg, steps, max_length, dist.world_size)
         check_resume_compatible(checkpoint, to_dict(resolved), cfg.resume_force, may_differ)
         check_same_inputs(checkpoint, fingerprints, cfg.resume_force)
+        if cfg.overwrite:
+            log(f"warning: --overwrite is not used: --resume {cfg.resume} continues {checkpoint}, so nothing of the "
+                f"run in {out} is removed (leave out --resume to start over there)")
 
     # the checkpoint's weights when resuming a full fine-tune from a whole model (the checks above make sure it is the
     # same model; under FSDP rank 0 reads it); else the base (shards or an adapter are loaded into it by `restore`)
