@@ -12,7 +12,6 @@ a resumed run stands. Every command builds what it needs here, the same way; the
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -261,13 +260,13 @@ def build_run(cfg: SFTConfig, stop: StopFlag | None = None) -> Run:
     if dist.is_main and out.exists():  # refuse a second run before loading anything (else: before writing)
         lock.acquire()
     try:
-        return _build(cfg, out, dist, lock, stop)
+        return _build(cfg, out, dist, lock, stop or StopFlag())  # (a flag no signal sets: `train` passes its own)
     except BaseException:
         lock.release()
         raise
 
 
-def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock, stop: StopFlag | None) -> Run:
+def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock, stop: StopFlag) -> Run:
     from sftune.tracking import check_report_to
 
     check_report_to(cfg.report_to)
@@ -284,8 +283,8 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock, stop: StopFl
         log(f"warning: {name} {version} is outside the versions sftune is tested with ({spec}; older ones fail its "
             f"tests: benchmarks/NOTES.md try 32); pip install '{name}{spec}'")
     # a signal while one process reads, tokenizes or loads stops it at once (nothing to save, nothing written yet)
-    at_once = stop.stops_at_once if stop is not None and not dist.distributed else contextlib.nullcontext
-    with at_once():
+    alone = not dist.distributed
+    with stop.stops_at_once(alone):
         tokenizer = build_tokenizer(cfg)
         model_config = override_config(load_model_config(cfg.model, cfg.trust_remote_code), cfg.model_config_overrides)
         check_model_fits(cfg, tokenizer, model_config)
@@ -306,7 +305,7 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock, stop: StopFl
             warming.join()
         source_class = StreamedSteps if cfg.streaming else InMemorySteps
         steps = source_class(cfg, data, max_length, tokenizer.pad_token_id, dist)
-    if stop is not None and dist.any(stop.signum is not None):  # (under torchrun: the ranks agree, before loading)
+    if dist.any(stop.signum is not None):  # (under torchrun: the ranks agree, before loading)
         raise Preempted(stop.signum or 15, None)
     compile_mode, why = resolve_compile(cfg, dist, precision, steps.total_steps)
     padding = steps.padding = step_padding(cfg, compile_mode, max_length)  # (the plan of steps does not depend on it)
@@ -346,7 +345,7 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock, stop: StopFl
     # receive their shards from rank 0 (`Dist.wrap`: only rank 0 ever holds the whole model)
     from sftune.lora import is_adapter_dir
 
-    with at_once():
+    with stop.stops_at_once(alone):
         if sharded and not dist.is_main and not is_adapter_dir(cfg.model):
             model = model_skeleton(cfg.model, cfg.trust_remote_code, cfg.seed, attention, cfg.model_config_overrides)
         else:

@@ -142,7 +142,7 @@ def eta(seconds: float) -> str:
 @no_library_bars()
 def train(cfg: SFTConfig) -> TrainResult:
     """Fine-tune `cfg.model` on `cfg.dataset` and write the model, config and metrics to the output dir."""
-    with stop_on_signals() as stop:  # from the start: a SIGTERM while loading is acted on at the first check
+    with stop_on_signals() as stop:  # from the start: while preparing it stops at once, then at the next check
         run = build_run(cfg, stop)
         try:
             return fit(run, stop)

@@ -270,8 +270,7 @@ def unwritable_cache(e: BaseException) -> str | None:
     cannot be made or written, not the data; None for any other failure."""
     import datasets
 
-    while e.__cause__ is not None:
-        e = e.__cause__
+    e = _first_cause(e)
     if not isinstance(e, OSError) or not e.filename:
         return None
     cache, failed = Path(datasets.config.HF_DATASETS_CACHE), Path(str(e.filename))
@@ -281,9 +280,14 @@ def unwritable_cache(e: BaseException) -> str | None:
             f"the data is fine. Point HF_DATASETS_CACHE (or HF_HOME) at a directory you can write to")
 
 
-def _root_cause(e: BaseException) -> str:
+def _first_cause(e: BaseException) -> BaseException:
     while e.__cause__ is not None:
         e = e.__cause__
+    return e
+
+
+def _root_cause(e: BaseException) -> str:
+    e = _first_cause(e)
     return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
 
 
