@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from conftest import QUICKSTART_DATA, run_main
+from conftest import FIXTURES, QUICKSTART_DATA, run_main
 
 
 
@@ -25,6 +25,8 @@ def bad_files(tmp_path_factory, small_model_dir):
     no_tokenizer.mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(small_model_dir / name, no_tokenizer / name)
+    (d / "llama-without-tokenizer").mkdir()  # (transformers raises a page on SentencePiece for a Llama config)
+    shutil.copy(FIXTURES / "tiny-llama" / "config.json", d / "llama-without-tokenizer")
     (d / "typo.yaml").write_text("learning_rate: 1e-4\n")
     chat = [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "hi there, how are you?"}]
     (d / "bad_role.jsonl").write_text(json.dumps({"messages": chat}) + "\n" + json.dumps(
@@ -54,8 +56,10 @@ CASES = [
     ("negative-steps", ["--max-steps", "-3"], ["max_steps = -3", "--max-steps"]),
     ("wrong-type", ["--epochs", "two"], ["`epochs` must be an integer, got 'two'"]),
     ("config-typo", ["--config", "FILES/typo.yaml"], ["unknown key `learning_rate`"]),
-    ("model-without-tokenizer", ["--model", "FILES/model-without-tokenizer"], ["encodes text to no tokens",
-                                                                               "--tokenizer"]),
+    ("model-without-tokenizer", ["--model", "FILES/model-without-tokenizer"], ["holds no tokenizer files",
+                                                                               "it holds config.json", "--tokenizer"]),
+    ("llama-without-tokenizer", ["--model", "FILES/llama-without-tokenizer"], ["holds no tokenizer files",
+                                                                               "it holds config.json)", "--tokenizer"]),
     ("max-length-too-long", ["--max-length", "4096"], ["exceeds the model's context of 128", "--max-length"]),
     ("chat-unknown-role", ["--dataset", "FILES/bad_role.jsonl"], ["row 2, message 1: unknown role 'bot'",
                                                                   "roles are system, user, assistant"]),

@@ -273,7 +273,7 @@ def test_a_lora_run_trains_only_the_adapter_and_writes_what_peft_loads(lora_run,
     code, stdout, err = run_main(capsys, "generate", "--model", str(out), "--prompt", "the film is",
                                  "--temperature", "0", "--max-new-tokens", "4")
     assert code == 0 and stdout.startswith("[0] the film is"), err
-    code, stdout, err = run_main(capsys, "export", str(out), "--merge", str(tmp_path / "exported"))
+    code, stdout, err = run_main(capsys, "export", str(out), "--output-dir", str(tmp_path / "exported"))
     assert code == 0, err
     exported = load_file(tmp_path / "exported" / "model.safetensors")
     assert all(torch.equal(exported[k], merged[k]) for k in merged)

@@ -78,7 +78,8 @@ def test_yaml_keys_that_are_not_names_and_files_that_are_not_utf8(tmp_path, caps
 
 
 @pytest.mark.parametrize("flags, words", [
-    (["--seed", "-5"], ["seed = -5: must be 0 or more", "--seed"]),
+    (["--seed", "-5"], ["seed = -5: must be from 0 to 2**64 - 1", "--seed"]),
+    (["--seed", str(2**64)], ["seed = 18446744073709551616: must be from 0 to 2**64 - 1", "--seed"]),
     (["--dataset", ","], ["--dataset ',' names no file", "--dataset"]),
     (["--sample-prompts", "the film", "--sample-max-new-tokens", "500"],
      ["sample_max_new_tokens 500 does not fit the model's context of 128", "--sample-max-new-tokens"]),
@@ -120,6 +121,9 @@ def test_generation_options(small_model_dir, capsys):
     code, _, err = run_main(capsys, "generate", "--model", str(small_model_dir), "--prompt", "hi",
                             "--max-new-tokens", "-1")
     assert code == 2 and "--max-new-tokens must be at least 1, got -1" in err and "activation:" not in err  # (early)
+    for seed in ("-1", str(2**64)):
+        refused(capsys, "generate", "--model", str(small_model_dir), "--prompt", "hi", "--seed", seed,
+                words=[f"--seed must be from 0 to 2**64 - 1 (torch's seeds are unsigned 64-bit), got {seed}"])
     refused(capsys, "generate", "--model", str(small_model_dir), "--prompt", "hi", "--num-samples", str(10**12),
             words=["out of memory", "--num-samples"])
     code, out, err = run_main(capsys, "generate", "--model", str(small_model_dir), "--prompt", "the film is",

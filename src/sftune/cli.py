@@ -194,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
         "its weights (same outputs), or the weights of an FSDP checkpoint's shards in one model."))
     p.add_argument("run", metavar="RUN", help="a LoRA run's output directory or one of its checkpoints, or a "
                    "checkpoint written under FSDP (checkpoints/step-N with dcp/)")
-    p.add_argument("--merge", required=True, metavar="OUT", help="directory to write the merged model to")
+    p.add_argument("--merge", "--output-dir", required=True, metavar="OUT", dest="merge",
+                   help="directory to write the merged model to (either name)")
     p.add_argument("--base", metavar="NAME_OR_PATH", help=BASE_HELP.replace("--model", "RUN"))
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty OUT")
     p.add_argument("--trust-remote-code", action="store_true",
@@ -445,6 +446,8 @@ def cmd_generate(args) -> None:
     if not args.prompt and not args.chat:
         raise SftuneError("nothing to complete: give --prompt TEXT or --chat MESSAGE")
     check_sampling(args.temperature, args.top_p, args.max_new_tokens, args.num_samples)
+    if not 0 <= args.seed < 2**64:
+        raise SftuneError(f"--seed must be from 0 to 2**64 - 1 (torch's seeds are unsigned 64-bit), got {args.seed}")
     args.prompt = [utf8(p, "--prompt") for p in args.prompt]
     args.chat = [utf8(p, "--chat") for p in args.chat]
     args.system = args.system and utf8(args.system, "--system")

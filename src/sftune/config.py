@@ -599,7 +599,7 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
             problems.append(f"{key} = {short(getattr(cfg, key))}: {msg} (set `{key}` in YAML or --{key.replace('_', '-')})")
 
     need(cfg.epochs >= 1, "epochs", "must be at least 1")
-    need(cfg.seed >= 0, "seed", "must be 0 or more (numpy seeds are unsigned)")
+    need(0 <= cfg.seed < 2**64, "seed", "must be from 0 to 2**64 - 1 (torch's and numpy's seeds are unsigned 64-bit)")
     need(cfg.max_steps is None or cfg.max_steps >= 1, "max_steps", "must be at least 1, or null for no limit")
     need(cfg.batch_size >= 1, "batch_size", "must be at least 1")
     need(cfg.grad_accum >= 1, "grad_accum", "must be at least 1")

@@ -32,7 +32,8 @@ class TrainingDiverged(SftuneError):
 
 def remote_code_hint(e: Exception) -> str:
     """The library's message, with its Python advice (`trust_remote_code=True`) turned into our flag."""
-    text = f"{type(e).__name__}: {str(e)[:300]}"
+    text = f"{type(e).__name__}: {' '.join(str(e).split())}"  # (in one line: some messages are lists of lines)
+    text = text if len(text) <= 300 else text[:300].rsplit(" ", 1)[0] + " ..."
     if "trust_remote_code" in str(e) or "contains custom code" in str(e):
         return ("this model's code lives in its repository and runs only when allowed: pass --trust-remote-code "
                 "if you trust its source (or set trust_remote_code: true in the YAML config)")

@@ -47,9 +47,15 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, flag: str = "--to
     if name == BUNDLED_GPT2:
         tok = _bundled_gpt2()
     elif Path(name).expanduser().is_dir():
+        held = sorted(p.name for p in Path(name).expanduser().iterdir())
+        if not any(f in TOKENIZER_FILES or f.endswith((".model", ".tiktoken")) for f in held):
+            # (transformers fails in ways that vary by model type, or builds an empty tokenizer)
+            raise SftuneError(f"{name} holds no tokenizer files (tokenizer.json, tokenizer_config.json, vocab.json, "
+                              f"tokenizer.model, ...; it holds {', '.join(held[:8]) or 'nothing'}"
+                              f"{', ...' if len(held) > 8 else ''}); {advice or NO_TOKENIZER_ADVICE}")
         try:
             tok = AutoTokenizer.from_pretrained(Path(name).expanduser(), trust_remote_code=trust_remote_code)
-        except Exception as e:  # a directory without tokenizer files fails in several ways, by model type
+        except Exception as e:  # (files of another format, a tokenizer class that needs a missing package, ...)
             raise SftuneError(f"could not load a tokenizer from {name} ({remote_code_hint(e)}); "
                               f"{advice or NO_TOKENIZER_ADVICE}") from None
     else:
@@ -80,6 +86,8 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, flag: str = "--to
 
 
 NO_TOKENIZER_ADVICE = "pass --tokenizer NAME_OR_PATH (e.g. the base model's)"
+# A tokenizer's own files as transformers names them (fast, BPE, WordPiece; SentencePiece's *.model, *.tiktoken).
+TOKENIZER_FILES = {"tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "vocab.txt"}
 
 
 def model_dir_advice(name: str) -> str:
