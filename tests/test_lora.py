@@ -181,6 +181,8 @@ def test_lora_mistakes_are_clear_errors_that_write_nothing(tiny_model_dir, tmp_p
     assert "LayerNorm" in err and "is not supported" in err and "c_attn" in err
     err = mistake(capsys, tiny_model_dir, out, "--merge")
     assert "LoRA is off (set --lora-r)" in err
+    err = mistake(capsys, tiny_model_dir, out, "--lora-r", str(10**9))  # (its A matrices: terabytes, never made)
+    assert "lora_r 1,000,000,000 is larger than any adapted layer can use" in err and "lower --lora-r" in err
     for flags, key in [(("--lora-r", "0"), "lora_r"), (("--lora-r", "4", "--lora-dropout", "1"), "lora_dropout"),
                        (("--lora-r", "4", "--lora-alpha", "-1"), "lora_alpha"),
                        (("--loraplus-lr-ratio", "16",), "loraplus_lr_ratio")]:

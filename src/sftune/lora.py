@@ -180,7 +180,14 @@ def check_lora(cfg, model_config, vocabulary: int, token_ids: list[int] = (), tr
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
         fit_embeddings(skeleton, vocabulary)
-    add_lora(skeleton, cfg, token_ids, quiet=True)
+        adapted = add_lora(skeleton, cfg, token_ids, quiet=True)  # (its A and B matrices on meta too)
+    from peft.tuners.lora import LoraLayer
+
+    ranks = {min(m.in_features, m.out_features) for m in adapted.modules() if isinstance(m, LoraLayer)}
+    if ranks and cfg.lora_r > max(ranks):  # (B @ A has rank min(r, in, out): a larger r only adds zeros' worth
+        raise SftuneError(f"lora_r {cfg.lora_r:,} is larger than any adapted layer can use: an update of rank r to a "  # of memory)
+                          f"layer of in x out has rank at most min(in, out), {max(ranks):,} at most here; lower "
+                          f"--lora-r (8-64 is usual)")
 
 
 def adapter_weights(peft_model) -> dict[str, torch.Tensor]:
