@@ -80,6 +80,8 @@ def test_yaml_keys_that_are_not_names_and_files_that_are_not_utf8(tmp_path, caps
 @pytest.mark.parametrize("flags, words", [
     (["--seed", "-5"], ["seed = -5: must be from 0 to 2**64 - 1", "--seed"]),
     (["--seed", str(2**64)], ["seed = 18446744073709551616: must be from 0 to 2**64 - 1", "--seed"]),
+    (["--dist-timeout", str(10**20)], ["dist_timeout = 100000000000000000000: must be from 1 second", "10**9",
+                                       "--dist-timeout"]),
     (["--dataset", ","], ["--dataset ',' names no file", "--dataset"]),
     (["--sample-prompts", "the film", "--sample-max-new-tokens", "500"],
      ["sample_max_new_tokens 500 does not fit the model's context of 128", "--sample-max-new-tokens"]),
@@ -113,6 +115,20 @@ def test_text_that_is_not_utf8_on_the_command_line(small_model_dir, tmp_path, ca
     latin1 = tmp_path / "latin1.txt"
     latin1.write_bytes("caf\xe9\n".encode("latin-1"))
     refused(capsys, "tokenize", "--tokenizer", "bundled:gpt2", "--file", str(latin1), words=["not UTF-8", "--file"])
+    refused(capsys, "tokenize", "--tokenizer", "bundled:gpt2", "--file", str(tmp_path),
+            words=[f"{tmp_path} is a directory; give --file a text file"])
+
+
+def test_an_output_directory_that_cannot_be_made(small_model_dir, capsys):
+    """/proc makes no directories, even for root (a read-only directory would not stop root: CI runs as root).
+    (`sftune export` takes the same lock on its output directory.)"""
+    refused(capsys, *train(small_model_dir, "/proc/sftune-run"),
+            words=["could not create the output directory /proc/sftune-run: No such file", "choose another --output-dir"])
+
+
+def test_a_chat_template_directory_without_a_tokenizer(small_model_dir, tmp_path, capsys):
+    refused(capsys, *train(small_model_dir, tmp_path / "o", "--chat-template", str(tmp_path)),
+            words=[f"{tmp_path} holds no tokenizer files", "give --chat-template a Jinja file"])
 
 
 def test_generation_options(small_model_dir, capsys):
@@ -124,8 +140,9 @@ def test_generation_options(small_model_dir, capsys):
     for seed in ("-1", str(2**64)):
         refused(capsys, "generate", "--model", str(small_model_dir), "--prompt", "hi", "--seed", seed,
                 words=[f"--seed must be from 0 to 2**64 - 1 (torch's seeds are unsigned 64-bit), got {seed}"])
-    refused(capsys, "generate", "--model", str(small_model_dir), "--prompt", "hi", "--num-samples", str(10**12),
-            words=["out of memory", "--num-samples"])
+    for many in (10**12, 10**20):  # (past 2**63 torch's sizes overflow)
+        refused(capsys, "generate", "--model", str(small_model_dir), "--prompt", "hi", "--num-samples", str(many),
+                words=["out of memory", "--num-samples"])
     code, out, err = run_main(capsys, "generate", "--model", str(small_model_dir), "--prompt", "the film is",
                               "--max-new-tokens", "5000", "--temperature", "0", "--json")
     assert code == 0, err

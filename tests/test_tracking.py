@@ -116,6 +116,8 @@ def test_the_run_report_and_loss_png(small_model_dir, tmp_path, capsys):
     assert "<h2>a</h2>" in both and "<h2>b</h2>" in both
     code, _, err = run_main(capsys, "report", str(tmp_path))
     assert code == 2 and "not an sftune run directory" in err
+    code, _, err = run_main(capsys, "report", str(runs[0]), "--output", str(tmp_path / "nowhere" / "r.html"))
+    assert code == 2 and f"could not write the report to {tmp_path / 'nowhere' / 'r.html'}: No such file" in err
 
 
 def html_escape(text: str) -> str:

@@ -392,7 +392,8 @@ def cmd_tokenize(args) -> None:
     if args.file:
         path = Path(args.file)
         if not path.is_file():
-            raise SftuneError(f"file not found: {path} (--file)")
+            raise SftuneError(f"{path} is a directory; give --file a text file" if path.is_dir() else
+                              f"file not found: {path} (--file)")
         try:
             texts += path.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as e:
@@ -527,7 +528,11 @@ def cmd_report(args) -> None:
     output = Path(args.output) if args.output else (runs[0] / "report.html" if len(runs) == 1 else Path("report.html"))
     if output.is_dir():
         raise SftuneError(f"--output {output} is a directory; give a file name such as {output / 'report.html'}")
-    write_report(runs, output)
+    try:
+        write_report(runs, output)
+    except OSError as e:
+        raise SftuneError(f"could not write the report to {output}: {e.strerror or e}; give --output a file in a "
+                          f"directory you can write") from None
     print(f"report written to {output}")
 
 

@@ -652,7 +652,7 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
     need(cfg.save_minutes is None or cfg.save_minutes > 0, "save_minutes",
          "must be above 0 (minutes), or null for no checkpoints by time")
     need(cfg.keep_last >= 1, "keep_last", "must be at least 1")
-    need(cfg.dist_timeout >= 1, "dist_timeout", "must be at least 1 second (1800: 30 minutes)")
+    need(1 <= cfg.dist_timeout <= 10**9, "dist_timeout", "must be from 1 second (1800: 30 minutes) to 10**9 (31 years)")
     need(cfg.max_bad_steps >= 0, "max_bad_steps", "must be 0 or more")
     need(cfg.sample_max_new_tokens >= 1, "sample_max_new_tokens", "must be at least 1")
     need(all(isinstance(p, str) and p.strip() for p in cfg.sample_prompts or []), "sample_prompts",

@@ -106,8 +106,8 @@ def complete(
                 eos_token_id=stop,
                 **({"synced_gpus": True} if synced else {}),
             )
-        except (RuntimeError, MemoryError) as e:
-            if isinstance(e, MemoryError) or "memory" in str(e).lower():
+        except (RuntimeError, MemoryError, ValueError) as e:  # (ValueError: a count past 2**63, "Overflow when ...")
+            if isinstance(e, MemoryError) or "memory" in str(e).lower() or "overflow" in str(e).lower():
                 raise SftuneError(f"out of memory generating {num_samples:,} samples of up to {max_new_tokens} "
                                   f"tokens; lower --num-samples (or --max-new-tokens)") from None
             raise

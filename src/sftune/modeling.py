@@ -44,6 +44,9 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, flag: str = "--to
     the loss by the attention mask, so EOS itself is still trained), unless `pad_token` names one (added if the
     tokenizer lacks it: `add_tokens`).
     """
+    if advice is None:
+        advice = ("give --chat-template a Jinja file, or a model directory or Hub id whose tokenizer has a chat "
+                  "template" if flag == "--chat-template" else NO_TOKENIZER_ADVICE)
     if name == BUNDLED_GPT2:
         tok = _bundled_gpt2()
     elif Path(name).expanduser().is_dir():
@@ -52,12 +55,12 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, flag: str = "--to
             # (transformers fails in ways that vary by model type, or builds an empty tokenizer)
             raise SftuneError(f"{name} holds no tokenizer files (tokenizer.json, tokenizer_config.json, vocab.json, "
                               f"tokenizer.model, ...; it holds {', '.join(held[:8]) or 'nothing'}"
-                              f"{', ...' if len(held) > 8 else ''}); {advice or NO_TOKENIZER_ADVICE}")
+                              f"{', ...' if len(held) > 8 else ''}); {advice}")
         try:
             tok = AutoTokenizer.from_pretrained(Path(name).expanduser(), trust_remote_code=trust_remote_code)
         except Exception as e:  # (files of another format, a tokenizer class that needs a missing package, ...)
             raise SftuneError(f"could not load a tokenizer from {name} ({remote_code_hint(e)}); "
-                              f"{advice or NO_TOKENIZER_ADVICE}") from None
+                              f"{advice}") from None
     else:
         tok = from_hub_or_cache(
             name,
@@ -68,7 +71,7 @@ def load_tokenizer(name: str, trust_remote_code: bool = False, flag: str = "--to
     if not tok("Hello world")["input_ids"]:
         # e.g. a directory with config.json but no vocabulary: transformers builds an empty tokenizer silently
         raise SftuneError(f"the tokenizer loaded from {name!r} encodes text to no tokens (no vocabulary files?); "
-                          f"{advice or NO_TOKENIZER_ADVICE}")
+                          f"{advice}")
     if tok.eos_token is None:
         raise SftuneError(
             f"tokenizer {name!r} has no EOS token, so examples cannot be ended; "

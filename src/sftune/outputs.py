@@ -98,7 +98,11 @@ class OutputLock:
 
     def acquire(self) -> None:
         self.created = [d for d in (self.out, *self.out.parents) if not d.exists()]
-        self.out.mkdir(parents=True, exist_ok=True)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:  # (a parent that is a file, a file system that makes no directories, no permission)
+            raise SftuneError(f"could not create the output directory {self.out}: {e.strerror or e}; choose another "
+                              f"--output-dir") from None
         path = self.out / LOCK_FILE
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
