@@ -187,6 +187,11 @@ def test_lora_mistakes_are_clear_errors_that_write_nothing(tiny_model_dir, tmp_p
                        (("--lora-r", "4", "--lora-alpha", "-1"), "lora_alpha"),
                        (("--loraplus-lr-ratio", "16",), "loraplus_lr_ratio")]:
         assert f"--{key.replace('_', '-')}" in mistake(capsys, tiny_model_dir, out, *flags)
+    for flags in (("--lora-targets", "c_attn"), ("--lora-alpha", "16"), ("--lora-dropout", "0.1"),
+                  ("--lora-modules-to-save", "lm_head")):  # (without --lora-r: a full fine-tune, unnoticed)
+        key = flags[0][2:].replace("-", "_")
+        assert f"{key} = " in (err := mistake(capsys, tiny_model_dir, out, *flags)) and "LoRA is off (set --lora-r)" \
+            in err and f"--{flags[0][2:]}" in err
     code, _, err = run_main(capsys, "export", str(tiny_model_dir), "--merge", str(out))
     assert code == 2 and "holds a full model" in err and not out.exists()
     code, _, err = run_main(capsys, "export", str(tmp_path / "nowhere"), "--merge", str(out))

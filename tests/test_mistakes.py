@@ -80,6 +80,8 @@ def test_yaml_keys_that_are_not_names_and_files_that_are_not_utf8(tmp_path, caps
 @pytest.mark.parametrize("flags, words", [
     (["--seed", "-5"], ["seed = -5: must be from 0 to 2**64 - 1", "--seed"]),
     (["--seed", str(2**64)], ["seed = 18446744073709551616: must be from 0 to 2**64 - 1", "--seed"]),
+    (["--model-config-overrides", "n_embd=1.5"], ["--model-config-overrides n_embd=1.5: ", "int",
+                                                  "fix it in --model-config-overrides"]),
     (["--dist-timeout", str(10**20)], ["dist_timeout = 100000000000000000000: must be from 1 second", "10**9",
                                        "--dist-timeout"]),
     (["--dataset", ","], ["--dataset ',' names no file", "--dataset"]),

@@ -689,8 +689,11 @@ def _checks(cfg: SFTConfig, training: bool = True) -> list[str]:
          "loraplus_lr_ratio", "must be a positive number (16 is usual), or null")
     need(cfg.loraplus_lr_ratio is None or cfg.lora_r is not None, "loraplus_lr_ratio",
          "is a LoRA option, but LoRA is off (set --lora-r)")
-    for key in ("lora_use_dora", "lora_use_rslora"):
-        need(not getattr(cfg, key) or cfg.lora_r is not None, key, "is a LoRA option, but LoRA is off (set --lora-r)")
+    default = SFTConfig()
+    for key in ("lora_alpha", "lora_dropout", "lora_targets", "lora_modules_to_save", "lora_use_dora",
+                "lora_use_rslora"):  # (set without --lora-r, they would leave a full fine-tune running unnoticed)
+        need(getattr(cfg, key) == getattr(default, key) or cfg.lora_r is not None, key,
+             "is a LoRA option, but LoRA is off (set --lora-r)")
     need(not cfg.merge or cfg.lora_r is not None, "merge", "merges a LoRA adapter into its base, but LoRA is off "
          "(set --lora-r); a full fine-tune's output is already a full model")
     need(cfg.early_stopping_patience is None or cfg.early_stopping_patience >= 1, "early_stopping_patience",

@@ -133,7 +133,11 @@ def override_config(model_config, overrides: dict | None):
             raise SftuneError(f"--model-config-overrides: the {model_config.model_type} config has no key {key!r}"
                               + (f" (did you mean {' or '.join(close)}?)" if close else "")
                               + "; fix it in --model-config-overrides (model_config_overrides in YAML)")
-        setattr(model_config, key, value)
+        try:
+            setattr(model_config, key, value)
+        except Exception as e:  # (transformers 5's configs check each field's type as it is set: huggingface_hub's error)
+            raise SftuneError(f"--model-config-overrides {key}={value!r}: {' '.join(str(e).split())}; fix it in "
+                              f"--model-config-overrides (model_config_overrides in YAML)") from None
     return model_config
 
 
