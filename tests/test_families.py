@@ -50,13 +50,15 @@ def test_the_fused_loss_equals_the_plain_one(name):
 # tiny shapes every model type below accepts, and its logit maps made to matter (a cap of 0.5 bends tiny logits)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, vocab_size=256, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-            logit_scale=0.25, logits_scaling=8.0, final_logit_softcapping=0.5)
+            logit_scale=0.25, logits_scaling=8.0, final_logit_softcapping=0.5, lm_head_multiplier=2.5)
 
 
 SHAPES = {  # a tiny config's own sizes, where a type's defaults do not fit TINY's
     "deepseek_v3": dict(kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=16, v_head_dim=16, qk_nope_head_dim=8,
                         num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                         n_group=1, topk_group=1),  # (multi-head latent attention: as many key/value heads as heads)
+    "falcon_h1": dict(mamba_d_ssm=64, mamba_n_heads=4, mamba_d_head=16, mamba_d_state=16, mamba_n_groups=1),
+    "falcon": dict(head_dim=None, num_kv_heads=2),  # (None: a key the type computes itself)
 }
 
 
@@ -74,7 +76,8 @@ def test_each_fused_model_type_computes_its_own_logits_loss(model_type):
     from sftune.loss import CausalLMLoss
 
     config = (AutoConfig.for_model("gpt2", n_embd=64, n_layer=1, n_head=4, vocab_size=256) if model_type == "gpt2"
-              else AutoConfig.for_model(model_type, **{**TINY, **SHAPES.get(model_type, {})}))
+              else AutoConfig.for_model(model_type, **{k: v for k, v in {**TINY, **SHAPES.get(model_type, {})}.items()
+                                                       if v is not None}))
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()  # (eval: no dropout)
     loss_model = CausalLMLoss(model)

@@ -42,17 +42,18 @@ prime_cpu_math()  # (before anything computes a loss: its exp is the first large
 
 # How the logits of each model type whose projection is fused with the loss come from its final hidden states h
 # and its output head W (no bias): z = h @ W.T, times a constant (Cohere's `logit_scale`, 1 / Granite's
-# `logits_scaling`), then soft-capped as cap * tanh(z / cap) (Gemma 2 and 3's `final_logit_softcapping`; a 256k
+# `logits_scaling`, Falcon-H1's `lm_head_multiplier`), then soft-capped as cap * tanh(z / cap) (Gemma 2 and 3's `final_logit_softcapping`; a 256k
 # vocabulary, where the (B, T, V) logits cost most). (scale, cap) from the model's config; every type is checked
 # against its own forward (tests/test_families.py). Other types compute their logits themselves.
 PLAIN_LOGITS = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gpt_neox", "phi3",
                 "olmo", "olmo2", "smollm3", "gemma", "starcoder2", "stablelm", "gpt_bigcode", "opt", "bloom", "olmoe",
                 "phimoe", "glm4_moe", "ernie4_5_moe", "jetmoe", "gpt_oss", "olmo3", "qwen3_next", "exaone4", "glm",
-                "glm4", "seed_oss", "arcee", "lfm2", "ernie4_5", "minimax", "deepseek_v3")
+                "glm4", "seed_oss", "arcee", "lfm2", "ernie4_5", "minimax", "deepseek_v3", "falcon", "helium", "apertus")
 LOGIT_MAPS: dict[str, Callable[[object], tuple[float, float | None]]] = {
     **{model_type: lambda config: (1.0, None) for model_type in PLAIN_LOGITS},
     **{model_type: lambda config: (float(config.logit_scale), None) for model_type in ("cohere", "cohere2")},
     **{model_type: lambda config: (1.0 / config.logits_scaling, None) for model_type in ("granite", "granitemoe")},
+    "falcon_h1": lambda config: (float(config.lm_head_multiplier), None),
     **{model_type: lambda config: (1.0, config.final_logit_softcapping) for model_type in ("gemma2", "gemma3_text")},
 }
 CE_CHUNK_ROWS = 1024  # rows of (rows, vocab) logits alive at once: 1024 x 50,257 x 4 B = 206 MB in fp32
