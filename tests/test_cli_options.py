@@ -315,3 +315,59 @@ quick_exit(7)
     assert proc.returncode == 7, proc.stderr
     assert proc.stdout.splitlines() == ["pooled work", "atexit handler"]
     assert (tmp_path / "thread").read_text() == "done"
+
+
+def test_the_model_is_saved_in_the_dtype_its_config_declares(tmp_path, tiny_model_dir, capsys):
+    """A bf16 checkpoint (as most on the Hub are) fine-tuned gives a bf16 model of the same size (fp32 would double
+    it), its weights the trained fp32 ones rounded once; the checkpoints keep fp32 (exact resume). --save-dtype
+    fp32 writes the trained weights as they are."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from conftest import FIXTURES
+
+    base = tmp_path / "bf16-base"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(FIXTURES / "tiny-llama")).to(
+        torch.bfloat16).save_pretrained(base)
+    common = ["train", "--model", str(base), "--tokenizer", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA),
+              "--max-steps", "2", "--save-every", "2", "--sample-prompts", "", "--no-run-report"]
+    code, _, err = run_main(capsys, *common, "--output-dir", str(tmp_path / "run"))
+    assert code == 0, err
+    assert "output: the model is saved in bf16, the dtype its config declares" in err
+    saved, trained = load_file(tmp_path / "run" / "model.safetensors"), \
+        load_file(tmp_path / "run" / "checkpoints" / "step-2" / "model.safetensors")
+    assert saved.keys() == trained.keys() and {t.dtype for t in trained.values()} == {torch.float32}
+    assert all(saved[k].dtype == torch.bfloat16 and torch.equal(saved[k], trained[k].to(torch.bfloat16))
+               for k in saved)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["dtype"] == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "run").dtype == torch.bfloat16
+
+    code, _, err = run_main(capsys, *common, "--save-dtype", "fp32", "--output-dir", str(tmp_path / "fp32"))
+    assert code == 0 and "output:" not in err, err
+    assert all(torch.equal(t, trained[k]) for k, t in load_file(tmp_path / "fp32" / "model.safetensors").items())
+
+
+def test_a_tied_head_is_saved_once_in_bf16_and_fp16_overflow_is_refused(tmp_path, small_model_dir, capsys):
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from sftune.errors import SftuneError
+    from sftune.modeling import cast_weights
+
+    code, _, err = run_main(capsys, "train", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA),
+                            "--max-steps", "1", "--sample-prompts", "", "--no-run-report", "--save-dtype", "bf16",
+                            "--output-dir", str(tmp_path / "run"))
+    assert code == 0 and "output: the model is saved in bf16; " in err, err
+    saved = load_file(tmp_path / "run" / "model.safetensors")
+    assert "transformer.wte.weight" in saved and "lm_head.weight" not in saved  # (GPT-2's head is the embedding)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+    assert model.dtype == torch.bfloat16 and model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+    weight = torch.tensor([1.0, 7e4])
+    cast = cast_weights({"a.weight": weight, "b.weight": weight, "steps": torch.tensor([3])}, torch.bfloat16)
+    assert cast["a.weight"] is cast["b.weight"] and cast["steps"].dtype == torch.int64
+    with pytest.raises(SftuneError, match=r"weight a.weight has values beyond float16 .* \(--save-dtype\)"):
+        cast_weights({"a.weight": weight}, torch.float16)

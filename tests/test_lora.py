@@ -285,6 +285,11 @@ def test_a_lora_run_trains_only_the_adapter_and_writes_what_peft_loads(lora_run,
     exported = load_file(tmp_path / "exported" / "model.safetensors")
     assert all(torch.equal(exported[k], merged[k]) for k in merged)
     assert (tmp_path / "exported" / "tokenizer.json").is_file()
+    code, stdout, err = run_main(capsys, "export", str(out), "--output-dir", str(tmp_path / "bf16"), "--save-dtype",
+                                 "bf16")
+    assert code == 0, err
+    exported = load_file(tmp_path / "bf16" / "model.safetensors")
+    assert all(torch.equal(exported[k], merged[k].to(torch.bfloat16)) for k in merged)
     code, _, err = run_main(capsys, "export", str(out), "--merge", str(tmp_path / "exported"))  # again: refused
     assert code == 2 and "choose another --merge or pass --overwrite" in err and "--resume" not in err
     # a merged model is evaluated as its adapter is: in the run's precision (its config.yaml beside it), the same loss
@@ -329,7 +334,8 @@ def test_sigterm_and_kill_9_then_resume_equal_an_uninterrupted_lora_run(lora_run
     assert same_adapter(uninterrupted, out)
     assert_same_losses(out, uninterrupted)
     # resuming as a full fine-tune is refused: the settings differ
-    code, _, err = run_main(capsys, *train_args(small_model_dir, out, "--resume", "auto", "--lora-r", "null"))
+    code, _, err = run_main(capsys, *train_args(small_model_dir, out, "--resume", "auto", "--lora-r", "null",
+                                                "--lora-dropout", "0"))  # (LoRA's own options without LoRA: refused)
     assert code == 2 and "lora_r: 8 -> None" in err
 
 

@@ -33,7 +33,7 @@ from sftune.data.cache import tokenizer_fingerprint
 from sftune.dist import Dist, init_dist, restart_warning
 from sftune.errors import SftuneError
 from sftune.loss import CausalLMLoss, ChunkMath, chunk_rows, output_head
-from sftune.modeling import add_tokens, check_attention, compile_blocks, context_length, \
+from sftune.modeling import add_tokens, check_attention, compile_blocks, context_length, declared_dtype, \
     enable_activation_checkpointing, fit_embeddings, load_model, load_model_config, load_tokenizer, model_skeleton, \
     override_config, router_loss_notice, save_model, token_ids, train_every_embedding_row
 from sftune.outputs import OutputLock, check_output_dir, check_shared, clear_previous_run, \
@@ -315,7 +315,12 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock, stop: StopFl
     resolved = replace(cfg, output_dir=str(out), tokenizer=cfg.tokenizer or cfg.model, max_length=max_length,
                        attention=attention,
                        eval_batch_size=cfg.eval_batch_size or cfg.batch_size, precision=precision,
-                       device=dist.device.type)
+                       device=dist.device.type,
+                       save_dtype=declared_dtype(model_config) if cfg.save_dtype == "auto" else cfg.save_dtype)
+    if resolved.save_dtype != "fp32" and (not cfg.lora_r or cfg.merge):
+        log(f"output: the model is saved in {resolved.save_dtype}" + (
+            ", the dtype its config declares" if cfg.save_dtype == "auto" else "") + "; training keeps fp32 weights "
+            "(and checkpoints hold them), rounded once when saved (--save-dtype fp32 saves them as they are)")
     config_yaml = dump_yaml(resolved)
     fingerprints = {"data": data.fingerprint, "tokenizer": tokenizer_identity(tokenizer)}
     if cfg.lora_r and cfg.init == "pretrained":  # an adapter is resumed on the base it was trained on, or not at all

@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="directory to write the merged model to (either name)")
     p.add_argument("--base", metavar="NAME_OR_PATH", help=BASE_HELP.replace("--model", "RUN"))
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty OUT")
+    p.add_argument("--save-dtype", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="the written weights' dtype: auto is the one the base model's config declares (fp32 where it "
+                   "declares none) [default: the run's --save-dtype, else auto]")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow model code from the Hub repo to run [default: off]")
     return parser
@@ -496,13 +499,27 @@ def cmd_export(args) -> None:
         model = load_adapter_model(run, args.base, args.trust_remote_code)
     else:
         model = load_sharded_checkpoint(run, args.trust_remote_code)
+    dtype = export_dtype(args.save_dtype, run, args.base, args.trust_remote_code)
     lock = OutputLock(out)
     lock.acquire()
     try:
-        publish_model(out, lambda directory: save_model(model, tokenizer, directory, run_config=run / "config.yaml"))
+        publish_model(out, lambda directory: save_model(model, tokenizer, directory, run_config=run / "config.yaml",
+                                                        dtype=dtype))
     finally:
         lock.release()
     print(f"merged model written to {out} (AutoModelForCausalLM.from_pretrained('{out}'))")
+
+
+def export_dtype(asked: str | None, run: Path, base: str | None, trust_remote_code: bool) -> str:
+    """What `sftune export` writes the weights in: --save-dtype, else the run's own (its config.yaml, resolved when
+    it trained), else the dtype the base model's config declares."""
+    from sftune.modeling import declared_dtype, load_model_config
+
+    if asked is None and (run / "config.yaml").is_file():
+        asked = read_yaml(run / "config.yaml").get("save_dtype")
+    if asked in (None, "auto"):
+        return declared_dtype(load_model_config(str(run), trust_remote_code, base=base))
+    return asked
 
 
 def cmd_push(args) -> None:

@@ -331,6 +331,10 @@ class SFTConfig:
     final_model: Literal["last", "best"] = _f(
         "last", "What the run writes as its model: the last weights, or the best evaluated ones (needs "
         "save_best).", "ckpt")
+    save_dtype: Precision = _f(
+        "auto", "The saved model's weights (a LoRA run's merged model too): auto is the dtype the model's config "
+        "declares (a Hub checkpoint's, usually bf16: the output is the base's size), fp32 where it declares none. "
+        "Training keeps fp32 weights either way; checkpoints stay fp32 (exact resume).", "ckpt")
 
     push_to_hub: str | None = _f(
         None, "Hub repo id (name, user/name or org/name) to upload the run to when it ends: the model (or a LoRA "
@@ -372,7 +376,7 @@ RUN_CONTROL_KEYS = {
     "eval_every", "eval_batch_size", "log_every", "output_dir", "sample_prompts", "sample_max_new_tokens",
     "save_every", "save_minutes", "keep_last", "checkpoint_hashes", "resume", "resume_force", "overwrite", "cache_dir", "trust_remote_code", "device",
     "max_bad_steps", "merge", "report_to", "run_report", "early_stopping_patience", "early_stopping_min_delta", "save_best", "final_model",
-    "push_to_hub", "hub_private", "profile_steps", "memory_check",
+    "push_to_hub", "hub_private", "profile_steps", "memory_check", "save_dtype",
     "strategy", "gradient_checkpointing", "dist_timeout",  # how the same arithmetic is spread over ranks, or recomputed
     "compile", "compile_mode", "compile_backend", "compile_blocks", "attention",  # ... or which kernels run it (a compile that fails
     # on resume can be left out; only float rounding changes, as with another batch-size / grad-accum split)

@@ -437,12 +437,46 @@ def stop_token_ids(tokenizer, existing: int | list[int] | None) -> int | list[in
     return ids[0] if len(ids) == 1 else ids
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def declared_dtype(model_config) -> str:
+    """The dtype a model's config declares for its weights (`dtype`, `torch_dtype` in older files) as fp32, bf16 or
+    fp16: what `--save-dtype auto` saves in. fp32 where it declares none or another."""
+    declared = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
+    if isinstance(declared, str):
+        declared = getattr(torch, declared, None)
+    return next((name for name, dtype in DTYPES.items() if dtype == declared), "fp32")
+
+
+def cast_weights(state_dict: dict, dtype: torch.dtype) -> dict:
+    """`state_dict` with its floating-point tensors in `dtype` (rounded to nearest); a tensor held under two names
+    (a tied head) stays one tensor, so it is saved once and loads tied. A weight that does not fit the dtype (fp16
+    tops out at 65,504) is an error: the model would load broken."""
+    cast, out = {}, {}
+    for name, tensor in state_dict.items():
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            key = (tensor.data_ptr(), tensor.shape, tensor.stride())
+            if key not in cast:
+                cast[key] = tensor.detach().to(device="cpu", dtype=dtype)  # (a GPU may have no room for a copy)
+                if not torch.isfinite(cast[key]).all() and torch.isfinite(tensor).all():
+                    raise SftuneError(f"weight {name} has values beyond {str(dtype).removeprefix('torch.')} "
+                                      f"(largest magnitude {tensor.abs().max().item():.3g}); save in bf16 or fp32 "
+                                      f"(--save-dtype)")
+            tensor = cast[key]
+        out[name] = tensor
+    return out
+
+
 @no_library_bars()
-def save_model(model, tokenizer, out_dir: Path, state_dict: dict | None = None, run_config: Path | None = None) -> None:
+def save_model(model, tokenizer, out_dir: Path, state_dict: dict | None = None, run_config: Path | None = None,
+               dtype: str | None = None) -> None:
     """Write a directory `AutoModelForCausalLM.from_pretrained(out_dir)` loads: safetensors,
     config, generation config (EOS, the chat template's end of turn and pad set so generation stops) and
     tokenizer. Call on rank 0 only. `run_config`: the `config.yaml` of the run that trained it, copied beside it
-    (a merged model's: `sftune eval` then evaluates it in the run's precision, as it does the run's adapter)."""
+    (a merged model's: `sftune eval` then evaluates it in the run's precision, as it does the run's adapter).
+    `dtype` (fp32, bf16, fp16): the weights are saved in it, and the config declares it (so `from_pretrained` loads
+    them so); None: as the model holds them."""
     model.config.pad_token_id = tokenizer.pad_token_id
     gen = model.generation_config if model.generation_config is not None else GenerationConfig()
     gen.eos_token_id = stop_token_ids(tokenizer, gen.eos_token_id)
@@ -450,7 +484,13 @@ def save_model(model, tokenizer, out_dir: Path, state_dict: dict | None = None, 
     if tokenizer.bos_token_id is not None:
         gen.bos_token_id = tokenizer.bos_token_id
     model.generation_config = gen
+    if dtype is not None and DTYPES[dtype] != model.dtype:
+        state_dict = cast_weights(state_dict if state_dict is not None else model.state_dict(), DTYPES[dtype])
     model.save_pretrained(out_dir, state_dict=state_dict)  # safetensors: the only format transformers 5 writes
+    if dtype is not None and DTYPES[dtype] != model.dtype:  # (save_pretrained declares the dtype the model holds)
+        held, model.config.dtype = model.config.dtype, str(DTYPES[dtype]).removeprefix("torch.")
+        model.config.save_pretrained(out_dir)
+        model.config.dtype = held
     tokenizer.save_pretrained(out_dir)
     if run_config is not None and run_config.is_file():
         shutil.copyfile(run_config, out_dir / "config.yaml")

@@ -588,10 +588,11 @@ def write_outputs(run: Run, evals: list[dict], metrics: MetricsWriter, last_save
             else:  # (in place: from here on the model is the merged one, which computes the same)
                 hf_model = merged = merged_model(run.adapter)
             publish_model(out / "merged", lambda directory: save_model(merged, run.tokenizer, directory,
-                                                                       run_config=out / "config.yaml"))
+                                                                       run_config=out / "config.yaml",
+                                                                       dtype=cfg.save_dtype))
             log(f"merged model: {out / 'merged'} (AutoModelForCausalLM.from_pretrained loads it)")
     elif dist.is_main:
-        publish_model(out, lambda directory: save_model(hf_model, run.tokenizer, directory, full))
+        publish_model(out, lambda directory: save_model(hf_model, run.tokenizer, directory, full, dtype=cfg.save_dtype))
     dist.barrier()
     if dist.is_main and not (cfg.save_every or cfg.save_best):  # the checkpoints were --save-minutes' alone: for
         # a crash, which can no longer lose anything (another run's in the same directory stay)
