@@ -112,9 +112,20 @@ def resolve_max_length(cfg: SFTConfig, tokenizer, model_config) -> int:
     max_length = cfg.max_length or context
     if max_length > context:
         raise SftuneError(f"max_length {max_length} exceeds the model's context of {context} tokens; lower --max-length")
+    if cfg.max_length is None and cfg.packing and cfg.batch_size * context > PACKED_TOKENS_UNASKED:
+        raise SftuneError(f"--packing fills rows of max_length tokens, and max_length defaults to the model's context, "
+                          f"{context:,} tokens here: a micro-batch would hold {cfg.batch_size} x {context:,} = "
+                          f"{cfg.batch_size * context:,} tokens. Set --max-length (2,048 to 8,192 is usual for "
+                          f"fine-tuning), or lower --batch-size")
     if cfg.max_length is None:
         log(f"max_length: {max_length} (the model's context)")
     return max_length
+
+
+# Packed micro-batches of up to this many tokens are made from the model's whole context without asking: 4 x the
+# seed's (32 rows of GPT-2's 1,024), so Llama 2's 4,096 at batch 32; a model of 8k to 128k tokens packs only to a
+# length the user gives (TRL packs to 1,024 unless told, Axolotl to 2,048).
+PACKED_TOKENS_UNASKED = 131_072
 
 
 def data_options(cfg: SFTConfig, max_length: int) -> DataOptions:
