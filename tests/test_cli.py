@@ -164,6 +164,39 @@ def test_hub_model_offline_is_a_clear_error_naming_model_path(env, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_cached_hub_model_loads_offline_without_asking_the_hub(tmp_path, small_model_dir, monkeypatch):
+    """A Hub id in the local cache loads without a network lookup when the Hub cannot be reached. transformers 5
+    looks for the id's adapter_config.json without passing on `local_files_only`: 5 retries, 24 s lost at each
+    start (train, eval, generate) before the fix."""
+    import shutil
+
+    import huggingface_hub.constants
+    import huggingface_hub.file_download
+
+    from sftune.hub import hub_reachable
+    from sftune.modeling import load_model
+
+    repo = tmp_path / "hub" / "models--someone--tiny"
+    shutil.copytree(small_model_dir, repo / "snapshots" / "abc123")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # (sftune's check reads it; huggingface_hub read it when imported)
+    asked = []
+
+    def lookup(url, *args, **kwargs):  # where huggingface_hub asks the Hub about a file (no network here)
+        asked.append(url)
+        raise OSError("no network in this test")
+
+    monkeypatch.setattr(huggingface_hub.file_download, "get_hf_file_metadata", lookup)
+    hub_reachable.cache_clear()
+    try:
+        model = load_model("someone/tiny", "pretrained")
+    finally:
+        hub_reachable.cache_clear()
+    assert asked == [] and model.num_parameters() > 0
+
+
 def test_data_report_json_with_examples(tiny_model_dir, capsys):
     code, out, err = run_main(capsys, "data", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA),
                               "--batch-size", "16", "--grad-accum", "2", "--json", "--show", "2")

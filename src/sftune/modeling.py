@@ -254,11 +254,15 @@ def _load_model(name: str, init: str, trust_remote_code: bool, seed: int, base: 
         return model
 
     def load(**kw):
+        # (transformers 5 looks for an adapter_config.json beside a Hub id's weights without passing on
+        # local_files_only: offline, 5 retries and 24 s lost before a cached model loads)
+        adapter = {"adapter_kwargs": {"local_files_only": True}} if kw.get("local_files_only") else {}
         return AutoModelForCausalLM.from_pretrained(
             name if not Path(name).expanduser().is_dir() else Path(name).expanduser(),
             trust_remote_code=trust_remote_code,
             dtype=torch.float32,
             **attn,
+            **adapter,
             **kw,
         )
 
