@@ -84,6 +84,8 @@ def test_yaml_keys_that_are_not_names_and_files_that_are_not_utf8(tmp_path, caps
                                                   "fix it in --model-config-overrides"]),
     (["--packing", "--model-config-overrides", "n_positions=8192"],  # (a 8k-context model packed without a length)
      ["--packing fills rows of max_length tokens", "32 x 8,192 = 262,144 tokens", "Set --max-length"]),
+    (["--resume", "nowhere/step-4"], ["--resume nowhere/step-4: no such checkpoint; give a checkpoint directory",
+                                      "--resume auto"]),
     (["--dist-timeout", str(10**20)], ["dist_timeout = 100000000000000000000: must be from 1 second", "10**9",
                                        "--dist-timeout"]),
     (["--dataset", ","], ["--dataset ',' names no file", "--dataset"]),

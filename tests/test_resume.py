@@ -65,6 +65,12 @@ def test_keep_last_rotates(uninterrupted):
     assert not (uninterrupted / "report.html").exists() and not (uninterrupted / "loss.png").exists()
 
 
+def test_resuming_a_checkpoint_rotated_away_names_those_kept(uninterrupted, small_model_dir, tmp_path, capsys):
+    gone = uninterrupted / "checkpoints" / "step-4"
+    code, _, err = run_main(capsys, *train_args(small_model_dir, tmp_path / "run", "--resume", str(gone)))
+    assert code == 2 and f"--resume {gone}: no such checkpoint; {gone.parent} holds step-25, step-28: give one" in err
+
+
 def test_sigint_then_sigterm_then_resume_equals_an_uninterrupted_run(uninterrupted, small_model_dir, tmp_path,
                                                                       capsys):
     out = tmp_path / "run"

@@ -489,6 +489,12 @@ def find_resume_checkpoint(output_dir: Path, resume: str) -> Path | None:
     """`resume` = 'auto' (newest good checkpoint under output_dir, or None to start fresh) or a path."""
     if resume != "auto":
         path = Path(resume)
+        if not path.exists():  # (a typo, or a checkpoint rotated away by --keep-last)
+            where = path.parent if complete_checkpoints(path.parent) else output_dir / "checkpoints"
+            there = ", ".join(p.name for p in complete_checkpoints(where))
+            raise SftuneError(f"--resume {resume}: no such checkpoint; " + (
+                f"{where} holds {there}: give one of them, or --resume auto for the newest" if there else
+                "give a checkpoint directory (<output_dir>/checkpoints/step-N), or --resume auto"))
         if not checkpoint_ok(path):
             raise SftuneError(f"--resume {resume}: not a complete sftune checkpoint (needs {STATE_FILE}, "
                               f"{TRAINING_STATE} and the weights); use --resume auto")
