@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -170,9 +171,9 @@ def run_cli(*args: str, timeout: float = 300, env: dict | None = None) -> subpro
     )
 
 
-def signal_at(argv: list[str], line_start: str, sig: int = signal.SIGTERM) -> tuple[int, str]:
+def signal_at(argv: list[str], line_start: str, sig: int = signal.SIGTERM, after: float = 0.0) -> tuple[int, str]:
     """Run `sftune ARGV` in a real process (forked ready-imported: `procs.py`) and send it `sig` when a line of
-    its stderr starts with `line_start`: (exit status, its whole stderr)."""
+    its stderr starts with `line_start` (`after` seconds later): (exit status, its whole stderr)."""
     import tempfile
 
     from procs import SftuneProcess
@@ -181,6 +182,7 @@ def signal_at(argv: list[str], line_start: str, sig: int = signal.SIGTERM) -> tu
         proc = SftuneProcess(argv, ROOT, Path(scratch) / "stderr")
         for line in proc.lines():
             if line.startswith(line_start):
+                time.sleep(after)
                 proc.send_signal(sig)
                 break
         code = proc.wait(timeout=120)

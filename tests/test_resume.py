@@ -400,3 +400,39 @@ def test_disk_full_during_a_save_fails_cleanly(tiny_model_dir, small_disk, capsy
     assert left == ["step-4"] and checkpoint_ok(out / "checkpoints" / "step-4")  # no staging debris
 
 
+
+
+def test_a_signal_during_an_evaluation_stops_it_and_the_resume_makes_it(small_model_dir, tmp_path, capsys):
+    """An evaluation of a large split takes minutes, past a scheduler's grace between SIGTERM and SIGKILL: a signal
+    stops it between batches and the run stops with a checkpoint of the step it evaluated (exit 143), both for an
+    evaluation inside the run (`--eval-every`) and for the final one. Each resume makes the evaluation first, as
+    the uninterrupted run made it; weights and every evaluation equal that run's."""
+    import json
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.jsonl").write_text("".join(json.dumps({"text": f"a short review number {i} of a film"}) + "\n"
+                                              for i in range(64)))
+    (data / "validation.jsonl").write_text((json.dumps({"text": "a long and winding review of a film " * 3}) + "\n")
+                                           * 6000)  # (1.9 s an evaluation on this 2-core Xeon)
+    run = ["train", "--model", str(small_model_dir), "--dataset", str(data), "--batch-size", "8", "--max-steps", "3",
+           "--eval-every", "2", "--log-every", "1", "--precision", "fp32", "--no-run-report", "--sample-prompts", ""]
+    straight, out = tmp_path / "straight", tmp_path / "run"
+    code, _, err = run_main(capsys, *run, "--output-dir", str(straight))
+    assert code == 0, err
+
+    code, err = signal_at([*run, "--output-dir", str(out)], "step      2/3")  # the evaluation of step 2 starts
+    assert code == 143, err
+    assert "eval  step      2 | stopped by SIGTERM (the resume makes it)" in err
+    assert f"stopped by SIGTERM; checkpoint {out / 'checkpoints' / 'step-2'}" in err
+    # the final evaluation, 0.4 s into it (it starts within milliseconds of the last step's line)
+    code, err = signal_at([*run, "--output-dir", str(out), "--resume", "auto"], "step      3/3", after=0.4)
+    assert code == 143, err
+    assert err.index("eval  step      2 | val_loss") < err.index("step      3/3")  # made before step 3
+    assert "eval  step      3 | stopped by SIGTERM" in err and f"checkpoint {out / 'checkpoints' / 'step-3'}" in err
+    code, _, err = run_main(capsys, *run, "--output-dir", str(out), "--resume", "auto")
+    assert code == 0, err
+    assert same_weights(straight, out)
+    evals = [[(r["step"], r["val_loss"]) for r in read_jsonl(d / "metrics.jsonl") if r["type"] == "eval"]
+             for d in (straight, out)]
+    assert evals[0] == evals[1] and [s for s, _ in evals[1]] == [0, 2, 3]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -194,24 +195,30 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             return None, failed
         return result, None
 
-    def run_eval(step: int, interruptible: bool = False) -> None:
+    def run_eval(step: int) -> bool:
+        """Evaluate after `step` (log, metrics, samples). A signal stops it between batches (an evaluation of a
+        large split takes minutes, past a scheduler's grace before SIGKILL): False, nothing recorded; the caller
+        stops the run (after step 0: with a checkpoint, whose resume makes this evaluation)."""
         started = time.perf_counter()
         groups = run.steps.validation_groups  # a mixture's datasets: each one's val loss too
+        # (under torchrun the ranks agree between batches, so all of them stop at the same one)
+        asked = (lambda: dist.any(stop.signum is not None)) if dist.distributed else (lambda: stop.signum is not None)
         result, failed = within_memory(
             lambda: evaluate(run.loss_model, run.steps.validation, cfg.eval_batch_size, run.tokenizer.pad_token_id,
-                             dist.device, precision, dist,
-                             stop=(lambda: stop.signum is not None) if interruptible else None, groups=groups),
+                             dist.device, precision, dist, stop=asked, groups=groups),
             ("eval", step))
         if failed is not None:
             if dist.device.type == "cuda":
                 torch.cuda.empty_cache()
-            resumed = ("" if step == 0 else " (the resume makes this evaluation)" if step == total_steps else
-                       " (the resume goes on without this evaluation)")
+            resumed = "" if step == 0 else " (the resume makes this evaluation)"
             raise SftuneError(f"out of memory evaluating at step {step}{on_rank()} (batches of up to "
                               f"{cfg.eval_batch_size} rows: {failed}); {keep_the_steps(alone=True)}{resumed}. "
                               f"Lower --eval-batch-size (it changes no training step), then --resume auto")
-        if result is None:  # a signal during the first evaluation: nothing trained, nothing to keep
-            raise Preempted(stop.signum or 15, None)
+        if result is None:  # a signal
+            if step == 0:  # nothing trained, nothing to keep
+                raise Preempted(stop.signum or 15, None)
+            log(f"eval  step {step:>6,} | stopped by {signal.Signals(stop.signum or 15).name} (the resume makes it)")
+            return False
         record = {"step": step, "val_loss": result.loss, "val_ppl": result.perplexity,
                   "val_token_accuracy": result.accuracy}
         if groups:
@@ -227,6 +234,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
                                                   record["val_loss_by_dataset"].items()))
         write_samples(step)
         window.exclude(time.perf_counter() - started)
+        return True
 
     def write_samples(step: int) -> None:
         """Greedy completions of the sample prompts, to see how the model changes (rank 0; under FSDP every rank
@@ -242,6 +250,13 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             log(f"sample step {step:,}: {prompt!r} -> {text!r}")
         if dist.sharded:
             run.loss_model.reshard()
+
+    def early_stop(step: int) -> bool:
+        best = best_eval()
+        log(f"early stopping at step {step:,}: the val loss has not improved on {best['val_loss']:.4f} (step "
+            f"{best['step']:,}) for {cfg.early_stopping_patience} evaluations (--early-stopping-patience)")
+        metrics.write({"type": "early_stop", "step": step, "best_step": best["step"]})
+        return True
 
     def best_eval() -> dict | None:
         """The evaluation with the lowest val loss after training started (None before the first)."""
@@ -315,7 +330,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
     window = LogWindow(state.window, dist, run.loss_model)  # a resumed run continues the window where it stopped
     start = time.perf_counter() - state.elapsed_s
     if run.resumed_from is None:
-        run_eval(0, interruptible=not dist.distributed)  # (several ranks would have to agree between batches)
+        run_eval(0)
         if dist.any(stop.signum is not None):  # nothing trained yet: nothing to save
             raise Preempted(stop.signum or 15, None)
     started_here, first_step = time.perf_counter(), state.step  # for the ETA: this process's pace (evals included)
@@ -323,6 +338,13 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
                dynamic_ncols=True, mininterval=1.0)
     bad_in_a_row, saved_at, stopped_early = 0, [run.resumed_from] if run.resumed_from else [], False
     last_saved = time.perf_counter()  # --save-minutes counts from this process's start or its last save
+    if run.resumed_from is not None and evals[-1]["step"] != state.step and eval_due(cfg, state, total_steps):
+        # the checkpoint was written when a signal (or an out of memory) stopped this step's evaluation: made now,
+        # before any further step, as the uninterrupted run made it (the best model, early stopping)
+        if not run_eval(state.step):
+            raise Preempted(stop.signum or 15, run.resumed_from)  # (nothing new to save)
+        if patience_spent():
+            stopped_early = early_stop(state.step)
     compile_s = 0.0  # seconds of steps that captured a CUDA graph or compiled a new batch shape (this process)
     nan_steps = {int(x) for x in os.environ.get("SFTUNE_FAULT_NAN_STEPS", "").split(",") if x.strip()}
     graphs = None
@@ -439,7 +461,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             log("memory check: not made: " + ("packed micro-batches all have one shape (the first step's)"
                                                if cfg.packing else "a stream's longest rows are not known ahead"))
         memory_check = False
-    steps = run.steps.remaining(state) if state.step < total_steps else iter(())
+    steps = run.steps.remaining(state) if state.step < total_steps and not stopped_early else iter(())
     if dist.device.type == "cuda":  # the next step's batches are made and pinned while the GPU runs this one
         steps = prefetch(steps, prepare=lambda s: replace(s, micro_batches=[pin(b) for b in s.micro_batches]))
     for step_data in steps:
@@ -531,11 +553,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         elif due and not saved:
             safety_checkpoint()
         if patience_spent():
-            best = best_eval()
-            log(f"early stopping at step {step:,}: the val loss has not improved on {best['val_loss']:.4f} (step "
-                f"{best['step']:,}) for {cfg.early_stopping_patience} evaluations (--early-stopping-patience)")
-            metrics.write({"type": "early_stop", "step": step, "best_step": best["step"]})
-            stopped_early = True
+            stopped_early = early_stop(step)
             break
         if step >= total_steps:
             break
@@ -547,8 +565,8 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         profiler.close(state.step)  # (a run that ended inside the range: what was profiled)
     if hasattr(steps, "close"):
         steps.close()  # (a prefetching thread stops)
-    if evals[-1]["step"] != state.step:
-        run_eval(state.step)  # the end of max_steps (or of a stream)
+    if evals[-1]["step"] != state.step and not run_eval(state.step):  # the end of max_steps (or of a stream)
+        raise Preempted(stop.signum or 15, checkpoint_now())  # (a signal stopped it: the resume makes it)
     if state.step < total_steps and not stopped_early:  # only a stream can end first: its length was unknown
         log(f"the stream ran out at step {state.step:,}, before max_steps {total_steps:,}")
     bar.close()
@@ -608,6 +626,14 @@ def write_outputs(run: Run, evals: list[dict], metrics: MetricsWriter, last_save
         samples[prompt] = complete(hf_model, run.tokenizer, prompt, cfg.sample_max_new_tokens, seed=cfg.seed,
                                    chat=run.steps.layout.is_chat, synced=dist.sharded)[0]
     return samples
+
+
+def eval_due(cfg: SFTConfig, state, total_steps: int) -> bool:
+    """Whether the run evaluates after `state.step`: every `eval_every` steps, at an epoch's end (the state has
+    moved on to the next epoch's start), and at the last step."""
+    step = state.step
+    return step > 0 and (bool(cfg.eval_every) and step % cfg.eval_every == 0 or state.step_in_epoch == 0
+                         or step >= total_steps)
 
 
 def peak_memory(device: torch.device) -> str:
