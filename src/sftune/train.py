@@ -545,8 +545,8 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
                 saved = True
         due = cfg.save_minutes is not None and time.perf_counter() - last_saved >= cfg.save_minutes * 60
         stopping, due = dist.any_each(stop.signum is not None, due)  # all ranks stop (or save) at the same step
-        if stopping:
-            raise Preempted(stop.signum or 15, checkpoint_now())
+        if stopping:  # (an epoch's end with --save-every has just saved this step)
+            raise Preempted(stop.signum or 15, saved_at[-1] if saved else checkpoint_now())
         new_best = cfg.save_best and state.best_step == step  # (set by an evaluation of this step)
         if (cfg.save_every and step % cfg.save_every == 0 or new_best) and not saved:
             checkpoint_now()
