@@ -345,9 +345,9 @@ def diagnose_file(path: Path) -> str | None:
         return (f"{path}:{line}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
                 f"re-encode the file as UTF-8 (--dataset)")
     if not text.strip():
-        return f"{path} is empty: no rows to train on (--dataset)"
+        return f"{path} is empty: it holds no rows (--dataset)"
     if path.suffix.lower() in (".csv", ".tsv") and len([line for line in text.splitlines() if line.strip()]) == 1:
-        return f"{path} holds a header line and no rows: nothing to train on (--dataset)"
+        return f"{path} holds a header line and no rows (--dataset)"
     if path.suffix.lower() == ".jsonl":
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
