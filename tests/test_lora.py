@@ -361,3 +361,20 @@ def test_a_lora_resume_on_changed_base_weights_is_refused(small_model_dir, tmp_p
     code, _, err = run_main(capsys, *train_args(base, out, "--max-steps", "4", "--report-to", "none", "--resume", "auto",
                                                 "--resume-force"))
     assert code == 0 and "resuming although the base model's weights (--model) changed" in err, err
+
+
+@pytest.mark.slow
+def test_a_full_fine_tune_starts_from_a_lora_runs_merged_model(lora_run, tmp_path, capsys):
+    """`--model` a LoRA run's directory without --lora-r: every weight of its merged model trains (peft had frozen
+    them: the first backward failed, "does not require grad"); it starts where the LoRA run ended."""
+    out, _ = lora_run
+    code, _, err = run_main(capsys, "train", "--model", str(out), "--dataset", str(QUICKSTART_DATA), "--max-steps", "2",
+                            "--batch-size", "8", "--precision", "fp32", "--no-run-report", "--sample-prompts", "",
+                            "--output-dir", str(tmp_path / "full"))
+    assert code == 0, err
+    merged, trained = load_file(out / "merged" / "model.safetensors"), load_file(tmp_path / "full" / "model.safetensors")
+    assert merged.keys() == trained.keys()
+    assert all(not torch.equal(trained[k], merged[k]) for k in merged if k.endswith("c_attn.weight"))  # all trained
+    lora_evals, full_evals = ([r["val_loss"] for r in read_jsonl(d / "metrics.jsonl") if r["type"] == "eval"]
+                              for d in (out, tmp_path / "full"))
+    assert full_evals[0] == pytest.approx(lora_evals[-1], abs=1e-5)

@@ -353,5 +353,6 @@ def grow_for_adapter(model, directory: Path, trust_remote_code: bool = False) ->
 
 
 def merged_model(peft_model):
-    """The adapter merged into the base weights: a plain Hugging Face model with the same outputs."""
-    return peft_model.merge_and_unload()
+    """The adapter merged into the base weights: a plain Hugging Face model with the same outputs, every weight
+    trainable again, as a loaded model's (peft froze the base: a full fine-tune from a LoRA run trained nothing)."""
+    return peft_model.merge_and_unload().requires_grad_(True)
