@@ -19,6 +19,8 @@ def bad_files(tmp_path_factory, small_model_dir):
     (d / "malformed.jsonl").write_text(json.dumps(good) + "\n" + '{"text": "broken\n' + json.dumps(good) + "\n")
     (d / "latin1.txt").write_bytes("a sentence that is long enough to keep\ncaf\xe9 au lait is fine\n".encode("latin-1"))
     (d / "empty.jsonl").write_text("")
+    (d / "surrogate.jsonl").write_text(json.dumps(good) + "\n" + '{"text": "half a pair \\ud800 here, long enough"}\n'
+                                       + json.dumps(good) + "\n")
     (d / "header.csv").write_text("text,label\n")
     (d / "data.xml").write_text("<rows/>")
     no_tokenizer = d / "model-without-tokenizer"
@@ -43,6 +45,8 @@ CASES = [
     ("malformed-jsonl", ["--dataset", "FILES/malformed.jsonl"], ["malformed.jsonl:2: malformed JSON", "fix or remove"]),
     ("not-utf8", ["--dataset", "FILES/latin1.txt"], ["latin1.txt:2: not UTF-8 text", "re-encode"]),
     ("empty-dataset", ["--dataset", "FILES/empty.jsonl"], ["empty.jsonl is empty"]),
+    ("lone-surrogate", ["--dataset", "FILES/surrogate.jsonl"], ["surrogate.jsonl:2: a \\u escape of half a surrogate "
+                                                                "pair", "fix or remove that line"]),
     ("header-only-csv", ["--dataset", "FILES/header.csv"], ["header.csv holds a header line and no rows"]),
     ("missing-text-column", ["--text-column", "body"], ["text column 'body' not in the dataset (columns: text, label)",
                                                         "--text-column"]),

@@ -352,9 +352,11 @@ def diagnose_file(path: Path) -> str | None:
         for number, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    json.loads(line)
-                except ValueError as e:
-                    return f"{path}:{number}: malformed JSON ({e}); fix or remove that line (--dataset)"
+                    json.dumps(json.loads(line), ensure_ascii=False).encode("utf-8")
+                except ValueError as e:  # (UnicodeEncodeError is one)
+                    what = "a \\u escape of half a surrogate pair, which is no character" if isinstance(
+                        e, UnicodeEncodeError) else f"malformed JSON ({e})"
+                    return f"{path}:{number}: {what}; fix or remove that line (--dataset)"
     return None
 
 
