@@ -109,6 +109,22 @@ def test_every_file_format_loads_with_a_held_out_validation_split(tmp_path, suff
     assert texts == {r["review"] for r in ROWS}  # nothing lost or duplicated by the hold-out
 
 
+def test_a_json_object_holding_its_rows_under_a_key_reads_as_those_rows(tmp_path):
+    """{"version": ..., "data": [rows]} (SQuAD's layout, many exports') was read by `datasets` as one row of one
+    column; an object of columns is refused (it is read as one row too)."""
+    from sftune.errors import SftuneError
+
+    path = tmp_path / "export.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"version": "1.1", "data": ROWS}).encode())
+    rows = load_rows(str(path), seed=1, val_fraction=0.25)
+    assert (len(rows["train"]), len(rows["validation"])) == (30, 10)
+    assert set(rows["train"]["review"]) | set(rows["validation"]["review"]) == {r["review"] for r in ROWS}
+    path.write_text(json.dumps({"review": [r["review"] for r in ROWS], "stars": [r["stars"] for r in ROWS]}))
+    with pytest.raises(SftuneError, match=r"export.json holds columns \(review, stars: lists of 40 values\), which "
+                                          r"are read as one row; write its rows as a JSON array"):
+        load_rows(str(path), seed=1, val_fraction=0.25)
+
+
 @pytest.mark.parametrize("suffix", [".jsonl", ".json", ".csv", ".tsv", ".txt"])
 def test_a_file_that_starts_with_a_byte_order_mark_reads_as_without(tmp_path, suffix):
     """Excel's "CSV UTF-8" and Notepad write a UTF-8 byte-order mark first: a CSV's first column was then not found

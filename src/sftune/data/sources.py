@@ -158,6 +158,9 @@ def read_splits(dataset: str, config_name: str | None, flag: str):
             problem = precheck_file(f, kwargs.get("delimiter", ","))
             if problem:
                 raise SftuneError(problem)
+        if builder == "json" and (field := rows_field(files)):
+            kwargs = {**kwargs, "field": field, "encoding": "utf-8-sig"}  # (read by json.load: a BOM is no JSON)
+            log(f"data: {dataset}: the rows are the list under {field!r}")
         try:
             with datasets_errors_unsaid():
                 ds = datasets.load_dataset(builder, data_files={"train": [str(f) for f in files]}, **kwargs)
@@ -292,6 +295,37 @@ def _root_cause(e: BaseException) -> str:
 
 
 MAX_LINE_BYTES = 16 << 20  # one JSONL row over 16 MiB is refused: datasets would need ~100x that to parse it
+
+
+def rows_field(files: list[Path]) -> str | None:
+    """For .json files that each hold one object with one list of rows in it ({"data": [{...}, ...]}, as SQuAD and
+    many exports are laid out), that list's key: `datasets` reads it as `field`; without it, the whole file was one
+    row of one column. None for arrays of rows and JSON lines. An object of columns ({"text": [...], "label":
+    [...]}) is refused: `datasets` reads it as one row too."""
+    fields = set()
+    for path in files:
+        if path.suffix.lower() != ".json":
+            return None
+        with open(path, "rb") as f:
+            if f.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")[:1] != b"{":  # (a byte-order mark, then an object?)
+                return None
+        try:
+            top = json.loads(path.read_bytes())
+        except ValueError:  # (JSON lines in a .json file)
+            return None
+        lengths = {len(v) for v in top.values() if isinstance(v, list)}
+        if len(top) > 1 and len(lengths) == 1 and all(isinstance(v, list) for v in top.values()):
+            raise SftuneError(f"{path} holds columns ({', '.join(list(top)[:5])}: lists of {lengths.pop():,} values), "
+                              f"which are read as one row; write its rows as a JSON array of objects, or as JSON "
+                              f"lines (.jsonl) (--dataset)")
+        lists = [k for k, v in top.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)]
+        if len(lists) != 1:
+            return None
+        fields.add(lists[0])
+    if len(fields) > 1:
+        raise SftuneError(f"the .json files hold their rows under different keys ({', '.join(sorted(fields))}); "
+                          f"give files of one layout (--dataset)")
+    return next(iter(fields), None)
 
 
 def precheck_file(path: Path, delimiter: str = ",") -> str | None:
