@@ -109,6 +109,20 @@ def test_every_file_format_loads_with_a_held_out_validation_split(tmp_path, suff
     assert texts == {r["review"] for r in ROWS}  # nothing lost or duplicated by the hold-out
 
 
+def test_a_dataset_saved_with_save_to_disk_reads_as_its_splits(tmp_path):
+    """`Dataset.save_to_disk` writes what `datasets.load_dataset` refuses ("use load_from_disk"): read it so,
+    as its one split (a validation split held out of it); a saved DatasetDict keeps its splits."""
+    import datasets
+
+    datasets.Dataset.from_list(ROWS).save_to_disk(tmp_path / "one")
+    rows = load_rows(str(tmp_path / "one"), seed=1, val_fraction=0.25)
+    assert (len(rows["train"]), len(rows["validation"])) == (30, 10)
+    datasets.DatasetDict(train=datasets.Dataset.from_list(ROWS[:30]),
+                         validation=datasets.Dataset.from_list(ROWS[30:])).save_to_disk(tmp_path / "both")
+    rows = load_rows(str(tmp_path / "both"), seed=1, val_fraction=0.25)
+    assert (len(rows["train"]), len(rows["validation"])) == (30, 10) and rows["validation"][0]["review"] == ROWS[30]["review"]
+
+
 def test_a_json_object_holding_its_rows_under_a_key_reads_as_those_rows(tmp_path):
     """{"version": ..., "data": [rows]} (SQuAD's layout, many exports') was read by `datasets` as one row of one
     column; an object of columns is refused (it is read as one row too)."""

@@ -170,6 +170,8 @@ def read_splits(dataset: str, config_name: str | None, flag: str):
         if builder == "csv":
             ds = datasets.DatasetDict({k: _integer_columns(v) for k, v in ds.items()})
         return ds, True
+    if path.is_dir() and saved_to_disk(path):
+        return from_disk(path), False
     if path.is_dir():
         try:
             return datasets.load_dataset(str(path), config_name), False
@@ -295,6 +297,25 @@ def _root_cause(e: BaseException) -> str:
 
 
 MAX_LINE_BYTES = 16 << 20  # one JSONL row over 16 MiB is refused: datasets would need ~100x that to parse it
+
+
+def saved_to_disk(path: Path) -> bool:
+    """A directory `Dataset.save_to_disk` or `DatasetDict.save_to_disk` wrote (read with `load_from_disk`; as a
+    dataset directory `datasets` refuses a Dataset's, "use load_from_disk")."""
+    return (path / "dataset_dict.json").is_file() or ((path / "state.json").is_file()
+                                                       and (path / "dataset_info.json").is_file())
+
+
+def from_disk(path: Path):
+    """A `save_to_disk` directory's splits (a saved Dataset is the one split, train)."""
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as e:
+        raise SftuneError(f"could not read the dataset saved in {path} (save_to_disk): {_root_cause(e)} "
+                          f"(check --dataset)") from None
+    return loaded if isinstance(loaded, datasets.DatasetDict) else datasets.DatasetDict(train=loaded)
 
 
 def rows_field(files: list[Path]) -> str | None:
@@ -423,8 +444,12 @@ def open_stream(dataset: str, config_name: str | None, split: str):
     files = local_files(dataset)
     if files is not None:
         builder, kwargs = file_loader(files)
+        if builder == "json" and (field := rows_field(files)):
+            kwargs = {**kwargs, "field": field, "encoding": "utf-8-sig"}
         return datasets.load_dataset(builder, data_files={"train": [str(f) for f in files]}, streaming=True, **kwargs)
-    if (path := Path(dataset).expanduser()).is_dir():
+    if (path := Path(dataset).expanduser()).is_dir() and saved_to_disk(path):
+        return datasets.IterableDatasetDict({name: rows.to_iterable_dataset() for name, rows in from_disk(path).items()})
+    if path.is_dir():
         return datasets.load_dataset(str(path), config_name, streaming=True)
 
     def load(local_files_only: bool):
