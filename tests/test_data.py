@@ -120,7 +120,8 @@ def test_a_dataset_saved_with_save_to_disk_reads_as_its_splits(tmp_path):
     datasets.DatasetDict(train=datasets.Dataset.from_list(ROWS[:30]),
                          validation=datasets.Dataset.from_list(ROWS[30:])).save_to_disk(tmp_path / "both")
     rows = load_rows(str(tmp_path / "both"), seed=1, val_fraction=0.25)
-    assert (len(rows["train"]), len(rows["validation"])) == (30, 10) and rows["validation"][0]["review"] == ROWS[30]["review"]
+    assert (len(rows["train"]), len(rows["validation"])) == (30, 10)
+    assert rows["validation"][0]["review"] == ROWS[30]["review"]
 
 
 def test_a_json_object_holding_its_rows_under_a_key_reads_as_those_rows(tmp_path):

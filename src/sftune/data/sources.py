@@ -448,7 +448,8 @@ def open_stream(dataset: str, config_name: str | None, split: str):
             kwargs = {**kwargs, "field": field, "encoding": "utf-8-sig"}
         return datasets.load_dataset(builder, data_files={"train": [str(f) for f in files]}, streaming=True, **kwargs)
     if (path := Path(dataset).expanduser()).is_dir() and saved_to_disk(path):
-        return datasets.IterableDatasetDict({name: rows.to_iterable_dataset() for name, rows in from_disk(path).items()})
+        return datasets.IterableDatasetDict({name: rows.to_iterable_dataset()
+                                             for name, rows in from_disk(path).items()})
     if path.is_dir():
         return datasets.load_dataset(str(path), config_name, streaming=True)
 
