@@ -88,6 +88,15 @@ def test_streaming_needs_max_steps(tiny_model_dir, tmp_path, capsys):
     assert code == 2 and "must be set with streaming" in err and "--max-steps" in err
 
 
+def test_a_stream_held_out_whole_for_validation_is_an_error(tiny_model_dir, text_file, tmp_path, capsys):
+    """120 rows without a validation split, streamed: its first --stream-val-rows (1,000) are held out, which is all
+    of it; the run trained nothing and saved the model it was given, exit 0. Now said before the model loads."""
+    code, _, err = run_main(capsys, "train", "--model", str(tiny_model_dir), "--dataset", str(text_file), "--streaming",
+                            "--max-steps", "2", "--output-dir", str(tmp_path / "o"))
+    assert code == 2 and "rows were all held out for validation (--stream-val-rows 1000" in err, err
+    assert "lower --stream-val-rows" in err and not (tmp_path / "o").exists()
+
+
 def _write(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path

@@ -312,6 +312,11 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock, stop: StopFl
             check_lora(cfg, model_config, len(tokenizer), token_ids(tokenizer, cfg.add_tokens),
                        cfg.trust_remote_code)  # a wrong target is reported before anything loads
         data, max_length = build_data(cfg, tokenizer, model_config, dist)
+        if getattr(data, "all_held_out", False):
+            raise SftuneError(f"streaming {cfg.data_name}: its {len(data.validation):,} rows were all held out for "
+                              f"validation (--stream-val-rows {cfg.stream_val_rows}: it has no validation split), so "
+                              f"nothing is left to train on; lower --stream-val-rows, or leave out --streaming (a "
+                              f"dataset this small fits in memory)")
         if warming is not None:
             warming.join()
         source_class = StreamedSteps if cfg.streaming else InMemorySteps

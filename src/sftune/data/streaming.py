@@ -75,6 +75,7 @@ class StreamedData:
             raise SftuneError(f"dataset {dataset} has no {split!r} split (it has: {', '.join(streams)}); set --split")
         numbered = streams[split].map(lambda _, i: {ROW_COLUMN: i}, with_indices=True)
         self.validates_on_first_rows = False  # (its first rows held out: no validation split)
+        self.all_held_out = False  # (... and they were all of it: nothing left to train on)
         if options.only == "train":  # (a mixture's stream, validated on a --val-dataset of its own)
             val_rows_list, val_name = [], None
             self.train_stream = numbered
@@ -89,6 +90,7 @@ class StreamedData:
             val_rows_list = list(itertools.islice(numbered, val_rows))
             self.train_stream = numbered.skip(len(val_rows_list))
             self.validates_on_first_rows = True
+            self.all_held_out = len(val_rows_list) < val_rows
             log(f"data: streaming {dataset} with no validation split: its first {len(val_rows_list):,} rows are "
                 f"held out for validation (--stream-val-rows)")
         if not val_rows_list and options.only != "train":
