@@ -24,6 +24,9 @@ def check_sampling(temperature: float, top_p: float, max_new_tokens: int, num_sa
     for value, flag in ((max_new_tokens, "--max-new-tokens"), (num_samples, "--num-samples")):
         if value < 1:
             raise SftuneError(f"{flag} must be at least 1, got {value}")
+    if temperature == 0 and num_samples > 1:  # (transformers refuses it: greedy decoding has one answer)
+        raise SftuneError(f"--temperature 0 decodes greedily, which gives one completion, not --num-samples "
+                          f"{num_samples}; sample with a --temperature above 0 (e.g. 0.8), or ask for one")
 
 
 def check_prompts(tokenizer, prompts: list[str], chats: list[str], system: str | None = None,
