@@ -146,6 +146,8 @@ def test_generation_options(small_model_dir, capsys):
     for seed in ("-1", str(2**64)):
         refused(capsys, "generate", "--model", str(small_model_dir), "--prompt", "hi", "--seed", seed,
                 words=[f"--seed must be from 0 to 2**64 - 1 (torch's seeds are unsigned 64-bit), got {seed}"])
+    refused(capsys, "generate", "--model", str(small_model_dir), "--prompt", "hi", "--system", "be brief",
+            words=["--system goes with --chat MESSAGE"])
     refused(capsys, "generate", "--model", str(small_model_dir), "--prompt", "hi", "--temperature", "0",
             "--num-samples", "3", words=["--temperature 0 decodes greedily, which gives one completion, not "
                                          "--num-samples 3"])

@@ -458,6 +458,9 @@ def cmd_generate(args) -> None:
     tools = read_tools(args.tools) if args.tools else None
     if tools and not args.chat:
         raise SftuneError("--tools goes with --chat MESSAGE (a plain --prompt has no chat template to show them)")
+    if args.system is not None and not args.chat:
+        raise SftuneError("--system goes with --chat MESSAGE (a plain --prompt is continued as it is written: put "
+                          "the instruction in its text)")
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code, flag="--model", advice=model_dir_advice(args.model))
     check_prompts(tokenizer, args.prompt, args.chat, args.system, tools)  # (before loading the model)
