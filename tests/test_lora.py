@@ -285,6 +285,8 @@ def test_a_lora_run_trains_only_the_adapter_and_writes_what_peft_loads(lora_run,
     exported = load_file(tmp_path / "exported" / "model.safetensors")
     assert all(torch.equal(exported[k], merged[k]) for k in merged)
     assert (tmp_path / "exported" / "tokenizer.json").is_file()
+    code, _, err = run_main(capsys, "export", str(out), "--output-dir", str(small_model_dir), "--overwrite")
+    assert code == 2 and "is the adapter's base model directory" in err  # (written over the base it is made from)
     code, stdout, err = run_main(capsys, "export", str(out), "--output-dir", str(tmp_path / "bf16"), "--save-dtype",
                                  "bf16")
     assert code == 0, err

@@ -132,6 +132,19 @@ def test_an_output_directory_that_cannot_be_made(small_model_dir, capsys):
             words=["could not create the output directory /proc/sftune-run: No such file", "choose another --output-dir"])
 
 
+def test_the_output_directory_may_not_be_one_the_run_reads(small_model_dir, tmp_path, capsys):
+    """`--output-dir` = the --model directory with --overwrite removed the base's files first, then trained: a run
+    that failed then left neither the base nor a fine-tuned model."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(small_model_dir, base)
+    files = sorted(p.name for p in base.iterdir())
+    refused(capsys, *train(base, base, "--overwrite"), words=[f"--output-dir {base} is the --model directory the "
+                                                              "run reads", "choose another --output-dir"])
+    assert sorted(p.name for p in base.iterdir()) == files
+
+
 def test_a_chat_template_directory_without_a_tokenizer(small_model_dir, tmp_path, capsys):
     refused(capsys, *train(small_model_dir, tmp_path / "o", "--chat-template", str(tmp_path)),
             words=[f"{tmp_path} holds no tokenizer files", "give --chat-template a Jinja file"])

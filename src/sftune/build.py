@@ -249,6 +249,19 @@ class Run:
         self.dist.close()
 
 
+def check_not_an_input(out: Path, cfg: SFTConfig) -> None:
+    """The output directory must not be a directory the run reads: with --overwrite the run first removed the files
+    it writes (a base model's config.json, model.safetensors, tokenizer), so a run that then failed left neither
+    the base nor a fine-tuned model."""
+    named = [("--model", cfg.model), ("--tokenizer", cfg.tokenizer), ("--dataset", cfg.dataset),
+             ("--val-dataset", cfg.val_dataset), *(("--datasets", e["dataset"]) for e in cfg.datasets),
+             *(("--val-datasets", e["dataset"]) for e in cfg.val_datasets)]
+    for flag, value in named:
+        if value and Path(value).expanduser().is_dir() and Path(value).expanduser().resolve() == out.resolve():
+            raise SftuneError(f"--output-dir {out} is the {flag} directory the run reads: it would write over "
+                              f"(with --overwrite: first remove) the files there; choose another --output-dir")
+
+
 def build_run(cfg: SFTConfig, stop: StopFlag | None = None) -> Run:
     """Resolve what the config leaves open (and say what was inferred), load and build everything.
 
@@ -261,6 +274,7 @@ def build_run(cfg: SFTConfig, stop: StopFlag | None = None) -> Run:
         out = resolve_output_dir(str(dist.from_main(resolve_output_dir(None))))
     else:
         out = resolve_output_dir(cfg.output_dir)
+    check_not_an_input(out, cfg)
     check_output_dir(out, resume=bool(cfg.resume), overwrite=cfg.overwrite)
     if cfg.resume == "auto" and not cfg.overwrite and finished_without_checkpoints(out):
         raise SftuneError(f"nothing to resume in {out}: that run finished (its model is saved) and kept no "

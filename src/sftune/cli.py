@@ -481,7 +481,7 @@ def cmd_generate(args) -> None:
 def cmd_export(args) -> None:
     quiet_libraries()
     from sftune.shards import is_sharded
-    from sftune.lora import is_adapter_dir, load_adapter_model
+    from sftune.lora import adapter_base, is_adapter_dir, load_adapter_model
     from sftune.modeling import load_sharded_checkpoint, load_tokenizer, save_model
     from sftune.outputs import OutputLock, check_output_dir, publish_model, resolve_output_dir
 
@@ -496,6 +496,9 @@ def cmd_export(args) -> None:
     if out.absolute() == run.absolute():
         raise SftuneError(f"--merge {out} is the run directory itself; write the merged model elsewhere, e.g. "
                           f"--merge {run / 'merged'}")
+    if adapter and Path(base := adapter_base(run, args.base)).is_dir() and Path(base).resolve() == out.resolve():
+        raise SftuneError(f"--merge {out} is the adapter's base model directory: the merged model would be written "
+                          f"over the base it is made from; write it elsewhere")
     check_output_dir(out, resume=False, overwrite=args.overwrite, flag="--merge")
     tokenizer = load_tokenizer(str(run), args.trust_remote_code, flag="RUN")
     if adapter:
