@@ -143,6 +143,14 @@ def test_the_output_directory_may_not_be_one_the_run_reads(small_model_dir, tmp_
     refused(capsys, *train(base, base, "--overwrite"), words=[f"--output-dir {base} is the --model directory the "
                                                               "run reads", "choose another --output-dir"])
     assert sorted(p.name for p in base.iterdir()) == files
+    project = tmp_path / "project"  # (`--output-dir . --overwrite` in a project: its README.md and config.yaml)
+    project.mkdir()
+    (project / "README.md").write_text("# mine\n")
+    (project / "config.yaml").write_text("model: gpt2\n")
+    refused(capsys, *train(small_model_dir, project, "--overwrite"),
+            words=["nothing there is one (no metrics.jsonl, checkpoints or run config.yaml), and it would remove "
+                   "config.yaml, README.md: files of yours"])
+    assert (project / "README.md").read_text() == "# mine\n" and (project / "config.yaml").is_file()
 
 
 def test_a_chat_template_directory_without_a_tokenizer(small_model_dir, tmp_path, capsys):

@@ -72,10 +72,32 @@ def check_output_dir(out: Path, resume: bool, overwrite: bool, flag: str = "--ou
         again = ", continue it with --resume auto," if flag == "--output-dir" else ""
         raise SftuneError(f"output directory {out} already exists and is not empty; choose another {flag}{again} "
                           f"or pass --overwrite")
+    if overwrite and not resume and flag == "--output-dir" and (mine := not_a_runs_files(out)):
+        raise SftuneError(f"--overwrite removes what an earlier sftune run wrote in {out}, but nothing there is one "
+                          f"(no metrics.jsonl, checkpoints or run config.yaml), and it would remove {', '.join(mine)}: "
+                          f"files of yours; choose another --output-dir")
     existing = next(p for p in [out, *out.absolute().parents] if p.exists())
     if not os.access(existing, os.W_OK | os.X_OK):
         raise SftuneError(f"cannot write into {existing} (permission denied), so nothing could be saved there; "
                           f"choose another {flag}")
+
+
+def not_a_runs_files(out: Path) -> list[str]:
+    """The files `clear_previous_run` would remove from `out` when `out` holds no sftune run (a project directory's
+    README.md and config.yaml, a downloaded model's files): [] when it holds one, or none of those names."""
+    names = [n for n in (*RUN_FILES, *MODEL_FILES) if (out / n).exists() or (out / n).is_symlink()]
+    if not names or (out / "metrics.jsonl").is_file() or any((out / "checkpoints").glob("step-*")):
+        return []
+    try:  # (a run that stopped before its first evaluation wrote config.yaml and data.json only; a config.yaml of
+        # the user's own, beside no data.json, is theirs)
+        from sftune.config import FIELDS, read_yaml
+
+        written = read_yaml(out / "config.yaml")
+        if (out / "data.json").is_file() and "model" in written and set(written) <= set(FIELDS):
+            return []
+    except Exception:  # (absent, or not ours)
+        pass
+    return names
 
 
 def finished_without_checkpoints(out: Path) -> bool:
