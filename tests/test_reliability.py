@@ -381,3 +381,31 @@ def test_an_unusable_cache_dir_warns_and_goes_on(kind, own_data, tmp_path, tmpfs
     result, err = _prepare(own_data, cache, capsys)
     assert len(result.train) == 400 and not result.from_cache
     assert "could not write the cache" in err and "continuing without it" in err
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path, monkeypatch):
+    """Without --output-dir a run claims runs/<time> at once (made and locked): a second run of the same second
+    takes runs/<time>-2 (it took the same name, and failed when it came to write, after loading everything); a
+    finished run's directory of that second is passed over; a claim released with nothing written is removed."""
+    from datetime import datetime
+
+    import sftune.outputs
+    from sftune.outputs import claim_new_run_dir
+
+    class SameSecond(datetime):  # (the clock held still: the claims below fall in one second)
+        @classmethod
+        def now(cls, tz=None):
+            return datetime(2026, 11, 28, 3, 0, 0)
+
+    monkeypatch.setattr(sftune.outputs, "datetime", SameSecond)
+    monkeypatch.chdir(tmp_path)
+    first, held = claim_new_run_dir()
+    second, also = claim_new_run_dir()
+    assert (str(first), str(second)) == ("runs/20261128-030000", "runs/20261128-030000-2")
+    also.release()
+    assert not second.exists()  # (nothing written: removed)
+    (first / "metrics.jsonl").write_text("")  # (a run's)
+    held.release()
+    third, last = claim_new_run_dir()
+    assert str(third) == "runs/20261128-030000-2" and (first / "metrics.jsonl").is_file()
+    last.release()

@@ -37,7 +37,7 @@ from sftune.modeling import add_tokens, check_attention, compile_blocks, context
     enable_activation_checkpointing, fit_embeddings, load_model, load_model_config, load_tokenizer, model_skeleton, \
     override_config, router_loss_notice, save_model, token_ids, train_every_embedding_row
 from sftune.outputs import OutputLock, check_output_dir, check_shared, clear_previous_run, \
-    finished_without_checkpoints, publish_model, resolve_output_dir
+    claim_new_run_dir, finished_without_checkpoints, publish_model, resolve_output_dir
 from sftune.resume import check_resume_compatible, check_same_inputs, check_same_steps
 from sftune.run_report import DATA_FILE, data_summary
 from sftune.runtime import resolve_precision, seed_everything, untested_versions, warm_up
@@ -268,12 +268,16 @@ def build_run(cfg: SFTConfig, stop: StopFlag | None = None) -> Run:
     Nothing is written before every check has passed: the output directory is checked (writable, empty unless
     --resume or --overwrite, not in use by another run) before anything is loaded, and locked before the first
     file is written or removed."""
-    dist = None
-    if not cfg.output_dir and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # runs/<time>: the ranks reach this
-        dist = init_dist(cfg.device, cfg.dist_timeout)  # seconds apart, so rank 0's time names the run
-        out = resolve_output_dir(str(dist.from_main(resolve_output_dir(None))))
-    else:
+    dist, lock = None, None
+    if cfg.output_dir:
         out = resolve_output_dir(cfg.output_dir)
+    else:  # runs/<time>, made and locked at once (under torchrun by rank 0, whose name all ranks take: they reach
+        # this seconds apart)
+        dist = init_dist(cfg.device, cfg.dist_timeout) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        if dist is None or dist.is_main:
+            out, lock = claim_new_run_dir()
+        if dist is not None:
+            out = Path(dist.from_main(str(out) if dist.is_main else None))
     check_not_an_input(out, cfg)
     check_output_dir(out, resume=bool(cfg.resume), overwrite=cfg.overwrite)
     if cfg.resume == "auto" and not cfg.overwrite and finished_without_checkpoints(out):
@@ -281,9 +285,9 @@ def build_run(cfg: SFTConfig, stop: StopFlag | None = None) -> Run:
                           f"checkpoints. Evaluate or use it as it is, continue training from it with --model {out} "
                           f"and another --output-dir, or pass --overwrite to start over there")
     dist = dist or init_dist(cfg.device, cfg.dist_timeout)
-    lock = OutputLock(out)
-    if dist.is_main and out.exists():  # refuse a second run before loading anything (else: before writing)
-        lock.acquire()
+    lock = lock or OutputLock(out)
+    if dist.is_main and out.exists() and lock.fd is None:  # refuse a second run before loading anything (else:
+        lock.acquire()  # before writing)
     try:
         return _build(cfg, out, dist, lock, stop or StopFlag())  # (a flag no signal sets: `train` passes its own)
     except BaseException:

@@ -157,6 +157,24 @@ class OutputLock:
         self.fd = None
 
 
+def claim_new_run_dir() -> tuple[Path, OutputLock]:
+    """The default output directory, runs/<time> (then runs/<time>-2, -3 ...: a name no other run holds), made and
+    locked at once: two runs started in the same second both took runs/<time>, and the second failed when it came to
+    write, after loading its data and model. Released (and removed while empty) as any lock is."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    for k in range(1, 1000):
+        out = resolve_output_dir(str(Path("runs") / (stamp if k == 1 else f"{stamp}-{k}")))
+        if not is_empty(out):  # (an earlier run's)
+            continue
+        lock = OutputLock(out)
+        try:
+            lock.acquire()
+        except SftuneError:  # in use: another run made it a moment ago
+            continue
+        return out, lock
+    raise SftuneError(f"no free name for a run under runs/ ({stamp}-2 to -999 are taken); give --output-dir")
+
+
 SHARED_WAIT_S = 15.0  # how long a rank that cannot see rank 0's lock file yet keeps looking (NFS caches lookups)
 
 
