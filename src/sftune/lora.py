@@ -184,8 +184,8 @@ def check_lora(cfg, model_config, vocabulary: int, token_ids: list[int] = (), tr
     from peft.tuners.lora import LoraLayer
 
     ranks = {min(m.in_features, m.out_features) for m in adapted.modules() if isinstance(m, LoraLayer)}
-    if ranks and cfg.lora_r > max(ranks):  # (B @ A has rank min(r, in, out): a larger r only adds zeros' worth
-        raise SftuneError(f"lora_r {cfg.lora_r:,} is larger than any adapted layer can use: an update of rank r to a "  # of memory)
+    if ranks and cfg.lora_r > max(ranks):  # (B @ A has rank min(r, in, out): a larger r only costs memory)
+        raise SftuneError(f"lora_r {cfg.lora_r:,} is larger than any adapted layer can use: an update of rank r to a "
                           f"layer of in x out has rank at most min(in, out), {max(ranks):,} at most here; lower "
                           f"--lora-r (8-64 is usual)")
 

@@ -135,7 +135,7 @@ def override_config(model_config, overrides: dict | None):
                               + "; fix it in --model-config-overrides (model_config_overrides in YAML)")
         try:
             setattr(model_config, key, value)
-        except Exception as e:  # (transformers 5's configs check each field's type as it is set: huggingface_hub's error)
+        except Exception as e:  # (transformers 5's configs check each field's type as set: huggingface_hub's error)
             raise SftuneError(f"--model-config-overrides {key}={value!r}: {' '.join(str(e).split())}; fix it in "
                               f"--model-config-overrides (model_config_overrides in YAML)") from None
     return model_config
