@@ -43,8 +43,9 @@ prime_cpu_math()  # (before anything computes a loss: its exp is the first large
 # How the logits of each model type whose projection is fused with the loss come from its final hidden states h
 # and its output head W (no bias): z = h @ W.T, times a constant (Cohere's `logit_scale`, 1 / Granite's
 # `logits_scaling`, Falcon-H1's `lm_head_multiplier`), then soft-capped as cap * tanh(z / cap) (Gemma 2 and 3's
-# `final_logit_softcapping`; a 256k vocabulary, where the (B, T, V) logits cost most). (scale, cap) from the model's config; every type is checked
-# against its own forward (tests/test_families.py). Other types compute their logits themselves.
+# `final_logit_softcapping`; a 256k vocabulary, where the (B, T, V) logits cost most). (scale, cap) from the
+# model's config; every type is checked against its own forward (tests/test_families.py). Other types compute their
+# logits themselves.
 PLAIN_LOGITS = ("gpt2", "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gpt_neox", "phi3",
                 "olmo", "olmo2", "smollm3", "gemma", "starcoder2", "stablelm", "gpt_bigcode", "opt", "bloom", "olmoe",
                 "phimoe", "glm4_moe", "ernie4_5_moe", "jetmoe", "gpt_oss", "olmo3", "qwen3_next", "exaone4", "glm",
