@@ -562,6 +562,11 @@ def test_a_config_mistake_is_said_once_per_node(small_model_dir, uneven_data, tm
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and err.count("seed = -5: must be from 0 to 2**64 - 1") == 1, err
     assert not (tmp_path / "o").exists()
+    # one found after they met, that every rank finds alike in the same data: rank 0 says it
+    proc = torchrun(*args(small_model_dir, uneven_data, tmp_path / "o", 10_000), stderr=subprocess.PIPE,
+                    stdout=subprocess.DEVNULL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and err.count("fewer than one optimizer step of 10000 x 1 x 2 ranks") == 1, err
 
 
 def two_nodes(runs: list, tmp_path, cwds, caches) -> list[tuple[int, str]]:

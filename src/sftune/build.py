@@ -31,7 +31,7 @@ from sftune.console import log
 from sftune.data import DataOptions, prepare_data
 from sftune.data.cache import tokenizer_fingerprint
 from sftune.dist import Dist, init_dist, restart_warning
-from sftune.errors import SftuneError
+from sftune.errors import SftuneError, on_every_rank
 from sftune.loss import CausalLMLoss, ChunkMath, chunk_rows, output_head
 from sftune.modeling import add_tokens, check_attention, compile_blocks, context_length, declared_dtype, \
     enable_activation_checkpointing, fit_embeddings, load_model, load_model_config, load_tokenizer, model_skeleton, \
@@ -113,10 +113,10 @@ def resolve_max_length(cfg: SFTConfig, tokenizer, model_config) -> int:
     if max_length > context:
         raise SftuneError(f"max_length {max_length} exceeds the model's context of {context} tokens; lower --max-length")
     if cfg.max_length is None and cfg.packing and cfg.batch_size * context > PACKED_TOKENS_UNASKED:
-        raise SftuneError(f"--packing fills rows of max_length tokens, and max_length defaults to the model's context, "
-                          f"{context:,} tokens here: a micro-batch would hold {cfg.batch_size} x {context:,} = "
-                          f"{cfg.batch_size * context:,} tokens. Set --max-length (2,048 to 8,192 is usual for "
-                          f"fine-tuning), or lower --batch-size")
+        raise on_every_rank(SftuneError(  # (under torchrun every rank finds it: rank 0 says it)
+            f"--packing fills rows of max_length tokens, and max_length defaults to the model's context, {context:,} "
+            f"tokens here: a micro-batch would hold {cfg.batch_size} x {context:,} = {cfg.batch_size * context:,} "
+            f"tokens. Set --max-length (2,048 to 8,192 is usual for fine-tuning), or lower --batch-size"))
     if cfg.max_length is None:
         log(f"max_length: {max_length} (the model's context)")
     return max_length
@@ -188,9 +188,9 @@ def build_scheduler(cfg: SFTConfig, optimizer, warmup: int, total_steps: int):
     elif name == "wsd":
         decay = math.ceil(cfg.decay_ratio * total_steps)
         if warmup + decay > total_steps:
-            raise SftuneError(f"lr_schedule wsd: {warmup} warm-up and {decay} decay steps (decay_ratio "
-                              f"{cfg.decay_ratio:g}) do not fit the run's {total_steps:,} steps; lower --warmup-steps "
-                              f"or --decay-ratio")
+            raise on_every_rank(SftuneError(
+                f"lr_schedule wsd: {warmup} warm-up and {decay} decay steps (decay_ratio {cfg.decay_ratio:g}) do not "
+                f"fit the run's {total_steps:,} steps; lower --warmup-steps or --decay-ratio"))
         name, extra = "warmup_stable_decay", {"num_decay_steps": decay, "min_lr_ratio": floor}  # (stable: the rest)
     return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
                          scheduler_specific_kwargs=extra)
@@ -331,10 +331,10 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock, stop: StopFl
                        cfg.trust_remote_code)  # a wrong target is reported before anything loads
         data, max_length = build_data(cfg, tokenizer, model_config, dist)
         if getattr(data, "all_held_out", False):
-            raise SftuneError(f"streaming {cfg.data_name}: its {len(data.validation):,} rows were all held out for "
-                              f"validation (--stream-val-rows {cfg.stream_val_rows}: it has no validation split), so "
-                              f"nothing is left to train on; lower --stream-val-rows, or leave out --streaming (a "
-                              f"dataset this small fits in memory)")
+            raise on_every_rank(SftuneError(
+                f"streaming {cfg.data_name}: its {len(data.validation):,} rows were all held out for validation "
+                f"(--stream-val-rows {cfg.stream_val_rows}: it has no validation split), so nothing is left to train "
+                f"on; lower --stream-val-rows, or leave out --streaming (a dataset this small fits in memory)"))
         if warming is not None:
             warming.join()
         source_class = StreamedSteps if cfg.streaming else InMemorySteps

@@ -23,7 +23,7 @@ from sftune.config import SFTConfig
 from sftune.data import Examples, PreparedData
 from sftune.data.formats import Layout
 from sftune.dist import Dist
-from sftune.errors import SftuneError
+from sftune.errors import SftuneError, on_every_rank
 
 def plan_steps(lengths, cfg: SFTConfig, max_length: int, key: int, world_size: int = 1) -> list[list]:
     """Optimizer steps over examples of these lengths, each a list of micro-batches (rows of example
@@ -53,8 +53,8 @@ def epoch_plan(data: PreparedData, cfg: SFTConfig, max_length: int, epoch: int, 
 def check_batch_tokens(cfg: SFTConfig, examples: Examples) -> None:
     longest = int(examples.lengths.max()) if len(examples) else 0
     if cfg.batch_tokens is not None and cfg.batch_tokens < longest:
-        raise SftuneError(f"batch_tokens {cfg.batch_tokens} is smaller than the longest training example ({longest} tokens); "
-                          f"raise --batch-tokens or lower --max-length")
+        raise on_every_rank(SftuneError(f"batch_tokens {cfg.batch_tokens} is smaller than the longest training "
+                                        f"example ({longest} tokens); raise --batch-tokens or lower --max-length"))
 
 
 # --- step sources: where the optimizer steps come from -------------------------------
@@ -125,9 +125,10 @@ class InMemorySteps:
         if per_epoch < cfg.batch_size * cfg.grad_accum * dist.world_size:
             ranks = f" x {dist.world_size} ranks" if dist.distributed else ""
             weighted = "" if picked is None else f" (the datasets' weights give {per_epoch:,} an epoch)"
-            raise SftuneError(f"the training split has {len(self.train):,} examples after filtering{weighted}, fewer "
-                              f"than one optimizer step of {cfg.batch_size} x {cfg.grad_accum}{ranks}; lower "
-                              f"--batch-size or --grad-accum, or add data")
+            raise on_every_rank(SftuneError(  # (every rank plans from the same data: rank 0 says it)
+                f"the training split has {len(self.train):,} examples after filtering{weighted}, fewer than one "
+                f"optimizer step of {cfg.batch_size} x {cfg.grad_accum}{ranks}; lower --batch-size or --grad-accum, "
+                f"or add data"))
         check_batch_tokens(cfg, self.train)
         self._plans: dict[int, list] = {}
         self.steps_per_epoch = len(self.plan(0))
