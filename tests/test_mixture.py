@@ -154,6 +154,17 @@ def test_an_entry_that_fails_is_named(tmp_path, gpt2_tokenizer, three_datasets):
         prepare_data(DataOptions("unused", 64, mixture=entries, cache_dir=tmp_path / "cache"), gpt2_tokenizer)
 
 
+def test_a_weight_that_makes_an_epoch_too_large_to_plan_is_named(tmp_path, gpt2_tokenizer, three_datasets):
+    """An epoch is planned as one array of indices: weight 1e9 on 40-odd rows asked numpy for hundreds of GiB (a
+    traceback); said with the entry, the count and the fix."""
+    from sftune.data import DataOptions, prepare_data
+
+    entries = (three_datasets[0], {**three_datasets[1], "weight": 1e9})
+    with pytest.raises(SftuneError, match=r"the datasets' weights make an epoch of [\d,]+ examples \(.*: weight "
+                                          r"1e\+09 x [\d,]+\); an epoch is planned whole, so at most 1,073,741,824"):
+        prepare_data(DataOptions("unused", 64, mixture=entries, cache_dir=tmp_path / "cache"), gpt2_tokenizer)
+
+
 def test_datasets_config():
     """Entries are datasets or mappings (a flag's entry may be a YAML mapping); each value is checked as the top-level
     key of its name; a later layer's `dataset` or `datasets` replaces an earlier one's; both in one layer is an

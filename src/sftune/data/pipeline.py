@@ -101,6 +101,9 @@ class PreparedData:
         return [(name, part) for name, part in self.val_parts if not any(part is p for _, p in self.parts)]
 
 
+MAX_EPOCH_EXAMPLES = 1 << 30  # (an epoch's plan holds an index for each: 8 GiB of them at this count)
+
+
 def validation_groups(val_parts: list[tuple[str, object]]) -> list[tuple[str, int]]:
     """The datasets the validation is made of, as (name, validation examples) in its order: a mixture's, or
     `val_datasets`; empty when there is one. A name listed twice is numbered."""
@@ -233,6 +236,12 @@ def prepare_mixture(options: DataOptions, tokenizer) -> PreparedData:
             f"({'from cache' if part.from_cache else 'tokenized'} in {part.seconds:.1f}s)")
         parts.append((name, part))
         weights.append(weight)
+    epoch = sum(weighted_count(len(p.train), w) for (_, p), w in zip(parts, weights))
+    if epoch > MAX_EPOCH_EXAMPLES:  # (an epoch's examples are planned as one array of indices)
+        (name, part), weight = max(zip(parts, weights), key=lambda pw: pw[1])
+        raise SftuneError(f"the datasets' weights make an epoch of {epoch:,} examples ({name}: weight {weight:g} x "
+                          f"{len(part.train):,}); an epoch is planned whole, so at most {MAX_EPOCH_EXAMPLES:,}: lower "
+                          f"the weight (`weight` in its `datasets` entry), and stop within an epoch with --max-steps")
     held = held_out_datasets(options, lambda entry: prepare_data(entry, tokenizer))
     for name, part in held:
         log(f"data: validating on {name}: {len(part.validation):,} examples, format {part.layout.describe()}")
