@@ -352,6 +352,27 @@ def test_a_datasets_cache_that_cannot_be_written_is_not_blamed_on_the_data(tmp_p
         assert "HF_DATASETS_CACHE (or HF_HOME)" in str(e.value) and "check --dataset" not in str(e.value)
 
 
+def test_a_full_datasets_cache_disk_is_not_blamed_on_the_data(tmp_path, monkeypatch):
+    """`datasets` writes an Arrow copy of what it reads into its cache: on a full disk the message said "could not
+    read a dataset from directory ...: No space left on device (check --dataset)"."""
+    import subprocess
+
+    import datasets
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(disk))
+        with pytest.raises(SftuneError) as e:
+            load_rows(str(QUICKSTART_DATA), seed=1, val_fraction=0.25)
+        assert f"no space left on the disk that holds the datasets library's cache ({disk}" in str(e.value)
+        assert "check --dataset" not in str(e.value)
+    finally:
+        subprocess.run(["umount", str(disk)], capture_output=True)
+
+
 def test_a_signal_inside_a_library_call_is_not_taken_for_its_failure(tmp_path, monkeypatch):
     """While one process prepares, a signal stops it where it is (`StopFlag.stops_at_once`): inside `datasets`' load
     the handler's exception went through sftune's `except Exception` around it, and a SIGTERM read "could not read

@@ -9,6 +9,7 @@ column) and `hub`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import re
@@ -276,6 +277,10 @@ def unwritable_cache(e: BaseException) -> str | None:
     import datasets
 
     e = _first_cause(e)
+    if isinstance(e, OSError) and e.errno == errno.ENOSPC:  # (reading writes nothing else: the cache's disk is full)
+        return (f"no space left on the disk that holds the datasets library's cache ({datasets.config.HF_DATASETS_CACHE}"
+                f"; it writes an Arrow copy of the data there); the data is fine. Free space there, or point "
+                f"HF_DATASETS_CACHE (or HF_HOME) at a disk with room")
     if not isinstance(e, OSError) or not e.filename:
         return None
     cache, failed = Path(datasets.config.HF_DATASETS_CACHE), Path(str(e.filename))
