@@ -445,9 +445,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def declared_dtype(model_config) -> str:
-    """The dtype a model's config declares for its weights (`dtype`, `torch_dtype` in older files) as fp32, bf16 or
-    fp16: what `--save-dtype auto` saves in. fp32 where it declares none or another."""
-    declared = getattr(model_config, "dtype", None) or getattr(model_config, "torch_dtype", None)
+    """The dtype a model's config declares for its weights (`dtype`; transformers reads an older file's
+    `torch_dtype` into it) as fp32, bf16 or fp16: what `--save-dtype auto` saves in. fp32 where it declares none or
+    another."""
+    declared = getattr(model_config, "dtype", None)  # (not `torch_dtype`: transformers 5 warns it is deprecated)
     if isinstance(declared, str):
         declared = getattr(torch, declared, None)
     return next((name for name, dtype in DTYPES.items() if dtype == declared), "fp32")
