@@ -414,7 +414,7 @@ def test_a_signal_during_an_evaluation_stops_it_and_the_resume_makes_it(small_mo
     (data / "train.jsonl").write_text("".join(json.dumps({"text": f"a short review number {i} of a film"}) + "\n"
                                               for i in range(64)))
     (data / "validation.jsonl").write_text((json.dumps({"text": "a long and winding review of a film " * 3}) + "\n")
-                                           * 6000)  # (1.9 s an evaluation on this 2-core Xeon)
+                                           * 4000)  # (1.3 s an evaluation on this 2-core Xeon)
     run = ["train", "--model", str(small_model_dir), "--dataset", str(data), "--batch-size", "8", "--max-steps", "3",
            "--eval-every", "2", "--log-every", "1", "--precision", "fp32", "--no-run-report", "--sample-prompts", ""]
     straight, out = tmp_path / "straight", tmp_path / "run"
