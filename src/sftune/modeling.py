@@ -20,6 +20,7 @@ from transformers import GPT2Tokenizer
 from sftune.console import log, no_library_bars
 from sftune.errors import SftuneError, remote_code_hint
 from sftune.hub import from_hub_or_cache
+from sftune.runtime import DTYPES as AUTOCAST_DTYPES
 
 BUNDLED_GPT2 = "bundled:gpt2"
 
@@ -441,7 +442,7 @@ def stop_token_ids(tokenizer, existing: int | list[int] | None) -> int | list[in
     return ids[0] if len(ids) == 1 else ids
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {name: dtype or torch.float32 for name, dtype in AUTOCAST_DTYPES.items()}  # (fp32: no autocast there)
 
 
 def declared_dtype(model_config) -> str:
@@ -489,11 +490,12 @@ def save_model(model, tokenizer, out_dir: Path, state_dict: dict | None = None, 
     if tokenizer.bos_token_id is not None:
         gen.bos_token_id = tokenizer.bos_token_id
     model.generation_config = gen
-    if dtype is not None and DTYPES[dtype] != model.dtype:
-        state_dict = cast_weights(state_dict if state_dict is not None else model.state_dict(), DTYPES[dtype])
+    cast = DTYPES[dtype] if dtype is not None and DTYPES[dtype] != model.dtype else None
+    if cast is not None:
+        state_dict = cast_weights(state_dict if state_dict is not None else model.state_dict(), cast)
     model.save_pretrained(out_dir, state_dict=state_dict)  # safetensors: the only format transformers 5 writes
-    if dtype is not None and DTYPES[dtype] != model.dtype:  # (save_pretrained declares the dtype the model holds)
-        held, model.config.dtype = model.config.dtype, str(DTYPES[dtype]).removeprefix("torch.")
+    if cast is not None:  # (save_pretrained declares the dtype the model holds)
+        held, model.config.dtype = model.config.dtype, str(cast).removeprefix("torch.")
         model.config.save_pretrained(out_dir)
         model.config.dtype = held
     tokenizer.save_pretrained(out_dir)

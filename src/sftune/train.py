@@ -251,12 +251,11 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         if dist.sharded:
             run.loss_model.reshard()
 
-    def early_stop(step: int) -> bool:
+    def say_early_stop(step: int) -> None:
         best = best_eval()
         log(f"early stopping at step {step:,}: the val loss has not improved on {best['val_loss']:.4f} (step "
             f"{best['step']:,}) for {cfg.early_stopping_patience} evaluations (--early-stopping-patience)")
         metrics.write({"type": "early_stop", "step": step, "best_step": best["step"]})
-        return True
 
     def best_eval() -> dict | None:
         """The evaluation with the lowest val loss after training started (None before the first)."""
@@ -344,7 +343,8 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         if not run_eval(state.step):
             raise Preempted(stop.signum or 15, run.resumed_from)  # (nothing new to save)
         if patience_spent():
-            stopped_early = early_stop(state.step)
+            say_early_stop(state.step)
+            stopped_early = True
     compile_s = 0.0  # seconds of steps that captured a CUDA graph or compiled a new batch shape (this process)
     nan_steps = {int(x) for x in os.environ.get("SFTUNE_FAULT_NAN_STEPS", "").split(",") if x.strip()}
     graphs = None
@@ -553,7 +553,8 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         elif due and not saved:
             safety_checkpoint()
         if patience_spent():
-            stopped_early = early_stop(step)
+            say_early_stop(step)
+            stopped_early = True
             break
         if step >= total_steps:
             break

@@ -159,9 +159,6 @@ def read_splits(dataset: str, config_name: str | None, flag: str):
             problem = precheck_file(f, kwargs.get("delimiter", ","))
             if problem:
                 raise SftuneError(problem)
-        if builder == "json" and (field := rows_field(files)):
-            kwargs = {**kwargs, "field": field, "encoding": "utf-8-sig"}  # (read by json.load: a BOM is no JSON)
-            log(f"data: {dataset}: the rows are the list under {field!r}")
         try:
             with datasets_errors_unsaid():
                 ds = datasets.load_dataset(builder, data_files={"train": [str(f) for f in files]}, **kwargs)
@@ -214,6 +211,9 @@ def file_loader(files: list[Path]) -> tuple[str, dict]:
             log(f"data: the header of {files[0].name} ({header!r}) has no comma and has semicolons: its fields are "
                 f"read as separated by ';'")
         kwargs["features"] = _csv_as_text(files[0], kwargs.get("delimiter", ","))
+    if builder == "json" and (field := rows_field(files)):
+        kwargs.update(field=field, encoding="utf-8-sig")  # (read by json.load: a byte-order mark is no JSON)
+        log(f"data: the rows of {files[0].name} are the list under {field!r}")
     return builder, kwargs
 
 
@@ -449,8 +449,6 @@ def open_stream(dataset: str, config_name: str | None, split: str):
     files = local_files(dataset)
     if files is not None:
         builder, kwargs = file_loader(files)
-        if builder == "json" and (field := rows_field(files)):
-            kwargs = {**kwargs, "field": field, "encoding": "utf-8-sig"}
         return datasets.load_dataset(builder, data_files={"train": [str(f) for f in files]}, streaming=True, **kwargs)
     if (path := Path(dataset).expanduser()).is_dir() and saved_to_disk(path):
         return datasets.IterableDatasetDict({name: rows.to_iterable_dataset()
