@@ -295,7 +295,7 @@ def test_auto_takes_flex_for_long_packed_runs_on_a_gpu_that_can_compile_it(monke
     from transformers import AutoConfig
 
     from conftest import FIXTURES
-    from sftune.build import FLEX_MIN_TOKENS, resolve_attention
+    from sftune.step_mode import FLEX_MIN_TOKENS, resolve_attention
     from sftune.config import SFTConfig
     from sftune.dist import Dist
 

@@ -264,7 +264,7 @@ def test_the_fused_loss_softmax_is_compiled_where_it_pays():
     from dataclasses import replace
     from types import SimpleNamespace
 
-    from sftune.build import CHUNK_MATH_MIN_SLOTS, wants_chunk_math
+    from sftune.step_mode import CHUNK_MATH_MIN_SLOTS, wants_chunk_math
     from sftune.config import resolve_config
 
     cfg = resolve_config({})  # batch 32, --compile auto

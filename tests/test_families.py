@@ -179,7 +179,7 @@ def test_a_router_loss_that_cannot_be_computed_is_said_to_be_left_out():
 
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sftune.config import parse_overrides
+    from sftune.config_values import parse_overrides
     from sftune.modeling import override_config, router_loss_notice
 
     def notice(model_type, **settings):

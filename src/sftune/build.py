@@ -20,10 +20,8 @@ import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from sftune.batching import Padding
 from sftune.checkpoint import AdapterCheckpointer, Checkpointer, FullCheckpointer, ShardedAdapterCheckpointer, \
     ShardedCheckpointer, TrainState, complete_checkpoints, find_resume_checkpoint
 from sftune.config import SFTConfig, dump_yaml, template_on_the_hub, to_dict
@@ -43,6 +41,8 @@ from sftune.run_report import DATA_FILE, data_summary
 from sftune.runtime import resolve_precision, seed_everything, untested_versions, warm_up
 from sftune.shards import holds_whole_model
 from sftune.signals import Preempted, StopFlag
+from sftune.step_mode import compile_step, resolve_attention, resolve_compile, say_attention_off_gpu, say_step, \
+    step_padding, wants_chunk_math
 from sftune.steps import InMemorySteps, StepSource, StreamedSteps
 
 
@@ -296,49 +296,21 @@ def build_run(cfg: SFTConfig, stop: StopFlag | None = None) -> Run:
 
 
 def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock, stop: StopFlag) -> Run:
+    """`build_run` once the output directory is known: in order, the device and precision; the tokenizer, data and
+    steps; how the step runs; the checkpoint to resume; the model; the optimizer; the state to start from."""
     from sftune.tracking import check_report_to
 
     check_report_to(cfg.report_to)
     seed_everything(cfg.seed)
     precision = resolve_precision(cfg.precision, dist.device)
-    log(f"device: {dist.device}, precision: {precision}" + (" (auto)" if cfg.precision == "auto" else ""))
+    say_setup(cfg, dist, precision)
     warming = warm_up(dist.device, precision)  # (a GPU's libraries start while the data is prepared)
-    if warning := restart_warning():
-        log(warning)
-    if cfg.strategy != "auto" and not dist.distributed:
-        log(f"warning: --strategy {cfg.strategy} spreads a run over the processes torchrun starts; this is one "
-            f"process, which trains the whole model (torchrun --nproc-per-node N -m sftune train ...)")
-    for name, version, spec in untested_versions():  # (pip enforces these; a --no-deps or conda install does not)
-        log(f"warning: {name} {version} is outside the versions sftune is tested with ({spec}; older ones fail its "
-            f"tests: benchmarks/NOTES.md try 32); pip install '{name}{spec}'")
     # a signal while one process reads, tokenizes or loads stops it at once (nothing to save, nothing written yet)
     alone = not dist.distributed
     with stop.stops_at_once(alone):
-        tokenizer = build_tokenizer(cfg)
-        model_config = override_config(load_model_config(cfg.model, cfg.trust_remote_code), cfg.model_config_overrides)
-        check_model_fits(cfg, tokenizer, model_config)
-        check_attention(model_config, cfg.attention, cfg.trust_remote_code, dist.device, precision, cfg.packing)
-        if cfg.attention in ("varlen", "flex") and cfg.packing and dist.device.type != "cuda":
-            log(f"attention: --attention {cfg.attention} is for a CUDA GPU; " + (
-                "a CPU has no variable-length kernel, so each packed example goes through SDPA on its own: the "
-                "same results, slower than the default (--attention auto: SDPA with a block mask)"
-                if cfg.attention == "varlen" else "a CPU has no flex attention backward, so packed rows go through "
-                "SDPA with the same mask made dense: the same results, as --attention auto computes them"))
-        if cfg.lora_r:
-            from sftune.lora import check_lora
-
-            check_lora(cfg, model_config, len(tokenizer), token_ids(tokenizer, cfg.add_tokens),
-                       cfg.trust_remote_code)  # a wrong target is reported before anything loads
-        data, max_length = build_data(cfg, tokenizer, model_config, dist)
-        if getattr(data, "all_held_out", False):
-            raise on_every_rank(SftuneError(
-                f"streaming {cfg.data_name}: its {len(data.validation):,} rows were all held out for validation "
-                f"(--stream-val-rows {cfg.stream_val_rows}: it has no validation split), so nothing is left to train "
-                f"on; lower --stream-val-rows, or leave out --streaming (a dataset this small fits in memory)"))
+        tokenizer, model_config, steps, data, max_length = prepare_inputs(cfg, dist, precision)
         if warming is not None:
             warming.join()
-        source_class = StreamedSteps if cfg.streaming else InMemorySteps
-        steps = source_class(cfg, data, max_length, tokenizer.pad_token_id, dist)
     if dist.any(stop.signum is not None):  # (under torchrun: the ranks agree, before loading)
         raise Preempted(stop.signum or 15, None)
     compile_mode, why = resolve_compile(cfg, dist, precision, steps.total_steps)
@@ -361,9 +333,6 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock, stop: StopFl
         from sftune.lora import base_identity
 
         fingerprints["base"] = base_identity(cfg.model)
-    sharded = dist.distributed and cfg.strategy == "fsdp"
-    kind = ((ShardedAdapterCheckpointer if sharded else AdapterCheckpointer) if cfg.lora_r else
-            ShardedCheckpointer if sharded else FullCheckpointer)
     if dist.is_main and lock.fd is None:
         lock.acquire()  # the directory is new: take it before the first write
     check_shared(out, lock, dist)  # under torchrun: every node sees this directory (before any rank reads it)
@@ -376,22 +345,9 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock, stop: StopFl
             log(f"warning: --overwrite is not used: --resume {cfg.resume} continues {checkpoint}, so nothing of the "
                 f"run in {out} is removed (leave out --resume to start over there)")
 
-    # the checkpoint's weights when resuming a full fine-tune from a whole model (the checks above make sure it is the
-    # same model; under FSDP rank 0 reads it); else the base (shards or an adapter are loaded into it by `restore`)
-    from_checkpoint = checkpoint is not None and holds_whole_model(checkpoint)
-    # FSDP: rank 0 loads the model into host memory, and `fully_shard` moves it to the GPU one block at a time,
-    # sharding as it goes (the whole model never sits on one GPU); the other ranks build it without weights and
-    # receive their shards from rank 0 (`Dist.wrap`: only rank 0 ever holds the whole model)
-    from sftune.lora import is_adapter_dir
-
+    sharded = dist.distributed and cfg.strategy == "fsdp"
     with stop.stops_at_once(alone):
-        if sharded and not dist.is_main and not is_adapter_dir(cfg.model):
-            model = model_skeleton(cfg.model, cfg.trust_remote_code, cfg.seed, attention, cfg.model_config_overrides)
-        else:
-            model = load_model(str(checkpoint) if from_checkpoint else cfg.model,
-                               "pretrained" if from_checkpoint else cfg.init, cfg.trust_remote_code, cfg.seed,
-                               attention=attention, overrides=cfg.model_config_overrides,
-                               device=torch.device("cpu") if sharded else dist.device)
+        model = load_run_model(cfg, dist, checkpoint, attention, sharded)
     if grown := fit_embeddings(model, len(tokenizer)):  # --add-tokens, --pad-token
         log(f"embeddings: {grown} row{'s' if grown > 1 else ''} added for the new tokens ({len(tokenizer):,} in "
             f"all), each starting at the mean of the others")
@@ -427,54 +383,121 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock, stop: StopFl
         loss_model.chunk_rows = chunk_rows(dist.device, output_head(model).weight.shape[0])
     if loss_model.fused and wants_chunk_math(cfg, compile_mode, steps, max_length):
         loss_model.chunk_math = ChunkMath()
-    if compile_mode != "off" or cfg.compile != "auto" or dist.device.type == "cuda" or blocks:  # (a CPU: eager)
-        log(f"step: {compile_mode} ({why})" + (f"; batches padded to multiples of {padding.multiple} tokens"
-                                                f"{f' and {padding.rows} rows' if padding.rows else ''}"
-                                                if padding.static else "")
-            + ("; the fused loss's softmax compiled (inductor, seconds at the first step)"
-               if loss_model.chunk_math else "")
-            + (f"; its {blocks} transformer blocks compiled ({cfg.compile_backend}: one compile per batch shape "
-               f"serves them all, seconds to a minute at each shape's first step)" if blocks else ""))
-    unused = [f"--{k.replace('_', '-')} {v}" for k, v in (("compile_mode", cfg.compile_mode),
-                                                          ("compile_backend", None if blocks else cfg.compile_backend))
-              if v not in (None, "inductor")]  # (the blocks' compile takes the backend)
-    if unused and compile_mode != "torch":
-        log(f"warning: {' and '.join(unused)} {'apply' if len(unused) > 1 else 'applies'} to --compile torch only; "
-            f"this run's step is {'eager' if compile_mode == 'off' else compile_mode} ({why}), so "
-            f"{'they are' if len(unused) > 1 else 'it is'} not used (add --compile torch)")
+    say_step(cfg, dist.device, compile_mode, why, padding, loss_model.chunk_math is not None, blocks)
     wrapped = dist.wrap(loss_model, cfg.strategy, precision)  # DDP or FSDP under torchrun; else the module itself
     if compile_mode == "torch":  # (the training step only: evaluation runs `loss_model`, eagerly)
         wrapped = compile_step(wrapped, loss_model, padding, cfg.compile_backend, cfg.compile_mode)
-    groups = param_groups(loss_model, cfg.weight_decay, cfg.lr, cfg.loraplus_lr_ratio)
-    if cfg.optimizer == "adafactor":  # (decoupled weight decay, as AdamW's; the groups' own lr and decay)
-        optimizer = torch.optim.Adafactor(groups, lr=cfg.lr)
-    else:  # fused AdamW: one kernel over all parameters (measured 6x faster than foreach on CPU, benchmarks/NOTES.md)
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                                      fused=dist.device.type in ("cpu", "cuda"))
-    optimizer.register_step_post_hook(loss_model.forget_cast)  # the weights changed: recast the head next time
+    optimizer = build_optimizer(cfg, loss_model, dist.device)
     warmup = warmup_steps(cfg, steps.total_steps)
     scheduler = build_scheduler(cfg, optimizer, warmup, steps.total_steps)
     scaler = torch.amp.GradScaler(dist.device.type, enabled=precision == "fp16")  # loss scaling only for fp16
+    kind = ((ShardedAdapterCheckpointer if sharded else AdapterCheckpointer) if cfg.lora_r else
+            ShardedCheckpointer if sharded else FullCheckpointer)
     lora_args = (adapter, base) if adapter is not None else ()  # (the adapter kinds write the adapter and its base)
     # (checkpoints nobody asked for, --save-minutes' alone, are for a crash: the newest one is all that serves)
     keep_last = cfg.keep_last if cfg.save_every or cfg.save_best else 1
     checkpointer: Checkpointer = kind(out / "checkpoints", dist, tokenizer, config_yaml, keep_last,
                                       cfg.checkpoint_hashes, cfg.save_best, *lora_args)
+    state = start_state(cfg, out, dist, checkpoint, checkpointer, fingerprints, steps.total_steps,
+                        (loss_model, optimizer, scheduler, scaler))
+    say_plan(cfg, steps, max_length, warmup, out, loss_model, wrapped, dist)
+    return Run(resolved, dist, out, precision, tokenizer, wrapped, loss_model, adapter, base, steps, compile_mode,
+               optimizer, scheduler, scaler, checkpointer, state, checkpoint, lock)
+
+
+def say_setup(cfg: SFTConfig, dist: Dist, precision: str) -> None:
+    """The device and precision, and warnings about the setup: a restarted torchrun, --strategy in one process,
+    library versions outside the tested ones."""
+    log(f"device: {dist.device}, precision: {precision}" + (" (auto)" if cfg.precision == "auto" else ""))
+    if warning := restart_warning():
+        log(warning)
+    if cfg.strategy != "auto" and not dist.distributed:
+        log(f"warning: --strategy {cfg.strategy} spreads a run over the processes torchrun starts; this is one "
+            f"process, which trains the whole model (torchrun --nproc-per-node N -m sftune train ...)")
+    for name, version, spec in untested_versions():  # (pip enforces these; a --no-deps or conda install does not)
+        log(f"warning: {name} {version} is outside the versions sftune is tested with ({spec}; older ones fail its "
+            f"tests: benchmarks/NOTES.md try 32); pip install '{name}{spec}'")
+
+
+def prepare_inputs(cfg: SFTConfig, dist: Dist, precision: str) -> tuple:
+    """(tokenizer, model config, step source, prepared data, max_length): everything checked that can be before a
+    model is loaded (the model's size against the context, the attention, LoRA's targets)."""
+    tokenizer = build_tokenizer(cfg)
+    model_config = override_config(load_model_config(cfg.model, cfg.trust_remote_code), cfg.model_config_overrides)
+    check_model_fits(cfg, tokenizer, model_config)
+    check_attention(model_config, cfg.attention, cfg.trust_remote_code, dist.device, precision, cfg.packing)
+    say_attention_off_gpu(cfg, dist.device)
+    if cfg.lora_r:
+        from sftune.lora import check_lora
+
+        check_lora(cfg, model_config, len(tokenizer), token_ids(tokenizer, cfg.add_tokens),
+                   cfg.trust_remote_code)  # a wrong target is reported before anything loads
+    data, max_length = build_data(cfg, tokenizer, model_config, dist)
+    if getattr(data, "all_held_out", False):
+        raise on_every_rank(SftuneError(
+            f"streaming {cfg.data_name}: its {len(data.validation):,} rows were all held out for validation "
+            f"(--stream-val-rows {cfg.stream_val_rows}: it has no validation split), so nothing is left to train "
+            f"on; lower --stream-val-rows, or leave out --streaming (a dataset this small fits in memory)"))
+    source_class = StreamedSteps if cfg.streaming else InMemorySteps
+    return tokenizer, model_config, source_class(cfg, data, max_length, tokenizer.pad_token_id, dist), data, max_length
+
+
+def load_run_model(cfg: SFTConfig, dist: Dist, checkpoint: Path | None, attention: str, sharded: bool):
+    """The Hugging Face model the run starts from: the checkpoint's weights when resuming a full fine-tune from a
+    whole model (the resume checks made sure it is the same model; under FSDP rank 0 reads it); else the base
+    (shards or an adapter are loaded into it by `Checkpointer.restore`).
+
+    FSDP: rank 0 loads the model into host memory, and `fully_shard` moves it to the GPU one block at a time,
+    sharding as it goes (the whole model never sits on one GPU); the other ranks build it without weights and
+    receive their shards from rank 0 (`Dist.wrap`: only rank 0 ever holds the whole model)."""
+    from sftune.lora import is_adapter_dir
+
+    if sharded and not dist.is_main and not is_adapter_dir(cfg.model):
+        return model_skeleton(cfg.model, cfg.trust_remote_code, cfg.seed, attention, cfg.model_config_overrides)
+    from_checkpoint = checkpoint is not None and holds_whole_model(checkpoint)
+    return load_model(str(checkpoint) if from_checkpoint else cfg.model,
+                      "pretrained" if from_checkpoint else cfg.init, cfg.trust_remote_code, cfg.seed,
+                      attention=attention, overrides=cfg.model_config_overrides,
+                      device=torch.device("cpu") if sharded else dist.device)
+
+
+def build_optimizer(cfg: SFTConfig, loss_model: CausalLMLoss, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (fused: one kernel over all parameters, measured 6x faster than foreach on CPU, benchmarks/NOTES.md),
+    or Adafactor (decoupled weight decay, as AdamW's); the parameter groups' own lr and decay."""
+    groups = param_groups(loss_model, cfg.weight_decay, cfg.lr, cfg.loraplus_lr_ratio)
+    if cfg.optimizer == "adafactor":
+        optimizer = torch.optim.Adafactor(groups, lr=cfg.lr)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                                      fused=device.type in ("cpu", "cuda"))
+    optimizer.register_step_post_hook(loss_model.forget_cast)  # the weights changed: recast the head next time
+    return optimizer
+
+
+def start_state(cfg: SFTConfig, out: Path, dist: Dist, checkpoint: Path | None, checkpointer: Checkpointer,
+                fingerprints: dict, total_steps: int, trained: tuple) -> TrainState:
+    """Where the run starts: a new state, or the checkpoint's restored into `trained` (loss model, optimizer,
+    scheduler, scaler); what `--resume` found is said."""
     run_id = dist.gather(uuid.uuid4().hex)[0]  # rank 0's, on every rank
-    state = TrainState(run_id=run_id, fingerprints=fingerprints, world_size=dist.world_size)
-    if checkpoint is not None:
-        state = checkpointer.restore(checkpoint, loss_model, optimizer, scheduler, scaler)
-        state.fingerprints, state.world_size = fingerprints, dist.world_size
-        log(f"resumed from {checkpoint}: step {state.step:,}, epoch {state.epoch}, "
-            f"{state.step_in_epoch:,} steps into it")
-        if state.step >= steps.total_steps:
-            log(f"resume: that checkpoint is at the run's last step ({steps.total_steps:,}): the training had "
-                f"finished; nothing is trained again, the final model is written again")
-    elif cfg.resume:
-        skipped = complete_checkpoints(out / "checkpoints")  # (each warned about as it was passed over)
-        log(f"--resume {cfg.resume}: " + (f"none of the {len(skipped)} checkpoint(s) in {out / 'checkpoints'} is "
-                                          f"whole (above), starting fresh" if skipped else
-                                          f"no checkpoint in {out / 'checkpoints'}, starting fresh"))
+    if checkpoint is None:
+        if cfg.resume:
+            skipped = complete_checkpoints(out / "checkpoints")  # (each warned about as it was passed over)
+            log(f"--resume {cfg.resume}: " + (f"none of the {len(skipped)} checkpoint(s) in {out / 'checkpoints'} "
+                                              f"is whole (above), starting fresh" if skipped else
+                                              f"no checkpoint in {out / 'checkpoints'}, starting fresh"))
+        return TrainState(run_id=run_id, fingerprints=fingerprints, world_size=dist.world_size)
+    state = checkpointer.restore(checkpoint, *trained)
+    state.fingerprints, state.world_size = fingerprints, dist.world_size
+    log(f"resumed from {checkpoint}: step {state.step:,}, epoch {state.epoch}, {state.step_in_epoch:,} steps into it")
+    if state.step >= total_steps:
+        log(f"resume: that checkpoint is at the run's last step ({total_steps:,}): the training had finished; "
+            f"nothing is trained again, the final model is written again")
+    return state
+
+
+def say_plan(cfg: SFTConfig, steps: StepSource, max_length: int, warmup: int, out: Path, loss_model: CausalLMLoss,
+             wrapped: torch.nn.Module, dist: Dist) -> None:
+    """The run's plan (steps, batches, learning rate and its schedule, the output directory) and its loss."""
     if warmup > steps.total_steps:
         log(f"warning: warmup_steps {warmup} is longer than the run ({steps.total_steps:,} steps): the "
             f"learning rate never reaches --lr {cfg.lr:g}; lower --warmup-steps")
@@ -486,117 +509,6 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock, stop: StopFl
     log(f"loss: {'output projection fused with cross-entropy, ' if loss_model.fused else ''}token-weighted over "
         f"each step" + (f"; {dist.world_size} ranks ({type(wrapped).__name__}"
                         f"{': ' + dist.mixed_precision if dist.mixed_precision else ''})" if dist.distributed else ""))
-    return Run(resolved, dist, out, precision, tokenizer, wrapped, loss_model, adapter, base, steps, compile_mode,
-               optimizer, scheduler, scaler, checkpointer, state, checkpoint, lock)
-
-
-# --- how the step runs: eager, CUDA graphs or torch.compile ------------------------------
-
-STATIC_MULTIPLE = 16  # graphs and compiled steps: widths rounded up to this (a handful of shapes on short data)
-GRAPHS_MIN_STEPS = 50  # auto: shorter runs stay eager (capturing a shape costs about what ~10 eager steps do:
-# a prediction, to be measured on a GPU, benchmarks/NOTES.md try 22)
-
-
-def resolve_compile(cfg: SFTConfig, dist: Dist, precision: str, total_steps: int) -> tuple[str, str]:
-    """(mode, why): graphs, torch or off, for `cfg.compile` on this device and a run of `total_steps`."""
-    from sftune.graphs import why_not_graphs
-
-    blocker = why_not_graphs(dist.device, dist.world_size, precision, cfg.gradient_checkpointing)
-    if cfg.compile == "graphs" and blocker:
-        raise SftuneError(f"--compile graphs: CUDA graphs cannot run here: {blocker}; use --compile off or torch")
-    if cfg.compile == "torch" or cfg.compile_blocks:
-        import torch._dynamo
-
-        backends = torch._dynamo.list_backends(exclude_tags=())
-        if cfg.compile_backend not in backends:
-            raise SftuneError(f"--compile-backend {cfg.compile_backend!r} is not a torch.compile backend here; "
-                              f"use one of {', '.join(backends)} (inductor is the usual one)")
-    if cfg.compile != "auto":
-        return cfg.compile, f"--compile {cfg.compile}"
-    if blocker:
-        return "off", f"auto: eager, as CUDA graphs cannot run here: {blocker}"
-    if total_steps < GRAPHS_MIN_STEPS:
-        return "off", (f"auto: eager, as {total_steps} steps would not repay capturing CUDA graphs (from "
-                       f"{GRAPHS_MIN_STEPS} steps on; --compile graphs forces them)")
-    return "graphs", ("auto: one CUDA GPU and a run long enough to repay the captures, so each batch shape's "
-                      "forward and backward is a CUDA graph")
-
-
-FLEX_MIN_TOKENS = 16_000_000  # auto: packed rows through flex attention on a CUDA GPU for runs of this many packed
-# slots or more (try 89, H100, GPT-2 small: 86 against 105 ms a packed step of 32,768 slots, ~0.6 us a slot saved,
-# against ~8 s of compiling its kernels once: repaid after ~13M)
-
-
-def resolve_attention(cfg: SFTConfig, model_config, dist: Dist, total_steps: int,
-                      width: int) -> tuple[str, str | None]:
-    """(attention, what to log): `cfg.attention`, except under `auto` for packed rows on a CUDA GPU, where flex
-    attention (`--attention flex`: only the tiles of each example's own tokens) is taken for runs long enough to
-    repay its compile, for a model it can train (no attention dropout: said, with the fix, if that is all that
-    stands in the way) and with Triton there to compile it. `width`: the packed rows' width."""
-    if cfg.attention != "auto" or not cfg.packing or dist.device.type != "cuda":
-        return cfg.attention, None
-    slots = total_steps * cfg.batch_size * cfg.grad_accum * dist.world_size * width
-    if slots < FLEX_MIN_TOKENS:
-        return "auto", None
-    from torch.utils._triton import has_triton
-
-    from sftune.attention import attention_dropout
-
-    if dropout := attention_dropout(model_config):
-        key, p = dropout
-        return "auto", (f"attention: packed rows through SDPA under a block mask; flex attention would be faster "
-                        f"here (try 89: 86 against 105 ms a packed GPT-2 step) but has no dropout, and this model's "
-                        f"config sets {key} = {p:g} (--model-config-overrides {key}=0 --attention flex to take it)")
-    if not has_triton():
-        return "auto", None
-    try:
-        check_attention(model_config, "flex", cfg.trust_remote_code, dist.device, None, packing=True)
-    except SftuneError:  # (an architecture without transformers' attention interface)
-        return "auto", None
-    return "flex", (f"attention: flex for the packed rows (auto: a CUDA GPU and {slots / 1e6:,.0f}M packed slots "
-                    f"repay its kernels' compile, ~8 s; --attention sdpa keeps SDPA under a block mask)")
-
-
-CHUNK_MATH_MIN_SLOTS = 20_000_000  # auto: compile the fused loss's softmax for runs of at least this many target
-# slots (a prediction, to be measured: ~10 s of compiling against ~0.6 us saved per slot over GPT-2's vocabulary,
-# benchmarks/NOTES.md try 28)
-
-
-def wants_chunk_math(cfg: SFTConfig, compile_mode: str, steps: StepSource, max_length: int) -> bool:
-    """Whether the fused loss's per-chunk softmax is compiled (`loss.ChunkMath`): under CUDA graphs (under
-    `--compile torch` the whole step is compiled already), always when asked for with `--compile graphs`, and
-    under `auto` when the run is long enough to repay the compile."""
-    if compile_mode != "graphs":
-        return False
-    if cfg.compile == "graphs":
-        return True
-    lengths = getattr(getattr(steps, "train", None), "lengths", None)
-    width = max_length if cfg.packing or lengths is None or len(lengths) == 0 else min(
-        max_length, -(-int(np.mean(lengths)) // STATIC_MULTIPLE) * STATIC_MULTIPLE)
-    return steps.total_steps * cfg.batch_size * cfg.grad_accum * width >= CHUNK_MATH_MIN_SLOTS
-
-
-def step_padding(cfg: SFTConfig, compile_mode: str, max_length: int) -> Padding:
-    """Eager steps pad to each batch's longest row (or `pad_to_multiple_of`); graphs and compiled steps need few,
-    fixed shapes: widths rounded up, `batch_size` rows (unless a token cap sets the rows), targets at every slot."""
-    if compile_mode == "off" and not cfg.compile_blocks:
-        return Padding(multiple=cfg.pad_to_multiple_of or 1, max_width=max_length)
-    rows = cfg.batch_size if cfg.batch_tokens is None else None
-    return Padding(cfg.pad_to_multiple_of or STATIC_MULTIPLE, rows, max_length, static=True)
-
-
-def compile_step(wrapped: torch.nn.Module, loss_model: CausalLMLoss, padding: Padding, backend: str,
-                 mode: str | None) -> torch.nn.Module:
-    """The training step's module under torch.compile: one compile per batch shape (static shapes: no symbolic
-    sizes, and a handful of shapes). Checkpoints still read `loss_model`, whose names are unchanged."""
-    import torch._dynamo
-
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * padding.shapes)
-    loss_model.cache_cast = False  # (the cast is fused into the compiled graph; the cache's checks would break it)
-    loss_model.correct_counter()  # made now: made inside the first compiled call, it would cost a recompile
-    log(f"torch.compile ({backend}{f', {mode}' if mode else ''}): the first step of each batch shape compiles it "
-        f"(seconds to minutes), the rest reuse it")
-    return torch.compile(wrapped, dynamic=False, backend=backend, mode=mode)
 
 
 def base_name(cfg: SFTConfig, out: Path) -> str:

@@ -28,7 +28,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sftune import __version__
-from sftune.config import FIELDS, describe_type, field_type, read_yaml, resolve_config
+from sftune.config import FIELDS, read_yaml, resolve_config
+from sftune.config_values import describe_type, field_type
 from sftune.console import is_main, log
 from sftune.errors import SftuneError
 from sftune.dist import env_rank
