@@ -72,7 +72,7 @@ def test_every_generate_option_has_help_with_its_default(capsys):
 
 
 def test_the_config_is_summarised_in_a_few_lines():
-    from sftune.cli import summarize_config
+    from sftune.commands import summarize_config
     from sftune.config import resolve_config
 
     text = summarize_config(resolve_config({"batch_size": 8, "lr": 1e-3, "packing": True}))
@@ -255,7 +255,8 @@ def test_eval_evaluates_the_split_it_is_given(small_model_dir, capsys):
 def test_an_empty_string_empties_a_list_flag():
     """`--sample-prompts ""` (a flag needs a value) turns the config file's prompts off; `--lora-targets ""` is then
     the config error an empty list is."""
-    from sftune.cli import build_parser, config_from_args
+    from sftune.cli import build_parser
+    from sftune.commands import config_from_args
     from sftune.errors import SftuneError
 
     config = str(ROOT / "configs" / "quickstart.yaml")

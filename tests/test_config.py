@@ -4,7 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from sftune.cli import build_parser, config_from_args
+from sftune.cli import build_parser
+from sftune.commands import config_from_args
 from sftune.config import FIELDS, SFTConfig, dump_yaml, load_config, resolve_config
 from sftune.errors import SftuneError
 
