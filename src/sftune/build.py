@@ -44,6 +44,7 @@ from sftune.signals import Preempted, StopFlag
 from sftune.step_mode import compile_step, resolve_attention, resolve_compile, say_attention_off_gpu, say_step, \
     step_padding, wants_chunk_math
 from sftune.steps import InMemorySteps, StepSource, StreamedSteps
+from sftune.update import lr_factor
 
 
 # --- tokenizer and data ------------------------------------------------------------
@@ -173,27 +174,19 @@ def warmup_steps(cfg: SFTConfig, total_steps: int) -> int:
 
 
 def build_scheduler(cfg: SFTConfig, optimizer, warmup: int, total_steps: int):
-    """transformers' schedule for `lr_schedule`: linear warm-up over `warmup` steps, then constant, a linear or
-    cosine decay to `min_lr_ratio` x lr at `total_steps`, or wsd: constant, then a cosine decay to it over the last
-    `decay_ratio` of the steps."""
-    from transformers import get_scheduler
-
-    name, extra, floor = cfg.lr_schedule, {}, cfg.min_lr_ratio
-    if name == "constant":
-        name = "constant_with_warmup"
-    elif name == "linear" and floor:  # (a linear decay that ends above 0: polynomial of power 1)
-        name, extra = "polynomial", {"lr_end": floor * cfg.lr, "power": 1.0}
-    elif name == "cosine" and floor:
-        name, extra = "cosine_with_min_lr", {"min_lr_rate": floor}
-    elif name == "wsd":
+    """The learning rate of each step (`update.lr_factor`, transformers' schedules): linear warm-up over `warmup`
+    steps, then constant, a linear or cosine decay to `min_lr_ratio` x lr at `total_steps`, or wsd: constant, then
+    a cosine decay to it over the last `decay_ratio` of the steps."""
+    decay = 0
+    if cfg.lr_schedule == "wsd":
         decay = math.ceil(cfg.decay_ratio * total_steps)
         if warmup + decay > total_steps:
             raise on_every_rank(SftuneError(
                 f"lr_schedule wsd: {warmup} warm-up and {decay} decay steps (decay_ratio {cfg.decay_ratio:g}) do not "
                 f"fit the run's {total_steps:,} steps; lower --warmup-steps or --decay-ratio"))
-        name, extra = "warmup_stable_decay", {"num_decay_steps": decay, "min_lr_ratio": floor}  # (stable: the rest)
-    return get_scheduler(name, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps,
-                         scheduler_specific_kwargs=extra)
+    floor = cfg.min_lr_ratio if cfg.lr_schedule != "constant" else 0.0
+    factor = lr_factor(cfg.lr_schedule, optimizer.defaults["lr"], warmup, total_steps, floor, decay)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def param_groups(model, weight_decay: float, lr: float, b_ratio: float | None = None) -> list[dict]:

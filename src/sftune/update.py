@@ -1,4 +1,5 @@
-"""The optimizer step's own parts: clipping the gradients, and skipping an update that is not finite.
+"""The optimizer step's own parts: clipping the gradients, skipping an update that is not finite, and the learning
+rate of each step.
 
 Both decide on the device where the optimizer lets them (fused AdamW: its kernel divides the gradients by a
 `grad_scale` and skips the update when `found_inf` is set), so a step that does not log never waits for the GPU.
@@ -9,6 +10,9 @@ Both decide on the device where the optimizer lets them (fused AdamW: its kernel
 """
 
 from __future__ import annotations
+
+import math
+from functools import partial
 
 import torch
 
@@ -85,3 +89,70 @@ def clip_gradients(model, max_norm: float | None, into_update: bool) -> tuple[to
     if not max_norm:
         return norm, None
     return norm, torch.clamp((norm + 1e-6) / max_norm, min=1.0)
+
+
+# --- the learning rate of each step ---------------------------------------------------------------------------
+# transformers' schedules (`get_scheduler`: constant_with_warmup, linear, polynomial, cosine, cosine_with_min_lr,
+# warmup_stable_decay), computed as transformers computes them, float for float (tests/test_cli_options.py compares
+# every step's lr), so a checkpoint from either resumes under the other. Written here because importing
+# `transformers.optimization` imports its Trainer's utilities, and they import peft and accelerate: 1.35 s of a
+# run's start on a 2-core CPU (benchmarks/NOTES.md try 114), for 30 lines of arithmetic.
+
+
+def warmup_factor(step: int, warmup: int) -> float:
+    return float(step) / float(max(1, warmup))
+
+
+def constant_factor(step: int, *, warmup: int) -> float:
+    return float(step) / float(max(1.0, warmup)) if step < warmup else 1.0
+
+
+def linear_factor(step: int, *, warmup: int, total: int, floor: float, lr: float) -> float:
+    """Down from 1 to `floor` at `total` (transformers' linear for floor 0; above, its polynomial decay of power 1,
+    which works in learning rates: `lr`, the optimizer's)."""
+    if step < warmup:
+        return warmup_factor(step, warmup)
+    if not floor:
+        return max(0.0, float(total - step) / float(max(1, total - warmup)))
+    lr_end = floor * lr
+    if step > total:
+        return lr_end / lr
+    pct_remaining = 1 - (step - warmup) / max(1, total - warmup)  # (transformers divides by 0 when warmup = total)
+    return ((lr - lr_end) * pct_remaining ** 1.0 + lr_end) / lr
+
+
+def cosine_factor(step: int, *, warmup: int, total: int, floor: float) -> float:
+    """Half a cosine from 1 down to `floor` at `total`."""
+    if step < warmup:
+        return warmup_factor(step, warmup)
+    progress = float(step - warmup) / float(max(1, total - warmup))
+    factor = 0.5 * (1.0 + math.cos(math.pi * float(0.5) * 2.0 * progress))
+    return max(0, factor * (1 - floor) + floor)
+
+
+def wsd_factor(step: int, *, warmup: int, stable: int, decay: int, floor: float) -> float:
+    """Warm-up (from `floor`, as transformers' wsd starts it), stable at 1, then half a cosine down to `floor`."""
+    if step < warmup:
+        return max(0.0, warmup_factor(step, warmup) * (1.0 - floor) + floor)
+    if step < warmup + stable:
+        return 1.0
+    if step < warmup + stable + decay:
+        progress = float(step - warmup - stable) / float(max(1, decay))
+        factor = 0.5 * (1.0 + math.cos(math.pi * float(0.5) * 2.0 * progress))
+        return max(0.0, factor * (1.0 - floor) + floor)
+    return floor
+
+
+def lr_factor(schedule: str, lr: float, warmup: int, total: int, floor: float = 0.0, decay: int = 0):
+    """The factor of the learning rate `lr` at each step (for torch's `LambdaLR`): `schedule` constant, linear,
+    cosine or wsd (whose decay is the last `decay` steps), warming up linearly over `warmup` steps, ending at
+    `floor`."""
+    if schedule == "constant":
+        return partial(constant_factor, warmup=warmup)
+    if schedule == "linear":
+        return partial(linear_factor, warmup=warmup, total=total, floor=floor, lr=lr)
+    if schedule == "cosine":
+        return partial(cosine_factor, warmup=warmup, total=total, floor=floor)
+    if schedule == "wsd":
+        return partial(wsd_factor, warmup=warmup, stable=total - warmup - decay, decay=decay, floor=floor)
+    raise ValueError(f"unknown lr_schedule {schedule!r}")
