@@ -76,6 +76,13 @@ def test_text_column_detection():
         find_text_column({"a": s, "b": s}, None)
     with pytest.raises(SftuneError, match="text column 'c' not in the dataset .* fix --text-column"):
         find_text_column({"a": s, "b": s}, "c")
+    # alpaca's and dolly's columns: the mapping that reads them as prompt/completion, named
+    alpaca = {"instruction": s, "input": s, "output": s}
+    with pytest.raises(SftuneError, match="look like prompt/completion data, --columns "
+                                          "prompt=instruction,completion=output,input=input "):
+        find_text_column(alpaca, None)
+    with pytest.raises(SftuneError, match="--columns prompt=instruction,completion=response,input=context "):
+        find_text_column({"instruction": s, "context": s, "response": s, "category": s}, None)
 
 
 # --- loading every file format ---

@@ -36,6 +36,10 @@ ROW_COLUMN = "__row__"  # the row's number in its source split, added by load_ro
 
 # How the optional `input` field of alpaca-style data joins the prompt (when non-empty).
 INPUT_JOIN = "{prompt}\n\n{input}"
+# Well-known instruction datasets' columns (prompt, completion, input): alpaca's, dolly's; named in the error of a
+# dataset whose text column cannot be told, with the --columns mapping that reads them.
+INSTRUCTION_LAYOUTS = (("instruction", "output", "input"), ("instruction", "response", "context"),
+                       ("question", "answer", None), ("prompt", "response", None), ("query", "response", None))
 
 
 @dataclass(frozen=True)
@@ -363,7 +367,14 @@ def find_text_column(columns: dict[str, Any], requested: str | None) -> str:
     if len(strings) == 1:
         return strings[0]
     pair = ""
-    if len(strings) == 2:  # e.g. question/answer: prompt/completion data under other names
+    known = next(((p, c, i) for p, c, i in INSTRUCTION_LAYOUTS if p in strings and c in strings), None)
+    if known is not None:  # alpaca's, dolly's, ... columns: prompt/completion data under other names
+        prompt, completion, extra = known
+        mapped = f"prompt={prompt},completion={completion}" + (f",input={extra}" if extra in strings else "")
+        pair = (f"; or, as these look like prompt/completion data, --columns {mapped} (the completion is trained; "
+                f"the prompt{f', with a non-empty {extra} after a blank line,' if extra in strings else ''} is joined "
+                f"to it as written)")
+    elif len(strings) == 2:  # e.g. question/answer: prompt/completion data under other names
         pair = (f"; for prompt/completion data, map the pair: --columns prompt={strings[0]},completion={strings[1]} "
                 f"(or the other way round)")
     raise SftuneError(
