@@ -365,6 +365,33 @@ def test_a_lora_resume_on_changed_base_weights_is_refused(small_model_dir, tmp_p
     assert code == 0 and "resuming although the base model's weights (--model) changed" in err, err
 
 
+def test_a_resume_that_changes_the_adapters_shapes_is_refused_even_forced(small_model_dir, tmp_path, capsys):
+    """--lora-r (and the other keys that set a checkpoint's tensors' shapes) cannot change on a resume, even with
+    --resume-force: before, the forced resume failed while loading, blaming the base ("trained on another base"),
+    having rewritten the run's config.yaml to the new settings. A forced resume that fails while loading (onto a
+    narrower base) leaves config.yaml as it was."""
+    import shutil
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+    out = tmp_path / "run"
+    args = train_args(small_model_dir, out, "--max-steps", "4", "--report-to", "none")
+    code, _, err = run_main(capsys, *args)
+    assert code == 0, err
+    written = (out / "config.yaml").read_text()
+    code, _, err = run_main(capsys, *args, "--lora-r", "4", "--resume", "auto", "--resume-force")
+    assert code == 2 and "lora_r 8 -> 4 changes the shapes of the trained tensors" in err, err
+    assert "restore --lora-r 8 as the checkpoint has them" in err
+    other = tmp_path / "narrower"  # the same tokenizer, a base 32 wide: the adapter's matrices do not fit it
+    shutil.copytree(small_model_dir, other)
+    config = AutoConfig.from_pretrained(small_model_dir)
+    config.n_embd = 32
+    AutoModelForCausalLM.from_config(config).save_pretrained(other)
+    code, _, err = run_main(capsys, *train_args(other, out, "--max-steps", "4", "--report-to", "none", "--resume",
+                                                "auto", "--resume-force"))
+    assert code == 2 and "does not fit this base model" in err, err
+    assert (out / "config.yaml").read_text() == written
+
+
 @pytest.mark.slow
 def test_a_full_fine_tune_starts_from_a_lora_runs_merged_model(lora_run, tmp_path, capsys):
     """`--model` a LoRA run's directory without --lora-r: every weight of its merged model trains (peft had frozen

@@ -350,7 +350,8 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock, stop: StopFl
         if checkpoint is None and cfg.overwrite:
             clear_previous_run(out)  # nothing of an older run may mix with this one
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_yaml)
+        if checkpoint is None:  # (a resume's, once its checkpoint has loaded: one that fails leaves the run's as it was)
+            (out / "config.yaml").write_text(config_yaml)
         (out / DATA_FILE).write_text(json.dumps(data_summary(data, cfg.data_name, max_length), indent=1))
         if cfg.lora_r and cfg.init == "random" and not (Path(base) / "model.safetensors").is_file():
             publish_model(Path(base), lambda directory: save_model(model, tokenizer, directory))
@@ -393,6 +394,8 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock, stop: StopFl
                                       cfg.checkpoint_hashes, cfg.save_best, *lora_args)
     state = start_state(cfg, out, dist, checkpoint, checkpointer, fingerprints, steps.total_steps,
                         (loss_model, optimizer, scheduler, scaler))
+    if checkpoint is not None and dist.is_main:
+        (out / "config.yaml").write_text(config_yaml)
     say_plan(cfg, steps, max_length, warmup, out, loss_model, wrapped, dist)
     return Run(resolved, dist, out, precision, tokenizer, wrapped, loss_model, adapter, base, steps, compile_mode,
                optimizer, scheduler, scaler, checkpointer, state, checkpoint, lock)

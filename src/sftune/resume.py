@@ -93,6 +93,18 @@ def check_same_inputs(checkpoint: Path, fingerprints: dict, force: bool) -> None
                       f"--output-dir, or pass --resume-force to continue anyway.")
 
 
+# Keys that set the shapes of what a checkpoint holds (the adapter's matrices, DoRA's magnitudes, the embedding rows
+# of added tokens): a checkpoint of other values cannot be loaded, so no --resume-force lets them differ.
+SHAPE_KEYS = {"lora_r", "lora_targets", "lora_modules_to_save", "lora_use_dora", "add_tokens"}
+
+
+def as_flag(value) -> str:
+    """A config value as a flag takes it: a list's items apart (`""` for none), null as null."""
+    if isinstance(value, list):
+        return " ".join(str(v) for v in value) or '""'
+    return "null" if value is None else str(value)
+
+
 def check_resume_compatible(checkpoint: Path, resolved: dict, force: bool, may_differ: tuple = ()) -> None:
     """Refuse to resume when a setting that changes training differs from the checkpoint's (but `may_differ`)."""
     import yaml
@@ -106,6 +118,13 @@ def check_resume_compatible(checkpoint: Path, resolved: dict, force: bool, may_d
     if not differing:
         return
     detail = ", ".join(f"{k}: {saved.get(k)!r} -> {resolved[k]!r}" for k in differing)
+    if shaping := [k for k in differing if k in SHAPE_KEYS]:
+        keys = ", ".join(f"{k} {saved.get(k)!r} -> {resolved[k]!r}" for k in shaping)
+        flags = " ".join(f"--{k.replace('_', '-')} {as_flag(saved.get(k))}" for k in shaping)
+        raise on_every_rank(SftuneError(
+            f"cannot resume from {checkpoint}: {keys} changes the shapes of the trained tensors, which "
+            f"--resume-force cannot bridge; restore {flags} as the checkpoint has them, or start a new run (another "
+            f"--output-dir, or --overwrite)"))
     if force:
         log(f"warning: resuming with changed training settings ({detail}) because --resume-force is set")
         return
