@@ -91,6 +91,25 @@ def test_a_question_answer_pair_suggests_columns(tmp_path, small_model_dir, caps
     assert "--columns prompt=question,completion=answer" in err and "Traceback" not in err
 
 
+def test_a_sample_prompt_too_long_for_the_context_is_said_before_training(tmp_path, small_model_dir, capsys):
+    """A --sample-prompts prompt that fills the model's context (128 tokens here) stopped the run at its first
+    evaluation, with a message that named no flag; now it is refused before the model is loaded and anything is
+    written to the output directory, naming --sample-prompts. One that leaves less room than --sample-max-new-tokens is warned about once (before: once per
+    sample, at every evaluation), and its samples fill the context."""
+    out = tmp_path / "run"
+    flags = ("train", "--model", str(small_model_dir), "--dataset", str(QUICKSTART_DATA), "--batch-size", "50",
+             "--max-steps", "3", "--eval-every", "1", "--no-run-report", "--report-to", "none", "--output-dir", str(out))
+    code, _, err = run_main(capsys, *flags, "--sample-prompts", ("the film " * 100).strip())
+    assert code == 2 and "--sample-prompts: prompt 1 ('the film the film" in err and "200 tokens" in err, err
+    assert "context of 128: nothing can be generated after it" in err and not out.exists()
+    code, _, err = run_main(capsys, *flags, "--sample-prompts", "a film", ("the film " * 60).strip(),
+                            "--sample-max-new-tokens", "16")
+    assert code == 0, err
+    assert err.count("warning") == 1 and "after prompt 2 (120 tokens) only 8 of --sample-max-new-tokens 16" in err
+    samples = [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "sample" and r["index"] == 1]
+    assert len(samples) == 4  # steps 0-3, each sample cut to the context without a word
+
+
 @pytest.mark.slow
 def test_max_steps_beyond_an_epoch_runs_them_and_a_long_warmup_is_warned(tmp_path, small_model_dir, capsys):
     """400 rows at batch 100 are 4 steps an epoch; --max-steps 6 runs 6 (into the second epoch), as the HF

@@ -30,6 +30,7 @@ from sftune.data import DataOptions, prepare_data
 from sftune.data.cache import tokenizer_fingerprint
 from sftune.dist import Dist, init_dist, restart_warning
 from sftune.errors import SftuneError, on_every_rank
+from sftune.generate import check_sample_prompts
 from sftune.loss import CausalLMLoss, ChunkMath, chunk_rows, output_head
 from sftune.modeling import add_tokens, check_attention, compile_blocks, context_length, declared_dtype, \
     enable_activation_checkpointing, fit_embeddings, load_model, load_model_config, load_tokenizer, model_skeleton, \
@@ -306,6 +307,8 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock, stop: StopFl
             warming.join()
     if dist.any(stop.signum is not None):  # (under torchrun: the ranks agree, before loading)
         raise Preempted(stop.signum or 15, None)
+    check_sample_prompts(cfg.sample_prompts or [], tokenizer, context_length(model_config, tokenizer),
+                         cfg.sample_max_new_tokens, steps.layout.is_chat)
     compile_mode, why = resolve_compile(cfg, dist, precision, steps.total_steps)
     padding = steps.padding = step_padding(cfg, compile_mode, max_length)  # (the plan of steps does not depend on it)
     attention, notice = resolve_attention(cfg, model_config, dist, steps.total_steps, max_length)

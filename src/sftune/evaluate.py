@@ -154,7 +154,8 @@ class Evaluations:
             run.loss_model.unshard()
         for i, (prompt, rendered) in enumerate(self.prompts):
             text = complete(run.loss_model.model, run.tokenizer, prompt, run.cfg.sample_max_new_tokens,
-                            temperature=0.0, chat=run.steps.layout.is_chat, rendered=rendered, synced=dist.sharded)[0]
+                            temperature=0.0, chat=run.steps.layout.is_chat, rendered=rendered, synced=dist.sharded,
+                            quiet=True)[0]
             self.metrics.write({"type": "sample", "step": step, "index": i, "prompt": prompt, "completion": text})
             log(f"sample step {step:,}: {prompt!r} -> {text!r}")
         if dist.sharded:

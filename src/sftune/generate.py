@@ -11,7 +11,7 @@ import math
 import torch
 
 from sftune.attention import generating
-from sftune.errors import SftuneError
+from sftune.errors import SftuneError, on_every_rank
 
 
 @torch.no_grad()
@@ -53,6 +53,7 @@ def complete(
     tools: list[dict] | None = None,
     rendered: bool = False,
     synced: bool = False,
+    quiet: bool = False,
 ) -> list[str]:
     """`num_samples` continuations of `prompt` (the prompt itself not included).
 
@@ -62,19 +63,13 @@ def complete(
     template's end-of-turn token. With `rendered` as well, the prompt is already rendered chat text (e.g. a
     validation example's prompt), used as it is. `synced`: every rank of a sharded (FSDP) model calls this in step,
     and each keeps running forwards until all have finished (their blocks all-gather their weights at each one).
+    `quiet`: new tokens cut to the context without a warning (a training run's samples: said once, at its start).
     """
     check_sampling(temperature, top_p, max_new_tokens, num_samples)
     device = next(model.parameters()).device
-    stop = [tokenizer.eos_token_id]
-    if chat:
-        if rendered:
-            end_of_turn = end_of_turn_ids(tokenizer)
-        else:
-            prompt, end_of_turn = render_chat_prompt(tokenizer, prompt, system, tools)
-        stop += [i for i in end_of_turn if i != tokenizer.eos_token_id]
-        encoded = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
-    else:
-        encoded = tokenizer(prompt, return_tensors="pt").to(device)
+    encoded, end_of_turn = encode_prompt(tokenizer, prompt, chat, system, tools, rendered)
+    encoded = encoded.to(device)
+    stop = [tokenizer.eos_token_id] + [i for i in end_of_turn if i != tokenizer.eos_token_id]
     if encoded["input_ids"].shape[1] == 0:
         raise SftuneError("the prompt is empty after tokenization; give some text with --prompt")
     from sftune.modeling import context_length
@@ -84,10 +79,11 @@ def complete(
         raise SftuneError(f"the prompt is {prompt_len} tokens, as long as the model's context of {context}: nothing can "
                           f"be generated after it; shorten it")
     if prompt_len + max_new_tokens > context:
-        from sftune.console import log
+        if not quiet:
+            from sftune.console import log
 
-        log(f"warning: {max_new_tokens} new tokens after a prompt of {prompt_len} exceed the model's context of "
-            f"{context}; generating {context - prompt_len} (--max-new-tokens)")
+            log(f"warning: {max_new_tokens} new tokens after a prompt of {prompt_len} exceed the model's context of "
+                f"{context}; generating {context - prompt_len} (--max-new-tokens)")
         max_new_tokens = context - prompt_len
     sampling = temperature > 0
     was_training = model.training
@@ -118,6 +114,38 @@ def complete(
             model.train(was_training)
     new_tokens = out[:, encoded["input_ids"].shape[1] :]
     return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = False, system: str | None = None,
+                  tools: list[dict] | None = None, rendered: bool = False) -> tuple[dict, list[int]]:
+    """The prompt's tokens as `complete` generates from them (a chat prompt rendered with the template and its
+    generation prompt, no special tokens added), and the template's end-of-turn ids (none for plain text)."""
+    if not chat:
+        return tokenizer(prompt, return_tensors="pt"), []
+    if rendered:
+        end_of_turn = end_of_turn_ids(tokenizer)
+    else:
+        prompt, end_of_turn = render_chat_prompt(tokenizer, prompt, system, tools)
+    return tokenizer(prompt, return_tensors="pt", add_special_tokens=False), end_of_turn
+
+
+def check_sample_prompts(prompts: list[str], tokenizer, context: int, max_new_tokens: int, chat: bool) -> None:
+    """Before a run trains: each of `--sample-prompts` leaves room in the model's context for what is generated after
+    it at each evaluation (one that fills it is an error; one that leaves less than --sample-max-new-tokens, a
+    warning, said once)."""
+    for i, prompt in enumerate(prompts):
+        length = encode_prompt(tokenizer, prompt, chat)[0]["input_ids"].shape[1]
+        if length >= context:
+            raise on_every_rank(SftuneError(f"--sample-prompts: prompt {i + 1} ({prompt[:40]!r}{'...' if len(prompt) > 40 else ''}) "
+                              f"is {length:,} tokens{' as the chat template renders it' if chat else ''}, as long as "
+                              f"the model's context of {context:,}: nothing can be generated after it; shorten it, or "
+                              f"leave it out of --sample-prompts"))
+        if length + max_new_tokens > context:
+            from sftune.console import log
+
+            log(f"warning: --sample-prompts: after prompt {i + 1} ({length:,} tokens) only {context - length:,} of "
+                f"--sample-max-new-tokens {max_new_tokens} fit the model's context of {context:,}; its samples are "
+                f"that long")
 
 
 def render_chat_prompt(tokenizer, user: str, system: str | None = None,

@@ -348,7 +348,7 @@ def write_outputs(run: Run, evals: list[dict], metrics: MetricsWriter, last_save
         run.loss_model.unshard()
     for prompt in (cfg.sample_prompts or []) if dist.is_main or dist.sharded else []:
         samples[prompt] = complete(hf_model, run.tokenizer, prompt, cfg.sample_max_new_tokens, seed=cfg.seed,
-                                   chat=run.steps.layout.is_chat, synced=dist.sharded)[0]
+                                   chat=run.steps.layout.is_chat, synced=dist.sharded, quiet=True)[0]
     return samples
 
 
