@@ -335,10 +335,10 @@ def test_sigterm_and_kill_9_then_resume_equal_an_uninterrupted_lora_run(lora_run
     assert f"resumed from {out / 'checkpoints' / 'step-8'}" in err
     assert same_adapter(uninterrupted, out)
     assert_same_losses(out, uninterrupted)
-    # resuming as a full fine-tune is refused: the settings differ
+    # resuming as a full fine-tune is refused, even forced: the checkpoint holds an adapter, not a model
     code, _, err = run_main(capsys, *train_args(small_model_dir, out, "--resume", "auto", "--lora-r", "null",
-                                                "--lora-dropout", "0"))  # (LoRA's own options without LoRA: refused)
-    assert code == 2 and "lora_r: 8 -> None" in err
+                                                "--lora-dropout", "0", "--resume-force"))  # (LoRA's options off too)
+    assert code == 2 and "lora_r 8 -> None changes the shapes of the trained tensors" in err, err
 
 
 @pytest.mark.slow
