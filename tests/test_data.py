@@ -270,6 +270,21 @@ def test_hub_dataset_offline_fails_fast_and_names_the_flag():
     assert datasets.config.HF_HUB_OFFLINE == offline
 
 
+def test_a_weight_or_split_after_a_colon_is_said_the_way_sftune_takes_it(tmp_path, monkeypatch):
+    """`data.jsonl:2` and `data.jsonl:validation` (how some tools write a weight or a split) where data.jsonl exists:
+    the error says how to write them here."""
+    (tmp_path / "data.jsonl").write_text(json.dumps({"text": "a row of text"}) + "\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SftuneError, match=r"'data.jsonl' exists: a dataset of --datasets is weighted by writing it as "
+                                          r"a mapping, '\{dataset: data.jsonl, weight: 2\}'"):
+        load_rows("data.jsonl:2", 0, 0.1)
+    with pytest.raises(SftuneError, match="'data.jsonl' exists: its split is chosen with --split validation"):
+        load_rows("data.jsonl:validation", 0, 0.1)
+    with pytest.raises(SftuneError) as e:
+        load_rows("missing.jsonl:2", 0, 0.1)
+    assert "exists" not in str(e.value)
+
+
 # --- the whole pipeline ---
 
 def test_prepare_data_keeps_and_counts(tmp_path, gpt2_tokenizer):

@@ -61,14 +61,14 @@ def from_hub_or_cache(name: str, what: str, flag: str, load: Callable[..., T]) -
     option to point at local files instead.
     """
     if looks_like_path(name):
-        raise SftuneError(f"{what} path not found: {name!r} (check {flag})")
+        raise SftuneError(f"{what} path not found: {name!r} (check {flag}){colon_hint(name, what)}")
     if hub_reachable():
         try:
             return load(local_files_only=False)
         except (OSError, ValueError) as e:
             raise SftuneError(
                 f"could not load {what} {name!r} from the Hugging Face Hub: {remote_code_hint(e)}\n"
-                f"Check the id, or pass {flag} PATH to a local copy."
+                f"Check the id, or pass {flag} PATH to a local copy.{colon_hint(name, what)}"
             ) from None
     try:
         return load(local_files_only=True)
@@ -76,8 +76,22 @@ def from_hub_or_cache(name: str, what: str, flag: str, load: Callable[..., T]) -
         why = "HF_HUB_OFFLINE is set" if offline_forced() else "the Hugging Face Hub cannot be reached"
         raise SftuneError(
             f"{what} {name!r} is not a local path, {why}, and it is not in the local cache.\n"
-            f"Pass {flag} PATH to a local copy, or connect to the Hub."
+            f"Pass {flag} PATH to a local copy, or connect to the Hub.{colon_hint(name, what)}"
         ) from None
+
+
+def colon_hint(name: str, what: str) -> str:
+    """For `path:2` or `path:train` where `path` exists (a weight or a split written as some tools write them): how
+    sftune takes them. '' otherwise."""
+    base, _, suffix = name.rpartition(":")
+    if what != "dataset" or not base or not suffix or not Path(base).expanduser().exists():
+        return ""
+    try:
+        float(suffix)
+    except ValueError:
+        return f"\n{base!r} exists: its split is chosen with --split {suffix} (or `split` of a --datasets entry)"
+    return (f"\n{base!r} exists: a dataset of --datasets is weighted by writing it as a mapping, "
+            f"'{{dataset: {base}, weight: {suffix}}}'")
 
 
 # --- pushing a run to the Hub (--push-to-hub, `sftune push`) ----------------------------
