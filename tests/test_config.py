@@ -164,3 +164,29 @@ def test_versions_outside_the_tested_ranges_are_named():
 
     torch_range = next(Requirement(r).specifier for r in metadata.requires("sftune") if Requirement(r).name == "torch")
     assert torch_version in torch_range and "2.9.1" not in torch_range  # pyproject's range, as installed
+
+
+def test_a_config_run_from_another_directory_says_where_its_relative_paths_are(tmp_path, monkeypatch):
+    """configs/x.yaml names data/d.jsonl (relative, as the shipped configs do): run from the project it is read; run
+    from elsewhere, the config's paths are not found there, and the error says where they are, before anything
+    loads (it said "model path not found" after the tokenizer, naming --model)."""
+    project = tmp_path / "project"
+    (project / "configs").mkdir(parents=True)
+    (project / "data").mkdir()
+    (project / "data" / "d.jsonl").write_text('{"text": "a row"}\n')
+    config = project / "configs" / "x.yaml"
+    config.write_text("dataset: data/d.jsonl\nmodel: gpt2\nchat_template: null\n")
+
+    def resolved(*flags):
+        return config_from_args(build_parser().parse_args(["data", "--config", str(config), *flags]))
+
+    monkeypatch.chdir(project)
+    assert resolved().dataset == "data/d.jsonl"
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SftuneError, match=rf"config {config}: dataset 'data/d.jsonl' is not in the current directory "
+                                          rf"\({tmp_path}\) but is in {project}: .* run it from {project}"):
+        resolved()
+    assert resolved("--dataset", str(project / "data" / "d.jsonl")).model == "gpt2"  # (a flag's path: its own)
+    monkeypatch.chdir(project / "configs")
+    with pytest.raises(SftuneError, match=f"but is in {project}"):
+        resolved()

@@ -29,8 +29,31 @@ def config_from_args(args: argparse.Namespace):
     flags = {name: [] if value in ([""], ["[]"]) else value for name, value in flags.items()}
     source = f"config ({args.config} + flags)" if args.config else "flags"
     cfg = resolve_config(file_values, flags, source=source, training=args.command == "train")
+    if args.config:
+        check_relative_paths(cfg, Path(args.config), set(file_values) - set(flags))
     quiet_libraries()  # the heavy imports come after the config is known to be valid: its errors are instant
     return cfg
+
+
+PATH_KEYS = ("model", "tokenizer", "dataset", "val_dataset", "chat_template", "datasets", "val_datasets")
+
+
+def check_relative_paths(cfg, config: Path, from_file: set[str]) -> None:
+    """A relative path in a config file is read from the current directory, as a flag's is. When one is not there
+    but is beside the config file (or in the directory above it: a project's root, for `configs/x.yaml`), the run
+    was started from elsewhere: said at once, before anything loads, rather than "path not found" later."""
+    here = Path.cwd()
+    for key in (k for k in PATH_KEYS if k in from_file):
+        value = getattr(cfg, key)
+        for path in [e["dataset"] for e in value] if isinstance(value, list) else [value]:
+            if not path or Path(path).is_absolute() or Path(path).expanduser().exists() or ":" in path.split("/")[0]:
+                continue
+            for root in (config.resolve().parent, config.resolve().parent.parent):
+                if (root / path).exists():
+                    raise SftuneError(
+                        f"config {config}: {key} {path!r} is not in the current directory ({here}) but is in "
+                        f"{root}: relative paths are read from the directory sftune runs in; run it from {root}, "
+                        f"or write the path absolute")
 
 
 def quiet_libraries() -> None:
