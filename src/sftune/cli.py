@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import threading
+import time
 import typing
 from typing import Any, Literal
 
@@ -240,10 +241,10 @@ def main(argv: list[str] | None = None) -> int:
         who = "" if is_main() else f" [rank {env_rank()}]"  # under torchrun: rank 0 speaks, others only add
         distributed = sys.modules.get("torch.distributed")
         if who and e.every_rank:  # raised alike by every rank after they met: rank 0 says it
-            return e.exit_code
+            return said_by_another_rank(e.exit_code)
         if who and os.environ.get("LOCAL_RANK", "0") != "0" and not (distributed and distributed.is_initialized()) \
-                and not e.this_rank_only:
-            return e.exit_code  # a mistake found before the ranks met: the same on this node's first rank, said there
+                and not e.this_rank_only:  # a mistake found before the ranks met: the same on the node's first rank
+            return said_by_another_rank(e.exit_code)
         print(f"sftune {args.command}{who}: error: {e}", file=sys.stderr)
         return e.exit_code
     except Preempted as e:
@@ -264,6 +265,18 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+QUIET_RANK_WAIT_S = 10.0
+
+
+def said_by_another_rank(code: int) -> int:
+    """`code`, after a wait: this rank's error is said by another one, and torchrun ends every rank as soon as one
+    exits with an error, so a quiet rank that exited first could have the speaking one killed before it spoke
+    (seen on a loaded 2-core machine: torchrun's failure report and no word from sftune). Waiting, it is ended by
+    torchrun once the speaking rank has said it and exited; the wait is bounded for a rank left alone."""
+    time.sleep(QUIET_RANK_WAIT_S)
+    return code
 
 
 def entry() -> None:
