@@ -217,6 +217,7 @@ def test_more_processes_than_gpus_on_a_node_is_said_once(small_model_dir, tmp_pa
         "--nproc-per-node 1 (or --device cpu)"])
     monkeypatch.setenv("RANK", "2")
     monkeypatch.setenv("LOCAL_RANK", "2")
+    monkeypatch.setattr("sftune.cli.QUIET_RANK_WAIT_S", 0.0)  # (under torchrun it waits to be ended: try 120)
     code, _, err = run_main(capsys, *argv)
     assert code == 2 and err == ""
     assert not (tmp_path / "o").exists()
