@@ -96,6 +96,24 @@ def test_eval_reproduces_the_final_val_loss(trained, capsys):
     assert report["examples"] == 60
 
 
+def test_eval_of_a_run_without_a_dataset_evaluates_what_the_run_did(trained, capsys, tmp_path):
+    """`sftune eval --model RUN_DIR` alone: the data the run trained on, from its config.yaml (before, the config's
+    default dataset: SST-2 from the Hub, which fails offline), its final val loss to the bit; --dataset still
+    names other data; a model directory that is no run gets no data of its own (the default, as before)."""
+    out, _ = trained
+    code, stdout, err = run_main(capsys, "eval", "--model", str(out), "--json")
+    assert code == 0, err
+    assert f"eval: the data {out} trained on, from its config.yaml: {QUICKSTART_DATA}" in err
+    last = [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "eval"][-1]
+    report = json.loads(stdout)
+    assert (report["val_loss"], report["examples"], report["dataset"]) == (last["val_loss"], 60, str(QUICKSTART_DATA))
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"text": f"another film number {i} that is long enough"}) + "\n"
+                             for i in range(40)))
+    code, stdout, err = run_main(capsys, "eval", "--model", str(out), "--dataset", str(other), "--json")
+    assert code == 0 and "trained on, from its config.yaml" not in err and json.loads(stdout)["examples"] == 2, err
+
+
 def test_eval_with_a_training_config_evaluates_the_trained_model(trained, capsys):
     """A config that trains from random weights (`init: random`) still evaluates the run's trained ones."""
     out, _ = trained

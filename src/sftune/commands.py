@@ -21,9 +21,9 @@ from sftune.console import is_main, log
 from sftune.errors import SftuneError
 
 
-def config_from_args(args: argparse.Namespace):
-    """YAML file (if any) under flags, validated once."""
-    file_values = read_yaml(args.config) if args.config else {}
+def config_from_args(args: argparse.Namespace, base: dict | None = None):
+    """YAML file (if any; else `base`) under flags, validated once."""
+    file_values = read_yaml(args.config) if args.config else dict(base or {})
     flags = {name: getattr(args, name) for name in FIELDS if hasattr(args, name)}
     # a list flag given one empty string (or `[]`, as YAML writes it) is the empty list: a flag needs a value
     flags = {name: [] if value in ([""], ["[]"]) else value for name, value in flags.items()}
@@ -177,9 +177,37 @@ def evaluated_split(args) -> str | None:
     return next(iter(named.values()), None)
 
 
+# What `sftune eval --model RUN_DIR` takes from the run's config.yaml when no data is named: the data, and how its
+# validation rows were chosen and batched, so that it evaluates what the run evaluated.
+RUN_DATA_KEYS = ("dataset", "datasets", "dataset_config", "split", "format", "columns", "text_column",
+                 "train_on_prompt", "train_on_all_turns", "val_split", "val_dataset", "val_datasets", "val_fraction",
+                 "min_tokens", "max_length", "overlong", "truncation_side", "streaming", "stream_val_rows", "seed",
+                 "eval_batch_size", "cache_dir")
+DATA_FLAGS = ("dataset", "datasets", "val_dataset", "val_datasets")
+
+
+def run_data(args) -> dict:
+    """`sftune eval --model RUN_DIR` without --config or a dataset: the data keys of the run's own config.yaml (the
+    data it trained and evaluated on), said in the log; {} for any other model."""
+    saved = Path(getattr(args, "model", "") or "").expanduser() / "config.yaml"
+    if args.config or any(getattr(args, k, None) for k in DATA_FLAGS) or not saved.is_file():
+        return {}
+    try:
+        values = read_yaml(saved)
+    except SftuneError:
+        return {}
+    if "model" not in values or not set(values) <= set(FIELDS):  # (a config.yaml that is not an sftune run's)
+        return {}
+    data = {k: values[k] for k in RUN_DATA_KEYS if k in values}
+    name = " + ".join(e["dataset"] if isinstance(e, dict) else str(e) for e in data.get("datasets") or []) \
+        or data.get("dataset")
+    log(f"eval: the data {args.model} trained on, from its config.yaml: {name} (--dataset to evaluate other data)")
+    return data
+
+
 def cmd_eval(args) -> None:
     split = evaluated_split(args)
-    cfg = config_from_args(args)  # first: a config mistake is reported before the heavy imports
+    cfg = config_from_args(args, run_data(args))  # first: a config mistake is said before the heavy imports
     if split is not None:
         cfg = dataclasses.replace(cfg, val_split=split)
     from sftune.build import build_data, build_tokenizer
