@@ -62,6 +62,10 @@ def test_generate_renders_the_chat_with_the_same_template(chat_run, capsys):
     assert code == 0, err
     result = json.loads(stdout)
     assert result["chat"] == "Should I see the remake?" and result["completions"][0].strip()
+    assert "trained on chat data" not in err
+    # --prompt on a chat run continues the text as written, and says how to ask it as a user turn
+    code, _, err = run_main(capsys, "generate", "--model", str(out), "--prompt", "Should I", "--max-new-tokens", "4")
+    assert code == 0 and "was trained on chat data; --prompt continues the text as written, --chat MESSAGE" in err
 
 
 def test_generate_shows_the_model_its_tools(chat_run, tmp_path, capsys):

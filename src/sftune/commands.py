@@ -365,6 +365,9 @@ def cmd_generate(args) -> None:
     device = resolve_device(args.device)
     tokenizer = load_tokenizer(args.model, args.trust_remote_code, flag="--model", advice=model_dir_advice(args.model))
     check_prompts(tokenizer, args.prompt, args.chat, args.system, tools)  # (before loading the model)
+    if args.prompt and trained_on_chat(args.model):
+        log(f"generate: {args.model} was trained on chat data; --prompt continues the text as written, --chat MESSAGE "
+            f"asks it as a user turn, rendered with its chat template as in training")
     model = load_model(args.model, "pretrained", args.trust_remote_code, base=args.base).to(device)
     results = []
     for prompt, chat in [(p, False) for p in args.prompt] + [(c, True) for c in args.chat]:
@@ -377,6 +380,14 @@ def cmd_generate(args) -> None:
     for r in results:
         for i, text in enumerate(r["completions"]):
             print(f"[{i}] {r['prompt']}{text}" if "prompt" in r else f"[{i}] user: {r['chat']}\n    assistant: {text}")
+
+
+def trained_on_chat(model: str) -> bool:
+    """Whether `model` is an sftune run's directory whose data was chat (its data.json says the format)."""
+    try:
+        return json.loads((Path(model).expanduser() / "data.json").read_text()).get("format", "").startswith("chat")
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def cmd_export(args) -> None:
