@@ -297,6 +297,7 @@ def test_a_weighted_mixture_trains_reports_and_resumes_exactly(tmp_path, small_m
     code, _, err = run_main(capsys, *flags)
     assert code == 0, err
     assert "80 train (weight 0.5: 40 an epoch)" in err
+    assert "data: 200 train (160 an epoch, as the datasets' weights take them) / 10 validation examples" in err
     code, report, err = run_main(capsys, "data", "--config", str(out / "config.yaml"), "--json")
     assert code == 0, err
     report = json.loads(report)

@@ -159,8 +159,10 @@ def build_data(cfg: SFTConfig, tokenizer, model_config, dist: Dist | None = None
                 f"{len(data.validation):,} validation examples, format {data.layout.describe()}")
         else:
             data = prepare_data(options, tokenizer)
+            picked = None if options.only else data.epoch_selection(0, cfg.seed)  # (weighted datasets)
+            weighted = "" if picked is None else f" ({len(picked):,} an epoch, as the datasets' weights take them)"
             counts = (f"{len(data.validation):,} examples of {cfg.val_split} to evaluate" if options.only else
-                      f"{len(data.train):,} train / {len(data.validation):,} validation examples")
+                      f"{len(data.train):,} train{weighted} / {len(data.validation):,} validation examples")
             log(f"data: {counts}, format {data.layout.describe()} "
                 f"({'from cache' if data.from_cache else 'tokenized'} in {data.seconds:.1f}s)")
     return data, max_length
