@@ -487,6 +487,22 @@ def test_messages_keep_tool_and_reasoning_fields_and_lose_the_empty_ones():
                          "thinking": "greet back", "reasoning_content": "greet back"}]
 
 
+def test_the_roles_other_names_read_as_the_roles(gpt2_tokenizer):
+    """`model` (Gemini's and Gemma's name for the assistant), and ShareGPT's `human` and `gpt` written as roles, train
+    exactly as `assistant` and `user` do; an unknown role is still refused, the aliases named."""
+    layout, template = Layout("chat", {"messages": "messages"}), ChatTemplate(DEFAULT_CHAT_TEMPLATE, gpt2_tokenizer)
+    aliased = {"messages": [{"role": "human", "content": "Hi"}, {"role": "model", "content": "Hello."},
+                            {"role": "user", "content": "And?"}, {"role": "gpt", "content": "Bye."}]}
+    plain = {"messages": [{**m, "role": {"human": "user", "model": "assistant", "gpt": "assistant"}.get(m["role"],
+                                                                                                     m["role"])}
+                          for m in aliased["messages"]]}
+    assert row_segments(aliased, layout, template) == row_segments(plain, layout, template)
+    with pytest.raises(SftuneError, match=r"unknown role 'bot'; roles are system, user, assistant, tool \(and model "
+                                          r"for assistant, gpt for assistant, human for user\)"):
+        row_segments({"messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]}, layout,
+                     template)
+
+
 def test_a_conversation_stored_as_json_text_reads_as_its_messages(gpt2_tokenizer):
     layout, template = Layout("chat", {"messages": "messages"}), ChatTemplate(DEFAULT_CHAT_TEMPLATE, gpt2_tokenizer)
     assert row_segments({"messages": json.dumps(CHAT["messages"])}, layout, template) == \

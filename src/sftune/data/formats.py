@@ -28,6 +28,9 @@ from sftune.errors import SftuneError
 FORMATS = ("text", "prompt_completion", "chat", "chat_prompt_completion")
 COLUMN_KEYS = ("text", "prompt", "completion", "input", "messages", "tools")
 ROLES = ("system", "user", "assistant", "tool")
+# Other names of the roles in `messages` (Gemini's and Gemma's `model`; ShareGPT's names written as roles), read as
+# Axolotl's chat_template datasets read them by default.
+ROLE_ALIASES = {"model": "assistant", "gpt": "assistant", "human": "user"}
 # What a message may hold besides role and content, passed to the template as given (OpenAI's and TRL's names).
 MESSAGE_KEYS = ("tool_calls", "name", "tool_call_id", "reasoning_content", "thinking", "reasoning")
 REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")  # one field under its several names
@@ -174,8 +177,11 @@ def _message(m: Any, where: str) -> dict:
     transformers passes it; an assistant turn's `weight` (0 or 1) is kept for `row_segments`."""
     if not isinstance(m, dict) or "role" not in m or ("content" not in m and not m.get("tool_calls")):
         raise SftuneError(f"{where}: expected {{role, content}}, got {m!r:.80}")
+    if m["role"] in ROLE_ALIASES:
+        m = {**m, "role": ROLE_ALIASES[m["role"]]}
     if m["role"] not in ROLES:
-        raise SftuneError(f"{where}: unknown role {m['role']!r}; roles are {', '.join(ROLES)}")
+        raise SftuneError(f"{where}: unknown role {m['role']!r}; roles are {', '.join(ROLES)} (and "
+                          f"{', '.join(f'{a} for {r}' for a, r in ROLE_ALIASES.items())})")
     calls = m.get("tool_calls")
     if calls is not None and (not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls)):
         raise SftuneError(f"{where}: tool_calls must be a list of {{type, function: {{name, arguments}}}}, "
