@@ -487,6 +487,24 @@ def test_messages_keep_tool_and_reasoning_fields_and_lose_the_empty_ones():
                          "thinking": "greet back", "reasoning_content": "greet back"}]
 
 
+def test_a_format_that_does_not_fit_the_data_says_what_does():
+    """--format chat on text data names the chat mapping (it named a prompt/completion one); --format text on
+    conversations says they are conversations (it said no string column holds the text); a text column beside
+    them is still read."""
+    from datasets import Value
+
+    from sftune.data.formats import detect_layout
+
+    s = Value("string")
+    with pytest.raises(SftuneError, match="map them with --columns, e.g. --columns messages=conversation"):
+        detect_layout({"text": s}, "chat")
+    conversations = [{"role": s, "content": s}]
+    with pytest.raises(SftuneError, match="--format text: the dataset holds conversations .column 'conversations'.*"
+                                          "leave out --format"):
+        detect_layout({"conversations": conversations}, "text")
+    assert detect_layout({"messages": conversations, "text": s}, "text").columns == {"text": "text"}
+
+
 def test_the_roles_other_names_read_as_the_roles(gpt2_tokenizer):
     """`model` (Gemini's and Gemma's name for the assistant), and ShareGPT's `human` and `gpt` written as roles, train
     exactly as `assistant` and `user` do; an unknown role is still refused, the aliases named."""

@@ -146,10 +146,18 @@ def detect_layout(features: dict[str, Any], requested: str = "auto", columns: di
                           f"set --format")
     missing = [f"{k} (column {col[k]!r})" for k in needed if col[k] not in features]
     if missing:
+        example = "messages=conversation" if fmt == "chat" else "prompt=instruction,completion=output"
         raise SftuneError(f"format {fmt} needs {', '.join(missing)}, not in the dataset (columns: {', '.join(names)}); "
-                          f"map them with --columns, e.g. --columns prompt=instruction,completion=output, or set --format")
+                          f"map them with --columns, e.g. --columns {example}, or set --format")
     if fmt == "text":
-        return Layout("text", {"text": find_text_column({n: features[n] for n in names}, columns.get("text"))})
+        try:
+            return Layout("text", {"text": find_text_column({n: features[n] for n in names}, columns.get("text"))})
+        except SftuneError:
+            if requested == "text" and col["messages"] in features:  # (no text column beside the conversations)
+                raise SftuneError(f"--format text: the dataset holds conversations (column {col['messages']!r}), "
+                                  f"not text; leave out --format (auto reads them as chat), or name a text column "
+                                  f"with --text-column") from None
+            raise
     chosen = {k: col[k] for k in needed}
     if fmt == "prompt_completion" and col["input"] in features:
         chosen["input"] = col["input"]
