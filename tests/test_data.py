@@ -287,6 +287,21 @@ def test_a_weight_or_split_after_a_colon_is_said_the_way_sftune_takes_it(tmp_pat
 
 # --- the whole pipeline ---
 
+def test_the_rows_left_out_are_said_with_why(tmp_path, gpt2_tokenizer, capsys):
+    """Rows dropped by the filters were counted in data.json and `sftune data` only; the log now says how many of
+    each split's rows were left out, and why (the seed's SST-2 job leaves out a quarter of its rows)."""
+    (tmp_path / "d").mkdir()
+    good = "a sentence that is long enough to keep"
+    train = [good] * 4 + [""] * 2 + ["one two"] * 3 + ["x " * 40]
+    (tmp_path / "d" / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in train))
+    (tmp_path / "d" / "validation.jsonl").write_text("".join(json.dumps({"text": good}) + "\n" for _ in range(3)))
+    prepare(tmp_path / "d", gpt2_tokenizer, max_length=20, cache_dir=tmp_path / "c")
+    err = capsys.readouterr().err
+    assert ("data: 6 of 10 train rows left out: 2 empty, 3 under --min-tokens 5, 1 over --max-length 20 "
+            "(--overlong drop)") in err
+    assert "validation rows left out" not in err
+
+
 def test_prepare_data_keeps_and_counts(tmp_path, gpt2_tokenizer):
     path = tmp_path / "d.jsonl"
     texts = ["one two", "", "a sentence that is long enough to keep", "x " * 40, "another sentence that is long enough here"]

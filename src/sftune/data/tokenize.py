@@ -301,8 +301,13 @@ def check_end_of_turn(template: ChatTemplate) -> None:
 
 
 def warn_about(stats: dict[str, SplitStats], layout: Layout, options: EncodeOptions) -> None:
-    """Say what the user should know before training: untrained rows, answers cut before their end, merges."""
+    """Say what the user should know before training: rows left out, untrained rows, answers cut before their end,
+    merges."""
     for name, st in stats.items():
+        why = {"empty": "empty", "too_short": f"under --min-tokens {options.min_tokens}",
+               "overlong": f"over --max-length {options.max_length} (--overlong drop)"}
+        if left_out := [f"{st.dropped[k]:,} {label}" for k, label in why.items() if st.dropped.get(k)]:
+            log(f"data: {sum(st.dropped[k] for k in why):,} of {st.rows:,} {name} rows left out: {', '.join(left_out)}")
         if st.dropped["no_targets"]:
             log(f"warning: {st.dropped['no_targets']:,} {name} example(s) have no trained tokens and were dropped "
                 f"({'truncation cut their answer' if st.truncated else 'empty answer'}); "
