@@ -187,8 +187,7 @@ def build_scheduler(cfg: SFTConfig, optimizer, warmup: int, total_steps: int):
             raise on_every_rank(SftuneError(
                 f"lr_schedule wsd: {warmup} warm-up and {decay} decay steps (decay_ratio {cfg.decay_ratio:g}) do not "
                 f"fit the run's {total_steps:,} steps; lower --warmup-steps or --decay-ratio"))
-    floor = cfg.min_lr_ratio if cfg.lr_schedule != "constant" else 0.0
-    factor = lr_factor(cfg.lr_schedule, optimizer.defaults["lr"], warmup, total_steps, floor, decay)
+    factor = lr_factor(cfg.lr_schedule, optimizer.defaults["lr"], warmup, total_steps, cfg.min_lr_ratio, decay)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 

@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-from sftune.config import FIELDS, read_yaml, resolve_config
+from sftune.config import FIELDS, read_yaml, resolve_config, run_config
 from sftune.console import is_main, log
 from sftune.errors import SftuneError
 
@@ -189,14 +189,9 @@ DATA_FLAGS = ("dataset", "datasets", "val_dataset", "val_datasets")
 def run_data(args) -> dict:
     """`sftune eval --model RUN_DIR` without --config or a dataset: the data keys of the run's own config.yaml (the
     data it trained and evaluated on), said in the log; {} for any other model."""
-    saved = Path(getattr(args, "model", "") or "").expanduser() / "config.yaml"
-    if args.config or any(getattr(args, k, None) for k in DATA_FLAGS) or not saved.is_file():
+    if args.config or any(getattr(args, k, None) for k in DATA_FLAGS) or not getattr(args, "model", None):
         return {}
-    try:
-        values = read_yaml(saved)
-    except SftuneError:
-        return {}
-    if "model" not in values or not set(values) <= set(FIELDS):  # (a config.yaml that is not an sftune run's)
+    if (values := run_config(args.model)) is None:
         return {}
     data = {k: values[k] for k in RUN_DATA_KEYS if k in values}
     name = " + ".join(e["dataset"] if isinstance(e, dict) else str(e) for e in data.get("datasets") or []) \

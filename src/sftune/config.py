@@ -472,6 +472,17 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def run_config(directory: str | Path) -> dict[str, Any] | None:
+    """The config.yaml an sftune run wrote in `directory` (keys all config keys, `model` among them), or None:
+    absent, unreadable, or a file of someone else's."""
+    path = Path(directory).expanduser() / "config.yaml"
+    try:
+        written = read_yaml(path) if path.is_file() else None
+    except SftuneError:
+        return None
+    return written if written and "model" in written and set(written) <= set(FIELDS) else None
+
+
 def load_config(path: str | Path | None = None, **overrides: Any) -> SFTConfig:
     """The Python API's way in: `load_config("configs/quickstart.yaml", max_steps=10)`."""
     file_values = read_yaml(path) if path is not None else {}

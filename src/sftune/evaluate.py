@@ -29,7 +29,7 @@ from sftune.generate import complete
 from sftune.loss import CausalLMLoss
 from sftune.runtime import autocast
 from sftune.signals import Preempted, StopFlag
-from sftune.stepping import on_rank, within_memory
+from sftune.stepping import on_rank, oom_fault, within_memory
 
 
 @dataclass
@@ -98,6 +98,7 @@ class Evaluations:
         self.run, self.stop, self.metrics, self.saves = run, stop, metrics, saves
         self.prompts = prompts  # (prompt, already rendered): completed greedily after each evaluation
         self.evals: list[dict] = run.state.evals
+        self.fault = oom_fault(run.dist.rank)  # (the test hook)
 
     @property
     def last_step(self) -> int:
@@ -115,7 +116,7 @@ class Evaluations:
         result, failed = within_memory(
             lambda: evaluate(run.loss_model, run.steps.validation, cfg.eval_batch_size, run.tokenizer.pad_token_id,
                              dist.device, run.precision, dist, stop=asked, groups=groups),
-            ("eval", step))
+            ("eval", step), self.fault)
         if failed is not None:
             if dist.device.type == "cuda":
                 torch.cuda.empty_cache()

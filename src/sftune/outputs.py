@@ -88,16 +88,11 @@ def not_a_runs_files(out: Path) -> list[str]:
     names = [n for n in (*RUN_FILES, *MODEL_FILES) if (out / n).exists() or (out / n).is_symlink()]
     if not names or (out / "metrics.jsonl").is_file() or any((out / "checkpoints").glob("step-*")):
         return []
-    try:  # (a run that stopped before its first evaluation wrote config.yaml and data.json only; a config.yaml of
-        # the user's own, beside no data.json, is theirs)
-        from sftune.config import FIELDS, read_yaml
+    # (a run that stopped before its first evaluation wrote config.yaml and data.json only; a config.yaml of the
+    # user's own, beside no data.json, is theirs)
+    from sftune.config import run_config
 
-        written = read_yaml(out / "config.yaml")
-        if (out / "data.json").is_file() and "model" in written and set(written) <= set(FIELDS):
-            return []
-    except Exception:  # (absent, or not ours)
-        pass
-    return names
+    return [] if (out / "data.json").is_file() and run_config(out) is not None else names
 
 
 def finished_without_checkpoints(out: Path) -> bool:

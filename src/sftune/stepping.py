@@ -16,7 +16,7 @@ import os
 import torch
 
 from sftune.batching import DEVICE_KEYS, count_targets, to_device
-from sftune.dist import Dist, env_rank
+from sftune.dist import Dist
 from sftune.errors import SftuneError
 from sftune.graphs import StepGraphs
 from sftune.runtime import autocast, compile_failure, out_of_memory
@@ -56,13 +56,13 @@ def oom_fault(rank: int) -> tuple[str, int] | None:
     return (fault[0], int(fault[1])) if fault and (len(fault) == 2 or int(fault[3]) == rank) else None
 
 
-def within_memory(work, where: tuple[str, int]) -> tuple:
+def within_memory(work, where: tuple[str, int], fault: tuple[str, int] | None = None) -> tuple:
     """(work(), None), or (None, the error's first line) when it runs out of memory; its tensors are freed by
-    the time this returns. The test hook (`oom_fault`) raises torch's error after the work at `where` (a step's
-    draws and gradients are made by then, as a real one can fail)."""
+    the time this returns. `fault` (the test hook, `oom_fault`): torch's error raised after the work at that
+    `where` (a step's draws and gradients are made by then, as a real one can fail)."""
     try:
         result = work()
-        if oom_fault(env_rank()) == where:
+        if fault == where:
             raise torch.OutOfMemoryError("CUDA out of memory (test hook SFTUNE_FAULT_OOM)")
     except RuntimeError as e:  # (torch.OutOfMemoryError is one)
         if (failed := out_of_memory(e)) is None:
@@ -95,6 +95,7 @@ class GuardedStep:
 
     def __init__(self, run, graphs: StepGraphs | None, saves):
         self.run, self.graphs, self.saves = run, graphs, saves
+        self.fault = oom_fault(run.dist.rank)
 
     def forward_backward(self, micro_batches: list[dict], memory_check: bool = False) -> tuple[torch.Tensor, int]:
         """The next step's (loss sum, targets), its gradients accumulated (`memory_check`: the memory check's
@@ -115,7 +116,8 @@ class GuardedStep:
         run, cfg = self.run, self.run.cfg
         try:
             return within_memory(lambda: forward_backward(run.model, micro_batches, run.dist, run.precision,
-                                                          run.scaler, self.graphs, run.loss_model.device_keys), at)
+                                                          run.scaler, self.graphs, run.loss_model.device_keys), at,
+                                 self.fault)
         except RuntimeError as e:
             if (failed := compile_failure(e)) is None or not (run.compile == "torch" or cfg.compile_blocks):
                 raise
