@@ -185,14 +185,19 @@ def blocks_check() -> dict:
     from sftune.loss import CausalLMLoss
     from sftune.modeling import compile_blocks, fuse_activations
 
+    from sftune.attention import NAME, register
+
     device = torch.device("cuda")
     config = GPT2Config.from_pretrained(GPT2)
     config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = 0.0
     torch.manual_seed(0)
+    register()  # (as training runs these rows under graphs: SDPA with no mask, in the capture too; try 125)
     plain = GPT2LMHeadModel(config)
     fuse_activations(plain)
     compiled = GPT2LMHeadModel(config)
     fuse_activations(compiled)
+    for model in (plain, compiled):
+        model.set_attn_implementation(NAME)
     compiled.load_state_dict(plain.state_dict())
     models = {"plain": CausalLMLoss(plain.to(device)).train(), "blocks": CausalLMLoss(compiled.to(device)).train()}
     rng = np.random.default_rng(0)

@@ -91,6 +91,8 @@ def main() -> None:
         t0 = time.perf_counter()
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         results.append({**json.loads(out.strip().splitlines()[-1]), "wall_s": time.perf_counter() - t0})
+        print(f"{mode}: {json.dumps(results[-1])}", file=sys.stderr, flush=True)  # (each as it ends: a run cut
+        # short by a time limit keeps the modes that finished; the 1B model's four did not fit 120 s, try 125)
     if args.json:
         print(json.dumps(results, indent=1))
         return

@@ -23,7 +23,9 @@ tokens per second over the steps after a warm-up.
   packed: (--device cuda) sftune with --packing: 32 rows of 1,024 tokens a step.
   sftune-varlen, packed-varlen: (--device cuda --varlen) sftune and packed under --attention varlen (no mask
           from transformers: SDPA's causal kernel for rows, torch's variable-length flash attention for packed
-          rows, there with --model-config-overrides attn_pdrop=0: that kernel has no dropout).
+          rows, there with --model-config-overrides attn_pdrop=0: that kernel has no dropout). Since try 125
+          `sftune` itself takes that function for its rows under CUDA graphs (`--attention auto`), so the two
+          rows run the same attention.
   packed-flex: (--device cuda --flex) packed under --attention flex (compiled flex attention under a block mask
           made on the host; attn_pdrop=0 too).
 

@@ -315,3 +315,28 @@ def test_auto_takes_flex_for_long_packed_runs_on_a_gpu_that_can_compile_it(monke
     assert attention == "auto" and "config sets attn_pdrop = 0.1 (--model-config-overrides attn_pdrop=0" in said
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
     assert resolve_attention(packed, llama, gpu, long, 1024) == ("auto", None)
+
+
+def test_auto_keeps_right_padded_rows_unmasked_under_cuda_graphs():
+    """Rows that are not packed, on a CUDA GPU under graphs: sftune's own attention function (SDPA's causal kernel,
+    no mask), as the eager steps run; transformers' would build a full causal mask inside each capture (try 125:
+    compiled blocks then recompiled in the capture and failed). Eager steps, a CPU, packed rows and an explicit
+    kernel keep what they had."""
+    from dataclasses import replace
+
+    from transformers import AutoConfig
+
+    from conftest import FIXTURES
+    from sftune.config import SFTConfig
+    from sftune.dist import Dist
+    from sftune.step_mode import resolve_attention
+
+    gpu, cpu = Dist(device=torch.device("cuda")), Dist(device=torch.device("cpu"))
+    gpt2 = AutoConfig.from_pretrained(FIXTURES.parent.parent / "examples" / "quickstart" / "model", attn_pdrop=0.1)
+    rows = SFTConfig(model="m", batch_size=32)
+    attention, said = resolve_attention(rows, gpt2, gpu, 1000, 1024, "graphs")
+    assert attention == "varlen" and "right-padded rows through SDPA's causal kernel with no mask" in said
+    assert resolve_attention(rows, gpt2, gpu, 1000, 1024, "off") == ("auto", None)
+    assert resolve_attention(rows, gpt2, cpu, 1000, 1024, "graphs") == ("auto", None)
+    assert resolve_attention(replace(rows, attention="sdpa"), gpt2, gpu, 1000, 1024, "graphs") == ("sdpa", None)
+    assert resolve_attention(replace(rows, packing=True), gpt2, gpu, 1, 1024, "graphs") == ("auto", None)

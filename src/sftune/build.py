@@ -312,7 +312,7 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock, stop: StopFl
                          cfg.sample_max_new_tokens, steps.layout.is_chat)
     compile_mode, why = resolve_compile(cfg, dist, precision, steps.total_steps)
     padding = steps.padding = step_padding(cfg, compile_mode, max_length)  # (the plan of steps does not depend on it)
-    attention, notice = resolve_attention(cfg, model_config, dist, steps.total_steps, max_length)
+    attention, notice = resolve_attention(cfg, model_config, dist, steps.total_steps, max_length, compile_mode)
     if notice:
         log(notice)
     resolved = replace(cfg, output_dir=str(out), tokenizer=cfg.tokenizer or cfg.model, max_length=max_length,

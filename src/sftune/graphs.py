@@ -168,6 +168,9 @@ class StepGraphs:
         # adding: 0 during the warm-up and the capture, so the gradients get + 0; assigning: 1, whose gradients (the
         # first warm-up's and the check replay's) are compared and then dropped
         scale = torch.full((), 1.0 if self.assign else 0.0, device=self.device)
+        generator = torch.cuda.default_generators[self.device.index if self.device.index is not None
+                                                else torch.cuda.current_device()]
+        clean = generator.clone_state()  # (see `_restore_generator`)
         try:
             with torch.random.fork_rng(devices=[self.device]):
                 rng = torch.cuda.get_rng_state(self.device)
@@ -196,6 +199,7 @@ class StepGraphs:
                 replayed, expected = float(loss), float(eager_loss)  # note: a sync, once per shape
                 norms = (float(self._grad_norm()), float(eager_norm)) if self.assign else None
         except Exception as e:  # noqa: BLE001 (any capture failure means: run this model eagerly)
+            _restore_generator(generator, clean)
             self._put_back(held)
             return self._without_casts(key, batch, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         self._put_back(held)
@@ -247,3 +251,14 @@ class StepGraphs:
             f"(--compile off skips the attempt)")
         self.loss_model.cache_cast = True
         return None
+
+
+def _restore_generator(generator: torch.Generator, clean) -> None:
+    """The CUDA generator as it was before a capture that failed. A capture marks the generator's state as capturing
+    and only a capture that ends well unmarks it; after one that raised, the next eager draw (dropout in the steps
+    that go on eagerly) would stop the run ("Offset increment outside graph capture encountered unexpectedly", torch
+    2.11 on an H100 with --compile-blocks). `clean` is a copy taken before the capture; fork_rng has put the seed and
+    offset back, and they are kept."""
+    state = generator.get_state()
+    generator.graphsafe_set_state(clean)
+    generator.set_state(state)

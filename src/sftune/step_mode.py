@@ -55,14 +55,30 @@ FLEX_MIN_TOKENS = 16_000_000  # auto: packed rows through flex attention on a CU
 # against ~8 s of compiling its kernels once: repaid after ~13M)
 
 
-def resolve_attention(cfg: SFTConfig, model_config, dist: Dist, total_steps: int,
-                      width: int) -> tuple[str, str | None]:
-    """(attention, what to log): `cfg.attention`, except under `auto` for packed rows on a CUDA GPU, where flex
-    attention (`--attention flex`: only the tiles of each example's own tokens) is taken for runs long enough to
-    repay its compile, for a model it can train (no attention dropout: said, with the fix, if that is all that
-    stands in the way) and with Triton there to compile it. `width`: the packed rows' width."""
-    if cfg.attention != "auto" or not cfg.packing or dist.device.type != "cuda":
+def resolve_attention(cfg: SFTConfig, model_config, dist: Dist, total_steps: int, width: int,
+                      compile_mode: str = "off") -> tuple[str, str | None]:
+    """(attention, what to log): `cfg.attention`, except under `auto` on a CUDA GPU:
+
+    - packed rows: flex attention (`--attention flex`: only the tiles of each example's own tokens) for runs long
+      enough to repay its compile, for a model it can train (no attention dropout: said, with the fix, if that is
+      all that stands in the way) and with Triton there to compile it. `width`: the packed rows' width;
+    - right-padded rows under CUDA graphs (`compile_mode`): sftune's own SDPA function (`--attention varlen`, whose
+      rows that are not packed take SDPA's causal kernel with no mask), for a model that goes through transformers'
+      attention interface. With transformers' own, a step captured in a CUDA graph gets a full causal mask
+      (transformers <= 5.17 builds one whenever a stream is capturing), while its eager warm-up ran without: the
+      graph computed another kernel than the step it was checked against, and compiled blocks (`--compile-blocks`)
+      met a new mask inside the capture, recompiled there and failed (try 125, H100)."""
+    if cfg.attention != "auto" or dist.device.type != "cuda":
         return cfg.attention, None
+    if not cfg.packing:
+        if compile_mode != "graphs":
+            return "auto", None
+        try:
+            check_attention(model_config, "varlen", cfg.trust_remote_code, dist.device, None)
+        except SftuneError:  # (an architecture without transformers' attention interface)
+            return "auto", None
+        return "varlen", ("attention: the right-padded rows through SDPA's causal kernel with no mask, in the CUDA "
+                          "graphs as in eager steps (auto; --attention sdpa leaves transformers to build its mask)")
     slots = total_steps * cfg.batch_size * cfg.grad_accum * dist.world_size * width
     if slots < FLEX_MIN_TOKENS:
         return "auto", None
