@@ -3,6 +3,7 @@
     python3 benchmarks/gpu_check.py --json $OUT/gpu-check.json          # about 3-4 minutes on an H100/H200
     python3 benchmarks/gpu_check.py --quick                             # the unit checks only (under a minute)
     python3 benchmarks/gpu_check.py --device cpu --model M --dataset D --steps 4   # a dry run of 2-4 on a CPU
+    python3 benchmarks/gpu_check.py --runs-only --only-runs lora,blocks           # some groups of whole runs only
 
 1. graphs: a CUDA graph replay (`StepGraphs.run`) against the same micro-batch run eagerly, for GPT-2 small (random
    init): the summed loss and every gradient, fp32 (TF32 off) and bf16, with dropout off and on (the same seed
@@ -525,8 +526,7 @@ def compared_run(out: Path, precision: str, mode: str, base: dict | None, *extra
 
 
 def whole_runs(tmp: Path):
-    """Each --compile mode in fp32 and bf16 against the eager run's losses; then LoRA r16 (issue 11 on the GPU
-    path) in bf16, eager against the default GPU step (graphs). Yields each row as its run ends."""
+    """Each --compile mode in fp32 and bf16 against the eager run's losses. Yields each row as its run ends."""
     modes = ("off", "graphs", "torch") if OPTIONS["device"] == "cuda" else ("off", "torch")
     for precision in ("fp32", "bf16"):
         base = None
@@ -534,7 +534,6 @@ def whole_runs(tmp: Path):
             row, got = compared_run(tmp / f"run-{precision}-{mode}", precision, mode, base)
             base = got if mode == "off" else base
             yield row
-    yield from lora_runs(tmp)
 
 
 def blocks_runs(tmp: Path):
@@ -658,11 +657,20 @@ def ranks_check(tmp: Path) -> dict:
             "traceback": f"[rank{gpus}]: Traceback" in text, "log_tail": text[-1500:]}
 
 
+RUN_GROUPS = {  # (`--only-runs`; all of them by default, in this order: the compiled blocks first, as the newest
+    # lever, then the rest in the order of the sessions that added them)
+    "blocks": blocks_runs, "whole": whole_runs, "moe": moe_runs, "lora": lora_runs,
+    "lora-tokens": lambda tmp: lora_runs(tmp, "--add-tokens", "<|x|>", "<|y|>"), "neftune": neftune_runs}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", metavar="FILE", help="write every figure to FILE")
     p.add_argument("--quick", action="store_true", help="the unit checks only (1, 5 and 6)")
     p.add_argument("--runs-only", action="store_true", help="the whole runs only (2-4: after a --quick call)")
+    p.add_argument("--only-runs", metavar="NAMES",
+                   help=f"these groups of whole runs only, in this order, without the resume, guard, out-of-memory "
+                        f"and ranks checks (comma-separated: {', '.join(RUN_GROUPS)})")
     p.add_argument("--loss-only", action="store_true", help="check 6 only (the fused loss: ways and chunk sizes)")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a dry run of the whole runs")
     p.add_argument("--model", default=str(GPT2), help="the runs' --model (config only: random init)")
@@ -670,6 +678,9 @@ def main() -> None:
     p.add_argument("--dataset", default=str(SST2), help="the runs' --dataset")
     p.add_argument("--steps", type=int, default=30, help="optimizer steps of each compared run")
     args = p.parse_args()
+    groups = args.only_runs.split(",") if args.only_runs else list(RUN_GROUPS)
+    if unknown := [g for g in groups if g not in RUN_GROUPS]:
+        p.error(f"--only-runs: no group {', '.join(unknown)}; the groups: {', '.join(RUN_GROUPS)}")
     OPTIONS.update(model=args.model, tokenizer=args.tokenizer, dataset=args.dataset, device=args.device, steps=args.steps)
     import torch
 
@@ -724,17 +735,17 @@ def main() -> None:
         # ends: a call cut short by the session's device time keeps what finished
         checks = [("resume", "resume after SIGTERM (graphs, bf16, dropout)", resume_check),
                   ("guard", "non-finite guard under graphs", guard_check)]
-        if gpu:
+        if args.only_runs:
+            checks = []
+        elif gpu:
             checks += [("oom", "out of memory at step 1", oom_check), ("ranks", "more processes than GPUs", ranks_check)]
         for key, what, check in checks:
             report[key] = check(tmp)
             save()
             print(f"  {what}: {report[key]}")
         report["runs"] = []
-        # (generators: each run starts only when the one before is reported; the compiled blocks first, as the
-        # newest lever, then the rest in the order of the sessions that added them)
-        for r in itertools.chain(blocks_runs(tmp), whole_runs(tmp), moe_runs(tmp), lora_runs(tmp, "--add-tokens", "<|x|>", "<|y|>"),
-                                 neftune_runs(tmp)):
+        # (generators: each run starts only when the one before is reported)
+        for r in itertools.chain(*(RUN_GROUPS[name](tmp) for name in groups)):
             report["runs"].append(r)
             save()
             print(f"  run {r['precision']:<5} --compile {r['compile']:<9} exit {r['exit']} {r['seconds']:.0f}s "
