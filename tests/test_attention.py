@@ -313,6 +313,8 @@ def test_auto_takes_flex_for_long_packed_runs_on_a_gpu_that_can_compile_it(monke
     assert resolve_attention(replace(packed, attention="sdpa"), llama, gpu, long, 1024) == ("sdpa", None)
     attention, said = resolve_attention(packed, gpt2, gpu, long, 1024)
     assert attention == "auto" and "config sets attn_pdrop = 0.1 (--model-config-overrides attn_pdrop=0" in said
+    mistral = AutoConfig.from_pretrained(FIXTURES / "tiny-mistral")  # (its 64-token sliding window: flex would not)
+    assert resolve_attention(packed, mistral, gpu, long, 1024) == ("auto", None)
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
     assert resolve_attention(packed, llama, gpu, long, 1024) == ("auto", None)
 
@@ -340,3 +342,43 @@ def test_auto_keeps_right_padded_rows_unmasked_under_cuda_graphs():
     assert resolve_attention(rows, gpt2, cpu, 1000, 1024, "graphs") == ("auto", None)
     assert resolve_attention(replace(rows, attention="sdpa"), gpt2, gpu, 1000, 1024, "graphs") == ("sdpa", None)
     assert resolve_attention(replace(rows, packing=True), gpt2, gpu, 1, 1024, "graphs") == ("auto", None)
+    mistral = AutoConfig.from_pretrained(FIXTURES / "tiny-mistral")  # (a sliding window of 64 tokens)
+    assert resolve_attention(rows, mistral, gpu, 1000, 128, "graphs") == ("auto", None)
+    assert resolve_attention(rows, mistral, gpu, 1000, 64, "graphs")[0] == "varlen"
+
+
+def test_local_attention_reads_sliding_windows_and_chunks():
+    """The narrowest window some layer attends within, from the config's own keys: Mistral's sliding window,
+    Qwen2's only where `use_sliding_window` turns it on (its layer types then say so), Llama 4's chunks; none for
+    a model whose layers all see the whole causal past."""
+    from transformers import AutoConfig, Llama4TextConfig, Qwen2Config
+
+    from conftest import FIXTURES
+    from sftune.attention import local_attention
+
+    assert local_attention(AutoConfig.from_pretrained(FIXTURES / "tiny-mistral")) == ("sliding_window", 64)
+    for name in ("tiny-llama", "tiny-qwen2", "tiny-mixtral"):
+        assert local_attention(AutoConfig.from_pretrained(FIXTURES / name)) is None, name
+    qwen2 = dict(num_hidden_layers=4, sliding_window=32, max_window_layers=2)
+    assert local_attention(Qwen2Config(**qwen2, use_sliding_window=True)) == ("sliding_window", 32)
+    assert local_attention(Qwen2Config(**qwen2, use_sliding_window=False)) is None
+    assert local_attention(Llama4TextConfig(attention_chunk_size=512)) == ("attention_chunk_size", 512)
+
+
+@pytest.mark.parametrize("attention", ["varlen", "flex"])
+def test_sftune_attention_refuses_rows_wider_than_a_sliding_window(capsys, tmp_path, small_model_dir, attention):
+    """sftune's attention functions attend over whole rows: for a model whose layers attend within a sliding
+    window (the tiny Mistral's 64 tokens) they would compute other logits past it, silently (by hand: 0.23 apart
+    at 150 tokens, equal within the window). Rows wider than the window: exit 2 naming the window and both fixes,
+    nothing written; rows within it (--max-length 64) train."""
+    from conftest import FIXTURES
+
+    common = ["train", "--no-run-report", "--model", str(FIXTURES / "tiny-mistral"), "--init", "random",
+              "--tokenizer", str(small_model_dir), "--dataset", str(QUICKSTART_DATA), "--attention", attention,
+              "--max-steps", "1", "--eval-every", "null", "--report-to", "none"]
+    code, _, err = run_main(capsys, *common, "--max-length", "128", "--output-dir", str(tmp_path / "refused"))
+    assert code == 2 and "Traceback" not in err and not (tmp_path / "refused").exists()
+    assert f"--attention {attention}: this model's layers attend within 64 tokens (sliding_window = 64" in err
+    assert "--attention sdpa, or --max-length 64" in err
+    code, _, err = run_main(capsys, *common, "--max-length", "64", "--output-dir", str(tmp_path / "run"))
+    assert code == 0, err

@@ -302,6 +302,33 @@ def attention_dropout(model_config) -> tuple[str, float] | None:
     return (key, p) if p > 0 else None
 
 
+def local_attention(model_config) -> tuple[str, int] | None:
+    """(config key, tokens) of the narrowest local attention some layer of the model uses (a sliding window, or
+    attention in chunks), or None when every layer attends to the whole causal past. sftune's attention functions
+    attend causally over each row (or each packed example) whole: exact only where the window holds a row."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    window = getattr(text, "sliding_window", None)
+    types = getattr(text, "layer_types", None)
+    if types is not None and all(t in ("full_attention", "linear_attention") for t in types):
+        window = None  # (Qwen2 with use_sliding_window false: every layer full; linear layers take no mask)
+    elif types is None and getattr(text, "use_sliding_window", True) is False:
+        window = None
+    found = [(key, int(n)) for key, n in (("sliding_window", window),
+                                          ("attention_chunk_size", getattr(text, "attention_chunk_size", None))) if n]
+    return min(found, key=lambda kv: kv[1]) if found else None
+
+
+def check_window(model_config, attention: str, width: int) -> None:
+    """`--attention varlen` or `flex` for rows of up to `width` tokens: a clear error when a layer of the model
+    attends within a narrower window (those functions would attend past it: other logits, without a word)."""
+    if attention not in ("varlen", "flex") or (local := local_attention(model_config)) is None or local[1] >= width:
+        return
+    key, n = local
+    raise SftuneError(f"--attention {attention}: this model's layers attend within {n:,} tokens ({key} = {n} in its "
+                      f"config) and sftune's {attention} attention attends over whole rows of up to {width:,}; use "
+                      f"--attention sdpa, or --max-length {n} (rows within the window, where both agree)")
+
+
 def check_varlen(model_config, device, precision: str | None, packing: bool, attention: str = "varlen") -> None:
     """`--attention varlen` (or `flex`) can train this model here, or a clear error. Only packed rows use torch's
     kernel (rows that are not packed take SDPA, with any dropout and precision)."""

@@ -67,15 +67,23 @@ def resolve_attention(cfg: SFTConfig, model_config, dist: Dist, total_steps: int
       attention interface. With transformers' own, a step captured in a CUDA graph gets a full causal mask
       (transformers <= 5.17 builds one whenever a stream is capturing), while its eager warm-up ran without: the
       graph computed another kernel than the step it was checked against, and compiled blocks (`--compile-blocks`)
-      met a new mask inside the capture, recompiled there and failed (try 125, H100)."""
+      met a new mask inside the capture, recompiled there and failed (try 125, H100).
+
+    Neither where a layer attends within a window narrower than the rows (`attention.local_attention`: Mistral's
+    sliding window, Llama 4's chunks), which only transformers' masks keep."""
+    from sftune.attention import local_attention
+
     if cfg.attention != "auto" or dist.device.type != "cuda":
         return cfg.attention, None
+    if (local := local_attention(model_config)) is not None and local[1] < width:
+        return "auto", None  # (a sliding window or chunks narrower than the rows: transformers' masks keep them)
     if not cfg.packing:
         if compile_mode != "graphs":
             return "auto", None
-        try:
-            check_attention(model_config, "varlen", cfg.trust_remote_code, dist.device, None)
-        except SftuneError:  # (an architecture without transformers' attention interface)
+        try:  # (SDPA itself too: sftune's function calls transformers' SDPA function for these rows)
+            for attention in ("sdpa", "varlen"):
+                check_attention(model_config, attention, cfg.trust_remote_code, dist.device, None)
+        except SftuneError:  # (an architecture without transformers' attention interface, or without SDPA)
             return "auto", None
         return "varlen", ("attention: the right-padded rows through SDPA's causal kernel with no mask, in the CUDA "
                           "graphs as in eager steps (auto; --attention sdpa leaves transformers to build its mask)")
