@@ -14,6 +14,7 @@ stream captures: the compiled blocks recompiled inside the capture and failed, t
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -66,10 +67,8 @@ def case(dropout: float, attention: str) -> dict:
         (loss * scale).backward()
         return float(loss)
 
-    def replay_ms(loss_model) -> float | None:
-        graphs = StepGraphs(loss_model, device, "bf16", required=False, assign=True)
-        if graphs.run(batch, scale) is None:
-            return None
+    def replay_ms(loss_model, graphs) -> float:
+        """ms a replay of the captured step (30 of them)."""
         torch.cuda.synchronize()
         started = time.perf_counter()
         for _ in range(30):
@@ -79,7 +78,9 @@ def case(dropout: float, attention: str) -> dict:
         return (time.perf_counter() - started) / 30 * 1e3
 
     plain = CausalLMLoss(built().to(device)).train()
-    report["plain_replay_ms"] = replay_ms(plain)
+    graphs = StepGraphs(plain, device, "bf16", required=False, assign=True)
+    report["plain_replay_ms"] = replay_ms(plain, graphs) if graphs.run(batch, scale) is not None else None
+    del graphs
     del plain
     loss_model = CausalLMLoss(model.to(device)).train()
     compile_blocks(model, "inductor", 8)
@@ -95,13 +96,7 @@ def case(dropout: float, attention: str) -> dict:
     except Exception as e:  # noqa: BLE001
         report["eager_after"] = f"ERROR {e!r}"[:500]
     if got is not None:
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        for _ in range(30):
-            loss_model.zero_grad(set_to_none=True)
-            graphs.run(batch, scale)
-        torch.cuda.synchronize()
-        report["blocks_replay_ms"] = (time.perf_counter() - started) / 30 * 1e3
+        report["blocks_replay_ms"] = replay_ms(loss_model, graphs)
         return report
     # by hand, for the whole traceback
     inputs = to_device(batch, device)
@@ -126,8 +121,12 @@ def case(dropout: float, attention: str) -> dict:
 
 
 def main() -> None:
-    if len(sys.argv) > 3 and sys.argv[1] == "--case":
-        print(json.dumps(case(float(sys.argv[2]), sys.argv[3])))
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--case", nargs=2, metavar=("DROPOUT", "ATTENTION"),
+                   help="one case in this process (ATTENTION: varlen or sdpa), its report as a JSON line")
+    args = p.parse_args()
+    if args.case:
+        print(json.dumps(case(float(args.case[0]), args.case[1])))
         return
     for dropout, attention in (("0.1", "varlen"), ("0.1", "sdpa")):
         started = time.perf_counter()
