@@ -200,6 +200,7 @@ class StepGraphs:
                 norms = (float(self._grad_norm()), float(eager_norm)) if self.assign else None
         except Exception as e:  # noqa: BLE001 (any capture failure means: run this model eagerly)
             _restore_generator(generator, clean)
+            self.graphs.clear()  # (graphs captured before draw from the generator state replaced: captured again)
             self._put_back(held)
             return self._without_casts(key, batch, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
         self._put_back(held)
@@ -258,7 +259,8 @@ def _restore_generator(generator: torch.Generator, clean) -> None:
     and only a capture that ends well unmarks it; after one that raised, the next eager draw (dropout in the steps
     that go on eagerly) would stop the run ("Offset increment outside graph capture encountered unexpectedly", torch
     2.11 on an H100 with --compile-blocks). `clean` is a copy taken before the capture; fork_rng has put the seed and
-    offset back, and they are kept."""
+    offset back, and they are kept. The generator then holds another state object than the one the graphs captured
+    before hold (a replay advances the state its graph was captured with): those are dropped by the caller."""
     state = generator.get_state()
     generator.graphsafe_set_state(clean)
     generator.set_state(state)
