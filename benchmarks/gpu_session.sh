@@ -17,6 +17,8 @@
 #                (real tok/s, ms/step, MFU, peak GPU memory, compile time apart), and the whole seed job
 #   runs   (300) benchmarks/gpu_check.py: SIGTERM resume under graphs (bitwise?), the non-finite guard under
 #                graphs, then whole runs --compile off/graphs/torch (fp32, bf16) and LoRA (with 2 added tokens), each saved as it ends
+#   probe  (200) benchmarks/blocks_probe.py: whether a step with compiled blocks captures (GPT-2 small, dropout 0.1,
+#                sftune's attention function, then transformers'), the replay times, and the step after a failure
 #   runs-lora (300) the runs phase's LoRA runs (eager against graphs: issue 11 on the GPU path), then its compiled
 #                blocks' runs and LoRA with two added tokens, without the checks before them
 #   fusion (300) benchmarks/throughput.py --only packed,packed-flex --packed-compile torch: the packed runs with
@@ -114,6 +116,7 @@ for p in $PHASES; do
     speed) phase speed 540 $py benchmarks/throughput.py --device "$DEVICE" "${speed[@]}" --json "$OUT/$card-$date.json" ;;
     speed-steps) phase speed-steps 360 $py benchmarks/throughput.py --device "$DEVICE" "${speed_steps[@]}" --json "$OUT/$card-$date.json" ;;
     runs) phase runs 300 $py benchmarks/gpu_check.py --device "$DEVICE" --runs-only "${runs[@]}" --json "$OUT/gpu-check.json" ;;
+    probe) [ "$DEVICE" = cuda ] && phase probe 200 $py benchmarks/blocks_probe.py ;;
     runs-lora) phase runs-lora 300 $py benchmarks/gpu_check.py --device "$DEVICE" --runs-only --only-runs lora,blocks,lora-tokens "${runs[@]}" --json "$OUT/gpu-check-lora.json" ;;
     fusion) [ "$DEVICE" = cuda ] && phase fusion 300 $py benchmarks/throughput.py --device cuda --quick --only packed,packed-flex --packed-compile torch --json "$OUT/packed-compiled-$card-$date.json"
       ;;
