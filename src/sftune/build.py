@@ -427,7 +427,8 @@ def prepare_inputs(cfg: SFTConfig, dist: Dist, precision: str) -> tuple:
     model_config = override_config(load_model_config(cfg.model, cfg.trust_remote_code), cfg.model_config_overrides)
     check_model_fits(cfg, tokenizer, model_config)
     check_attention(model_config, cfg.attention, cfg.trust_remote_code, dist.device, precision, cfg.packing)
-    check_window(model_config, cfg.attention, cfg.max_length or context_length(model_config, tokenizer))
+    if cfg.attention in ("varlen", "flex"):
+        check_window(model_config, cfg.attention, cfg.max_length or context_length(model_config, tokenizer))
     say_attention_off_gpu(cfg, dist.device)
     if cfg.lora_r:
         from sftune.lora import check_lora
