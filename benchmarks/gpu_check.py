@@ -183,10 +183,9 @@ def blocks_check() -> dict:
     from sftune.batching import Padding, best_fit_decreasing, collate, collate_packed, count_targets
     from sftune.graphs import StepGraphs
     from sftune.data import Examples
+    from sftune.attention import NAME, register
     from sftune.loss import CausalLMLoss
     from sftune.modeling import compile_blocks, fuse_activations
-
-    from sftune.attention import NAME, register
 
     device = torch.device("cuda")
     config = GPT2Config.from_pretrained(GPT2)

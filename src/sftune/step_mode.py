@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from sftune.attention import local_attention
 from sftune.batching import Padding
 from sftune.config import SFTConfig
 from sftune.console import log
@@ -71,8 +72,6 @@ def resolve_attention(cfg: SFTConfig, model_config, dist: Dist, total_steps: int
 
     Neither where a layer attends within a window narrower than the rows (`attention.local_attention`: Mistral's
     sliding window, Llama 4's chunks), which only transformers' masks keep."""
-    from sftune.attention import local_attention
-
     if cfg.attention != "auto" or dist.device.type != "cuda":
         return cfg.attention, None
     if (local := local_attention(model_config)) is not None and local[1] < width:
