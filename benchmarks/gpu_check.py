@@ -31,7 +31,7 @@
    `--attention flex` (compiled flex attention under the host-made block tables): the packed loss and gradients
    against the mask's, as a CUDA graph against eager, and its time beside the others'.
 6. chunk math (also under --quick; alone with --loss-only): the fused loss over 32,768 rows of GPT-2 small's head
-   in bf16 (the aligned cast), eager against its softmax compiled (`loss.ChunkMath`, inductor): loss and
+   in bf16 (the aligned cast), eager against its softmax compiled (`fused_loss.ChunkMath`, inductor): loss and
    gradients, the compile's seconds, and ms per call of each way with chunks of 1,024 rows and of `chunk_rows`.
 7. moe (with 2): a tiny Mixtral with its routers' load-balancing loss, bf16, graphs against eager (token and
    router losses).
@@ -426,7 +426,7 @@ def chunk_math_check() -> dict:
     import torch
 
     from sftune.batching import IGNORE_INDEX
-    from sftune.loss import CE_CHUNK_ROWS, ChunkMath, LinearCrossEntropySum, aligned_cast, chunk_rows
+    from sftune.fused_loss import CE_CHUNK_ROWS, ChunkMath, LinearCrossEntropySum, aligned_cast, chunk_rows
 
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(0)

@@ -259,7 +259,7 @@ def test_steps_made_ahead_in_a_thread_are_the_steps_of_the_loop(small_model_dir)
 
 
 def test_the_fused_loss_softmax_is_compiled_where_it_pays():
-    """Under CUDA graphs the fused loss's per-chunk softmax is compiled (`loss.ChunkMath`) when asked for with
+    """Under CUDA graphs the fused loss's per-chunk softmax is compiled (`fused_loss.ChunkMath`) when asked for with
     --compile graphs, and under auto only for runs long enough to repay the compile (CHUNK_MATH_MIN_SLOTS)."""
     from dataclasses import replace
     from types import SimpleNamespace

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from conftest import make_tiny_gpt2
 from sftune.batching import collate, collate_packed, best_fit_decreasing
 from sftune.data import Examples
-from sftune.loss import CE_CHUNK_ROWS, CausalLMLoss, ChunkMath, LinearCrossEntropySum, chunk_math_functional, sum_token_loss
+from sftune.fused_loss import CE_CHUNK_ROWS, ChunkMath, LinearCrossEntropySum, chunk_math_functional
+from sftune.loss import CausalLMLoss, sum_token_loss
 
 EOS = 50256
 
@@ -203,7 +204,7 @@ def test_scaled_and_soft_capped_logits_give_autograds_loss_and_gradients(scale, 
     head's cast with zero rows up to a multiple of 64 (97 -> 128 here, GPT-2's 50,257 -> 50,304: aligned rows for
     the GPU's bf16 products), whose extra logits count as -inf: the same loss, hits and gradients (of the real rows
     only)."""
-    from sftune.loss import aligned_cast
+    from sftune.fused_loss import aligned_cast
 
     hidden, weight, targets = _head_inputs(CE_CHUNK_ROWS + 37)
     w = aligned_cast(weight, torch.float64) if padded else None
@@ -247,7 +248,7 @@ def test_the_chunk_size_changes_no_loss_or_gradient(rows_per_chunk):
     """A GPU's chunks are larger than a CPU's (`chunk_rows`: as many rows as fit 1 GiB of fp32 logits, so fewer
     passes that add a chunk's head gradient into its fp32 sum): any chunk size, down to a row at a time, gives the
     same loss, gradients and argmax hits (fp64; the sums only grouped differently)."""
-    from sftune.loss import chunk_rows
+    from sftune.fused_loss import chunk_rows
 
     assert chunk_rows(torch.device("cpu"), 50_257) == CE_CHUNK_ROWS
     hidden, weight, targets = _head_inputs(CE_CHUNK_ROWS + 37)

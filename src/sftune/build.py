@@ -32,7 +32,8 @@ from sftune.data.cache import tokenizer_fingerprint
 from sftune.dist import Dist, init_dist, restart_warning
 from sftune.errors import SftuneError, on_every_rank
 from sftune.generate import check_sample_prompts
-from sftune.loss import CausalLMLoss, ChunkMath, chunk_rows, output_head
+from sftune.fused_loss import ChunkMath, chunk_rows
+from sftune.loss import CausalLMLoss, output_head
 from sftune.modeling import add_tokens, check_attention, compile_blocks, context_length, declared_dtype, \
     enable_activation_checkpointing, fit_embeddings, load_model, load_model_config, load_tokenizer, model_skeleton, \
     override_config, router_loss_notice, save_model, token_ids, train_every_embedding_row

@@ -114,7 +114,7 @@ CHUNK_MATH_MIN_SLOTS = 20_000_000  # auto: compile the fused loss's softmax for 
 
 
 def wants_chunk_math(cfg: SFTConfig, compile_mode: str, steps: StepSource, max_length: int) -> bool:
-    """Whether the fused loss's per-chunk softmax is compiled (`loss.ChunkMath`): under CUDA graphs (under
+    """Whether the fused loss's per-chunk softmax is compiled (`fused_loss.ChunkMath`): under CUDA graphs (under
     `--compile torch` the whole step is compiled already), always when asked for with `--compile graphs`, and
     under `auto` when the run is long enough to repay the compile."""
     if compile_mode != "graphs":
