@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from sftune.attention import check_window
-from sftune.checkpoint import AdapterCheckpointer, Checkpointer, FullCheckpointer, ShardedAdapterCheckpointer, \
-    ShardedCheckpointer, TrainState, complete_checkpoints, find_resume_checkpoint
+from sftune.checkpoint import TrainState, complete_checkpoints, find_resume_checkpoint
+from sftune.checkpointers import AdapterCheckpointer, Checkpointer, FullCheckpointer, ShardedAdapterCheckpointer, \
+    ShardedCheckpointer
 from sftune.config import SFTConfig, dump_yaml, template_on_the_hub, to_dict
 from sftune.console import log
 from sftune.data import DataOptions, prepare_data
