@@ -34,7 +34,7 @@ def case(dropout: float, attention: str) -> dict:
     from sftune.data import Examples
     from sftune.graphs import StepGraphs
     from sftune.loss import CausalLMLoss
-    from sftune.modeling import compile_blocks, fuse_activations
+    from sftune.blocks import compile_blocks, fuse_activations
     from sftune.runtime import autocast
 
     device = torch.device("cuda")

@@ -185,7 +185,7 @@ def blocks_check() -> dict:
     from sftune.data import Examples
     from sftune.attention import NAME, register
     from sftune.loss import CausalLMLoss
-    from sftune.modeling import compile_blocks, fuse_activations
+    from sftune.blocks import compile_blocks, fuse_activations
 
     device = torch.device("cuda")
     config = GPT2Config.from_pretrained(GPT2)

@@ -46,7 +46,7 @@ def logits(model, ids):
 
 
 def test_added_tokens_are_single_special_tokens_and_known_ones_are_kept():
-    from sftune.modeling import add_tokens, token_ids
+    from sftune.vocab import add_tokens, token_ids
 
     tokenizer = fresh_tokenizer()
     before = len(tokenizer)
@@ -60,7 +60,7 @@ def test_added_tokens_are_single_special_tokens_and_known_ones_are_kept():
 
 @pytest.mark.parametrize("make", [make_tiny_gpt2, llama], ids=["gpt2-tied", "llama-untied"])
 def test_grown_embeddings_keep_the_old_rows_and_start_new_ones_at_their_mean(make):
-    from sftune.modeling import fit_embeddings
+    from sftune.vocab import fit_embeddings
 
     model = make()
     embedding, head = model.get_input_embeddings().weight.detach().clone(), model.lm_head.weight.detach().clone()
@@ -79,7 +79,7 @@ def test_a_tokenizer_larger_than_the_model_is_only_accepted_for_tokens_it_adds()
     from sftune.build import check_model_fits
     from sftune.config import resolve_config
     from sftune.errors import SftuneError
-    from sftune.modeling import add_tokens
+    from sftune.vocab import add_tokens
 
     config = make_tiny_gpt2().config
     tokenizer = fresh_tokenizer()
@@ -130,7 +130,8 @@ def test_a_lora_adapter_holds_the_new_rows_and_loads_on_any_grown_base(make, tmp
     from sftune.config import resolve_config
     from sftune.loss import CausalLMLoss
     from sftune.lora import add_lora, load_adapter_model, save_adapter
-    from sftune.modeling import add_tokens, fit_embeddings, save_model, token_ids
+    from sftune.modeling import save_model
+    from sftune.vocab import add_tokens, fit_embeddings, token_ids
 
     base_dir = tmp_path / "base"
     save_model(make(), fresh_tokenizer(), base_dir)  # the base: 50,257 rows, its tokenizer without the markers
@@ -187,7 +188,7 @@ def test_rows_of_a_matrix_trained_in_full_are_not_trained_twice():
     embedding/head named either way is one such matrix; peft failed in the forward when given both)."""
     from sftune.config import resolve_config
     from sftune.lora import add_lora, trainable_tokens
-    from sftune.modeling import fit_embeddings
+    from sftune.vocab import fit_embeddings
 
     gpt2, llama_model = make_tiny_gpt2(), llama()
     for model in (gpt2, llama_model):

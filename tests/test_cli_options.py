@@ -162,7 +162,7 @@ def test_lr_schedules_decay_to_min_lr_ratio():
     import torch
     from transformers import get_scheduler
 
-    from sftune.build import build_scheduler
+    from sftune.update import build_scheduler
     from sftune.config import resolve_config
 
     def walk(make, total):
@@ -199,7 +199,7 @@ def test_each_steps_lr_is_transformers_own_to_the_bit_and_resumes_across_them():
     import torch
     from transformers import get_scheduler
 
-    from sftune.build import build_scheduler
+    from sftune.update import build_scheduler
     from sftune.config import resolve_config
 
     def optimizer():
@@ -262,7 +262,7 @@ def test_a_full_fine_tunes_start_imports_neither_peft_nor_accelerate():
     """The lr schedule no longer comes from transformers.optimization, which imports its Trainer's utilities and
     through them peft and accelerate (283 modules, 1.35 s on a 2-core CPU): a full fine-tune's build imports
     neither."""
-    code = ("import sys, torch; from sftune.build import build_scheduler; from sftune.config import resolve_config; "
+    code = ("import sys, torch; from sftune.update import build_scheduler; from sftune.config import resolve_config; "
             "opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))]); "
             "build_scheduler(resolve_config({'lr_schedule': 'cosine'}), opt, 2, 10); "
             "print(sorted({m.split('.')[0] for m in sys.modules} & {'peft', 'accelerate'}))")

@@ -335,7 +335,7 @@ def test_compiled_blocks_share_one_compile_per_shape_and_change_nothing(family):
     import torch._dynamo
 
     from sftune.errors import SftuneError
-    from sftune.modeling import compile_blocks
+    from sftune.blocks import compile_blocks
 
     def two_layers():
         model = tiny(family)

@@ -153,7 +153,8 @@ def test_the_eos_row_of_a_model_sftune_saved_trains(tmp_path):
     from sftune.batching import collate
     from sftune.data import Examples
     from sftune.loss import CausalLMLoss
-    from sftune.modeling import load_model, train_every_embedding_row
+    from sftune.modeling import load_model
+    from sftune.vocab import train_every_embedding_row
 
     eos = 50256
     model = family_model("tiny-llama")
@@ -268,7 +269,7 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(name):
     from sftune.batching import collate
     from sftune.data import Examples
     from sftune.loss import CausalLMLoss
-    from sftune.modeling import enable_activation_checkpointing
+    from sftune.blocks import enable_activation_checkpointing
 
     results = []
     for checkpointing in (False, True):

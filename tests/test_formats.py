@@ -702,7 +702,7 @@ def test_the_direct_encoder_gives_what_transformers_gives(gpt2_tokenizer, bos_to
     BOS-adding tokenizer, added tokens, `split_special_tokens`, and an encoder left truncating and padding by its
     tokenizer.json or by an earlier call."""
     from sftune.data.tokenize import text_encoder
-    from sftune.modeling import add_tokens
+    from sftune.vocab import add_tokens
 
     grown = copy.deepcopy(gpt2_tokenizer)
     add_tokens(grown, ["<|tool|>"])

@@ -152,7 +152,7 @@ def test_the_fused_loss_reaches_a_head_peft_trains_in_full():
 
 
 def test_loraplus_gives_the_b_matrices_their_own_learning_rate():
-    from sftune.build import param_groups
+    from sftune.update import param_groups
     from sftune.lora import add_lora
 
     peft_model = add_lora(make_tiny_gpt2(), lora_cfg(loraplus_lr_ratio=16))

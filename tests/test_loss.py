@@ -281,7 +281,7 @@ def test_gpt2s_python_gelu_runs_as_torchs_fused_one_computing_the_same(tmp_path)
     from transformers.activations import GELUTanh, NewGELUActivation
 
     from conftest import FIXTURES
-    from sftune.modeling import fuse_activations
+    from sftune.blocks import fuse_activations
 
     model = make_tiny_gpt2().eval()
     ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))

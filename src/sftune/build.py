@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from sftune.attention import check_window
+from sftune.blocks import compile_blocks, enable_activation_checkpointing
 from sftune.checkpoint import TrainState, complete_checkpoints, find_resume_checkpoint
 from sftune.checkpointers import AdapterCheckpointer, Checkpointer, FullCheckpointer, ShardedAdapterCheckpointer, \
     ShardedCheckpointer
@@ -35,9 +36,8 @@ from sftune.errors import SftuneError, on_every_rank
 from sftune.generate import check_sample_prompts
 from sftune.fused_loss import ChunkMath, chunk_rows
 from sftune.loss import CausalLMLoss, output_head
-from sftune.modeling import add_tokens, check_attention, compile_blocks, context_length, declared_dtype, \
-    enable_activation_checkpointing, fit_embeddings, load_model, load_model_config, load_tokenizer, model_skeleton, \
-    override_config, router_loss_notice, save_model, token_ids, train_every_embedding_row
+from sftune.modeling import check_attention, context_length, declared_dtype, load_model, load_model_config, \
+    load_tokenizer, model_skeleton, override_config, router_loss_notice, save_model
 from sftune.outputs import OutputLock, check_output_dir, check_shared, clear_previous_run, \
     claim_new_run_dir, finished_without_checkpoints, publish_model, resolve_output_dir
 from sftune.resume import check_resume_compatible, check_same_inputs, check_same_steps
@@ -48,7 +48,8 @@ from sftune.signals import Preempted, StopFlag
 from sftune.step_mode import compile_step, resolve_attention, resolve_compile, say_attention_off_gpu, say_step, \
     step_padding, wants_chunk_math
 from sftune.steps import InMemorySteps, StepSource, StreamedSteps
-from sftune.update import lr_factor
+from sftune.update import build_optimizer, build_scheduler, warmup_steps
+from sftune.vocab import add_tokens, fit_embeddings, token_ids, train_every_embedding_row
 
 
 # --- tokenizer and data ------------------------------------------------------------
@@ -172,42 +173,6 @@ def build_data(cfg: SFTConfig, tokenizer, model_config, dist: Dist | None = None
 
 
 # --- the run -----------------------------------------------------------------------
-
-
-def warmup_steps(cfg: SFTConfig, total_steps: int) -> int:
-    """`warmup_steps`, or `warmup_ratio` of the run's steps rounded up (the HF Trainer's rule)."""
-    return math.ceil(cfg.warmup_ratio * total_steps) if cfg.warmup_ratio is not None else cfg.warmup_steps
-
-
-def build_scheduler(cfg: SFTConfig, optimizer, warmup: int, total_steps: int):
-    """The learning rate of each step (`update.lr_factor`, transformers' schedules): linear warm-up over `warmup`
-    steps, then constant, a linear or cosine decay to `min_lr_ratio` x lr at `total_steps`, or wsd: constant, then
-    a cosine decay to it over the last `decay_ratio` of the steps."""
-    decay = 0
-    if cfg.lr_schedule == "wsd":
-        decay = math.ceil(cfg.decay_ratio * total_steps)
-        if warmup + decay > total_steps:
-            raise on_every_rank(SftuneError(
-                f"lr_schedule wsd: {warmup} warm-up and {decay} decay steps (decay_ratio {cfg.decay_ratio:g}) do not "
-                f"fit the run's {total_steps:,} steps; lower --warmup-steps or --decay-ratio"))
-    factor = lr_factor(cfg.lr_schedule, optimizer.defaults["lr"], warmup, total_steps, cfg.min_lr_ratio, decay)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-def param_groups(model, weight_decay: float, lr: float, b_ratio: float | None = None) -> list[dict]:
-    """Decay matrices only: biases and norm gains (1-D) are not decayed (as in HF/TRL, nanoGPT). LoRA+ (`b_ratio`):
-    the adapters' B matrices learn at `b_ratio` times `lr` (Hayou et al., 2024; peft's `create_loraplus_optimizer`)."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    faster = {id(p) for n, p in named if b_ratio and (".lora_B." in n or ".lora_embedding_B." in n)}
-    params = [p for _, p in named if id(p) not in faster]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    if faster:
-        groups.append({"params": [p for _, p in named if id(p) in faster], "weight_decay": weight_decay,
-                       "lr": lr * b_ratio})
-    return groups
 
 
 @dataclass
@@ -464,19 +429,6 @@ def load_run_model(cfg: SFTConfig, dist: Dist, checkpoint: Path | None, attentio
                       "pretrained" if from_checkpoint else cfg.init, cfg.trust_remote_code, cfg.seed,
                       attention=attention, overrides=cfg.model_config_overrides,
                       device=torch.device("cpu") if sharded else dist.device)
-
-
-def build_optimizer(cfg: SFTConfig, loss_model: CausalLMLoss, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW (fused: one kernel over all parameters, measured 6x faster than foreach on CPU, benchmarks/NOTES.md),
-    or Adafactor (decoupled weight decay, as AdamW's); the parameter groups' own lr and decay."""
-    groups = param_groups(loss_model, cfg.weight_decay, cfg.lr, cfg.loraplus_lr_ratio)
-    if cfg.optimizer == "adafactor":
-        optimizer = torch.optim.Adafactor(groups, lr=cfg.lr)
-    else:
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                                      fused=device.type in ("cpu", "cuda"))
-    optimizer.register_step_post_hook(loss_model.forget_cast)  # the weights changed: recast the head next time
-    return optimizer
 
 
 def start_state(cfg: SFTConfig, out: Path, dist: Dist, checkpoint: Path | None, checkpointer: Checkpointer,

@@ -208,7 +208,8 @@ def cmd_eval(args) -> None:
     from sftune.build import build_data, build_tokenizer
     from sftune.dist import init_dist
     from sftune.evaluate import evaluate
-    from sftune.modeling import fit_embeddings, load_model, load_model_config, override_config
+    from sftune.modeling import load_model, load_model_config, override_config
+    from sftune.vocab import fit_embeddings
     from sftune.runtime import keep_freed_memory, resolve_precision
 
     dist = init_dist(cfg.device, cfg.dist_timeout)

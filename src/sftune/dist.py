@@ -160,7 +160,7 @@ class Dist:
             if precision == "bf16":
                 policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
                 self.mixed_precision = "weights gathered in bf16, gradients reduced in fp32"
-            from sftune.modeling import transformer_blocks
+            from sftune.blocks import transformer_blocks
 
             blocks = transformer_blocks(module.model)
             if not blocks:

@@ -175,7 +175,7 @@ def check_lora(cfg, model_config, vocabulary: int, token_ids: list[int] = (), tr
     wrong target is reported in a second, before any weights load or any file is written."""
     from transformers import AutoModelForCausalLM
 
-    from sftune.modeling import fit_embeddings
+    from sftune.vocab import fit_embeddings
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code)
@@ -346,7 +346,8 @@ def load_adapter_model(directory: str | Path, base: str | None = None, trust_rem
 def grow_for_adapter(model, directory: Path, trust_remote_code: bool = False) -> None:
     """A base grown to the adapter's tokenizer (a run with --add-tokens): the adapter holds the new tokens' rows
     (`trainable_tokens`) or whole embedding matrices (`modules_to_save`), which need that many rows to load into."""
-    from sftune.modeling import fit_embeddings, load_tokenizer
+    from sftune.modeling import load_tokenizer
+    from sftune.vocab import fit_embeddings
 
     if any((directory / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
         fit_embeddings(model, len(load_tokenizer(str(directory), trust_remote_code, flag="the adapter's directory")))

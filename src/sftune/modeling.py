@@ -17,10 +17,12 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 from transformers import GPT2Tokenizer
 
+from sftune.blocks import fuse_activations
 from sftune.console import log, no_library_bars
 from sftune.errors import SftuneError, remote_code_hint
 from sftune.hub import from_hub_or_cache
 from sftune.runtime import DTYPES as AUTOCAST_DTYPES
+from sftune.vocab import add_tokens, fit_embeddings
 
 BUNDLED_GPT2 = "bundled:gpt2"
 
@@ -194,23 +196,6 @@ def check_attention(model_config, attention: str, trust_remote_code: bool = Fals
     return {"attn_implementation": implementation}
 
 
-def fuse_activations(model) -> int:
-    """Run the tanh-approximated GELU written out in Python (transformers' `gelu_new` and `gelu_fast`: GPT-2, GPT-J,
-    GPT-Neo, CodeGen, Phi) as torch's one fused kernel (transformers' own `gelu_pytorch_tanh`): the same function to
-    float rounding (within 1e-6 relative in fp32, tested), one pass over the activations instead of about eight
-    forward and more backward. The config is untouched, so the saved model names its own activation. Returns how
-    many modules were replaced."""
-    from transformers.activations import FastGELUActivation, GELUTanh, NewGELUActivation
-
-    replaced = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) in (NewGELUActivation, FastGELUActivation):
-                setattr(module, name, GELUTanh())
-                replaced += 1
-    return replaced
-
-
 @no_library_bars()
 def load_model(name: str, init: str = "pretrained", trust_remote_code: bool = False, seed: int = 0,
                base: str | None = None, attention: str = "auto", overrides: dict | None = None, device=None):
@@ -364,69 +349,6 @@ def context_length(model_config, tokenizer) -> int:
     return int(n)
 
 
-def train_every_embedding_row(model) -> None:
-    """Let the input embedding's `padding_idx` row train like the others.
-
-    Llama-family classes build `nn.Embedding(vocab, width, padding_idx=config.pad_token_id)`, whose backward
-    zeroes that row's gradient. sftune pads with EOS where a tokenizer has no pad token, and a saved model's config
-    names its pad token, so a model sftune wrote (a checkpoint being resumed, or a run's output trained further)
-    came back with the EOS row frozen, where the run that wrote it trained it: EOS ends each turn of a chat (an
-    input whose embedding matters) and a mixture of experts routes it. Resuming then diverged from the
-    uninterrupted run. Padding itself needs no frozen row: it sits after every real token, under the causal mask,
-    outside every target and the routers' statistics, so its gradient is zero anyway."""
-    embedding = model.get_input_embeddings()
-    if isinstance(embedding, torch.nn.Embedding):
-        embedding.padding_idx = None
-
-
-def add_tokens(tokenizer, tokens: list[str]) -> list[str]:
-    """`--add-tokens`: each of `tokens` the tokenizer lacks becomes one special token (never split, never
-    normalised, left out of text decoded with skip_special_tokens), as TRL's `setup_chat_format` adds ChatML's
-    markers. Returns the tokens added (the others were already in the vocabulary)."""
-    from transformers import AddedToken
-
-    vocab = tokenizer.get_vocab()
-    missing = [t for t in tokens if t not in vocab]
-    if missing:
-        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
-    for token in tokens:
-        if len(tokenizer(token, add_special_tokens=False)["input_ids"]) != 1:  # (a slow tokenizer's own rules)
-            raise SftuneError(f"the tokenizer still splits {token!r} after adding it as a token; use a fast "
-                              f"tokenizer (--tokenizer) or leave it out of --add-tokens")
-    return missing
-
-
-def token_ids(tokenizer, tokens: list[str]) -> list[int]:
-    return [tokenizer.convert_tokens_to_ids(t) for t in tokens]
-
-
-def fit_embeddings(model, size: int) -> int:
-    """Grow the model's input embedding, and its output head unless the two are one matrix, to `size` rows (the
-    tokenizer's length after `add_tokens`); returns the rows added. A new row starts at the mean of the old rows,
-    the same on every load (transformers' default draws it at random around that mean): its logit is then near the
-    average of the others, so a new token is neither favoured nor ruled out before it is trained (Hewitt, 2021,
-    "Initializing new word embeddings for pretrained language models")."""
-    embedding = model.get_input_embeddings()
-    old = embedding.weight.shape[0]
-    if size <= old:
-        return 0
-    head = model.get_output_embeddings()
-    tied = head is not None and head.weight is embedding.weight
-    try:
-        model.resize_token_embeddings(size, mean_resizing=False)
-    except (NotImplementedError, AttributeError, TypeError, ValueError) as e:
-        raise SftuneError(f"the model ({type(model).__name__}) cannot grow its embeddings from {old:,} to {size:,} "
-                          f"rows for the new tokens ({type(e).__name__}: {e}); leave out --add-tokens and "
-                          f"--pad-token, or use a tokenizer whose tokens the model has") from None
-    grown = [model.get_input_embeddings().weight]
-    if head is not None and not tied:
-        grown.append(model.get_output_embeddings().weight)
-    with torch.no_grad():
-        for weight in grown:
-            weight[old:] = weight[:old].mean(0, dtype=torch.float32).to(weight.dtype)
-    return size - old
-
-
 def stop_token_ids(tokenizer, existing: int | list[int] | None) -> int | list[int]:
     """What generation must stop at: the ids the model's generation config already names (Llama 3.1 Instruct's
     three), the tokenizer's EOS, and the chat template's end-of-turn token. A base model trained on chat data
@@ -503,47 +425,3 @@ def save_model(model, tokenizer, out_dir: Path, state_dict: dict | None = None, 
         shutil.copyfile(run_config, out_dir / "config.yaml")
 
 
-def enable_activation_checkpointing(model) -> None:
-    """Recompute each transformer block's activations in the backward (non-reentrant: works under DDP and FSDP).
-    transformers renamed the method in 5.x (`activation_checkpointing_enable`); older releases have the old name."""
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-
-def transformer_blocks(model) -> list:
-    """The model's repeated transformer blocks: the module classes transformers names in `_no_split_modules`."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    return [m for m in model.modules() if type(m).__name__ in names]
-
-
-def compile_blocks(model, backend: str, shapes: int) -> int:
-    """Each transformer block under torch.compile with static shapes, in place (as `Module.compile`: the state
-    dict's names unchanged). The blocks run the same code and dynamo takes their weights as inputs, so one compile
-    per batch shape serves them all (`shapes`: how many the step can see). In training only: evaluation and
-    generation run the blocks as they are. Returns the number of blocks compiled."""
-    import torch._dynamo
-
-    blocks = transformer_blocks(model)
-    if not blocks:
-        raise SftuneError(f"--compile-blocks: cannot find the transformer blocks of {type(model).__name__} (its "
-                          f"_no_split_modules names none); leave --compile-blocks out")
-    # (x 2: blocks of one class that differ in a setting, e.g. sliding-window layers)
-    limit = 2 * shapes * len({type(block) for block in blocks})
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-    for block in blocks:
-        block._compiled_call_impl = _when_training(block, torch.compile(block._call_impl, backend=backend,
-                                                                         dynamic=False))
-    return len(blocks)
-
-
-def _when_training(block, compiled):
-    """`block`'s call (what `Module.compile` sets): the compiled one in training, with gradients; its own in
-    evaluation and generation, whose batches have every width (a compile for each would be minutes for nothing)."""
-    def call(*args, **kwargs):
-        if block.training and torch.is_grad_enabled():
-            return compiled(*args, **kwargs)
-        return block._call_impl(*args, **kwargs)
-    return call

@@ -1,5 +1,5 @@
-"""The optimizer step's own parts: clipping the gradients, skipping an update that is not finite, and the learning
-rate of each step.
+"""The optimizer and its step: AdamW or Adafactor over parameter groups (decay for matrices only, LoRA+'s faster B
+matrices), the learning rate of each step, clipping the gradients and skipping an update that is not finite.
 
 Both decide on the device where the optimizer lets them (fused AdamW: its kernel divides the gradients by a
 `grad_scale` and skips the update when `found_inf` is set), so a step that does not log never waits for the GPU.
@@ -13,10 +13,16 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 
+from sftune.config import SFTConfig
 from sftune.dist import Dist
+from sftune.errors import SftuneError, on_every_rank
+
+if TYPE_CHECKING:
+    from sftune.loss import CausalLMLoss
 
 
 class NonFiniteGuard:
@@ -156,3 +162,52 @@ def lr_factor(schedule: str, lr: float, warmup: int, total: int, floor: float = 
     if schedule == "wsd":
         return partial(wsd_factor, warmup=warmup, stable=total - warmup - decay, decay=decay, floor=floor)
     raise ValueError(f"unknown lr_schedule {schedule!r}")
+
+
+def warmup_steps(cfg: SFTConfig, total_steps: int) -> int:
+    """`warmup_steps`, or `warmup_ratio` of the run's steps rounded up (the HF Trainer's rule)."""
+    return math.ceil(cfg.warmup_ratio * total_steps) if cfg.warmup_ratio is not None else cfg.warmup_steps
+
+
+def build_scheduler(cfg: SFTConfig, optimizer, warmup: int, total_steps: int):
+    """The learning rate of each step (`update.lr_factor`, transformers' schedules): linear warm-up over `warmup`
+    steps, then constant, a linear or cosine decay to `min_lr_ratio` x lr at `total_steps`, or wsd: constant, then
+    a cosine decay to it over the last `decay_ratio` of the steps."""
+    decay = 0
+    if cfg.lr_schedule == "wsd":
+        decay = math.ceil(cfg.decay_ratio * total_steps)
+        if warmup + decay > total_steps:
+            raise on_every_rank(SftuneError(
+                f"lr_schedule wsd: {warmup} warm-up and {decay} decay steps (decay_ratio {cfg.decay_ratio:g}) do not "
+                f"fit the run's {total_steps:,} steps; lower --warmup-steps or --decay-ratio"))
+    factor = lr_factor(cfg.lr_schedule, optimizer.defaults["lr"], warmup, total_steps, cfg.min_lr_ratio, decay)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def param_groups(model, weight_decay: float, lr: float, b_ratio: float | None = None) -> list[dict]:
+    """Decay matrices only: biases and norm gains (1-D) are not decayed (as in HF/TRL, nanoGPT). LoRA+ (`b_ratio`):
+    the adapters' B matrices learn at `b_ratio` times `lr` (Hayou et al., 2024; peft's `create_loraplus_optimizer`)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    faster = {id(p) for n, p in named if b_ratio and (".lora_B." in n or ".lora_embedding_B." in n)}
+    params = [p for _, p in named if id(p) not in faster]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    if faster:
+        groups.append({"params": [p for _, p in named if id(p) in faster], "weight_decay": weight_decay,
+                       "lr": lr * b_ratio})
+    return groups
+
+
+def build_optimizer(cfg: SFTConfig, loss_model: CausalLMLoss, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW (fused: one kernel over all parameters, measured 6x faster than foreach on CPU, benchmarks/NOTES.md),
+    or Adafactor (decoupled weight decay, as AdamW's); the parameter groups' own lr and decay."""
+    groups = param_groups(loss_model, cfg.weight_decay, cfg.lr, cfg.loraplus_lr_ratio)
+    if cfg.optimizer == "adafactor":
+        optimizer = torch.optim.Adafactor(groups, lr=cfg.lr)
+    else:
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
+                                      fused=device.type in ("cpu", "cuda"))
+    optimizer.register_step_post_hook(loss_model.forget_cast)  # the weights changed: recast the head next time
+    return optimizer
