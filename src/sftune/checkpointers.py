@@ -86,27 +86,28 @@ class FullCheckpointer:
         self.check_finite(model, state)
         final = self.root / f"step-{state.step}"
         rng_ranks = self.dist.gather(rng_state())  # each rank's generators: all are restored on resume
+        self.written_by_rank_0(final, lambda: save_checkpoint(
+            self.root, lambda directory: self.write_model(model, directory), optimizer, scheduler, scaler, state,
+            self.config_yaml, self.keep_last, self.hashes, rng_ranks, self.protected(state)))
+        return final
+
+    def written_by_rank_0(self, final: Path, write) -> None:
+        """`write()` on rank 0 (it publishes checkpoint `final` or raises `CheckpointNotWritten`) while the others
+        wait; then, if it failed, every rank raises, so that all stop (or go on without the checkpoint:
+        `--save-minutes`') alike."""
         failed = None
         if self.dist.is_main:
             try:
-                save_checkpoint(self.root, lambda directory: self.write_model(model, directory), optimizer, scheduler,
-                                scaler, state, self.config_yaml, self.keep_last, self.hashes, rng_ranks,
-                                self.protected(state))
+                write()
             except CheckpointNotWritten as e:
                 failed = e
-        if self.agree(failed is not None):
+        self.dist.barrier()
+        if self.dist.any(failed is not None):
             try:
                 raise failed or CheckpointNotWritten(final, "rank 0 could not write it (its message says why)")
             finally:
                 failed = None  # (a frame of the traceback holding the error would keep the failed write's files
                 # open until a garbage collection: its disk could not be unmounted)
-        return final
-
-    def agree(self, failed: bool) -> bool:
-        """Once rank 0 has written its part (the others wait): whether it failed, on every rank, so that all ranks
-        raise (and stop, or go on without the checkpoint: `--save-minutes`') alike."""
-        self.dist.barrier()
-        return self.dist.any(failed)
 
     def restore(self, path: Path, model, optimizer, scheduler, scaler) -> TrainState:
         """Any kind of checkpoint, into any kind of run: shards (written under FSDP) into whole tensors or into
@@ -181,8 +182,8 @@ class ShardedCheckpointer(FullCheckpointer):
             raise write_failed(final, e) from None
         gathered = self.gather(model)
         rng_ranks = self.dist.gather(rng_state())
-        failed = None
-        if self.dist.is_main:
+
+        def write() -> None:  # (rank 0: the rest beside the shards, then the atomic rename)
             try:
                 torch.save({"scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_ranks[0],
                             "rng_ranks": rng_ranks}, staging / TRAINING_STATE)
@@ -191,15 +192,10 @@ class ShardedCheckpointer(FullCheckpointer):
                 publish(staging, final, state, self.hashes)
             except Exception as e:
                 shutil.rmtree(staging, ignore_errors=True)
-                failed = write_failed(final, e)
-            else:
-                rotate(self.root, state.run_id, self.keep_last, self.protected(state))
-        if self.agree(failed is not None):
-            try:
-                raise failed or CheckpointNotWritten(final, "rank 0 could not write it (its message says why)")
-            finally:
-                failed = None  # (a frame of the traceback holding the error would keep the failed write's files
-                # open until a garbage collection: its disk could not be unmounted)
+                raise write_failed(final, e) from None
+            rotate(self.root, state.run_id, self.keep_last, self.protected(state))
+
+        self.written_by_rank_0(final, write)
         return final
 
 
