@@ -56,6 +56,43 @@ def test_train_writes_a_loadable_model_config_and_metrics(trained, tiny_model_di
             assert torch.equal(v, after[k])
 
 
+def test_the_next_rlhf_stages_load_the_saved_model(trained):
+    """The saved directory is what a reward model and DPO start from, as they load it: a reward model
+    (`AutoModelForSequenceClassification`, a new one-label head) scores each text of a right-padded batch as it scores
+    the text alone (it finds each row's last token through the config's pad token: without one it refuses batches);
+    and a DPO policy's or reference's log-probability of a completion given its prompt, from a padded batch, is the
+    one computed alone."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    out, _ = trained
+    tok = AutoTokenizer.from_pretrained(out)
+    texts = ["a fine film", "a long and tedious film that drags on"]
+    reward = AutoModelForSequenceClassification.from_pretrained(out, num_labels=1).eval()
+    with torch.no_grad():
+        together = reward(**tok(texts, return_tensors="pt", padding=True)).logits[:, 0]
+        alone = torch.cat([reward(**tok([t], return_tensors="pt")).logits[:, 0] for t in texts])
+    torch.testing.assert_close(together, alone, rtol=1e-5, atol=1e-5)
+
+    policy = AutoModelForCausalLM.from_pretrained(out).eval()
+    pairs = [("the movie is", " a gem"), ("a gripping", " story of love and loss")]
+
+    def completion_logprobs(batch_pairs):
+        rows = [(tok(p)["input_ids"], tok(c)["input_ids"]) for p, c in batch_pairs]
+        width = max(len(p) + len(c) for p, c in rows)
+        ids = torch.full((len(rows), width), tok.pad_token_id)
+        mask = torch.zeros_like(ids)
+        for i, (p, c) in enumerate(rows):
+            ids[i, : len(p) + len(c)] = torch.tensor(p + c)
+            mask[i, : len(p) + len(c)] = 1
+        with torch.no_grad():
+            logprobs = policy(input_ids=ids, attention_mask=mask).logits.log_softmax(-1)
+        return torch.stack([logprobs[i, len(p) - 1 : len(p) + len(c) - 1].gather(1, torch.tensor(c)[:, None]).sum()
+                            for i, (p, c) in enumerate(rows)])
+
+    torch.testing.assert_close(completion_logprobs(pairs), torch.cat([completion_logprobs([p]) for p in pairs]),
+                               rtol=1e-5, atol=1e-4)
+
+
 def test_metrics_lines_and_falling_val_loss(trained):
     out, proc = trained
     rows = read_jsonl(out / "metrics.jsonl")
