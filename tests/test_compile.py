@@ -364,6 +364,45 @@ def test_compiled_blocks_share_one_compile_per_shape_and_change_nothing(family):
         compile_blocks(torch.nn.Linear(2, 2), "aot_eager", 4)
 
 
+def test_an_eager_step_beside_graphs_reuses_what_a_capture_compiled():
+    """A step whose batch shape has no CUDA graph (its capture failed: `StepGraphs.run` gives None) runs eagerly
+    with autocast's cache off, as the capture's warm-up ran it (`graphs._step`): the compiled blocks compiled there
+    serve it. dynamo guards on that setting, so with the cache on every block was compiled again for each such
+    shape (inductor: seconds to a minute each on a GPU; seen on the H100, try 125). The casts are the same either
+    way: loss and gradients equal those of a step with the cache."""
+    import torch._dynamo
+    from torch._dynamo.testing import CompileCounter
+
+    from sftune.blocks import compile_blocks
+    from sftune.dist import Dist
+    from sftune.runtime import autocast
+    from sftune.stepping import forward_backward
+
+    class CapturesFailed:  # what `StepGraphs.run` gives for a shape it could not capture (graphs need a CUDA GPU)
+        def run(self, batch, scale, first=True):
+            return None
+
+    plain, blocks = CausalLMLoss(tiny("gpt2")), CausalLMLoss(tiny("gpt2"))
+    counter = CompileCounter()
+    torch._dynamo.reset()
+    compile_blocks(blocks.model, counter, STATIC.shapes)
+    batch = batch_of(STATIC, packed=False)
+    with autocast(torch.device("cpu"), "bf16", cache=False):  # the capture's warm-up
+        blocks(batch).backward()
+    compiled = counter.frame_count
+    assert compiled >= 1
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    results = []
+    for loss_model, graphs in ((blocks, CapturesFailed()), (plain, None)):
+        loss_model.zero_grad(set_to_none=True)
+        loss, _ = forward_backward(loss_model, [batch], Dist(device=torch.device("cpu")), "bf16", scaler, graphs,
+                                   loss_model.device_keys)
+        results.append((loss, [p.grad for p in loss_model.parameters()]))
+    assert counter.frame_count == compiled  # no compile for the eager step
+    (got, got_grads), (want, want_grads) = results
+    assert torch.equal(got, want) and all(torch.equal(g, w) for g, w in zip(got_grads, want_grads))
+
+
 def test_compiled_blocks_through_the_command(capsys, tmp_path, small_model_dir):
     """The CLI with --compile-blocks (aot_eager on a CPU; dropout on: the compiled blocks draw the same masks, as
     both runs pad alike): the losses and saved weights of the same run without it, to 1e-6 (fp32); the log says

@@ -42,7 +42,10 @@ def forward_backward(model, micro_batches: list[dict], dist: Dist, precision: st
             continue
         batch = to_device(batch, dist.device, keys)
         with dist.no_sync(model, last_micro_batch=i == len(micro_batches) - 1):  # all-reduce once per step
-            with autocast(dist.device, precision):
+            # beside CUDA graphs (a shape whose capture failed), autocast as the captures ran it, without its cache
+            # (the same casts, made at each use): what torch.compile compiled in a capture's warm-up (the blocks, the
+            # loss's softmax) then serves the eager step; dynamo guards on that setting and would compile it again
+            with autocast(dist.device, precision, cache=graphs is None):
                 loss_sum = model(batch)
             scaler.scale(loss_sum * scale).backward()
         total += loss_sum.detach()
