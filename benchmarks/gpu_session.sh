@@ -41,6 +41,8 @@
 #   startup (60) python -X importtime -c "import sftune.train", twice: where a job's first seconds go (the whole
 #                job spent 14 s before its first line on the H100 machine, 1.8 s on a 2-core CPU; try 64)
 #   speed-steps (360) the speed phase without the whole job (about 6 minutes with --flex on an H100)
+#   samples (60) benchmarks/samples.py --dtype bf16: the seed job's sample prompts one at a time against one batch
+#                (what each evaluation's samples cost: try 129)
 # One call for a whole lease: DEADLINE=SECONDS caps every phase at what is left (a phase with under 20 s left is
 # skipped), and BUNDLE=DIR keeps DIR/results.tgz up to date after each phase, e.g. on the device
 #   OUT=/tmp/gpu BUNDLE=$OUT DEADLINE=560 PHASES="speed check runs fusion" bash benchmarks/gpu_session.sh
@@ -66,6 +68,7 @@ if [ -n "${QUICK:-}" ]; then
   big_sftune=(--model tests/fixtures/tiny-llama --max-length 128 --batch-size 2 --max-steps 3)
   prof_seed=(--model tests/fixtures/tiny-llama --tokenizer bundled:gpt2 --dataset examples/quickstart/data --text-column text --max-steps 4 --profile-steps 3-4)
   no_attention_dropout=attention_dropout=0
+  samples=(--model-config tests/fixtures/tiny-llama --repeats 1)
   prof_packed=(--model tests/fixtures/tiny-llama --tokenizer bundled:gpt2 --dataset examples/quickstart/data --text-column text --max-length 128 --max-steps 3 --profile-steps 2-3)
 else
   small=(--steps 5)
@@ -79,6 +82,7 @@ else
   big_sftune=(--max-steps 13)
   prof_seed=(--model ../shared/models/gpt2 --dataset ../shared/data/sst2 --max-steps 230 --profile-steps 221-230)
   no_attention_dropout=attn_pdrop=0
+  samples=()
   prof_packed=(--model ../shared/models/gpt2 --dataset ../shared/data/sst2 --max-length 1024 --max-steps 14 --profile-steps 11-14)
 fi
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv > "$OUT/gpu.txt"
@@ -115,6 +119,7 @@ for p in $PHASES; do
     startup) phase startup 60 bash -c "$py -c 'import os, sys, glob, torch, transformers; d = os.path.dirname; print(\"PYTHONDONTWRITEBYTECODE:\", os.environ.get(\"PYTHONDONTWRITEBYTECODE\"), \"| site-packages writable:\", os.access(d(d(torch.__file__)), os.W_OK), \"| .pyc under torch:\", len(glob.glob(d(torch.__file__) + \"/**/*.pyc\", recursive=True)), \"| under transformers:\", len(glob.glob(d(transformers.__file__) + \"/**/*.pyc\", recursive=True)), \"| modules:\", len(sys.modules))'; df -h \$($py -c 'import torch, os; print(os.path.dirname(torch.__file__))') | tail -1; for i in 1 2; do $py -X importtime -c 'import time; t = time.perf_counter(); import sftune.train; print(f\"import sftune.train: {time.perf_counter() - t:.2f} s\")' 2> \"$OUT/importtime-\$i.txt\"; done; sort -t'|' -k2 -n \"$OUT/importtime-1.txt\" | tail -25" ;;
     speed) phase speed 540 $py benchmarks/throughput.py --device "$DEVICE" "${speed[@]}" --json "$OUT/$card-$date.json" ;;
     speed-steps) phase speed-steps 360 $py benchmarks/throughput.py --device "$DEVICE" "${speed_steps[@]}" --json "$OUT/$card-$date.json" ;;
+    samples) phase samples 60 $py benchmarks/samples.py --device "$DEVICE" --dtype bf16 "${samples[@]}" ;;
     runs) phase runs 300 $py benchmarks/gpu_check.py --device "$DEVICE" --runs-only "${runs[@]}" --json "$OUT/gpu-check.json" ;;
     probe) [ "$DEVICE" = cuda ] && phase probe 200 $py benchmarks/blocks_probe.py ;;
     runs-lora) phase runs-lora 300 $py benchmarks/gpu_check.py --device "$DEVICE" --runs-only --only-runs lora,blocks,lora-tokens "${runs[@]}" --json "$OUT/gpu-check-lora.json" ;;
@@ -155,7 +160,7 @@ for p in $PHASES; do
         cp "/tmp/sftune-profile-$kind/profile/trace.json.gz" "$OUT/profile-$kind.trace.json.gz" 2>/dev/null
       done
       bundle ;;
-    *) echo "unknown phase $p (check, loss, startup, speed, speed-steps, blocks, runs, fusion, fusion-seed, peers, peers-1b, memory, profile)" ;;
+    *) echo "unknown phase $p (check, loss, startup, speed, speed-steps, samples, blocks, runs, fusion, fusion-seed, peers, peers-1b, memory, profile)" ;;
   esac
 done
 ls -la "$OUT"

@@ -25,7 +25,7 @@ from sftune.console import MetricsWriter, log
 from sftune.data.examples import Examples
 from sftune.dist import Dist
 from sftune.errors import SftuneError
-from sftune.generate import complete
+from sftune.generate import complete_greedily
 from sftune.loss import CausalLMLoss
 from sftune.runtime import autocast
 from sftune.signals import Preempted, StopFlag
@@ -153,10 +153,9 @@ class Evaluations:
             return
         if dist.sharded:
             run.loss_model.unshard()
-        for i, (prompt, rendered) in enumerate(self.prompts):
-            text = complete(run.loss_model.model, run.tokenizer, prompt, run.cfg.sample_max_new_tokens,
-                            temperature=0.0, chat=run.steps.layout.is_chat, rendered=rendered, synced=dist.sharded,
-                            quiet=True)[0]
+        texts = complete_greedily(run.loss_model.model, run.tokenizer, self.prompts, run.cfg.sample_max_new_tokens,
+                                  chat=run.steps.layout.is_chat, synced=dist.sharded)
+        for i, ((prompt, _), text) in enumerate(zip(self.prompts, texts)):
             self.metrics.write({"type": "sample", "step": step, "index": i, "prompt": prompt, "completion": text})
             log(f"sample step {step:,}: {prompt!r} -> {text!r}")
         if dist.sharded:

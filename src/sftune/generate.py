@@ -86,23 +86,70 @@ def complete(
                 f"{context}; generating {context - prompt_len} (--max-new-tokens)")
         max_new_tokens = context - prompt_len
     sampling = temperature > 0
+    out = _generate(model, encoded, tokenizer.pad_token_id, stop, max_new_tokens, seed, synced, num_samples=num_samples,
+                    do_sample=sampling, temperature=temperature if sampling else None,
+                    top_p=top_p if sampling else None, top_k=None)
+    new_tokens = out[:, encoded["input_ids"].shape[1] :]
+    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+def complete_greedily(model, tokenizer, prompts: list[tuple[str, bool]], max_new_tokens: int, chat: bool = False,
+                      synced: bool = False) -> list[str]:
+    """Greedy completions of several (prompt, already rendered) pairs, as `complete(..., temperature=0)` gives each
+    one alone, in one generate call (a training run's samples at each evaluation: one forward a new token for all
+    of them, not one a prompt and token). The prompts are left-padded, their
+    positions counted from the attention mask, and each row is cut at its own first stop token, so a row is the one
+    it would be alone up to the products' rounding over a padded batch (equal in fp32, tested). A prompt whose
+    completion would not fit the model's context is completed alone (its new tokens cut to it)."""
+    from sftune.modeling import context_length
+
+    device = next(model.parameters()).device
+    context = context_length(model.config, tokenizer)
+    encoded = [encode_prompt(tokenizer, prompt, chat, rendered=rendered) for prompt, rendered in prompts]
+    ids = [e["input_ids"][0] for e, _ in encoded]
+    batched = [i for i, row in enumerate(ids) if 0 < len(row) and len(row) + max_new_tokens <= context]
+    texts = {}
+    if batched:
+        stop = [tokenizer.eos_token_id] + [i for i in encoded[batched[0]][1] if i != tokenizer.eos_token_id]
+        width = max(len(ids[i]) for i in batched)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        input_ids = torch.full((len(batched), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(batched), width), dtype=torch.long)
+        for row, i in enumerate(batched):
+            input_ids[row, width - len(ids[i]):] = ids[i]
+            attention_mask[row, width - len(ids[i]):] = 1
+        inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+        out = _generate(model, inputs, pad, stop, max_new_tokens, seed=0, synced=synced, do_sample=False)
+        for row, i in enumerate(batched):
+            new = out[row, width:].tolist()
+            ends = [k for k, token in enumerate(new) if token in stop]
+            texts[i] = tokenizer.decode(new[: ends[0] + 1] if ends else new, skip_special_tokens=True)
+    for i, (prompt, rendered) in enumerate(prompts):
+        if i not in texts:
+            texts[i] = complete(model, tokenizer, prompt, max_new_tokens, temperature=0.0, chat=chat,
+                                rendered=rendered, synced=synced, quiet=True)[0]
+    return [texts[i] for i in range(len(prompts))]
+
+
+@torch.no_grad()
+def _generate(model, inputs: dict, pad_id: int | None, stop: list[int], max_new_tokens: int, seed: int, synced: bool,
+              num_samples: int = 1, **sampling):
+    """`model.generate` in eval mode under SDPA, its random numbers its own, an out-of-memory said."""
     was_training = model.training
     model.eval()
     # the generators are seeded for this call only and restored after it: samples taken in the middle of training
     # must not move the training's random stream (dropout), or a run with sample prompts would differ from one without
+    device = inputs["input_ids"].device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), generating(model):
         torch.manual_seed(seed)
         try:
-            out = model.generate(
-                **encoded,
+            return model.generate(
+                **inputs,
                 max_new_tokens=max_new_tokens,
-                do_sample=sampling,
-                temperature=temperature if sampling else None,
-                top_p=top_p if sampling else None,
-                top_k=None,
                 num_return_sequences=num_samples,
-                pad_token_id=tokenizer.pad_token_id,
+                pad_token_id=pad_id,
                 eos_token_id=stop,
+                **sampling,
                 **({"synced_gpus": True} if synced else {}),
             )
         except (RuntimeError, MemoryError, ValueError) as e:  # (ValueError: a count past 2**63, "Overflow when ...")
@@ -112,8 +159,6 @@ def complete(
             raise
         finally:
             model.train(was_training)
-    new_tokens = out[:, encoded["input_ids"].shape[1] :]
-    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
 
 
 def encode_prompt(tokenizer, prompt: str, chat: bool = False, system: str | None = None,
