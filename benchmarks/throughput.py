@@ -206,11 +206,14 @@ def worker_sftune(args) -> dict:
         steps = [r for r in rows if r["type"] == "train"]
         first = next(r for r in steps if r["step"] == args.warmup)  # measure from the end of warm-up to the end
         last = steps[-1]
-        compile_s = last.get("compile_s", 0.0) - first.get("compile_s", 0.0)  # a shape first seen in the window
+        # a shape first seen in the window: its step left out, time and tokens (its time is the capture or compile)
+        apart = {k: last.get(k, 0) - first.get(k, 0) for k in ("compile_s", "compile_steps", "compile_tokens",
+                                                                "compile_padded_tokens")}
+        compile_s = apart["compile_s"]
         secs = last["elapsed_s"] - first["elapsed_s"] - compile_s
-        real = last["tokens"] - first["tokens"]
-        padded = last["padded_tokens"] - first["padded_tokens"]
-        n = last["step"] - first["step"]
+        real = last["tokens"] - first["tokens"] - apart["compile_tokens"]
+        padded = last["padded_tokens"] - first["padded_tokens"] - apart["compile_padded_tokens"]
+        n = last["step"] - first["step"] - apart["compile_steps"]
         return {"real_tok_s": real / secs, "padded_tok_s": padded / secs, "steps": n, "seconds": secs,
                 "ms_per_step": 1000 * secs / max(n, 1), "mean_row_tokens": real / max(n * 32, 1),
                 "compile_s": last.get("compile_s", 0.0), "compile_s_in_window": compile_s,

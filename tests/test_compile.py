@@ -403,6 +403,31 @@ def test_an_eager_step_beside_graphs_reuses_what_a_capture_compiled():
     assert torch.equal(got, want) and all(torch.equal(g, w) for g, w in zip(got_grads, want_grads))
 
 
+def test_a_step_that_compiled_is_left_out_of_the_logged_pace():
+    """A step that captured or compiled a new shape: its seconds and its tokens both left out of the log line's
+    tok/s and ms/step (not the tokens alone: try 130's 100,000+ tok/s of a 2-layer model on 2 cores); a window of
+    such steps alone gives their own pace, their one-off time included."""
+    import time
+
+    from sftune.dist import Dist
+    from sftune.progress import LogWindow
+
+    loss_model, dist = CausalLMLoss(tiny("gpt2")), Dist(device=torch.device("cpu"))
+    window = LogWindow({}, dist, loss_model)
+    window.start = time.perf_counter() - 2.0  # the window's two seconds: 1.5 s of a compile, then a step of 0.5 s
+    window.add(torch.tensor(20.0), 10, 100, one_off=1.5)
+    window.add(torch.tensor(10.0), 10, 300)
+    figures = window.close(dist)
+    assert figures["loss"] == 1.5  # (the loss is every step's)
+    assert figures["tokens_per_s"] == pytest.approx(300 / 0.5, rel=0.05)
+    assert figures["ms_per_step"] == pytest.approx(500, rel=0.05)
+    window.start = time.perf_counter() - 2.0
+    window.add(torch.tensor(20.0), 10, 100, one_off=1.5)
+    figures = window.close(dist)
+    assert figures["tokens_per_s"] == pytest.approx(100 / 2.0, rel=0.05)
+    assert figures["ms_per_step"] == pytest.approx(2000, rel=0.05)
+
+
 def test_compiled_blocks_through_the_command(capsys, tmp_path, small_model_dir):
     """The CLI with --compile-blocks (aot_eager on a CPU; dropout on: the compiled blocks draw the same masks, as
     both runs pad alike): the losses and saved weights of the same run without it, to 1e-6 (fp32); the log says
@@ -420,8 +445,14 @@ def test_compiled_blocks_through_the_command(capsys, tmp_path, small_model_dir):
         assert code == 0, err
         steps = [r for r in read_jsonl(tmp_path / name / "metrics.jsonl") if r["type"] == "train"]
         runs[name] = ([r["loss"] for r in steps], load_file(tmp_path / name / "model.safetensors"))
-        # (the seconds of steps that compiled a new shape: kept out of the pace, as a graph's capture is)
+        # (the seconds of steps that compiled a new shape: kept out of the pace, as a graph's capture is; with
+        # their tokens, counted for a benchmark's window to leave out too)
         assert ("compile_s" in steps[-1]) == (name == "blocks") and steps[-1].get("compile_s", 1) > 0
+        if name == "blocks":
+            assert steps[0]["compile_steps"] == 1 and steps[0]["compile_tokens"] == steps[0]["tokens"]
+            for before, after in zip(steps, steps[1:]):
+                compiled = after["compile_steps"] - before["compile_steps"]
+                assert after["compile_tokens"] - before["compile_tokens"] == compiled * (after["tokens"] - before["tokens"])
     assert "transformer blocks compiled (aot_eager: one compile per batch shape" in err
     assert "batches padded to multiples of 16 tokens and 8 rows" in err and "warning" not in err
     np.testing.assert_allclose(runs["blocks"][0], runs["plain"][0], rtol=1e-6)

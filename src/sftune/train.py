@@ -33,7 +33,7 @@ from sftune.generate import complete
 from sftune.graphs import StepGraphs, shape_key
 from sftune.modeling import save_model
 from sftune.outputs import publish_model
-from sftune.progress import LogWindow, train_line
+from sftune.progress import LogWindow, OneOffs, train_line
 from sftune.runtime import flops_per_token, keep_freed_memory, peak_flops
 from sftune.saves import Saves
 from sftune.signals import Preempted, StopFlag, stop_on_signals
@@ -109,7 +109,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
     started_here, first_step = time.perf_counter(), state.step  # for the ETA: this process's pace (evals included)
     bar = tqdm(total=total_steps, initial=state.step, desc="train", unit="step", disable=None if dist.is_main else True,
                dynamic_ncols=True, mininterval=1.0)
-    compile_s = 0.0  # seconds of steps that captured a CUDA graph or compiled a new batch shape (this process)
+    one_offs = OneOffs()  # steps that captured a CUDA graph or compiled a new batch shape (this process)
     shapes_seen: set[tuple] = set()  # graphs and compile: a step with a new batch shape captures or compiles it
     static = run.steps.padding.static  # (graphs, --compile torch or compiled blocks: the shapes that need it)
     nan_steps = {int(x) for x in os.environ.get("SFTUNE_FAULT_NAN_STEPS", "").split(",") if x.strip()}
@@ -126,10 +126,11 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         started_step = time.perf_counter()
         loss_sum, step_targets = guarded.forward_backward(micro_batches)  # (out of memory: undone, said, stopped)
         shapes = {shape_key(b, run.loss_model.device_keys) for b in micro_batches} if static else set()
+        one_off = None  # (a step with a new shape: its time is mostly capture or compile, not the run's pace)
         if not shapes_seen.issuperset(shapes):
-            shapes_seen |= shapes  # (this step's time is mostly capture or compile: a one-off, not the run's pace)
-            compile_s += time.perf_counter() - started_step
-            window.exclude(time.perf_counter() - started_step)
+            shapes_seen |= shapes
+            one_off = time.perf_counter() - started_step
+            one_offs.add(one_off, step_data.tokens, step_data.padded_tokens)
         step_tokens = step_data.tokens  # all ranks' real tokens, counted on the host
         if state.step + 1 in nan_steps:  # test hook: SFTUNE_FAULT_NAN_STEPS
             loss_sum = loss_sum * float("nan")
@@ -145,7 +146,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         state.stream = step_data.stream
         state.tokens += step_tokens
         state.padded_tokens += step_data.padded_tokens
-        window.add(loss_sum, step_targets, step_tokens)
+        window.add(loss_sum, step_targets, step_tokens, one_off)
         step = state.step
         bar.update(1)
         if profiler is not None:
@@ -155,7 +156,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
             saves.settle()
             first = dist.all_reduce_sum(loss_sum.clone()).item()
             log(f"step      1/{total_steps:,} | loss {first / max(step_targets, 1):.4f} "
-                f"| {time.perf_counter() - window.start:.1f} s for the first step")
+                f"| {time.perf_counter() - started_step:.1f} s for the first step")
         if step % cfg.log_every == 0 or step == total_steps:
             saves.settle()
             figures = window.close(dist)
@@ -169,7 +170,7 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
                       "elapsed_s": round(time.perf_counter() - start, 3), "tokens_per_s": figures["tokens_per_s"],
                       "eta_s": round(left)}
             if static:
-                record["compile_s"] = round(compile_s, 3)
+                record.update(one_offs.record())
             if dist.device.type == "cuda":
                 record["peak_memory_gb"] = torch.cuda.max_memory_allocated(dist.device) / 2**30
             if mfu_per_token is not None:
