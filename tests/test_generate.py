@@ -21,10 +21,11 @@ def greedy_ids(model, tok, prompt: str, new: int) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
-@pytest.mark.parametrize("name", ["gpt2", "tiny-llama"])
+@pytest.mark.parametrize("name", ["gpt2", "tiny-llama", "tiny-mixtral"])
 def test_samples_generated_together_are_each_prompts_own(name, gpt2_tokenizer):
     """Prompts of different lengths, left-padded in one batch (positions from the mask: GPT-2's learned ones,
-    Llama's rotary ones), give each the greedy tokens it gets alone; a row that meets its stop token ends there
+    Llama's rotary ones; a mixture of experts whose config asks for its routers' loss, which generating leaves
+    out), give each the greedy tokens it gets alone; a row that meets its stop token ends there
     while the others go on; a prompt whose completion would pass the context is completed alone, cut to it."""
     from sftune.generate import complete, complete_greedily
 
