@@ -111,7 +111,7 @@ CASES = {  # name: (model, extra flags, single process (batch, accum), per rank 
     "ddp": ("gpt2", [], (32, 1), (16, 1), "ddp"),
     # (--save-minutes: a checkpoint after every step, the ranks agreeing on when; removed at the end)
     "ddp-accum": ("gpt2", ["--save-minutes", "0.00006"], (16, 2), (8, 2), "ddp"),
-    "fsdp-accum": ("gpt2", ["--save-every", "2", "--sample-prompts", "the film is"], (16, 2), (8, 2), "fsdp"),
+    "fsdp-accum": ("gpt2", ["--save-every", "2", "--sample-prompts", "the film is", "a"], (16, 2), (8, 2), "fsdp"),
     "fsdp-llama": ("llama", [], (32, 1), (16, 1), "fsdp"),
     "ddp-lora-llama": ("llama", ["--lora-r", "4", "--lora-modules-to-save", "lm_head", "--lora-use-dora",
                                  "--lr", "1e-2", "--gradient-checkpointing"], (16, 2), (8, 2), "ddp"),
@@ -251,10 +251,12 @@ def test_ddp_and_fsdp_on_two_ranks_equal_one_process_and_fsdp_resumes_exactly(la
     rows = [k for k in load_file(root / "fsdp-lora-tokens-llama-two" / "adapter_model.safetensors") if "token" in k]
     assert len(rows) == 2, rows  # the new row of the embedding and of the head
 
-    # samples at each evaluation under FSDP (every rank generates in step) change nothing of the training above
-    samples = [(r["step"], r["prompt"]) for r in read_jsonl(root / "fsdp-accum-two" / "metrics.jsonl")
-               if r["type"] == "sample"]
-    assert samples == [(0, "the film is"), (3, "the film is")]
+    # samples at each evaluation under FSDP (every rank generates in step, the prompts in one left-padded batch)
+    # change nothing of the training above, and are the one process's
+    samples = {name: [(r["step"], r["prompt"], r["completion"]) for r in read_jsonl(root / name / "metrics.jsonl")
+                      if r["type"] == "sample"] for name in ("fsdp-accum-one", "fsdp-accum-two")}
+    assert [s[:2] for s in samples["fsdp-accum-two"]] == [(0, "the film is"), (0, "a"), (3, "the film is"), (3, "a")]
+    assert samples["fsdp-accum-two"] == samples["fsdp-accum-one"]
 
     # the sharded checkpoint: model and optimizer shards in DCP, no full model; resume from step 2 is exact
     full = root / "fsdp-accum-two"
