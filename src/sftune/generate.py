@@ -135,14 +135,14 @@ def complete_greedily(model, tokenizer, prompts: list[tuple[str, bool]], max_new
 def _generate(model, inputs: dict, pad_id: int | None, stop: list[int], max_new_tokens: int, seed: int, synced: bool,
               num_samples: int = 1, **sampling):
     """`model.generate` in eval mode under SDPA, its random numbers its own, an out-of-memory said."""
-    was_training = model.training
-    model.eval()
-    # the generators are seeded for this call only and restored after it: samples taken in the middle of training
-    # must not move the training's random stream (dropout), or a run with sample prompts would differ from one without
-    device = inputs["input_ids"].device
     if getattr(model.config, "output_router_logits", False):  # a mixture of experts' load-balancing loss: not
         # needed to generate, and transformers' breaks on a left-padded batch (its mask against the cache's one token)
         sampling["output_router_logits"] = False
+    was_training = model.training
+    model.eval()
+    device = inputs["input_ids"].device
+    # the generators are seeded for this call only and restored after it: samples taken in the middle of training
+    # must not move the training's random stream (dropout), or a run with sample prompts would differ from one without
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), generating(model):
         torch.manual_seed(seed)
         try:
