@@ -166,6 +166,28 @@ def test_a_lora_adapter_holds_the_new_rows_and_loads_on_any_grown_base(make, tmp
         assert results[0][1][name].abs().sum() > 0
         torch.testing.assert_close(results[0][1][name], results[1][1][name], rtol=1e-4, atol=1e-6)
 
+    # the rows merge as peft's own method merges them, and the step makes no tensor from a Python list in peft's
+    # layer (a host-to-device copy on a GPU, which a CUDA graph capture refuses): the index is kept on the device
+    import sys
+
+    import peft.tuners.trainable_tokens.layer as peft_layer
+
+    layers = [m for m in peft_model.modules() if isinstance(m, peft_layer.TrainableTokensLayer)]
+    assert layers
+    for layer in layers:
+        assert torch.equal(layer.get_merged_weights(layer.active_adapters),
+                           peft_layer.TrainableTokensLayer.get_merged_weights(layer, layer.active_adapters))
+    made, real = [], torch.tensor
+
+    def recorded(*args, **kwargs):
+        made.append(sys._getframe(1).f_globals.get("__name__"))
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(torch, "tensor", recorded)
+        CausalLMLoss(inner)(batch).backward()
+    assert peft_layer.__name__ not in made
+
     ids = torch.tensor([[new[0], 15, 16, new[1], 17, new[0]]])
     expected = logits(peft_model, ids)
     adapter_dir = tmp_path / "adapter"

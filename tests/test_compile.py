@@ -51,7 +51,7 @@ def loss_and_grads(loss_model, batch) -> tuple[torch.Tensor, list[torch.Tensor]]
     loss_model.zero_grad(set_to_none=True)
     loss = loss_model(batch)
     loss.backward()
-    return loss.detach(), [p.grad.clone() for p in loss_model.parameters()]
+    return loss.detach(), [p.grad.clone() for p in loss_model.parameters() if p.requires_grad]
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["rows", "packed"])
@@ -78,13 +78,21 @@ def test_rounding_stops_at_the_context_and_never_cuts():
     assert Padding().width(13) == 13
 
 
-@pytest.mark.parametrize("family,packed", [("gpt2", False), ("tiny-llama", True)])
-def test_the_training_step_is_one_graph_without_host_syncs(family, packed):
+@pytest.mark.parametrize("family,packed,lora", [("gpt2", False, False), ("tiny-llama", True, False),
+                                                ("tiny-llama", False, True)])
+def test_the_training_step_is_one_graph_without_host_syncs(family, packed, lora):
     """torch.compile(fullgraph=True) fails on any graph break, and a host sync in the forward (an .item(), a
     data-dependent branch) is one. transformers skips its host-side checks both under dynamo and during a CUDA
     graph capture (`is_tracing`), so this is the nearest a CPU comes to what a capture meets. The traced step
-    computes what the eager one does."""
-    loss_model = CausalLMLoss(tiny(family))
+    computes what the eager one does. Also for LoRA (peft's layers; two token rows trained as peft's trainable
+    tokens, whose index sftune keeps on the device: `lora.capture_safe_token_rows`), without dropout."""
+    model = tiny(family)
+    if lora:
+        from sftune.config import resolve_config
+        from sftune.lora import add_lora
+
+        add_lora(model, resolve_config({"lora_r": 4, "add_tokens": ["<a>", "<b>"]}), [5, 7], quiet=True)
+    loss_model = CausalLMLoss(model)
     batch = batch_of(STATIC, packed)
     loss, grads = loss_and_grads(loss_model, batch)
     loss_model.cache_cast = False  # (as under graphs and compile)

@@ -17,6 +17,7 @@ was trained on is written as an absolute path, so the adapter loads from any wor
 from __future__ import annotations
 
 import json
+import types
 import warnings
 from pathlib import Path
 
@@ -150,6 +151,7 @@ def add_lora(model, cfg, token_ids: list[int] = (), quiet: bool = False):
             raise SftuneError("the model's input and output embeddings are one matrix, but peft made them two; train "
                               "neither (leave out --lora-modules-to-save) or upgrade peft")
     peft_model.sftune_modules_to_save = requested  # what `save_adapter` writes, so a reload ties the same way
+    capture_safe_token_rows(peft_model)
     if not quiet:
         trained = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
         total = sum(p.numel() for n, p in peft_model.named_parameters() if ".original_module." not in n)
@@ -168,6 +170,32 @@ def add_lora(model, cfg, token_ids: list[int] = (), quiet: bool = False):
             f"{', '.join(adapted)}{full}{tie}: trains {trained:,} of {total:,} parameters ({100 * trained / total:.2f}%)"
             + (f"; LoRA+: the B matrices at {cfg.loraplus_lr_ratio:g} x lr" if cfg.loraplus_lr_ratio else ""))
     return peft_model
+
+
+def capture_safe_token_rows(peft_model) -> None:
+    """peft's trainable tokens (the --add-tokens rows under LoRA) merge their rows into the embedding at every
+    forward with an index made from a Python list, `torch.tensor(indices).to(device)`: a host-to-device copy that a
+    CUDA graph capture refuses (cudaErrorStreamCaptureUnsupported), so a LoRA run with added tokens would give up
+    graphs on a GPU. Each such layer here merges the same rows with an index tensor made once per device, the first
+    time it runs (an eager step: a capture is preceded by eager warm-up steps), and kept; the values are peft's."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    for module in peft_model.modules():
+        if isinstance(module, TrainableTokensLayer):
+            module.get_merged_weights = types.MethodType(_merged_weights_kept_index, module)
+
+
+def _merged_weights_kept_index(layer, active_adapters) -> torch.Tensor:
+    """`TrainableTokensLayer.get_merged_weights` (peft 0.20-0.21) with its row index kept on the device."""
+    weight = layer.base_layer.weight
+    kept = layer.__dict__.setdefault("sftune_row_index", {})
+    for name in active_adapters:
+        rows = tuple(layer.token_indices[name])
+        index = kept.get((name, rows, weight.device))
+        if index is None:
+            index = kept[(name, rows, weight.device)] = torch.tensor(rows, dtype=torch.long, device=weight.device)
+        weight = weight.index_copy(dim=0, index=index, source=layer.trainable_tokens_delta[name].to(weight))
+    return weight
 
 
 def check_lora(cfg, model_config, vocabulary: int, token_ids: list[int] = (), trust_remote_code: bool = False) -> None:
