@@ -53,13 +53,18 @@ def test_an_overlong_jsonl_line_is_refused_before_loading(small_model_dir, tmp_p
             words=[f"{data}:3: a line of more than 16 MiB", "split or remove it", "--dataset"])
 
 
-def test_a_chat_template_that_does_not_finish_is_stopped(small_model_dir, tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("when", ["always", "partial"])
+def test_a_chat_template_that_does_not_finish_is_stopped(when, small_model_dir, tmp_path, capsys, monkeypatch):
+    """A template that loops: on every conversation, or only on a part of one (one of the partial renders that
+    find the turns, whose other errors mean "this prefix does not render": the time limit is not one of them)."""
     from sftune.data import templates
 
     monkeypatch.setattr(templates, "RENDER_LIMIT_S", 0.5)
     template = tmp_path / "slow.jinja"
-    template.write_text("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
-                        "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    loop = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    if when == "partial":  # (the first message alone, without the generation prompt: only a partial render)
+        loop = "{% if messages|length == 1 and not add_generation_prompt %}" + loop + "{% endif %}"
+    template.write_text(loop + "{% for m in messages %}{{ m['content'] }}{% endfor %}")
     chat = tmp_path / "chat.jsonl"
     row = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
     chat.write_text((row + "\n") * 4)

@@ -33,18 +33,23 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-RENDER_LIMIT_S = 10.0  # one render of one conversation; real templates take microseconds
+RENDER_LIMIT_S = 10.0  # the renders of one conversation; real templates take microseconds
+
+
+class RenderTimeout(BaseException):
+    """A render past its time limit. Not an `Exception`: the partial renders' `except Exception` (a template that
+    cannot render a prefix of the conversation) must not take it for a refusal and go on without a limit."""
 
 
 @contextlib.contextmanager
 def time_limit(seconds: float):
-    """Raise TimeoutError in the block after `seconds` (SIGALRM; only in the main thread, else no limit)."""
+    """Raise RenderTimeout in the block after `seconds` (SIGALRM; only in the main thread, else no limit)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def expire(signum, frame):
-        raise TimeoutError
+        raise RenderTimeout
 
     previous = signal.signal(signal.SIGALRM, expire)
     signal.setitimer(signal.ITIMER_REAL, seconds)
@@ -83,17 +88,32 @@ class ChatTemplate:
         self.special_tokens = {t for t in [*self.variables.values(), *getattr(tokenizer, "all_special_tokens", []),
                                            *(getattr(a, "content", a) for a in added.values())]
                                if isinstance(t, str) and t}
+        self._timed = False  # inside `limited`: its one alarm covers every render
+
+    @contextlib.contextmanager
+    def limited(self, messages: list[dict]):
+        """RENDER_LIMIT_S for the renders of one conversation (`segments` renders it ~7 times to find its turns:
+        one alarm for them all, not one a render, whose signal calls took 15% of a chat data set's tokenizing),
+        said as sftune's error. Nested: the outer one's limit holds."""
+        if self._timed:
+            yield
+            return
+        self._timed = True
+        try:
+            with time_limit(RENDER_LIMIT_S):
+                yield
+        except RenderTimeout:
+            raise SftuneError(f"the chat template took more than {RENDER_LIMIT_S:g} s to render one conversation "
+                              f"of {len(messages)} message(s): does it loop without bound? Fix the template "
+                              f"(--chat-template)") from None
+        finally:
+            self._timed = False
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False, tools: list[dict] | None = None) -> str:
         """The template's text, with what `apply_chat_template` passes it (tools, no documents)."""
-        with time_limit(RENDER_LIMIT_S):
-            try:
-                return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                                            tools=tools, documents=None, **self.variables)
-            except TimeoutError:
-                raise SftuneError(f"the chat template took more than {RENDER_LIMIT_S:g} s to render one conversation "
-                                  f"of {len(messages)} message(s): does it loop without bound? Fix the template "
-                                  f"(--chat-template)") from None
+        with self.limited(messages):
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
+                                        documents=None, **self.variables)
 
     def render_empty(self, tools: list[dict] | None = None) -> str:
         """What the template writes for no message at all (a BOS before the first, or Phi-3's closing EOS after
@@ -121,6 +141,11 @@ class ChatTemplate:
         templates do by hand). Raises ValueError when the renders cannot be matched up that way.
         `tools` (JSON schemas) go to every render, as `apply_chat_template(..., tools=...)` passes them.
         """
+        with self.limited(messages):
+            return self._segments(messages, trained, tools)
+
+    def _segments(self, messages: list[dict], trained: Callable[[int, dict], bool],
+                  tools: list[dict] | None) -> list[tuple[str, bool]]:
         try:
             full = self.render(messages, tools=tools)
         except SftuneError:
