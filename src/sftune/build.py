@@ -140,7 +140,7 @@ def data_options(cfg: SFTConfig, max_length: int) -> DataOptions:
                        overlong=cfg.overlong, truncation_side=cfg.truncation_side, train_on_prompt=cfg.train_on_prompt,
                        train_on_all_turns=cfg.train_on_all_turns, val_fraction=cfg.val_fraction,
                        val_split=cfg.val_split, val_dataset=cfg.val_dataset, seed=cfg.seed, cache_dir=cfg.cache_dir,
-                       stream_val_rows=cfg.stream_val_rows, mixture=tuple(cfg.datasets),
+                       stream_val_rows=cfg.stream_val_rows, workers=cfg.data_workers, mixture=tuple(cfg.datasets),
                        val_datasets=tuple(cfg.val_datasets))  # (entries: dicts, as `datasets`' are)
 
 

@@ -46,7 +46,8 @@ GROUPS = {"model": "model", "data": "data", "train": "optimisation", "lora": "Lo
 EVAL_KEYS = {
     "model", "tokenizer", "init", "trust_remote_code", "dataset", "dataset_config", "split", "format", "columns",
     "datasets", "text_column", "train_on_prompt", "train_on_all_turns", "chat_template", "val_fraction", "min_tokens",
-    "max_length", "overlong", "truncation_side", "streaming", "stream_val_rows", "cache_dir", "seed", "precision",
+    "max_length", "overlong", "truncation_side", "streaming", "stream_val_rows", "cache_dir", "data_workers", "seed",
+    "precision",
     "device", "batch_size", "eval_batch_size", "val_split", "val_dataset", "val_datasets", "add_tokens", "pad_token",
 }
 

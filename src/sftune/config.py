@@ -177,6 +177,11 @@ class SFTConfig:
     cache_dir: str | None = _f(
         None, "Where tokenized datasets are cached (default: $SFTUNE_CACHE or ~/.cache/sftune).", "data"
     )
+    data_workers: int = _f(
+        1, "Processes that tokenize a split of 1,024 rows or more (datasets.map's num_proc), each a share of the "
+        "rows; the result is the same. Pays off for chat data, whose template renders are Python (1.6x with 2 on 2 "
+        "cores); plain text is encoded on every core by the tokenizer already.", "data"
+    )
 
     # --- optimisation ----------------------------------------------------
     epochs: int = _f(1, "Passes over the training data.", "train")
@@ -370,7 +375,7 @@ class SFTConfig:
 # Keys that do not change what is computed: they may differ between a checkpoint and its resume.
 RUN_CONTROL_KEYS = {
     "eval_every", "eval_batch_size", "log_every", "output_dir", "sample_prompts", "sample_max_new_tokens",
-    "save_every", "save_minutes", "keep_last", "checkpoint_hashes", "resume", "resume_force", "overwrite", "cache_dir", "trust_remote_code", "device",
+    "save_every", "save_minutes", "keep_last", "checkpoint_hashes", "resume", "resume_force", "overwrite", "cache_dir", "data_workers", "trust_remote_code", "device",
     "max_bad_steps", "merge", "report_to", "run_report", "early_stopping_patience", "early_stopping_min_delta", "save_best", "final_model",
     "push_to_hub", "hub_private", "profile_steps", "memory_check", "save_dtype",
     "strategy", "gradient_checkpointing", "dist_timeout",  # how the same arithmetic is spread over ranks, or recomputed

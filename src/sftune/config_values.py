@@ -334,6 +334,7 @@ def range_checks(cfg: SFTConfig, training: bool = True) -> list[str]:
          "early_stopping_min_delta", "must be 0 or more")
     need(cfg.final_model == "last" or cfg.save_best, "final_model", "best needs the best checkpoint: set --save-best")
     need(cfg.stream_val_rows >= 1, "stream_val_rows", "must be at least 1")
+    need(cfg.data_workers >= 1, "data_workers", "must be at least 1 (1: tokenize in this process)")
     need(cfg.chat_template is None or Path(cfg.chat_template).expanduser().exists()
          or template_on_the_hub(cfg.chat_template),
          "chat_template", "no such file; give a Jinja template file, or a model (directory or Hub id) whose "

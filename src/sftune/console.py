@@ -36,14 +36,15 @@ def quiet_tokenizers() -> None:
 
 
 @contextlib.contextmanager
-def tokenizer_threads():
+def tokenizer_threads(processes: int = 1):
     """`tokenizers`' own threads for a batch tokenization (it reads PARALLELISM at each call), unless the user set
     PARALLELISM; off again after, and set, so a later fork makes no warning. SST-2 on 2 cores: 2.8 -> 2.4 s; on
-    many cores most of the tokenizer's share goes (benchmarks/NOTES.md try 69)."""
+    many cores most of the tokenizer's share goes (benchmarks/NOTES.md try 69). With several tokenizing
+    `processes` (--data-workers), off: they share the cores, each on one."""
     if not _parallelism_ours:
         yield
         return
-    os.environ[PARALLELISM] = "true"
+    os.environ[PARALLELISM] = "true" if processes == 1 else "false"
     try:
         yield
     finally:

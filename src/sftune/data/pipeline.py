@@ -56,6 +56,7 @@ class DataOptions:
     seed: int = 42
     cache_dir: str | Path | None = None
     stream_val_rows: int = 1000
+    workers: int = 1  # processes that tokenize a split (not in the cache key: the result is the same)
     mixture: tuple[dict, ...] = ()  # several datasets (`datasets`): each entry's keys replace the ones above
     only: str | None = None  # (a mixture's parts) "train": the training split whole, no validation; "validation":
     # the rows --val-dataset would give, no training split
@@ -190,7 +191,8 @@ def prepare_data(options: DataOptions, tokenizer) -> PreparedData:
             splits[name], stats[name] = Examples.from_lists([]), SplitStats()
             continue
         splits[name], stats[name] = tokenize_split(rows[name], tokenizer, layout, o.encode, template,
-                                                   source=getattr(rows, "sources", {}).get(name, name))
+                                                   source=getattr(rows, "sources", {}).get(name, name),
+                                                   workers=o.workers)
         if len(splits[name]) == 0:
             s = stats[name]
             fixes = {"overlong": f"raise --max-length ({o.max_length}) or keep them, cut, with --overlong truncate",

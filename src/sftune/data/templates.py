@@ -90,6 +90,16 @@ class ChatTemplate:
                                if isinstance(t, str) and t}
         self._timed = False  # inside `limited`: its one alarm covers every render
 
+    def __getstate__(self) -> dict:
+        """Pickled (for --data-workers' processes) without the compiled template, which does not pickle."""
+        state = dict(self.__dict__)
+        del state["template"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.template = _compile(self.source)
+
     @contextlib.contextmanager
     def limited(self, messages: list[dict]):
         """RENDER_LIMIT_S for the renders of one conversation (`segments` renders it ~7 times to find its turns:

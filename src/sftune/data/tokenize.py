@@ -12,8 +12,11 @@ should see about the result. Imports `examples` and `formats` only.
 
 from __future__ import annotations
 
+import functools
 import itertools
+import os
 import re
+import signal
 import uuid
 from dataclasses import dataclass
 
@@ -26,6 +29,7 @@ from sftune.data.templates import DEFAULT_CHAT_TEMPLATE, ChatTemplate
 from sftune.errors import SftuneError
 
 MAP_BATCH_SIZE = 512  # rows per tokenizer call in datasets.map, as in the seed
+PER_WORKER = 512  # rows a tokenizing process gets at least (--data-workers: fewer processes for a small split)
 
 
 # --- one example --------------------------------------------------------------
@@ -142,7 +146,7 @@ class EncodeOptions:
 
 
 def tokenize_split(rows, tokenizer, layout: Layout, options: EncodeOptions, template: ChatTemplate | None = None,
-                   source: str = "train"):
+                   source: str = "train", workers: int = 1):
     """Tokenize one split with batched `datasets.map` (512 rows a call, original columns removed)
     and keep what `encode_example` keeps. Returns (Examples, SplitStats).
 
@@ -185,9 +189,13 @@ def tokenize_split(rows, tokenizer, layout: Layout, options: EncodeOptions, temp
             out["n_tokens"].append(len(prefix) + len(joined_parts) + int(plain))
         return out
 
-    with tokenizer_threads():
-        mapped = rows.map(
-            encode_batch,
+    processes = max(1, min(workers, len(rows) // PER_WORKER))
+    if processes > 1:
+        log(f"data: {source}: {len(rows):,} rows tokenized by {processes} processes (--data-workers)")
+    with tokenizer_threads(processes):
+        mapped = _map(
+            rows,
+            encode_batch if processes == 1 else functools.partial(_in_worker, encode_batch, os.getpid()),
             batched=True,
             batch_size=MAP_BATCH_SIZE,
             with_indices=True,
@@ -196,6 +204,7 @@ def tokenize_split(rows, tokenizer, layout: Layout, options: EncodeOptions, temp
             # no hashing of encode_batch for a fingerprint: it pickles the tokenizer (~1.5 s a call; NOTES try 12)
             new_fingerprint=uuid.uuid4().hex,
             desc="tokenizing",
+            num_proc=processes if processes > 1 else None,  # (contiguous shards, joined in order: the same rows)
         )
     table = mapped.data.table  # pyarrow: read columns without building Python lists
     status = table.column("status").to_numpy(zero_copy_only=False).astype(str)
@@ -223,6 +232,41 @@ def tokenize_split(rows, tokenizer, layout: Layout, options: EncodeOptions, temp
     stats.untrained_tokens = int(len(examples.input_ids) - examples.supervised.sum())
     stats.length = length_summary(examples.lengths)
     return examples, stats
+
+
+def _map(rows, function, **options):
+    """`rows.map(function, **options)`. A signal that stops this process while worker processes tokenize
+    (`signals.StopFlag` raises it here) reaches datasets' pool first, whose clean-up then raises an error of its own
+    (multiprocess's TimeoutError, waiting for the tasks it cut short) in its place: the signal's stop is raised."""
+    from sftune.signals import Preempted
+
+    try:
+        return rows.map(function, **options)
+    except Exception as e:
+        cause = e.__context__
+        while cause is not None and not isinstance(cause, (Preempted, KeyboardInterrupt)):
+            cause = cause.__context__
+        if cause is None:
+            raise
+        raise cause from None
+
+
+_worker_signals_reset = False  # (in a tokenizing process: `_in_worker` has reset its signal handlers)
+
+
+def _in_worker(encode_batch, parent: int, batch: dict, indices: list[int]) -> dict:
+    """`encode_batch` in a tokenizing process (`parent`: the id of the process that forked it). A worker forked from
+    sftune has sftune's signal handlers, which stop a preparing process by raising (`signals.StopFlag`): in a worker
+    that would end the task, not the process, and leave the parent waiting. Workers take the default action
+    instead: a Ctrl-C (to the whole process group) ends them, and the parent, stopped by its own handler, ends the
+    pool."""
+    global _worker_signals_reset
+    if os.getpid() != parent and not _worker_signals_reset:
+        for signum in (signal.SIGTERM, signal.SIGINT, getattr(signal, "SIGHUP", None)):
+            if signum is not None:
+                signal.signal(signum, signal.SIG_DFL)
+        _worker_signals_reset = True
+    return encode_batch(batch, indices)
 
 
 def _flat_lists(column, dtype) -> tuple[np.ndarray, np.ndarray]:
