@@ -43,6 +43,8 @@
 #   speed-steps (360) the speed phase without the whole job (about 6 minutes with --flex on an H100)
 #   samples (60) benchmarks/samples.py --dtype bf16: the seed job's sample prompts one at a time against one batch
 #                (what each evaluation's samples cost: try 129)
+#   workers (240) benchmarks/data_workers.py: tokenizing with 1, 4, 8 and 16 processes (--data-workers) on 100,000
+#                chat rows and SST-2, on the machine's 16 cores (try 133: the default to choose)
 # One call for a whole lease: DEADLINE=SECONDS caps every phase at what is left (a phase with under 20 s left is
 # skipped), and BUNDLE=DIR keeps DIR/results.tgz up to date after each phase, e.g. on the device
 #   OUT=/tmp/gpu BUNDLE=$OUT DEADLINE=560 PHASES="speed check runs fusion" bash benchmarks/gpu_session.sh
@@ -69,6 +71,7 @@ if [ -n "${QUICK:-}" ]; then
   prof_seed=(--model tests/fixtures/tiny-llama --tokenizer bundled:gpt2 --dataset examples/quickstart/data --text-column text --max-steps 4 --profile-steps 3-4)
   no_attention_dropout=attention_dropout=0
   samples=(--model-config tests/fixtures/tiny-llama --repeats 1)
+  workers=(--workers 1 2 --rows 2000 --repeats 1)
   prof_packed=(--model tests/fixtures/tiny-llama --tokenizer bundled:gpt2 --dataset examples/quickstart/data --text-column text --max-length 128 --max-steps 3 --profile-steps 2-3)
 else
   small=(--steps 5)
@@ -83,6 +86,7 @@ else
   prof_seed=(--model ../shared/models/gpt2 --dataset ../shared/data/sst2 --max-steps 230 --profile-steps 221-230)
   no_attention_dropout=attn_pdrop=0
   samples=()
+  workers=(--workers 1 4 8 16 --rows 100000 --repeats 1)
   prof_packed=(--model ../shared/models/gpt2 --dataset ../shared/data/sst2 --max-length 1024 --max-steps 14 --profile-steps 11-14)
 fi
 [ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.max.sm --format=csv > "$OUT/gpu.txt"
@@ -120,6 +124,7 @@ for p in $PHASES; do
     speed) phase speed 540 $py benchmarks/throughput.py --device "$DEVICE" "${speed[@]}" --json "$OUT/$card-$date.json" ;;
     speed-steps) phase speed-steps 360 $py benchmarks/throughput.py --device "$DEVICE" "${speed_steps[@]}" --json "$OUT/$card-$date.json" ;;
     samples) phase samples 60 $py benchmarks/samples.py --device "$DEVICE" --dtype bf16 "${samples[@]}" ;;
+    workers) phase workers 240 $py benchmarks/data_workers.py "${workers[@]}" ;;
     runs) phase runs 300 $py benchmarks/gpu_check.py --device "$DEVICE" --runs-only "${runs[@]}" --json "$OUT/gpu-check.json" ;;
     probe) [ "$DEVICE" = cuda ] && phase probe 200 $py benchmarks/blocks_probe.py ;;
     runs-lora) phase runs-lora 300 $py benchmarks/gpu_check.py --device "$DEVICE" --runs-only --only-runs lora,blocks,lora-tokens "${runs[@]}" --json "$OUT/gpu-check-lora.json" ;;
@@ -160,7 +165,7 @@ for p in $PHASES; do
         cp "/tmp/sftune-profile-$kind/profile/trace.json.gz" "$OUT/profile-$kind.trace.json.gz" 2>/dev/null
       done
       bundle ;;
-    *) echo "unknown phase $p (check, loss, startup, speed, speed-steps, samples, blocks, runs, fusion, fusion-seed, peers, peers-1b, memory, profile)" ;;
+    *) echo "unknown phase $p (check, loss, startup, speed, speed-steps, samples, workers, blocks, runs, fusion, fusion-seed, peers, peers-1b, memory, profile)" ;;
   esac
 done
 ls -la "$OUT"

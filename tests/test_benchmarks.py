@@ -13,7 +13,8 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 @pytest.mark.parametrize("script", ["throughput.py", "gpu_check.py", "trl_baseline.py", "memory.py",
-                                    "resume_memory.py", "chat_templates.py", "blocks_probe.py", "samples.py"])
+                                    "resume_memory.py", "chat_templates.py", "blocks_probe.py", "samples.py",
+                                    "data_workers.py"])
 def test_a_benchmark_script_answers_help(script):
     proc = subprocess.run([sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True,
                           timeout=120)
@@ -28,7 +29,8 @@ def test_the_gpu_session_script_is_valid_and_runs_every_phase_it_names():
     named = set(re.findall(r"^#   ([\w-]+) +\(\d+\)", text, flags=re.M))
     cases = {case for cases in re.findall(r"^    ([\w|-]+)\)", text, flags=re.M) for case in cases.split("|")}
     assert named == cases == {"check", "loss", "startup", "speed", "speed-steps", "blocks", "runs", "runs-lora", "probe",
-                              "samples", "fusion", "fusion-seed", "peers", "peers-1b", "memory", "profile"}
+                              "samples", "workers", "fusion", "fusion-seed", "peers", "peers-1b", "memory",
+                              "profile"}
 
 
 def test_no_undefined_or_unused_names_anywhere():
