@@ -52,10 +52,7 @@ class LogWindow:
         self.correct = saved.get("correct", 0) if mine else 0  # argmax hits (the loss module counts them)
         self.router = saved.get("router", 0.0) if mine else 0.0  # load-balancing loss x targets (mixture of experts)
         self.loss_model = loss_model
-        self.start = time.perf_counter()
-        # the pace: steps of this process timed in the window, and those whose time was a one-off (left out)
-        self.paced_steps = self.paced_tokens = self.one_off_steps = self.one_off_tokens = 0
-        self.one_off_s = 0.0
+        self._new_pace()
 
     def add(self, loss_sum: torch.Tensor, targets: int, tokens: int, one_off: float | None = None) -> None:
         """A step's sums; `one_off`: the seconds of this step that captured or compiled (left out of the pace)."""
@@ -89,10 +86,15 @@ class LogWindow:
             result["router_loss"] = router / targets
         self.loss.zero_()
         self.steps, self.targets, self.tokens, self.correct, self.router = 0, 0, 0, 0, 0.0
+        self._new_pace()
+        return result
+
+    def _new_pace(self) -> None:
+        """The window's clock from now, and its pace's counts: the steps of this process timed in it, and those
+        whose time was a one-off (left out)."""
+        self.start = time.perf_counter()
         self.paced_steps = self.paced_tokens = self.one_off_steps = self.one_off_tokens = 0
         self.one_off_s = 0.0
-        self.start = time.perf_counter()
-        return result
 
     def totals(self, dist: Dist) -> tuple[float, int, float]:
         """(sum of token losses, argmax hits, load-balancing loss x targets) over all ranks: a collective (targets
