@@ -268,6 +268,20 @@ def test_data_report_json_with_examples(tiny_model_dir, capsys):
         assert ex["input_ids"][-1] == 50256 and ex["labels"] == ex["input_ids"]  # EOS trained, nothing masked
 
 
+def test_data_report_of_a_tokenizer_alone_reads_no_model(tiny_model_dir, capsys):
+    """`sftune data --tokenizer DIR` without --model: the report needs no model (the default, gpt2, is on the Hub,
+    which the tests cannot reach); the context is the tokenizer's, and --max-length is checked against nothing."""
+    code, out, err = run_main(capsys, "data", "--tokenizer", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA),
+                              "--json")
+    assert code == 0, err
+    assert "no model is read" in err and "max_length: 1024 (the tokenizer's context)" in err
+    assert json.loads(out)["splits"]["train"]["kept"] == 400
+    code, out, err = run_main(capsys, "data", "--tokenizer", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA),
+                              "--max-length", "16", "--overlong", "truncate", "--json")
+    assert code == 0, err
+    assert json.loads(out)["splits"]["train"]["length"]["max"] == 16
+
+
 def test_data_report_table(tiny_model_dir, capsys):
     code, out, err = run_main(capsys, "data", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA),
                               "--show", "1")

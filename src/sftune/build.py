@@ -124,7 +124,7 @@ def resolve_max_length(cfg: SFTConfig, tokenizer, model_config) -> int:
             f"tokens here: a micro-batch would hold {cfg.batch_size} x {context:,} = {cfg.batch_size * context:,} "
             f"tokens. Set --max-length (2,048 to 8,192 is usual for fine-tuning), or lower --batch-size"))
     if cfg.max_length is None:
-        log(f"max_length: {max_length} (the model's context)")
+        log(f"max_length: {max_length} (the {'model' if model_config is not None else 'tokenizer'}'s context)")
     return max_length
 
 

@@ -144,8 +144,13 @@ def cmd_data(args) -> None:
     from sftune.modeling import load_model_config, override_config
     from sftune.report import data_report, format_data_report
 
-    tokenizer = build_tokenizer(cfg)  # (the model's context as training sees it: with model_config_overrides)
-    model_config = override_config(load_model_config(cfg.model, cfg.trust_remote_code), cfg.model_config_overrides)
+    tokenizer = build_tokenizer(cfg)
+    if cfg.tokenizer and not model_named(args):  # the data alone: no model to read (the context: the tokenizer's)
+        model_config = None
+        log(f"data: --tokenizer {cfg.tokenizer} and no --model: no model is read (--model checks the lengths "
+            f"against its context)")
+    else:  # (the model's context as training sees it: with model_config_overrides)
+        model_config = override_config(load_model_config(cfg.model, cfg.trust_remote_code), cfg.model_config_overrides)
     data, max_length = build_data(cfg, tokenizer, model_config)
     ranks = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: the steps as its ranks would train them
     if cfg.streaming:  # report on the validation split and the stream's first chunk
@@ -160,6 +165,11 @@ def cmd_data(args) -> None:
                          cfg.eval_batch_size or cfg.batch_size, steps, cfg.batch_tokens, cfg.group_by_length,
                          cfg.packing, show=args.show, streaming=cfg.streaming, ranks=ranks)
     print(json.dumps(report, indent=2) if args.json else format_data_report(report, tokenizer, color=sys.stdout.isatty()))
+
+
+def model_named(args) -> bool:
+    """Whether the user named a model, by flag or in the config file (else `model` is its default, gpt2)."""
+    return getattr(args, "model", None) is not None or bool(args.config and "model" in read_yaml(args.config))
 
 
 def evaluated_split(args) -> str | None:
