@@ -573,6 +573,18 @@ def lora_runs(tmp: Path, *tokens: str):
         yield row
 
 
+def fp16_runs(tmp: Path):
+    """fp16 (what `--precision auto` takes on a GPU without bf16 tensor cores: a T4, a V100), eager (its loss scaler
+    decides on the host, so no graphs) against fp32 eager: the loss scaler's path on a GPU, where it had never run;
+    close to fp32, not equal (fp16's rounding)."""
+    base = None
+    for precision in ("fp32", "fp16"):
+        row, got = compared_run(tmp / f"run-{precision}-scaled", precision, "off", base)
+        row["compile"] += " (loss-scaled)" if precision == "fp16" else ""
+        base = base or got
+        yield row
+
+
 def moe_runs(tmp: Path):
     """A tiny Mixtral (tests/fixtures/tiny-mixtral, random init) with its routers' load-balancing loss, bf16: the
     default GPU step (graphs) against eager, the token losses and the logged router losses (the loss takes the
@@ -659,7 +671,8 @@ def ranks_check(tmp: Path) -> dict:
 RUN_GROUPS = {  # (`--only-runs`; all of them by default, in this order: the compiled blocks first, as the newest
     # lever, then the rest in the order of the sessions that added them)
     "blocks": blocks_runs, "whole": whole_runs, "moe": moe_runs, "lora": lora_runs,
-    "lora-tokens": lambda tmp: lora_runs(tmp, "--add-tokens", "<|x|>", "<|y|>"), "neftune": neftune_runs}
+    "lora-tokens": lambda tmp: lora_runs(tmp, "--add-tokens", "<|x|>", "<|y|>"), "neftune": neftune_runs,
+    "fp16": fp16_runs}
 
 
 def main() -> None:

@@ -20,7 +20,8 @@
 #   probe  (200) benchmarks/blocks_probe.py: whether a step with compiled blocks captures (GPT-2 small, dropout 0.1,
 #                sftune's attention function, then transformers'), the replay times, and the step after a failure
 #   runs-lora (300) the runs phase's LoRA runs (eager against graphs: issue 11 on the GPU path), then its compiled
-#                blocks' runs and LoRA with two added tokens, without the checks before them
+#                blocks' runs, LoRA with two added tokens, and fp16 (loss-scaled, eager) against fp32, without the
+#                checks before them
 #   fusion (300) benchmarks/throughput.py --only packed,packed-flex --packed-compile torch: the packed runs with
 #                inductor's fused kernels instead of graphs (for packed rows the step is compute, not launches)
 #   blocks (300) benchmarks/throughput.py --compile-blocks --only seed,sftune,packed-flex: the seed's loop, then
@@ -127,7 +128,7 @@ for p in $PHASES; do
     workers) phase workers 240 $py benchmarks/data_workers.py "${workers[@]}" ;;
     runs) phase runs 300 $py benchmarks/gpu_check.py --device "$DEVICE" --runs-only "${runs[@]}" --json "$OUT/gpu-check.json" ;;
     probe) [ "$DEVICE" = cuda ] && phase probe 200 $py benchmarks/blocks_probe.py ;;
-    runs-lora) phase runs-lora 300 $py benchmarks/gpu_check.py --device "$DEVICE" --runs-only --only-runs lora,blocks,lora-tokens "${runs[@]}" --json "$OUT/gpu-check-lora.json" ;;
+    runs-lora) phase runs-lora 300 $py benchmarks/gpu_check.py --device "$DEVICE" --runs-only --only-runs lora,blocks,lora-tokens,fp16 "${runs[@]}" --json "$OUT/gpu-check-lora.json" ;;
     fusion) [ "$DEVICE" = cuda ] && phase fusion 300 $py benchmarks/throughput.py --device cuda --quick --only packed,packed-flex --packed-compile torch --json "$OUT/packed-compiled-$card-$date.json"
       ;;
     blocks) phase blocks 300 $py benchmarks/throughput.py --device "$DEVICE" "${blocks[@]}" --compile-blocks --json "$OUT/blocks-$card-$date.json" ;;

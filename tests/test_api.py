@@ -44,6 +44,18 @@ def test_training_at_the_default_precision(tiny_model_dir, tmp_path):
     assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in weights.values())
 
 
+@pytest.mark.parametrize("card, capability, native", [
+    ("V100", (7, 0), False), ("T4", (7, 5), False), ("A100", (8, 0), True), ("RTX 3090", (8, 6), True),
+    ("H100", (9, 0), True), ("B200", (10, 0), True)])
+def test_auto_precision_on_a_gpu_takes_bf16_only_where_its_tensor_cores_compute_it(card, capability, native):
+    """`--precision auto` on a GPU: bf16 where the card computes it natively, fp16 on a T4 or V100, where
+    `torch.cuda.is_bf16_supported()` says yes (it counts emulation) but bf16 products run without tensor cores,
+    several times slower than fp16 (explicit --precision bf16 there is warned about)."""
+    from sftune.runtime import bf16_native_capability
+
+    assert bf16_native_capability(capability) is native, card
+
+
 def test_transformers_bars_stay_out_of_an_api_run_and_the_programs_setting_stays(small_model_dir, tmp_path, capfd):
     """The command line turns transformers' "Loading weights" / "Writing model shards" bars off for the process; a
     program that calls sftune gets them off during the call and its own setting back after."""

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import QUICKSTART_DATA, ROOT, assert_same_losses, read_jsonl, run_captured, run_main, signal_at
+from conftest import (QUICKSTART_DATA, ROOT, assert_resumes_bitwise, assert_same_losses, read_jsonl, run_captured,
+                      run_main, signal_at)
 from sftune.checkpoint import checkpoint_ok
 
 pytestmark = pytest.mark.slow
@@ -316,6 +317,27 @@ def test_a_non_finite_step_is_skipped_and_training_goes_on(small_model_dir, tmp_
     assert [r["step"] for r in rows if r["type"] == "skip"] == [3]
     assert [r["step"] for r in rows if r["type"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert all(r["loss"] == r["loss"] for r in rows if r["type"] == "train")  # no NaN reaches the log
+
+
+def test_fp16_scales_its_loss_skips_a_bad_step_and_resumes_exactly(small_model_dir, tmp_path, capsys, monkeypatch):
+    """--precision fp16 (what auto takes on a T4 or a V100), here on the CPU, whose autocast and GradScaler run
+    torch's same code: the loss is scaled and unscaled before the clip, the guard decides on the host (the scaler
+    reads its own flag there), a non-finite step is skipped, the checkpoint holds the scaler's state, and a resume
+    from it writes the same model, bitwise."""
+    out = tmp_path / "run"
+    monkeypatch.setenv("SFTUNE_FAULT_NAN_STEPS", "3")
+    code, _, err = run_main(capsys, *train_args(small_model_dir, out, "--max-steps", "8", "--save-every", "5",
+                                                 "--precision", "fp16"))
+    assert code == 0, err
+    assert "device: cpu, precision: fp16" in err and "note: fp16 on a CPU" in err
+    assert "step 3: non-finite loss or gradient norm, update skipped" in err
+    rows = read_jsonl(out / "metrics.jsonl")
+    assert [r["step"] for r in rows if r["type"] == "skip"] == [3]
+    evals = [r["val_loss"] for r in rows if r["type"] == "eval"]
+    assert evals[-1] < evals[0] - 0.5  # it learns
+    scaler = torch.load(out / "checkpoints" / "step-5" / "training_state.pt", weights_only=False)["scaler"]
+    assert scaler["scale"] == 2.0 ** 16 and scaler["_growth_tracker"] == 5  # (no overflow: 5 steps towards growth)
+    assert_resumes_bitwise(capsys, out, "step-5")
 
 
 def test_too_many_bad_steps_stop_with_the_last_good_state(small_model_dir, tmp_path, capsys, monkeypatch):

@@ -42,7 +42,7 @@ from sftune.outputs import OutputLock, check_output_dir, check_shared, clear_pre
     claim_new_run_dir, finished_without_checkpoints, publish_model, resolve_output_dir
 from sftune.resume import check_resume_compatible, check_same_inputs, check_same_steps
 from sftune.run_report import DATA_FILE, data_summary
-from sftune.runtime import resolve_precision, seed_everything, untested_versions, warm_up
+from sftune.runtime import gpu_computes_bf16, resolve_precision, seed_everything, untested_versions, warm_up
 from sftune.shards import holds_whole_model
 from sftune.signals import Preempted, StopFlag
 from sftune.step_mode import compile_step, resolve_attention, resolve_compile, say_attention_off_gpu, say_step, \
@@ -377,6 +377,13 @@ def say_setup(cfg: SFTConfig, dist: Dist, precision: str) -> None:
     """The device and precision, and warnings about the setup: a restarted torchrun, --strategy in one process,
     library versions outside the tested ones."""
     log(f"device: {dist.device}, precision: {precision}" + (" (auto)" if cfg.precision == "auto" else ""))
+    if precision == "bf16" and dist.device.type == "cuda" and not gpu_computes_bf16(dist.device):
+        name, (major, minor) = torch.cuda.get_device_name(dist.device), torch.cuda.get_device_capability(dist.device)
+        log(f"warning: {name} (compute capability {major}.{minor}) has no bf16 tensor cores: its bf16 products are "
+            f"emulated, several times slower than fp16; --precision fp16 (or auto) uses them")
+    if precision == "fp16" and dist.device.type == "cpu":
+        log("note: fp16 on a CPU is loss-scaled as on a GPU, and most CPUs compute it no faster than fp32 (this "
+            "project's 2-core Xeon: the same rate); bf16, which --precision auto takes where a CPU has it, is theirs")
     if warning := restart_warning():
         log(warning)
     if cfg.strategy != "auto" and not dist.distributed:

@@ -231,8 +231,9 @@ class SFTConfig:
         "train")
     seed: int = _f(42, "Seed for weight init, data order and the validation hold-out.", "train")
     precision: Precision = _f(
-        "auto", "Compute precision: auto (bf16 where the hardware has it; else fp16 on a CUDA GPU, fp32 on a CPU), "
-        "fp32, bf16 or fp16.", "train"
+        "auto", "Compute precision: auto (bf16 where the hardware computes it natively: a CUDA GPU from Ampere on, a "
+        "CPU with AVX512-BF16 or AMX; else fp16 on a CUDA GPU, fp32 on a CPU), fp32, bf16 or fp16 (loss-scaled).",
+        "train"
     )
     device: Device = _f("auto", "auto (CUDA when present, else CPU), cpu or cuda.", "train")
     strategy: Strategy = _f(

@@ -115,14 +115,28 @@ def warm_up(device: torch.device, precision: str) -> threading.Thread | None:
     return thread
 
 
+def gpu_computes_bf16(device: torch.device) -> bool:
+    """Whether this GPU computes bf16 natively: NVIDIA's from Ampere (compute capability 8.0: A100, RTX 30xx) on, and
+    AMD's. `torch.cuda.is_bf16_supported()` also says yes for a T4 or V100, where bf16 products are emulated without
+    tensor cores, several times slower than fp16 (its default counts emulation)."""
+    return bool(torch.version.hip) or bf16_native_capability(torch.cuda.get_device_capability(device))
+
+
+def bf16_native_capability(capability: tuple[int, int]) -> bool:
+    """A CUDA compute capability (major, minor) with bf16 tensor cores: 8.0 and later.
+
+    >>> bf16_native_capability((7, 5)), bf16_native_capability((8, 0)), bf16_native_capability((9, 0))
+    (False, True, True)
+    """
+    return capability[0] >= 8
+
+
 def resolve_precision(name: str, device: torch.device) -> str:
     """'auto' -> bf16 where the hardware computes it natively, else fp16 on older GPUs, else fp32."""
     if name == "auto":
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "bf16" if gpu_computes_bf16(device) else "fp16"
         return "bf16" if cpu_has_bf16() else "fp32"
-    if name == "fp16" and device.type != "cuda":
-        raise SftuneError("precision 'fp16' needs a CUDA GPU; on CPU use --precision bf16 or --precision fp32")
     return name
 
 
