@@ -347,6 +347,18 @@ def test_auto_keeps_right_padded_rows_unmasked_under_cuda_graphs():
     assert resolve_attention(rows, mistral, gpu, 1000, 64, "graphs")[0] == "varlen"
 
 
+def test_varlen_is_refused_before_training_on_a_gpu_older_than_ampere():
+    """torch's variable-length kernel is flash attention's (Ampere, compute capability 8.0, on): on a T4 or V100
+    `--attention varlen --packing` is said before any weights load, with flex named, instead of failing in the
+    first step."""
+    from sftune.attention import varlen_refusal
+
+    said = varlen_refusal((7, 5), "Tesla T4")
+    assert "needs an Ampere GPU or later (compute capability 8.0); Tesla T4 is 7.5" in said
+    assert "--attention flex" in said
+    assert varlen_refusal((8, 0), "NVIDIA A100") is None and varlen_refusal((9, 0), "NVIDIA H100") is None
+
+
 def test_local_attention_reads_sliding_windows_and_chunks():
     """The narrowest window some layer attends within, from the config's own keys: Mistral's sliding window,
     Qwen2's only where `use_sliding_window` turns it on (its layer types then say so), Llama 4's chunks; none for

@@ -340,10 +340,22 @@ def check_varlen(model_config, device, precision: str | None, packing: bool, att
         raise SftuneError(f"--attention {attention}: {kernel_name} has no dropout, and this model's "
                           f"config sets {key} = {p:g}; {DROPOUT_ADVICE.replace('KEY', key)}")
     if attention == "varlen" and device is not None and torch.device(device).type == "cuda":
+        if refusal := varlen_refusal(torch.cuda.get_device_capability(device), torch.cuda.get_device_name(device)):
+            raise SftuneError(refusal)
         kernel()
         if precision not in ("bf16", "fp16"):
             raise SftuneError(f"--attention varlen runs flash attention, which computes in bf16 or fp16, not "
                               f"{precision}; use --precision bf16 (or --attention sdpa)")
+
+
+def varlen_refusal(capability: tuple[int, int], card: str) -> str | None:
+    """Why torch's variable-length kernel cannot run on a GPU of this compute capability (it is flash attention's,
+    built for Ampere, 8.0, and later), or None."""
+    if capability >= (8, 0):
+        return None
+    return (f"--attention varlen runs flash attention's variable-length kernel, which needs an Ampere GPU or later "
+            f"(compute capability 8.0); {card} is {capability[0]}.{capability[1]}; use --attention flex (or sdpa) "
+            f"for packed rows on it")
 
 
 @contextlib.contextmanager
