@@ -158,6 +158,18 @@ def test_flops_per_token_for_mfu():
     assert peak_flops(torch.device("cpu"), "bf16") is None  # MFU only on GPUs with a known peak
 
 
+@pytest.mark.parametrize("name, tflops", [
+    ("NVIDIA H100 80GB HBM3", 989), ("NVIDIA H100 PCIe", 756), ("NVIDIA H200", 989), ("NVIDIA B200", 2250),
+    ("NVIDIA A100-SXM4-80GB", 312), ("NVIDIA L40S", 362), ("NVIDIA L40", 181), ("NVIDIA L4", 121),
+    ("Tesla V100-SXM2-16GB", 125), ("Tesla V100-PCIE-32GB", 112), ("Tesla T4", 65), ("NVIDIA GeForce RTX 4090", None)])
+def test_the_peak_rate_of_each_card_by_its_name(name, tflops):
+    """MFU's denominator, by the name torch gives the card: the first fragment of the table that fits wins, so an
+    L40 is not taken for an L4, nor a PCIe H100 or V100 for the SXM one (dense bf16, fp16 where a card has no bf16)."""
+    from sftune.runtime import card_peak
+
+    assert card_peak(name) == (tflops * 1e12 if tflops else None)
+
+
 def test_flops_per_token_of_a_mixture_of_experts_counts_the_experts_a_token_uses():
     """Mixtral-shaped, 8 experts and 2 a token: a quarter of the experts' weights count, the rest in full."""
     from transformers import AutoConfig, AutoModelForCausalLM

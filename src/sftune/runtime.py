@@ -182,17 +182,23 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# Dense peak matrix throughput of one GPU in bf16/fp16, FLOP/s (vendor data sheets, without sparsity), by a
-# fragment of torch.cuda.get_device_name(); the first fragment found wins (so "H100 PCIe" before "H100").
-PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12), ("L40S", 362e12),
-                   ("L4", 121e12))
+# Dense peak matrix throughput of one GPU in bf16/fp16, FLOP/s (vendor data sheets, without sparsity; fp16 for the
+# V100 and T4, which have no bf16), by a fragment of torch.cuda.get_device_name(); the first fragment found wins (so
+# "H100 PCIe" before "H100", "L40S" and "L40" before "L4").
+PEAK_BF16_FLOPS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("B200", 2250e12), ("A100", 312e12),
+                   ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("V100-PCIE", 112e12), ("V100", 125e12),
+                   ("T4", 65e12))
 
 
 def peak_flops(device: torch.device, precision: str) -> float | None:
     """The GPU's peak bf16/fp16 rate, for MFU; None on a CPU, in fp32, or for a GPU not in the table."""
     if device.type != "cuda" or precision not in ("bf16", "fp16"):
         return None
-    name = torch.cuda.get_device_name(device)
+    return card_peak(torch.cuda.get_device_name(device))
+
+
+def card_peak(name: str) -> float | None:
+    """`PEAK_BF16_FLOPS` of the card `torch.cuda.get_device_name` calls `name`, or None."""
     return next((flops for fragment, flops in PEAK_BF16_FLOPS if fragment in name), None)
 
 
