@@ -75,7 +75,7 @@ def why_not_graphs(device: torch.device, world_size: int, precision: str, gradie
     if world_size > 1:
         return "under torchrun each rank's backward talks to the others (use --compile torch)"
     if precision == "fp16":
-        return "fp16's loss scaler decides on the host at each step (use bf16)"
+        return "fp16's loss scaler decides on the host at each step (bf16, on a GPU from Ampere on, has none)"
     if gradient_checkpointing:
         return "activation checkpointing saves and restores the RNG on the host during the backward"
     return None
