@@ -340,6 +340,21 @@ def test_fp16_scales_its_loss_skips_a_bad_step_and_resumes_exactly(small_model_d
     assert_resumes_bitwise(capsys, out, "step-5")
 
 
+def test_an_fp16_step_whose_gradients_overflow_is_said_with_the_lowered_loss_scale(small_model_dir, tmp_path, capsys):
+    """GradScaler skips an update whose gradients overflowed fp16 and halves its scale, saying nothing: a run whose
+    first steps all overflowed looked trained. Each such step is said, with the scale, and written as a skip.
+    (Weights drawn at 50 times GPT-2's spread: gradients large enough to overflow at the first scale, 2^16.)"""
+    out = tmp_path / "run"
+    code, _, err = run_main(capsys, *train_args(small_model_dir, out, "--max-steps", "4", "--save-every", "100",
+                                                 "--precision", "fp16", "--init", "random",
+                                                 "--model-config-overrides", "initializer_range=1.0"))
+    assert code == 0, err
+    assert "step 1: fp16 gradients overflowed at loss scale 65,536, update skipped; scale now 32,768" in err
+    skips = [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "skip"]
+    assert skips[0] == {"type": "skip", "step": 1, "reason": "fp16 gradients overflowed", "loss_scale": 32768.0}
+    assert [r["loss_scale"] for r in skips] == [2.0 ** (15 - i) for i in range(len(skips))]  # halved at each
+
+
 def test_too_many_bad_steps_stop_with_the_last_good_state(small_model_dir, tmp_path, capsys, monkeypatch):
     constant = ("--lr-schedule", "constant", "--save-every", "100")
     good = tmp_path / "good"

@@ -66,6 +66,20 @@ class Saves:
                 f"stopped with the last good state saved in {path}. Lower --lr, set --max-grad-norm, use "
                 f"--precision fp32 or bf16, or raise --max-bad-steps; then --resume auto.")
 
+    def overflowed(self, step: int, scale: float, lowered: float) -> None:
+        """fp16's loss scaler skipped the update of `step`, whose gradients overflowed at `scale`: said (GradScaler
+        says nothing; several in a row are its search for a scale at the start of a run, one every few thousand steps
+        its test of a higher one). Below a scale of 1 the gradients overflow fp16 unscaled: the run has diverged, and
+        stops with the last good state saved."""
+        self.metrics.write({"type": "skip", "step": step, "reason": "fp16 gradients overflowed", "loss_scale": lowered})
+        log(f"step {step:,}: fp16 gradients overflowed at loss scale {scale:,g}, update skipped; scale now {lowered:,g}")
+        if lowered < 1:
+            path = self.checkpoint()  # (the overflowing steps changed nothing)
+            raise TrainingDiverged(
+                f"fp16's loss scale fell to {lowered:g} (step {step}): the gradients overflow fp16 even unscaled; "
+                f"stopped with the last good state saved in {path}. Lower --lr, set --max-grad-norm, or use "
+                f"--precision bf16 (on a GPU from Ampere on) or fp32; then --resume auto.")
+
     def checkpoint(self) -> Path:
         """The state after the last step, saved (a collective under torchrun); its time out of the log window."""
         self.settle()  # (a skipped step is logged before the checkpoint that follows it)

@@ -137,7 +137,8 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         scaler.unscale_(optimizer)
         grad_norm, divisor = clip_gradients(model, cfg.max_grad_norm, into_update=guard.on_device and not dist.sharded)
         loss_sum = guard.step(loss_sum, grad_norm, state.step + 1, divisor)  # the update, unless non-finite
-        scaler.update()
+        if overflow := guard.update_scale():  # (fp16: its scaler skipped an update whose gradients overflowed)
+            saves.overflowed(state.step + 1, *overflow)
         # (an adding graph adds into the same gradient tensors each step; an assigning one writes its own)
         optimizer.zero_grad(set_to_none=graphs is None or graphs.assign)
         scheduler.step()

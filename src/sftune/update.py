@@ -6,6 +6,7 @@ Both decide on the device where the optimizer lets them (fused AdamW: its kernel
 
     norm, divisor = clip_gradients(model, max_grad_norm, into_update=guard.on_device)
     loss = guard.step(loss, norm, step, divisor)   # the update, unless non-finite
+    guard.update_scale()                            # fp16's loss scale: (scale, lowered) if it overflowed
     guard.settle()                                  # later: (step, skipped) of that update, read on the host
 """
 
@@ -68,6 +69,21 @@ class NonFiniteGuard:
                 self.scaler.step(self.optimizer)
             self.pending = (step, bad, None)
         return torch.where(bad, torch.zeros_like(loss_sum), loss_sum)  # the logged loss stays finite
+
+    def update_scale(self) -> tuple[float, float] | None:
+        """`scaler.update()`. Under fp16: (the loss scale, the lowered one) when the step's gradients overflowed, so
+        the scaler skipped its update (unless the guard skipped the step itself: said there). Read on the host, where
+        fp16's steps are decided anyway (and every rank sees the same overflow: DDP's gradients are the same, and
+        FSDP's shards' flags are reduced over the ranks)."""
+        if not self.scaler.is_enabled():
+            self.scaler.update()
+            return None
+        before = self.scaler.get_scale()
+        self.scaler.update()
+        after = self.scaler.get_scale()
+        if after >= before or (self.pending is not None and bool(self.pending[1])):
+            return None
+        return before, after
 
     def settle(self) -> tuple[int, bool] | None:
         """(step, skipped) of the last step, once; None when nothing is pending."""
