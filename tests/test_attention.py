@@ -119,6 +119,22 @@ def test_a_wrong_model_config_override_is_a_clear_error(capsys, tmp_path, small_
     assert not (tmp_path / "run").exists()
 
 
+def test_a_whole_number_for_a_field_of_floats_is_that_float():
+    """`--model-config-overrides initializer_range=1` (YAML reads `1` as an int): transformers 5's configs check each
+    field's type as it is set and refused the int for a float field; it is now the float. Text there is still
+    refused, with the key and the fix named."""
+    from transformers import GPT2Config
+
+    from sftune.errors import SftuneError
+    from sftune.modeling import override_config
+
+    config = override_config(GPT2Config(), {"initializer_range": 1, "n_layer": 3, "scale_attn_weights": True})
+    assert config.initializer_range == 1.0 and isinstance(config.initializer_range, float)
+    assert config.n_layer == 3 and config.scale_attn_weights is True
+    with pytest.raises(SftuneError, match="initializer_range='wide'.*model_config_overrides in YAML"):
+        override_config(GPT2Config(), {"initializer_range": "wide"})
+
+
 def test_packed_run_with_varlen_equals_the_default(capsys, tmp_path, small_model_dir):
     """A whole packed run (training, evaluations, sample prompts, the saved model) under --attention varlen has
     the losses of the default attention's; the saved model names no sftune attention and loads anywhere. So do

@@ -136,6 +136,8 @@ def override_config(model_config, overrides: dict | None):
             raise SftuneError(f"--model-config-overrides: the {model_config.model_type} config has no key {key!r}"
                               + (f" (did you mean {' or '.join(close)}?)" if close else "")
                               + "; fix it in --model-config-overrides (model_config_overrides in YAML)")
+        if isinstance(known.get(key), float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)  # (`initializer_range=1`: a field of floats refuses the int 1 as it is set)
         try:
             setattr(model_config, key, value)
         except Exception as e:  # (transformers 5's configs check each field's type as set: huggingface_hub's error)
