@@ -343,11 +343,12 @@ def test_fp16_scales_its_loss_skips_a_bad_step_and_resumes_exactly(small_model_d
 def test_an_fp16_step_whose_gradients_overflow_is_said_with_the_lowered_loss_scale(small_model_dir, tmp_path, capsys):
     """GradScaler skips an update whose gradients overflowed fp16 and halves its scale, saying nothing: a run whose
     first steps all overflowed looked trained. Each such step is said, with the scale, and written as a skip.
-    (Weights drawn at 50 times GPT-2's spread: gradients large enough to overflow at the first scale, 2^16.)"""
+    (Weights drawn at 100 times GPT-2's spread, initializer_range 2: gradients 4-8 times past what fits at the first
+    scale, 2^16: three overflows.)"""
     out = tmp_path / "run"
     code, _, err = run_main(capsys, *train_args(small_model_dir, out, "--max-steps", "4", "--save-every", "100",
                                                  "--precision", "fp16", "--init", "random",
-                                                 "--model-config-overrides", "initializer_range=1.0"))
+                                                 "--model-config-overrides", "initializer_range=2"))
     assert code == 0, err
     assert "step 1: fp16 gradients overflowed at loss scale 65,536, update skipped; scale now 32,768" in err
     skips = [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "skip"]
