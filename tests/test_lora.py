@@ -151,6 +151,50 @@ def test_the_fused_loss_reaches_a_head_peft_trains_in_full():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["gpt2", "tiny-llama"])
+def test_a_frozen_base_kept_in_bf16_gives_the_fp32_bases_loss_and_gradients_bitwise(family):
+    """`--lora-base-dtype auto` under bf16: the frozen matrices that only products read (Conv1D/Linear weights, an
+    untied head) are kept in bf16, half their memory; a tied embedding, layer norms, biases and the adapter stay
+    fp32. Autocast casts an fp32 weight to bf16 where a product reads it, rounding as `.to` does, so the loss and
+    every adapter gradient are the fp32 base's, bitwise."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from conftest import FIXTURES
+    from sftune.loss import CausalLMLoss
+    from sftune.lora import add_lora, keep_frozen_matrices_in
+
+    def build():
+        torch.manual_seed(0)
+        model = make_tiny_gpt2() if family == "gpt2" else \
+            AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(FIXTURES / family))
+        peft_model = add_lora(model, lora_cfg(), quiet=True)
+        randomize_adapter(peft_model)
+        return peft_model
+
+    kept, cast = build(), build()
+    saved = keep_frozen_matrices_in(cast, torch.bfloat16)
+    dtypes = {n: p.dtype for n, p in cast.named_parameters()}
+    frozen_matrices = [n for n in dtypes if n.endswith("base_layer.weight")]
+    assert frozen_matrices and all(dtypes[n] == torch.bfloat16 for n in frozen_matrices)
+    assert saved == sum(p.numel() * 2 for p in cast.parameters() if p.dtype == torch.bfloat16)
+    assert all(dtypes[n] == torch.float32 for n in dtypes if "lora_" in n or "norm" in n or "ln_" in n
+               or n.endswith("bias") or "wte" in n or "embed_tokens" in n)
+    head = cast.get_base_model().get_output_embeddings().weight  # (GPT-2's is its embedding: fp32)
+    assert head.dtype == (torch.float32 if family == "gpt2" else torch.bfloat16)
+    vocab = cast.get_base_model().config.vocab_size
+    batch = {"input_ids": torch.arange(16).reshape(2, 8) % vocab, "attention_mask": torch.ones(2, 8, dtype=torch.long),
+             "target_positions": torch.tensor([0, 1, 2, 8, 9, 10]), "targets": torch.tensor([1, 2, 3, 9, 10, 11])}
+    results = []
+    for peft_model in (kept, cast):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = CausalLMLoss(peft_model.get_base_model())(batch)
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in peft_model.parameters() if p.requires_grad]))
+    (loss_kept, grads_kept), (loss_cast, grads_cast) = results
+    assert torch.equal(loss_kept, loss_cast) and len(grads_kept) == len(grads_cast)
+    assert all(torch.equal(a, b) for a, b in zip(grads_kept, grads_cast))
+
+
 def test_loraplus_gives_the_b_matrices_their_own_learning_rate():
     from sftune.update import param_groups
     from sftune.lora import add_lora
@@ -299,6 +343,35 @@ def test_a_lora_run_trains_only_the_adapter_and_writes_what_peft_loads(lora_run,
         code, stdout, err = run_main(capsys, "eval", "--model", str(model), "--dataset", str(QUICKSTART_DATA), "--json")
         assert code == 0 and json.loads(stdout)["precision"] == "fp32", err
         assert json.loads(stdout)["val_loss"] == pytest.approx(evals[-1], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_a_bf16_run_keeps_its_frozen_base_in_bf16_and_trains_what_the_fp32_base_trains(small_model_dir, tmp_path,
+                                                                                      capsys):
+    """`--precision bf16` LoRA: the frozen base's matrices kept in bf16 by default (said), against
+    `--lora-base-dtype fp32`: every loss and evaluation, the adapter and the merged model (merged into the fp32
+    base read from disk), bitwise; `sftune eval` of each run (the base read in fp32, the run's bf16 products) gives
+    the same val loss, its last evaluation's (to bf16's rounding over eval's own batches)."""
+    runs = {}
+    for dtype in ("auto", "fp32"):
+        out = tmp_path / dtype
+        code, _, err = run_main(capsys, *train_args(small_model_dir, out, "--max-steps", "6", "--eval-every", "3",
+                                                    "--precision", "bf16", "--lora-base-dtype", dtype, "--merge",
+                                                    "--sample-prompts", ""))
+        assert code == 0, err
+        runs[dtype] = out
+        assert ("LoRA: the frozen base's matrices kept in bf16" in err) is (dtype == "auto")
+    assert_same_losses(runs["auto"], runs["fp32"])
+    assert same_adapter(runs["auto"], runs["fp32"])
+    merged = [load_file(runs[d] / "merged" / "model.safetensors") for d in runs]
+    assert all(torch.equal(merged[0][k], merged[1][k]) for k in merged[1])
+    evaluated = []
+    for out in runs.values():
+        code, printed, err = run_main(capsys, "eval", "--model", str(out), "--json")
+        assert code == 0, err
+        evaluated.append(json.loads(printed)["val_loss"])
+    last = [r["val_loss"] for r in read_jsonl(runs["auto"] / "metrics.jsonl") if r["type"] == "eval"][-1]
+    assert evaluated[0] == evaluated[1] == pytest.approx(last, rel=1e-4)
 
 
 @pytest.mark.slow

@@ -42,7 +42,7 @@ from sftune.outputs import OutputLock, check_output_dir, check_shared, clear_pre
     claim_new_run_dir, finished_without_checkpoints, publish_model, resolve_output_dir
 from sftune.resume import check_resume_compatible, check_same_inputs, check_same_steps
 from sftune.run_report import DATA_FILE, data_summary
-from sftune.runtime import gpu_computes_bf16, resolve_precision, seed_everything, untested_versions, warm_up
+from sftune.runtime import DTYPES, gpu_computes_bf16, resolve_precision, seed_everything, untested_versions, warm_up
 from sftune.shards import holds_whole_model
 from sftune.signals import Preempted, StopFlag
 from sftune.step_mode import compile_step, resolve_attention, resolve_compile, say_attention_off_gpu, say_step, \
@@ -335,6 +335,8 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock, stop: StopFl
 
         # LoRA layers go into `model` itself; only they, modules_to_save and the --add-tokens rows train
         adapter = add_lora(model, cfg, token_ids(tokenizer, cfg.add_tokens))
+        if notice := keep_base_in_compute_dtype(cfg, adapter, precision, sharded):
+            log(notice)
     if cfg.gradient_checkpointing:
         enable_activation_checkpointing(model)
     blocks = compile_blocks(model, cfg.compile_backend, padding.shapes) if cfg.compile_blocks else 0
@@ -371,6 +373,20 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock, stop: StopFl
     say_plan(cfg, steps, max_length, warmup, out, loss_model, wrapped, dist)
     return Run(resolved, dist, out, precision, tokenizer, wrapped, loss_model, adapter, base, steps, compile_mode,
                optimizer, scheduler, scaler, checkpointer, state, checkpoint, lock)
+
+
+def keep_base_in_compute_dtype(cfg: SFTConfig, adapter, precision: str, sharded: bool) -> str | None:
+    """`lora_base_dtype auto`: the frozen base's matrices kept in the compute precision's dtype (`lora.
+    keep_frozen_matrices_in`); what to log, or None where they stay fp32: fp32 runs, DoRA (its weight norms read
+    the base's fp32 weights) and FSDP (it shards the base, and gathers it in bf16 already)."""
+    if cfg.lora_base_dtype != "auto" or precision not in ("bf16", "fp16") or cfg.lora_use_dora or sharded:
+        return None
+    from sftune.lora import keep_frozen_matrices_in
+
+    saved = keep_frozen_matrices_in(adapter, DTYPES[precision])
+    amount = f"{saved / 2**30:,.2f} GiB" if saved >= 2**30 else f"{saved / 2**20:,.1f} MiB"
+    return (f"LoRA: the frozen base's matrices kept in {precision}, {amount} less memory (the products read them in "
+            f"{precision} either way: the same numbers; --lora-base-dtype fp32 keeps them fp32)" if saved else None)
 
 
 def say_setup(cfg: SFTConfig, dist: Dist, precision: str) -> None:

@@ -296,6 +296,10 @@ class SFTConfig:
     lora_use_rslora: bool = _f(
         False, "rsLoRA: scale updates by alpha / sqrt(r) instead of alpha / r, which keeps high ranks learning.",
         "lora")
+    lora_base_dtype: Literal["auto", "fp32"] = _f(
+        "auto", "LoRA: what the frozen base's matrices are kept in. auto: the compute precision's (bf16 or fp16), "
+        "half their memory, the same numbers (autocast reads them in it anyway; not with DoRA or FSDP); fp32.",
+        "lora")
     merge: bool = _f(False, "LoRA: also write the adapter merged into the base as a full model in "
                             "<output_dir>/merged (or later: sftune export RUN --merge OUT).", "lora")
 
@@ -380,7 +384,8 @@ RUN_CONTROL_KEYS = {
     "max_bad_steps", "merge", "report_to", "run_report", "early_stopping_patience", "early_stopping_min_delta", "save_best", "final_model",
     "push_to_hub", "hub_private", "profile_steps", "memory_check", "save_dtype",
     "strategy", "gradient_checkpointing", "dist_timeout",  # how the same arithmetic is spread over ranks, or recomputed
-    "compile", "compile_mode", "compile_backend", "compile_blocks", "attention",  # ... or which kernels run it (a compile that fails
+    "compile", "compile_mode", "compile_backend", "compile_blocks", "attention", "lora_base_dtype",  # ... or which kernels run
+    # it, or the dtype the frozen base is kept in (the same bf16 products either way) (a compile that fails
     # on resume can be left out; only float rounding changes, as with another batch-size / grad-accum split)
 }
 

@@ -323,7 +323,7 @@ def range_checks(cfg: SFTConfig, training: bool = True) -> list[str]:
          "is a LoRA option, but LoRA is off (set --lora-r)")
     default = SFTConfig()
     for key in ("lora_alpha", "lora_dropout", "lora_targets", "lora_modules_to_save", "lora_use_dora",
-                "lora_use_rslora"):  # (set without --lora-r, they would leave a full fine-tune running unnoticed)
+                "lora_use_rslora", "lora_base_dtype"):  # (set without --lora-r, they would leave a full fine-tune running unnoticed)
         need(getattr(cfg, key) == getattr(default, key) or cfg.lora_r is not None, key,
              "is a LoRA option, but LoRA is off (set --lora-r)")
     need(not cfg.merge or cfg.lora_r is not None, "merge", "merges a LoRA adapter into its base, but LoRA is off "

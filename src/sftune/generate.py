@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -143,7 +144,11 @@ def _generate(model, inputs: dict, pad_id: int | None, stop: list[int], max_new_
     device = inputs["input_ids"].device
     # the generators are seeded for this call only and restored after it: samples taken in the middle of training
     # must not move the training's random stream (dropout), or a run with sample prompts would differ from one without
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), generating(model):
+    # (a LoRA run whose frozen base is kept in bf16 or fp16 generates in that precision, as it trained: `lora.
+    # keep_frozen_matrices_in`; other models in their own dtype)
+    cast = getattr(model, "sftune_base_cast", None)
+    precision = torch.autocast(device.type, dtype=cast) if cast is not None else contextlib.nullcontext()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), generating(model), precision:
         torch.manual_seed(seed)
         try:
             return model.generate(

@@ -327,7 +327,8 @@ def write_outputs(run: Run, evals: list[dict], metrics: MetricsWriter, last_save
 
         publish_model(out, lambda directory: save_adapter(run.adapter, run.tokenizer, directory, run.base, full))
         if cfg.merge:
-            if dist.sharded:  # shards are not merged in place: the adapter just written, on a CPU copy of the base
+            if dist.sharded or getattr(run.adapter, "sftune_base_cast", None):  # shards, or a base kept in bf16,
+                # are not merged in place: the adapter just written, on a CPU copy of the fp32 base from disk
                 merged = load_adapter_model(out, run.base, cfg.trust_remote_code)  # (as `sftune export` does)
             else:  # (in place: from here on the model is the merged one, which computes the same)
                 hf_model = merged = merged_model(run.adapter)
