@@ -32,7 +32,8 @@
 #                then without gradient checkpointing), and the 1B Llama packed, full and LoRA r16, both tools;
 #                then sftune's 1B run with --attention flex_attention, and with --attention varlen
 #   peers-1b (480) the peers phase's 1B Llama runs only (TRL and sftune, full and LoRA r16: issues 10 and 11)
-#   memory (360) benchmarks/memory.py: full / activation checkpointing / LoRA, GPT-2 small and the 1B Llama
+#   memory (360) benchmarks/memory.py: full / activation checkpointing / LoRA, GPT-2 small; the 1B Llama: LoRA
+#                (its frozen base kept in bf16, the default) against LoRA with --lora-base-dtype fp32, then full
 #   profile (240) --profile-steps: torch.profiler over 10 steps of the seed's recipe (after its graphs are captured;
 #                then eagerly) and 4 packed steps; their summaries (wall and GPU-busy ms a step, top kernels) as
 #                profile-*.txt, their traces as profile-*.trace.json.gz (PROFILE_KINDS="seed seed-eager packed
@@ -150,7 +151,7 @@ for p in $PHASES; do
       done ;;
     memory)
       phase memory-small 120 $py benchmarks/memory.py --device "$DEVICE" "${small[@]}" --json
-      phase memory-big 240 $py benchmarks/memory.py --device "$DEVICE" "${big[@]}" --modes full,checkpointing,lora --json ;;
+      phase memory-big 240 $py benchmarks/memory.py --device "$DEVICE" "${big[@]}" --modes lora,lora-fp32-base,full --json ;;
     profile)
       for kind in ${PROFILE_KINDS:-seed seed-eager packed}; do  # (seed-eager: every kernel launched on its own;
         # packed-varlen: as the speed phase's packed-varlen run, CUDA graphs and the compiled loss included)

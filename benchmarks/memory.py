@@ -1,5 +1,5 @@
 """Peak memory and step time: full fine-tuning, with --gradient-checkpointing, with --optimizer adafactor, and LoRA
-(--lora-r 16, all-linear), each run in its own process.
+(--lora-r 16, all-linear; `lora-fp32-base`: with --lora-base-dtype fp32), each run in its own process.
 
     python benchmarks/memory.py                      # GPT-2 small (random init), CPU: peak RSS
     python benchmarks/memory.py --device cuda        # on a GPU: peak allocated GPU memory too
@@ -48,7 +48,8 @@ def worker(args) -> dict:
             "batch_size": args.batch_size, "max_steps": args.steps + 1, "log_every": 1, "eval_batch_size": 4,
             "gradient_checkpointing": args.mode == "checkpointing", "device": args.device,
             "output_dir": str(tmp / "run"), "cache_dir": str(tmp / "cache"),
-            **({"lora_r": 16, "lr": 2e-4} if args.mode == "lora" else {}),
+            **({"lora_r": 16, "lr": 2e-4} if args.mode.startswith("lora") else {}),
+            **({"lora_base_dtype": "fp32"} if args.mode == "lora-fp32-base" else {}),
             **({"optimizer": "adafactor", "lr": 1e-3} if args.mode == "adafactor" else {})})
         if args.device == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -75,7 +76,8 @@ def main() -> None:
     p.add_argument("--json", action="store_true")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--modes", default="full,checkpointing,adafactor,lora",
-                   help="which of full, checkpointing, adafactor, lora to run")
+                   help="which of full, checkpointing, adafactor, lora, lora-fp32-base (LoRA with the frozen base's "
+                        "matrices kept fp32, not in the compute precision) to run")
     p.add_argument("--model-config", default=str(GPT2_CONFIG.parent),
                    help="directory of the config.json to build the model from (random weights) [default: GPT-2 small]")
     p.add_argument("--words", type=int, default=120, help="words per row (about 1.05 tokens each) [default: 120]")
