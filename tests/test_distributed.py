@@ -381,14 +381,20 @@ def test_fsdp_in_bf16_gathers_bf16_reduces_fp32_and_keeps_fp32_weights(launched)
     norms' weights are bf16 too), and the saved adapter is the fp32 master weights."""
     root, output = launched
     assert "(FSDPCausalLMLoss: weights gathered in bf16, gradients reduced in fp32)" in output
-    (train_a, evals_a), (train_b, evals_b) = metrics(root / "bf16-one"), metrics(root / "bf16-fsdp")
+    assert_rounding_apart(root / "bf16-one", root / "bf16-fsdp", 2e-3, 1e-2, "adapter_model.safetensors")
+
+
+def assert_rounding_apart(one, two, rtol: float, grad_rtol: float, weights: str) -> None:
+    """Runs in half precision, one process against FSDP: the same steps and tokens, losses and evaluations within
+    `rtol`, gradient norms within `grad_rtol` (a scale bug is 2x), and fp32 weights saved. (Weights are not compared
+    element by element: Adam moves a weight whose gradient is near 0 by +-lr whatever its size, so the rounding
+    flips some of those moves.)"""
+    (train_a, evals_a), (train_b, evals_b) = metrics(one), metrics(two)
     assert [(s, t) for s, _, t, _ in train_a] == [(s, t) for s, _, t, _ in train_b]
-    np.testing.assert_allclose([l for _, l, _, _ in train_b], [l for _, l, _, _ in train_a], rtol=2e-3)
-    np.testing.assert_allclose([v for _, v in evals_b], [v for _, v in evals_a], rtol=2e-3)
-    np.testing.assert_allclose([g for *_, g in train_b], [g for *_, g in train_a], rtol=1e-2)  # (a scale bug: 2x)
-    # (weights are not compared element by element: Adam moves a weight whose gradient is near 0 by +-lr whatever
-    # its size, so bf16's rounding flips some of those moves)
-    a, b = (load_file(root / run / "adapter_model.safetensors") for run in ("bf16-one", "bf16-fsdp"))
+    np.testing.assert_allclose([l for _, l, _, _ in train_b], [l for _, l, _, _ in train_a], rtol=rtol)
+    np.testing.assert_allclose([v for _, v in evals_b], [v for _, v in evals_a], rtol=rtol)
+    np.testing.assert_allclose([g for *_, g in train_b], [g for *_, g in train_a], rtol=grad_rtol)
+    a, b = load_file(one / weights), load_file(two / weights)
     assert a.keys() == b.keys() and all(b[k].dtype == torch.float32 for k in b)
 
 
@@ -397,15 +403,8 @@ def test_fsdp_in_fp16_scales_the_loss_of_every_rank_alike(launched):
     flag over the ranks, so every rank skips alike): the one process's losses, evaluations and gradient norms to
     fp16's rounding, the fp32 weights saved whole."""
     root, output = launched
-    (train_a, evals_a), (train_b, evals_b) = metrics(root / "fp16-one"), metrics(root / "fp16-fsdp")
-    assert [(s, t) for s, _, t, _ in train_a] == [(s, t) for s, _, t, _ in train_b]
-    np.testing.assert_allclose([l for _, l, _, _ in train_b], [l for _, l, _, _ in train_a], rtol=1e-4)
-    np.testing.assert_allclose([v for _, v in evals_b], [v for _, v in evals_a], rtol=1e-4)
-    np.testing.assert_allclose([g for *_, g in train_b], [g for *_, g in train_a], rtol=1e-3)  # (a scale bug: 2x)
-    # (weights not element by element: Adam moves a weight whose gradient is near 0 by +-lr whatever its size)
-    a, b = (load_file(root / run / "model.safetensors") for run in ("fp16-one", "fp16-fsdp"))
-    assert a.keys() == b.keys() and all(b[k].dtype == torch.float32 for k in b)
     assert "device: cpu, precision: fp16" in output
+    assert_rounding_apart(root / "fp16-one", root / "fp16-fsdp", 1e-4, 1e-3, "model.safetensors")
 
 
 def test_fsdp_final_model_best_is_the_best_checkpoints_weights(launched, tmp_path):
