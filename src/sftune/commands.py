@@ -204,6 +204,8 @@ def run_data(args) -> dict:
     if (values := run_config(args.model)) is None:
         return {}
     data = {k: values[k] for k in RUN_DATA_KEYS if k in values}
+    if data.get("eval_batch_size") is None and values.get("batch_size"):  # (the run's validation batches: of
+        data["eval_batch_size"] = values["batch_size"]  # batch_size rows, the rounding of its evaluations)
     name = " + ".join(e["dataset"] if isinstance(e, dict) else str(e) for e in data.get("datasets") or []) \
         or data.get("dataset")
     log(f"eval: the data {args.model} trained on, from its config.yaml: {name} (--dataset to evaluate other data)")
@@ -236,7 +238,7 @@ def cmd_eval(args) -> None:
                                    cfg.model_config_overrides)
     data, _ = build_data(cfg, tokenizer, model_config, dist, validation_only=split is not None)
     model = load_model(cfg.model, init, cfg.trust_remote_code, cfg.seed, base=args.base,
-                       overrides=cfg.model_config_overrides).to(dist.device)
+                       overrides=cfg.model_config_overrides, merged=False).to(dist.device)  # (an adapter: as trained)
     fit_embeddings(model, len(tokenizer))  # (--add-tokens on a model that lacks them: their rows as training starts)
     groups = getattr(data, "validation_groups", [])  # a mixture's datasets: each one's loss too
     batch_size = cfg.eval_batch_size or cfg.batch_size

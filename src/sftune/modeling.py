@@ -200,17 +200,20 @@ def check_attention(model_config, attention: str, trust_remote_code: bool = Fals
 
 @no_library_bars()
 def load_model(name: str, init: str = "pretrained", trust_remote_code: bool = False, seed: int = 0,
-               base: str | None = None, attention: str = "auto", overrides: dict | None = None, device=None):
+               base: str | None = None, attention: str = "auto", overrides: dict | None = None, device=None,
+               merged: bool = True):
     """A causal LM in fp32 (master weights; lower precision is applied by autocast), its Python GELU run as torch's
     fused one (`fuse_activations`).
 
     init="random" builds the architecture from config.json with seeded fresh weights, on `device` when it is a GPU
     (drawn there: seconds less than drawing 124M numbers on the CPU, and different numbers: CUDA's generator).
     A LoRA adapter directory
-    (a LoRA run's output or checkpoint) gives its base (`base`, else the one it names) with the adapter merged.
+    (a LoRA run's output or checkpoint) gives its base (`base`, else the one it names) with the adapter merged, or
+    with its layers beside the base's as training ran them (`merged=False`: what `sftune eval` evaluates, so that a
+    bf16 run's val loss is its own to the bit; a merged layer rounds W + BA once, not W and BA apart).
     `attention`: transformers' attn_implementation (auto: its default).
     """
-    model = _load_model(name, init, trust_remote_code, seed, base, attention, overrides, device)
+    model = _load_model(name, init, trust_remote_code, seed, base, attention, overrides, device, merged)
     fused = fuse_activations(model)
     if fused:
         log(f"activation: the tanh GELU written out in Python runs as torch's fused kernel ({fused} modules; the "
@@ -219,12 +222,13 @@ def load_model(name: str, init: str = "pretrained", trust_remote_code: bool = Fa
 
 
 def _load_model(name: str, init: str, trust_remote_code: bool, seed: int, base: str | None, attention: str,
-                overrides: dict | None, device):
+                overrides: dict | None, device, merged: bool = True):
     from sftune.shards import is_sharded
     from sftune.lora import is_adapter_dir, load_adapter_model
 
     if init == "pretrained" and is_adapter_dir(name):
-        return load_adapter_model(name, base, trust_remote_code)
+        model = load_adapter_model(name, base, trust_remote_code, merge=merged)
+        return model if merged else model.get_base_model()
     if init == "pretrained" and is_sharded(Path(name).expanduser()):
         return load_sharded_checkpoint(Path(name).expanduser(), trust_remote_code, attention)
     config = (override_config(load_model_config(name, trust_remote_code), overrides)
