@@ -356,6 +356,27 @@ def test_an_fp16_step_whose_gradients_overflow_is_said_with_the_lowered_loss_sca
     assert [r["loss_scale"] for r in skips] == [2.0 ** (15 - i) for i in range(len(skips))]  # halved at each
 
 
+def test_an_fp16_loss_scale_under_1_stops_the_run_with_the_last_good_state(small_model_dir, tmp_path, capsys,
+                                                                          monkeypatch):
+    """Gradients that overflow fp16 at every scale (a test hook puts an inf in one from step 3 on): the scaler halves
+    its scale at each, from 2^16 to under 1 in 17 steps, where it means the gradients overflow unscaled: the run
+    stops (exit 3) with the state after step 2, the last that changed anything, saved."""
+    good = tmp_path / "good"
+    fp16 = ("--save-every", "100", "--precision", "fp16", "--lr-schedule", "constant")
+    code, _, err = run_main(capsys, *train_args(small_model_dir, good, "--max-steps", "2", *fp16))
+    assert code == 0, err
+    out = tmp_path / "run"
+    monkeypatch.setenv("SFTUNE_FAULT_INF_GRAD_STEPS", ",".join(str(s) for s in range(3, 31)))
+    code, _, err = run_main(capsys, *train_args(small_model_dir, out, *fp16))
+    assert code == 3, err
+    assert "step 3: fp16 gradients overflowed at loss scale 65,536, update skipped; scale now 32,768" in err
+    assert "fp16's loss scale fell to 0.5 (step 19): the gradients overflow fp16 even unscaled" in err
+    assert "Traceback" not in err and "--resume auto" in err
+    saved = load_file(out / "checkpoints" / "step-18" / "model.safetensors")
+    after_two = load_file(good / "model.safetensors")
+    assert all(torch.equal(saved[k], after_two[k]) for k in saved)  # the overflowing steps changed nothing
+
+
 def test_too_many_bad_steps_stop_with_the_last_good_state(small_model_dir, tmp_path, capsys, monkeypatch):
     constant = ("--lr-schedule", "constant", "--save-every", "100")
     good = tmp_path / "good"

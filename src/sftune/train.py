@@ -112,7 +112,8 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
     one_offs = OneOffs()  # steps that captured a CUDA graph or compiled a new batch shape (this process)
     shapes_seen: set[tuple] = set()  # graphs and compile: a step with a new batch shape captures or compiles it
     static = run.steps.padding.static  # (graphs, --compile torch or compiled blocks: the shapes that need it)
-    nan_steps = {int(x) for x in os.environ.get("SFTUNE_FAULT_NAN_STEPS", "").split(",") if x.strip()}
+    nan_steps, inf_grad_steps = ({int(x) for x in os.environ.get(f"SFTUNE_FAULT_{kind}_STEPS", "").split(",")
+                                  if x.strip()} for kind in ("NAN", "INF_GRAD"))
 
     # --- the loop -------------------------------------------------------------
     steps = run.steps.remaining(state) if state.step < total_steps and not stopped_early else iter(())
@@ -134,6 +135,8 @@ def fit(run: Run, stop: StopFlag) -> TrainResult:
         step_tokens = step_data.tokens  # all ranks' real tokens, counted on the host
         if state.step + 1 in nan_steps:  # test hook: SFTUNE_FAULT_NAN_STEPS
             loss_sum = loss_sum * float("nan")
+        if state.step + 1 in inf_grad_steps:  # test hook: SFTUNE_FAULT_INF_GRAD_STEPS (a gradient that overflowed)
+            next(p.grad for p in model.parameters() if p.grad is not None).view(-1)[0] = float("inf")
         scaler.unscale_(optimizer)
         grad_norm, divisor = clip_gradients(model, cfg.max_grad_norm, into_update=guard.on_device and not dist.sharded)
         loss_sum = guard.step(loss_sum, grad_norm, state.step + 1, divisor)  # the update, unless non-finite
