@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from sftune.errors import SftuneError, compiler_error
+from sftune.runtime import AMPERE
 
 NAME = "sftune_varlen"  # the name transformers knows it by (`--attention varlen`)
 FLEX_NAME = "sftune_flex"  # ... and `--attention flex` (flex attention with a block mask made on the host)
@@ -351,7 +352,7 @@ def check_varlen(model_config, device, precision: str | None, packing: bool, att
 def varlen_refusal(capability: tuple[int, int], card: str) -> str | None:
     """Why torch's variable-length kernel cannot run on a GPU of this compute capability (it is flash attention's,
     built for Ampere, 8.0, and later), or None."""
-    if capability >= (8, 0):
+    if tuple(capability) >= AMPERE:
         return None
     return (f"--attention varlen runs flash attention's variable-length kernel, which needs an Ampere GPU or later "
             f"(compute capability 8.0); {card} is {capability[0]}.{capability[1]}; use --attention flex (or sdpa) "

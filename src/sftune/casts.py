@@ -51,8 +51,9 @@ class _CastAll(torch.autograd.Function):
         return (None, *back)
 
 
-def matmul_parameters(model: nn.Module, head: nn.Module | None) -> dict[str, nn.Parameter]:
-    """name -> parameter, for the trained weights and biases that only `Linear`/`Conv1D` modules (not `head`) read."""
+def matmul_parameters(model: nn.Module, head: nn.Module | None, trained: bool = True) -> dict[str, nn.Parameter]:
+    """name -> parameter, for the trained (`trained=False`: frozen) fp32 weights and biases that only `Linear`/`Conv1D`
+    modules (not `head`) read."""
     from transformers.pytorch_utils import Conv1D
 
     readers: dict[int, set[str]] = {}  # parameter -> what reads it: "matmul", or another kind of module
@@ -68,7 +69,7 @@ def matmul_parameters(model: nn.Module, head: nn.Module | None) -> dict[str, nn.
         names[id(p)] = names.get(id(p), 0) + 1
     found: dict[str, nn.Parameter] = {}
     for name, p in model.named_parameters():
-        if p.requires_grad and p.dtype == torch.float32 and readers[id(p)] == {"matmul"} and names[id(p)] == 1:
+        if p.requires_grad == trained and p.dtype == torch.float32 and readers[id(p)] == {"matmul"} and names[id(p)] == 1:
             found[name] = p
     return found
 

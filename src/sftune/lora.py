@@ -179,17 +179,11 @@ def keep_frozen_matrices_in(peft_model, dtype: torch.dtype) -> int:
     the products read the same numbers: the loss and the adapter's gradients are the fp32 base's, bitwise (tested).
     Marks the model with the dtype (`sftune_base_cast`): a merge then reads the fp32 base from disk, and generating
     runs under autocast too. Returns the bytes saved."""
-    from torch import nn
-    from transformers.pytorch_utils import Conv1D
+    from sftune.casts import matmul_parameters
 
-    readers: dict[int, set[str]] = {}  # parameter -> who reads it: "matmul" (a product's weight) or anything else
-    for module in peft_model.modules():
-        product = isinstance(module, (nn.Linear, Conv1D))
-        for name, p in module.named_parameters(recurse=False):
-            readers.setdefault(id(p), set()).add("matmul" if product and name == "weight" else type(module).__name__)
     saved = 0
-    for p in {id(p): p for p in peft_model.parameters()}.values():
-        if not p.requires_grad and p.dtype == torch.float32 and readers.get(id(p)) == {"matmul"}:
+    for name, p in matmul_parameters(peft_model, None, trained=False).items():  # (an untied head too)
+        if name.endswith(".weight"):
             p.data = p.data.to(dtype)
             saved += p.numel() * (4 - p.element_size())
     peft_model.sftune_base_cast = peft_model.get_base_model().sftune_base_cast = dtype if saved else None

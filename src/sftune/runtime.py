@@ -122,13 +122,16 @@ def gpu_computes_bf16(device: torch.device) -> bool:
     return bool(torch.version.hip) or bf16_native_capability(torch.cuda.get_device_capability(device))
 
 
+AMPERE = (8, 0)  # the first CUDA compute capability with bf16 tensor cores (and flash attention's kernels)
+
+
 def bf16_native_capability(capability: tuple[int, int]) -> bool:
-    """A CUDA compute capability (major, minor) with bf16 tensor cores: 8.0 and later.
+    """A CUDA compute capability (major, minor) with bf16 tensor cores: Ampere's, 8.0, and later.
 
     >>> bf16_native_capability((7, 5)), bf16_native_capability((8, 0)), bf16_native_capability((9, 0))
     (False, True, True)
     """
-    return capability[0] >= 8
+    return tuple(capability) >= AMPERE
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
