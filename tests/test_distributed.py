@@ -180,6 +180,13 @@ def launched(uneven_data, many_rows, small_model_dir, tiny_model_dir, tmp_path_f
     code, _, err = run_captured(*args(small_model_dir, uneven_data, root / "bf16-one", 32, *bf16))
     assert code == 0, err
     runs.append(args(small_model_dir, uneven_data, root / "bf16-fsdp", 16, "--strategy", "fsdp", *bf16))
+    # LoRA's frozen base kept in bf16 (the default above) or fp16 under FSDP, against the base's fp32 shards
+    runs.append(args(small_model_dir, uneven_data, root / "bf16-fsdp-fp32-base", 16, "--strategy", "fsdp", *bf16,
+                     "--lora-base-dtype", "fp32"))
+    fp16_lora = ["--strategy", "fsdp", "--precision", "fp16", "--lr", "3e-3", "--lora-r", "4"]
+    runs.append(args(small_model_dir, uneven_data, root / "fp16-lora-fsdp", 16, *fp16_lora))
+    runs.append(args(small_model_dir, uneven_data, root / "fp16-lora-fsdp-fp32-base", 16, *fp16_lora,
+                     "--lora-base-dtype", "fp32"))
     # fp16 (what auto takes on a T4 or V100: a pair of T4s is a common free setup) under FSDP: the loss scaler
     # unscales DTensor shards of the gradients
     fp16 = ["--precision", "fp16", "--lr", "3e-3"]
@@ -235,10 +242,11 @@ def test_ddp_and_fsdp_on_two_ranks_equal_one_process_and_fsdp_resumes_exactly(la
     Hugging Face model that loads in one process."""
     root, output = launched
     assert "(DistributedDataParallel)" in output and "(FSDPCausalLMLoss)" in output and "per rank x 2 ranks" in output
-    # only rank 0 prints (+12: the FSDP resumes (2 under FSDP, 1 under DDP, a LoRA adapter from one process), best and
-    # a whole model's best under FSDP, bf16, fp16, the log-window run and its resume, streaming, runs/<time>)
+    # only rank 0 prints (+15: the FSDP resumes (2 under FSDP, 1 under DDP, a LoRA adapter from one process), best and
+    # a whole model's best under FSDP, bf16, LoRA's base in bf16 and fp16 against fp32 (3), fp16, the log-window run
+    # and its resume, streaming, runs/<time>)
     disks = sum((root / d).is_mount() for d in ("disk-ddp", "disk-fsdp"))  # (2 runs on small disks, where allowed)
-    assert output.count("done: 3 steps") == len(CASES) + 12 + disks
+    assert output.count("done: 3 steps") == len(CASES) + 15 + disks
     assert output.count("config: model ") == output.count("done: ") + 1  # the config summary too, once a run (+1: a
     # refused resume's)
     assert "will be ignored" not in output  # (torch.compile around DDP: a warning from dynamo on every rank)
@@ -382,6 +390,21 @@ def test_fsdp_in_bf16_gathers_bf16_reduces_fp32_and_keeps_fp32_weights(launched)
     root, output = launched
     assert "(FSDPCausalLMLoss: weights gathered in bf16, gradients reduced in fp32)" in output
     assert_rounding_apart(root / "bf16-one", root / "bf16-fsdp", 2e-3, 1e-2, "adapter_model.safetensors")
+
+
+def test_loras_frozen_base_kept_in_half_precision_under_fsdp_trains_what_its_fp32_shards_train(launched):
+    """LoRA under FSDP keeps the frozen base's shards in the compute precision (half each rank's share of the base):
+    in bf16 FSDP all-gathered them as bf16 already, rounded as the cast is; in fp16 (nothing cast by FSDP) the one
+    all-gather holds fp16 and fp32 shards, and autocast read fp32 weights as fp16. Either way every loss, gradient
+    norm, evaluation and the adapter equal the fp32 shards' run bitwise."""
+    root, output = launched
+    assert "kept in bf16, 0.2 MiB less memory across the ranks' shards" in output
+    assert "kept in fp16, 0.2 MiB less memory across the ranks' shards" in output
+    for run in ("bf16-fsdp", "fp16-lora-fsdp"):
+        half, full = root / run, root / f"{run}-fp32-base"
+        assert metrics(half) == metrics(full), run
+        a, b = load_file(half / "adapter_model.safetensors"), load_file(full / "adapter_model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), run
 
 
 def assert_rounding_apart(one, two, rtol: float, grad_rtol: float, weights: str) -> None:

@@ -377,15 +377,17 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock, stop: StopFl
 
 def keep_base_in_compute_dtype(cfg: SFTConfig, adapter, precision: str, sharded: bool) -> str | None:
     """`lora_base_dtype auto`: the frozen base's matrices kept in the compute precision's dtype (`lora.
-    keep_frozen_matrices_in`); what to log, or None where they stay fp32: fp32 runs, DoRA (its weight norms read
-    the base's fp32 weights) and FSDP (it shards the base, and gathers it in bf16 already)."""
-    if cfg.lora_base_dtype != "auto" or precision not in ("bf16", "fp16") or cfg.lora_use_dora or sharded:
+    keep_frozen_matrices_in`); what to log, or None where they stay fp32: fp32 runs and DoRA (its weight norms
+    read the base's fp32 weights). Under FSDP (`sharded`) the shards are kept in that dtype: each rank's share
+    of the base is halved (in bf16 its all-gathers were bf16 already)."""
+    if cfg.lora_base_dtype != "auto" or precision not in ("bf16", "fp16") or cfg.lora_use_dora:
         return None
     from sftune.lora import keep_frozen_matrices_in
 
     saved = keep_frozen_matrices_in(adapter, DTYPES[precision])
     amount = f"{saved / 2**30:,.2f} GiB" if saved >= 2**30 else f"{saved / 2**20:,.1f} MiB"
-    return (f"LoRA: the frozen base's matrices kept in {precision}, {amount} less memory (the products read them in "
+    amount += " less memory" + (" across the ranks' shards" if sharded else "")
+    return (f"LoRA: the frozen base's matrices kept in {precision}, {amount} (the products read them in "
             f"{precision} either way: the same numbers; --lora-base-dtype fp32 keeps them fp32)" if saved else None)
 
 

@@ -298,7 +298,7 @@ class SFTConfig:
         "lora")
     lora_base_dtype: Literal["auto", "fp32"] = _f(
         "auto", "LoRA: what the frozen base's matrices are kept in. auto: the compute precision's (bf16 or fp16), "
-        "half their memory, the same numbers (autocast reads them in it anyway; not with DoRA or FSDP); fp32.",
+        "half their memory, the same numbers (autocast reads them in it anyway; not with DoRA); fp32.",
         "lora")
     merge: bool = _f(False, "LoRA: also write the adapter merged into the base as a full model in "
                             "<output_dir>/merged (or later: sftune export RUN --merge OUT).", "lora")
