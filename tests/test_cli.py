@@ -151,6 +151,25 @@ def test_eval_of_a_run_without_a_dataset_evaluates_what_the_run_did(trained, cap
     assert code == 0 and "trained on, from its config.yaml" not in err and json.loads(stdout)["examples"] == 2, err
 
 
+def test_eval_in_bf16_keeps_the_matrices_in_bf16_and_gives_the_runs_own_val_loss(small_model_dir, tmp_path, capsys):
+    """`sftune eval` of a bf16 run (in bf16, as it trained) keeps the weights only matrix products read in bf16
+    before the model goes to the device: half their memory. Autocast rounded them alike where the products read
+    them, so the val loss is the run's last to the bit; the Llama fixture's untied head, read by the fused loss, too."""
+    from conftest import FIXTURES
+
+    out = tmp_path / "run"
+    code, _, err = run_main(capsys, "train", "--no-run-report", "--model", str(FIXTURES / "tiny-llama"), "--init",
+                            "random", "--tokenizer", str(small_model_dir), "--dataset", str(QUICKSTART_DATA),
+                            "--precision", "bf16", "--max-steps", "3", "--batch-size", "8", "--lr", "3e-3",
+                            "--save-dtype", "fp32", "--sample-prompts", "", "--output-dir", str(out))
+    assert code == 0, err
+    code, stdout, err = run_main(capsys, "eval", "--model", str(out), "--json")
+    assert code == 0, err
+    assert "precision: bf16, as the run trained" in err and "eval: the matrices kept in bf16, " in err
+    last = [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "eval"][-1]
+    assert json.loads(stdout)["val_loss"] == last["val_loss"]
+
+
 def test_eval_with_a_training_config_evaluates_the_trained_model(trained, capsys):
     """A config that trains from random weights (`init: random`) still evaluates the run's trained ones."""
     out, _ = trained

@@ -161,7 +161,8 @@ def test_a_frozen_base_kept_in_bf16_gives_the_fp32_bases_loss_and_gradients_bitw
 
     from conftest import FIXTURES
     from sftune.loss import CausalLMLoss
-    from sftune.lora import add_lora, keep_frozen_matrices_in
+    from sftune.casts import keep_frozen_matrices_in
+    from sftune.lora import add_lora
 
     def build():
         torch.manual_seed(0)

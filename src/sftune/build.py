@@ -376,13 +376,13 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock, stop: StopFl
 
 
 def keep_base_in_compute_dtype(cfg: SFTConfig, adapter, precision: str, sharded: bool) -> str | None:
-    """`lora_base_dtype auto`: the frozen base's matrices kept in the compute precision's dtype (`lora.
+    """`lora_base_dtype auto`: the frozen base's matrices kept in the compute precision's dtype (`casts.
     keep_frozen_matrices_in`); what to log, or None where they stay fp32: fp32 runs and DoRA (its weight norms
     read the base's fp32 weights). Under FSDP (`sharded`) the shards are kept in that dtype: each rank's share
     of the base is halved (in bf16 its all-gathers were bf16 already)."""
     if cfg.lora_base_dtype != "auto" or precision not in ("bf16", "fp16") or cfg.lora_use_dora:
         return None
-    from sftune.lora import keep_frozen_matrices_in
+    from sftune.casts import keep_frozen_matrices_in
 
     saved = keep_frozen_matrices_in(adapter, DTYPES[precision])
     amount = f"{saved / 2**30:,.2f} GiB" if saved >= 2**30 else f"{saved / 2**20:,.1f} MiB"

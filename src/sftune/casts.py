@@ -74,6 +74,26 @@ def matmul_parameters(model: nn.Module, head: nn.Module | None, trained: bool = 
     return found
 
 
+def keep_frozen_matrices_in(model: nn.Module, dtype: torch.dtype) -> int:
+    """Keep the frozen weights that only `Linear`/`Conv1D` layers read (not a tied embedding, not layer norms, not
+    biases, not a LoRA adapter's own matrices) in `dtype`, the compute precision's: half their memory in bf16 or
+    fp16. Under autocast each product casts an fp32 weight to that dtype where it is used, rounding as `.to(dtype)`
+    does, so the products read the same numbers: a LoRA run's loss and its adapter's gradients are the fp32 base's,
+    bitwise, and an evaluation's loss the fp32 model's (tested). Marks `model` (and a peft model's base) with the
+    dtype (`sftune_base_cast`): a merge then reads the fp32 base from disk, and generating runs under autocast too.
+    Returns the bytes saved."""
+    saved = 0
+    for name, p in matmul_parameters(model, None, trained=False).items():  # (an untied head too)
+        if name.endswith(".weight") and ".lora_" not in name:
+            p.data = p.data.to(dtype)
+            saved += p.numel() * (4 - p.element_size())
+    cast = dtype if saved else None
+    model.sftune_base_cast = cast
+    if hasattr(model, "get_base_model"):
+        model.get_base_model().sftune_base_cast = cast
+    return saved
+
+
 class MatmulCasts:
     """One model's matrix-product weights, cast for a call in one pass (see the module's docstring)."""
 

@@ -238,8 +238,11 @@ def cmd_eval(args) -> None:
                                    cfg.model_config_overrides)
     data, _ = build_data(cfg, tokenizer, model_config, dist, validation_only=split is not None)
     model = load_model(cfg.model, init, cfg.trust_remote_code, cfg.seed, base=args.base,
-                       overrides=cfg.model_config_overrides, merged=False).to(dist.device)  # (an adapter: as trained)
+                       overrides=cfg.model_config_overrides, merged=False)  # (an adapter: as trained)
     fit_embeddings(model, len(tokenizer))  # (--add-tokens on a model that lacks them: their rows as training starts)
+    if notice := keep_matrices_for_evaluation(model, precision):
+        log(notice)
+    model.to(dist.device)
     groups = getattr(data, "validation_groups", [])  # a mixture's datasets: each one's loss too
     batch_size = cfg.eval_batch_size or cfg.batch_size
     try:
@@ -268,6 +271,21 @@ def cmd_eval(args) -> None:
               f"({precision})")
         for name, loss in report.get("val_loss_by_dataset", {}).items():
             print(f"  {name}: val_loss {loss:.4f}")
+
+
+def keep_matrices_for_evaluation(model, precision: str) -> str | None:
+    """In bf16 or fp16, the weights only matrix products read kept in that dtype before the model goes to the
+    device: half their memory, the same loss (autocast would cast each where it is read, rounding alike; `casts.
+    keep_frozen_matrices_in`). Not with DoRA, whose weight norms read the base's weights. What to log, or None."""
+    from sftune.casts import keep_frozen_matrices_in
+    from sftune.runtime import DTYPES
+
+    if precision not in ("bf16", "fp16") or any("lora_magnitude_vector" in n for n, _ in model.named_parameters()):
+        return None
+    model.requires_grad_(False)  # (nothing is trained: every weight is frozen)
+    saved = keep_frozen_matrices_in(model, DTYPES[precision])
+    return f"eval: the matrices kept in {precision}, {saved / 2**20:,.1f} MiB less memory (the same numbers)" \
+        if saved else None
 
 
 def has_weights(model: str) -> bool:

@@ -144,7 +144,7 @@ def _generate(model, inputs: dict, pad_id: int | None, stop: list[int], max_new_
     device = inputs["input_ids"].device
     # the generators are seeded for this call only and restored after it: samples taken in the middle of training
     # must not move the training's random stream (dropout), or a run with sample prompts would differ from one without
-    # (a LoRA run whose frozen base is kept in bf16 or fp16 generates in that precision, as it trained: `lora.
+    # (a LoRA run whose frozen base is kept in bf16 or fp16 generates in that precision, as it trained: `casts.
     # keep_frozen_matrices_in`; other models in their own dtype)
     cast = getattr(model, "sftune_base_cast", None)
     precision = torch.autocast(device.type, dtype=cast) if cast is not None else contextlib.nullcontext()

@@ -172,24 +172,6 @@ def add_lora(model, cfg, token_ids: list[int] = (), quiet: bool = False):
     return peft_model
 
 
-def keep_frozen_matrices_in(peft_model, dtype: torch.dtype) -> int:
-    """Keep the frozen base's matrix-product weights (those only `Linear`/`Conv1D` layers read: not a tied embedding,
-    not layer norms, not biases) in `dtype`, the compute precision's: half their memory in bf16 or fp16. Under
-    autocast each product casts an fp32 weight to that dtype where it is used, rounding as `.to(dtype)` does, so
-    the products read the same numbers: the loss and the adapter's gradients are the fp32 base's, bitwise (tested).
-    Marks the model with the dtype (`sftune_base_cast`): a merge then reads the fp32 base from disk, and generating
-    runs under autocast too. Returns the bytes saved."""
-    from sftune.casts import matmul_parameters
-
-    saved = 0
-    for name, p in matmul_parameters(peft_model, None, trained=False).items():  # (an untied head too)
-        if name.endswith(".weight"):
-            p.data = p.data.to(dtype)
-            saved += p.numel() * (4 - p.element_size())
-    peft_model.sftune_base_cast = peft_model.get_base_model().sftune_base_cast = dtype if saved else None
-    return saved
-
-
 def capture_safe_token_rows(peft_model) -> None:
     """peft's trainable tokens (the --add-tokens rows under LoRA) merge their rows into the embedding at every
     forward with an index made from a Python list, `torch.tensor(indices).to(device)`: a host-to-device copy that a
