@@ -61,6 +61,12 @@ def torchrun(*argv, ranks=2, env=(), **popen):
     return subprocess.Popen(cmd, cwd=ROOT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **dict(env)}, **popen)
 
 
+def sftune_ranks(*argv, ranks=2, **popen):
+    """`sftune ARGV --nproc-per-node RANKS`: sftune starting the ranks itself (as torchrun --standalone does)."""
+    cmd = [sys.executable, "-m", "sftune", *argv, "--nproc-per-node", str(ranks)]
+    return subprocess.Popen(cmd, cwd=ROOT, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, **popen)
+
+
 def metrics(out):
     rows = read_jsonl(out / "metrics.jsonl")
     return ([(r["step"], r["loss"], r["tokens"], r["grad_norm"]) for r in rows if r["type"] == "train"],
@@ -481,8 +487,10 @@ def test_a_resume_in_the_middle_of_a_log_window_logs_what_the_run_would_have(lau
 def test_sigterm_to_the_launcher_and_kill_9_of_a_rank_then_resume_is_exact(launched, uneven_data, small_model_dir,
                                                                              tmp_path, capsys):
     """SIGTERM to torchrun: both ranks stop at one step and save once (torchrun itself exits 1 with its own
-    message; each rank exits 143). Then kill -9 of one rank: the run dies (the other rank says so, no traceback).
-    Each time --resume auto continues, and the end result is an uninterrupted 2-rank run's, bitwise."""
+    message; each rank exits 143). Then, the ranks started by `sftune train --nproc-per-node 2`, kill -9 of one
+    rank: the run dies (the other rank says so, and the launch names the killed rank and exits 137, no traceback).
+    Each time --resume auto continues (the last resume under --nproc-per-node too), and the end result is an
+    uninterrupted 2-rank torchrun's, bitwise."""
     longer, full = LONGER, launched[0] / "fault-full"
     out = tmp_path / "run"
     proc = torchrun(*args(small_model_dir, uneven_data, out, 16, *longer), stderr=subprocess.PIPE,
@@ -498,26 +506,27 @@ def test_sigterm_to_the_launcher_and_kill_9_of_a_rank_then_resume_is_exact(launc
     assert saved and saved[-1] >= 3  # one checkpoint, written once, at the step both ranks agreed on
 
     # kill -9 of one rank mid-run: torchrun ends the other, the run dies; then it resumes from its last checkpoint
-    proc = torchrun(*args(small_model_dir, uneven_data, out, 16, *longer, "--resume", "auto"),
-                    stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    proc = sftune_ranks(*args(small_model_dir, uneven_data, out, 16, *longer, "--resume", "auto"),
+                        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
     for line in proc.stderr:
         if line.startswith("step      5/"):  # past the checkpoint of step 4
             ranks = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
             os.kill(int(ranks[-1]), signal.SIGKILL)
             break
     err = proc.stderr.read()
-    assert proc.wait(timeout=120) != 0
+    assert proc.wait(timeout=120) == 128 + signal.SIGKILL, err
     assert not (out / "model.safetensors").exists()
-    # the rank left behind says what happened and what to do, without a traceback (torchrun prints its own)
+    # the rank left behind says what happened and what to do, and the launch which rank was killed, no traceback
     assert "sftune train [rank 0]: error: a collective operation with the other ranks failed" in err, err
-    assert "continue with --resume auto" in err and "[rank0]: Traceback" not in err
+    assert f"sftune train: rank 1 (pid {ranks[-1]}) was killed by SIGKILL" in err
+    assert "continue with --resume auto" in err and "Traceback" not in err and "elastic" not in err
 
     # the newest checkpoint: step 4's, or step 6's (the run's last) when the ranks got there before the kill did
     # (this process reads their log lines late on a loaded machine)
     newest = max(int(p.name[5:]) for p in (out / "checkpoints").glob("step-*"))
     assert newest in (4, 6)
-    proc = torchrun(*args(small_model_dir, uneven_data, out, 16, *longer, "--resume", "auto"),
-                    stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    proc = sftune_ranks(*args(small_model_dir, uneven_data, out, 16, *longer, "--resume", "auto"),
+                        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     assert f"resumed from {out / 'checkpoints' / f'step-{newest}'}" in err
@@ -602,17 +611,35 @@ def test_under_torchrun_a_checkpoint_for_safety_that_does_not_fit_does_not_stop_
 
 def test_a_config_mistake_is_said_once_per_node(small_model_dir, uneven_data, tmp_path):
     """A mistake found before the ranks meet (here a config value) is the same on every rank of a node: its first
-    rank says it, the others exit with the same status in silence."""
+    rank says it, the others exit with the same status in silence. One found after they met (ranks started by
+    `--nproc-per-node 2`): said once, and the launch exits with the rank's status, 2, without a traceback (torchrun
+    adds its own and exits 1)."""
     proc = torchrun(*args(small_model_dir, uneven_data, tmp_path / "o", 16, "--seed", "-5"), stderr=subprocess.PIPE,
                     stdout=subprocess.DEVNULL)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and err.count("seed = -5: must be from 0 to 2**64 - 1") == 1, err
     assert not (tmp_path / "o").exists()
     # one found after they met, that every rank finds alike in the same data: rank 0 says it
-    proc = torchrun(*args(small_model_dir, uneven_data, tmp_path / "o", 10_000), stderr=subprocess.PIPE,
-                    stdout=subprocess.DEVNULL)
+    proc = sftune_ranks(*args(small_model_dir, uneven_data, tmp_path / "o", 10_000), stderr=subprocess.PIPE,
+                        stdout=subprocess.DEVNULL)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode != 0 and err.count("fewer than one optimizer step of 10000 x 1 x 2 ranks") == 1, err
+    assert proc.returncode == 2 and err.count("fewer than one optimizer step of 10000 x 1 x 2 ranks") == 1, err
+    assert "sftune train: 2 processes on this node" in err and "Traceback" not in err and "elastic" not in err
+
+
+@pytest.mark.parametrize("value, env, said", [
+    ("0", {}, "--nproc-per-node 0: must be a number of processes, 1 or more, or auto (one per GPU)"),
+    ("two", {}, "--nproc-per-node two: must be a number of processes"),
+    ("2", {"WORLD_SIZE": "2"}, "--nproc-per-node 2: this process is already one of torchrun's ranks (WORLD_SIZE=2); "
+                               "leave out --nproc-per-node"),
+    ("auto", {}, "seed = -5: must be from 0")])  # (auto without a GPU: one process, this one, which reads the config)
+def test_nproc_per_node_mistakes_are_said(value, env, said, monkeypatch, capsys, tmp_path):
+    for name, v in env.items():
+        monkeypatch.setenv(name, v)
+    code, _, err = run_main(capsys, "train", "--nproc-per-node", value, "--seed", "-5", "--output-dir",
+                            str(tmp_path / "o"))
+    assert code == 2 and said in err and not (tmp_path / "o").exists(), err
+    assert "processes on this node" not in err
 
 
 def two_nodes(runs: list, tmp_path, cwds, caches) -> list[tuple[int, str]]:

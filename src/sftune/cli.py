@@ -84,6 +84,8 @@ def _default(f: dataclasses.Field) -> Any:
 
 
 BASE_HELP = "LoRA: the base model of an adapter --model (default: the one its adapter_config.json names)"
+NPROC_HELP = ("{what} on N processes of this machine, one per GPU (auto: every visible GPU), started as `torchrun "
+              "--standalone --nproc-per-node N -m sftune ...` would; several nodes: torchrun [default: one process]")
 
 
 class Parser(argparse.ArgumentParser):
@@ -111,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="fine-tune a model", description="Fine-tune a model and save it.")
     p.add_argument("--verbose", action="store_true", help="print the whole resolved config at the start "
                    "(it is saved as <output_dir>/config.yaml either way)")
+    p.add_argument("--nproc-per-node", metavar="N", help=NPROC_HELP.format(what="train"))
     add_config_flags(p)
 
     p = sub.add_parser("data", help="run the data pipeline and report on it", description=(
@@ -126,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Token-weighted validation loss and perplexity of --model on the validation split of --dataset."))
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--base", metavar="NAME_OR_PATH", help=BASE_HELP)
+    p.add_argument("--nproc-per-node", metavar="N", help=NPROC_HELP.format(what="evaluate"))
     add_config_flags(p, EVAL_KEYS)
 
     p = sub.add_parser("tokenize", help="show how texts are tokenized", description=(
@@ -227,7 +231,8 @@ ONE_PROCESS = ("data", "generate", "tokenize", "report", "export", "push")  # (t
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = check_flags(parser, sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = check_flags(parser, argv)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if args.command in ONE_PROCESS and world_size > 1:  # under torchrun: one copy of the work, not one a rank
         if not is_main():
@@ -235,6 +240,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sftune {args.command}: one process's work: rank 0 does it, the other {world_size - 1} rank(s) exit "
               f"(torchrun spreads sftune train and sftune eval)", file=sys.stderr)
     try:
+        if getattr(args, "nproc_per_node", None) is not None:  # the ranks of this node started here (launch.py)
+            from sftune.launch import launch, processes, without_flag
+
+            if (n := processes(args.nproc_per_node)) > 1:
+                return launch(args.command, without_flag(argv), n)
         COMMANDS[args.command](args)
     except SftuneError as e:
         if args.debug:

@@ -1,0 +1,81 @@
+"""`sftune train --nproc-per-node N` (and `eval`): the ranks of one node started by sftune itself.
+
+What `torchrun --standalone --nproc-per-node N -m sftune train ...` does, run in this process with torch's own
+launcher (`torch.distributed.run`: the same elastic agent, rendezvous and signal forwarding), so that one command
+trains on every GPU of a machine (as torchtune's `tune run --nproc_per_node` and `accelerate launch` do) and its
+endings read as sftune's others do: a mistake is said once by a rank and the exit status is that rank's (torchrun
+adds a `ChildFailedError` traceback and exits 1); SIGTERM, SIGINT or SIGHUP reach every rank, which stop at the same
+step and save, and the exit status is 128 + the signal (torchrun prints a `SignalException` traceback); a rank
+killed by a signal (`kill -9`, the kernel's out-of-memory killer) is named in one line. Several nodes are still
+torchrun's (README: "Several GPUs and nodes").
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+
+from sftune.errors import SftuneError
+
+FLAG = "--nproc-per-node"
+
+
+def processes(value: str) -> int:
+    """How many processes `--nproc-per-node VALUE` starts: a count, or `auto` (one per visible GPU; one process
+    where there is none). Refused under torchrun, which started the ranks already."""
+    if os.environ.get("WORLD_SIZE") is not None:
+        raise SftuneError(f"{FLAG} {value}: this process is already one of torchrun's ranks (WORLD_SIZE="
+                          f"{os.environ['WORLD_SIZE']}); leave out {FLAG} (torchrun's own sets the ranks) or run "
+                          f"sftune without torchrun")
+    if value == "auto":
+        import torch
+
+        return max(torch.cuda.device_count(), 1)
+    if not value.isdigit() or int(value) < 1:
+        raise SftuneError(f"{FLAG} {value}: must be a number of processes, 1 or more, or auto (one per GPU)")
+    return int(value)
+
+
+def without_flag(argv: list[str]) -> list[str]:
+    """The command line for each rank: `argv` less `--nproc-per-node N` (or `--nproc-per-node=N`)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == FLAG:
+            skip = True
+        elif not arg.startswith(FLAG + "="):
+            out.append(arg)
+    return out
+
+
+def launch(command: str, argv: list[str], n: int) -> int:
+    """Run `python -m sftune ARGV` as `n` ranks on this node; the exit status of the launch (see the module)."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import parse_args, run
+
+    threads = max(1, len(os.sched_getaffinity(0)) // n) if hasattr(os, "sched_getaffinity") else 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # (torchrun's is 1, with a warning)
+    print(f"sftune {command}: {n} processes on this node (as torchrun --standalone --nproc-per-node {n} starts "
+          f"them), OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} each", file=sys.stderr, flush=True)
+    # the agent's own lines, said below instead (its loggers' names are derived from file paths, so not all are
+    # under "torch."; nothing else logs in this process)
+    logging.disable(logging.ERROR)
+    try:
+        run(parse_args(["--standalone", f"--nproc-per-node={n}", "-m", "sftune", *argv]))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        if failure.exitcode >= 0:  # the rank said why before it exited
+            return failure.exitcode or 1
+        name = signal.Signals(-failure.exitcode).name
+        why = " (the kernel's out-of-memory killer sends it when the host's memory runs out)" \
+            if name == "SIGKILL" else ""
+        print(f"sftune {command}: rank {rank} (pid {failure.pid}) was killed by {name}{why}; the other ranks were "
+              f"stopped. What was saved is intact: continue with --resume auto", file=sys.stderr)
+        return 128 - failure.exitcode
+    except SignalException as e:  # (forwarded to every rank, which stopped, saved and said so)
+        return 128 + int(e.sigval)
+    return 0
