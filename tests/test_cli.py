@@ -313,7 +313,8 @@ def test_one_process_commands_under_torchrun_run_once_and_data_plans_the_ranks_s
                                                                                       monkeypatch):
     """`torchrun ... -m sftune data` (or generate, tokenize, report, export, push) does the work once, on rank 0
     (each rank did it, printing it N times, and two ranks' exports raced for one directory); `sftune data` plans
-    the steps as the ranks would train them: 2 ranks x 16 rows a step over 400 rows = 13 steps, as training says."""
+    the steps as the ranks would train them: 2 ranks x 16 rows a step over 400 rows = 13 steps, as training says;
+    and so does `sftune data --nproc-per-node 2` without torchrun."""
     monkeypatch.setenv("WORLD_SIZE", "2")
     argv = ["data", "--model", str(tiny_model_dir), "--dataset", str(QUICKSTART_DATA), "--batch-size", "16"]
     monkeypatch.setenv("RANK", "1")
@@ -328,6 +329,11 @@ def test_one_process_commands_under_torchrun_run_once_and_data_plans_the_ranks_s
     assert "13 batches of up to 32 rows (16 a rank x 2 ranks) per epoch = 13 optimizer steps" in out, out
     code, out, err = run_main(capsys, "tokenize", "--tokenizer", "bundled:gpt2", "Hello")
     assert code == 0 and out.count("ids:") == 1
+    # without torchrun, `--nproc-per-node 2` plans them as `sftune train --nproc-per-node 2` will train them
+    for name in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(name)
+    code, out, err = run_main(capsys, *argv, "--nproc-per-node", "2")
+    assert code == 0 and "13 batches of up to 32 rows (16 a rank x 2 ranks) per epoch = 13 optimizer steps" in out, err
 
 
 @needs_gpt2_files

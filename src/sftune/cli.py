@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Load, tokenize and filter the dataset as `train` would, and report per split: rows kept and dropped "
         "by reason, tokens, lengths, optimizer steps per epoch, padding efficiency."))
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.add_argument("--nproc-per-node", metavar="N", help="plan the steps as sftune train --nproc-per-node N trains "
+                   "them: N ranks of batch_size rows (auto: one per visible GPU) [default: one process; under "
+                   "torchrun its ranks]")
     p.add_argument("--show", type=int, default=0, metavar="N", help=(
         "also show the first N training examples with the trained tokens marked ([[...]], or colour on a terminal); "
         "with --json, their input_ids and labels"))
@@ -227,6 +230,7 @@ def check_flags(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Na
 
 
 ONE_PROCESS = ("data", "generate", "tokenize", "report", "export", "push")  # (train and eval use every rank)
+LAUNCHED = ("train", "eval")  # (`--nproc-per-node N` starts N ranks of these)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"sftune {args.command}: one process's work: rank 0 does it, the other {world_size - 1} rank(s) exit "
               f"(torchrun spreads sftune train and sftune eval)", file=sys.stderr)
     try:
-        if getattr(args, "nproc_per_node", None) is not None:  # the ranks of this node started here (launch.py)
+        if args.command in LAUNCHED and args.nproc_per_node is not None:  # this node's ranks started here (launch.py)
             from sftune.launch import launch, processes, without_flag
 
             if (n := processes(args.nproc_per_node)) > 1:

@@ -153,6 +153,10 @@ def cmd_data(args) -> None:
         model_config = override_config(load_model_config(cfg.model, cfg.trust_remote_code), cfg.model_config_overrides)
     data, max_length = build_data(cfg, tokenizer, model_config)
     ranks = int(os.environ.get("WORLD_SIZE", "1"))  # under torchrun: the steps as its ranks would train them
+    if args.nproc_per_node is not None:  # ... or as `sftune train --nproc-per-node N` will
+        from sftune.launch import processes
+
+        ranks = processes(args.nproc_per_node)
     if cfg.streaming:  # report on the validation split and the stream's first chunk
         from sftune.batching import chunk_rows_for
 
