@@ -420,7 +420,7 @@ quick_exit(7)
 def test_the_model_is_saved_in_the_dtype_its_config_declares(tmp_path, tiny_model_dir, capsys):
     """A bf16 checkpoint (as most on the Hub are) fine-tuned gives a bf16 model of the same size (fp32 would double
     it), its weights the trained fp32 ones rounded once; the checkpoints keep fp32 (exact resume). --save-dtype
-    fp32 writes the trained weights as they are."""
+    fp32 writes the trained weights as they are, and `sftune export --save-dtype bf16` of that model the bf16 one."""
     import torch
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -447,6 +447,13 @@ def test_the_model_is_saved_in_the_dtype_its_config_declares(tmp_path, tiny_mode
     code, _, err = run_main(capsys, *common, "--save-dtype", "fp32", "--output-dir", str(tmp_path / "fp32"))
     assert code == 0 and "output:" not in err, err
     assert all(torch.equal(t, trained[k]) for k, t in load_file(tmp_path / "fp32" / "model.safetensors").items())
+    # `sftune export` of a full model with --save-dtype: a copy in that dtype, rounded as the run's own save rounds
+    code, stdout, err = run_main(capsys, "export", str(tmp_path / "fp32"), "--output-dir", str(tmp_path / "as-bf16"),
+                                 "--save-dtype", "bf16")
+    assert code == 0 and f"the model in bf16 written to {tmp_path / 'as-bf16'}" in stdout, err
+    exported = load_file(tmp_path / "as-bf16" / "model.safetensors")
+    assert exported.keys() == saved.keys() and all(torch.equal(exported[k], saved[k]) for k in saved)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "as-bf16").dtype == torch.bfloat16
 
 
 def test_a_tied_head_is_saved_once_in_bf16_and_fp16_overflow_is_refused(tmp_path, small_model_dir, capsys):

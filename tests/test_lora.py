@@ -238,7 +238,7 @@ def test_lora_mistakes_are_clear_errors_that_write_nothing(tiny_model_dir, tmp_p
         assert f"{key} = " in (err := mistake(capsys, tiny_model_dir, out, *flags)) and "LoRA is off (set --lora-r)" \
             in err and f"--{flags[0][2:]}" in err
     code, _, err = run_main(capsys, "export", str(tiny_model_dir), "--merge", str(out))
-    assert code == 2 and "holds a full model" in err and not out.exists()
+    assert code == 2 and "holds a full model" in err and "--save-dtype bf16 for a copy" in err and not out.exists()
     code, _, err = run_main(capsys, "export", str(tmp_path / "nowhere"), "--merge", str(out))
     assert code == 2 and "not a directory" in err
 

@@ -196,7 +196,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty OUT")
     p.add_argument("--save-dtype", choices=["auto", "fp32", "bf16", "fp16"],
                    help="the written weights' dtype: auto is the one the base model's config declares (fp32 where it "
-                   "declares none) [default: the run's --save-dtype, else auto]")
+                   "declares none); with a full model's RUN, a copy of it in this dtype [default: the run's "
+                   "--save-dtype, else auto]")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow model code from the Hub repo to run [default: off]")
     return parser

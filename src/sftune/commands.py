@@ -424,14 +424,15 @@ def cmd_export(args) -> None:
     quiet_libraries()
     from sftune.shards import is_sharded
     from sftune.lora import adapter_base, is_adapter_dir, load_adapter_model
-    from sftune.modeling import load_sharded_checkpoint, load_tokenizer, save_model
+    from sftune.modeling import load_model, load_sharded_checkpoint, load_tokenizer, save_model
     from sftune.outputs import OutputLock, check_output_dir, publish_model, resolve_output_dir
 
     run = Path(args.run).expanduser()
     adapter = is_adapter_dir(run)  # (a LoRA checkpoint written under FSDP holds its adapter whole: merged as one)
-    if not adapter and not is_sharded(run):
-        what = "a full model (it is one already: use it as it is)" if (run / "config.json").is_file() else \
-            "no LoRA adapter and no FSDP shards" if run.is_dir() else "not a directory"
+    whole = not adapter and not is_sharded(run) and (run / "config.json").is_file()  # a full model: another dtype
+    if not adapter and not is_sharded(run) and not (whole and args.save_dtype):
+        what = "a full model (it is one already: use it as it is, or give --save-dtype bf16 for a copy in another " \
+               "dtype)" if whole else "no LoRA adapter and no FSDP shards" if run.is_dir() else "not a directory"
         raise SftuneError(f"{run} holds {what}; export --merge takes a LoRA run's output directory (with "
                           f"adapter_config.json) or one of its checkpoints, or a checkpoint written under FSDP")
     out = resolve_output_dir(args.merge)
@@ -445,6 +446,8 @@ def cmd_export(args) -> None:
     tokenizer = load_tokenizer(str(run), args.trust_remote_code, flag="RUN")
     if adapter:
         model = load_adapter_model(run, args.base, args.trust_remote_code)
+    elif whole:
+        model = load_model(str(run), "pretrained", args.trust_remote_code)
     else:
         model = load_sharded_checkpoint(run, args.trust_remote_code)
     dtype = export_dtype(args.save_dtype, run, args.base, args.trust_remote_code)
@@ -455,7 +458,8 @@ def cmd_export(args) -> None:
                                                         dtype=dtype))
     finally:
         lock.release()
-    print(f"merged model written to {out} (AutoModelForCausalLM.from_pretrained('{out}'))")
+    what = f"the model in {dtype}" if whole else "merged model"
+    print(f"{what} written to {out} (AutoModelForCausalLM.from_pretrained('{out}'))")
 
 
 def export_dtype(asked: str | None, run: Path, base: str | None, trust_remote_code: bool) -> str:
