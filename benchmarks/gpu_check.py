@@ -376,6 +376,25 @@ def varlen_check() -> dict:
                                 "grad_rel_max": max(rel(a, b) for a, b in zip(graph_grads, flex_grads))}
     except Exception as e:  # noqa: BLE001
         report["flex_error"] = repr(e)[:2000]
+    try:  # Gemma 2's capped attention scores under flex (a score_mod, try 143) against its own eager attention
+        from transformers import Gemma2Config, Gemma2ForCausalLM
+
+        torch.manual_seed(0)
+        gemma = Gemma2Config(vocab_size=50257, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, head_dim=64, attn_logit_softcapping=50.0,
+                             final_logit_softcapping=30.0, sliding_window=4096, max_position_embeddings=1024)
+        gemma_model = CausalLMLoss(Gemma2ForCausalLM(gemma).to(device)).train()
+        with torch.no_grad():  # (scores that reach the cap: at the usual initialisation they stay far below it)
+            for name, p in gemma_model.named_parameters():
+                if "q_proj" in name or "k_proj" in name:
+                    p.mul_(40)
+        eager_loss, eager_grads = step(gemma_model)
+        gemma_model.model.set_attn_implementation(FLEX_NAME)
+        capped_loss, capped_grads = step(CausalLMLoss(gemma_model.model).train())
+        report["flex_gemma2"] = {"loss_rel": rel(capped_loss, eager_loss), "loss": float(eager_loss),
+                                 "grad_rel_max": max(rel(a, b) for a, b in zip(capped_grads, eager_grads))}
+    except Exception as e:  # noqa: BLE001
+        report["flex_gemma2_error"] = repr(e)[:2000]
 
     # the attention alone: 32 packed rows of 1,024, 12 heads of 64, forward + backward
     rows, width, heads = 32, 1024, 12

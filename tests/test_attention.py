@@ -410,3 +410,64 @@ def test_sftune_attention_refuses_rows_wider_than_a_sliding_window(capsys, tmp_p
     assert "--attention sdpa, or --max-length 64" in err
     code, _, err = run_main(capsys, *common, "--max-length", "64", "--output-dir", str(tmp_path / "run"))
     assert code == 0, err
+
+
+def tiny_gemma2(softcap: float | None = 0.5):
+    """A 2-layer Gemma 2 (grouped-query heads, capped attention scores) in fp64, its query and key weights scaled
+    up so that scores reach the cap (at the usual initialisation they stay far below it, where tanh is ~linear)."""
+    from transformers import Gemma2Config
+
+    from test_compile import VOCAB
+
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, attn_logit_softcapping=softcap,
+                          final_logit_softcapping=30.0, sliding_window=64, max_position_embeddings=128,
+                          bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    model = AutoModelForCausalLM.from_config(config).to(torch.float64)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "q_proj" in name or "k_proj" in name:
+                p.mul_(30)
+    return model
+
+
+@pytest.mark.parametrize("packed", [True, False], ids=["packed", "rows"])
+def test_flex_caps_gemma2s_attention_scores_as_its_own_attention_does(packed):
+    """Gemma 2 soft-caps its attention scores (attn_logit_softcapping: s -> cap * tanh(s / cap)); sftune's flex
+    attention passed the cap by, and `auto` takes flex for packed rows on a GPU: other losses, without a word
+    (0.04 apart on this model). Now flex caps them (a score_mod on a GPU; here the same arithmetic written out), packed
+    rows and rows that are not (SDPA cannot cap): the loss and every gradient of Gemma 2's own eager attention, fp64."""
+    from sftune.attention import FLEX_NAME, register_flex
+
+    register_flex()
+    model = tiny_gemma2()
+    batch = batch_of(EAGER, packed=packed)
+    want_loss, want = loss_and_grads(CausalLMLoss(model), batch)  # (eager: Gemma 2's default)
+    uncapped = tiny_gemma2(softcap=None)
+    assert abs(loss_and_grads(CausalLMLoss(uncapped), batch)[0] - want_loss) > 1e-2  # (the cap matters here)
+    model.set_attn_implementation(FLEX_NAME)
+    got_loss, got = loss_and_grads(CausalLMLoss(model), batch)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-12, atol=0)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
+
+
+def test_varlen_refuses_capped_attention_scores_and_generation_leaves_sdpa_to_models_it_runs(capsys, tmp_path,
+                                                                                          small_model_dir):
+    """torch's variable-length kernel cannot cap scores: `--attention varlen` on Gemma 2 is refused before anything
+    loads, naming the config value and flex; generating under flex takes eager attention for it (SDPA cannot cap)."""
+    from sftune.attention import FLEX_NAME, generating, register_flex
+
+    model = tiny_gemma2(softcap=50.0)
+    model.save_pretrained(tmp_path / "gemma2")
+    code, _, err = run_main(capsys, "train", "--model", str(tmp_path / "gemma2"), "--tokenizer", str(small_model_dir),
+                            "--dataset", str(QUICKSTART_DATA), "--packing", "--attention", "varlen",
+                            "--output-dir", str(tmp_path / "run"))
+    assert code == 2 and "Traceback" not in err and not (tmp_path / "run").exists(), err
+    assert "attn_logit_softcapping = 50 in its config" in err and "--attention flex" in err
+    register_flex()
+    model.set_attn_implementation(FLEX_NAME)
+    with generating(model):
+        assert model.config._attn_implementation == "eager"
+    assert model.config._attn_implementation == FLEX_NAME

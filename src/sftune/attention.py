@@ -182,7 +182,15 @@ def flex_forward(module, query, key, value, attention_mask, scaling=None, dropou
     flex attention with their block mask (`flex_inputs`), compiled on a GPU; on a CPU, where torch has no backward
     for flex attention, SDPA with the same mask made dense computes the same thing (slowly: for checks). Other
     batches take transformers' SDPA, causal and unmasked."""
+    softcap = kwargs.pop("softcap", None)  # (Gemma 2's attn_logit_softcapping: scores -> cap * tanh(scores / cap))
+    width = query.shape[2]
+    positions = torch.arange(width, device=query.device)
+    causal = positions[None, :, None] >= positions[None, None, :]
     if sftune_block_mask is None:
+        if softcap is not None:  # (transformers' SDPA function refuses a cap: causal attention alone is exact here)
+            out = capped_attention(query, key, value, causal[:, None], scaling, softcap,
+                                   dropout if module.training else 0.0)
+            return out.transpose(1, 2).contiguous(), None
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -195,15 +203,45 @@ def flex_forward(module, query, key, value, attention_mask, scaling=None, dropou
     query, key, value = (t.to(common) for t in (query, key, value))
     gqa = key.shape[1] != query.shape[1]
     if query.is_cuda:
-        out = compiled_flex(query, key, value, block_mask=sftune_block_mask, scale=scaling, enable_gqa=gqa)
+        out = compiled_flex(query, key, value, block_mask=sftune_block_mask, scale=scaling, enable_gqa=gqa,
+                            **({"score_mod": capped_scores(softcap)} if softcap is not None else {}))
     else:
-        width = query.shape[2]
-        positions = torch.arange(width, device=query.device)
-        mask = (positions[None, :, None] >= positions[None, None, :]) & (
-            sftune_doc_ids[:, :, None] == sftune_doc_ids[:, None, :])
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None], scale=scaling,
-                                             enable_gqa=gqa)
+        mask = causal & (sftune_doc_ids[:, :, None] == sftune_doc_ids[:, None, :])
+        if softcap is not None:
+            out = capped_attention(query, key, value, mask[:, None], scaling, softcap, 0.0)
+        else:
+            out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None], scale=scaling,
+                                                 enable_gqa=gqa)
     return out.transpose(1, 2).contiguous(), None
+
+
+def capped_attention(query, key, value, mask: torch.Tensor, scaling: float | None, softcap: float,
+                     dropout: float) -> torch.Tensor:
+    """Attention whose scores are soft-capped before the mask and softmax, as Gemma 2's eager attention computes it
+    (softmax in fp32); `mask`: True where a query may attend, broadcast to (B, H, T, T). The (B, H, T, D) output."""
+    heads, kv_heads = query.shape[1], key.shape[1]
+    if kv_heads != heads:  # (grouped-query heads: each key/value head serves heads / kv_heads query heads)
+        key, value = (t.repeat_interleave(heads // kv_heads, dim=1) for t in (key, value))
+    scale = scaling if scaling is not None else 1 / math.sqrt(query.shape[-1])
+    scores = torch.matmul(query, key.transpose(2, 3)) * scale
+    scores = softcap * torch.tanh(scores / softcap)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=dropout > 0)
+    return torch.matmul(weights, value)
+
+
+_CAPS: dict = {}  # softcap -> its flex score_mod (one function per value: a new one would recompile the kernel)
+
+
+def capped_scores(softcap: float):
+    """flex attention's score_mod for a soft cap: score -> cap * tanh(score / cap), as transformers' own."""
+    if softcap not in _CAPS:
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return softcap * torch.tanh(score / softcap)
+
+        _CAPS[softcap] = score_mod
+    return _CAPS[softcap]
 
 
 def compiled_flex(*args, **kwargs) -> torch.Tensor:
@@ -238,6 +276,8 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
                       sftune_cu_seqlens=None, sftune_max_seqlen=None, **kwargs):
     """transformers' attention-function contract: (B, H, T, D) query, (B, Hkv, T, D) key and value in; the
     (B, T, H, D) output and no weights out."""
+    if kwargs.get("softcap") is not None:  # (refused before training: `check_varlen`)
+        raise SftuneError(softcap_refusal(kwargs["softcap"]))
     if sftune_cu_seqlens is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -332,7 +372,11 @@ def check_window(model_config, attention: str, width: int) -> None:
 
 def check_varlen(model_config, device, precision: str | None, packing: bool, attention: str = "varlen") -> None:
     """`--attention varlen` (or `flex`) can train this model here, or a clear error. Only packed rows use torch's
-    kernel (rows that are not packed take SDPA, with any dropout and precision)."""
+    kernel (rows that are not packed take SDPA, with any dropout and precision). A model that soft-caps its
+    attention scores (Gemma 2) trains under flex, which caps them, not under varlen (neither torch's kernel nor
+    SDPA can)."""
+    if attention == "varlen" and (softcap := attention_softcap(model_config)) is not None:
+        raise SftuneError(softcap_refusal(softcap))
     if not packing:
         return
     if dropout := attention_dropout(model_config):
@@ -349,6 +393,19 @@ def check_varlen(model_config, device, precision: str | None, packing: bool, att
                               f"{precision}; use --precision bf16 (or --attention sdpa)")
 
 
+def attention_softcap(model_config) -> float | None:
+    """The soft cap a model puts on its attention scores (Gemma 2's `attn_logit_softcapping`), or None."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    cap = getattr(text, "attn_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+def softcap_refusal(softcap: float) -> str:
+    return (f"--attention varlen: this model soft-caps its attention scores (attn_logit_softcapping = {softcap:g} "
+            f"in its config), which torch's variable-length kernel cannot do (its numbers would be other ones); use "
+            f"--attention flex for packed rows, or auto")
+
+
 def varlen_refusal(capability: tuple[int, int], card: str) -> str | None:
     """Why torch's variable-length kernel cannot run on a GPU of this compute capability (it is flash attention's,
     built for Ampere, 8.0, and later), or None."""
@@ -361,12 +418,14 @@ def varlen_refusal(capability: tuple[int, int], card: str) -> str | None:
 
 @contextlib.contextmanager
 def generating(model):
-    """SDPA while generating (left padding and the cache need masks), then NAME (or FLEX_NAME) again."""
+    """SDPA while generating (left padding and the cache need masks; eager for a model SDPA cannot run, Gemma 2's
+    capped scores), then NAME (or FLEX_NAME) again."""
     own = getattr(model.config, "_attn_implementation", None)
     if own not in (NAME, FLEX_NAME):
         yield
         return
-    model.set_attn_implementation("sdpa")
+    sdpa = getattr(model, "_supports_sdpa", True) and attention_softcap(model.config) is None
+    model.set_attn_implementation("sdpa" if sdpa else "eager")
     try:
         yield
     finally:
