@@ -471,3 +471,20 @@ def test_varlen_refuses_capped_attention_scores_and_generation_leaves_sdpa_to_mo
     with generating(model):
         assert model.config._attn_implementation == "eager"
     assert model.config._attn_implementation == FLEX_NAME
+
+
+@pytest.mark.parametrize("attention", ["varlen", "flex"])
+def test_attention_sinks_are_refused_by_sftunes_attention(attention):
+    """GPT-OSS's attention has sinks (a learned logit per head in every softmax), which sftune's varlen and flex do
+    not compute: refused before anything loads (its sliding window alone let rows of up to 128 tokens through)."""
+    from transformers import GptOssConfig
+
+    from sftune.errors import SftuneError
+    from sftune.modeling import check_attention
+
+    config = GptOssConfig(vocab_size=512, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_local_experts=4,
+                          num_experts_per_tok=2, sliding_window=128, max_position_embeddings=256)
+    with pytest.raises(SftuneError, match=f"--attention {attention}: GptOssForCausalLM's attention layers have "
+                                          f"sinks .* use --attention auto"):
+        check_attention(config, attention, packing=True)

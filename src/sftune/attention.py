@@ -182,6 +182,8 @@ def flex_forward(module, query, key, value, attention_mask, scaling=None, dropou
     flex attention with their block mask (`flex_inputs`), compiled on a GPU; on a CPU, where torch has no backward
     for flex attention, SDPA with the same mask made dense computes the same thing (slowly: for checks). Other
     batches take transformers' SDPA, causal and unmasked."""
+    if kwargs.get("s_aux") is not None:  # (refused before training: `modeling.check_attention`)
+        raise SftuneError(sinks_refusal("flex", type(module).__name__))
     softcap = kwargs.pop("softcap", None)  # (Gemma 2's attn_logit_softcapping: scores -> cap * tanh(scores / cap))
     width = query.shape[2]
     positions = torch.arange(width, device=query.device)
@@ -278,6 +280,8 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     (B, T, H, D) output and no weights out."""
     if kwargs.get("softcap") is not None:  # (refused before training: `check_varlen`)
         raise SftuneError(softcap_refusal(kwargs["softcap"]))
+    if kwargs.get("s_aux") is not None:  # (refused before training: `modeling.check_attention`)
+        raise SftuneError(sinks_refusal("varlen", type(module).__name__))
     if sftune_cu_seqlens is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -398,6 +402,12 @@ def attention_softcap(model_config) -> float | None:
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     cap = getattr(text, "attn_logit_softcapping", None)
     return float(cap) if cap else None
+
+
+def sinks_refusal(attention: str, model: str) -> str:
+    return (f"--attention {attention}: {model}'s attention layers have sinks (a learned logit per head that takes a "
+            f"share of every softmax), which sftune's {attention} attention does not compute; use --attention auto "
+            f"(or eager)")
 
 
 def softcap_refusal(softcap: float) -> str:

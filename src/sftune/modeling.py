@@ -184,12 +184,17 @@ def check_attention(model_config, attention: str, trust_remote_code: bool = Fals
         register_flex()
     try:
         with torch.device("meta"):
-            AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code,
-                                             attn_implementation=implementation)
+            meta = AutoModelForCausalLM.from_config(model_config, trust_remote_code=trust_remote_code,
+                                                    attn_implementation=implementation)
     except (ValueError, ImportError) as e:
         first = str(e).splitlines()[0].split(". ")[0].rstrip(".")  # (transformers adds links and examples)
         first = first.replace(f"`{implementation}`", f"`{attention}`")
         raise SftuneError(f"--attention {attention}: {first[:300]}; use --attention auto or sdpa") from None
+    if attention in ("varlen", "flex") and any(isinstance(getattr(m, "sinks", None), torch.nn.Parameter)
+                                               for m in meta.modules()):
+        from sftune.attention import sinks_refusal
+
+        raise SftuneError(sinks_refusal(attention, type(meta).__name__))
     if attention == "flex_attention" and device is not None and torch.device(device).type != "cuda":
         raise SftuneError("--attention flex_attention trains only on a CUDA GPU (torch has no CPU backward for "
                           "it); use --attention auto or sdpa on a CPU")
