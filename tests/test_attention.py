@@ -9,6 +9,7 @@ under them; its loss and gradients against the block mask's (on a CPU the backwa
 """
 
 import json
+import re
 import shutil
 
 import numpy as np
@@ -488,3 +489,19 @@ def test_attention_sinks_are_refused_by_sftunes_attention(attention):
     with pytest.raises(SftuneError, match=f"--attention {attention}: GptOssForCausalLM's attention layers have "
                                           f"sinks .* use --attention auto"):
         check_attention(config, attention, packing=True)
+
+
+@pytest.mark.parametrize("attention", ["varlen", "flex"])
+@pytest.mark.parametrize("keyword, value, said", [("s_aux", torch.zeros(2), "attention sinks (s_aux)"),
+                                                  ("indices", torch.zeros(2), "a sparse attention's chosen keys"),
+                                                  ("is_causal", False, "attention that is not causal")])
+def test_what_sftunes_attention_does_not_compute_is_refused_where_a_layer_asks_for_it(attention, keyword, value, said):
+    """At run time, where a layer passes its attention function a keyword that changes the arithmetic and sftune's
+    functions do not compute it: a clear error, not other numbers (before, every such keyword was dropped)."""
+    from sftune.attention import attention_forward, flex_forward
+    from sftune.errors import SftuneError
+
+    q = k = v = torch.zeros(1, 2, 4, 8)
+    forward = attention_forward if attention == "varlen" else flex_forward
+    with pytest.raises(SftuneError, match=re.escape(f"--attention {attention}: Linear asks for {said}")):
+        forward(torch.nn.Linear(1, 1), q, k, v, None, **{keyword: value})

@@ -182,8 +182,7 @@ def flex_forward(module, query, key, value, attention_mask, scaling=None, dropou
     flex attention with their block mask (`flex_inputs`), compiled on a GPU; on a CPU, where torch has no backward
     for flex attention, SDPA with the same mask made dense computes the same thing (slowly: for checks). Other
     batches take transformers' SDPA, causal and unmasked."""
-    if kwargs.get("s_aux") is not None:  # (refused before training: `modeling.check_attention`)
-        raise SftuneError(sinks_refusal("flex", type(module).__name__))
+    refuse_other_attention(kwargs, "flex", module)
     softcap = kwargs.pop("softcap", None)  # (Gemma 2's attn_logit_softcapping: scores -> cap * tanh(scores / cap))
     width = query.shape[2]
     positions = torch.arange(width, device=query.device)
@@ -280,8 +279,7 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     (B, T, H, D) output and no weights out."""
     if kwargs.get("softcap") is not None:  # (refused before training: `check_varlen`)
         raise SftuneError(softcap_refusal(kwargs["softcap"]))
-    if kwargs.get("s_aux") is not None:  # (refused before training: `modeling.check_attention`)
-        raise SftuneError(sinks_refusal("varlen", type(module).__name__))
+    refuse_other_attention(kwargs, "varlen", module)
     if sftune_cu_seqlens is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -402,6 +400,23 @@ def attention_softcap(model_config) -> float | None:
     text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
     cap = getattr(text, "attn_logit_softcapping", None)
     return float(cap) if cap else None
+
+
+# What a layer may pass its attention function that sftune's do not compute: refused, not dropped (transformers 5's
+# models, by their keywords: GPT-OSS, Granite-SWA, DeepSeek-V4's sinks; DeepSeek-V3.2's and GLM's sparse attention)
+OTHER_ATTENTION = {"s_aux": "attention sinks", "sinks": "attention sinks", "indices": "a sparse attention's chosen keys",
+                   "block_indices": "a sparse attention's chosen blocks", "position_bias": "a bias added to the scores"}
+
+
+def refuse_other_attention(kwargs: dict, attention: str, module) -> None:
+    """A clear error where a layer asks its attention function for something sftune's do not compute (rather than
+    other numbers, without a word); models with sinks are refused before loading already (`modeling.check_attention`)."""
+    what = next((f"{v} ({k})" for k, v in OTHER_ATTENTION.items() if kwargs.get(k) is not None), None)
+    if what is None and kwargs.get("is_causal") is False:
+        what = "attention that is not causal (is_causal=False)"
+    if what is not None:
+        raise SftuneError(f"--attention {attention}: {type(module).__name__} asks for {what}, which sftune's "
+                          f"{attention} attention does not compute; use --attention auto (or eager)")
 
 
 def sinks_refusal(attention: str, model: str) -> str:
