@@ -203,7 +203,7 @@ def flex_forward(module, query, key, value, attention_mask, scaling=None, dropou
     common = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else value.dtype
     query, key, value = (t.to(common) for t in (query, key, value))
     gqa = key.shape[1] != query.shape[1]
-    if query.is_cuda:
+    if query.is_cuda and not _REFERENCE_KERNELS:
         out = compiled_flex(query, key, value, block_mask=sftune_block_mask, scale=scaling, enable_gqa=gqa,
                             **({"score_mod": capped_scores(softcap)} if softcap is not None else {}))
     else:
@@ -291,12 +291,25 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     batch, heads, width, dim = query.shape
     flat = [t.transpose(1, 2).reshape(batch * width, t.shape[1], dim) for t in (query, key, value)]
     scale = scaling if scaling is not None else 1 / math.sqrt(dim)
-    attend = varlen_kernel if query.is_cuda else _reference_outside_compile()
+    attend = varlen_kernel if query.is_cuda and not _REFERENCE_KERNELS else _reference_outside_compile()
     out = attend(*flat, sftune_cu_seqlens, sftune_max_seqlen, scale)
     return out.view(batch, width, heads, dim), None
 
 
 _REFERENCE = None
+_REFERENCE_KERNELS: list = []  # non-empty within `reference_kernels()`
+
+
+@contextlib.contextmanager
+def reference_kernels():
+    """Within the block, varlen and flex compute as they do on a CPU (per-sequence SDPA; SDPA under the dense mask)
+    on a GPU too: for a check of a few tokens in fp32 (`packing_check`), which torch's varlen kernel (bf16 or fp16
+    only) cannot run and for which flex attention would compile kernels for its one shape."""
+    _REFERENCE_KERNELS.append(True)
+    try:
+        yield
+    finally:
+        _REFERENCE_KERNELS.pop()
 
 
 def _reference_outside_compile():

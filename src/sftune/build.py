@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from sftune.attention import check_window
+from sftune.packing_check import check_packing
 from sftune.blocks import compile_blocks, enable_activation_checkpointing
 from sftune.checkpoint import TrainState, complete_checkpoints, find_resume_checkpoint
 from sftune.checkpointers import AdapterCheckpointer, Checkpointer, FullCheckpointer, ShardedAdapterCheckpointer, \
@@ -317,6 +318,8 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock, stop: StopFl
         log(f"embeddings: {grown} row{'s' if grown > 1 else ''} added for the new tokens ({len(tokenizer):,} in "
             f"all), each starting at the mean of the others")
     train_every_embedding_row(model)  # (the pad token of a model sftune saved is often EOS, a real token)
+    if cfg.packing:  # (before anything is written: a model that would mix packed examples is refused)
+        check_packing(model, dist, sharded)
     base = base_name(cfg, out)
     if dist.is_main:  # every check has passed: from here on the directory is this run's
         if checkpoint is None and cfg.overwrite:
