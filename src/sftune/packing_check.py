@@ -39,13 +39,13 @@ def packing_leak(model) -> float:
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         with torch.no_grad(), reference_kernels():  # (sftune's varlen and flex as on a CPU: fp32, no compile)
-            logits = [model(**model_inputs(to_device(collate_packed(examples, [np.array(row)], 0), device,
-                                                     loss.device_keys), loss.attention)).logits[0].float()
-                      for row in ([0, 1], [1])]
+            # one forward over both rows (the model's weights read once): [first, second] and [second, padding]
+            batch = to_device(collate_packed(examples, [np.array([0, 1]), np.array([1])], 0), device, loss.device_keys)
+            logits = model(**model_inputs(batch, loss.attention)).logits.float()
     finally:
         model.train(was_training)
         torch.backends.cuda.matmul.allow_tf32 = tf32
-    packed, alone = logits[0][len(first):len(first) + len(second)], logits[1][:len(second)]
+    packed, alone = logits[0, len(first):len(first) + len(second)], logits[1, :len(second)]
     return float((packed - alone).abs().max() / alone.abs().max().clamp_min(1e-30))
 
 
