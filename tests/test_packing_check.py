@@ -3,7 +3,8 @@ the model itself: two examples packed in one row against the second alone."""
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, BloomConfig, JambaConfig, LlamaConfig, MambaConfig, OPTConfig
+from transformers import AutoModelForCausalLM, BloomConfig, JambaConfig, LlamaConfig, MambaConfig, OPTConfig, \
+    StableLmConfig
 
 from conftest import QUICKSTART_DATA, run_main
 from sftune.packing_check import LEAK_TOLERANCE, packing_leak
@@ -18,6 +19,7 @@ CONFIGS = {  # (tiny configs of architectures that mix packed examples, and of t
                                  attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
                                  mamba_d_state=8, use_mamba_kernels=False),
     "llama": lambda: LlamaConfig(**SMALL, intermediate_size=128, num_key_value_heads=2),
+    "stablelm": lambda: StableLmConfig(**SMALL, intermediate_size=128, num_key_value_heads=2),
 }
 
 
@@ -48,3 +50,42 @@ def test_packing_a_model_that_mixes_examples_is_refused_and_sftunes_attention_ca
     assert "Train without --packing" in err and "--attention flex" in err
     code, _, err = run_main(capsys, *common, "--attention", "flex", "--output-dir", str(tmp_path / "flex"))
     assert code == 0, err
+
+
+def test_a_model_that_keeps_sftunes_attention_keywords_to_itself_takes_transformers_mask_under_auto(
+        capsys, tmp_path, small_model_dir, monkeypatch):
+    """StableLM's layers do not pass the packed rows' bounds on to the attention function: under sftune's flex its
+    attention sees one causal row (its packed examples mix), under transformers' SDPA the mask from the position ids
+    keeps them apart. `--attention flex` is refused naming `--attention sdpa`; under `auto` (which takes flex for
+    packed rows of a long enough run on a GPU: here its choice is made flex, as there) the model goes on with SDPA,
+    said, and the saved config says so."""
+    from sftune.attention import FLEX_NAME, register_flex
+    from sftune.dist import Dist
+    from sftune.packing_check import check_packing
+
+    register_flex()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(CONFIGS["stablelm"]())
+    assert packing_leak(model) < LEAK_TOLERANCE / 100  # (transformers' own attention)
+    model.set_attn_implementation(FLEX_NAME)
+    assert packing_leak(model) > 10 * LEAK_TOLERANCE
+    assert check_packing(model, Dist(), sharded=False, auto=True) == "sdpa"
+    assert model.config._attn_implementation == "sdpa" and packing_leak(model) < LEAK_TOLERANCE / 100
+
+    model.save_pretrained(tmp_path / "stablelm")
+    code, _, err = run_main(capsys, "train", "--no-run-report", "--model", str(tmp_path / "stablelm"), "--tokenizer",
+                            str(small_model_dir), "--dataset", str(QUICKSTART_DATA), "--packing", "--max-length", "64",
+                            "--attention", "flex", "--output-dir", str(tmp_path / "refused"))
+    assert code == 2 and not (tmp_path / "refused").exists(), err
+    assert "--attention flex: StableLmForCausalLM's layers do not pass the packed rows' example bounds on" in err
+    assert "use --attention sdpa" in err
+
+    import sftune.build
+
+    monkeypatch.setattr(sftune.build, "resolve_attention", lambda *a, **k: ("flex", "attention: flex (as auto on a GPU)"))
+    code, _, err = run_main(capsys, "train", "--no-run-report", "--model", str(tmp_path / "stablelm"), "--tokenizer",
+                            str(small_model_dir), "--dataset", str(QUICKSTART_DATA), "--packing", "--max-length", "64",
+                            "--max-steps", "2", "--sample-prompts", "", "--output-dir", str(tmp_path / "auto"))
+    assert code == 0, err
+    assert "attention: sdpa under a mask from the position ids for the packed rows, not flex" in err
+    assert "attention: sdpa" in (tmp_path / "auto" / "config.yaml").read_text()

@@ -318,8 +318,12 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock, stop: StopFl
         log(f"embeddings: {grown} row{'s' if grown > 1 else ''} added for the new tokens ({len(tokenizer):,} in "
             f"all), each starting at the mean of the others")
     train_every_embedding_row(model)  # (the pad token of a model sftune saved is often EOS, a real token)
-    if cfg.packing:  # (before anything is written: a model that would mix packed examples is refused)
-        check_packing(model, dist, sharded)
+    if cfg.packing and (fallback := check_packing(model, dist, sharded, auto=cfg.attention == "auto")):
+        # (before anything is written: a model that would mix packed examples is refused)
+        log(f"attention: {fallback} under a mask from the position ids for the packed rows, not {attention}: "
+            f"{type(model).__name__}'s layers do not pass the rows' example bounds on to sftune's attention (auto)")
+        resolved = replace(resolved, attention=fallback)
+        config_yaml = dump_yaml(resolved)
     base = base_name(cfg, out)
     if dist.is_main:  # every check has passed: from here on the directory is this run's
         if checkpoint is None and cfg.overwrite:

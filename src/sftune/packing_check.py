@@ -49,17 +49,40 @@ def packing_leak(model) -> float:
     return float((packed - alone).abs().max() / alone.abs().max().clamp_min(1e-30))
 
 
-def check_packing(model, dist, sharded: bool) -> None:
+def check_packing(model, dist, sharded: bool, auto: bool) -> str | None:
     """Refuse `--packing` for a model that does not keep packed examples apart (rank 0 computes it: under FSDP the
-    other ranks hold no weights yet; every rank then refuses alike)."""
-    leak = packing_leak(model) if dist.is_main or not sharded else None
-    leak = dist.from_main(leak)
-    if leak > LEAK_TOLERANCE:
-        own = getattr(model.config, "_attn_implementation", "") in ("sftune_varlen", "sftune_flex")
-        raise on_every_rank(SftuneError(
-            f"--packing: {type(model).__name__} does not keep packed examples apart: the second of two examples "
-            f"packed in one row computes other logits than it does alone ({leak:.1e} apart, relative), so each "
-            f"example would learn from its neighbours' tokens (its layers carry a state along the row, or its "
-            f"positions or mask do not restart with each example). Train without --packing: length-grouped rows, "
-            f"the default, waste little on padding (sftune data shows how much)" +
-            ("" if own else "; or try --attention flex, whose attention keeps each example apart by itself")))
+    other ranks hold no weights yet; every rank then decides alike). Under sftune's varlen or flex attention, a model
+    whose layers do not pass the packed rows' bounds on to the attention function (StableLM, Nemotron: their
+    attention then sees one causal row) is tried under transformers' own attention, whose mask comes from the
+    position ids: with `--attention auto` the run goes on with it (returned: "sdpa" or "eager", for the caller to
+    say), else the error names it. None: the model as it is keeps them apart."""
+    leak = leak_on_rank_0(model, dist, sharded)
+    if leak <= LEAK_TOLERANCE:
+        return None
+    implementation = getattr(model.config, "_attn_implementation", "")
+    name = {"sftune_varlen": "varlen", "sftune_flex": "flex"}.get(implementation)
+    if name is not None:  # sftune's attention: would transformers' own keep the examples apart?
+        fallback = "sdpa" if getattr(model, "_supports_sdpa", False) else "eager"
+        model.set_attn_implementation(fallback)
+        if leak_on_rank_0(model, dist, sharded) <= LEAK_TOLERANCE:
+            if auto:
+                return fallback
+            model.set_attn_implementation(implementation)
+            raise on_every_rank(SftuneError(
+                f"--attention {name}: {type(model).__name__}'s layers do not pass the packed rows' example bounds on "
+                f"to the attention function, so sftune's {name} attention cannot keep packed examples apart ({leak:.1e} "
+                f"apart, relative); use --attention {fallback} (transformers' mask from the position ids keeps them "
+                f"apart for this model) or auto"))
+        model.set_attn_implementation(implementation)
+    raise on_every_rank(SftuneError(
+        f"--packing: {type(model).__name__} does not keep packed examples apart: the second of two examples "
+        f"packed in one row computes other logits than it does alone ({leak:.1e} apart, relative), so each "
+        f"example would learn from its neighbours' tokens (its layers carry a state along the row, or its "
+        f"positions or mask do not restart with each example). Train without --packing: length-grouped rows, "
+        f"the default, waste little on padding (sftune data shows how much)" +
+        ("" if name is not None else "; or try --attention flex, whose attention keeps each example apart by itself")))
+
+
+def leak_on_rank_0(model, dist, sharded: bool) -> float:
+    """`packing_leak`, computed where the weights are (under FSDP rank 0 alone) and the same on every rank."""
+    return dist.from_main(packing_leak(model) if dist.is_main or not sharded else None)
