@@ -773,3 +773,20 @@ def test_a_launch_with_restarts_through_torchruns_shared_store_is_warned_about()
     assert restart_warning({**shared, "TORCHELASTIC_USE_AGENT_STORE": "False"}) is None
     assert restart_warning({**shared, "TORCHELASTIC_MAX_RESTARTS": "0"}) is None
     assert restart_warning({}) is None
+
+
+def test_the_launch_names_the_rank_killed_by_a_signal_though_another_was_seen_failing_first():
+    """Seen in CI on a loaded machine: rank 1 killed by SIGKILL, rank 0 failing in its next collective (exit 1),
+    and the agent timing rank 0's failure first: the launch exited 1 without naming the killed rank. The killed rank
+    is the cause, whatever the order; without one, the earliest failure's rank."""
+    from torch.distributed.elastic.multiprocessing.errors import ProcessFailure
+
+    from sftune.launch import root_failure
+
+    collective = ProcessFailure(local_rank=0, pid=100, exitcode=1, error_file="<N/A>")
+    killed = ProcessFailure(local_rank=1, pid=101, exitcode=-signal.SIGKILL, error_file="<N/A>")
+    collective.timestamp, killed.timestamp = 10, 11
+    assert root_failure({0: collective, 1: killed}) == (1, killed)
+    said = ProcessFailure(local_rank=1, pid=101, exitcode=2, error_file="<N/A>")
+    said.timestamp = 9
+    assert root_failure({0: collective, 1: said}) == (1, said)

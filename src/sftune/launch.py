@@ -67,7 +67,7 @@ def launch(command: str, argv: list[str], n: int) -> int:
     try:
         run(parse_args(["--standalone", f"--nproc-per-node={n}", "-m", "sftune", *argv]))
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
+        rank, failure = root_failure(e.failures)
         if failure.exitcode >= 0:  # the rank said why before it exited
             return failure.exitcode or 1
         name = signal.Signals(-failure.exitcode).name
@@ -79,3 +79,11 @@ def launch(command: str, argv: list[str], n: int) -> int:
     except SignalException as e:  # (forwarded to every rank, which stopped, saved and said so)
         return 128 + int(e.sigval)
     return 0
+
+
+def root_failure(failures: dict) -> tuple:
+    """(rank, failure) of the rank whose failure ended the launch: one killed by a signal (the others then fail in
+    their next collective, and may be seen to have exited first: the agent looks at its processes every 0.1 s, and
+    times each failure by when it saw it), else the earliest."""
+    killed = sorted((rank, f) for rank, f in failures.items() if f.exitcode < 0)
+    return killed[0] if killed else min(failures.items(), key=lambda rf: (rf[1].timestamp, rf[0]))
