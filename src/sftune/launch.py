@@ -82,8 +82,15 @@ def launch(command: str, argv: list[str], n: int) -> int:
 
 
 def root_failure(failures: dict) -> tuple:
-    """(rank, failure) of the rank whose failure ended the launch: one killed by a signal (the others then fail in
-    their next collective, and may be seen to have exited first: the agent looks at its processes every 0.1 s, and
-    times each failure by when it saw it), else the earliest."""
-    killed = sorted((rank, f) for rank, f in failures.items() if f.exitcode < 0)
-    return killed[0] if killed else min(failures.items(), key=lambda rf: (rf[1].timestamp, rf[0]))
+    """(rank, failure) of the rank whose failure ended the launch. The agent records every rank it found stopped,
+    those it stopped itself too (SIGTERM), in no reliable order (it looks every 0.1 s, and times each failure by when
+    it saw it), so the cause is chosen by its kind: a rank that said its own error (exit status 2 and up: a mistake,
+    a divergence, a signal it handled), else one killed by another signal than the agent's (SIGKILL: `kill -9`, the
+    out-of-memory killer; SIGSEGV, SIGABRT: a crash), else one that exited 1 (a failed collective, or a traceback,
+    said), else any; the lowest rank among equals."""
+    stopping = {-int(s) for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+
+    def kind(code: int) -> int:
+        return 0 if code >= 2 else 1 if code < 0 and code not in stopping else 2 if code >= 0 else 3
+
+    return min(failures.items(), key=lambda rf: (kind(rf[1].exitcode), rf[0]))
