@@ -184,12 +184,9 @@ def flex_forward(module, query, key, value, attention_mask, scaling=None, dropou
     batches take transformers' SDPA, causal and unmasked."""
     refuse_other_attention(kwargs, "flex", module)
     softcap = kwargs.pop("softcap", None)  # (Gemma 2's attn_logit_softcapping: scores -> cap * tanh(scores / cap))
-    width = query.shape[2]
-    positions = torch.arange(width, device=query.device)
-    causal = positions[None, :, None] >= positions[None, None, :]
     if sftune_block_mask is None:
         if softcap is not None:  # (transformers' SDPA function refuses a cap: causal attention alone is exact here)
-            out = capped_attention(query, key, value, causal[:, None], scaling, softcap,
+            out = capped_attention(query, key, value, causal_mask(query)[:, None], scaling, softcap,
                                    dropout if module.training else 0.0)
             return out.transpose(1, 2).contiguous(), None
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -207,13 +204,20 @@ def flex_forward(module, query, key, value, attention_mask, scaling=None, dropou
         out = compiled_flex(query, key, value, block_mask=sftune_block_mask, scale=scaling, enable_gqa=gqa,
                             **({"score_mod": capped_scores(softcap)} if softcap is not None else {}))
     else:
-        mask = causal & (sftune_doc_ids[:, :, None] == sftune_doc_ids[:, None, :])
+        mask = causal_mask(query) & (sftune_doc_ids[:, :, None] == sftune_doc_ids[:, None, :])
         if softcap is not None:
             out = capped_attention(query, key, value, mask[:, None], scaling, softcap, 0.0)
         else:
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask[:, None], scale=scaling,
                                                  enable_gqa=gqa)
     return out.transpose(1, 2).contiguous(), None
+
+
+def causal_mask(query: torch.Tensor) -> torch.Tensor:
+    """(1, T, T): True where a query position may attend to a key position (at or before it), for (B, H, T, D)
+    queries. Made only on the paths that read it (not in the compiled flex kernel's)."""
+    positions = torch.arange(query.shape[2], device=query.device)
+    return positions[None, :, None] >= positions[None, None, :]
 
 
 def capped_attention(query, key, value, mask: torch.Tensor, scaling: float | None, softcap: float,

@@ -389,11 +389,10 @@ def keep_base_in_compute_dtype(cfg: SFTConfig, adapter, precision: str, sharded:
     of the base is halved (in bf16 its all-gathers were bf16 already)."""
     if cfg.lora_base_dtype != "auto" or precision not in ("bf16", "fp16") or cfg.lora_use_dora:
         return None
-    from sftune.casts import keep_frozen_matrices_in
+    from sftune.casts import keep_frozen_matrices_in, memory_text
 
     saved = keep_frozen_matrices_in(adapter, DTYPES[precision])
-    amount = f"{saved / 2**30:,.2f} GiB" if saved >= 2**30 else f"{saved / 2**20:,.1f} MiB"
-    amount += " less memory" + (" across the ranks' shards" if sharded else "")
+    amount = memory_text(saved) + " less memory" + (" across the ranks' shards" if sharded else "")
     return (f"LoRA: the frozen base's matrices kept in {precision}, {amount} (the products read them in "
             f"{precision} either way: the same numbers; --lora-base-dtype fp32 keeps them fp32)" if saved else None)
 

@@ -94,6 +94,11 @@ def keep_frozen_matrices_in(model: nn.Module, dtype: torch.dtype) -> int:
     return saved
 
 
+def memory_text(nbytes: int) -> str:
+    """`nbytes` as a log says it: GiB from 1 GiB on, else MiB."""
+    return f"{nbytes / 2**30:,.2f} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:,.1f} MiB"
+
+
 class MatmulCasts:
     """One model's matrix-product weights, cast for a call in one pass (see the module's docstring)."""
 

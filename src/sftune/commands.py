@@ -281,14 +281,14 @@ def keep_matrices_for_evaluation(model, precision: str) -> str | None:
     """In bf16 or fp16, the weights only matrix products read kept in that dtype before the model goes to the
     device: half their memory, the same loss (autocast would cast each where it is read, rounding alike; `casts.
     keep_frozen_matrices_in`). Not with DoRA, whose weight norms read the base's weights. What to log, or None."""
-    from sftune.casts import keep_frozen_matrices_in
+    from sftune.casts import keep_frozen_matrices_in, memory_text
     from sftune.runtime import DTYPES
 
     if precision not in ("bf16", "fp16") or any("lora_magnitude_vector" in n for n, _ in model.named_parameters()):
         return None
     model.requires_grad_(False)  # (nothing is trained: every weight is frozen)
     saved = keep_frozen_matrices_in(model, DTYPES[precision])
-    return f"eval: the matrices kept in {precision}, {saved / 2**20:,.1f} MiB less memory (the same numbers)" \
+    return f"eval: the matrices kept in {precision}, {memory_text(saved)} less memory (the same numbers)" \
         if saved else None
 
 
