@@ -36,13 +36,15 @@
 #                (its frozen base kept in bf16, the default) against LoRA with --lora-base-dtype fp32, then full
 #   profile (240) --profile-steps: torch.profiler over 10 steps of the seed's recipe (after its graphs are captured;
 #                then eagerly) and 4 packed steps; their summaries (wall and GPU-busy ms a step, top kernels) as
-#                profile-*.txt, their traces as profile-*.trace.json.gz (PROFILE_KINDS="seed seed-eager packed
-#                packed-varlen packed-flex": which runs; the last two as the speed phase's, graphs and compiled
-#                loss included)
+#                profile-*.txt, their traces as profile-*.trace.json.gz (PROFILE_KINDS="seed seed-eager seed-blocks
+#                packed packed-varlen packed-flex packed-flex-blocks": which runs; the packed-* as the speed
+#                phase's, graphs and compiled loss included; -blocks with --compile-blocks, as the blocks phase)
 #   loss    (90) benchmarks/gpu_check.py --loss-only: the fused loss on 32,768 rows, eager/compiled x chunk sizes
 #   startup (60) python -X importtime -c "import sftune.train", twice: where a job's first seconds go (the whole
 #                job spent 14 s before its first line on the H100 machine, 1.8 s on a 2-core CPU; try 64)
 #   speed-steps (360) the speed phase without the whole job (about 6 minutes with --flex on an H100)
+#   whole-job (300) the seed ratio's two runs and the whole seed job, the notebook against sftune train (issue 9's
+#                quarter; its timeline says where sftune's seconds go)
 #   samples (60) benchmarks/samples.py --dtype bf16: the seed job's sample prompts one at a time against one batch
 #                (what each evaluation's samples cost: try 129)
 #   workers (240) benchmarks/data_workers.py: tokenizing with 1, 4, 8 and 16 processes (--data-workers) on 100,000
@@ -66,6 +68,7 @@ if [ -n "${QUICK:-}" ]; then
   speed=(--steps 4 --warmup 2)
   speed_steps=("${speed[@]}")
   blocks=("${speed[@]}" --only seed,sftune)
+  whole=("${speed[@]}" --only seed,sftune)
   runs=(--model tests/fixtures/tiny-llama --tokenizer bundled:gpt2 --dataset examples/quickstart/data --steps 3)
   seed_trl=(--steps 3 --warmup 1 --model-config tests/fixtures/tiny-llama --tokenizer bundled:gpt2 --batch-size 4 --max-length 64)
   big_trl=(--steps 2 --warmup 1 --model-config tests/fixtures/tiny-llama --tokenizer bundled:gpt2 --packing --max-length 128 --batch-size 2 --lr 3e-4)
@@ -81,6 +84,7 @@ else
   speed=(--quick --whole-job --varlen --flex --packed-compile graphs)  # (explicit graphs: the loss softmax compiled)
   speed_steps=(--quick --varlen --flex --packed-compile graphs)
   blocks=(--quick --only seed,sftune,packed-flex --packed-compile graphs)
+  whole=(--quick --only seed,sftune)
   runs=()
   seed_trl=()
   big_trl=(--steps 10 --warmup 3 --model-config examples/llama-1b --tokenizer bundled:gpt2 --packing --max-length 1024 --batch-size 8 --lr 3e-4)
@@ -125,6 +129,7 @@ for p in $PHASES; do
     startup) phase startup 60 bash -c "$py -c 'import os, sys, glob, torch, transformers; d = os.path.dirname; print(\"PYTHONDONTWRITEBYTECODE:\", os.environ.get(\"PYTHONDONTWRITEBYTECODE\"), \"| site-packages writable:\", os.access(d(d(torch.__file__)), os.W_OK), \"| .pyc under torch:\", len(glob.glob(d(torch.__file__) + \"/**/*.pyc\", recursive=True)), \"| under transformers:\", len(glob.glob(d(transformers.__file__) + \"/**/*.pyc\", recursive=True)), \"| modules:\", len(sys.modules))'; df -h \$($py -c 'import torch, os; print(os.path.dirname(torch.__file__))') | tail -1; for i in 1 2; do $py -X importtime -c 'import time; t = time.perf_counter(); import sftune.train; print(f\"import sftune.train: {time.perf_counter() - t:.2f} s\")' 2> \"$OUT/importtime-\$i.txt\"; done; sort -t'|' -k2 -n \"$OUT/importtime-1.txt\" | tail -25" ;;
     speed) phase speed 540 $py benchmarks/throughput.py --device "$DEVICE" "${speed[@]}" --json "$OUT/$card-$date.json" ;;
     speed-steps) phase speed-steps 360 $py benchmarks/throughput.py --device "$DEVICE" "${speed_steps[@]}" --json "$OUT/$card-$date.json" ;;
+    whole-job) phase whole-job 300 $py benchmarks/throughput.py --device "$DEVICE" "${whole[@]}" --whole-job --json "$OUT/whole-job-$card-$date.json" ;;
     samples) phase samples 60 $py benchmarks/samples.py --device "$DEVICE" --dtype bf16 "${samples[@]}" ;;
     workers) phase workers 240 $py benchmarks/data_workers.py "${workers[@]}" ;;
     runs) phase runs 300 $py benchmarks/gpu_check.py --device "$DEVICE" --runs-only "${runs[@]}" --json "$OUT/gpu-check.json" ;;
@@ -155,11 +160,15 @@ for p in $PHASES; do
     profile)
       for kind in ${PROFILE_KINDS:-seed seed-eager packed}; do  # (seed-eager: every kernel launched on its own;
         # packed-varlen: as the speed phase's packed-varlen run, CUDA graphs and the compiled loss included)
+        # (-blocks: with --compile-blocks, as the blocks phase measures)
         case $kind in seed) args=("${prof_seed[@]}") ;; seed-eager) args=("${prof_seed[@]}" --compile off) ;;
+          seed-blocks) args=("${prof_seed[@]}" --compile-blocks) ;;
           packed) args=("${prof_packed[@]}" --packing) ;;
-          packed-varlen|packed-flex) args=("${prof_packed[@]}" --packing --attention "${kind#packed-}"
+          packed-varlen|packed-flex|packed-flex-blocks) attention=${kind#packed-}
+                               args=("${prof_packed[@]}" --packing --attention "${attention%-blocks}"
                                --model-config-overrides "$no_attention_dropout"
-                               $([ "$DEVICE" = cuda ] && echo --compile graphs)) ;; esac
+                               $([ "$DEVICE" = cuda ] && echo --compile graphs)
+                               $([ "$kind" = packed-flex-blocks ] && echo --compile-blocks)) ;; esac
         phase "profile-$kind" 120 $py -m sftune train --config configs/gpt2-sst2.yaml --init random --device "$DEVICE" \
           "${args[@]}" --eval-every 100000 --sample-prompts "" --report-to none --no-run-report \
           --output-dir "/tmp/sftune-profile-$kind" --overwrite
@@ -167,7 +176,7 @@ for p in $PHASES; do
         cp "/tmp/sftune-profile-$kind/profile/trace.json.gz" "$OUT/profile-$kind.trace.json.gz" 2>/dev/null
       done
       bundle ;;
-    *) echo "unknown phase $p (check, loss, startup, speed, speed-steps, samples, workers, blocks, runs, fusion, fusion-seed, peers, peers-1b, memory, profile)" ;;
+    *) echo "unknown phase $p (check, loss, startup, speed, speed-steps, whole-job, samples, workers, blocks, runs, fusion, fusion-seed, peers, peers-1b, memory, profile)" ;;
   esac
 done
 ls -la "$OUT"

@@ -25,13 +25,20 @@ _HINTS = typing.get_type_hints(SFTConfig)
 
 
 def field_type(name: str) -> tuple[Any, bool]:
-    """(base type, optional) of a config field: `int | None` -> (int, True)."""
+    """(base type, optional) of a config field: `int | None` -> (int, True); `int | Literal["auto"]` -> (int,
+    False), its words read by `words`."""
     hint = _HINTS[name]
     args = typing.get_args(hint)
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        base = [a for a in args if a is not type(None)]
-        return base[0], True
+        base = [a for a in args if a is not type(None) and typing.get_origin(a) is not Literal]
+        return base[0], type(None) in args
     return hint, False
+
+
+def words(name: str) -> tuple[str, ...]:
+    """The words a number field also takes: `int | Literal["auto"]` -> ("auto",)."""
+    return tuple(w for a in typing.get_args(_HINTS[name]) if typing.get_origin(a) is Literal
+                 for w in typing.get_args(a))
 
 
 def describe_type(name: str) -> str:
@@ -48,7 +55,7 @@ def describe_type(name: str) -> str:
         text = "mapping (PART=COLUMN,...)"
     else:
         text = base.__name__
-    return text + (" or null" if optional else "")
+    return text + "".join(f" or {w!r}" for w in words(name)) + (" or null" if optional else "")
 
 
 _REPR = reprlib.Repr()  # (keyword arguments only from Python 3.12)
@@ -176,6 +183,8 @@ def coerce(name: str, value: Any) -> Any:
         if optional:
             return None
         raise ValueError(f"must be {describe_type(name)}, got null")
+    if value in words(name):
+        return value
     if typing.get_origin(base) is Literal:
         if value not in typing.get_args(base):
             raise ValueError(f"must be one of {describe_type(name)}, got {short(value)}")
@@ -209,6 +218,7 @@ def coerce(name: str, value: Any) -> Any:
     numbers = {int: ("an integer", (int, str)), float: ("a number", (int, float, str))}
     if base in numbers:
         what, accepted = numbers[base]
+        what += "".join(f" or {w!r}" for w in words(name))
         if isinstance(value, bool) or not isinstance(value, accepted):
             raise ValueError(f"must be {what}, got {short(value)}")
         try:
@@ -334,7 +344,8 @@ def range_checks(cfg: SFTConfig, training: bool = True) -> list[str]:
          "early_stopping_min_delta", "must be 0 or more")
     need(cfg.final_model == "last" or cfg.save_best, "final_model", "best needs the best checkpoint: set --save-best")
     need(cfg.stream_val_rows >= 1, "stream_val_rows", "must be at least 1")
-    need(cfg.data_workers >= 1, "data_workers", "must be at least 1 (1: tokenize in this process)")
+    need(cfg.data_workers == "auto" or cfg.data_workers >= 1, "data_workers",
+         "must be at least 1 (1: tokenize in this process), or auto")
     need(cfg.chat_template is None or Path(cfg.chat_template).expanduser().exists()
          or template_on_the_hub(cfg.chat_template),
          "chat_template", "no such file; give a Jinja template file, or a model (directory or Hub id) whose "

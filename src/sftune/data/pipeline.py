@@ -56,7 +56,7 @@ class DataOptions:
     seed: int = 42
     cache_dir: str | Path | None = None
     stream_val_rows: int = 1000
-    workers: int = 1  # processes that tokenize a split (not in the cache key: the result is the same)
+    workers: int | str = 1  # processes that tokenize a split (not in the cache key: the result is the same)
     mixture: tuple[dict, ...] = ()  # several datasets (`datasets`): each entry's keys replace the ones above
     only: str | None = None  # (a mixture's parts) "train": the training split whole, no validation; "validation":
     # the rows --val-dataset would give, no training split
