@@ -68,6 +68,7 @@ def test_a_mistake_in_a_workers_rows_is_said_as_in_one_process(tmp_path, small_m
     ("auto", 1_100, True, 2, 2), ("auto", 100_000, True, 16, 16), ("auto", 600, True, 16, 1),
     ("auto", 67_349, False, 2, 1), ("auto", 67_349, False, 16, 8), ("auto", 67_349, False, 64, 8),
     ("auto", 10_000, False, 16, 1), ("auto", 1_000_000, False, 16, 8), ("auto", 5_000, True, 1, 1),
+    ("auto", 1_000_000, True, 64, 16), ("auto", 1_000_000, False, 64, 8), (32, 1_000_000, True, 64, 32),
 ])
 def test_auto_takes_a_process_a_core_for_chat_rows_and_few_for_plain_ones(workers, rows, chat, cores, processes):
     """Measured on the GPU machine's 16 cores (NOTES try 146): chat rows 4.9x faster in 16 processes, SST-2's plain

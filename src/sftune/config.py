@@ -179,10 +179,10 @@ class SFTConfig:
     )
     data_workers: int | Literal["auto"] = _f(
         "auto", "Processes that tokenize a split of 1,024 rows or more (datasets.map's num_proc), each a share of "
-        "the rows; the result is the same. auto: for chat data (its template renders are Python) one a core, at "
-        "least 512 rows each (4.9x with 16 on 16 cores); for text and prompt-completion data, whose tokenizer "
-        "already encodes on every core, one (under 8 cores: 2 are slower on 2) or half the cores, 8,192 rows each "
-        "(1.6x with 8 on 16 cores).", "data"
+        "the rows; the result is the same. auto: for chat data (its template renders are Python) one a core, up to "
+        "16, at least 512 rows each (4.9x with 16 on 16 cores); for text and prompt-completion data, whose tokenizer "
+        "already encodes on every core, one (under 8 cores: 2 are slower on 2) or half the cores, up to 8, 8,192 "
+        "rows each (1.6x with 8 on 16 cores).", "data"
     )
 
     # --- optimisation ----------------------------------------------------

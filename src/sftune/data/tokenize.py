@@ -32,6 +32,9 @@ MAP_BATCH_SIZE = 512  # rows per tokenizer call in datasets.map, as in the seed
 PER_WORKER = 512  # rows a tokenizing process gets at least (--data-workers: fewer processes for a small split)
 PLAIN_PER_WORKER = 8_192  # ... under --data-workers auto, for text and prompt-completion rows (NOTES try 146)
 PLAIN_MIN_CORES = 8  # ... fewer cores than this: plain rows in one process (the tokenizer's threads use them)
+AUTO_MOST = {True: 16, False: 8}  # auto takes at most this many for chat rows (True) and plain ones: as far as
+# measured (16 cores: chat 9.5 s in 8, 6.1 in 16; plain rows slower in 16 than in 8), and each process a copy of
+# the parent's memory as it touches it
 
 
 def tokenizing_processes(workers: int | str, rows: int, chat: bool, cores: int) -> int:
@@ -39,14 +42,14 @@ def tokenizing_processes(workers: int | str, rows: int, chat: bool, cores: int) 
     where a process would get under 512 rows. auto: chat rows, which spend most of their time in Python (the
     template's renders), one a core; plain rows, which the Rust tokenizer already encodes on every core, one
     process, or half the cores where there are 8 or more (16 cores of the GPU machine: SST-2 2.62 s in one,
-    1.60 s in 8, 1.74 s in 16; chat 100,000 rows 30.0 s in one, 6.1 s in 16: NOTES try 146)."""
+    1.60 s in 8, 1.74 s in 16; chat 100,000 rows 30.0 s in one, 6.1 s in 16: NOTES try 146); at most 16 and 8."""
     if workers != "auto":
         return max(1, min(int(workers), rows // PER_WORKER))
     if chat:
-        return max(1, min(cores, rows // PER_WORKER))
+        return max(1, min(cores, AUTO_MOST[True], rows // PER_WORKER))
     if cores < PLAIN_MIN_CORES:
         return 1
-    return max(1, min(cores // 2, rows // PLAIN_PER_WORKER))
+    return max(1, min(cores // 2, AUTO_MOST[False], rows // PLAIN_PER_WORKER))
 
 
 def usable_cores() -> int:
