@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sftune.errors import SftuneError
@@ -243,6 +244,52 @@ def restart_warning(env: dict[str, str] | None = None) -> str | None:
     return (f"warning: torchrun --max-restarts {restarts} shares its rendezvous store with the ranks, and after a "
             f"restart the new ranks can wait for each other for ever (torch issue 135712: 1 in 4 restarts here); "
             f"start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in its environment")
+
+
+TORCHRUN_GRACE_S = 30  # torchrun's agent kills the ranks this long after it passes on a stop signal (its default;
+# torch before 2.12: always)
+LAUNCH_GRACE_S = 600  # ... and `sftune train --nproc-per-node`'s agent (`launch.py`), where torch lets it: a big
+# model's save can take minutes, and a scheduler's grace (SLURM's --signal, a cloud's preemption notice) may be longer
+
+
+def shutdown_timeout_supported() -> bool:
+    """Whether this torch's torchrun takes `--shutdown-timeout` (and TORCH_ELASTIC_SHUTDOWN_TIMEOUT): 2.12 on."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    return "shutdown_timeout" in LaunchConfig.__dataclass_fields__
+
+
+def agent_argv() -> list[str]:
+    """The command line of this process's parent (under torchrun: the agent that started the ranks), Linux only."""
+    try:
+        return Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def stop_grace_s(env: dict[str, str] | None = None, argv: list[str] | None = None,
+                 supported: bool | None = None) -> float | None:
+    """Under torchrun, the seconds its agent gives the ranks, after it passes on SIGTERM, SIGINT or SIGHUP, to stop
+    before it kills them: `--shutdown-timeout` in the agent's command line (`argv`), else PET_SHUTDOWN_TIMEOUT or
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT (which the ranks inherit), else 30; 30 on a torch before 2.12, which has none of
+    them. None when this process is not a torchrun rank, or the setting does not read as a number."""
+    env = os.environ if env is None else env
+    if "TORCHELASTIC_RUN_ID" not in env:
+        return None
+    if not (shutdown_timeout_supported() if supported is None else supported):
+        return TORCHRUN_GRACE_S
+    argv = agent_argv() if argv is None else argv
+    value = env.get("PET_SHUTDOWN_TIMEOUT") or env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") or str(TORCHRUN_GRACE_S)
+    for i, arg in enumerate(argv):
+        for flag in ("--shutdown-timeout", "--shutdown_timeout"):
+            if arg == flag and i + 1 < len(argv):
+                value = argv[i + 1]
+            elif arg.startswith(flag + "="):
+                value = arg.split("=", 1)[1]
+    try:
+        return float(value)
+    except ValueError:
+        return None
 
 
 def check_gpu_count(local_rank: int, gpus: int) -> None:

@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 
+from sftune.dist import LAUNCH_GRACE_S, shutdown_timeout_supported
 from sftune.errors import SftuneError
 
 FLAG = "--nproc-per-node"
@@ -51,6 +52,15 @@ def without_flag(argv: list[str]) -> list[str]:
     return out
 
 
+def grace_environment(env, supported: bool) -> dict[str, str]:
+    """What the launch adds to its environment so that its agent waits `LAUNCH_GRACE_S` (not torchrun's 30 s) for
+    the ranks to stop after it passes on a signal, where this torch can (2.12 on) and the user set no time of their
+    own. The ranks inherit it, and `dist.stop_grace_s` reads it there."""
+    if not supported or env.get("PET_SHUTDOWN_TIMEOUT") or env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
+        return {}
+    return {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": str(LAUNCH_GRACE_S)}
+
+
 def launch(command: str, argv: list[str], n: int) -> int:
     """Run `python -m sftune ARGV` as `n` ranks on this node; the exit status of the launch (see the module)."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -59,6 +69,7 @@ def launch(command: str, argv: list[str], n: int) -> int:
 
     threads = max(1, len(os.sched_getaffinity(0)) // n) if hasattr(os, "sched_getaffinity") else 1
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # (torchrun's is 1, with a warning)
+    os.environ.update(grace_environment(os.environ, shutdown_timeout_supported()))
     print(f"sftune {command}: {n} processes on this node (as torchrun --standalone --nproc-per-node {n} starts "
           f"them), OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} each", file=sys.stderr, flush=True)
     # the agent's own lines, said below instead (its loggers' names are derived from file paths, so not all are

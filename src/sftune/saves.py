@@ -17,6 +17,7 @@ from pathlib import Path
 
 from sftune.checkpoint import CheckpointNotWritten, weights_finite
 from sftune.console import MetricsWriter, log
+from sftune.dist import LAUNCH_GRACE_S, shutdown_timeout_supported, stop_grace_s
 from sftune.errors import TrainingDiverged
 from sftune.progress import LogWindow
 from sftune.update import NonFiniteGuard
@@ -31,6 +32,7 @@ class Saves:
         self.saved_at: list[Path] = [run.resumed_from] if run.resumed_from else []
         self.last_saved = time.perf_counter()  # --save-minutes counts from this process's start or its last save
         self.bad_in_a_row = 0
+        self.grace_said = False  # (`grace_notice`: said once a run)
 
     @property
     def newest(self) -> Path | None:
@@ -90,7 +92,11 @@ class Saves:
         log(f"checkpoint: {path}")
         self.saved_at.append(path)
         self.last_saved = time.perf_counter()
-        self.window.exclude(time.perf_counter() - started)
+        took = time.perf_counter() - started
+        self.window.exclude(took)
+        if run.dist.distributed and not self.grace_said and (notice := grace_notice(took)):
+            self.grace_said = True
+            log(notice)
         return path
 
     def safety_checkpoint(self) -> None:
@@ -126,3 +132,22 @@ class Saves:
         every = f"--save-minutes {run.cfg.save_minutes:g}" if run.cfg.save_minutes is not None else "--save-every N"
         return (f"the other ranks wait for this one in a collective, so this state cannot be saved (torchrun ends "
                 f"them): {newest} ({every} saves more often)")
+
+
+def grace_notice(took: float, grace: float | None = None, supported: bool | None = None) -> str | None:
+    """A warning when a checkpoint took more than half the time torchrun gives the ranks to stop after it passes on
+    a signal (`dist.stop_grace_s`): a stop (a scheduler's SIGTERM, Ctrl-C) must finish its step and save in that
+    time, or torchrun kills the ranks in the save and the steps since the last checkpoint are lost (the checkpoint
+    before it stays whole: saves are atomic). None otherwise, and when not under torchrun."""
+    grace = stop_grace_s() if grace is None else grace
+    if grace is None or took <= grace / 2:
+        return None
+    more = max(600, 60 * -(-int(4 * took) // 60))
+    how = (f"start torchrun with --shutdown-timeout {more} (or TORCH_ELASTIC_SHUTDOWN_TIMEOUT={more} in its "
+           f"environment; sftune train --nproc-per-node sets {LAUNCH_GRACE_S} itself)"
+           if (shutdown_timeout_supported() if supported is None else supported) else
+           f"torch 2.12 or later lets torchrun wait longer (--shutdown-timeout {more}); with this one, save more "
+           f"often (--save-minutes) so that a cut save loses less")
+    return (f"warning: this checkpoint took {took:.1f} s to write, and torchrun kills the ranks {grace:g} s after it "
+            f"passes on a stop signal (SIGTERM, Ctrl-C): a stop, which finishes its step and saves, would be cut "
+            f"short and the steps since the last checkpoint lost. To give it time, {how}")
