@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from conftest import FIXTURES, QUICKSTART_DATA, read_jsonl, run_main
+from conftest import FIXTURES, QUICKSTART_DATA, ROOT, SST2_DIR, needs_sst2, prepare, read_jsonl, run_main
 from sftune.batching import EAGER, IGNORE_INDEX, Padding, collate, collate_packed, count_targets
 from sftune.data import Examples
 from sftune.loss import CausalLMLoss
@@ -492,4 +492,51 @@ def test_a_compiler_that_cannot_run_is_said_with_the_way_on(capsys, tmp_path, sm
     assert code == 2 and "Traceback" not in err, err
     assert "error: torch.compile (inductor) failed in step 1: InvalidCxxCompiler: No working C++ compiler" in err
     assert "nothing was trained yet, so nothing was saved" in err
-    assert "Run again without --compile-blocks and --resume auto" in err
+    assert "Run again with --no-compile-blocks and --resume auto" in err
+
+
+@pytest.mark.slow  # (SST-2 tokenized: ~10 s on 2 cores)
+@needs_sst2
+def test_auto_compiles_the_blocks_only_where_a_run_repays_them(gpt2_tokenizer, monkeypatch):
+    """--compile-blocks auto (the default; try 146, H200: 11-12% off a step of GPT-2 small, for 4-8 s of inductor a
+    batch shape): the seed job on SST-2 (1,544 steps of 32 short rows in 5 shapes) leaves the blocks as they are;
+    a packed run of 733 steps of 32 x 1,024 (24M slots in one shape) compiles them, as does a long enough
+    right-padded one. Never on a CPU, in eager steps, with LoRA, for a model type not measured so, with another
+    backend or without Triton; --compile-blocks and --no-compile-blocks as given. (The decision alone: this CPU
+    cannot train on CUDA, so `has_triton` is set as a GPU machine's would be.)"""
+    from dataclasses import replace
+
+    import torch.utils._triton
+    from transformers import AutoConfig
+
+    from sftune.config import resolve_config
+    from sftune.dist import Dist
+    from sftune.step_mode import BLOCKS_MIN_SLOTS, resolve_blocks
+    from sftune.steps import InMemorySteps
+
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: True)
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    gpt2, llama = (AutoConfig.from_pretrained(p) for p in (ROOT / "examples" / "quickstart" / "model",
+                                                          FIXTURES / "tiny-llama"))
+    data = prepare(str(SST2_DIR), gpt2_tokenizer, max_length=1024)
+    seed = resolve_config({"model": "gpt2", "dataset": str(SST2_DIR)})
+    assert seed.compile_blocks == "auto"
+    steps = InMemorySteps(seed, data, 1024, gpt2_tokenizer.eos_token_id, Dist())
+    assert steps.total_steps == 1_544 and resolve_blocks(seed, "graphs", gpt2, gpu, steps, 1024) == (False, None)
+    packed = replace(seed, packing=True, max_steps=-(-BLOCKS_MIN_SLOTS // (32 * 1024)))
+    long = InMemorySteps(packed, data, 1024, gpt2_tokenizer.eos_token_id, Dist())
+    on, said = resolve_blocks(packed, "graphs", gpt2, gpu, long, 1024)
+    assert on and "auto: 24M padded slots in 1 batch shape repay the blocks' compile" in said
+    assert resolve_blocks(packed, "graphs", gpt2, gpu, InMemorySteps(
+        replace(packed, max_steps=packed.max_steps - 1), data, 1024, 0, Dist()), 1024) == (False, None)
+    padded = replace(seed, max_steps=240_000)  # (5 shapes, a mean width of 16: 5 x 24M slots take 234,375 steps)
+    assert resolve_blocks(padded, "graphs", gpt2, gpu, InMemorySteps(padded, data, 1024, 0, Dist()), 1024)[0]
+    for cfg, mode, model, device in ((packed, "graphs", gpt2, cpu), (packed, "off", gpt2, gpu),
+                                     (replace(packed, lora_r=8), "graphs", gpt2, gpu),
+                                     (packed, "graphs", llama, gpu),
+                                     (replace(packed, compile_backend="aot_eager"), "graphs", gpt2, gpu)):
+        assert resolve_blocks(cfg, mode, model, device, long, 1024) == (False, None)
+    assert resolve_blocks(replace(seed, compile_blocks=True), "off", llama, cpu, steps, 1024) == (True, None)
+    assert resolve_blocks(replace(packed, compile_blocks=False), "graphs", gpt2, gpu, long, 1024) == (False, None)
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
+    assert resolve_blocks(packed, "graphs", gpt2, gpu, long, 1024) == (False, None)

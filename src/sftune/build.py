@@ -46,8 +46,8 @@ from sftune.run_report import DATA_FILE, data_summary
 from sftune.runtime import DTYPES, gpu_computes_bf16, resolve_precision, seed_everything, untested_versions, warm_up
 from sftune.shards import holds_whole_model
 from sftune.signals import Preempted, StopFlag
-from sftune.step_mode import compile_step, resolve_attention, resolve_compile, say_attention_off_gpu, say_step, \
-    step_padding, wants_chunk_math
+from sftune.step_mode import compile_step, resolve_attention, resolve_blocks, resolve_compile, say_attention_off_gpu, \
+    say_step, step_padding, wants_chunk_math
 from sftune.steps import InMemorySteps, StepSource, StreamedSteps
 from sftune.update import build_optimizer, build_scheduler, warmup_steps
 from sftune.vocab import add_tokens, fit_embeddings, token_ids, train_every_embedding_row
@@ -280,6 +280,8 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock, stop: StopFl
     check_sample_prompts(cfg.sample_prompts or [], tokenizer, context_length(model_config, tokenizer),
                          cfg.sample_max_new_tokens, steps.layout.is_chat)
     compile_mode, why = resolve_compile(cfg, dist, precision, steps.total_steps)
+    blocks_on, blocks_why = resolve_blocks(cfg, compile_mode, model_config, dist.device, steps, max_length)
+    cfg = replace(cfg, compile_blocks=blocks_on)  # (from here on a yes or no, in the saved config too)
     padding = steps.padding = step_padding(cfg, compile_mode, max_length)  # (the plan of steps does not depend on it)
     attention, notice = resolve_attention(cfg, model_config, dist, steps.total_steps, max_length, compile_mode)
     if notice:
@@ -358,7 +360,7 @@ def _build(cfg: SFTConfig, out: Path, dist: Dist, lock: OutputLock, stop: StopFl
         loss_model.chunk_rows = chunk_rows(dist.device, output_head(model).weight.shape[0])
     if loss_model.fused and wants_chunk_math(cfg, compile_mode, steps, max_length):
         loss_model.chunk_math = ChunkMath()
-    say_step(cfg, dist.device, compile_mode, why, padding, loss_model.chunk_math is not None, blocks)
+    say_step(cfg, dist.device, compile_mode, why, padding, loss_model.chunk_math is not None, blocks, blocks_why)
     wrapped = dist.wrap(loss_model, cfg.strategy, precision)  # DDP or FSDP under torchrun; else the module itself
     if compile_mode == "torch":  # (the training step only: evaluation runs `loss_model`, eagerly)
         wrapped = compile_step(wrapped, loss_model, padding, cfg.compile_backend, cfg.compile_mode)

@@ -247,7 +247,7 @@ def range_checks(cfg: SFTConfig, training: bool = True) -> list[str]:
     need(cfg.grad_accum >= 1, "grad_accum", "must be at least 1")
     need(cfg.compile_mode in COMPILE_MODES, "compile_mode",
          f"must be one of {', '.join(m for m in COMPILE_MODES if m)}, or null for torch.compile's default")
-    need(not (cfg.compile_blocks and cfg.compile == "torch"), "compile_blocks",
+    need(not (cfg.compile_blocks is True and cfg.compile == "torch"), "compile_blocks",
          "with --compile torch the whole step is compiled already; use --compile graphs (or off) with "
          "--compile-blocks, or leave --compile-blocks out")
     need(cfg.pad_to_multiple_of is None or cfg.pad_to_multiple_of >= 1, "pad_to_multiple_of",

@@ -33,7 +33,7 @@ def resolve_compile(cfg: SFTConfig, dist: Dist, precision: str, total_steps: int
     blocker = why_not_graphs(dist.device, dist.world_size, precision, cfg.gradient_checkpointing)
     if cfg.compile == "graphs" and blocker:
         raise SftuneError(f"--compile graphs: CUDA graphs cannot run here: {blocker}; use --compile off or torch")
-    if cfg.compile == "torch" or cfg.compile_blocks:
+    if cfg.compile == "torch" or cfg.compile_blocks is True:
         import torch._dynamo
 
         backends = torch._dynamo.list_backends(exclude_tags=())
@@ -108,6 +108,47 @@ def resolve_attention(cfg: SFTConfig, model_config, dist: Dist, total_steps: int
                     f"repay its kernels' compile, ~8 s; --attention sdpa keeps SDPA under a block mask)")
 
 
+BLOCKS_MIN_SLOTS = 24_000_000  # auto: compiled blocks under CUDA graphs for runs of this many padded slots a batch
+# shape or more (try 146, H200, GPT-2 small: a replay 7.36 -> 6.45 ms for 32 x 48 slots, 28.6 -> 25.5 ms for 8 x
+# 1,024: 0.4-0.6 us a slot saved, against 4-8 s of inductor a shape: repaid after ~10-20M; a larger model saves more
+# a slot for about the same compile)
+BLOCKS_MEASURED = ("gpt2",)  # auto takes compiled blocks only for the model types measured with them on a GPU
+
+
+def resolve_blocks(cfg: SFTConfig, compile_mode: str, model_config, device: torch.device, steps: StepSource,
+                   max_length: int) -> tuple[bool, str | None]:
+    """(compile the blocks?, why, for the log): `--compile-blocks` / `--no-compile-blocks` as given; `auto` (the
+    default) compiles them (inductor) under CUDA graphs, with Triton there, for a model type measured with them on a GPU
+    (`BLOCKS_MEASURED`) and without LoRA (not measured), when the run's padded slots repay a compile for each batch
+    shape it will meet (`BLOCKS_MIN_SLOTS` each)."""
+    if cfg.compile_blocks != "auto":
+        return bool(cfg.compile_blocks), None
+    if compile_mode != "graphs" or device.type != "cuda" or cfg.lora_r or cfg.compile_backend != "inductor" or \
+            getattr(model_config, "model_type", None) not in BLOCKS_MEASURED:
+        return False, None
+    from torch.utils._triton import has_triton
+
+    slots, shapes = planned_slots(cfg, steps, max_length)
+    if slots < BLOCKS_MIN_SLOTS * shapes or not has_triton():
+        return False, None
+    return True, (f"auto: {slots / 1e6:,.0f}M padded slots in {shapes} batch shape{'s' if shapes > 1 else ''} repay "
+                  f"the blocks' compile, ~11% off a step of GPT-2 small; --no-compile-blocks leaves them as they are")
+
+
+def planned_slots(cfg: SFTConfig, steps: StepSource, max_length: int) -> tuple[int, int]:
+    """(padded slots, batch shapes) of the run's training steps, as the step pads them under CUDA graphs (widths
+    rounded up to `STATIC_MULTIPLE`): packed rows are one shape of `max_length`; right-padded ones take the mean
+    length's rounded width, in as many shapes as there are rounded lengths."""
+    lengths = getattr(getattr(steps, "train", None), "lengths", None)
+    if cfg.packing or lengths is None or len(lengths) == 0:
+        width, shapes = max_length, 1
+    else:
+        rounded = np.minimum(-(-np.asarray(lengths) // STATIC_MULTIPLE) * STATIC_MULTIPLE, max_length)
+        width, shapes = min(max_length, -(-int(np.mean(lengths)) // STATIC_MULTIPLE) * STATIC_MULTIPLE), \
+            len(np.unique(rounded))
+    return steps.total_steps * cfg.batch_size * cfg.grad_accum * width, shapes
+
+
 CHUNK_MATH_MIN_SLOTS = 20_000_000  # auto: compile the fused loss's softmax for runs of at least this many target
 # slots (a prediction, to be measured: ~10 s of compiling against ~0.6 us saved per slot over GPT-2's vocabulary,
 # benchmarks/NOTES.md try 28)
@@ -121,10 +162,7 @@ def wants_chunk_math(cfg: SFTConfig, compile_mode: str, steps: StepSource, max_l
         return False
     if cfg.compile == "graphs":
         return True
-    lengths = getattr(getattr(steps, "train", None), "lengths", None)
-    width = max_length if cfg.packing or lengths is None or len(lengths) == 0 else min(
-        max_length, -(-int(np.mean(lengths)) // STATIC_MULTIPLE) * STATIC_MULTIPLE)
-    return steps.total_steps * cfg.batch_size * cfg.grad_accum * width >= CHUNK_MATH_MIN_SLOTS
+    return planned_slots(cfg, steps, max_length)[0] >= CHUNK_MATH_MIN_SLOTS
 
 
 def step_padding(cfg: SFTConfig, compile_mode: str, max_length: int) -> Padding:
@@ -161,7 +199,7 @@ def say_attention_off_gpu(cfg: SFTConfig, device: torch.device) -> None:
 
 
 def say_step(cfg: SFTConfig, device: torch.device, compile_mode: str, why: str, padding: Padding, chunk_math: bool,
-             blocks: int) -> None:
+             blocks: int, blocks_why: str | None = None) -> None:
     """The log's "step:" line (not for a CPU's default eager step), and a warning for compile flags this step
     does not use."""
     if compile_mode != "off" or cfg.compile != "auto" or device.type == "cuda" or blocks:
@@ -170,7 +208,8 @@ def say_step(cfg: SFTConfig, device: torch.device, compile_mode: str, why: str, 
                                                 if padding.static else "")
             + ("; the fused loss's softmax compiled (inductor, seconds at the first step)" if chunk_math else "")
             + (f"; its {blocks} transformer blocks compiled ({cfg.compile_backend}: one compile per batch shape "
-               f"serves them all, seconds to a minute at each shape's first step)" if blocks else ""))
+               f"serves them all, seconds to a minute at each shape's first step"
+               f"{'; ' + blocks_why if blocks_why else ''})" if blocks else ""))
     unused = [f"--{k.replace('_', '-')} {v}" for k, v in (("compile_mode", cfg.compile_mode),
                                                           ("compile_backend", None if blocks else cfg.compile_backend))
               if v not in (None, "inductor")]  # (the blocks' compile takes the backend)

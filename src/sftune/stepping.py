@@ -128,7 +128,7 @@ class GuardedStep:
         if rng is not None:
             set_step_rng(rng, run.dist.device)
         instead = ("with --compile graphs or off instead of --compile torch" if run.compile == "torch"
-                   else "without --compile-blocks")
+                   else "with --no-compile-blocks")
         raise SftuneError(
             f"torch.compile ({cfg.compile_backend}) failed in step {run.state.step + 1}{on_rank(run.dist)}: "
             f"{failed}; {self.saves.keep_the_steps(alone=True)}. Run again {instead} and --resume auto: the same "
