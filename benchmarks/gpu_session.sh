@@ -19,6 +19,9 @@
 #                graphs, then whole runs --compile off/graphs/torch (fp32, bf16) and LoRA (with 2 added tokens), each saved as it ends
 #   probe  (200) benchmarks/blocks_probe.py: whether a step with compiled blocks captures (GPT-2 small, dropout 0.1,
 #                sftune's attention function, then transformers'), the replay times, and the step after a failure
+#   blocks-1b (300) the 1B Llama (packed, bf16, 40 steps) under --compile graphs, without then with --compile-blocks,
+#                each its own process: ms a step and losses in blocks-1b*.metrics.jsonl (whether `auto` may take
+#                compiled blocks for Llama-shaped models, `step_mode.BLOCKS_MEASURED`; try 148)
 #   runs-lora (300) the runs phase's LoRA runs (eager against graphs: issue 11 on the GPU path), then its compiled
 #                blocks' runs, LoRA with two added tokens, and fp16 (loss-scaled, eager) against fp32, without the
 #                checks before them
@@ -73,6 +76,7 @@ if [ -n "${QUICK:-}" ]; then
   seed_trl=(--steps 3 --warmup 1 --model-config tests/fixtures/tiny-llama --tokenizer bundled:gpt2 --batch-size 4 --max-length 64)
   big_trl=(--steps 2 --warmup 1 --model-config tests/fixtures/tiny-llama --tokenizer bundled:gpt2 --packing --max-length 128 --batch-size 2 --lr 3e-4)
   big_sftune=(--model tests/fixtures/tiny-llama --max-length 128 --batch-size 2 --max-steps 3)
+  big_blocks=("${big_sftune[@]}" --device cpu --precision fp32 --compile off --compile-backend aot_eager)
   prof_seed=(--model tests/fixtures/tiny-llama --tokenizer bundled:gpt2 --dataset examples/quickstart/data --text-column text --max-steps 4 --profile-steps 3-4)
   no_attention_dropout=attention_dropout=0
   samples=(--model-config tests/fixtures/tiny-llama --repeats 1)
@@ -89,6 +93,7 @@ else
   seed_trl=()
   big_trl=(--steps 10 --warmup 3 --model-config examples/llama-1b --tokenizer bundled:gpt2 --packing --max-length 1024 --batch-size 8 --lr 3e-4)
   big_sftune=(--max-steps 13)
+  big_blocks=(--max-steps 40 --compile graphs)
   prof_seed=(--model ../shared/models/gpt2 --dataset ../shared/data/sst2 --max-steps 230 --profile-steps 221-230)
   no_attention_dropout=attn_pdrop=0
   samples=()
@@ -154,6 +159,11 @@ for p in $PHASES; do
         phase "sftune-1b-$attention" 120 $py -m sftune train --config configs/llama-1b.yaml --dataset ../shared/data/sst2 --device "$DEVICE" "${big_sftune[@]}" --log-every 1 --eval-every 1000 --report-to none --output-dir "/tmp/sftune-1b-$attention" --overwrite --attention $attention
         cp "/tmp/sftune-1b-$attention/metrics.jsonl" "$OUT/sftune-1b-$attention.metrics.jsonl" 2>/dev/null
       done ;;
+    blocks-1b)
+      for blocks in no-compile-blocks compile-blocks; do
+        phase "blocks-1b-$blocks" 150 $py -m sftune train --config configs/llama-1b.yaml --dataset ../shared/data/sst2 --device "$DEVICE" "${big_blocks[@]}" "--$blocks" --log-every 1 --eval-every 1000 --sample-prompts "" --report-to none --no-run-report --output-dir "/tmp/blocks-1b-$blocks" --overwrite
+        cp "/tmp/blocks-1b-$blocks/metrics.jsonl" "$OUT/blocks-1b-$blocks.metrics.jsonl" 2>/dev/null
+      done ;;
     memory)
       phase memory-small 120 $py benchmarks/memory.py --device "$DEVICE" "${small[@]}" --json
       phase memory-big 240 $py benchmarks/memory.py --device "$DEVICE" "${big[@]}" --modes lora,lora-fp32-base,full --json ;;
@@ -176,7 +186,7 @@ for p in $PHASES; do
         cp "/tmp/sftune-profile-$kind/profile/trace.json.gz" "$OUT/profile-$kind.trace.json.gz" 2>/dev/null
       done
       bundle ;;
-    *) echo "unknown phase $p (check, loss, startup, speed, speed-steps, whole-job, samples, workers, blocks, runs, fusion, fusion-seed, peers, peers-1b, memory, profile)" ;;
+    *) echo "unknown phase $p (check, loss, startup, speed, speed-steps, whole-job, samples, workers, blocks, blocks-1b, runs, fusion, fusion-seed, peers, peers-1b, memory, profile)" ;;
   esac
 done
 ls -la "$OUT"

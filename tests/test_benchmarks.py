@@ -28,7 +28,7 @@ def test_the_gpu_session_script_is_valid_and_runs_every_phase_it_names():
     text = script.read_text()
     named = set(re.findall(r"^#   ([\w-]+) +\(\d+\)", text, flags=re.M))
     cases = {case for cases in re.findall(r"^    ([\w|-]+)\)", text, flags=re.M) for case in cases.split("|")}
-    assert named == cases == {"check", "loss", "startup", "speed", "speed-steps", "whole-job", "blocks", "runs", "runs-lora", "probe",
+    assert named == cases == {"check", "loss", "startup", "speed", "speed-steps", "whole-job", "blocks", "blocks-1b", "runs", "runs-lora", "probe",
                               "samples", "workers", "fusion", "fusion-seed", "peers", "peers-1b", "memory",
                               "profile"}
 
