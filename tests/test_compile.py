@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from conftest import FIXTURES, QUICKSTART_DATA, ROOT, SST2_DIR, needs_sst2, prepare, read_jsonl, run_main
+from conftest import FIXTURES, QUICKSTART_DATA, ROOT, SST2_DIR, needs_sst2, read_jsonl, run_main
 from sftune.batching import EAGER, IGNORE_INDEX, Padding, collate, collate_packed, count_targets
 from sftune.data import Examples
 from sftune.loss import CausalLMLoss
@@ -495,9 +495,8 @@ def test_a_compiler_that_cannot_run_is_said_with_the_way_on(capsys, tmp_path, sm
     assert "Run again with --no-compile-blocks and --resume auto" in err
 
 
-@pytest.mark.slow  # (SST-2 tokenized: ~10 s on 2 cores)
 @needs_sst2
-def test_auto_compiles_the_blocks_only_where_a_run_repays_them(gpt2_tokenizer, monkeypatch):
+def test_auto_compiles_the_blocks_only_where_a_run_repays_them(sst2_prepared, gpt2_tokenizer, monkeypatch):
     """--compile-blocks auto (the default; try 146, H200: 11-12% off a step of GPT-2 small, for 4-8 s of inductor a
     batch shape): the seed job on SST-2 (1,544 steps of 32 short rows in 5 shapes) leaves the blocks as they are;
     a packed run of 733 steps of 32 x 1,024 (24M slots in one shape) compiles them, as does a long enough
@@ -518,7 +517,7 @@ def test_auto_compiles_the_blocks_only_where_a_run_repays_them(gpt2_tokenizer, m
     gpu, cpu = torch.device("cuda"), torch.device("cpu")
     gpt2, llama = (AutoConfig.from_pretrained(p) for p in (ROOT / "examples" / "quickstart" / "model",
                                                           FIXTURES / "tiny-llama"))
-    data = prepare(str(SST2_DIR), gpt2_tokenizer, max_length=1024)
+    data = sst2_prepared
     seed = resolve_config({"model": "gpt2", "dataset": str(SST2_DIR)})
     assert seed.compile_blocks == "auto"
     steps = InMemorySteps(seed, data, 1024, gpt2_tokenizer.eos_token_id, Dist())

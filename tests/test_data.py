@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import QUICKSTART_DATA, SST2_DIR, needs_sst2, prepare
+from conftest import QUICKSTART_DATA, needs_sst2, prepare
 from sftune.batching import epoch_steps
 from sftune.data import Examples, count_targets, encode_example
 from sftune.data.formats import ROW_COLUMN, find_text_column
@@ -475,9 +475,9 @@ def test_examples_round_trip(tmp_path):
 
 
 @needs_sst2
-def test_seed_fidelity_on_sst2(tmp_path, gpt2_tokenizer):
+def test_seed_fidelity_on_sst2(sst2_prepared, gpt2_tokenizer):
     """The seed notebook's numbers: 49,401 train and 867 validation rows, 1,544 batches of 32."""
-    data = prepare(str(SST2_DIR), gpt2_tokenizer, max_length=1024, cache_dir=tmp_path)
+    data = sst2_prepared
     assert (len(data.train), len(data.validation)) == (49_401, 867)
     assert (data.stats["train"].rows, data.stats["validation"].rows) == (67_349, 872)
     assert data.stats["train"].dropped["too_short"] == 67_349 - 49_401
