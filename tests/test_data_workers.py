@@ -102,3 +102,23 @@ def test_a_signal_while_workers_tokenize_stops_the_run_and_its_workers(how, tmp_
     assert f"stopped by {signal.Signals(number).name}; before the first step" in err and "Traceback" not in err
     left = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
     assert str(out) not in left  # (the workers are forks: the same command line)
+
+
+def test_a_containers_cpu_quota_bounds_the_cores_auto_counts(tmp_path):
+    """A container limited to fewer CPUs than its host (`docker --cpus 2`, a Kubernetes CPU limit) still lists every
+    host core in its affinity: the cgroup's quota (v2's cpu.max, v1's cfs quota and period) is the bound."""
+    from sftune.data.tokenize import cpu_quota, usable_cores
+
+    v2, v1, none, unlimited = (tmp_path / name for name in ("v2", "v1", "none", "unlimited"))
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs: 2 processes' worth
+    (v1 / "cpu,cpuacct").mkdir(parents=True)
+    (v1 / "cpu,cpuacct" / "cpu.cfs_quota_us").write_text("100000\n")
+    (v1 / "cpu,cpuacct" / "cpu.cfs_period_us").write_text("100000\n")
+    none.mkdir()
+    unlimited.mkdir()
+    (unlimited / "cpu.max").write_text("max 100000\n")
+    assert (cpu_quota(v2), cpu_quota(v1), cpu_quota(none), cpu_quota(unlimited)) == (1.5, 1.0, None, None)
+    cores = len(os.sched_getaffinity(0))
+    assert usable_cores(v2) == min(cores, 2) and usable_cores(v1) == 1
+    assert usable_cores(none) == usable_cores(unlimited) == cores

@@ -67,7 +67,9 @@ def launch(command: str, argv: list[str], n: int) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
-    threads = max(1, len(os.sched_getaffinity(0)) // n) if hasattr(os, "sched_getaffinity") else 1
+    from sftune.data.tokenize import usable_cores
+
+    threads = max(1, usable_cores() // n)  # (a container's CPU quota too)
     os.environ.setdefault("OMP_NUM_THREADS", str(threads))  # (torchrun's is 1, with a warning)
     os.environ.update(grace_environment(os.environ, shutdown_timeout_supported()))
     print(f"sftune {command}: {n} processes on this node (as torchrun --standalone --nproc-per-node {n} starts "

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 import os
 import re
 import signal
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -52,8 +54,29 @@ def tokenizing_processes(workers: int | str, rows: int, chat: bool, cores: int) 
     return max(1, min(cores // 2, AUTO_MOST[False], rows // PLAIN_PER_WORKER))
 
 
-def usable_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+def usable_cores(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may use: its CPU affinity, or fewer where a cgroup's quota allows less (a container's
+    `--cpus`, a Kubernetes CPU limit: the affinity still lists every core of the host there)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    quota = cpu_quota(cgroup)
+    return max(1, min(cores, math.ceil(quota))) if quota else cores
+
+
+def cpu_quota(cgroup: Path) -> float | None:
+    """CPUs' worth of time a cgroup grants (cgroup v2's `cpu.max`, v1's `cpu.cfs_quota_us` / `cpu.cfs_period_us`), or
+    None for no limit or none readable."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    for v1 in (cgroup / "cpu", cgroup / "cpu,cpuacct"):
+        try:
+            quota, period = (int((v1 / f"cpu.cfs_{k}_us").read_text()) for k in ("quota", "period"))
+            return quota / period if quota > 0 and period > 0 else None
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 # --- one example --------------------------------------------------------------
