@@ -472,6 +472,10 @@ def test_compiled_blocks_through_the_command(capsys, tmp_path, small_model_dir):
     code, _, err = run_main(capsys, *common, "--output-dir", str(tmp_path / "refused"), "--compile-blocks",
                             "--compile-backend", "turbo")
     assert code == 2 and "--compile-backend 'turbo' is not a torch.compile backend" in err
+    (tmp_path / "sometimes.yaml").write_text("compile_blocks: sometimes\n")
+    code, _, err = run_main(capsys, *common, "--output-dir", str(tmp_path / "refused"), "--config",
+                            str(tmp_path / "sometimes.yaml"))
+    assert code == 2 and "`compile_blocks` must be true or false or 'auto', got 'sometimes'" in err
     assert "Traceback" not in err and not (tmp_path / "refused").exists()
 
 

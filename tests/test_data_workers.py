@@ -57,7 +57,8 @@ def test_a_mistake_in_a_workers_rows_is_said_as_in_one_process(tmp_path, small_m
             assert "1,100 rows tokenized by 2 processes (--data-workers auto; 1 for one process)" in err
     assert said[0] == said[1] == said[2] and "train row 1051, message 1: unknown role 'wizard'" in said[1]
     for wrong, said_back in (("0", "must be at least 1 (1: tokenize in this process), or auto"),
-                             ("many", "must be an integer or 'auto', got 'many'")):
+                             ("many", "must be an integer or 'auto', got 'many'"),
+                             ("2.5", "must be an integer or 'auto', got '2.5'")):
         code, _, err = run_main(capsys, "data", "--model", str(small_model_dir), "--dataset", str(data),
                                 "--data-workers", wrong)
         assert code == 2 and "data_workers" in err and said_back in err and "Traceback" not in err, err

@@ -214,7 +214,7 @@ def coerce(name: str, value: Any) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ValueError(f"must be true or false, got {short(value)}")
+        raise ValueError(f"must be true or false{''.join(f' or {w!r}' for w in words(name))}, got {short(value)}")
     numbers = {int: ("an integer", (int, str)), float: ("a number", (int, float, str))}
     if base in numbers:
         what, accepted = numbers[base]
