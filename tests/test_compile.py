@@ -543,3 +543,9 @@ def test_auto_compiles_the_blocks_only_where_a_run_repays_them(sst2_prepared, gp
     assert resolve_blocks(replace(packed, compile_blocks=False), "graphs", gpt2, gpu, long, 1024) == (False, None)
     monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
     assert resolve_blocks(packed, "graphs", gpt2, gpu, long, 1024) == (False, None)
+    # streamed rows of lengths unknown beforehand: every width a shape (64 of them here), not one
+    from types import SimpleNamespace
+
+    from sftune.step_mode import planned_slots
+
+    assert planned_slots(seed, SimpleNamespace(total_steps=1_000), 1024) == (1_000 * 32 * 1024, 64)

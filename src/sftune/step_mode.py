@@ -138,10 +138,13 @@ def resolve_blocks(cfg: SFTConfig, compile_mode: str, model_config, device: torc
 def planned_slots(cfg: SFTConfig, steps: StepSource, max_length: int) -> tuple[int, int]:
     """(padded slots, batch shapes) of the run's training steps, as the step pads them under CUDA graphs (widths
     rounded up to `STATIC_MULTIPLE`): packed rows are one shape of `max_length`; right-padded ones take the mean
-    length's rounded width, in as many shapes as there are rounded lengths."""
+    length's rounded width, in as many shapes as there are rounded lengths (streamed, unknown: every width up to
+    `max_length`, each a shape)."""
     lengths = getattr(getattr(steps, "train", None), "lengths", None)
-    if cfg.packing or lengths is None or len(lengths) == 0:
+    if cfg.packing:
         width, shapes = max_length, 1
+    elif lengths is None or len(lengths) == 0:
+        width, shapes = max_length, -(-max_length // STATIC_MULTIPLE)
     else:
         rounded = np.minimum(-(-np.asarray(lengths) // STATIC_MULTIPLE) * STATIC_MULTIPLE, max_length)
         width, shapes = min(max_length, -(-int(np.mean(lengths)) // STATIC_MULTIPLE) * STATIC_MULTIPLE), \
