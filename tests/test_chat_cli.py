@@ -119,6 +119,14 @@ def test_generate_without_a_template_is_a_clear_error(tiny_model_dir, capsys):
     assert "activation:" not in err  # (the model's load line)
     code, _, err = run_main(capsys, "generate", "--model", str(tiny_model_dir), "--prompt", "")
     assert code == 2 and "the prompt is empty" in err and "activation:" not in err
+    # the model in front (as export, report and push take their run) or with --model: one, not none, not two
+    code, _, err = run_main(capsys, "generate", str(tiny_model_dir), "--prompt", "")
+    assert code == 2 and "the prompt is empty" in err
+    code, _, err = run_main(capsys, "generate", "--prompt", "the film")
+    assert code == 2 and "which model? give it first (sftune generate runs/quickstart" in err
+    code, _, err = run_main(capsys, "generate", str(tiny_model_dir), "--model", "gpt2", "--prompt", "the film")
+    assert code == 2 and f"two models: {tiny_model_dir} in front and --model gpt2; give one" in err
+    assert "Traceback" not in err
 
 
 def test_generate_with_a_system_message_the_template_refuses_is_a_clear_error(tiny_model_dir, tmp_path, capsys):

@@ -128,6 +128,9 @@ def test_eval_reproduces_the_final_val_loss(trained, capsys):
     assert report["precision"] == "fp32"
     last = [r for r in read_jsonl(out / "metrics.jsonl") if r["type"] == "eval"][-1]
     assert report["val_loss"] == pytest.approx(last["val_loss"], rel=1e-5)
+    # the run given in front, as export, report and push take theirs: the same evaluation
+    code, stdout, err = run_main(capsys, "eval", str(out), "--dataset", str(QUICKSTART_DATA), "--json")
+    assert code == 0 and json.loads(stdout)["val_loss"] == report["val_loss"], err
     assert report["val_token_accuracy"] == pytest.approx(last["val_token_accuracy"], abs=1e-3)  # (1 target = 5e-4)
     assert 0 < last["val_token_accuracy"] < 1 and f"| acc {last['val_token_accuracy']:.3f} |" in trained[1].stderr
     assert report["examples"] == 60

@@ -4,7 +4,7 @@
     sftune train --config configs/gpt2-sst2.yaml             # the seed's job (needs the Hub)
     sftune data --config configs/gpt2-sst2.yaml --model ../shared/models/gpt2 --dataset ../shared/data/sst2
     sftune tokenize --model ../shared/models/gpt2 "Hello, this is the first step of RLHF training."
-    sftune generate --model runs/quickstart --prompt "the film is"
+    sftune generate runs/quickstart --prompt "the film is"
     sftune eval --model runs/quickstart --dataset examples/quickstart --json
 
 Every key of the YAML config is a flag (`batch_size` -> `--batch-size`); flags win over the file.
@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="validation loss and perplexity of a model", description=(
         "Token-weighted validation loss and perplexity of --model on the validation split of --dataset."))
+    p.add_argument("model_path", nargs="?", metavar="MODEL", help="the model (a run's output directory, a model "
+                   "directory or Hub id), as --model gives it")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--base", metavar="NAME_OR_PATH", help=BASE_HELP)
     p.add_argument("--nproc-per-node", metavar="N", help=NPROC_HELP.format(what="evaluate"))
@@ -145,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("generate", help="sample completions from a model", description="Complete a prompt.")
-    p.add_argument("--model", required=True, help="model directory (e.g. a run's output) or Hub id")
+    p.add_argument("model_path", nargs="?", metavar="MODEL", help="model directory (e.g. a run's output) or Hub id")
+    p.add_argument("--model", help="the same as MODEL")
     p.add_argument("--prompt", action="append", default=[], help="prompt text to continue (repeat for several)")
     p.add_argument("--chat", action="append", default=[], metavar="MESSAGE",
                    help="a user message, rendered with the model's chat template (repeat for several)")
@@ -212,7 +215,7 @@ def check_flags(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Na
     """Parse; an unknown flag is an error that suggests the closest one (as unknown YAML keys do)."""
     args, extra = parser.parse_known_args(argv)
     if extra:
-        sub = next(a for a in parser._subparsers._group_actions[0].choices.values() if a.prog.endswith(" " + args.command))
+        sub = subparser(parser, args.command)
         known = [o for action in sub._actions for o in action.option_strings]
         problems = []
         for flag in [e for e in extra if e.startswith("-")] or extra:
@@ -227,7 +230,26 @@ def check_flags(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Na
             close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
             problems.append(f"unknown option {name}" + (f"; did you mean {close[0]}?" if close else ""))
         sub.error("; ".join(problems))  # (`Parser.error` adds where the options are listed)
+    if args.command in ("eval", "generate"):
+        model_in_front(args, subparser(parser, args.command))
     return args
+
+
+def subparser(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    return parser._subparsers._group_actions[0].choices[command]
+
+
+def model_in_front(args: argparse.Namespace, sub: argparse.ArgumentParser) -> None:
+    """`sftune generate RUN_DIR` and `sftune eval RUN_DIR`: the model given in front, as export, report and push
+    take their run, or with --model; not two different ones, and generate needs one."""
+    front, flag = args.model_path, getattr(args, "model", None)
+    if front is not None and flag is not None and front != flag:
+        sub.error(f"two models: {front} in front and --model {flag}; give one")
+    if front is not None:
+        args.model = front
+    elif flag is None and args.command == "generate":
+        sub.error("which model? give it first (sftune generate runs/quickstart --prompt \"the film is\") or with "
+                  "--model")
 
 
 ONE_PROCESS = ("data", "generate", "tokenize", "report", "export", "push")  # (train and eval use every rank)
