@@ -41,6 +41,11 @@ def words(name: str) -> tuple[str, ...]:
                  for w in typing.get_args(a))
 
 
+def or_words(name: str) -> str:
+    """" or 'auto'" for a field that also takes the word auto (`words`), else ""."""
+    return "".join(f" or {w!r}" for w in words(name))
+
+
 def describe_type(name: str) -> str:
     base, optional = field_type(name)
     if typing.get_origin(base) is Literal:
@@ -55,7 +60,7 @@ def describe_type(name: str) -> str:
         text = "mapping (PART=COLUMN,...)"
     else:
         text = base.__name__
-    return text + "".join(f" or {w!r}" for w in words(name)) + (" or null" if optional else "")
+    return text + or_words(name) + (" or null" if optional else "")
 
 
 _REPR = reprlib.Repr()  # (keyword arguments only from Python 3.12)
@@ -214,11 +219,11 @@ def coerce(name: str, value: Any) -> Any:
             return value
         if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
             return value.lower() in ("true", "yes", "1")
-        raise ValueError(f"must be true or false{''.join(f' or {w!r}' for w in words(name))}, got {short(value)}")
+        raise ValueError(f"must be true or false{or_words(name)}, got {short(value)}")
     numbers = {int: ("an integer", (int, str)), float: ("a number", (int, float, str))}
     if base in numbers:
         what, accepted = numbers[base]
-        what += "".join(f" or {w!r}" for w in words(name))
+        what += or_words(name)
         if isinstance(value, bool) or not isinstance(value, accepted):
             raise ValueError(f"must be {what}, got {short(value)}")
         try:

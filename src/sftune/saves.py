@@ -142,7 +142,7 @@ def grace_notice(took: float, grace: float | None = None, supported: bool | None
     grace = stop_grace_s() if grace is None else grace
     if grace is None or took <= grace / 2:
         return None
-    more = max(600, 60 * -(-int(4 * took) // 60))
+    more = max(LAUNCH_GRACE_S, 60 * -(-int(4 * took) // 60))
     how = (f"start torchrun with --shutdown-timeout {more} (or TORCH_ELASTIC_SHUTDOWN_TIMEOUT={more} in its "
            f"environment; sftune train --nproc-per-node sets {LAUNCH_GRACE_S} itself)"
            if (shutdown_timeout_supported() if supported is None else supported) else
